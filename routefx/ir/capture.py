@@ -1,0 +1,139 @@
+"""Capture: an unmodified PyTorch model -> an ATen-level `torch.fx.GraphModule`.
+
+`torch.export.export(..., strict=False)` with the batch and sequence dimensions dynamic. Hugging Face models run
+with `use_cache=False`. Nodes keep `nn_module_stack` metadata, which routefx uses only to *name* what recognition
+finds. The user's model is never modified: its training flag is restored and no parameter is touched.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect as _inspect
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from routefx.errors import CaptureError
+
+__all__ = ["capture", "CaptureInfo", "normalize_inputs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureInfo:
+    """How the captured graph is called: argument names in order, and the constant (non-tensor) keywords."""
+
+    arg_names: tuple[str, ...]
+    tensor_kwargs: tuple[str, ...]
+    constant_kwargs: dict[str, Any]
+    hf: bool
+
+    def signature(self) -> tuple:
+        """What must stay the same for the graph to be reused (tensor keyword set and constants)."""
+        return (self.arg_names, self.tensor_kwargs, tuple(sorted(self.constant_kwargs.items(), key=str)))
+
+
+def _is_hf(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def normalize_inputs(model: nn.Module, args, kwargs) -> tuple[tuple, dict]:
+    """Canonical (args, kwargs): a bare tensor becomes a 1-tuple; HF models get `use_cache=False`."""
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    args = tuple(args or ())
+    kwargs = dict(kwargs or {})
+    if _is_hf(model) and "use_cache" in _inspect.signature(model.forward).parameters:
+        kwargs.setdefault("use_cache", False)
+        if kwargs["use_cache"]:
+            raise CaptureError("routefx captures Hugging Face models with use_cache=False; got use_cache=True")
+    return args, kwargs
+
+
+def _widen(t: torch.Tensor, batch: int, seq: int, to_batch: int, to_seq: int) -> torch.Tensor:
+    """Repeat the batch/sequence dims of `t` so that neither is 1 (export would specialise a size-1 dim)."""
+    if t.dim() >= 1 and t.shape[0] == batch and to_batch != batch:
+        t = t.repeat(to_batch // batch, *([1] * (t.dim() - 1)))
+    if t.dim() >= 2 and t.shape[1] == seq and to_seq != seq:
+        t = torch.cat([t] + [t[:, -1:]] * (to_seq - seq), dim=1)
+    return t
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None) -> torch.fx.GraphModule:
+    """Export `model` to an ATen-level GraphModule with dynamic batch and sequence dimensions.
+
+    The first tensor input fixes the batch size B (dim 0) and, if it has a second dimension, the sequence
+    length S (dim 1); every tensor input whose leading dims are (B, S) or (B,) gets them as dynamic dims.
+    The returned module is called like `model(*args, **kwargs)` with the same keyword set; `gm.meta["routefx"]`
+    holds a `CaptureInfo`.
+    """
+    args, kwargs = normalize_inputs(model, example_inputs, example_kwargs)
+    sig = _inspect.signature(model.forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise CaptureError(f"example inputs do not match {type(model).__name__}.forward{sig}: {e}") from None
+    named = dict(bound.arguments)
+    tensors = {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CaptureError(f"no tensor among the example inputs of {type(model).__name__}; found "
+                           f"{ {k: type(v).__name__ for k, v in named.items()} }")
+    first = next(iter(tensors.values()))
+    batch = first.shape[0] if first.dim() >= 1 else None
+    seq = first.shape[1] if first.dim() >= 2 else None
+    to_batch = 2 if batch == 1 else batch
+    to_seq = 2 if seq == 1 else seq
+
+    shapes: dict[str, Any] = {}
+    for name, value in named.items():
+        kind = sig.parameters[name].kind
+        if isinstance(value, torch.Tensor):
+            value = _widen(value, batch, seq, to_batch, to_seq)
+            named[name] = value
+            dims = {}
+            if value.dim() >= 1 and value.shape[0] == to_batch:
+                dims[0] = Dim.AUTO
+                if value.dim() >= 2 and seq is not None and value.shape[1] == to_seq:
+                    dims[1] = Dim.AUTO
+            spec = dims or None
+        else:
+            spec = None
+        if kind is _inspect.Parameter.VAR_KEYWORD:
+            raise CaptureError("models whose forward takes **kwargs need explicit keyword arguments")
+        shapes[name] = spec
+
+    pos = [n for n in named if sig.parameters[n].kind in (sig.parameters[n].POSITIONAL_ONLY,
+                                                           sig.parameters[n].POSITIONAL_OR_KEYWORD)]
+    n_args = len(args)
+    call_args = tuple(named[n] for n in pos[:n_args])
+    call_kwargs = {n: named[n] for n in named if n not in pos[:n_args]}
+    with _eval_mode(model), torch.no_grad():
+        try:
+            ep = torch.export.export(model, call_args, kwargs=call_kwargs, dynamic_shapes=shapes, strict=False)
+        except Exception as e:  # torch.export raises many exception types; re-raise as one typed error
+            raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
+                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    gm = ep.module()
+    gm.meta["routefx"] = CaptureInfo(
+        arg_names=tuple(pos[:n_args]),
+        tensor_kwargs=tuple(k for k, v in call_kwargs.items() if isinstance(v, torch.Tensor)),
+        constant_kwargs={k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor)},
+        hf=_is_hf(model),
+    )
+    return gm

@@ -1,0 +1,283 @@
+"""FFN classification: what a residual branch computes, read from its graph region.
+
+Canonical forms (d = hidden, F = neurons):
+  gated: act(x·Wgᵀ + bg) ⊙ (x·Wuᵀ + bu) · Wdᵀ + bd   -- two input products, or one fused [2F, d] split in halves
+  mlp:   act(x·Wuᵀ + bu) · Wdᵀ + bd                   -- includes GPT-2's Conv1D (addmm with an [in, out] weight)
+  moe:   a top-k router over experts (the grouped-GEMM op transformers exports), optionally a shared expert
+The activation is identified by *evaluating* the ops between the two products on a probe vector and comparing
+with the registry (so `F.gelu(x, approximate="tanh")` and GPT-2's hand-written tanh formula both read gelu_tanh).
+Anything else is kind "unknown" with the reason.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+from torch import fx
+
+from routefx.ir import graph_utils as gu
+from routefx.ir.activations import ACTIVATIONS
+from routefx.ir.model_ir import DenseFFNMatch, FFNInfo, WeightRef
+
+aten = torch.ops.aten
+__all__ = ["analyse_ffn", "fetch", "resolve_weight"]
+
+
+class _Miss(Exception):
+    """A pattern did not match; the message is the reason reported in `FFNInfo.reason`."""
+
+
+def fetch(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    return functools.reduce(getattr, target.split("."), gm)
+
+
+def resolve_weight(gm: torch.nn.Module, ref: WeightRef) -> torch.Tensor:
+    """The [out, in] matrix (or bias vector) `ref` stands for, as a view of the stored tensor."""
+    w = fetch(gm, ref.target)
+    if ref.transposed:
+        w = w.t()
+    if ref.rows is not None:
+        w = w[ref.rows[0]:ref.rows[1]]
+    return w
+
+
+def _param_ref(n, dyn: set) -> WeightRef:
+    """Follow a weight operand back to its get_attr, counting transposes."""
+    flips = 0
+    while isinstance(n, fx.Node) and n.op == "call_function":
+        if n in dyn:
+            raise _Miss(f"weight operand {n.name} depends on the model inputs")
+        if gu.is_identity(n) or n.target in gu.VIEWS:
+            n = n.args[0]
+        elif n.target in gu.TRANSPOSES:
+            if n.target in gu._targets(aten.permute) and list(n.args[1]) not in ([1, 0], [-1, -2]):
+                raise _Miss(f"weight permuted by {n.args[1]}")
+            flips += 1
+            n = n.args[0]
+        else:
+            raise _Miss(f"weight computed by {n.target} rather than read from a parameter")
+    if not isinstance(n, fx.Node) or n.op != "get_attr":
+        raise _Miss("weight operand is not a parameter")
+    return WeightRef(n.target, transposed=bool(flips % 2))
+
+
+def _operands(m: fx.Node, dyn: set):
+    """(data, weight ref as [out, in], bias ref) of a weight product."""
+    t, a = m.target, m.args
+    if t in gu._targets(aten.linear):
+        data, w, b = a[0], a[1], a[2] if len(a) > 2 else None
+        ref = _param_ref(w, dyn)
+    elif t in gu._targets(aten.addmm):
+        b, data, w = a[0], a[1], a[2]
+        ref = _param_ref(w, dyn)
+        ref = WeightRef(ref.target, not ref.transposed)
+    elif t in gu._targets(aten.mm, aten.matmul):
+        data, w, b = a[0], a[1], None
+        ref = _param_ref(w, dyn)
+        ref = WeightRef(ref.target, not ref.transposed)
+    else:
+        raise _Miss(f"matrix product {t} is not a weight product")
+    if isinstance(b, fx.Node):
+        b = _param_ref(b, dyn)
+    return data, ref, b
+
+
+def _anc_in(n: fx.Node, region: set) -> set:
+    """Ancestors of n reached through region nodes only."""
+    seen, stack = set(), [a for a in n.all_input_nodes if a in region]
+    while stack:
+        m = stack.pop()
+        if m not in seen:
+            seen.add(m)
+            stack.extend(a for a in m.all_input_nodes if a in region)
+    return seen
+
+
+def identify_activation(src: fx.Node, dst: fx.Node) -> str:
+    """Name of the elementwise function computed from `src` to `dst`, found by evaluating it on a probe."""
+    if gu.root_views(dst) is gu.root_views(src):
+        return "identity"
+    region = gu.between(src, dst) | {dst}
+    g = fx.Graph()
+    env = {src: g.placeholder("x")}
+    order = [n for n in src.graph.nodes if n in region]
+    for n in order:
+        if n.op != "call_function":
+            raise _Miss(f"activation reads {n.op} {n.name}")
+        outside = [a for a in n.all_input_nodes if a not in env]
+        if outside:
+            raise _Miss(f"activation op {n.name} reads {outside[0].name}, which is not elementwise on the FFN")
+        if n.target in gu.VIEWS:
+            env[n] = env[n.args[0]]
+            continue
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(env[dst])
+    fn = fx.GraphModule(torch.nn.Module(), g)
+    probe = torch.linspace(-6.0, 6.0, 241)
+    try:
+        with torch.no_grad():
+            y = fn(probe)
+    except Exception as e:  # an op that does not run on a 1-D probe: not an elementwise activation
+        raise _Miss(f"activation ops {[str(n.target) for n in order]} are not elementwise ({type(e).__name__})")
+    for name, f in ACTIVATIONS.items():
+        ref = f(probe)
+        if y.shape == ref.shape and torch.allclose(y, ref, rtol=1e-5, atol=1e-5):
+            return name
+    raise _Miss(f"activation computed by {[str(n.target) for n in order][:6]} matches none of "
+                f"{sorted(ACTIVATIONS)}")
+
+
+def _halves(m: fx.Node, F2: int) -> dict:
+    """For a fused gate-up product: getitem/slice node -> (start, end) row range of the [2F, d] weight."""
+    out = gu.forward_views(m)
+    parts = {}
+    for u in out.users:
+        if u.op != "call_function":
+            continue
+        if u.target in gu._targets(aten.chunk, aten.split, aten.split_with_sizes):
+            dim = u.args[2] if len(u.args) > 2 else u.kwargs.get("dim", 0)
+            if dim not in (-1, gu.val(out).dim() - 1):
+                raise _Miss(f"fused gate-up output split along dim {dim}, not the last")
+            for g in u.users:
+                if gu.is_getitem(g):
+                    size = gu.val(g).shape[-1]
+                    parts[g] = (g.args[1] * size, (g.args[1] + 1) * size) if u.target in gu._targets(
+                        aten.chunk, aten.split) else None
+        elif u.target in gu._targets(aten.slice) and u.args[1] in (-1, gu.val(out).dim() - 1):
+            step = u.args[4] if len(u.args) > 4 else 1
+            if step != 1:
+                raise _Miss("interleaved gate/up layout (strided slices) is not supported")
+            parts[u] = (u.args[2], min(u.args[3], F2))
+    if len(parts) != 2 or None in parts.values():
+        raise _Miss("fused gate-up product is not split into two contiguous halves")
+    return parts
+
+
+_SPLITS = gu._targets(aten.chunk, aten.split, aten.split_with_sizes, aten.slice)
+
+
+def _is_split(m: fx.Node) -> bool:
+    """Is the product's output cut into parts (a fused gate-up weight)?"""
+    return any(u.op == "call_function" and u.target in _SPLITS for u in gu.forward_views(m).users)
+
+
+def _dense(gm, mms: list, region: set, dyn: set, same_shape: bool = True) -> tuple[str, str, int, DenseFFNMatch]:
+    mmset = set(mms)
+    first = [m for m in mms if not (_anc_in(m, region) & mmset)]
+    later = [m for m in mms if m not in first]
+    if len(later) != 1:
+        raise _Miss(f"{len(mms)} matrix products in a {len(first)}-input layout (expected two or three: "
+                    "up[, gate], down)")
+    down = later[0]
+    d_data, d_ref, d_bias = _operands(down, dyn)
+    ins = [_operands(m, dyn) for m in first]
+    inp = gu.root_views(ins[0][0])
+    if any(gu.root_views(i[0]) is not inp for i in ins):
+        raise _Miss("the input products read different values")
+    e = gu.root_views(d_data)
+    if len(first) == 2:
+        if e.op != "call_function" or e.target not in gu._targets(aten.mul):
+            raise _Miss("two input products not combined by a product (not a gated FFN)")
+        p, q = (gu.root_views(a) for a in e.args[:2])
+        outs = [gu.forward_views(m) for m in first]
+        if gu.root_views(p) in [gu.root_views(o) for o in outs]:
+            p, q = q, p                           # q: the plain (up) operand, p: act(gate)
+        if gu.root_views(q) not in [gu.root_views(o) for o in outs]:
+            raise _Miss("neither factor of the gating product is a plain projection")
+        iu = [gu.root_views(o) for o in outs].index(gu.root_views(q))
+        ig = 1 - iu
+        act = identify_activation(outs[ig], p)
+        up, gate = ins[iu], ins[ig]
+        kind, F = "gated", fetch(gm, up[1].target).shape[1 if up[1].transposed else 0]
+        refs = dict(up=up[1], gate=gate[1], b_up=up[2], b_gate=gate[2])
+    else:
+        (f_data, f_ref, f_bias), = ins
+        rows = fetch(gm, f_ref.target).shape[1 if f_ref.transposed else 0]
+        if _is_split(first[0]) and e.op == "call_function" and e.target in gu._targets(aten.mul):
+            parts = _halves(first[0], rows)
+            p, q = (gu.root_views(a) for a in e.args[:2])
+            if q not in parts:
+                p, q = q, p
+            if q not in parts:
+                raise _Miss("fused gate-up halves not combined as act(gate) * up")
+            (gnode,) = [k for k in parts if k is not q]
+            act = identify_activation(gnode, p)
+            kind, F = "gated", rows // 2
+            if f_bias is not None:
+                raise _Miss("bias on a fused gate-up product is not supported")
+            refs = dict(up=WeightRef(f_ref.target, f_ref.transposed, parts[q]),
+                        gate=WeightRef(f_ref.target, f_ref.transposed, parts[gnode]), b_up=None, b_gate=None)
+        else:
+            act = identify_activation(gu.forward_views(first[0]), e)
+            kind, F = "mlp", rows
+            refs = dict(up=f_ref, gate=None, b_up=f_bias, b_gate=None)
+    out = gu.forward_views(down)
+    # an explicit bias add after the down product (x @ W + b)
+    if d_bias is None and len(out.users) == 1:
+        u = next(iter(out.users))
+        if u.op == "call_function" and u.target in gu.ADD:
+            other = [a for a in u.args[:2] if a is not out]
+            if other and isinstance(other[0], fx.Node) and other[0] not in dyn:
+                d_bias = _param_ref(other[0], dyn)
+                out = gu.forward_views(u)
+    if same_shape and str(gu.val(out).shape) != str(gu.val(inp).shape):
+        raise _Miss(f"FFN output shape {tuple(gu.val(out).shape)} differs from its input "
+                    f"{tuple(gu.val(inp).shape)}")
+    nodes = frozenset((gu.between(inp, out) | {out}))
+    match = DenseFFNMatch(inp=inp, out=out, nodes=nodes, down=d_ref, b_down=d_bias, **refs)
+    return kind, act, F, match
+
+
+def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo) -> None:
+    topk = [n for n in region if n.op == "call_function" and n.target in gu.TOPK]
+    info.top_k = int(topk[0].args[1])
+    router = [m for m in mms if not gu.is_grouped_mm(m) and m in gu.ancestors([topk[0]])]
+    if len(router) != 1:
+        raise _Miss(f"expected one router product before top-k, found {len(router)}")
+    _, r_ref, _ = _operands(router[0], dyn)
+    info.num_experts = fetch(gm, r_ref.target).shape[1 if r_ref.transposed else 0]
+    grouped = [m for m in mms if gu.is_grouped_mm(m)]
+    if len(grouped) != 2:
+        raise _Miss(f"router with top-{info.top_k} found, but its experts are not the grouped-GEMM pair "
+                    f"(found {len(grouped)} grouped products)")
+    up, down = grouped
+    F = gu.val(gu.root_views(down.args[0])).shape[-1]
+    info.intermediate_size = int(F)
+    e = gu.root_views(down.args[0])
+    if e.op == "call_function" and e.target in gu._targets(aten.mul):
+        p, q = (gu.root_views(a) for a in e.args[:2])
+        parts = {g for u in gu.forward_views(up).users for g in u.users if gu.is_getitem(g)}
+        if q not in parts:
+            p, q = q, p
+        (gnode,) = [g for g in parts if g is not q] or [None]
+        info.activation = identify_activation(gnode, p) if gnode is not None else None
+    else:
+        info.activation = identify_activation(gu.forward_views(up), e)
+    # a shared expert: the remaining weight products, minus 1-wide gates
+    rest = [m for m in mms if m not in grouped and m not in router
+            and gu.val(m).shape[-1] != 1]
+    if rest:
+        _, _, Fs, _ = _dense(gm, rest, region, dyn, same_shape=False)
+        info.shared_expert_size = int(Fs)
+
+
+def analyse_ffn(gm, stream: fx.Node, term: fx.Node, region: set, kind: str, dyn: set) -> FFNInfo:
+    d = int(gu.val(stream).shape[-1])
+    mms = [n for n in stream.graph.nodes if n in region and gu.is_matmul(n)]
+    info = FFNInfo(kind=kind, hidden_size=d, intermediate_size=None, activation=None, has_bias=False,
+                   path=None)
+    try:
+        if kind == "moe":
+            info.path = gu.common_path(mms)
+            _moe(gm, mms, region, dyn, info)
+            info.has_bias = any(_operands(m, dyn)[2] is not None for m in mms if not gu.is_grouped_mm(m))
+            return info
+        k, act, F, match = _dense(gm, mms, region, dyn)
+        info.kind, info.activation, info.intermediate_size, info.match = k, act, int(F), match
+        info.has_bias = any(r is not None for r in (match.b_up, match.b_gate, match.b_down))
+        info.path = gu.common_path([n for n in match.nodes if n.op == "call_function"])
+    except _Miss as miss:
+        info.kind, info.reason = "unknown", str(miss)
+        info.path = info.path or gu.common_path(mms)
+    return info

@@ -1,0 +1,164 @@
+"""Small helpers over ATen fx graphs: op classes, looking through no-op nodes, reachability, module paths.
+
+Op classes are data (one line each) so that recognition reads as rules, not as chains of `if`.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Iterable
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+
+def _targets(*ops) -> frozenset:
+    out = set()
+    for op in ops:
+        out.add(op)
+        if hasattr(op, "overloads"):  # an OpOverloadPacket: accept every overload
+            out.update(getattr(op, o) for o in op.overloads())
+    return frozenset(out)
+
+
+# Ops that pass their first argument through unchanged (in eval mode, same dtype): looked through everywhere.
+IDENTITY = _targets(aten.alias, aten.clone, aten.contiguous, aten.detach, aten.lift_fresh_copy,
+                    aten.dropout, aten.feature_dropout, aten.alpha_dropout)
+# aten.to / _to_copy are identities only when they keep the dtype (checked in `is_identity`).
+CASTS = _targets(aten.to, aten._to_copy, aten.type_as)
+# Ops that only reshape: looked through when matching FFN boundaries (the FFN is applied per token).
+VIEWS = _targets(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.unsqueeze,
+                 aten.squeeze)
+# Matrix products. `grouped_mm` variants are matched by name since transformers registers its own.
+MATMUL = _targets(aten.linear, aten.mm, aten.addmm, aten.matmul, aten.bmm, aten.baddbmm, aten.einsum)
+ATTENTION = _targets(aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu,
+                     aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_flash_attention,
+                     aten._scaled_dot_product_cudnn_attention)
+NORMS = _targets(aten.layer_norm, aten.native_layer_norm, aten.rms_norm, aten.group_norm)
+REDUCTIONS = _targets(aten.mean, aten.var, aten.var_mean, aten.sum, aten.std)
+RSQRT = _targets(aten.rsqrt, aten.sqrt, aten.reciprocal)
+TRANSPOSES = _targets(aten.t, aten.transpose, aten.permute, aten.numpy_T)
+ADD = _targets(aten.add)
+TOPK = _targets(aten.topk)
+
+
+def is_grouped_mm(n: fx.Node) -> bool:
+    return n.op == "call_function" and "grouped_mm" in str(n.target)
+
+
+def is_matmul(n: fx.Node) -> bool:
+    return n.op == "call_function" and (n.target in MATMUL or is_grouped_mm(n))
+
+
+def val(n) -> torch.Tensor | None:
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def is_identity(n: fx.Node) -> bool:
+    if n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.target in IDENTITY:
+        return not (n.target in _targets(aten.dropout) and len(n.args) > 2 and n.args[2])
+    if n.target in CASTS:
+        a, b = val(n.args[0]), val(n)
+        return a is not None and b is not None and a.dtype == b.dtype
+    return False
+
+
+def root(n):
+    """Look back through identity nodes."""
+    while isinstance(n, fx.Node) and is_identity(n):
+        n = n.args[0]
+    return n
+
+
+def root_views(n):
+    """Look back through identity and reshape-only nodes."""
+    while isinstance(n, fx.Node) and (is_identity(n) or (n.op == "call_function" and n.target in VIEWS)):
+        n = n.args[0]
+    return n
+
+
+def forward_views(n: fx.Node) -> fx.Node:
+    """Follow single-user identity and reshape-only nodes forward."""
+    while len(n.users) == 1:
+        u = next(iter(n.users))
+        if (is_identity(u) or (u.op == "call_function" and u.target in VIEWS)) and u.args[0] is n:
+            n = u
+        else:
+            break
+    return n
+
+
+def tensor_inputs(n: fx.Node) -> list[fx.Node]:
+    return [a for a in n.all_input_nodes if a.op != "call_module"]
+
+
+def ancestors(nodes: Iterable[fx.Node], stop: set | None = None) -> set[fx.Node]:
+    """All nodes that reach any of `nodes` (exclusive), not expanding past nodes in `stop`."""
+    seen: set[fx.Node] = set()
+    stack = [a for n in nodes for a in n.all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if stop is None or n not in stop:
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def descendants(n: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(n.users)
+    while stack:
+        m = stack.pop()
+        if m not in seen:
+            seen.add(m)
+            stack.extend(m.users)
+    return seen
+
+
+def between(src: fx.Node, dst: fx.Node) -> set[fx.Node]:
+    """Nodes on some path src -> dst, both ends excluded."""
+    return descendants(src) & ancestors([dst])
+
+
+def dynamic_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes that depend on a model input (everything else is weights and constants)."""
+    dyn: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            if val(n) is not None:
+                dyn.add(n)
+        elif n.op == "call_function" and any(a in dyn for a in n.all_input_nodes):
+            dyn.add(n)
+    return dyn
+
+
+def module_path(n: fx.Node) -> str | None:
+    stack = n.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path or None
+
+
+def common_path(nodes: Iterable[fx.Node]) -> str | None:
+    """Longest common dotted module path of `nodes` (None when no node carries `nn_module_stack`)."""
+    paths = [p.split(".") for p in (module_path(n) for n in nodes) if p is not None]
+    if not paths:
+        return None
+    prefix = paths[0]
+    for p in paths[1:]:
+        i = 0
+        while i < min(len(prefix), len(p)) and prefix[i] == p[i]:
+            i += 1
+        prefix = prefix[:i]
+    return ".".join(prefix) or None
+
+
+def is_getitem(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target is operator.getitem

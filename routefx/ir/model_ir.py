@@ -1,0 +1,127 @@
+"""`ModelIR`: what recognition found in a captured graph. A view, recomputed from the graph, never stored.
+
+Public fields are plain values (`to_dict()` is JSON); the graph anchors a pass needs (`FFNInfo.match`,
+`BlockInfo.sums`) are fx nodes of the graph the view was computed from, and are left out of `to_dict()`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from torch import fx
+
+__all__ = ["ModelIR", "BlockInfo", "FFNInfo", "AttentionInfo", "WeightRef", "DenseFFNMatch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRef:
+    """A weight read by a matrix product, as the [out, in] matrix it acts as.
+
+    `target` is the get_attr target; `transposed` says the stored tensor is [in, out]; `rows` selects output rows
+    [start, end) of the [out, in] view (a half of a fused gate-up weight).
+    """
+
+    target: str
+    transposed: bool = False
+    rows: tuple[int, int] | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class DenseFFNMatch:
+    """Graph anchors of a dense FFN: `inp` -> FFN -> `out`, both [..., d] with the same leading dims.
+
+    Replacing `out` by a function of `inp` (and the weights below) replaces the whole FFN.
+    """
+
+    inp: fx.Node
+    out: fx.Node
+    nodes: frozenset  # every node of the FFN proper (matmuls, activation, views), `inp` excluded, `out` included
+    up: WeightRef
+    gate: WeightRef | None
+    down: WeightRef
+    b_up: WeightRef | None
+    b_gate: WeightRef | None
+    b_down: WeightRef | None
+
+
+@dataclasses.dataclass(eq=False)
+class FFNInfo:
+    kind: str                       # "gated" | "mlp" | "moe" | "unknown"
+    hidden_size: int
+    intermediate_size: int | None   # per expert for MoE
+    activation: str | None
+    has_bias: bool
+    path: str | None
+    num_experts: int | None = None
+    top_k: int | None = None
+    shared_expert_size: int | None = None
+    reason: str | None = None       # why kind is "unknown"
+    match: DenseFFNMatch | None = dataclasses.field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "match"}
+        return d
+
+
+@dataclasses.dataclass(eq=False)
+class AttentionInfo:
+    path: str | None
+    op: str                         # the attention op's name (e.g. "scaled_dot_product_attention")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "op": self.op}
+
+
+@dataclasses.dataclass(eq=False)
+class BlockInfo:
+    index: int
+    path: str | None
+    form: str                       # "pre_norm" | "post_norm" | "parallel" | "sandwich" | another descriptive name
+    ffn: FFNInfo | None
+    attention: list[AttentionInfo]
+    stream_in: fx.Node | None = dataclasses.field(default=None, repr=False)   # residual stream before the block
+    stream_out: fx.Node | None = dataclasses.field(default=None, repr=False)  # ... and after it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "path": self.path, "form": self.form,
+                "ffn": self.ffn.to_dict() if self.ffn else None,
+                "attention": [a.to_dict() for a in self.attention]}
+
+
+@dataclasses.dataclass(eq=False)
+class ModelIR:
+    hidden_size: int
+    blocks: list[BlockInfo]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hidden_size": self.hidden_size, "blocks": [b.to_dict() for b in self.blocks]}
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    @property
+    def dense_ffn_blocks(self) -> list[BlockInfo]:
+        return [b for b in self.blocks if b.ffn is not None and b.ffn.kind in ("gated", "mlp")]
+
+    def __str__(self) -> str:
+        head = ("#", "path", "form", "ffn", "act", "d", "F", "bias", "experts")
+        rows = [head]
+        for b in self.blocks:
+            f = b.ffn
+            experts = ""
+            if f and f.kind == "moe":
+                experts = f"{f.num_experts} top-{f.top_k}" + (f" +shared {f.shared_expert_size}"
+                                                               if f.shared_expert_size else "")
+            kind = f.kind if f else "-"
+            if f and f.kind == "unknown":
+                kind = f"unknown ({f.reason})"
+            rows.append((str(b.index), b.path or "?", b.form, kind, (f.activation or "?") if f else "-",
+                         str(f.hidden_size) if f else "-", str(f.intermediate_size or "?") if f else "-",
+                         ("yes" if f.has_bias else "no") if f else "-", experts))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return f"ModelIR: {len(self.blocks)} blocks, hidden size {self.hidden_size}\n" + "\n".join(lines)
+
+    __repr__ = __str__

@@ -1,0 +1,273 @@
+"""Structure recognition: follow the residual stream of a captured graph and cut it into blocks.
+
+Rules (names never matter; module paths only name what was found):
+1. A *residual sum* is an addition tree `x + y_1 + ... + y_n` (adds whose only user is the next add are one
+   tree) in which one term `x` (the stream) reaches every other term `y_i` (a branch) through a matrix product.
+2. The hidden size is the last dimension shared by most residual sums; the *stream* is the longest chain of
+   sums in which each sum's `x` is the previous sum's output, possibly through a norm (post-norm models).
+3. A branch holding an attention op (or a product of two activations) is attention; one with a top-k router is
+   MoE; any other is an FFN. A block ends at the first sum holding an FFN branch.
+4. Form, per block: a norm between `x` and a branch's first product is a pre-norm, one between its last product
+   and the add a branch-output norm, one between the add and the next stream value a post-norm.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import torch
+from torch import fx
+
+from routefx.errors import UnsupportedModelError
+from routefx.ir import graph_utils as gu
+from routefx.ir.ffn import analyse_ffn
+from routefx.ir.model_ir import AttentionInfo, BlockInfo, FFNInfo, ModelIR
+
+__all__ = ["recognize"]
+
+
+@dataclasses.dataclass(eq=False)
+class _Branch:
+    term: fx.Node           # the branch's value as added to the stream
+    region: set             # nodes strictly between the stream value and `term`, plus `term`
+    kind: str               # "attention" | "ffn" | "moe"
+
+
+@dataclasses.dataclass(eq=False)
+class _Sum:
+    out: fx.Node            # the root add
+    adds: list              # every add of the tree
+    stream: fx.Node         # the stream term x (looked through identities)
+    branches: list
+
+
+def _is_add(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in gu.ADD and len(n.args) >= 2
+
+
+def _terms(n: fx.Node, adds: list) -> list:
+    """Leaves of the addition tree rooted at `n` (through adds whose only user is their parent)."""
+    adds.append(n)
+    out = []
+    for a in n.args[:2]:
+        if not isinstance(a, fx.Node):
+            return []  # an add of a constant is not a residual sum
+        r = gu.root(a)
+        if _is_add(r) and len(r.users) == 1 and len(a.users) == 1 and gu.val(r) is not None \
+                and gu.val(n) is not None and gu.val(r).shape == gu.val(n).shape:
+            sub = _terms(r, adds)
+            if not sub:
+                return []
+            out.extend(sub)
+        else:
+            out.append(r)
+    return out
+
+
+def _branch_kind(region: set) -> str | None:
+    """'attention', 'moe', 'ffn', or None when the region holds no matrix product."""
+    mm = [n for n in region if gu.is_matmul(n)]
+    if any(n.op == "call_function" and n.target in gu.ATTENTION for n in region):
+        return "attention"
+    # eager attention: a product of two values that both come from the stream (Q·Kᵀ, P·V)
+    for n in mm:
+        if n.target in gu.MATMUL and sum(1 for a in n.args[:3] if isinstance(a, fx.Node) and a in region) >= 2 \
+                and not gu.is_grouped_mm(n):
+            if n.target not in (torch.ops.aten.addmm.default, torch.ops.aten.linear.default):
+                return "attention"
+    if not mm:
+        return None
+    if any(n.op == "call_function" and n.target in gu.TOPK for n in region):
+        return "moe"
+    return "ffn"
+
+
+def _find_sums(graph: fx.Graph, dyn: set) -> list[_Sum]:
+    sums = []
+    for n in graph.nodes:
+        if not _is_add(n) or n not in dyn:
+            continue
+        v = gu.val(n)
+        if v is None or not v.is_floating_point() or v.dim() < 2:
+            continue
+        # skip adds that belong to a larger tree (their only user is the parent add)
+        if len(n.users) == 1:
+            u = next(iter(n.users))
+            u = gu.forward_views(n) if False else u
+            if _is_add(u) and gu.val(u) is not None and gu.val(u).shape == v.shape:
+                continue
+        adds: list = []
+        terms = [t for t in _terms(n, adds) if t in dyn]
+        if len(terms) < 2:
+            continue
+        anc = {t: gu.ancestors([t]) for t in terms}
+        for x in terms:
+            others = [t for t in terms if t is not x]
+            if not all(x in anc[t] for t in others):
+                continue
+            desc_x = gu.descendants(x)
+            branches = []
+            for t in others:
+                region = (desc_x & anc[t]) | {t}
+                kind = _branch_kind(region)
+                if kind is None:
+                    branches = []
+                    break
+                branches.append(_Branch(t, region, kind))
+            if branches:
+                sums.append(_Sum(n, adds, x, branches))
+            break
+    return sums
+
+
+def _reaches_through_norm(src: fx.Node, dst: fx.Node) -> bool | None:
+    """True if dst == src up to identities (None), or dst is a norm of src (True); False otherwise."""
+    if gu.root(dst) is src:
+        return None
+    mid = gu.between(src, dst) | {dst}
+    if not mid or len(mid) > 40 or any(gu.is_matmul(n) for n in mid):
+        return False
+    return _has_norm(mid)
+
+
+def _has_norm(nodes) -> bool:
+    nodes = [n for n in nodes if n.op == "call_function"]
+    if any(n.target in gu.NORMS for n in nodes):
+        return True
+    return any(n.target in gu.REDUCTIONS for n in nodes) and any(n.target in gu.RSQRT or
+                                                                 n.target == torch.ops.aten.div.Tensor
+                                                                 for n in nodes)
+
+
+def _chain(sums: list[_Sum]) -> list[tuple[_Sum, bool]]:
+    """Longest chain of sums linked through the stream; each with whether a norm follows it (post-norm)."""
+    order = {s.out: i for i, s in enumerate(sums)}
+    best: dict[int, tuple[int, int | None, bool]] = {}  # i -> (length, prev index, post-norm link)
+    for j, s in enumerate(sums):
+        best[j] = (1, None, False)
+        for i in reversed(range(j)):
+            link = _reaches_through_norm(sums[i].out, s.stream)
+            if link is not False:
+                best[j] = (best[i][0] + 1, i, bool(link))
+                break
+    if not best:
+        return []
+    j = max(best, key=lambda k: (best[k][0], -k))
+    chain = []
+    post_next = False
+    while j is not None:
+        length, prev, post = best[j]
+        chain.append((sums[j], post_next))
+        post_next = post
+        j = prev
+    chain.reverse()
+    del order
+    if chain and not chain[-1][1]:
+        chain[-1] = (chain[-1][0], _followed_by_norm(chain[-1][0].out))
+    return chain
+
+
+def _followed_by_norm(n: fx.Node, depth: int = 8) -> bool:
+    """Does a norm read `n` within a few ops (the last block of a post-norm model)?"""
+    seen, frontier = set(), [n]
+    for _ in range(depth):
+        frontier = [u for m in frontier for u in m.users if u not in seen and not gu.is_matmul(u)]
+        seen.update(frontier)
+    return _has_norm(seen)
+
+
+def _norm_before(stream: fx.Node, branch: _Branch) -> bool:
+    """Is there a norm between the stream value and the branch's first matrix product?"""
+    mms = [n for n in branch.region if gu.is_matmul(n)]
+    firsts = [m for m in mms if not any(a in branch.region and gu.is_matmul(a) for a in gu.ancestors([m]))]
+    pre = set()
+    for m in firsts:
+        pre |= (gu.ancestors([m]) & branch.region)
+    return _has_norm(pre)
+
+
+def _norm_after(branch: _Branch) -> bool:
+    """Is there a norm between the branch's last matrix product and its term?"""
+    mms = [n for n in branch.region if gu.is_matmul(n)]
+    last = set()
+    for m in mms:
+        last |= gu.descendants(m)
+    tail = [n for n in (last & branch.region) | {branch.term} if not any(
+        gu.is_matmul(a) for a in gu.descendants(n) & branch.region)]
+    return _has_norm(tail)
+
+
+def _form(sums: list[tuple[_Sum, bool]]) -> str:
+    branches = [(s, b) for s, _ in sums for b in s.branches]
+    kinds_per_sum = [{b.kind for b in s.branches} for s, _ in sums]
+    if any("attention" in k and len(k) > 1 for k in kinds_per_sum) or any(len(s.branches) > 1 for s, _ in sums):
+        return "parallel"
+    pre = [_norm_before(s.stream, b) for s, b in branches]
+    post_branch = [_norm_after(b) for _, b in branches]
+    post_add = [p for _, p in sums]
+    if all(pre) and all(post_branch):
+        return "sandwich"
+    if all(pre) and not any(post_branch):
+        return "pre_norm"
+    if all(post_add) and not any(pre) and not any(post_branch):
+        return "post_norm"
+    if all(post_branch) and not any(pre):
+        return "branch_output_norm"
+    if not any(pre) and not any(post_branch) and not any(post_add):
+        return "no_norm"
+    return "mixed_norm"
+
+
+def recognize(gm: fx.GraphModule) -> ModelIR:
+    """Recognise transformer blocks in `gm` (from `capture`). Raises `UnsupportedModelError` if there are none."""
+    graph = gm.graph
+    dyn = gu.dynamic_nodes(graph)
+    sums = _find_sums(graph, dyn)
+    if not sums:
+        ops = Counter(str(n.target).split(".")[1] if str(n.target).startswith("aten.") else str(n.target)
+                      for n in graph.nodes if n.op == "call_function" and n in dyn)
+        top = ", ".join(f"{k}×{v}" for k, v in ops.most_common(6))
+        raise UnsupportedModelError(
+            "no transformer blocks found: the graph has no residual connection whose branch holds a matrix "
+            f"product (found ops: {top}); routefx supports transformer models whose blocks add attention and "
+            "feed-forward branches to a residual stream")
+    d = Counter(gu.val(s.out).shape[-1] for s in sums).most_common(1)[0][0]
+    sums = [s for s in sums if gu.val(s.out).shape[-1] == d]
+    chain = _chain(sums)
+    if not any(b.kind == "attention" for s, _ in chain for b in s.branches):
+        kinds = Counter(b.kind for s, _ in chain for b in s.branches)
+        raise UnsupportedModelError(
+            f"no transformer blocks found: {len(chain)} residual branch(es) of width {d} "
+            f"({', '.join(f'{v} {k}' for k, v in kinds.items())}) and none holds an attention op; routefx "
+            "supports transformer models (attention and feed-forward branches on a residual stream)")
+
+    groups: list[list[tuple[_Sum, bool]]] = [[]]
+    for s, post in chain:
+        groups[-1].append((s, post))
+        if any(b.kind in ("ffn", "moe") for b in s.branches):
+            groups.append([])
+    groups = [g for g in groups if g]
+
+    blocks = []
+    for i, g in enumerate(groups):
+        region = set().union(*(b.region for s, _ in g for b in s.branches))
+        attn = [AttentionInfo(gu.common_path([n for n in b.region if gu.is_matmul(n)] or [b.term]),
+                              _attention_op(b.region))
+                for s, _ in g for b in s.branches if b.kind == "attention"]
+        ffn_branches = [(s, b) for s, _ in g for b in s.branches if b.kind in ("ffn", "moe")]
+        ffn: FFNInfo | None = None
+        if ffn_branches:
+            s, b = ffn_branches[0]
+            ffn = analyse_ffn(gm, s.stream, b.term, b.region, b.kind, dyn)
+        anchors = [n for n in region if gu.is_matmul(n)] + [a for s, _ in g for a in s.adds]
+        blocks.append(BlockInfo(index=i, path=gu.common_path(anchors),
+                                form=_form(g), ffn=ffn, attention=attn,
+                                stream_in=g[0][0].stream, stream_out=g[-1][0].out))
+    return ModelIR(hidden_size=d, blocks=blocks)
+
+
+def _attention_op(region: set) -> str:
+    for n in region:
+        if n.op == "call_function" and n.target in gu.ATTENTION:
+            return n.target._opname if hasattr(n.target, "_opname") else str(n.target)
+    return "eager"

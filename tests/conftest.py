@@ -1,0 +1,23 @@
+import functools
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+from tests.zoo import ZOO, example_inputs  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def captured(name: str):
+    """(model, graph) for a zoo entry, captured once per test process."""
+    from routefx.ir import capture
+    entry = ZOO[name]
+    model = entry.build()
+    args, kwargs = example_inputs(entry)
+    return model, capture(model, args, kwargs)
+
+
+@pytest.fixture
+def zoo_capture():
+    return captured
