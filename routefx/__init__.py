@@ -1,10 +1,14 @@
 """routefx: a compiler for adaptive computation in transformer language models."""
 from __future__ import annotations
 
-from routefx.errors import RoutefxError, UnsupportedModelError
+from routefx import policies
+from routefx.compiler.compile import CompiledModel, compile
+from routefx.errors import (BackendError, CalibrationError, CaptureError, InputError, PolicyError, RoutefxError,
+                            UnsupportedModelError)
 from routefx.ir import ModelIR, capture, recognize
 
-__all__ = ["inspect", "ModelIR", "RoutefxError", "UnsupportedModelError"]
+__all__ = ["inspect", "compile", "CompiledModel", "policies", "ModelIR", "RoutefxError", "UnsupportedModelError",
+           "CaptureError", "PolicyError", "CalibrationError", "InputError", "BackendError"]
 
 
 def inspect(model, example_inputs, example_kwargs=None) -> ModelIR:

@@ -19,3 +19,19 @@ class UnsupportedActivationError(RoutefxError, ValueError):
 
 class RoutedFFNError(RoutefxError, ValueError):
     """Inputs to `routefx::routed_ffn` that break its contract (shapes, dtypes, ranges, route ids)."""
+
+
+class PolicyError(RoutefxError, ValueError):
+    """A policy with an unknown field, an out-of-range value, or a JSON form that cannot be read."""
+
+
+class CalibrationError(RoutefxError, ValueError):
+    """Calibration data that is missing, empty, or not a re-iterable sequence of batches."""
+
+
+class InputError(RoutefxError, TypeError):
+    """A call whose inputs the compiled model cannot take (wrong dtype or rank)."""
+
+
+class BackendError(RoutefxError, ValueError):
+    """An unknown or unavailable backend."""

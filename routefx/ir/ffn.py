@@ -44,11 +44,15 @@ def resolve_weight(gm: torch.nn.Module, ref: WeightRef) -> torch.Tensor:
 
 def _param_ref(n, dyn: set) -> WeightRef:
     """Follow a weight operand back to its get_attr, counting transposes."""
-    flips = 0
+    flips, rows = 0, None
     while isinstance(n, fx.Node) and n.op == "call_function":
         if n in dyn:
             raise _Miss(f"weight operand {n.name} depends on the model inputs")
-        if gu.is_identity(n) or n.target in gu.VIEWS:
+        if n.target is aten.slice.Tensor and flips == 0 and rows is None and n.args[1] == 0 \
+                and (len(n.args) < 5 or n.args[4] == 1):
+            rows = (int(n.args[2]), int(n.args[3]))
+            n = n.args[0]
+        elif gu.is_identity(n) or n.target in gu.VIEWS:
             n = n.args[0]
         elif n.target in gu.TRANSPOSES:
             if n.target in gu._targets(aten.permute) and list(n.args[1]) not in ([1, 0], [-1, -2]):
@@ -59,7 +63,7 @@ def _param_ref(n, dyn: set) -> WeightRef:
             raise _Miss(f"weight computed by {n.target} rather than read from a parameter")
     if not isinstance(n, fx.Node) or n.op != "get_attr":
         raise _Miss("weight operand is not a parameter")
-    return WeightRef(n.target, transposed=bool(flips % 2))
+    return WeightRef(n.target, transposed=bool(flips % 2), rows=rows)
 
 
 def _operands(m: fx.Node, dyn: set):
@@ -262,11 +266,32 @@ def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo) -> None:
         info.shared_expert_size = int(Fs)
 
 
+def _routed(gm, op: fx.Node, dyn: set, info: FFNInfo) -> None:
+    """Read an FFN that a pass already raised to `routefx::routed_ffn`."""
+    (x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, act) = op.args
+    info.kind = "mlp" if w_gate is None else "gated"
+    info.activation = act
+    info.intermediate_size = int(gu.val(w_up).shape[0])
+    info.has_bias = any(b is not None for b in (b_up, b_gate, b_down))
+    info.routed = [[int(ranges[i]), int(ranges[i + 1])] for i in range(0, len(ranges), 2)]
+    ref = lambda n: None if n is None else _param_ref(n, dyn)  # noqa: E731
+    info.match = DenseFFNMatch(inp=x, out=op, nodes=frozenset({op}), up=ref(w_up), gate=ref(w_gate),
+                               down=ref(w_down), b_up=ref(b_up), b_gate=ref(b_gate), b_down=ref(b_down))
+    info.path = op.meta.get("routefx_path") or gu.common_path([op])
+
+
 def analyse_ffn(gm, stream: fx.Node, term: fx.Node, region: set, kind: str, dyn: set) -> FFNInfo:
     d = int(gu.val(stream).shape[-1])
     mms = [n for n in stream.graph.nodes if n in region and gu.is_matmul(n)]
     info = FFNInfo(kind=kind, hidden_size=d, intermediate_size=None, activation=None, has_bias=False,
                    path=None)
+    routed = [m for m in mms if gu.is_routed(m)]
+    if routed:
+        if len(routed) > 1:
+            info.kind, info.reason = "unknown", f"{len(routed)} routed_ffn ops in one branch"
+            return info
+        _routed(gm, routed[0], dyn, info)
+        return info
     try:
         if kind == "moe":
             info.path = gu.common_path(mms)

@@ -10,7 +10,10 @@ from typing import Iterable
 import torch
 from torch import fx
 
+import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.*)
+
 aten = torch.ops.aten
+ROUTED_FFN = torch.ops.routefx.routed_ffn.default
 
 
 def _targets(*ops) -> frozenset:
@@ -47,8 +50,13 @@ def is_grouped_mm(n: fx.Node) -> bool:
     return n.op == "call_function" and "grouped_mm" in str(n.target)
 
 
+def is_routed(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target is ROUTED_FFN
+
+
 def is_matmul(n: fx.Node) -> bool:
-    return n.op == "call_function" and (n.target in MATMUL or is_grouped_mm(n))
+    """Matrix products, counting routefx's routed FFN op (a fused pair of products)."""
+    return n.op == "call_function" and (n.target in MATMUL or is_grouped_mm(n) or n.target is ROUTED_FFN)
 
 
 def val(n) -> torch.Tensor | None:

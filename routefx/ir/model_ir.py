@@ -57,6 +57,7 @@ class FFNInfo:
     top_k: int | None = None
     shared_expert_size: int | None = None
     reason: str | None = None       # why kind is "unknown"
+    routed: list | None = None      # neuron ranges [[start, end], ...] once the FFN is a routefx routed_ffn
     match: DenseFFNMatch | None = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:

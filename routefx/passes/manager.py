@@ -1,0 +1,87 @@
+"""Pass manager: runs a declared pipeline, verifying the graph after each pass.
+
+After every pass: `graph.lint()`, `recompile()`, fake-tensor shape re-propagation and a fresh `ModelIR`. A
+failure anywhere raises `PassFailedError` naming the pass and the passes that ran before it. With `debug_dir`,
+the graph is written after each pass (`00_capture.txt`, `01_<pass>.txt`, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Sequence
+
+from torch import fx
+
+from routefx.errors import RoutefxError
+from routefx.ir.model_ir import ModelIR
+from routefx.ir.recognize import recognize
+from routefx.passes.base import Pass, PassContext
+from routefx.passes.shape_prop import propagate_shapes_
+
+__all__ = ["PassManager", "PassReport", "PassFailedError"]
+
+
+class PassFailedError(RoutefxError, RuntimeError):
+    """A pass raised, or left a graph that fails verification."""
+
+
+@dataclasses.dataclass
+class PassReport:
+    name: str
+    rewrites: int
+    misses: list[dict]
+    notes: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _verify(gm: fx.GraphModule) -> ModelIR:
+    gm.graph.lint()
+    gm.recompile()
+    propagate_shapes_(gm)
+    return recognize(gm)
+
+
+def _dump(debug_dir: str | None, i: int, name: str, gm: fx.GraphModule, ir: ModelIR) -> None:
+    if debug_dir is None:
+        return
+    os.makedirs(debug_dir, exist_ok=True)
+    with open(os.path.join(debug_dir, f"{i:02d}_{name}.txt"), "w") as f:
+        f.write(f"# after {name}\n{ir}\n\n{gm.graph}\n")
+
+
+class PassManager:
+    """Runs `passes` in order on a graph it owns (passes rewrite it in place)."""
+
+    def __init__(self, passes: Sequence[Pass], debug_dir: str | None = None):
+        self.passes = list(passes)
+        self.debug_dir = debug_dir
+
+    def run(self, gm: fx.GraphModule, policy=None, plan=None) -> tuple[ModelIR, list[PassReport]]:
+        ir = recognize(gm)
+        _dump(self.debug_dir, 0, "capture", gm, ir)
+        reports = []
+        for i, p in enumerate(self.passes):
+            done = [q.name for q in self.passes[:i]]
+            t0 = time.perf_counter()
+            try:
+                res = p.run(gm, PassContext(ir=ir, policy=policy, plan=plan))
+                ir = _verify(gm)
+            except RoutefxError as e:
+                if isinstance(e, PassFailedError):
+                    raise
+                raise type(e)(f"{e} (in pass '{p.name}'{_after(done)})") from e
+            except Exception as e:
+                raise PassFailedError(f"pass '{p.name}'{_after(done)} failed: {type(e).__name__}: "
+                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+            reports.append(PassReport(p.name, res.rewrites, [dataclasses.asdict(m) for m in res.misses],
+                                      res.notes, round(time.perf_counter() - t0, 4)))
+            _dump(self.debug_dir, i + 1, p.name, gm, ir)
+        return ir, reports
+
+
+def _after(done: list[str]) -> str:
+    return f", after {', '.join(done)}" if done else ", the first pass"
