@@ -1,0 +1,33 @@
+"""The comparison rule: outputs at padding positions (query rows whose attention mask is 0) are undefined in the
+models themselves and differ between backends, so every equality is checked on non-padding positions only."""
+from __future__ import annotations
+
+import torch
+
+
+def main_output(out) -> torch.Tensor:
+    """The first tensor of a model output (logits / last_hidden_state / a bare tensor)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    for o in out:
+        if isinstance(o, torch.Tensor):
+            return o
+    raise TypeError(f"no tensor in output of type {type(out).__name__}")
+
+
+def max_abs_nonpad(out, ref, attention_mask: torch.Tensor | None) -> float:
+    """max |out - ref| over positions whose attention mask is 1 (all positions without a mask)."""
+    a, b = main_output(out), main_output(ref)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if attention_mask is None:
+        return (a - b).abs().max().item()
+    keep = attention_mask.bool()
+    return (a[keep] - b[keep]).abs().max().item()
+
+
+def assert_close_nonpad(out, ref, attention_mask, atol: float) -> float:
+    err = max_abs_nonpad(out, ref, attention_mask)
+    assert err <= atol, f"max abs error {err:.3g} over non-padding positions exceeds {atol:g}"
+    return err
