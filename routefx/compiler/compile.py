@@ -1,4 +1,4 @@
-"""`routefx.compile`: capture, rewrite by a policy, hand the graph to a backend.
+"""`routefx.compile`: capture, calibrate, rewrite by a policy, hand the graph to a backend.
 
 The compiled model is called like the original and returns the same output structure; it is inference-only
 and never modifies the user's model (passes that change weights work on copies).
@@ -6,18 +6,24 @@ and never modifies the user's model (passes that change weights work on copies).
 from __future__ import annotations
 
 import dataclasses
+import inspect as _inspect
 import time
 
 import torch
 from torch import fx, nn
 
 from routefx.backends import get_backend
-from routefx.compiler.calibration import normalize_calibration
+from routefx.compiler.calibrate import calibrate
+from routefx.compiler.calibration import normalize_calibration, token_mask
+from routefx.compiler.observe import run_recording
 from routefx.compiler.pipeline import build_pipeline
+from routefx.compiler.plan import Plan
 from routefx.compiler.policies import Policy
 from routefx.compiler.report import CompileReport
-from routefx.errors import InputError, PolicyError
-from routefx.ir.capture import CaptureInfo, capture, normalize_inputs
+from routefx.errors import CalibrationError, InputError, PolicyError
+from routefx.ir import graph_utils as gu
+from routefx.ir.capture import capture, normalize_inputs
+from routefx.ir.flops import FlopCount, count_flops, route_flops
 from routefx.ir.model_ir import ModelIR
 from routefx.ir.recognize import recognize
 from routefx.passes.manager import PassManager
@@ -29,14 +35,44 @@ __all__ = ["compile", "CompiledModel"]
 class _Entry:
     gm: fx.GraphModule
     ir: ModelIR
+    plan: Plan
+    flops: FlopCount
     report: CompileReport
     run: object
 
 
-def _form(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
-    """What decides whether a captured graph can serve a call: arg count, keyword names, constant values."""
+def _canonical(model: nn.Module, args, kwargs) -> dict:
+    """All inputs as keyword arguments (HF models get use_cache=False)."""
+    args, kwargs = normalize_inputs(model, args, kwargs)
+    sig = _inspect.signature(model.forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(f"inputs do not match {type(model).__name__}.forward{sig}: {e}") from None
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is _inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is _inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise InputError(f"{type(model).__name__}.forward takes *{name}; routefx needs named inputs")
+        else:
+            out[name] = value
+    return out
+
+
+def _form(kwargs: dict) -> tuple:
+    """What decides whether a captured graph can serve a call: tensor keyword names and constant values."""
     consts = tuple(sorted((k, repr(v)) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)))
-    return (len(args), tuple(sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))), consts)
+    return tuple(sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))), consts
+
+
+def _flops_summary(before: FlopCount, after: FlopCount, seq: int) -> dict:
+    b, a = before.at(seq), after.at(seq)
+    return {"S": seq, "before": b["total"], "after": a["total"], "ratio": a["total"] / b["total"],
+            "before_expr": str(before.total), "after_expr": str(after.total),
+            "dynamic_routes": after.dynamic_routes, "blocks_before": b["blocks"], "blocks_after": a["blocks"]}
 
 
 class CompiledModel:
@@ -50,42 +86,88 @@ class CompiledModel:
         self._backend = get_backend(backend)
         self._calibration = None if calibration is None else normalize_calibration(calibration)
         if policy.needs_calibration and self._calibration is None:
-            normalize_calibration(None)  # raises with the explanation
+            raise CalibrationError(f"{policy!r} needs calibration data: pass calibration=[batch, ...] (dicts of "
+                                   "the model's keyword arguments, or input_ids tensors)")
         self._debug_dir = debug_dir
         self._entries: dict[tuple, _Entry] = {}
         self._last: _Entry | None = None
 
     # -- compilation ---------------------------------------------------------------------------------------
-    def _compile(self, args: tuple, kwargs: dict) -> _Entry:
+    def _batches(self, form: tuple) -> list[dict] | None:
+        if self._calibration is None:
+            return None
+        batches = [_canonical(self._model, (), b) for b in self._calibration]
+        for i, b in enumerate(batches):
+            if _form(b) != form:
+                raise CalibrationError(f"calibration batch {i} has inputs {sorted(b)}; the model was captured with "
+                                       f"{sorted(form[0])} (and constants {dict(form[1])}): give every batch the "
+                                       "same keyword arguments as the calls")
+        return batches
+
+    def _compile(self, kwargs: dict) -> _Entry:
         t0 = time.perf_counter()
-        gm = capture(self._model, args, kwargs)
+        gm = capture(self._model, (), kwargs)
         t1 = time.perf_counter()
         ir_before = recognize(gm)
+        flops_before = count_flops(gm, ir_before)
+        plan = calibrate(self.policy, gm, ir_before, self._batches(_form(kwargs)))
+        t2 = time.perf_counter()
         manager = PassManager(build_pipeline(self.policy), debug_dir=self._debug_dir)
-        ir, reports = manager.run(gm, policy=self.policy)
+        ir, reports = manager.run(gm, policy=self.policy, plan=plan)
+        flops = count_flops(gm, ir)
         notes = []
         moe = [b.index for b in ir.blocks if b.ffn is not None and b.ffn.kind == "moe"]
         if moe:
             notes.append(f"MoE blocks {moe} run as captured (not yet compiled to routed_ffn)")
+        seq = next(v for v in kwargs.values() if isinstance(v, torch.Tensor)).shape[-1]
         report = CompileReport(policy=self.policy.to_dict(), backend=self.backend, ir_before=ir_before.to_dict(),
-                               ir_after=ir.to_dict(), passes=reports, notes=notes,
-                               capture_seconds=round(t1 - t0, 3), compile_seconds=round(time.perf_counter() - t1, 3))
-        return _Entry(gm, ir, report, self._backend.prepare(gm))
+                               ir_after=ir.to_dict(), passes=reports, notes=notes, plan=plan.to_dict(),
+                               flops_per_token=_flops_summary(flops_before, flops, int(seq)),
+                               capture_seconds=round(t1 - t0, 3), calibration_seconds=round(t2 - t1, 3),
+                               compile_seconds=round(time.perf_counter() - t2, 3))
+        return _Entry(gm, ir, plan, flops, report, self._backend.prepare(gm))
 
-    def _entry(self, args: tuple, kwargs: dict) -> _Entry:
-        key = _form(self._model, args, kwargs)
+    def _entry(self, kwargs: dict) -> _Entry:
+        key = _form(kwargs)
         if key not in self._entries:
-            self._entries[key] = self._compile(args, kwargs)
+            self._entries[key] = self._compile(kwargs)
         self._last = self._entries[key]
         return self._last
 
     # -- calling -------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        args, kwargs = normalize_inputs(self._model, args, kwargs)
-        entry = self._entry(args, kwargs)
-        _check_inputs(entry.gm, args, kwargs)
+        kwargs = _canonical(self._model, args, kwargs)
+        entry = self._entry(kwargs)
+        _check_inputs(entry.gm, kwargs)
         with torch.no_grad():
-            return entry.run(*args, **kwargs)
+            return entry.run(**kwargs)
+
+    def flops_per_token(self, batches) -> float:
+        """Mean FLOPs per real (non-padding) token on `batches`, with the routes the model takes on them."""
+        batches = normalize_calibration(batches)
+        total, tokens = 0.0, 0
+        for b in batches:
+            kwargs = _canonical(self._model, (), b)
+            entry = self._entry(kwargs)
+            mask = token_mask(kwargs)
+            seq = int(mask.shape[-1])
+            n_tok = int(mask.sum())
+            counts = entry.flops.at(seq)
+            static = counts["total"]
+            routed = [n for n in entry.gm.graph.nodes if gu.is_routed(n)]
+            if entry.flops.dynamic_routes and routed:
+                values = run_recording(entry.gm, kwargs, [n.args[1] for n in routed])
+                for n in routed:
+                    per = torch.tensor(route_flops(n), dtype=torch.float64)
+                    r = values[n.args[1]]                      # [B, S, K] route ids
+                    real = per[r.reshape(-1, r.shape[-1])].sum(-1)[mask.reshape(-1)]
+                    big = max(route_flops(n)) * r.shape[-1]
+                    static += (real.sum().item() / max(n_tok, 1)) - big
+            total += static * n_tok
+            tokens += n_tok
+        if tokens == 0:
+            raise CalibrationError("no real token in the batches (every attention_mask is 0)")
+        return total / tokens
 
     # -- introspection -------------------------------------------------------------------------------------
     def _require(self) -> _Entry:
@@ -103,6 +185,10 @@ class CompiledModel:
         return self._require().ir
 
     @property
+    def plan(self) -> Plan:
+        return self._require().plan
+
+    @property
     def report(self) -> CompileReport:
         return self._require().report
 
@@ -111,14 +197,12 @@ class CompiledModel:
         return f"CompiledModel({type(self._model).__name__}, {self.policy!r}, backend={self.backend!r}, {state})"
 
 
-def _check_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
-    info: CaptureInfo = gm.meta["routefx"]
-    given = dict(zip(info.arg_names, args)) | kwargs
+def _check_inputs(gm: fx.GraphModule, kwargs: dict) -> None:
     for n in gm.graph.nodes:
         if n.op != "placeholder":
             continue
         v = n.meta.get("val")
-        x = given.get(n.target)
+        x = kwargs.get(n.target)
         if not isinstance(v, torch.Tensor) or x is None:
             continue
         if not isinstance(x, torch.Tensor):
@@ -133,9 +217,10 @@ def compile(model: nn.Module, policy: Policy, *, example_inputs=None, example_kw
             backend: str = "eager", debug_dir: str | None = None) -> CompiledModel:
     """Compile `model` by `policy`.
 
-    Without `example_inputs` the model is captured on its first call (and again if the keyword arguments change
-    form). `calibration` is a re-iterable sequence of batches (dicts of keyword arguments; a bare tensor means
-    input_ids). `debug_dir` receives the graph after each pass.
+    Without `example_inputs` the model is captured on the first calibration batch if there is calibration data,
+    else on its first call (and again whenever the keyword arguments change form). `calibration` is a
+    re-iterable sequence of batches (dicts of keyword arguments; a bare tensor means input_ids); padding
+    positions are excluded from every statistic. `debug_dir` receives the graph after each pass.
     """
     if not isinstance(policy, Policy):
         raise PolicyError(f"policy must be a routefx policy (e.g. routefx.policies.Dense()), got "
@@ -144,15 +229,11 @@ def compile(model: nn.Module, policy: Policy, *, example_inputs=None, example_kw
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cm = CompiledModel(model, policy, calibration=calibration, backend=backend, debug_dir=debug_dir)
     if example_inputs is not None:
-        args, kwargs = normalize_inputs(model, example_inputs, example_kwargs)
-        _check_example(args, kwargs)
-        cm._entry(args, kwargs)
+        kwargs = _canonical(model, example_inputs, example_kwargs)
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor) and v.dim() == 0:
+                raise InputError(f"example input {k!r} is a scalar tensor; routefx needs [batch, seq, ...] inputs")
+        cm._entry(kwargs)
+    elif cm._calibration is not None:
+        cm._entry(_canonical(model, (), cm._calibration[0]))
     return cm
-
-
-def _check_example(args, kwargs):
-    for k, v in list(zip(range(len(args)), args)) + list(kwargs.items()):
-        if isinstance(v, torch.Tensor) and v.dim() == 0:
-            raise InputError(f"example input {k!r} is a scalar tensor; routefx needs [batch, seq, ...] inputs")
-
-

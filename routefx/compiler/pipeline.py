@@ -1,9 +1,10 @@
 """The pass pipeline, declared in one place: policy -> ordered passes."""
 from __future__ import annotations
 
-from routefx.compiler.policies import Dense, Policy
+from routefx.compiler.policies import Dense, Policy, PruneLayers
 from routefx.errors import PolicyError
 from routefx.passes.base import Pass
+from routefx.passes.prune_blocks import PruneBlocks
 from routefx.passes.raise_ffn import RaiseFFN
 
 __all__ = ["build_pipeline"]
@@ -12,4 +13,6 @@ __all__ = ["build_pipeline"]
 def build_pipeline(policy: Policy) -> list[Pass]:
     if isinstance(policy, Dense):
         return [RaiseFFN()]
+    if isinstance(policy, PruneLayers):
+        return [RaiseFFN(), PruneBlocks()]
     raise PolicyError(f"no pipeline for policy {type(policy).__name__}")

@@ -1,6 +1,8 @@
 """Policies: what the user wants, declared. Frozen dataclasses, validated on construction, JSON round-trip.
 
-    Dense()      every recognised dense FFN becomes one full-range routed_ffn (the model's function unchanged)
+    Dense()                 every recognised dense FFN becomes one full-range routed_ffn (function unchanged)
+    PruneLayers(layers=[i]) remove whole blocks (indices into ModelIR.blocks)
+    PruneLayers(keep=0.75)  with calibration: remove the floor((1-keep)·L + 0.5) blocks of lowest Block Influence
 
 JSON form: {"policy": "<ClassName>", "version": 1, <fields>}; unknown fields or policies raise `PolicyError`.
 """
@@ -12,7 +14,7 @@ from typing import Any, ClassVar
 
 from routefx.errors import PolicyError
 
-__all__ = ["Policy", "Dense", "policy_from_dict", "policy_from_json"]
+__all__ = ["Policy", "Dense", "PruneLayers", "policy_from_dict", "policy_from_json"]
 
 _REGISTRY: dict[str, type["Policy"]] = {}
 
@@ -20,14 +22,18 @@ _REGISTRY: dict[str, type["Policy"]] = {}
 @dataclasses.dataclass(frozen=True)
 class Policy:
     VERSION: ClassVar[int] = 1
-    needs_calibration: ClassVar[bool] = False
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         _REGISTRY[cls.__name__] = cls
 
     def to_dict(self) -> dict[str, Any]:
-        return {"policy": type(self).__name__, "version": self.VERSION, **dataclasses.asdict(self)}
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {"policy": type(self).__name__, "version": self.VERSION, **fields}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -65,3 +71,33 @@ def policy_from_json(s: str) -> Policy:
 @dataclasses.dataclass(frozen=True)
 class Dense(Policy):
     """Every recognised dense FFN becomes `routed_ffn` with one full range: the reference compiled form."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneLayers(Policy):
+    """Remove whole blocks: the ones listed in `layers`, or, with calibration data, the
+    `floor((1 - keep) * L + 0.5)` blocks of lowest Block Influence (1 - mean cosine similarity of the residual
+    stream before and after the block, ShortGPT), keeping at least one."""
+
+    layers: tuple[int, ...] | None = None
+    keep: float | None = None
+
+    def __post_init__(self):
+        if (self.layers is None) == (self.keep is None):
+            raise PolicyError("PruneLayers takes exactly one of layers=[block indices] or keep=<fraction in (0, 1]>"
+                              f"; got layers={self.layers!r}, keep={self.keep!r}")
+        if self.keep is not None:
+            if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
+                raise PolicyError(f"PruneLayers: keep must be a fraction in (0, 1], got {self.keep!r}")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+                raise PolicyError(f"PruneLayers: layers must be a non-empty list of block indices >= 0, got "
+                                  f"{self.layers!r}")
+            if len(set(layers)) != len(layers):
+                raise PolicyError(f"PruneLayers: layers lists a block twice: {list(layers)}")
+            object.__setattr__(self, "layers", layers)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.keep is not None

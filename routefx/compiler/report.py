@@ -18,7 +18,10 @@ class CompileReport:
     ir_after: dict[str, Any]
     passes: list[PassReport]
     notes: list[str] = dataclasses.field(default_factory=list)
+    plan: dict[str, Any] = dataclasses.field(default_factory=dict)
+    flops_per_token: dict[str, Any] = dataclasses.field(default_factory=dict)
     capture_seconds: float = 0.0
+    calibration_seconds: float = 0.0
     compile_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -45,7 +48,13 @@ class CompileReport:
 
     def __str__(self) -> str:
         lines = [f"routefx compile: policy {self.policy['policy']}, backend {self.backend}, "
-                 f"capture {self.capture_seconds:.2f}s, compile {self.compile_seconds:.2f}s"]
+                 f"capture {self.capture_seconds:.2f}s, calibration {self.calibration_seconds:.2f}s, "
+                 f"compile {self.compile_seconds:.2f}s"]
+        f = self.flops_per_token
+        if f:
+            lines.append(f"  FLOPs per token at S={f['S']}: {f['before']:,.0f} -> {f['after']:,.0f} "
+                         f"({f['ratio']:.3f}x)" + (" (routes data-dependent: the big branch)"
+                                                  if f['dynamic_routes'] else ""))
         for p in self.passes:
             lines.append(f"  {p.name}: {p.rewrites} rewrite(s), {len(p.misses)} miss(es) ({p.seconds:.2f}s)")
             lines += [f"    miss {m['where']}: {m['reason']}" for m in p.misses]

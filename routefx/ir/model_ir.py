@@ -68,10 +68,15 @@ class FFNInfo:
 @dataclasses.dataclass(eq=False)
 class AttentionInfo:
     path: str | None
-    op: str                         # the attention op's name (e.g. "scaled_dot_product_attention")
+    op: str                         # the attention op's name (e.g. "scaled_dot_product_attention"), or "eager"
+    causal: bool = False
+    window: int | None = None       # sliding window (keys per query at most)
+    pattern: str = "bidirectional"  # "causal" | "bidirectional" | "sliding" | "custom" | "eager"
+    node: fx.Node | None = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "op": self.op}
+        return {"path": self.path, "op": self.op, "causal": self.causal, "window": self.window,
+                "pattern": self.pattern}
 
 
 @dataclasses.dataclass(eq=False)
@@ -83,6 +88,8 @@ class BlockInfo:
     attention: list[AttentionInfo]
     stream_in: fx.Node | None = dataclasses.field(default=None, repr=False)   # residual stream before the block
     stream_out: fx.Node | None = dataclasses.field(default=None, repr=False)  # ... and after it
+    nodes: frozenset = dataclasses.field(default=frozenset(), repr=False)       # every node of its branches
+    ffn_nodes: frozenset = dataclasses.field(default=frozenset(), repr=False)   # the FFN branch's nodes
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "path": self.path, "form": self.form,
@@ -98,6 +105,10 @@ class ModelIR:
     def to_dict(self) -> dict[str, Any]:
         return {"hidden_size": self.hidden_size, "blocks": [b.to_dict() for b in self.blocks]}
 
+    @property
+    def causal(self) -> bool:
+        return any(a.causal for b in self.blocks for a in b.attention)
+
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
 
@@ -106,7 +117,7 @@ class ModelIR:
         return [b for b in self.blocks if b.ffn is not None and b.ffn.kind in ("gated", "mlp")]
 
     def __str__(self) -> str:
-        head = ("#", "path", "form", "ffn", "act", "d", "F", "bias", "experts")
+        head = ("#", "path", "form", "attention", "ffn", "act", "d", "F", "bias", "experts")
         rows = [head]
         for b in self.blocks:
             f = b.ffn
@@ -117,7 +128,10 @@ class ModelIR:
             kind = f.kind if f else "-"
             if f and f.kind == "unknown":
                 kind = f"unknown ({f.reason})"
-            rows.append((str(b.index), b.path or "?", b.form, kind, (f.activation or "?") if f else "-",
+            attn = ",".join(a.pattern + (f" {a.window}" if a.window else "") for a in b.attention) or "-"
+            if f and f.routed and f.routed != [[0, f.intermediate_size]]:
+                kind += " routed " + " ".join(f"[{s},{e})" for s, e in f.routed)
+            rows.append((str(b.index), b.path or "?", b.form, attn, kind, (f.activation or "?") if f else "-",
                          str(f.hidden_size) if f else "-", str(f.intermediate_size or "?") if f else "-",
                          ("yes" if f.has_bias else "no") if f else "-", experts))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

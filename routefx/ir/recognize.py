@@ -20,6 +20,7 @@ from torch import fx
 
 from routefx.errors import UnsupportedModelError
 from routefx.ir import graph_utils as gu
+from routefx.ir.attention import attention_masks
 from routefx.ir.ffn import analyse_ffn
 from routefx.ir.model_ir import AttentionInfo, BlockInfo, FFNInfo, ModelIR
 
@@ -248,12 +249,11 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
             groups.append([])
     groups = [g for g in groups if g]
 
+    masks = attention_masks(gm)
     blocks = []
     for i, g in enumerate(groups):
         region = set().union(*(b.region for s, _ in g for b in s.branches))
-        attn = [AttentionInfo(gu.common_path([n for n in b.region if gu.is_matmul(n)] or [b.term]),
-                              _attention_op(b.region))
-                for s, _ in g for b in s.branches if b.kind == "attention"]
+        attn = [_attention(b.region, masks) for s, _ in g for b in s.branches if b.kind == "attention"]
         ffn_branches = [(s, b) for s, _ in g for b in s.branches if b.kind in ("ffn", "moe")]
         ffn: FFNInfo | None = None
         if ffn_branches:
@@ -262,12 +262,36 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
         anchors = [n for n in region if gu.is_matmul(n)] + [a for s, _ in g for a in s.adds]
         blocks.append(BlockInfo(index=i, path=gu.common_path(anchors),
                                 form=_form(g), ffn=ffn, attention=attn,
-                                stream_in=g[0][0].stream, stream_out=g[-1][0].out))
+                                stream_in=g[0][0].stream, stream_out=g[-1][0].out,
+                                nodes=frozenset(region | set(a for s, _ in g for a in s.adds)),
+                                ffn_nodes=frozenset(ffn_branches[0][1].region) if ffn_branches else frozenset()))
+    # the stream after a block is what the next block reads (after a post-norm, the norm's output)
+    for b, nxt in zip(blocks, blocks[1:]):
+        b.stream_out = nxt.stream_in
+    if chain[-1][1] and blocks[-1].form == "post_norm":
+        blocks[-1].stream_out = _norm_output(blocks[-1].stream_out)
     return ModelIR(hidden_size=d, blocks=blocks)
 
 
-def _attention_op(region: set) -> str:
+def _norm_output(n: fx.Node, depth: int = 12) -> fx.Node:
+    """The output of the norm that follows `n` (post-norm models' last block)."""
+    seen, frontier = [], [n]
+    for _ in range(depth):
+        frontier = [u for m in frontier for u in m.users if u not in seen and not gu.is_matmul(u)]
+        seen.extend(frontier)
+    for m in seen:
+        if m.op == "call_function" and m.target in gu.NORMS:
+            return next((u for u in m.users if gu.is_getitem(u) and u.args[1] == 0), m)
+    shape = str(gu.val(n).shape)
+    same = [m for m in seen if gu.val(m) is not None and str(gu.val(m).shape) == shape]
+    return max(same, key=lambda m: list(n.graph.nodes).index(m)) if same else n
+
+
+def _attention(region: set, masks) -> AttentionInfo:
+    paths = gu.common_path([n for n in region if gu.is_matmul(n)])
     for n in region:
         if n.op == "call_function" and n.target in gu.ATTENTION:
-            return n.target._opname if hasattr(n.target, "_opname") else str(n.target)
-    return "eager"
+            m = masks[n]
+            return AttentionInfo(paths, n.target._opname if hasattr(n.target, "_opname") else str(n.target),
+                                 causal=m.causal, window=m.window, pattern=m.pattern, node=n)
+    return AttentionInfo(paths, "eager", pattern="eager")

@@ -1,0 +1,34 @@
+"""Run a captured graph and keep the values of chosen nodes (calibration statistics, route accounting)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import fx
+from torch.fx import _pytree as fx_pytree
+
+__all__ = ["run_recording"]
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, wanted: set, on_value: Callable | None):
+        super().__init__(gm)
+        self.wanted, self.values, self.on_value = wanted, {}, on_value
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.wanted:
+            if self.on_value is not None:
+                self.on_value(n, out)
+            else:
+                self.values[n] = out
+        return out
+
+
+def run_recording(gm: fx.GraphModule, kwargs: dict, nodes, on_value: Callable | None = None) -> dict:
+    """Run `gm(**kwargs)`; return {node: value} for `nodes` (or pass each to `on_value(node, value)`)."""
+    flat = fx_pytree.tree_flatten_spec(([], kwargs), gm._in_spec)
+    rec = _Recorder(gm, set(nodes), on_value)
+    with torch.no_grad():
+        rec.run(*flat)
+    return rec.values

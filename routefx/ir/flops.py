@@ -1,0 +1,165 @@
+"""FLOP accounting from the graph: 2 FLOPs per multiply-add of every matrix product.
+
+Counted: linear / mm / addmm / matmul / bmm (projections, LM head, routers, eager attention), grouped expert
+GEMMs (each row times its one expert), scaled-dot-product attention (scores and weighted sum: 2·L·S_k·(Dq+Dv)
+per head, where a causal op counts (S+1)/2 keys per query on average and a sliding window w counts min(i, w)
+keys for query i), and `routed_ffn` per route (2·d·|range| per product: 3 products gated, 2 plain).
+Not counted: norms, softmax, activations, bias adds and other element-wise ops, embedding lookups.
+
+Counts are sympy expressions in the sequence length `S` (per token: divided by batch × sequence), so attention's
+growth is explicit; `.at(S)` evaluates them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import sympy
+import torch
+from torch import fx
+
+from routefx.ir import graph_utils as gu
+from routefx.ir.attention import attention_masks
+from routefx.ir.model_ir import ModelIR
+
+aten = torch.ops.aten
+S = sympy.Symbol("S", positive=True, integer=True)
+_B = sympy.Symbol("B", positive=True, integer=True)
+
+__all__ = ["S", "FlopCount", "BlockFlops", "count_flops", "route_flops"]
+
+
+@dataclasses.dataclass
+class BlockFlops:
+    index: int
+    path: str | None
+    attention: sympy.Expr       # per token, attention branch (projections + scores)
+    ffn: sympy.Expr             # per token, FFN branch (for routed FFNs: at the routes fixed in the graph)
+
+    @property
+    def total(self) -> sympy.Expr:
+        return self.attention + self.ffn
+
+
+@dataclasses.dataclass
+class FlopCount:
+    """FLOPs per token, as expressions in S."""
+
+    blocks: list[BlockFlops]
+    other: sympy.Expr           # outside the blocks: LM head, pooler, ...
+    dynamic_routes: bool        # some routed_ffn takes data-dependent routes (its count here is the big route)
+
+    @property
+    def total(self) -> sympy.Expr:
+        return sympy.simplify(self.other + sum((b.total for b in self.blocks), sympy.Integer(0)))
+
+    def at(self, seq: int) -> dict:
+        ev = lambda e: float(sympy.sympify(e).subs(S, seq))  # noqa: E731
+        return {"S": seq, "total": ev(self.total), "other": ev(self.other),
+                "blocks": [{"index": b.index, "path": b.path, "attention": ev(b.attention), "ffn": ev(b.ffn)}
+                           for b in self.blocks]}
+
+
+def _sym(dim, subs) -> sympy.Expr:
+    if isinstance(dim, int):
+        return sympy.Integer(dim)
+    return sympy.sympify(dim.node.expr).subs(subs)
+
+
+def _numel(shape, subs) -> sympy.Expr:
+    out = sympy.Integer(1)
+    for s in shape:
+        out *= _sym(s, subs)
+    return out
+
+
+def _keys_per_query(seq: sympy.Expr, causal: bool, window: int | None) -> sympy.Expr:
+    if not causal:
+        return seq
+    if window is None:
+        return (seq + 1) / 2
+    w = sympy.Integer(window)
+    return sympy.Piecewise(((seq + 1) / 2, seq <= w), ((w * (w + 1) / 2 + (seq - w) * w) / seq, True))
+
+
+def route_flops(n: fx.Node) -> list[int]:
+    """Per-token FLOPs of each route of a routed_ffn node (0 for an empty range)."""
+    x, _, _, w_up, w_gate, _, _, _, _, ranges, _ = n.args
+    d = int(gu.val(w_up).shape[1])
+    products = 3 if w_gate is not None else 2
+    return [2 * d * (ranges[i + 1] - ranges[i]) * products for i in range(0, len(ranges), 2)]
+
+
+def _static_routes(n: fx.Node) -> int | None:
+    """The route every token takes when routes are a constant fill (zeros_like / full_like), else None."""
+    r = n.args[1]
+    if r.op == "call_function" and r.target in (aten.zeros_like.default,):
+        return 0
+    if r.op == "call_function" and r.target in (aten.full_like.default,):
+        return int(r.args[1])
+    return None
+
+
+def _node_flops(n: fx.Node, subs, masks) -> tuple[sympy.Expr, bool]:
+    """Total FLOPs (in B, S) of one node, and whether it is a routed op with data-dependent routes."""
+    t = n.target
+    out = gu.val(n)
+    if gu.is_routed(n):
+        x = gu.val(n.args[0])
+        K = int(gu.val(n.args[1]).shape[-1])
+        per = route_flops(n)
+        r = _static_routes(n)
+        tokens = _numel(x.shape[:-1], subs)
+        return tokens * K * (per[r] if r is not None else max(per)), r is None
+    if t in gu.ATTENTION:
+        q, k, v = (gu.val(a) for a in n.args[:3])
+        m = masks.get(n)
+        keys = _keys_per_query(_sym(k.shape[-2], subs), m.causal if m else False, m.window if m else None)
+        rows = _numel(q.shape[:-1], subs)
+        return 2 * rows * keys * (_sym(q.shape[-1], subs) + _sym(v.shape[-1], subs)), False
+    if t in gu._targets(aten.linear):
+        return 2 * _numel(out.shape, subs) * _sym(gu.val(n.args[1]).shape[-1], subs), False
+    if t in gu._targets(aten.addmm, aten.baddbmm):
+        return 2 * _numel(out.shape, subs) * _sym(gu.val(n.args[1]).shape[-1], subs), False
+    if t in gu._targets(aten.mm, aten.bmm, aten.matmul) or gu.is_grouped_mm(n):
+        return 2 * _numel(out.shape, subs) * _sym(gu.val(n.args[0]).shape[-1], subs), False
+    return sympy.Integer(0), False
+
+
+def _batch_seq(gm: fx.GraphModule) -> dict:
+    for n in gm.graph.nodes:
+        v = gu.val(n) if n.op == "placeholder" else None
+        if v is not None and v.dim() >= 2:
+            subs = {}
+            for dim, sym in ((v.shape[0], _B), (v.shape[1], S)):
+                if not isinstance(dim, int):
+                    subs[sympy.sympify(dim.node.expr)] = sym
+            return subs
+    return {}
+
+
+def count_flops(gm: fx.GraphModule, ir: ModelIR) -> FlopCount:
+    """Per-token FLOPs of `gm`, split by block (attention / FFN) and the rest."""
+    subs = _batch_seq(gm)
+    masks = attention_masks(gm)
+    per_token = 1 / (_B * S)
+    owner: dict[fx.Node, tuple[int, str]] = {}
+    for b in ir.blocks:
+        for n in b.nodes:
+            owner[n] = (b.index, "ffn" if n in b.ffn_nodes else "attention")
+    blocks = [BlockFlops(b.index, b.path, sympy.Integer(0), sympy.Integer(0)) for b in ir.blocks]
+    other = sympy.Integer(0)
+    dynamic = False
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or not (gu.is_matmul(n) or n.target in gu.ATTENTION):
+            continue
+        f, dyn = _node_flops(n, subs, masks)
+        dynamic |= dyn
+        f = sympy.simplify(f * per_token)
+        if n in owner:
+            i, part = owner[n]
+            setattr(blocks[i], part, getattr(blocks[i], part) + f)
+        else:
+            other += f
+    for b in blocks:
+        b.attention, b.ffn = sympy.simplify(b.attention), sympy.simplify(b.ffn)
+    return FlopCount(blocks, sympy.simplify(other), dynamic)

@@ -1,0 +1,33 @@
+"""PruneBlocks: remove whole blocks, so the residual stream goes from before each pruned block to after it.
+
+Requires: `ctx.plan.pruned`, block indices into `ctx.ir.blocks`.
+Ensures:  those blocks are gone (every use of the stream after a pruned block reads the stream before it); the
+          other blocks are untouched. For post-norm blocks the stream after includes the block's output norm.
+"""
+from __future__ import annotations
+
+from torch import fx
+
+from routefx.passes.base import Pass, PassContext, PassResult
+
+__all__ = ["PruneBlocks"]
+
+
+class PruneBlocks(Pass):
+    name = "prune_blocks"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        res = PassResult()
+        pruned = list(ctx.plan.pruned) if ctx.plan is not None else []
+        # last first: after pruning block i+1, its stream-after reads block i's stream-after, which is
+        # then redirected in turn
+        for i in sorted(pruned, reverse=True):
+            b = ctx.ir.blocks[i]
+            b.stream_out.replace_all_uses_with(b.stream_in)
+            score = ""
+            if ctx.plan.block_influence is not None:
+                score = f", block influence {ctx.plan.block_influence[i]:.4g}"
+            res.notes.append(f"removed block {i}" + (f" ({b.path})" if b.path else "") + score)
+            res.rewrites += 1
+        gm.graph.eliminate_dead_code()
+        return res
