@@ -130,6 +130,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
             raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     gm = ep.module()
+    _drop_metadata_asserts(gm)
     gm.meta["routefx"] = CaptureInfo(
         arg_names=tuple(pos[:n_args]),
         tensor_kwargs=tuple(k for k, v in call_kwargs.items() if isinstance(v, torch.Tensor)),
@@ -137,3 +138,15 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
         hf=_is_hf(model),
     )
     return gm
+
+
+_ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+def _drop_metadata_asserts(gm: torch.fx.GraphModule) -> None:
+    """Remove export's dtype/device assertion nodes: they check nothing a rewrite needs, and as impure nodes
+    they would keep dead branches (a pruned block's norm and attention) alive through dead-code elimination."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target in _ASSERTS and not n.users:
+            gm.graph.erase_node(n)
+    gm.recompile()

@@ -170,3 +170,45 @@ def common_path(nodes: Iterable[fx.Node]) -> str | None:
 
 def is_getitem(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target is operator.getitem
+
+
+_VIEWLIKE = VIEWS | TRANSPOSES | IDENTITY | _targets(aten.slice, aten.select, aten.expand, aten.as_strided)
+
+
+def _has_side_effects(n: fx.Node, pos: dict) -> bool:
+    if n.op in ("placeholder", "output", "call_module", "call_method"):
+        return True
+    if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+        return False
+    schema = n.target._schema
+    if "assert" in schema.name:
+        return True
+    if not schema.is_mutable:
+        return False
+    # an in-place write into a graph temporary that nothing reads afterwards is unobservable
+    buf = n.args[0] if n.args else None
+    if not isinstance(buf, fx.Node):
+        return True
+    base = buf
+    while base.op == "call_function" and (base.target in _VIEWLIKE or base.target is operator.getitem):
+        base = base.args[0]
+    if base.op in ("placeholder", "get_attr"):
+        return True
+    return any(u is not n and pos[u] > pos[n] for u in buf.users)
+
+
+def eliminate_dead_code_(graph: fx.Graph) -> int:
+    """Remove nodes nobody uses, in place; returns the count. Unlike fx's own, ops that are only random (sdpa
+    with its dropout argument) count as pure, and so do in-place writes into dead temporaries: in inference
+    graphs nothing observes either."""
+    pos = {n: i for i, n in enumerate(graph.nodes)}
+    removed = 0
+    for n in reversed(list(graph.nodes)):
+        if n.users or _has_side_effects(n, pos):
+            continue
+        if n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload) \
+                and n.target not in (operator.getitem, operator.mul, operator.add, operator.floordiv, operator.sub):
+            continue  # an unknown Python callable: keep it
+        graph.erase_node(n)
+        removed += 1
+    return removed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from routefx.ir.graph_utils import eliminate_dead_code_
 from routefx.passes.base import Pass, PassContext, PassResult
 
 __all__ = ["PruneBlocks"]
@@ -29,5 +30,5 @@ class PruneBlocks(Pass):
                 score = f", block influence {ctx.plan.block_influence[i]:.4g}"
             res.notes.append(f"removed block {i}" + (f" ({b.path})" if b.path else "") + score)
             res.rewrites += 1
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code_(gm.graph)
         return res

@@ -13,6 +13,7 @@ from torch import fx
 
 from routefx.ir.graph_utils import ROUTED_FFN
 from routefx.ir.model_ir import WeightRef
+from routefx.ir.graph_utils import eliminate_dead_code_
 from routefx.passes.base import Miss, Pass, PassContext, PassResult
 
 aten = torch.ops.aten
@@ -65,5 +66,5 @@ class RaiseFFN(Pass):
             op.meta["routefx_path"] = f.path
             m.out.replace_all_uses_with(op)
             res.rewrites += 1
-        g.eliminate_dead_code()
+        eliminate_dead_code_(g)
         return res

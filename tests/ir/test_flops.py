@@ -1,0 +1,87 @@
+"""FLOP counts from the graph against closed forms written out here from the configs."""
+import pytest
+import sympy
+import torch
+import transformers as hf
+
+import routefx
+from routefx.ir import capture, recognize
+from routefx.ir.flops import S, count_flops
+
+
+def _llama_formula(seq, d=64, H=8, Hkv=2, F=176, V=211, L=3):
+    Dh = d // H
+    proj = 2 * d * (H * Dh) + 2 * 2 * d * (Hkv * Dh) + 2 * (H * Dh) * d   # q, k, v, o
+    attn = 2 * H * (seq + 1) / 2 * (Dh + Dh)                              # causal: (S+1)/2 keys per query
+    ffn = 2 * 3 * d * F                                                   # gate, up, down
+    return L * (proj + attn + ffn) + 2 * d * V                            # + LM head
+
+
+def _bert_formula(seq, d=48, H=4, F=96, L=2):
+    Dh = d // H
+    proj = 4 * 2 * d * d                  # q, k, v, attention output
+    attn = 2 * H * seq * (Dh + Dh)        # bidirectional: S keys per query
+    ffn = 2 * 2 * d * F
+    pooler = 2 * d * d / seq              # the pooler runs on one token per sequence
+    return L * (proj + attn + ffn) + pooler
+
+
+def _capture(model, seq=9):
+    ids = torch.randint(1, 50, (2, seq))
+    gm = capture(model, (ids,), {"attention_mask": torch.ones_like(ids)})
+    return gm, recognize(gm)
+
+
+def test_llama_flops_closed_form():
+    cfg = hf.LlamaConfig(vocab_size=211, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    gm, ir = _capture(hf.LlamaForCausalLM(cfg).eval())
+    assert ir.causal and all(a.window is None for b in ir.blocks for a in b.attention)
+    fc = count_flops(gm, ir)
+    for seq in (17, 512):
+        assert fc.at(seq)["total"] == pytest.approx(_llama_formula(seq), rel=1e-12)
+    assert sympy.simplify(fc.total - _llama_formula(S)) == 0
+    # per block: attention and FFN separately
+    b = fc.at(512)["blocks"][1]
+    assert b["ffn"] == 2 * 3 * 64 * 176
+
+
+def test_bert_flops_closed_form():
+    cfg = hf.BertConfig(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=600)
+    gm, ir = _capture(hf.BertModel(cfg).eval())
+    assert not ir.causal
+    fc = count_flops(gm, ir)
+    for seq in (13, 500):
+        assert fc.at(seq)["total"] == pytest.approx(_bert_formula(seq), rel=1e-12)
+
+
+def test_sliding_window_counts_at_most_w_keys():
+    w = 5
+    cfg = hf.MistralConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=w, bos_token_id=1,
+                           eos_token_id=2)
+    gm, ir = _capture(hf.MistralForCausalLM(cfg).eval())
+    (att,) = ir.blocks[0].attention
+    assert (att.causal, att.window, att.pattern) == (True, w, "sliding")
+    fc = count_flops(gm, ir)
+    H, Dh = 4, 8
+    for seq in (3, 5, 40):
+        keys = sum(min(i, w) for i in range(1, seq + 1)) / seq      # mean keys per query
+        assert fc.at(seq)["blocks"][0]["attention"] == pytest.approx(
+            2 * 32 * 32 * 2 + 2 * 2 * 32 * 16 + 2 * H * keys * 2 * Dh, rel=1e-12)
+
+
+def test_compile_report_flops_and_realised_routes():
+    from tests.zoo import ZOO, example_inputs
+    entry = ZOO["llama"]
+    args, kwargs = example_inputs(entry, seq=11)
+    cm = routefx.compile(entry.build(), routefx.policies.PruneLayers(layers=[0]), example_inputs=args,
+                         example_kwargs=kwargs)
+    f = cm.report.flops_per_token
+    per_block = f["blocks_before"][0]["attention"] + f["blocks_before"][0]["ffn"]
+    assert f["S"] == 11
+    assert f["before"] - f["after"] == pytest.approx(per_block)
+    assert len(f["blocks_before"]) == 3 and len(f["blocks_after"]) == 2
+    # static routes: realised FLOPs equal the static count at the batch's length
+    assert cm.flops_per_token([{"input_ids": args[0], **kwargs}]) == pytest.approx(f["after"])
