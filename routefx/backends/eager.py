@@ -6,6 +6,6 @@ from torch import fx
 __all__ = ["prepare"]
 
 
-def prepare(gm: fx.GraphModule):
-    """The callable that runs `gm` (here: `gm` itself)."""
+def prepare(gm: fx.GraphModule, example_kwargs: dict):
+    """The callable that runs `gm` (here: `gm` itself). Backends get the example the graph was captured from."""
     return gm

@@ -125,7 +125,7 @@ class CompiledModel:
                                flops_per_token=_flops_summary(flops_before, flops, int(seq)),
                                capture_seconds=round(t1 - t0, 3), calibration_seconds=round(t2 - t1, 3),
                                compile_seconds=round(time.perf_counter() - t2, 3))
-        return _Entry(gm, ir, plan, flops, report, self._backend.prepare(gm))
+        return _Entry(gm, ir, plan, flops, report, self._backend.prepare(gm, kwargs))
 
     def _entry(self, kwargs: dict) -> _Entry:
         key = _form(kwargs)
