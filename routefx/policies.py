@@ -1,4 +1,4 @@
 """Public policy namespace: `routefx.policies.Dense()`, ..."""
-from routefx.compiler.policies import Dense, Policy, PruneLayers, policy_from_dict, policy_from_json
+from routefx.compiler.policies import ROUTERS, Dense, Duo, Policy, PruneLayers, policy_from_dict, policy_from_json
 
-__all__ = ["Policy", "Dense", "PruneLayers", "policy_from_dict", "policy_from_json"]
+__all__ = ["Policy", "Dense", "PruneLayers", "Duo", "ROUTERS", "policy_from_dict", "policy_from_json"]

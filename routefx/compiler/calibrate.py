@@ -14,7 +14,7 @@ from torch import fx
 from routefx.compiler.calibration import token_mask
 from routefx.compiler.observe import run_recording
 from routefx.compiler.plan import Plan
-from routefx.compiler.policies import Dense, Policy, PruneLayers
+from routefx.compiler.policies import Dense, Duo, Policy, PruneLayers
 from routefx.errors import CalibrationError, PolicyError
 from routefx.ir.model_ir import ModelIR
 
@@ -67,5 +67,9 @@ def calibrate(policy: Policy, gm: fx.GraphModule, ir: ModelIR, batches: list[dic
         if len(pruned) >= L:
             raise PolicyError(f"PruneLayers would remove all {L} blocks; keep at least one")
         plan.pruned = pruned
+        return plan
+    if isinstance(policy, Duo):
+        from routefx.compiler.duo import calibrate_duo
+        calibrate_duo(policy, gm, ir, batches, plan)
         return plan
     raise PolicyError(f"no calibration for policy {type(policy).__name__}")

@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 
 from routefx.backends import get_backend
+from routefx.compiler.budget import RouteStats, fit_lambda, route_stats
 from routefx.compiler.calibrate import calibrate
 from routefx.compiler.calibration import normalize_calibration, token_mask
 from routefx.compiler.observe import run_recording
@@ -68,9 +69,9 @@ def _form(kwargs: dict) -> tuple:
     return tuple(sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))), consts
 
 
-def _flops_summary(before: FlopCount, after: FlopCount, seq: int) -> dict:
+def _flops_summary(before: FlopCount, after: FlopCount, seq: int, realised: dict | None) -> dict:
     b, a = before.at(seq), after.at(seq)
-    return {"S": seq, "before": b["total"], "after": a["total"], "ratio": a["total"] / b["total"],
+    return {"realised": realised, "S": seq, "before": b["total"], "after": a["total"], "ratio": a["total"] / b["total"],
             "before_expr": str(before.total), "after_expr": str(after.total),
             "dynamic_routes": after.dynamic_routes, "blocks_before": b["blocks"], "blocks_after": a["blocks"]}
 
@@ -112,19 +113,44 @@ class CompiledModel:
         flops_before = count_flops(gm, ir_before)
         plan = calibrate(self.policy, gm, ir_before, self._batches(_form(kwargs)))
         t2 = time.perf_counter()
+        calib_s = t2 - t1
         manager = PassManager(build_pipeline(self.policy), debug_dir=self._debug_dir)
         ir, reports = manager.run(gm, policy=self.policy, plan=plan)
-        flops = count_flops(gm, ir)
         notes = []
+        if any(lp.static_route is None for lp in plan.layers.values()):
+            t3 = time.perf_counter()
+            batches = self._batches(_form(kwargs))
+            lam0 = route_stats(gm, ir, batches)
+            plan.lam, stats = fit_lambda(gm, ir, batches, self.policy.budget)
+            plan.calibration["budget"] = {"target": self.policy.budget, "lambda": plan.lam,
+                                          "realised": stats.budget, "at_lambda_0": lam0.budget,
+                                          "layers": [{"key": a["key"], "fraction_at_lambda_0": a["fraction"],
+                                                      "fraction": b["fraction"], "mix": b["mix"]}
+                                                     for a, b in zip(lam0.layers, stats.layers)]}
+            notes.append(f"global price λ={plan.lam:.4g} brings the realised budget on calibration data from "
+                         f"{lam0.budget:.3f} (λ=0) to {stats.budget:.3f} (target {self.policy.budget})")
+            calib_s += time.perf_counter() - t3  # the λ search is calibration
+        elif plan.layers:
+            st = route_stats(gm, ir, self._batches(_form(kwargs)))
+            plan.calibration["budget"] = {"target": self.policy.budget, "realised": st.budget,
+                                          "layers": [{"key": a["key"], "mix": a["mix"]} for a in st.layers]}
+            notes.append(f"static routes: realised budget {st.budget:.3f} (target {self.policy.budget}; one branch "
+                         "per layer)")
+        flops = count_flops(gm, ir)
+        realised = None
+        if flops.dynamic_routes and self._calibration is not None:
+            cal = self._batches(_form(kwargs))
+            realised = {"calibration": realised_flops(gm, flops, cal),
+                        "dense_calibration": realised_flops(gm, flops_before, cal)}
         moe = [b.index for b in ir.blocks if b.ffn is not None and b.ffn.kind == "moe"]
         if moe:
             notes.append(f"MoE blocks {moe} run as captured (not yet compiled to routed_ffn)")
         seq = next(v for v in kwargs.values() if isinstance(v, torch.Tensor)).shape[-1]
         report = CompileReport(policy=self.policy.to_dict(), backend=self.backend, ir_before=ir_before.to_dict(),
                                ir_after=ir.to_dict(), passes=reports, notes=notes, plan=plan.to_dict(),
-                               flops_per_token=_flops_summary(flops_before, flops, int(seq)),
-                               capture_seconds=round(t1 - t0, 3), calibration_seconds=round(t2 - t1, 3),
-                               compile_seconds=round(time.perf_counter() - t2, 3))
+                               flops_per_token=_flops_summary(flops_before, flops, int(seq), realised),
+                               capture_seconds=round(t1 - t0, 3), calibration_seconds=round(calib_s, 3),
+                               compile_seconds=round(time.perf_counter() - t1 - calib_s, 3))
         return _Entry(gm, ir, plan, flops, report, self._backend.prepare(gm, kwargs))
 
     def _entry(self, kwargs: dict) -> _Entry:
@@ -144,30 +170,15 @@ class CompiledModel:
 
     def flops_per_token(self, batches) -> float:
         """Mean FLOPs per real (non-padding) token on `batches`, with the routes the model takes on them."""
-        batches = normalize_calibration(batches)
-        total, tokens = 0.0, 0
-        for b in batches:
-            kwargs = _canonical(self._model, (), b)
-            entry = self._entry(kwargs)
-            mask = token_mask(kwargs)
-            seq = int(mask.shape[-1])
-            n_tok = int(mask.sum())
-            counts = entry.flops.at(seq)
-            static = counts["total"]
-            routed = [n for n in entry.gm.graph.nodes if gu.is_routed(n)]
-            if entry.flops.dynamic_routes and routed:
-                values = run_recording(entry.gm, kwargs, [n.args[1] for n in routed])
-                for n in routed:
-                    per = torch.tensor(route_flops(n), dtype=torch.float64)
-                    r = values[n.args[1]]                      # [B, S, K] route ids
-                    real = per[r.reshape(-1, r.shape[-1])].sum(-1)[mask.reshape(-1)]
-                    big = max(route_flops(n)) * r.shape[-1]
-                    static += (real.sum().item() / max(n_tok, 1)) - big
-            total += static * n_tok
-            tokens += n_tok
-        if tokens == 0:
-            raise CalibrationError("no real token in the batches (every attention_mask is 0)")
-        return total / tokens
+        batches = [_canonical(self._model, (), b) for b in normalize_calibration(batches)]
+        entry = self._entry(batches[0])
+        return realised_flops(entry.gm, entry.flops, batches)
+
+    def route_stats(self, batches) -> RouteStats:
+        """Run the routers on `batches`: realised budget and per-layer mix of routes, over real tokens."""
+        batches = [_canonical(self._model, (), b) for b in normalize_calibration(batches)]
+        entry = self._entry(batches[0])
+        return route_stats(entry.gm, entry.ir, batches)
 
     # -- introspection -------------------------------------------------------------------------------------
     def _require(self) -> _Entry:
@@ -195,6 +206,29 @@ class CompiledModel:
     def __repr__(self) -> str:
         state = "compiled" if self._last else "not yet compiled"
         return f"CompiledModel({type(self._model).__name__}, {self.policy!r}, backend={self.backend!r}, {state})"
+
+
+def realised_flops(gm: fx.GraphModule, flops: FlopCount, batches: list[dict]) -> float:
+    """Mean FLOPs per real token: the static count at each batch's length, with every data-dependent
+    routed_ffn counted at the routes its tokens actually took."""
+    routed = [n for n in gm.graph.nodes if gu.is_routed(n)] if flops.dynamic_routes else []
+    total, tokens = 0.0, 0
+    for kwargs in batches:
+        mask = token_mask(kwargs)
+        n_tok = int(mask.sum())
+        per_token = flops.at(int(mask.shape[-1]))["total"]
+        if routed:
+            values = run_recording(gm, kwargs, [n.args[1] for n in routed])
+            for n in routed:
+                per = torch.tensor(route_flops(n), dtype=torch.float64)
+                r = values[n.args[1]]                                  # [..., K] route ids
+                real = per[r.reshape(-1, r.shape[-1])].sum(-1)[mask.reshape(-1)]
+                per_token += real.sum().item() / max(n_tok, 1) - max(route_flops(n)) * r.shape[-1]
+        total += per_token * n_tok
+        tokens += n_tok
+    if tokens == 0:
+        raise CalibrationError("no real token in the batches (every attention_mask is 0)")
+    return total / tokens
 
 
 def _check_inputs(gm: fx.GraphModule, kwargs: dict) -> None:

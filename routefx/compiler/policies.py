@@ -3,6 +3,7 @@
     Dense()                 every recognised dense FFN becomes one full-range routed_ffn (function unchanged)
     PruneLayers(layers=[i]) remove whole blocks (indices into ModelIR.blocks)
     PruneLayers(keep=0.75)  with calibration: remove the floor((1-keep)·L + 0.5) blocks of lowest Block Influence
+    Duo(budget=0.5, ...)    each FFN gets a small and a big branch; per token: skip, small or big, under a budget
 
 JSON form: {"policy": "<ClassName>", "version": 1, <fields>}; unknown fields or policies raise `PolicyError`.
 """
@@ -14,7 +15,7 @@ from typing import Any, ClassVar
 
 from routefx.errors import PolicyError
 
-__all__ = ["Policy", "Dense", "PruneLayers", "policy_from_dict", "policy_from_json"]
+__all__ = ["Policy", "Dense", "PruneLayers", "Duo", "ROUTERS", "policy_from_dict", "policy_from_json"]
 
 _REGISTRY: dict[str, type["Policy"]] = {}
 
@@ -101,3 +102,46 @@ class PruneLayers(Policy):
     @property
     def needs_calibration(self) -> bool:
         return self.keep is not None
+
+
+ROUTERS = ("static", "random", "local")
+
+
+@dataclasses.dataclass(frozen=True)
+class Duo(Policy):
+    """Duo-LLM routing: each routed FFN gets a small branch (its `small_fraction` most important neurons, after
+    an importance permutation that leaves the dense function unchanged) and the big branch (all neurons); each
+    token, at each layer, goes to skip, small or big.
+
+    budget: mean FFN compute fraction over the routed layers and real tokens (skip 0, small k/F, big 1), met
+        within ±0.02 on the calibration data by one global price λ on branch cost.
+    router: "static" (one branch per layer, chosen by importance), "random" (a seeded random linear router, a
+        per-token baseline), "local" (a linear router trained on layer-local labels).
+    layers: block indices to route (None: every dense FFN).
+    """
+
+    budget: float = 0.5
+    small_fraction: float = 0.25
+    router: str = "local"
+    layers: tuple[int, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
+            raise PolicyError(f"Duo: budget must be a compute fraction in (0, 1], got {self.budget!r}")
+        if isinstance(self.small_fraction, bool) or not isinstance(self.small_fraction, (int, float)) \
+                or not 0 < self.small_fraction < 1:
+            raise PolicyError(f"Duo: small_fraction must be in (0, 1), got {self.small_fraction!r}")
+        if self.router not in ROUTERS:
+            raise PolicyError(f"Duo: unknown router {self.router!r}; supported: {', '.join(ROUTERS)}")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+                raise PolicyError(f"Duo: layers must be a non-empty list of block indices >= 0, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+        if not isinstance(self.seed, int):
+            raise PolicyError(f"Duo: seed must be an int, got {self.seed!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True

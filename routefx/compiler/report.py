@@ -55,6 +55,11 @@ class CompileReport:
             lines.append(f"  FLOPs per token at S={f['S']}: {f['before']:,.0f} -> {f['after']:,.0f} "
                          f"({f['ratio']:.3f}x)" + (" (routes data-dependent: the big branch)"
                                                   if f['dynamic_routes'] else ""))
+            if f.get("realised"):
+                r = f["realised"]
+                lines.append(f"  FLOPs per token with the routes realised on the calibration data: "
+                             f"{r['dense_calibration']:,.0f} -> {r['calibration']:,.0f} "
+                             f"({r['calibration'] / r['dense_calibration']:.3f}x)")
         for p in self.passes:
             lines.append(f"  {p.name}: {p.rewrites} rewrite(s), {len(p.misses)} miss(es) ({p.seconds:.2f}s)")
             lines += [f"    miss {m['where']}: {m['reason']}" for m in p.misses]

@@ -90,6 +90,12 @@ class BlockInfo:
     stream_out: fx.Node | None = dataclasses.field(default=None, repr=False)  # ... and after it
     nodes: frozenset = dataclasses.field(default=frozenset(), repr=False)       # every node of its branches
     ffn_nodes: frozenset = dataclasses.field(default=frozenset(), repr=False)   # the FFN branch's nodes
+    ffn_stream: fx.Node | None = dataclasses.field(default=None, repr=False)    # stream the FFN adds to
+
+    @property
+    def key(self) -> str:
+        """Stable name of the block's FFN for plans: its module path, or its position without metadata."""
+        return (self.ffn.path if self.ffn and self.ffn.path else None) or f"block.{self.index}.ffn"
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "path": self.path, "form": self.form,

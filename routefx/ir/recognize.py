@@ -264,7 +264,8 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
                                 form=_form(g), ffn=ffn, attention=attn,
                                 stream_in=g[0][0].stream, stream_out=g[-1][0].out,
                                 nodes=frozenset(region | set(a for s, _ in g for a in s.adds)),
-                                ffn_nodes=frozenset(ffn_branches[0][1].region) if ffn_branches else frozenset()))
+                                ffn_nodes=frozenset(ffn_branches[0][1].region) if ffn_branches else frozenset(),
+                                ffn_stream=ffn_branches[0][0].stream if ffn_branches else None))
     # the stream after a block is what the next block reads (after a post-norm, the norm's output)
     for b, nxt in zip(blocks, blocks[1:]):
         b.stream_out = nxt.stream_in

@@ -1,0 +1,178 @@
+"""Duo calibration (before the passes): per routed FFN, neuron importance and order, the small branch width,
+route labels and routers. The global price λ is fitted afterwards on the compiled graph (`budget.py`).
+
+Importance of neuron i = mean over real tokens |h_i| · ‖W_down[:, i]‖ with h the FFN's hidden activation
+(act(x·Wgᵀ)⊙(x·Wuᵀ) gated, act(x·Wuᵀ) plain). Route errors, per token, relative to the residual stream ‖s‖ the
+FFN output is added to: skip ‖y_big‖/‖s‖, small ‖y_small − y_big‖/‖s‖, big 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from routefx.compiler.calibration import token_mask
+from routefx.compiler.observe import run_recording
+from routefx.compiler.plan import LayerPlan, Plan
+from routefx.compiler.policies import Duo
+from routefx.compiler.routers import ROUTER_TRAINERS
+from routefx.errors import PolicyError
+from routefx.ir.activations import get_activation
+from routefx.ir.ffn import resolve_weight
+from routefx.ir.model_ir import BlockInfo, ModelIR
+
+__all__ = ["calibrate_duo", "LayerData", "routed_blocks"]
+
+
+@dataclasses.dataclass
+class LayerData:
+    """Calibration tensors of one FFN at real tokens. N tokens, d hidden, F neurons."""
+
+    x: torch.Tensor            # [N, d] FFN input
+    stream_norm: torch.Tensor  # [N] ‖residual stream‖ the FFN output is added to
+    y_big: torch.Tensor        # [N, d] FFN output (all neurons)
+    y_small: torch.Tensor      # [N, d] FFN output of the first k neurons (after permutation)
+
+    def errors(self) -> torch.Tensor:
+        """[N, 3] relative error of skip / small / big."""
+        s = self.stream_norm.clamp_min(1e-12)
+        return torch.stack([self.y_big.norm(dim=-1) / s, (self.y_small - self.y_big).norm(dim=-1) / s,
+                            torch.zeros_like(s)], dim=-1)
+
+
+def routed_blocks(policy: Duo, ir: ModelIR) -> list[BlockInfo]:
+    dense = {b.index: b for b in ir.dense_ffn_blocks}
+    if policy.layers is None:
+        if not dense:
+            raise PolicyError("Duo: the model has no dense FFN to route (found FFN kinds: "
+                              f"{sorted({b.ffn.kind for b in ir.blocks if b.ffn})})")
+        return list(dense.values())
+    out = []
+    for i in policy.layers:
+        if i >= len(ir.blocks):
+            raise PolicyError(f"Duo: block {i} does not exist; the model has {len(ir.blocks)} blocks "
+                              f"(0..{len(ir.blocks) - 1})")
+        if i not in dense:
+            kind = ir.blocks[i].ffn.kind if ir.blocks[i].ffn else "none"
+            raise PolicyError(f"Duo: block {i} has a {kind} FFN; Duo routes dense FFNs (gated, mlp)")
+        out.append(dense[i])
+    return out
+
+
+def _weights(gm, block: BlockInfo):
+    m = block.ffn.match
+    w = {k: (None if getattr(m, k) is None else resolve_weight(gm, getattr(m, k)).detach())
+         for k in ("up", "gate", "down", "b_up", "b_gate", "b_down")}
+    return w
+
+
+def _hidden(x, w, act):
+    """[N, F] hidden activation of the FFN."""
+    up = torch.nn.functional.linear(x, w["up"], w["b_up"])
+    if w["gate"] is None:
+        return act(up)
+    return act(torch.nn.functional.linear(x, w["gate"], w["b_gate"])) * up
+
+
+def _collect(gm: fx.GraphModule, blocks: list[BlockInfo], batches: list[dict]):
+    wanted = {n for b in blocks for n in (b.ffn.match.inp, b.ffn_stream)}
+    xs = {b.index: [] for b in blocks}
+    ss = {b.index: [] for b in blocks}
+    for batch in batches:
+        vals = run_recording(gm, batch, wanted)
+        keep = token_mask(batch).reshape(-1)
+        for b in blocks:
+            x = vals[b.ffn.match.inp]
+            s = vals[b.ffn_stream]
+            xs[b.index].append(x.reshape(-1, x.shape[-1])[keep])
+            ss[b.index].append(s.reshape(-1, s.shape[-1])[keep].norm(dim=-1))
+    return {i: torch.cat(v) for i, v in xs.items()}, {i: torch.cat(v) for i, v in ss.items()}
+
+
+def _label_threshold(errors: list[torch.Tensor], costs: list[torch.Tensor], budget: float) -> float:
+    """One global τ: each (token, layer) takes its cheapest route with error <= τ; τ meets the budget."""
+    def fraction(tau):
+        tot, n = 0.0, 0
+        for e, c in zip(errors, costs):
+            ok = e <= tau                                   # [N, 3]; big (error 0) is always ok
+            first = ok.float().argmax(dim=-1)               # cheapest ok route (routes ordered by cost)
+            tot += c[first].sum().item()
+            n += e.shape[0]
+        return tot / n
+    lo, hi = 0.0, max(float(e.max()) for e in errors) + 1e-9
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if fraction(mid) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _static_choice(errors: list[torch.Tensor], costs: list[torch.Tensor], budget: float):
+    """One route per layer, as near the budget as one-branch-per-layer allows, then with the least mean error.
+
+    Exact dynamic programme over layers on the total cost (kept to 1e-6): states are reachable cost sums.
+    """
+    mean_err = [e.mean(0).tolist() for e in errors]                  # per layer: [skip, small, big]
+    states: dict[float, tuple[float, list[int]]] = {0.0: (0.0, [])}  # total cost -> (least error, choice)
+    for me, c in zip(mean_err, costs):
+        nxt: dict[float, tuple[float, list[int]]] = {}
+        for total, (err, choice) in states.items():
+            for r in range(len(me)):
+                key = round(total + float(c[r]), 6)
+                cand = (err + me[r], choice + [r])
+                if key not in nxt or cand[0] < nxt[key][0]:
+                    nxt[key] = cand
+        states = nxt
+    L = len(costs)
+    total = min(states, key=lambda t: (round(abs(t / L - budget), 9), states[t][0]))
+    return states[total][1], total / L
+
+
+def calibrate_duo(policy: Duo, gm: fx.GraphModule, ir: ModelIR, batches: list[dict], plan: Plan) -> None:
+    blocks = routed_blocks(policy, ir)
+    xs, norms = _collect(gm, blocks, batches)
+    gen = torch.Generator().manual_seed(policy.seed)
+    data: dict[str, LayerData] = {}
+    for b in blocks:
+        w = _weights(gm, b)
+        act = get_activation(b.ffn.activation)
+        F = b.ffn.intermediate_size
+        k = max(1, min(F - 1, math.floor(policy.small_fraction * F + 0.5)))
+        x = xs[b.index]
+        with torch.no_grad():
+            h = _hidden(x, w, act)                                          # [N, F]
+            score = h.abs().mean(0) * w["down"].norm(dim=0)                 # [F]
+            perm = torch.argsort(score, descending=True, stable=True)
+            y_big = torch.nn.functional.linear(h, w["down"], w["b_down"])
+            top = perm[:k]
+            y_small = torch.nn.functional.linear(h[:, top], w["down"][:, top], w["b_down"])
+        plan.layers[b.key] = LayerPlan(F=F, k=k, perm=perm, router=policy.router)
+        data[b.key] = LayerData(x, norms[b.index], y_big, y_small)
+
+    keys = list(data)
+    errors = [data[k].errors() for k in keys]
+    costs = [torch.tensor(plan.layers[k].costs, dtype=torch.float64) for k in keys]
+    errors = [e.double() for e in errors]
+    if policy.router == "static":
+        choice, frac = _static_choice(errors, costs, policy.budget)
+        for key, r in zip(keys, choice):
+            plan.layers[key].static_route = r
+        plan.calibration["static_fraction"] = frac
+        return
+    trainer = ROUTER_TRAINERS[policy.router]
+    labels = None
+    if trainer.needs_labels:
+        tau = _label_threshold(errors, costs, policy.budget)
+        labels = [(e <= tau).float().argmax(dim=-1) for e in errors]
+        plan.calibration["label_threshold"] = tau
+        plan.calibration["label_fraction"] = sum(c[l].sum().item() for c, l in zip(costs, labels)) / sum(
+            len(l) for l in labels)
+    for i, key in enumerate(tqdm(keys, desc=f"routefx: {policy.router} routers", leave=False,
+                                 disable=len(keys) < 4)):
+        wr, br = trainer.fit(data[key].x, None if labels is None else labels[i], gen)
+        plan.layers[key].weight, plan.layers[key].bias = wr.contiguous(), br.contiguous()
