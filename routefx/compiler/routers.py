@@ -38,7 +38,7 @@ class LocalRouter(RouterTrainer):
     name = "local"
     needs_labels = True
 
-    def __init__(self, l2: float = 1e-3, max_iter: int = 100):
+    def __init__(self, l2: float = 1e-3, max_iter: int = 60):
         self.l2, self.max_iter = l2, max_iter
 
     def fit(self, x, labels, gen, routes=3):

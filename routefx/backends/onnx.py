@@ -1,0 +1,331 @@
+"""ONNX backend: export the rewritten graph with `torch.onnx.export(dynamo=True)` and run it on ONNX Runtime (CPU).
+
+`prepare(gm, example_kwargs)` exports `gm` with its batch and sequence dims dynamic (the symbolic dims of the
+placeholders' fake values), lowers `routefx::routed_ffn` with `routefx.backends.onnx_ops` (per-route
+NonZero/Gather/MatMul/ScatterND on pre-sliced, pre-transposed weight initializers), folds the weight slices,
+runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession`. Non-tensor keywords (use_cache=False)
+are baked into the model; its inputs are the model's own tensor inputs, its weights are initializers.
+
+The returned `OnnxRunner` is called like `gm(**kwargs)` and returns the same output structure (rebuilt with the
+graph's output pytree spec: a Hugging Face ModelOutput, a tuple, a bare tensor); outputs that are None in the
+eager result are None here. It checks every input's dtype and rank (and static dims) first and raises
+`InputError` naming the input. `runner.onnx_model` holds the serialized model (bytes), or `runner.onnx_path`
+the file in a temporary directory when the weights exceed protobuf's 2 GiB limit.
+
+Session options, chosen deliberately (see `session_options`):
+- CPU execution provider only.
+- intra_op_num_threads = torch.get_num_threads() at prepare time: the same core budget as the eager backend,
+  so measured speedups compare like with like; inter_op_num_threads = 1 with ORT_SEQUENTIAL execution: the
+  per-route branches are small, and a parallel executor would compete with the intra-op pool for the same
+  cores.
+- graph_optimization_level = ORT_ENABLE_ALL (ORT's default): constant folding, MatMul+Add -> Gemm, Gelu/
+  SiLU/LayerNorm/RMSNorm fusions; on the CPU provider ALL differs from EXTENDED only by layout transforms that
+  do not touch transformer graphs. The fusions are exact formulas (ORT's optional Gelu *approximation* is off).
+  Tests that need the graph as emitted pass `optimization_level="disable"`.
+- Weight pre-packing stays on (ORT's default): MLAS packs constant MatMul operands once at session creation,
+  which is why every routed weight slice is its own initializer.
+- enable_mem_pattern only for graphs without data-dependent shapes: a memory pattern is planned from input
+  shapes, but routed graphs' per-route row counts change from call to call at fixed input shapes.
+- CPU memory arena on (default); log_severity_level = 3 (errors only: ORT's warnings about removed initializers
+  are expected); profiling only when asked (`profile=True`, the JSON goes to a temporary directory).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect as _inspect
+import logging
+import os
+import re
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import onnx_ir as ir
+import onnxruntime as ort
+import torch
+from torch import fx
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from routefx.backends.onnx_ops import RoutedFFNLowering, fold_weight_slices
+from routefx.errors import BackendError, InputError
+
+__all__ = ["prepare", "OnnxRunner", "session_options"]
+
+_ROUTED_FFN = torch.ops.routefx.routed_ffn.default
+_MAX_PROTO_BYTES = 1_800_000_000  # below protobuf's 2 GiB limit for one serialized model
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_ORT_DTYPES = {
+    "tensor(float)": torch.float32, "tensor(double)": torch.float64, "tensor(float16)": torch.float16,
+    "tensor(bfloat16)": torch.bfloat16, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32,
+    "tensor(int16)": torch.int16, "tensor(int8)": torch.int8, "tensor(uint8)": torch.uint8,
+    "tensor(bool)": torch.bool,
+}
+
+
+def session_options(*, optimization_level: str = "all", routed: bool = False, profile_dir: str | None = None
+                    ) -> ort.SessionOptions:
+    """The session options documented in the module docstring."""
+    if optimization_level not in _LEVELS:
+        raise BackendError(f"unknown optimization_level {optimization_level!r}; supported: {', '.join(_LEVELS)}")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = _LEVELS[optimization_level]
+    so.enable_mem_pattern = not routed
+    so.enable_cpu_mem_arena = True
+    so.log_severity_level = 3
+    if profile_dir is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(profile_dir, "ort_profile")
+    return so
+
+
+@dataclasses.dataclass(frozen=True)
+class _Input:
+    name: str
+    dtype: torch.dtype
+    shape: tuple  # ints for static dims, str / None for dynamic ones
+
+
+class OnnxRunner:
+    """Runs the exported model on ONNX Runtime; called like the graph module (`run(**kwargs)`)."""
+
+    def __init__(self, session: ort.InferenceSession, *, arg_names: tuple[str, ...], constants: dict[str, Any],
+                 leaves: list, out_spec, onnx_model: bytes | None, onnx_path: str | None, tmpdir=None,
+                 timings: dict | None = None):
+        self.session = session
+        self.onnx_model = onnx_model
+        self.onnx_path = onnx_path
+        self.timings = dict(timings or {})  # seconds per prepare stage: export, fold, optimize, session
+        self._tmpdir = tmpdir  # keeps a temporary directory (large model, profiles) alive with the runner
+        self._arg_names = arg_names
+        self._constants = constants
+        self._leaves = leaves  # per flat output: True for an ONNX output, else the constant leaf itself
+        self._out_spec = out_spec
+        self.inputs = tuple(_Input(i.name, _ORT_DTYPES.get(i.type), tuple(i.shape)) for i in session.get_inputs())
+        self.output_names = tuple(o.name for o in session.get_outputs())
+
+    def __call__(self, *args, **kwargs):
+        if len(args) > len(self._arg_names):
+            raise InputError(f"the ONNX model takes at most {len(self._arg_names)} positional inputs "
+                             f"({', '.join(self._arg_names)}), got {len(args)}")
+        for name, value in zip(self._arg_names, args):
+            if name in kwargs:
+                raise InputError(f"input {name!r} given both by position and by keyword")
+            kwargs[name] = value
+        feeds = self._feeds(kwargs)
+        outs = iter(self.session.run(None, feeds))
+        flat = [torch.from_numpy(next(outs)) if leaf is True else leaf for leaf in self._leaves]
+        if self._out_spec is None:
+            return flat[0] if len(flat) == 1 else tuple(flat)
+        return pytree.tree_unflatten(flat, self._out_spec)
+
+    def _feeds(self, kwargs: dict) -> dict:
+        expected = {i.name for i in self.inputs} | set(self._constants)
+        unknown = sorted(set(kwargs) - expected)
+        if unknown:
+            raise InputError(f"unexpected input(s) {unknown}; the ONNX model takes {sorted(expected)}")
+        for name, const in self._constants.items():
+            if name in kwargs and kwargs[name] is not const and kwargs[name] != const:
+                raise InputError(f"input {name!r} is {kwargs[name]!r}; the ONNX model was exported with {name}="
+                                 f"{const!r} baked in")
+        feeds = {}
+        for spec in self.inputs:
+            if spec.name not in kwargs:
+                raise InputError(f"missing input {spec.name!r}; the ONNX model takes {[i.name for i in self.inputs]}")
+            x = kwargs[spec.name]
+            if not isinstance(x, torch.Tensor):
+                raise InputError(f"input {spec.name!r} is a {type(x).__name__}; the ONNX model takes a tensor of "
+                                 f"dtype {spec.dtype} and rank {len(spec.shape)}")
+            if x.dtype != spec.dtype or x.dim() != len(spec.shape):
+                raise InputError(f"input {spec.name!r} has dtype {x.dtype} and rank {x.dim()}; the ONNX model "
+                                 f"takes dtype {spec.dtype} and rank {len(spec.shape)}")
+            if any(isinstance(e, int) and e != g for e, g in zip(spec.shape, x.shape)):
+                shown = ", ".join(str(e) if isinstance(e, int) else "?" for e in spec.shape)
+                raise InputError(f"input {spec.name!r} has shape {list(x.shape)}; the ONNX model takes shape "
+                                 f"[{shown}] (? = any size)")
+            feeds[spec.name] = x.detach().cpu().contiguous().numpy()
+        return feeds
+
+    def end_profiling(self) -> str:
+        """Stop ONNX Runtime's profiler (the runner was prepared with `profile=True`); returns the JSON's path."""
+        return self.session.end_profiling()
+
+    def save(self, path: str) -> None:
+        """Write the ONNX model to `path` (bytes models only; a large model already lives at `onnx_path`)."""
+        if self.onnx_model is None:
+            raise BackendError(f"this model is stored with external data at {self.onnx_path}; copy that directory")
+        with open(path, "wb") as f:
+            f.write(self.onnx_model)
+
+
+def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str = "all",
+            profile: bool = False) -> OnnxRunner:
+    """Export `gm` to ONNX and open an ONNX Runtime CPU session; returns the runner (see the module docstring).
+
+    `example_kwargs` are the inputs `gm` was captured from (tensors and constants, by keyword). Raises
+    `BackendError` naming the node when the export fails.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [n.target for n in placeholders]
+    missing = [n for n in names if n not in example_kwargs]
+    if missing:
+        raise BackendError(f"example_kwargs lack {missing}; the graph takes {names}")
+    arg_names = _positional_names(gm, names)
+    call_args = tuple(_widen(n, example_kwargs[n.target]) for n in placeholders if n.target in arg_names)
+    call_kwargs = {n.target: _widen(n, example_kwargs[n.target]) for n in placeholders
+                   if n.target not in arg_names}
+    dyn = {n.target: _dynamic_dims(n) for n in placeholders}
+    dynamic_shapes = (tuple(dyn[a] for a in arg_names) if not call_kwargs
+                      else {k: dyn[k] for k in names})
+
+    routed = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target is _ROUTED_FFN]
+    lowering = RoutedFFNLowering(routed)
+    t0 = time.perf_counter()
+    with _export_context():
+        try:
+            program = torch.onnx.export(gm, call_args, kwargs=call_kwargs or None, dynamo=True,
+                                        dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
+                                        custom_translation_table={_ROUTED_FFN: lowering})
+        except Exception as e:  # the exporter raises many types; one typed error naming the node
+            raise BackendError(f"ONNX export failed: {_describe_export_error(e)}") from e
+    t1 = time.perf_counter()
+    fold_weight_slices(program.model)
+    t2 = time.perf_counter()
+    program.optimize()
+    model = program.model
+    t3 = time.perf_counter()
+
+    onnx_inputs = [v.name for v in model.graph.inputs]
+    tensor_names = [n.target for n in placeholders if isinstance(example_kwargs[n.target], torch.Tensor)]
+    if onnx_inputs != tensor_names:
+        raise BackendError(f"the ONNX model's inputs {onnx_inputs} differ from the graph's tensor inputs "
+                           f"{tensor_names}")
+    leaves, out_spec = _output_leaves(gm)
+    if sum(leaf is True for leaf in leaves) != len(model.graph.outputs):
+        raise BackendError(f"the ONNX model has {len(model.graph.outputs)} outputs; the graph has "
+                           f"{sum(leaf is True for leaf in leaves)} tensor outputs")
+
+    tmpdir = tempfile.TemporaryDirectory(prefix="routefx_onnx_") if profile else None
+    has_nonzero = any(node.op_type == "NonZero" for node in ir.traversal.RecursiveGraphIterator(model.graph))
+    so = session_options(optimization_level=optimization_level, routed=has_nonzero,
+                         profile_dir=tmpdir.name if tmpdir else None)
+    onnx_bytes, onnx_path = None, None
+    if _initializer_bytes(model) < _MAX_PROTO_BYTES:
+        onnx_bytes = ir.serde.serialize_model(model).SerializeToString()
+        source = onnx_bytes
+    else:
+        tmpdir = tmpdir or tempfile.TemporaryDirectory(prefix="routefx_onnx_")
+        onnx_path = os.path.join(tmpdir.name, "model.onnx")
+        ir.save(model, onnx_path, external_data="model.onnx.data")
+        source = onnx_path
+    try:
+        session = ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise BackendError(f"ONNX Runtime could not load the exported model: {type(e).__name__}: "
+                           f"{_first_line(e)}") from e
+    timings = {"export": t1 - t0, "fold": t2 - t1, "optimize": t3 - t2, "session": time.perf_counter() - t3}
+    constants = {k: v for k, v in example_kwargs.items() if not isinstance(v, torch.Tensor)}
+    return OnnxRunner(session, arg_names=arg_names, constants=constants, leaves=leaves, out_spec=out_spec,
+                      onnx_model=onnx_bytes, onnx_path=onnx_path, tmpdir=tmpdir,
+                      timings={k: round(v, 3) for k, v in timings.items()})
+
+
+# ---- export helpers ----------------------------------------------------------------------------------------
+
+def _positional_names(gm: fx.GraphModule, names: list[str]) -> tuple[str, ...]:
+    """Inputs `gm` was captured with as positional arguments (its in_spec's args), in order."""
+    info = gm.meta.get("routefx")
+    if info is not None:
+        return tuple(info.arg_names)
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None:
+        return ()
+    n_args = spec.children_specs[0].num_children
+    return tuple(names[:n_args])
+
+
+def _dynamic_dims(node: fx.Node):
+    """Dim.AUTO for every symbolic dim of the placeholder's fake value; None for constants and static shapes."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    dims = {i: Dim.AUTO for i, s in enumerate(val.shape) if not isinstance(s, int)}
+    return dims or None
+
+
+def _widen(node: fx.Node, value):
+    """Repeat size-1 dynamic dims to 2: torch.export would specialise a size-1 example dim to the constant 1."""
+    val = node.meta.get("val")
+    if not isinstance(value, torch.Tensor) or not isinstance(val, torch.Tensor) or value.dim() != val.dim():
+        return value
+    for i, s in enumerate(val.shape):
+        if not isinstance(s, int) and value.shape[i] == 1:
+            value = torch.cat([value, value], dim=i)
+    return value
+
+
+@contextlib.contextmanager
+def _export_context():
+    """Silence what the exporter says about every graph module: the training-mode warning (an ATen graph from
+    torch.export is already functional; `ep.module()` refuses `.eval()`) and the torchvision registry notes."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+_NODE = re.compile(r"Error when translating node %(\S+) : .*?target=([^\]]+)\]")
+
+
+def _describe_export_error(e: BaseException) -> str:
+    """'node %name (target): root cause' from the exporter's exception chain."""
+    where, chain = None, []
+    while e is not None:
+        chain.append(e)
+        m = _NODE.search(str(e))
+        if m and where is None:
+            target = m.group(2).removeprefix("torch.ops.")
+            where = f"node %{m.group(1)} ({target})"
+        e = e.__cause__ or e.__context__
+    root = chain[-1]
+    for c in chain:  # our own lowering errors are the most precise
+        if isinstance(c, BackendError):
+            root = c
+            break
+    cause = f"{type(root).__name__}: {_first_line(root)}"
+    return f"{where}: {cause}" if where else cause
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _output_leaves(gm: fx.GraphModule) -> tuple[list, Any]:
+    """Per flat output of `gm`: True where the ONNX model has an output, else the constant leaf (None, int)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    flat = out.args[0]
+    if not isinstance(flat, (tuple, list)):
+        flat = (flat,)
+    leaves = [True if isinstance(a, fx.Node) else a for a in flat]
+    return leaves, getattr(gm, "_out_spec", None)
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)

@@ -1,0 +1,201 @@
+"""ONNX lowering of `routefx::routed_ffn` (see `routefx/ir/ops.py` for its semantics).
+
+`RoutedFFNLowering` is the translation function handed to `torch.onnx.export(custom_translation_table=...)`:
+a plain Python function that calls onnxscript opset ops on the exporter's values. Per route r whose range
+[s_r, e_r) is not empty it emits (T = tokens, K = routes per token, n_r = assignments to route r):
+
+    pos_r  = NonZero(routes.flat == r)        # [n_r]   positions in the flattened [T*K] routes
+    tok_r  = pos_r / K                        # [n_r]   token of each position (pos_r itself when K == 1)
+    x_r    = Gather(x2, tok_r)                # [n_r, d]
+    h_r    = act(x_r Wg_r + bg_r) * (x_r Wu_r + bu_r)    (gated)    act(x_r Wu_r + bu_r)    (plain)
+    y_r    = (h_r Wd_r + b_down) * gates.flat[pos_r]  # [n_r, d]
+    out    = ScatterND(out, tok_r, y_r, reduction="add")
+
+so each route's MatMuls run on exactly the rows routed to it; a route to an empty range emits nothing. One
+full range with K == 1 and no gates lowers to the plain FFN on all rows (no gather, no scatter). Route ids
+outside [0, R) contribute nothing here (the reference raises); ONNX has no way to raise a typed error at run
+time.
+
+Weights enter as `Transpose(Slice(w))` nodes named `_FOLD_PREFIX...`; `fold_weight_slices` evaluates them once
+after export, so the model holds one pre-sliced, pre-transposed initializer per route and weight ([d, F_r] for
+the up/gate products, [F_r, d] for the down product): no Slice or Transpose runs per call, and ONNX Runtime can
+pre-pack every routed weight. Overlapping ranges (nested small/big) therefore store the shared neurons twice.
+
+Node names: `{prefix}/route{r}/{up|gate|down}` for the routed MatMuls (`{prefix}/dense/...` on the dense path),
+where `prefix` is the fx node's name (`routed_ffn`, `routed_ffn_1`, ...), so profiles can be read per route.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnxscript.optimizer
+from onnxscript import opset18 as op
+
+from routefx.errors import BackendError
+
+__all__ = ["RoutedFFNLowering", "fold_weight_slices", "ONNX_ACTIVATIONS"]
+
+_FOLD_PREFIX = "routefx_fold/"
+_SQRT_HALF = math.sqrt(0.5)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+# Exact formulas, matching `routefx.ir.activations` (ONNX Runtime fuses them into its own kernels).
+ONNX_ACTIVATIONS: dict[str, Callable] = {
+    "silu": lambda x: op.Mul(x, op.Sigmoid(x)),
+    "gelu": lambda x: op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Mul(x, _SQRT_HALF)), 1.0)),
+    "gelu_tanh": lambda x: op.Mul(
+        op.Mul(x, 0.5),
+        op.Add(op.Tanh(op.Mul(op.Add(x, op.Mul(op.Mul(op.Mul(x, x), x), 0.044715)), _SQRT_2_OVER_PI)), 1.0)),
+    "relu": lambda x: op.Relu(x),
+    "relu2": lambda x: _square(op.Relu(x)),
+    "sigmoid": lambda x: op.Sigmoid(x),
+    "quick_gelu": lambda x: op.Mul(x, op.Sigmoid(op.Mul(x, 1.702))),
+    "identity": lambda x: x,
+}
+
+# fp16 / bf16 contributions accumulate in fp32, as in the reference.
+_ACC = {ir.DataType.FLOAT16: ir.DataType.FLOAT, ir.DataType.BFLOAT16: ir.DataType.FLOAT}
+
+
+def _square(x):
+    return op.Mul(x, x)
+
+
+def _named(value, name: str, value_name: str | None = None):
+    """Name the node that produced `value` (for profiles and for `fold_weight_slices`), and the value itself
+    when given (folded weights keep it as their initializer name)."""
+    value.producer().name = name
+    if value_name is not None:
+        value.name = value_name
+    return value
+
+
+class RoutedFFNLowering:
+    """The translation function for `torch.ops.routefx.routed_ffn.default`.
+
+    `names` are the fx names of the routed_ffn nodes in graph order (the exporter translates them in that
+    order); they prefix the ONNX node names. Calls beyond the list are named `routed_ffn@{i}`.
+    """
+
+    def __init__(self, names: Sequence[str] = ()):
+        self._names = list(names)
+        self._calls = 0
+
+    def _prefix(self) -> str:
+        i, self._calls = self._calls, self._calls + 1
+        return self._names[i] if i < len(self._names) else f"routed_ffn@{i}"
+
+    def __call__(self, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation):
+        prefix = self._prefix()
+        if activation not in ONNX_ACTIVATIONS:
+            raise BackendError(f"{prefix}: activation {activation!r} has no ONNX lowering; supported: "
+                               f"{', '.join(sorted(ONNX_ACTIVATIONS))}")
+        act = ONNX_ACTIVATIONS[activation]
+        ranges = [int(v) for v in ranges]
+        n_neurons = _static_dim(w_up, 0, prefix, "w_up")
+        d = _static_dim(w_up, 1, prefix, "w_up")
+        k_routes = _static_dim(routes, -1, prefix, "routes")
+        weights = _Weights(prefix, w_up, w_gate, w_down, b_up, b_gate)
+
+        if ranges == [0, n_neurons] and n_neurons > 0 and gates is None and k_routes == 1:
+            # Dense: the plain FFN on all rows, x [..., d] -> [..., d] (MatMul broadcasts the leading dims).
+            y = weights.ffn(x, 0, n_neurons, act, f"{prefix}/dense")
+            # The exporter renames the node producing the op's output; Identity keeps the MatMul's name.
+            return op.Identity(y) if b_down is None else op.Add(y, b_down)
+
+        acc = _ACC.get(x.dtype)
+        x2 = op.Reshape(x, [-1, d])  # [T, d]
+        flat_routes = op.Reshape(routes, [-1])  # [T*K]
+        flat_gates = None
+        if gates is not None:
+            flat_gates = op.Reshape(op.Cast(gates, to=acc or x.dtype), [-1])  # [T*K]
+        zero = ir.tensor(np.zeros(1, dtype=(acc or x.dtype).numpy()))
+        out = op.ConstantOfShape(op.Shape(x2), value=zero)  # [T, d] accumulator
+
+        for r in range(len(ranges) // 2):
+            start, end = ranges[2 * r], ranges[2 * r + 1]
+            if start == end:
+                continue  # an empty range contributes exactly 0: no MatMul at all
+            pos = op.Reshape(op.NonZero(op.Equal(flat_routes, r)), [-1])  # [n_r]
+            tok = pos if k_routes == 1 else op.Div(pos, k_routes)  # [n_r] token ids (repeats allowed)
+            rows = op.Gather(x2, tok, axis=0)  # [n_r, d]
+            y = weights.ffn(rows, start, end, act, f"{prefix}/route{r}")  # [n_r, d]
+            if b_down is not None:
+                y = op.Add(y, b_down)
+            if acc is not None:
+                y = op.Cast(y, to=acc)
+            if flat_gates is not None:
+                y = op.Mul(y, op.Unsqueeze(op.Gather(flat_gates, pos, axis=0), [1]))  # [n_r, d] * [n_r, 1]
+            out = op.ScatterND(out, op.Unsqueeze(tok, [1]), y, reduction="add")  # indices [n_r, 1]
+        if acc is not None:
+            out = op.Cast(out, to=x.dtype)
+        return op.Reshape(out, op.Shape(x))
+
+
+class _Weights:
+    """Range slices of one FFN's weights, as `Transpose(Slice(w))` nodes folded after export."""
+
+    def __init__(self, prefix, w_up, w_gate, w_down, b_up, b_gate):
+        self.prefix = prefix
+        self.w_up, self.w_gate, self.w_down, self.b_up, self.b_gate = w_up, w_gate, w_down, b_up, b_gate
+
+    def _rows_t(self, w, start: int, end: int, label: str):
+        """w[start:end].T: [F, d] -> [d, F_r]."""
+        sliced = _named(op.Slice(w, [start], [end], [0]), f"{_FOLD_PREFIX}{label}/slice")
+        return _named(op.Transpose(sliced, perm=[1, 0]), f"{_FOLD_PREFIX}{label}/t", f"{label}.weight_t")
+
+    def _cols_t(self, w, start: int, end: int, label: str):
+        """w[:, start:end].T: [d, F] -> [F_r, d]."""
+        sliced = _named(op.Slice(w, [start], [end], [1]), f"{_FOLD_PREFIX}{label}/slice")
+        return _named(op.Transpose(sliced, perm=[1, 0]), f"{_FOLD_PREFIX}{label}/t", f"{label}.weight_t")
+
+    def _bias(self, b, start: int, end: int, label: str):
+        return _named(op.Slice(b, [start], [end], [0]), f"{_FOLD_PREFIX}{label}/slice", f"{label}.bias")
+
+    def _linear(self, rows, w, b, start, end, name):
+        y = _named(op.MatMul(rows, self._rows_t(w, start, end, name)), name)
+        return y if b is None else op.Add(y, self._bias(b, start, end, name))
+
+    def ffn(self, rows, start: int, end: int, act, name: str):
+        """rows [n, d] (or [..., d]) -> [..., d] on neurons [start, end), without b_down."""
+        up = self._linear(rows, self.w_up, self.b_up, start, end, f"{name}/up")
+        if self.w_gate is None:
+            h = act(up)
+        else:
+            h = op.Mul(act(self._linear(rows, self.w_gate, self.b_gate, start, end, f"{name}/gate")), up)
+        w_down = self._cols_t(self.w_down, start, end, f"{name}/down")
+        return _named(op.MatMul(h, w_down), f"{name}/down")
+
+
+def _static_dim(value, axis: int, prefix: str, what: str) -> int:
+    dim = value.shape[axis] if value.shape is not None else None
+    if not isinstance(dim, int):
+        raise BackendError(f"{prefix}: {what} needs a static size along dim {axis} for the ONNX lowering, found "
+                           f"shape {value.shape}")
+    return dim
+
+
+def fold_weight_slices(model: ir.Model) -> int:
+    """Evaluate the weight `Slice`/`Transpose` nodes the lowering emitted, and the constant nodes feeding them
+    (a fused gate-up weight split in the graph), into initializers, in place and with no size limit. Returns
+    how many lowering nodes were folded; raises `BackendError` if one is left (a weight that is not a constant
+    of the graph)."""
+    ours = {id(n) for n in model.graph if n.name and n.name.startswith(_FOLD_PREFIX)}
+    todo = [n for n in model.graph if id(n) in ours]
+    feeding: set[int] = set()
+    while todo:  # every node upstream of a weight slice; the folder folds those whose inputs are all constant
+        for v in todo.pop().inputs:
+            producer = v.producer() if v is not None else None
+            if producer is not None and id(producer) not in feeding:
+                feeding.add(id(producer))
+                todo.append(producer)
+    onnxscript.optimizer.fold_constants(model, input_size_limit=sys.maxsize, output_size_limit=sys.maxsize,
+                                        should_fold=lambda node: id(node) in ours or id(node) in feeding)
+    left = [n.name for n in model.graph if n.name and n.name.startswith(_FOLD_PREFIX)]
+    if left:
+        raise BackendError(f"routed_ffn weights must be constants of the exported graph; could not fold {left[:3]}")
+    return len(ours)

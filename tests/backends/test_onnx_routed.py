@@ -1,0 +1,219 @@
+"""The ONNX lowering of `routefx::routed_ffn` on hand-built graphs (no routing pass involved): outputs and route
+ids against eager, per-route MatMul row counts from ONNX Runtime's profiler, input errors, export errors."""
+from __future__ import annotations
+
+import functools
+import json
+import re
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import routefx
+from routefx.backends import get_backend
+from routefx.backends import onnx as onnx_backend
+from routefx.ir import capture
+from tests.backends.routed_models import D, LAYERS, ROUTED_FFN, RoutedStack, stack_input
+from tests.tolerances import ONNX_VS_EAGER
+
+
+@functools.lru_cache(maxsize=None)
+def _stack():
+    """(graph, runner with the profiler on) for `RoutedStack`, captured at batch 2, length 5."""
+    x = stack_input(2, 5)
+    gm = capture(RoutedStack().eval(), (x,))
+    return gm, onnx_backend.prepare(gm, {"x": x}, profile=True)
+
+
+def _eager(gm, x):
+    with torch.no_grad():
+        return gm(x)
+
+
+# (batch, length): unlike the export example, including a single token
+@pytest.mark.parametrize("batch,seq", [(3, 11), (1, 1), (4, 2)])
+def test_routed_stack_equals_eager(batch, seq):
+    gm, run = _stack()
+    x = stack_input(batch, seq, seed=batch * 100 + seq)
+    y, outs, routes = run(x=x)
+    y_ref, outs_ref, routes_ref = _eager(gm, x)
+    for i, (r, r_ref) in enumerate(zip(routes, routes_ref)):
+        assert r.dtype == torch.int64 and torch.equal(r, r_ref), f"layer {i}: route ids differ"
+    for i, (o, o_ref) in enumerate(zip(outs, outs_ref)):
+        err = (o - o_ref).abs().max().item()
+        assert err <= ONNX_VS_EAGER, f"layer {i} ({LAYERS[i]}): max abs error {err:.3g}"
+    assert (y - y_ref).abs().max().item() <= ONNX_VS_EAGER
+
+
+def test_every_route_is_exercised():
+    """The test data reaches every non-skip route except the ones the router never picks."""
+    gm, run = _stack()
+    _, _, routes = run(x=stack_input(3, 11, seed=7))
+    for cfg, r in zip(LAYERS, routes):
+        counts = torch.bincount(r.flatten(), minlength=len(cfg.ranges) // 2)
+        for route, count in enumerate(counts.tolist()):
+            assert (count == 0) == (route in cfg.never), (cfg, counts)
+
+
+# ORT keeps our node names through fusions: "routed_ffn_4/route2/up/MatMulAddFusion", "fused routed_ffn_4/..."
+_KERNEL = re.compile(r"^(?:fused )?(?P<op>routed_ffn(?:_\d+)?)/(?P<route>route\d+|dense)/(?P<mat>up|gate|down)(?:/|_kernel_time)")
+
+
+def _matmul_rows(profile_path: str) -> dict[tuple[str, str, str], list[int]]:
+    """{(fx node, 'routeN' | 'dense', 'up' | 'gate' | 'down'): [row counts, one per run]} from ORT's profile
+    (node events carry their inputs' shapes in args.input_type_shape)."""
+    rows: dict[tuple[str, str, str], list[int]] = {}
+    with open(profile_path) as f:
+        events = json.load(f)
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        m = _KERNEL.match(e["name"])
+        if m is None:
+            continue
+        assert e["args"]["op_name"] in ("MatMul", "Gemm", "FusedGemm", "FusedMatMul"), e
+        shape = next(iter(e["args"]["input_type_shape"][0].values()))  # the activation operand [..., d or F_r]
+        rows.setdefault((m["op"], m["route"], m["mat"]), []).append(int(torch.tensor(shape[:-1]).prod()))
+    return rows
+
+
+def test_profiler_each_route_runs_on_its_own_rows():
+    """Each routed MatMul runs on as many rows as there are (token, slot) assignments to its route; a skip
+    route (empty range) runs no MatMul; the dense layer runs on all tokens."""
+    gm, run = _stack()  # the profiler has been on since prepare; other tests may have run it before
+    x = stack_input(3, 13, seed=11)
+    _, _, routes = run(x=x)
+    rows = {key: counts[-1] for key, counts in _matmul_rows(run.end_profiling()).items()}  # this call's rows
+    names = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target is ROUTED_FFN]
+    assert len(names) == len(LAYERS)
+    expected: dict[tuple[str, str, str], int] = {}
+    for name, cfg, r in zip(names, LAYERS, routes):
+        mats = ("up", "gate", "down") if cfg.gated else ("up", "down")
+        if list(cfg.ranges) == [0, 40] and cfg.k == 1:
+            expected.update({(name, "dense", m): r.shape[0] * r.shape[1] for m in mats})
+            continue
+        counts = torch.bincount(r.flatten(), minlength=len(cfg.ranges) // 2).tolist()
+        for route, count in enumerate(counts):
+            if cfg.ranges[2 * route] == cfg.ranges[2 * route + 1]:
+                assert not any(k[0] == name and k[1] == f"route{route}" for k in rows), \
+                    f"{name}: skip route {route} ran a MatMul"
+                continue
+            expected.update({(name, f"route{route}", m): count for m in mats})
+    assert rows == expected
+
+
+# ---- what the exported model looks like -----------------------------------------------------------------
+
+def test_exported_model_inputs_and_initializers():
+    gm, run = _stack()
+    model = onnx.load_from_string(run.onnx_model)
+    assert [i.name for i in model.graph.input] == ["x"]
+    assert [i.name for i in run.inputs] == ["x"]
+    ops = {n.op_type for n in model.graph.node}
+    assert {"NonZero", "Gather", "ScatterND"} <= ops
+    assert "Slice" not in ops and "Transpose" not in ops  # weights are pre-sliced, pre-transposed initializers
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    assert inits["routed_ffn/route1/up.weight_t"] == [D, 9]           # [d, F_r]
+    assert inits["routed_ffn/route1/down.weight_t"] == [9, D]         # [F_r, d]
+    assert "routed_ffn/route0/up.weight_t" not in inits               # skip route: no weight at all
+
+
+def test_dense_range_lowers_to_plain_matmuls():
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(3)
+            self.w_up, self.w_gate = nn.Parameter(torch.randn(40, D, generator=g)), nn.Parameter(torch.randn(40, D, generator=g))
+            self.w_down = nn.Parameter(torch.randn(D, 40, generator=g))
+
+        def forward(self, x):
+            routes = torch.zeros(x.shape[:-1] + (1,), dtype=torch.long)
+            return ROUTED_FFN(x, routes, None, self.w_up, self.w_gate, self.w_down, None, None, None, [0, 40],
+                              "silu")
+
+    x = stack_input(2, 3)
+    gm = capture(Dense().eval(), (x,))
+    run = onnx_backend.prepare(gm, {"x": x})
+    ops = [n.op_type for n in onnx.load_from_string(run.onnx_model).graph.node]
+    assert ops.count("MatMul") == 3 and not {"NonZero", "Gather", "ScatterND"} & set(ops)
+    x = stack_input(5, 7, seed=2)
+    out = run(x=x)
+    assert isinstance(out, torch.Tensor)
+    assert (out - _eager(gm, x)).abs().max().item() <= ONNX_VS_EAGER * 10  # |out| ~ 1e2 here
+
+
+# ---- inputs the model cannot take ----------------------------------------------------------------------
+
+def test_wrong_dtype_rank_and_shape_raise_input_error():
+    _, run = _stack()
+    x = stack_input(2, 3)
+    with pytest.raises(routefx.InputError, match=r"input 'x' has dtype torch.float64 and rank 3; the ONNX model "
+                                                 r"takes dtype torch.float32 and rank 3"):
+        run(x=x.double())
+    with pytest.raises(routefx.InputError, match=r"input 'x' has dtype torch.float32 and rank 2; the ONNX model "
+                                                 r"takes dtype torch.float32 and rank 3"):
+        run(x=x[0])
+    with pytest.raises(routefx.InputError, match=r"input 'x' has shape \[2, 3, 7\]; the ONNX model takes shape "
+                                                 r"\[\?, \?, 24\]"):
+        run(x=x[..., :7])
+    with pytest.raises(routefx.InputError, match=r"input 'x' is a list; the ONNX model takes a tensor of dtype "
+                                                 r"torch.float32 and rank 3"):
+        run(x=x.tolist())
+    with pytest.raises(routefx.InputError, match=r"missing input 'x'"):
+        run()
+    with pytest.raises(routefx.InputError, match=r"unexpected input\(s\) \['mask'\]; the ONNX model takes \['x'\]"):
+        run(x=x, mask=x)
+
+
+class _WithConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(D, 3))
+
+    def forward(self, x, mode: str = "a"):
+        return x @ self.w if mode == "a" else x
+
+
+def test_constant_keywords_are_baked_in():
+    x = stack_input(2, 3)
+    gm = capture(_WithConstant(), (), {"x": x, "mode": "a"})
+    run = onnx_backend.prepare(gm, {"x": x, "mode": "a"})
+    assert [i.name for i in run.inputs] == ["x"]
+    assert torch.allclose(run(x=x, mode="a"), x @ torch.ones(D, 3), atol=ONNX_VS_EAGER)
+    assert run(x=x).shape == (2, 3, 3)
+    with pytest.raises(routefx.InputError, match=r"input 'mode' is 'b'; the ONNX model was exported with mode='a'"):
+        run(x=x, mode="b")
+
+
+# ---- export failures and registration ------------------------------------------------------------------
+
+@torch.library.custom_op("routefx_test::mystery", mutates_args=())
+def _mystery(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@_mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Mystery(nn.Module):
+    def forward(self, x):
+        return torch.ops.routefx_test.mystery(x) + 1
+
+
+def test_export_failure_names_the_node():
+    x = stack_input(2, 3)
+    gm = capture(_Mystery(), (x,))
+    with pytest.raises(routefx.BackendError, match=r"ONNX export failed: node %mystery "
+                                                   r"\(routefx_test\.mystery\.default\): .*No ONNX function"):
+        onnx_backend.prepare(gm, {"x": x})
+
+
+def test_backend_is_registered():
+    assert "onnx" in routefx.backends.BACKENDS
+    assert get_backend("onnx") is onnx_backend
+    with pytest.raises(routefx.BackendError, match="supported: eager, onnx"):
+        get_backend("tvm")

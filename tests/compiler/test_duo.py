@@ -1,0 +1,204 @@
+"""Duo routing: nested small/big/skip branches, routers and the compute budget."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import routefx
+from routefx.compiler.duo import _collect, _hidden, _weights
+from routefx.ir import capture, recognize
+from routefx.ir.activations import get_activation
+from routefx.policies import Duo
+from tests.compare import assert_close_nonpad
+from tests.tiny_lm import batches as text_batches
+from tests.tiny_lm import trained_llama
+from tests.tolerances import EXACT_REWRITE
+from tests.zoo import DENSE, ZOO, example_inputs
+
+BUDGET_TOL = 0.02
+
+
+def _batches(entry, n, seed, batch=4, seq=16, pad=3):
+    out = []
+    for i in range(n):
+        args, kwargs = example_inputs(entry, batch=batch, seq=seq, left_pad=pad, seed=seed + i)
+        out.append({"input_ids": args[0], **kwargs})
+    return out
+
+
+def _reference(model, batch):
+    kw = dict(batch)
+    if hasattr(model, "config") and "attention_mask" in kw:
+        kw["use_cache"] = False
+    with torch.no_grad():
+        return model(**kw)
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_budget_one_reproduces_dense(name):
+    entry = ZOO[name]
+    model = entry.build()
+    router = ("static", "random", "local")[DENSE.index(name) % 3]
+    cm = routefx.compile(model, Duo(budget=1.0, router=router), calibration=_batches(entry, 2, 10))
+    batch = _batches(entry, 1, 99, batch=3, seq=11, pad=4)[0]
+    assert_close_nonpad(cm(**batch), _reference(model, batch), batch.get("attention_mask"), EXACT_REWRITE)
+    stats = cm.route_stats([batch])
+    assert stats.budget == 1.0
+    assert all(layer["mix"][2] == 1.0 for layer in stats.layers)
+
+
+def _ffn_errors(model, cal, held, fraction=0.25, subsets=5):
+    """Held-out output error of the importance-ordered top-k neurons vs random k-subsets, per layer."""
+    cm = routefx.compile(model, Duo(budget=0.5, small_fraction=fraction, router="random"), calibration=cal)
+    gm = capture(model, (), held[0] | {"use_cache": False})
+    ir = recognize(gm)
+    xs, _ = _collect(gm, ir.dense_ffn_blocks, [b | {"use_cache": False} for b in held])
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for b in ir.dense_ffn_blocks:
+        lp = cm.plan.layers[b.key]
+        w = _weights(gm, b)
+        h = _hidden(xs[b.index], w, get_activation(b.ffn.activation))
+        y = F.linear(h, w["down"], w["b_down"])
+
+        def err(idx):
+            return (F.linear(h[:, idx], w["down"][:, idx], w["b_down"]) - y).norm() / y.norm()
+
+        rand = sum(err(torch.randperm(lp.F, generator=gen)[:lp.k]) for _ in range(subsets)) / subsets
+        out.append((float(err(lp.perm[:lp.k])), float(rand)))
+    return out
+
+
+def test_importance_prefix_beats_random_subsets_on_a_trained_model():
+    model = trained_llama()
+    errs = _ffn_errors(model, text_batches(3, 8, 64, seed=100), text_batches(2, 8, 64, seed=300, split="held"))
+    assert all(top < rnd for top, rnd in errs), errs
+
+
+def test_permutation_alone_keeps_the_dense_function():
+    entry = ZOO["gpt2"]
+    model = entry.build()
+    cm = routefx.compile(model, Duo(budget=0.5, router="random"), calibration=_batches(entry, 2, 10))
+    gm = cm.graph_module
+    op = next(n for n in gm.graph.nodes if n.target is torch.ops.routefx.routed_ffn.default)
+    lp = next(iter(cm.plan.layers.values()))
+    assert sorted(lp.perm.tolist()) == list(range(lp.F)) and lp.perm.tolist() != list(range(lp.F))
+    # force every token to the big branch: the permuted FFN must equal the original one
+    with torch.no_grad():
+        for name, buf in gm.named_buffers():
+            if name == "routefx_lambda":
+                buf.fill_(-1e30)
+    batch = _batches(entry, 1, 50, batch=2, seq=9)[0]
+    assert_close_nonpad(cm(**batch), _reference(model, batch), batch["attention_mask"], EXACT_REWRITE)
+    assert op.args[9] == [0, 0, 0, lp.k, 0, lp.F]
+
+
+@pytest.mark.parametrize("router", ["random", "local"])
+@pytest.mark.parametrize("budget", [0.75, 0.5, 0.25])
+def test_budget_is_met_with_mixed_routes(router, budget):
+    entry = ZOO["plain_resized"]
+    cal, held = _batches(entry, 4, 100, batch=6, seq=20), _batches(entry, 2, 200, batch=6, seq=20)
+    cm = routefx.compile(entry.build(), Duo(budget=budget, router=router), calibration=cal)
+    on_cal = cm.route_stats(cal)
+    assert abs(on_cal.budget - budget) <= BUDGET_TOL, on_cal
+    report = cm.report.plan["calibration"]["budget"]
+    assert report["target"] == budget and report["realised"] == pytest.approx(on_cal.budget)
+    on_held = cm.route_stats(held)                         # reported, not bounded: it is held-out data
+    assert 0.0 <= on_held.budget <= 1.0 and on_held.tokens == sum(int(b["attention_mask"].sum()) for b in held) \
+        if "attention_mask" in held[0] else on_held.tokens == 6 * 20 * 2
+    mixed = sum(sum(f > 0.01 for f in layer["mix"]) >= 2 for layer in on_cal.layers)
+    assert mixed > len(on_cal.layers) / 2, on_cal
+    # FLOPs with realised routes: the routed FFNs cost their realised fraction of the dense FFN FLOPs
+    f = cm.report.flops_per_token
+    dense_ffn = sum(b["ffn"] for b in f["blocks_before"])
+    router_flops = sum(2 * 36 * 3 for _ in on_cal.layers)
+    expected = f["realised"]["dense_calibration"] - dense_ffn + router_flops + sum(
+        layer["fraction"] * blk["ffn"] * 1.0 for layer, blk in zip(_per_layer(cm, cal), f["blocks_before"]))
+    assert f["realised"]["calibration"] == pytest.approx(expected, rel=1e-9)
+
+
+def _per_layer(cm, cal):
+    return cm.route_stats(cal).layers
+
+
+def _kl(model, cm, held):
+    tot, n = 0.0, 0
+    for b in held:
+        ref = _reference(model, b).logits
+        out = cm(**b).logits
+        keep = b["attention_mask"].bool()
+        p, q = F.log_softmax(ref[keep].double(), -1), F.log_softmax(out[keep].double(), -1)
+        tot += (p.exp() * (p - q)).sum().item()
+        n += int(keep.sum())
+    return tot / n
+
+
+def test_local_router_is_closest_to_dense_at_equal_budget():
+    """Trained tiny Llama (tests/tiny_lm.py), budget 0.5: KL(dense || routed) on held-out text."""
+    model = trained_llama()
+    cal = text_batches(6, 8, 64, seed=100, pad=5)
+    held = text_batches(3, 8, 64, seed=200, split="held", pad=5)
+    kl, realised = {}, {}
+    for router in ("static", "random", "local"):
+        cm = routefx.compile(model, Duo(budget=0.5, router=router), calibration=cal)
+        realised[router] = cm.route_stats(cal).budget
+        kl[router] = _kl(model, cm, held)
+    assert all(abs(b - 0.5) <= BUDGET_TOL for b in realised.values()), realised
+    assert kl["local"] < kl["static"] and kl["local"] < kl["random"], kl
+
+
+def test_a_near_identity_layer_gets_less_compute():
+    model = trained_llama()
+    import copy
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.mul_(1e-3)
+    cal = text_batches(4, 8, 64, seed=100, pad=5)
+    cm = routefx.compile(model, Duo(budget=0.5, router="local"), calibration=cal)
+    fractions = [layer["fraction"] for layer in cm.route_stats(cal).layers]
+    assert fractions[2] == min(fractions) and fractions[2] < 0.5 * max(fractions), fractions
+
+
+def test_static_router_states_its_realised_budget():
+    entry = ZOO["llama"]
+    cm = routefx.compile(entry.build(), Duo(budget=0.4, router="static"), calibration=_batches(entry, 2, 10))
+    b = cm.report.plan["calibration"]["budget"]
+    # 3 layers, one branch each among costs {0, 26/104, 1}: 0.4 is not reachable; the nearest is reported
+    assert b["target"] == 0.4 and b["realised"] == pytest.approx(cm.route_stats(_batches(entry, 2, 10)).budget)
+    assert abs(b["realised"] - 0.4) < 0.1
+    assert any("static routes: realised budget" in n for n in cm.report.notes)
+    assert all(max(layer["mix"]) == 1.0 for layer in b["layers"])
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,match", [
+    ({"budget": 0.0}, r"budget must be a compute fraction in \(0, 1\], got 0.0"),
+    ({"budget": 1.2}, r"budget must be a compute fraction in \(0, 1\], got 1.2"),
+    ({"small_fraction": 1.0}, r"small_fraction must be in \(0, 1\), got 1.0"),
+    ({"small_fraction": 0}, r"small_fraction must be in \(0, 1\), got 0"),
+    ({"router": "oracle"}, r"unknown router 'oracle'; supported: static, random, local"),
+    ({"layers": [-1]}, r"layers must be a non-empty list of block indices >= 0"),
+])
+def test_bad_policy_values(kw, match):
+    with pytest.raises(routefx.PolicyError, match=match):
+        Duo(**kw)
+
+
+def test_bad_block_indices_and_missing_calibration():
+    entry = ZOO["qwen2moe"]
+    cal = _batches(entry, 1, 10)
+    with pytest.raises(routefx.PolicyError, match=r"block 5 does not exist; the model has 3 blocks \(0..2\)"):
+        routefx.compile(entry.build(), Duo(layers=[1, 5]), calibration=cal)
+    with pytest.raises(routefx.PolicyError, match=r"block 0 has a moe FFN; Duo routes dense FFNs"):
+        routefx.compile(entry.build(), Duo(layers=[0]), calibration=cal)
+    with pytest.raises(routefx.CalibrationError, match=r"Duo\(budget=0.5.*needs calibration data"):
+        routefx.compile(entry.build(), Duo(budget=0.5, router="random"))
+
+
+def test_duo_on_a_subset_of_layers_and_json():
+    entry = ZOO["qwen2moe"]
+    cm = routefx.compile(entry.build(), Duo(layers=[1], router="random"), calibration=_batches(entry, 2, 10))
+    assert list(cm.plan.layers) == ["model.layers.1.mlp"]
+    assert [layer["key"] for layer in cm.route_stats(_batches(entry, 1, 5)).layers] == ["model.layers.1.mlp"]
+    p = Duo(budget=0.3, small_fraction=0.2, router="static", layers=[2, 0], seed=4)
+    assert routefx.policies.policy_from_json(p.to_json()) == p
