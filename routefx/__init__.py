@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from routefx import policies
 from routefx.compiler.compile import CompiledModel, compile
-from routefx.errors import (BackendError, CalibrationError, CaptureError, InputError, PolicyError, RoutefxError,
-                            UnsupportedModelError)
+from routefx.compiler.plan import Plan
+from routefx.errors import (BackendError, CalibrationError, CaptureError, InputError, PlanFormatError,
+                            PlanMismatchError, PolicyError, RoutefxError, UnsupportedModelError)
 from routefx.ir import ModelIR, capture, recognize
 
-__all__ = ["inspect", "compile", "CompiledModel", "policies", "ModelIR", "RoutefxError", "UnsupportedModelError",
+__all__ = ["inspect", "compile", "CompiledModel", "Plan", "PlanFormatError", "PlanMismatchError", "policies", "ModelIR", "RoutefxError", "UnsupportedModelError",
            "CaptureError", "PolicyError", "CalibrationError", "InputError", "BackendError"]
 
 

@@ -35,3 +35,11 @@ class InputError(RoutefxError, TypeError):
 
 class BackendError(RoutefxError, ValueError):
     """An unknown or unavailable backend."""
+
+
+class PlanFormatError(RoutefxError, ValueError):
+    """A plan directory that is missing, truncated, edited or of an unknown version."""
+
+
+class PlanMismatchError(RoutefxError, ValueError):
+    """A plan applied to a model other than the one it was calibrated on."""

@@ -4,6 +4,11 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Test models are tiny: one intra-op thread per test process. With pytest-xdist's processes on 2 cores, more
+# threads oversubscribe the cores and OpenMP's spin-waits make small ops 10-50x slower.
+torch.set_num_threads(1)
 
 from tests.zoo import ZOO, example_inputs  # noqa: E402
 

@@ -15,25 +15,27 @@ the file in a temporary directory when the weights exceed protobuf's 2 GiB limit
 Session options, chosen deliberately (see `session_options`):
 - CPU execution provider only.
 - intra_op_num_threads = torch.get_num_threads() at prepare time: the same core budget as the eager backend,
-  so measured speedups compare like with like; inter_op_num_threads = 1 with ORT_SEQUENTIAL execution: the
-  per-route branches are small, and a parallel executor would compete with the intra-op pool for the same
-  cores.
-- graph_optimization_level = ORT_ENABLE_ALL (ORT's default): constant folding, MatMul+Add -> Gemm, Gelu/
-  SiLU/LayerNorm/RMSNorm fusions; on the CPU provider ALL differs from EXTENDED only by layout transforms that
-  do not touch transformer graphs. The fusions are exact formulas (ORT's optional Gelu *approximation* is off).
-  Tests that need the graph as emitted pass `optimization_level="disable"`.
+  so measured speedups compare like with like. inter_op_num_threads = 1 with ORT_SEQUENTIAL execution: the
+  per-route branches are small, and a parallel executor would compete with the intra-op pool for the cores.
+- graph_optimization_level = ORT_ENABLE_ALL (ORT's default): constant folding, CSE, MatMul+Add -> Gemm,
+  Gelu / QuickGelu / LayerNorm / RMSNorm fusions, all exact formulas (ORT's optional Gelu *approximation* is
+  not enabled). ALL adds layout (NCHWc) transforms to EXTENDED, which only concern convolutions.
+  `prepare(..., optimization_level="disable")` runs the graph as emitted.
 - Weight pre-packing stays on (ORT's default): MLAS packs constant MatMul operands once at session creation,
-  which is why every routed weight slice is its own initializer.
-- enable_mem_pattern only for graphs without data-dependent shapes: a memory pattern is planned from input
-  shapes, but routed graphs' per-route row counts change from call to call at fixed input shapes.
-- CPU memory arena on (default); log_severity_level = 3 (errors only: ORT's warnings about removed initializers
-  are expected); profiling only when asked (`profile=True`, the JSON goes to a temporary directory).
+  one more reason every routed weight slice is its own initializer.
+- enable_mem_pattern only for graphs without data-dependent shapes: a memory pattern is planned per input
+  shape, but a routed graph's per-route row counts change from call to call at the same input shape.
+- CPU memory arena on (default); log_severity_level = 3 (errors only: warnings about initializers the
+  optimizer removed are expected); profiling only when asked (`profile=True`; the JSON goes to a temporary
+  directory that lives as long as the runner).
+
+The runner is a snapshot: weights, buffers and graph arguments are read at prepare time, so later in-place
+edits of `gm` do not reach it. Outputs are CPU tensors.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect as _inspect
 import logging
 import os
 import re
@@ -44,12 +46,13 @@ from typing import Any
 
 import onnx_ir as ir
 import onnxruntime as ort
+import onnxscript.optimizer
 import torch
 from torch import fx
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from routefx.backends.onnx_ops import RoutedFFNLowering, fold_weight_slices
+from routefx.backends.onnx_ops import fold_weight_slices, routed_ffn_lowering
 from routefx.errors import BackendError, InputError
 
 __all__ = ["prepare", "OnnxRunner", "session_options"]
@@ -135,7 +138,8 @@ class OnnxRunner:
         if unknown:
             raise InputError(f"unexpected input(s) {unknown}; the ONNX model takes {sorted(expected)}")
         for name, const in self._constants.items():
-            if name in kwargs and kwargs[name] is not const and kwargs[name] != const:
+            if name in kwargs and kwargs[name] is not const and (isinstance(kwargs[name], torch.Tensor)
+                                                                 or kwargs[name] != const):
                 raise InputError(f"input {name!r} is {kwargs[name]!r}; the ONNX model was exported with {name}="
                                  f"{const!r} baked in")
         feeds = {}
@@ -172,65 +176,48 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
             profile: bool = False) -> OnnxRunner:
     """Export `gm` to ONNX and open an ONNX Runtime CPU session; returns the runner (see the module docstring).
 
-    `example_kwargs` are the inputs `gm` was captured from (tensors and constants, by keyword). Raises
+    `example_kwargs` are the inputs `gm` was captured from (tensors and constants, by keyword).
+    `optimization_level` is ORT's graph optimization level ("disable", "basic", "extended", "all");
+    `profile=True` turns ORT's profiler on (`runner.end_profiling()` returns the JSON's path). Raises
     `BackendError` naming the node when the export fails.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    names = [n.target for n in placeholders]
-    missing = [n for n in names if n not in example_kwargs]
+    missing = [n.target for n in placeholders if n.target not in example_kwargs]
     if missing:
-        raise BackendError(f"example_kwargs lack {missing}; the graph takes {names}")
-    arg_names = _positional_names(gm, names)
-    call_args = tuple(_widen(n, example_kwargs[n.target]) for n in placeholders if n.target in arg_names)
-    call_kwargs = {n.target: _widen(n, example_kwargs[n.target]) for n in placeholders
-                   if n.target not in arg_names}
-    dyn = {n.target: _dynamic_dims(n) for n in placeholders}
-    dynamic_shapes = (tuple(dyn[a] for a in arg_names) if not call_kwargs
-                      else {k: dyn[k] for k in names})
-
-    routed = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target is _ROUTED_FFN]
-    lowering = RoutedFFNLowering(routed)
+        raise BackendError(f"example_kwargs lack {missing}; the graph takes {[n.target for n in placeholders]}")
+    arg_names = _positional_names(gm, [n.target for n in placeholders])
     t0 = time.perf_counter()
-    with _export_context():
-        try:
-            program = torch.onnx.export(gm, call_args, kwargs=call_kwargs or None, dynamo=True,
-                                        dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
-                                        custom_translation_table={_ROUTED_FFN: lowering})
-        except Exception as e:  # the exporter raises many types; one typed error naming the node
-            raise BackendError(f"ONNX export failed: {_describe_export_error(e)}") from e
+    model = _export(gm, placeholders, arg_names, example_kwargs)
     t1 = time.perf_counter()
-    fold_weight_slices(program.model)
+    fold_weight_slices(model)
     t2 = time.perf_counter()
-    program.optimize()
-    model = program.model
+    model = onnxscript.optimizer.optimize(model)  # what torch.onnx.export(optimize=True) runs
     t3 = time.perf_counter()
 
-    onnx_inputs = [v.name for v in model.graph.inputs]
-    tensor_names = [n.target for n in placeholders if isinstance(example_kwargs[n.target], torch.Tensor)]
-    if onnx_inputs != tensor_names:
-        raise BackendError(f"the ONNX model's inputs {onnx_inputs} differ from the graph's tensor inputs "
-                           f"{tensor_names}")
+    tensor_inputs = [n.target for n in placeholders if isinstance(example_kwargs[n.target], torch.Tensor)]
+    if [v.name for v in model.graph.inputs] != tensor_inputs:
+        raise BackendError(f"the ONNX model's inputs {[v.name for v in model.graph.inputs]} differ from the "
+                           f"graph's tensor inputs {tensor_inputs}")
     leaves, out_spec = _output_leaves(gm)
     if sum(leaf is True for leaf in leaves) != len(model.graph.outputs):
         raise BackendError(f"the ONNX model has {len(model.graph.outputs)} outputs; the graph has "
                            f"{sum(leaf is True for leaf in leaves)} tensor outputs")
 
     tmpdir = tempfile.TemporaryDirectory(prefix="routefx_onnx_") if profile else None
-    has_nonzero = any(node.op_type == "NonZero" for node in ir.traversal.RecursiveGraphIterator(model.graph))
-    so = session_options(optimization_level=optimization_level, routed=has_nonzero,
+    routed = any(node.op_type == "NonZero" for node in ir.traversal.RecursiveGraphIterator(model.graph))
+    so = session_options(optimization_level=optimization_level, routed=routed,
                          profile_dir=tmpdir.name if tmpdir else None)
     onnx_bytes, onnx_path = None, None
     if _initializer_bytes(model) < _MAX_PROTO_BYTES:
         onnx_bytes = ir.serde.serialize_model(model).SerializeToString()
-        source = onnx_bytes
     else:
         tmpdir = tmpdir or tempfile.TemporaryDirectory(prefix="routefx_onnx_")
         onnx_path = os.path.join(tmpdir.name, "model.onnx")
         ir.save(model, onnx_path, external_data="model.onnx.data")
-        source = onnx_path
     try:
-        session = ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:
+        session = ort.InferenceSession(onnx_bytes or onnx_path, sess_options=so,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own pybind exception types
         raise BackendError(f"ONNX Runtime could not load the exported model: {type(e).__name__}: "
                            f"{_first_line(e)}") from e
     timings = {"export": t1 - t0, "fold": t2 - t1, "optimize": t3 - t2, "session": time.perf_counter() - t3}
@@ -241,6 +228,25 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
 
 
 # ---- export helpers ----------------------------------------------------------------------------------------
+
+def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[str, ...],
+            example_kwargs: dict) -> ir.Model:
+    """torch.onnx.export with the placeholders' symbolic dims dynamic and routed_ffn lowered; not optimized."""
+    call_args = tuple(_widen(n, example_kwargs[n.target]) for n in placeholders if n.target in arg_names)
+    call_kwargs = {n.target: _widen(n, example_kwargs[n.target]) for n in placeholders
+                   if n.target not in arg_names}
+    dyn = {n.target: _dynamic_dims(n) for n in placeholders}
+    dynamic_shapes = tuple(dyn[a] for a in arg_names) if not call_kwargs else dyn
+    routed = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target is _ROUTED_FFN]
+    with _export_context():
+        try:
+            program = torch.onnx.export(gm, call_args, kwargs=call_kwargs or None, dynamo=True,
+                                        dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
+                                        custom_translation_table={_ROUTED_FFN: routed_ffn_lowering(routed)})
+        except Exception as e:  # the exporter raises many types; one typed error naming the node
+            raise BackendError(f"ONNX export failed: {_describe_export_error(e)}") from e
+    return program.model
+
 
 def _positional_names(gm: fx.GraphModule, names: list[str]) -> tuple[str, ...]:
     """Inputs `gm` was captured with as positional arguments (its in_spec's args), in order."""
@@ -264,9 +270,13 @@ def _dynamic_dims(node: fx.Node):
 
 
 def _widen(node: fx.Node, value):
-    """Repeat size-1 dynamic dims to 2: torch.export would specialise a size-1 example dim to the constant 1."""
+    """The example as export needs it: contiguous (a strided view would put symbolic strides into the graph)
+    and with size-1 dynamic dims repeated to 2 (torch.export would specialise them to the constant 1)."""
     val = node.meta.get("val")
-    if not isinstance(value, torch.Tensor) or not isinstance(val, torch.Tensor) or value.dim() != val.dim():
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach().contiguous()
+    if not isinstance(val, torch.Tensor) or value.dim() != val.dim():
         return value
     for i, s in enumerate(val.shape):
         if not isinstance(s, int) and value.shape[i] == 1:
@@ -296,7 +306,7 @@ _NODE = re.compile(r"Error when translating node %(\S+) : .*?target=([^\]]+)\]")
 def _describe_export_error(e: BaseException) -> str:
     """'node %name (target): root cause' from the exporter's exception chain."""
     where, chain = None, []
-    while e is not None:
+    while e is not None and all(e is not c for c in chain):
         chain.append(e)
         m = _NODE.search(str(e))
         if m and where is None:

@@ -1,7 +1,7 @@
 """ONNX lowering of `routefx::routed_ffn` (see `routefx/ir/ops.py` for its semantics).
 
-`RoutedFFNLowering` is the translation function handed to `torch.onnx.export(custom_translation_table=...)`:
-a plain Python function that calls onnxscript opset ops on the exporter's values. Per route r whose range
+`routed_ffn_lowering(names)` makes the translation function for `torch.onnx.export(custom_translation_table=...)`:
+a plain Python function calling onnxscript opset ops on the exporter's values. Per route r whose range
 [s_r, e_r) is not empty it emits (T = tokens, K = routes per token, n_r = assignments to route r):
 
     pos_r  = NonZero(routes.flat == r)        # [n_r]   positions in the flattened [T*K] routes
@@ -26,6 +26,7 @@ where `prefix` is the fx node's name (`routed_ffn`, `routed_ffn_1`, ...), so pro
 """
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from typing import Callable, Sequence
@@ -37,7 +38,7 @@ from onnxscript import opset18 as op
 
 from routefx.errors import BackendError
 
-__all__ = ["RoutedFFNLowering", "fold_weight_slices", "ONNX_ACTIVATIONS"]
+__all__ = ["routed_ffn_lowering", "fold_weight_slices", "ONNX_ACTIVATIONS"]
 
 _FOLD_PREFIX = "routefx_fold/"
 _SQRT_HALF = math.sqrt(0.5)
@@ -74,66 +75,69 @@ def _named(value, name: str, value_name: str | None = None):
     return value
 
 
-class RoutedFFNLowering:
-    """The translation function for `torch.ops.routefx.routed_ffn.default`.
+def routed_ffn_lowering(names: Sequence[str] = ()) -> Callable:
+    """The translation function for `torch.ops.routefx.routed_ffn.default` (a plain function, so the exporter
+    can read its signature).
 
     `names` are the fx names of the routed_ffn nodes in graph order (the exporter translates them in that
     order); they prefix the ONNX node names. Calls beyond the list are named `routed_ffn@{i}`.
     """
+    pending = list(names)
+    calls = itertools.count()
 
-    def __init__(self, names: Sequence[str] = ()):
-        self._names = list(names)
-        self._calls = 0
+    def routed_ffn(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation):
+        i = next(calls)
+        prefix = pending[i] if i < len(pending) else f"routed_ffn@{i}"
+        return _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
 
-    def _prefix(self) -> str:
-        i, self._calls = self._calls, self._calls + 1
-        return self._names[i] if i < len(self._names) else f"routed_ffn@{i}"
+    return routed_ffn
 
-    def __call__(self, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation):
-        prefix = self._prefix()
-        if activation not in ONNX_ACTIVATIONS:
-            raise BackendError(f"{prefix}: activation {activation!r} has no ONNX lowering; supported: "
-                               f"{', '.join(sorted(ONNX_ACTIVATIONS))}")
-        act = ONNX_ACTIVATIONS[activation]
-        ranges = [int(v) for v in ranges]
-        n_neurons = _static_dim(w_up, 0, prefix, "w_up")
-        d = _static_dim(w_up, 1, prefix, "w_up")
-        k_routes = _static_dim(routes, -1, prefix, "routes")
-        weights = _Weights(prefix, w_up, w_gate, w_down, b_up, b_gate)
 
-        if ranges == [0, n_neurons] and n_neurons > 0 and gates is None and k_routes == 1:
-            # Dense: the plain FFN on all rows, x [..., d] -> [..., d] (MatMul broadcasts the leading dims).
-            y = weights.ffn(x, 0, n_neurons, act, f"{prefix}/dense")
-            # The exporter renames the node producing the op's output; Identity keeps the MatMul's name.
-            return op.Identity(y) if b_down is None else op.Add(y, b_down)
+def _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation):
+    """One routed_ffn call as ONNX ops (the module docstring shows what is emitted); returns [..., d] like x."""
+    if activation not in ONNX_ACTIVATIONS:
+        raise BackendError(f"{prefix}: activation {activation!r} has no ONNX lowering; supported: "
+                           f"{', '.join(sorted(ONNX_ACTIVATIONS))}")
+    act = ONNX_ACTIVATIONS[activation]
+    ranges = [int(v) for v in ranges]
+    n_neurons = _static_dim(w_up, 0, prefix, "w_up")
+    d = _static_dim(w_up, 1, prefix, "w_up")
+    k_routes = _static_dim(routes, -1, prefix, "routes")
+    weights = _Weights(prefix, w_up, w_gate, w_down, b_up, b_gate)
 
-        acc = _ACC.get(x.dtype)
-        x2 = op.Reshape(x, [-1, d])  # [T, d]
-        flat_routes = op.Reshape(routes, [-1])  # [T*K]
-        flat_gates = None
-        if gates is not None:
-            flat_gates = op.Reshape(op.Cast(gates, to=acc or x.dtype), [-1])  # [T*K]
-        zero = ir.tensor(np.zeros(1, dtype=(acc or x.dtype).numpy()))
-        out = op.ConstantOfShape(op.Shape(x2), value=zero)  # [T, d] accumulator
+    if ranges == [0, n_neurons] and n_neurons > 0 and gates is None and k_routes == 1:
+        # Dense: the plain FFN on all rows, x [..., d] -> [..., d] (MatMul broadcasts the leading dims).
+        y = weights.ffn(x, 0, n_neurons, act, f"{prefix}/dense")
+        # The exporter renames the node producing the op's output; Identity keeps the MatMul's name.
+        return op.Identity(y) if b_down is None else op.Add(y, b_down)
 
-        for r in range(len(ranges) // 2):
-            start, end = ranges[2 * r], ranges[2 * r + 1]
-            if start == end:
-                continue  # an empty range contributes exactly 0: no MatMul at all
-            pos = op.Reshape(op.NonZero(op.Equal(flat_routes, r)), [-1])  # [n_r]
-            tok = pos if k_routes == 1 else op.Div(pos, k_routes)  # [n_r] token ids (repeats allowed)
-            rows = op.Gather(x2, tok, axis=0)  # [n_r, d]
-            y = weights.ffn(rows, start, end, act, f"{prefix}/route{r}")  # [n_r, d]
-            if b_down is not None:
-                y = op.Add(y, b_down)
-            if acc is not None:
-                y = op.Cast(y, to=acc)
-            if flat_gates is not None:
-                y = op.Mul(y, op.Unsqueeze(op.Gather(flat_gates, pos, axis=0), [1]))  # [n_r, d] * [n_r, 1]
-            out = op.ScatterND(out, op.Unsqueeze(tok, [1]), y, reduction="add")  # indices [n_r, 1]
+    acc = _ACC.get(x.dtype)
+    x2 = op.Reshape(x, [-1, d])  # [T, d]
+    flat_routes = op.Reshape(routes, [-1])  # [T*K]
+    flat_gates = None
+    if gates is not None:
+        flat_gates = op.Reshape(op.Cast(gates, to=acc or x.dtype), [-1])  # [T*K]
+    zero = ir.tensor(np.zeros(1, dtype=(acc or x.dtype).numpy()))
+    out = op.ConstantOfShape(op.Shape(x2), value=zero)  # [T, d] accumulator
+
+    for r in range(len(ranges) // 2):
+        start, end = ranges[2 * r], ranges[2 * r + 1]
+        if start == end:
+            continue  # an empty range contributes exactly 0: no MatMul at all
+        pos = op.Reshape(op.NonZero(op.Equal(flat_routes, r)), [-1])  # [n_r]
+        tok = pos if k_routes == 1 else op.Div(pos, k_routes)  # [n_r] token ids (repeats allowed)
+        rows = op.Gather(x2, tok, axis=0)  # [n_r, d]
+        y = weights.ffn(rows, start, end, act, f"{prefix}/route{r}")  # [n_r, d]
+        if b_down is not None:
+            y = op.Add(y, b_down)
         if acc is not None:
-            out = op.Cast(out, to=x.dtype)
-        return op.Reshape(out, op.Shape(x))
+            y = op.Cast(y, to=acc)
+        if flat_gates is not None:
+            y = op.Mul(y, op.Unsqueeze(op.Gather(flat_gates, pos, axis=0), [1]))  # [n_r, d] * [n_r, 1]
+        out = op.ScatterND(out, op.Unsqueeze(tok, [1]), y, reduction="add")  # indices [n_r, 1]
+    if acc is not None:
+        out = op.Cast(out, to=x.dtype)
+    return op.Reshape(out, op.Shape(x))
 
 
 class _Weights:

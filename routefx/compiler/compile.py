@@ -19,9 +19,10 @@ from routefx.compiler.calibration import normalize_calibration, token_mask
 from routefx.compiler.observe import run_recording
 from routefx.compiler.pipeline import build_pipeline
 from routefx.compiler.plan import Plan
-from routefx.compiler.policies import Policy
+from routefx.compiler.plan_io import check_fingerprint, fingerprint
+from routefx.compiler.policies import Policy, policy_from_dict
 from routefx.compiler.report import CompileReport
-from routefx.errors import CalibrationError, InputError, PolicyError
+from routefx.errors import CalibrationError, InputError, PlanMismatchError, PolicyError
 from routefx.ir import graph_utils as gu
 from routefx.ir.capture import capture, normalize_inputs
 from routefx.ir.flops import FlopCount, count_flops, route_flops
@@ -79,14 +80,18 @@ def _flops_summary(before: FlopCount, after: FlopCount, seq: int, realised: dict
 class CompiledModel:
     """A model compiled by routefx. Call it like the original model."""
 
-    def __init__(self, model: nn.Module, policy: Policy, *, calibration=None, backend: str = "eager",
+    def __init__(self, model: nn.Module, policy: Policy | Plan, *, calibration=None, backend: str = "eager",
                  debug_dir: str | None = None):
         self._model = model
+        self._given_plan = policy if isinstance(policy, Plan) else None
+        if self._given_plan is not None:
+            check_fingerprint(self._given_plan.fingerprint or {"params": {}}, model)
+            policy = policy_from_dict(self._given_plan.policy)
         self.policy = policy
         self.backend = backend
         self._backend = get_backend(backend)
         self._calibration = None if calibration is None else normalize_calibration(calibration)
-        if policy.needs_calibration and self._calibration is None:
+        if policy.needs_calibration and self._calibration is None and self._given_plan is None:
             raise CalibrationError(f"{policy!r} needs calibration data: pass calibration=[batch, ...] (dicts of "
                                    "the model's keyword arguments, or input_ids tensors)")
         self._debug_dir = debug_dir
@@ -111,13 +116,23 @@ class CompiledModel:
         t1 = time.perf_counter()
         ir_before = recognize(gm)
         flops_before = count_flops(gm, ir_before)
-        plan = calibrate(self.policy, gm, ir_before, self._batches(_form(kwargs)))
+        if self._given_plan is not None:
+            plan = self._given_plan
+            missing = sorted(set(plan.layers) - {b.key for b in ir_before.blocks})
+            if missing or len(plan.block_paths) != len(ir_before.blocks):
+                raise PlanMismatchError(f"plan does not fit this graph: layers {missing} not found, or "
+                                        f"{len(plan.block_paths)} blocks planned vs {len(ir_before.blocks)} found")
+        else:
+            plan = calibrate(self.policy, gm, ir_before, self._batches(_form(kwargs)))
+            plan.fingerprint = fingerprint(self._model)
         t2 = time.perf_counter()
         calib_s = t2 - t1
         manager = PassManager(build_pipeline(self.policy), debug_dir=self._debug_dir)
         ir, reports = manager.run(gm, policy=self.policy, plan=plan)
         notes = []
-        if any(lp.static_route is None for lp in plan.layers.values()):
+        if self._given_plan is not None:
+            notes.append("rebuilt from a plan: no calibration")
+        elif any(lp.static_route is None for lp in plan.layers.values()):
             t3 = time.perf_counter()
             batches = self._batches(_form(kwargs))
             lam0 = route_stats(gm, ir, batches)
@@ -256,8 +271,8 @@ def compile(model: nn.Module, policy: Policy, *, example_inputs=None, example_kw
     re-iterable sequence of batches (dicts of keyword arguments; a bare tensor means input_ids); padding
     positions are excluded from every statistic. `debug_dir` receives the graph after each pass.
     """
-    if not isinstance(policy, Policy):
-        raise PolicyError(f"policy must be a routefx policy (e.g. routefx.policies.Dense()), got "
+    if not isinstance(policy, (Policy, Plan)):
+        raise PolicyError(f"policy must be a routefx policy (e.g. routefx.policies.Dense()) or a Plan, got "
                           f"{type(policy).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -133,6 +133,23 @@ def _static_choice(errors: list[torch.Tensor], costs: list[torch.Tensor], budget
     return states[total][1], total / L
 
 
+def fit_separate_branch(lp: LayerPlan, w: dict, h_top: torch.Tensor, y_big: torch.Tensor,
+                        top: torch.Tensor) -> torch.Tensor:
+    """Separate small branch: up/gate rows of the top-k neurons, and a down projection fitted by ridge least
+    squares so that h_top · W_downᵀ + b_down ≈ y_big on the calibration tokens. Returns the fitted output [N, d].
+    """
+    pick = lambda t: None if t is None else t[top].clone()  # noqa: E731
+    lp.small_up, lp.small_gate, lp.small_b_up, lp.small_b_gate = (pick(w["up"]), pick(w["gate"]), pick(w["b_up"]),
+                                                                  pick(w["b_gate"]))
+    H = h_top.double()                                                      # [N, k]
+    target = y_big.double() - (0 if w["b_down"] is None else w["b_down"].double())  # [N, d]
+    gram = H.T @ H                                                          # [k, k]
+    ridge = 1e-6 * gram.diagonal().mean().clamp_min(1e-12)
+    sol = torch.linalg.solve(gram + ridge * torch.eye(H.shape[1], dtype=H.dtype), H.T @ target)  # [k, d]
+    lp.small_down = sol.T.to(w["down"].dtype).contiguous()                  # [d, k]
+    return torch.nn.functional.linear(h_top, lp.small_down, w["b_down"])
+
+
 def calibrate_duo(policy: Duo, gm: fx.GraphModule, ir: ModelIR, batches: list[dict], plan: Plan) -> None:
     blocks = routed_blocks(policy, ir)
     xs, norms = _collect(gm, blocks, batches)
@@ -151,7 +168,10 @@ def calibrate_duo(policy: Duo, gm: fx.GraphModule, ir: ModelIR, batches: list[di
             y_big = torch.nn.functional.linear(h, w["down"], w["b_down"])
             top = perm[:k]
             y_small = torch.nn.functional.linear(h[:, top], w["down"][:, top], w["b_down"])
-        plan.layers[b.key] = LayerPlan(F=F, k=k, perm=perm, router=policy.router)
+        lp = LayerPlan(F=F, k=k, perm=perm, router=policy.router, small=policy.small)
+        if policy.small == "separate":
+            y_small = fit_separate_branch(lp, w, h[:, top], y_big, top)
+        plan.layers[b.key] = lp
         data[b.key] = LayerData(x, norms[b.index], y_big, y_small)
 
     keys = list(data)

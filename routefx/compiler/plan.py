@@ -13,7 +13,8 @@ __all__ = ["Plan", "LayerPlan"]
 class LayerPlan:
     """Routing decisions for one FFN (keyed by its module path in `Plan.layers`).
 
-    Route ids: 0 skip (empty range), 1 small [0, k), 2 big [0, F), after permuting neurons by `perm`.
+    Route ids: 0 skip (empty range), 1 small, 2 big [0, F), after permuting neurons by `perm`. The small branch
+    is nested ([0, k): the k most important neurons) or separate ([F, F + k): its own fitted weights, appended).
     """
 
     F: int
@@ -23,10 +24,24 @@ class LayerPlan:
     static_route: int | None = None             # static router: the one route every token takes
     weight: torch.Tensor | None = None          # [3, d] router weight (per-token routers)
     bias: torch.Tensor | None = None            # [3]
+    small: str = "nested"                       # "nested" | "separate"
+    small_up: torch.Tensor | None = None        # separate branch: [k, d]
+    small_gate: torch.Tensor | None = None      # [k, d] (gated FFNs)
+    small_down: torch.Tensor | None = None      # [d, k]
+    small_b_up: torch.Tensor | None = None      # [k]
+    small_b_gate: torch.Tensor | None = None    # [k]
 
     @property
     def ranges(self) -> list[int]:
+        if self.small == "separate":
+            return [0, 0, self.F, self.F + self.k, 0, self.F]
         return [0, 0, 0, self.k, 0, self.F]
+
+    @property
+    def added_bytes(self) -> int:
+        """Weight bytes the separate small branch adds (0 when nested)."""
+        return sum(t.numel() * t.element_size() for t in (self.small_up, self.small_gate, self.small_down,
+                                                          self.small_b_up, self.small_b_gate) if t is not None)
 
     @property
     def costs(self) -> list[float]:
@@ -34,6 +49,7 @@ class LayerPlan:
 
     def summary(self) -> dict[str, Any]:
         return {"F": self.F, "k": self.k, "router": self.router, "static_route": self.static_route,
+                "small": self.small, "added_bytes": self.added_bytes,
                 "permuted": self.perm is not None, "router_shape": None if self.weight is None
                 else list(self.weight.shape)}
 
@@ -47,9 +63,20 @@ class Plan:
     layers: dict[str, LayerPlan] = dataclasses.field(default_factory=dict)
     lam: float | None = None                                       # global price on branch cost (routers)
     calibration: dict[str, Any] = dataclasses.field(default_factory=dict)  # figures measured while calibrating
+    fingerprint: dict[str, Any] | None = None                      # the model it was calibrated on
+
+    def save(self, directory: str) -> None:
+        """Write `plan.json` + `tensors.safetensors` into `directory` (format: routefx/compiler/plan_io.py)."""
+        from routefx.compiler.plan_io import save_plan
+        save_plan(self, directory)
+
+    @classmethod
+    def load(cls, directory: str) -> "Plan":
+        from routefx.compiler.plan_io import load_plan
+        return load_plan(directory)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON summary (tensors are left out; `save` in a later release writes them)."""
+        """A JSON summary (tensors left out; `save` writes them)."""
         return {"policy": self.policy, "pruned": self.pruned, "block_influence": self.block_influence,
                 "block_paths": self.block_paths, "lam": self.lam, "calibration": self.calibration,
                 "layers": {k: v.summary() for k, v in self.layers.items()}}

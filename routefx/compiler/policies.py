@@ -118,6 +118,9 @@ class Duo(Policy):
     router: "static" (one branch per layer, chosen by importance), "random" (a seeded random linear router, a
         per-token baseline), "local" (a linear router trained on layer-local labels).
     layers: block indices to route (None: every dense FFN).
+    small: "nested" (the small branch is the first k neurons of the big one; no extra weights) or "separate"
+        (an extra k-neuron branch appended to the weights, initialised from the top-k neurons and fitted by
+        least squares on calibration activations to approximate the big branch).
     """
 
     budget: float = 0.5
@@ -125,6 +128,7 @@ class Duo(Policy):
     router: str = "local"
     layers: tuple[int, ...] | None = None
     seed: int = 0
+    small: str = "nested"
 
     def __post_init__(self):
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
@@ -139,6 +143,8 @@ class Duo(Policy):
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
                 raise PolicyError(f"Duo: layers must be a non-empty list of block indices >= 0, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+        if self.small not in ("nested", "separate"):
+            raise PolicyError(f"Duo: small must be 'nested' or 'separate', got {self.small!r}")
         if not isinstance(self.seed, int):
             raise PolicyError(f"Duo: seed must be an int, got {self.seed!r}")
 

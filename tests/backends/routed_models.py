@@ -1,8 +1,9 @@
 """Hand-built graphs around `routefx::routed_ffn`, independent of the routing passes.
 
-`RoutedStack` is a residual stack of routed FFN layers (RMS-normalised inputs), each with its own router (`x @ Wr^T + br`, argmax for
-K = 1, softmax-normalised top-K gates for K > 1) and its own configuration. Its forward returns the final
-output, every layer's output and every layer's route ids, so a backend's routes can be compared with eager.
+`RoutedStack` is a residual stack of routed FFN layers (RMS-normalised inputs), each with its own router
+(`x @ Wr^T + br`, argmax for K = 1, softmax-normalised top-K gates for K > 1) and its own configuration. Its
+forward returns the final output, every layer's output and every layer's route ids, so a backend's routes can
+be compared with eager.
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ class Layer:
     gates: bool = False              # softmax gates over the top-K router scores
     bias: bool = False               # b_up, b_gate (when gated) and b_down
     never: tuple[int, ...] = ()      # routes the router never picks (zero tokens at run time)
+    repeat: bool = False             # every slot takes the top route: each token picks its route K times
 
 
 D, F = 24, 40  # hidden, neurons: odd sizes on purpose
 
 # Skip / small / big; MoE-like equal ranges with a skip; overlapping ranges; a route with no tokens; the dense
-# fast path (one full range). Together they use every activation.
+# fast path (one full range); a token taking the same route twice. Together they use every activation.
 LAYERS = (
     Layer((0, 0, 0, 9, 0, F), "silu"),
     Layer((0, 0, 0, 10, 10, 20, 20, 30, 30, F), "gelu", k=2, gates=True, bias=True),
@@ -41,6 +43,7 @@ LAYERS = (
     Layer((0, 0, 0, 20, 20, F), "sigmoid", k=2),
     Layer((0, 0, 0, 7, 0, F), "quick_gelu", bias=True),
     Layer((0, F), "identity"),
+    Layer((0, 0, 0, 12, 0, F), "silu", k=2, gates=True, repeat=True),
 )
 
 
@@ -69,6 +72,8 @@ class RoutedFFNLayer(nn.Module):
             routes, gates = torch.argmax(scores, dim=-1, keepdim=True), None  # [B, S, 1]
         else:
             top, routes = torch.topk(scores, self.cfg.k, dim=-1)  # [B, S, K]
+            if self.cfg.repeat:
+                top, routes = top[..., :1].expand_as(top), routes[..., :1].expand_as(routes)
             gates = torch.softmax(top, dim=-1) if self.cfg.gates else None
         y = ROUTED_FFN(x, routes, gates, self.w_up, self.w_gate, self.w_down, self.b_up, self.b_gate, self.b_down,
                        list(self.cfg.ranges), self.cfg.activation)

@@ -1,0 +1,59 @@
+"""AppendSmallBranch: append each planned separate small branch after the big one's neurons.
+
+Requires: routed FFNs (neurons already permuted); `ctx.plan.layers[key]` with `small == "separate"` and its
+          fitted weights (small_up/gate/down and biases).
+Ensures:  the op's weights are [big F neurons; small k neurons] (copies; the user's weights are untouched), so
+          the small branch is the range [F, F + k); the big range [0, F) computes what it did before.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from routefx.ir.ffn import _param_ref, resolve_weight
+from routefx.ir.graph_utils import dynamic_nodes, eliminate_dead_code_
+from routefx.passes.attrs import add_tensor_attr
+from routefx.passes.base import Miss, Pass, PassContext, PassResult
+
+__all__ = ["AppendSmallBranch"]
+
+# routed_ffn argument position -> (plan field, concatenation dim)
+_PARTS = {3: ("small_up", 0), 4: ("small_gate", 0), 5: ("small_down", 1), 6: ("small_b_up", 0),
+          7: ("small_b_gate", 0)}
+
+
+class AppendSmallBranch(Pass):
+    name = "append_small_branch"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        res = PassResult()
+        layers = ctx.plan.layers if ctx.plan is not None else {}
+        blocks = {b.key: b for b in ctx.ir.blocks}
+        g = gm.graph
+        dyn = dynamic_nodes(g)
+        added = 0
+        for key, lp in layers.items():
+            if lp.small != "separate":
+                continue
+            b = blocks.get(key)
+            if b is None or b.ffn is None or b.ffn.routed is None:
+                res.misses.append(Miss(key, "no routed FFN with this key in the graph"))
+                continue
+            op = b.ffn.match.out
+            with g.inserting_before(op):
+                for pos, (field, dim) in _PARTS.items():
+                    extra = getattr(lp, field)
+                    cur = op.args[pos]
+                    if extra is None or cur is None:
+                        if (extra is None) != (cur is None):
+                            raise ValueError(f"{key}: plan's {field} does not match the FFN's weights")
+                        continue
+                    w = resolve_weight(gm, _param_ref(cur, dyn))
+                    cat = torch.cat([w, extra.to(w.dtype)], dim=dim).contiguous()
+                    op.update_arg(pos, g.get_attr(add_tensor_attr(gm, f"routefx_{key}_{field}_cat", cat)))
+            added += lp.added_bytes
+            res.rewrites += 1
+        if res.rewrites:
+            res.notes.append(f"separate small branches add {added:,} weight bytes")
+        eliminate_dead_code_(g)
+        return res

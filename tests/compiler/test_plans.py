@@ -1,0 +1,131 @@
+"""Plans: every calibrated decision saved (safetensors + JSON) and reloaded into the same compiled model."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import routefx
+from routefx.compiler.duo import _collect, _hidden, _weights
+from routefx.ir import capture, recognize
+from routefx.ir.activations import get_activation
+from routefx.policies import Duo, PruneLayers
+from tests.tiny_lm import batches as text_batches
+from tests.tiny_lm import trained_llama
+from tests.zoo import ZOO, PlainLM, example_inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_FRESH = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)          # as in the test process: same summation order, so bitwise comparable
+    sys.path.insert(0, {root!r})
+    import routefx
+    from tests.zoo import ZOO
+    model = ZOO[{name!r}].build()
+    batch = torch.load({batch!r})
+    cm = routefx.compile(model, routefx.Plan.load({plan!r}))
+    torch.save(cm(**batch).logits, {out!r})
+""")
+
+
+def _cal(entry, n=3, seed=10):
+    out = []
+    for i in range(n):
+        args, kwargs = example_inputs(entry, batch=4, seq=14, left_pad=3, seed=seed + i)
+        out.append({"input_ids": args[0], **kwargs})
+    return out
+
+
+@pytest.mark.parametrize("policy", [
+    PruneLayers(keep=0.67),
+    Duo(budget=0.5, router="static"),
+    Duo(budget=0.5, router="random"),
+    Duo(budget=0.5, router="local"),
+    Duo(budget=0.4, router="local", small="separate"),
+], ids=lambda p: p.to_json())
+def test_plan_round_trip_is_bit_identical_in_a_fresh_process(policy, tmp_path):
+    name = "llama"
+    entry = ZOO[name]
+    cm = routefx.compile(entry.build(), policy, calibration=_cal(entry))
+    cm.plan.save(str(tmp_path / "plan"))
+    batch = _cal(entry, 1, seed=77)[0]
+    expected = cm(**batch).logits
+    torch.save(batch, tmp_path / "batch.pt")
+    script = _FRESH.format(root=ROOT, name=name, batch=str(tmp_path / "batch.pt"), plan=str(tmp_path / "plan"),
+                           out=str(tmp_path / "out.pt"))
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+    doc = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert doc["policy"] == policy.to_dict() and doc["format"] == "routefx-plan"
+
+
+def test_plan_for_another_model_is_refused(tmp_path):
+    entry = ZOO["plain"]
+    cm = routefx.compile(entry.build(), Duo(budget=0.5, router="random"), calibration=_cal(entry))
+    cm.plan.save(str(tmp_path))
+    other = entry.build()
+    with torch.no_grad():
+        other.z[1].b.a.weight.add_(1e-3)                   # same names and shapes, other weights
+    with pytest.raises(routefx.PlanMismatchError, match=r"parameter 'z.1.b.a.weight': weights differ"):
+        routefx.compile(other, routefx.Plan.load(str(tmp_path)))
+    with pytest.raises(routefx.PlanMismatchError, match=r"parameter 'z.0.b.a.weight': shape \[100, 36\] != "
+                                                        r"plan's \[152, 36\]"):
+        torch.manual_seed(0)                                # same stream as the zoo: only the FFN width differs
+        routefx.compile(PlainLM(widths=(50, 76, 76)).eval(), routefx.Plan.load(str(tmp_path)))
+
+
+def test_truncated_or_edited_plan_is_refused(tmp_path):
+    entry = ZOO["plain"]
+    cm = routefx.compile(entry.build(), Duo(budget=0.5, router="local"), calibration=_cal(entry))
+    d = tmp_path / "p"
+    cm.plan.save(str(d))
+    js, ts = d / "plan.json", d / "tensors.safetensors"
+    doc = json.loads(js.read_text())
+
+    doc2 = dict(doc, lam=doc["lam"] + 1.0)                 # an edit keeps valid JSON
+    js.write_text(json.dumps(doc2))
+    with pytest.raises(routefx.PlanFormatError, match="was edited after it was written"):
+        routefx.Plan.load(str(d))
+    js.write_text(json.dumps(doc)[:-40])                    # truncated JSON
+    with pytest.raises(routefx.PlanFormatError, match="is not valid JSON"):
+        routefx.Plan.load(str(d))
+    js.write_text(json.dumps(doc))
+    blob = ts.read_bytes()
+    ts.write_bytes(blob[: len(blob) // 2])                  # truncated tensors
+    with pytest.raises(routefx.PlanFormatError, match="does not match plan.json"):
+        routefx.Plan.load(str(d))
+    ts.unlink()
+    with pytest.raises(routefx.PlanFormatError, match="tensors.safetensors is missing"):
+        routefx.Plan.load(str(d))
+
+
+def test_separate_small_branch_beats_its_initialisation_on_held_out_data():
+    """Trained tiny Llama (tests/tiny_lm.py): per layer, held-out relative error of the small branch against the
+    big one; the fitted separate branch vs its initialisation (the nested top-k neurons)."""
+    model = trained_llama()
+    cal = text_batches(6, 8, 64, seed=100, pad=5)
+    held = text_batches(3, 8, 64, seed=400, split="held", pad=5)
+    cm = routefx.compile(model, Duo(budget=0.5, router="static", small="separate"), calibration=cal)
+    assert "separate small branches add" in cm.report.pass_report("append_small_branch").notes[0]
+    gm = capture(model, (), held[0] | {"use_cache": False})
+    ir = recognize(gm)
+    xs, _ = _collect(gm, ir.dense_ffn_blocks, [b | {"use_cache": False} for b in held])
+    better = 0
+    for b in ir.dense_ffn_blocks:
+        lp = cm.plan.layers[b.key]
+        w = _weights(gm, b)
+        act = get_activation(b.ffn.activation)
+        h = _hidden(xs[b.index], w, act)
+        y = torch.nn.functional.linear(h, w["down"], w["b_down"])
+        top = lp.perm[: lp.k]
+        nested = torch.nn.functional.linear(h[:, top], w["down"][:, top], w["b_down"])
+        hs = act(torch.nn.functional.linear(xs[b.index], lp.small_gate)) * torch.nn.functional.linear(
+            xs[b.index], lp.small_up)
+        fitted = torch.nn.functional.linear(hs, lp.small_down, w["b_down"])
+        err = lambda z: float((z - y).norm() / y.norm())  # noqa: E731
+        better += err(fitted) < err(nested)
+    assert better >= 3, better                               # at least most of the 4 layers
