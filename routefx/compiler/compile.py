@@ -211,6 +211,11 @@ class CompiledModel:
         return self._require().ir
 
     @property
+    def runner(self):
+        """What the backend runs (the fx graph for eager, an `OnnxRunner` for onnx)."""
+        return self._require().run
+
+    @property
     def plan(self) -> Plan:
         return self._require().plan
 

@@ -104,7 +104,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     for name, value in named.items():
         kind = sig.parameters[name].kind
         if isinstance(value, torch.Tensor):
-            value = _widen(value, batch, seq, to_batch, to_seq)
+            value = _widen(value, batch, seq, to_batch, to_seq).contiguous()  # no stride guards in the graph
             named[name] = value
             dims = {}
             if value.dim() >= 1 and value.shape[0] == to_batch:
