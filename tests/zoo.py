@@ -7,7 +7,6 @@ here from the config by hand, so tests compare recognition against independent f
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable
 
 import torch

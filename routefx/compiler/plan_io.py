@@ -67,7 +67,6 @@ def _checksum(doc: dict) -> str:
 
 
 def save_plan(plan, directory: str) -> None:
-    from routefx.compiler.plan import Plan  # noqa: F401  (type only)
     os.makedirs(directory, exist_ok=True)
     tensors, layers = {}, {}
     for key, lp in plan.layers.items():

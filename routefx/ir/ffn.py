@@ -11,7 +11,6 @@ Anything else is kind "unknown" with the reason.
 from __future__ import annotations
 
 import functools
-import operator
 
 import torch
 from torch import fx
@@ -21,7 +20,7 @@ from routefx.ir.activations import ACTIVATIONS
 from routefx.ir.model_ir import DenseFFNMatch, FFNInfo, WeightRef
 
 aten = torch.ops.aten
-__all__ = ["analyse_ffn", "fetch", "resolve_weight"]
+__all__ = ["analyse_ffn", "fetch", "resolve_weight", "param_ref"]
 
 
 class _Miss(Exception):
@@ -42,7 +41,7 @@ def resolve_weight(gm: torch.nn.Module, ref: WeightRef) -> torch.Tensor:
     return w
 
 
-def _param_ref(n, dyn: set) -> WeightRef:
+def param_ref(n, dyn: set) -> WeightRef:
     """Follow a weight operand back to its get_attr, counting transposes."""
     flips, rows = 0, None
     while isinstance(n, fx.Node) and n.op == "call_function":
@@ -71,19 +70,19 @@ def _operands(m: fx.Node, dyn: set):
     t, a = m.target, m.args
     if t in gu._targets(aten.linear):
         data, w, b = a[0], a[1], a[2] if len(a) > 2 else None
-        ref = _param_ref(w, dyn)
+        ref = param_ref(w, dyn)
     elif t in gu._targets(aten.addmm):
         b, data, w = a[0], a[1], a[2]
-        ref = _param_ref(w, dyn)
+        ref = param_ref(w, dyn)
         ref = WeightRef(ref.target, not ref.transposed)
     elif t in gu._targets(aten.mm, aten.matmul):
         data, w, b = a[0], a[1], None
-        ref = _param_ref(w, dyn)
+        ref = param_ref(w, dyn)
         ref = WeightRef(ref.target, not ref.transposed)
     else:
         raise _Miss(f"matrix product {t} is not a weight product")
     if isinstance(b, fx.Node):
-        b = _param_ref(b, dyn)
+        b = param_ref(b, dyn)
     return data, ref, b
 
 
@@ -223,7 +222,7 @@ def _dense(gm, mms: list, region: set, dyn: set, same_shape: bool = True) -> tup
         if u.op == "call_function" and u.target in gu.ADD:
             other = [a for a in u.args[:2] if a is not out]
             if other and isinstance(other[0], fx.Node) and other[0] not in dyn:
-                d_bias = _param_ref(other[0], dyn)
+                d_bias = param_ref(other[0], dyn)
                 out = gu.forward_views(u)
     if same_shape and str(gu.val(out).shape) != str(gu.val(inp).shape):
         raise _Miss(f"FFN output shape {tuple(gu.val(out).shape)} differs from its input "
@@ -274,7 +273,7 @@ def _routed(gm, op: fx.Node, dyn: set, info: FFNInfo) -> None:
     info.intermediate_size = int(gu.val(w_up).shape[0])
     info.has_bias = any(b is not None for b in (b_up, b_gate, b_down))
     info.routed = [[int(ranges[i]), int(ranges[i + 1])] for i in range(0, len(ranges), 2)]
-    ref = lambda n: None if n is None else _param_ref(n, dyn)  # noqa: E731
+    ref = lambda n: None if n is None else param_ref(n, dyn)  # noqa: E731
     info.match = DenseFFNMatch(inp=x, out=op, nodes=frozenset({op}), up=ref(w_up), gate=ref(w_gate),
                                down=ref(w_down), b_up=ref(b_up), b_gate=ref(b_gate), b_down=ref(b_down))
     info.path = op.meta.get("routefx_path") or gu.common_path([op])

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from routefx.ir.ffn import _param_ref, resolve_weight
+from routefx.ir.ffn import param_ref, resolve_weight
 from routefx.ir.graph_utils import dynamic_nodes, eliminate_dead_code_
 from routefx.passes.attrs import add_tensor_attr
-from routefx.passes.base import Miss, Pass, PassContext, PassResult
+from routefx.passes.base import Pass, PassContext, PassResult, planned_ffns
 
 __all__ = ["AppendSmallBranch"]
 
@@ -27,19 +27,12 @@ class AppendSmallBranch(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         res = PassResult()
-        layers = ctx.plan.layers if ctx.plan is not None else {}
-        blocks = {b.key: b for b in ctx.ir.blocks}
         g = gm.graph
         dyn = dynamic_nodes(g)
         added = 0
-        for key, lp in layers.items():
+        for key, lp, op in planned_ffns(ctx, res):
             if lp.small != "separate":
                 continue
-            b = blocks.get(key)
-            if b is None or b.ffn is None or b.ffn.routed is None:
-                res.misses.append(Miss(key, "no routed FFN with this key in the graph"))
-                continue
-            op = b.ffn.match.out
             with g.inserting_before(op):
                 for pos, (field, dim) in _PARTS.items():
                     extra = getattr(lp, field)
@@ -48,7 +41,7 @@ class AppendSmallBranch(Pass):
                         if (extra is None) != (cur is None):
                             raise ValueError(f"{key}: plan's {field} does not match the FFN's weights")
                         continue
-                    w = resolve_weight(gm, _param_ref(cur, dyn))
+                    w = resolve_weight(gm, param_ref(cur, dyn))
                     cat = torch.cat([w, extra.to(w.dtype)], dim=dim).contiguous()
                     op.update_arg(pos, g.get_attr(add_tensor_attr(gm, f"routefx_{key}_{field}_cat", cat)))
             added += lp.added_bytes

@@ -14,7 +14,7 @@ from torch import fx
 
 from routefx.ir.model_ir import ModelIR
 
-__all__ = ["Pass", "PassContext", "PassResult", "Miss"]
+__all__ = ["Pass", "PassContext", "PassResult", "Miss", "planned_ffns"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,3 +49,16 @@ class Pass:
 
     def __repr__(self) -> str:
         return self.name
+
+
+def planned_ffns(ctx: PassContext, res: PassResult):
+    """(key, layer plan, routed_ffn node) for each FFN in `ctx.plan.layers` that the graph holds as a routed
+    FFN; a planned FFN the graph does not hold is recorded as a miss in `res`."""
+    layers = ctx.plan.layers if ctx.plan is not None else {}
+    blocks = {b.key: b for b in ctx.ir.blocks}
+    for key, lp in layers.items():
+        b = blocks.get(key)
+        if b is None or b.ffn is None or b.ffn.routed is None:
+            res.misses.append(Miss(key, "no routed FFN with this key in the graph"))
+            continue
+        yield key, lp, b.ffn.match.out

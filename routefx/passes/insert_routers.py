@@ -13,7 +13,7 @@ from torch import fx
 
 from routefx.ir.graph_utils import eliminate_dead_code_
 from routefx.passes.attrs import add_tensor_attr
-from routefx.passes.base import Miss, Pass, PassContext, PassResult
+from routefx.passes.base import Pass, PassContext, PassResult, planned_ffns
 
 aten = torch.ops.aten
 __all__ = ["InsertRouters", "LAMBDA_ATTR"]
@@ -28,17 +28,11 @@ class InsertRouters(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         res = PassResult()
         layers = ctx.plan.layers if ctx.plan is not None else {}
-        blocks = {b.key: b for b in ctx.ir.blocks}
         g = gm.graph
         lam = 0.0 if ctx.plan is None or ctx.plan.lam is None else ctx.plan.lam
         if any(lp.static_route is None for lp in layers.values()) and not hasattr(gm, LAMBDA_ATTR):
             gm.register_buffer(LAMBDA_ATTR, torch.tensor(lam, dtype=torch.float32))
-        for key, lp in layers.items():
-            b = blocks.get(key)
-            if b is None or b.ffn is None or b.ffn.routed is None:
-                res.misses.append(Miss(key, "no routed FFN with this key in the graph"))
-                continue
-            op = b.ffn.match.out
+        for key, lp, op in planned_ffns(ctx, res):
             x = op.args[0]
             with g.inserting_before(op):
                 first = g.call_function(aten.slice.Tensor, (x, -1, 0, 1))                      # [..., 1]

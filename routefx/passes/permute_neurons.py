@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from torch import fx
 
-from routefx.ir.ffn import resolve_weight
-from routefx.ir.graph_utils import eliminate_dead_code_
+from routefx.ir.ffn import param_ref, resolve_weight
+from routefx.ir.graph_utils import dynamic_nodes, eliminate_dead_code_
 from routefx.passes.attrs import add_tensor_attr
-from routefx.passes.base import Miss, Pass, PassContext, PassResult
+from routefx.passes.base import Pass, PassContext, PassResult, planned_ffns
 
 __all__ = ["PermuteNeurons"]
 
 # routed_ffn argument positions: 3 w_up, 4 w_gate, 5 w_down, 6 b_up, 7 b_gate
-_ROWS = {3: "up", 4: "gate", 6: "b_up", 7: "b_gate"}
+_ROWS = {3: "up", 4: "gate", 6: "b_up", 7: "b_gate"}  # rows follow the permutation; w_down's columns do
 
 
 class PermuteNeurons(Pass):
@@ -24,25 +24,18 @@ class PermuteNeurons(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         res = PassResult()
-        layers = ctx.plan.layers if ctx.plan is not None else {}
-        blocks = {b.key: b for b in ctx.ir.blocks}
         g = gm.graph
-        for key, lp in layers.items():
-            b = blocks.get(key)
-            if b is None or b.ffn is None or b.ffn.routed is None:
-                res.misses.append(Miss(key, "no routed FFN with this key in the graph"))
-                continue
+        dyn = dynamic_nodes(g)
+        for key, lp, op in planned_ffns(ctx, res):
             if lp.perm is None:
                 continue
-            m, op = b.ffn.match, b.ffn.match.out
             perm = lp.perm
             with g.inserting_before(op):
                 for pos, field in _ROWS.items():
-                    ref = getattr(m, field)
-                    if ref is not None:
-                        w = resolve_weight(gm, ref)[perm].contiguous()
+                    if op.args[pos] is not None:
+                        w = resolve_weight(gm, param_ref(op.args[pos], dyn))[perm].contiguous()
                         op.update_arg(pos, g.get_attr(add_tensor_attr(gm, f"routefx_{key}_{field}", w)))
-                down = resolve_weight(gm, m.down)[:, perm].contiguous()
+                down = resolve_weight(gm, param_ref(op.args[5], dyn))[:, perm].contiguous()
                 op.update_arg(5, g.get_attr(add_tensor_attr(gm, f"routefx_{key}_down", down)))
             res.rewrites += 1
         eliminate_dead_code_(g)

@@ -9,7 +9,6 @@ import operator
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: F401  (documents where symbols live)
 from torch.utils._pytree import tree_map
 
 __all__ = ["propagate_shapes_", "fake_mode_of"]
