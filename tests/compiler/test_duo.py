@@ -103,8 +103,9 @@ def test_budget_is_met_with_mixed_routes(router, budget):
     report = cm.report.plan["calibration"]["budget"]
     assert report["target"] == budget and report["realised"] == pytest.approx(on_cal.budget)
     on_held = cm.route_stats(held)                         # reported, not bounded: it is held-out data
-    assert 0.0 <= on_held.budget <= 1.0 and on_held.tokens == sum(int(b["attention_mask"].sum()) for b in held) \
-        if "attention_mask" in held[0] else on_held.tokens == 6 * 20 * 2
+    assert 0.0 <= on_held.budget <= 1.0
+    assert on_held.tokens == sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                                 for b in held)
     mixed = sum(sum(f > 0.01 for f in layer["mix"]) >= 2 for layer in on_cal.layers)
     assert mixed > len(on_cal.layers) / 2, on_cal
     # FLOPs with realised routes: the routed FFNs cost their realised fraction of the dense FFN FLOPs
