@@ -531,8 +531,12 @@ def run_profiles(args) -> None:
         if k not in policies:
             raise SystemExit(f"unknown candidate {k!r}; known: {sorted(policies)}")
         print(f"-- profiling {k}", flush=True)
-        cm, _ = compile_routefx(model, policies[k], x, cal)
+        pol = policies[k]
+        # the graph does not depend on the backend: compile on the eager backend, export once with profiling on
+        cm = (routefx.compile(model, pol, calibration=cal) if pol.needs_calibration else
+              routefx.compile(model, pol, example_inputs=(), example_kwargs=x))
         prof = profile_candidate(cm, x, args.profile_runs)
+        prof["budget_x"] = cm.route_stats([x]).budget
         print(json.dumps(prof, indent=1), flush=True)
         res["profiles"][k] = prof
         del cm
