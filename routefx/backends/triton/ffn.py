@@ -1,0 +1,222 @@
+"""`routefx_triton::routed_ffn`: the routed FFN as Triton kernels, registered with `torch.library.triton_op`.
+
+Same signature and semantics as `torch.ops.routefx.routed_ffn` (see `routefx.ir.ops.routed_ffn`); importing this
+module registers the op. Steps, all on the device and with no host synchronisation:
+  1. `routing.route_metadata`: counting sort of the T*K (token, slot) assignments by route;
+  2. `kernels.up_kernel`: gate/up GEMM on gathered rows, bias + activation + gated product fused in the
+     epilogue, h written in sorted order (skip routes launch no tile);
+  3. `kernels.down_kernel`: down GEMM over each route's own width, + b_down, * gate, stored at the assignment's
+     row: the output itself when K = 1 (direct store), an fp32 [T*K, d] buffer summed over K in fp32 when K > 1
+     (deterministic: each slot owns its row, so no atomics; the sum over K is one small reduction).
+Tokens whose routes are all skips keep the zeros the output is initialised with.
+
+Dense fast path (as in the reference): one full range, K = 1, no gates -> the plain FFN through F.linear (cuBLAS).
+
+Devices: CUDA tensors run compiled kernels (autotuned per (d, widest range, assignment-count bucket, variant)).
+CPU tensors run under Triton's interpreter, which needs TRITON_INTERPRET=1 set before triton is first imported
+(the test suite's conftest does this when there is no GPU); the interpreter computes fp16/bf16 wrongly without
+an error, so it is refused there. Route ids are checked on CPU (RoutedFFNError); on CUDA a check would need a host
+sync, so an id outside [0, R) is sent to a drop bucket and contributes 0.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import Tensor
+
+from routefx.backends.triton import kernels
+from routefx.backends.triton.routing import range_tables, route_metadata
+from routefx.errors import BackendError, RoutedFFNError
+from routefx.ir.activations import get_activation
+from routefx.ir.ops import _check_static
+
+__all__ = ["routed_ffn", "INTERPRET", "kernel_configs"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+_ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+_SMALL_N = 256  # assignments at or below this use the small-row-block configurations (decode)
+
+
+def _cfg(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group}, num_warps=warps, num_stages=stages)
+
+
+# Kernel 1 holds two fp32 accumulators when gated: BM*BN*2*4 bytes of registers. Hopper bf16 sizes per the
+# Triton matmul tutorial / vLLM fused MoE; configs that overflow shared memory are dropped by the autotuner.
+_UP_LARGE = [
+    _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 256, 64, 8, 3), _cfg(64, 64, 32, 4, 3),
+]
+_DOWN_LARGE = [
+    _cfg(128, 256, 64, 8, 3), _cfg(128, 256, 64, 8, 4), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 32, 4, 3),
+]
+# Decode: few rows, the weights stream once; narrow column blocks give enough programs to fill the SMs.
+_UP_SMALL = [
+    _cfg(16, 32, 128, 4, 4), _cfg(16, 64, 128, 4, 4), _cfg(16, 64, 256, 4, 3), _cfg(32, 64, 128, 4, 4),
+    _cfg(64, 64, 64, 4, 4), _cfg(16, 32, 64, 2, 4),
+]
+_DOWN_SMALL = [
+    _cfg(16, 16, 256, 4, 4), _cfg(16, 32, 128, 4, 4), _cfg(16, 64, 128, 4, 4), _cfg(32, 64, 128, 4, 4),
+    _cfg(64, 64, 64, 4, 4), _cfg(16, 32, 64, 2, 4),
+]
+_KEYS = ["D", "WMAX", "N_BUCKET"]
+_UP = {"small": triton.autotune(_UP_SMALL, key=_KEYS)(kernels.up_kernel),
+       "large": triton.autotune(_UP_LARGE, key=_KEYS)(kernels.up_kernel)}
+_DOWN = {"small": triton.autotune(_DOWN_SMALL, key=_KEYS)(kernels.down_kernel),
+         "large": triton.autotune(_DOWN_LARGE, key=_KEYS)(kernels.down_kernel)}
+# Interpreter (CPU tests): one small configuration, so test sizes cover several row, column and k blocks.
+_INTERP_CFG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2}
+
+
+def kernel_configs() -> dict:
+    """The configurations the autotuner picked so far, per kernel and size class: {name: {key: config str}}."""
+    out = {}
+    for kind, table in (("up", _UP), ("down", _DOWN)):
+        for size, tuner in table.items():
+            cache = getattr(tuner, "cache", {}) or {}
+            out[f"{kind}_{size}"] = {str(k): str(v) for k, v in cache.items()}
+    return out
+
+
+def _check_device(x: Tensor, routes: Tensor, gates: Optional[Tensor], weights: dict) -> None:
+    if x.device.type == "cuda":
+        if INTERPRET:
+            raise BackendError("Triton routed_ffn: CUDA tensors under TRITON_INTERPRET=1 are not supported; "
+                               "unset TRITON_INTERPRET for the GPU, or pass CPU fp32 tensors to the interpreter")
+    elif x.device.type == "cpu":
+        if not INTERPRET:
+            raise BackendError("Triton routed_ffn on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1 set "
+                               "before triton is imported); supported: CUDA tensors, or CPU fp32 under the interpreter")
+        if x.dtype != torch.float32:
+            raise BackendError(f"Triton's interpreter computes {x.dtype} matmuls wrongly without an error, so the "
+                               f"CPU path supports float32 only; found {x.dtype}")
+    else:
+        raise BackendError(f"Triton routed_ffn runs on CUDA (or CPU under the interpreter), found device {x.device}")
+    for name, t in (("routes", routes), ("gates", gates)):
+        if t is not None and t.device != x.device:
+            raise RoutedFFNError(f"{name} must be on x's device {x.device}, found {t.device}")
+    for name, t in weights.items():
+        if t is not None and t.stride(-1) != 1:
+            raise RoutedFFNError(f"{name} must have unit stride in its last dim (row-major, e.g. .contiguous()), "
+                                 f"found strides {tuple(t.stride())}")
+
+
+def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges: List[int], activation: str):
+    """Host side of the op (checks, metadata, two launches); the body of the registered triton_op."""
+    _check_static(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
+    weights = {"w_up": w_up, "w_gate": w_gate, "w_down": w_down, "b_up": b_up, "b_gate": b_gate, "b_down": b_down}
+    _check_device(x, routes, gates, weights)
+    n_ranges = len(ranges) // 2
+    d = x.shape[-1]
+    n_neurons = w_up.shape[0]
+    k_routes = routes.shape[-1]
+    real = type(x) is torch.Tensor  # False while traced with fake / functional tensors
+    if x.numel() == 0 or routes.numel() == 0:
+        return x.new_zeros(x.shape)
+    if x.device.type == "cpu" and real:  # the interpreter path may sync: check ids as the reference does
+        lo, hi = (int(v) for v in torch.aminmax(routes))
+        if lo < 0 or hi >= n_ranges:
+            bad = lo if lo < 0 else hi
+            raise RoutedFFNError(f"route id {bad} is outside [0, R={n_ranges}) for ranges {list(ranges)}")
+
+    if n_ranges == 1 and list(ranges) == [0, n_neurons] and n_neurons > 0 and gates is None and k_routes == 1:
+        act = get_activation(activation)
+        up = F.linear(x, w_up, b_up)
+        h = act(up) if w_gate is None else act(F.linear(x, w_gate, b_gate)) * up
+        return F.linear(h, w_down, b_down).contiguous()
+
+    x2 = x.reshape(-1, d).contiguous()  # [T, d]
+    n_tok = x2.shape[0]
+    n_assign = n_tok * k_routes
+    widths = [int(ranges[2 * r + 1]) - int(ranges[2 * r]) for r in range(n_ranges)]
+    starts = [int(ranges[2 * r]) for r in range(n_ranges)]
+    wmax = max(widths)
+    if wmax == 0:  # every route is a skip
+        return x.new_zeros(x.shape)
+
+    meta = route_metadata(routes.reshape(-1), n_ranges)
+    rstart, rwidth = range_tables(ranges, x.device, cache=real)
+    n_buckets = n_ranges + 1
+    r_p2 = max(16, triton.next_power_of_2(n_buckets))
+    wpad = triton.cdiv(wmax, 64) * 64
+    h = torch.empty(n_assign, wpad, dtype=x.dtype, device=x.device)  # [N, WP] sorted rows
+    if k_routes == 1:
+        y = torch.zeros(n_tok, d, dtype=x.dtype, device=x.device)  # [T, d]: assignment id == token
+    else:
+        y = torch.zeros(n_assign, d, dtype=_ACC.get(x.dtype, x.dtype), device=x.device)  # [T*K, d]
+    flat_gates = None if gates is None else gates.reshape(-1).contiguous()  # [N]
+    gated = w_gate is not None
+    ieee = x.dtype == torch.float32
+    aligned = all(s % 16 == 0 for s in starts) and all(w % 16 == 0 for w in widths)
+    n_bucket = max(16, triton.next_power_of_2(n_assign))
+    nonempty = [w for w in widths if w > 0]
+    size = "small" if n_assign <= _SMALL_N else "large"
+    max_bk = 32 if INTERPRET else 256
+
+    def up_grid(m):  # upper bound on kernel 1's tiles: see kernels._find_tile
+        nb = [triton.cdiv(w, m["BN"]) for w in nonempty]
+        return (max(nb) * (n_assign // m["BM"]) + sum(nb),)
+
+    def down_grid(m):
+        return (triton.cdiv(d, m["BN"]) * (n_assign // m["BM"] + len(nonempty)),)
+
+    up_args = (x2, w_up, w_gate if gated else w_up, b_up if b_up is not None else w_up,
+               b_gate if b_gate is not None else w_up, h,
+               meta.order, meta.count, meta.offset, rstart, rwidth,
+               n_buckets, d, k_routes, wmax, n_bucket,
+               x2.stride(0), w_up.stride(0), (w_gate if gated else w_up).stride(0), h.stride(0))
+    up_const = dict(R_P2=r_p2, GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
+                    ACT=kernels.ACT_CODES[activation], IEEE=ieee, EVEN_D=d % max_bk == 0, ALIGNED=aligned)
+    down_args = (h, w_down, b_down if b_down is not None else w_down,
+                 flat_gates if flat_gates is not None else w_down, y,
+                 meta.order, meta.count, meta.offset, rstart, rwidth,
+                 n_buckets, d, wmax, n_bucket, h.stride(0), w_down.stride(0), y.stride(0))
+    down_const = dict(R_P2=r_p2, HAS_BD=b_down is not None, HAS_GATES=flat_gates is not None, IEEE=ieee,
+                      EVEN_W=all(w % max_bk == 0 for w in widths), ALIGNED=aligned)
+
+    if INTERPRET:
+        if real:
+            kernels.up_kernel[up_grid(_INTERP_CFG)](*up_args, **up_const, **_INTERP_CFG)
+            kernels.down_kernel[down_grid(_INTERP_CFG)](*down_args, **down_const, **_INTERP_CFG)
+    else:
+        wrap = torch.library.wrap_triton
+        wrap(_UP[size])[up_grid](*up_args, **up_const)
+        wrap(_DOWN[size])[down_grid](*down_args, **down_const)
+
+    if k_routes > 1:
+        y = y.view(n_tok, k_routes, d).sum(1).to(x.dtype)
+    return y.reshape(x.shape)
+
+
+@torch.library.triton_op("routefx_triton::routed_ffn", mutates_args=())
+def _routed_ffn_op(
+    x: Tensor,
+    routes: Tensor,
+    gates: Optional[Tensor],
+    w_up: Tensor,
+    w_gate: Optional[Tensor],
+    w_down: Tensor,
+    b_up: Optional[Tensor],
+    b_gate: Optional[Tensor],
+    b_down: Optional[Tensor],
+    ranges: List[int],
+    activation: str,
+) -> Tensor:
+    return _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
+
+
+def routed_ffn(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation) -> Tensor:
+    """Routed FFN on Triton kernels; arguments, shapes and semantics as `routefx.ir.ops.routed_ffn`.
+
+    Raises `RoutedFFNError` for broken shapes, dtypes, strides, devices or (on CPU) route ids,
+    `UnsupportedActivationError` for an unknown activation, `BackendError` for a device or dtype this
+    backend cannot run (CPU without the interpreter, fp16/bf16 under the interpreter)."""
+    return torch.ops.routefx_triton.routed_ffn(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                                               list(ranges), activation)

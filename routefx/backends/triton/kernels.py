@@ -1,0 +1,234 @@
+"""Triton kernels of the routed FFN: two grouped GEMMs over route-sorted rows, with heterogeneous widths.
+
+Layout shared by both kernels (N = T*K assignments (token, slot), R' = R + 1 routes, the last one a drop bucket
+of width 0 for route ids outside [0, R)):
+    order   [N]    int32  assignment ids (token * K + slot) sorted by route, stable; route r owns
+                          order[off[r] : off[r] + count[r]]  (see `routing.route_metadata`)
+    count   [R']   int32  assignments per route;  off [R'] int32 exclusive prefix sum of count
+    rstart  [R']   int32  first neuron of each route's range;  rwidth [R'] int32 its width (0 = skip)
+    h       [N, WP]       intermediate activations in sorted order: row off[r] + i holds the first rwidth[r]
+                          neurons of route r for assignment order[off[r] + i]
+
+A program is one tile (route r, row block, column block). The tile map is computed inside each program from
+`count` and `rwidth` (a prefix sum over R' routes), so it follows whatever block sizes the autotuner picked and
+needs no host synchronisation. Routes of width 0 (skips) have 0 tiles, so they launch nothing. The launch grid
+is a host-side upper bound on the tile count; programs past the real count return at once.
+
+Row blocks are not padded: a tile masks the rows past its route's count (loads and stores), so routes share
+no rows of `h` without any padding of the sorted layout, whatever BM the autotuner chose.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["ACT_CODES", "up_kernel", "down_kernel"]
+
+# Activation name -> constexpr code used by `_act` (names as in routefx.ir.activations.ACTIVATIONS).
+ACT_CODES = {
+    "identity": 0,
+    "silu": 1,
+    "gelu": 2,
+    "gelu_tanh": 3,
+    "relu": 4,
+    "relu2": 5,
+    "sigmoid": 6,
+    "quick_gelu": 7,
+}
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """Elementwise activation on an fp32 tile (codes in ACT_CODES)."""
+    if ACT == 1:
+        z = z * _sigmoid(z)
+    elif ACT == 2:
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 3:
+        # tanh(u) = 2 sigmoid(2u) - 1
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        z = 0.5 * z * (1.0 + (2.0 * _sigmoid(2.0 * u) - 1.0))
+    elif ACT == 4:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 5:
+        z = tl.maximum(z, 0.0)
+        z = z * z
+    elif ACT == 6:
+        z = _sigmoid(z)
+    elif ACT == 7:
+        z = z * _sigmoid(1.702 * z)
+    return z
+
+
+@triton.jit
+def _find_tile(pid, count_ptr, rwidth_ptr, NR, R_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               N_COLS, GROUP_M: tl.constexpr, COLS_FROM_WIDTH: tl.constexpr):
+    """Map a program id to (route, row block, column block, valid). Column blocks per route: cdiv(width, BN)
+    when COLS_FROM_WIDTH (kernel 1: the route's neurons), else cdiv(N_COLS, BN) for non-empty routes
+    (kernel 2: the model dimension). Row blocks within a route are visited GROUP_M at a time (L2 reuse)."""
+    ridx = tl.arange(0, R_P2)
+    rmask = ridx < NR
+    cnt = tl.load(count_ptr + ridx, mask=rmask, other=0)
+    wid = tl.load(rwidth_ptr + ridx, mask=rmask, other=0)
+    mblocks = (cnt + BM - 1) // BM
+    if COLS_FROM_WIDTH:
+        nblocks = (wid + BN - 1) // BN
+    else:
+        nblocks = tl.where(wid > 0, (N_COLS + BN - 1) // BN, 0)
+    tiles = mblocks * nblocks
+    incl = tl.cumsum(tiles, 0)
+    total = tl.sum(tiles, 0)
+    r = tl.sum((incl <= pid).to(tl.int32), 0)
+    sel = ridx == r
+    base = tl.sum(tl.where(sel, incl - tiles, 0), 0)
+    mb = tl.sum(tl.where(sel, mblocks, 0), 0)
+    nb = tl.sum(tl.where(sel, nblocks, 0), 0)
+    local = pid - base
+    in_group = GROUP_M * nb
+    group = local // tl.maximum(in_group, 1)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(mb - first_m, GROUP_M)
+    size_m = tl.maximum(size_m, 1)
+    pid_m = first_m + (local % tl.maximum(in_group, 1)) % size_m
+    pid_n = (local % tl.maximum(in_group, 1)) // size_m
+    return r, pid_m, pid_n, pid < total
+
+
+@triton.jit
+def up_kernel(
+    x_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr,
+    order_ptr, count_ptr, off_ptr, rstart_ptr, rwidth_ptr,
+    NR, D, K, WMAX, N_BUCKET,
+    stride_x, stride_wu, stride_wg, stride_h,
+    R_P2: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr,
+    IEEE: tl.constexpr, EVEN_D: tl.constexpr, ALIGNED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Kernel 1: h[rows, cols] = act(x[tok] Wg^T + bg) * (x[tok] Wu^T + bu)   (plain: act(x[tok] Wu^T + bu)),
+    one (BM rows of route r) x (BN neurons of route r) tile per program; x rows gathered by token.
+    WMAX and N_BUCKET are autotune keys only."""
+    pid = tl.program_id(0)
+    r, pid_m, pid_n, valid = _find_tile(pid, count_ptr, rwidth_ptr, NR, R_P2, BM, BN, 0, GROUP_M, True)
+    if not valid:
+        return
+    cnt = tl.load(count_ptr + r)
+    off = tl.load(off_ptr + r)
+    start = tl.load(rstart_ptr + r)
+    width = tl.load(rwidth_ptr + r)
+    if ALIGNED:
+        start = tl.multiple_of(start, 16)
+
+    rank = pid_m * BM + tl.arange(0, BM)  # [BM] position within the route
+    row_ok = rank < cnt
+    aid = tl.load(order_ptr + off + rank, mask=row_ok, other=0)  # [BM] assignment ids
+    tok = (aid // K).to(tl.int64)
+    col = pid_n * BN + tl.arange(0, BN)  # [BN] neuron index within the route
+    col_ok = col < width
+    neuron = (start + col).to(tl.int64)
+    kk = tl.arange(0, BK)
+
+    a_ptrs = x_ptr + tok[:, None] * stride_x + kk[None, :]  # [BM, BK]
+    u_ptrs = wu_ptr + neuron[None, :] * stride_wu + kk[:, None]  # [BK, BN]
+    g_ptrs = wg_ptr + neuron[None, :] * stride_wg + kk[:, None]
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        if EVEN_D:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = (k0 + kk) < D
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if IEEE:
+            acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
+        else:
+            acc_u = tl.dot(a, u, acc_u)
+        if GATED:
+            if EVEN_D:
+                g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            if IEEE:
+                acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
+            else:
+                acc_g = tl.dot(a, g, acc_g)
+            g_ptrs += BK
+        a_ptrs += BK
+        u_ptrs += BK
+
+    if HAS_BU:
+        acc_u += tl.load(bu_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        if HAS_BG:
+            acc_g += tl.load(bg_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        hval = _act(acc_g, ACT) * acc_u
+    else:
+        hval = _act(acc_u, ACT)
+    h_rows = (off + rank).to(tl.int64)
+    h_ptrs = h_ptr + h_rows[:, None] * stride_h + col[None, :]
+    tl.store(h_ptrs, hval.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def down_kernel(
+    h_ptr, wd_ptr, bd_ptr, gates_ptr, y_ptr,
+    order_ptr, count_ptr, off_ptr, rstart_ptr, rwidth_ptr,
+    NR, D, WMAX, N_BUCKET,
+    stride_h, stride_wd, stride_y,
+    R_P2: tl.constexpr, HAS_BD: tl.constexpr, HAS_GATES: tl.constexpr, IEEE: tl.constexpr,
+    EVEN_W: tl.constexpr, ALIGNED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Kernel 2: y[aid, cols] = gate[aid] * (h[rows, :width_r] Wd[cols, start_r : start_r + width_r]^T + bd[cols]),
+    one (BM rows of route r) x (BN model columns) tile per program; the reduction runs over the route's own
+    width (a runtime loop bound). Rows of y are assignment ids (token * K + slot): with K = 1 that is the token,
+    so y is the output itself; with K > 1 the caller sums the K slots. Skip routes launch no tile."""
+    pid = tl.program_id(0)
+    r, pid_m, pid_n, valid = _find_tile(pid, count_ptr, rwidth_ptr, NR, R_P2, BM, BN, D, GROUP_M, False)
+    if not valid:
+        return
+    cnt = tl.load(count_ptr + r)
+    off = tl.load(off_ptr + r)
+    start = tl.load(rstart_ptr + r)
+    width = tl.load(rwidth_ptr + r)
+    if ALIGNED:
+        start = tl.multiple_of(start, 16)
+
+    rank = pid_m * BM + tl.arange(0, BM)
+    row_ok = rank < cnt
+    aid = tl.load(order_ptr + off + rank, mask=row_ok, other=0)
+    col = pid_n * BN + tl.arange(0, BN)  # [BN] model columns
+    col_ok = col < D
+    kk = tl.arange(0, BK)
+    h_rows = (off + rank).to(tl.int64)
+    a_ptrs = h_ptr + h_rows[:, None] * stride_h + kk[None, :]  # [BM, BK]
+    b_ptrs = wd_ptr + col.to(tl.int64)[None, :] * stride_wd + (start + kk)[:, None]  # [BK, BN]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, width, BK):
+        if EVEN_W:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = (k0 + kk) < width
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BK
+        b_ptrs += BK
+
+    if HAS_BD:
+        acc += tl.load(bd_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_GATES:
+        acc = acc * tl.load(gates_ptr + aid, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + aid.to(tl.int64)[:, None] * stride_y + col[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
