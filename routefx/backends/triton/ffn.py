@@ -117,10 +117,10 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
     d = x.shape[-1]
     n_neurons = w_up.shape[0]
     k_routes = routes.shape[-1]
-    real = type(x) is torch.Tensor  # False while traced with fake / functional tensors
+    real = type(x) in (torch.Tensor, torch.nn.Parameter)  # False while traced with fake / functional tensors
     if x.numel() == 0 or routes.numel() == 0:
         return x.new_zeros(x.shape)
-    if x.device.type == "cpu" and real:  # the interpreter path may sync: check ids as the reference does
+    if x.device.type == "cpu":  # the interpreter path may sync: check ids as the reference does
         lo, hi = (int(v) for v in torch.aminmax(routes))
         if lo < 0 or hi >= n_ranges:
             bad = lo if lo < 0 else hi
@@ -181,10 +181,9 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
     down_const = dict(R_P2=r_p2, HAS_BD=b_down is not None, HAS_GATES=flat_gates is not None, IEEE=ieee,
                       EVEN_W=all(w % max_bk == 0 for w in widths), ALIGNED=aligned)
 
-    if INTERPRET:
-        if real:
-            kernels.up_kernel[up_grid(_INTERP_CFG)](*up_args, **up_const, **_INTERP_CFG)
-            kernels.down_kernel[down_grid(_INTERP_CFG)](*down_args, **down_const, **_INTERP_CFG)
+    if INTERPRET:  # an opaque custom op here: always called with real CPU tensors
+        kernels.up_kernel[up_grid(_INTERP_CFG)](*up_args, **up_const, **_INTERP_CFG)
+        kernels.down_kernel[down_grid(_INTERP_CFG)](*down_args, **down_const, **_INTERP_CFG)
     else:
         wrap = torch.library.wrap_triton
         wrap(_UP[size])[up_grid](*up_args, **up_const)
@@ -195,8 +194,7 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
     return y.reshape(x.shape)
 
 
-@torch.library.triton_op("routefx_triton::routed_ffn", mutates_args=())
-def _routed_ffn_op(
+def _op_body(
     x: Tensor,
     routes: Tensor,
     gates: Optional[Tensor],
@@ -210,6 +208,21 @@ def _routed_ffn_op(
     activation: str,
 ) -> Tensor:
     return _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
+
+
+if INTERPRET:
+    # Interpreted kernels cannot be traced by wrap_triton on every supported torch release: register an opaque
+    # custom op (with a fake kernel) so torch.compile / export treat it as one node and call it at run time.
+    _op = torch.library.custom_op("routefx_triton::routed_ffn", mutates_args=())(_op_body)
+
+    @_op.register_fake
+    def _op_fake(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation):
+        _check_static(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
+        return x.new_empty(x.shape)
+else:
+    # triton_op: torch.compile decomposes the op into its body, so Inductor sees the two kernels
+    # (wrap_triton) and the metadata ops, with no graph break.
+    _op = torch.library.triton_op("routefx_triton::routed_ffn", mutates_args=())(_op_body)
 
 
 def routed_ffn(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation) -> Tensor:

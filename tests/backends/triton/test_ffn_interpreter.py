@@ -1,0 +1,159 @@
+"""Triton routed FFN kernels under TRITON_INTERPRET=1 (CPU, fp32) against the reference op run in float64.
+
+Sizes are odd on purpose (1 and 37 tokens, d=96 and d=40, ranges that are multiples of no block size) and small:
+the interpreter runs each program in Python. The interpreter's block sizes (ffn._INTERP_CFG: BM=16, BN=32,
+BK=32) make these cases cover several row, neuron and reduction blocks, partial blocks and masked reductions.
+"""
+
+import pytest
+import torch
+
+from routefx.errors import BackendError, RoutedFFNError, UnsupportedActivationError
+from routefx.ir.activations import ACTIVATIONS
+from routefx.ir.ops import routed_ffn as reference
+from tests.tolerances import TRITON_VS_REF
+
+pytestmark = pytest.mark.interpreter
+
+
+def _weights(d, n, gated=True, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(
+        w_up=rnd(n, d) / d ** 0.5, w_gate=rnd(n, d) / d ** 0.5 if gated else None, w_down=rnd(d, n) / n ** 0.5,
+        b_up=rnd(n) * 0.1 if bias else None, b_gate=rnd(n) * 0.1 if (bias and gated) else None,
+        b_down=rnd(d) * 0.1 if bias else None,
+    )
+
+
+def _run_both(ffn, x, routes, gates, w, ranges, act):
+    """(triton fp32 output, float64 reference rounded to fp32)."""
+    out = ffn.routed_ffn(x, routes, gates, w["w_up"], w["w_gate"], w["w_down"], w["b_up"], w["b_gate"],
+                         w["b_down"], ranges, act)
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = reference(x.double(), routes, d64(gates), *(d64(w[k]) for k in
+                    ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")), ranges, act)
+    return out, ref.float()
+
+
+def _assert_close(out, ref):
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    err = (out - ref).abs().max().item()
+    assert err <= TRITON_VS_REF, f"max abs error {err:.3g} > {TRITON_VS_REF}"
+
+
+# Duo-like nested (small = first k of big), separate small branch after the big one, and a skip route.
+NESTED = [0, 150, 0, 37, 0, 0]           # F=150: big, small k=37, skip
+SEPARATE = [0, 150, 150, 191, 191, 191]  # F=191: big, separate small module, skip
+MOE = [0, 23, 23, 46, 46, 69, 69, 92]    # F=92: 4 equal experts of width 23
+
+
+@pytest.mark.parametrize("n_tok", [1, 37])
+@pytest.mark.parametrize("ranges", [NESTED, SEPARATE], ids=["nested", "separate"])
+def test_duo_routes_k1(interpreter, n_tok, ranges):
+    d, n = 96, max(ranges)
+    w = _weights(d, n, seed=n_tok)
+    x = torch.randn(n_tok, d)
+    routes = torch.randint(0, 3, (n_tok, 1))
+    routes[0, 0] = 0  # at least one big route, so the single token case is not a skip
+    out, ref = _run_both(interpreter, x, routes, None, w, ranges, "silu")
+    _assert_close(out, ref)
+
+
+def test_k2_gates_repeats_and_skips(interpreter):
+    d, n_tok = 96, 37
+    w = _weights(d, 150, seed=1)
+    x = torch.randn(2, n_tok, d)[1:]  # [1, 37, d] with leading batch dims
+    routes = torch.randint(0, 3, (1, n_tok, 2))
+    routes[0, :4] = torch.tensor([[0, 0], [1, 1], [2, 2], [1, 0]])  # repeats (contributions add) and all-skip
+    gates = torch.rand(1, n_tok, 2)
+    out, ref = _run_both(interpreter, x, routes, gates, w, NESTED, "silu")
+    _assert_close(out, ref)
+    assert torch.equal(out[0, 2], torch.zeros(d)), "a token whose routes are all skips must get exact zeros"
+
+
+def test_moe_equal_experts_k2(interpreter):
+    d, n_tok = 40, 21  # d not a multiple of BK=32: masked reduction in kernel 1
+    w = _weights(d, 92, bias=False, seed=2)
+    x = torch.randn(n_tok, d)
+    routes = torch.stack([torch.randperm(4)[:2] for _ in range(n_tok)])  # top-2 of 4 distinct experts
+    gates = torch.softmax(torch.randn(n_tok, 2), -1)
+    out, ref = _run_both(interpreter, x, routes, gates, w, MOE, "silu")
+    _assert_close(out, ref)
+
+
+def test_all_skip_gives_exact_zeros(interpreter):
+    d = 96
+    w = _weights(d, 150, seed=3)
+    x = torch.randn(5, d)
+    for routes in (torch.full((5, 1), 2), torch.full((5, 2), 2)):
+        out = interpreter.routed_ffn(x, routes, None, *(w[k] for k in
+                                     ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")), NESTED, "silu")
+        assert torch.equal(out, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_each_activation(interpreter, act, gated):
+    d, n_tok = 40, 6
+    w = _weights(d, 50, gated=gated, seed=4)
+    x = torch.randn(n_tok, d)
+    routes = torch.tensor([[0], [1], [0], [1], [0], [2]])
+    out, ref = _run_both(interpreter, x, routes, None, w, [0, 50, 13, 30, 0, 0], act)
+    _assert_close(out, ref)
+
+
+def test_dense_full_range_and_gated_single_range(interpreter):
+    d, n_tok = 96, 37
+    w = _weights(d, 70, seed=5)
+    x = torch.randn(n_tok, d)
+    routes = torch.zeros(n_tok, 1, dtype=torch.int64)
+    out, ref = _run_both(interpreter, x, routes, None, w, [0, 70], "gelu")  # dense fast path (F.linear)
+    _assert_close(out, ref)
+    out, ref = _run_both(interpreter, x, routes, torch.rand(n_tok, 1), w, [0, 70], "gelu")  # kernels, gated
+    _assert_close(out, ref)
+
+
+def test_compiles_fullgraph(interpreter):
+    d, n_tok = 40, 9
+    w = _weights(d, 50, seed=6)
+    args = [w[k] for k in ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")]
+
+    def f(x, routes):
+        return torch.ops.routefx_triton.routed_ffn(x * 2.0, routes, None, *args, [0, 50, 0, 20, 0, 0], "silu") + 1.0
+
+    x = torch.randn(n_tok, d)
+    routes = torch.randint(0, 3, (n_tok, 1))
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, routes)
+    ref = reference(2.0 * x.double(), routes, None, *(a.double() for a in args), [0, 50, 0, 20, 0, 0], "silu") + 1.0
+    _assert_close(out, ref.float())
+
+
+def _errors_case():
+    w = _weights(40, 50, seed=7)
+    return torch.randn(3, 40), torch.zeros(3, 1, dtype=torch.int64), w
+
+
+def test_refuses_low_precision_on_interpreter(interpreter):
+    x, routes, w = _errors_case()
+    wb = {k: None if v is None else v.bfloat16() for k, v in w.items()}
+    with pytest.raises(BackendError, match="float32 only; found torch.bfloat16"):
+        interpreter.routed_ffn(x.bfloat16(), routes, None, *wb.values(), [0, 50, 0, 0], "silu")
+
+
+def test_wrapper_errors(interpreter):
+    x, routes, w = _errors_case()
+    args = list(w.values())
+    with pytest.raises(RoutedFFNError, match="route id 5 is outside"):
+        interpreter.routed_ffn(x, torch.full((3, 1), 5), None, *args, [0, 50, 0, 0], "silu")
+    with pytest.raises(RoutedFFNError, match="unit stride in its last dim"):
+        bad = list(args)
+        bad[2] = w["w_down"].t().contiguous().t()  # [d, F] view with stride (1, d)
+        interpreter.routed_ffn(x, routes, None, *bad, [0, 50, 0, 0], "silu")
+    with pytest.raises(RoutedFFNError, match="w_up must have shape"):
+        interpreter.routed_ffn(x[:, :39], routes, None, *args, [0, 50, 0, 0], "silu")
+    with pytest.raises(RoutedFFNError, match="routes must be int64"):
+        interpreter.routed_ffn(x, routes.int(), None, *args, [0, 50, 0, 0], "silu")
+    with pytest.raises(UnsupportedActivationError, match="unsupported activation 'swish2'"):
+        interpreter.routed_ffn(x, routes, None, *args, [0, 50, 0, 0], "swish2")
