@@ -1,0 +1,131 @@
+"""Triton routed FFN kernels on a CUDA GPU (skipped without one): bf16 and fp32 against the reference op run in
+float64, relative error ||out - ref|| / ||ref||; outputs checked for unwritten elements by poisoning the caching
+allocator with NaN first; CUDA graph capture of a decode step; torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+
+from routefx.ir.ops import routed_ffn as reference
+from tests.tolerances import TRITON_BF16_REL
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+FP32_REL = 1e-5  # IEEE fp32 dots: float32 rounding only
+
+
+@pytest.fixture
+def ffn():
+    from routefx.backends.triton import ffn
+    if ffn.INTERPRET:
+        pytest.skip("TRITON_INTERPRET is set in this process: CUDA kernels are not compiled")
+    return ffn
+
+
+def _weights(d, n, dtype, gated=True, bias=True):
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, device="cuda") * scale).to(dtype)
+    return [rnd(n, d, scale=d ** -0.5), rnd(n, d, scale=d ** -0.5) if gated else None, rnd(d, n, scale=n ** -0.5),
+            rnd(n, scale=0.1) if bias else None, rnd(n, scale=0.1) if (bias and gated) else None,
+            rnd(d, scale=0.1) if bias else None]
+
+
+def _poison_allocator(nbytes):
+    """Fill freed caching-allocator memory with NaN so that a kernel reading memory nothing wrote shows up."""
+    junk = torch.full((nbytes // 4 + 1,), float("nan"), device="cuda")
+    del junk
+
+
+def _rel_err(out, x, routes, gates, w, ranges, act):
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = reference(x.double(), routes, d64(gates), *(d64(t) for t in w), ranges, act)
+    assert torch.isfinite(out).all(), "NaN/inf in the output (unwritten or poisoned memory read)"
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+CASES = [
+    # (tokens, d, F, ranges, K, gated, act): odd sizes, Duo nested / separate, MoE, all-skip rows
+    (1, 200, 333, [0, 333, 0, 77, 0, 0], 1, True, "silu"),
+    (37, 200, 333, [0, 333, 0, 77, 0, 0], 1, True, "silu"),
+    (37, 200, 411, [0, 333, 333, 411, 5, 5], 2, False, "gelu"),
+    (300, 256, 512, [0, 512, 0, 128, 0, 0], 1, True, "silu"),
+    (700, 256, 512, [0, 128, 128, 256, 256, 384, 384, 512], 2, True, "silu"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}-d{c[1]}-F{c[2]}-K{c[4]}" for c in CASES])
+def test_matches_float64_reference(ffn, case, dtype):
+    n_tok, d, n, ranges, k, gated, act = case
+    torch.manual_seed(n_tok + d)
+    w = _weights(d, n, dtype, gated=gated)
+    x = torch.randn(n_tok, d, device="cuda").to(dtype)
+    routes = torch.randint(0, len(ranges) // 2, (n_tok, k), device="cuda")
+    gates = torch.rand(n_tok, k, device="cuda").to(dtype) if k > 1 else None
+    _poison_allocator(64 << 20)
+    out = ffn.routed_ffn(x, routes, gates, *w, ranges, act)
+    torch.cuda.synchronize()
+    assert out.dtype == dtype and out.shape == x.shape
+    tol = TRITON_BF16_REL if dtype == torch.bfloat16 else FP32_REL
+    err = _rel_err(out, x, routes, gates, w, ranges, act)
+    assert err <= tol, f"relative error {err:.3g} > {tol}"
+
+
+def test_all_skip_rows_are_exact_zeros(ffn):
+    d, n = 128, 256
+    w = _weights(d, n, torch.bfloat16)
+    x = torch.randn(50, d, device="cuda", dtype=torch.bfloat16)
+    routes = torch.randint(0, 2, (50, 2), device="cuda")
+    routes[:7] = 2  # both slots skip
+    _poison_allocator(64 << 20)
+    out = ffn.routed_ffn(x, routes, torch.rand(50, 2, device="cuda"), *w, [0, 256, 0, 64, 0, 0], "silu")
+    assert torch.equal(out[:7], torch.zeros_like(out[:7]))
+    assert (out[7:].abs().sum(-1) > 0).all()
+
+
+def test_cuda_graph_decode_step(ffn):
+    """Capture one decode step (8 tokens, Duo routes) in a CUDA graph, replay it with new routes and inputs:
+    capture fails on any host synchronisation, and the replays must match the reference on the new data."""
+    d, n, n_tok = 256, 512, 8
+    ranges = [0, 512, 0, 128, 0, 0]
+    w = _weights(d, n, torch.bfloat16)
+    x = torch.randn(n_tok, d, device="cuda", dtype=torch.bfloat16)
+    routes = torch.randint(0, 3, (n_tok, 1), device="cuda")
+    ffn.routed_ffn(x, routes, None, *w, ranges, "silu")  # warm-up: autotune, compile, range tables
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ffn.routed_ffn(x, routes, None, *w, ranges, "silu")
+    for seed in range(3):
+        torch.manual_seed(100 + seed)
+        x.copy_(torch.randn(n_tok, d, device="cuda"))
+        routes.copy_(torch.randint(0, 3, (n_tok, 1), device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        err = _rel_err(out, x, routes, None, w, ranges, "silu")
+        assert err <= TRITON_BF16_REL, f"replay {seed}: relative error {err:.3g}"
+
+
+def test_torch_compile_fullgraph(ffn):
+    d, n, n_tok = 256, 512, 64
+    ranges = [0, 512, 0, 128, 0, 0]
+    w = _weights(d, n, torch.bfloat16)
+
+    def f(x, routes):
+        return torch.ops.routefx_triton.routed_ffn(torch.nn.functional.rms_norm(x, (d,)), routes, None, *w,
+                                                   ranges, "silu") + x
+
+    x = torch.randn(n_tok, d, device="cuda", dtype=torch.bfloat16)
+    routes = torch.randint(0, 3, (n_tok, 1), device="cuda")
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(x, routes)
+    routes2 = torch.randint(0, 3, (n_tok, 1), device="cuda")
+    out2 = compiled(x, routes2)
+    for o, r in ((out, routes), (out2, routes2)):
+        xd = x.double()
+        ref = reference(torch.nn.functional.rms_norm(xd, (d,)), r, None, *(t.double() for t in w), ranges,
+                        "silu") + xd
+        rel = ((o.double() - ref).norm() / ref.norm()).item()
+        assert rel <= TRITON_BF16_REL, f"compiled op vs float64 reference: relative error {rel:.3g}"
