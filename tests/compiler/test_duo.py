@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import routefx
-from routefx.compiler.duo import _collect, _hidden, _weights
+from routefx.calibrate.duo import _collect, _hidden, _weights
 from routefx.ir import capture, recognize
 from routefx.ir.activations import get_activation
 from routefx.policies import Duo
@@ -100,7 +100,7 @@ def test_budget_is_met_with_mixed_routes(router, budget):
     cm = routefx.compile(entry.build(), Duo(budget=budget, router=router), calibration=cal)
     on_cal = cm.route_stats(cal)
     assert abs(on_cal.budget - budget) <= BUDGET_TOL, on_cal
-    report = cm.report.plan["calibration"]["budget"]
+    report = cm.report.plan["budget"]
     assert report["target"] == budget and report["realised"] == pytest.approx(on_cal.budget)
     on_held = cm.route_stats(held)                         # reported, not bounded: it is held-out data
     assert 0.0 <= on_held.budget <= 1.0
@@ -162,7 +162,7 @@ def test_a_near_identity_layer_gets_less_compute():
 def test_static_router_states_its_realised_budget():
     entry = ZOO["llama"]
     cm = routefx.compile(entry.build(), Duo(budget=0.4, router="static"), calibration=_batches(entry, 2, 10))
-    b = cm.report.plan["calibration"]["budget"]
+    b = cm.report.plan["budget"]
     # 3 layers, one branch each among costs {0, 26/104, 1}: 0.4 is not reachable; the nearest is reported
     assert b["target"] == 0.4 and b["realised"] == pytest.approx(cm.route_stats(_batches(entry, 2, 10)).budget)
     assert abs(b["realised"] - 0.4) < 0.1

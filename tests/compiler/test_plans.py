@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import routefx
-from routefx.compiler.duo import _collect, _hidden, _weights
+from routefx.calibrate.duo import _collect, _hidden, _weights
 from routefx.ir import capture, recognize
 from routefx.ir.activations import get_activation
 from routefx.policies import Duo, PruneLayers

@@ -41,7 +41,7 @@ class _Dangling(Pass):
 ])
 def test_a_corrupting_pass_is_named(monkeypatch, bad, match):
     original = pipeline.build_pipeline
-    monkeypatch.setattr("routefx.compiler.compile.build_pipeline", lambda p: original(p) + [bad()])
+    monkeypatch.setattr("routefx.compiler.compile.build_pipeline", lambda p: pipeline.Pipeline(original(p).passes + [bad()]))
     entry = ZOO["plain"]
     args, kwargs = example_inputs(entry)
     with pytest.raises(PassFailedError, match=match):
