@@ -1,0 +1,40 @@
+"""An independent FLOP reference: torch's FlopCounterMode on the model itself, plus closed forms for what it does
+not count (CPU attention kernels and transformers' grouped expert GEMM), written here from the zoo configs."""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def heads(model) -> tuple[int, int]:
+    """(attention heads, head dim) from the model's config (or the plain zoo model's attention module)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        att = model.z[0].a
+        return att.h, att.b.in_features // att.h
+    return cfg.num_attention_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def counted_by_torch(model, entry, args, kwargs) -> float:
+    """Total FLOPs FlopCounterMode sees in one forward (matrix products only here)."""
+    kw = dict(kwargs, **({"use_cache": False} if hasattr(model, "config") and entry.expect.decoder else {}))
+    with torch.no_grad(), FlopCounterMode(display=False) as fcm:
+        model(*args, **kw)
+    seen = [str(op) for op in fcm.get_flop_counts()["Global"]]
+    assert not any("attention" in op or "grouped_mm" in op for op in seen), seen  # else the closed forms double
+    return fcm.get_total_flops()
+
+
+def uncounted_per_token(model, entry, seq: int, blocks=None) -> float:
+    """Per-token FLOPs of attention scores (QKᵀ and PV; (S+1)/2 keys per query when causal) and of routed MoE
+    experts (top_k experts per token, 3 products of d x F) in `blocks` (default: all)."""
+    e = entry.expect
+    blocks = range(e.blocks) if blocks is None else blocks
+    n_heads, dh = heads(model)
+    keys = (seq + 1) / 2 if e.decoder else seq
+    total = 0.0
+    for i in blocks:
+        total += 2 * n_heads * keys * 2 * dh
+        if e.kinds[i] == "moe":
+            total += e.top_k * 2 * 3 * e.hidden * e.inter[i]
+    return total
