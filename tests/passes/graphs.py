@@ -1,8 +1,5 @@
-"""Shared fixtures of the pass tests: a captured zoo model, hand-written plans, and a routed reference built from
-the model's own modules with hooks (so the expected numbers never come from routefx's FFN code)."""
+"""Shared fixtures of the pass tests: a captured zoo model and hand-written plans."""
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
@@ -37,38 +34,6 @@ def count(gm, target) -> int:
 
 def routed_ops(gm) -> list:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ROUTED]
-
-
-@contextlib.contextmanager
-def routed_reference(model, ffns: dict):
-    """Make PlainLM's FFN `z.<i>.b` compute a routed FFN from its own modules: `ffns[i] = (routes_fn, neurons)`,
-    where routes_fn(x [B, S, d]) -> [B, S] route ids (0 skip, 1 the neuron subset `neurons`, 2 all neurons)."""
-    handles, state = [], {}
-    for i, (routes_fn, neurons) in ffns.items():
-        ffn = model.z[i].b
-        mask = torch.zeros(ffn.b.in_features)
-        mask[neurons] = 1.0
-
-        def down_pre(mod, inp, mask=mask, i=i):
-            return (inp[0] * mask,) if state.get(i) else None
-
-        def ffn_hook(mod, inp, out, i=i, routes_fn=routes_fn):
-            if state.get(i):
-                return None
-            state[i] = True
-            try:
-                small = mod(*inp)
-            finally:
-                state[i] = False
-            r = routes_fn(inp[0]).unsqueeze(-1)                                   # [B, S, 1]
-            return torch.where(r == 2, out, torch.where(r == 1, small, torch.zeros_like(out)))
-
-        handles += [ffn.b.register_forward_pre_hook(down_pre), ffn.register_forward_hook(ffn_hook)]
-    try:
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def layer(F: int, k: int, **kw) -> LayerPlan:

@@ -8,7 +8,8 @@ from routefx.passes.insert_routers import InsertRouters
 from routefx.passes.manager import PassFailedError
 from routefx.passes.raise_ffn import RaiseFFN
 from tests.compare import assert_close_nonpad
-from tests.passes.graphs import aten, captured, count, layer, plan, routed_ops, routed_reference, run
+from tests.passes.graphs import aten, captured, count, layer, plan, routed_ops, run
+from tests.reference_ffn import routed_reference
 from tests.tolerances import EXACT_REWRITE
 
 
@@ -31,9 +32,9 @@ def test_per_token_routers_and_a_static_layer():
         seen.append(r)
         return r
 
-    with torch.no_grad(), routed_reference(model, {0: (router, list(range(19))),
-                                                   2: (lambda x: torch.ones(x.shape[:-1], dtype=torch.long),
-                                                       list(range(19)))}):
+    with torch.no_grad(), routed_reference(model, {"z.0.b": (router, list(range(19))),
+                                                   "z.2.b": (lambda x: torch.ones(x.shape[:-1], dtype=torch.long),
+                                                             list(range(19)))}, down="b"):
         expected = model(*args, **kwargs)
     assert len(set(seen[0].flatten().tolist())) >= 2, "the test router should mix routes"
     with torch.no_grad():
