@@ -15,7 +15,7 @@ from routefx.ir.ffn import param_ref, resolve_weight
 from routefx.ir.graph_utils import dynamic_nodes, val
 from routefx.ir.model_ir import ModelIR
 from routefx.passes.attrs import add_tensor_attr
-from routefx.passes.base import Pass, PassContext, PassResult, missing_routed, planned_ffns, routed_op
+from routefx.passes.base import Pass, PassContext, PassResult, layers_ready, plan_layers, planned_ffns, routed_op
 
 __all__ = ["AppendSmallBranch"]
 
@@ -25,17 +25,15 @@ _PARTS = {3: ("small_up", 0), 4: ("small_gate", 0), 5: ("small_down", 1), 6: ("s
 
 
 def _separate(ctx: PassContext) -> dict:
-    return {k: lp for k, lp in (ctx.plan.layers if ctx.plan is not None else {}).items() if lp.small == "separate"}
+    return plan_layers(ctx, lambda lp: lp.small == "separate")
 
 
 class AppendSmallBranch(Pass):
     name = "append_small_branch"
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-        unfitted = [k for k, lp in _separate(ctx).items() if lp.small_up is None or lp.small_down is None]
-        if unfitted:
-            return f"separate small branch of layer(s) {unfitted} has no fitted weights"
-        return missing_routed(ctx.ir, _separate(ctx))
+        return layers_ready(ctx, _separate(ctx), lambda lp: lp.small_up is None or lp.small_down is None,
+                            "have a separate small branch without fitted weights")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         res = PassResult()

@@ -15,7 +15,8 @@ from torch import fx
 
 from routefx.ir.model_ir import ModelIR
 
-__all__ = ["Pass", "PassContext", "PassResult", "Miss", "planned_ffns", "routed_op", "missing_routed"]
+__all__ = ["Pass", "PassContext", "PassResult", "Miss", "planned_ffns", "routed_op", "missing_routed", "plan_layers",
+           "layers_ready"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,3 +84,15 @@ def missing_routed(ir: ModelIR, keys) -> str | None:
     """The reason some of `keys` have no routed FFN in `ir`, or None."""
     missing = [k for k in keys if routed_op(ir, k) is None]
     return f"no routed FFN for planned layer(s) {missing} (run raise_ffn first)" if missing else None
+
+
+def plan_layers(ctx: PassContext, keep=lambda lp: True) -> dict:
+    """{key: LayerPlan} of the planned layers for which `keep(lp)` holds."""
+    return {k: lp for k, lp in (ctx.plan.layers if ctx.plan is not None else {}).items() if keep(lp)}
+
+
+def layers_ready(ctx: PassContext, layers: dict, broken, what: str) -> str | None:
+    """A `requires` check: None when no layer of `layers` is `broken(lp)` and each has a routed FFN; else the
+    reason, naming the layers and `what` is wrong with them."""
+    bad = [k for k, lp in layers.items() if broken(lp)]
+    return f"layer(s) {bad} {what}" if bad else missing_routed(ctx.ir, layers)

@@ -14,25 +14,23 @@ from torch import fx
 from routefx.ir.model_ir import ModelIR
 from routefx.ir.price import add_price, has_price
 from routefx.passes.attrs import add_tensor_attr
-from routefx.passes.base import Pass, PassContext, PassResult, missing_routed, planned_ffns, routed_op
+from routefx.passes.base import Pass, PassContext, PassResult, layers_ready, plan_layers, planned_ffns, routed_op
 
 aten = torch.ops.aten
 __all__ = ["InsertRouters"]
 
 
 def _layers(ctx: PassContext) -> dict:
-    return ctx.plan.layers if ctx.plan is not None else {}
+    return plan_layers(ctx)
 
 
 class InsertRouters(Pass):
     name = "insert_routers"
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-        bad = [k for k, lp in _layers(ctx).items() if lp.static_route is None and (lp.weight is None
-                                                                                  or lp.bias is None)]
-        if bad:
-            return f"layer(s) {bad} have neither a static route nor router weights"
-        return missing_routed(ctx.ir, _layers(ctx))
+        return layers_ready(ctx, _layers(ctx), lambda lp: lp.static_route is None and (lp.weight is None
+                                                                                        or lp.bias is None),
+                            "have neither a static route nor router weights")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         res = PassResult()

@@ -12,7 +12,7 @@ from routefx.ir.ffn import param_ref, resolve_weight
 from routefx.ir.graph_utils import dynamic_nodes
 from routefx.ir.model_ir import ModelIR
 from routefx.passes.attrs import add_tensor_attr, is_own_copy
-from routefx.passes.base import Pass, PassContext, PassResult, missing_routed, planned_ffns, routed_op
+from routefx.passes.base import Pass, PassContext, PassResult, layers_ready, plan_layers, planned_ffns, routed_op
 
 __all__ = ["PermuteNeurons"]
 
@@ -21,17 +21,15 @@ _ROWS = {3: "up", 4: "gate", 6: "b_up", 7: "b_gate"}  # rows follow the permutat
 
 
 def _permuted(ctx: PassContext) -> dict:
-    return {k: lp for k, lp in (ctx.plan.layers if ctx.plan is not None else {}).items() if lp.perm is not None}
+    return plan_layers(ctx, lambda lp: lp.perm is not None)
 
 
 class PermuteNeurons(Pass):
     name = "permute_neurons"
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-        bad = [k for k, lp in _permuted(ctx).items() if sorted(lp.perm.tolist()) != list(range(lp.F))]
-        if bad:
-            return f"perm of layer(s) {bad} is not a permutation of range(F)"
-        return missing_routed(ctx.ir, _permuted(ctx))
+        return layers_ready(ctx, _permuted(ctx), lambda lp: sorted(lp.perm.tolist()) != list(range(lp.F)),
+                            "have a perm that is not a permutation of range(F)")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         res = PassResult()

@@ -40,5 +40,5 @@ def test_a_perm_that_is_not_a_permutation_breaks_the_contract():
     _, gm, _, _ = captured("plain")
     bad = torch.zeros(76, dtype=torch.long)
     with pytest.raises(PassFailedError, match=r"pass 'permute_neurons', after raise_ffn: contract broken "
-                                              r"\(requires\): perm of layer\(s\) \['z.0.b'\] is not a permutation"):
+                                              r"\(requires\): layer\(s\) \['z.0.b'\] have a perm that is not a permutation"):
         run(gm, [RaiseFFN(), PermuteNeurons()], plan({"z.0.b": layer(76, 19, perm=bad)}))
