@@ -18,7 +18,7 @@ from routefx.compiler.plan import BudgetRecord, LayerBudget, Plan
 from routefx.errors import CalibrationError
 from routefx.ir import graph_utils as gu
 from routefx.ir.model_ir import ModelIR
-from routefx.ir.price import ALL_BIG, get_price, has_price, set_price
+from routefx.ir.price import ALL_BIG, get_price, has_price, set_price_
 
 __all__ = ["RouteStats", "route_stats", "fit_lambda", "FitBudget"]
 
@@ -82,7 +82,7 @@ def fit_lambda(gm: fx.GraphModule, ir: ModelIR, batches: list[dict], budget: flo
     """Bisection on λ (realised fraction falls as λ rises) until within `tol` of `budget`; leaves the graph's
     λ at the result."""
     def at(lam):
-        set_price(gm, lam)
+        set_price_(gm, lam)
         return route_stats(gm, ir, batches)
 
     if budget >= 1.0:
@@ -93,7 +93,7 @@ def fit_lambda(gm: fx.GraphModule, ir: ModelIR, batches: list[dict], budget: flo
     while at(hi).budget > budget and hi < 1e6:
         hi *= 4
     found = bisect_decreasing(at, budget, lo, hi, iters, key=lambda st: st.budget, tol=tol)
-    set_price(gm, found.best_x)
+    set_price_(gm, found.best_x)
     return found.best_x, found.best
 
 
@@ -143,7 +143,7 @@ class FitBudget:
             plan.budget = BudgetRecord(target, st.budget, layers=[LayerBudget(a["key"], a["mix"], a["fraction"])
                                                                   for a in st.layers])
             return [f"static routes: realised budget {st.budget:.3f} (target {target}; one branch per layer)"]
-        set_price(gm, 0.0)
+        set_price_(gm, 0.0)
         lam0 = route_stats(gm, ir, batches)
         plan.lam, stats = fit_lambda(gm, ir, batches, target)
         plan.budget = BudgetRecord(target, stats.budget, plan.lam, lam0.budget,

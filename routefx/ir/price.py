@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-__all__ = ["LAMBDA_ATTR", "ALL_BIG", "has_price", "add_price", "set_price", "get_price"]
+__all__ = ["LAMBDA_ATTR", "ALL_BIG", "has_price", "add_price_", "set_price_", "get_price"]
 
 LAMBDA_ATTR = "routefx_lambda"
 ALL_BIG = -1e30  # the λ of budget 1.0: every token takes the big branch, whatever the router says
@@ -19,14 +19,14 @@ def has_price(gm: fx.GraphModule) -> bool:
     return hasattr(gm, LAMBDA_ATTR)
 
 
-def add_price(gm: fx.GraphModule, lam: float) -> str:
+def add_price_(gm: fx.GraphModule, lam: float) -> str:
     """Register the λ buffer (once) and return its attribute name, for `get_attr` nodes."""
     if not has_price(gm):
         gm.register_buffer(LAMBDA_ATTR, torch.tensor(lam, dtype=torch.float32))
     return LAMBDA_ATTR
 
 
-def set_price(gm: fx.GraphModule, lam: float) -> None:
+def set_price_(gm: fx.GraphModule, lam: float) -> None:
     getattr(gm, LAMBDA_ATTR).fill_(lam)
 
 

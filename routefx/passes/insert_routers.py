@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 from routefx.ir.model_ir import ModelIR
-from routefx.ir.price import add_price, has_price
+from routefx.ir.price import add_price_, has_price
 from routefx.passes.attrs import add_tensor_attr
 from routefx.passes.base import Pass, PassContext, PassResult, layers_ready, plan_layers, planned_ffns, routed_op
 
@@ -37,7 +37,7 @@ class InsertRouters(Pass):
         g = gm.graph
         lam = 0.0 if ctx.plan is None or ctx.plan.lam is None else ctx.plan.lam
         if any(lp.static_route is None for lp in _layers(ctx).values()):
-            price = add_price(gm, lam)
+            price = add_price_(gm, lam)
         for key, lp, op in planned_ffns(ctx, res):
             x = op.args[0]
             with g.inserting_before(op):
