@@ -16,13 +16,14 @@ def heads(model) -> tuple[int, int]:
 
 
 def counted_by_torch(model, entry, args, kwargs) -> float:
-    """Total FLOPs FlopCounterMode sees in one forward (matrix products only here)."""
+    """FLOPs FlopCounterMode counts in one forward for the matrix products other than attention kernels and
+    grouped expert GEMMs (those two are left to the closed forms below, whether or not a torch release counts
+    them)."""
     kw = dict(kwargs, **({"use_cache": False} if hasattr(model, "config") and entry.expect.decoder else {}))
     with torch.no_grad(), FlopCounterMode(display=False) as fcm:
         model(*args, **kw)
-    seen = [str(op) for op in fcm.get_flop_counts()["Global"]]
-    assert not any("attention" in op or "grouped_mm" in op for op in seen), seen  # else the closed forms double
-    return fcm.get_total_flops()
+    return sum(v for op, v in fcm.get_flop_counts()["Global"].items()
+               if "attention" not in str(op) and "grouped_mm" not in str(op))
 
 
 def uncounted_per_token(model, entry, seq: int, blocks=None) -> float:
