@@ -62,7 +62,7 @@ def profile_notes(res: dict) -> tuple[list[str], list[dict]]:
                      f"{idx:.1f} ms per run over dense ({idx / pr['kernel_ms_per_run']:.1%} of its kernel time).")
     if rows:
         below = [r["candidate"].removeprefix("duo_") for r in rows if r["ceiling"] < TARGETS["duo_efficiency"]]
-        gaps = [r["ceiling"] - r["measured"] for r in rows]
+        gaps = [r["measured"] - r["ceiling"] for r in rows]
         notes.append("Efficiency ceiling from the dense profile (FFN GEMM time scaled by the FFN FLOPs realised on "
                      "x, all other kernels at their dense time) vs measured: " + "; ".join(
                          f"{r['candidate'].removeprefix('duo_')} {r['ceiling']:.2f} / {r['measured']:.2f}"
