@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+# Zoo families whose closed forms below are checked: attention through SDPA with heads x head_dim queries and
+# values, causal for decoders, no sliding window; dense FFNs or grouped-GEMM MoE. A family with another attention
+# (eager matmuls, MLA, soft-capping) needs its own closed form before it joins.
+FAMILIES = ("llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "bert", "mixtral", "qwen2moe", "plain",
+            "plain_parallel", "plain_sandwich", "plain_resized")
+
 
 def heads(model) -> tuple[int, int]:
     """(attention heads, head dim) from the model's config (or the plain zoo model's attention module)."""
