@@ -35,6 +35,7 @@ edits of `gm` do not reach it. Outputs are CPU tensors.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -52,6 +53,7 @@ from torch import fx
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
+import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn, used below)
 from routefx.backends.onnx_ops import fold_weight_slices, routed_ffn_lowering
 from routefx.errors import BackendError, InputError
 
@@ -159,6 +161,16 @@ class OnnxRunner:
                                  f"[{shown}] (? = any size)")
             feeds[spec.name] = x.detach().cpu().contiguous().numpy()
         return feeds
+
+    def at_level(self, optimization_level: str) -> "OnnxRunner":
+        """The same exported model in a new session at another ORT graph optimization level (no re-export):
+        tests run both "all" and "disable", so that no fusion hides a wrong lowering."""
+        so = session_options(optimization_level=optimization_level,
+                             routed=not self.session.get_session_options().enable_mem_pattern)
+        other = copy.copy(self)
+        other.session = ort.InferenceSession(self.onnx_model or self.onnx_path, sess_options=so,
+                                             providers=["CPUExecutionProvider"])
+        return other
 
     def end_profiling(self) -> str:
         """Stop ONNX Runtime's profiler (the runner was prepared with `profile=True`); returns the JSON's path."""

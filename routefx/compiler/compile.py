@@ -13,19 +13,18 @@ import torch
 from torch import fx, nn
 
 from routefx.backends import get_backend
-from routefx.compiler.budget import RouteStats, fit_lambda, route_stats
-from routefx.compiler.calibrate import calibrate
-from routefx.compiler.calibration import normalize_calibration, token_mask
-from routefx.compiler.observe import run_recording
+from routefx.calibrate.budget import RouteStats, route_stats
+from routefx.calibrate.data import complete_batches, normalize_calibration
+from routefx.calibrate.record import observe_routes
+from routefx.calibrate.stage import calibrate
 from routefx.compiler.pipeline import build_pipeline
 from routefx.compiler.plan import Plan
 from routefx.compiler.plan_io import check_fingerprint, fingerprint
 from routefx.compiler.policies import Policy, policy_from_dict
 from routefx.compiler.report import CompileReport
 from routefx.errors import CalibrationError, InputError, PlanMismatchError, PolicyError
-from routefx.ir import graph_utils as gu
 from routefx.ir.capture import capture, normalize_inputs
-from routefx.ir.flops import FlopCount, count_flops, route_flops
+from routefx.ir.flops import FlopCount, count_flops, dynamic_routed, realised_flops
 from routefx.ir.model_ir import ModelIR
 from routefx.ir.recognize import recognize
 from routefx.passes.manager import PassManager
@@ -70,6 +69,13 @@ def _form(kwargs: dict) -> tuple:
     return tuple(sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))), consts
 
 
+def _check_fits(plan: Plan, ir: ModelIR) -> None:
+    missing = sorted(set(plan.layers) - {b.key for b in ir.blocks})
+    if missing or len(plan.block_paths) != len(ir.blocks):
+        raise PlanMismatchError(f"plan does not fit this graph: layers {missing} not found, or "
+                                f"{len(plan.block_paths)} blocks planned vs {len(ir.blocks)} found")
+
+
 def _flops_summary(before: FlopCount, after: FlopCount, seq: int, realised: dict | None) -> dict:
     b, a = before.at(seq), after.at(seq)
     return {"realised": realised, "S": seq, "before": b["total"], "after": a["total"], "ratio": a["total"] / b["total"],
@@ -83,15 +89,19 @@ class CompiledModel:
     def __init__(self, model: nn.Module, policy: Policy | Plan, *, calibration=None, backend: str = "eager",
                  debug_dir: str | None = None):
         self._model = model
-        self._given_plan = policy if isinstance(policy, Plan) else None
-        if self._given_plan is not None:
-            check_fingerprint(self._given_plan.fingerprint or {"params": {}}, model)
-            policy = policy_from_dict(self._given_plan.policy)
+        self._plan: Plan | None = None            # calibrated once, then reused for every input form
+        self._plan_given = isinstance(policy, Plan)
+        if self._plan_given:
+            check_fingerprint(policy.fingerprint or {"params": {}}, model)
+            self._plan, policy = policy, policy_from_dict(policy.policy)
         self.policy = policy
         self.backend = backend
         self._backend = get_backend(backend)
-        self._calibration = None if calibration is None else normalize_calibration(calibration)
-        if policy.needs_calibration and self._calibration is None and self._given_plan is None:
+        self._calibration = None
+        if calibration is not None:
+            batches = normalize_calibration(calibration)
+            self._calibration = complete_batches([_canonical(model, (), b) for b in batches])
+        if policy.needs_calibration and self._calibration is None and self._plan is None:
             raise CalibrationError(f"{policy!r} needs calibration data: pass calibration=[batch, ...] (dicts of "
                                    "the model's keyword arguments, or input_ids tensors)")
         self._debug_dir = debug_dir
@@ -99,64 +109,40 @@ class CompiledModel:
         self._last: _Entry | None = None
 
     # -- compilation ---------------------------------------------------------------------------------------
-    def _batches(self, form: tuple) -> list[dict] | None:
-        if self._calibration is None:
-            return None
-        batches = [_canonical(self._model, (), b) for b in self._calibration]
-        for i, b in enumerate(batches):
-            if _form(b) != form:
-                raise CalibrationError(f"calibration batch {i} has inputs {sorted(b)}; the model was captured with "
-                                       f"{sorted(form[0])} (and constants {dict(form[1])}): give every batch the "
-                                       "same keyword arguments as the calls")
-        return batches
-
     def _compile(self, kwargs: dict) -> _Entry:
+        """Capture for this input form; plan (calibrate the first time only); rewrite; tune; lower."""
         t0 = time.perf_counter()
         gm = capture(self._model, (), kwargs)
-        t1 = time.perf_counter()
         ir_before = recognize(gm)
         flops_before = count_flops(gm, ir_before)
-        if self._given_plan is not None:
-            plan = self._given_plan
-            missing = sorted(set(plan.layers) - {b.key for b in ir_before.blocks})
-            if missing or len(plan.block_paths) != len(ir_before.blocks):
-                raise PlanMismatchError(f"plan does not fit this graph: layers {missing} not found, or "
-                                        f"{len(plan.block_paths)} blocks planned vs {len(ir_before.blocks)} found")
-        else:
-            plan = calibrate(self.policy, gm, ir_before, self._batches(_form(kwargs)))
+        t1 = time.perf_counter()
+        fresh = self._plan is None
+        batches = self._calibration if fresh else None     # fresh: kwargs has the calibration data's form
+        if fresh:
+            plan = calibrate(self.policy, gm, ir_before, batches)
             plan.fingerprint = fingerprint(self._model)
+        else:
+            plan = self._plan
+            _check_fits(plan, ir_before)
         t2 = time.perf_counter()
-        calib_s = t2 - t1
-        manager = PassManager(build_pipeline(self.policy), debug_dir=self._debug_dir)
-        ir, reports = manager.run(gm, policy=self.policy, plan=plan)
+        pipeline = build_pipeline(self.policy)
+        ir, reports = PassManager(pipeline.passes, debug_dir=self._debug_dir).run(gm, ir_before, plan)
+        t3 = time.perf_counter()
         notes = []
-        if self._given_plan is not None:
-            notes.append("rebuilt from a plan: no calibration")
-        elif any(lp.static_route is None for lp in plan.layers.values()):
-            t3 = time.perf_counter()
-            batches = self._batches(_form(kwargs))
-            lam0 = route_stats(gm, ir, batches)
-            plan.lam, stats = fit_lambda(gm, ir, batches, self.policy.budget)
-            plan.calibration["budget"] = {"target": self.policy.budget, "lambda": plan.lam,
-                                          "realised": stats.budget, "at_lambda_0": lam0.budget,
-                                          "layers": [{"key": a["key"], "fraction_at_lambda_0": a["fraction"],
-                                                      "fraction": b["fraction"], "mix": b["mix"]}
-                                                     for a, b in zip(lam0.layers, stats.layers)]}
-            notes.append(f"global price λ={plan.lam:.4g} brings the realised budget on calibration data from "
-                         f"{lam0.budget:.3f} (λ=0) to {stats.budget:.3f} (target {self.policy.budget})")
-            calib_s += time.perf_counter() - t3  # the λ search is calibration
-        elif plan.layers:
-            st = route_stats(gm, ir, self._batches(_form(kwargs)))
-            plan.calibration["budget"] = {"target": self.policy.budget, "realised": st.budget,
-                                          "layers": [{"key": a["key"], "mix": a["mix"]} for a in st.layers]}
-            notes.append(f"static routes: realised budget {st.budget:.3f} (target {self.policy.budget}; one branch "
-                         "per layer)")
+        if fresh and batches is not None:
+            for step in pipeline.tune:
+                notes += step(gm, ir, plan, batches, self.policy.budget)
+        elif not fresh:
+            notes.append("rebuilt from a plan: no calibration" if self._plan_given else
+                         f"plan reused for inputs {sorted(_form(kwargs)[0])}: no calibration")
+        self._plan = plan
+        t4 = time.perf_counter()
         flops = count_flops(gm, ir)
         realised = None
-        if flops.dynamic_routes and self._calibration is not None:
-            cal = self._batches(_form(kwargs))
-            realised = {"calibration": realised_flops(gm, flops, cal),
-                        "dense_calibration": realised_flops(gm, flops_before, cal)}
+        if flops.dynamic_routes and batches is not None:
+            routed = dynamic_routed(gm, flops)
+            realised = {"calibration": realised_flops(flops, observe_routes(gm, routed, batches)),
+                        "dense_calibration": realised_flops(flops_before, observe_routes(gm, [], batches))}
         moe = [b.index for b in ir.blocks if b.ffn is not None and b.ffn.kind == "moe"]
         if moe:
             notes.append(f"MoE blocks {moe} run as captured (not yet compiled to routed_ffn)")
@@ -164,13 +150,15 @@ class CompiledModel:
         report = CompileReport(policy=self.policy.to_dict(), backend=self.backend, ir_before=ir_before.to_dict(),
                                ir_after=ir.to_dict(), passes=reports, notes=notes, plan=plan.to_dict(),
                                flops_per_token=_flops_summary(flops_before, flops, int(seq), realised),
-                               capture_seconds=round(t1 - t0, 3), calibration_seconds=round(calib_s, 3),
-                               compile_seconds=round(time.perf_counter() - t1 - calib_s, 3))
+                               capture_seconds=round(t1 - t0, 3), calibration_seconds=round(t2 - t1 + t4 - t3, 3),
+                               compile_seconds=round(t3 - t2 + time.perf_counter() - t4, 3))
         return _Entry(gm, ir, plan, flops, report, self._backend.prepare(gm, kwargs))
 
     def _entry(self, kwargs: dict) -> _Entry:
         key = _form(kwargs)
         if key not in self._entries:
+            if self._plan is None and self._calibration is not None and key != _form(self._calibration[0]):
+                self._entry(self._calibration[0])      # calibrate once, on the calibration data's own form
             self._entries[key] = self._compile(kwargs)
         self._last = self._entries[key]
         return self._last
@@ -183,16 +171,18 @@ class CompiledModel:
         with torch.no_grad():
             return entry.run(**kwargs)
 
+    def _batch_entry(self, batches) -> tuple[_Entry, list[dict]]:
+        batches = complete_batches([_canonical(self._model, (), b) for b in normalize_calibration(batches)])
+        return self._entry(batches[0]), batches
+
     def flops_per_token(self, batches) -> float:
         """Mean FLOPs per real (non-padding) token on `batches`, with the routes the model takes on them."""
-        batches = [_canonical(self._model, (), b) for b in normalize_calibration(batches)]
-        entry = self._entry(batches[0])
-        return realised_flops(entry.gm, entry.flops, batches)
+        entry, batches = self._batch_entry(batches)
+        return realised_flops(entry.flops, observe_routes(entry.gm, dynamic_routed(entry.gm, entry.flops), batches))
 
     def route_stats(self, batches) -> RouteStats:
         """Run the routers on `batches`: realised budget and per-layer mix of routes, over real tokens."""
-        batches = [_canonical(self._model, (), b) for b in normalize_calibration(batches)]
-        entry = self._entry(batches[0])
+        entry, batches = self._batch_entry(batches)
         return route_stats(entry.gm, entry.ir, batches)
 
     # -- introspection -------------------------------------------------------------------------------------
@@ -226,29 +216,6 @@ class CompiledModel:
     def __repr__(self) -> str:
         state = "compiled" if self._last else "not yet compiled"
         return f"CompiledModel({type(self._model).__name__}, {self.policy!r}, backend={self.backend!r}, {state})"
-
-
-def realised_flops(gm: fx.GraphModule, flops: FlopCount, batches: list[dict]) -> float:
-    """Mean FLOPs per real token: the static count at each batch's length, with every data-dependent
-    routed_ffn counted at the routes its tokens actually took."""
-    routed = [n for n in gm.graph.nodes if gu.is_routed(n)] if flops.dynamic_routes else []
-    total, tokens = 0.0, 0
-    for kwargs in batches:
-        mask = token_mask(kwargs)
-        n_tok = int(mask.sum())
-        per_token = flops.at(int(mask.shape[-1]))["total"]
-        if routed:
-            values = run_recording(gm, kwargs, [n.args[1] for n in routed])
-            for n in routed:
-                per = torch.tensor(route_flops(n), dtype=torch.float64)
-                r = values[n.args[1]]                                  # [..., K] route ids
-                real = per[r.reshape(-1, r.shape[-1])].sum(-1)[mask.reshape(-1)]
-                per_token += real.sum().item() / max(n_tok, 1) - max(route_flops(n)) * r.shape[-1]
-        total += per_token * n_tok
-        tokens += n_tok
-    if tokens == 0:
-        raise CalibrationError("no real token in the batches (every attention_mask is 0)")
-    return total / tokens
 
 
 def _check_inputs(gm: fx.GraphModule, kwargs: dict) -> None:
@@ -289,5 +256,5 @@ def compile(model: nn.Module, policy: Policy, *, example_inputs=None, example_kw
                 raise InputError(f"example input {k!r} is a scalar tensor; routefx needs [batch, seq, ...] inputs")
         cm._entry(kwargs)
     elif cm._calibration is not None:
-        cm._entry(_canonical(model, (), cm._calibration[0]))
+        cm._entry(cm._calibration[0])
     return cm

@@ -1,23 +1,39 @@
-"""The pass pipeline, declared in one place: policy -> ordered passes."""
+"""The pipeline, declared in one place: policy -> the rewrite passes, then the steps measured on their result.
+
+    capture -> recognise -> calibrate (plan) -> rewrite (passes) -> tune (budget step) -> lower (backend) -> run
+
+`passes` rewrite the graph from the plan alone (the pass manager checks each one's contract and removes dead code
+after it); `tune` steps run once, on the first rewritten graph and the calibration data, and complete the plan
+(the price λ). A plan that is given or reused for another input form is not tuned again.
+"""
 from __future__ import annotations
 
+import dataclasses
+
+from routefx.calibrate.budget import FitBudget
 from routefx.compiler.policies import Dense, Duo, Policy, PruneLayers
 from routefx.errors import PolicyError
-from routefx.passes.base import Pass
 from routefx.passes.append_small_branch import AppendSmallBranch
+from routefx.passes.base import Pass
 from routefx.passes.insert_routers import InsertRouters
 from routefx.passes.permute_neurons import PermuteNeurons
 from routefx.passes.prune_blocks import PruneBlocks
 from routefx.passes.raise_ffn import RaiseFFN
 
-__all__ = ["build_pipeline"]
+__all__ = ["Pipeline", "build_pipeline"]
 
 
-def build_pipeline(policy: Policy) -> list[Pass]:
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    passes: list[Pass]
+    tune: list[FitBudget] = dataclasses.field(default_factory=list)
+
+
+def build_pipeline(policy: Policy) -> Pipeline:
     if isinstance(policy, Dense):
-        return [RaiseFFN()]
+        return Pipeline([RaiseFFN()])
     if isinstance(policy, PruneLayers):
-        return [RaiseFFN(), PruneBlocks()]
+        return Pipeline([RaiseFFN(), PruneBlocks()])
     if isinstance(policy, Duo):
-        return [RaiseFFN(), PermuteNeurons(), AppendSmallBranch(), InsertRouters()]
+        return Pipeline([RaiseFFN(), PermuteNeurons(), AppendSmallBranch(), InsertRouters()], [FitBudget()])
     raise PolicyError(f"no pipeline for policy {type(policy).__name__}")

@@ -6,7 +6,35 @@ from typing import Any
 
 import torch
 
-__all__ = ["Plan", "LayerPlan"]
+__all__ = ["Plan", "LayerPlan", "BudgetRecord", "LayerBudget"]
+
+
+@dataclasses.dataclass
+class LayerBudget:
+    """One routed layer on the calibration data: its share of tokens per route and its compute fraction."""
+
+    key: str
+    mix: list[float]                            # fraction of real tokens per route (skip, small, big)
+    fraction: float                             # compute fraction (route costs weighted by the mix)
+    fraction_at_lambda_0: float | None = None   # the same before the price λ was fitted (per-token routers)
+
+
+@dataclasses.dataclass
+class BudgetRecord:
+    """What the budget step measured on the rewritten graph over the calibration data (real tokens)."""
+
+    target: float                               # the policy's budget
+    realised: float                             # mean compute fraction over routed layers and tokens
+    lam: float | None = None                    # the fitted price (None: static routes, nothing to fit)
+    at_lambda_0: float | None = None            # realised fraction before fitting (per-token routers)
+    layers: list[LayerBudget] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BudgetRecord":
+        return cls(**{**d, "layers": [LayerBudget(**layer) for layer in d.get("layers", [])]})
 
 
 @dataclasses.dataclass
@@ -62,7 +90,8 @@ class Plan:
     block_paths: list[str | None] = dataclasses.field(default_factory=list)
     layers: dict[str, LayerPlan] = dataclasses.field(default_factory=dict)
     lam: float | None = None                                       # global price on branch cost (routers)
-    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)  # figures measured while calibrating
+    budget: BudgetRecord | None = None                             # measured by the budget step
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)  # other figures measured while calibrating
     fingerprint: dict[str, Any] | None = None                      # the model it was calibrated on
 
     def save(self, directory: str) -> None:
@@ -79,4 +108,5 @@ class Plan:
         """A JSON summary (tensors left out; `save` writes them)."""
         return {"policy": self.policy, "pruned": self.pruned, "block_influence": self.block_influence,
                 "block_paths": self.block_paths, "lam": self.lam, "calibration": self.calibration,
+                "budget": None if self.budget is None else self.budget.to_dict(),
                 "layers": {k: v.summary() for k, v in self.layers.items()}}

@@ -6,6 +6,7 @@ plan.json
     policy        the policy's JSON form
     fingerprint   {"params": {name: {"shape", "dtype", "sha256"}}}: the model the plan was calibrated on
     pruned, block_influence, block_paths, lam, calibration   (see `Plan`)
+    budget        the budget step's record (`BudgetRecord.to_dict()`), or null
     layers        {key: {"F", "k", "router", "static_route", "small", "tensors": [names]}}; tensor
                   "<key>/<field>" lives in tensors.safetensors
     tensors_sha256   digest of tensors.safetensors
@@ -84,6 +85,7 @@ def save_plan(plan, directory: str) -> None:
     doc = {"format": FORMAT, "version": VERSION, "policy": plan.policy, "fingerprint": plan.fingerprint,
            "pruned": plan.pruned, "block_influence": plan.block_influence, "block_paths": plan.block_paths,
            "lam": plan.lam, "calibration": plan.calibration, "layers": layers,
+           "budget": None if plan.budget is None else plan.budget.to_dict(),
            "tensors_sha256": hashlib.sha256(blob).hexdigest()}
     doc["checksum"] = _checksum(doc)
     with open(os.path.join(directory, "plan.json"), "w") as f:
@@ -91,7 +93,7 @@ def save_plan(plan, directory: str) -> None:
 
 
 def load_plan(directory: str):
-    from routefx.compiler.plan import LayerPlan, Plan
+    from routefx.compiler.plan import BudgetRecord, LayerPlan, Plan
     jpath, tpath = os.path.join(directory, "plan.json"), os.path.join(directory, "tensors.safetensors")
     for p in (jpath, tpath):
         if not os.path.exists(p):
@@ -122,6 +124,7 @@ def load_plan(directory: str):
         fields = {f: tensors[f"{key}/{f}"] for f in spec["tensors"]}
         layers[key] = LayerPlan(F=spec["F"], k=spec["k"], router=spec["router"], static_route=spec["static_route"],
                                 small=spec["small"], **fields)
+    budget = doc.get("budget")
     return Plan(policy=doc["policy"], pruned=doc["pruned"], block_influence=doc["block_influence"],
                 block_paths=doc["block_paths"], layers=layers, lam=doc["lam"], calibration=doc["calibration"],
-                fingerprint=doc["fingerprint"])
+                budget=None if budget is None else BudgetRecord.from_dict(budget), fingerprint=doc["fingerprint"])

@@ -10,13 +10,12 @@ Anything else is kind "unknown" with the reason.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import fx
 
 from routefx.ir import graph_utils as gu
 from routefx.ir.activations import ACTIVATIONS
+from routefx.ir.graph_utils import fetch_attr as fetch
 from routefx.ir.model_ir import DenseFFNMatch, FFNInfo, WeightRef
 
 aten = torch.ops.aten
@@ -25,10 +24,6 @@ __all__ = ["analyse_ffn", "fetch", "resolve_weight", "param_ref"]
 
 class _Miss(Exception):
     """A pattern did not match; the message is the reason reported in `FFNInfo.reason`."""
-
-
-def fetch(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    return functools.reduce(getattr, target.split("."), gm)
 
 
 def resolve_weight(gm: torch.nn.Module, ref: WeightRef) -> torch.Tensor:

@@ -17,6 +17,7 @@ import sympy
 import torch
 from torch import fx
 
+from routefx.errors import CalibrationError
 from routefx.ir import graph_utils as gu
 from routefx.ir.attention import attention_masks
 from routefx.ir.model_ir import ModelIR
@@ -25,7 +26,7 @@ aten = torch.ops.aten
 S = sympy.Symbol("S", positive=True, integer=True)
 _B = sympy.Symbol("B", positive=True, integer=True)
 
-__all__ = ["S", "FlopCount", "BlockFlops", "count_flops", "route_flops"]
+__all__ = ["S", "FlopCount", "BlockFlops", "count_flops", "route_flops", "dynamic_routed", "realised_flops"]
 
 
 @dataclasses.dataclass
@@ -163,3 +164,27 @@ def count_flops(gm: fx.GraphModule, ir: ModelIR) -> FlopCount:
     for b in blocks:
         b.attention, b.ffn = sympy.simplify(b.attention), sympy.simplify(b.ffn)
     return FlopCount(blocks, sympy.simplify(other), dynamic)
+
+
+def dynamic_routed(gm: fx.GraphModule, flops: FlopCount) -> list[fx.Node]:
+    """The routed_ffn nodes whose route ids must be observed to count realised FLOPs."""
+    return [n for n in gm.graph.nodes if gu.is_routed(n)] if flops.dynamic_routes else []
+
+
+def realised_flops(flops: FlopCount, observed) -> float:
+    """Mean FLOPs per real token: the static count at each batch's length, with every data-dependent routed_ffn
+    counted at the routes its tokens took. `observed` yields, per batch, (mask [B, S] bool of real tokens,
+    {routed node: route ids [B, S, K]}) for the nodes of `dynamic_routed`."""
+    total, tokens = 0.0, 0
+    for mask, routes in observed:
+        n_tok = int(mask.sum())
+        per_token = flops.at(int(mask.shape[-1]))["total"]
+        for n, r in routes.items():
+            per = torch.tensor(route_flops(n), dtype=torch.float64)
+            real = per[r.reshape(-1, r.shape[-1]).cpu()].sum(-1)[mask.reshape(-1).cpu()]   # [real tokens]
+            per_token += real.sum().item() / max(n_tok, 1) - max(route_flops(n)) * r.shape[-1]
+        total += per_token * n_tok
+        tokens += n_tok
+    if tokens == 0:
+        raise CalibrationError("no real token in the batches (every attention_mask is 0)")
+    return total / tokens

@@ -1,9 +1,11 @@
-"""Small helpers over ATen fx graphs: op classes, looking through no-op nodes, reachability, module paths.
+"""Small helpers over ATen fx graphs: op classes, looking through no-op nodes, reachability, module paths,
+reading a graph's attributes. Views only: rewrites (dead-code cleanup included) are passes (`routefx/passes/`).
 
 Op classes are data (one line each) so that recognition reads as rules, not as chains of `if`.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Iterable
 
@@ -16,7 +18,8 @@ aten = torch.ops.aten
 ROUTED_FFN = torch.ops.routefx.routed_ffn.default
 
 
-def _targets(*ops) -> frozenset:
+def targets(*ops) -> frozenset:
+    """The set of op targets to match: each OpOverload given, and every overload of each OpOverloadPacket."""
     out = set()
     for op in ops:
         out.add(op)
@@ -25,25 +28,33 @@ def _targets(*ops) -> frozenset:
     return frozenset(out)
 
 
+_targets = targets  # the name modules outside this file used before it was public
+
+
+def fetch_attr(gm: torch.nn.Module, target: str):
+    """The attribute a `get_attr` node's dotted `target` names on `gm` (as `fx.Interpreter.fetch_attr`)."""
+    return functools.reduce(getattr, target.split("."), gm)
+
+
 # Ops that pass their first argument through unchanged (in eval mode, same dtype): looked through everywhere.
-IDENTITY = _targets(aten.alias, aten.clone, aten.contiguous, aten.detach, aten.lift_fresh_copy,
+IDENTITY = targets(aten.alias, aten.clone, aten.contiguous, aten.detach, aten.lift_fresh_copy,
                     aten.dropout, aten.feature_dropout, aten.alpha_dropout)
 # aten.to / _to_copy are identities only when they keep the dtype (checked in `is_identity`).
-CASTS = _targets(aten.to, aten._to_copy, aten.type_as)
+CASTS = targets(aten.to, aten._to_copy, aten.type_as)
 # Ops that only reshape: looked through when matching FFN boundaries (the FFN is applied per token).
-VIEWS = _targets(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.unsqueeze,
+VIEWS = targets(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.unsqueeze,
                  aten.squeeze)
 # Matrix products. `grouped_mm` variants are matched by name since transformers registers its own.
-MATMUL = _targets(aten.linear, aten.mm, aten.addmm, aten.matmul, aten.bmm, aten.baddbmm, aten.einsum)
-ATTENTION = _targets(aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu,
+MATMUL = targets(aten.linear, aten.mm, aten.addmm, aten.matmul, aten.bmm, aten.baddbmm, aten.einsum)
+ATTENTION = targets(aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu,
                      aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_flash_attention,
                      aten._scaled_dot_product_cudnn_attention)
-NORMS = _targets(aten.layer_norm, aten.native_layer_norm, aten.rms_norm, aten.group_norm)
-REDUCTIONS = _targets(aten.mean, aten.var, aten.var_mean, aten.sum, aten.std)
-RSQRT = _targets(aten.rsqrt, aten.sqrt, aten.reciprocal)
-TRANSPOSES = _targets(aten.t, aten.transpose, aten.permute, aten.numpy_T)
-ADD = _targets(aten.add)
-TOPK = _targets(aten.topk)
+NORMS = targets(aten.layer_norm, aten.native_layer_norm, aten.rms_norm, aten.group_norm)
+REDUCTIONS = targets(aten.mean, aten.var, aten.var_mean, aten.sum, aten.std)
+RSQRT = targets(aten.rsqrt, aten.sqrt, aten.reciprocal)
+TRANSPOSES = targets(aten.t, aten.transpose, aten.permute, aten.numpy_T)
+ADD = targets(aten.add)
+TOPK = targets(aten.topk)
 
 
 def is_grouped_mm(n: fx.Node) -> bool:
@@ -68,7 +79,7 @@ def is_identity(n: fx.Node) -> bool:
     if n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node):
         return False
     if n.target in IDENTITY:
-        return not (n.target in _targets(aten.dropout) and len(n.args) > 2 and n.args[2])
+        return not (n.target in targets(aten.dropout) and len(n.args) > 2 and n.args[2])
     if n.target in CASTS:
         a, b = val(n.args[0]), val(n)
         return a is not None and b is not None and a.dtype == b.dtype
@@ -98,10 +109,6 @@ def forward_views(n: fx.Node) -> fx.Node:
         else:
             break
     return n
-
-
-def tensor_inputs(n: fx.Node) -> list[fx.Node]:
-    return [a for a in n.all_input_nodes if a.op != "call_module"]
 
 
 def ancestors(nodes: Iterable[fx.Node], stop: set | None = None) -> set[fx.Node]:
@@ -170,45 +177,3 @@ def common_path(nodes: Iterable[fx.Node]) -> str | None:
 
 def is_getitem(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target is operator.getitem
-
-
-_VIEWLIKE = VIEWS | TRANSPOSES | IDENTITY | _targets(aten.slice, aten.select, aten.expand, aten.as_strided)
-
-
-def _has_side_effects(n: fx.Node, pos: dict) -> bool:
-    if n.op in ("placeholder", "output", "call_module", "call_method"):
-        return True
-    if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
-        return False
-    schema = n.target._schema
-    if "assert" in schema.name:
-        return True
-    if not schema.is_mutable:
-        return False
-    # an in-place write into a graph temporary that nothing reads afterwards is unobservable
-    buf = n.args[0] if n.args else None
-    if not isinstance(buf, fx.Node):
-        return True
-    base = buf
-    while base.op == "call_function" and (base.target in _VIEWLIKE or base.target is operator.getitem):
-        base = base.args[0]
-    if base.op in ("placeholder", "get_attr"):
-        return True
-    return any(u is not n and pos[u] > pos[n] for u in buf.users)
-
-
-def eliminate_dead_code_(graph: fx.Graph) -> int:
-    """Remove nodes nobody uses, in place; returns the count. Unlike fx's own, ops that are only random (sdpa
-    with its dropout argument) count as pure, and so do in-place writes into dead temporaries: in inference
-    graphs nothing observes either."""
-    pos = {n: i for i, n in enumerate(graph.nodes)}
-    removed = 0
-    for n in reversed(list(graph.nodes)):
-        if n.users or _has_side_effects(n, pos):
-            continue
-        if n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload) \
-                and n.target not in (operator.getitem, operator.mul, operator.add, operator.floordiv, operator.sub):
-            continue  # an unknown Python callable: keep it
-        graph.erase_node(n)
-        removed += 1
-    return removed

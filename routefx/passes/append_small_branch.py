@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from routefx.errors import PlanMismatchError
 from routefx.ir.ffn import param_ref, resolve_weight
-from routefx.ir.graph_utils import dynamic_nodes, eliminate_dead_code_
+from routefx.ir.graph_utils import dynamic_nodes, val
+from routefx.ir.model_ir import ModelIR
 from routefx.passes.attrs import add_tensor_attr
-from routefx.passes.base import Pass, PassContext, PassResult, planned_ffns
+from routefx.passes.base import Pass, PassContext, PassResult, layers_ready, plan_layers, planned_ffns, routed_op
 
 __all__ = ["AppendSmallBranch"]
 
@@ -22,8 +24,16 @@ _PARTS = {3: ("small_up", 0), 4: ("small_gate", 0), 5: ("small_down", 1), 6: ("s
           7: ("small_b_gate", 0)}
 
 
+def _separate(ctx: PassContext) -> dict:
+    return plan_layers(ctx, lambda lp: lp.small == "separate")
+
+
 class AppendSmallBranch(Pass):
     name = "append_small_branch"
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        return layers_ready(ctx, _separate(ctx), lambda lp: lp.small_up is None or lp.small_down is None,
+                            "have a separate small branch without fitted weights")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         res = PassResult()
@@ -39,7 +49,9 @@ class AppendSmallBranch(Pass):
                     cur = op.args[pos]
                     if extra is None or cur is None:
                         if (extra is None) != (cur is None):
-                            raise ValueError(f"{key}: plan's {field} does not match the FFN's weights")
+                            raise PlanMismatchError(f"{key}: the plan has {'no' if extra is None else 'a'} "
+                                                    f"{field} but the FFN has {'no' if cur is None else 'a'} "
+                                                    "matching weight; plan and graph must agree")
                         continue
                     w = resolve_weight(gm, param_ref(cur, dyn))
                     cat = torch.cat([w, extra.to(w.dtype)], dim=dim).contiguous()
@@ -48,5 +60,12 @@ class AppendSmallBranch(Pass):
             res.rewrites += 1
         if res.rewrites:
             res.notes.append(f"separate small branches add {added:,} weight bytes")
-        eliminate_dead_code_(g)
         return res
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext, after: ModelIR) -> str | None:
+        for key, lp in _separate(ctx).items():
+            op = routed_op(after, key)
+            rows = None if op is None else val(op.args[3]).shape[0]
+            if rows != lp.F + lp.k:
+                return f"layer {key}: w_up has {rows} rows, expected F + k = {lp.F + lp.k}"
+        return None

@@ -6,7 +6,9 @@ import re
 import torch
 from torch import fx
 
-__all__ = ["add_tensor_attr"]
+__all__ = ["add_tensor_attr", "is_own_copy", "PREFIX"]
+
+PREFIX = "routefx_"  # every tensor a pass registers starts with it
 
 
 def add_tensor_attr(gm: fx.GraphModule, base: str, value: torch.Tensor) -> str:
@@ -18,3 +20,8 @@ def add_tensor_attr(gm: fx.GraphModule, base: str, value: torch.Tensor) -> str:
         cand = f"{name}_{i}"
     gm.register_buffer(cand, value.detach())
     return cand
+
+
+def is_own_copy(gm: fx.GraphModule, n) -> bool:
+    """`n` reads a tensor a pass registered (a copy), not one of the user's weights."""
+    return isinstance(n, fx.Node) and n.op == "get_attr" and n.target.startswith(PREFIX)

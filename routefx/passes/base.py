@@ -1,9 +1,10 @@
 """The pass contract.
 
-A pass is a small class with a `name`, a docstring stating `Requires:` and `Ensures:`, and
-`run(gm, ctx) -> PassResult`. Passes rewrite `gm` in place (the pass manager owns the graph and verifies it
-after each pass); they read structure from `ctx.ir` (the `ModelIR` recomputed before the pass) and decisions
-from `ctx.plan`, never from raw data.
+A pass is a small class with a `name`, a docstring stating `Requires:` and `Ensures:`, the same two as checks
+(`requires(gm, ctx)` before the pass and `ensures(gm, ctx, after)` after it, each returning None when it holds
+or the reason it does not), and `run(gm, ctx) -> PassResult`. Passes rewrite `gm` in place (the pass manager
+owns the graph, runs the checks, removes dead code, and verifies the graph after each pass); they read structure
+from `ctx.ir` (the `ModelIR` recomputed before the pass) and decisions from `ctx.plan`, never from raw data.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from torch import fx
 
 from routefx.ir.model_ir import ModelIR
 
-__all__ = ["Pass", "PassContext", "PassResult", "Miss", "planned_ffns"]
+__all__ = ["Pass", "PassContext", "PassResult", "Miss", "planned_ffns", "routed_op", "missing_routed", "plan_layers",
+           "layers_ready"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,18 +36,26 @@ class PassResult:
 
 @dataclasses.dataclass
 class PassContext:
-    ir: ModelIR
-    policy: Any = None
-    plan: Any = None
+    ir: ModelIR          # recognised on the graph the pass receives
+    plan: Any = None     # the Plan: the decisions the pass applies
 
 
 class Pass:
-    """Base class. Subclasses set `name` and implement `run`."""
+    """Base class. Subclasses set `name`, implement `run`, and state their contract in `requires`/`ensures`."""
 
     name: str = "pass"
 
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        """None when the pass can run on `gm`, else the reason it cannot."""
+        return None
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext, after: ModelIR) -> str | None:
+        """None when the rewritten `gm` (recognised as `after`) keeps the promise, else what is wrong.
+        `ctx` is the context the pass ran with (`ctx.ir` is the structure before it)."""
+        return None
 
     def __repr__(self) -> str:
         return self.name
@@ -62,3 +72,27 @@ def planned_ffns(ctx: PassContext, res: PassResult):
             res.misses.append(Miss(key, "no routed FFN with this key in the graph"))
             continue
         yield key, lp, b.ffn.match.out
+
+
+def routed_op(ir: ModelIR, key: str):
+    """The routed_ffn node of the FFN `key`, or None."""
+    b = next((b for b in ir.blocks if b.key == key), None)
+    return None if b is None or b.ffn is None or b.ffn.routed is None else b.ffn.match.out
+
+
+def missing_routed(ir: ModelIR, keys) -> str | None:
+    """The reason some of `keys` have no routed FFN in `ir`, or None."""
+    missing = [k for k in keys if routed_op(ir, k) is None]
+    return f"no routed FFN for planned layer(s) {missing} (run raise_ffn first)" if missing else None
+
+
+def plan_layers(ctx: PassContext, keep=lambda lp: True) -> dict:
+    """{key: LayerPlan} of the planned layers for which `keep(lp)` holds."""
+    return {k: lp for k, lp in (ctx.plan.layers if ctx.plan is not None else {}).items() if keep(lp)}
+
+
+def layers_ready(ctx: PassContext, layers: dict, broken, what: str) -> str | None:
+    """A `requires` check: None when no layer of `layers` is `broken(lp)` and each has a routed FFN; else the
+    reason, naming the layers and `what` is wrong with them."""
+    bad = [k for k, lp in layers.items() if broken(lp)]
+    return f"layer(s) {bad} {what}" if bad else missing_routed(ctx.ir, layers)

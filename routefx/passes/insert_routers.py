@@ -2,36 +2,42 @@
 
 Requires: routed FFNs whose neurons are in importance order; `ctx.plan.layers[key]` with either
           `static_route` or a linear router (`weight` [3, d], `bias` [3]); `ctx.plan.lam` (None = 0).
-Ensures:  ranges = [0,0, 0,k, 0,F] (route 0 skip, 1 small, 2 big); routes [..., 1] =
-          argmax(x·Wᵀ + b − λ·cost) where x is the FFN's input and cost = (0, k/F, 1), λ a graph buffer
-          `routefx_lambda` shared by all routers; a static layer gets constant routes.
+Ensures:  ranges = `LayerPlan.ranges` (route 0 skip, 1 small, 2 big); routes [..., 1] =
+          argmax(x·Wᵀ + b − λ·cost) where x is the FFN's input and cost = (0, k/F, 1), λ the graph buffer of
+          `routefx/ir/price.py` shared by all routers; a static layer gets constant routes.
 """
 from __future__ import annotations
 
 import torch
 from torch import fx
 
-from routefx.ir.graph_utils import eliminate_dead_code_
+from routefx.ir.model_ir import ModelIR
+from routefx.ir.price import add_price_, has_price
 from routefx.passes.attrs import add_tensor_attr
-from routefx.passes.base import Pass, PassContext, PassResult, planned_ffns
+from routefx.passes.base import Pass, PassContext, PassResult, layers_ready, plan_layers, planned_ffns, routed_op
 
 aten = torch.ops.aten
-__all__ = ["InsertRouters", "LAMBDA_ATTR"]
+__all__ = ["InsertRouters"]
 
-LAMBDA_ATTR = "routefx_lambda"
-BIG_LAMBDA = -1e30  # budget 1.0: every token takes the big branch, whatever the router says
+
+def _layers(ctx: PassContext) -> dict:
+    return plan_layers(ctx)
 
 
 class InsertRouters(Pass):
     name = "insert_routers"
 
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        return layers_ready(ctx, _layers(ctx), lambda lp: lp.static_route is None and (lp.weight is None
+                                                                                        or lp.bias is None),
+                            "have neither a static route nor router weights")
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         res = PassResult()
-        layers = ctx.plan.layers if ctx.plan is not None else {}
         g = gm.graph
         lam = 0.0 if ctx.plan is None or ctx.plan.lam is None else ctx.plan.lam
-        if any(lp.static_route is None for lp in layers.values()) and not hasattr(gm, LAMBDA_ATTR):
-            gm.register_buffer(LAMBDA_ATTR, torch.tensor(lam, dtype=torch.float32))
+        if any(lp.static_route is None for lp in _layers(ctx).values()):
+            price = add_price_(gm, lam)
         for key, lp, op in planned_ffns(ctx, res):
             x = op.args[0]
             with g.inserting_before(op):
@@ -46,11 +52,21 @@ class InsertRouters(Pass):
                     cost = g.get_attr(add_tensor_attr(gm, f"routefx_{key}_cost",
                                                       torch.tensor(lp.costs, dtype=dt)))
                     logits = g.call_function(aten.linear.default, (x, w, bias))                 # [..., 3]
-                    price = g.call_function(aten.mul.Tensor, (cost, g.get_attr(LAMBDA_ATTR)))  # [3]
-                    adj = g.call_function(aten.sub.Tensor, (logits, price))
+                    priced = g.call_function(aten.mul.Tensor, (cost, g.get_attr(price)))       # [3]
+                    adj = g.call_function(aten.sub.Tensor, (logits, priced))
                     routes = g.call_function(aten.argmax.default, (adj, -1, True))             # [..., 1]
             op.update_arg(1, routes)
             op.update_arg(9, lp.ranges)
             res.rewrites += 1
-        eliminate_dead_code_(g)
         return res
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext, after: ModelIR) -> str | None:
+        for key, lp in _layers(ctx).items():
+            op = routed_op(after, key)
+            if op is None or op.args[9] != lp.ranges:
+                return f"layer {key} does not have the planned ranges {lp.ranges}"
+            if lp.static_route is None and op.args[1].target is not aten.argmax.default:
+                return f"layer {key}: routes are not chosen by its router"
+        if any(lp.static_route is None for lp in _layers(ctx).values()) and not has_price(gm):
+            return "no λ buffer for the routers"
+        return None

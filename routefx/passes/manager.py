@@ -1,8 +1,10 @@
-"""Pass manager: runs a declared pipeline, verifying the graph after each pass.
+"""Pass manager: runs a declared pipeline, checking each pass's contract and verifying the graph after it.
 
-After every pass: `graph.lint()`, `recompile()`, fake-tensor shape re-propagation and a fresh `ModelIR`. A
-failure anywhere raises `PassFailedError` naming the pass and the passes that ran before it. With `debug_dir`,
-the graph is written after each pass (`00_capture.txt`, `01_<pass>.txt`, ...).
+For every pass: its `requires` on the graph it receives; the pass; `Cleanup` (dead code); `graph.lint()`,
+`recompile()`, fake-tensor shape re-propagation and a fresh `ModelIR`; then the pass's `ensures` on the result.
+A failure anywhere raises `PassFailedError` naming the pass and the passes that ran before it (a typed routefx
+error from inside a pass keeps its type, with the pass named). With `debug_dir`, the graph is written after each
+pass (`00_capture.txt`, `01_<pass>.txt`, ...).
 """
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ from routefx.errors import RoutefxError
 from routefx.ir.model_ir import ModelIR
 from routefx.ir.recognize import recognize
 from routefx.passes.base import Pass, PassContext
-from routefx.passes.shape_prop import propagate_shapes_
+from routefx.passes.cleanup import Cleanup
+from routefx.passes.fake_prop import propagate_shapes_
 
 __all__ = ["PassManager", "PassReport", "PassFailedError"]
 
 
 class PassFailedError(RoutefxError, RuntimeError):
-    """A pass raised, or left a graph that fails verification."""
+    """A pass raised, broke its contract, or left a graph that fails verification."""
 
 
 @dataclasses.dataclass
@@ -33,6 +36,7 @@ class PassReport:
     misses: list[dict]
     notes: list[str]
     seconds: float
+    dead_nodes_removed: int = 0     # by the cleanup after the pass
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -59,28 +63,39 @@ class PassManager:
     def __init__(self, passes: Sequence[Pass], debug_dir: str | None = None):
         self.passes = list(passes)
         self.debug_dir = debug_dir
+        self.cleanup = Cleanup()
 
-    def run(self, gm: fx.GraphModule, policy=None, plan=None) -> tuple[ModelIR, list[PassReport]]:
-        ir = recognize(gm)
+    def run(self, gm: fx.GraphModule, ir: ModelIR | None = None, plan=None) -> tuple[ModelIR, list[PassReport]]:
+        """Rewrite `gm` (recognised as `ir`, recognised here when None); returns the final IR and the reports."""
+        ir = recognize(gm) if ir is None else ir
         _dump(self.debug_dir, 0, "capture", gm, ir)
         reports = []
         for i, p in enumerate(self.passes):
-            done = [q.name for q in self.passes[:i]]
+            where = f"pass '{p.name}'{_after([q.name for q in self.passes[:i]])}"
             t0 = time.perf_counter()
+            ctx = PassContext(ir=ir, plan=plan)
             try:
-                res = p.run(gm, PassContext(ir=ir, policy=policy, plan=plan))
+                _check(where, "requires", p.requires(gm, ctx))
+                res = p.run(gm, ctx)
+                removed = self.cleanup.run(gm, ctx).rewrites
                 ir = _verify(gm)
+                _check(where, "ensures", p.ensures(gm, ctx, ir))
             except RoutefxError as e:
                 if isinstance(e, PassFailedError):
                     raise
-                raise type(e)(f"{e} (in pass '{p.name}'{_after(done)})") from e
+                raise type(e)(f"{e} (in {where})") from e
             except Exception as e:
-                raise PassFailedError(f"pass '{p.name}'{_after(done)} failed: {type(e).__name__}: "
-                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise PassFailedError(f"{where} failed: {type(e).__name__}: {msg}") from e
             reports.append(PassReport(p.name, res.rewrites, [dataclasses.asdict(m) for m in res.misses],
-                                      res.notes, round(time.perf_counter() - t0, 4)))
+                                      res.notes, round(time.perf_counter() - t0, 4), removed))
             _dump(self.debug_dir, i + 1, p.name, gm, ir)
         return ir, reports
+
+
+def _check(where: str, which: str, reason: str | None) -> None:
+    if reason is not None:
+        raise PassFailedError(f"{where}: contract broken ({which}): {reason}")
 
 
 def _after(done: list[str]) -> str:

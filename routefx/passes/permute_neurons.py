@@ -9,9 +9,10 @@ from __future__ import annotations
 from torch import fx
 
 from routefx.ir.ffn import param_ref, resolve_weight
-from routefx.ir.graph_utils import dynamic_nodes, eliminate_dead_code_
-from routefx.passes.attrs import add_tensor_attr
-from routefx.passes.base import Pass, PassContext, PassResult, planned_ffns
+from routefx.ir.graph_utils import dynamic_nodes
+from routefx.ir.model_ir import ModelIR
+from routefx.passes.attrs import add_tensor_attr, is_own_copy
+from routefx.passes.base import Pass, PassContext, PassResult, layers_ready, plan_layers, planned_ffns, routed_op
 
 __all__ = ["PermuteNeurons"]
 
@@ -19,8 +20,16 @@ __all__ = ["PermuteNeurons"]
 _ROWS = {3: "up", 4: "gate", 6: "b_up", 7: "b_gate"}  # rows follow the permutation; w_down's columns do
 
 
+def _permuted(ctx: PassContext) -> dict:
+    return plan_layers(ctx, lambda lp: lp.perm is not None)
+
+
 class PermuteNeurons(Pass):
     name = "permute_neurons"
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        return layers_ready(ctx, _permuted(ctx), lambda lp: sorted(lp.perm.tolist()) != list(range(lp.F)),
+                            "have a perm that is not a permutation of range(F)")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         res = PassResult()
@@ -38,5 +47,11 @@ class PermuteNeurons(Pass):
                 down = resolve_weight(gm, param_ref(op.args[5], dyn))[:, perm].contiguous()
                 op.update_arg(5, g.get_attr(add_tensor_attr(gm, f"routefx_{key}_down", down)))
             res.rewrites += 1
-        eliminate_dead_code_(g)
         return res
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext, after: ModelIR) -> str | None:
+        for key in _permuted(ctx):
+            op = routed_op(after, key)
+            if op is None or not all(is_own_copy(gm, op.args[p]) for p in (3, 5)):
+                return f"layer {key} does not read permuted copies of its weights"
+        return None

@@ -8,18 +8,26 @@ from __future__ import annotations
 
 from torch import fx
 
-from routefx.ir.graph_utils import eliminate_dead_code_
+from routefx.ir.model_ir import ModelIR
 from routefx.passes.base import Pass, PassContext, PassResult
 
 __all__ = ["PruneBlocks"]
 
 
+def _pruned(ctx: PassContext) -> list[int]:
+    return list(ctx.plan.pruned) if ctx.plan is not None else []
+
+
 class PruneBlocks(Pass):
     name = "prune_blocks"
 
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+        bad = [i for i in _pruned(ctx) if not 0 <= i < len(ctx.ir.blocks)]
+        return f"planned block(s) {bad} are not among the {len(ctx.ir.blocks)} blocks" if bad else None
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         res = PassResult()
-        pruned = list(ctx.plan.pruned) if ctx.plan is not None else []
+        pruned = _pruned(ctx)
         # last first: after pruning block i+1, its stream-after reads block i's stream-after, which is
         # then redirected in turn
         for i in sorted(pruned, reverse=True):
@@ -30,5 +38,9 @@ class PruneBlocks(Pass):
                 score = f", block influence {ctx.plan.block_influence[i]:.4g}"
             res.notes.append(f"removed block {i}" + (f" ({b.path})" if b.path else "") + score)
             res.rewrites += 1
-        eliminate_dead_code_(gm.graph)
         return res
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext, after: ModelIR) -> str | None:
+        want = [b.path for i, b in enumerate(ctx.ir.blocks) if i not in set(_pruned(ctx))]
+        have = [b.path for b in after.blocks]
+        return None if have == want else f"blocks after pruning are {have}, expected {want}"

@@ -12,8 +12,7 @@ import torch
 from torch import fx
 
 from routefx.ir.graph_utils import ROUTED_FFN
-from routefx.ir.model_ir import WeightRef
-from routefx.ir.graph_utils import eliminate_dead_code_
+from routefx.ir.model_ir import ModelIR, WeightRef
 from routefx.passes.base import Miss, Pass, PassContext, PassResult
 
 aten = torch.ops.aten
@@ -66,5 +65,12 @@ class RaiseFFN(Pass):
             op.meta["routefx_path"] = f.path
             m.out.replace_all_uses_with(op)
             res.rewrites += 1
-        eliminate_dead_code_(g)
         return res
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext, after: ModelIR) -> str | None:
+        left = [b.index for b in after.dense_ffn_blocks if b.ffn.routed is None]
+        if left:
+            return f"dense FFN(s) of block(s) {left} are not routed_ffn calls"
+        was = {b.key: b.ffn.intermediate_size for b in ctx.ir.dense_ffn_blocks if b.ffn.routed is None}
+        wrong = [b.key for b in after.dense_ffn_blocks if b.key in was and b.ffn.routed != [[0, was[b.key]]]]
+        return f"raised FFN(s) {wrong} do not have the one full range [0, F)" if wrong else None

@@ -1,5 +1,6 @@
 """`routefx.compile(..., backend="onnx")` on the zoo: the ONNX Runtime output equals the eager backend on the same
-rewritten graph, at a batch size and length unlike the export example, with left padding."""
+rewritten graph, at a batch size and length unlike the export example, with left padding; with ORT's graph
+optimizations on (the backend's default) and off (`OnnxRunner.at_level("disable")`, no re-export)."""
 from __future__ import annotations
 
 import onnx
@@ -31,6 +32,7 @@ def _check(name: str, policy) -> routefx.CompiledModel:
         ref = gm(**_eager_kwargs(gm, args, kwargs))  # the eager backend runs the graph module itself
     assert type(out) is type(ref)
     assert_close_nonpad(out, ref, kwargs.get("attention_mask"), ONNX_VS_EAGER)
+    _unoptimized_equals(cm, gm, args, kwargs, ref)
     if hasattr(ref, "to_tuple"):  # a Hugging Face ModelOutput: the same fields set, None where eager has None
         assert [k for k, v in out.items() if v is not None] == [k for k, v in ref.items() if v is not None]
         assert all(getattr(out, k) is None for k in type(ref).__dataclass_fields__ if getattr(ref, k) is None)
@@ -53,6 +55,12 @@ def test_prune_layers_onnx_equals_eager(name):
     assert len(cm.ir.blocks) == len(ZOO[name].expect.kinds) - 1
 
 
+def _unoptimized_equals(cm, gm, args, kwargs, ref) -> None:
+    plain = cm.runner.at_level("disable")
+    assert plain.session.get_session_options().graph_optimization_level.name == "ORT_DISABLE_ALL"
+    assert_close_nonpad(plain(**_eager_kwargs(gm, args, kwargs)), ref, kwargs.get("attention_mask"), ONNX_VS_EAGER)
+
+
 def _duo(name: str, router: str) -> routefx.CompiledModel:
     entry = ZOO[name]
     cal = []
@@ -68,6 +76,7 @@ def _duo(name: str, router: str) -> routefx.CompiledModel:
     # a token routed differently would differ by a whole branch (far above the tolerance); route ids
     # themselves are compared output by output on the hand-built routed stack (test_onnx_routed.py)
     assert_close_nonpad(cm(*args, **kwargs), ref, kwargs.get("attention_mask"), ONNX_VS_EAGER)
+    _unoptimized_equals(cm, gm, args, kwargs, ref)
     if router != "static":
         mix = [layer["mix"] for layer in cm.route_stats([{"input_ids": args[0], **kwargs}]).layers]
         assert sum(sum(f > 0 for f in m) >= 2 for m in mix) >= 1  # routes really are mixed on this input

@@ -4,11 +4,10 @@ import torch
 import torch.nn.functional as F
 
 import routefx
-from routefx.compiler.duo import _collect, _hidden, _weights
-from routefx.ir import capture, recognize
-from routefx.ir.activations import get_activation
+from routefx.ir.price import ALL_BIG, set_price_
 from routefx.policies import Duo
 from tests.compare import assert_close_nonpad
+from tests.reference_ffn import ffn_inputs, neuron_subset, plan_router, routed_reference
 from tests.tiny_lm import batches as text_batches
 from tests.tiny_lm import trained_llama
 from tests.tolerances import EXACT_REWRITE
@@ -47,21 +46,20 @@ def test_budget_one_reproduces_dense(name):
 
 
 def _ffn_errors(model, cal, held, fraction=0.25, subsets=5):
-    """Held-out output error of the importance-ordered top-k neurons vs random k-subsets, per layer."""
+    """Held-out output error of the importance-ordered top-k neurons vs random k-subsets, per layer, computed by
+    the model's own `mlp` modules on their own inputs (tests/reference_ffn.py)."""
     cm = routefx.compile(model, Duo(budget=0.5, small_fraction=fraction, router="random"), calibration=cal)
-    gm = capture(model, (), held[0] | {"use_cache": False})
-    ir = recognize(gm)
-    xs, _ = _collect(gm, ir.dense_ffn_blocks, [b | {"use_cache": False} for b in held])
+    xs = ffn_inputs(model, list(cm.plan.layers), [b | {"use_cache": False} for b in held])
     out = []
     gen = torch.Generator().manual_seed(0)
-    for b in ir.dense_ffn_blocks:
-        lp = cm.plan.layers[b.key]
-        w = _weights(gm, b)
-        h = _hidden(xs[b.index], w, get_activation(b.ffn.activation))
-        y = F.linear(h, w["down"], w["b_down"])
+    for key, lp in cm.plan.layers.items():
+        mlp, x = model.get_submodule(key), xs[key]
+        with torch.no_grad():
+            y = mlp(x)
 
         def err(idx):
-            return (F.linear(h[:, idx], w["down"][:, idx], w["b_down"]) - y).norm() / y.norm()
+            with torch.no_grad(), neuron_subset(mlp, "down_proj", idx):
+                return (mlp(x) - y).norm() / y.norm()
 
         rand = sum(err(torch.randperm(lp.F, generator=gen)[:lp.k]) for _ in range(subsets)) / subsets
         out.append((float(err(lp.perm[:lp.k])), float(rand)))
@@ -83,10 +81,7 @@ def test_permutation_alone_keeps_the_dense_function():
     lp = next(iter(cm.plan.layers.values()))
     assert sorted(lp.perm.tolist()) == list(range(lp.F)) and lp.perm.tolist() != list(range(lp.F))
     # force every token to the big branch: the permuted FFN must equal the original one
-    with torch.no_grad():
-        for name, buf in gm.named_buffers():
-            if name == "routefx_lambda":
-                buf.fill_(-1e30)
+    set_price_(gm, ALL_BIG)
     batch = _batches(entry, 1, 50, batch=2, seq=9)[0]
     assert_close_nonpad(cm(**batch), _reference(model, batch), batch["attention_mask"], EXACT_REWRITE)
     assert op.args[9] == [0, 0, 0, lp.k, 0, lp.F]
@@ -97,28 +92,43 @@ def test_permutation_alone_keeps_the_dense_function():
 def test_budget_is_met_with_mixed_routes(router, budget):
     entry = ZOO["plain_resized"]
     cal, held = _batches(entry, 4, 100, batch=6, seq=20), _batches(entry, 2, 200, batch=6, seq=20)
-    cm = routefx.compile(entry.build(), Duo(budget=budget, router=router), calibration=cal)
-    on_cal = cm.route_stats(cal)
-    assert abs(on_cal.budget - budget) <= BUDGET_TOL, on_cal
-    report = cm.report.plan["calibration"]["budget"]
-    assert report["target"] == budget and report["realised"] == pytest.approx(on_cal.budget)
-    on_held = cm.route_stats(held)                         # reported, not bounded: it is held-out data
-    assert 0.0 <= on_held.budget <= 1.0
-    assert on_held.tokens == sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                                 for b in held)
-    mixed = sum(sum(f > 0.01 for f in layer["mix"]) >= 2 for layer in on_cal.layers)
-    assert mixed > len(on_cal.layers) / 2, on_cal
-    # FLOPs with realised routes: the routed FFNs cost their realised fraction of the dense FFN FLOPs
-    f = cm.report.flops_per_token
-    dense_ffn = sum(b["ffn"] for b in f["blocks_before"])
-    router_flops = sum(2 * 36 * 3 for _ in on_cal.layers)
-    expected = f["realised"]["dense_calibration"] - dense_ffn + router_flops + sum(
-        layer["fraction"] * blk["ffn"] * 1.0 for layer, blk in zip(_per_layer(cm, cal), f["blocks_before"]))
-    assert f["realised"]["calibration"] == pytest.approx(expected, rel=1e-9)
+    model = entry.build()
+    cm = routefx.compile(model, Duo(budget=budget, router=router), calibration=cal)
+    ref_cal, ref_held = _reference_budget(model, cm.plan, cal), _reference_budget(model, cm.plan, held)
+    on_cal, on_held = cm.route_stats(cal), cm.route_stats(held)
+    assert abs(ref_cal["budget"] - budget) <= BUDGET_TOL, ref_cal
+    # what routefx measures and reports equals the routing done here by the model's own modules
+    report = cm.report.plan["budget"]
+    assert report["target"] == budget and report["realised"] == pytest.approx(ref_cal["budget"], abs=1e-9)
+    assert on_cal.budget == pytest.approx(ref_cal["budget"], abs=1e-9)
+    assert on_held.budget == pytest.approx(ref_held["budget"], abs=1e-9)  # held-out: reported, not bounded
+    assert on_held.tokens == sum(b["input_ids"].numel() for b in held)   # PlainLM: no padding
+    mixed = sum(sum(f > 0.01 for f in mix) >= 2 for mix in ref_cal["mix"])
+    assert mixed > len(ref_cal["mix"]) / 2, ref_cal
+    # FLOPs per token with the realised routes, by closed form (PlainLM: d=36, 3 heads, V=89, S=20, gated FFNs
+    # with widths 76, 52, 76, 76; a router is one [3, d] product per token)
+    d, S, V, widths = 36, 20, 89, (76, 52, 76, 76)
+    attention = 2 * d * 3 * d + 2 * d * d + 2 * 3 * (S + 1) / 2 * (2 * (d // 3))
+    f = cm.report.flops_per_token["realised"]
+    assert f["dense_calibration"] == pytest.approx(4 * attention + sum(6 * d * w for w in widths) + 2 * d * V)
+    routed = sum(frac * 6 * d * w + 2 * d * 3 for frac, w in zip(ref_cal["fraction"], widths))
+    assert f["calibration"] == pytest.approx(4 * attention + routed + 2 * d * V, rel=1e-9)
 
 
-def _per_layer(cm, cal):
-    return cm.route_stats(cal).layers
+def _reference_budget(model, plan, batches):
+    """Route PlainLM's FFNs per token with the plan's routers, λ and neuron order (tests/reference_ffn.py):
+    the realised budget, and per layer the mix of routes and the compute fraction."""
+    routes = {key: [] for key in plan.layers}
+    ffns = {key: (plan_router(lp, plan.lam, routes[key]), lp.perm[:lp.k]) for key, lp in plan.layers.items()}
+    with torch.no_grad(), routed_reference(model, ffns, down="b"):
+        for b in batches:
+            model(**b)
+    mix, fraction = [], []
+    for key, lp in plan.layers.items():
+        r = torch.cat([x.reshape(-1) for x in routes[key]])
+        mix.append((torch.bincount(r, minlength=3).double() / r.numel()).tolist())
+        fraction.append(float(torch.tensor(lp.costs, dtype=torch.float64)[r].mean()))
+    return {"budget": sum(fraction) / len(fraction), "mix": mix, "fraction": fraction}
 
 
 def _kl(model, cm, held):
@@ -162,12 +172,13 @@ def test_a_near_identity_layer_gets_less_compute():
 def test_static_router_states_its_realised_budget():
     entry = ZOO["llama"]
     cm = routefx.compile(entry.build(), Duo(budget=0.4, router="static"), calibration=_batches(entry, 2, 10))
-    b = cm.report.plan["calibration"]["budget"]
-    # 3 layers, one branch each among costs {0, 26/104, 1}: 0.4 is not reachable; the nearest is reported
-    assert b["target"] == 0.4 and b["realised"] == pytest.approx(cm.route_stats(_batches(entry, 2, 10)).budget)
-    assert abs(b["realised"] - 0.4) < 0.1
-    assert any("static routes: realised budget" in n for n in cm.report.notes)
-    assert all(max(layer["mix"]) == 1.0 for layer in b["layers"])
+    b = cm.report.plan["budget"]
+    # 3 layers, one branch each among costs {0, 26/104, 1}: the sums reachable near 3 x 0.4 = 1.2 are 1.0 and
+    # 1.25; the nearest, 1.25 (skip + small + big), is the realised budget
+    assert b["target"] == 0.4 and b["realised"] == pytest.approx(1.25 / 3, abs=1e-12)
+    assert sorted(lp.static_route for lp in cm.plan.layers.values()) == [0, 1, 2]
+    assert any("static routes: realised budget 0.417" in n for n in cm.report.notes)
+    assert sorted(layer["mix"].index(1.0) for layer in b["layers"]) == [0, 1, 2]
 
 
 # ---- bad inputs ---------------------------------------------------------------------------------------

@@ -3,16 +3,16 @@ import json
 import os
 import subprocess
 import sys
+import copy
 import textwrap
 
 import pytest
 import torch
+from torch import nn
 
 import routefx
-from routefx.compiler.duo import _collect, _hidden, _weights
-from routefx.ir import capture, recognize
-from routefx.ir.activations import get_activation
 from routefx.policies import Duo, PruneLayers
+from tests.reference_ffn import ffn_inputs, neuron_subset
 from tests.tiny_lm import batches as text_batches
 from tests.tiny_lm import trained_llama
 from tests.zoo import ZOO, PlainLM, example_inputs
@@ -111,21 +111,17 @@ def test_separate_small_branch_beats_its_initialisation_on_held_out_data():
     held = text_batches(3, 8, 64, seed=400, split="held", pad=5)
     cm = routefx.compile(model, Duo(budget=0.5, router="static", small="separate"), calibration=cal)
     assert "separate small branches add" in cm.report.pass_report("append_small_branch").notes[0]
-    gm = capture(model, (), held[0] | {"use_cache": False})
-    ir = recognize(gm)
-    xs, _ = _collect(gm, ir.dense_ffn_blocks, [b | {"use_cache": False} for b in held])
+    xs = ffn_inputs(model, list(cm.plan.layers), [b | {"use_cache": False} for b in held])
     better = 0
-    for b in ir.dense_ffn_blocks:
-        lp = cm.plan.layers[b.key]
-        w = _weights(gm, b)
-        act = get_activation(b.ffn.activation)
-        h = _hidden(xs[b.index], w, act)
-        y = torch.nn.functional.linear(h, w["down"], w["b_down"])
-        top = lp.perm[: lp.k]
-        nested = torch.nn.functional.linear(h[:, top], w["down"][:, top], w["b_down"])
-        hs = act(torch.nn.functional.linear(xs[b.index], lp.small_gate)) * torch.nn.functional.linear(
-            xs[b.index], lp.small_up)
-        fitted = torch.nn.functional.linear(hs, lp.small_down, w["b_down"])
+    for key, lp in cm.plan.layers.items():
+        mlp, x = model.get_submodule(key), xs[key]
+        small = copy.deepcopy(mlp)                           # the model's own module with the fitted weights
+        for name, w in (("gate_proj", lp.small_gate), ("up_proj", lp.small_up), ("down_proj", lp.small_down)):
+            getattr(small, name).weight = nn.Parameter(w)
+        with torch.no_grad():
+            y, fitted = mlp(x), small(x)
+            with neuron_subset(mlp, "down_proj", lp.perm[: lp.k]):
+                nested = mlp(x)
         err = lambda z: float((z - y).norm() / y.norm())  # noqa: E731
         better += err(fitted) < err(nested)
     assert better >= 3, better                               # at least most of the 4 layers

@@ -8,6 +8,7 @@ from torch import nn
 import routefx
 from routefx.policies import PruneLayers
 from tests.compare import assert_close_nonpad
+from tests.flop_reference import counted_by_torch, uncounted_per_token
 from tests.tolerances import EXACT_REWRITE
 from tests.zoo import DECODERS, ZOO, example_inputs
 
@@ -48,9 +49,12 @@ def test_pruning_equals_deleting_the_layer(name):
     assert_close_nonpad(cm(*args, **kwargs), expected, kwargs.get("attention_mask"), EXACT_REWRITE)
     rep = cm.report.pass_report("prune_blocks")
     assert rep.rewrites == 1 and rep.notes[0].startswith(f"removed block {i}")
-    # the pruned block's compute is gone from the graph, not just bypassed
+    # the pruned block's compute is gone from the graph, not just bypassed: FlopCounterMode on the model with
+    # and without the layer, plus the closed forms it does not count (tests/flop_reference.py)
     f = cm.report.flops_per_token
-    removed = f["blocks_before"][i]["attention"] + f["blocks_before"][i]["ffn"]
+    args6, kwargs6 = example_inputs(entry, batch=2, seq=f["S"])
+    removed = (counted_by_torch(model, entry, args6, kwargs6) - counted_by_torch(ref, entry, args6, kwargs6)) / (
+        2 * f["S"]) + uncounted_per_token(model, entry, f["S"], blocks=[i])
     assert f["before"] - f["after"] == pytest.approx(removed, rel=1e-9)
 
 

@@ -7,6 +7,8 @@ import transformers as hf
 import routefx
 from routefx.ir import capture, recognize
 from routefx.ir.flops import S, count_flops
+from tests.flop_reference import FAMILIES, counted_by_torch, uncounted_per_token
+from tests.zoo import ZOO, example_inputs
 
 
 def _llama_formula(seq, d=64, H=8, Hkv=2, F=176, V=211, L=3):
@@ -73,15 +75,27 @@ def test_sliding_window_counts_at_most_w_keys():
 
 
 def test_compile_report_flops_and_realised_routes():
-    from tests.zoo import ZOO, example_inputs
-    entry = ZOO["llama"]
+    entry = ZOO["llama"]                                   # tests/zoo.py: d=48, 4 heads, 2 KV heads, F=104, V=101
     args, kwargs = example_inputs(entry, seq=11)
     cm = routefx.compile(entry.build(), routefx.policies.PruneLayers(layers=[0]), example_inputs=args,
                          example_kwargs=kwargs)
     f = cm.report.flops_per_token
-    per_block = f["blocks_before"][0]["attention"] + f["blocks_before"][0]["ffn"]
+    full = _llama_formula(11, d=48, H=4, Hkv=2, F=104, V=101, L=3)
     assert f["S"] == 11
-    assert f["before"] - f["after"] == pytest.approx(per_block)
+    assert f["before"] == pytest.approx(full, rel=1e-12)
+    assert f["after"] == pytest.approx(_llama_formula(11, d=48, H=4, Hkv=2, F=104, V=101, L=2), rel=1e-12)
     assert len(f["blocks_before"]) == 3 and len(f["blocks_after"]) == 2
     # static routes: realised FLOPs equal the static count at the batch's length
     assert cm.flops_per_token([{"input_ids": args[0], **kwargs}]) == pytest.approx(f["after"])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dense_count_matches_torch_flop_counter(name):
+    """routefx's count of the captured graph against torch's FlopCounterMode on the model (tests/flop_reference)."""
+    entry = ZOO[name]
+    model = entry.build()
+    B, seq = 2, 10
+    args, kwargs = example_inputs(entry, batch=B, seq=seq)
+    expected = counted_by_torch(model, entry, args, kwargs) / (B * seq) + uncounted_per_token(model, entry, seq)
+    gm = capture(model, args, kwargs)
+    assert count_flops(gm, recognize(gm)).at(seq)["total"] == pytest.approx(expected, rel=1e-12)

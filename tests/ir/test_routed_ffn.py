@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 from routefx.errors import RoutedFFNError, UnsupportedActivationError
 from routefx.ir.activations import ACTIVATIONS, get_activation
 from routefx.ir.ops import routed_ffn
+from tests.tolerances import ACTIVATION, OP_VS_LOOP, OP_VS_LOOP_BF16
 
-# Tolerances of the op (output dtype) against the float64 naive loop.
+# Tolerances of the op (output dtype) against the float64 naive loop (tests/tolerances.py).
 TOLERANCES = {
-    torch.float32: dict(atol=2e-5, rtol=2e-5),
-    torch.bfloat16: dict(atol=6e-2, rtol=6e-2),
+    torch.float32: dict(atol=OP_VS_LOOP, rtol=OP_VS_LOOP),
+    torch.bfloat16: dict(atol=OP_VS_LOOP_BF16, rtol=OP_VS_LOOP_BF16),
 }
 
 # Independent float64 definitions of every activation (not the registry under test).
@@ -138,7 +139,7 @@ def test_activation_matches_formula(name):
     x = torch.linspace(-6, 6, 97, dtype=torch.float64)
     y = get_activation(name)(x.float())
     assert y.dtype == torch.float32 and y.shape == x.shape
-    torch.testing.assert_close(y, REF_ACTIVATIONS[name](x).float(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(y, REF_ACTIVATIONS[name](x).float(), atol=ACTIVATION, rtol=ACTIVATION)
 
 
 @settings(max_examples=25, deadline=None)
@@ -186,7 +187,7 @@ def test_dense_fast_path_matches_nn_linear(activation, gated, bias):
             [0, n],
             activation,
         )
-    torch.testing.assert_close(y, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(y, expected, atol=ACTIVATION, rtol=0)
 
 
 def test_single_token_without_leading_dims():
@@ -216,7 +217,7 @@ def test_empty_tokens():
     assert y.shape == (0, 3, 7)
 
 
-def test_bfloat16_accumulates_in_fp32():
+def test_bfloat16_matches_the_float64_loop():
     args = make_args(
         lead=(3, 7), d=65, n=45, ranges=[0, 30, 10, 45, 5, 5], k_routes=2, with_gates=True, b_down=True,
         dtype=torch.bfloat16,
@@ -224,6 +225,20 @@ def test_bfloat16_accumulates_in_fp32():
     y = routed_ffn(*args)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, naive_routed_ffn(*args).to(torch.bfloat16), **TOLERANCES[torch.bfloat16])
+
+
+def test_bfloat16_accumulates_in_fp32():
+    """One token, K = 64 distinct routes: route 0 contributes 256, routes 1..63 contribute 0.5 each (every value
+    exact in bf16). Summed in fp32 the result is 287.5, which rounds to 288 in bf16; accumulated in bf16, each
+    0.5 added to 256 (bf16 spacing 2 there) is lost and the result is 256."""
+    K = 64
+    x = torch.ones(1, 1, dtype=torch.bfloat16)                          # [T=1, d=1]
+    w_up = torch.ones(2, 1, dtype=torch.bfloat16)                       # neurons 0 and 1: h = relu(x) = 1
+    w_down = torch.tensor([[256.0, 0.5]], dtype=torch.bfloat16)         # [d=1, n=2]
+    ranges = [0, 1] + [1, 2] * (K - 1)                                  # route 0: neuron 0; routes 1..63: neuron 1
+    routes = torch.arange(K).unsqueeze(0)                               # [1, K]: every route once
+    y = routed_ffn(x, routes, None, w_up, None, w_down, None, None, None, ranges, "relu")
+    assert y.dtype == torch.bfloat16 and y.item() == 288.0              # bf16(256 + 63 * 0.5 = 287.5)
 
 
 # --- errors ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ import torch
 import routefx
 from routefx.compiler import pipeline
 from routefx.passes.base import Pass, PassResult
-from routefx.passes.manager import PassFailedError
+from routefx.ir import capture
+from routefx.passes.manager import PassFailedError, PassManager
+from routefx.passes.raise_ffn import RaiseFFN
 from tests.zoo import ZOO, example_inputs
 
 
@@ -41,8 +43,43 @@ class _Dangling(Pass):
 ])
 def test_a_corrupting_pass_is_named(monkeypatch, bad, match):
     original = pipeline.build_pipeline
-    monkeypatch.setattr("routefx.compiler.compile.build_pipeline", lambda p: original(p) + [bad()])
+    monkeypatch.setattr("routefx.compiler.compile.build_pipeline", lambda p: pipeline.Pipeline(original(p).passes + [bad()]))
     entry = ZOO["plain"]
     args, kwargs = example_inputs(entry)
     with pytest.raises(PassFailedError, match=match):
         routefx.compile(entry.build(), routefx.policies.Dense(), example_inputs=args, example_kwargs=kwargs)
+
+
+class _Lazy(RaiseFFN):
+    """Test-only: keeps RaiseFFN's contract but rewrites nothing, leaving a valid graph that breaks `ensures`."""
+
+    name = "lazy_raise_ffn"
+
+    def run(self, gm, ctx):
+        return PassResult(rewrites=3)
+
+
+class _HalfRaise(RaiseFFN):
+    """Test-only: raises the FFNs, then gives the last one a range that is not the full one."""
+
+    name = "half_raise_ffn"
+
+    def run(self, gm, ctx):
+        res = super().run(gm, ctx)
+        op = [n for n in gm.graph.nodes if n.target is torch.ops.routefx.routed_ffn.default][-1]
+        op.update_arg(9, [0, 10])
+        return res
+
+
+@pytest.mark.parametrize("bad,match", [
+    (_Lazy, r"pass 'lazy_raise_ffn', the first pass: contract broken \(ensures\): dense FFN\(s\) of block\(s\) "
+            r"\[0, 1, 2\] are not routed_ffn calls"),
+    (_HalfRaise, r"pass 'half_raise_ffn', the first pass: contract broken \(ensures\): raised FFN\(s\) \['z.2.b'\] "
+                 r"do not have the one full range"),
+])
+def test_a_pass_whose_ensures_fails_is_named(bad, match):
+    entry = ZOO["plain"]
+    args, kwargs = example_inputs(entry)
+    gm = capture(entry.build(), args, kwargs)
+    with pytest.raises(PassFailedError, match=match):
+        PassManager([bad()]).run(gm)

@@ -1,5 +1,6 @@
 """Duo calibration (before the passes): per routed FFN, neuron importance and order, the small branch width,
-route labels and routers. The global price λ is fitted afterwards on the compiled graph (`budget.py`).
+route labels and routers. The global price λ is fitted afterwards on the compiled graph (`budget.py`, the
+pipeline's budget step).
 
 Importance of neuron i = mean over real tokens |h_i| · ‖W_down[:, i]‖ with h the FFN's hidden activation
 (act(x·Wgᵀ)⊙(x·Wuᵀ) gated, act(x·Wuᵀ) plain). Route errors, per token, relative to the residual stream ‖s‖ the
@@ -11,14 +12,16 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
-from routefx.compiler.calibration import token_mask
-from routefx.compiler.observe import run_recording
+from routefx.calibrate.data import token_mask
+from routefx.calibrate.record import run_recording
+from routefx.calibrate.routers import ROUTER_TRAINERS
+from routefx.calibrate.search import bisect_decreasing
 from routefx.compiler.plan import LayerPlan, Plan
 from routefx.compiler.policies import Duo
-from routefx.compiler.routers import ROUTER_TRAINERS
 from routefx.errors import PolicyError
 from routefx.ir.activations import get_activation
 from routefx.ir.ffn import resolve_weight
@@ -29,7 +32,7 @@ __all__ = ["calibrate_duo", "LayerData", "routed_blocks"]
 
 @dataclasses.dataclass
 class LayerData:
-    """Calibration tensors of one FFN at real tokens. N tokens, d hidden, F neurons."""
+    """Calibration tensors of one FFN at real tokens. N tokens, d hidden."""
 
     x: torch.Tensor            # [N, d] FFN input
     stream_norm: torch.Tensor  # [N] ‖residual stream‖ the FFN output is added to
@@ -70,11 +73,11 @@ def _weights(gm, block: BlockInfo):
 
 
 def _hidden(x, w, act):
-    """[N, F] hidden activation of the FFN."""
-    up = torch.nn.functional.linear(x, w["up"], w["b_up"])
+    """[N, n_neurons] hidden activation of the FFN."""
+    up = F.linear(x, w["up"], w["b_up"])
     if w["gate"] is None:
         return act(up)
-    return act(torch.nn.functional.linear(x, w["gate"], w["b_gate"])) * up
+    return act(F.linear(x, w["gate"], w["b_gate"])) * up
 
 
 def _collect(gm: fx.GraphModule, blocks: list[BlockInfo], batches: list[dict]):
@@ -102,14 +105,7 @@ def _label_threshold(errors: list[torch.Tensor], costs: list[torch.Tensor], budg
             tot += c[first].sum().item()
             n += e.shape[0]
         return tot / n
-    lo, hi = 0.0, max(float(e.max()) for e in errors) + 1e-9
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if fraction(mid) > budget:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    return bisect_decreasing(fraction, budget, 0.0, max(float(e.max()) for e in errors) + 1e-9, iters=60).hi
 
 
 def _static_choice(errors: list[torch.Tensor], costs: list[torch.Tensor], budget: float):
@@ -147,7 +143,7 @@ def fit_separate_branch(lp: LayerPlan, w: dict, h_top: torch.Tensor, y_big: torc
     ridge = 1e-6 * gram.diagonal().mean().clamp_min(1e-12)
     sol = torch.linalg.solve(gram + ridge * torch.eye(H.shape[1], dtype=H.dtype), H.T @ target)  # [k, d]
     lp.small_down = sol.T.to(w["down"].dtype).contiguous()                  # [d, k]
-    return torch.nn.functional.linear(h_top, lp.small_down, w["b_down"])
+    return F.linear(h_top, lp.small_down, w["b_down"])
 
 
 def calibrate_duo(policy: Duo, gm: fx.GraphModule, ir: ModelIR, batches: list[dict], plan: Plan) -> None:
@@ -158,17 +154,17 @@ def calibrate_duo(policy: Duo, gm: fx.GraphModule, ir: ModelIR, batches: list[di
     for b in blocks:
         w = _weights(gm, b)
         act = get_activation(b.ffn.activation)
-        F = b.ffn.intermediate_size
-        k = max(1, min(F - 1, math.floor(policy.small_fraction * F + 0.5)))
+        n_neurons = b.ffn.intermediate_size
+        k = max(1, min(n_neurons - 1, math.floor(policy.small_fraction * n_neurons + 0.5)))
         x = xs[b.index]
         with torch.no_grad():
-            h = _hidden(x, w, act)                                          # [N, F]
-            score = h.abs().mean(0) * w["down"].norm(dim=0)                 # [F]
+            h = _hidden(x, w, act)                                          # [N, n_neurons]
+            score = h.abs().mean(0) * w["down"].norm(dim=0)                 # [n_neurons]
             perm = torch.argsort(score, descending=True, stable=True)
-            y_big = torch.nn.functional.linear(h, w["down"], w["b_down"])
+            y_big = F.linear(h, w["down"], w["b_down"])
             top = perm[:k]
-            y_small = torch.nn.functional.linear(h[:, top], w["down"][:, top], w["b_down"])
-        lp = LayerPlan(F=F, k=k, perm=perm, router=policy.router, small=policy.small)
+            y_small = F.linear(h[:, top], w["down"][:, top], w["b_down"])
+        lp = LayerPlan(F=n_neurons, k=k, perm=perm, router=policy.router, small=policy.small)
         if policy.small == "separate":
             y_small = fit_separate_branch(lp, w, h[:, top], y_big, top)
         plan.layers[b.key] = lp

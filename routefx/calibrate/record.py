@@ -7,7 +7,9 @@ import torch
 from torch import fx
 from torch.fx import _pytree as fx_pytree
 
-__all__ = ["run_recording"]
+from routefx.calibrate.data import token_mask
+
+__all__ = ["run_recording", "observe_routes"]
 
 
 class _Recorder(fx.Interpreter):
@@ -32,3 +34,10 @@ def run_recording(gm: fx.GraphModule, kwargs: dict, nodes, on_value: Callable | 
     with torch.no_grad():
         rec.run(*flat)
     return rec.values
+
+
+def observe_routes(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[dict]):
+    """Per batch: (real-token mask [B, S], {routed node: its route ids}), for `routefx.ir.flops.realised_flops`."""
+    for batch in batches:
+        values = run_recording(gm, batch, [n.args[1] for n in nodes]) if nodes else {}
+        yield token_mask(batch), {n: values[n.args[1]] for n in nodes}

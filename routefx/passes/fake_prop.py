@@ -1,0 +1,43 @@
+"""Re-propagate `meta["val"]` (fake tensors with the capture's symbolic batch/sequence sizes) through a graph.
+
+torch's `FakeTensorProp`, run in the fake mode the capture created, with the graph's weights and buffers read as
+static-shape fakes: a pass that builds a malformed node (wrong shapes, wrong arguments) fails here, next to the
+pass, instead of at run time.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+__all__ = ["propagate_shapes_", "fake_mode_of"]
+
+
+def fake_mode_of(gm: fx.GraphModule):
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"):
+            return v.fake_mode
+    raise RuntimeError("graph carries no fake tensor values (was it captured with routefx.ir.capture?)")
+
+
+class _CapturedFakeProp(FakeTensorProp):
+    """FakeTensorProp whose `get_attr` hands out one static-shape fake per stored tensor."""
+
+    def __init__(self, gm: fx.GraphModule, mode):
+        super().__init__(gm, mode)
+        self._fakes: dict[int, torch.Tensor] = {}
+
+    def get_attr(self, target, args, kwargs):
+        t = super().get_attr(target, args, kwargs)
+        if not isinstance(t, torch.Tensor):
+            return t
+        if id(t) not in self._fakes:
+            self._fakes[id(t)] = self._mode.from_tensor(t, static_shapes=True)
+        return self._fakes[id(t)]
+
+
+def propagate_shapes_(gm: fx.GraphModule) -> None:
+    """Recompute `meta["val"]` of every node in place, from the placeholders' own fake values."""
+    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    _CapturedFakeProp(gm, fake_mode_of(gm)).propagate_dont_convert_inputs(*inputs)
