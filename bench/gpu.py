@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -59,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2, quick 1)")
     p.add_argument("--no-inductor", action="store_true", help="leave out hf_inductor")
     p.add_argument("--no-ffn", action="store_true", help="leave out bench/gpu_ffn.py")
+    p.add_argument("--time-budget", type=float, default=280.0,
+                   help="seconds for the whole script (default 280): model compiles stop at budget - 100 s; "
+                        "bench/gpu_ffn.py runs in full with >= 180 s left, --quick with >= 45 s, else not at all")
     p.add_argument("--report", default=None, metavar="JSON", help="only print the markdown report of a JSON file")
     return p.parse_args(argv)
 
@@ -162,7 +166,14 @@ def eager_graph_logits(cm, x):
         return gm(**{n.target: x.get(n.target, consts.get(n.target)) for n in gm.graph.nodes if n.op == "placeholder"})
 
 
-def whole_model(args, shape: dict, device, dtype, res: dict, save) -> None:
+def _order(budgets) -> list[float]:
+    """Duo budgets in the order they are compiled: 0.5 first (it carries a target), then the others."""
+    return sorted(budgets, key=lambda b: (b != 0.5, -b))
+
+
+def whole_model(args, shape: dict, device, dtype, res: dict, save, deadline: float) -> None:
+    """Compile the candidates in priority order (hf_inductor, routefx_dense, Duo 0.5, the other budgets) while
+    time.perf_counter() < deadline, then time all compiled ones in the same interleaved rounds."""
     budgets = args.budgets or ([0.5] if args.quick else [0.75, 0.5, 0.25])
     gen = torch.Generator().manual_seed(1)
     x = batch(gen, shape["batch"], shape["seq"], shape["vocab"], device)
@@ -172,30 +183,32 @@ def whole_model(args, shape: dict, device, dtype, res: dict, save) -> None:
     model = build_model(shape, device, dtype)
     wm = res["whole_model"] = {"shape": {k: v for k, v in shape.items() if k != "cal"}, "dtype": str(dtype),
                                "tokens": tokens, "router": args.router, "calibration": list(shape["cal"]),
-                               "candidates": {}, "errors": {}}
+                               "candidates": {}, "errors": {}, "skipped_for_time": []}
     c = wm["candidates"]
     fns = {}
     with torch.no_grad():
         ref = model(**x)
     fns["hf_eager"] = lambda: model(**x)
     c["hf_eager"] = {}
-    if not args.no_inductor:
+    todo = ([] if args.no_inductor else [("hf_inductor", None)]) + [("routefx_dense", routefx.policies.Dense())] + [
+        (f"routefx_duo_{b:g}", routefx.policies.Duo(budget=b, router=args.router)) for b in _order(budgets)]
+    for key, policy in todo:
+        if time.perf_counter() > deadline:
+            wm["skipped_for_time"].append(key)
+            log(f"{key}: skipped, the compile deadline has passed")
+            continue
         try:
-            t = time.perf_counter()
-            hf_c = torch.compile(model)
-            with torch.no_grad():
-                out = hf_c(**x)
-            sync(device)()
-            c["hf_inductor"] = {"first_call_s": round(time.perf_counter() - t, 3), "max_logit_diff": logits_diff(out, ref)}
-            fns["hf_inductor"] = lambda: hf_c(**x)
-            log(f"hf_inductor compiled in {c['hf_inductor']['first_call_s']} s")
-        except Exception as e:  # noqa: BLE001 - record and go on
-            wm["errors"]["hf_inductor"] = _err(e)
-            traceback.print_exc()
-    policies = [("routefx_dense", routefx.policies.Dense())] + [
-        (f"routefx_duo_{b:g}", routefx.policies.Duo(budget=b, router=args.router)) for b in budgets]
-    for key, policy in policies:
-        try:
+            if policy is None:  # torch.compile of the Hugging Face model, its defaults
+                t = time.perf_counter()
+                hf_c = torch.compile(model)
+                with torch.no_grad():
+                    out = hf_c(**x)
+                sync(device)()
+                c[key] = {"first_call_s": round(time.perf_counter() - t, 3), "max_logit_diff": logits_diff(out, ref),
+                          "check": "hf_eager"}
+                fns[key] = lambda: hf_c(**x)
+                log(f"{key}: first call (compile) {c[key]['first_call_s']} s")
+                continue
             cm, rec = compile_routefx(model, policy, x, cal, device)
             rec.update(flops(cm, x))
             with torch.no_grad():
@@ -205,8 +218,8 @@ def whole_model(args, shape: dict, device, dtype, res: dict, save) -> None:
             c[key] = rec
             fns[key] = (lambda cm=cm: cm(**x))
             log(f"{key}: compile {rec['routefx_compile_s']} s + first call {rec['first_call_s']} s, "
-                f"budget on x {rec['budget_x']}, max logit diff {rec['max_logit_diff']:.3g}")
-        except Exception as e:  # noqa: BLE001
+                f"budget on x {rec['budget_x']:.3f}, max logit diff {rec['max_logit_diff']:.3g}")
+        except Exception as e:  # noqa: BLE001 - record and go on
             wm["errors"][key] = _err(e)
             traceback.print_exc()
         gc.collect()
@@ -255,29 +268,70 @@ def assess(c: dict) -> dict:
 
 # ---- the FFN table and decode steps (bench/gpu_ffn.py, another file) ----------------------------------------------
 
-def ffn_part(args, res: dict) -> None:
+def ffn_part(args, res: dict, seconds_left: float) -> None:
     path = os.path.join(HERE, "gpu_ffn.py")
     if not os.path.exists(path):
         log("bench/gpu_ffn.py is absent: the FFN table and decode steps are skipped")
         res["ffn"] = {"skipped": "bench/gpu_ffn.py is absent"}
         return
+    quick = args.quick or args.smoke_cpu or seconds_left < 180
+    if seconds_left < 45 and not args.smoke_cpu:
+        log(f"only {seconds_left:.0f} s left: bench/gpu_ffn.py skipped")
+        res["ffn"] = {"skipped": f"time budget spent ({seconds_left:.0f} s left)"}
+        return
     spec = importlib.util.spec_from_file_location("routefx_bench_gpu_ffn", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    kw = {"out_dir": None, "quick": quick}
+    if args.smoke_cpu and "smoke_cpu" in inspect.signature(mod.run).parameters:
+        kw["smoke_cpu"] = True
+    log(f"bench/gpu_ffn.py run({kw}) with {seconds_left:.0f} s left")
     t = time.perf_counter()
-    res["ffn"] = mod.run(out_dir=None, quick=args.quick or args.smoke_cpu)
+    res["ffn_run"] = kw
+    res["ffn"] = mod.run(**kw)
     res["ffn_seconds"] = round(time.perf_counter() - t, 1)
-    if hasattr(mod, "report"):
-        try:
-            res["ffn_markdown"] = mod.report(res["ffn"])
-        except Exception as e:  # noqa: BLE001
-            res["ffn_markdown"] = f"(gpu_ffn.report failed: {_err(e)})"
+
+
+def ffn_tables(ffn: dict) -> list[str]:
+    """Markdown of gpu_ffn.run()'s results (FFN table, decode steps), as far as they are there."""
+    lines = [f"{ffn.get('device', '?')}, d={ffn.get('d')}, F={ffn.get('F')}, {ffn.get('dtype')}; cuBLAS peak "
+             f"{_f(ffn.get('ceilings', {}).get('gemm_tflops'), '.0f')} TFLOP/s.", "",
+             "| T | budget | FLOP-ideal | dense ms | reference ms | sorted ms | triton ms | triton × dense | "
+             "efficiency ref / sorted / triton | triton TFLOP/s | rel. err |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in ffn.get("ffn", []):
+        ms, ef = r.get("ms", {}), r.get("efficiency", {})
+        if not ms:
+            lines.append(f"| {r.get('T')} | {r.get('budget')} | error: {r.get('error', '?')[:120]} |")
+            continue
+        eff = " / ".join(_f(ef.get(k)) for k in ("reference", "sorted", "triton"))
+        lines.append(f"| {r['T']} | {r['budget']:g} | {_f(r.get('flop_ideal'))} | {_f(ms.get('dense'), '.3f')} | "
+                     f"{_f(ms.get('reference'), '.3f')} | {_f(ms.get('sorted'), '.3f')} | {_f(ms.get('triton'), '.3f')} | "
+                     f"{_f(r.get('speedup', {}).get('triton'))} | {eff} | {_f(r.get('tflops', {}).get('triton'), '.0f')} | "
+                     f"{_f(r.get('rel_err_vs_ref'), '.1e')} |")
+    if ffn.get("decode"):
+        lines += ["", "Decode-sized steps (ms; `graph` = CUDA-graph replay, whose capture shows no host sync):", "",
+                  "| T | budget | " + " | ".join(k for k in ("dense", "triton", "dense_graph", "triton_graph")) + " |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for r in ffn["decode"]:
+            ms = r.get("ms", {})
+            lines.append(f"| {r['T']} | {r['budget']:g} | " + " | ".join(_f(ms.get(k), '.4f') for k in
+                         ("dense", "triton", "dense_graph", "triton_graph")) + " |"
+                         + (f" error: {r['error'][:120]}" if "error" in r else ""))
+    for e in ffn.get("errors", [])[:5]:
+        lines.append(f"\nerror: `{str(e).splitlines()[-1][:200] if str(e).strip() else e}`")
+    return lines
 
 
 # ---- report -------------------------------------------------------------------------------------------------------
 
 def _f(v, spec=".2f"):
     return "–" if v is None else format(v, spec)
+
+
+def _row_order(key: str):
+    fixed = ["hf_eager", "hf_inductor", "routefx_dense"]
+    return (0, fixed.index(key), 0.0) if key in fixed else (1, 0, -float(key.rsplit("_", 1)[-1]))
 
 
 def report(res: dict) -> str:
@@ -299,7 +353,7 @@ def report(res: dict) -> str:
                   "| candidate | ms | × inductor | × routefx dense | FLOP-ideal | efficiency | TFLOP/s | MFU | "
                   "budget on x | compile s (+ first call) | max logit diff |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for k, c in wm["candidates"].items():
+        for k, c in sorted(wm["candidates"].items(), key=lambda kv: _row_order(kv[0])):
             comp = (f"{_f(c.get('routefx_compile_s'), '.1f')} (+{_f(c.get('first_call_s'), '.1f')})"
                     if "routefx_compile_s" in c else f"(+{_f(c.get('first_call_s'), '.1f')})" if "first_call_s" in c
                     else "–")
@@ -309,6 +363,8 @@ def report(res: dict) -> str:
                          f"{_f(c.get('max_logit_diff'), '.3g')} |")
         for k, e in wm.get("errors", {}).items():
             lines.append(f"\n**{k} failed:** `{e}`")
+        if wm.get("skipped_for_time"):
+            lines.append(f"\nNot compiled (time budget spent): {', '.join(wm['skipped_for_time'])}.")
         if wm.get("targets"):
             lines += ["", "Targets: " + "; ".join(f"{k} {t['target']}: {t['value']} ({'met' if t['met'] else 'NOT met'})"
                                                    for k, t in wm["targets"].items()) + "."]
@@ -317,8 +373,11 @@ def report(res: dict) -> str:
     ffn = res.get("ffn")
     if ffn is not None:
         lines += ["", "### FFN kernels and decode steps (bench/gpu_ffn.py)", ""]
-        lines.append(res.get("ffn_markdown") or ("skipped: " + ffn["skipped"] if "skipped" in ffn else
-                                                 "see `ffn` in gpu.json"))
+        if "skipped" in ffn:
+            lines.append("skipped: " + ffn["skipped"])
+        else:
+            lines.append(f"`run({res.get('ffn_run')})`, {res.get('ffn_seconds')} s. Full results: `ffn` in gpu.json.")
+            lines += [""] + ffn_tables(ffn)
     return "\n".join(lines) + "\n"
 
 
@@ -350,7 +409,7 @@ def main(args) -> dict:
                 f.write(report(res))
 
     try:
-        whole_model(args, shape, device, dtype, res, save)
+        whole_model(args, shape, device, dtype, res, save, deadline=t0 + args.time_budget - 100)
     except Exception as e:  # noqa: BLE001
         res["errors"]["whole_model"] = _err(e)
         traceback.print_exc()
@@ -358,7 +417,7 @@ def main(args) -> dict:
     log(f"whole model done at {time.perf_counter() - t0:.0f} s")
     if not args.no_ffn:
         try:
-            ffn_part(args, res)
+            ffn_part(args, res, seconds_left=args.time_budget - (time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001
             res["errors"]["ffn"] = _err(e)
             traceback.print_exc()
