@@ -117,6 +117,27 @@ def test_duo_random_router_equals_eager_with_identical_routes():
 
 
 @needs_interpreter
+def test_inductor_compiles_the_lowered_graph_once_for_all_shapes():
+    """The GPU path's structure on CPU: Inductor (C++ here) compiles the lowered Duo graph whole (fullgraph) with
+    the Triton op as one node, and serves a second batch size and length without compiling again."""
+    entry = ZOO["llama"]
+    cm = routefx.compile(entry.build(), routefx.policies.Duo(budget=0.5, router="random"),
+                         calibration=_batches(entry, 2, 40))
+    gm = cm.graph_module
+    run = tb.prepare(gm, {}, inductor=True)
+    assert run.mode == "inductor-interpreter" and run.stats.triton_ops == entry.expect.blocks
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for batch, seq, pad in [(3, 13, 4), (2, 6, 1)]:
+        args, kwargs = example_inputs(entry, batch=batch, seq=seq, left_pad=pad, seed=batch + seq)
+        kw = _graph_kwargs(gm, args, kwargs)
+        with torch.no_grad():
+            out, ref = run(**kw), gm(**kw)
+        assert_close_nonpad(out, ref, kwargs["attention_mask"], TRITON_VS_EAGER)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@needs_interpreter
 def test_duo_static_router_has_no_kernel():
     cm, _ = _check_llama(routefx.policies.Duo(budget=0.5, router="static"), TRITON_VS_EAGER)
     assert (cm.runner.stats.triton_ops, cm.runner.stats.dense_ffns) == (0, ZOO["llama"].expect.blocks)

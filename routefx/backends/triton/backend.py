@@ -15,10 +15,12 @@ by Inductor.
 
 Devices: the graph's weights fix the device. On CUDA everything above applies. On CPU the backend needs
 `TRITON_INTERPRET=1` (Triton's interpreter, fp32 only: it computes bf16 wrongly without an error, so low-precision
-graphs are refused there); Inductor's CPU code generation cannot launch user-defined Triton kernels on CPU
-tensors, so on CPU the lowered graph runs eagerly (same lowering, same Triton kernels, no Inductor). Without CUDA
-and without the interpreter, `prepare` raises `BackendError` saying what is missing; a call whose tensors are on
-another device than the weights raises `InputError`.
+graphs are refused there). There the lowered graph runs eagerly by default (same lowering, same Triton kernels):
+`wrap_triton` cannot trace an interpreted kernel, so under the interpreter `routefx.backends.triton.ffn`
+registers the op as an opaque custom op, which Inductor's CPU code can call (`prepare(..., inductor=True)`, a few
+seconds of C++ compilation per graph; used by one test). Without CUDA and without the interpreter, `prepare`
+raises `BackendError` saying what is missing; a call whose tensors are on another device than the weights raises
+`InputError`.
 
 The runner is called like `gm(**kwargs)` and returns the same output structure.
 """
@@ -183,8 +185,9 @@ def _graph_dtypes(gm: fx.GraphModule) -> set[torch.dtype]:
 class TritonRunner:
     """Runs the lowered graph; called like the graph module (`run(**kwargs)`).
 
-    graph_module: the lowered fx graph; stats: `LowerStats`; mode: "inductor" (CUDA) or "eager-interpreter" (CPU
-    under TRITON_INTERPRET=1); device: the weights' device; compiled: what is called."""
+    graph_module: the lowered fx graph; stats: `LowerStats`; mode: "inductor" (CUDA), "eager-interpreter" (CPU
+    under TRITON_INTERPRET=1), "inductor-interpreter" or "eager" when asked; device: the weights' device;
+    compiled: what is called (the `torch.compile` wrapper, or the lowered graph itself)."""
 
     def __init__(self, graph_module: fx.GraphModule, stats: LowerStats, device: torch.device, mode: str,
                  compiled):
@@ -210,9 +213,14 @@ class TritonRunner:
                 f"dense_ffns={self.stats.dense_ffns})")
 
 
-def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool = True) -> TritonRunner:
+def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool = True,
+            inductor: bool | None = None) -> TritonRunner:
     """Lower `gm` and compile it (see the module docstring). Raises `BackendError` when Triton cannot run where
-    the graph's weights are."""
+    the graph's weights are.
+
+    inductor: compile the lowered graph with Inductor (None: on CUDA yes; on CPU under the interpreter no, the
+    graph runs eagerly: Inductor's C++ compile costs seconds per graph, and the interpreter is a test tool).
+    Compilation is lazy: Inductor compiles on the first call (and again for input forms it has not seen)."""
     device = _weights_device(gm)
     reason = unavailable_reason(device)
     if reason is not None:
@@ -223,9 +231,11 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool = True) -
                            "backend 'triton' on CPU (TRITON_INTERPRET=1) runs fp32 graphs only: convert the model "
                            "with .float(), or run on a CUDA GPU")
     lowered, stats = lower(gm)
-    if device.type == "cuda":
+    if inductor is None:
+        inductor = device.type == "cuda"
+    if inductor:
         compiled = torch.compile(lowered, backend="inductor", dynamic=dynamic, fullgraph=True)
-        mode = "inductor"
+        mode = "inductor" if device.type == "cuda" else "inductor-interpreter"
     else:
-        compiled, mode = lowered, "eager-interpreter"
+        compiled, mode = lowered, "eager" if device.type == "cuda" else "eager-interpreter"
     return TritonRunner(lowered, stats, device, mode, compiled)
