@@ -236,6 +236,14 @@ def test_cpu_weights_without_interpreter_are_refused(monkeypatch):
         tb.prepare(gm, {})
 
 
+def test_cuda_weights_under_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert tb.unavailable_reason(torch.device("cpu")) is None
+    reason = tb.unavailable_reason(torch.device("cuda", 0))
+    assert reason is not None and "cuda:0 but TRITON_INTERPRET is set" in reason
+
+
 @needs_interpreter
 def test_bf16_under_the_interpreter_is_refused():
     x = stack_input(2, 5).bfloat16()

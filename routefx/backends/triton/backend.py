@@ -62,7 +62,12 @@ def unavailable_reason(device: Optional[torch.device] = None) -> str | None:
         return ("backend 'triton' needs a CUDA GPU (torch.cuda.is_available() is False) or Triton's CPU "
                 "interpreter (set TRITON_INTERPRET=1 before importing routefx; fp32 only, for tests)")
     if device.type == "cuda":
-        return None if cuda else f"the graph's weights are on {device} but CUDA is not available"
+        if not cuda:
+            return f"the graph's weights are on {device} but CUDA is not available"
+        if _interpret():
+            return (f"the graph's weights are on {device} but TRITON_INTERPRET is set: Triton's interpreter runs CPU "
+                    "fp32 tensors only; unset TRITON_INTERPRET (before triton is imported) to run on the GPU")
+        return None
     if device.type == "cpu":
         if _interpret():
             return None
