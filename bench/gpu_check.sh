@@ -78,14 +78,14 @@ for s in "${steps[@]}"; do
   case "$s" in
     cuda)
       run_step cuda "$CUDA_TIMEOUT" "$OUT/cuda.log" $PY -m pytest -q -p no:cacheprovider -m cuda tests -rfEs
-      tail -n 40 "$OUT/cuda.log"
+      grep -E "^(FAILED|ERROR|SKIPPED) " "$OUT/cuda.log" | cut -c1-300 | head -n 20
       note "  cuda tests: $(pytest_result "$OUT/cuda.log")"
       ;;
     suite)
       # CUDA hidden: the suite's CPU view (the Triton kernels under TRITON_INTERPRET=1, set by the tests)
       CUDA_VISIBLE_DEVICES="" run_step suite "$SUITE_TIMEOUT" "$OUT/suite.log" \
         $PY -m pytest -q -p no:cacheprovider -n "$SUITE_WORKERS" $SUITE_TESTS -rfE
-      grep -E "^(FAILED|ERROR) " "$OUT/suite.log" | cut -c1-240 | head -n 40
+      grep -E "^(FAILED|ERROR) " "$OUT/suite.log" | cut -c1-160 | head -n 20
       note "  suite: $(pytest_result "$OUT/suite.log")"
       ;;
     bench|bench-quick)
@@ -93,7 +93,7 @@ for s in "${steps[@]}"; do
       [ "$s" = bench-quick ] && extra="$extra --quick"
       run_step "$s" "$BENCH_TIMEOUT" "$OUT/bench.log" $PY bench/gpu.py --out "$OUT" \
         --time-budget $(( BENCH_TIMEOUT - 20 )) $extra
-      grep -E "Error|Traceback|failed" "$OUT/bench.log" | head -n 15
+      grep -E "Error|Traceback|failed" "$OUT/bench.log" | cut -c1-200 | head -n 12
       if [ -f "$OUT/gpu.md" ]; then cat "$OUT/gpu.md"; else tail -n 40 "$OUT/bench.log"; fi
       ;;
   esac
