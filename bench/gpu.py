@@ -310,13 +310,12 @@ def ffn_tables(ffn: dict) -> list[str]:
                      f"{_f(r.get('speedup', {}).get('triton'))} | {eff} | {_f(r.get('tflops', {}).get('triton'), '.0f')} | "
                      f"{_f(r.get('rel_err_vs_ref'), '.1e')} |")
     if ffn.get("decode"):
-        lines += ["", "Decode-sized steps (ms; `graph` = CUDA-graph replay, whose capture shows no host sync):", "",
-                  "| T | budget | " + " | ".join(k for k in ("dense", "triton", "dense_graph", "triton_graph")) + " |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+        cols = list(dict.fromkeys(k for r in ffn["decode"] for k in r.get("ms", {})))  # as gpu_ffn names them
+        lines += ["", "Decode-sized steps (ms; `*graph` = CUDA-graph replay, whose capture shows no host sync):", "",
+                  "| T | budget | " + " | ".join(cols) + " |", "|---:|---:|" + "---:|" * len(cols)]
         for r in ffn["decode"]:
             ms = r.get("ms", {})
-            lines.append(f"| {r['T']} | {r['budget']:g} | " + " | ".join(_f(ms.get(k), '.4f') for k in
-                         ("dense", "triton", "dense_graph", "triton_graph")) + " |"
+            lines.append(f"| {r['T']} | {r['budget']:g} | " + " | ".join(_f(ms.get(k), '.4f') for k in cols) + " |"
                          + (f" error: {r['error'][:120]}" if "error" in r else ""))
     for e in ffn.get("errors", [])[:5]:
         lines.append(f"\nerror: `{str(e).splitlines()[-1][:200] if str(e).strip() else e}`")
