@@ -11,7 +11,8 @@
 #   bench        python bench/gpu.py --out $OUT --time-budget (BENCH_TIMEOUT - 20) (gpu.json, gpu.md) -> $OUT/bench.log
 #   bench-quick  the same with --quick
 # Installs nothing. Outputs: at most 7 files, all directly in $OUT. The caller sees only the end of the output,
-# so the summary comes last. Time limits (seconds) can be changed with CUDA_TIMEOUT, SUITE_TIMEOUT, BENCH_TIMEOUT;
+# so the summary comes last. Time limits (seconds) can be changed with CUDA_TIMEOUT, SUITE_TIMEOUT, BENCH_TIMEOUT
+# and TOTAL_TIMEOUT (default 480: each step is cut to what is left of it; a step with < 30 s left is skipped);
 # for trying the script on a CPU machine: SUITE_TESTS (default tests), SUITE_WORKERS (default 8), BENCH_ARGS
 # (extra bench/gpu.py arguments, e.g. "--smoke-cpu --no-inductor").
 set -u
@@ -21,6 +22,7 @@ PY="${PYTHON:-python3}"
 CUDA_TIMEOUT="${CUDA_TIMEOUT:-110}"
 SUITE_TIMEOUT="${SUITE_TIMEOUT:-140}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
+TOTAL_TIMEOUT="${TOTAL_TIMEOUT:-480}"  # the whole script: a step gets at most what is left of this (less 10 s)
 SUITE_TESTS="${SUITE_TESTS:-tests}"
 SUITE_WORKERS="${SUITE_WORKERS:-8}"
 BENCH_ARGS="${BENCH_ARGS:-}"
@@ -43,6 +45,9 @@ note() { SUMMARY+=("$1"); }
 run_step() {
   local name=$1 limit=$2 log=$3; shift 3
   local t=$(date +%s)
+  local left=$(( TOTAL_TIMEOUT - (t - T0) - 10 ))
+  if [ $left -lt 30 ]; then note "$name: SKIPPED (only ${left}s of TOTAL_TIMEOUT=${TOTAL_TIMEOUT}s left)"; return 125; fi
+  [ $left -lt "$limit" ] && limit=$left
   echo "=== $name: $* (timeout ${limit}s) -> $log"
   timeout -k 10 "$limit" "$@" >"$log" 2>&1
   local rc=$? dt=$(( $(date +%s) - t ))
@@ -53,7 +58,7 @@ run_step() {
 }
 
 pytest_result() {  # the pytest totals line of a log, or a note
-  grep -E "^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)" "$1" | tail -1 || true
+  grep -sE "^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)" "$1" | tail -1 || true
 }
 
 echo "=== versions"
@@ -78,23 +83,25 @@ for s in "${steps[@]}"; do
   case "$s" in
     cuda)
       run_step cuda "$CUDA_TIMEOUT" "$OUT/cuda.log" $PY -m pytest -q -p no:cacheprovider -m cuda tests -rfEs
-      grep -E "^(FAILED|ERROR|SKIPPED) " "$OUT/cuda.log" | cut -c1-300 | head -n 20
-      note "  cuda tests: $(pytest_result "$OUT/cuda.log")"
+      grep -sE "^(FAILED|ERROR|SKIPPED) " "$OUT/cuda.log" | cut -c1-300 | head -n 20
+      [ -f "$OUT/cuda.log" ] && note "  cuda tests: $(pytest_result "$OUT/cuda.log")"
       ;;
     suite)
       # CUDA hidden: the suite's CPU view (the Triton kernels under TRITON_INTERPRET=1, set by the tests)
       CUDA_VISIBLE_DEVICES="" run_step suite "$SUITE_TIMEOUT" "$OUT/suite.log" \
         $PY -m pytest -q -p no:cacheprovider -n "$SUITE_WORKERS" $SUITE_TESTS -rfE
-      grep -E "^(FAILED|ERROR) " "$OUT/suite.log" | cut -c1-160 | head -n 20
-      note "  suite: $(pytest_result "$OUT/suite.log")"
+      grep -sE "^(FAILED|ERROR) " "$OUT/suite.log" | cut -c1-160 | head -n 20
+      [ -f "$OUT/suite.log" ] && note "  suite: $(pytest_result "$OUT/suite.log")"
       ;;
     bench|bench-quick)
       extra="$BENCH_ARGS"
       [ "$s" = bench-quick ] && extra="$extra --quick"
-      run_step "$s" "$BENCH_TIMEOUT" "$OUT/bench.log" $PY bench/gpu.py --out "$OUT" \
-        --time-budget $(( BENCH_TIMEOUT - 20 )) $extra
-      grep -E "Error|Traceback|failed" "$OUT/bench.log" | cut -c1-200 | head -n 12
-      if [ -f "$OUT/gpu.md" ]; then cat "$OUT/gpu.md"; else tail -n 40 "$OUT/bench.log"; fi
+      limit=$BENCH_TIMEOUT
+      left=$(( TOTAL_TIMEOUT - ($(date +%s) - T0) - 10 ))
+      [ $left -lt "$limit" ] && limit=$left
+      run_step "$s" "$limit" "$OUT/bench.log" $PY bench/gpu.py --out "$OUT" --time-budget $(( limit - 20 )) $extra
+      grep -sE "Error|Traceback|failed" "$OUT/bench.log" | cut -c1-200 | head -n 12
+      if [ -f "$OUT/gpu.md" ]; then cat "$OUT/gpu.md"; else tail -n 40 "$OUT/bench.log" 2>/dev/null; fi
       ;;
   esac
 done
