@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2, quick 1)")
     p.add_argument("--no-inductor", action="store_true", help="leave out hf_inductor")
     p.add_argument("--no-ffn", action="store_true", help="leave out bench/gpu_ffn.py")
+    p.add_argument("--also-static", action="store_true",
+                   help="also time each routefx candidate compiled with static shapes (<key>_static)")
     p.add_argument("--time-budget", type=float, default=280.0,
                    help="seconds for the whole script (default 280): model compiles stop at budget - 100 s; "
                         "bench/gpu_ffn.py runs in full with >= 180 s left, --quick with >= 45 s, else not at all")
@@ -171,6 +173,25 @@ def _order(budgets) -> list[float]:
     return sorted(budgets, key=lambda b: (b != 0.5, -b))
 
 
+def static_variant(cm, key, x, ref, rec, c, fns, device) -> None:
+    """The same lowered graph compiled with static shapes (torch.compile(dynamic=False), like hf_inductor's
+    first compile): what dynamic shapes cost. Not what compile() builds; timed as `<key>_static`."""
+    from routefx.backends.triton import backend as tb
+    gm = cm.graph_module
+    consts = gm.meta["routefx"].constant_kwargs
+    kw = {n.target: x.get(n.target, consts.get(n.target)) for n in gm.graph.nodes if n.op == "placeholder"}
+    run = tb.prepare(gm, kw, dynamic=False)
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = run(**kw)
+    sync(device)()
+    c[f"{key}_static"] = {**{k: rec[k] for k in ("flops_per_token_x", "budget_x") if k in rec},
+                          "first_call_s": round(time.perf_counter() - t, 3), "runner": repr(run),
+                          "max_logit_diff": logits_diff(out, ref if key == "routefx_dense" else
+                                                        eager_graph_logits(cm, x))}
+    fns[f"{key}_static"] = lambda: run(**kw)
+
+
 def whole_model(args, shape: dict, device, dtype, res: dict, save, deadline: float) -> None:
     """Compile the candidates in priority order (hf_inductor, routefx_dense, Duo 0.5, the other budgets) while
     time.perf_counter() < deadline, then time all compiled ones in the same interleaved rounds."""
@@ -219,6 +240,8 @@ def whole_model(args, shape: dict, device, dtype, res: dict, save, deadline: flo
             fns[key] = (lambda cm=cm: cm(**x))
             log(f"{key}: compile {rec['routefx_compile_s']} s + first call {rec['first_call_s']} s, "
                 f"budget on x {rec['budget_x']:.3f}, max logit diff {rec['max_logit_diff']:.3g}")
+            if args.also_static and time.perf_counter() < deadline:
+                static_variant(cm, key, x, ref, rec, c, fns, device)
         except Exception as e:  # noqa: BLE001 - record and go on
             wm["errors"][key] = _err(e)
             traceback.print_exc()
@@ -329,8 +352,11 @@ def _f(v, spec=".2f"):
 
 
 def _row_order(key: str):
-    fixed = ["hf_eager", "hf_inductor", "routefx_dense"]
-    return (0, fixed.index(key), 0.0) if key in fixed else (1, 0, -float(key.rsplit("_", 1)[-1]))
+    fixed = ["hf_eager", "hf_inductor", "routefx_dense", "routefx_dense_static"]
+    if key in fixed:
+        return (0, fixed.index(key), 0.0)
+    static = key.endswith("_static")
+    return (1, -float(key.removesuffix("_static").rsplit("_", 1)[-1]), static)
 
 
 def report(res: dict) -> str:
