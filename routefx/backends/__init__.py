@@ -1,11 +1,12 @@
-"""Backends: eager (reference) and onnx (ONNX Runtime on CPU). Triton comes in a later release.
+"""Backends: eager (reference), onnx (ONNX Runtime on CPU) and triton (Triton kernels + Inductor on CUDA).
 
 Each backend module has `prepare(gm, example_kwargs)`, returning a callable run as `run(**kwargs)` with the
-output structure of `gm(**kwargs)`. Backends are imported lazily: `onnx` pulls in onnxruntime and onnxscript.
+output structure of `gm(**kwargs)`. Backends are imported lazily: `onnx` pulls in onnxruntime and onnxscript,
+`triton` pulls in triton (and needs a CUDA GPU, or TRITON_INTERPRET=1 for CPU tests).
 """
 from routefx.errors import BackendError
 
-BACKENDS = ("eager", "onnx")
+BACKENDS = ("eager", "onnx", "triton")
 
 
 def get_backend(name: str):
@@ -15,4 +16,10 @@ def get_backend(name: str):
     if name == "onnx":
         from routefx.backends import onnx
         return onnx
+    if name == "triton":
+        from routefx.backends.triton import backend
+        reason = backend.unavailable_reason()
+        if reason is not None:
+            raise BackendError(reason)
+        return backend
     raise BackendError(f"backend {name!r} is not available; supported: {', '.join(BACKENDS)}")

@@ -1,0 +1,246 @@
+"""Triton backend: routed FFNs with data-dependent routes run as Triton kernels, the rest of the graph is compiled
+by Inductor.
+
+`prepare(gm, example_kwargs)` lowers the rewritten graph (`lower`), then compiles it with
+`torch.compile(..., backend="inductor", dynamic=True, fullgraph=True)`:
+
+- a `routefx::routed_ffn` whose routes are data (a router's argmax / top-k) becomes
+  `routefx_triton::routed_ffn` (registered by `routefx.backends.triton.ffn` with `torch.library.triton_op`, so
+  Dynamo captures it without a graph break and Inductor schedules the kernels it launches);
+- a `routefx::routed_ffn` whose routes are a constant fill (`zeros_like` / `full_like` / `ones_like`: Dense, a
+  static router) becomes a plain dense FFN on its fixed neuron range (`F.linear` products, cuBLAS on GPU), with
+  no routing at all; a constant route to an empty range becomes zeros.
+
+`fullgraph=True` makes a graph break an error instead of a silent fallback.
+
+Devices: the graph's weights fix the device. On CUDA everything above applies. On CPU the backend needs
+`TRITON_INTERPRET=1` (Triton's interpreter, fp32 only: it computes bf16 wrongly without an error, so low-precision
+graphs are refused there). There the lowered graph runs eagerly by default (same lowering, same Triton kernels):
+`wrap_triton` cannot trace an interpreted kernel, so under the interpreter `routefx.backends.triton.ffn`
+registers the op as an opaque custom op, which Inductor's CPU code can call (`prepare(..., inductor=True)`, a few
+seconds of C++ compilation per graph; used by one test). Without CUDA and without the interpreter, `prepare`
+raises `BackendError` saying what is missing; a call whose tensors are on another device than the weights raises
+`InputError`.
+
+The runner is called like `gm(**kwargs)` and returns the same output structure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+
+import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn)
+from routefx.errors import BackendError, InputError
+from routefx.ir.activations import get_activation
+
+__all__ = ["prepare", "lower", "TritonRunner", "LowerStats", "unavailable_reason", "static_ffn"]
+
+aten = torch.ops.aten
+_ROUTED_FFN = torch.ops.routefx.routed_ffn.default
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(device: Optional[torch.device] = None) -> str | None:
+    """Why backend "triton" cannot run (on `device`, default: wherever it could), or None when it can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"Triton is not installed ({e}); install triton (Linux) to use backend 'triton'"
+    cuda = torch.cuda.is_available()
+    if device is None:
+        if cuda or _interpret():
+            return None
+        return ("backend 'triton' needs a CUDA GPU (torch.cuda.is_available() is False) or Triton's CPU "
+                "interpreter (set TRITON_INTERPRET=1 before importing routefx; fp32 only, for tests)")
+    if device.type == "cuda":
+        if not cuda:
+            return f"the graph's weights are on {device} but CUDA is not available"
+        if _interpret():
+            return (f"the graph's weights are on {device} but TRITON_INTERPRET is set: Triton's interpreter runs CPU "
+                    "fp32 tensors only; unset TRITON_INTERPRET (before triton is imported) to run on the GPU")
+        return None
+    if device.type == "cpu":
+        if _interpret():
+            return None
+        return ("the graph's weights are on the CPU; backend 'triton' runs on a CUDA GPU (move the model to a CUDA "
+                "device) or, for tests, on CPU under TRITON_INTERPRET=1")
+    return f"the graph's weights are on {device}; backend 'triton' supports CUDA devices (and CPU under " \
+           "TRITON_INTERPRET=1)"
+
+
+# ---- lowering -----------------------------------------------------------------------------------------------
+
+def static_ffn(x: Tensor, gates: Optional[Tensor], w_up: Tensor, w_gate: Optional[Tensor], w_down: Tensor,
+               b_up: Optional[Tensor], b_gate: Optional[Tensor], b_down: Optional[Tensor], start: int, end: int,
+               k_routes: int, activation: str) -> Tensor:
+    """`routed_ffn` when every token takes the same route [start, end) in all of its K slots: the plain FFN on
+    that neuron range for all tokens (weight slices are views; no routing, no kernel launch of ours).
+
+    x [..., d]; gates [..., K] or None -> [..., d]. y = (sum_k g_k) * FFN_[start,end)(x), K * FFN when gates is
+    None; exactly 0 for an empty range (b_down is not added, as in the reference op).
+    """
+    if start == end:
+        return torch.zeros_like(x)
+    act = get_activation(activation)
+    up = F.linear(x, w_up[start:end], None if b_up is None else b_up[start:end])  # [..., F_r]
+    if w_gate is None:
+        h = act(up)
+    else:
+        h = act(F.linear(x, w_gate[start:end], None if b_gate is None else b_gate[start:end])) * up
+    y = F.linear(h, w_down[:, start:end], b_down)  # [..., d]
+    if gates is None and k_routes == 1:
+        return y
+    acc = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    scale = float(k_routes) if gates is None else gates.to(acc).sum(-1, keepdim=True)  # [..., 1]
+    return (y.to(acc) * scale).to(x.dtype)
+
+
+def _constant_route(routes: fx.Node) -> int | None:
+    """The route id every token takes when `routes` is a constant fill, else None."""
+    if routes.op != "call_function":
+        return None
+    if routes.target in (aten.zeros_like.default, aten.zeros.default):
+        return 0
+    if routes.target in (aten.ones_like.default, aten.ones.default):
+        return 1
+    if routes.target in (aten.full_like.default, aten.full.default) and isinstance(routes.args[1], (int, float)):
+        return int(routes.args[1])
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LowerStats:
+    triton_ops: int   # dynamic routed FFNs -> routefx_triton::routed_ffn
+    dense_ffns: int   # constant-route routed FFNs -> plain dense products on one neuron range
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of `graph`'s nodes that keeps its calling convention (the pytree codegen of an exported module,
+    shared: it is not mutated). `copy.deepcopy` would also deep-copy the codegen's pytree specs."""
+    new = fx.Graph()
+    out, old_output = new.graph_copy(graph, {}, return_output_node=True)
+    new._codegen = graph._codegen
+    new.output(out, type_expr=getattr(old_output, "type", None)).meta.update(old_output.meta)
+    return new
+
+
+def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, LowerStats]:
+    """A new GraphModule (sharing `gm`'s weights) with every routed_ffn lowered as the module docstring says.
+    `gm` itself is left unchanged."""
+    from routefx.backends.triton import ffn  # noqa: F401  (registers torch.ops.routefx_triton.routed_ffn)
+    triton_op = torch.ops.routefx_triton.routed_ffn.default
+
+    new = fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)  # weights shared, not copied
+    new.meta.update(gm.meta)
+    n_triton = n_dense = 0
+    for n in list(new.graph.nodes):
+        if n.op != "call_function" or n.target is not _ROUTED_FFN:
+            continue
+        x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation = n.args
+        route = _constant_route(routes)
+        with new.graph.inserting_before(n):
+            if route is not None:
+                if not 0 <= route < len(ranges) // 2:
+                    raise BackendError(f"{n.name}: constant route {route} is outside [0, {len(ranges) // 2}) for "
+                                       f"ranges {list(ranges)}")
+                k_routes = int(routes.meta["val"].shape[-1])
+                rep = new.graph.call_function(static_ffn, (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                                                            ranges[2 * route], ranges[2 * route + 1], k_routes,
+                                                            activation))
+                n_dense += 1
+            else:
+                rep = new.graph.call_function(triton_op, n.args, n.kwargs)
+                n_triton += 1
+        rep.meta.update(n.meta)
+        n.replace_all_uses_with(rep)
+        new.graph.erase_node(n)
+    new.graph.eliminate_dead_code()
+    new.recompile()
+    return new, LowerStats(n_triton, n_dense)
+
+
+# ---- running ------------------------------------------------------------------------------------------------
+
+def _weights_device(gm: fx.GraphModule) -> torch.device:
+    devices = {t.device for t in list(gm.parameters()) + list(gm.buffers())}
+    for n in gm.graph.nodes:  # tensor constants that are plain attributes
+        if n.op == "get_attr":
+            t = getattr(gm, str(n.target), None) if "." not in str(n.target) else None
+            if isinstance(t, torch.Tensor):
+                devices.add(t.device)
+    if len(devices) > 1:
+        raise BackendError(f"the graph's weights are on several devices {sorted(map(str, devices))}; backend "
+                           "'triton' runs a model on one device")
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def _graph_dtypes(gm: fx.GraphModule) -> set[torch.dtype]:
+    return {t.dtype for t in list(gm.parameters()) + list(gm.buffers()) if t.is_floating_point()}
+
+
+class TritonRunner:
+    """Runs the lowered graph; called like the graph module (`run(**kwargs)`).
+
+    graph_module: the lowered fx graph; stats: `LowerStats`; mode: "inductor" (CUDA), "eager-interpreter" (CPU
+    under TRITON_INTERPRET=1), "inductor-interpreter" or "eager" when asked; device: the weights' device;
+    compiled: what is called (the `torch.compile` wrapper, or the lowered graph itself)."""
+
+    def __init__(self, graph_module: fx.GraphModule, stats: LowerStats, device: torch.device, mode: str,
+                 compiled):
+        self.graph_module = graph_module
+        self.stats = stats
+        self.device = device
+        self.mode = mode
+        self.compiled = compiled
+
+    def _check_devices(self, args, kwargs) -> None:
+        for name, v in list(enumerate(args)) + list(kwargs.items()):
+            if isinstance(v, torch.Tensor) and v.device != self.device:
+                where = f"input {name!r}" if isinstance(name, str) else f"positional input {name}"
+                raise InputError(f"{where} is on {v.device}, the compiled model's weights are on {self.device}: "
+                                 f"move the inputs to {self.device}")
+
+    def __call__(self, *args, **kwargs):
+        self._check_devices(args, kwargs)
+        return self.compiled(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"TritonRunner(device={self.device}, mode={self.mode!r}, triton_ops={self.stats.triton_ops}, "
+                f"dense_ffns={self.stats.dense_ffns})")
+
+
+def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool = True,
+            inductor: bool | None = None) -> TritonRunner:
+    """Lower `gm` and compile it (see the module docstring). Raises `BackendError` when Triton cannot run where
+    the graph's weights are.
+
+    inductor: compile the lowered graph with Inductor (None: on CUDA yes; on CPU under the interpreter no, the
+    graph runs eagerly: Inductor's C++ compile costs seconds per graph, and the interpreter is a test tool).
+    Compilation is lazy: Inductor compiles on the first call (and again for input forms it has not seen)."""
+    device = _weights_device(gm)
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise BackendError(reason)
+    low = _graph_dtypes(gm) & set(_LOW_PRECISION)
+    if device.type == "cpu" and low:
+        raise BackendError(f"Triton's CPU interpreter computes {sorted(map(str, low))} wrongly without an error; "
+                           "backend 'triton' on CPU (TRITON_INTERPRET=1) runs fp32 graphs only: convert the model "
+                           "with .float(), or run on a CUDA GPU")
+    lowered, stats = lower(gm)
+    if inductor is None:
+        inductor = device.type == "cuda"
+    if inductor:
+        compiled = torch.compile(lowered, backend="inductor", dynamic=dynamic, fullgraph=True)
+        mode = "inductor" if device.type == "cuda" else "inductor-interpreter"
+    else:
+        compiled, mode = lowered, "eager" if device.type == "cuda" else "eager-interpreter"
+    return TritonRunner(lowered, stats, device, mode, compiled)

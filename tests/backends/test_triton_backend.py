@@ -1,0 +1,283 @@
+"""`backend="triton"`: the lowered graph (dynamic routed FFNs -> Triton op, constant routes -> dense products)
+against the eager backend on the same rewritten graph, with identical route ids; the refusals.
+
+Without CUDA the kernels run under Triton's interpreter (fp32, CPU), which tests/conftest.py switches on before
+triton is first imported, only where CUDA is absent: on a GPU machine the CUDA-marked tests run the compiled
+kernels and the interpreter tests are skipped (bench/gpu_check.sh runs the suite with CUDA hidden so that they run
+too).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import routefx
+from routefx.backends.triton import backend as tb
+from routefx.compiler.observe import run_recording
+from routefx.errors import BackendError, InputError
+from routefx.ir import capture
+from tests.backends.routed_models import D, F, ROUTED_FFN, RoutedStack, stack_input
+from tests.compare import assert_close_nonpad
+from tests.tolerances import TRITON_BF16_VS_EAGER, TRITON_VS_EAGER
+from tests.zoo import ZOO, example_inputs
+
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+    reason="TRITON_INTERPRET is off (CUDA present): the CPU interpreter tests run where CUDA is hidden")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _triton_op():
+    from routefx.backends.triton import ffn  # noqa: F401  (registers the op)
+    return torch.ops.routefx_triton.routed_ffn.default
+
+
+def _count(gm, target) -> int:
+    return sum(n.op == "call_function" and n.target is target for n in gm.graph.nodes)
+
+
+def _graph_kwargs(gm, args, kwargs) -> dict:
+    """The call as the graph takes it: every input by name, constants (use_cache=False) included."""
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    kw = dict(zip(names, args), **kwargs)
+    consts = gm.meta["routefx"].constant_kwargs
+    return {n: kw.get(n, consts.get(n)) for n in names}
+
+
+def _routes(gm, kw, target) -> list[torch.Tensor]:
+    """Route ids fed to each `target` node, in graph order, running `gm` node by node."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+    values = run_recording(gm, kw, [n.args[1] for n in nodes])
+    return [values[n.args[1]] for n in nodes]
+
+
+def _batches(entry, n, seed, device="cpu"):
+    out = []
+    for i in range(n):
+        args, kwargs = example_inputs(entry, batch=3, seq=12, left_pad=2, seed=seed + i)
+        out.append({k: v.to(device) for k, v in {"input_ids": args[0], **kwargs}.items()})
+    return out
+
+
+def _held_out(entry, device="cpu"):
+    args, kwargs = example_inputs(entry, batch=3, seq=13, left_pad=4, seed=5)
+    return (args[0].to(device),), {k: v.to(device) for k, v in kwargs.items()}
+
+
+def _check_llama(policy, tol, device="cpu", dtype=torch.float32):
+    """compile(llama, policy, backend="triton") against the eager backend on held-out inputs (another batch size
+    and length, left padding): outputs within `tol`, one Triton op per routed FFN with identical route ids."""
+    entry = ZOO["llama"]
+    model = entry.build().to(device=device, dtype=dtype)
+    cal = _batches(entry, 2, 40, device)
+    cm = routefx.compile(model, policy, calibration=cal, backend="triton")
+    args, kwargs = _held_out(entry, device)
+    out = cm(*args, **kwargs)
+    gm, run = cm.graph_module, cm.runner
+    kw = _graph_kwargs(gm, args, kwargs)
+    with torch.no_grad():
+        ref = gm(**kw)  # the eager backend runs the rewritten graph itself
+    assert type(out) is type(ref)
+    assert_close_nonpad(out, ref, kwargs["attention_mask"], tol)
+    routes = _routes(run.graph_module, kw, _triton_op())  # the lowered graph, node by node, with the kernels
+    # per-token routers route every FFN (Duo "random" / "local"); Dense and a static router route none
+    routed = isinstance(policy, routefx.policies.Duo) and policy.router != "static"
+    routes_ref = _routes(gm, kw, ROUTED_FFN) if routed else []
+    assert len(routes) == len(routes_ref) == (ZOO["llama"].expect.blocks if routed else 0)
+    for i, (r, r_ref) in enumerate(zip(routes, routes_ref)):
+        assert torch.equal(r, r_ref), f"routed FFN {i}: route ids differ"
+    return cm, routes_ref
+
+
+# ---- CPU, Triton's interpreter, fp32 ------------------------------------------------------------------------
+
+@needs_interpreter
+def test_dense_llama_runs_dense_products_no_kernel():
+    cm, _ = _check_llama(routefx.policies.Dense(), TRITON_VS_EAGER)
+    run = cm.runner
+    n_ffn = ZOO["llama"].expect.blocks
+    assert _count(cm.graph_module, ROUTED_FFN) == n_ffn  # the rewritten graph: one full-range routed FFN each
+    assert (run.stats.triton_ops, run.stats.dense_ffns) == (0, n_ffn)
+    assert _count(run.graph_module, _triton_op()) == 0 and _count(run.graph_module, ROUTED_FFN) == 0
+    assert run.mode == "eager-interpreter" and cm.report.backend == "triton"
+
+
+@needs_interpreter
+def test_duo_random_router_equals_eager_with_identical_routes():
+    cm, routes = _check_llama(routefx.policies.Duo(budget=0.5, router="random"), TRITON_VS_EAGER)
+    n_ffn = ZOO["llama"].expect.blocks
+    run = cm.runner
+    assert (run.stats.triton_ops, run.stats.dense_ffns) == (n_ffn, 0)
+    assert _count(run.graph_module, _triton_op()) == n_ffn and _count(run.graph_module, ROUTED_FFN) == 0
+    mixed = [len(torch.unique(r)) >= 2 for r in routes]
+    assert sum(mixed) >= 1, "routes are not mixed on the held-out input: the comparison would not test routing"
+
+
+@needs_interpreter
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="Inductor's CPU code generation needs a C++ compiler (g++ or $CXX)")
+def test_inductor_compiles_the_lowered_graph_once_for_all_shapes():
+    """The GPU path's structure on CPU: Inductor (C++ here) compiles the lowered Duo graph whole (fullgraph) with
+    the Triton op as one node, and serves a second batch size and length without compiling again."""
+    entry = ZOO["llama"]
+    cm = routefx.compile(entry.build(), routefx.policies.Duo(budget=0.5, router="random"),
+                         calibration=_batches(entry, 2, 40))
+    gm = cm.graph_module
+    run = tb.prepare(gm, {}, inductor=True)
+    assert run.mode == "inductor-interpreter" and run.stats.triton_ops == entry.expect.blocks
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for batch, seq, pad in [(3, 13, 4), (2, 6, 1)]:
+        args, kwargs = example_inputs(entry, batch=batch, seq=seq, left_pad=pad, seed=batch + seq)
+        kw = _graph_kwargs(gm, args, kwargs)
+        with torch.no_grad():
+            out, ref = run(**kw), gm(**kw)
+        assert_close_nonpad(out, ref, kwargs["attention_mask"], TRITON_VS_EAGER)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@needs_interpreter
+def test_duo_static_router_has_no_kernel():
+    cm, _ = _check_llama(routefx.policies.Duo(budget=0.5, router="static"), TRITON_VS_EAGER)
+    assert (cm.runner.stats.triton_ops, cm.runner.stats.dense_ffns) == (0, ZOO["llama"].expect.blocks)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("batch,seq", [(3, 11), (1, 1)])
+def test_routed_stack_equals_eager(batch, seq):
+    """Every routed_ffn variant of the hand-built stack (K=2 with gates, biases, overlapping ranges, every
+    activation, a route no token takes), each layer's output and route ids."""
+    x = stack_input(2, 5)
+    gm = capture(RoutedStack().eval(), (x,))
+    run = tb.prepare(gm, {})
+    assert run.stats.triton_ops == _count(gm, ROUTED_FFN) and run.stats.dense_ffns == 0
+    x = stack_input(batch, seq, seed=batch * 100 + seq)
+    with torch.no_grad():
+        y, outs, routes = run(x)
+        y_ref, outs_ref, routes_ref = gm(x)
+    for i, (r, r_ref) in enumerate(zip(routes, routes_ref)):
+        assert torch.equal(r, r_ref), f"layer {i}: route ids differ"
+    for i, (o, o_ref) in enumerate(zip(outs, outs_ref)):
+        err = (o - o_ref).abs().max().item()
+        assert err <= TRITON_VS_EAGER, f"layer {i}: max abs error {err:.3g}"
+
+
+class _ConstantRoutes(nn.Module):
+    """Routed FFNs whose routes are constant fills: a small range (K=1, biases), a skip (empty range) and K=2
+    slots on one range with sigmoid gates (the output is the gate sum times the FFN)."""
+
+    RANGES = [0, 0, 0, 11, 0, F]
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w = nn.ParameterList([nn.Parameter(torch.randn(*s, generator=g) * 0.2)
+                                   for s in [(F, D), (F, D), (D, F), (F,), (F,), (D,), (2, D)]])
+
+    def forward(self, x):
+        w_up, w_gate, w_down, b_up, b_gate, b_down, w_r = self.w
+        one = x[..., :1]
+        small = ROUTED_FFN(x, torch.full_like(one, 1, dtype=torch.int64), None, w_up, w_gate, w_down, b_up, b_gate,
+                           b_down, self.RANGES, "silu")
+        skip = ROUTED_FFN(x, torch.zeros_like(one, dtype=torch.int64), None, w_up, w_gate, w_down, None, None,
+                          b_down, self.RANGES, "gelu")
+        gates = torch.sigmoid(x @ w_r.T)  # [..., 2], not summing to 1
+        two = ROUTED_FFN(x, torch.full_like(gates, 2, dtype=torch.int64), gates, w_up, None, w_down, b_up, None,
+                         b_down, self.RANGES, "relu")
+        return small, skip, two
+
+
+@needs_interpreter
+def test_constant_routes_become_dense_products():
+    x = stack_input(2, 5)
+    gm = capture(_ConstantRoutes().eval(), (x,))
+    run = tb.prepare(gm, {})
+    assert (run.stats.triton_ops, run.stats.dense_ffns) == (0, 3)
+    assert _count(run.graph_module, ROUTED_FFN) == 0
+    x = stack_input(3, 7, seed=9)
+    with torch.no_grad():
+        outs, refs = run(x), gm(x)
+    assert torch.equal(outs[1], torch.zeros_like(x))  # a skip contributes exactly 0, b_down included
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        err = (o - r).abs().max().item()
+        assert err <= TRITON_VS_EAGER, f"output {i}: max abs error {err:.3g}"
+
+
+@needs_interpreter
+def test_lowered_graph_traces_without_graph_break():
+    """Dynamo captures the lowered graph whole (the dense products of constant routes are plain torch code). The
+    Triton op itself is checked on CUDA: under the interpreter `wrap_triton` hands back an untraceable kernel."""
+    x = stack_input(2, 5)
+    run = tb.prepare(capture(_ConstantRoutes().eval(), (x,)), {})
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(run.graph_module)(stack_input(3, 7))
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+
+
+# ---- refusals -----------------------------------------------------------------------------------------------
+
+def test_no_cuda_and_no_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    entry = ZOO["llama"]
+    args, kwargs = example_inputs(entry)
+    with pytest.raises(BackendError, match=r"needs a CUDA GPU .*TRITON_INTERPRET=1"):
+        routefx.compile(entry.build(), routefx.policies.Dense(), example_inputs=args, example_kwargs=kwargs,
+                        backend="triton")
+
+
+def test_cpu_weights_without_interpreter_are_refused(monkeypatch):
+    x = stack_input(2, 5)
+    gm = capture(_ConstantRoutes().eval(), (x,))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(BackendError, match=r"weights are on the CPU.*move the model to a CUDA device"):
+        tb.prepare(gm, {})
+
+
+def test_cuda_weights_under_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert tb.unavailable_reason(torch.device("cpu")) is None
+    reason = tb.unavailable_reason(torch.device("cuda", 0))
+    assert reason is not None and "cuda:0 but TRITON_INTERPRET is set" in reason
+
+
+@needs_interpreter
+def test_bf16_under_the_interpreter_is_refused():
+    x = stack_input(2, 5).bfloat16()
+    gm = capture(_ConstantRoutes().eval().bfloat16(), (x,))
+    with pytest.raises(BackendError, match=r"interpreter computes \['torch.bfloat16'\] wrongly.*fp32 graphs only"):
+        tb.prepare(gm, {})
+
+
+@needs_interpreter
+def test_input_on_another_device_is_refused():
+    x = stack_input(2, 5)
+    run = tb.prepare(capture(_ConstantRoutes().eval(), (x,)), {})
+    with pytest.raises(InputError, match=r"positional input 0 is on meta, the compiled model's weights are on cpu"):
+        run(x.to("meta"))
+
+
+# ---- CUDA (bf16, Inductor + the compiled kernels) -----------------------------------------------------------
+# Depends on CUDA models compiling at all (issue 11: device handling in capture and calibration).
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("policy", [routefx.policies.Dense(), routefx.policies.Duo(budget=0.5, router="random")],
+                         ids=["dense", "duo"])
+def test_llama_cuda_bf16_equals_eager(policy):
+    cm, routes = _check_llama(policy, TRITON_BF16_VS_EAGER, device="cuda", dtype=torch.bfloat16)
+    run = cm.runner
+    assert run.mode == "inductor" and run.device.type == "cuda"
+    n_ffn = ZOO["llama"].expect.blocks
+    assert run.stats.triton_ops == (n_ffn if isinstance(policy, routefx.policies.Duo) else 0)
+    assert len(routes) == run.stats.triton_ops
+    args, kwargs = _held_out(ZOO["llama"], "cuda")
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(run.graph_module)(**_graph_kwargs(cm.graph_module, args, kwargs))
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
