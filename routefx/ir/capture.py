@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect as _inspect
 from typing import Any
 
@@ -22,16 +23,13 @@ __all__ = ["capture", "CaptureInfo", "normalize_inputs"]
 
 @dataclasses.dataclass(frozen=True)
 class CaptureInfo:
-    """How the captured graph is called: argument names in order, and the constant (non-tensor) keywords."""
+    """How the captured graph is called: positional argument names in order, and the constant (non-tensor)
+    keywords it was specialised to."""
 
     arg_names: tuple[str, ...]
-    tensor_kwargs: tuple[str, ...]
     constant_kwargs: dict[str, Any]
-    hf: bool
-
-    def signature(self) -> tuple:
-        """What must stay the same for the graph to be reused (tensor keyword set and constants)."""
-        return (self.arg_names, self.tensor_kwargs, tuple(sorted(self.constant_kwargs.items(), key=str)))
+    bound_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # constants given through **kwargs:
+    #                                                   baked into the graph, which does not take them as inputs
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -66,13 +64,38 @@ def _widen(t: torch.Tensor, batch: int, seq: int, to_batch: int, to_seq: int) ->
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
+    """Eval mode, and no KV cache in the outputs (a config's `use_cache` read by forwards that take it only
+    through **kwargs, or not at all): both restored afterwards."""
     flags = [(m, m.training) for m in model.modules()]
+    configs = [c for c in {id(getattr(m, "config", None)): getattr(m, "config", None) for m in model.modules()}
+               .values() if c is not None and getattr(c, "use_cache", False) is True]
     model.eval()
+    for c in configs:
+        c.use_cache = False
     try:
         yield
     finally:
         for m, f in flags:
             m.training = f
+        for c in configs:
+            c.use_cache = True
+
+
+@contextlib.contextmanager
+def _bind_forward(model: nn.Module, constants: dict):
+    """`model.forward` with `constants` bound as keywords, for the duration of the export."""
+    if not constants:
+        yield
+        return
+    own = model.__dict__.get("forward")  # an instance attribute someone set: put back as it was
+    model.forward = functools.partial(model.forward, **constants)
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
 
 
 def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None) -> torch.fx.GraphModule:
@@ -100,30 +123,41 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     to_batch = 2 if batch == 1 else batch
     to_seq = 2 if seq == 1 else seq
 
+    def spec(value):
+        if not isinstance(value, torch.Tensor):
+            return value, None
+        value = _widen(value, batch, seq, to_batch, to_seq).contiguous()  # no stride guards in the graph
+        dims = {}
+        if value.dim() >= 1 and value.shape[0] == to_batch:
+            dims[0] = Dim.AUTO
+            if value.dim() >= 2 and seq is not None and value.shape[1] == to_seq:
+                dims[1] = Dim.AUTO
+        return value, dims or None
+
     shapes: dict[str, Any] = {}
     for name, value in named.items():
         kind = sig.parameters[name].kind
-        if isinstance(value, torch.Tensor):
-            value = _widen(value, batch, seq, to_batch, to_seq).contiguous()  # no stride guards in the graph
-            named[name] = value
-            dims = {}
-            if value.dim() >= 1 and value.shape[0] == to_batch:
-                dims[0] = Dim.AUTO
-                if value.dim() >= 2 and seq is not None and value.shape[1] == to_seq:
-                    dims[1] = Dim.AUTO
-            spec = dims or None
-        else:
-            spec = None
+        if kind is _inspect.Parameter.VAR_POSITIONAL:
+            raise CaptureError(f"{type(model).__name__}.forward takes *{name}; routefx needs named inputs")
         if kind is _inspect.Parameter.VAR_KEYWORD:
-            raise CaptureError("models whose forward takes **kwargs need explicit keyword arguments")
-        shapes[name] = spec
+            continue
+        named[name], shapes[name] = spec(value)
+    # constants through **kwargs (GraniteMoE's use_cache) are bound to forward for the export: torch.export
+    # cannot take dynamic-shape specs for **kwargs entries
+    var_kw = next((n for n in named if sig.parameters[n].kind is _inspect.Parameter.VAR_KEYWORD), None)
+    bound_kwargs = named.pop(var_kw) if var_kw is not None else {}
+    tensors_kw = sorted(k for k, v in bound_kwargs.items() if isinstance(v, torch.Tensor))
+    if tensors_kw:
+        raise CaptureError(f"tensor inputs {tensors_kw} reach {type(model).__name__}.forward only through "
+                           f"**{var_kw}; routefx captures tensors passed as named parameters "
+                           f"({', '.join(n for n in sig.parameters if n != var_kw)}) and constants through **{var_kw}")
 
     pos = [n for n in named if sig.parameters[n].kind in (sig.parameters[n].POSITIONAL_ONLY,
                                                            sig.parameters[n].POSITIONAL_OR_KEYWORD)]
     n_args = len(args)
     call_args = tuple(named[n] for n in pos[:n_args])
     call_kwargs = {n: named[n] for n in named if n not in pos[:n_args]}
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model), _bind_forward(model, bound_kwargs), torch.no_grad():
         try:
             ep = torch.export.export(model, call_args, kwargs=call_kwargs, dynamic_shapes=shapes, strict=False)
         except Exception as e:  # torch.export raises many exception types; re-raise as one typed error
@@ -133,9 +167,8 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     _drop_metadata_asserts(gm)
     gm.meta["routefx"] = CaptureInfo(
         arg_names=tuple(pos[:n_args]),
-        tensor_kwargs=tuple(k for k, v in call_kwargs.items() if isinstance(v, torch.Tensor)),
         constant_kwargs={k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor)},
-        hf=_is_hf(model),
+        bound_kwargs=dict(bound_kwargs),
     )
     return gm
 

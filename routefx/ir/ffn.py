@@ -232,15 +232,35 @@ def _dense(gm, mms: list, region: set, dyn: set, same_shape: bool = True) -> tup
     return kind, act, F, match
 
 
+def _expert_index(router: fx.Node, region: set, experts: set) -> fx.Node | None:
+    """The [..., k] integer tensor of chosen experts: the last integer value in `region` that comes from the
+    router's [..., E] scores, keeps their leading dims and reaches the experts. Read from shapes, so top-k,
+    k successive arg-maxes concatenated (Phi-MoE's sparsemixer) and group-limited routing (DeepSeek-V3: top-k
+    over groups first, then over the experts of the chosen groups) all give the final choice."""
+    scores = gu.val(router)
+    feeds = gu.ancestors(experts)
+    found = None
+    for n in router.graph.nodes:
+        v = gu.val(n)
+        if n not in region or n not in feeds or v is None or v.is_floating_point() or v.dtype == torch.bool:
+            continue
+        if v.dim() == scores.dim() and isinstance(v.shape[-1], int) and 0 < v.shape[-1] < scores.shape[-1] \
+                and [str(s) for s in v.shape[:-1]] == [str(s) for s in scores.shape[:-1]] \
+                and router in gu.ancestors([n]):
+            found = n
+    return found
+
+
 def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo) -> None:
-    topk = [n for n in region if n.op == "call_function" and n.target in gu.TOPK]
-    info.top_k = int(topk[0].args[1])
-    router = [m for m in mms if not gu.is_grouped_mm(m) and m in gu.ancestors([topk[0]])]
+    grouped = [m for m in mms if gu.is_grouped_mm(m)]
+    feeds = gu.ancestors(grouped)
+    router = [m for m in mms if not gu.is_grouped_mm(m) and m in feeds and isinstance(gu.val(m).shape[-1], int)
+              and _expert_index(m, region, set(grouped)) is not None]
     if len(router) != 1:
-        raise _Miss(f"expected one router product before top-k, found {len(router)}")
+        raise _Miss(f"expected one router product choosing the experts, found {len(router)}")
     _, r_ref, _ = _operands(router[0], dyn)
     info.num_experts = fetch(gm, r_ref.target).shape[1 if r_ref.transposed else 0]
-    grouped = [m for m in mms if gu.is_grouped_mm(m)]
+    info.top_k = int(gu.val(_expert_index(router[0], region, set(grouped))).shape[-1])
     if len(grouped) != 2:
         raise _Miss(f"router with top-{info.top_k} found, but its experts are not the grouped-GEMM pair "
                     f"(found {len(grouped)} grouped products)")

@@ -42,8 +42,18 @@ class _Sum:
     branches: list
 
 
+_ADD_ = gu._targets(torch.ops.aten.add_)
+
+
 def _is_add(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target in gu.ADD and len(n.args) >= 2
+    """An out-of-place add, or an in-place `add_` into a temporary that nothing else reads (Falcon's
+    `mlp_output += attention_output`), which computes the same value."""
+    if n.op != "call_function" or len(n.args) < 2:
+        return False
+    if n.target in gu.ADD:
+        return True
+    buf = n.args[0]
+    return n.target in _ADD_ and isinstance(buf, fx.Node) and len(buf.users) == 1 and buf.op == "call_function"
 
 
 def _terms(n: fx.Node, adds: list) -> list:
@@ -78,7 +88,7 @@ def _branch_kind(region: set) -> str | None:
                 return "attention"
     if not mm:
         return None
-    if any(n.op == "call_function" and n.target in gu.TOPK for n in region):
+    if any(gu.is_grouped_mm(n) or (n.op == "call_function" and n.target in gu.TOPK) for n in region):
         return "moe"
     return "ffn"
 
@@ -89,12 +99,11 @@ def _find_sums(graph: fx.Graph, dyn: set) -> list[_Sum]:
         if not _is_add(n) or n not in dyn:
             continue
         v = gu.val(n)
-        if v is None or not v.is_floating_point() or v.dim() < 2:
-            continue
+        if v is None or not v.is_floating_point() or v.dim() < 2 or not isinstance(v.shape[-1], int):
+            continue  # a residual stream has a static hidden size; [B, H, S, S] score sums (ALiBi) do not
         # skip adds that belong to a larger tree (their only user is the parent add)
         if len(n.users) == 1:
             u = next(iter(n.users))
-            u = gu.forward_views(n) if False else u
             if _is_add(u) and gu.val(u) is not None and gu.val(u).shape == v.shape:
                 continue
         adds: list = []
@@ -116,14 +125,27 @@ def _find_sums(graph: fx.Graph, dyn: set) -> list[_Sum]:
                     break
                 branches.append(_Branch(t, region, kind))
             if branches:
-                sums.append(_Sum(n, adds, x, branches))
+                sums.append(_Sum(n, adds, x, _merge_shared_experts(branches)))
             break
     return sums
 
 
+def _merge_shared_experts(branches: list[_Branch]) -> list[_Branch]:
+    """A MoE branch and plain FFN branches added to the stream in one sum are one MoE FFN with shared experts
+    (DeepSeek-V3 adds its ungated shared expert to the routed experts' output before the residual add)."""
+    moe = [b for b in branches if b.kind == "moe"]
+    shared = [b for b in branches if b.kind == "ffn"]
+    if len(moe) != 1 or not shared:
+        return branches
+    merged = _Branch(moe[0].term, set().union(moe[0].region, *(b.region for b in shared)), "moe")
+    return [b for b in branches if b.kind == "attention"] + [merged]
+
+
 def _reaches_through_norm(src: fx.Node, dst: fx.Node) -> bool | None:
-    """True if dst == src up to identities (None), or dst is a norm of src (True); False otherwise."""
-    if gu.root(dst) is src:
+    """True if dst == src up to identities and reshapes (None), or dst is a norm of src (True); False otherwise.
+
+    Reshapes count as the same stream: OPT's layers flatten it to [B*S, d] around the FFN and back."""
+    if gu.root_views(dst) is src:
         return None
     mid = gu.between(src, dst) | {dst}
     if not mid or len(mid) > 40 or any(gu.is_matmul(n) for n in mid):
@@ -190,11 +212,10 @@ def _norm_before(stream: fx.Node, branch: _Branch) -> bool:
 def _norm_after(branch: _Branch) -> bool:
     """Is there a norm between the branch's last matrix product and its term?"""
     mms = [n for n in branch.region if gu.is_matmul(n)]
-    last = set()
-    for m in mms:
-        last |= gu.descendants(m)
-    tail = [n for n in (last & branch.region) | {branch.term} if not any(
-        gu.is_matmul(a) for a in gu.descendants(n) & branch.region)]
+    finals = [m for m in mms if not any(gu.is_matmul(a) for a in gu.descendants(m) & branch.region)]
+    tail = {branch.term}
+    for m in finals:  # only what follows the last products: a MoE router's own ops are not a norm
+        tail |= gu.descendants(m) & branch.region
     return _has_norm(tail)
 
 
