@@ -251,6 +251,21 @@ def _expert_index(router: fx.Node, region: set, experts: set) -> fx.Node | None:
     return found
 
 
+_MASKING = gu._targets(aten.masked_fill, aten.where)
+
+
+def _past_masking(n: fx.Node) -> fx.Node:
+    """`n` followed forward through views and masking that keeps its shape (transformers 5.17 zeroes the rows of
+    tokens routed to no expert right after each grouped GEMM)."""
+    n = gu.forward_views(n)
+    while len(n.users) == 1:
+        u = next(iter(n.users))
+        if u.op != "call_function" or u.target not in _MASKING or str(gu.val(u).shape) != str(gu.val(n).shape):
+            break
+        n = gu.forward_views(u)
+    return n
+
+
 def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo) -> None:
     grouped = [m for m in mms if gu.is_grouped_mm(m)]
     feeds = gu.ancestors(grouped)
@@ -268,15 +283,20 @@ def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo) -> None:
     F = gu.val(gu.root_views(down.args[0])).shape[-1]
     info.intermediate_size = int(F)
     e = gu.root_views(down.args[0])
-    if e.op == "call_function" and e.target in gu._targets(aten.mul):
+    out = _past_masking(up)
+    parts = {g for u in out.users if u.op == "call_function" and u.target in _SPLITS
+             for g in ([u] if u.target in gu._targets(aten.slice) else u.users) if g is u or gu.is_getitem(g)}
+    if parts and e.op == "call_function" and e.target in gu._targets(aten.mul):
         p, q = (gu.root_views(a) for a in e.args[:2])
-        parts = {g for u in gu.forward_views(up).users for g in u.users if gu.is_getitem(g)}
         if q not in parts:
             p, q = q, p
-        (gnode,) = [g for g in parts if g is not q] or [None]
-        info.activation = identify_activation(gnode, p) if gnode is not None else None
+        gnodes = [g for g in parts if g is not q]
+        if q not in parts or len(gnodes) != 1:
+            raise _Miss(f"the experts' gate-up output is cut into {len(parts)} parts that are not combined as "
+                        "act(gate) * up")
+        info.activation = identify_activation(gnodes[0], p)
     else:
-        info.activation = identify_activation(gu.forward_views(up), e)
+        info.activation = identify_activation(out, e)
     # a shared expert: the remaining weight products, minus 1-wide gates
     rest = [m for m in mms if m not in grouped and m not in router
             and gu.val(m).shape[-1] != 1]
