@@ -165,6 +165,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     gm = ep.module()
     _drop_metadata_asserts(gm)
+    _split_baddbmm(gm)
     gm.meta["routefx"] = CaptureInfo(
         arg_names=tuple(pos[:n_args]),
         constant_kwargs={k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor)},
@@ -182,4 +183,37 @@ def _drop_metadata_asserts(gm: torch.fx.GraphModule) -> None:
     for n in list(gm.graph.nodes):
         if n.op == "call_function" and n.target in _ASSERTS and not n.users:
             gm.graph.erase_node(n)
+    gm.recompile()
+
+
+def _split_baddbmm(gm: torch.fx.GraphModule) -> None:
+    """Rewrite `baddbmm(c, a, b, beta, alpha)` (BLOOM's ALiBi scores) as `beta·c + alpha·bmm(a, b)`: torch's
+    fake kernel of baddbmm fails on symbolic batch sizes, so graphs holding it could not be re-propagated after a
+    rewrite. Each new node gets its fake value and the module path of the op it replaces."""
+    aten = torch.ops.aten
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.baddbmm.default]
+    if not nodes:
+        return
+    mode = next(v.fake_mode for n in gm.graph.nodes if isinstance(v := n.meta.get("val"), torch.Tensor)
+                and hasattr(v, "fake_mode"))
+    g = gm.graph
+
+    def make(target, args, like):
+        m = g.call_function(target, args)
+        m.meta.update({k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        with mode:
+            m.meta["val"] = target(*[a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args])
+        return m
+
+    for n in nodes:
+        c, a, b = n.args[:3]
+        beta, alpha = n.kwargs.get("beta", 1), n.kwargs.get("alpha", 1)
+        with g.inserting_before(n):
+            out = make(aten.bmm.default, (a, b), n)
+            if alpha != 1:
+                out = make(aten.mul.Tensor, (out, alpha), n)
+            if beta != 0:
+                out = make(aten.add.Tensor, (make(aten.mul.Tensor, (c, beta), n) if beta != 1 else c, out), n)
+        n.replace_all_uses_with(out)
+        g.erase_node(n)
     gm.recompile()

@@ -194,7 +194,16 @@ def _has_side_effects(n: fx.Node, pos: dict) -> bool:
         base = base.args[0]
     if base.op in ("placeholder", "get_attr"):
         return True
-    return any(u is not n and pos[u] > pos[n] for u in buf.users)
+    # every alias of the written memory: views of the base (DeepSeek-V3 writes into slices of a new_empty that
+    # attention reads whole); a read of any of them after the write observes it
+    aliases, stack = set(), [base]
+    while stack:
+        a = stack.pop()
+        if a not in aliases:
+            aliases.add(a)
+            stack.extend(u for u in a.users if u.op == "call_function" and u.args and u.args[0] is a
+                         and (u.target in _VIEWLIKE or u.target is operator.getitem))
+    return any(u is not n and pos[u] > pos[n] for a in aliases for u in a.users)
 
 
 def eliminate_dead_code_(graph: fx.Graph) -> int:
