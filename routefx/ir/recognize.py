@@ -292,7 +292,33 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
         b.stream_out = nxt.stream_in
     if chain[-1][1] and blocks[-1].form == "post_norm":
         blocks[-1].stream_out = _norm_output(blocks[-1].stream_out)
-    return ModelIR(hidden_size=d, blocks=blocks)
+    return ModelIR(hidden_size=d, blocks=blocks, notes=_cross_check(graph, dyn, blocks))
+
+
+def _cross_check(graph: fx.Graph, dyn: set, blocks: list[BlockInfo]) -> list[str]:
+    """Disagreements between the blocks found and the other signals the graph offers: the attention ops it
+    holds, one attention branch and one FFN per block, and blocks repeating one structure (no block several
+    times the size of a typical one). A wrong block count is reported, never silent."""
+    notes = []
+    ops = [n for n in graph.nodes if n in dyn and n.op == "call_function" and n.target in gu.ATTENTION]
+    held = {a.node for b in blocks for a in b.attention if a.node is not None}
+    if ops and len(ops) != len(held):
+        notes.append(f"the graph holds {len(ops)} attention ops, the {len(blocks)} blocks found hold {len(held)}: "
+                     "some attention is outside every block")
+    multi = [b.index for b in blocks if len(b.attention) > 1]
+    if multi:
+        notes.append(f"blocks {multi} hold {max(len(blocks[i].attention) for i in multi)} attention branches "
+                     "each: the block boundaries may be wrong (no FFN branch between attention branches)")
+    no_ffn = [b.index for b in blocks if b.ffn is None]
+    if no_ffn:
+        notes.append(f"blocks {no_ffn} have no FFN branch")
+    sizes = sorted(len(b.nodes) for b in blocks)
+    typical = sizes[len(sizes) // 2]
+    big = [b.index for b in blocks if len(blocks) > 2 and len(b.nodes) > 2 * typical]
+    if big:
+        notes.append(f"blocks {big} are more than twice the size of a typical block ({typical} nodes): they may be "
+                     "several blocks read as one")
+    return notes
 
 
 def _norm_output(n: fx.Node, depth: int = 12) -> fx.Node:
