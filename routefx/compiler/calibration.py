@@ -39,9 +39,9 @@ def normalize_calibration(calibration) -> list[dict]:
 
 
 def token_mask(batch: Mapping) -> torch.Tensor:
-    """[B, S] bool: True where the position is a real token (not padding)."""
+    """[B, S] bool on CPU (it indexes values on any device): True where the position is a real token."""
     mask = batch.get("attention_mask")
     ref = next(v for v in batch.values() if isinstance(v, torch.Tensor))
     if mask is None:
         return torch.ones(ref.shape[:2], dtype=torch.bool)
-    return mask.bool()
+    return mask.bool().cpu()

@@ -22,6 +22,7 @@ from routefx.compiler.plan import Plan
 from routefx.compiler.plan_io import check_fingerprint, fingerprint
 from routefx.compiler.policies import Policy, policy_from_dict
 from routefx.compiler.report import CompileReport
+from routefx.compiler.validate import check_inputs
 from routefx.errors import CalibrationError, InputError, PlanMismatchError, PolicyError
 from routefx.ir import graph_utils as gu
 from routefx.ir.capture import capture, normalize_inputs
@@ -179,7 +180,7 @@ class CompiledModel:
     def __call__(self, *args, **kwargs):
         kwargs = _canonical(self._model, args, kwargs)
         entry = self._entry(kwargs)
-        _check_inputs(entry.gm, kwargs)
+        kwargs = check_inputs(entry.gm, kwargs)  # same checks on every backend, before running
         with torch.no_grad():
             return entry.run(**kwargs)
 
@@ -241,7 +242,7 @@ def realised_flops(gm: fx.GraphModule, flops: FlopCount, batches: list[dict]) ->
             values = run_recording(gm, kwargs, [n.args[1] for n in routed])
             for n in routed:
                 per = torch.tensor(route_flops(n), dtype=torch.float64)
-                r = values[n.args[1]]                                  # [..., K] route ids
+                r = values[n.args[1]].cpu()                            # [..., K] route ids
                 real = per[r.reshape(-1, r.shape[-1])].sum(-1)[mask.reshape(-1)]
                 per_token += real.sum().item() / max(n_tok, 1) - max(route_flops(n)) * r.shape[-1]
         total += per_token * n_tok
@@ -249,22 +250,6 @@ def realised_flops(gm: fx.GraphModule, flops: FlopCount, batches: list[dict]) ->
     if tokens == 0:
         raise CalibrationError("no real token in the batches (every attention_mask is 0)")
     return total / tokens
-
-
-def _check_inputs(gm: fx.GraphModule, kwargs: dict) -> None:
-    for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        v = n.meta.get("val")
-        x = kwargs.get(n.target)
-        if not isinstance(v, torch.Tensor) or x is None:
-            continue
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"input {n.target!r} is a {type(x).__name__}; the compiled model takes a tensor of "
-                             f"dtype {v.dtype} and rank {v.dim()}")
-        if x.dtype != v.dtype or x.dim() != v.dim():
-            raise InputError(f"input {n.target!r} has dtype {x.dtype} and rank {x.dim()}; the compiled model "
-                             f"takes dtype {v.dtype} and rank {v.dim()} (as in the example it was captured from)")
 
 
 def compile(model: nn.Module, policy: Policy, *, example_inputs=None, example_kwargs=None, calibration=None,
