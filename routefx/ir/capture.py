@@ -46,9 +46,10 @@ def normalize_inputs(model: nn.Module, args, kwargs) -> tuple[tuple, dict]:
         args = (args,)
     args = tuple(args or ())
     kwargs = dict(kwargs or {})
-    if _is_hf(model) and "use_cache" in _inspect.signature(model.forward).parameters:
-        kwargs.setdefault("use_cache", False)
-        if kwargs["use_cache"]:
+    if _is_hf(model):
+        if "use_cache" in _inspect.signature(model.forward).parameters:
+            kwargs.setdefault("use_cache", False)
+        if kwargs.get("use_cache"):  # also through **kwargs
             raise CaptureError("routefx captures Hugging Face models with use_cache=False; got use_cache=True")
     return args, kwargs
 
