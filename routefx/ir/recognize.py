@@ -2,13 +2,19 @@
 
 Rules (names never matter; module paths only name what was found):
 1. A *residual sum* is an addition tree `x + y_1 + ... + y_n` (adds whose only user is the next add are one
-   tree) in which one term `x` (the stream) reaches every other term `y_i` (a branch) through a matrix product.
+   tree; an in-place `add_` into a temporary nothing else reads counts as an add) in which one term `x` (the
+   stream) reaches every other term `y_i` (a branch) through a matrix product. Sums whose last dim is not a
+   static size (attention scores plus an ALiBi bias, [B, H, S, S]) are not residual sums.
 2. The hidden size is the last dimension shared by most residual sums; the *stream* is the longest chain of
-   sums in which each sum's `x` is the previous sum's output, possibly through a norm (post-norm models).
-3. A branch holding an attention op (or a product of two activations) is attention; one with a top-k router is
-   MoE; any other is an FFN. A block ends at the first sum holding an FFN branch.
+   sums in which each sum's `x` is the previous sum's output, possibly through reshapes (OPT flattens it to
+   [B*S, d] around the FFN) or a norm (post-norm models).
+3. A branch holding an attention op (or a product of two activations) is attention; one with a top-k router or
+   grouped expert GEMMs is MoE (plain FFN branches added in the same sum are its shared experts); any other is
+   an FFN. A block ends at the first sum holding an FFN branch.
 4. Form, per block: a norm between `x` and a branch's first product is a pre-norm, one between its last product
    and the add a branch-output norm, one between the add and the next stream value a post-norm.
+5. The block count is cross-checked against the graph's attention ops, one attention and one FFN per block and
+   the blocks' sizes; disagreements go to `ModelIR.notes`.
 """
 from __future__ import annotations
 
@@ -164,7 +170,6 @@ def _has_norm(nodes) -> bool:
 
 def _chain(sums: list[_Sum]) -> list[tuple[_Sum, bool]]:
     """Longest chain of sums linked through the stream; each with whether a norm follows it (post-norm)."""
-    order = {s.out: i for i, s in enumerate(sums)}
     best: dict[int, tuple[int, int | None, bool]] = {}  # i -> (length, prev index, post-norm link)
     for j, s in enumerate(sums):
         best[j] = (1, None, False)
@@ -179,12 +184,11 @@ def _chain(sums: list[_Sum]) -> list[tuple[_Sum, bool]]:
     chain = []
     post_next = False
     while j is not None:
-        length, prev, post = best[j]
+        _, prev, post = best[j]
         chain.append((sums[j], post_next))
         post_next = post
         j = prev
     chain.reverse()
-    del order
     if chain and not chain[-1][1]:
         chain[-1] = (chain[-1][0], _followed_by_norm(chain[-1][0].out))
     return chain
