@@ -7,7 +7,8 @@ What a call must satisfy, read once from the captured graph (`input_spec`) and c
 - the dims captured as the batch (dim 0) or the sequence (dim 1) agree between inputs (a mask of another length
   is refused), and dims captured static keep their size;
 - there is at least one token: an empty batch or sequence is refused (backends disagree on empty shapes).
-The range check costs one device-to-host read per id input (`aminmax`), measured well under 1% of a forward pass.
+The range check costs one device-to-host read per id input (`aminmax`). Measured (CPU, one thread): 8 µs a call,
+0.55% of the forward pass of the zoo's 3-layer d=48 Llama at B=1, S=16 (1.5 ms) and 0.07% at d=256, 4 layers.
 """
 from __future__ import annotations
 

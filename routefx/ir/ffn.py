@@ -268,6 +268,9 @@ def _past_masking(n: fx.Node) -> fx.Node:
 
 def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo) -> None:
     grouped = [m for m in mms if gu.is_grouped_mm(m)]
+    if not grouped:
+        raise _Miss(f"a top-k router, but the experts are {len(mms)} plain matrix products rather than the "
+                    "grouped-GEMM pair transformers exports (per-expert loops are not read yet)")
     feeds = gu.ancestors(grouped)
     router = [m for m in mms if not gu.is_grouped_mm(m) and m in feeds and isinstance(gu.val(m).shape[-1], int)
               and _expert_index(m, region, set(grouped)) is not None]
