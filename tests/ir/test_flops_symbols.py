@@ -68,3 +68,38 @@ def test_flops_survive_renamed_symbols(name, swap_batch, zoo_capture):
     for seq in (5, 300):
         assert fc.at(seq)["total"] == pytest.approx(ref.at(seq)["total"], rel=1e-12)
     assert [gu.val(n) is not None for n in other.graph.nodes] == [gu.val(n) is not None for n in gm.graph.nodes]
+
+
+class _PositionTableLM(torch.nn.Module):
+    """PlainLM plus a position table computed by a matrix product once per call, whatever the batch (like the
+    rotary tables of transformers 5.17: [1, S, 1] @ [1, 1, d])."""
+
+    def __init__(self):
+        super().__init__()
+        from tests.zoo import PlainLM
+        self.lm = PlainLM()
+        self.freq = torch.nn.Parameter(torch.randn(1, 36))
+
+    def forward(self, input_ids):
+        S_ = input_ids.shape[1]
+        pos = torch.arange(S_, dtype=torch.float32, device=input_ids.device)[None, :, None]
+        table = torch.matmul(pos, self.freq[None])                  # [1, S, d]: not per token
+        x = self.lm.e(input_ids) + torch.sin(table)
+        for blk in self.lm.z:
+            x = blk(x)
+        return self.lm.o(self.lm.n(x))
+
+
+def test_work_done_once_per_call_is_not_per_token_work():
+    from routefx.ir import capture
+    from tests.zoo import PlainLM
+    torch.manual_seed(0)
+    ids = torch.randint(0, 89, (2, 7))
+    with_table = _PositionTableLM().eval()
+    gm = capture(with_table, (ids,))
+    fc = count_flops(gm, recognize(gm))
+    assert fc.total.free_symbols <= {S}
+    plain = capture(PlainLM().eval(), (ids,))
+    ref = count_flops(plain, recognize(plain))
+    assert sympy.simplify(fc.total - ref.total) == 0
+    assert fc.at(64)["total"] == pytest.approx(ref.at(64)["total"], rel=1e-12)
