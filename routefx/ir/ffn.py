@@ -4,8 +4,8 @@ Canonical forms (d = hidden, F = neurons):
   gated: act(x·Wgᵀ + bg) ⊙ (x·Wuᵀ + bu) · Wdᵀ + bd   -- two input products, or one fused [2F, d] split in halves
   mlp:   act(x·Wuᵀ + bu) · Wdᵀ + bd                   -- includes GPT-2's Conv1D (addmm with an [in, out] weight)
   moe:   a top-k router over experts (the grouped-GEMM op transformers exports), optionally a shared expert
-The activation is identified by *evaluating* the ops between the two products on a probe vector and comparing
-with the registry (so `F.gelu(x, approximate="tanh")` and GPT-2's hand-written tanh formula both read gelu_tanh).
+The activation is identified by *evaluating* the ops between the two products on a CPU probe vector (whatever the
+model's device; they read nothing from the model) and comparing with the registry (so `F.gelu(x, approximate="tanh")` and GPT-2's hand-written tanh formula both read gelu_tanh).
 Anything else is kind "unknown" with the reason.
 """
 from __future__ import annotations
