@@ -28,6 +28,7 @@ class Expect:
     num_experts: int | None = None
     top_k: int | None = None
     shared_expert: int | None = None  # shared expert width for MoE blocks
+    patterns: tuple[str, ...] | None = None  # attention pattern per block, where the test checks it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +37,18 @@ class Entry:
     build: Callable[[], nn.Module]
     expect: Expect
     vocab: int
+    core: bool = True               # False: a family only the recognition/compile family tests run (suite time)
 
 
 def _hf(cls, cfg):
     def build():
         torch.manual_seed(0)
         cfg._attn_implementation = "sdpa"
-        return cls(cfg).eval()
+        try:
+            return cls(cfg).eval()
+        except ValueError:  # families without an SDPA path in this transformers release (BLOOM's ALiBi, ...)
+            cfg._attn_implementation = "eager"
+            return cls(cfg).eval()
     return build
 
 
@@ -90,6 +96,71 @@ def _qwen2moe():
     return hf.Qwen2MoeConfig(hidden_size=32, intermediate_size=72, moe_intermediate_size=24,
                              shared_expert_intermediate_size=40, num_experts=6, num_experts_per_tok=2,
                              num_key_value_heads=2, mlp_only_layers=[1], decoder_sparse_step=1, **_COMMON)
+
+
+# ---- families outside the core zoo: other norms, ALiBi, soft-capping, parallel branches, other MoE routers ----
+
+def _gemma2():   # sandwich norms, soft-capping, alternating sliding window; eager attention only
+    return hf.Gemma2Config(hidden_size=48, intermediate_size=96, num_key_value_heads=2, head_dim=12,
+                           sliding_window=4, query_pre_attn_scalar=12, **_COMMON)
+
+
+def _bloom():    # ALiBi (a [B, H, S, S] bias added to the scores), eager attention only
+    return hf.BloomConfig(vocab_size=101, hidden_size=40, n_layer=3, n_head=4, bos_token_id=1, eos_token_id=2)
+
+
+def _opt():      # ReLU MLP, learned positions, the stream reshaped to [B*S, d] around the FFN
+    return hf.OPTConfig(vocab_size=101, hidden_size=40, num_hidden_layers=3, ffn_dim=72, num_attention_heads=4,
+                        max_position_embeddings=256, word_embed_proj_dim=40, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0)
+
+
+def _falcon():   # parallel attention and MLP under one shared LayerNorm (Falcon-7B layout)
+    return hf.FalconConfig(vocab_size=101, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                           parallel_attn=True, new_decoder_architecture=False, multi_query=True, bias=False,
+                           alibi=False, bos_token_id=1, eos_token_id=2)
+
+
+def _phimoe():   # sparsemixer router: successive arg-maxes, no top-k op
+    return hf.PhimoeConfig(hidden_size=32, intermediate_size=56, num_key_value_heads=2, num_local_experts=4,
+                           num_experts_per_tok=2, sliding_window=None, **_COMMON)
+
+
+def _granitemoe():  # forward takes use_cache only through **kwargs
+    return hf.GraniteMoeConfig(hidden_size=32, intermediate_size=40, num_key_value_heads=2, num_local_experts=4,
+                               num_experts_per_tok=2, **_COMMON)
+
+
+def _deepseekv3():  # first layer dense, shared expert, sigmoid group-limited routing, MLA attention
+    return hf.DeepseekV3Config(hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                               num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                               n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+                               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, **_COMMON)
+
+
+def _cohere():   # parallel attention and FFN
+    return hf.CohereConfig(hidden_size=48, intermediate_size=88, num_key_value_heads=2, pad_token_id=0, **_COMMON)
+
+
+def _gemma3():
+    return hf.Gemma3TextConfig(hidden_size=48, intermediate_size=96, num_key_value_heads=2, head_dim=12,
+                               sliding_window=4, query_pre_attn_scalar=12,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention"], **_COMMON)
+
+
+def _gptj():     # parallel attention and MLP, partial rotary
+    return hf.GPTJConfig(vocab_size=101, n_positions=256, n_embd=40, n_layer=3, n_head=4, rotary_dim=4, n_inner=72,
+                         bos_token_id=1, eos_token_id=2)
+
+
+def _exaone4():  # norms on the branch outputs only
+    return hf.Exaone4Config(hidden_size=48, intermediate_size=88, num_key_value_heads=2, sliding_window=4,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention"], **_COMMON)
+
+
+def _olmoe():
+    return hf.OlmoeConfig(hidden_size=32, intermediate_size=40, num_key_value_heads=2, num_experts=6,
+                          num_experts_per_tok=2, **_COMMON)
 
 
 # ---- plain nn.Module transformers; names say nothing -------------------------------------------------------
@@ -182,12 +253,12 @@ def _plain(**kw):
     return build
 
 
-def _gated(n, d, f, act="silu", bias=False, form="pre_norm"):
-    return Expect(n, form, ("gated",) * n, act, d, (f,) * n, bias)
+def _gated(n, d, f, act="silu", bias=False, form="pre_norm", patterns=None):
+    return Expect(n, form, ("gated",) * n, act, d, (f,) * n, bias, patterns=patterns)
 
 
-def _mlp(n, d, f, act, bias=True, form="pre_norm", decoder=True):
-    return Expect(n, form, ("mlp",) * n, act, d, (f,) * n, bias, decoder)
+def _mlp(n, d, f, act, bias=True, form="pre_norm", decoder=True, patterns=None):
+    return Expect(n, form, ("mlp",) * n, act, d, (f,) * n, bias, decoder, patterns=patterns)
 
 
 ZOO: dict[str, Entry] = {e.name: e for e in [
@@ -204,14 +275,43 @@ ZOO: dict[str, Entry] = {e.name: e for e in [
           Expect(3, "pre_norm", ("moe", "gated", "moe"), "silu", 32, (24, 72, 24), False, num_experts=6,
                  top_k=2, shared_expert=40), 101),
     Entry("plain", _plain(), _gated(3, 36, 76), 89),
+    Entry("gemma2", _hf(hf.Gemma2ForCausalLM, _gemma2()), _gated(3, 48, 96, act="gelu_tanh", form="sandwich"), 101,
+          core=False),
+    Entry("bloom", _hf(hf.BloomForCausalLM, _bloom()), _mlp(3, 40, 160, "gelu_tanh"), 101, core=False),
+    Entry("opt", _hf(hf.OPTForCausalLM, _opt()), _mlp(3, 40, 72, "relu", patterns=("causal",) * 3), 101,
+          core=False),
+    Entry("falcon", _hf(hf.FalconForCausalLM, _falcon()),
+          _mlp(3, 48, 192, "gelu", bias=False, form="parallel", patterns=("causal",) * 3), 101, core=False),
+    Entry("phimoe", _hf(hf.PhimoeForCausalLM, _phimoe()),
+          Expect(3, "pre_norm", ("moe",) * 3, "silu", 32, (56,) * 3, False, num_experts=4, top_k=2), 101,
+          core=False),
+    Entry("granitemoe", _hf(hf.GraniteMoeForCausalLM, _granitemoe()),
+          Expect(3, "pre_norm", ("moe",) * 3, "silu", 32, (40,) * 3, False, num_experts=4, top_k=2), 101,
+          core=False),
+    Entry("deepseekv3", _hf(hf.DeepseekV3ForCausalLM, _deepseekv3()),
+          Expect(3, "pre_norm", ("gated", "moe", "moe"), "silu", 32, (64, 24, 24), False, num_experts=8, top_k=2,
+                 shared_expert=24), 101, core=False),
+    Entry("cohere", _hf(hf.CohereForCausalLM, _cohere()), _gated(3, 48, 88, form="parallel"), 101, core=False),
+    Entry("gemma3", _hf(hf.Gemma3ForCausalLM, _gemma3()),
+          _gated(3, 48, 96, act="gelu_tanh", form="sandwich", patterns=("sliding", "sliding", "causal")), 101,
+          core=False),
+    Entry("gptj", _hf(hf.GPTJForCausalLM, _gptj()), _mlp(3, 40, 72, "gelu_tanh", form="parallel"), 101,
+          core=False),
+    Entry("exaone4", _hf(hf.Exaone4ForCausalLM, _exaone4()),
+          _gated(3, 48, 88, form="branch_output_norm", patterns=("sliding", "sliding", "causal")), 101, core=False),
+    Entry("olmoe", _hf(hf.OlmoeForCausalLM, _olmoe()),
+          Expect(3, "pre_norm", ("moe",) * 3, "silu", 32, (40,) * 3, False, num_experts=6, top_k=2), 101,
+          core=False),
     Entry("plain_parallel", _plain(form="parallel"), _gated(3, 36, 76, form="parallel"), 89),
     Entry("plain_sandwich", _plain(form="sandwich", ffn=_Mlp), _mlp(3, 36, 76, "relu", form="sandwich"), 89),
     Entry("plain_resized", _plain(widths=(76, 52, 76, 76)),
           Expect(4, "pre_norm", ("gated",) * 4, "silu", 36, (76, 52, 76, 76), False), 89),
 ]}
 
-DENSE = [n for n, e in ZOO.items() if "moe" not in e.expect.kinds]
-DECODERS = [n for n, e in ZOO.items() if e.expect.decoder]
+DENSE = [n for n, e in ZOO.items() if e.core and "moe" not in e.expect.kinds]
+DECODERS = [n for n, e in ZOO.items() if e.core and e.expect.decoder]
+FAMILIES = [n for n, e in ZOO.items() if not e.core]           # tested by tests/compiler/test_families.py
+FAMILIES_DENSE = [n for n in FAMILIES if "moe" not in ZOO[n].expect.kinds]
 
 
 def example_inputs(entry: Entry, batch=2, seq=7, left_pad=0, seed=1):

@@ -62,7 +62,7 @@ def route_stats(gm: fx.GraphModule, ir: ModelIR, batches: list[dict]) -> RouteSt
         keep = token_mask(batch).reshape(-1)
         tokens += int(keep.sum())
         for key, n in ops:
-            r = vals[n.args[1]]
+            r = vals[n.args[1]].cpu()
             r = r.reshape(-1, r.shape[-1])[keep].reshape(-1)
             counts[key] += torch.bincount(r, minlength=len(counts[key])).double()
     layers, total, n_all = [], 0.0, 0.0

@@ -70,9 +70,9 @@ def complete_batches(batches: list[dict]) -> list[dict]:
 
 
 def token_mask(batch: Mapping) -> torch.Tensor:
-    """[B, S] bool: True where the position is a real token (not padding)."""
+    """[B, S] bool on CPU (it indexes values on any device): True where the position is a real token."""
     mask = batch.get(MASK)
     if isinstance(mask, torch.Tensor):
-        return mask.bool()
+        return mask.bool().cpu()
     ref = next(v for v in batch.values() if isinstance(v, torch.Tensor))
-    return torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device)
+    return torch.ones(ref.shape[:2], dtype=torch.bool)

@@ -67,7 +67,7 @@ def routed_blocks(policy: Duo, ir: ModelIR) -> list[BlockInfo]:
 
 def _weights(gm, block: BlockInfo):
     m = block.ffn.match
-    w = {k: (None if getattr(m, k) is None else resolve_weight(gm, getattr(m, k)).detach())
+    w = {k: (None if getattr(m, k) is None else resolve_weight(gm, getattr(m, k)).detach().float())  # fp32 math
          for k in ("up", "gate", "down", "b_up", "b_gate", "b_down")}
     return w
 
@@ -88,8 +88,8 @@ def _collect(gm: fx.GraphModule, blocks: list[BlockInfo], batches: list[dict]):
         vals = run_recording(gm, batch, wanted)
         keep = token_mask(batch).reshape(-1)
         for b in blocks:
-            x = vals[b.ffn.match.inp]
-            s = vals[b.ffn_stream]
+            x = vals[b.ffn.match.inp].float()       # statistics in fp32 on the model's device
+            s = vals[b.ffn_stream].float()
             xs[b.index].append(x.reshape(-1, x.shape[-1])[keep])
             ss[b.index].append(s.reshape(-1, s.shape[-1])[keep].norm(dim=-1))
     return {i: torch.cat(v) for i, v in xs.items()}, {i: torch.cat(v) for i, v in ss.items()}
@@ -141,9 +141,11 @@ def fit_separate_branch(lp: LayerPlan, w: dict, h_top: torch.Tensor, y_big: torc
     target = y_big.double() - (0 if w["b_down"] is None else w["b_down"].double())  # [N, d]
     gram = H.T @ H                                                          # [k, k]
     ridge = 1e-6 * gram.diagonal().mean().clamp_min(1e-12)
-    sol = torch.linalg.solve(gram + ridge * torch.eye(H.shape[1], dtype=H.dtype), H.T @ target)  # [k, d]
-    lp.small_down = sol.T.to(w["down"].dtype).contiguous()                  # [d, k]
-    return F.linear(h_top, lp.small_down, w["b_down"])
+    sol = torch.linalg.solve(gram + ridge * torch.eye(H.shape[1], dtype=H.dtype, device=H.device),
+                             H.T @ target)                                  # [k, d]
+    small_down = sol.T.to(w["down"].dtype).contiguous()                     # [d, k]
+    lp.small_down = small_down.cpu()                                        # plans hold CPU tensors
+    return F.linear(h_top, small_down, w["b_down"])
 
 
 def calibrate_duo(policy: Duo, gm: fx.GraphModule, ir: ModelIR, batches: list[dict], plan: Plan) -> None:
@@ -164,7 +166,7 @@ def calibrate_duo(policy: Duo, gm: fx.GraphModule, ir: ModelIR, batches: list[di
             y_big = F.linear(h, w["down"], w["b_down"])
             top = perm[:k]
             y_small = F.linear(h[:, top], w["down"][:, top], w["b_down"])
-        lp = LayerPlan(F=n_neurons, k=k, perm=perm, router=policy.router, small=policy.small)
+        lp = LayerPlan(F=n_neurons, k=k, perm=perm.cpu(), router=policy.router, small=policy.small)
         if policy.small == "separate":
             y_small = fit_separate_branch(lp, w, h[:, top], y_big, top)
         plan.layers[b.key] = lp
@@ -173,7 +175,7 @@ def calibrate_duo(policy: Duo, gm: fx.GraphModule, ir: ModelIR, batches: list[di
     keys = list(data)
     errors = [data[k].errors() for k in keys]
     costs = [torch.tensor(plan.layers[k].costs, dtype=torch.float64) for k in keys]
-    errors = [e.double() for e in errors]
+    errors = [e.double().cpu() for e in errors]
     if policy.router == "static":
         choice, frac = _static_choice(errors, costs, policy.budget)
         for key, r in zip(keys, choice):
@@ -190,5 +192,5 @@ def calibrate_duo(policy: Duo, gm: fx.GraphModule, ir: ModelIR, batches: list[di
             len(l) for l in labels)
     for i, key in enumerate(tqdm(keys, desc=f"routefx: {policy.router} routers", leave=False,
                                  disable=len(keys) < 4)):
-        wr, br = trainer.fit(data[key].x, None if labels is None else labels[i], gen)
+        wr, br = trainer.fit(data[key].x.cpu(), None if labels is None else labels[i], gen)  # CPU, fp32
         plan.layers[key].weight, plan.layers[key].bias = wr.contiguous(), br.contiguous()

@@ -22,6 +22,7 @@ from routefx.compiler.plan import Plan
 from routefx.compiler.plan_io import check_fingerprint, fingerprint
 from routefx.compiler.policies import Policy, policy_from_dict
 from routefx.compiler.report import CompileReport
+from routefx.compiler.validate import check_inputs
 from routefx.errors import CalibrationError, InputError, PlanMismatchError, PolicyError
 from routefx.ir.capture import capture, normalize_inputs
 from routefx.ir.flops import FlopCount, count_flops, dynamic_routed, realised_flops
@@ -167,7 +168,7 @@ class CompiledModel:
     def __call__(self, *args, **kwargs):
         kwargs = _canonical(self._model, args, kwargs)
         entry = self._entry(kwargs)
-        _check_inputs(entry.gm, kwargs)
+        kwargs = check_inputs(entry.gm, kwargs)  # same checks on every backend, before running
         with torch.no_grad():
             return entry.run(**kwargs)
 
@@ -218,20 +219,6 @@ class CompiledModel:
         return f"CompiledModel({type(self._model).__name__}, {self.policy!r}, backend={self.backend!r}, {state})"
 
 
-def _check_inputs(gm: fx.GraphModule, kwargs: dict) -> None:
-    for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        v = n.meta.get("val")
-        x = kwargs.get(n.target)
-        if not isinstance(v, torch.Tensor) or x is None:
-            continue
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"input {n.target!r} is a {type(x).__name__}; the compiled model takes a tensor of "
-                             f"dtype {v.dtype} and rank {v.dim()}")
-        if x.dtype != v.dtype or x.dim() != v.dim():
-            raise InputError(f"input {n.target!r} has dtype {x.dtype} and rank {x.dim()}; the compiled model "
-                             f"takes dtype {v.dtype} and rank {v.dim()} (as in the example it was captured from)")
 
 
 def compile(model: nn.Module, policy: Policy, *, example_inputs=None, example_kwargs=None, calibration=None,

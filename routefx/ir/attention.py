@@ -4,12 +4,17 @@ Read from the op's flags (`is_causal`) or, when the op takes a mask, by *evaluat
 graph is cut down to the nodes that compute the masks and run on a probe of P positions with no padding. The
 allowed pattern is then matched: all positions (bidirectional), the lower triangle (causal), or a band of width w
 (sliding window w). A window of P or more positions reads as plain causal, which counts the same up to length P.
+
+The probe runs on CPU whatever the model's device (its values are read back; a `meta` model has none): tensors the
+mask construction reads from the model (rarely any) are copied to CPU for it, and a mask that needs values the
+device cannot give (a `meta` buffer) reads as "custom".
 """
 from __future__ import annotations
 
 import dataclasses
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 
 from routefx.ir import graph_utils as gu
@@ -94,6 +99,10 @@ def attention_masks(gm: fx.GraphModule, positions: int = PROBE_POSITIONS) -> dic
     return result
 
 
+def _on_cpu(a):
+    return torch.device("cpu") if isinstance(a, torch.device) else a
+
+
 def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], positions: int) -> dict:
     """Values of `nodes` on the probe, computing only what they need."""
     g = fx.Graph()
@@ -104,9 +113,21 @@ def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], positions: int) -> dict:
             env[n] = g.node_copy(n, lambda a: env[a])
     g.output(tuple(env[n] for n in nodes))
     sub = fx.GraphModule(gm, g)
+    for n in sub.graph.nodes:  # the probe runs on CPU: copies of what it reads from the model
+        # factories and moves the export recorded with the model's device
+        n.args, n.kwargs = pytree.tree_map(_on_cpu, (n.args, n.kwargs))
+        if n.op == "get_attr":
+            owner, _, name = n.target.rpartition(".")
+            mod = sub.get_submodule(owner) if owner else sub
+            t = getattr(mod, name)
+            if isinstance(t, torch.Tensor):
+                if t.device.type == "meta":
+                    return {}
+                setattr(mod, name, t.detach().to("cpu"))
+    sub.recompile()
     try:
         with torch.no_grad():
             outs = sub(*_probe_inputs(gm, positions))
     except Exception:  # a mask we cannot evaluate on the probe: reported as "custom", counted as full
         return {}
-    return dict(zip(nodes, outs))
+    return {n: o for n, o in zip(nodes, outs) if isinstance(o, torch.Tensor) and o.device.type == "cpu"}

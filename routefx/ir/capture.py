@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect as _inspect
 from typing import Any
 
@@ -22,16 +23,13 @@ __all__ = ["capture", "CaptureInfo", "normalize_inputs"]
 
 @dataclasses.dataclass(frozen=True)
 class CaptureInfo:
-    """How the captured graph is called: argument names in order, and the constant (non-tensor) keywords."""
+    """How the captured graph is called: positional argument names in order, and the constant (non-tensor)
+    keywords it was specialised to."""
 
     arg_names: tuple[str, ...]
-    tensor_kwargs: tuple[str, ...]
     constant_kwargs: dict[str, Any]
-    hf: bool
-
-    def signature(self) -> tuple:
-        """What must stay the same for the graph to be reused (tensor keyword set and constants)."""
-        return (self.arg_names, self.tensor_kwargs, tuple(sorted(self.constant_kwargs.items(), key=str)))
+    bound_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # constants given through **kwargs:
+    #                                                   baked into the graph, which does not take them as inputs
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -48,9 +46,10 @@ def normalize_inputs(model: nn.Module, args, kwargs) -> tuple[tuple, dict]:
         args = (args,)
     args = tuple(args or ())
     kwargs = dict(kwargs or {})
-    if _is_hf(model) and "use_cache" in _inspect.signature(model.forward).parameters:
-        kwargs.setdefault("use_cache", False)
-        if kwargs["use_cache"]:
+    if _is_hf(model):
+        if "use_cache" in _inspect.signature(model.forward).parameters:
+            kwargs.setdefault("use_cache", False)
+        if kwargs.get("use_cache"):  # also through **kwargs
             raise CaptureError("routefx captures Hugging Face models with use_cache=False; got use_cache=True")
     return args, kwargs
 
@@ -66,13 +65,38 @@ def _widen(t: torch.Tensor, batch: int, seq: int, to_batch: int, to_seq: int) ->
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
+    """Eval mode, and no KV cache in the outputs (a config's `use_cache` read by forwards that take it only
+    through **kwargs, or not at all): both restored afterwards."""
     flags = [(m, m.training) for m in model.modules()]
+    configs = [c for c in {id(getattr(m, "config", None)): getattr(m, "config", None) for m in model.modules()}
+               .values() if c is not None and getattr(c, "use_cache", False) is True]
     model.eval()
+    for c in configs:
+        c.use_cache = False
     try:
         yield
     finally:
         for m, f in flags:
             m.training = f
+        for c in configs:
+            c.use_cache = True
+
+
+@contextlib.contextmanager
+def _bind_forward(model: nn.Module, constants: dict):
+    """`model.forward` with `constants` bound as keywords, for the duration of the export."""
+    if not constants:
+        yield
+        return
+    own = model.__dict__.get("forward")  # an instance attribute someone set: put back as it was
+    model.forward = functools.partial(model.forward, **constants)
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
 
 
 def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None) -> torch.fx.GraphModule:
@@ -100,30 +124,41 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     to_batch = 2 if batch == 1 else batch
     to_seq = 2 if seq == 1 else seq
 
+    def spec(value):
+        if not isinstance(value, torch.Tensor):
+            return value, None
+        value = _widen(value, batch, seq, to_batch, to_seq).contiguous()  # no stride guards in the graph
+        dims = {}
+        if value.dim() >= 1 and value.shape[0] == to_batch:
+            dims[0] = Dim.AUTO
+            if value.dim() >= 2 and seq is not None and value.shape[1] == to_seq:
+                dims[1] = Dim.AUTO
+        return value, dims or None
+
     shapes: dict[str, Any] = {}
     for name, value in named.items():
         kind = sig.parameters[name].kind
-        if isinstance(value, torch.Tensor):
-            value = _widen(value, batch, seq, to_batch, to_seq).contiguous()  # no stride guards in the graph
-            named[name] = value
-            dims = {}
-            if value.dim() >= 1 and value.shape[0] == to_batch:
-                dims[0] = Dim.AUTO
-                if value.dim() >= 2 and seq is not None and value.shape[1] == to_seq:
-                    dims[1] = Dim.AUTO
-            spec = dims or None
-        else:
-            spec = None
+        if kind is _inspect.Parameter.VAR_POSITIONAL:
+            raise CaptureError(f"{type(model).__name__}.forward takes *{name}; routefx needs named inputs")
         if kind is _inspect.Parameter.VAR_KEYWORD:
-            raise CaptureError("models whose forward takes **kwargs need explicit keyword arguments")
-        shapes[name] = spec
+            continue
+        named[name], shapes[name] = spec(value)
+    # constants through **kwargs (GraniteMoE's use_cache) are bound to forward for the export: torch.export
+    # cannot take dynamic-shape specs for **kwargs entries
+    var_kw = next((n for n in named if sig.parameters[n].kind is _inspect.Parameter.VAR_KEYWORD), None)
+    bound_kwargs = named.pop(var_kw) if var_kw is not None else {}
+    tensors_kw = sorted(k for k, v in bound_kwargs.items() if isinstance(v, torch.Tensor))
+    if tensors_kw:
+        raise CaptureError(f"tensor inputs {tensors_kw} reach {type(model).__name__}.forward only through "
+                           f"**{var_kw}; routefx captures tensors passed as named parameters "
+                           f"({', '.join(n for n in sig.parameters if n != var_kw)}) and constants through **{var_kw}")
 
     pos = [n for n in named if sig.parameters[n].kind in (sig.parameters[n].POSITIONAL_ONLY,
                                                            sig.parameters[n].POSITIONAL_OR_KEYWORD)]
     n_args = len(args)
     call_args = tuple(named[n] for n in pos[:n_args])
     call_kwargs = {n: named[n] for n in named if n not in pos[:n_args]}
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model), _bind_forward(model, bound_kwargs), torch.no_grad():
         try:
             ep = torch.export.export(model, call_args, kwargs=call_kwargs, dynamic_shapes=shapes, strict=False)
         except Exception as e:  # torch.export raises many exception types; re-raise as one typed error
@@ -131,11 +166,11 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     gm = ep.module()
     _drop_metadata_asserts(gm)
+    _split_baddbmm(gm)
     gm.meta["routefx"] = CaptureInfo(
         arg_names=tuple(pos[:n_args]),
-        tensor_kwargs=tuple(k for k, v in call_kwargs.items() if isinstance(v, torch.Tensor)),
         constant_kwargs={k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor)},
-        hf=_is_hf(model),
+        bound_kwargs=dict(bound_kwargs),
     )
     return gm
 
@@ -149,4 +184,37 @@ def _drop_metadata_asserts(gm: torch.fx.GraphModule) -> None:
     for n in list(gm.graph.nodes):
         if n.op == "call_function" and n.target in _ASSERTS and not n.users:
             gm.graph.erase_node(n)
+    gm.recompile()
+
+
+def _split_baddbmm(gm: torch.fx.GraphModule) -> None:
+    """Rewrite `baddbmm(c, a, b, beta, alpha)` (BLOOM's ALiBi scores) as `beta·c + alpha·bmm(a, b)`: torch's
+    fake kernel of baddbmm fails on symbolic batch sizes, so graphs holding it could not be re-propagated after a
+    rewrite. Each new node gets its fake value and the module path of the op it replaces."""
+    aten = torch.ops.aten
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.baddbmm.default]
+    if not nodes:
+        return
+    mode = next(v.fake_mode for n in gm.graph.nodes if isinstance(v := n.meta.get("val"), torch.Tensor)
+                and hasattr(v, "fake_mode"))
+    g = gm.graph
+
+    def make(target, args, like):
+        m = g.call_function(target, args)
+        m.meta.update({k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        with mode:
+            m.meta["val"] = target(*[a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args])
+        return m
+
+    for n in nodes:
+        c, a, b = n.args[:3]
+        beta, alpha = n.kwargs.get("beta", 1), n.kwargs.get("alpha", 1)
+        with g.inserting_before(n):
+            out = make(aten.bmm.default, (a, b), n)
+            if alpha != 1:
+                out = make(aten.mul.Tensor, (out, alpha), n)
+            if beta != 0:
+                out = make(aten.add.Tensor, (make(aten.mul.Tensor, (c, beta), n) if beta != 1 else c, out), n)
+        n.replace_all_uses_with(out)
+        g.erase_node(n)
     gm.recompile()

@@ -4,8 +4,8 @@ Canonical forms (d = hidden, F = neurons):
   gated: act(x·Wgᵀ + bg) ⊙ (x·Wuᵀ + bu) · Wdᵀ + bd   -- two input products, or one fused [2F, d] split in halves
   mlp:   act(x·Wuᵀ + bu) · Wdᵀ + bd                   -- includes GPT-2's Conv1D (addmm with an [in, out] weight)
   moe:   a top-k router over experts (the grouped-GEMM op transformers exports), optionally a shared expert
-The activation is identified by *evaluating* the ops between the two products on a probe vector and comparing
-with the registry (so `F.gelu(x, approximate="tanh")` and GPT-2's hand-written tanh formula both read gelu_tanh).
+The activation is identified by *evaluating* the ops between the two products on a CPU probe vector (whatever the
+model's device; they read nothing from the model) and comparing with the registry (so `F.gelu(x, approximate="tanh")` and GPT-2's hand-written tanh formula both read gelu_tanh).
 Anything else is kind "unknown" with the reason.
 """
 from __future__ import annotations
@@ -227,15 +227,53 @@ def _dense(gm, mms: list, region: set, dyn: set, same_shape: bool = True) -> tup
     return kind, act, F, match
 
 
+def _expert_index(router: fx.Node, region: set, experts: set) -> fx.Node | None:
+    """The [..., k] integer tensor of chosen experts: the last integer value in `region` that comes from the
+    router's [..., E] scores, keeps their leading dims and reaches the experts. Read from shapes, so top-k,
+    k successive arg-maxes concatenated (Phi-MoE's sparsemixer) and group-limited routing (DeepSeek-V3: top-k
+    over groups first, then over the experts of the chosen groups) all give the final choice."""
+    scores = gu.val(router)
+    feeds = gu.ancestors(experts)
+    found = None
+    for n in router.graph.nodes:
+        v = gu.val(n)
+        if n not in region or n not in feeds or v is None or v.is_floating_point() or v.dtype == torch.bool:
+            continue
+        if v.dim() == scores.dim() and isinstance(v.shape[-1], int) and 0 < v.shape[-1] < scores.shape[-1] \
+                and [str(s) for s in v.shape[:-1]] == [str(s) for s in scores.shape[:-1]] \
+                and router in gu.ancestors([n]):
+            found = n
+    return found
+
+
+_MASKING = gu._targets(aten.masked_fill, aten.where)
+
+
+def _past_masking(n: fx.Node) -> fx.Node:
+    """`n` followed forward through views and masking that keeps its shape (transformers 5.17 zeroes the rows of
+    tokens routed to no expert right after each grouped GEMM)."""
+    n = gu.forward_views(n)
+    while len(n.users) == 1:
+        u = next(iter(n.users))
+        if u.op != "call_function" or u.target not in _MASKING or str(gu.val(u).shape) != str(gu.val(n).shape):
+            break
+        n = gu.forward_views(u)
+    return n
+
+
 def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo) -> None:
-    topk = [n for n in region if n.op == "call_function" and n.target in gu.TOPK]
-    info.top_k = int(topk[0].args[1])
-    router = [m for m in mms if not gu.is_grouped_mm(m) and m in gu.ancestors([topk[0]])]
+    grouped = [m for m in mms if gu.is_grouped_mm(m)]
+    if not grouped:
+        raise _Miss(f"a top-k router, but the experts are {len(mms)} plain matrix products rather than the "
+                    "grouped-GEMM pair transformers exports (per-expert loops are not read yet)")
+    feeds = gu.ancestors(grouped)
+    router = [m for m in mms if not gu.is_grouped_mm(m) and m in feeds and isinstance(gu.val(m).shape[-1], int)
+              and _expert_index(m, region, set(grouped)) is not None]
     if len(router) != 1:
-        raise _Miss(f"expected one router product before top-k, found {len(router)}")
+        raise _Miss(f"expected one router product choosing the experts, found {len(router)}")
     _, r_ref, _ = _operands(router[0], dyn)
     info.num_experts = fetch(gm, r_ref.target).shape[1 if r_ref.transposed else 0]
-    grouped = [m for m in mms if gu.is_grouped_mm(m)]
+    info.top_k = int(gu.val(_expert_index(router[0], region, set(grouped))).shape[-1])
     if len(grouped) != 2:
         raise _Miss(f"router with top-{info.top_k} found, but its experts are not the grouped-GEMM pair "
                     f"(found {len(grouped)} grouped products)")
@@ -243,15 +281,20 @@ def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo) -> None:
     F = gu.val(gu.root_views(down.args[0])).shape[-1]
     info.intermediate_size = int(F)
     e = gu.root_views(down.args[0])
-    if e.op == "call_function" and e.target in gu._targets(aten.mul):
+    out = _past_masking(up)
+    parts = {g for u in out.users if u.op == "call_function" and u.target in _SPLITS
+             for g in ([u] if u.target in gu._targets(aten.slice) else u.users) if g is u or gu.is_getitem(g)}
+    if parts and e.op == "call_function" and e.target in gu._targets(aten.mul):
         p, q = (gu.root_views(a) for a in e.args[:2])
-        parts = {g for u in gu.forward_views(up).users for g in u.users if gu.is_getitem(g)}
         if q not in parts:
             p, q = q, p
-        (gnode,) = [g for g in parts if g is not q] or [None]
-        info.activation = identify_activation(gnode, p) if gnode is not None else None
+        gnodes = [g for g in parts if g is not q]
+        if q not in parts or len(gnodes) != 1:
+            raise _Miss(f"the experts' gate-up output is cut into {len(parts)} parts that are not combined as "
+                        "act(gate) * up")
+        info.activation = identify_activation(gnodes[0], p)
     else:
-        info.activation = identify_activation(gu.forward_views(up), e)
+        info.activation = identify_activation(out, e)
     # a shared expert: the remaining weight products, minus 1-wide gates
     rest = [m for m in mms if m not in grouped and m not in router
             and gu.val(m).shape[-1] != 1]

@@ -6,8 +6,10 @@ per head, where a causal op counts (S+1)/2 keys per query on average and a slidi
 keys for query i), and `routed_ffn` per route (2·d·|range| per product: 3 products gated, 2 plain).
 Not counted: norms, softmax, activations, bias adds and other element-wise ops, embedding lookups.
 
-Counts are sympy expressions in the sequence length `S` (per token: divided by batch × sequence), so attention's
-growth is explicit; `.at(S)` evaluates them.
+Counts are sympy expressions in the sequence length `S` (per token: the part of a count that grows with the batch,
+divided by batch × sequence; work done once per call whatever the batch, like a rotary table, is left out), so
+attention's growth is explicit; `.at(S)` evaluates them. Batch and sequence symbols are read from the inputs'
+dims by position, never by name (torch releases name them differently).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sympy
 import torch
 from torch import fx
 
-from routefx.errors import CalibrationError
+from routefx.errors import CalibrationError, UnsupportedModelError
 from routefx.ir import graph_utils as gu
 from routefx.ir.attention import attention_masks
 from routefx.ir.model_ir import ModelIR
@@ -63,7 +65,15 @@ class FlopCount:
 def _sym(dim, subs) -> sympy.Expr:
     if isinstance(dim, int):
         return sympy.Integer(dim)
-    return sympy.sympify(dim.node.expr).subs(subs)
+    return _expr(dim).subs(subs)
+
+
+def _expr(dim) -> sympy.Expr:
+    """The sympy expression of a symbolic dim, with the shape environment's known equalities applied (torch
+    releases differ in whether `node.expr` already applies them)."""
+    expr = sympy.sympify(dim.node.expr)
+    env = getattr(dim.node, "shape_env", None)
+    return sympy.sympify(env.replace(expr)) if env is not None and hasattr(env, "replace") else expr
 
 
 def _numel(shape, subs) -> sympy.Expr:
@@ -127,22 +137,37 @@ def _node_flops(n: fx.Node, subs, masks) -> tuple[sympy.Expr, bool]:
 
 
 def _batch_seq(gm: fx.GraphModule) -> dict:
+    """Shape symbol -> B or S, read from the placeholders by position (dim 0 batch, dim 1 sequence), never by
+    name: every input has its own symbols in some torch releases, and the names differ between releases."""
+    subs: dict = {}
     for n in gm.graph.nodes:
         v = gu.val(n) if n.op == "placeholder" else None
-        if v is not None and v.dim() >= 2:
-            subs = {}
-            for dim, sym in ((v.shape[0], _B), (v.shape[1], S)):
-                if not isinstance(dim, int):
-                    subs[sympy.sympify(dim.node.expr)] = sym
-            return subs
-    return {}
+        if v is None or v.dim() < 1:
+            continue
+        for dim, sym in zip(v.shape[:2], (_B, S)):
+            if not isinstance(dim, int):
+                e = _expr(dim)
+                if isinstance(e, sympy.Symbol):
+                    subs.setdefault(e, sym)
+    return subs
+
+
+def _per_token(total: sympy.Expr, where: str) -> sympy.Expr:
+    """FLOPs per token of a total in B and S: the part that grows with the batch, divided by B·S. Work done
+    once per call whatever the batch (a rotary table from the positions) is not per-token work."""
+    total = sympy.expand(total)
+    rest = total.free_symbols - {_B, S}
+    if rest:
+        raise UnsupportedModelError(f"FLOPs of {where} depend on shape symbols {sorted(map(str, rest))} that are "
+                                    "neither the batch nor the sequence length of an input; routefx counts "
+                                    "models whose dynamic dims are the inputs' batch and sequence")
+    return sympy.simplify(total.coeff(_B, 1) / S)
 
 
 def count_flops(gm: fx.GraphModule, ir: ModelIR) -> FlopCount:
     """Per-token FLOPs of `gm`, split by block (attention / FFN) and the rest."""
     subs = _batch_seq(gm)
     masks = attention_masks(gm)
-    per_token = 1 / (_B * S)
     owner: dict[fx.Node, tuple[int, str]] = {}
     for b in ir.blocks:
         for n in b.nodes:
@@ -155,7 +180,7 @@ def count_flops(gm: fx.GraphModule, ir: ModelIR) -> FlopCount:
             continue
         f, dyn = _node_flops(n, subs, masks)
         dynamic |= dyn
-        f = sympy.simplify(f * per_token)
+        f = _per_token(f, f"node {n.name} ({n.target})")
         if n in owner:
             i, part = owner[n]
             setattr(blocks[i], part, getattr(blocks[i], part) + f)

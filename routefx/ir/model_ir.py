@@ -107,9 +107,10 @@ class BlockInfo:
 class ModelIR:
     hidden_size: int
     blocks: list[BlockInfo]
+    notes: list[str] = dataclasses.field(default_factory=list)  # where other signals disagree with the blocks
 
     def to_dict(self) -> dict[str, Any]:
-        return {"hidden_size": self.hidden_size, "blocks": [b.to_dict() for b in self.blocks]}
+        return {"hidden_size": self.hidden_size, "blocks": [b.to_dict() for b in self.blocks], "notes": self.notes}
 
     @property
     def causal(self) -> bool:
@@ -143,6 +144,7 @@ class ModelIR:
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += [f"note: {n}" for n in self.notes]
         return f"ModelIR: {len(self.blocks)} blocks, hidden size {self.hidden_size}\n" + "\n".join(lines)
 
     __repr__ = __str__

@@ -19,10 +19,10 @@ def has_price(gm: fx.GraphModule) -> bool:
     return hasattr(gm, LAMBDA_ATTR)
 
 
-def add_price_(gm: fx.GraphModule, lam: float) -> str:
-    """Register the λ buffer (once) and return its attribute name, for `get_attr` nodes."""
+def add_price_(gm: fx.GraphModule, lam: float, device: torch.device | None = None) -> str:
+    """Register the λ buffer (once, on `device`: the graph's inputs') and return its attribute name."""
     if not has_price(gm):
-        gm.register_buffer(LAMBDA_ATTR, torch.tensor(lam, dtype=torch.float32))
+        gm.register_buffer(LAMBDA_ATTR, torch.tensor(lam, dtype=torch.float32, device=device))
     return LAMBDA_ATTR
 
 

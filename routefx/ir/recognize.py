@@ -2,13 +2,19 @@
 
 Rules (names never matter; module paths only name what was found):
 1. A *residual sum* is an addition tree `x + y_1 + ... + y_n` (adds whose only user is the next add are one
-   tree) in which one term `x` (the stream) reaches every other term `y_i` (a branch) through a matrix product.
+   tree; an in-place `add_` into a temporary nothing else reads counts as an add) in which one term `x` (the
+   stream) reaches every other term `y_i` (a branch) through a matrix product. Sums whose last dim is not a
+   static size (attention scores plus an ALiBi bias, [B, H, S, S]) are not residual sums.
 2. The hidden size is the last dimension shared by most residual sums; the *stream* is the longest chain of
-   sums in which each sum's `x` is the previous sum's output, possibly through a norm (post-norm models).
-3. A branch holding an attention op (or a product of two activations) is attention; one with a top-k router is
-   MoE; any other is an FFN. A block ends at the first sum holding an FFN branch.
+   sums in which each sum's `x` is the previous sum's output, possibly through reshapes (OPT flattens it to
+   [B*S, d] around the FFN) or a norm (post-norm models).
+3. A branch holding an attention op (or a product of two activations) is attention; one with a top-k router or
+   grouped expert GEMMs is MoE (plain FFN branches added in the same sum are its shared experts); any other is
+   an FFN. A block ends at the first sum holding an FFN branch.
 4. Form, per block: a norm between `x` and a branch's first product is a pre-norm, one between its last product
    and the add a branch-output norm, one between the add and the next stream value a post-norm.
+5. The block count is cross-checked against the graph's attention ops, one attention and one FFN per block and
+   the blocks' sizes; disagreements go to `ModelIR.notes`.
 """
 from __future__ import annotations
 
@@ -42,8 +48,18 @@ class _Sum:
     branches: list
 
 
+_ADD_ = gu._targets(torch.ops.aten.add_)
+
+
 def _is_add(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target in gu.ADD and len(n.args) >= 2
+    """An out-of-place add, or an in-place `add_` into a temporary that nothing else reads (Falcon's
+    `mlp_output += attention_output`), which computes the same value."""
+    if n.op != "call_function" or len(n.args) < 2:
+        return False
+    if n.target in gu.ADD:
+        return True
+    buf = n.args[0]
+    return n.target in _ADD_ and isinstance(buf, fx.Node) and len(buf.users) == 1 and buf.op == "call_function"
 
 
 def _terms(n: fx.Node, adds: list) -> list:
@@ -78,7 +94,7 @@ def _branch_kind(region: set) -> str | None:
                 return "attention"
     if not mm:
         return None
-    if any(n.op == "call_function" and n.target in gu.TOPK for n in region):
+    if any(gu.is_grouped_mm(n) or (n.op == "call_function" and n.target in gu.TOPK) for n in region):
         return "moe"
     return "ffn"
 
@@ -89,12 +105,11 @@ def _find_sums(graph: fx.Graph, dyn: set) -> list[_Sum]:
         if not _is_add(n) or n not in dyn:
             continue
         v = gu.val(n)
-        if v is None or not v.is_floating_point() or v.dim() < 2:
-            continue
+        if v is None or not v.is_floating_point() or v.dim() < 2 or not isinstance(v.shape[-1], int):
+            continue  # a residual stream has a static hidden size; [B, H, S, S] score sums (ALiBi) do not
         # skip adds that belong to a larger tree (their only user is the parent add)
         if len(n.users) == 1:
             u = next(iter(n.users))
-            u = gu.forward_views(n) if False else u
             if _is_add(u) and gu.val(u) is not None and gu.val(u).shape == v.shape:
                 continue
         adds: list = []
@@ -116,14 +131,27 @@ def _find_sums(graph: fx.Graph, dyn: set) -> list[_Sum]:
                     break
                 branches.append(_Branch(t, region, kind))
             if branches:
-                sums.append(_Sum(n, adds, x, branches))
+                sums.append(_Sum(n, adds, x, _merge_shared_experts(branches)))
             break
     return sums
 
 
+def _merge_shared_experts(branches: list[_Branch]) -> list[_Branch]:
+    """A MoE branch and plain FFN branches added to the stream in one sum are one MoE FFN with shared experts
+    (DeepSeek-V3 adds its ungated shared expert to the routed experts' output before the residual add)."""
+    moe = [b for b in branches if b.kind == "moe"]
+    shared = [b for b in branches if b.kind == "ffn"]
+    if len(moe) != 1 or not shared:
+        return branches
+    merged = _Branch(moe[0].term, set().union(moe[0].region, *(b.region for b in shared)), "moe")
+    return [b for b in branches if b.kind == "attention"] + [merged]
+
+
 def _reaches_through_norm(src: fx.Node, dst: fx.Node) -> bool | None:
-    """True if dst == src up to identities (None), or dst is a norm of src (True); False otherwise."""
-    if gu.root(dst) is src:
+    """True if dst == src up to identities and reshapes (None), or dst is a norm of src (True); False otherwise.
+
+    Reshapes count as the same stream: OPT's layers flatten it to [B*S, d] around the FFN and back."""
+    if gu.root_views(dst) is src:
         return None
     mid = gu.between(src, dst) | {dst}
     if not mid or len(mid) > 40 or any(gu.is_matmul(n) for n in mid):
@@ -142,7 +170,6 @@ def _has_norm(nodes) -> bool:
 
 def _chain(sums: list[_Sum]) -> list[tuple[_Sum, bool]]:
     """Longest chain of sums linked through the stream; each with whether a norm follows it (post-norm)."""
-    order = {s.out: i for i, s in enumerate(sums)}
     best: dict[int, tuple[int, int | None, bool]] = {}  # i -> (length, prev index, post-norm link)
     for j, s in enumerate(sums):
         best[j] = (1, None, False)
@@ -157,12 +184,11 @@ def _chain(sums: list[_Sum]) -> list[tuple[_Sum, bool]]:
     chain = []
     post_next = False
     while j is not None:
-        length, prev, post = best[j]
+        _, prev, post = best[j]
         chain.append((sums[j], post_next))
         post_next = post
         j = prev
     chain.reverse()
-    del order
     if chain and not chain[-1][1]:
         chain[-1] = (chain[-1][0], _followed_by_norm(chain[-1][0].out))
     return chain
@@ -190,11 +216,10 @@ def _norm_before(stream: fx.Node, branch: _Branch) -> bool:
 def _norm_after(branch: _Branch) -> bool:
     """Is there a norm between the branch's last matrix product and its term?"""
     mms = [n for n in branch.region if gu.is_matmul(n)]
-    last = set()
-    for m in mms:
-        last |= gu.descendants(m)
-    tail = [n for n in (last & branch.region) | {branch.term} if not any(
-        gu.is_matmul(a) for a in gu.descendants(n) & branch.region)]
+    finals = [m for m in mms if not any(gu.is_matmul(a) for a in gu.descendants(m) & branch.region)]
+    tail = {branch.term}
+    for m in finals:  # only what follows the last products: a MoE router's own ops are not a norm
+        tail |= gu.descendants(m) & branch.region
     return _has_norm(tail)
 
 
@@ -271,7 +296,33 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
         b.stream_out = nxt.stream_in
     if chain[-1][1] and blocks[-1].form == "post_norm":
         blocks[-1].stream_out = _norm_output(blocks[-1].stream_out)
-    return ModelIR(hidden_size=d, blocks=blocks)
+    return ModelIR(hidden_size=d, blocks=blocks, notes=_cross_check(graph, dyn, blocks))
+
+
+def _cross_check(graph: fx.Graph, dyn: set, blocks: list[BlockInfo]) -> list[str]:
+    """Disagreements between the blocks found and the other signals the graph offers: the attention ops it
+    holds, one attention branch and one FFN per block, and blocks repeating one structure (no block several
+    times the size of a typical one). A wrong block count is reported, never silent."""
+    notes = []
+    ops = [n for n in graph.nodes if n in dyn and n.op == "call_function" and n.target in gu.ATTENTION]
+    held = {a.node for b in blocks for a in b.attention if a.node is not None}
+    if ops and len(ops) != len(held):
+        notes.append(f"the graph holds {len(ops)} attention ops, the {len(blocks)} blocks found hold {len(held)}: "
+                     "some attention is outside every block")
+    multi = [b.index for b in blocks if len(b.attention) > 1]
+    if multi:
+        notes.append(f"blocks {multi} hold {max(len(blocks[i].attention) for i in multi)} attention branches "
+                     "each: the block boundaries may be wrong (no FFN branch between attention branches)")
+    no_ffn = [b.index for b in blocks if b.ffn is None]
+    if no_ffn:
+        notes.append(f"blocks {no_ffn} have no FFN branch")
+    sizes = sorted(len(b.nodes) for b in blocks)
+    typical = sizes[len(sizes) // 2]
+    big = [b.index for b in blocks if len(blocks) > 2 and len(b.nodes) > 2 * typical]
+    if big:
+        notes.append(f"blocks {big} are more than twice the size of a typical block ({typical} nodes): they may be "
+                     "several blocks read as one")
+    return notes
 
 
 def _norm_output(n: fx.Node, depth: int = 12) -> fx.Node:

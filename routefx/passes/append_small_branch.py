@@ -54,7 +54,7 @@ class AppendSmallBranch(Pass):
                                                     "matching weight; plan and graph must agree")
                         continue
                     w = resolve_weight(gm, param_ref(cur, dyn))
-                    cat = torch.cat([w, extra.to(w.dtype)], dim=dim).contiguous()
+                    cat = torch.cat([w, extra.to(w.device, w.dtype)], dim=dim).contiguous()
                     op.update_arg(pos, g.get_attr(add_tensor_attr(gm, f"routefx_{key}_{field}_cat", cat)))
             added += lp.added_bytes
             res.rewrites += 1

@@ -40,8 +40,17 @@ def _dead_temporary_write(n: fx.Node) -> bool:
         base = base.args[0]
     if base.op in ("placeholder", "get_attr"):
         return False
+    # every alias of the written memory: views of the base (DeepSeek-V3 writes into slices of a new_empty that
+    # attention reads whole); a read of any of them after the write observes it
+    aliases, stack = set(), [base]
+    while stack:
+        a = stack.pop()
+        if a not in aliases:
+            aliases.add(a)
+            stack.extend(u for u in a.users if u.op == "call_function" and u.args and u.args[0] is a
+                         and (u.target in _VIEWLIKE or u.target is operator.getitem))
     order = {m: i for i, m in enumerate(n.graph.nodes)}
-    return not any(u is not n and order[u] > order[n] for u in buf.users)
+    return not any(u is not n and order[u] > order[n] for a in aliases for u in a.users)
 
 
 # torch releases that tell random ops apart take `impure_random`; older ones count them as pure already

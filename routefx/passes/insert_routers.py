@@ -37,7 +37,9 @@ class InsertRouters(Pass):
         g = gm.graph
         lam = 0.0 if ctx.plan is None or ctx.plan.lam is None else ctx.plan.lam
         if any(lp.static_route is None for lp in _layers(ctx).values()):
-            price = add_price_(gm, lam)
+            dev = next((n.meta["val"].device for n in g.nodes if n.op == "placeholder"
+                        and isinstance(n.meta.get("val"), torch.Tensor)), None)
+            price = add_price_(gm, lam, device=dev)
         for key, lp, op in planned_ffns(ctx, res):
             x = op.args[0]
             with g.inserting_before(op):
@@ -46,11 +48,11 @@ class InsertRouters(Pass):
                     routes = g.call_function(aten.full_like.default, (first, lp.static_route),
                                              {"dtype": torch.int64})
                 else:
-                    dt = x.meta["val"].dtype
-                    w = g.get_attr(add_tensor_attr(gm, f"routefx_{key}_router_w", lp.weight.to(dt)))
-                    bias = g.get_attr(add_tensor_attr(gm, f"routefx_{key}_router_b", lp.bias.to(dt)))
+                    dt, dev = x.meta["val"].dtype, x.meta["val"].device
+                    w = g.get_attr(add_tensor_attr(gm, f"routefx_{key}_router_w", lp.weight.to(dev, dt)))
+                    bias = g.get_attr(add_tensor_attr(gm, f"routefx_{key}_router_b", lp.bias.to(dev, dt)))
                     cost = g.get_attr(add_tensor_attr(gm, f"routefx_{key}_cost",
-                                                      torch.tensor(lp.costs, dtype=dt)))
+                                                      torch.tensor(lp.costs, dtype=dt, device=dev)))
                     logits = g.call_function(aten.linear.default, (x, w, bias))                 # [..., 3]
                     priced = g.call_function(aten.mul.Tensor, (cost, g.get_attr(price)))       # [3]
                     adj = g.call_function(aten.sub.Tensor, (logits, priced))

@@ -38,7 +38,7 @@ class PermuteNeurons(Pass):
         for key, lp, op in planned_ffns(ctx, res):
             if lp.perm is None:
                 continue
-            perm = lp.perm
+            perm = lp.perm.to(resolve_weight(gm, param_ref(op.args[3], dyn)).device)
             with g.inserting_before(op):
                 for pos, field in _ROWS.items():
                     if op.args[pos] is not None:

@@ -22,10 +22,14 @@ def _without_paths(d):
 @pytest.mark.parametrize("name", list(ZOO))
 def test_recognises_blocks_and_ffns(name, zoo_capture):
     exp = ZOO[name].expect
-    _, gm = zoo_capture(name)
+    model, gm = zoo_capture(name)
     ir = recognize(gm)
     assert len(ir.blocks) == exp.blocks
+    if hasattr(model, "config"):
+        assert len(ir.blocks) == model.config.num_hidden_layers
     assert ir.hidden_size == exp.hidden
+    if exp.patterns is not None:
+        assert [a.pattern for b in ir.blocks for a in b.attention] == list(exp.patterns)
     assert [b.index for b in ir.blocks] == list(range(exp.blocks))
     for b, kind, width in zip(ir.blocks, exp.kinds, exp.inter):
         assert b.form == exp.form, (b.index, b.form)

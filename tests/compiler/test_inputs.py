@@ -1,0 +1,88 @@
+"""Input validation: a bad call gets the same typed `InputError` on every backend, before anything runs; no
+backend returns silently wrong output (ONNX's Gather wraps negative ids around, eager's raises IndexError)."""
+import functools
+
+import pytest
+import torch
+
+import routefx
+from routefx.compiler.validate import input_spec
+from tests.compare import assert_close_nonpad
+from tests.tolerances import ONNX_VS_EAGER
+from tests.zoo import ZOO, example_inputs
+
+VOCAB = ZOO["llama"].vocab
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(backend: str):
+    entry = ZOO["llama"]
+    model = entry.build()
+    args, kwargs = example_inputs(entry, batch=2, seq=9, left_pad=2)
+    cm = routefx.compile(model, routefx.policies.Dense(), example_inputs=args, example_kwargs=kwargs,
+                         backend=backend)
+    return model, cm
+
+
+def _ids(batch=2, seq=9, seed=3):
+    return torch.randint(1, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+BACKENDS = ["eager", "onnx"]
+
+
+def test_vocabulary_is_read_from_the_embedding():
+    _, cm = _compiled("eager")
+    spec = {t.name: t for t in input_spec(cm.graph_module).tensors}
+    assert spec["input_ids"].vocab == VOCAB            # the embedding table's rows
+    assert spec["attention_mask"].vocab is None        # feeds no embedding
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [VOCAB, VOCAB + 399, -3])
+def test_token_id_out_of_range(backend, bad):
+    _, cm = _compiled(backend)
+    ids = _ids()
+    ids[1, 4] = bad
+    with pytest.raises(routefx.InputError, match=rf"'input_ids' holds token id {bad} at position \[1, 4\]; "
+                                                 rf".*ids in \[0, {VOCAB}\)"):
+        cm(ids, attention_mask=torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_ids_are_accepted_and_match_the_model(backend):
+    model, cm = _compiled(backend)
+    ids = _ids()
+    ids[0, 0], ids[1, -1] = 0, VOCAB - 1
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert_close_nonpad(cm(ids, attention_mask=mask), ref, mask, ONNX_VS_EAGER)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_shape,what", [((2, 7), r"sequence length 7 disagrees with 'input_ids' \(9\)"),
+                                             ((3, 9), r"batch size 3 disagrees with 'input_ids' \(2\)")])
+def test_mask_of_another_shape(backend, mask_shape, what):
+    _, cm = _compiled(backend)
+    with pytest.raises(routefx.InputError, match=rf"'attention_mask' has shape \[{mask_shape[0]}, "
+                                                 rf"{mask_shape[1]}\]: its {what}"):
+        cm(_ids(), attention_mask=torch.ones(mask_shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,what", [((2, 0), "sequence"), ((0, 9), "batch")])
+def test_empty_inputs(backend, shape, what):
+    _, cm = _compiled(backend)
+    ids = torch.zeros(shape, dtype=torch.long)
+    with pytest.raises(routefx.InputError, match=rf"'input_ids' has shape \[{shape[0]}, {shape[1]}\]: an empty "
+                                                 rf"{what}; routefx runs at least one token"):
+        cm(ids, attention_mask=torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrong_dtype(backend):
+    _, cm = _compiled(backend)
+    with pytest.raises(routefx.InputError, match=r"'input_ids' has dtype torch.float32 and rank 2; the compiled "
+                                                 r"model takes dtype torch.int64"):
+        cm(_ids().float(), attention_mask=torch.ones(2, 9, dtype=torch.long))
