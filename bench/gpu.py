@@ -157,9 +157,10 @@ def compile_routefx(model, policy, x, cal, device) -> tuple[object, dict]:
 
 def flops(cm, x) -> dict:
     st = cm.route_stats([x])
-    budget = cm.report.plan.get("calibration", {}).get("budget", {})
+    budget = cm.plan.budget
     return {"flops_per_token_x": cm.flops_per_token([x]), "budget_x": st.budget,
-            "budget_calibration": budget.get("realised"), "lambda": budget.get("lambda"),
+            "budget_calibration": None if budget is None else budget.realised,
+            "lambda": None if budget is None else budget.lam,
             "mix_x": [[round(v, 4) for v in layer["mix"]] for layer in st.layers]}
 
 

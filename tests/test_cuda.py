@@ -55,7 +55,7 @@ def test_duo_bf16_on_cuda(small):
     full = routefx.compile(model, Duo(budget=1.0, small=small), calibration=cal)   # every token takes big
     _check_like_the_model(full, model, args, kwargs)
     half = routefx.compile(model, Duo(budget=0.5, small=small), calibration=cal)
-    assert abs(half.plan.calibration["budget"]["realised"] - 0.5) <= 0.05
+    assert abs(half.plan.budget.realised - 0.5) <= 0.05
     logits = main_output(half(*args, **kwargs))
     assert logits.device.type == "cuda" and torch.isfinite(logits.float()).all()
     assert all(t.device.type == "cpu" for lp in half.plan.layers.values() for t in (lp.perm, lp.weight))

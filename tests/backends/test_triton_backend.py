@@ -17,7 +17,7 @@ from torch import nn
 
 import routefx
 from routefx.backends.triton import backend as tb
-from routefx.compiler.observe import run_recording
+from routefx.calibrate.record import run_recording
 from routefx.errors import BackendError, InputError
 from routefx.ir import capture
 from tests.backends.routed_models import D, F, ROUTED_FFN, RoutedStack, stack_input
