@@ -30,7 +30,8 @@ class CalibrationError(RoutefxError, ValueError):
 
 
 class InputError(RoutefxError, TypeError):
-    """A call whose inputs the compiled model cannot take (wrong dtype or rank)."""
+    """A call whose inputs the compiled model cannot take: wrong dtype or rank, token ids outside the vocabulary,
+    a mask that disagrees with the ids, an empty batch or sequence."""
 
 
 class BackendError(RoutefxError, ValueError):
