@@ -115,12 +115,13 @@ def up_kernel(
     WMAX and N_BUCKET are autotune keys only."""
     pid = tl.program_id(0)
     r, pid_m, pid_n, valid = _find_tile(pid, count_ptr, rwidth_ptr, NR, R_P2, BM, BN, 0, GROUP_M, True)
-    if not valid:
-        return
-    cnt = tl.load(count_ptr + r)
+    # Surplus programs (pid past the last tile) run an empty tile: no rows, a zero-trip loop, no stores. (An
+    # early `return` here would turn the kernel into unstructured control flow that Triton does not pipeline.)
+    r = tl.minimum(r, NR - 1)
+    cnt = tl.where(valid, tl.load(count_ptr + r), 0)
     off = tl.load(off_ptr + r)
     start = tl.load(rstart_ptr + r)
-    width = tl.load(rwidth_ptr + r)
+    width = tl.where(valid, tl.load(rwidth_ptr + r), 0)
     if ALIGNED:
         start = tl.multiple_of(start, 16)
 
@@ -138,7 +139,7 @@ def up_kernel(
     g_ptrs = wg_ptr + neuron[None, :] * stride_wg + kk[:, None]
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, D, BK):
+    for k0 in range(0, tl.where(valid, D, 0), BK):
         if EVEN_D:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
@@ -192,12 +193,13 @@ def down_kernel(
     so y is the output itself; with K > 1 the caller sums the K slots. Skip routes launch no tile."""
     pid = tl.program_id(0)
     r, pid_m, pid_n, valid = _find_tile(pid, count_ptr, rwidth_ptr, NR, R_P2, BM, BN, D, GROUP_M, False)
-    if not valid:
-        return
-    cnt = tl.load(count_ptr + r)
+    # Surplus programs (pid past the last tile) run an empty tile: no rows, a zero-trip loop, no stores. (An
+    # early `return` here would turn the kernel into unstructured control flow that Triton does not pipeline.)
+    r = tl.minimum(r, NR - 1)
+    cnt = tl.where(valid, tl.load(count_ptr + r), 0)
     off = tl.load(off_ptr + r)
     start = tl.load(rstart_ptr + r)
-    width = tl.load(rwidth_ptr + r)
+    width = tl.where(valid, tl.load(rwidth_ptr + r), 0)
     if ALIGNED:
         start = tl.multiple_of(start, 16)
 
