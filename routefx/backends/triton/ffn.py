@@ -108,6 +108,15 @@ def _check_device(x: Tensor, routes: Tensor, gates: Optional[Tensor], weights: d
                                  f"found strides {tuple(t.stride())}")
 
 
+def _launch(kernel, grid, *args, **kwargs):
+    """Launch a plain (not autotuned) kernel: directly under the interpreter, through wrap_triton otherwise
+    (so torch.compile traces it)."""
+    if INTERPRET:
+        kernel[grid](*args, **kwargs)
+    else:
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
 def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges: List[int], activation: str):
     """Host side of the op (checks, metadata, two launches); the body of the registered triton_op."""
     _check_static(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
@@ -141,7 +150,7 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
     if wmax == 0:  # every route is a skip
         return x.new_zeros(x.shape)
 
-    meta = route_metadata(routes.reshape(-1), n_ranges)
+    meta = route_metadata(routes.reshape(-1).contiguous(), n_ranges, launch=_launch)
     rstart, rwidth = range_tables(ranges, x.device, cache=real)
     n_buckets = n_ranges + 1
     r_p2 = max(16, triton.next_power_of_2(n_buckets))

@@ -234,3 +234,24 @@ def down_kernel(
         acc = acc * tl.load(gates_ptr + aid, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + aid.to(tl.int64)[:, None] * stride_y + col[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def route_sort_kernel(routes_ptr, order_ptr, count_ptr, off_ptr, N, NR, BLOCK_N: tl.constexpr):
+    """Routing metadata in one program (small N, e.g. a decode step): the counting sort of
+    `routing.route_metadata` with buckets visited in a loop. Ids outside [0, NR - 1) go to the drop bucket NR - 1.
+    BLOCK_N >= N (a power of two)."""
+    ids = tl.arange(0, BLOCK_N)
+    live = ids < N
+    r = tl.load(routes_ptr + ids, mask=live, other=0)
+    bucket = tl.where((r >= 0) & (r < NR - 1), r, NR - 1).to(tl.int32)
+    off = 0
+    for b in range(0, NR):
+        sel = live & (bucket == b)
+        sel_i = sel.to(tl.int32)
+        rank = tl.cumsum(sel_i, 0) - 1
+        cnt = tl.sum(sel_i, 0)
+        tl.store(order_ptr + off + rank, ids, mask=sel)
+        tl.store(count_ptr + b, cnt)
+        tl.store(off_ptr + b, off)
+        off += cnt
