@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from routefx.backends.triton import kernels
+from routefx.backends.triton import decode_kernels, kernels
 from routefx.backends.triton.routing import range_tables, route_metadata
 from routefx.errors import BackendError, RoutedFFNError
 from routefx.ir.activations import get_activation
@@ -40,11 +40,16 @@ __all__ = ["routed_ffn", "INTERPRET", "kernel_configs"]
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
 _ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
-_SMALL_N = 256  # assignments at or below this use the small-row-block configurations (decode)
+_SMALL_N = 256  # assignments at or below this use the small-row-block configurations
+DECODE_MAX_T = 64  # tokens at or below this take the decode path (masked dense over the used span)
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
     return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group}, num_warps=warps, num_stages=stages)
+
+
+def _cfg_nm(bn, bk, warps, stages):
+    return triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
 
 
 # Kernel 1 holds two fp32 accumulators when gated: BM*BN*2*4 bytes of registers. Hopper bf16 sizes per the
@@ -71,6 +76,13 @@ _UP = {"small": triton.autotune(_UP_SMALL, key=_KEYS)(kernels.up_kernel),
        "large": triton.autotune(_UP_LARGE, key=_KEYS)(kernels.up_kernel)}
 _DOWN = {"small": triton.autotune(_DOWN_SMALL, key=_KEYS)(kernels.down_kernel),
          "large": triton.autotune(_DOWN_LARGE, key=_KEYS)(kernels.down_kernel)}
+_SPAN_KEYS = ["D", "SPAN", "T"]
+_SPAN_UP = triton.autotune([_cfg_nm(bn, bk, 4, st) for bn, bk, st in ((32, 128, 4), (64, 128, 4), (32, 256, 3),
+                                                                       (64, 64, 4), (16, 256, 4))],
+                           key=_SPAN_KEYS)(decode_kernels.span_up_kernel)
+_SPAN_DOWN = triton.autotune([_cfg_nm(bn, bk, 4, st) for bn, bk, st in ((32, 128, 4), (64, 128, 4), (16, 256, 4),
+                                                                         (64, 64, 4), (128, 64, 4))],
+                             key=_SPAN_KEYS)(decode_kernels.span_down_kernel)
 # Interpreter (CPU tests): one small configuration, so test sizes cover several row, column and k blocks.
 _INTERP_CFG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2}
 
@@ -78,7 +90,7 @@ _INTERP_CFG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2}
 def kernel_configs() -> dict:
     """The configurations the autotuner picked so far, per kernel and size class: {name: {key: config str}}."""
     out = {}
-    for kind, table in (("up", _UP), ("down", _DOWN)):
+    for kind, table in (("up", _UP), ("down", _DOWN), ("span", {"up": _SPAN_UP, "down": _SPAN_DOWN})):
         for size, tuner in table.items():
             cache = getattr(tuner, "cache", {}) or {}
             out[f"{kind}_{size}"] = {str(k): str(v) for k, v in cache.items()}
@@ -117,8 +129,10 @@ def _launch(kernel, grid, *args, **kwargs):
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
-def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges: List[int], activation: str):
-    """Host side of the op (checks, metadata, two launches); the body of the registered triton_op."""
+def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges: List[int], activation: str,
+             path: Optional[str] = None):
+    """Host side of the op (checks, metadata, launches); the body of the registered triton_op. `path` forces
+    "decode" or "sorted" (benchmarks and tests); None picks decode for T <= DECODE_MAX_T tokens."""
     _check_static(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
     weights = {"w_up": w_up, "w_gate": w_gate, "w_down": w_down, "b_up": b_up, "b_gate": b_gate, "b_down": b_down}
     _check_device(x, routes, gates, weights)
@@ -149,6 +163,10 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
     wmax = max(widths)
     if wmax == 0:  # every route is a skip
         return x.new_zeros(x.shape)
+
+    if path == "decode" or (path is None and n_tok <= DECODE_MAX_T):
+        return _decode(x, x2, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation,
+                       real).reshape(x.shape)
 
     meta = route_metadata(routes.reshape(-1).contiguous(), n_ranges, launch=_launch)
     rstart, rwidth = range_tables(ranges, x.device, cache=real)
@@ -201,6 +219,49 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
     if k_routes > 1:
         y = y.view(n_tok, k_routes, d).sum(1).to(x.dtype)
     return y.reshape(x.shape)
+
+
+def _decode(x, x2, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation, real):
+    """Decode path (decode_kernels): the masked dense FFN over [lo, hi), the span of the non-empty ranges."""
+    n_tok, d = x2.shape
+    k_routes = routes.shape[-1]
+    nonempty = [(int(ranges[2 * r]), int(ranges[2 * r + 1])) for r in range(len(ranges) // 2)
+                if ranges[2 * r + 1] > ranges[2 * r]]
+    lo, hi = min(s for s, _ in nonempty), max(e for _, e in nonempty)
+    span = hi - lo
+    rstart, rwidth = range_tables(ranges, x.device, cache=real)
+    n_buckets = len(ranges) // 2 + 1
+    bm = max(16, triton.next_power_of_2(n_tok))
+    h = torch.empty(n_tok, triton.cdiv(span, 64) * 64, dtype=x.dtype, device=x.device)  # [T, span] masked h
+    n_split = (2 if span > 64 else 1) if INTERPRET else (4 if span >= 2048 else 1)
+    part = torch.empty(n_split, n_tok, d, dtype=torch.float32, device=x.device)  # [S, T, d] split-K partials
+    flat_routes = routes.reshape(-1).contiguous()  # [T*K]
+    flat_gates = None if gates is None else gates.reshape(-1).contiguous()
+    gated = w_gate is not None
+    ieee = x.dtype == torch.float32
+    max_bk = 32 if INTERPRET else 256
+    up_args = (x2, w_up, w_gate if gated else w_up, b_up if b_up is not None else w_up,
+               b_gate if b_gate is not None else w_up, h, flat_routes,
+               flat_gates if flat_gates is not None else w_up, rstart, rwidth,
+               n_tok, d, k_routes, n_buckets, lo, span,
+               x2.stride(0), w_up.stride(0), (w_gate if gated else w_up).stride(0), h.stride(0))
+    up_const = dict(GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
+                    HAS_GATES=flat_gates is not None, ACT=kernels.ACT_CODES[activation], IEEE=ieee,
+                    EVEN_D=d % max_bk == 0, BM=bm)
+    down_args = (h, w_down, b_down if b_down is not None else w_down, part, flat_routes,
+                 flat_gates if flat_gates is not None else w_down, rstart, rwidth,
+                 n_tok, d, k_routes, n_buckets, lo, span, h.stride(0), w_down.stride(0))
+    down_const = dict(HAS_BD=b_down is not None, HAS_GATES=flat_gates is not None, IEEE=ieee, BM=bm)
+    if INTERPRET:
+        cfg = {"BN": _INTERP_CFG["BN"], "BK": _INTERP_CFG["BK"]}
+        decode_kernels.span_up_kernel[(triton.cdiv(span, cfg["BN"]),)](*up_args, **up_const, **cfg)
+        decode_kernels.span_down_kernel[(triton.cdiv(d, cfg["BN"]), n_split)](*down_args, **down_const, **cfg)
+    else:
+        wrap = torch.library.wrap_triton
+        wrap(_SPAN_UP)[lambda m: (triton.cdiv(span, m["BN"]),)](*up_args, **up_const)
+        wrap(_SPAN_DOWN)[lambda m: (triton.cdiv(d, m["BN"]), n_split)](*down_args, **down_const)
+    out = part[0] if n_split == 1 else part.sum(0)
+    return out.to(x.dtype)
 
 
 def _op_body(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["ACT_CODES", "up_kernel", "down_kernel"]
+__all__ = ["ACT_CODES", "up_kernel", "down_kernel", "route_sort_kernel"]
 
 # Activation name -> constexpr code used by `_act` (names as in routefx.ir.activations.ACTIVATIONS).
 ACT_CODES = {

@@ -26,10 +26,11 @@ def _weights(d, n, gated=True, bias=True, seed=0):
     )
 
 
-def _run_both(ffn, x, routes, gates, w, ranges, act):
-    """(triton fp32 output, float64 reference rounded to fp32)."""
-    out = ffn.routed_ffn(x, routes, gates, w["w_up"], w["w_gate"], w["w_down"], w["b_up"], w["b_gate"],
-                         w["b_down"], ranges, act)
+def _run_both(ffn, x, routes, gates, w, ranges, act, path=None):
+    """(triton fp32 output, float64 reference rounded to fp32). path None: the registered op (which picks the
+    decode path for T <= 64 tokens); "sorted" / "decode": that path forced."""
+    args = (x, routes, gates, w["w_up"], w["w_gate"], w["w_down"], w["b_up"], w["b_gate"], w["b_down"], ranges, act)
+    out = ffn.routed_ffn(*args) if path is None else ffn._forward(*args, path=path)
     d64 = lambda t: None if t is None else t.double()  # noqa: E731
     ref = reference(x.double(), routes, d64(gates), *(d64(w[k]) for k in
                     ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")), ranges, act)
@@ -49,69 +50,80 @@ SEPARATE = [0, 150, 150, 191, 191, 191]  # F=191: big, separate small module, sk
 MOE = [0, 23, 23, 46, 46, 69, 69, 92]    # F=92: 4 equal experts of width 23
 
 
+PATHS = pytest.mark.parametrize("path", ["sorted", "decode"])
+
+
+@PATHS
 @pytest.mark.parametrize("n_tok", [1, 37])
 @pytest.mark.parametrize("ranges", [NESTED, SEPARATE], ids=["nested", "separate"])
-def test_duo_routes_k1(interpreter, n_tok, ranges):
+def test_duo_routes_k1(interpreter, n_tok, ranges, path):
     d, n = 96, max(ranges)
     w = _weights(d, n, seed=n_tok)
     x = torch.randn(n_tok, d)
     routes = torch.randint(0, 3, (n_tok, 1))
     routes[0, 0] = 0  # at least one big route, so the single token case is not a skip
-    out, ref = _run_both(interpreter, x, routes, None, w, ranges, "silu")
+    out, ref = _run_both(interpreter, x, routes, None, w, ranges, "silu", path)
     _assert_close(out, ref)
 
 
-def test_k2_gates_repeats_and_skips(interpreter):
+@PATHS
+def test_k2_gates_repeats_and_skips(interpreter, path):
     d, n_tok = 96, 37
     w = _weights(d, 150, seed=1)
     x = torch.randn(2, n_tok, d)[1:]  # [1, 37, d] with leading batch dims
     routes = torch.randint(0, 3, (1, n_tok, 2))
     routes[0, :4] = torch.tensor([[0, 0], [1, 1], [2, 2], [1, 0]])  # repeats (contributions add) and all-skip
     gates = torch.rand(1, n_tok, 2)
-    out, ref = _run_both(interpreter, x, routes, gates, w, NESTED, "silu")
+    out, ref = _run_both(interpreter, x, routes, gates, w, NESTED, "silu", path)
     _assert_close(out, ref)
     assert torch.equal(out[0, 2], torch.zeros(d)), "a token whose routes are all skips must get exact zeros"
 
 
-def test_moe_equal_experts_k2(interpreter):
+@PATHS
+def test_moe_equal_experts_k2(interpreter, path):
     d, n_tok = 40, 21  # d not a multiple of BK=32: masked reduction in kernel 1
     w = _weights(d, 92, bias=False, seed=2)
     x = torch.randn(n_tok, d)
     routes = torch.stack([torch.randperm(4)[:2] for _ in range(n_tok)])  # top-2 of 4 distinct experts
     gates = torch.softmax(torch.randn(n_tok, 2), -1)
-    out, ref = _run_both(interpreter, x, routes, gates, w, MOE, "silu")
+    out, ref = _run_both(interpreter, x, routes, gates, w, MOE, "silu", path)
     _assert_close(out, ref)
 
 
-def test_all_skip_gives_exact_zeros(interpreter):
+@PATHS
+def test_all_skip_gives_exact_zeros(interpreter, path):
     d = 96
     w = _weights(d, 150, seed=3)
     x = torch.randn(5, d)
     for routes in (torch.full((5, 1), 2), torch.full((5, 2), 2)):
-        out = interpreter.routed_ffn(x, routes, None, *(w[k] for k in
-                                     ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")), NESTED, "silu")
+        out, _ = _run_both(interpreter, x, routes, None, w, NESTED, "silu", path)
         assert torch.equal(out, torch.zeros_like(x))
+    out, _ = _run_both(interpreter, x, routes - 1, None, w, [0, 0, 0, 0], "silu", path)  # every range empty
+    assert torch.equal(out, torch.zeros_like(x))
 
 
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 def test_each_activation(interpreter, act, gated):
+    """Each activation on both paths (sorted, then decode)."""
     d, n_tok = 40, 6
     w = _weights(d, 50, gated=gated, seed=4)
     x = torch.randn(n_tok, d)
     routes = torch.tensor([[0], [1], [0], [1], [0], [2]])
-    out, ref = _run_both(interpreter, x, routes, None, w, [0, 50, 13, 30, 0, 0], act)
-    _assert_close(out, ref)
+    for path in ("sorted", "decode"):
+        out, ref = _run_both(interpreter, x, routes, None, w, [0, 50, 13, 30, 0, 0], act, path)
+        _assert_close(out, ref)
 
 
-def test_dense_full_range_and_gated_single_range(interpreter):
+@PATHS
+def test_dense_full_range_and_gated_single_range(interpreter, path):
     d, n_tok = 96, 37
     w = _weights(d, 70, seed=5)
     x = torch.randn(n_tok, d)
     routes = torch.zeros(n_tok, 1, dtype=torch.int64)
-    out, ref = _run_both(interpreter, x, routes, None, w, [0, 70], "gelu")  # dense fast path (F.linear)
+    out, ref = _run_both(interpreter, x, routes, None, w, [0, 70], "gelu", path)  # dense fast path (F.linear)
     _assert_close(out, ref)
-    out, ref = _run_both(interpreter, x, routes, torch.rand(n_tok, 1), w, [0, 70], "gelu")  # kernels, gated
+    out, ref = _run_both(interpreter, x, routes, torch.rand(n_tok, 1), w, [0, 70], "gelu", path)  # gated
     _assert_close(out, ref)
 
 
