@@ -171,6 +171,9 @@ def run(out_dir=None, quick=False, smoke_cpu=False) -> dict:
     def call_triton(x, routes, gates=None, rng=ranges):
         return tffn.routed_ffn(x, routes, gates, wu, wg, wd, None, None, None, rng, "silu")
 
+    def call_path(x, routes, path, gates=None, rng=ranges):  # one path of the Triton op forced, eager only
+        return tffn._forward(x, routes, gates, wu, wg, wd, None, None, None, rng, "silu", path=path)
+
     def call_ref(x, routes, gates=None, rng=ranges):
         return torch.ops.routefx.routed_ffn(x, routes, gates, wu, wg, wd, None, None, None, rng, "silu")
 
@@ -196,12 +199,15 @@ def run(out_dir=None, quick=False, smoke_cpu=False) -> dict:
                          "reference": bench(lambda: call_ref(x, routes), quick),
                          "sorted": bench(lambda: _sorted_torch(x, w, plan), quick),
                          "triton": bench(lambda: call_triton(x, routes), quick),
-                         "metadata": bench(lambda: route_metadata(routes.view(-1), 3), quick)}
+                         "metadata": bench(lambda: route_metadata(routes.view(-1), 3, launch=tffn._launch), quick)}
+                if n_tok <= tffn.DECODE_MAX_T:  # the op took the decode path: time the sorted one too
+                    times["triton_sorted"] = bench(lambda: call_path(x, routes, "sorted"), quick)
+                    row["rel_err_sorted_vs_ref"] = _rel(call_path(x, routes, "sorted"), call_ref(x, routes))
                 row["ms"] = times
                 ideal = (n_tok * n) / width_sum if width_sum else float("inf")
                 row["flop_ideal"] = ideal
                 for k, t in times.items():
-                    if k == "metadata":
+                    if k in ("metadata", "triton_sorted"):
                         continue
                     useful = 6 * d * n * n_tok if k == "dense" else flops
                     row.setdefault("tflops", {})[k] = useful / t / 1e9
@@ -225,8 +231,9 @@ def run(out_dir=None, quick=False, smoke_cpu=False) -> dict:
                 routes = _duo_routes(n_tok, budget, device, gen)
                 if n_tok == 1 and budget == 0.5:
                     routes.fill_(1)  # one token: a small route (a skip would time nothing)
-                ms = {"dense": bench(lambda: _dense(x, w), quick), "triton": bench(lambda: call_triton(x, routes),
-                                                                                      quick)}
+                ms = {"dense": bench(lambda: _dense(x, w), quick),
+                      "triton": bench(lambda: call_triton(x, routes), quick),
+                      "triton_sorted": bench(lambda: call_path(x, routes, "sorted"), quick)}
                 if device.type == "cuda":
                     ms["dense_graph"] = bench(_graphed(lambda: _dense(x, w)), quick)
                     ms["triton_graph"] = bench(_graphed(lambda: call_triton(x, routes)), quick)
