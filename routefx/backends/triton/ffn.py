@@ -6,8 +6,9 @@ module registers the op. Steps, all on the device and with no host synchronisati
   2. `kernels.up_kernel`: gate/up GEMM on gathered rows, bias + activation + gated product fused in the
      epilogue, h written in sorted order (skip routes launch no tile);
   3. `kernels.down_kernel`: down GEMM over each route's own width, + b_down, * gate, stored at the assignment's
-     row: the output itself when K = 1 (direct store), an fp32 [T*K, d] buffer summed over K in fp32 when K > 1
-     (deterministic: each slot owns its row, so no atomics; the sum over K is one small reduction).
+     row: the output itself when K = 1 (direct store); when K > 1 a [T*K, d] buffer of per-slot rows in x's
+     dtype (as the reference rounds each route's output) summed over K in fp32 (deterministic: each slot owns its
+     row, so no atomics; the sum over K is one small reduction).
 Tokens whose routes are all skips keep the zeros the output is initialised with.
 
 Dense fast path (as in the reference): one full range, K = 1, no gates -> the plain FFN through F.linear (cuBLAS).
@@ -177,7 +178,9 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
     if k_routes == 1:
         y = torch.zeros(n_tok, d, dtype=x.dtype, device=x.device)  # [T, d]: assignment id == token
     else:
-        y = torch.zeros(n_assign, d, dtype=_ACC.get(x.dtype, x.dtype), device=x.device)  # [T*K, d]
+        # [T*K, d] per-slot rows in x's dtype (the reference also rounds each route's output to x's dtype
+        # before its fp32 sum); zeros for skip slots
+        y = torch.zeros(n_assign, d, dtype=x.dtype, device=x.device)
     flat_gates = None if gates is None else gates.reshape(-1).contiguous()  # [N]
     gated = w_gate is not None
     ieee = x.dtype == torch.float32
@@ -217,7 +220,7 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
         wrap(_DOWN[size])[down_grid](*down_args, **down_const)
 
     if k_routes > 1:
-        y = y.view(n_tok, k_routes, d).sum(1).to(x.dtype)
+        y = y.view(n_tok, k_routes, d).sum(1, dtype=_ACC.get(x.dtype, x.dtype)).to(x.dtype)
     return y.reshape(x.shape)
 
 
