@@ -157,7 +157,10 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
         return F.linear(h, w_down, b_down).contiguous()
 
     x2 = x.reshape(-1, d).contiguous()  # [T, d]
-    n_tok = x2.shape[0]
+    # Python ints: the path, the autotune bucket and the grids depend on them (under torch.compile with dynamic
+    # shapes this specializes on the token count)
+    n_tok = int(x2.shape[0])
+    d, k_routes = int(d), int(k_routes)
     n_assign = n_tok * k_routes
     widths = [int(ranges[2 * r + 1]) - int(ranges[2 * r]) for r in range(n_ranges)]
     starts = [int(ranges[2 * r]) for r in range(n_ranges)]
@@ -226,8 +229,8 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
 
 def _decode(x, x2, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation, real):
     """Decode path (decode_kernels): the masked dense FFN over [lo, hi), the span of the non-empty ranges."""
-    n_tok, d = x2.shape
-    k_routes = routes.shape[-1]
+    n_tok, d = int(x2.shape[0]), int(x2.shape[1])
+    k_routes = int(routes.shape[-1])
     nonempty = [(int(ranges[2 * r]), int(ranges[2 * r + 1])) for r in range(len(ranges) // 2)
                 if ranges[2 * r + 1] > ranges[2 * r]]
     lo, hi = min(s for s, _ in nonempty), max(e for _, e in nonempty)
