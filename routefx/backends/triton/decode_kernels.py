@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from routefx.backends.triton.kernels import _act
+from routefx.backends.triton.kernels import _act, _dot
 
 __all__ = ["span_up_kernel", "span_down_kernel"]
 
@@ -44,7 +44,7 @@ def span_up_kernel(
     T, D, K, NR, LO, SPAN,
     stride_x, stride_wu, stride_wg, stride_h,
     GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, HAS_GATES: tl.constexpr, ACT: tl.constexpr,
-    IEEE: tl.constexpr, EVEN_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """h[t, j] = c[t, LO + j] * act-product(x[t], neuron LO + j) for all T (<= BM) tokens and one block of BN
     neurons of the span [LO, LO + SPAN); a block that no token uses skips its loads and stores zeros."""
@@ -63,30 +63,25 @@ def span_up_kernel(
     g_ptrs = wg_ptr + n64[None, :] * stride_wg + kk[:, None]
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, tl.where(used, D, 0), BK):
-        if EVEN_D:
-            a = tl.load(a_ptrs, mask=t_ok[:, None], other=0.0)
-            u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = (k0 + kk) < D
-            a = tl.load(a_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if IEEE:
-            acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
-        else:
-            acc_u = tl.dot(a, u, acc_u)
+    k_full = tl.where(used, D // BK * BK, 0)  # full blocks unmasked along k, then one masked tail
+    for k0 in range(0, k_full, BK):
+        a = tl.load(a_ptrs, mask=t_ok[:, None], other=0.0)
+        u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
+        acc_u = _dot(a, u, acc_u, IEEE)
         if GATED:
-            if EVEN_D:
-                g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
-            else:
-                g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            if IEEE:
-                acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
-            else:
-                acc_g = tl.dot(a, g, acc_g)
+            g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
+            acc_g = _dot(a, g, acc_g, IEEE)
             g_ptrs += BK
         a_ptrs += BK
         u_ptrs += BK
+    if used & (k_full < D):
+        k_ok = (k_full + kk) < D
+        a = tl.load(a_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc_u = _dot(a, u, acc_u, IEEE)
+        if GATED:
+            g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            acc_g = _dot(a, g, acc_g, IEEE)
     if HAS_BU:
         acc_u += tl.load(bu_ptr + n64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if GATED:
@@ -143,16 +138,21 @@ def span_down_kernel(
     k_end = tl.minimum((split + 1) * chunk, hi_u)
     kk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BK):
-        k_ok = (k0 + kk) < k_end
-        a = tl.load(h_ptr + t[:, None] * stride_h + (k0 + kk)[None, :], mask=t_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        b = tl.load(wd_ptr + col.to(tl.int64)[None, :] * stride_wd + (LO + k0 + kk)[:, None],
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+    k_begin = tl.multiple_of(k_begin, BK)
+    k_full = tl.maximum(k_begin, k_end // BK * BK)  # full blocks unmasked along k, then one masked tail
+    a_ptrs = h_ptr + t[:, None] * stride_h + (k_begin + kk)[None, :]  # [BM, BK]
+    b_ptrs = wd_ptr + col.to(tl.int64)[None, :] * stride_wd + (LO + k_begin + kk)[:, None]  # [BK, BN]
+    for k0 in range(k_begin, k_full, BK):
+        a = tl.load(a_ptrs, mask=t_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, IEEE)
+        a_ptrs += BK
+        b_ptrs += BK
+    if k_full < k_end:
+        k_ok = (k_full + kk) < k_end
+        a = tl.load(a_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = _dot(a, b, acc, IEEE)
     if HAS_BD:
         bd = tl.load(bd_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
         acc += tl.where(split == 0, bias_c[:, None] * bd[None, :], 0.0)

@@ -22,6 +22,7 @@ sync, so an id outside [0, R) is sent to a drop bucket and contributes 0.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import List, Optional
 
@@ -45,8 +46,9 @@ _SMALL_N = 256  # assignments at or below this use the small-row-block configura
 DECODE_MAX_T = 64  # tokens at or below this take the decode path (masked dense over the used span)
 
 
-def _cfg(bm, bn, bk, warps, stages, group=8):
-    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group}, num_warps=warps, num_stages=stages)
+def _cfg(bm, bn, bk, warps, stages, group=8, persist=0):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group, "PERSIST": persist},
+                         num_warps=warps, num_stages=stages)
 
 
 def _cfg_nm(bn, bk, warps, stages):
@@ -58,10 +60,12 @@ def _cfg_nm(bn, bk, warps, stages):
 _UP_LARGE = [
     _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
     _cfg(128, 256, 64, 8, 3), _cfg(64, 64, 32, 4, 3),
+    _cfg(128, 128, 64, 8, 3, persist=1), _cfg(128, 128, 64, 8, 4, persist=1),
 ]
 _DOWN_LARGE = [
     _cfg(128, 256, 64, 8, 3), _cfg(128, 256, 64, 8, 4), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
     _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 32, 4, 3),
+    _cfg(128, 256, 64, 8, 3, persist=1), _cfg(128, 128, 64, 8, 4, persist=1),
 ]
 # Decode: few rows, the weights stream once; narrow column blocks give enough programs to fill the SMs.
 _UP_SMALL = [
@@ -85,7 +89,9 @@ _SPAN_DOWN = triton.autotune([_cfg_nm(bn, bk, 4, st) for bn, bk, st in ((32, 128
                                                                          (64, 64, 4), (128, 64, 4))],
                              key=_SPAN_KEYS)(decode_kernels.span_down_kernel)
 # Interpreter (CPU tests): one small configuration, so test sizes cover several row, column and k blocks.
-_INTERP_CFG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2}
+# Persistent with at most 7 programs: programs run several tiles, and some none.
+_INTERP_CFG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2, "PERSIST": 1}
+_INTERP_PROGRAMS = 7
 
 
 def kernel_configs() -> dict:
@@ -119,6 +125,11 @@ def _check_device(x: Tensor, routes: Tensor, gates: Optional[Tensor], weights: d
         if t is not None and t.stride(-1) != 1:
             raise RoutedFFNError(f"{name} must have unit stride in its last dim (row-major, e.g. .contiguous()), "
                                  f"found strides {tuple(t.stride())}")
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch(kernel, grid, *args, **kwargs):
@@ -191,14 +202,17 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
     n_bucket = max(16, triton.next_power_of_2(n_assign))
     nonempty = [w for w in widths if w > 0]
     size = "small" if n_assign <= _SMALL_N else "large"
-    max_bk = 32 if INTERPRET else 256
 
-    def up_grid(m):  # upper bound on kernel 1's tiles: see kernels._find_tile
+    n_persist = _INTERP_PROGRAMS if INTERPRET else _num_sms(x.device)
+
+    def up_grid(m):  # upper bound on kernel 1's tiles (sum over routes of cdiv(count, BM) * cdiv(width, BN))
         nb = [triton.cdiv(w, m["BN"]) for w in nonempty]
-        return (max(nb) * (n_assign // m["BM"]) + sum(nb),)
+        bound = max(nb) * (n_assign // m["BM"]) + sum(nb)
+        return (min(bound, n_persist) if m["PERSIST"] else bound,)
 
     def down_grid(m):
-        return (triton.cdiv(d, m["BN"]) * (n_assign // m["BM"] + len(nonempty)),)
+        bound = triton.cdiv(d, m["BN"]) * (n_assign // m["BM"] + len(nonempty))
+        return (min(bound, n_persist) if m["PERSIST"] else bound,)
 
     up_args = (x2, w_up, w_gate if gated else w_up, b_up if b_up is not None else w_up,
                b_gate if b_gate is not None else w_up, h,
@@ -206,13 +220,13 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
                n_buckets, d, k_routes, wmax, n_bucket,
                x2.stride(0), w_up.stride(0), (w_gate if gated else w_up).stride(0), h.stride(0))
     up_const = dict(R_P2=r_p2, GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
-                    ACT=kernels.ACT_CODES[activation], IEEE=ieee, EVEN_D=d % max_bk == 0, ALIGNED=aligned)
+                    ACT=kernels.ACT_CODES[activation], IEEE=ieee, ALIGNED=aligned)
     down_args = (h, w_down, b_down if b_down is not None else w_down,
                  flat_gates if flat_gates is not None else w_down, y,
                  meta.order, meta.count, meta.offset, rstart, rwidth,
                  n_buckets, d, wmax, n_bucket, h.stride(0), w_down.stride(0), y.stride(0))
     down_const = dict(R_P2=r_p2, HAS_BD=b_down is not None, HAS_GATES=flat_gates is not None, IEEE=ieee,
-                      EVEN_W=all(w % max_bk == 0 for w in widths), ALIGNED=aligned)
+                      ALIGNED=aligned)
 
     if INTERPRET:  # an opaque custom op here: always called with real CPU tensors
         kernels.up_kernel[up_grid(_INTERP_CFG)](*up_args, **up_const, **_INTERP_CFG)
@@ -245,7 +259,6 @@ def _decode(x, x2, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ra
     flat_gates = None if gates is None else gates.reshape(-1).contiguous()
     gated = w_gate is not None
     ieee = x.dtype == torch.float32
-    max_bk = 32 if INTERPRET else 256
     up_args = (x2, w_up, w_gate if gated else w_up, b_up if b_up is not None else w_up,
                b_gate if b_gate is not None else w_up, h, flat_routes,
                flat_gates if flat_gates is not None else w_up, rstart, rwidth,
@@ -253,7 +266,7 @@ def _decode(x, x2, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ra
                x2.stride(0), w_up.stride(0), (w_gate if gated else w_up).stride(0), h.stride(0))
     up_const = dict(GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
                     HAS_GATES=flat_gates is not None, ACT=kernels.ACT_CODES[activation], IEEE=ieee,
-                    EVEN_D=d % max_bk == 0, BM=bm)
+                    BM=bm)
     down_args = (h, w_down, b_down if b_down is not None else w_down, part, flat_routes,
                  flat_gates if flat_gates is not None else w_down, rstart, rwidth,
                  n_tok, d, k_routes, n_buckets, lo, span, h.stride(0), w_down.stride(0))

@@ -9,10 +9,12 @@ of width 0 for route ids outside [0, R)):
     h       [N, WP]       intermediate activations in sorted order: row off[r] + i holds the first rwidth[r]
                           neurons of route r for assignment order[off[r] + i]
 
-A program is one tile (route r, row block, column block). The tile map is computed inside each program from
-`count` and `rwidth` (a prefix sum over R' routes), so it follows whatever block sizes the autotuner picked and
-needs no host synchronisation. Routes of width 0 (skips) have 0 tiles, so they launch nothing. The launch grid
-is a host-side upper bound on the tile count; programs past the real count return at once.
+Tiles are (route r, row block, column block), numbered route by route. The tile map is computed inside each
+program from `count` and `rwidth` (a prefix sum over R' routes), so it follows whatever block sizes the
+autotuner picked and needs no host synchronisation. Routes of width 0 (skips) have 0 tiles, so they launch
+nothing. Program p runs tiles p, p + P, p + 2P, ... below the real tile count (P programs launched): the host
+launches either its upper bound on the tile count (one tile per program; programs past the real count do a
+zero-trip loop) or, for configurations with PERSIST=1, at most one program per multiprocessor (persistent).
 
 Row blocks are not padded: a tile masks the rows past its route's count (loads and stores), so routes share
 no rows of `h` without any padding of the sorted layout, whatever BM the autotuner chose.
@@ -67,11 +69,21 @@ def _act(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _find_tile(pid, count_ptr, rwidth_ptr, NR, R_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-               N_COLS, GROUP_M: tl.constexpr, COLS_FROM_WIDTH: tl.constexpr):
-    """Map a program id to (route, row block, column block, valid). Column blocks per route: cdiv(width, BN)
-    when COLS_FROM_WIDTH (kernel 1: the route's neurons), else cdiv(N_COLS, BN) for non-empty routes
-    (kernel 2: the model dimension). Row blocks within a route are visited GROUP_M at a time (L2 reuse)."""
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b; fp32 operands in IEEE precision (not TF32) so that fp32 matches the reference."""
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _route_tiles(count_ptr, rwidth_ptr, NR, R_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, N_COLS,
+                 COLS_FROM_WIDTH: tl.constexpr):
+    """Per route (a [R_P2] vector): row blocks, column blocks and tiles. Column blocks: cdiv(width, BN) when
+    COLS_FROM_WIDTH (kernel 1: the route's neurons), else cdiv(N_COLS, BN) for non-empty routes (kernel 2: the
+    model dimension). Skip routes (width 0) have no tile."""
     ridx = tl.arange(0, R_P2)
     rmask = ridx < NR
     cnt = tl.load(count_ptr + ridx, mask=rmask, other=0)
@@ -81,23 +93,27 @@ def _find_tile(pid, count_ptr, rwidth_ptr, NR, R_P2: tl.constexpr, BM: tl.conste
         nblocks = (wid + BN - 1) // BN
     else:
         nblocks = tl.where(wid > 0, (N_COLS + BN - 1) // BN, 0)
-    tiles = mblocks * nblocks
+    return mblocks, nblocks, mblocks * nblocks
+
+
+@triton.jit
+def _find_tile(tile, mblocks, nblocks, tiles, R_P2: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map a tile index in [0, sum(tiles)) to (route, row block, column block); row blocks within a route are
+    visited GROUP_M at a time (L2 reuse of the weight columns)."""
+    ridx = tl.arange(0, R_P2)
     incl = tl.cumsum(tiles, 0)
-    total = tl.sum(tiles, 0)
-    r = tl.sum((incl <= pid).to(tl.int32), 0)
+    r = tl.sum((incl <= tile).to(tl.int32), 0)
     sel = ridx == r
     base = tl.sum(tl.where(sel, incl - tiles, 0), 0)
     mb = tl.sum(tl.where(sel, mblocks, 0), 0)
     nb = tl.sum(tl.where(sel, nblocks, 0), 0)
-    local = pid - base
+    local = tile - base
     in_group = GROUP_M * nb
-    group = local // tl.maximum(in_group, 1)
-    first_m = group * GROUP_M
+    first_m = (local // in_group) * GROUP_M
     size_m = tl.minimum(mb - first_m, GROUP_M)
-    size_m = tl.maximum(size_m, 1)
-    pid_m = first_m + (local % tl.maximum(in_group, 1)) % size_m
-    pid_n = (local % tl.maximum(in_group, 1)) // size_m
-    return r, pid_m, pid_n, pid < total
+    pid_m = first_m + (local % in_group) % size_m
+    pid_n = (local % in_group) // size_m
+    return r, pid_m, pid_n
 
 
 @triton.jit
@@ -107,74 +123,71 @@ def up_kernel(
     NR, D, K, WMAX, N_BUCKET,
     stride_x, stride_wu, stride_wg, stride_h,
     R_P2: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr,
-    IEEE: tl.constexpr, EVEN_D: tl.constexpr, ALIGNED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    IEEE: tl.constexpr, ALIGNED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
 ):
     """Kernel 1: h[rows, cols] = act(x[tok] Wg^T + bg) * (x[tok] Wu^T + bu)   (plain: act(x[tok] Wu^T + bu)),
-    one (BM rows of route r) x (BN neurons of route r) tile per program; x rows gathered by token.
-    WMAX and N_BUCKET are autotune keys only."""
-    pid = tl.program_id(0)
-    r, pid_m, pid_n, valid = _find_tile(pid, count_ptr, rwidth_ptr, NR, R_P2, BM, BN, 0, GROUP_M, True)
-    # Surplus programs (pid past the last tile) run an empty tile: no rows, a zero-trip loop, no stores. (An
-    # early `return` here would turn the kernel into unstructured control flow that Triton does not pipeline.)
-    r = tl.minimum(r, NR - 1)
-    cnt = tl.where(valid, tl.load(count_ptr + r), 0)
-    off = tl.load(off_ptr + r)
-    start = tl.load(rstart_ptr + r)
-    width = tl.where(valid, tl.load(rwidth_ptr + r), 0)
-    if ALIGNED:
-        start = tl.multiple_of(start, 16)
+    per (BM rows of route r) x (BN neurons of route r) tile; x rows gathered by token.
+    WMAX and N_BUCKET are autotune keys only; PERSIST only changes the host's grid."""
+    # Tiles (route, row block, column block) are numbered route by route; program p runs tiles p, p + P, ...
+    # (P = programs launched: the host's upper bound on the tile count, or fewer for a persistent grid).
+    mblocks, nblocks, tiles = _route_tiles(count_ptr, rwidth_ptr, NR, R_P2, BM, BN, 0, True)
+    total = tl.sum(tiles, 0)
+    for tile in range(tl.program_id(0), total, tl.num_programs(0)):
+        r, pid_m, pid_n = _find_tile(tile, mblocks, nblocks, tiles, R_P2, GROUP_M)
+        cnt = tl.load(count_ptr + r)
+        off = tl.load(off_ptr + r)
+        start = tl.load(rstart_ptr + r)
+        width = tl.load(rwidth_ptr + r)
+        if ALIGNED:
+            start = tl.multiple_of(start, 16)
 
-    rank = pid_m * BM + tl.arange(0, BM)  # [BM] position within the route
-    row_ok = rank < cnt
-    aid = tl.load(order_ptr + off + rank, mask=row_ok, other=0)  # [BM] assignment ids
-    tok = (aid // K).to(tl.int64)
-    col = pid_n * BN + tl.arange(0, BN)  # [BN] neuron index within the route
-    col_ok = col < width
-    neuron = (start + col).to(tl.int64)
-    kk = tl.arange(0, BK)
+        rank = pid_m * BM + tl.arange(0, BM)  # [BM] position within the route
+        row_ok = rank < cnt
+        aid = tl.load(order_ptr + off + rank, mask=row_ok, other=0)  # [BM] assignment ids
+        tok = (aid // K).to(tl.int64)
+        col = pid_n * BN + tl.arange(0, BN)  # [BN] neuron index within the route
+        col_ok = col < width
+        neuron = (start + col).to(tl.int64)
+        kk = tl.arange(0, BK)
 
-    a_ptrs = x_ptr + tok[:, None] * stride_x + kk[None, :]  # [BM, BK]
-    u_ptrs = wu_ptr + neuron[None, :] * stride_wu + kk[:, None]  # [BK, BN]
-    g_ptrs = wg_ptr + neuron[None, :] * stride_wg + kk[:, None]
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, tl.where(valid, D, 0), BK):
-        if EVEN_D:
+        a_ptrs = x_ptr + tok[:, None] * stride_x + kk[None, :]  # [BM, BK]
+        u_ptrs = wu_ptr + neuron[None, :] * stride_wu + kk[:, None]  # [BK, BN]
+        g_ptrs = wg_ptr + neuron[None, :] * stride_wg + kk[:, None]
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        # full BK blocks without a mask along k (so loads stay 16-byte vectors / cp.async), then one masked tail
+        k_full = D // BK * BK
+        for k0 in range(0, k_full, BK):
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = (k0 + kk) < D
+            acc_u = _dot(a, u, acc_u, IEEE)
+            if GATED:
+                g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
+                acc_g = _dot(a, g, acc_g, IEEE)
+                g_ptrs += BK
+            a_ptrs += BK
+            u_ptrs += BK
+        if k_full < D:
+            k_ok = (k_full + kk) < D
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if IEEE:
-            acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
-        else:
-            acc_u = tl.dot(a, u, acc_u)
-        if GATED:
-            if EVEN_D:
-                g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
-            else:
+            acc_u = _dot(a, u, acc_u, IEEE)
+            if GATED:
                 g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            if IEEE:
-                acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
-            else:
-                acc_g = tl.dot(a, g, acc_g)
-            g_ptrs += BK
-        a_ptrs += BK
-        u_ptrs += BK
+                acc_g = _dot(a, g, acc_g, IEEE)
 
-    if HAS_BU:
-        acc_u += tl.load(bu_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if GATED:
-        if HAS_BG:
-            acc_g += tl.load(bg_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        hval = _act(acc_g, ACT) * acc_u
-    else:
-        hval = _act(acc_u, ACT)
-    h_rows = (off + rank).to(tl.int64)
-    h_ptrs = h_ptr + h_rows[:, None] * stride_h + col[None, :]
-    tl.store(h_ptrs, hval.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        if HAS_BU:
+            acc_u += tl.load(bu_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            if HAS_BG:
+                acc_g += tl.load(bg_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            hval = _act(acc_g, ACT) * acc_u
+        else:
+            hval = _act(acc_u, ACT)
+        h_rows = (off + rank).to(tl.int64)
+        h_ptrs = h_ptr + h_rows[:, None] * stride_h + col[None, :]
+        tl.store(h_ptrs, hval.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -184,56 +197,55 @@ def down_kernel(
     NR, D, WMAX, N_BUCKET,
     stride_h, stride_wd, stride_y,
     R_P2: tl.constexpr, HAS_BD: tl.constexpr, HAS_GATES: tl.constexpr, IEEE: tl.constexpr,
-    EVEN_W: tl.constexpr, ALIGNED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
 ):
     """Kernel 2: y[aid, cols] = gate[aid] * (h[rows, :width_r] Wd[cols, start_r : start_r + width_r]^T + bd[cols]),
-    one (BM rows of route r) x (BN model columns) tile per program; the reduction runs over the route's own
+    per (BM rows of route r) x (BN model columns) tile; the reduction runs over the route's own
     width (a runtime loop bound). Rows of y are assignment ids (token * K + slot): with K = 1 that is the token,
     so y is the output itself; with K > 1 the caller sums the K slots. Skip routes launch no tile."""
-    pid = tl.program_id(0)
-    r, pid_m, pid_n, valid = _find_tile(pid, count_ptr, rwidth_ptr, NR, R_P2, BM, BN, D, GROUP_M, False)
-    # Surplus programs (pid past the last tile) run an empty tile: no rows, a zero-trip loop, no stores. (An
-    # early `return` here would turn the kernel into unstructured control flow that Triton does not pipeline.)
-    r = tl.minimum(r, NR - 1)
-    cnt = tl.where(valid, tl.load(count_ptr + r), 0)
-    off = tl.load(off_ptr + r)
-    start = tl.load(rstart_ptr + r)
-    width = tl.where(valid, tl.load(rwidth_ptr + r), 0)
-    if ALIGNED:
-        start = tl.multiple_of(start, 16)
+    # Tiles (route, row block, column block) are numbered route by route; program p runs tiles p, p + P, ...
+    # (P = programs launched: the host's upper bound on the tile count, or fewer for a persistent grid).
+    mblocks, nblocks, tiles = _route_tiles(count_ptr, rwidth_ptr, NR, R_P2, BM, BN, D, False)
+    total = tl.sum(tiles, 0)
+    for tile in range(tl.program_id(0), total, tl.num_programs(0)):
+        r, pid_m, pid_n = _find_tile(tile, mblocks, nblocks, tiles, R_P2, GROUP_M)
+        cnt = tl.load(count_ptr + r)
+        off = tl.load(off_ptr + r)
+        start = tl.load(rstart_ptr + r)
+        width = tl.load(rwidth_ptr + r)
+        if ALIGNED:
+            start = tl.multiple_of(start, 16)
 
-    rank = pid_m * BM + tl.arange(0, BM)
-    row_ok = rank < cnt
-    aid = tl.load(order_ptr + off + rank, mask=row_ok, other=0)
-    col = pid_n * BN + tl.arange(0, BN)  # [BN] model columns
-    col_ok = col < D
-    kk = tl.arange(0, BK)
-    h_rows = (off + rank).to(tl.int64)
-    a_ptrs = h_ptr + h_rows[:, None] * stride_h + kk[None, :]  # [BM, BK]
-    b_ptrs = wd_ptr + col.to(tl.int64)[None, :] * stride_wd + (start + kk)[:, None]  # [BK, BN]
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, width, BK):
-        if EVEN_W:
+        rank = pid_m * BM + tl.arange(0, BM)
+        row_ok = rank < cnt
+        aid = tl.load(order_ptr + off + rank, mask=row_ok, other=0)
+        col = pid_n * BN + tl.arange(0, BN)  # [BN] model columns
+        col_ok = col < D
+        kk = tl.arange(0, BK)
+        h_rows = (off + rank).to(tl.int64)
+        a_ptrs = h_ptr + h_rows[:, None] * stride_h + kk[None, :]  # [BM, BK]
+        b_ptrs = wd_ptr + col.to(tl.int64)[None, :] * stride_wd + (start + kk)[:, None]  # [BK, BN]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        k_full = width // BK * BK  # full blocks unmasked along k, then one masked tail
+        for k0 in range(0, k_full, BK):
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = (k0 + kk) < width
+            acc = _dot(a, b, acc, IEEE)
+            a_ptrs += BK
+            b_ptrs += BK
+        if k_full < width:
+            k_ok = (k_full + kk) < width
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BK
-        b_ptrs += BK
+            acc = _dot(a, b, acc, IEEE)
 
-    if HAS_BD:
-        acc += tl.load(bd_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_GATES:
-        acc = acc * tl.load(gates_ptr + aid, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + aid.to(tl.int64)[:, None] * stride_y + col[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        if HAS_BD:
+            acc += tl.load(bd_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_GATES:
+            acc = acc * tl.load(gates_ptr + aid, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + aid.to(tl.int64)[:, None] * stride_y + col[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
