@@ -17,10 +17,15 @@ FP32_REL = 1e-5  # IEEE fp32 dots: float32 rounding only
 
 
 @pytest.fixture
-def ffn():
+def ffn(monkeypatch):
+    """The Triton op module, with each autotuner cut to its first and last configuration (the last of the
+    large lists is persistent): every variant compiles per configuration, and all of them would take minutes."""
     from routefx.backends.triton import ffn
     if ffn.INTERPRET:
         pytest.skip("TRITON_INTERPRET is set in this process: CUDA kernels are not compiled")
+    tuners = list(ffn._UP.values()) + list(ffn._DOWN.values()) + [ffn._SPAN_UP, ffn._SPAN_DOWN]
+    for tuner in tuners:
+        monkeypatch.setattr(tuner, "configs", [tuner.configs[0], tuner.configs[-1]])
     return ffn
 
 
@@ -55,9 +60,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", [None, "sorted"], ids=["auto", "sorted"])
+# T <= 64 runs the decode path by default: also force the sorted path there
+CASE_PATHS = [(c, None) for c in CASES] + [(c, "sorted") for c in CASES if c[0] <= 64]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}-d{c[1]}-F{c[2]}-K{c[4]}" for c in CASES])
+@pytest.mark.parametrize("case,path", CASE_PATHS,
+                         ids=[f"T{c[0]}-d{c[1]}-F{c[2]}-K{c[4]}-{p or 'auto'}" for c, p in CASE_PATHS])
 def test_matches_float64_reference(ffn, case, dtype, path):
     """auto: the op's own choice (decode path for T <= 64, sorted otherwise); sorted: forced."""
     n_tok, d, n, ranges, k, gated, act = case
