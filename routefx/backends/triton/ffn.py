@@ -144,7 +144,7 @@ def _launch(kernel, grid, *args, **kwargs):
 def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges: List[int], activation: str,
              path: Optional[str] = None):
     """Host side of the op (checks, metadata, launches); the body of the registered triton_op. `path` forces
-    "decode" or "sorted" (benchmarks and tests); None picks decode for T <= DECODE_MAX_T tokens."""
+    "decode" or "sorted" (benchmarks and tests); None picks decode for T <= DECODE_MAX_T tokens (see below)."""
     _check_static(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
     weights = {"w_up": w_up, "w_gate": w_gate, "w_down": w_down, "b_up": b_up, "b_gate": b_gate, "b_down": b_down}
     _check_device(x, routes, gates, weights)
@@ -176,10 +176,14 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
     widths = [int(ranges[2 * r + 1]) - int(ranges[2 * r]) for r in range(n_ranges)]
     starts = [int(ranges[2 * r]) for r in range(n_ranges)]
     wmax = max(widths)
+    nonempty = [w for w in widths if w > 0]
     if wmax == 0:  # every route is a skip
         return x.new_zeros(x.shape)
 
-    if path == "decode" or (path is None and n_tok <= DECODE_MAX_T):
+    # Decode path for few tokens, unless the ranges are many and the assignments too few to cover them (MoE
+    # with T*K < experts): there the span of the used ranges holds unused ones that the sorted path skips.
+    n_used = len(nonempty)
+    if path == "decode" or (path is None and n_tok <= DECODE_MAX_T and (n_used <= 3 or n_assign >= n_used)):
         return _decode(x, x2, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation,
                        real).reshape(x.shape)
 
@@ -200,7 +204,6 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
     ieee = x.dtype == torch.float32
     aligned = all(s % 16 == 0 for s in starts) and all(w % 16 == 0 for w in widths)
     n_bucket = max(16, triton.next_power_of_2(n_assign))
-    nonempty = [w for w in widths if w > 0]
     size = "small" if n_assign <= _SMALL_N else "large"
 
     n_persist = _INTERP_PROGRAMS if INTERPRET else _num_sms(x.device)
