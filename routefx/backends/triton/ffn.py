@@ -11,6 +11,9 @@ module registers the op. Steps, all on the device and with no host synchronisati
      row, so no atomics; the sum over K is one small reduction).
 Tokens whose routes are all skips keep the zeros the output is initialised with.
 
+Decode path (`decode_kernels`, T <= 64 tokens): a masked dense FFN over the span of the used ranges, each used
+weight block read once, no routing metadata (see that module).
+
 Dense fast path (as in the reference): one full range, K = 1, no gates -> the plain FFN through F.linear (cuBLAS).
 
 Devices: CUDA tensors run compiled kernels (autotuned per (d, widest range, assignment-count bucket, variant)).
@@ -76,15 +79,17 @@ _DOWN_SMALL = [
     _cfg(16, 16, 256, 4, 4), _cfg(16, 32, 128, 4, 4), _cfg(16, 64, 128, 4, 4), _cfg(32, 64, 128, 4, 4),
     _cfg(64, 64, 64, 4, 4), _cfg(16, 32, 64, 2, 4),
 ]
+# Keys: shapes and (kernel 1) gated or not, since a gated tile needs twice the weight tiles in shared memory (a
+# configuration that fits a plain FFN may not fit a gated one). Tensor dtypes are part of every key.
 _KEYS = ["D", "WMAX", "N_BUCKET"]
-_UP = {"small": triton.autotune(_UP_SMALL, key=_KEYS)(kernels.up_kernel),
-       "large": triton.autotune(_UP_LARGE, key=_KEYS)(kernels.up_kernel)}
+_UP = {"small": triton.autotune(_UP_SMALL, key=_KEYS + ["GATED"])(kernels.up_kernel),
+       "large": triton.autotune(_UP_LARGE, key=_KEYS + ["GATED"])(kernels.up_kernel)}
 _DOWN = {"small": triton.autotune(_DOWN_SMALL, key=_KEYS)(kernels.down_kernel),
          "large": triton.autotune(_DOWN_LARGE, key=_KEYS)(kernels.down_kernel)}
 _SPAN_KEYS = ["D", "SPAN", "T"]
 _SPAN_UP = triton.autotune([_cfg_nm(bn, bk, 4, st) for bn, bk, st in ((32, 128, 4), (64, 128, 4), (32, 256, 3),
                                                                        (64, 64, 4), (16, 256, 4))],
-                           key=_SPAN_KEYS)(decode_kernels.span_up_kernel)
+                           key=_SPAN_KEYS + ["GATED"])(decode_kernels.span_up_kernel)
 _SPAN_DOWN = triton.autotune([_cfg_nm(bn, bk, 4, st) for bn, bk, st in ((32, 128, 4), (64, 128, 4), (16, 256, 4),
                                                                          (64, 64, 4), (128, 64, 4))],
                              key=_SPAN_KEYS)(decode_kernels.span_down_kernel)
