@@ -49,9 +49,14 @@ _SMALL_N = 256  # assignments at or below this use the small-row-block configura
 DECODE_MAX_T = 64  # tokens at or below this take the decode path (masked dense over the used span)
 
 
-def _cfg(bm, bn, bk, warps, stages, group=8, persist=0):
-    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group, "PERSIST": persist},
+def _cfg(bm, bn, bk, warps, stages, group=8, persist=0, fused=0):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group, "PERSIST": persist, "FUSED_GU": fused},
                          num_warps=warps, num_stages=stages)
+
+
+def _down(configs):  # the down kernel has no FUSED_GU
+    return [triton.Config({k: v for k, v in c.kwargs.items() if k != "FUSED_GU"}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in configs]
 
 
 def _cfg_nm(bn, bk, warps, stages):
@@ -64,6 +69,9 @@ _UP_LARGE = [
     _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
     _cfg(128, 256, 64, 8, 3), _cfg(64, 64, 32, 4, 3),
     _cfg(128, 128, 64, 8, 3, persist=1), _cfg(128, 128, 64, 8, 4, persist=1),
+    # gate and up as one N = 2*BN product (kernels.up_kernel, FUSED_GU)
+    _cfg(128, 128, 64, 8, 3, fused=1), _cfg(128, 128, 64, 8, 4, fused=1), _cfg(128, 64, 64, 4, 4, fused=1),
+    _cfg(128, 128, 64, 8, 3, persist=1, fused=1),
 ]
 _DOWN_LARGE = [
     _cfg(128, 256, 64, 8, 3), _cfg(128, 256, 64, 8, 4), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
@@ -73,7 +81,7 @@ _DOWN_LARGE = [
 # Decode: few rows, the weights stream once; narrow column blocks give enough programs to fill the SMs.
 _UP_SMALL = [
     _cfg(16, 32, 128, 4, 4), _cfg(16, 64, 128, 4, 4), _cfg(16, 64, 256, 4, 3), _cfg(32, 64, 128, 4, 4),
-    _cfg(64, 64, 64, 4, 4), _cfg(16, 32, 64, 2, 4),
+    _cfg(64, 64, 64, 4, 4), _cfg(16, 32, 64, 2, 4), _cfg(64, 64, 64, 4, 4, fused=1),
 ]
 _DOWN_SMALL = [
     _cfg(16, 16, 256, 4, 4), _cfg(16, 32, 128, 4, 4), _cfg(16, 64, 128, 4, 4), _cfg(32, 64, 128, 4, 4),
@@ -84,8 +92,8 @@ _DOWN_SMALL = [
 _KEYS = ["D", "WMAX", "N_BUCKET"]
 _UP = {"small": triton.autotune(_UP_SMALL, key=_KEYS + ["GATED"])(kernels.up_kernel),
        "large": triton.autotune(_UP_LARGE, key=_KEYS + ["GATED"])(kernels.up_kernel)}
-_DOWN = {"small": triton.autotune(_DOWN_SMALL, key=_KEYS)(kernels.down_kernel),
-         "large": triton.autotune(_DOWN_LARGE, key=_KEYS)(kernels.down_kernel)}
+_DOWN = {"small": triton.autotune(_down(_DOWN_SMALL), key=_KEYS)(kernels.down_kernel),
+         "large": triton.autotune(_down(_DOWN_LARGE), key=_KEYS)(kernels.down_kernel)}
 _SPAN_KEYS = ["D", "SPAN", "T"]
 _SPAN_UP = triton.autotune([_cfg_nm(bn, bk, 4, st) for bn, bk, st in ((32, 128, 4), (64, 128, 4), (32, 256, 3),
                                                                        (64, 64, 4), (16, 256, 4))],
@@ -95,7 +103,7 @@ _SPAN_DOWN = triton.autotune([_cfg_nm(bn, bk, 4, st) for bn, bk, st in ((32, 128
                              key=_SPAN_KEYS)(decode_kernels.span_down_kernel)
 # Interpreter (CPU tests): one small configuration, so test sizes cover several row, column and k blocks.
 # Persistent with at most 7 programs: programs run several tiles, and some none.
-_INTERP_CFG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2, "PERSIST": 1}
+_INTERP_CFG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2, "PERSIST": 1, "FUSED_GU": 1}
 _INTERP_PROGRAMS = 7
 
 
@@ -238,7 +246,8 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
 
     if INTERPRET:  # an opaque custom op here: always called with real CPU tensors
         kernels.up_kernel[up_grid(_INTERP_CFG)](*up_args, **up_const, **_INTERP_CFG)
-        kernels.down_kernel[down_grid(_INTERP_CFG)](*down_args, **down_const, **_INTERP_CFG)
+        down_cfg = {k: v for k, v in _INTERP_CFG.items() if k != "FUSED_GU"}
+        kernels.down_kernel[down_grid(down_cfg)](*down_args, **down_const, **down_cfg)
     else:
         wrap = torch.library.wrap_triton
         wrap(_UP[size])[up_grid](*up_args, **up_const)

@@ -125,10 +125,12 @@ def up_kernel(
     R_P2: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr,
     IEEE: tl.constexpr, ALIGNED: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
+    FUSED_GU: tl.constexpr,
 ):
     """Kernel 1: h[rows, cols] = act(x[tok] Wg^T + bg) * (x[tok] Wu^T + bu)   (plain: act(x[tok] Wu^T + bu)),
     per (BM rows of route r) x (BN neurons of route r) tile; x rows gathered by token.
-    WMAX and N_BUCKET are autotune keys only; PERSIST only changes the host's grid."""
+    WMAX and N_BUCKET are autotune keys only; PERSIST only changes the host's grid; FUSED_GU (gated only): gate
+    and up as one product of twice the width instead of two."""
     # Tiles (route, row block, column block) are numbered route by route; program p runs tiles p, p + P, ...
     # (P = programs launched: the host's upper bound on the tile count, or fewer for a persistent grid).
     mblocks, nblocks, tiles = _route_tiles(count_ptr, rwidth_ptr, NR, R_P2, BM, BN, 0, True)
@@ -152,30 +154,51 @@ def up_kernel(
         kk = tl.arange(0, BK)
 
         a_ptrs = x_ptr + tok[:, None] * stride_x + kk[None, :]  # [BM, BK]
-        u_ptrs = wu_ptr + neuron[None, :] * stride_wu + kk[:, None]  # [BK, BN]
-        g_ptrs = wg_ptr + neuron[None, :] * stride_wg + kk[:, None]
-        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        # full BK blocks without a mask along k (so loads stay 16-byte vectors / cp.async), then one masked tail
-        k_full = D // BK * BK
-        for k0 in range(0, k_full, BK):
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
-            acc_u = _dot(a, u, acc_u, IEEE)
-            if GATED:
-                g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
-                acc_g = _dot(a, g, acc_g, IEEE)
-                g_ptrs += BK
-            a_ptrs += BK
-            u_ptrs += BK
-        if k_full < D:
-            k_ok = (k_full + kk) < D
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            acc_u = _dot(a, u, acc_u, IEEE)
-            if GATED:
-                g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-                acc_g = _dot(a, g, acc_g, IEEE)
+        k_full = D // BK * BK  # full BK blocks unmasked along k (16-byte vectors / cp.async), then a masked tail
+        if GATED and FUSED_GU:
+            # one [BK, 2*BN] operand: even columns gate rows, odd columns up rows of the same neuron, so that a
+            # single N=2*BN product (one wgmma chain) computes both; the epilogue splits the pairs.
+            c2 = tl.arange(0, 2 * BN)
+            c2_ok = (pid_n * BN + c2 // 2) < width
+            n2 = (start + pid_n * BN + c2 // 2).to(tl.int64)
+            b_ptrs = tl.where((c2 % 2 == 0)[None, :], wg_ptr + n2[None, :] * stride_wg,
+                              wu_ptr + n2[None, :] * stride_wu) + kk[:, None]  # [BK, 2BN]
+            acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+            for k0 in range(0, k_full, BK):
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=c2_ok[None, :], other=0.0)
+                acc = _dot(a, b, acc, IEEE)
+                a_ptrs += BK
+                b_ptrs += BK
+            if k_full < D:
+                k_ok = (k_full + kk) < D
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=c2_ok[None, :] & k_ok[:, None], other=0.0)
+                acc = _dot(a, b, acc, IEEE)
+            acc_g, acc_u = tl.split(tl.reshape(acc, (BM, BN, 2)))
+        else:
+            u_ptrs = wu_ptr + neuron[None, :] * stride_wu + kk[:, None]  # [BK, BN]
+            g_ptrs = wg_ptr + neuron[None, :] * stride_wg + kk[:, None]
+            acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+            acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, k_full, BK):
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
+                acc_u = _dot(a, u, acc_u, IEEE)
+                if GATED:
+                    g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
+                    acc_g = _dot(a, g, acc_g, IEEE)
+                    g_ptrs += BK
+                a_ptrs += BK
+                u_ptrs += BK
+            if k_full < D:
+                k_ok = (k_full + kk) < D
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+                acc_u = _dot(a, u, acc_u, IEEE)
+                if GATED:
+                    g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+                    acc_g = _dot(a, g, acc_g, IEEE)
 
         if HAS_BU:
             acc_u += tl.load(bu_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]

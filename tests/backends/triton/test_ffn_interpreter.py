@@ -200,3 +200,16 @@ def test_random_problems_match_reference(interpreter, p):
     gates = torch.rand(p["n_tok"], p["k"]) if p["gates"] else None
     out, ref = _run_both(interpreter, x, routes, gates, w, p["ranges"], p["act"], p["path"])
     _assert_close(out, ref)
+
+
+@pytest.mark.parametrize("fused", [0, 1], ids=["two-products", "fused-gate-up"])
+def test_gate_up_as_one_or_two_products(interpreter, monkeypatch, fused):
+    """Kernel 1 computes gate and up either as two products or as one of twice the width (FUSED_GU)."""
+    monkeypatch.setitem(interpreter._INTERP_CFG, "FUSED_GU", fused)
+    d, n_tok = 40, 37
+    w = _weights(d, 191, seed=8)
+    x = torch.randn(n_tok, d)
+    routes = torch.randint(0, 3, (n_tok, 2))
+    out, ref = _run_both(interpreter, x, routes, torch.rand(n_tok, 2), w, SEPARATE[:4] + [0, 191], "gelu_tanh",
+                         "sorted")
+    _assert_close(out, ref)
