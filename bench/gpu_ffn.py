@@ -272,11 +272,12 @@ def run(out_dir=None, quick=False, smoke_cpu=False) -> dict:
         res["moe"].append(row)
 
     # (d) where the time goes at T=8192 (or the largest T), budget 0.5: per-kernel device times
-    res["profile"], res["profile_decode"] = [], []
+    res["profile"], res["profile_decode"], res["profile_moe"] = [], [], []
     if device.type == "cuda":
-        for key, n_prof in (("profile", min(max(tokens), 8192)), ("profile_decode", 16)):
+        for key, n_prof, rng in (("profile", min(max(tokens), 8192), None), ("profile_decode", 16, None),
+                                 ("profile_moe", max(moe_tokens), moe_ranges)):
             try:
-                res[key] = _profile(call_triton, device, dtype, d, n_prof, gen)
+                res[key] = _profile(call_triton, device, dtype, d, n_prof, gen, rng)
             except Exception:
                 res["errors"].append(f"{key}: {traceback.format_exc(limit=3)}")
     try:
@@ -292,15 +293,22 @@ def run(out_dir=None, quick=False, smoke_cpu=False) -> dict:
     return res
 
 
-def _profile(call_triton, device, dtype, d, n_tok, gen):
+def _profile(call_triton, device, dtype, d, n_tok, gen, moe_ranges=None):
+    """Device time per op call by kernel name (5 calls under torch.profiler): Duo routes at budget 0.5, or with
+    moe_ranges 8 experts top-2 with gates."""
     from torch.profiler import ProfilerActivity, profile
     x = torch.randn(n_tok, d, device=device, dtype=dtype)
-    routes = _duo_routes(x.shape[0], 0.5, device, gen)
-    call_triton(x, routes)
+    if moe_ranges is None:
+        routes, gates, extra = _duo_routes(x.shape[0], 0.5, device, gen), None, {}
+    else:
+        routes = torch.rand(n_tok, 8, device=device).topk(2, dim=-1).indices
+        gates = torch.softmax(torch.randn(n_tok, 2, device=device), -1).to(dtype)
+        extra = {"rng": moe_ranges}
+    call_triton(x, routes, gates, **extra)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            call_triton(x, routes)
+            call_triton(x, routes, gates, **extra)
         torch.cuda.synchronize()
     rows = []
     for ev in prof.key_averages():
@@ -315,9 +323,10 @@ def _print_summary(res):
     for e in res["errors"]:
         print("ERROR", e)
     print("\nautotune:", json.dumps(res["autotune"], indent=None)[:3000])
-    for key, label in (("profile", "T=8192"), ("profile_decode", "T=16")):
+    for key, label in (("profile", "T=8192, b=0.5"), ("profile_decode", "T=16, b=0.5"),
+                       ("profile_moe", "MoE 8 experts top-2")):
         if res.get(key):
-            print(f"\nprofile ({label}, b=0.5; device ms per op call):")
+            print(f"\nprofile ({label}; device ms per op call):")
             for r in res[key]:
                 print(f"  {r['device_ms_per_call']:.4f}  {r['name']}")
     print("\nMoE (8 experts, K=2, gates):")
