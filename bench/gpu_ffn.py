@@ -163,13 +163,20 @@ def run(out_dir=None, quick=False, smoke_cpu=False) -> dict:
            "torch": torch.__version__, "triton": __import__("triton").__version__, "d": d, "F": n,
            "dtype": str(dtype), "k_small": k_small, "quick": quick, "ffn": [], "decode": [], "moe": [],
            "errors": []}
-    res["ceilings"] = _ceilings(device, dtype, bench)
+    try:
+        res["ceilings"] = _ceilings(device, dtype, bench)
+    except Exception:
+        res["ceilings"] = {"gemm_tflops": float("nan"), "copy_gbs": float("nan")}
+        res["errors"].append(f"ceilings: {traceback.format_exc(limit=3)}")
     peak, bw = res["ceilings"]["gemm_tflops"], res["ceilings"]["copy_gbs"]
     print(f"device {res['device']}  torch {res['torch']}  triton {res['triton']}  "
           f"cuBLAS {peak:.0f} TFLOP/s  copy {bw:.0f} GB/s", flush=True)
 
     def call_triton(x, routes, gates=None, rng=ranges):
         return tffn.routed_ffn(x, routes, gates, wu, wg, wd, None, None, None, rng, "silu")
+
+    def call_path(x, routes, path, gates=None, rng=ranges):  # one path of the Triton op forced, eager only
+        return tffn._forward(x, routes, gates, wu, wg, wd, None, None, None, rng, "silu", path=path)
 
     def call_ref(x, routes, gates=None, rng=ranges):
         return torch.ops.routefx.routed_ffn(x, routes, gates, wu, wg, wd, None, None, None, rng, "silu")
@@ -196,12 +203,15 @@ def run(out_dir=None, quick=False, smoke_cpu=False) -> dict:
                          "reference": bench(lambda: call_ref(x, routes), quick),
                          "sorted": bench(lambda: _sorted_torch(x, w, plan), quick),
                          "triton": bench(lambda: call_triton(x, routes), quick),
-                         "metadata": bench(lambda: route_metadata(routes.view(-1), 3), quick)}
+                         "metadata": bench(lambda: route_metadata(routes.view(-1), 3, launch=tffn._launch), quick)}
+                if n_tok <= tffn.DECODE_MAX_T:  # the op took the decode path: time the sorted one too
+                    times["triton_sorted"] = bench(lambda: call_path(x, routes, "sorted"), quick)
+                    row["rel_err_sorted_vs_ref"] = _rel(call_path(x, routes, "sorted"), call_ref(x, routes))
                 row["ms"] = times
                 ideal = (n_tok * n) / width_sum if width_sum else float("inf")
                 row["flop_ideal"] = ideal
                 for k, t in times.items():
-                    if k == "metadata":
+                    if k in ("metadata", "triton_sorted"):
                         continue
                     useful = 6 * d * n * n_tok if k == "dense" else flops
                     row.setdefault("tflops", {})[k] = useful / t / 1e9
@@ -225,8 +235,9 @@ def run(out_dir=None, quick=False, smoke_cpu=False) -> dict:
                 routes = _duo_routes(n_tok, budget, device, gen)
                 if n_tok == 1 and budget == 0.5:
                     routes.fill_(1)  # one token: a small route (a skip would time nothing)
-                ms = {"dense": bench(lambda: _dense(x, w), quick), "triton": bench(lambda: call_triton(x, routes),
-                                                                                      quick)}
+                ms = {"dense": bench(lambda: _dense(x, w), quick),
+                      "triton": bench(lambda: call_triton(x, routes), quick),
+                      "triton_sorted": bench(lambda: call_path(x, routes, "sorted"), quick)}
                 if device.type == "cuda":
                     ms["dense_graph"] = bench(_graphed(lambda: _dense(x, w)), quick)
                     ms["triton_graph"] = bench(_graphed(lambda: call_triton(x, routes)), quick)
@@ -261,8 +272,19 @@ def run(out_dir=None, quick=False, smoke_cpu=False) -> dict:
         res["moe"].append(row)
 
     # (d) where the time goes at T=8192 (or the largest T), budget 0.5: per-kernel device times
-    res["profile"] = _profile(call_triton, device, dtype, d, max(tokens), gen) if device.type == "cuda" else []
-    res["autotune"] = tffn.kernel_configs()
+    res["profile"], res["profile_decode"], res["profile_moe"] = [], [], []
+    if device.type == "cuda":
+        for key, n_prof, rng in (("profile", min(max(tokens), 8192), None), ("profile_decode", 16, None),
+                                 ("profile_moe", max(moe_tokens), moe_ranges)):
+            try:
+                res[key] = _profile(call_triton, device, dtype, d, n_prof, gen, rng)
+            except Exception:
+                res["errors"].append(f"{key}: {traceback.format_exc(limit=3)}")
+    try:
+        res["autotune"] = tffn.kernel_configs()
+    except Exception:
+        res["autotune"] = {}
+        res["errors"].append(f"autotune: {traceback.format_exc(limit=3)}")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "gpu_ffn.json"), "w") as f:
@@ -271,15 +293,22 @@ def run(out_dir=None, quick=False, smoke_cpu=False) -> dict:
     return res
 
 
-def _profile(call_triton, device, dtype, d, n_tok, gen):
+def _profile(call_triton, device, dtype, d, n_tok, gen, moe_ranges=None):
+    """Device time per op call by kernel name (5 calls under torch.profiler): Duo routes at budget 0.5, or with
+    moe_ranges 8 experts top-2 with gates."""
     from torch.profiler import ProfilerActivity, profile
-    x = torch.randn(min(n_tok, 8192), d, device=device, dtype=dtype)
-    routes = _duo_routes(x.shape[0], 0.5, device, gen)
-    call_triton(x, routes)
+    x = torch.randn(n_tok, d, device=device, dtype=dtype)
+    if moe_ranges is None:
+        routes, gates, extra = _duo_routes(x.shape[0], 0.5, device, gen), None, {}
+    else:
+        routes = torch.rand(n_tok, 8, device=device).topk(2, dim=-1).indices
+        gates = torch.softmax(torch.randn(n_tok, 2, device=device), -1).to(dtype)
+        extra = {"rng": moe_ranges}
+    call_triton(x, routes, gates, **extra)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            call_triton(x, routes)
+            call_triton(x, routes, gates, **extra)
         torch.cuda.synchronize()
     rows = []
     for ev in prof.key_averages():
@@ -294,10 +323,12 @@ def _print_summary(res):
     for e in res["errors"]:
         print("ERROR", e)
     print("\nautotune:", json.dumps(res["autotune"], indent=None)[:3000])
-    if res["profile"]:
-        print("\nprofile (T=8192, b=0.5; device ms per op call):")
-        for r in res["profile"]:
-            print(f"  {r['device_ms_per_call']:.4f}  {r['name']}")
+    for key, label in (("profile", "T=8192, b=0.5"), ("profile_decode", "T=16, b=0.5"),
+                       ("profile_moe", "MoE 8 experts top-2")):
+        if res.get(key):
+            print(f"\nprofile ({label}; device ms per op call):")
+            for r in res[key]:
+                print(f"  {r['device_ms_per_call']:.4f}  {r['name']}")
     print("\nMoE (8 experts, K=2, gates):")
     for r in res["moe"]:
         print(f"  T={r['T']} " + " ".join(f"{k}={v:.3f}ms" for k, v in r.get("ms", {}).items())

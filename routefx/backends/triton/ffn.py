@@ -6,9 +6,13 @@ module registers the op. Steps, all on the device and with no host synchronisati
   2. `kernels.up_kernel`: gate/up GEMM on gathered rows, bias + activation + gated product fused in the
      epilogue, h written in sorted order (skip routes launch no tile);
   3. `kernels.down_kernel`: down GEMM over each route's own width, + b_down, * gate, stored at the assignment's
-     row: the output itself when K = 1 (direct store), an fp32 [T*K, d] buffer summed over K in fp32 when K > 1
-     (deterministic: each slot owns its row, so no atomics; the sum over K is one small reduction).
+     row: the output itself when K = 1 (direct store); when K > 1 a [T*K, d] buffer of per-slot rows in x's
+     dtype (as the reference rounds each route's output) summed over K in fp32 (deterministic: each slot owns its
+     row, so no atomics; the sum over K is one small reduction).
 Tokens whose routes are all skips keep the zeros the output is initialised with.
+
+Decode path (`decode_kernels`, T <= 64 tokens): a masked dense FFN over the span of the used ranges, each used
+weight block read once, no routing metadata (see that module).
 
 Dense fast path (as in the reference): one full range, K = 1, no gates -> the plain FFN through F.linear (cuBLAS).
 
@@ -21,6 +25,7 @@ sync, so an id outside [0, R) is sent to a drop bucket and contributes 0.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import List, Optional
 
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from routefx.backends.triton import kernels
+from routefx.backends.triton import decode_kernels, kernels
 from routefx.backends.triton.routing import range_tables, route_metadata
 from routefx.errors import BackendError, RoutedFFNError
 from routefx.ir.activations import get_activation
@@ -40,11 +45,22 @@ __all__ = ["routed_ffn", "INTERPRET", "kernel_configs"]
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
 _ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
-_SMALL_N = 256  # assignments at or below this use the small-row-block configurations (decode)
+_SMALL_N = 256  # assignments at or below this use the small-row-block configurations
+DECODE_MAX_T = 64  # tokens at or below this take the decode path (masked dense over the used span)
 
 
-def _cfg(bm, bn, bk, warps, stages, group=8):
-    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group}, num_warps=warps, num_stages=stages)
+def _cfg(bm, bn, bk, warps, stages, group=8, persist=0, fused=0):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group, "PERSIST": persist, "FUSED_GU": fused},
+                         num_warps=warps, num_stages=stages)
+
+
+def _down(configs):  # the down kernel has no FUSED_GU
+    return [triton.Config({k: v for k, v in c.kwargs.items() if k != "FUSED_GU"}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in configs]
+
+
+def _cfg_nm(bn, bk, warps, stages):
+    return triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
 
 
 # Kernel 1 holds two fp32 accumulators when gated: BM*BN*2*4 bytes of registers. Hopper bf16 sizes per the
@@ -52,33 +68,49 @@ def _cfg(bm, bn, bk, warps, stages, group=8):
 _UP_LARGE = [
     _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
     _cfg(128, 256, 64, 8, 3), _cfg(64, 64, 32, 4, 3),
+    _cfg(128, 128, 64, 8, 3, persist=1), _cfg(128, 128, 64, 8, 4, persist=1),
+    # gate and up as one N = 2*BN product (kernels.up_kernel, FUSED_GU)
+    _cfg(128, 128, 64, 8, 3, fused=1), _cfg(128, 128, 64, 8, 4, fused=1), _cfg(128, 64, 64, 4, 4, fused=1),
+    _cfg(128, 128, 64, 8, 3, persist=1, fused=1),
 ]
 _DOWN_LARGE = [
     _cfg(128, 256, 64, 8, 3), _cfg(128, 256, 64, 8, 4), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
     _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 32, 4, 3),
+    _cfg(128, 256, 64, 8, 3, persist=1), _cfg(128, 128, 64, 8, 4, persist=1),
 ]
 # Decode: few rows, the weights stream once; narrow column blocks give enough programs to fill the SMs.
 _UP_SMALL = [
     _cfg(16, 32, 128, 4, 4), _cfg(16, 64, 128, 4, 4), _cfg(16, 64, 256, 4, 3), _cfg(32, 64, 128, 4, 4),
-    _cfg(64, 64, 64, 4, 4), _cfg(16, 32, 64, 2, 4),
+    _cfg(64, 64, 64, 4, 4), _cfg(16, 32, 64, 2, 4), _cfg(64, 64, 64, 4, 4, fused=1),
 ]
 _DOWN_SMALL = [
     _cfg(16, 16, 256, 4, 4), _cfg(16, 32, 128, 4, 4), _cfg(16, 64, 128, 4, 4), _cfg(32, 64, 128, 4, 4),
     _cfg(64, 64, 64, 4, 4), _cfg(16, 32, 64, 2, 4),
 ]
+# Keys: shapes and (kernel 1) gated or not, since a gated tile needs twice the weight tiles in shared memory (a
+# configuration that fits a plain FFN may not fit a gated one). Tensor dtypes are part of every key.
 _KEYS = ["D", "WMAX", "N_BUCKET"]
-_UP = {"small": triton.autotune(_UP_SMALL, key=_KEYS)(kernels.up_kernel),
-       "large": triton.autotune(_UP_LARGE, key=_KEYS)(kernels.up_kernel)}
-_DOWN = {"small": triton.autotune(_DOWN_SMALL, key=_KEYS)(kernels.down_kernel),
-         "large": triton.autotune(_DOWN_LARGE, key=_KEYS)(kernels.down_kernel)}
+_UP = {"small": triton.autotune(_UP_SMALL, key=_KEYS + ["GATED"])(kernels.up_kernel),
+       "large": triton.autotune(_UP_LARGE, key=_KEYS + ["GATED"])(kernels.up_kernel)}
+_DOWN = {"small": triton.autotune(_down(_DOWN_SMALL), key=_KEYS)(kernels.down_kernel),
+         "large": triton.autotune(_down(_DOWN_LARGE), key=_KEYS)(kernels.down_kernel)}
+_SPAN_KEYS = ["D", "SPAN", "T"]
+_SPAN_UP = triton.autotune([_cfg_nm(bn, bk, 4, st) for bn, bk, st in ((32, 128, 4), (64, 128, 4), (32, 256, 3),
+                                                                       (64, 64, 4), (16, 256, 4))],
+                           key=_SPAN_KEYS + ["GATED"])(decode_kernels.span_up_kernel)
+_SPAN_DOWN = triton.autotune([_cfg_nm(bn, bk, 4, st) for bn, bk, st in ((32, 128, 4), (64, 128, 4), (16, 256, 4),
+                                                                         (64, 64, 4), (128, 64, 4))],
+                             key=_SPAN_KEYS)(decode_kernels.span_down_kernel)
 # Interpreter (CPU tests): one small configuration, so test sizes cover several row, column and k blocks.
-_INTERP_CFG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2}
+# Persistent with at most 7 programs: programs run several tiles, and some none.
+_INTERP_CFG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2, "PERSIST": 1, "FUSED_GU": 1}
+_INTERP_PROGRAMS = 7
 
 
 def kernel_configs() -> dict:
     """The configurations the autotuner picked so far, per kernel and size class: {name: {key: config str}}."""
     out = {}
-    for kind, table in (("up", _UP), ("down", _DOWN)):
+    for kind, table in (("up", _UP), ("down", _DOWN), ("span", {"up": _SPAN_UP, "down": _SPAN_DOWN})):
         for size, tuner in table.items():
             cache = getattr(tuner, "cache", {}) or {}
             out[f"{kind}_{size}"] = {str(k): str(v) for k, v in cache.items()}
@@ -108,8 +140,24 @@ def _check_device(x: Tensor, routes: Tensor, gates: Optional[Tensor], weights: d
                                  f"found strides {tuple(t.stride())}")
 
 
-def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges: List[int], activation: str):
-    """Host side of the op (checks, metadata, two launches); the body of the registered triton_op."""
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """Launch a plain (not autotuned) kernel: directly under the interpreter, through wrap_triton otherwise
+    (so torch.compile traces it)."""
+    if INTERPRET:
+        kernel[grid](*args, **kwargs)
+    else:
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges: List[int], activation: str,
+             path: Optional[str] = None):
+    """Host side of the op (checks, metadata, launches); the body of the registered triton_op. `path` forces
+    "decode" or "sorted" (benchmarks and tests); None picks decode for T <= DECODE_MAX_T tokens (see below)."""
     _check_static(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
     weights = {"w_up": w_up, "w_gate": w_gate, "w_down": w_down, "b_up": b_up, "b_gate": b_gate, "b_down": b_down}
     _check_device(x, routes, gates, weights)
@@ -133,15 +181,26 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
         return F.linear(h, w_down, b_down).contiguous()
 
     x2 = x.reshape(-1, d).contiguous()  # [T, d]
-    n_tok = x2.shape[0]
+    # Python ints: the path, the autotune bucket and the grids depend on them (under torch.compile with dynamic
+    # shapes this specializes on the token count)
+    n_tok = int(x2.shape[0])
+    d, k_routes = int(d), int(k_routes)
     n_assign = n_tok * k_routes
     widths = [int(ranges[2 * r + 1]) - int(ranges[2 * r]) for r in range(n_ranges)]
     starts = [int(ranges[2 * r]) for r in range(n_ranges)]
     wmax = max(widths)
+    nonempty = [w for w in widths if w > 0]
     if wmax == 0:  # every route is a skip
         return x.new_zeros(x.shape)
 
-    meta = route_metadata(routes.reshape(-1), n_ranges)
+    # Decode path for few tokens, unless the ranges are many and the assignments too few to cover them (MoE
+    # with T*K < experts): there the span of the used ranges holds unused ones that the sorted path skips.
+    n_used = len(nonempty)
+    if path == "decode" or (path is None and n_tok <= DECODE_MAX_T and (n_used <= 3 or n_assign >= n_used)):
+        return _decode(x, x2, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation,
+                       real).reshape(x.shape)
+
+    meta = route_metadata(routes.reshape(-1).contiguous(), n_ranges, launch=_launch)
     rstart, rwidth = range_tables(ranges, x.device, cache=real)
     n_buckets = n_ranges + 1
     r_p2 = max(16, triton.next_power_of_2(n_buckets))
@@ -150,22 +209,26 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
     if k_routes == 1:
         y = torch.zeros(n_tok, d, dtype=x.dtype, device=x.device)  # [T, d]: assignment id == token
     else:
-        y = torch.zeros(n_assign, d, dtype=_ACC.get(x.dtype, x.dtype), device=x.device)  # [T*K, d]
+        # [T*K, d] per-slot rows in x's dtype (the reference also rounds each route's output to x's dtype
+        # before its fp32 sum); zeros for skip slots
+        y = torch.zeros(n_assign, d, dtype=x.dtype, device=x.device)
     flat_gates = None if gates is None else gates.reshape(-1).contiguous()  # [N]
     gated = w_gate is not None
     ieee = x.dtype == torch.float32
     aligned = all(s % 16 == 0 for s in starts) and all(w % 16 == 0 for w in widths)
     n_bucket = max(16, triton.next_power_of_2(n_assign))
-    nonempty = [w for w in widths if w > 0]
     size = "small" if n_assign <= _SMALL_N else "large"
-    max_bk = 32 if INTERPRET else 256
 
-    def up_grid(m):  # upper bound on kernel 1's tiles: see kernels._find_tile
+    n_persist = _INTERP_PROGRAMS if INTERPRET else _num_sms(x.device)
+
+    def up_grid(m):  # upper bound on kernel 1's tiles (sum over routes of cdiv(count, BM) * cdiv(width, BN))
         nb = [triton.cdiv(w, m["BN"]) for w in nonempty]
-        return (max(nb) * (n_assign // m["BM"]) + sum(nb),)
+        bound = max(nb) * (n_assign // m["BM"]) + sum(nb)
+        return (min(bound, n_persist) if m["PERSIST"] else bound,)
 
     def down_grid(m):
-        return (triton.cdiv(d, m["BN"]) * (n_assign // m["BM"] + len(nonempty)),)
+        bound = triton.cdiv(d, m["BN"]) * (n_assign // m["BM"] + len(nonempty))
+        return (min(bound, n_persist) if m["PERSIST"] else bound,)
 
     up_args = (x2, w_up, w_gate if gated else w_up, b_up if b_up is not None else w_up,
                b_gate if b_gate is not None else w_up, h,
@@ -173,25 +236,68 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
                n_buckets, d, k_routes, wmax, n_bucket,
                x2.stride(0), w_up.stride(0), (w_gate if gated else w_up).stride(0), h.stride(0))
     up_const = dict(R_P2=r_p2, GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
-                    ACT=kernels.ACT_CODES[activation], IEEE=ieee, EVEN_D=d % max_bk == 0, ALIGNED=aligned)
+                    ACT=kernels.ACT_CODES[activation], IEEE=ieee, ALIGNED=aligned)
     down_args = (h, w_down, b_down if b_down is not None else w_down,
                  flat_gates if flat_gates is not None else w_down, y,
                  meta.order, meta.count, meta.offset, rstart, rwidth,
                  n_buckets, d, wmax, n_bucket, h.stride(0), w_down.stride(0), y.stride(0))
     down_const = dict(R_P2=r_p2, HAS_BD=b_down is not None, HAS_GATES=flat_gates is not None, IEEE=ieee,
-                      EVEN_W=all(w % max_bk == 0 for w in widths), ALIGNED=aligned)
+                      ALIGNED=aligned)
 
     if INTERPRET:  # an opaque custom op here: always called with real CPU tensors
         kernels.up_kernel[up_grid(_INTERP_CFG)](*up_args, **up_const, **_INTERP_CFG)
-        kernels.down_kernel[down_grid(_INTERP_CFG)](*down_args, **down_const, **_INTERP_CFG)
+        down_cfg = {k: v for k, v in _INTERP_CFG.items() if k != "FUSED_GU"}
+        kernels.down_kernel[down_grid(down_cfg)](*down_args, **down_const, **down_cfg)
     else:
         wrap = torch.library.wrap_triton
         wrap(_UP[size])[up_grid](*up_args, **up_const)
         wrap(_DOWN[size])[down_grid](*down_args, **down_const)
 
     if k_routes > 1:
-        y = y.view(n_tok, k_routes, d).sum(1).to(x.dtype)
+        y = y.view(n_tok, k_routes, d).sum(1, dtype=_ACC.get(x.dtype, x.dtype)).to(x.dtype)
     return y.reshape(x.shape)
+
+
+def _decode(x, x2, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation, real):
+    """Decode path (decode_kernels): the masked dense FFN over [lo, hi), the span of the non-empty ranges."""
+    n_tok, d = int(x2.shape[0]), int(x2.shape[1])
+    k_routes = int(routes.shape[-1])
+    nonempty = [(int(ranges[2 * r]), int(ranges[2 * r + 1])) for r in range(len(ranges) // 2)
+                if ranges[2 * r + 1] > ranges[2 * r]]
+    lo, hi = min(s for s, _ in nonempty), max(e for _, e in nonempty)
+    span = hi - lo
+    rstart, rwidth = range_tables(ranges, x.device, cache=real)
+    n_buckets = len(ranges) // 2 + 1
+    bm = max(16, triton.next_power_of_2(n_tok))
+    h = torch.empty(n_tok, triton.cdiv(span, 64) * 64, dtype=x.dtype, device=x.device)  # [T, span] masked h
+    n_split = (2 if span > 64 else 1) if INTERPRET else (4 if span >= 2048 else 1)
+    part = torch.empty(n_split, n_tok, d, dtype=torch.float32, device=x.device)  # [S, T, d] split-K partials
+    flat_routes = routes.reshape(-1).contiguous()  # [T*K]
+    flat_gates = None if gates is None else gates.reshape(-1).contiguous()
+    gated = w_gate is not None
+    ieee = x.dtype == torch.float32
+    up_args = (x2, w_up, w_gate if gated else w_up, b_up if b_up is not None else w_up,
+               b_gate if b_gate is not None else w_up, h, flat_routes,
+               flat_gates if flat_gates is not None else w_up, rstart, rwidth,
+               n_tok, d, k_routes, n_buckets, lo, span,
+               x2.stride(0), w_up.stride(0), (w_gate if gated else w_up).stride(0), h.stride(0))
+    up_const = dict(GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
+                    HAS_GATES=flat_gates is not None, ACT=kernels.ACT_CODES[activation], IEEE=ieee,
+                    BM=bm)
+    down_args = (h, w_down, b_down if b_down is not None else w_down, part, flat_routes,
+                 flat_gates if flat_gates is not None else w_down, rstart, rwidth,
+                 n_tok, d, k_routes, n_buckets, lo, span, h.stride(0), w_down.stride(0))
+    down_const = dict(HAS_BD=b_down is not None, HAS_GATES=flat_gates is not None, IEEE=ieee, BM=bm)
+    if INTERPRET:
+        cfg = {"BN": _INTERP_CFG["BN"], "BK": _INTERP_CFG["BK"]}
+        decode_kernels.span_up_kernel[(triton.cdiv(span, cfg["BN"]),)](*up_args, **up_const, **cfg)
+        decode_kernels.span_down_kernel[(triton.cdiv(d, cfg["BN"]), n_split)](*down_args, **down_const, **cfg)
+    else:
+        wrap = torch.library.wrap_triton
+        wrap(_SPAN_UP)[lambda m: (triton.cdiv(span, m["BN"]),)](*up_args, **up_const)
+        wrap(_SPAN_DOWN)[lambda m: (triton.cdiv(d, m["BN"]), n_split)](*down_args, **down_const)
+    out = part[0] if n_split == 1 else part.sum(0)
+    return out.to(x.dtype)
 
 
 def _op_body(

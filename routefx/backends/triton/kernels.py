@@ -9,10 +9,12 @@ of width 0 for route ids outside [0, R)):
     h       [N, WP]       intermediate activations in sorted order: row off[r] + i holds the first rwidth[r]
                           neurons of route r for assignment order[off[r] + i]
 
-A program is one tile (route r, row block, column block). The tile map is computed inside each program from
-`count` and `rwidth` (a prefix sum over R' routes), so it follows whatever block sizes the autotuner picked and
-needs no host synchronisation. Routes of width 0 (skips) have 0 tiles, so they launch nothing. The launch grid
-is a host-side upper bound on the tile count; programs past the real count return at once.
+Tiles are (route r, row block, column block), numbered route by route. The tile map is computed inside each
+program from `count` and `rwidth` (a prefix sum over R' routes), so it follows whatever block sizes the
+autotuner picked and needs no host synchronisation. Routes of width 0 (skips) have 0 tiles, so they launch
+nothing. Program p runs tiles p, p + P, p + 2P, ... below the real tile count (P programs launched): the host
+launches either its upper bound on the tile count (one tile per program; programs past the real count do a
+zero-trip loop) or, for configurations with PERSIST=1, at most one program per multiprocessor (persistent).
 
 Row blocks are not padded: a tile masks the rows past its route's count (loads and stores), so routes share
 no rows of `h` without any padding of the sorted layout, whatever BM the autotuner chose.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["ACT_CODES", "up_kernel", "down_kernel"]
+__all__ = ["ACT_CODES", "up_kernel", "down_kernel", "route_sort_kernel"]
 
 # Activation name -> constexpr code used by `_act` (names as in routefx.ir.activations.ACTIVATIONS).
 ACT_CODES = {
@@ -67,11 +69,21 @@ def _act(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _find_tile(pid, count_ptr, rwidth_ptr, NR, R_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-               N_COLS, GROUP_M: tl.constexpr, COLS_FROM_WIDTH: tl.constexpr):
-    """Map a program id to (route, row block, column block, valid). Column blocks per route: cdiv(width, BN)
-    when COLS_FROM_WIDTH (kernel 1: the route's neurons), else cdiv(N_COLS, BN) for non-empty routes
-    (kernel 2: the model dimension). Row blocks within a route are visited GROUP_M at a time (L2 reuse)."""
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b; fp32 operands in IEEE precision (not TF32) so that fp32 matches the reference."""
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _route_tiles(count_ptr, rwidth_ptr, NR, R_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, N_COLS,
+                 COLS_FROM_WIDTH: tl.constexpr):
+    """Per route (a [R_P2] vector): row blocks, column blocks and tiles. Column blocks: cdiv(width, BN) when
+    COLS_FROM_WIDTH (kernel 1: the route's neurons), else cdiv(N_COLS, BN) for non-empty routes (kernel 2: the
+    model dimension). Skip routes (width 0) have no tile."""
     ridx = tl.arange(0, R_P2)
     rmask = ridx < NR
     cnt = tl.load(count_ptr + ridx, mask=rmask, other=0)
@@ -81,23 +93,27 @@ def _find_tile(pid, count_ptr, rwidth_ptr, NR, R_P2: tl.constexpr, BM: tl.conste
         nblocks = (wid + BN - 1) // BN
     else:
         nblocks = tl.where(wid > 0, (N_COLS + BN - 1) // BN, 0)
-    tiles = mblocks * nblocks
+    return mblocks, nblocks, mblocks * nblocks
+
+
+@triton.jit
+def _find_tile(tile, mblocks, nblocks, tiles, R_P2: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map a tile index in [0, sum(tiles)) to (route, row block, column block); row blocks within a route are
+    visited GROUP_M at a time (L2 reuse of the weight columns)."""
+    ridx = tl.arange(0, R_P2)
     incl = tl.cumsum(tiles, 0)
-    total = tl.sum(tiles, 0)
-    r = tl.sum((incl <= pid).to(tl.int32), 0)
+    r = tl.sum((incl <= tile).to(tl.int32), 0)
     sel = ridx == r
     base = tl.sum(tl.where(sel, incl - tiles, 0), 0)
     mb = tl.sum(tl.where(sel, mblocks, 0), 0)
     nb = tl.sum(tl.where(sel, nblocks, 0), 0)
-    local = pid - base
+    local = tile - base
     in_group = GROUP_M * nb
-    group = local // tl.maximum(in_group, 1)
-    first_m = group * GROUP_M
+    first_m = (local // in_group) * GROUP_M
     size_m = tl.minimum(mb - first_m, GROUP_M)
-    size_m = tl.maximum(size_m, 1)
-    pid_m = first_m + (local % tl.maximum(in_group, 1)) % size_m
-    pid_n = (local % tl.maximum(in_group, 1)) // size_m
-    return r, pid_m, pid_n, pid < total
+    pid_m = first_m + (local % in_group) % size_m
+    pid_n = (local % in_group) // size_m
+    return r, pid_m, pid_n
 
 
 @triton.jit
@@ -107,73 +123,94 @@ def up_kernel(
     NR, D, K, WMAX, N_BUCKET,
     stride_x, stride_wu, stride_wg, stride_h,
     R_P2: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr,
-    IEEE: tl.constexpr, EVEN_D: tl.constexpr, ALIGNED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    IEEE: tl.constexpr, ALIGNED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
+    FUSED_GU: tl.constexpr,
 ):
     """Kernel 1: h[rows, cols] = act(x[tok] Wg^T + bg) * (x[tok] Wu^T + bu)   (plain: act(x[tok] Wu^T + bu)),
-    one (BM rows of route r) x (BN neurons of route r) tile per program; x rows gathered by token.
-    WMAX and N_BUCKET are autotune keys only."""
-    pid = tl.program_id(0)
-    r, pid_m, pid_n, valid = _find_tile(pid, count_ptr, rwidth_ptr, NR, R_P2, BM, BN, 0, GROUP_M, True)
-    if not valid:
-        return
-    cnt = tl.load(count_ptr + r)
-    off = tl.load(off_ptr + r)
-    start = tl.load(rstart_ptr + r)
-    width = tl.load(rwidth_ptr + r)
-    if ALIGNED:
-        start = tl.multiple_of(start, 16)
+    per (BM rows of route r) x (BN neurons of route r) tile; x rows gathered by token.
+    WMAX and N_BUCKET are autotune keys only; PERSIST only changes the host's grid; FUSED_GU (gated only): gate
+    and up as one product of twice the width instead of two."""
+    # Tiles (route, row block, column block) are numbered route by route; program p runs tiles p, p + P, ...
+    # (P = programs launched: the host's upper bound on the tile count, or fewer for a persistent grid).
+    mblocks, nblocks, tiles = _route_tiles(count_ptr, rwidth_ptr, NR, R_P2, BM, BN, 0, True)
+    total = tl.sum(tiles, 0)
+    for tile in range(tl.program_id(0), total, tl.num_programs(0)):
+        r, pid_m, pid_n = _find_tile(tile, mblocks, nblocks, tiles, R_P2, GROUP_M)
+        cnt = tl.load(count_ptr + r)
+        off = tl.load(off_ptr + r)
+        start = tl.load(rstart_ptr + r)
+        width = tl.load(rwidth_ptr + r)
+        if ALIGNED:
+            start = tl.multiple_of(start, 16)
 
-    rank = pid_m * BM + tl.arange(0, BM)  # [BM] position within the route
-    row_ok = rank < cnt
-    aid = tl.load(order_ptr + off + rank, mask=row_ok, other=0)  # [BM] assignment ids
-    tok = (aid // K).to(tl.int64)
-    col = pid_n * BN + tl.arange(0, BN)  # [BN] neuron index within the route
-    col_ok = col < width
-    neuron = (start + col).to(tl.int64)
-    kk = tl.arange(0, BK)
+        rank = pid_m * BM + tl.arange(0, BM)  # [BM] position within the route
+        row_ok = rank < cnt
+        aid = tl.load(order_ptr + off + rank, mask=row_ok, other=0)  # [BM] assignment ids
+        tok = (aid // K).to(tl.int64)
+        col = pid_n * BN + tl.arange(0, BN)  # [BN] neuron index within the route
+        col_ok = col < width
+        neuron = (start + col).to(tl.int64)
+        kk = tl.arange(0, BK)
 
-    a_ptrs = x_ptr + tok[:, None] * stride_x + kk[None, :]  # [BM, BK]
-    u_ptrs = wu_ptr + neuron[None, :] * stride_wu + kk[:, None]  # [BK, BN]
-    g_ptrs = wg_ptr + neuron[None, :] * stride_wg + kk[:, None]
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        if EVEN_D:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
+        a_ptrs = x_ptr + tok[:, None] * stride_x + kk[None, :]  # [BM, BK]
+        k_full = D // BK * BK  # full BK blocks unmasked along k (16-byte vectors / cp.async), then a masked tail
+        if GATED and FUSED_GU:
+            # one [BK, 2*BN] operand: even columns gate rows, odd columns up rows of the same neuron, so that a
+            # single N=2*BN product (one wgmma chain) computes both; the epilogue splits the pairs.
+            c2 = tl.arange(0, 2 * BN)
+            c2_ok = (pid_n * BN + c2 // 2) < width
+            n2 = (start + pid_n * BN + c2 // 2).to(tl.int64)
+            b_ptrs = tl.where((c2 % 2 == 0)[None, :], wg_ptr + n2[None, :] * stride_wg,
+                              wu_ptr + n2[None, :] * stride_wu) + kk[:, None]  # [BK, 2BN]
+            acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+            for k0 in range(0, k_full, BK):
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=c2_ok[None, :], other=0.0)
+                acc = _dot(a, b, acc, IEEE)
+                a_ptrs += BK
+                b_ptrs += BK
+            if k_full < D:
+                k_ok = (k_full + kk) < D
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=c2_ok[None, :] & k_ok[:, None], other=0.0)
+                acc = _dot(a, b, acc, IEEE)
+            acc_g, acc_u = tl.split(tl.reshape(acc, (BM, BN, 2)))
         else:
-            k_ok = (k0 + kk) < D
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if IEEE:
-            acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
-        else:
-            acc_u = tl.dot(a, u, acc_u)
+            u_ptrs = wu_ptr + neuron[None, :] * stride_wu + kk[:, None]  # [BK, BN]
+            g_ptrs = wg_ptr + neuron[None, :] * stride_wg + kk[:, None]
+            acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+            acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, k_full, BK):
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
+                acc_u = _dot(a, u, acc_u, IEEE)
+                if GATED:
+                    g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
+                    acc_g = _dot(a, g, acc_g, IEEE)
+                    g_ptrs += BK
+                a_ptrs += BK
+                u_ptrs += BK
+            if k_full < D:
+                k_ok = (k_full + kk) < D
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+                acc_u = _dot(a, u, acc_u, IEEE)
+                if GATED:
+                    g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+                    acc_g = _dot(a, g, acc_g, IEEE)
+
+        if HAS_BU:
+            acc_u += tl.load(bu_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            if EVEN_D:
-                g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
-            else:
-                g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            if IEEE:
-                acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
-            else:
-                acc_g = tl.dot(a, g, acc_g)
-            g_ptrs += BK
-        a_ptrs += BK
-        u_ptrs += BK
-
-    if HAS_BU:
-        acc_u += tl.load(bu_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if GATED:
-        if HAS_BG:
-            acc_g += tl.load(bg_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        hval = _act(acc_g, ACT) * acc_u
-    else:
-        hval = _act(acc_u, ACT)
-    h_rows = (off + rank).to(tl.int64)
-    h_ptrs = h_ptr + h_rows[:, None] * stride_h + col[None, :]
-    tl.store(h_ptrs, hval.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            if HAS_BG:
+                acc_g += tl.load(bg_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            hval = _act(acc_g, ACT) * acc_u
+        else:
+            hval = _act(acc_u, ACT)
+        h_rows = (off + rank).to(tl.int64)
+        h_ptrs = h_ptr + h_rows[:, None] * stride_h + col[None, :]
+        tl.store(h_ptrs, hval.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -183,52 +220,73 @@ def down_kernel(
     NR, D, WMAX, N_BUCKET,
     stride_h, stride_wd, stride_y,
     R_P2: tl.constexpr, HAS_BD: tl.constexpr, HAS_GATES: tl.constexpr, IEEE: tl.constexpr,
-    EVEN_W: tl.constexpr, ALIGNED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
 ):
     """Kernel 2: y[aid, cols] = gate[aid] * (h[rows, :width_r] Wd[cols, start_r : start_r + width_r]^T + bd[cols]),
-    one (BM rows of route r) x (BN model columns) tile per program; the reduction runs over the route's own
+    per (BM rows of route r) x (BN model columns) tile; the reduction runs over the route's own
     width (a runtime loop bound). Rows of y are assignment ids (token * K + slot): with K = 1 that is the token,
     so y is the output itself; with K > 1 the caller sums the K slots. Skip routes launch no tile."""
-    pid = tl.program_id(0)
-    r, pid_m, pid_n, valid = _find_tile(pid, count_ptr, rwidth_ptr, NR, R_P2, BM, BN, D, GROUP_M, False)
-    if not valid:
-        return
-    cnt = tl.load(count_ptr + r)
-    off = tl.load(off_ptr + r)
-    start = tl.load(rstart_ptr + r)
-    width = tl.load(rwidth_ptr + r)
-    if ALIGNED:
-        start = tl.multiple_of(start, 16)
+    # Tiles (route, row block, column block) are numbered route by route; program p runs tiles p, p + P, ...
+    # (P = programs launched: the host's upper bound on the tile count, or fewer for a persistent grid).
+    mblocks, nblocks, tiles = _route_tiles(count_ptr, rwidth_ptr, NR, R_P2, BM, BN, D, False)
+    total = tl.sum(tiles, 0)
+    for tile in range(tl.program_id(0), total, tl.num_programs(0)):
+        r, pid_m, pid_n = _find_tile(tile, mblocks, nblocks, tiles, R_P2, GROUP_M)
+        cnt = tl.load(count_ptr + r)
+        off = tl.load(off_ptr + r)
+        start = tl.load(rstart_ptr + r)
+        width = tl.load(rwidth_ptr + r)
+        if ALIGNED:
+            start = tl.multiple_of(start, 16)
 
-    rank = pid_m * BM + tl.arange(0, BM)
-    row_ok = rank < cnt
-    aid = tl.load(order_ptr + off + rank, mask=row_ok, other=0)
-    col = pid_n * BN + tl.arange(0, BN)  # [BN] model columns
-    col_ok = col < D
-    kk = tl.arange(0, BK)
-    h_rows = (off + rank).to(tl.int64)
-    a_ptrs = h_ptr + h_rows[:, None] * stride_h + kk[None, :]  # [BM, BK]
-    b_ptrs = wd_ptr + col.to(tl.int64)[None, :] * stride_wd + (start + kk)[:, None]  # [BK, BN]
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, width, BK):
-        if EVEN_W:
+        rank = pid_m * BM + tl.arange(0, BM)
+        row_ok = rank < cnt
+        aid = tl.load(order_ptr + off + rank, mask=row_ok, other=0)
+        col = pid_n * BN + tl.arange(0, BN)  # [BN] model columns
+        col_ok = col < D
+        kk = tl.arange(0, BK)
+        h_rows = (off + rank).to(tl.int64)
+        a_ptrs = h_ptr + h_rows[:, None] * stride_h + kk[None, :]  # [BM, BK]
+        b_ptrs = wd_ptr + col.to(tl.int64)[None, :] * stride_wd + (start + kk)[:, None]  # [BK, BN]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        k_full = width // BK * BK  # full blocks unmasked along k, then one masked tail
+        for k0 in range(0, k_full, BK):
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = (k0 + kk) < width
+            acc = _dot(a, b, acc, IEEE)
+            a_ptrs += BK
+            b_ptrs += BK
+        if k_full < width:
+            k_ok = (k_full + kk) < width
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BK
-        b_ptrs += BK
+            acc = _dot(a, b, acc, IEEE)
 
-    if HAS_BD:
-        acc += tl.load(bd_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_GATES:
-        acc = acc * tl.load(gates_ptr + aid, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + aid.to(tl.int64)[:, None] * stride_y + col[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        if HAS_BD:
+            acc += tl.load(bd_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_GATES:
+            acc = acc * tl.load(gates_ptr + aid, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + aid.to(tl.int64)[:, None] * stride_y + col[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def route_sort_kernel(routes_ptr, order_ptr, count_ptr, off_ptr, N, NR, BLOCK_N: tl.constexpr):
+    """Routing metadata in one program (small N, e.g. a decode step): the counting sort of
+    `routing.route_metadata` with buckets visited in a loop. Ids outside [0, NR - 1) go to the drop bucket NR - 1.
+    BLOCK_N >= N (a power of two)."""
+    ids = tl.arange(0, BLOCK_N)
+    live = ids < N
+    r = tl.load(routes_ptr + ids, mask=live, other=0)
+    bucket = tl.where((r >= 0) & (r < NR - 1), r, NR - 1).to(tl.int32)
+    off = 0
+    for b in range(0, NR):
+        sel = live & (bucket == b)
+        sel_i = sel.to(tl.int32)
+        rank = tl.cumsum(sel_i, 0) - 1
+        cnt = tl.sum(sel_i, 0)
+        tl.store(order_ptr + off + rank, ids, mask=sel)
+        tl.store(count_ptr + b, cnt)
+        tl.store(off_ptr + b, off)
+        off += cnt

@@ -27,23 +27,33 @@ class RouteMeta(NamedTuple):
     offset: Tensor  # [R'] int32 exclusive prefix sum of count: route r owns order[offset[r] : offset[r] + count[r]]
 
 
-def route_metadata(routes: Tensor, num_ranges: int) -> RouteMeta:
+SORT_KERNEL_MAX_N = 4096  # up to this many assignments, one Triton program does the sort (one launch)
+
+
+def route_metadata(routes: Tensor, num_ranges: int, launch=None) -> RouteMeta:
     """Counting sort of the flat route ids `routes` [N] (int64) into `num_ranges` + 1 buckets, on routes' device.
 
-    A one-hot [N, R'] int32 cumsum gives each assignment its rank within its route; that is O(N * R') work,
-    small next to the GEMMs for the route counts routefx produces (Duo: 2-3, MoE: tens)."""
+    With `launch` (a callable taking (kernel, grid, *args, **constexprs); see ffn.py) and N <= SORT_KERNEL_MAX_N,
+    one Triton program does it (`kernels.route_sort_kernel`: one launch). Otherwise torch ops: a stable argsort
+    (radix sort on CUDA) and counts by scatter_add."""
     n = routes.shape[0]
     nb = num_ranges + 1
     dev = routes.device
+    if launch is not None and 0 < n <= SORT_KERNEL_MAX_N:
+        from routefx.backends.triton.kernels import route_sort_kernel
+        order = torch.empty(n, dtype=torch.int32, device=dev)
+        count = torch.empty(nb, dtype=torch.int32, device=dev)
+        offset = torch.empty(nb, dtype=torch.int32, device=dev)
+        block = max(16, 1 << (n - 1).bit_length())
+        launch(route_sort_kernel, (1,), routes, order, count, offset, n, nb, BLOCK_N=block)
+        return RouteMeta(order, count, offset)
     bucket = torch.where((routes >= 0) & (routes < num_ranges), routes, num_ranges)  # [N] int64
-    onehot = (bucket.unsqueeze(1) == torch.arange(nb, device=dev)).to(torch.int32)  # [N, R']
-    running = torch.cumsum(onehot, dim=0, dtype=torch.int32)  # [N, R'] inclusive counts
-    count = running[-1] if n > 0 else torch.zeros(nb, dtype=torch.int32, device=dev)  # [R']
+    # stable radix sort (no host sync); counts by scatter_add. (A one-hot [N, R'] cumsum along N was measured at
+    # 0.75 ms for N=8192 on an H200: torch's outer-dim scan is slow.)
+    order = torch.argsort(bucket, stable=True).to(torch.int32)  # [N]
+    count = torch.zeros(nb, dtype=torch.int32, device=dev)
+    count.scatter_add_(0, bucket, torch.ones(n, dtype=torch.int32, device=dev))  # [R']
     offset = torch.cumsum(count, 0, dtype=torch.int32) - count  # [R']
-    rank = running.gather(1, bucket.unsqueeze(1)).squeeze(1) - 1  # [N] position within its route
-    dest = offset.index_select(0, bucket) + rank  # [N] position in the sorted order
-    order = torch.empty(n, dtype=torch.int32, device=dev)
-    order.scatter_(0, dest.to(torch.int64), torch.arange(n, dtype=torch.int32, device=dev))
     return RouteMeta(order, count.contiguous(), offset.contiguous())
 
 

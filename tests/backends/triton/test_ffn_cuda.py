@@ -17,10 +17,15 @@ FP32_REL = 1e-5  # IEEE fp32 dots: float32 rounding only
 
 
 @pytest.fixture
-def ffn():
+def ffn(monkeypatch):
+    """The Triton op module, with each autotuner cut to its first and last configuration (the last of the
+    large lists is persistent): every variant compiles per configuration, and all of them would take minutes."""
     from routefx.backends.triton import ffn
     if ffn.INTERPRET:
         pytest.skip("TRITON_INTERPRET is set in this process: CUDA kernels are not compiled")
+    tuners = list(ffn._UP.values()) + list(ffn._DOWN.values()) + [ffn._SPAN_UP, ffn._SPAN_DOWN]
+    for tuner in tuners:
+        monkeypatch.setattr(tuner, "configs", [tuner.configs[0], tuner.configs[-1]])
     return ffn
 
 
@@ -55,9 +60,15 @@ CASES = [
 ]
 
 
+# T <= 64 runs the decode path by default: also force the sorted path there
+CASE_PATHS = [(c, None) for c in CASES] + [(c, "sorted") for c in CASES if c[0] <= 64]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}-d{c[1]}-F{c[2]}-K{c[4]}" for c in CASES])
-def test_matches_float64_reference(ffn, case, dtype):
+@pytest.mark.parametrize("case,path", CASE_PATHS,
+                         ids=[f"T{c[0]}-d{c[1]}-F{c[2]}-K{c[4]}-{p or 'auto'}" for c, p in CASE_PATHS])
+def test_matches_float64_reference(ffn, case, dtype, path):
+    """auto: the op's own choice (decode path for T <= 64, sorted otherwise); sorted: forced."""
     n_tok, d, n, ranges, k, gated, act = case
     torch.manual_seed(n_tok + d)
     w = _weights(d, n, dtype, gated=gated)
@@ -65,7 +76,10 @@ def test_matches_float64_reference(ffn, case, dtype):
     routes = torch.randint(0, len(ranges) // 2, (n_tok, k), device="cuda")
     gates = torch.rand(n_tok, k, device="cuda").to(dtype) if k > 1 else None
     _poison_allocator(64 << 20)
-    out = ffn.routed_ffn(x, routes, gates, *w, ranges, act)
+    if path is None:
+        out = ffn.routed_ffn(x, routes, gates, *w, ranges, act)
+    else:
+        out = ffn._forward(x, routes, gates, *w, ranges, act, path=path)
     torch.cuda.synchronize()
     assert out.dtype == dtype and out.shape == x.shape
     tol = TRITON_BF16_REL if dtype == torch.bfloat16 else FP32_REL
@@ -85,7 +99,8 @@ def test_all_skip_rows_are_exact_zeros(ffn):
     assert (out[7:].abs().sum(-1) > 0).all()
 
 
-def test_cuda_graph_decode_step(ffn):
+@pytest.mark.parametrize("path", [None, "sorted"], ids=["auto", "sorted"])
+def test_cuda_graph_decode_step(ffn, path):
     """Capture one decode step (8 tokens, Duo routes) in a CUDA graph, replay it with new routes and inputs:
     capture fails on any host synchronisation, and the replays must match the reference on the new data."""
     d, n, n_tok = 256, 512, 8
@@ -93,11 +108,14 @@ def test_cuda_graph_decode_step(ffn):
     w = _weights(d, n, torch.bfloat16)
     x = torch.randn(n_tok, d, device="cuda", dtype=torch.bfloat16)
     routes = torch.randint(0, 3, (n_tok, 1), device="cuda")
-    ffn.routed_ffn(x, routes, None, *w, ranges, "silu")  # warm-up: autotune, compile, range tables
+    def step():
+        return ffn._forward(x, routes, None, *w, ranges, "silu", path=path)
+
+    step()  # warm-up: autotune, compile, range tables
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = ffn.routed_ffn(x, routes, None, *w, ranges, "silu")
+        out = step()
     for seed in range(3):
         torch.manual_seed(100 + seed)
         x.copy_(torch.randn(n_tok, d, device="cuda"))
