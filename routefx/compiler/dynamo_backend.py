@@ -26,6 +26,7 @@ import re
 
 import torch
 from torch import fx, nn
+from torch.fx import traceback as fx_traceback
 
 from routefx.errors import BackendError, RoutefxError
 
@@ -46,7 +47,7 @@ class PieceRecord:
 
 
 _RECORDS: list[PieceRecord] = []
-_PLANS: dict[tuple, object] = {}      # (options id, parameter names) -> the plan calibrated for that piece
+_COMPILED: dict[tuple, object] = {}   # piece key (see `_key`) -> the CompiledModel made for it
 
 
 def compiled_pieces() -> list[PieceRecord]:
@@ -104,6 +105,7 @@ def _piece_module(gm: fx.GraphModule, slots: list[tuple]) -> nn.Module:
     exec(f"def forward(self, {params}):\n    return self._run(dict({', '.join(f'{n}={n}' for n in inputs)}))",
          ns)                                                            # a named signature for routefx.compile
     piece = type("DynamoPiece", (nn.Module,), {"forward": ns["forward"], "_run": _run})()
+    _name_modules_(gm)
     object.__setattr__(piece, "_graph", gm)                             # not a submodule: no names added
     object.__setattr__(piece, "_slots", slots)
     for kind, name, value in slots:
@@ -122,6 +124,26 @@ def _piece_module(gm: fx.GraphModule, slots: list[tuple]) -> nn.Module:
     return piece.eval()
 
 
+_ROOT = re.compile(r"^L\['[^']+'\](?:\[[^\]]+\])*")
+
+
+def _clean_path(path: str) -> str:
+    """Dynamo's module path ("L['self'].model.layers[0].mlp", "L['args'][0]._modules['model']...") as the dotted
+    name in the model ("model.layers.0.mlp")."""
+    path = _ROOT.sub("", path)
+    path = re.sub(r"\._modules\['([^']+)'\]|\[['\"]?([^\]'\"]+)['\"]?\]", lambda m: "." + (m.group(1) or m.group(2)),
+                  path)
+    return path.lstrip(".")
+
+
+def _name_modules_(gm: fx.GraphModule) -> None:
+    """Rewrite the graph's nn_module_stack paths to the model's dotted names (recognition names blocks by them)."""
+    for n in gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            n.meta["nn_module_stack"] = {k: (_clean_path(v[0]), v[1]) for k, v in stack.items()}
+
+
 def _run(self, kw: dict):
     args = []
     for kind, name, extra in self._slots:
@@ -133,7 +155,9 @@ def _run(self, kw: dict):
             args.append(kw[name])
         else:
             args.append(kw[name].shape[extra])
-    return self._graph(*args)
+    # the Interpreter runs each node under its metadata, so the re-capture's nodes keep their module paths
+    with fx_traceback.preserve_node_meta():
+        return fx.Interpreter(self._graph).run(*args)
 
 
 def _calibration_for(batches, slots) -> list[dict] | None:
@@ -175,12 +199,11 @@ def routefx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
         raise BackendError(f"option 'policy' must be a routefx policy or Plan, got {type(policy).__name__}")
     slots = _slots(gm, example_inputs)
     names = tuple(s[1] for s in slots if s[0] == "input")
-    if _is_static(slots):
+    key = _key(gm, slots, options)
+    if _is_static(slots) and key not in _COMPILED:
         raise BackendError(f"Dynamo specialised a piece (inputs {list(names)}) to the shapes of its first call; "
                            "routefx compiles graphs with dynamic batch and sequence dims (its routing, FLOP "
                            "accounting and plans are per token): call torch.compile(..., dynamic=True)")
-    key = (id(options.get("policy")), id(options.get("calibration")),
-           tuple(s[1] for s in slots if s[0] == "param"))
     state: dict = {}
 
     # routefx.compile runs torch.export, which must not run inside Dynamo's compilation of the frame: the piece
@@ -192,6 +215,20 @@ def routefx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
     return run
 
 
+_SHAPE_OPS = ("sym_size", "size", "getitem", "add", "sub", "mul", "floordiv", "truediv", "eq", "ne", "lt", "le",
+              "gt", "ge", "sym_", "_assert")
+
+
+def _key(gm: fx.GraphModule, slots, options: dict) -> tuple:
+    """What makes two graphs Dynamo hands over the same piece: the options, the parameters and inputs by name, and
+    the sequence of tensor operations (shape arithmetic left out: Dynamo's re-specialisations differ only there)."""
+    ops = tuple(str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes
+                if n.op in ("call_function", "call_method", "call_module")
+                and not str(getattr(n.target, "__name__", n.target)).startswith(_SHAPE_OPS))
+    return (id(options.get("policy")), id(options.get("calibration")), options.get("target", "eager"),
+            tuple(s[1] for s in slots if s[0] in ("param", "input")), ops)
+
+
 def _compile_piece(gm, slots, args, policy, options, target, key):
     import routefx
     from routefx.compiler.policies import Policy
@@ -200,10 +237,12 @@ def _compile_piece(gm, slots, args, policy, options, target, key):
     piece = _piece_module(gm, slots)
     examples = {s[1]: x for s, x in zip(slots, args) if s[0] == "input"}
     calibration = None
-    plan = _PLANS.get(key)
-    if plan is not None:
-        policy = plan
-    elif isinstance(policy, Policy) and policy.needs_calibration:
+    cm = _COMPILED.get(key)
+    if cm is not None:                 # Dynamo re-specialised a piece routefx compiled already: no calibration
+        log.info("routefx: piece with inputs %s seen again (new shapes); its compiled model is reused", list(names))
+        _RECORDS.append(PieceRecord(names, True, "reused the compiled model of the same piece", cm))
+        return _runner(cm, slots)
+    if isinstance(policy, Policy) and policy.needs_calibration:
         calibration = _calibration_for(options.get("calibration"), slots)
         if calibration is None:
             return _as_is(gm, names, f"{policy!r} needs calibration data for this piece's inputs {list(names)}; "
@@ -213,12 +252,14 @@ def _compile_piece(gm, slots, args, policy, options, target, key):
                              backend=target)
     except RoutefxError as e:
         return _as_is(gm, names, f"{type(e).__name__}: {e}")
-    _PLANS.setdefault(key, cm.plan)
-    reason = (f"{len(cm.ir.blocks)} transformer blocks compiled by {cm.policy!r} for target {target!r}"
-              + (" (plan reused: no calibration)" if plan is not None else ""))
+    _COMPILED[key] = cm
+    reason = f"{len(cm.ir.blocks)} transformer blocks compiled by {cm.policy!r} for target {target!r}"
     log.info("routefx: compiled a piece with inputs %s: %s", list(names), reason)
     _RECORDS.append(PieceRecord(names, True, reason, cm))
+    return _runner(cm, slots)
 
+
+def _runner(cm, slots):
     def run(*args):
         kw = {s[1]: a for s, a in zip(slots, args) if s[0] == "input"}
         out = cm(**kw)
