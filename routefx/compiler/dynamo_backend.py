@@ -71,17 +71,19 @@ def _slots(gm: fx.GraphModule, example_inputs) -> list[tuple]:
         if attrs and attrs[-1][0] in ("parameters", "buffers"):
             slots.append(("param", ".".join(key for _, key in attrs), value))
             continue
-        if attrs and not src.endswith("]"):   # a module attribute (a norm's eps, a scale) Dynamo made an input
-            slots.append(("const", src, value))
-            continue
-        if isinstance(value, torch.SymInt) or not isinstance(value, torch.Tensor):
+        if re.match(r"^(.*)\.size\(\)\[(\d+)\]$", src):
             slots.append(("sym", src, None))          # resolved below, once every input is named
             continue
         m = _INPUT.match(src)
-        name = (m.group(1) or m.group(3)) if m else None
-        pos = int(m.group(2)) if m and m.group(2) is not None else None
-        name = name or re.sub(r"\W", "_", node.name).strip("_")
-        name = re.sub(r"\W", "_", name)
+        if m is None or not isinstance(value, torch.Tensor):
+            # a module attribute (a norm's eps), a global (math.pi) or another value of the program that
+            # Dynamo made a graph input: fixed for this model, baked in at the value Dynamo saw
+            slots.append(("const", src, value))
+            continue
+        name = re.sub(r"\W", "_", m.group(1) or m.group(3) or node.name).strip("_")
+        pos = int(m.group(2)) if m.group(2) is not None else None
+        if m.group(2) is not None:
+            name = re.sub(r"\W", "_", node.name).strip("_")
         seen[src] = name
         slots.append(("input", name, pos))
     out = []
