@@ -29,7 +29,12 @@ _LAZY = {
 }
 
 
+_SUBPACKAGES = ("ir", "calibrate", "passes", "compiler", "backends", "timing")
+
+
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:                 # `import routefx; routefx.ir.capture(...)` as before
+        _LAZY[name] = (f"routefx.{name}", None)
     if name not in _LAZY:
         raise AttributeError(f"module 'routefx' has no attribute {name!r}")
     module, attr = _LAZY[name]
