@@ -16,7 +16,8 @@ the plan calibrated the first time is reused. Calibration batches name the model
 matched to them by keyword name, and inputs the model received by position take the batch's remaining keys in
 order. routefx needs dynamic batch and sequence dims (routing, FLOPs and plans are per token): a piece that
 Dynamo specialised to one shape is refused with a `BackendError` asking for `torch.compile(..., dynamic=True)`.
-Routing adds no recompilation: routed FFNs live inside the compiled piece, which Dynamo sees as one opaque call.
+Compiled pieces are cached in this process (keyed by options, parameters and operations) until
+`torch._dynamo.reset()`. Routing adds no recompilation: routed FFNs live inside the compiled piece, which Dynamo sees as one opaque call.
 """
 from __future__ import annotations
 
@@ -227,8 +228,10 @@ def _key(gm: fx.GraphModule, slots, options: dict) -> tuple:
     ops = tuple(str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes
                 if n.op in ("call_function", "call_method", "call_module")
                 and not str(getattr(n.target, "__name__", n.target)).startswith(_SHAPE_OPS))
+    # ids of objects the cached compiled model keeps alive (its parameters, the options): never reused meanwhile
     return (id(options.get("policy")), id(options.get("calibration")), options.get("target", "eager"),
-            tuple(s[1] for s in slots if s[0] in ("param", "input")), ops)
+            tuple(s[1] for s in slots if s[0] in ("param", "input")),
+            tuple(id(s[2]) for s in slots if s[0] == "param"), ops)
 
 
 def _compile_piece(gm, slots, args, policy, options, target, key):
@@ -255,6 +258,7 @@ def _compile_piece(gm, slots, args, policy, options, target, key):
     except RoutefxError as e:
         return _as_is(gm, names, f"{type(e).__name__}: {e}")
     _COMPILED[key] = cm
+    object.__setattr__(piece, "_options", (options.get("policy"), options.get("calibration")))   # keep ids live
     reason = f"{len(cm.ir.blocks)} transformer blocks compiled by {cm.policy!r} for target {target!r}"
     log.info("routefx: compiled a piece with inputs %s: %s", list(names), reason)
     _RECORDS.append(PieceRecord(names, True, reason, cm))
@@ -267,6 +271,15 @@ def _runner(cm, slots):
         out = cm(**kw)
         return out if isinstance(out, (tuple, list)) else (out,)
     return run
+
+
+def _reset() -> None:
+    """Forget every compiled piece (torch._dynamo.reset() and torch.compile's wrapper call this)."""
+    _COMPILED.clear()
+    _RECORDS.clear()
+
+
+routefx_backend.reset = _reset
 
 
 def _as_is(gm: fx.GraphModule, names, reason: str):
