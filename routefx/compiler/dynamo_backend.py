@@ -202,19 +202,23 @@ def routefx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
         raise BackendError(f"option 'policy' must be a routefx policy or Plan, got {type(policy).__name__}")
     slots = _slots(gm, example_inputs)
     names = tuple(s[1] for s in slots if s[0] == "input")
-    key = _key(gm, slots, options)
-    if _is_static(slots) and key not in _COMPILED:
+    if _is_static(slots) and _key(gm, slots, options) not in _COMPILED:
         raise BackendError(f"Dynamo specialised a piece (inputs {list(names)}) to the shapes of its first call; "
                            "routefx compiles graphs with dynamic batch and sequence dims (its routing, FLOP "
                            "accounting and plans are per token): call torch.compile(..., dynamic=True)")
-    state: dict = {}
+    compiled: dict = {}
+    where = [i for i, s in enumerate(slots) if s[0] == "param"]
 
     # routefx.compile runs torch.export, which must not run inside Dynamo's compilation of the frame: the piece
-    # is compiled on its first call, with that call's inputs as the example
+    # is compiled on its first call, with that call's inputs as the example. Dynamo passes the parameters on
+    # every call and reuses this graph for another model of the same class: weights are baked into the
+    # compiled piece, so other parameter tensors get (or reuse) their own compiled piece.
     def run(*args):
-        if "run" not in state:
-            state["run"] = _compile_piece(gm, slots, args, policy, options, target, key)
-        return state["run"](*args)
+        params = tuple(id(args[i]) for i in where)
+        if params not in compiled:
+            own = [(s[0], s[1], a) if s[0] == "param" else s for s, a in zip(slots, args)]
+            compiled[params] = _compile_piece(gm, own, args, policy, options, target, _key(gm, own, options))
+        return compiled[params](*args)
     return run
 
 

@@ -47,7 +47,9 @@ def export(cm, path: str, *, overwrite: bool = False) -> str:
         if not overwrite:
             raise ArtifactError(f"{path} exists and is not empty; pass overwrite=True to replace it")
         shutil.rmtree(path)
-    tmp = tempfile.mkdtemp(prefix=".routefx_export_", dir=os.path.dirname(os.path.abspath(path)) or ".")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".routefx_export_", dir=parent)   # same filesystem: the final rename is atomic
     try:
         _write_model(runner, tmp)
         routed = not runner.session.get_session_options().enable_mem_pattern

@@ -173,3 +173,22 @@ def test_backend_found_through_the_entry_point_without_importing_routefx(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     err = float(proc.stdout.split("err")[-1])
     assert err <= EXACT_REWRITE
+
+
+def test_two_models_of_one_architecture_do_not_share_a_compiled_piece():
+    torch._dynamo.reset()
+    entry = ZOO["plain_parallel"]
+    options = {"policy": Dense()}                                  # one options object for both
+    a = entry.build()
+    b = entry.build()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    outs = []
+    for model in (a, b):
+        opt = torch.compile(model, backend=routefx_backend, dynamic=True, options=options)
+        out, _ = _call(opt, entry, 3, 6, 0)
+        ref, _ = _call(model, entry, 3, 6, 0)
+        assert_close_nonpad(out, ref, None, EXACT_REWRITE)
+        outs.append(out)
+    assert (outs[0] - outs[1]).abs().max() > MUST_DIFFER
