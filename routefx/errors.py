@@ -44,3 +44,7 @@ class PlanFormatError(RoutefxError, ValueError):
 
 class PlanMismatchError(RoutefxError, ValueError):
     """A plan applied to a model other than the one it was calibrated on."""
+
+
+class ArtifactError(RoutefxError, ValueError):
+    """An exported artifact that is missing a file, has a modified or truncated file, or a newer format."""

@@ -1,0 +1,212 @@
+"""`routefx.load(path)` / `Session(path)`: run an exported artifact with numpy and onnxruntime alone.
+
+Loading verifies the manifest and every file's checksum first (`ArtifactError`), then opens ONNX Runtime on the
+optimized model saved at export with graph optimizations off (they ran at export). Should that model not load
+(an older ONNX Runtime without one of its fused ops), the plain `model.onnx` is opened with ORT's optimizations
+instead; `session.source` says which.
+
+A call validates its inputs as the compiled model does (`routefx/compiler/validate.py`: dtype and rank, static
+dims, batch and sequence sizes agreeing between inputs, no empty batch or sequence, token ids in [0, vocab)) and
+raises `InputError` naming the input. Inputs are numpy arrays, or torch tensors when torch is installed; with
+torch inputs the outputs are torch tensors, otherwise numpy arrays. The output has the model's structure: a
+Hugging Face ModelOutput (when transformers is already imported), else an `Output` (a dict with attribute access
+and integer indexing, like ModelOutput), a tuple, a list, or a bare array.
+
+A `Session` holds no per-call state: one session may be called from several threads at once (ONNX Runtime's
+`InferenceSession.run` is thread-safe).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import onnxruntime as ort
+
+from routefx.errors import ArtifactError, InputError
+from routefx.runtime.artifact import MODEL, OPT_MODEL, verify
+
+__all__ = ["Session", "load", "Output"]
+
+
+class Output(dict):
+    """A model output without transformers: keys in order, `out.logits`, `out["logits"]`, `out[0]`."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
+        return super().__getitem__(key)
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in self.values() if v is not None)
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
+class Session:
+    """A loaded artifact; call it like the compiled model: `sess(input_ids, attention_mask=mask)`."""
+
+    def __init__(self, path: str, *, threads: int | None = None):
+        self.path = path
+        self.manifest = verify(path)
+        spec = self.manifest["inputs"]
+        self._tensors = spec["tensors"]
+        self._constants = spec["constants"]
+        self._positional = spec["positional"]
+        self._outputs = self.manifest["outputs"]
+        routed = bool(self.manifest["session"]["routed"])
+        try:
+            self.session = ort.InferenceSession(os.path.join(path, OPT_MODEL), sess_options=_options(
+                threads, routed, ort.GraphOptimizationLevel.ORT_DISABLE_ALL), providers=["CPUExecutionProvider"])
+            self.source = OPT_MODEL
+        except Exception:  # onnxruntime raises its own pybind types: fall back to the portable model
+            try:
+                self.session = ort.InferenceSession(os.path.join(path, MODEL), sess_options=_options(
+                    threads, routed, ort.GraphOptimizationLevel.ORT_ENABLE_ALL), providers=["CPUExecutionProvider"])
+            except Exception as e:
+                raise ArtifactError(f"ONNX Runtime {ort.__version__} cannot load {MODEL} of {path}: "
+                                    f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                                    ) from e
+            self.source = MODEL
+        names = [i.name for i in self.session.get_inputs()]
+        if names != [t["name"] for t in self._tensors]:
+            raise ArtifactError(f"{MODEL} of {path} takes inputs {names}; its manifest lists "
+                                f"{[t['name'] for t in self._tensors]}")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t["name"] for t in self._tensors]
+
+    def __repr__(self) -> str:
+        return f"routefx.runtime.Session({self.path!r}, inputs={self.input_names}, source={self.source!r})"
+
+    # -- calling -------------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        if len(args) > len(self._positional):
+            raise InputError(f"the model takes at most {len(self._positional)} positional inputs "
+                             f"({', '.join(self._positional)}), got {len(args)}")
+        for name, value in zip(self._positional, args):
+            if name in kwargs:
+                raise InputError(f"input {name!r} given both by position and by keyword")
+            kwargs[name] = value
+        as_torch = any(_is_torch(v) for v in kwargs.values())
+        feeds = self._feeds(kwargs)
+        outs = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, feeds)))
+        return self._rebuild(outs, as_torch)
+
+    def _feeds(self, kwargs: dict) -> dict:
+        names = {t["name"] for t in self._tensors}
+        unknown = sorted(set(kwargs) - names - set(self._constants))
+        if unknown:
+            raise InputError(f"unexpected input(s) {unknown}; the model takes {sorted(names | set(self._constants))}")
+        for k, v in self._constants.items():
+            if k in kwargs and (not isinstance(kwargs[k], (bool, int, float, str, type(None))) or kwargs[k] != v):
+                raise InputError(f"input {k!r} is {kwargs[k]!r}; the model was exported with {k}={v!r} baked in")
+        feeds, sizes = {}, {}          # sizes: "B"/"S"/symbol -> (first input that fixed it, size)
+        for t in self._tensors:
+            name = t["name"]
+            if name not in kwargs:
+                raise InputError(f"missing input {name!r}; the model takes {self.input_names}")
+            x = kwargs[name]
+            if _is_torch(x):
+                x = x.detach().cpu().contiguous().numpy()
+            if not isinstance(x, np.ndarray):
+                raise InputError(f"input {name!r} is a {type(x).__name__}; the model takes an array of dtype "
+                                 f"{t['dtype']} and rank {len(t['shape'])}")
+            if x.dtype.name != t["dtype"] or x.ndim != len(t["shape"]):
+                raise InputError(f"input {name!r} has dtype {x.dtype.name} and rank {x.ndim}; the model takes dtype "
+                                 f"{t['dtype']} and rank {len(t['shape'])} (as in the example it was captured from)")
+            _check_dims(t, x, sizes)
+            if t["vocab"] is not None and x.size:
+                _check_ids(name, x, t["vocab"])
+            feeds[name] = np.ascontiguousarray(x)
+        return feeds
+
+    def _rebuild(self, outs: dict, as_torch: bool):
+        convert = _to_torch if as_torch else (lambda a: a)
+        leaves = [convert(outs[leaf["onnx"]]) if "onnx" in leaf else leaf["const"]
+                  for leaf in self._outputs["leaves"]]
+        return _build(self._outputs["tree"], leaves)
+
+
+def _check_dims(t: dict, x: np.ndarray, sizes: dict) -> None:
+    name = t["name"]
+    for i, (want, got) in enumerate(zip(t["shape"], x.shape)):
+        if isinstance(want, int):
+            if got != want:
+                raise InputError(f"input {name!r} has size {got} in dim {i}; the model takes {want} there "
+                                 f"(shape {list(x.shape)})")
+            continue
+        if want in sizes and sizes[want][1] != got:
+            what = "batch size" if want == "B" else "sequence length" if want == "S" else f"dim {want}"
+            raise InputError(f"input {name!r} has shape {list(x.shape)}: its {what} {got} disagrees with "
+                             f"{sizes[want][0]!r} ({sizes[want][1]})")
+        sizes.setdefault(want, (name, got))
+        if got == 0:
+            what = "batch" if want == "B" else "sequence" if want == "S" else f"dim {i}"
+            raise InputError(f"input {name!r} has shape {list(x.shape)}: an empty {what}; routefx runs at least "
+                             "one token")
+
+
+def _check_ids(name: str, x: np.ndarray, vocab: int) -> None:
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        where = [int(i) for i in np.argwhere(x == bad)[0]]
+        raise InputError(f"input {name!r} holds token id {bad} at position {where}; the model's embedding takes "
+                         f"ids in [0, {vocab})")
+
+
+def _to_torch(a: np.ndarray):
+    return sys.modules["torch"].from_numpy(a)     # torch is imported: the caller passed torch tensors
+
+
+def _model_output_class(ref: str | None):
+    """The ModelOutput class named `module:Name`, only where its module is already imported (no import here)."""
+    if not ref:
+        return None
+    module, _, qualname = ref.partition(":")
+    obj = sys.modules.get(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, type) and issubclass(obj, dict) else None
+
+
+def _build(node: dict, leaves: list):
+    if "leaf" in node:
+        return leaves[node["leaf"]]
+    children = [_build(c, leaves) for c in node["children"]]
+    if node["type"] == "tuple":
+        return tuple(children)
+    if node["type"] == "list":
+        return list(children)
+    fields = dict(zip(node["keys"], children))
+    cls = _model_output_class(node.get("class"))
+    if cls is not None and all(_is_torch(v) or v is None for v in fields.values()):
+        return cls(**fields)
+    return Output(fields)
+
+
+def _options(threads: int | None, routed: bool, level) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = level
+    so.enable_mem_pattern = not routed
+    so.log_severity_level = 3
+    return so
+
+
+def load(path: str, *, threads: int | None = None) -> Session:
+    """Verify and open the artifact at `path` (see `Session`)."""
+    return Session(path, threads=threads)
