@@ -21,15 +21,27 @@ def heads(model) -> tuple[int, int]:
     return cfg.num_attention_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+def _flop_count(model, args, kwargs) -> float:
+    with torch.no_grad(), FlopCounterMode(display=False) as fcm:
+        model(*args, **kwargs)
+    return sum(v for op, v in fcm.get_flop_counts()["Global"].items()
+               if "attention" not in str(op) and "grouped_mm" not in str(op))
+
+
+def _doubled(x):
+    return torch.cat([x, x], 0) if isinstance(x, torch.Tensor) and x.dim() >= 1 else x
+
+
 def counted_by_torch(model, entry, args, kwargs) -> float:
     """FLOPs FlopCounterMode counts in one forward for the matrix products other than attention kernels and
     grouped expert GEMMs (those two are left to the closed forms below, whether or not a torch release counts
-    them)."""
+    them), for the part that grows with the batch: the count at batch 2B minus the count at B. routefx counts per
+    token; work done once per call whatever the batch (transformers 5.17 computes the rotary frequencies as one
+    [1, d/2, 1] x [1, 1, S] product) is not per-token work."""
     kw = dict(kwargs, **({"use_cache": False} if hasattr(model, "config") and entry.expect.decoder else {}))
-    with torch.no_grad(), FlopCounterMode(display=False) as fcm:
-        model(*args, **kw)
-    return sum(v for op, v in fcm.get_flop_counts()["Global"].items()
-               if "attention" not in str(op) and "grouped_mm" not in str(op))
+    once = _flop_count(model, args, kw)
+    twice = _flop_count(model, tuple(_doubled(a) for a in args), {k: _doubled(v) for k, v in kw.items()})
+    return twice - once
 
 
 def uncounted_per_token(model, entry, seq: int, blocks=None) -> float:

@@ -6,6 +6,8 @@ pass, instead of at run time.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -38,6 +40,13 @@ class _CapturedFakeProp(FakeTensorProp):
 
 
 def propagate_shapes_(gm: fx.GraphModule) -> None:
-    """Recompute `meta["val"]` of every node in place, from the placeholders' own fake values."""
+    """Recompute `meta["val"]` of every node in place, from the placeholders' own fake values.
+
+    Guards are suppressed: the capture decided which dims are dynamic, and re-propagation must not specialise
+    them (torch 2.11's fake matmul guards `S == 6` when a static dim of the other operand, e.g. the rotary
+    frequencies' d/2, equals the example's length, and the whole graph's sizes then read as constants)."""
+    mode = fake_mode_of(gm)
     inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    _CapturedFakeProp(gm, fake_mode_of(gm)).propagate_dont_convert_inputs(*inputs)
+    quiet = mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext()
+    with quiet:
+        _CapturedFakeProp(gm, mode).propagate_dont_convert_inputs(*inputs)
