@@ -62,6 +62,10 @@ ONNX_ACTIVATIONS: dict[str, Callable] = {
 _ACC = {ir.DataType.FLOAT16: ir.DataType.FLOAT, ir.DataType.BFLOAT16: ir.DataType.FLOAT}
 
 
+def _zeros_like(x):
+    return op.ConstantOfShape(op.Shape(x), value=ir.tensor(np.zeros(1, dtype=x.dtype.numpy())))
+
+
 def _square(x):
     return op.Mul(x, x)
 
@@ -75,25 +79,30 @@ def _named(value, name: str, value_name: str | None = None):
     return value
 
 
-def routed_ffn_lowering(names: Sequence[str] = ()) -> Callable:
+def routed_ffn_lowering(names: Sequence[str] = (), static_routes: dict[str, int] | None = None) -> Callable:
     """The translation function for `torch.ops.routefx.routed_ffn.default` (a plain function, so the exporter
     can read its signature).
 
     `names` are the fx names of the routed_ffn nodes in graph order (the exporter translates them in that
     order); they prefix the ONNX node names. Calls beyond the list are named `routed_ffn@{i}`.
+    `static_routes` maps a node name to its constant route id (routes filled with one value in the graph):
+    such a layer lowers to the plain FFN on that route's range.
     """
+    static_routes = dict(static_routes or {})
     pending = list(names)
     calls = itertools.count()
 
     def routed_ffn(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation):
         i = next(calls)
         prefix = pending[i] if i < len(pending) else f"routed_ffn@{i}"
-        return _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
+        return _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation,
+                      static_routes.get(prefix))
 
     return routed_ffn
 
 
-def _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation):
+def _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation,
+           static_route: int | None = None):
     """One routed_ffn call as ONNX ops (the module docstring shows what is emitted); returns [..., d] like x."""
     if activation not in ONNX_ACTIVATIONS:
         raise BackendError(f"{prefix}: activation {activation!r} has no ONNX lowering; supported: "
@@ -111,33 +120,62 @@ def _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
         # The exporter renames the node producing the op's output; Identity keeps the MatMul's name.
         return op.Identity(y) if b_down is None else op.Add(y, b_down)
 
-    acc = _ACC.get(x.dtype)
-    x2 = op.Reshape(x, [-1, d])  # [T, d]
-    flat_routes = op.Reshape(routes, [-1])  # [T*K]
-    flat_gates = None
-    if gates is not None:
-        flat_gates = op.Reshape(op.Cast(gates, to=acc or x.dtype), [-1])  # [T*K]
-    zero = ir.tensor(np.zeros(1, dtype=(acc or x.dtype).numpy()))
-    out = op.ConstantOfShape(op.Shape(x2), value=zero)  # [T, d] accumulator
+    if static_route is not None and gates is None and k_routes == 1:
+        return _lower_static(prefix, x, weights, ranges, static_route, b_down, act)
 
-    for r in range(len(ranges) // 2):
-        start, end = ranges[2 * r], ranges[2 * r + 1]
-        if start == end:
-            continue  # an empty range contributes exactly 0: no MatMul at all
-        pos = op.Reshape(op.NonZero(op.Equal(flat_routes, r)), [-1])  # [n_r]
-        tok = pos if k_routes == 1 else op.Div(pos, k_routes)  # [n_r] token ids (repeats allowed)
+    acc = _ACC.get(x.dtype)
+    live = [r for r in range(len(ranges) // 2) if ranges[2 * r] < ranges[2 * r + 1]]  # routes with neurons
+    if not live:
+        return _zeros_like(x)  # every route is a skip: exactly 0
+    x2 = op.Reshape(x, [-1, d])  # [T, d]
+    flat_routes = op.Reshape(routes, [-1])  # [N = T*K]
+    # One stable sort: TopK(k=N, ascending) orders positions by route id, ties by position (ONNX's TopK
+    # contract), so route r's positions are the contiguous slice order[begin_r:end_r].
+    order = op.TopK(flat_routes, op.Shape(flat_routes), axis=0, largest=0, sorted=1)[1]  # [N]
+    n_routes = len(ranges) // 2
+    hits = op.Equal(op.Unsqueeze(flat_routes, [1]), op.Constant(value=ir.tensor(np.arange(n_routes))))  # [N, R]
+    ends = op.CumSum(op.ReduceSum(op.Cast(hits, to=ir.DataType.INT64), [0], keepdims=0), 0)  # [R]
+    begins = op.Concat(op.Constant(value=ir.tensor(np.zeros(1, dtype=np.int64))), ends, axis=0)  # [R+1]
+    token_of = order if k_routes == 1 else op.Div(order, k_routes)  # [N] token of each sorted position
+
+    pos, toks, ys = [], [], []
+    for r in live:
+        b, e = op.Slice(begins, [r], [r + 1]), op.Slice(ends, [r], [r + 1])  # [1], [1]
+        tok = op.Slice(token_of, b, e)  # [n_r] tokens routed to r (repeats allowed for K > 1)
         rows = op.Gather(x2, tok, axis=0)  # [n_r, d]
-        y = weights.ffn(rows, start, end, act, f"{prefix}/route{r}")  # [n_r, d]
-        if b_down is not None:
-            y = op.Add(y, b_down)
-        if acc is not None:
-            y = op.Cast(y, to=acc)
-        if flat_gates is not None:
-            y = op.Mul(y, op.Unsqueeze(op.Gather(flat_gates, pos, axis=0), [1]))  # [n_r, d] * [n_r, 1]
-        out = op.ScatterND(out, op.Unsqueeze(tok, [1]), y, reduction="add")  # indices [n_r, 1]
+        ys.append(weights.ffn(rows, ranges[2 * r], ranges[2 * r + 1], act, f"{prefix}/route{r}"))  # [n_r, d]
+        toks.append(tok)
+        if gates is not None:
+            pos.append(op.Slice(order, b, e))
+    y = ys[0] if len(ys) == 1 else op.Concat(*ys, axis=0)  # [n, d]: the live assignments, in sorted order
+    tok = toks[0] if len(toks) == 1 else op.Concat(*toks, axis=0)  # [n]
+    if b_down is not None:
+        y = op.Add(y, b_down)
+    if acc is not None:
+        y = op.Cast(y, to=acc)
+    if gates is not None:
+        flat_gates = op.Reshape(op.Cast(gates, to=acc or x.dtype), [-1])  # [N]
+        at = pos[0] if len(pos) == 1 else op.Concat(*pos, axis=0)  # [n]
+        y = op.Mul(y, op.Unsqueeze(op.Gather(flat_gates, at, axis=0), [1]))  # [n, d] * [n, 1]
+    zero = ir.tensor(np.zeros(1, dtype=(acc or x.dtype).numpy()))
+    out = op.ConstantOfShape(op.Shape(x2), value=zero)  # [T, d]; skip tokens stay 0, never copied
+    # One un-permute: with K == 1 every token appears at most once, so a plain scatter; otherwise add.
+    out = op.ScatterND(out, op.Unsqueeze(tok, [1]), y, reduction="none" if k_routes == 1 else "add")
     if acc is not None:
         out = op.Cast(out, to=x.dtype)
     return op.Reshape(out, op.Shape(x))
+
+
+def _lower_static(prefix, x, weights, ranges, route: int, b_down, act):
+    """Every token takes route `route` (constant route ids): the plain FFN on that range, no routing ops."""
+    if not 0 <= route < len(ranges) // 2:
+        raise BackendError(f"{prefix}: the constant route id {route} is outside [0, R={len(ranges) // 2}) for "
+                           f"ranges {ranges}")
+    start, end = ranges[2 * route], ranges[2 * route + 1]
+    if start == end:
+        return _zeros_like(x)  # a skip contributes exactly 0
+    y = weights.ffn(x, start, end, act, f"{prefix}/route{route}")
+    return op.Identity(y) if b_down is None else op.Add(y, b_down)
 
 
 class _Weights:
