@@ -53,10 +53,9 @@ from torch import fx
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-aten = torch.ops.aten
-
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn, used below)
 from routefx.backends.onnx_ops import fold_weight_slices, routed_ffn_lowering
+from routefx.backends.static_routes import constant_route
 from routefx.errors import BackendError, InputError
 
 __all__ = ["prepare", "OnnxRunner", "session_options"]
@@ -252,7 +251,7 @@ def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[st
     dyn = {n.target: _dynamic_dims(n) for n in placeholders}
     dynamic_shapes = tuple(dyn[a] for a in arg_names) if not call_kwargs else dyn
     routed = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _ROUTED_FFN]
-    static = {n.name: r for n in routed if (r := _constant_route(n.args[1])) is not None}
+    static = {n.name: r for n in routed if (r := constant_route(n.args[1])) is not None}
     with _export_context():
         try:
             program = torch.onnx.export(gm, call_args, kwargs=call_kwargs or None, dynamo=True,
@@ -262,23 +261,6 @@ def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[st
         except Exception as e:  # the exporter raises many types; one typed error naming the node
             raise BackendError(f"ONNX export failed: {_describe_export_error(e)}") from e
     return program.model
-
-
-_FILL_ARG = {aten.full_like.default: 1, aten.full.default: 1}  # op -> index of its fill value
-_FILL_CONST = {aten.zeros_like.default: 0, aten.zeros.default: 0, aten.ones_like.default: 1, aten.ones.default: 1}
-
-
-def _constant_route(routes) -> int | None:
-    """The route id when `routes` is filled with one constant in the graph (a static layer), else None."""
-    if not isinstance(routes, fx.Node) or routes.op != "call_function":
-        return None
-    if routes.target in _FILL_CONST:
-        return _FILL_CONST[routes.target]
-    if routes.target not in _FILL_ARG:
-        return None
-    i = _FILL_ARG[routes.target]
-    value = routes.args[i] if len(routes.args) > i else routes.kwargs.get("fill_value")
-    return int(value) if isinstance(value, (int, bool)) else None
 
 
 def _positional_names(gm: fx.GraphModule, names: list[str]) -> tuple[str, ...]:
