@@ -43,11 +43,13 @@ class AutoRunner:
         return lines
 
 
-def prepare(gm: fx.GraphModule, example_kwargs: dict, *, candidates=CANDIDATES, rounds: int = 5) -> AutoRunner:
+def prepare(gm: fx.GraphModule, example_kwargs: dict, *, candidates=None, rounds: int = 5) -> AutoRunner:
+    """Prepare `candidates` (default `CANDIDATES`), time them and return the fastest (see the module docstring).
+    Raises `BackendError` when none can prepare the graph."""
     from routefx.backends import get_backend
 
     runners, skipped = {}, {}
-    for name in candidates:
+    for name in candidates or CANDIDATES:
         try:
             runners[name] = get_backend(name).prepare(gm, example_kwargs)
         except BackendError as e:

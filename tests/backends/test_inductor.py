@@ -62,3 +62,34 @@ def test_static_routes_become_plain_ffns_and_auto_keeps_the_fastest():
 def test_backends_are_registered():
     assert get_backend("inductor") is inductor and get_backend("auto") is auto
     assert {"inductor", "auto"} <= set(routefx.backends.BACKENDS)
+
+
+def _duo_llama(backend: str):
+    from tests.backends.test_onnx import _eager_kwargs
+    from tests.compare import assert_close_nonpad
+    from tests.zoo import ZOO, example_inputs
+
+    entry = ZOO["llama"]
+    cal = [{"input_ids": a[0], **k} for a, k in (example_inputs(entry, batch=3, seq=12, left_pad=2, seed=40 + i)
+                                                  for i in range(2))]
+    cm = routefx.compile(entry.build(), routefx.policies.Duo(budget=0.5, router="random"), calibration=cal,
+                         backend=backend)
+    args, kwargs = example_inputs(entry, batch=3, seq=13, left_pad=4, seed=5)
+    out = cm(*args, **kwargs)
+    gm = cm.graph_module
+    with torch.no_grad():
+        ref = gm(**_eager_kwargs(gm, args, kwargs))
+    assert_close_nonpad(out, ref, kwargs.get("attention_mask"), INDUCTOR_VS_EAGER)
+    return cm
+
+
+def test_duo_inductor_equals_eager():
+    cm = _duo_llama("inductor")
+    assert cm.report.backend == "inductor"
+
+
+def test_compile_auto_reports_its_choice(monkeypatch):
+    monkeypatch.setattr(auto, "CANDIDATES", ("eager", "onnx"))  # inductor's own compile is tested above
+    cm = _duo_llama("auto")
+    chosen = [n for n in cm.report.notes if n.startswith("backend auto chose ")]
+    assert len(chosen) == 1 and chosen[0].split()[3] in ("eager", "onnx"), cm.report.notes
