@@ -267,8 +267,8 @@ def spec(args) -> list[tuple[str, str, object]]:
 
 # ---- ONNX profile --------------------------------------------------------------------------------------------
 
-_OVERHEAD = {"NonZero", "ScatterND", "Gather", "GatherND", "Equal", "ConstantOfShape", "Div", "Unsqueeze",
-             "ArgMax", "Shape", "Reshape", "Expand", "Cast"}
+_OVERHEAD = {"TopK", "CumSum", "NonZero", "ScatterND", "Gather", "GatherND", "Equal", "ConstantOfShape", "Div",
+             "Unsqueeze", "ArgMax", "Shape", "Reshape", "Expand", "Cast"}
 
 
 def profile_candidate(cm, x, runs: int, m: Shape) -> dict:
@@ -312,7 +312,7 @@ def profile_candidate(cm, x, runs: int, m: Shape) -> dict:
         elif op in ("MatMul", "Gemm", "FusedMatMul", "MatMulNBits"):
             by_class["other MatMul/Gemm (attention proj., scores, LM head, routers)"] += us
         elif op in _OVERHEAD:
-            by_class["index/shape ops (NonZero, Gather, ScatterND, Equal, ArgMax, Reshape, ...)"] += us
+            by_class["index/shape ops (TopK, Gather, ScatterND, Equal, ArgMax, Reshape, ...)"] += us
         else:
             by_class["element-wise, norms, softmax, attention kernels, other"] += us
     total = sum(by_op.values())

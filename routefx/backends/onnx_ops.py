@@ -1,20 +1,23 @@
 """ONNX lowering of `routefx::routed_ffn` (see `routefx/ir/ops.py` for its semantics).
 
 `routed_ffn_lowering(names)` makes the translation function for `torch.onnx.export(custom_translation_table=...)`:
-a plain Python function calling onnxscript opset ops on the exporter's values. Per route r whose range
-[s_r, e_r) is not empty it emits (T = tokens, K = routes per token, n_r = assignments to route r):
+a plain Python function calling onnxscript opset ops on the exporter's values. With T = tokens, K = routes per
+token, N = T*K assignments, R = routes, n_r = assignments to route r, it emits:
 
-    pos_r  = NonZero(routes.flat == r)        # [n_r]   positions in the flattened [T*K] routes
-    tok_r  = pos_r / K                        # [n_r]   token of each position (pos_r itself when K == 1)
-    x_r    = Gather(x2, tok_r)                # [n_r, d]
-    h_r    = act(x_r Wg_r + bg_r) * (x_r Wu_r + bu_r)    (gated)    act(x_r Wu_r + bu_r)    (plain)
-    y_r    = (h_r Wd_r + b_down) * gates.flat[pos_r]  # [n_r, d]
-    out    = ScatterND(out, tok_r, y_r, reduction="add")
+    order   = TopK(routes.flat, N, ascending)[1]    # [N] one stable sort: positions grouped by route id
+    ends    = CumSum(ReduceSum(routes.flat[:, None] == arange(R)))  # [R] where each route's run ends
+    tok     = order / K                              # [N] token of each sorted position (order when K == 1)
+    per route r with a non-empty range [s_r, e_r):   (skip routes: nothing; their tokens are never copied)
+        tok_r = tok[begin_r:end_r]                   # [n_r] a contiguous slice
+        y_r   = FFN_r(Gather(x2, tok_r))             # [n_r, d] MatMuls on exactly the rows routed to r
+    y   = Concat(y_r) (+ b_down) (* gates.flat[Concat(order_r)])      # [n, d] in sorted order
+    out = ScatterND(zeros[T, d], Concat(tok_r), y)   # one un-permute ("add" when K > 1: a token may repeat)
 
-so each route's MatMuls run on exactly the rows routed to it; a route to an empty range emits nothing. One
-full range with K == 1 and no gates lowers to the plain FFN on all rows (no gather, no scatter). Route ids
-outside [0, R) contribute nothing here (the reference raises); ONNX has no way to raise a typed error at run
-time.
+so the routing work per layer is one sort, one scatter and a gather per live route, whatever R is. ONNX's TopK
+returns equal values in index order, so the sort is stable. One full range with K == 1 and no gates lowers to the
+plain FFN on all rows; a layer whose route ids are a constant of the graph (`static_routes`, found by the backend)
+lowers to the plain FFN on that route's range (zeros for a skip), with no routing op at all. Route ids outside
+[0, R) contribute nothing here (the reference raises); ONNX has no way to raise a typed error at run time.
 
 Weights enter as `Transpose(Slice(w))` nodes named `_FOLD_PREFIX...`; `fold_weight_slices` evaluates them once
 after export, so the model holds one pre-sliced, pre-transposed initializer per route and weight ([d, F_r] for

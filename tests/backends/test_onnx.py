@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import routefx
+from routefx.backends.onnx_opset import export_opset
 from tests.compare import assert_close_nonpad
 from tests.tolerances import ONNX_VS_EAGER
 from tests.zoo import DENSE, ZOO, example_inputs
@@ -47,6 +48,8 @@ def test_dense_onnx_equals_eager(name):
     run = cm.runner
     ops = {n.op_type for n in onnx.load_from_string(run.onnx_model).graph.node}
     assert not ops & {"TopK", "NonZero", "ScatterND"}, ops
+    if name == "llama" and export_opset() is not None:  # ORT runs opset 23's Attention: fused, no NaN guard
+        assert "Attention" in ops and not ops & {"IsNaN", "Softmax"}, ops
 
 
 @pytest.mark.parametrize("name", ["gpt2", "plain_parallel"])
