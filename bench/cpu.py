@@ -117,6 +117,10 @@ def loadavg() -> list[float]:
         return [float(v) for v in f.read().split()[:3]]
 
 
+_ISA = {"avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+        "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8"}  # the flags that decide GEMM kernels
+
+
 def machine() -> dict:
     cpu = ""
     flags = set()
@@ -137,7 +141,7 @@ def machine() -> dict:
         pass
     import onnxscript
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-            "simd": sorted(f for f in flags if f in {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"}),
+            "simd": sorted(f for f in flags if f in _ISA),
             "mem_total_gib": mem, "torch_threads": torch.get_num_threads(),
             "ort_intra_op_threads": onnx_backend.session_options().intra_op_num_threads,
             "python": platform.python_version(), "platform": platform.platform(),

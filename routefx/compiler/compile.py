@@ -205,7 +205,8 @@ class CompiledModel:
 
     @property
     def runner(self):
-        """What the backend runs (the fx graph for eager, an `OnnxRunner` for onnx)."""
+        """What the backend runs (the fx graph for eager, an `OnnxRunner` for onnx, an `InductorRunner` for
+        inductor, an `AutoRunner` wrapping the fastest candidate for auto)."""
         return self._require().run
 
     @property
