@@ -130,6 +130,9 @@ def _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
     live = [r for r in range(len(ranges) // 2) if ranges[2 * r] < ranges[2 * r + 1]]  # routes with neurons
     if not live:
         return _zeros_like(x)  # every route is a skip: exactly 0
+    spans = sorted((ranges[2 * r], ranges[2 * r + 1]) for r in live)
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):  # overlapping ranges: store each weight once
+        weights = _Weights(prefix, w_up, w_gate, w_down, b_up, b_gate, shared=True)
     x2 = op.Reshape(x, [-1, d])  # [T, d]
     flat_routes = op.Reshape(routes, [-1])  # [N = T*K]
     # One stable sort: TopK(k=N, ascending) orders positions by route id, ties by position (ONNX's TopK
@@ -182,37 +185,47 @@ def _lower_static(prefix, x, weights, ranges, route: int, b_down, act):
 
 
 class _Weights:
-    """Range slices of one FFN's weights, as `Transpose(Slice(w))` nodes folded after export."""
+    """Range slices of one FFN's weights, transposed for MatMul ([d, F_r] for up/gate, [F_r, d] for down).
 
-    def __init__(self, prefix, w_up, w_gate, w_down, b_up, b_gate):
-        self.prefix = prefix
+    Unshared (the default): `Transpose(Slice(w))` nodes folded after export into one initializer per route and
+    weight. Shared (`shared=True`, for overlapping ranges such as nested small/big): each weight is transposed
+    once (folded into one full initializer) and a route reads a constant-bounds `Slice` of it, so the file
+    stores every neuron once; ONNX Runtime folds those slices at session creation and pre-packs them (measured:
+    no slower per call than a separate initializer; with its optimizations off the slice runs per call)."""
+
+    def __init__(self, prefix, w_up, w_gate, w_down, b_up, b_gate, shared: bool = False):
+        self.prefix, self.shared = prefix, shared
         self.w_up, self.w_gate, self.w_down, self.b_up, self.b_gate = w_up, w_gate, w_down, b_up, b_gate
+        self._full: dict[str, object] = {}
 
-    def _rows_t(self, w, start: int, end: int, label: str):
-        """w[start:end].T: [F, d] -> [d, F_r]."""
-        sliced = _named(op.Slice(w, [start], [end], [0]), f"{_FOLD_PREFIX}{label}/slice")
-        return _named(op.Transpose(sliced, perm=[1, 0]), f"{_FOLD_PREFIX}{label}/t", f"{label}.weight_t")
-
-    def _cols_t(self, w, start: int, end: int, label: str):
-        """w[:, start:end].T: [d, F] -> [F_r, d]."""
-        sliced = _named(op.Slice(w, [start], [end], [1]), f"{_FOLD_PREFIX}{label}/slice")
-        return _named(op.Transpose(sliced, perm=[1, 0]), f"{_FOLD_PREFIX}{label}/t", f"{label}.weight_t")
+    def _transposed(self, w, start: int, end: int, axis: int, kind: str, label: str):
+        """w sliced to [start, end) along `axis` (0: rows of [F, d]; 1: columns of [d, F]), transposed."""
+        if not self.shared:
+            sliced = _named(op.Slice(w, [start], [end], [axis]), f"{_FOLD_PREFIX}{label}/slice")
+            return _named(op.Transpose(sliced, perm=[1, 0]), f"{_FOLD_PREFIX}{label}/t", f"{label}.weight_t")
+        if kind not in self._full:
+            self._full[kind] = _named(op.Transpose(w, perm=[1, 0]), f"{_FOLD_PREFIX}{self.prefix}/{kind}/t",
+                                      f"{self.prefix}/{kind}.weight_t")
+        full = self._full[kind]
+        if start == 0 and end == w.shape[axis]:
+            return full
+        return _named(op.Slice(full, [start], [end], [1 - axis]), f"{label}/slice", f"{label}.weight_t")
 
     def _bias(self, b, start: int, end: int, label: str):
         return _named(op.Slice(b, [start], [end], [0]), f"{_FOLD_PREFIX}{label}/slice", f"{label}.bias")
 
-    def _linear(self, rows, w, b, start, end, name):
-        y = _named(op.MatMul(rows, self._rows_t(w, start, end, name)), name)
+    def _linear(self, rows, w, b, start, end, kind, name):
+        y = _named(op.MatMul(rows, self._transposed(w, start, end, 0, kind, name)), name)
         return y if b is None else op.Add(y, self._bias(b, start, end, name))
 
     def ffn(self, rows, start: int, end: int, act, name: str):
         """rows [n, d] (or [..., d]) -> [..., d] on neurons [start, end), without b_down."""
-        up = self._linear(rows, self.w_up, self.b_up, start, end, f"{name}/up")
+        up = self._linear(rows, self.w_up, self.b_up, start, end, "up", f"{name}/up")
         if self.w_gate is None:
             h = act(up)
         else:
-            h = op.Mul(act(self._linear(rows, self.w_gate, self.b_gate, start, end, f"{name}/gate")), up)
-        w_down = self._cols_t(self.w_down, start, end, f"{name}/down")
+            h = op.Mul(act(self._linear(rows, self.w_gate, self.b_gate, start, end, "gate", f"{name}/gate")), up)
+        w_down = self._transposed(self.w_down, start, end, 1, "down", f"{name}/down")
         return _named(op.MatMul(h, w_down), f"{name}/down")
 
 

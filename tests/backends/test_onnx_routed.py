@@ -7,6 +7,7 @@ import json
 import re
 
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from torch import nn
@@ -198,6 +199,42 @@ def test_static_routes_lower_to_plain_matmuls(level):
     run = run if level == "all" else run.at_level(level)
     for batch, seq in [(3, 11), (1, 1)]:
         x = stack_input(batch, seq, seed=batch + seq)
+        assert (run(x=x) - _eager(gm, x)).abs().max().item() <= ONNX_VS_EAGER
+
+
+class _Nested(nn.Module):
+    """Skip / small / big over one weight (nested ranges), F large enough that the optimizer keeps slices."""
+    F_BIG = 400
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(9)
+        self.router = nn.Parameter(torch.randn(3, D, generator=g))
+        self.up, self.gate = (nn.Parameter(torch.randn(self.F_BIG, D, generator=g) * 0.1) for _ in range(2))
+        self.down = nn.Parameter(torch.randn(D, self.F_BIG, generator=g) * 0.1)
+
+    def forward(self, x):
+        routes = torch.argmax(x @ self.router.T, dim=-1, keepdim=True)
+        return ROUTED_FFN(x, routes, None, self.up, self.gate, self.down, None, None, None,
+                          [0, 0, 0, 150, 0, self.F_BIG], "silu")
+
+
+@pytest.mark.parametrize("level", ["all", "disable"])
+def test_nested_ranges_store_each_weight_once(level):
+    x = stack_input(2, 5)
+    gm = capture(_Nested().eval(), (x,))
+    run = onnx_backend.prepare(gm, {"x": x})
+    model = onnx.load_from_string(run.onnx_model)
+    ffn_bytes = sum(onnx.numpy_helper.to_array(i).nbytes for i in model.graph.initializer
+                    if i.name.startswith("routed_ffn"))
+    assert ffn_bytes == 3 * _Nested.F_BIG * D * 4  # up, gate, down once each: the small route slices them
+    inits = {i.name for i in model.graph.initializer}
+    assert sum(n.op_type == "Slice" and n.input[0] in inits for n in model.graph.node) == 3  # small's weights
+    run = run if level == "all" else run.at_level(level)
+    x = stack_input(3, 11, seed=3)
+    with torch.no_grad():
+        assert len(torch.argmax(x @ _Nested().router.T, dim=-1).unique()) == 3  # skip, small and big all run
+    for x in (x, stack_input(1, 1, seed=4)):
         assert (run(x=x) - _eager(gm, x)).abs().max().item() <= ONNX_VS_EAGER
 
 
