@@ -22,7 +22,11 @@ lowers to the plain FFN on that route's range (zeros for a skip), with no routin
 Weights enter as `Transpose(Slice(w))` nodes named `_FOLD_PREFIX...`; `fold_weight_slices` evaluates them once
 after export, so the model holds one pre-sliced, pre-transposed initializer per route and weight ([d, F_r] for
 the up/gate products, [F_r, d] for the down product): no Slice or Transpose runs per call, and ONNX Runtime can
-pre-pack every routed weight. Overlapping ranges (nested small/big) therefore store the shared neurons twice.
+pre-pack every routed weight. When live ranges overlap (nested small/big), each weight is instead transposed
+once into one full initializer and a route reads a constant-bounds `Slice` of it, so the file stores every
+neuron once; ONNX Runtime folds those slices into pre-packed constants at session creation (with its graph
+optimizations off, the slices run per call). Measured on the 8-layer d=1024 bench model, Duo 0.5 random: file
+661 -> 595 MiB (the dense model's size), latency 449 vs 463 ms median (shared 2-core machine: within noise).
 
 Node names: `{prefix}/route{r}/{up|gate|down}` for the routed MatMuls (`{prefix}/dense/...` on the dense path),
 where `prefix` is the fx node's name (`routed_ffn`, `routed_ffn_1`, ...), so profiles can be read per route.
