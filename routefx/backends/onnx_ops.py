@@ -26,7 +26,8 @@ pre-pack every routed weight. When live ranges overlap (nested small/big), each 
 once into one full initializer and a route reads a constant-bounds `Slice` of it, so the file stores every
 neuron once; ONNX Runtime folds those slices into pre-packed constants at session creation (with its graph
 optimizations off, the slices run per call). Measured on the 8-layer d=1024 bench model, Duo 0.5 random: file
-661 -> 595 MiB (the dense model's size), latency 449 vs 463 ms median (shared 2-core machine: within noise).
+661 -> 595 MiB (the dense model's size), latency 449 -> 463 ms median (+3%, one run of 7 rounds on a
+shared 2-core machine: not shown to be noise; a standalone sliced-vs-separate MatMul measured equal).
 
 Node names: `{prefix}/route{r}/{up|gate|down}` for the routed MatMuls (`{prefix}/dense/...` on the dense path),
 where `prefix` is the fx node's name (`routed_ffn`, `routed_ffn_1`, ...), so profiles can be read per route.
