@@ -117,6 +117,10 @@ def loadavg() -> list[float]:
         return [float(v) for v in f.read().split()[:3]]
 
 
+_ISA = {"avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+        "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8"}  # the flags that decide GEMM kernels
+
+
 def machine() -> dict:
     cpu = ""
     flags = set()
@@ -137,7 +141,7 @@ def machine() -> dict:
         pass
     import onnxscript
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-            "simd": sorted(f for f in flags if f in {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"}),
+            "simd": sorted(f for f in flags if f in _ISA),
             "mem_total_gib": mem, "torch_threads": torch.get_num_threads(),
             "ort_intra_op_threads": onnx_backend.session_options().intra_op_num_threads,
             "python": platform.python_version(), "platform": platform.platform(),
@@ -211,12 +215,12 @@ def peak_rates(info: dict, lat: dict, repeat: int) -> None:
 
 # ---- candidates ----------------------------------------------------------------------------------------------
 
-def compile_routefx(model, policy, cal) -> tuple[object, dict]:
-    """routefx.compile with the ONNX backend, every policy the same way (captured on the calibration data, which
-    has the measured input's form); returns the compiled model and its compile-time record."""
+def compile_routefx(model, policy, cal, backend: str = "onnx") -> tuple[object, dict]:
+    """routefx.compile with `backend` (ONNX unless asked), every policy the same way (captured on the calibration
+    data, which has the measured input's form); returns the compiled model and its compile-time record."""
     gc.collect()
     t = time.perf_counter()
-    cm = routefx.compile(model, policy, calibration=cal, backend="onnx")
+    cm = routefx.compile(model, policy, calibration=cal, backend=backend)
     wall = time.perf_counter() - t
     rep = cm.report
     prep = dict(cm.runner.timings)
@@ -226,9 +230,11 @@ def compile_routefx(model, policy, cal) -> tuple[object, dict]:
            "without_calibration_s": round(wall - rep.calibration_seconds, 3),
            "unaccounted_s": round(wall - accounted, 3),
            "passes_s": {p.name: round(p.seconds, 3) for p in rep.passes},
-           "onnx_model_mib": round(len(cm.runner.onnx_model) / 2**20, 1) if cm.runner.onnx_model else None}
+           "onnx_model_mib": round(len(cm.runner.onnx_model) / 2**20, 1)
+           if getattr(cm.runner, "onnx_model", None) else None}
     # The serialized model is only needed by runner.save(); dropping it keeps eleven sessions in 24 GiB.
-    cm.runner.onnx_model = None
+    if backend == "onnx":
+        cm.runner.onnx_model = None
     gc.collect()
     rec["rss_after_gib"] = round(rss_gib(), 2)
     return cm, rec
@@ -255,20 +261,26 @@ def max_logit_diff(a, b) -> float:
     return (a.logits - b.logits).abs().max().item()
 
 
-def spec(args) -> list[tuple[str, str, object]]:
-    """(key, label, policy) of the routefx candidates, ONNX dense first."""
-    out = [(DENSE, "routefx ONNX dense", routefx.policies.Dense())]
+def spec(args) -> list[tuple[str, str, object, str]]:
+    """(key, label, policy, backend) of the routefx candidates, ONNX dense first; with --routefx-inductor also
+    routefx's inductor backend on dense and on the first router at the middle budget."""
+    out = [(DENSE, "routefx ONNX dense", routefx.policies.Dense(), "onnx")]
     for router in args.routers:
         for b in args.budgets:
             out.append((f"duo_{router}_{b:g}", f"routefx ONNX Duo {router} b={b:g}",
-                        routefx.policies.Duo(budget=b, router=router)))
+                        routefx.policies.Duo(budget=b, router=router), "onnx"))
+    if args.routefx_inductor:
+        router, b = args.routers[0], args.budgets[len(args.budgets) // 2]
+        out += [("inductor_dense", "routefx inductor dense", routefx.policies.Dense(), "inductor"),
+                (f"inductor_duo_{router}_{b:g}", f"routefx inductor Duo {router} b={b:g}",
+                 routefx.policies.Duo(budget=b, router=router), "inductor")]
     return out
 
 
 # ---- ONNX profile --------------------------------------------------------------------------------------------
 
-_OVERHEAD = {"NonZero", "ScatterND", "Gather", "GatherND", "Equal", "ConstantOfShape", "Div", "Unsqueeze",
-             "ArgMax", "Shape", "Reshape", "Expand", "Cast"}
+_OVERHEAD = {"TopK", "CumSum", "NonZero", "ScatterND", "Gather", "GatherND", "Equal", "ConstantOfShape", "Div",
+             "Unsqueeze", "ArgMax", "Shape", "Reshape", "Expand", "Cast"}
 
 
 def profile_candidate(cm, x, runs: int, m: Shape) -> dict:
@@ -312,7 +324,7 @@ def profile_candidate(cm, x, runs: int, m: Shape) -> dict:
         elif op in ("MatMul", "Gemm", "FusedMatMul", "MatMulNBits"):
             by_class["other MatMul/Gemm (attention proj., scores, LM head, routers)"] += us
         elif op in _OVERHEAD:
-            by_class["index/shape ops (NonZero, Gather, ScatterND, Equal, ArgMax, Reshape, ...)"] += us
+            by_class["index/shape ops (TopK, Gather, ScatterND, Equal, ArgMax, Reshape, ...)"] += us
         else:
             by_class["element-wise, norms, softmax, attention kernels, other"] += us
     total = sum(by_op.values())
@@ -347,6 +359,9 @@ def parse_args(argv=None):
     p.add_argument("--cal-batch", type=int, default=2)
     p.add_argument("--cal-seq", type=int, default=256)
     p.add_argument("--no-inductor", action="store_true")
+    p.add_argument("--routefx-inductor", action="store_true",
+                   help="also time routefx's inductor backend (dense, and the first router at the middle budget); "
+                        "its speedup and efficiency columns are against ONNX dense like every row")
     p.add_argument("--peak-repeat", type=int, default=8, help="peak MatMuls per timed call")
     p.add_argument("--profile-only", default=None,
                    help="comma-separated candidate keys (e.g. duo_local_0.25): profile them and ONNX dense, merge "
@@ -441,11 +456,11 @@ def main(argv=None) -> None:
 
     # routefx ONNX candidates (dense first: every FLOP-ideal is relative to it)
     compiled = {}
-    for key, label, policy in spec(args):
+    for key, label, policy, backend in spec(args):
         print(f"-- compiling {label}", flush=True)
         rec = {"label": label, "policy": policy.to_dict()}
         try:
-            cm, rec["compile"] = compile_routefx(model, policy, cal)
+            cm, rec["compile"] = compile_routefx(model, policy, cal, backend)
             rec.update(evaluate_routes(cm, x))
             compiled[key] = cm
             fns[key] = (lambda cm=cm: cm(**x))

@@ -29,7 +29,7 @@ def profile_notes(res: dict) -> tuple[list[str], list[dict]]:
     if not d:
         return [], []
     cls_ffn, cls_mm = "FFN MatMul (routed_ffn up/gate/down)", "other MatMul/Gemm (attention proj., scores, LM head, routers)"
-    cls_idx = "index/shape ops (NonZero, Gather, ScatterND, Equal, ArgMax, Reshape, ...)"
+    cls_idx = "index/shape ops (TopK, Gather, ScatterND, Equal, ArgMax, Reshape, ...)"
     ffn_d, mm_d = d["by_class_ms"].get(cls_ffn, 0.0), d["by_class_ms"].get(cls_mm, 0.0)
     total_d = d["kernel_ms_per_run"]
     fixed_d = total_d - ffn_d - mm_d
@@ -58,7 +58,7 @@ def profile_notes(res: dict) -> tuple[list[str], list[dict]]:
         per_flop = "" if not rate or not rate_d else (
             f": the per-route GEMMs on gathered rows run at {rate / rate_d:.2f}x the dense GEMM rate per FLOP")
         notes.append(f"{k}: FFN MatMuls run at {fmt(rate, '.0f')} GFLOP/s (dense {fmt(rate_d, '.0f')}){per_flop}; "
-                     f"the routing ops (NonZero, Gather, ScatterND, Equal, ArgMax, ConstantOfShape, ...) add "
+                     f"the routing ops (TopK, Gather, ScatterND, Equal, ArgMax, ConstantOfShape, ...) add "
                      f"{idx:.1f} ms per run over dense ({idx / pr['kernel_ms_per_run']:.1%} of its kernel time).")
     if rows:
         below = [r["candidate"].removeprefix("duo_") for r in rows if r["ceiling"] < TARGETS["duo_efficiency"]]

@@ -1,4 +1,5 @@
-"""Backends: eager (reference), onnx (ONNX Runtime on CPU) and triton (Triton kernels + Inductor on CUDA).
+"""Backends: eager (reference), onnx (ONNX Runtime on CPU), triton (Triton kernels + Inductor on CUDA), inductor
+(torch.compile on the rewritten graph) and auto (times eager, onnx and inductor on the example, keeps the fastest).
 
 Each backend module has `prepare(gm, example_kwargs)`, returning a callable run as `run(**kwargs)` with the
 output structure of `gm(**kwargs)`. Backends are imported lazily: `onnx` pulls in onnxruntime and onnxscript,
@@ -6,7 +7,7 @@ output structure of `gm(**kwargs)`. Backends are imported lazily: `onnx` pulls i
 """
 from routefx.errors import BackendError
 
-BACKENDS = ("eager", "onnx", "triton")
+BACKENDS = ("eager", "onnx", "triton", "inductor", "auto")
 
 
 def get_backend(name: str):
@@ -22,4 +23,10 @@ def get_backend(name: str):
         if reason is not None:
             raise BackendError(reason)
         return backend
+    if name == "inductor":
+        from routefx.backends import inductor
+        return inductor
+    if name == "auto":
+        from routefx.backends import auto
+        return auto
     raise BackendError(f"backend {name!r} is not available; supported: {', '.join(BACKENDS)}")

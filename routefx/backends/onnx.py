@@ -1,8 +1,9 @@
 """ONNX backend: export the rewritten graph with `torch.onnx.export(dynamo=True)` and run it on ONNX Runtime (CPU).
 
 `prepare(gm, example_kwargs)` exports `gm` with its batch and sequence dims dynamic (the symbolic dims of the
-placeholders' fake values), lowers `routefx::routed_ffn` with `routefx.backends.onnx_ops` (per-route
-NonZero/Gather/MatMul/ScatterND on pre-sliced, pre-transposed weight initializers), folds the weight slices,
+placeholders' fake values), lowers `routefx::routed_ffn` with `routefx.backends.onnx_ops` (one TopK sort of the
+route ids per layer, per-route Gather/MatMul on pre-sliced, pre-transposed weight initializers, one ScatterND;
+constant route ids: plain MatMuls on their range), folds the weight slices,
 runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession`. Non-tensor keywords (use_cache=False)
 are baked into the model; its inputs are the model's own tensor inputs, its weights are initializers.
 
@@ -21,6 +22,8 @@ Session options, chosen deliberately (see `session_options`):
   Gelu / QuickGelu / LayerNorm / RMSNorm fusions, all exact formulas (ORT's optional Gelu *approximation* is
   not enabled). ALL adds layout (NCHWc) transforms to EXTENDED, which only concern convolutions.
   `prepare(..., optimization_level="disable")` runs the graph as emitted.
+- Export at opset 23 where ORT runs its fused `Attention` (probed once, `routefx.backends.onnx_opset`): one
+  Attention node per layer instead of MatMul / Softmax / MatMul and a NaN guard over the probabilities.
 - Weight pre-packing stays on (ORT's default): MLAS packs constant MatMul operands once at session creation,
   one more reason every routed weight slice is its own initializer.
 - enable_mem_pattern only for graphs without data-dependent shapes: a memory pattern is planned per input
@@ -55,6 +58,8 @@ from torch.utils import _pytree as pytree
 
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn, used below)
 from routefx.backends.onnx_ops import fold_weight_slices, routed_ffn_lowering
+from routefx.backends.onnx_opset import export_opset
+from routefx.backends.static_routes import constant_route
 from routefx.errors import BackendError, InputError
 
 __all__ = ["prepare", "OnnxRunner", "session_options"]
@@ -216,7 +221,7 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
                            f"{sum(leaf is True for leaf in leaves)} tensor outputs")
 
     tmpdir = tempfile.TemporaryDirectory(prefix="routefx_onnx_") if profile else None
-    routed = any(node.op_type == "NonZero" for node in ir.traversal.RecursiveGraphIterator(model.graph))
+    routed = any(node.op_type == "TopK" for node in ir.traversal.RecursiveGraphIterator(model.graph))
     so = session_options(optimization_level=optimization_level, routed=routed,
                          profile_dir=tmpdir.name if tmpdir else None)
     onnx_bytes, onnx_path = None, None
@@ -249,15 +254,21 @@ def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[st
                    if n.target not in arg_names}
     dyn = {n.target: _dynamic_dims(n) for n in placeholders}
     dynamic_shapes = tuple(dyn[a] for a in arg_names) if not call_kwargs else dyn
-    routed = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target is _ROUTED_FFN]
-    with _export_context():
-        try:
-            program = torch.onnx.export(gm, call_args, kwargs=call_kwargs or None, dynamo=True,
-                                        dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
-                                        custom_translation_table={_ROUTED_FFN: routed_ffn_lowering(routed)})
-        except Exception as e:  # the exporter raises many types; one typed error naming the node
-            raise BackendError(f"ONNX export failed: {_describe_export_error(e)}") from e
-    return program.model
+    routed = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _ROUTED_FFN]
+    static = {n.name: r for n in routed if (r := constant_route(n.args[1])) is not None}
+    names = [n.name for n in routed]
+    opsets = [export_opset(), None] if export_opset() is not None else [None]
+    for opset in opsets:  # opset 23 (fused Attention) where ORT runs it; the default opset if that export fails
+        with _export_context():
+            try:
+                program = torch.onnx.export(gm, call_args, kwargs=call_kwargs or None, dynamo=True,
+                                            dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
+                                            opset_version=opset, custom_translation_table={
+                                                _ROUTED_FFN: routed_ffn_lowering(names, static)})
+                return program.model
+            except Exception as e:  # the exporter raises many types; one typed error naming the node
+                if opset is opsets[-1]:
+                    raise BackendError(f"ONNX export failed: {_describe_export_error(e)}") from e
 
 
 def _positional_names(gm: fx.GraphModule, names: list[str]) -> tuple[str, ...]:

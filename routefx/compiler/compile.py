@@ -153,7 +153,9 @@ class CompiledModel:
                                flops_per_token=_flops_summary(flops_before, flops, int(seq), realised),
                                capture_seconds=round(t1 - t0, 3), calibration_seconds=round(t2 - t1 + t4 - t3, 3),
                                compile_seconds=round(t3 - t2 + time.perf_counter() - t4, 3))
-        return _Entry(gm, ir, plan, flops, report, self._backend.prepare(gm, kwargs))
+        run = self._backend.prepare(gm, kwargs)
+        report.notes += list(getattr(run, "notes", ()))  # backend "auto" says which candidate it kept
+        return _Entry(gm, ir, plan, flops, report, run)
 
     def _entry(self, kwargs: dict) -> _Entry:
         key = _form(kwargs)
@@ -203,7 +205,8 @@ class CompiledModel:
 
     @property
     def runner(self):
-        """What the backend runs (the fx graph for eager, an `OnnxRunner` for onnx)."""
+        """What the backend runs (the fx graph for eager, an `OnnxRunner` for onnx, an `InductorRunner` for
+        inductor, an `AutoRunner` wrapping the fastest candidate for auto)."""
         return self._require().run
 
     @property

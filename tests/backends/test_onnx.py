@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import routefx
+from routefx.backends.onnx_opset import export_opset
 from tests.compare import assert_close_nonpad
 from tests.tolerances import ONNX_VS_EAGER
 from tests.zoo import DENSE, ZOO, example_inputs
@@ -46,7 +47,9 @@ def test_dense_onnx_equals_eager(name):
     # one full range per FFN: plain MatMuls on all rows, no per-route dispatch
     run = cm.runner
     ops = {n.op_type for n in onnx.load_from_string(run.onnx_model).graph.node}
-    assert not ops & {"NonZero", "ScatterND"}, ops
+    assert not ops & {"TopK", "NonZero", "ScatterND"}, ops
+    if name == "llama" and export_opset() is not None:  # ORT runs opset 23's Attention: fused, no NaN guard
+        assert "Attention" in ops and not ops & {"IsNaN", "Softmax"}, ops
 
 
 @pytest.mark.parametrize("name", ["gpt2", "plain_parallel"])
@@ -89,4 +92,6 @@ def test_duo_onnx_equals_eager(name, router):
     cm = _duo(name, router)
     ops = {n.op_type for n in onnx.load_from_string(cm.runner.onnx_model).graph.node}
     if router != "static":
-        assert {"NonZero", "ScatterND", "ArgMax"} <= ops, ops
+        assert {"TopK", "ScatterND", "ArgMax"} <= ops, ops
+    else:  # constant route ids: plain MatMuls on each layer's fixed range, no routing ops at all
+        assert not ops & {"TopK", "NonZero", "ScatterND", "ArgMax"}, ops

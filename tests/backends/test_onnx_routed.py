@@ -7,6 +7,7 @@ import json
 import re
 
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from torch import nn
@@ -115,7 +116,8 @@ def test_exported_model_inputs_and_initializers():
     model = onnx.load_from_string(run.onnx_model)
     assert [i.name for i in model.graph.input] == ["x"]
     assert [i.name for i in run.inputs] == ["x"]
-    assert {"NonZero", "Gather", "ScatterND"} <= {n.op_type for n in model.graph.node}
+    assert {"TopK", "Gather", "ScatterND"} <= {n.op_type for n in model.graph.node}
+    assert "NonZero" not in {n.op_type for n in model.graph.node}
     inits = {i.name: list(i.dims) for i in model.graph.initializer}
     routed_mm = [n for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith("routed_ffn")]
     assert len(routed_mm) > 20
@@ -146,7 +148,7 @@ def test_dense_range_lowers_to_plain_matmuls(tmp_path, monkeypatch):
     gm = capture(_DenseFFN().eval(), (x,))
     run = onnx_backend.prepare(gm, {"x": x})
     ops = [n.op_type for n in onnx.load_from_string(run.onnx_model).graph.node]
-    assert ops.count("MatMul") == 3 and not {"NonZero", "Gather", "ScatterND"} & set(ops)
+    assert ops.count("MatMul") == 3 and not {"TopK", "NonZero", "Gather", "ScatterND"} & set(ops)
     x = stack_input(5, 7, seed=2)
     out = run(x=x)
     assert isinstance(out, torch.Tensor) and out.shape == x.shape
@@ -161,6 +163,79 @@ def test_dense_range_lowers_to_plain_matmuls(tmp_path, monkeypatch):
     assert torch.equal(big(x=x), out)
     with pytest.raises(routefx.BackendError, match="stored with external data"):
         big.save(str(tmp_path / "big.onnx"))
+
+
+class _StaticRoutes(nn.Module):
+    """Three layers with constant route ids (small, skip, big) built with full_like, zeros_like and full."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.w = nn.ParameterList([nn.Parameter(torch.randn(*s, generator=g) * 0.2)
+                                   for _ in range(3) for s in ((F, D), (F, D), (D, F))])
+        self.b = nn.Parameter(torch.randn(D, generator=g) * 0.2)
+
+    def forward(self, x):
+        first = x[..., :1]
+        small = torch.full_like(first, 1, dtype=torch.long)
+        skip = torch.zeros_like(first, dtype=torch.long)
+        big = torch.full((*x.shape[:-1], 1), 2, dtype=torch.long)
+        ranges = [0, 0, 0, 9, 0, F]
+        for i, routes in enumerate((small, skip, big)):
+            up, gate, down = self.w[3 * i:3 * i + 3]
+            x = x + ROUTED_FFN(x, routes, None, up, gate, down, None, None, self.b, ranges, "silu")
+        return x
+
+
+@pytest.mark.parametrize("level", ["all", "disable"])
+def test_static_routes_lower_to_plain_matmuls(level):
+    x = stack_input(2, 3)
+    gm = capture(_StaticRoutes().eval(), (x,))
+    run = onnx_backend.prepare(gm, {"x": x})
+    ops = [n.op_type for n in onnx.load_from_string(run.onnx_model).graph.node]
+    assert ops.count("MatMul") == 6 and not {"TopK", "NonZero", "Gather", "ScatterND"} & set(ops), ops
+    inits = {i.name: list(i.dims) for i in onnx.load_from_string(run.onnx_model).graph.initializer}
+    assert [d for name, d in inits.items() if name.endswith("up.weight_t")] == [[D, 9], [D, F]]
+    run = run if level == "all" else run.at_level(level)
+    for batch, seq in [(3, 11), (1, 1)]:
+        x = stack_input(batch, seq, seed=batch + seq)
+        assert (run(x=x) - _eager(gm, x)).abs().max().item() <= ONNX_VS_EAGER
+
+
+class _Nested(nn.Module):
+    """Skip / small / big over one weight (nested ranges), F large enough that the optimizer keeps slices."""
+    F_BIG = 400
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(9)
+        self.router = nn.Parameter(torch.randn(3, D, generator=g))
+        self.up, self.gate = (nn.Parameter(torch.randn(self.F_BIG, D, generator=g) * 0.1) for _ in range(2))
+        self.down = nn.Parameter(torch.randn(D, self.F_BIG, generator=g) * 0.1)
+
+    def forward(self, x):
+        routes = torch.argmax(x @ self.router.T, dim=-1, keepdim=True)
+        return ROUTED_FFN(x, routes, None, self.up, self.gate, self.down, None, None, None,
+                          [0, 0, 0, 150, 0, self.F_BIG], "silu")
+
+
+@pytest.mark.parametrize("level", ["all", "disable"])
+def test_nested_ranges_store_each_weight_once(level):
+    x = stack_input(2, 5)
+    gm = capture(_Nested().eval(), (x,))
+    run = onnx_backend.prepare(gm, {"x": x})
+    model = onnx.load_from_string(run.onnx_model)
+    ffn_bytes = sum(onnx.numpy_helper.to_array(i).nbytes for i in model.graph.initializer
+                    if i.name.startswith("routed_ffn"))
+    assert ffn_bytes == 3 * _Nested.F_BIG * D * 4  # up, gate, down once each: the small route slices them
+    inits = {i.name for i in model.graph.initializer}
+    assert sum(n.op_type == "Slice" and n.input[0] in inits for n in model.graph.node) == 3  # small's weights
+    run = run if level == "all" else run.at_level(level)
+    x = stack_input(3, 11, seed=3)
+    with torch.no_grad():
+        assert len(torch.argmax(x @ _Nested().router.T, dim=-1).unique()) == 3  # skip, small and big all run
+    for x in (x, stack_input(1, 1, seed=4)):
+        assert (run(x=x) - _eager(gm, x)).abs().max().item() <= ONNX_VS_EAGER
 
 
 # ---- inputs the model cannot take ----------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""Auto backend: prepares the candidate backends, times each on the example input and keeps the fastest.
+
+Candidates: eager, onnx and inductor (one that cannot prepare is left out, with its reason). Each is warmed up
+once, then called in `rounds` interleaved rounds (candidate order shuffled per round, so drift and other load on
+the machine spread over all); the median time decides. The result says what was measured in `notes`, which
+`routefx.compile` copies into `cm.report.notes`. Preparing every candidate costs their compile times together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import fx
+
+from routefx.errors import BackendError
+
+__all__ = ["prepare", "AutoRunner", "CANDIDATES"]
+
+CANDIDATES = ("eager", "onnx", "inductor")
+
+
+@dataclasses.dataclass
+class AutoRunner:
+    """The fastest candidate's runner (`runner`), its name (`chosen`), median ms per candidate (`ms`) and why
+    candidates were left out (`skipped`)."""
+    runner: Any
+    chosen: str
+    ms: dict[str, float]
+    skipped: dict[str, str]
+
+    def __call__(self, *args, **kwargs):
+        return self.runner(*args, **kwargs)
+
+    @property
+    def notes(self) -> list[str]:
+        timed = ", ".join(f"{k} {v:.2f} ms" for k, v in self.ms.items())
+        lines = [f"backend auto chose {self.chosen} (median on the example input: {timed})"]
+        lines += [f"backend auto left out {k}: {v}" for k, v in self.skipped.items()]
+        return lines
+
+
+def prepare(gm: fx.GraphModule, example_kwargs: dict, *, candidates=None, rounds: int = 5) -> AutoRunner:
+    """Prepare `candidates` (default `CANDIDATES`), time them and return the fastest (see the module docstring).
+    Raises `BackendError` when none can prepare the graph."""
+    from routefx.backends import get_backend
+
+    runners, skipped = {}, {}
+    for name in candidates or CANDIDATES:
+        try:
+            runners[name] = get_backend(name).prepare(gm, example_kwargs)
+        except BackendError as e:
+            skipped[name] = str(e)
+    if not runners:
+        raise BackendError(f"backend auto: no candidate could prepare the graph: {skipped}")
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    order = list(runners)
+    rng = random.Random(0)
+    with torch.no_grad():
+        for run in runners.values():  # warm-up (first-call allocations, lazy compiles)
+            run(**example_kwargs)
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for name in order:
+                t0 = time.perf_counter()
+                runners[name](**example_kwargs)
+                times[name].append(time.perf_counter() - t0)
+    ms = {name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()}
+    chosen = min(ms, key=ms.get)
+    return AutoRunner(runners[chosen], chosen, ms, skipped)

@@ -1,0 +1,95 @@
+"""Inductor backend: the rewritten graph compiled by `torch.compile(backend="inductor")`, on the CPU (or wherever
+the weights are).
+
+`prepare(gm, example_kwargs)` lowers the graph, compiles it with `dynamic=True, fullgraph=True` (a graph break is
+an error, not a silent fallback) and runs it once on the example, so Inductor's compile time is spent here:
+- a `routefx::routed_ffn` whose routes are a constant fill (Dense, a static router) becomes the plain FFN on its
+  fixed neuron range (`static_ffn`: `F.linear` products Inductor schedules with the rest of the graph), no routing;
+- any other `routefx::routed_ffn` stays an opaque custom op (Inductor calls it as an extern kernel). Its
+  implementation (`routefx.ir.ops`) is torch's GEMMs on contiguous per-route slices: one stable argsort of the
+  route ids, one host read of the per-route counts, then per route an `index_select` of its rows, the FFN on
+  that neuron range and one `index_add_` back; skip routes and empty ranges run nothing.
+
+The runner is called like `gm(**kwargs)` and returns the same output structure.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import fx
+
+import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn)
+from routefx.backends.static_routes import constant_route
+from routefx.errors import BackendError
+
+__all__ = ["prepare", "lower_static", "InductorRunner"]
+
+_ROUTED_FFN = torch.ops.routefx.routed_ffn.default
+
+
+def lower_static(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A new GraphModule (sharing `gm`'s weights) whose constant-route routed FFNs are plain FFNs on their range;
+    returns it and how many were lowered. `gm` is left unchanged."""
+    from routefx.backends.triton.backend import _copy_graph, static_ffn  # torch only: no triton import
+
+    new = fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)
+    new.meta.update(gm.meta)
+    lowered = 0
+    for n in list(new.graph.nodes):
+        if n.op != "call_function" or n.target is not _ROUTED_FFN:
+            continue
+        route = constant_route(n.args[1])
+        if route is None:
+            continue
+        x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation = n.args
+        if not 0 <= route < len(ranges) // 2:
+            raise BackendError(f"{n.name}: the constant route id {route} is outside [0, R={len(ranges) // 2}) for "
+                               f"ranges {list(ranges)}")
+        k_routes = int(routes.meta["val"].shape[-1])
+        with new.graph.inserting_before(n):
+            rep = new.graph.call_function(static_ffn, (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                                                       ranges[2 * route], ranges[2 * route + 1], k_routes,
+                                                       activation))
+        rep.meta.update(n.meta)
+        n.replace_all_uses_with(rep)
+        new.graph.erase_node(n)
+        lowered += 1
+    new.graph.eliminate_dead_code()
+    new.recompile()
+    return new, lowered
+
+
+class InductorRunner:
+    """Calls the compiled graph. graph_module: the lowered graph; static_ffns: routed FFNs lowered to plain FFNs;
+    compiled: the `torch.compile` wrapper; timings: {"compile": seconds of the first (compiling) call}."""
+
+    def __init__(self, graph_module: fx.GraphModule, static_ffns: int, compiled, timings: dict):
+        self.graph_module = graph_module
+        self.static_ffns = static_ffns
+        self.compiled = compiled
+        self.timings = timings
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.compiled(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"InductorRunner(static_ffns={self.static_ffns}, timings={self.timings})"
+
+
+def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool = True) -> InductorRunner:
+    """Lower and compile `gm`, then run it once on `example_kwargs` (see the module docstring). Raises
+    `BackendError` when Inductor cannot compile the graph."""
+    lowered, n_static = lower_static(gm)
+    compiled = torch.compile(lowered, backend="inductor", dynamic=dynamic, fullgraph=True)
+    runner = InductorRunner(lowered, n_static, compiled, {})
+    t0 = time.perf_counter()
+    try:
+        runner(**example_kwargs)
+    except Exception as e:  # Dynamo / Inductor raise many types; one typed error
+        text = str(e).strip().splitlines()
+        raise BackendError(f"torch.compile (inductor) could not compile the graph: {type(e).__name__}: "
+                           f"{text[0] if text else ''}") from e
+    runner.timings["compile"] = round(time.perf_counter() - t0, 3)
+    return runner
