@@ -30,6 +30,14 @@ class _CapturedFakeProp(FakeTensorProp):
         super().__init__(gm, mode)
         self._fakes: dict[int, torch.Tensor] = {}
 
+    def call_function(self, target, args, kwargs):
+        if target is torch.ops.aten.linear.default:
+            # [..., d_in] x [d_out, d_in] -> [..., d_out], by its definition: torch 2.11's fake linear flattens and
+            # re-views a symbolic [B, S, d] input by its size hints, which reads [B, S] back as [2, (B*S)//2]
+            x, w = args[0], args[1]
+            return x.new_empty((*x.shape[:-1], w.shape[0]))
+        return super().call_function(target, args, kwargs)
+
     def get_attr(self, target, args, kwargs):
         t = super().get_attr(target, args, kwargs)
         if not isinstance(t, torch.Tensor):
