@@ -20,43 +20,17 @@ import torch
 from torch import fx
 
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn)
-from routefx.backends.static_routes import constant_route
+from routefx.backends.static_routes import lower_routed
 from routefx.errors import BackendError
 
 __all__ = ["prepare", "lower_static", "InductorRunner"]
 
-_ROUTED_FFN = torch.ops.routefx.routed_ffn.default
 
 
 def lower_static(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A new GraphModule (sharing `gm`'s weights) whose constant-route routed FFNs are plain FFNs on their range;
     returns it and how many were lowered. `gm` is left unchanged."""
-    from routefx.backends.triton.backend import _copy_graph, static_ffn  # torch only: no triton import
-
-    new = fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)
-    new.meta.update(gm.meta)
-    lowered = 0
-    for n in list(new.graph.nodes):
-        if n.op != "call_function" or n.target is not _ROUTED_FFN:
-            continue
-        route = constant_route(n.args[1])
-        if route is None:
-            continue
-        x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation = n.args
-        if not 0 <= route < len(ranges) // 2:
-            raise BackendError(f"{n.name}: the constant route id {route} is outside [0, R={len(ranges) // 2}) for "
-                               f"ranges {list(ranges)}")
-        k_routes = int(routes.meta["val"].shape[-1])
-        with new.graph.inserting_before(n):
-            rep = new.graph.call_function(static_ffn, (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
-                                                       ranges[2 * route], ranges[2 * route + 1], k_routes,
-                                                       activation))
-        rep.meta.update(n.meta)
-        n.replace_all_uses_with(rep)
-        new.graph.erase_node(n)
-        lowered += 1
-    new.graph.eliminate_dead_code()
-    new.recompile()
+    new, lowered, _ = lower_routed(gm)
     return new, lowered
 
 

@@ -1,11 +1,22 @@
-"""Recognising routed FFNs whose route ids are constants of the graph (Dense, a static router), shared by the
-backends that lower them to a plain FFN on one neuron range."""
+"""Routed FFNs whose route ids are constants of the graph (Dense, a static router), lowered to a plain FFN on
+their one neuron range: the recognition (`constant_route`), the replacement op (`static_ffn`) and the graph
+rewrite (`lower_routed`), shared by the inductor and triton backends."""
 from __future__ import annotations
 
-import torch
-from torch import fx
+from typing import Optional
 
-__all__ = ["constant_route"]
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+
+import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn)
+from routefx.errors import BackendError
+from routefx.ir.activations import get_activation
+
+__all__ = ["constant_route", "static_ffn", "copy_graph", "lower_routed"]
+
+_ROUTED_FFN = torch.ops.routefx.routed_ffn.default
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 aten = torch.ops.aten
 _FILL_ARG = {aten.full_like.default: 1, aten.full.default: 1}  # op -> position of its fill value
@@ -22,4 +33,74 @@ def constant_route(routes) -> int | None:
         return None
     i = _FILL_ARG[routes.target]
     value = routes.args[i] if len(routes.args) > i else routes.kwargs.get("fill_value")
-    return int(value) if isinstance(value, (int, bool)) else None
+    return int(value) if isinstance(value, (int, float, bool)) else None
+
+
+def static_ffn(x: Tensor, gates: Optional[Tensor], w_up: Tensor, w_gate: Optional[Tensor], w_down: Tensor,
+               b_up: Optional[Tensor], b_gate: Optional[Tensor], b_down: Optional[Tensor], start: int, end: int,
+               k_routes: int, activation: str) -> Tensor:
+    """`routed_ffn` when every token takes the same route [start, end) in all of its K slots: the plain FFN on
+    that neuron range for all tokens (weight slices are views; no routing, no kernel launch of ours).
+
+    x [..., d]; gates [..., K] or None -> [..., d]. y = (sum_k g_k) * FFN_[start,end)(x), K * FFN when gates is
+    None; exactly 0 for an empty range (b_down is not added, as in the reference op).
+    """
+    if start == end:
+        return torch.zeros_like(x)
+    act = get_activation(activation)
+    up = F.linear(x, w_up[start:end], None if b_up is None else b_up[start:end])  # [..., F_r]
+    if w_gate is None:
+        h = act(up)
+    else:
+        h = act(F.linear(x, w_gate[start:end], None if b_gate is None else b_gate[start:end])) * up
+    y = F.linear(h, w_down[:, start:end], b_down)  # [..., d]
+    if gates is None and k_routes == 1:
+        return y
+    acc = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    scale = float(k_routes) if gates is None else gates.to(acc).sum(-1, keepdim=True)  # [..., 1]
+    return (y.to(acc) * scale).to(x.dtype)
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of `graph`'s nodes that keeps its calling convention (the pytree codegen of an exported module,
+    shared: it is not mutated). `copy.deepcopy` would also deep-copy the codegen's pytree specs."""
+    new = fx.Graph()
+    out, old_output = new.graph_copy(graph, {}, return_output_node=True)
+    new._codegen = graph._codegen
+    new.output(out, type_expr=getattr(old_output, "type", None)).meta.update(old_output.meta)
+    return new
+
+
+def lower_routed(gm: fx.GraphModule, dynamic_op=None) -> tuple[fx.GraphModule, int, int]:
+    """A new GraphModule (sharing `gm`'s weights; `gm` is left unchanged) whose constant-route routed FFNs are
+    `static_ffn` calls on their range and, when `dynamic_op` is given, whose other routed FFNs call it with the
+    same arguments. Returns (module, constant-route FFNs lowered, dynamic FFNs replaced)."""
+    new = fx.GraphModule(gm, copy_graph(gm.graph), class_name=type(gm).__name__)
+    new.meta.update(gm.meta)
+    n_static = n_dynamic = 0
+    for n in list(new.graph.nodes):
+        if n.op != "call_function" or n.target is not _ROUTED_FFN:
+            continue
+        x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation = n.args
+        route = constant_route(routes)
+        if route is None and dynamic_op is None:
+            continue
+        with new.graph.inserting_before(n):
+            if route is not None:
+                if not 0 <= route < len(ranges) // 2:
+                    raise BackendError(f"{n.name}: the constant route id {route} is outside [0, R={len(ranges) // 2}) "
+                                       f"for ranges {list(ranges)}")
+                k_routes = int(routes.meta["val"].shape[-1])
+                rep = new.graph.call_function(static_ffn, (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                                                            ranges[2 * route], ranges[2 * route + 1], k_routes,
+                                                            activation))
+                n_static += 1
+            else:
+                rep = new.graph.call_function(dynamic_op, n.args, n.kwargs)
+                n_dynamic += 1
+        rep.meta.update(n.meta)
+        n.replace_all_uses_with(rep)
+        new.graph.erase_node(n)
+    new.graph.eliminate_dead_code()
+    new.recompile()
+    return new, n_static, n_dynamic

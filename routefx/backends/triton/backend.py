@@ -31,17 +31,14 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, fx
+from torch import fx
 
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn)
+from routefx.backends.static_routes import lower_routed, static_ffn  # noqa: F401  (static_ffn: re-exported)
 from routefx.errors import BackendError, InputError
-from routefx.ir.activations import get_activation
 
 __all__ = ["prepare", "lower", "TritonRunner", "LowerStats", "unavailable_reason", "static_ffn"]
 
-aten = torch.ops.aten
-_ROUTED_FFN = torch.ops.routefx.routed_ffn.default
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -79,58 +76,10 @@ def unavailable_reason(device: Optional[torch.device] = None) -> str | None:
 
 # ---- lowering -----------------------------------------------------------------------------------------------
 
-def static_ffn(x: Tensor, gates: Optional[Tensor], w_up: Tensor, w_gate: Optional[Tensor], w_down: Tensor,
-               b_up: Optional[Tensor], b_gate: Optional[Tensor], b_down: Optional[Tensor], start: int, end: int,
-               k_routes: int, activation: str) -> Tensor:
-    """`routed_ffn` when every token takes the same route [start, end) in all of its K slots: the plain FFN on
-    that neuron range for all tokens (weight slices are views; no routing, no kernel launch of ours).
-
-    x [..., d]; gates [..., K] or None -> [..., d]. y = (sum_k g_k) * FFN_[start,end)(x), K * FFN when gates is
-    None; exactly 0 for an empty range (b_down is not added, as in the reference op).
-    """
-    if start == end:
-        return torch.zeros_like(x)
-    act = get_activation(activation)
-    up = F.linear(x, w_up[start:end], None if b_up is None else b_up[start:end])  # [..., F_r]
-    if w_gate is None:
-        h = act(up)
-    else:
-        h = act(F.linear(x, w_gate[start:end], None if b_gate is None else b_gate[start:end])) * up
-    y = F.linear(h, w_down[:, start:end], b_down)  # [..., d]
-    if gates is None and k_routes == 1:
-        return y
-    acc = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
-    scale = float(k_routes) if gates is None else gates.to(acc).sum(-1, keepdim=True)  # [..., 1]
-    return (y.to(acc) * scale).to(x.dtype)
-
-
-def _constant_route(routes: fx.Node) -> int | None:
-    """The route id every token takes when `routes` is a constant fill, else None."""
-    if routes.op != "call_function":
-        return None
-    if routes.target in (aten.zeros_like.default, aten.zeros.default):
-        return 0
-    if routes.target in (aten.ones_like.default, aten.ones.default):
-        return 1
-    if routes.target in (aten.full_like.default, aten.full.default) and isinstance(routes.args[1], (int, float)):
-        return int(routes.args[1])
-    return None
-
-
 @dataclasses.dataclass(frozen=True)
 class LowerStats:
     triton_ops: int   # dynamic routed FFNs -> routefx_triton::routed_ffn
     dense_ffns: int   # constant-route routed FFNs -> plain dense products on one neuron range
-
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    """A copy of `graph`'s nodes that keeps its calling convention (the pytree codegen of an exported module,
-    shared: it is not mutated). `copy.deepcopy` would also deep-copy the codegen's pytree specs."""
-    new = fx.Graph()
-    out, old_output = new.graph_copy(graph, {}, return_output_node=True)
-    new._codegen = graph._codegen
-    new.output(out, type_expr=getattr(old_output, "type", None)).meta.update(old_output.meta)
-    return new
 
 
 def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, LowerStats]:
@@ -139,32 +88,7 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, LowerStats]:
     from routefx.backends.triton import ffn  # noqa: F401  (registers torch.ops.routefx_triton.routed_ffn)
     triton_op = torch.ops.routefx_triton.routed_ffn.default
 
-    new = fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)  # weights shared, not copied
-    new.meta.update(gm.meta)
-    n_triton = n_dense = 0
-    for n in list(new.graph.nodes):
-        if n.op != "call_function" or n.target is not _ROUTED_FFN:
-            continue
-        x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation = n.args
-        route = _constant_route(routes)
-        with new.graph.inserting_before(n):
-            if route is not None:
-                if not 0 <= route < len(ranges) // 2:
-                    raise BackendError(f"{n.name}: constant route {route} is outside [0, {len(ranges) // 2}) for "
-                                       f"ranges {list(ranges)}")
-                k_routes = int(routes.meta["val"].shape[-1])
-                rep = new.graph.call_function(static_ffn, (x, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
-                                                            ranges[2 * route], ranges[2 * route + 1], k_routes,
-                                                            activation))
-                n_dense += 1
-            else:
-                rep = new.graph.call_function(triton_op, n.args, n.kwargs)
-                n_triton += 1
-        rep.meta.update(n.meta)
-        n.replace_all_uses_with(rep)
-        new.graph.erase_node(n)
-    new.graph.eliminate_dead_code()
-    new.recompile()
+    new, n_dense, n_triton = lower_routed(gm, triton_op)
     return new, LowerStats(n_triton, n_dense)
 
 
