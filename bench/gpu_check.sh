@@ -6,7 +6,10 @@
 #     PYTHONPATH=$PWD bash bench/gpu_check.sh cuda bench-quick
 #
 # Steps (each under `timeout`; a failure or timeout is recorded and the next step runs):
-#   cuda         the CUDA-marked tests:                  pytest -q -m cuda tests          -> $OUT/cuda.log
+#   cuda         the CUDA tests (tests/test_cuda.py, the Triton kernel and backend CUDA tests), one kernel
+#                configuration each (ROUTEFX_TRITON_TUNE=first: correctness, not speed) -> $OUT/cuda.log
+#   tune         python bench/gpu_tune.py --out $OUT: per-kernel times and every autotuned configuration's time
+#                at T=8192 / 1024, weights by pointers and through tensor descriptors -> $OUT/tune.log
 #   suite        the whole suite on CPU (CUDA hidden, so the Triton interpreter tests run), -n 8 -> $OUT/suite.log
 #   bench        python bench/gpu.py --out $OUT --time-budget (BENCH_TIMEOUT - 20) (gpu.json, gpu.md) -> $OUT/bench.log
 #   bench-quick  the same with --quick
@@ -20,6 +23,7 @@ set -u
 OUT="${OUT:?set OUT to an output folder}"
 PY="${PYTHON:-python3}"
 CUDA_TIMEOUT="${CUDA_TIMEOUT:-110}"
+TUNE_TIMEOUT="${TUNE_TIMEOUT:-150}"
 SUITE_TIMEOUT="${SUITE_TIMEOUT:-140}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
 TOTAL_TIMEOUT="${TOTAL_TIMEOUT:-480}"  # the whole script: a step gets at most what is left of this (less 10 s)
@@ -33,7 +37,7 @@ export TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(cuda suite bench)
 for s in "${steps[@]}"; do
-  case "$s" in cuda|suite|bench|bench-quick) ;; *) echo "unknown step '$s'; steps: cuda suite bench bench-quick"; exit 2;; esac
+  case "$s" in cuda|tune|suite|bench|bench-quick) ;; *) echo "unknown step '$s'; steps: cuda tune suite bench bench-quick"; exit 2;; esac
 done
 
 T0=$(date +%s)
@@ -82,9 +86,16 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,utilization.
 for s in "${steps[@]}"; do
   case "$s" in
     cuda)
-      run_step cuda "$CUDA_TIMEOUT" "$OUT/cuda.log" $PY -m pytest -q -p no:cacheprovider -m cuda tests -rfEs
+      export ROUTEFX_TRITON_TUNE=first
+      run_step cuda "$CUDA_TIMEOUT" "$OUT/cuda.log" $PY -m pytest -q -p no:cacheprovider \
+        tests/test_cuda.py tests/backends/triton/test_ffn_cuda.py tests/backends/test_triton_backend.py -rfEs
+      unset ROUTEFX_TRITON_TUNE
       grep -sE "^(FAILED|ERROR|SKIPPED) " "$OUT/cuda.log" | cut -c1-300 | head -n 20
       [ -f "$OUT/cuda.log" ] && note "  cuda tests: $(pytest_result "$OUT/cuda.log")"
+      ;;
+    tune)
+      run_step tune "$TUNE_TIMEOUT" "$OUT/tune.log" $PY bench/gpu_tune.py --out "$OUT"
+      sed -n '/=== summary/,$p' "$OUT/tune.log"
       ;;
     suite)
       # CUDA hidden: the suite's CPU view (the Triton kernels under TRITON_INTERPRET=1, set by the tests)

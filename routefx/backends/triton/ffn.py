@@ -49,29 +49,25 @@ _SMALL_N = 256  # assignments at or below this use the small-row-block configura
 DECODE_MAX_T = 64  # tokens at or below this take the decode path (masked dense over the used span)
 
 
-def _cfg(bm, bn, bk, warps, stages, group=8, persist=0, fused=0):
-    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group, "PERSIST": persist, "FUSED_GU": fused},
+def _cfg(bm, bn, bk, warps, stages, group=8, persist=0, tma=0):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group, "PERSIST": persist, "TMA": tma},
                          num_warps=warps, num_stages=stages)
-
-
-def _down(configs):  # the down kernel has no FUSED_GU
-    return [triton.Config({k: v for k, v in c.kwargs.items() if k != "FUSED_GU"}, num_warps=c.num_warps,
-                          num_stages=c.num_stages) for c in configs]
 
 
 def _cfg_nm(bn, bk, warps, stages):
     return triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
 
 
+def _with_tma(configs):  # each configuration also with its weight tiles through tensor descriptors
+    return configs + [triton.Config({**c.kwargs, "TMA": 1}, num_warps=c.num_warps, num_stages=c.num_stages)
+                      for c in configs]
+
+
 # Kernel 1 holds two fp32 accumulators when gated: BM*BN*2*4 bytes of registers. Hopper bf16 sizes per the
 # Triton matmul tutorial / vLLM fused MoE; configs that overflow shared memory are dropped by the autotuner.
 _UP_LARGE = [
     _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 256, 64, 8, 3), _cfg(64, 64, 32, 4, 3),
-    _cfg(128, 128, 64, 8, 3, persist=1), _cfg(128, 128, 64, 8, 4, persist=1),
-    # gate and up as one N = 2*BN product (kernels.up_kernel, FUSED_GU)
-    _cfg(128, 128, 64, 8, 3, fused=1), _cfg(128, 128, 64, 8, 4, fused=1), _cfg(128, 64, 64, 4, 4, fused=1),
-    _cfg(128, 128, 64, 8, 3, persist=1, fused=1),
+    _cfg(64, 64, 32, 4, 3), _cfg(128, 128, 64, 8, 3, persist=1), _cfg(128, 128, 64, 8, 4, persist=1),
 ]
 _DOWN_LARGE = [
     _cfg(128, 256, 64, 8, 3), _cfg(128, 256, 64, 8, 4), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
@@ -81,40 +77,72 @@ _DOWN_LARGE = [
 # Decode: few rows, the weights stream once; narrow column blocks give enough programs to fill the SMs.
 _UP_SMALL = [
     _cfg(16, 32, 128, 4, 4), _cfg(16, 64, 128, 4, 4), _cfg(16, 64, 256, 4, 3), _cfg(32, 64, 128, 4, 4),
-    _cfg(64, 64, 64, 4, 4), _cfg(16, 32, 64, 2, 4), _cfg(64, 64, 64, 4, 4, fused=1),
+    _cfg(64, 64, 64, 4, 4), _cfg(16, 32, 64, 2, 4),
 ]
 _DOWN_SMALL = [
     _cfg(16, 16, 256, 4, 4), _cfg(16, 32, 128, 4, 4), _cfg(16, 64, 128, 4, 4), _cfg(32, 64, 128, 4, 4),
     _cfg(64, 64, 64, 4, 4), _cfg(16, 32, 64, 2, 4),
 ]
+_SPAN_UP_CFGS = [_cfg_nm(bn, bk, 4, st) for bn, bk, st in ((32, 128, 4), (64, 128, 4), (32, 256, 3), (64, 64, 4),
+                                                           (16, 256, 4))]
+_SPAN_DOWN_CFGS = [_cfg_nm(bn, bk, 4, st) for bn, bk, st in ((32, 128, 4), (64, 128, 4), (16, 256, 4), (64, 64, 4),
+                                                             (128, 64, 4))]
+
+
+def _tuning(configs):
+    """ROUTEFX_TRITON_TUNE=first: the first configuration only, no autotuning (tests on a GPU: correctness, not
+    speed); default: all of them."""
+    return configs[:1] if os.environ.get("ROUTEFX_TRITON_TUNE", "").lower() == "first" else configs
+
+
 # Keys: shapes and (kernel 1) gated or not, since a gated tile needs twice the weight tiles in shared memory (a
-# configuration that fits a plain FFN may not fit a gated one). Tensor dtypes are part of every key.
+# configuration that fits a plain FFN may not fit a gated one). Tensor dtypes are part of every key. One
+# autotuner per (size class, TMA allowed): weights through tensor descriptors need 16-byte aligned rows.
 _KEYS = ["D", "WMAX", "N_BUCKET"]
-_UP = {"small": triton.autotune(_UP_SMALL, key=_KEYS + ["GATED"])(kernels.up_kernel),
-       "large": triton.autotune(_UP_LARGE, key=_KEYS + ["GATED"])(kernels.up_kernel)}
-_DOWN = {"small": triton.autotune(_down(_DOWN_SMALL), key=_KEYS)(kernels.down_kernel),
-         "large": triton.autotune(_down(_DOWN_LARGE), key=_KEYS)(kernels.down_kernel)}
+_UP = {(size, tma): triton.autotune(_tuning(_with_tma(cfgs) if tma else cfgs), key=_KEYS + ["GATED"])(kernels.up_kernel)
+       for size, cfgs in (("small", _UP_SMALL), ("large", _UP_LARGE)) for tma in (False, True)}
+_DOWN = {(size, tma): triton.autotune(_tuning(_with_tma(cfgs) if tma else cfgs), key=_KEYS)(kernels.down_kernel)
+         for size, cfgs in (("small", _DOWN_SMALL), ("large", _DOWN_LARGE)) for tma in (False, True)}
 _SPAN_KEYS = ["D", "SPAN", "T"]
-_SPAN_UP = triton.autotune([_cfg_nm(bn, bk, 4, st) for bn, bk, st in ((32, 128, 4), (64, 128, 4), (32, 256, 3),
-                                                                       (64, 64, 4), (16, 256, 4))],
-                           key=_SPAN_KEYS + ["GATED"])(decode_kernels.span_up_kernel)
-_SPAN_DOWN = triton.autotune([_cfg_nm(bn, bk, 4, st) for bn, bk, st in ((32, 128, 4), (64, 128, 4), (16, 256, 4),
-                                                                         (64, 64, 4), (128, 64, 4))],
-                             key=_SPAN_KEYS)(decode_kernels.span_down_kernel)
+_SPAN_UP = triton.autotune(_tuning(_SPAN_UP_CFGS), key=_SPAN_KEYS + ["GATED"])(decode_kernels.span_up_kernel)
+_SPAN_DOWN = triton.autotune(_tuning(_SPAN_DOWN_CFGS), key=_SPAN_KEYS)(decode_kernels.span_down_kernel)
 # Interpreter (CPU tests): one small configuration, so test sizes cover several row, column and k blocks.
 # Persistent with at most 7 programs: programs run several tiles, and some none.
-_INTERP_CFG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2, "PERSIST": 1, "FUSED_GU": 1}
+_INTERP_CFG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2, "PERSIST": 1, "TMA": 1}
 _INTERP_PROGRAMS = 7
 
 
 def kernel_configs() -> dict:
     """The configurations the autotuner picked so far, per kernel and size class: {name: {key: config str}}."""
+    tables = {**{f"up_{size}{'_tma' if tma else ''}": t for (size, tma), t in _UP.items()},
+              **{f"down_{size}{'_tma' if tma else ''}": t for (size, tma), t in _DOWN.items()},
+              "span_up": _SPAN_UP, "span_down": _SPAN_DOWN}
     out = {}
-    for kind, table in (("up", _UP), ("down", _DOWN), ("span", {"up": _SPAN_UP, "down": _SPAN_DOWN})):
-        for size, tuner in table.items():
-            cache = getattr(tuner, "cache", {}) or {}
-            out[f"{kind}_{size}"] = {str(k): str(v) for k, v in cache.items()}
+    for name, tuner in tables.items():
+        cache = getattr(tuner, "cache", {}) or {}
+        if cache:
+            out[name] = {str(k): str(v) for k, v in cache.items()}
     return out
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Triton's allocator for kernels that build tensor descriptors on the device (their global scratch)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+if not INTERPRET and hasattr(triton, "set_allocator"):
+    triton.set_allocator(_scratch)
+
+
+def _tma_ok(*tensors) -> bool:
+    """Weights through tensor descriptors (TMA): Hopper or newer, 16-byte aligned start and row stride. Read from
+    the storage offset (torch's allocations are aligned far beyond 16 bytes), so that it holds for fake tensors
+    while torch.compile traces the op too."""
+    if not INTERPRET:
+        if not hasattr(triton.language, "make_tensor_descriptor") or torch.cuda.get_device_capability()[0] < 9:
+            return False
+    return all((t.storage_offset() * t.element_size()) % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+               for t in tensors)
 
 
 def _check_device(x: Tensor, routes: Tensor, gates: Optional[Tensor], weights: dict) -> None:
@@ -233,25 +261,27 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
     up_args = (x2, w_up, w_gate if gated else w_up, b_up if b_up is not None else w_up,
                b_gate if b_gate is not None else w_up, h,
                meta.order, meta.count, meta.offset, rstart, rwidth,
-               n_buckets, d, k_routes, wmax, n_bucket,
+               n_buckets, d, k_routes, n_neurons, wmax, n_bucket,
                x2.stride(0), w_up.stride(0), (w_gate if gated else w_up).stride(0), h.stride(0))
     up_const = dict(R_P2=r_p2, GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
                     ACT=kernels.ACT_CODES[activation], IEEE=ieee, ALIGNED=aligned)
     down_args = (h, w_down, b_down if b_down is not None else w_down,
                  flat_gates if flat_gates is not None else w_down, y,
                  meta.order, meta.count, meta.offset, rstart, rwidth,
-                 n_buckets, d, wmax, n_bucket, h.stride(0), w_down.stride(0), y.stride(0))
+                 n_buckets, d, n_neurons, wmax, n_bucket, h.stride(0), w_down.stride(0), y.stride(0))
     down_const = dict(R_P2=r_p2, HAS_BD=b_down is not None, HAS_GATES=flat_gates is not None, IEEE=ieee,
                       ALIGNED=aligned)
 
     if INTERPRET:  # an opaque custom op here: always called with real CPU tensors
-        kernels.up_kernel[up_grid(_INTERP_CFG)](*up_args, **up_const, **_INTERP_CFG)
-        down_cfg = {k: v for k, v in _INTERP_CFG.items() if k != "FUSED_GU"}
-        kernels.down_kernel[down_grid(down_cfg)](*down_args, **down_const, **down_cfg)
+        cfg = {**_INTERP_CFG, "TMA": int(bool(_INTERP_CFG["TMA"]) and _tma_ok(w_up, w_gate if gated else w_up,
+                                                                               w_down))}
+        kernels.up_kernel[up_grid(cfg)](*up_args, **up_const, **cfg)
+        kernels.down_kernel[down_grid(cfg)](*down_args, **down_const, **cfg)
     else:
         wrap = torch.library.wrap_triton
-        wrap(_UP[size])[up_grid](*up_args, **up_const)
-        wrap(_DOWN[size])[down_grid](*down_args, **down_const)
+        tma = _tma_ok(w_up, w_gate if gated else w_up, w_down)
+        wrap(_UP[size, tma])[up_grid](*up_args, **up_const)
+        wrap(_DOWN[size, tma])[down_grid](*down_args, **down_const)
 
     if k_routes > 1:
         y = y.view(n_tok, k_routes, d).sum(1, dtype=_ACC.get(x.dtype, x.dtype)).to(x.dtype)

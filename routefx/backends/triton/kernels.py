@@ -120,21 +120,24 @@ def _find_tile(tile, mblocks, nblocks, tiles, R_P2: tl.constexpr, GROUP_M: tl.co
 def up_kernel(
     x_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr,
     order_ptr, count_ptr, off_ptr, rstart_ptr, rwidth_ptr,
-    NR, D, K, WMAX, N_BUCKET,
+    NR, D, K, NF, WMAX, N_BUCKET,
     stride_x, stride_wu, stride_wg, stride_h,
     R_P2: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr,
-    IEEE: tl.constexpr, ALIGNED: tl.constexpr,
+    IEEE: tl.constexpr, ALIGNED: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
-    FUSED_GU: tl.constexpr,
 ):
     """Kernel 1: h[rows, cols] = act(x[tok] Wg^T + bg) * (x[tok] Wu^T + bu)   (plain: act(x[tok] Wu^T + bu)),
-    per (BM rows of route r) x (BN neurons of route r) tile; x rows gathered by token.
-    WMAX and N_BUCKET are autotune keys only; PERSIST only changes the host's grid; FUSED_GU (gated only): gate
-    and up as one product of twice the width instead of two."""
+    per (BM rows of route r) x (BN neurons of route r) tile; x rows gathered by token (pointer loads).
+    TMA: the weight tiles [BN, BK] come through tensor descriptors (Hopper's bulk copy engine; zero-filled past
+    NF rows and D columns, so they need no masks: neurons past the route's width are computed and not stored).
+    NF: rows of the weights; WMAX and N_BUCKET are autotune keys only; PERSIST only changes the host's grid."""
     # Tiles (route, row block, column block) are numbered route by route; program p runs tiles p, p + P, ...
     # (P = programs launched: the host's upper bound on the tile count, or fewer for a persistent grid).
     mblocks, nblocks, tiles = _route_tiles(count_ptr, rwidth_ptr, NR, R_P2, BM, BN, 0, True)
     total = tl.sum(tiles, 0)
+    if TMA:
+        wu_desc = tl.make_tensor_descriptor(wu_ptr, shape=[NF, D], strides=[stride_wu, 1], block_shape=[BN, BK])
+        wg_desc = tl.make_tensor_descriptor(wg_ptr, shape=[NF, D], strides=[stride_wg, 1], block_shape=[BN, BK])
     for tile in range(tl.program_id(0), total, tl.num_programs(0)):
         r, pid_m, pid_n = _find_tile(tile, mblocks, nblocks, tiles, R_P2, GROUP_M)
         cnt = tl.load(count_ptr + r)
@@ -152,53 +155,38 @@ def up_kernel(
         col_ok = col < width
         neuron = (start + col).to(tl.int64)
         kk = tl.arange(0, BK)
+        n0 = start + pid_n * BN  # first neuron of the tile (TMA row coordinate)
 
         a_ptrs = x_ptr + tok[:, None] * stride_x + kk[None, :]  # [BM, BK]
+        u_ptrs = wu_ptr + neuron[None, :] * stride_wu + kk[:, None]  # [BK, BN]
+        g_ptrs = wg_ptr + neuron[None, :] * stride_wg + kk[:, None]
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         k_full = D // BK * BK  # full BK blocks unmasked along k (16-byte vectors / cp.async), then a masked tail
-        if GATED and FUSED_GU:
-            # one [BK, 2*BN] operand: even columns gate rows, odd columns up rows of the same neuron, so that a
-            # single N=2*BN product (one wgmma chain) computes both; the epilogue splits the pairs.
-            c2 = tl.arange(0, 2 * BN)
-            c2_ok = (pid_n * BN + c2 // 2) < width
-            n2 = (start + pid_n * BN + c2 // 2).to(tl.int64)
-            b_ptrs = tl.where((c2 % 2 == 0)[None, :], wg_ptr + n2[None, :] * stride_wg,
-                              wu_ptr + n2[None, :] * stride_wu) + kk[:, None]  # [BK, 2BN]
-            acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
-            for k0 in range(0, k_full, BK):
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=c2_ok[None, :], other=0.0)
-                acc = _dot(a, b, acc, IEEE)
-                a_ptrs += BK
-                b_ptrs += BK
-            if k_full < D:
-                k_ok = (k_full + kk) < D
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=c2_ok[None, :] & k_ok[:, None], other=0.0)
-                acc = _dot(a, b, acc, IEEE)
-            acc_g, acc_u = tl.split(tl.reshape(acc, (BM, BN, 2)))
-        else:
-            u_ptrs = wu_ptr + neuron[None, :] * stride_wu + kk[:, None]  # [BK, BN]
-            g_ptrs = wg_ptr + neuron[None, :] * stride_wg + kk[:, None]
-            acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-            acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, k_full, BK):
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        for k0 in range(0, k_full, BK):
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            if TMA:
+                u = wu_desc.load([n0, k0]).T
+            else:
                 u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
-                acc_u = _dot(a, u, acc_u, IEEE)
-                if GATED:
+            acc_u = _dot(a, u, acc_u, IEEE)
+            if GATED:
+                if TMA:
+                    g = wg_desc.load([n0, k0]).T
+                else:
                     g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
-                    acc_g = _dot(a, g, acc_g, IEEE)
-                    g_ptrs += BK
-                a_ptrs += BK
-                u_ptrs += BK
-            if k_full < D:
-                k_ok = (k_full + kk) < D
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-                acc_u = _dot(a, u, acc_u, IEEE)
-                if GATED:
-                    g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-                    acc_g = _dot(a, g, acc_g, IEEE)
+                acc_g = _dot(a, g, acc_g, IEEE)
+                g_ptrs += BK
+            a_ptrs += BK
+            u_ptrs += BK
+        if k_full < D:
+            k_ok = (k_full + kk) < D
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            acc_u = _dot(a, u, acc_u, IEEE)
+            if GATED:
+                g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+                acc_g = _dot(a, g, acc_g, IEEE)
 
         if HAS_BU:
             acc_u += tl.load(bu_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -217,20 +205,25 @@ def up_kernel(
 def down_kernel(
     h_ptr, wd_ptr, bd_ptr, gates_ptr, y_ptr,
     order_ptr, count_ptr, off_ptr, rstart_ptr, rwidth_ptr,
-    NR, D, WMAX, N_BUCKET,
+    NR, D, NF, WMAX, N_BUCKET,
     stride_h, stride_wd, stride_y,
     R_P2: tl.constexpr, HAS_BD: tl.constexpr, HAS_GATES: tl.constexpr, IEEE: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGNED: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
 ):
     """Kernel 2: y[aid, cols] = gate[aid] * (h[rows, :width_r] Wd[cols, start_r : start_r + width_r]^T + bd[cols]),
     per (BM rows of route r) x (BN model columns) tile; the reduction runs over the route's own
     width (a runtime loop bound). Rows of y are assignment ids (token * K + slot): with K = 1 that is the token,
-    so y is the output itself; with K > 1 the caller sums the K slots. Skip routes launch no tile."""
+    so y is the output itself; with K > 1 the caller sums the K slots. Skip routes launch no tile.
+    TMA (used only when ALIGNED: a descriptor's innermost coordinate, start + k, must be 16-byte aligned): the
+    weight tiles [BN, BK] of Wd [D, NF] come through a tensor descriptor."""
     # Tiles (route, row block, column block) are numbered route by route; program p runs tiles p, p + P, ...
     # (P = programs launched: the host's upper bound on the tile count, or fewer for a persistent grid).
     mblocks, nblocks, tiles = _route_tiles(count_ptr, rwidth_ptr, NR, R_P2, BM, BN, D, False)
     total = tl.sum(tiles, 0)
+    USE_TMA: tl.constexpr = TMA and ALIGNED
+    if USE_TMA:
+        wd_desc = tl.make_tensor_descriptor(wd_ptr, shape=[D, NF], strides=[stride_wd, 1], block_shape=[BN, BK])
     for tile in range(tl.program_id(0), total, tl.num_programs(0)):
         r, pid_m, pid_n = _find_tile(tile, mblocks, nblocks, tiles, R_P2, GROUP_M)
         cnt = tl.load(count_ptr + r)
@@ -253,7 +246,10 @@ def down_kernel(
         k_full = width // BK * BK  # full blocks unmasked along k, then one masked tail
         for k0 in range(0, k_full, BK):
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+            if USE_TMA:
+                b = wd_desc.load([pid_n * BN, start + k0]).T
+            else:
+                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
             acc = _dot(a, b, acc, IEEE)
             a_ptrs += BK
             b_ptrs += BK

@@ -202,14 +202,18 @@ def test_random_problems_match_reference(interpreter, p):
     _assert_close(out, ref)
 
 
-@pytest.mark.parametrize("fused", [0, 1], ids=["two-products", "fused-gate-up"])
-def test_gate_up_as_one_or_two_products(interpreter, monkeypatch, fused):
-    """Kernel 1 computes gate and up either as two products or as one of twice the width (FUSED_GU)."""
-    monkeypatch.setitem(interpreter._INTERP_CFG, "FUSED_GU", fused)
-    d, n_tok = 40, 37
-    w = _weights(d, 191, seed=8)
+@pytest.mark.parametrize("d,n", [(40, 192), (37, 191)], ids=["aligned-rows", "unaligned-rows"])
+@pytest.mark.parametrize("tma", [0, 1], ids=["weight-pointers", "weight-descriptors"])
+def test_weights_through_pointers_or_tensor_descriptors(interpreter, monkeypatch, tma, d, n):
+    """Both kernels read weight tiles by pointer loads or through tensor descriptors (TMA, zero-filled past the
+    weight's bounds, so neurons past a route's width are computed and never stored); weights whose row stride
+    is not a multiple of 16 bytes (d=37 or F=191 in fp32) cannot use descriptors and fall back to pointers."""
+    monkeypatch.setitem(interpreter._INTERP_CFG, "TMA", tma)
+    w = _weights(d, n, seed=8)
+    assert interpreter._tma_ok(w["w_up"], w["w_gate"], w["w_down"]) == (d % 4 == 0 and n % 4 == 0)
+    n_tok = 37
     x = torch.randn(n_tok, d)
     routes = torch.randint(0, 3, (n_tok, 2))
-    out, ref = _run_both(interpreter, x, routes, torch.rand(n_tok, 2), w, SEPARATE[:4] + [0, 191], "gelu_tanh",
-                         "sorted")
+    ranges = [0, 160, 160, n, 0, n]  # big, separate small, all neurons (16-aligned starts when n % 16 == 0)
+    out, ref = _run_both(interpreter, x, routes, torch.rand(n_tok, 2), w, ranges, "gelu_tanh", "sorted")
     _assert_close(out, ref)
