@@ -63,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--also-static", action="store_true",
                    help="also time each routefx candidate compiled with static shapes (<key>_static)")
     p.add_argument("--time-budget", type=float, default=280.0,
-                   help="seconds for the whole script (default 280): model compiles stop at budget - 100 s; "
+                   help="seconds for the whole script (default 280): model compiles stop at budget - 100 s "
+                        "(- 10 s with --no-ffn); "
                         "bench/gpu_ffn.py runs in full with >= 180 s left, --quick with >= 45 s, else not at all")
     p.add_argument("--report", default=None, metavar="JSON", help="only print the markdown report of a JSON file")
     return p.parse_args(argv)
@@ -347,7 +348,8 @@ def main(args) -> dict:
                 f.write(report(res))
 
     try:
-        whole_model(args, shape, device, dtype, res, save, deadline=t0 + args.time_budget - 100)
+        whole_model(args, shape, device, dtype, res, save,
+                    deadline=t0 + args.time_budget - (10 if args.no_ffn else 100))
     except Exception as e:  # noqa: BLE001
         res["errors"]["whole_model"] = _err(e)
         traceback.print_exc()

@@ -17,7 +17,7 @@
 # so the summary comes last. Time limits (seconds) can be changed with CUDA_TIMEOUT, SUITE_TIMEOUT, BENCH_TIMEOUT
 # and TOTAL_TIMEOUT (default 480: each step is cut to what is left of it; a step with < 30 s left is skipped);
 # for trying the script on a CPU machine: SUITE_TESTS (default tests), SUITE_WORKERS (default 8), BENCH_ARGS
-# (extra bench/gpu.py arguments, e.g. "--smoke-cpu --no-inductor").
+# (extra bench/gpu.py arguments, e.g. "--smoke-cpu --no-inductor"), TUNE_ARGS (e.g. "--cases 8192:0.5").
 set -u
 
 OUT="${OUT:?set OUT to an output folder}"
@@ -94,7 +94,7 @@ for s in "${steps[@]}"; do
       [ -f "$OUT/cuda.log" ] && note "  cuda tests: $(pytest_result "$OUT/cuda.log")"
       ;;
     tune)
-      run_step tune "$TUNE_TIMEOUT" "$OUT/tune.log" $PY bench/gpu_tune.py --out "$OUT"
+      run_step tune "$TUNE_TIMEOUT" "$OUT/tune.log" $PY bench/gpu_tune.py --out "$OUT" ${TUNE_ARGS:-}
       sed -n '/=== summary/,$p' "$OUT/tune.log"
       ;;
     suite)

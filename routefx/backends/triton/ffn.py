@@ -58,9 +58,11 @@ def _cfg_nm(bn, bk, warps, stages):
     return triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
 
 
-def _with_tma(configs):  # each configuration also with its weight tiles through tensor descriptors
-    return configs + [triton.Config({**c.kwargs, "TMA": 1}, num_warps=c.num_warps, num_stages=c.num_stages)
-                      for c in configs]
+def _with_tma(configs, levels=(1,)):
+    """Each configuration also with its weight tiles through tensor descriptors (TMA=1) and, for TMA=2, its row
+    tiles too (kernels.up_kernel / down_kernel)."""
+    return configs + [triton.Config({**c.kwargs, "TMA": t}, num_warps=c.num_warps, num_stages=c.num_stages)
+                      for t in levels for c in configs]
 
 
 # Kernel 1 holds two fp32 accumulators when gated: BM*BN*2*4 bytes of registers. Hopper bf16 sizes per the
@@ -99,9 +101,12 @@ def _tuning(configs):
 # configuration that fits a plain FFN may not fit a gated one). Tensor dtypes are part of every key. One
 # autotuner per (size class, TMA allowed): weights through tensor descriptors need 16-byte aligned rows.
 _KEYS = ["D", "WMAX", "N_BUCKET"]
-_UP = {(size, tma): triton.autotune(_tuning(_with_tma(cfgs) if tma else cfgs), key=_KEYS + ["GATED"])(kernels.up_kernel)
+_LEVELS = {"small": (1,), "large": (1, 2)}  # TMA=2 needs x gathered into sorted rows first: large sizes only
+_UP = {(size, tma): triton.autotune(_tuning(_with_tma(cfgs, _LEVELS[size]) if tma else cfgs),
+                                    key=_KEYS + ["GATED"])(kernels.up_kernel)
        for size, cfgs in (("small", _UP_SMALL), ("large", _UP_LARGE)) for tma in (False, True)}
-_DOWN = {(size, tma): triton.autotune(_tuning(_with_tma(cfgs) if tma else cfgs), key=_KEYS)(kernels.down_kernel)
+_DOWN = {(size, tma): triton.autotune(_tuning(_with_tma(cfgs, _LEVELS[size]) if tma else cfgs),
+                                      key=_KEYS)(kernels.down_kernel)
          for size, cfgs in (("small", _DOWN_SMALL), ("large", _DOWN_LARGE)) for tma in (False, True)}
 _SPAN_KEYS = ["D", "SPAN", "T"]
 _SPAN_UP = triton.autotune(_tuning(_SPAN_UP_CFGS), key=_SPAN_KEYS + ["GATED"])(decode_kernels.span_up_kernel)
@@ -258,28 +263,33 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
         bound = triton.cdiv(d, m["BN"]) * (n_assign // m["BM"] + len(nonempty))
         return (min(bound, n_persist) if m["PERSIST"] else bound,)
 
-    up_args = (x2, w_up, w_gate if gated else w_up, b_up if b_up is not None else w_up,
+    tma = _tma_ok(w_up, w_gate if gated else w_up, w_down) and (d * x.element_size()) % 16 == 0
+    if INTERPRET:
+        cfg = {**_INTERP_CFG, "TMA": _INTERP_CFG["TMA"] if tma else 0}
+        gather = cfg["TMA"] == 2
+    else:
+        gather = tma and 2 in _LEVELS[size]
+    # x's rows in sorted order, for configurations that read row tiles through descriptors (TMA=2)
+    xs = x2.index_select(0, (meta.order // k_routes).long()) if gather else x2
+    up_args = (x2, xs, w_up, w_gate if gated else w_up, b_up if b_up is not None else w_up,
                b_gate if b_gate is not None else w_up, h,
                meta.order, meta.count, meta.offset, rstart, rwidth,
-               n_buckets, d, k_routes, n_neurons, wmax, n_bucket,
+               n_buckets, d, k_routes, n_assign, n_neurons, wmax, n_bucket,
                x2.stride(0), w_up.stride(0), (w_gate if gated else w_up).stride(0), h.stride(0))
     up_const = dict(R_P2=r_p2, GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
                     ACT=kernels.ACT_CODES[activation], IEEE=ieee, ALIGNED=aligned)
     down_args = (h, w_down, b_down if b_down is not None else w_down,
                  flat_gates if flat_gates is not None else w_down, y,
                  meta.order, meta.count, meta.offset, rstart, rwidth,
-                 n_buckets, d, n_neurons, wmax, n_bucket, h.stride(0), w_down.stride(0), y.stride(0))
+                 n_buckets, d, n_assign, n_neurons, wmax, n_bucket, h.stride(0), w_down.stride(0), y.stride(0))
     down_const = dict(R_P2=r_p2, HAS_BD=b_down is not None, HAS_GATES=flat_gates is not None, IEEE=ieee,
                       ALIGNED=aligned)
 
     if INTERPRET:  # an opaque custom op here: always called with real CPU tensors
-        cfg = {**_INTERP_CFG, "TMA": int(bool(_INTERP_CFG["TMA"]) and _tma_ok(w_up, w_gate if gated else w_up,
-                                                                               w_down))}
         kernels.up_kernel[up_grid(cfg)](*up_args, **up_const, **cfg)
         kernels.down_kernel[down_grid(cfg)](*down_args, **down_const, **cfg)
     else:
         wrap = torch.library.wrap_triton
-        tma = _tma_ok(w_up, w_gate if gated else w_up, w_down)
         wrap(_UP[size, tma])[up_grid](*up_args, **up_const)
         wrap(_DOWN[size, tma])[down_grid](*down_args, **down_const)
 

@@ -118,9 +118,9 @@ def _find_tile(tile, mblocks, nblocks, tiles, R_P2: tl.constexpr, GROUP_M: tl.co
 
 @triton.jit
 def up_kernel(
-    x_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr,
+    x_ptr, xs_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr,
     order_ptr, count_ptr, off_ptr, rstart_ptr, rwidth_ptr,
-    NR, D, K, NF, WMAX, N_BUCKET,
+    NR, D, K, NA, NF, WMAX, N_BUCKET,
     stride_x, stride_wu, stride_wg, stride_h,
     R_P2: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr,
     IEEE: tl.constexpr, ALIGNED: tl.constexpr, TMA: tl.constexpr,
@@ -128,8 +128,10 @@ def up_kernel(
 ):
     """Kernel 1: h[rows, cols] = act(x[tok] Wg^T + bg) * (x[tok] Wu^T + bu)   (plain: act(x[tok] Wu^T + bu)),
     per (BM rows of route r) x (BN neurons of route r) tile; x rows gathered by token (pointer loads).
-    TMA: the weight tiles [BN, BK] come through tensor descriptors (Hopper's bulk copy engine; zero-filled past
-    NF rows and D columns, so they need no masks: neurons past the route's width are computed and not stored).
+    TMA >= 1: the weight tiles [BN, BK] come through tensor descriptors (Hopper's bulk copy engine; zero-filled
+    past NF rows and D columns, so they need no masks: neurons past the route's width are computed, not stored).
+    TMA == 2: the x tiles too, from xs [NA, D], x's rows already gathered into sorted order by the host (rows
+    past the route's count belong to the next route or are zeros past NA: computed, not stored).
     NF: rows of the weights; WMAX and N_BUCKET are autotune keys only; PERSIST only changes the host's grid."""
     # Tiles (route, row block, column block) are numbered route by route; program p runs tiles p, p + P, ...
     # (P = programs launched: the host's upper bound on the tile count, or fewer for a persistent grid).
@@ -138,6 +140,8 @@ def up_kernel(
     if TMA:
         wu_desc = tl.make_tensor_descriptor(wu_ptr, shape=[NF, D], strides=[stride_wu, 1], block_shape=[BN, BK])
         wg_desc = tl.make_tensor_descriptor(wg_ptr, shape=[NF, D], strides=[stride_wg, 1], block_shape=[BN, BK])
+    if TMA == 2:
+        xs_desc = tl.make_tensor_descriptor(xs_ptr, shape=[NA, D], strides=[stride_x, 1], block_shape=[BM, BK])
     for tile in range(tl.program_id(0), total, tl.num_programs(0)):
         r, pid_m, pid_n = _find_tile(tile, mblocks, nblocks, tiles, R_P2, GROUP_M)
         cnt = tl.load(count_ptr + r)
@@ -162,31 +166,39 @@ def up_kernel(
         g_ptrs = wg_ptr + neuron[None, :] * stride_wg + kk[:, None]
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        k_full = D // BK * BK  # full BK blocks unmasked along k (16-byte vectors / cp.async), then a masked tail
-        for k0 in range(0, k_full, BK):
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            if TMA:
-                u = wu_desc.load([n0, k0]).T
-            else:
-                u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
-            acc_u = _dot(a, u, acc_u, IEEE)
-            if GATED:
+        if TMA == 2:  # every operand through descriptors, zero-filled past D: no k tail
+            m0 = off + pid_m * BM
+            for k0 in range(0, D, BK):
+                a = xs_desc.load([m0, k0])
+                acc_u = _dot(a, wu_desc.load([n0, k0]).T, acc_u, IEEE)
+                if GATED:
+                    acc_g = _dot(a, wg_desc.load([n0, k0]).T, acc_g, IEEE)
+        else:
+            k_full = D // BK * BK  # full BK blocks unmasked along k (16-byte vectors / cp.async), then a masked tail
+            for k0 in range(0, k_full, BK):
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
                 if TMA:
-                    g = wg_desc.load([n0, k0]).T
+                    u = wu_desc.load([n0, k0]).T
                 else:
-                    g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
-                acc_g = _dot(a, g, acc_g, IEEE)
-                g_ptrs += BK
-            a_ptrs += BK
-            u_ptrs += BK
-        if k_full < D:
-            k_ok = (k_full + kk) < D
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            acc_u = _dot(a, u, acc_u, IEEE)
-            if GATED:
-                g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-                acc_g = _dot(a, g, acc_g, IEEE)
+                    u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
+                acc_u = _dot(a, u, acc_u, IEEE)
+                if GATED:
+                    if TMA:
+                        g = wg_desc.load([n0, k0]).T
+                    else:
+                        g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
+                    acc_g = _dot(a, g, acc_g, IEEE)
+                    g_ptrs += BK
+                a_ptrs += BK
+                u_ptrs += BK
+            if k_full < D:
+                k_ok = (k_full + kk) < D
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+                acc_u = _dot(a, u, acc_u, IEEE)
+                if GATED:
+                    g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+                    acc_g = _dot(a, g, acc_g, IEEE)
 
         if HAS_BU:
             acc_u += tl.load(bu_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -205,7 +217,7 @@ def up_kernel(
 def down_kernel(
     h_ptr, wd_ptr, bd_ptr, gates_ptr, y_ptr,
     order_ptr, count_ptr, off_ptr, rstart_ptr, rwidth_ptr,
-    NR, D, NF, WMAX, N_BUCKET,
+    NR, D, NA, NF, WMAX, N_BUCKET,
     stride_h, stride_wd, stride_y,
     R_P2: tl.constexpr, HAS_BD: tl.constexpr, HAS_GATES: tl.constexpr, IEEE: tl.constexpr,
     ALIGNED: tl.constexpr, TMA: tl.constexpr,
@@ -215,8 +227,9 @@ def down_kernel(
     per (BM rows of route r) x (BN model columns) tile; the reduction runs over the route's own
     width (a runtime loop bound). Rows of y are assignment ids (token * K + slot): with K = 1 that is the token,
     so y is the output itself; with K > 1 the caller sums the K slots. Skip routes launch no tile.
-    TMA (used only when ALIGNED: a descriptor's innermost coordinate, start + k, must be 16-byte aligned): the
-    weight tiles [BN, BK] of Wd [D, NF] come through a tensor descriptor."""
+    TMA >= 1 (used only when ALIGNED: a descriptor's innermost coordinate, start + k, must be 16-byte aligned):
+    the weight tiles [BN, BK] of Wd [D, NF] come through a tensor descriptor; TMA == 2: the h tiles too (h is
+    [NA, stride_h]), the masked k tail by pointers either way."""
     # Tiles (route, row block, column block) are numbered route by route; program p runs tiles p, p + P, ...
     # (P = programs launched: the host's upper bound on the tile count, or fewer for a persistent grid).
     mblocks, nblocks, tiles = _route_tiles(count_ptr, rwidth_ptr, NR, R_P2, BM, BN, D, False)
@@ -224,6 +237,8 @@ def down_kernel(
     USE_TMA: tl.constexpr = TMA and ALIGNED
     if USE_TMA:
         wd_desc = tl.make_tensor_descriptor(wd_ptr, shape=[D, NF], strides=[stride_wd, 1], block_shape=[BN, BK])
+    if TMA == 2:
+        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[NA, stride_h], strides=[stride_h, 1], block_shape=[BM, BK])
     for tile in range(tl.program_id(0), total, tl.num_programs(0)):
         r, pid_m, pid_n = _find_tile(tile, mblocks, nblocks, tiles, R_P2, GROUP_M)
         cnt = tl.load(count_ptr + r)
@@ -245,7 +260,10 @@ def down_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         k_full = width // BK * BK  # full blocks unmasked along k, then one masked tail
         for k0 in range(0, k_full, BK):
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            if TMA == 2:
+                a = h_desc.load([off + pid_m * BM, k0])
+            else:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             if USE_TMA:
                 b = wd_desc.load([pid_n * BN, start + k0]).T
             else:

@@ -203,11 +203,12 @@ def test_random_problems_match_reference(interpreter, p):
 
 
 @pytest.mark.parametrize("d,n", [(40, 192), (37, 191)], ids=["aligned-rows", "unaligned-rows"])
-@pytest.mark.parametrize("tma", [0, 1], ids=["weight-pointers", "weight-descriptors"])
+@pytest.mark.parametrize("tma", [0, 1, 2], ids=["pointers", "weight-descriptors", "all-descriptors"])
 def test_weights_through_pointers_or_tensor_descriptors(interpreter, monkeypatch, tma, d, n):
     """Both kernels read weight tiles by pointer loads or through tensor descriptors (TMA, zero-filled past the
-    weight's bounds, so neurons past a route's width are computed and never stored); weights whose row stride
-    is not a multiple of 16 bytes (d=37 or F=191 in fp32) cannot use descriptors and fall back to pointers."""
+    weight's bounds, so neurons past a route's width are computed and never stored), and with TMA=2 their row
+    tiles too (x gathered into sorted rows first; rows past a route's count are computed, never stored);
+    weights whose row stride is not a multiple of 16 bytes (d=37 or F=191 in fp32) fall back to pointers."""
     monkeypatch.setitem(interpreter._INTERP_CFG, "TMA", tma)
     w = _weights(d, n, seed=8)
     assert interpreter._tma_ok(w["w_up"], w["w_gate"], w["w_down"]) == (d % 4 == 0 and n % 4 == 0)
