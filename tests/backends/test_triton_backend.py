@@ -120,24 +120,26 @@ def test_duo_random_router_equals_eager_with_identical_routes():
 @needs_interpreter
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
                     reason="Inductor's CPU code generation needs a C++ compiler (g++ or $CXX)")
-def test_inductor_compiles_the_lowered_graph_once_for_all_shapes():
+@pytest.mark.parametrize("dynamic,graphs", [(True, 1), (None, 2)], ids=["dynamic", "default"])
+def test_inductor_compiles_the_lowered_graph_once_for_all_shapes(dynamic, graphs):
     """The GPU path's structure on CPU: Inductor (C++ here) compiles the lowered Duo graph whole (fullgraph) with
-    the Triton op as one node, and serves a second batch size and length without compiling again."""
+    the Triton op as one node. dynamic=True: one graph serves every batch size and length; the default (None):
+    a graph specialised on the first shapes, then one dynamic graph for all later ones (never one per call)."""
     entry = ZOO["llama"]
     cm = routefx.compile(entry.build(), routefx.policies.Duo(budget=0.5, router="random"),
                          calibration=_batches(entry, 2, 40))
     gm = cm.graph_module
-    run = tb.prepare(gm, {}, inductor=True)
+    run = tb.prepare(gm, {}, inductor=True, dynamic=dynamic)
     assert run.mode == "inductor-interpreter" and run.stats.triton_ops == entry.expect.blocks
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    for batch, seq, pad in [(3, 13, 4), (2, 6, 1)]:
+    for batch, seq, pad in [(3, 13, 4), (2, 6, 1), (4, 9, 2)]:
         args, kwargs = example_inputs(entry, batch=batch, seq=seq, left_pad=pad, seed=batch + seq)
         kw = _graph_kwargs(gm, args, kwargs)
         with torch.no_grad():
             out, ref = run(**kw), gm(**kw)
         assert_close_nonpad(out, ref, kwargs["attention_mask"], TRITON_VS_EAGER)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 @needs_interpreter
