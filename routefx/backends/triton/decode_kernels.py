@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from routefx.backends.triton.kernels import _act, _dot
+from routefx.backends.triton.kernels import _gate_up_loop, _gated_act, _ptr_loop
 
 __all__ = ["span_up_kernel", "span_down_kernel"]
 
@@ -61,35 +61,10 @@ def span_up_kernel(
     a_ptrs = x_ptr + t.to(tl.int64)[:, None] * stride_x + kk[None, :]
     u_ptrs = wu_ptr + n64[None, :] * stride_wu + kk[:, None]
     g_ptrs = wg_ptr + n64[None, :] * stride_wg + kk[:, None]
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    k_full = tl.where(used, D // BK * BK, 0)  # full blocks unmasked along k, then one masked tail
-    for k0 in range(0, k_full, BK):
-        a = tl.load(a_ptrs, mask=t_ok[:, None], other=0.0)
-        u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
-        acc_u = _dot(a, u, acc_u, IEEE)
-        if GATED:
-            g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
-            acc_g = _dot(a, g, acc_g, IEEE)
-            g_ptrs += BK
-        a_ptrs += BK
-        u_ptrs += BK
-    if used & (k_full < D):
-        k_ok = (k_full + kk) < D
-        a = tl.load(a_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc_u = _dot(a, u, acc_u, IEEE)
-        if GATED:
-            g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            acc_g = _dot(a, g, acc_g, IEEE)
-    if HAS_BU:
-        acc_u += tl.load(bu_ptr + n64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if GATED:
-        if HAS_BG:
-            acc_g += tl.load(bg_ptr + n64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        hval = _act(acc_g, ACT) * acc_u
-    else:
-        hval = _act(acc_u, ACT)
+    # a block no token uses reduces over nothing (no weight loads)
+    acc_u, acc_g = _gate_up_loop(a_ptrs, u_ptrs, g_ptrs, t_ok, col_ok, tl.where(used, D, 0), GATED, IEEE,
+                                 BM, BN, BK)
+    hval = _gated_act(acc_u, acc_g, bu_ptr, bg_ptr, n64, col_ok, GATED, HAS_BU, HAS_BG, ACT)
     hval = tl.where(c != 0.0, hval * c, 0.0)
     h_ptrs = h_ptr + t[:, None] * stride_h + col[None, :]
     tl.store(h_ptrs, hval.to(h_ptr.dtype.element_ty), mask=t_ok[:, None] & col_ok[None, :])
@@ -139,20 +114,9 @@ def span_down_kernel(
     kk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_begin = tl.multiple_of(k_begin, BK)
-    k_full = tl.maximum(k_begin, k_end // BK * BK)  # full blocks unmasked along k, then one masked tail
     a_ptrs = h_ptr + t[:, None] * stride_h + (k_begin + kk)[None, :]  # [BM, BK]
     b_ptrs = wd_ptr + col.to(tl.int64)[None, :] * stride_wd + (LO + k_begin + kk)[:, None]  # [BK, BN]
-    for k0 in range(k_begin, k_full, BK):
-        a = tl.load(a_ptrs, mask=t_ok[:, None], other=0.0)
-        b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE)
-        a_ptrs += BK
-        b_ptrs += BK
-    if k_full < k_end:
-        k_ok = (k_full + kk) < k_end
-        a = tl.load(a_ptrs, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = _dot(a, b, acc, IEEE)
+    acc = _ptr_loop(a_ptrs, b_ptrs, t_ok, col_ok, k_begin, k_end, acc, IEEE, BK)
     if HAS_BD:
         bd = tl.load(bd_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
         acc += tl.where(split == 0, bias_c[:, None] * bd[None, :], 0.0)

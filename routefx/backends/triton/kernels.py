@@ -79,6 +79,64 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _gate_up_loop(a_ptrs, u_ptrs, g_ptrs, row_ok, col_ok, KLEN, GATED: tl.constexpr, IEEE: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """(x Wu^T, x Wg^T) over k in [0, KLEN) by pointer loads: a_ptrs [BM, BK] rows of x, u_ptrs / g_ptrs [BK, BN]
+    weight columns, all at k = 0. Full BK blocks unmasked along k (16-byte vectors, cp.async pipelining), then
+    one masked tail. Returns two fp32 [BM, BN] accumulators (the second zeros unless GATED)."""
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    kk = tl.arange(0, BK)
+    k_full = KLEN // BK * BK
+    for k0 in range(0, k_full, BK):
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        acc_u = _dot(a, tl.load(u_ptrs, mask=col_ok[None, :], other=0.0), acc_u, IEEE)
+        if GATED:
+            acc_g = _dot(a, tl.load(g_ptrs, mask=col_ok[None, :], other=0.0), acc_g, IEEE)
+            g_ptrs += BK
+        a_ptrs += BK
+        u_ptrs += BK
+    if k_full < KLEN:
+        k_ok = (k_full + kk) < KLEN
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc_u = _dot(a, tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0), acc_u, IEEE)
+        if GATED:
+            acc_g = _dot(a, tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0), acc_g, IEEE)
+    return acc_u, acc_g
+
+
+@triton.jit
+def _gated_act(acc_u, acc_g, bu_ptr, bg_ptr, neuron, col_ok, GATED: tl.constexpr, HAS_BU: tl.constexpr,
+               HAS_BG: tl.constexpr, ACT: tl.constexpr):
+    """The up epilogue on fp32 tiles: act(acc_g + bg) * (acc_u + bu) when GATED, else act(acc_u + bu)."""
+    if HAS_BU:
+        acc_u += tl.load(bu_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        if HAS_BG:
+            acc_g += tl.load(bg_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        return _act(acc_g, ACT) * acc_u
+    return _act(acc_u, ACT)
+
+
+@triton.jit
+def _ptr_loop(a_ptrs, b_ptrs, row_ok, col_ok, k_begin, k_end, acc, IEEE: tl.constexpr, BK: tl.constexpr):
+    """acc + A[:, k_begin:k_end] B[k_begin:k_end, :] by pointer loads (a_ptrs [BM, BK] and b_ptrs [BK, BN] at
+    k_begin, a multiple of BK): full blocks unmasked along k, then one masked tail."""
+    kk = tl.arange(0, BK)
+    k_full = tl.maximum(k_begin, k_end // BK * BK)
+    for k0 in range(k_begin, k_full, BK):
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        acc = _dot(a, tl.load(b_ptrs, mask=col_ok[None, :], other=0.0), acc, IEEE)
+        a_ptrs += BK
+        b_ptrs += BK
+    if k_full < k_end:
+        k_ok = (k_full + kk) < k_end
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _dot(a, tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0), acc, IEEE)
+    return acc
+
+
+@triton.jit
 def _route_tiles(count_ptr, rwidth_ptr, NR, R_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, N_COLS,
                  COLS_FROM_WIDTH: tl.constexpr):
     """Per route (a [R_P2] vector): row blocks, column blocks and tiles. Column blocks: cdiv(width, BN) when
@@ -164,50 +222,32 @@ def up_kernel(
         a_ptrs = x_ptr + tok[:, None] * stride_x + kk[None, :]  # [BM, BK]
         u_ptrs = wu_ptr + neuron[None, :] * stride_wu + kk[:, None]  # [BK, BN]
         g_ptrs = wg_ptr + neuron[None, :] * stride_wg + kk[:, None]
-        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        if TMA == 2:  # every operand through descriptors, zero-filled past D: no k tail
-            m0 = off + pid_m * BM
-            for k0 in range(0, D, BK):
-                a = xs_desc.load([m0, k0])
-                acc_u = _dot(a, wu_desc.load([n0, k0]).T, acc_u, IEEE)
-                if GATED:
-                    acc_g = _dot(a, wg_desc.load([n0, k0]).T, acc_g, IEEE)
+        if TMA == 0:
+            acc_u, acc_g = _gate_up_loop(a_ptrs, u_ptrs, g_ptrs, row_ok, col_ok, D, GATED, IEEE, BM, BN, BK)
         else:
-            k_full = D // BK * BK  # full BK blocks unmasked along k (16-byte vectors / cp.async), then a masked tail
-            for k0 in range(0, k_full, BK):
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                if TMA:
-                    u = wu_desc.load([n0, k0]).T
-                else:
-                    u = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
-                acc_u = _dot(a, u, acc_u, IEEE)
-                if GATED:
-                    if TMA:
-                        g = wg_desc.load([n0, k0]).T
-                    else:
-                        g = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
-                    acc_g = _dot(a, g, acc_g, IEEE)
-                    g_ptrs += BK
-                a_ptrs += BK
-                u_ptrs += BK
-            if k_full < D:
-                k_ok = (k_full + kk) < D
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                u = tl.load(u_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-                acc_u = _dot(a, u, acc_u, IEEE)
-                if GATED:
-                    g = tl.load(g_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-                    acc_g = _dot(a, g, acc_g, IEEE)
-
-        if HAS_BU:
-            acc_u += tl.load(bu_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            if HAS_BG:
-                acc_g += tl.load(bg_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            hval = _act(acc_g, ACT) * acc_u
-        else:
-            hval = _act(acc_u, ACT)
+            acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+            acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+            if TMA == 2:  # every operand through descriptors, zero-filled past D: no k tail
+                m0 = off + pid_m * BM
+                for k0 in range(0, D, BK):
+                    a = xs_desc.load([m0, k0])
+                    acc_u = _dot(a, wu_desc.load([n0, k0]).T, acc_u, IEEE)
+                    if GATED:
+                        acc_g = _dot(a, wg_desc.load([n0, k0]).T, acc_g, IEEE)
+            else:  # gathered x rows by pointers, weights through descriptors; the k tail by pointers
+                k_full = D // BK * BK
+                for k0 in range(0, k_full, BK):
+                    a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                    acc_u = _dot(a, wu_desc.load([n0, k0]).T, acc_u, IEEE)
+                    if GATED:
+                        acc_g = _dot(a, wg_desc.load([n0, k0]).T, acc_g, IEEE)
+                    a_ptrs += BK
+                if k_full < D:
+                    tail_u, tail_g = _gate_up_loop(a_ptrs + 0, u_ptrs + k_full, g_ptrs + k_full, row_ok, col_ok,
+                                                   D - k_full, GATED, IEEE, BM, BN, BK)
+                    acc_u += tail_u
+                    acc_g += tail_g
+        hval = _gated_act(acc_u, acc_g, bu_ptr, bg_ptr, neuron, col_ok, GATED, HAS_BU, HAS_BG, ACT)
         h_rows = (off + rank).to(tl.int64)
         h_ptrs = h_ptr + h_rows[:, None] * stride_h + col[None, :]
         tl.store(h_ptrs, hval.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -258,24 +298,21 @@ def down_kernel(
         a_ptrs = h_ptr + h_rows[:, None] * stride_h + kk[None, :]  # [BM, BK]
         b_ptrs = wd_ptr + col.to(tl.int64)[None, :] * stride_wd + (start + kk)[:, None]  # [BK, BN]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        k_full = width // BK * BK  # full blocks unmasked along k, then one masked tail
-        for k0 in range(0, k_full, BK):
-            if TMA == 2:
-                a = h_desc.load([off + pid_m * BM, k0])
-            else:
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            if USE_TMA:
-                b = wd_desc.load([pid_n * BN, start + k0]).T
-            else:
-                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-            acc = _dot(a, b, acc, IEEE)
-            a_ptrs += BK
-            b_ptrs += BK
-        if k_full < width:
-            k_ok = (k_full + kk) < width
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            acc = _dot(a, b, acc, IEEE)
+        if (TMA == 2) | USE_TMA:
+            k_full = width // BK * BK  # full blocks through descriptors, then the masked tail by pointers
+            for k0 in range(0, k_full, BK):
+                if TMA == 2:
+                    a = h_desc.load([off + pid_m * BM, k0])
+                else:
+                    a = tl.load(a_ptrs + k0, mask=row_ok[:, None], other=0.0)
+                if USE_TMA:
+                    b = wd_desc.load([pid_n * BN, start + k0]).T
+                else:
+                    b = tl.load(b_ptrs + k0, mask=col_ok[None, :], other=0.0)
+                acc = _dot(a, b, acc, IEEE)
+            acc = _ptr_loop(a_ptrs + k_full, b_ptrs + k_full, row_ok, col_ok, k_full, width, acc, IEEE, BK)
+        else:
+            acc = _ptr_loop(a_ptrs, b_ptrs, row_ok, col_ok, 0, width, acc, IEEE, BK)
 
         if HAS_BD:
             acc += tl.load(bd_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
