@@ -12,29 +12,12 @@ from torch import Tensor, fx
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn)
 from routefx.errors import BackendError
 from routefx.ir.activations import get_activation
+from routefx.ir.graph_utils import constant_route
 
 __all__ = ["constant_route", "static_ffn", "copy_graph", "lower_routed"]
 
 _ROUTED_FFN = torch.ops.routefx.routed_ffn.default
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-aten = torch.ops.aten
-_FILL_ARG = {aten.full_like.default: 1, aten.full.default: 1}  # op -> position of its fill value
-_FILL_CONST = {aten.zeros_like.default: 0, aten.zeros.default: 0, aten.ones_like.default: 1, aten.ones.default: 1}
-
-
-def constant_route(routes) -> int | None:
-    """The route id every token takes when `routes` (routed_ffn's second argument) is a constant fill, else None."""
-    if not isinstance(routes, fx.Node) or routes.op != "call_function":
-        return None
-    if routes.target in _FILL_CONST:
-        return _FILL_CONST[routes.target]
-    if routes.target not in _FILL_ARG:
-        return None
-    i = _FILL_ARG[routes.target]
-    value = routes.args[i] if len(routes.args) > i else routes.kwargs.get("fill_value")
-    return int(value) if isinstance(value, (int, float, bool)) else None
-
 
 def static_ffn(x: Tensor, gates: Optional[Tensor], w_up: Tensor, w_gate: Optional[Tensor], w_down: Tensor,
                b_up: Optional[Tensor], b_gate: Optional[Tensor], b_down: Optional[Tensor], start: int, end: int,

@@ -100,16 +100,6 @@ def route_flops(n: fx.Node) -> list[int]:
     return [2 * d * (ranges[i + 1] - ranges[i]) * products for i in range(0, len(ranges), 2)]
 
 
-def _static_routes(n: fx.Node) -> int | None:
-    """The route every token takes when routes are a constant fill (zeros_like / full_like), else None."""
-    r = n.args[1]
-    if r.op == "call_function" and r.target in (aten.zeros_like.default,):
-        return 0
-    if r.op == "call_function" and r.target in (aten.full_like.default,):
-        return int(r.args[1])
-    return None
-
-
 def _node_flops(n: fx.Node, subs, masks) -> tuple[sympy.Expr, bool]:
     """Total FLOPs (in B, S) of one node, and whether it is a routed op with data-dependent routes."""
     t = n.target
@@ -118,7 +108,7 @@ def _node_flops(n: fx.Node, subs, masks) -> tuple[sympy.Expr, bool]:
         x = gu.val(n.args[0])
         K = int(gu.val(n.args[1]).shape[-1])
         per = route_flops(n)
-        r = _static_routes(n)
+        r = gu.constant_route(n.args[1])
         tokens = _numel(x.shape[:-1], subs)
         return tokens * K * (per[r] if r is not None else max(per)), r is None
     if t in gu.ATTENTION:

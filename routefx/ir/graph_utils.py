@@ -177,3 +177,22 @@ def common_path(nodes: Iterable[fx.Node]) -> str | None:
 
 def is_getitem(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target is operator.getitem
+
+
+_FILL_ARG = {torch.ops.aten.full_like.default: 1, torch.ops.aten.full.default: 1}  # op -> position of its value
+_FILL_CONST = {torch.ops.aten.zeros_like.default: 0, torch.ops.aten.zeros.default: 0,
+               torch.ops.aten.ones_like.default: 1, torch.ops.aten.ones.default: 1}
+
+
+def constant_route(routes) -> int | None:
+    """The route id every token takes when `routes` (routed_ffn's second argument) is a constant fill (Dense, a
+    static router), else None. The one test for it: FLOP counting, the backends' lowering and ONNX export."""
+    if not isinstance(routes, fx.Node) or routes.op != "call_function":
+        return None
+    if routes.target in _FILL_CONST:
+        return _FILL_CONST[routes.target]
+    if routes.target not in _FILL_ARG:
+        return None
+    i = _FILL_ARG[routes.target]
+    value = routes.args[i] if len(routes.args) > i else routes.kwargs.get("fill_value")
+    return int(value) if isinstance(value, (int, float, bool)) else None
