@@ -26,8 +26,10 @@ _VIEWLIKE = gu.VIEWS | gu.TRANSPOSES | gu.IDENTITY | gu.targets(torch.ops.aten.s
                                                                  torch.ops.aten.expand, torch.ops.aten.as_strided)
 
 
-def _dead_temporary_write(n: fx.Node) -> bool:
-    """An in-place op writing into a graph temporary that no later node reads."""
+def _dead_temporary_write(n: fx.Node, order: dict | None = None) -> bool:
+    """An in-place op writing into a graph temporary that no later node reads. order: node -> position in the
+    graph (computed here when not given; `Cleanup.run` computes it once per graph: dead-code elimination only
+    removes nodes, so positions stay comparable)."""
     if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
         return False
     if not n.target._schema.is_mutable or "assert" in n.target._schema.name:
@@ -49,7 +51,8 @@ def _dead_temporary_write(n: fx.Node) -> bool:
             aliases.add(a)
             stack.extend(u for u in a.users if u.op == "call_function" and u.args and u.args[0] is a
                          and (u.target in _VIEWLIKE or u.target is operator.getitem))
-    order = {m: i for i, m in enumerate(n.graph.nodes)}
+    if order is None:
+        order = {m: i for i, m in enumerate(n.graph.nodes)}
     return not any(u is not n and order[u] > order[n] for a in aliases for u in a.users)
 
 
@@ -58,8 +61,8 @@ _RANDOM_FLAG = {"impure_random": False} if "impure_random" in inspect.signature(
     else {}
 
 
-def is_impure(n: fx.Node) -> bool:
-    return False if _dead_temporary_write(n) else n.is_impure(**_RANDOM_FLAG)
+def is_impure(n: fx.Node, order: dict | None = None) -> bool:
+    return False if _dead_temporary_write(n, order) else n.is_impure(**_RANDOM_FLAG)
 
 
 class Cleanup(Pass):
@@ -67,9 +70,11 @@ class Cleanup(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         before = len(gm.graph.nodes)
-        gm.graph.eliminate_dead_code(is_impure_node=is_impure)
+        order = {m: i for i, m in enumerate(gm.graph.nodes)}
+        gm.graph.eliminate_dead_code(is_impure_node=lambda n: is_impure(n, order))
         return PassResult(rewrites=before - len(gm.graph.nodes))
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext, after) -> str | None:
-        dead = [n.name for n in gm.graph.nodes if not n.users and not is_impure(n)]
+        order = {m: i for i, m in enumerate(gm.graph.nodes)}
+        dead = [n.name for n in gm.graph.nodes if not n.users and not is_impure(n, order)]
         return f"unused pure nodes remain: {dead[:5]}" if dead else None
