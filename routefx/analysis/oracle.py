@@ -149,3 +149,28 @@ def _run_slots(forced: ForcedRoutes, batch: dict, routes: torch.Tensor, labels: 
         logits = forced(stacked, r2)                                      # [c·B, S, V]
         out.append(token_losses(logits, labels.repeat(c, 1)).view(c, *labels.shape))
     return torch.cat(out)
+
+
+def fit_oracle(forced: ForcedRoutes, batches: list[dict], budget: float, *, beam: int = 1, tol: float = 0.01,
+               iters: int = 12, progress: bool = False) -> tuple[float, list[OracleResult]]:
+    """The ε whose oracle routes meet a global `budget` (mean compute fraction over layers and valid tokens of
+    `batches`) within `tol`, by bisection (the fraction falls as ε rises); returns (ε, results per batch)."""
+    from tqdm.auto import tqdm
+
+    from routefx.calibrate.search import bisect_decreasing
+
+    def at(eps):
+        res = [oracle_routes(forced, b, eps=eps, beam=beam) for b in batches]
+        return res
+
+    def fraction(res):
+        c = torch.cat([r.cost[r.valid] for r in res])
+        return float(c.mean())
+
+    hi = 0.05
+    with tqdm(total=iters, desc=f"oracle ε for budget {budget}", leave=False, disable=not progress) as bar:
+        while fraction(at(hi)) > budget and hi < 64:
+            hi *= 4
+        found = bisect_decreasing(lambda e: (bar.update(1), at(e))[1], budget, -0.05, hi, iters,
+                                  key=fraction, tol=tol)
+    return found.best_x, found.best
