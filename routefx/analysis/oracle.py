@@ -171,6 +171,6 @@ def fit_oracle(forced: ForcedRoutes, batches: list[dict], budget: float, *, beam
     with tqdm(total=iters, desc=f"oracle ε for budget {budget}", leave=False, disable=not progress) as bar:
         while fraction(at(hi)) > budget and hi < 64:
             hi *= 4
-        found = bisect_decreasing(lambda e: (bar.update(1), at(e))[1], budget, -0.05, hi, iters,
+        found = bisect_decreasing(lambda e: (bar.update(1), at(e))[1], budget, -1.0, hi, iters,
                                   key=fraction, tol=tol)
     return found.best_x, found.best
