@@ -33,6 +33,7 @@ from routefx.policies import Duo, PruneLayers  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROUTERS = ("static", "random", "local", "imitation", "loss")
+ORACLE_TOL, ORACLE_ITERS = 0.02, 8          # the oracle's ε bisection (a busy 2-core machine: keep it short)
 
 
 # ---------------------------------------------------------------- model and data
@@ -62,6 +63,7 @@ def load(args):
 
 # ---------------------------------------------------------------- measurements
 
+@torch.no_grad()
 def nll(logits_fn, batches) -> tuple[float, int]:
     tot, n = 0.0, 0
     for b in batches:
@@ -84,39 +86,55 @@ def measure(cm, held) -> dict:
     return out
 
 
+def _offline_lambda(xs, weights, costs, budget):
+    """λ meeting `budget` with every layer routed on its dense-trajectory inputs (no forward pass): a cheap
+    approximation used only to rank random routers."""
+    from routefx.calibrate.search import bisect_decreasing
+    logits = [xs[k] @ w.T + b for k, (w, b) in weights.items()]              # per layer [N, 3]
+
+    def frac(lam):
+        return sum(float(c[(lg - lam * c.float()).argmax(-1)].mean()) for lg, c in zip(logits, costs)) / len(costs)
+    return bisect_decreasing(frac, budget, -1e4, 1e4, 60, key=lambda f: f, tol=0.005).best_x
+
+
 def best_of_random(model, cal, held, budget, n, seed0=1000):
-    """Best of `n` seeded random routers, selected on the first calibration batch; λ refitted per router."""
+    """Best of `n` seeded random routers, ranked by next-token loss on the first calibration batch with λ set
+    offline (`_offline_lambda`); the winner's λ is then fitted on the calibration data by the budget step."""
+    from routefx.ir.price import set_price_
     cm = routefx.compile(model, Duo(budget=budget, router="random"), calibration=cal)
     forced, fcal = ForcedRoutes.from_compiled(cm, cal[:1])
     entry = cm._last
     gm, ir = entry.gm, entry.ir
-    xs = forced.inputs(fcal[0], forced.all_big(fcal[0]["input_ids"].shape))
+    raw = forced.inputs(fcal[0], forced.all_big(fcal[0]["input_ids"].shape))
+    xs = {k: v.reshape(-1, v.shape[-1]).float() for k, v in raw.items()}
     ops = dict(routed_layers(gm, ir))
     attrs = {k: router_attrs(gm, ops[k]) for k in forced.keys}
-    best = (float("inf"), None)
+    costs = [forced.costs[i] for i in range(forced.num_layers)]
+    best = (float("inf"), None, None)
     for s in tqdm(range(n), desc=f"best of {n} random routers @ {budget}", leave=False):
         gen = torch.Generator().manual_seed(seed0 + s)
-        weights = {k: RandomRouter().fit(xs[k].reshape(-1, xs[k].shape[-1]).float(), None, gen) for k in forced.keys}
+        weights = {k: RandomRouter().fit(xs[k], None, gen) for k in forced.keys}
+        lam = _offline_lambda(xs, weights, costs, budget)
         for k, (w, b) in weights.items():
             getattr(gm, attrs[k][0]).copy_(w)
             getattr(gm, attrs[k][1]).copy_(b)
-        fit_lambda(gm, ir, fcal, budget, tol=0.01, iters=16)
+        set_price_(gm, lam)
         loss, _ = nll(lambda b: gm(**b).logits, fcal)
         if loss < best[0]:
-            best = (loss, weights)
+            best = (loss, weights, s)
     for k, (w, b) in best[1].items():
         getattr(gm, attrs[k][0]).copy_(w)
         getattr(gm, attrs[k][1]).copy_(b)
     _, cal_c = cm._batch_entry(cal)
     lam, _ = fit_lambda(gm, ir, cal_c, budget)
     cm.plan.lam = lam
-    return cm
+    return cm, best[2]
 
 
 def oracle_on(cm, held, budget, beam):
     """The oracle at `budget` on the held-out batches themselves (it sees the targets: a bound, not a router)."""
     forced, hb = ForcedRoutes.from_compiled(cm, held)
-    eps, res = fit_oracle(forced, hb, budget, beam=beam, progress=True)
+    eps, res = fit_oracle(forced, hb, budget, beam=beam, progress=True, tol=ORACLE_TOL, iters=ORACLE_ITERS)
     loss = sum(float(r.loss[r.valid].sum()) for r in res) / sum(int(r.valid.sum()) for r in res)
     entry = cm._last
     nodes = [n for k, n in routed_layers(entry.gm, entry.ir)]
@@ -156,6 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--train", action="store_true", help="train the quality model when its cache is cold")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--random-n", type=int, default=100)
+    p.add_argument("--random-n-other", type=int, default=20, help="N at budgets other than 0.5")
     p.add_argument("--loss-steps", type=int, default=150)
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--cal-batches", type=int, default=4)
@@ -163,9 +182,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=0)
     p.add_argument("--out", default=HERE)
+    p.add_argument("--no-prune", action="store_true", help="skip the PruneLayers levels (a partial run to --merge)")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="write the report from partial runs' results.json (e.g. budgets run in parallel)")
     args = p.parse_args(argv)
+    if args.merge:
+        return _merge(args.merge, args.out)
     from routefx.calibrate import loss_router
     loss_router.LOSS_ROUTER_DEFAULTS["steps"] = args.loss_steps
+    from routefx.calibrate import trained_routers
+    trained_routers.IMITATION_ORACLE.update(tol=ORACLE_TOL, iters=ORACLE_ITERS)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, cal, held, decode, label = load(args)
@@ -173,7 +199,7 @@ def main(argv=None) -> int:
     rows = {"dense": {}, "prune": {}, **{r: {} for r in ROUTERS}, "oracle": {}}
     dense = routefx.compile(model, routefx.policies.Dense(), calibration=cal)
     rows["dense"][1.0] = {**measure(dense, held), "fraction": 1.0}
-    for j in tqdm(range(1, L), desc="PruneLayers keep j/L"):
+    for j in tqdm(range(1, L) if not args.no_prune else [], desc="PruneLayers keep j/L"):
         cm = routefx.compile(model, PruneLayers(keep=j / L), calibration=cal)
         rows["prune"][j / L] = {**measure(cm, held), "fraction": j / L, "pruned": cm.plan.pruned}
     maps, agree, difficulty = {}, {}, None
@@ -181,7 +207,12 @@ def main(argv=None) -> int:
         compiled = {}
         for router in tqdm(ROUTERS, desc=f"routers @ {budget}", leave=False):
             if router == "random":
-                cm = best_of_random(model, cal, held, budget, args.random_n)
+                n = args.random_n if budget == 0.5 else min(args.random_n, args.random_n_other)
+                cm, winner = best_of_random(model, cal, held, budget, n)
+                rows[router][budget] = {**measure(cm, held), "calibration_fraction": cm.route_stats(cal).budget,
+                                        "n": n, "winner": winner}
+                compiled[router] = cm
+                continue
             else:
                 cm = routefx.compile(model, Duo(budget=budget, router=router), calibration=cal)
             compiled[router] = cm
@@ -210,6 +241,29 @@ def main(argv=None) -> int:
     from bench.quality_report import write_report
     write_report(results, args.out)
     print(f"wrote {os.path.join(args.out, 'QUALITY.md')} in {results['seconds']:.0f} s")
+    return 0
+
+
+def _merge(paths, out) -> int:
+    """One report from partial runs: rows and agreement are united; difficulty and the routing map come from the
+    run that measured budget 0.5 (else the first)."""
+    parts = [json.load(open(p)) for p in paths]
+    res = dict(parts[0])
+    res["rows"] = {k: {} for k in parts[0]["rows"]}
+    res["agreement"], res["seconds"] = {}, max(p["seconds"] for p in parts)
+    for part in parts:
+        for k, v in part["rows"].items():
+            res["rows"][k].update(v)
+        res["agreement"].update(part["agreement"])
+        if part["difficulty"] and str(part["difficulty"]["budget"]) == "0.5":
+            res["difficulty"], res["map"] = part["difficulty"], part["map"]
+    res["random_n"] = max(p["random_n"] for p in parts)
+    os.makedirs(os.path.join(out, "quality"), exist_ok=True)
+    with open(os.path.join(out, "quality", "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    from bench.quality_report import write_report
+    write_report(res, out)
+    print(f"wrote {os.path.join(out, 'QUALITY.md')} from {len(parts)} partial runs")
     return 0
 
 

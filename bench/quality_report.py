@@ -136,7 +136,7 @@ def write_report(res, out_dir):
     L = ["# Quality of adaptive models (issue 16)", "",
          f"Model: **{res['label']}**. Held-out: {res['tokens']['heldout']} tokens; calibration: "
          f"{res['tokens']['calibration']} tokens (train split). Dense held-out perplexity **{dense['ppl']:.3f}**, "
-         f"{dense['flops'] / 1e6:.3f} MFLOPs/token. Best-of-N random: N = {res['random_n']}; oracle beam "
+         f"{dense['flops'] / 1e6:.3f} MFLOPs/token. Best-of-N random: N = {res['random_n']} at budget 0.5 (N per budget in the targets); oracle beam "
          f"{res['beam']}; loss-trained routers {res['loss_steps']} steps. Run time {res['seconds'] / 60:.1f} min "
          "(`PYTHONPATH=. python bench/quality.py`).", "",
          "![perplexity vs compute](quality/perplexity_vs_compute.png)", "",
@@ -160,7 +160,7 @@ def write_report(res, out_dir):
     L += ["", "PruneLayers levels measured: " + ", ".join(
         f"keep {float(k):.3f}: ppl {v['ppl']:.3f}, {v['flops'] / 1e6:.3f} MFLOPs (pruned {v['pruned']})"
         for k, v in sorted(rows["prune"].items(), key=lambda kv: float(kv[0]))), ""]
-    L += _targets(res), ""
+    L += _targets(res) + [""]
     d = res["difficulty"]
     if d:
         c = d["correlations"]
@@ -221,6 +221,7 @@ def _targets(res):
                f"**{'met' if orc <= 1.01 * dense else 'not met'}**.")
     for b in sorted(rows["loss"], key=float):
         t, r = rows["loss"][b]["ppl"], rows["random"][b]["ppl"]
-        out.append(f"- Budget {b}: loss-trained {t:.3f} vs best of {res['random_n']} random {r:.3f}: "
+        out.append(f"- Budget {b}: loss-trained {t:.3f} vs best of {rows['random'][b].get('n', res['random_n'])} "
+                   f"random {r:.3f}: "
                    f"**{'beats' if t < r else 'does not beat'}** it.")
     return out

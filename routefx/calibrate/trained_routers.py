@@ -20,6 +20,7 @@ from routefx.ir.model_ir import ModelIR
 __all__ = ["TRAINED_ROUTERS", "TrainRouters", "router_attrs"]
 
 TRAINED_ROUTERS = ("imitation", "loss")
+IMITATION_ORACLE = {"tol": 0.01, "iters": 12}      # the oracle's ε bisection for imitation labels
 aten = torch.ops.aten
 
 
@@ -109,7 +110,8 @@ def _imitation(gm, ir, batches, target):
     from routefx.calibrate.routers import LocalRouter
 
     forced = ForcedRoutes(gm, ir)
-    eps, results = fit_oracle(forced, batches, target, beam=1)
+    eps, results = fit_oracle(forced, batches, target, beam=1, tol=IMITATION_ORACLE["tol"],
+                              iters=IMITATION_ORACLE["iters"])
     xs = {k: [] for k in forced.keys}
     labels = {k: [] for k in forced.keys}
     for batch, res in zip(batches, results):
