@@ -57,7 +57,7 @@ def _map(res, out):
         ax.set_yticks(range(len(grid)))
         ax.set_title(f"{title} at FFN budget {m['budget']} (white skip, light small, dark big)", fontsize=9)
     axes[1].set_xticks(range(n))
-    axes[1].set_xticklabels([repr(t)[1:-1][:8] for t in m["tokens"][:n]], rotation=90, fontsize=7,
+    axes[1].set_xticklabels([repr(t.replace(" ", "␣"))[1:-1][:8] for t in m["tokens"][:n]], rotation=90, fontsize=7,
                             family="monospace")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "routing_map.png"), dpi=110)
@@ -75,6 +75,7 @@ def _agreement(res, out):
         ax.axhline(1 / 3, color="k", linewidth=0.6, linestyle=":")
         ax.set_title(f"FFN budget {b}", fontsize=9)
         ax.set_xlabel("layer")
+        ax.set_xticks(range(res["layers"]))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("route agreement with the oracle")
     axes[0][0].legend(fontsize=7)
@@ -103,6 +104,7 @@ def _difficulty(res, out):
         axes[2].bar(range(len(shares)), vals, bottom=bottom, color=color, label=name)
         bottom = [a + b for a, b in zip(bottom, vals)]
     axes[2].set_xlabel("layer")
+    axes[2].set_xticks(range(len(shares)))
     axes[2].set_ylabel("share of tokens")
     axes[2].set_title(f"oracle routes per layer (budget {d['budget']})", fontsize=9)
     axes[2].legend(fontsize=8)
