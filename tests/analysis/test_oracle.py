@@ -90,3 +90,19 @@ def test_oracle_needs_one_bound(setup):
     _, _, forced, batch, labels = setup
     with pytest.raises(routefx.PolicyError, match=r"exactly one of eps= or budget=; got eps=None, budget=None"):
         oracle_routes(forced, batch, labels)
+
+
+def test_forcing_the_routers_own_routes_reproduces_the_compiled_model(setup):
+    from routefx.calibrate.record import run_recording
+    from routefx.analysis.forced import routed_layers
+    _, cm, forced, batch, _ = setup
+    g = torch.Generator().manual_seed(5)
+    batch = {**batch, "input_ids": torch.randint(1, 101, (3, 9), generator=g)}   # tokens interact here
+    gm = cm.graph_module
+    nodes = [n for _, n in routed_layers(gm, cm.ir)]
+    vals = run_recording(gm, batch, [n.args[1] for n in nodes])
+    own = torch.stack([vals[n.args[1]][..., 0] for n in nodes])                   # [L, B, S]
+    assert len(set(own.reshape(-1).tolist())) > 1                                  # mixed routes
+    assert torch.allclose(forced(batch, own), cm(**batch).logits, atol=EXACT_REWRITE)
+    other = (own + 1) % 3
+    assert not torch.allclose(forced(batch, other), cm(**batch).logits, atol=EXACT_REWRITE)
