@@ -66,4 +66,6 @@ class LocalRouter(RouterTrainer):
         return w_x.to(x.dtype), b_x.to(x.dtype)
 
 
-ROUTER_TRAINERS: dict[str, RouterTrainer] = {"random": RandomRouter(), "local": LocalRouter()}
+# "imitation" and "loss" start from the local router; the rewritten graph trains them (trained_routers.py)
+ROUTER_TRAINERS: dict[str, RouterTrainer] = {"random": RandomRouter(), "local": LocalRouter(),
+                                             "imitation": LocalRouter(), "loss": LocalRouter()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from routefx.calibrate.budget import FitBudget
+from routefx.calibrate.trained_routers import TRAINED_ROUTERS, TrainRouters
 from routefx.compiler.policies import Dense, Duo, Policy, PruneLayers
 from routefx.errors import PolicyError
 from routefx.passes.append_small_branch import AppendSmallBranch
@@ -26,7 +27,7 @@ __all__ = ["Pipeline", "build_pipeline"]
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
     passes: list[Pass]
-    tune: list[FitBudget] = dataclasses.field(default_factory=list)
+    tune: list = dataclasses.field(default_factory=list)
 
 
 def build_pipeline(policy: Policy) -> Pipeline:
@@ -35,5 +36,6 @@ def build_pipeline(policy: Policy) -> Pipeline:
     if isinstance(policy, PruneLayers):
         return Pipeline([RaiseFFN(), PruneBlocks()])
     if isinstance(policy, Duo):
-        return Pipeline([RaiseFFN(), PermuteNeurons(), AppendSmallBranch(), InsertRouters()], [FitBudget()])
+        train = [TrainRouters()] if policy.router in TRAINED_ROUTERS else []
+        return Pipeline([RaiseFFN(), PermuteNeurons(), AppendSmallBranch(), InsertRouters()], train + [FitBudget()])
     raise PolicyError(f"no pipeline for policy {type(policy).__name__}")

@@ -104,7 +104,7 @@ class PruneLayers(Policy):
         return self.keep is not None
 
 
-ROUTERS = ("static", "random", "local")
+ROUTERS = ("static", "random", "local", "imitation", "loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +116,9 @@ class Duo(Policy):
     budget: mean FFN compute fraction over the routed layers and real tokens (skip 0, small k/F, big 1), met
         within ±0.02 on the calibration data by one global price λ on branch cost.
     router: "static" (one branch per layer, chosen by importance), "random" (a seeded random linear router, a
-        per-token baseline), "local" (a linear router trained on layer-local labels).
+        per-token baseline), "local" (a linear router trained on layer-local labels), "imitation" (a linear router
+        fitted to oracle routes on the calibration data), "loss" (trained end-to-end on the frozen model with the
+        language-model loss plus a compute price; `routefx/calibrate/trained_routers.py`).
     layers: block indices to route (None: every dense FFN).
     small: "nested" (the small branch is the first k neurons of the big one; no extra weights) or "separate"
         (an extra k-neuron branch appended to the weights, initialised from the top-k neurons and fitted by

@@ -188,7 +188,7 @@ def test_static_router_states_its_realised_budget():
     ({"budget": 1.2}, r"budget must be a compute fraction in \(0, 1\], got 1.2"),
     ({"small_fraction": 1.0}, r"small_fraction must be in \(0, 1\), got 1.0"),
     ({"small_fraction": 0}, r"small_fraction must be in \(0, 1\), got 0"),
-    ({"router": "oracle"}, r"unknown router 'oracle'; supported: static, random, local"),
+    ({"router": "oracle"}, r"unknown router 'oracle'; supported: static, random, local, imitation, loss"),
     ({"layers": [-1]}, r"layers must be a non-empty list of block indices >= 0"),
 ])
 def test_bad_policy_values(kw, match):

@@ -1,0 +1,275 @@
+"""Quality of adaptive models (issue 16): held-out perplexity against FFN compute and FLOPs/token for static
+pruning, static Duo, random (best of N), local, oracle-imitation and loss-trained routers and the oracle; token
+difficulty; routing maps; oracle-vs-router agreement. Writes bench/QUALITY.md and bench/quality/*.png.
+
+    PYTHONPATH=. python bench/quality.py [--quick] [--random-n 100] [--budgets 0.25 0.5 0.75]
+
+The model is the benchmark LM of `bench/quality_model.py` (from its cache; `--quick` takes its quick stand-in);
+when that module is absent, the tiny byte-level Llama of tests/tiny_lm.py stands in, said so in the report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import routefx  # noqa: E402
+from routefx.analysis.difficulty import token_difficulty  # noqa: E402
+from routefx.analysis.forced import ForcedRoutes, routed_layers  # noqa: E402
+from routefx.analysis.oracle import IGNORE, fit_oracle, shifted_labels, token_losses  # noqa: E402
+from routefx.calibrate.budget import fit_lambda  # noqa: E402
+from routefx.calibrate.routers import RandomRouter  # noqa: E402
+from routefx.calibrate.trained_routers import router_attrs  # noqa: E402
+from routefx.ir.flops import realised_flops  # noqa: E402
+from routefx.policies import Duo, PruneLayers  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROUTERS = ("static", "random", "local", "imitation", "loss")
+ORACLE_TOL, ORACLE_ITERS = 0.02, 8          # the oracle's ε bisection (a busy 2-core machine: keep it short)
+
+
+# ---------------------------------------------------------------- model and data
+
+def load(args):
+    """(model, calibration batches, held-out batches, decode(ids) -> list[str], label)."""
+    try:
+        from bench import quality_model as qm
+    except ImportError:
+        qm = None
+    if qm is not None and not args.tiny:
+        model, tok, info = qm.load_quality_model(train_if_missing=args.train, quick=args.quick)
+        seq = args.seq or min(128, info["settings"]["seq_len"])
+        cal = qm.calibration_batches(tok, args.cal_batches, seq, batch=args.batch)
+        held = qm.heldout_batches(tok, args.held_batches, seq, batch=args.batch)
+        decode = lambda ids: [tok.decode([int(i)]) for i in ids]  # noqa: E731
+        return model, cal, held, decode, info["label"]
+    from tests.tiny_lm import batches, trained_llama
+    model = trained_llama()
+    seq = args.seq or 64
+    cal = batches(args.cal_batches, args.batch, seq, seed=100)
+    held = batches(args.held_batches, args.batch, seq, seed=200, split="held")
+    decode = lambda ids: [chr(int(i)) if 32 <= int(i) < 127 else "·" for i in ids]  # noqa: E731
+    return model, cal, held, decode, ("STAND-IN: tests/tiny_lm.py byte-level Llama, 4 layers, d=64, FFN 172, 200 "
+                                      "steps (bench/quality_model.py not available)")
+
+
+# ---------------------------------------------------------------- measurements
+
+@torch.no_grad()
+def nll(logits_fn, batches) -> tuple[float, int]:
+    tot, n = 0.0, 0
+    for b in batches:
+        lab = shifted_labels(b)
+        loss = token_losses(logits_fn(b), lab)
+        v = lab != IGNORE
+        tot += float(loss[v].sum())
+        n += int(v.sum())
+    return tot / n, n
+
+
+def measure(cm, held) -> dict:
+    """Held-out perplexity, realised FFN compute fraction and FLOPs/token of a compiled model."""
+    mean, _ = nll(lambda b: cm(**b).logits, held)
+    out = {"ppl": math.exp(mean), "flops": cm.flops_per_token(held)}
+    try:
+        out["fraction"] = cm.route_stats(held).budget
+    except Exception:                                   # no routed layer with several ranges (Dense, prune)
+        out["fraction"] = None
+    return out
+
+
+def _offline_lambda(xs, weights, costs, budget):
+    """λ meeting `budget` with every layer routed on its dense-trajectory inputs (no forward pass): a cheap
+    approximation used only to rank random routers."""
+    from routefx.calibrate.search import bisect_decreasing
+    logits = [xs[k] @ w.T + b for k, (w, b) in weights.items()]              # per layer [N, 3]
+
+    def frac(lam):
+        return sum(float(c[(lg - lam * c.float()).argmax(-1)].mean()) for lg, c in zip(logits, costs)) / len(costs)
+    return bisect_decreasing(frac, budget, -1e4, 1e4, 60, key=lambda f: f, tol=0.005).best_x
+
+
+def best_of_random(model, cal, held, budget, n, seed0=1000):
+    """Best of `n` seeded random routers, ranked by next-token loss on the first calibration batch with λ set
+    offline (`_offline_lambda`); the winner's λ is then fitted on the calibration data by the budget step."""
+    from routefx.ir.price import set_price_
+    cm = routefx.compile(model, Duo(budget=budget, router="random"), calibration=cal)
+    forced, fcal = ForcedRoutes.from_compiled(cm, cal[:1])
+    entry = cm._last
+    gm, ir = entry.gm, entry.ir
+    raw = forced.inputs(fcal[0], forced.all_big(fcal[0]["input_ids"].shape))
+    xs = {k: v.reshape(-1, v.shape[-1]).float() for k, v in raw.items()}
+    ops = dict(routed_layers(gm, ir))
+    attrs = {k: router_attrs(gm, ops[k]) for k in forced.keys}
+    costs = [forced.costs[i] for i in range(forced.num_layers)]
+    best = (float("inf"), None, None)
+    for s in tqdm(range(n), desc=f"best of {n} random routers @ {budget}", leave=False):
+        gen = torch.Generator().manual_seed(seed0 + s)
+        weights = {k: RandomRouter().fit(xs[k], None, gen) for k in forced.keys}
+        lam = _offline_lambda(xs, weights, costs, budget)
+        for k, (w, b) in weights.items():
+            getattr(gm, attrs[k][0]).copy_(w)
+            getattr(gm, attrs[k][1]).copy_(b)
+        set_price_(gm, lam)
+        loss, _ = nll(lambda b: gm(**b).logits, fcal)
+        if loss < best[0]:
+            best = (loss, weights, s)
+    for k, (w, b) in best[1].items():
+        getattr(gm, attrs[k][0]).copy_(w)
+        getattr(gm, attrs[k][1]).copy_(b)
+    _, cal_c = cm._batch_entry(cal)
+    lam, _ = fit_lambda(gm, ir, cal_c, budget)
+    cm.plan.lam = lam
+    return cm, best[2]
+
+
+def oracle_on(cm, held, budget, beam):
+    """The oracle at `budget` on the held-out batches themselves (it sees the targets: a bound, not a router)."""
+    forced, hb = ForcedRoutes.from_compiled(cm, held)
+    eps, res = fit_oracle(forced, hb, budget, beam=beam, progress=True, tol=ORACLE_TOL, iters=ORACLE_ITERS)
+    loss = sum(float(r.loss[r.valid].sum()) for r in res) / sum(int(r.valid.sum()) for r in res)
+    entry = cm._last
+    nodes = [n for k, n in routed_layers(entry.gm, entry.ir)]
+    flops = realised_flops(entry.flops, ((r.valid | True, {n: r.routes[i].unsqueeze(-1) for i, n in
+                                                          enumerate(nodes)}) for r in res))
+    frac = float(torch.cat([r.cost[r.valid] for r in res]).mean())
+    return {"ppl": math.exp(loss), "flops": flops, "fraction": frac, "eps": eps,
+            "violations": sum(r.violations for r in res) / len(res)}, forced, hb, res
+
+
+def router_routes(cm, batches):
+    """[L, B, S] routes the compiled model's routers take on each batch."""
+    entry, bs = cm._batch_entry(batches)
+    from routefx.calibrate.record import run_recording
+    nodes = [n for _, n in routed_layers(entry.gm, entry.ir)]
+    out = []
+    for b in bs:
+        vals = run_recording(entry.gm, b, [n.args[1] for n in nodes])
+        out.append(torch.stack([vals[n.args[1]][..., 0] for n in nodes]))
+    return out
+
+
+def agreement(router_r, oracle_res) -> list[float]:
+    """Per layer: share of valid held-out tokens where the router's route equals the oracle's."""
+    num, den = None, 0
+    for rr, res in zip(router_r, oracle_res):
+        eq = (rr == res.routes)[:, res.valid].double().sum(1)
+        num = eq if num is None else num + eq
+        den += int(res.valid.sum())
+    return (num / den).tolist()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the quality model's quick stand-in")
+    p.add_argument("--tiny", action="store_true", help="tests/tiny_lm.py's byte-level Llama (seconds)")
+    p.add_argument("--train", action="store_true", help="train the quality model when its cache is cold")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--random-n", type=int, default=100)
+    p.add_argument("--random-n-other", type=int, default=20, help="N at budgets other than 0.5")
+    p.add_argument("--loss-steps", type=int, default=150)
+    p.add_argument("--beam", type=int, default=1)
+    p.add_argument("--cal-batches", type=int, default=4)
+    p.add_argument("--held-batches", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=0)
+    p.add_argument("--out", default=HERE)
+    p.add_argument("--no-prune", action="store_true", help="skip the PruneLayers levels (a partial run to --merge)")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="write the report from partial runs' results.json (e.g. budgets run in parallel)")
+    args = p.parse_args(argv)
+    if args.merge:
+        return _merge(args.merge, args.out)
+    from routefx.calibrate import loss_router
+    loss_router.LOSS_ROUTER_DEFAULTS["steps"] = args.loss_steps
+    from routefx.calibrate import trained_routers
+    trained_routers.IMITATION_ORACLE.update(tol=ORACLE_TOL, iters=ORACLE_ITERS)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model, cal, held, decode, label = load(args)
+    L = model.config.num_hidden_layers
+    rows = {"dense": {}, "prune": {}, **{r: {} for r in ROUTERS}, "oracle": {}}
+    dense = routefx.compile(model, routefx.policies.Dense(), calibration=cal)
+    rows["dense"][1.0] = {**measure(dense, held), "fraction": 1.0}
+    for j in tqdm(range(1, L) if not args.no_prune else [], desc="PruneLayers keep j/L"):
+        cm = routefx.compile(model, PruneLayers(keep=j / L), calibration=cal)
+        rows["prune"][j / L] = {**measure(cm, held), "fraction": j / L, "pruned": cm.plan.pruned}
+    maps, agree, difficulty = {}, {}, None
+    for budget in tqdm(args.budgets, desc="budgets"):
+        compiled = {}
+        for router in tqdm(ROUTERS, desc=f"routers @ {budget}", leave=False):
+            if router == "random":
+                n = args.random_n if budget == 0.5 else min(args.random_n, args.random_n_other)
+                cm, winner = best_of_random(model, cal, held, budget, n)
+                rows[router][budget] = {**measure(cm, held), "calibration_fraction": cm.route_stats(cal).budget,
+                                        "n": n, "winner": winner}
+                compiled[router] = cm
+                continue
+            else:
+                cm = routefx.compile(model, Duo(budget=budget, router=router), calibration=cal)
+            compiled[router] = cm
+            rows[router][budget] = {**measure(cm, held), "calibration_fraction": cm.plan.budget.realised}
+        orc, forced, hb, res = oracle_on(compiled["local"], held, budget, args.beam)
+        rows["oracle"][budget] = orc
+        agree[budget] = {r: agreement(router_routes(compiled[r], held), res)
+                         for r in ("random", "local", "imitation", "loss")}
+        if budget == 0.5 or difficulty is None:
+            d = token_difficulty(forced, hb, res)
+            difficulty = {"budget": budget, "correlations": d.correlations, "shares": d.shares.tolist(),
+                          "compute": d.compute.tolist(), "dense_loss": d.dense_loss.tolist(),
+                          "entropy": d.entropy.tolist()}
+            sample = {"oracle": res[0].routes[:, 0].tolist(),
+                      "loss": router_routes(compiled["loss"], held[:1])[0][:, 0].tolist(),
+                      "tokens": decode(held[0]["input_ids"][0].tolist()), "budget": budget}
+            maps = sample
+    results = {"label": label, "layers": L, "random_n": args.random_n, "beam": args.beam,
+               "loss_steps": args.loss_steps, "seconds": time.perf_counter() - t0, "rows": _keys(rows),
+               "agreement": _keys(agree), "difficulty": difficulty, "map": maps,
+               "tokens": {"calibration": sum(int(b["attention_mask"].sum()) for b in cal),
+                          "heldout": sum(int(b["attention_mask"].sum()) for b in held)}}
+    os.makedirs(os.path.join(args.out, "quality"), exist_ok=True)
+    with open(os.path.join(args.out, "quality", "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    from bench.quality_report import write_report
+    write_report(results, args.out)
+    print(f"wrote {os.path.join(args.out, 'QUALITY.md')} in {results['seconds']:.0f} s")
+    return 0
+
+
+def _merge(paths, out) -> int:
+    """One report from partial runs: rows and agreement are united; difficulty and the routing map come from the
+    run that measured budget 0.5 (else the first)."""
+    parts = [json.load(open(p)) for p in paths]
+    res = dict(parts[0])
+    res["rows"] = {k: {} for k in parts[0]["rows"]}
+    res["agreement"], res["seconds"] = {}, max(p["seconds"] for p in parts)
+    for part in parts:
+        for k, v in part["rows"].items():
+            res["rows"][k].update(v)
+        res["agreement"].update(part["agreement"])
+        if part["difficulty"] and str(part["difficulty"]["budget"]) == "0.5":
+            res["difficulty"], res["map"] = part["difficulty"], part["map"]
+    res["random_n"] = max(p["random_n"] for p in parts)
+    os.makedirs(os.path.join(out, "quality"), exist_ok=True)
+    with open(os.path.join(out, "quality", "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    from bench.quality_report import write_report
+    write_report(res, out)
+    print(f"wrote {os.path.join(out, 'QUALITY.md')} from {len(parts)} partial runs")
+    return 0
+
+
+def _keys(d):
+    return {str(k): (_keys(v) if isinstance(v, dict) else v) for k, v in d.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
