@@ -206,8 +206,17 @@ class OnnxRunner:
         """Stop ONNX Runtime's profiler (the runner was prepared with `profile=True`); returns the JSON's path."""
         return self.session.end_profiling()
 
-    def save(self, path: str) -> None:
-        """Write the ONNX model to `path` (bytes models only; a large model already lives at `onnx_path`)."""
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's initializers (what a saved model stores; nested routes share theirs)."""
+        return _initializer_bytes(self._model)
+
+    def save(self, path: str, *, external_data: bool = False) -> None:
+        """Write the ONNX model to `path`: one file (below protobuf's 2 GiB limit; a large model already lives at
+        `onnx_path`), or with `external_data=True` the graph at `path` and the weights in `path + ".data"`."""
+        if external_data:
+            ir.save(self._model, path, external_data=os.path.basename(path) + ".data")
+            return
         if self.onnx_model is None:
             raise BackendError(f"this model is stored with external data at {self.onnx_path}; copy that directory")
         with open(path, "wb") as f:

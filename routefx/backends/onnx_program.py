@@ -21,6 +21,8 @@ on them. `to_onnx` returns which path ran.
 """
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Callable
 
 import onnxscript.version_converter
@@ -169,12 +171,12 @@ def _direct(ep: ExportedProgram, opset: int | None, lowerings: dict):
     """The exporter's translation of `ep` as it is, or None where that is unavailable or some op lacks an
     ONNX implementation (then the caller decomposes)."""
     try:
-        from torch.onnx._internal.exporter import _constants, _core, _fx_passes, _registration
+        from torch.onnx._internal.exporter import _constants, _core, _fx_passes
     except ImportError:
         return None
     target = opset or torch.onnx._constants.ONNX_DEFAULT_OPSET  # what torch.onnx.export does with None
     try:
-        registry = _registration.ONNXRegistry.from_torchlib(opset_version=max(target, _constants.TORCHLIB_OPSET))
+        registry = _registry(max(target, _constants.TORCHLIB_OPSET))
         for op, fn in lowerings.items():
             registry.register_op(op, fn, is_complex=False)
         targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
@@ -202,6 +204,21 @@ def _lowering_refused(e: BaseException) -> bool:
         seen.append(e)
         e = e.__cause__ or e.__context__
     return False
+
+
+def _registry(opset: int):
+    """A fresh copy of torchlib's registry at `opset` (building one takes seconds; a copy, milliseconds), so
+    that routefx's lowerings registered on it do not pile up across exports."""
+    base = _base_registry(opset)
+    registry = copy.copy(base)
+    registry.functions = {k: list(v) for k, v in base.functions.items()}
+    return registry
+
+
+@functools.lru_cache(maxsize=None)
+def _base_registry(opset: int):
+    from torch.onnx._internal.exporter import _registration
+    return _registration.ONNXRegistry.from_torchlib(opset_version=opset)
 
 
 def _attr(root: torch.nn.Module, target: str):
