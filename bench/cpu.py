@@ -1,39 +1,33 @@
-"""CPU benchmark: routefx ONNX (dense and Duo) against torch eager and torch.compile (inductor), in one process.
+"""CPU benchmark: routefx (ONNX, optionally inductor; dense and Duo) against torch eager and torch.compile
+(inductor) on two model shapes, every candidate of both shapes timed in the same interleaved, shuffled rounds in
+one process.
 
-Model: a Llama-shaped transformers `LlamaForCausalLM` built from a config (8 layers, hidden 1024, FFN 2816,
-16 query / 4 key-value heads, vocab 32000), random weights (torch.manual_seed(0)), fp32. Input: batch 1 x 512
-random token ids, attention mask all ones.
+Shapes (transformers `LlamaForCausalLM` from configs, random weights, torch.manual_seed(0), fp32, mask all ones):
+  A  8 layers, hidden 1024, FFN 2816, 16/4 heads, vocab 32000, batch 1 x 512 tokens
+  B  12 layers, hidden 768, FFN 2048, 12/4 heads, vocab 32000, batch 1 x 256 tokens
 
-For every candidate it reports (principle 5 of DESIGN.md, honest compute accounting):
-  latency        median of interleaved runs (routefx.timing.median_seconds, all candidates in one dict)
-  speedup        t(routefx ONNX dense) / t(candidate), measured in the same rounds
-  FLOP-ideal     dense FLOPs per token / the candidate's FLOPs per token with the routes realised on the measured
-                 input (CompiledModel.flops_per_token([x])); 1.0 for torch eager and inductor
-  efficiency     speedup / FLOP-ideal
-  budget         realised FFN compute fraction on the measured input (route_stats([x])) and on calibration data
-  MFU            FLOPs per token x tokens / latency / peak, peak = the fastest of torch.mm and an ONNX Runtime
-                 MatMul (weight an initializer like routefx's, the routefx backend's session options), fp32, on a
-                 2048 x 2048 x 2048 product and on the FFN's shape ([512, 1024] x [1024, 2816]), timed in the same
-                 interleaved rounds
-  compile time   routefx.compile wall time, split into capture, calibration, compile (passes, FLOP counting) and
-                 the ONNX backend's prepare (export, fold, optimize, session); "without calibration" = wall -
-                 report.calibration_seconds, for every candidate alike
+Per shape it reports (principle 5 of DESIGN.md, honest compute accounting):
+  latency        median of interleaved rounds (routefx.timing.median_seconds, one dict for both shapes)
+  speedup        against routefx ONNX dense and against the fastest dense engine in the same rounds
+  FLOP-ideal     dense FLOPs per token / the candidate's with the routes realised on the measured input
+  efficiency     speedup / FLOP-ideal (both speedups)
+  ceiling        from a profile of ONNX dense taken in the run: the fraction f of kernel time in FFN GEMMs gives
+                 the best speedup if only FFN time shrank, 1 / (1 - f + f r) at realised FFN fraction r; divided by
+                 the FLOP-ideal, the best attainable efficiency
+  GEMM rates     ONNX Runtime MatMul (weight an initializer, routefx's session options) and torch.mm on the
+                 shape's FFN product [tokens, hidden] x [hidden, FFN] (and a 2048^3 product), in the same rounds
+  memory         peak RSS of a fresh process (numpy + onnxruntime only) that loads the saved ONNX dense model
+                 (external data) and runs it once, against the weight bytes; the same for the first Duo model
+  compile time   routefx.compile wall time, split into capture, calibration, passes and the ONNX backend's
+                 prepare (export from the captured graph, fold, optimize, serialize, session); "without
+                 calibration" = wall - report.calibration_seconds
 
-Duo calibration: 2 batches of [2, 256] random tokens by default (--cal-batches/--cal-batch/--cal-seq); each
-per-token Duo compile already spends ~20 s calibrating on them. The serialized ONNX bytes (runner.onnx_model, used
-only by runner.save) are dropped after compiling so that all eleven sessions fit in memory at once.
+Writes bench/results/cpu.json (every number) and bench/RESULTS.md (generated from the JSON by bench/report.py).
 
-Writes bench/results/cpu.json (every number) and bench/RESULTS.md (tables and text generated from the JSON by
-bench/report.py). The order of the candidates is shuffled in every timed round (seeded).
-
-    .venv/bin/python bench/cpu.py                 # the real run (all candidates, 2 warm-up + 9 timed rounds;
-                                                  # ~15 min on 2 cores, ~10 of them routefx.compile, ~18 GiB RSS)
+    .venv/bin/python bench/cpu.py                 # the real run (both shapes, all routers and budgets)
     .venv/bin/python bench/cpu.py --quick         # budget 0.5 only, 1 + 3 rounds, results to /tmp
-    .venv/bin/python bench/cpu.py --smoke         # minutes: a 2-layer hidden-256 model, 128 tokens, one router,
-                                                  # no inductor, 1 + 2 rounds, results to /tmp (checks the script)
-    .venv/bin/python bench/cpu.py --profile-only duo_local_0.25,duo_random_0.25
-        # ONNX Runtime profiles (routefx.backends.onnx.prepare(profile=True)) of ONNX dense and the named
-        # candidates: time per op type and per FFN route, merged into cpu.json as "profiles"; RESULTS.md redone
+    .venv/bin/python bench/cpu.py --smoke         # minutes: two tiny shapes, one router, no inductor, /tmp
+    .venv/bin/python bench/cpu.py --budgets 0.5 --routers random local --reps 5   # a smaller real run
 """
 from __future__ import annotations
 
@@ -351,10 +345,12 @@ def profile_candidate(cm, x, runs: int, m: Shape) -> dict:
 # ---- memory of a fresh process -------------------------------------------------------------------------------
 
 _RSS_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np, onnxruntime as ort
 path, threads, b, s, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-kib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def kib():  # VmHWM: this process's peak RSS (ru_maxrss would carry the forking parent's over exec)
+    with open("/proc/self/status") as f:
+        return int(next(l for l in f if l.startswith("VmHWM")).split()[1])
 base = kib()
 so = ort.SessionOptions()
 so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
