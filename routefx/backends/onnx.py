@@ -1,17 +1,23 @@
-"""ONNX backend: export the rewritten graph with `torch.onnx.export(dynamo=True)` and run it on ONNX Runtime (CPU).
+"""ONNX backend: lower the rewritten graph to ONNX and run it on ONNX Runtime (CPU).
 
-`prepare(gm, example_kwargs)` exports `gm` with its batch and sequence dims dynamic (the symbolic dims of the
-placeholders' fake values), lowers `routefx::routed_ffn` with `routefx.backends.onnx_ops` (one TopK sort of the
-route ids per layer, per-route Gather/MatMul on pre-sliced, pre-transposed weight initializers, one ScatterND;
-constant route ids: plain MatMuls on their range), folds the weight slices,
-runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession`. Non-tensor keywords (use_cache=False)
-are baked into the model; its inputs are the model's own tensor inputs, its weights are initializers.
+`prepare(gm, example_kwargs)` lowers `gm` with its batch and sequence dims dynamic (the symbolic dims of the
+placeholders' fake values) from the graph itself (`routefx.backends.onnx_program`: the captured graph lifted into an
+ExportedProgram and translated by torch's ONNX exporter, with no trace; the exporter's decomposition where an op
+lacks an ONNX implementation; `torch.onnx.export(gm)` only if both fail), lowers `routefx::routed_ffn` with
+`routefx.backends.onnx_ops` (one TopK sort of the route ids per layer, per-route Gather/MatMul on pre-sliced,
+pre-transposed weight initializers, one ScatterND; constant route ids: plain MatMuls on their range), folds the
+weight slices, runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession` with the weights handed
+over in memory (`routefx.backends.onnx_session`: the graph is serialized without them). Non-tensor keywords
+(use_cache=False) are baked into the model; its inputs are the model's own tensor inputs, its weights are
+initializers. `runner.timings` has the seconds of each phase (export, fold, optimize, serialize, session) and
+`runner.export_path` says how the graph was lowered ("direct", "decomposed" or "traced").
 
 The returned `OnnxRunner` is called like `gm(**kwargs)` and returns the same output structure (rebuilt with the
 graph's output pytree spec: a Hugging Face ModelOutput, a tuple, a bare tensor); outputs that are None in the
 eager result are None here. It checks every input's dtype and rank (and static dims) first and raises
-`InputError` naming the input. `runner.onnx_model` holds the serialized model (bytes), or `runner.onnx_path`
-the file in a temporary directory when the weights exceed protobuf's 2 GiB limit.
+`InputError` naming the input. `runner.onnx_model` gives the serialized model (bytes, made on first use), or
+`runner.onnx_path` a file in a temporary directory when the weights exceed protobuf's 2 GiB limit;
+`runner.save(path, external_data=True)` writes the graph and one weight file.
 
 Session options, chosen deliberately (see `session_options`):
 - CPU execution provider only.
@@ -32,8 +38,10 @@ Session options, chosen deliberately (see `session_options`):
   optimizer removed are expected); profiling only when asked (`profile=True`; the JSON goes to a temporary
   directory that lives as long as the runner).
 
-The runner is a snapshot: weights, buffers and graph arguments are read at prepare time, so later in-place
-edits of `gm` do not reach it. Outputs are CPU tensors.
+The session reads the weights from the memory they live in (no copy): the model's own parameters where the
+graph uses them unchanged, new arrays for folded slices. ONNX Runtime pre-packs MatMul weights into its own
+buffers at session creation, so edit a model's weights before compiling it, not after: an in-place edit would
+reach the weights that are not pre-packed (embeddings, norms) and not the others. Outputs are CPU tensors.
 """
 from __future__ import annotations
 
