@@ -1,39 +1,33 @@
-"""CPU benchmark: routefx ONNX (dense and Duo) against torch eager and torch.compile (inductor), in one process.
+"""CPU benchmark: routefx (ONNX, optionally inductor; dense and Duo) against torch eager and torch.compile
+(inductor) on two model shapes, every candidate of both shapes timed in the same interleaved, shuffled rounds in
+one process.
 
-Model: a Llama-shaped transformers `LlamaForCausalLM` built from a config (8 layers, hidden 1024, FFN 2816,
-16 query / 4 key-value heads, vocab 32000), random weights (torch.manual_seed(0)), fp32. Input: batch 1 x 512
-random token ids, attention mask all ones.
+Shapes (transformers `LlamaForCausalLM` from configs, random weights, torch.manual_seed(0), fp32, mask all ones):
+  A  8 layers, hidden 1024, FFN 2816, 16/4 heads, vocab 32000, batch 1 x 512 tokens
+  B  12 layers, hidden 768, FFN 2048, 12/4 heads, vocab 32000, batch 1 x 256 tokens
 
-For every candidate it reports (principle 5 of DESIGN.md, honest compute accounting):
-  latency        median of interleaved runs (routefx.timing.median_seconds, all candidates in one dict)
-  speedup        t(routefx ONNX dense) / t(candidate), measured in the same rounds
-  FLOP-ideal     dense FLOPs per token / the candidate's FLOPs per token with the routes realised on the measured
-                 input (CompiledModel.flops_per_token([x])); 1.0 for torch eager and inductor
-  efficiency     speedup / FLOP-ideal
-  budget         realised FFN compute fraction on the measured input (route_stats([x])) and on calibration data
-  MFU            FLOPs per token x tokens / latency / peak, peak = the fastest of torch.mm and an ONNX Runtime
-                 MatMul (weight an initializer like routefx's, the routefx backend's session options), fp32, on a
-                 2048 x 2048 x 2048 product and on the FFN's shape ([512, 1024] x [1024, 2816]), timed in the same
-                 interleaved rounds
-  compile time   routefx.compile wall time, split into capture, calibration, compile (passes, FLOP counting) and
-                 the ONNX backend's prepare (export, fold, optimize, session); "without calibration" = wall -
-                 report.calibration_seconds, for every candidate alike
+Per shape it reports (principle 5 of DESIGN.md, honest compute accounting):
+  latency        median of interleaved rounds (routefx.timing.median_seconds, one dict for both shapes)
+  speedup        against routefx ONNX dense and against the fastest dense engine in the same rounds
+  FLOP-ideal     dense FLOPs per token / the candidate's with the routes realised on the measured input
+  efficiency     speedup / FLOP-ideal (both speedups)
+  ceiling        from a profile of ONNX dense taken in the run: the fraction f of kernel time in FFN GEMMs gives
+                 the best speedup if only FFN time shrank, 1 / (1 - f + f r) at realised FFN fraction r; divided by
+                 the FLOP-ideal, the best attainable efficiency
+  GEMM rates     ONNX Runtime MatMul (weight an initializer, routefx's session options) and torch.mm on the
+                 shape's FFN product [tokens, hidden] x [hidden, FFN] (and a 2048^3 product), in the same rounds
+  memory         peak RSS of a fresh process (numpy + onnxruntime only) that loads the saved ONNX dense model
+                 (external data) and runs it once, against the weight bytes; the same for the first Duo model
+  compile time   routefx.compile wall time, split into capture, calibration, passes and the ONNX backend's
+                 prepare (export from the captured graph, fold, optimize, serialize, session); "without
+                 calibration" = wall - report.calibration_seconds
 
-Duo calibration: 2 batches of [2, 256] random tokens by default (--cal-batches/--cal-batch/--cal-seq); each
-per-token Duo compile already spends ~20 s calibrating on them. The serialized ONNX bytes (runner.onnx_model, used
-only by runner.save) are dropped after compiling so that all eleven sessions fit in memory at once.
+Writes bench/results/cpu.json (every number) and bench/RESULTS.md (generated from the JSON by bench/report.py).
 
-Writes bench/results/cpu.json (every number) and bench/RESULTS.md (tables and text generated from the JSON by
-bench/report.py). The order of the candidates is shuffled in every timed round (seeded).
-
-    .venv/bin/python bench/cpu.py                 # the real run (all candidates, 2 warm-up + 9 timed rounds;
-                                                  # ~15 min on 2 cores, ~10 of them routefx.compile, ~18 GiB RSS)
+    .venv/bin/python bench/cpu.py                 # the real run (both shapes, all routers and budgets)
     .venv/bin/python bench/cpu.py --quick         # budget 0.5 only, 1 + 3 rounds, results to /tmp
-    .venv/bin/python bench/cpu.py --smoke         # minutes: a 2-layer hidden-256 model, 128 tokens, one router,
-                                                  # no inductor, 1 + 2 rounds, results to /tmp (checks the script)
-    .venv/bin/python bench/cpu.py --profile-only duo_local_0.25,duo_random_0.25
-        # ONNX Runtime profiles (routefx.backends.onnx.prepare(profile=True)) of ONNX dense and the named
-        # candidates: time per op type and per FFN route, merged into cpu.json as "profiles"; RESULTS.md redone
+    .venv/bin/python bench/cpu.py --smoke         # minutes: two tiny shapes, one router, no inductor, /tmp
+    .venv/bin/python bench/cpu.py --budgets 0.5 --routers random local --reps 5   # a smaller real run
 """
 from __future__ import annotations
 
@@ -69,7 +63,7 @@ from routefx.backends import onnx as onnx_backend  # noqa: E402
 from routefx.timing import median_seconds  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import DENSE, assess, fmt, print_summary, write_markdown  # noqa: E402
+from report import DENSE, assess, fmt, overall_targets, print_summary, write_markdown  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SQUARE = 2048  # the large square product of the peak GEMM rate
@@ -89,6 +83,10 @@ class Shape:
 
 FULL = Shape()
 SMOKE = Shape(layers=2, hidden=256, ffn=704, heads=4, kv_heads=2, vocab=1000, batch=1, seq=128)
+# the two shapes of every run (issue 14: different width, depth and length), timed in the same rounds
+SHAPES = {"A": FULL, "B": Shape(layers=12, hidden=768, ffn=2048, heads=12, kv_heads=4, vocab=32000, batch=1, seq=256)}
+SMOKE_SHAPES = {"A": SMOKE, "B": Shape(layers=3, hidden=192, ffn=512, heads=4, kv_heads=2, vocab=1000, batch=1,
+                                       seq=64)}
 
 
 # ---- set-up --------------------------------------------------------------------------------------------------
@@ -183,10 +181,12 @@ def _ort_matmul(m: int, k: int, n: int):
     return (lambda: sess.run(None, {"a": a})), a, w
 
 
-def peak_fns(repeat: int, m: Shape) -> tuple[dict, dict]:
-    """torch.mm and ONNX Runtime MatMul, fp32, on a SQUARE^3 product and on the FFN's shape [seq, hidden] x
-    [hidden, ffn]: the peak is the fastest of the four (the MFU denominator)."""
-    shapes = {"square": (SQUARE, SQUARE, SQUARE), "ffn": (m.batch * m.seq, m.hidden, m.ffn)}
+def peak_fns(repeat: int, m: Shape, square: bool = True) -> tuple[dict, dict]:
+    """torch.mm and ONNX Runtime MatMul, fp32, on the FFN's shape [tokens, hidden] x [hidden, ffn] (and on a
+    SQUARE^3 product when `square`): each engine's GEMM rate; the peak is the fastest (the MFU denominator)."""
+    shapes = {"ffn": (m.batch * m.seq, m.hidden, m.ffn)}
+    if square:
+        shapes["square"] = (SQUARE, SQUARE, SQUARE)
     fns, flops = {}, {}
     for name, (rows, k, n) in shapes.items():
         run, a, w = _ort_matmul(rows, k, n)
@@ -206,11 +206,14 @@ def peak_fns(repeat: int, m: Shape) -> tuple[dict, dict]:
 
 
 def peak_rates(info: dict, lat: dict, repeat: int) -> None:
-    """Fill `info` with each peak function's GFLOP/s and the best of them (popping their latencies)."""
+    """Fill `info` with each peak function's GFLOP/s, the best of them, and ONNX Runtime's rate over torch's on
+    the FFN shape (popping their latencies)."""
     info["rates_gflops"] = {k.removeprefix("peak_"): info["flops"][k] / (lat.pop(k) / repeat) / 1e9
                             for k in list(info["flops"])}
     info["best"] = max(info["rates_gflops"], key=info["rates_gflops"].get)
     info["gflops"] = info["rates_gflops"][info["best"]]
+    r = info["rates_gflops"]
+    info["ffn_onnx_over_torch"] = r["onnx_ffn"] / r["torch_ffn"]
 
 
 # ---- candidates ----------------------------------------------------------------------------------------------
@@ -230,11 +233,8 @@ def compile_routefx(model, policy, cal, backend: str = "onnx") -> tuple[object, 
            "without_calibration_s": round(wall - rep.calibration_seconds, 3),
            "unaccounted_s": round(wall - accounted, 3),
            "passes_s": {p.name: round(p.seconds, 3) for p in rep.passes},
-           "onnx_model_mib": round(len(cm.runner.onnx_model) / 2**20, 1)
-           if getattr(cm.runner, "onnx_model", None) else None}
-    # The serialized model is only needed by runner.save(); dropping it keeps eleven sessions in 24 GiB.
-    if backend == "onnx":
-        cm.runner.onnx_model = None
+           "onnx_model_mib": round(cm.runner.weight_bytes / 2**20, 1) if backend == "onnx" else None,
+           "export_path": getattr(cm.runner, "export_path", None)}
     gc.collect()
     rec["rss_after_gib"] = round(rss_gib(), 2)
     return cm, rec
@@ -342,14 +342,88 @@ def profile_candidate(cm, x, runs: int, m: Shape) -> dict:
             "ffn_matmul_by_route_ms": {k: ms(v) for k, v in sorted(by_route.items())}}
 
 
+# ---- memory of a fresh process -------------------------------------------------------------------------------
+
+_RSS_CHILD = r"""
+import json, sys, time
+import numpy as np, onnxruntime as ort
+path, threads, b, s, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+def kib():  # VmHWM: this process's peak RSS (ru_maxrss would carry the forking parent's over exec)
+    with open("/proc/self/status") as f:
+        return int(next(l for l in f if l.startswith("VmHWM")).split()[1])
+base = kib()
+so = ort.SessionOptions()
+so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+so.log_severity_level = 3
+t = time.perf_counter()
+sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+load_s = time.perf_counter() - t
+loaded = kib()
+feeds = {"input_ids": np.random.default_rng(0).integers(3, vocab, (b, s)), "attention_mask": np.ones((b, s), np.int64)}
+feeds = {i.name: feeds[i.name] for i in sess.get_inputs()}
+sess.run(None, feeds)
+print(json.dumps({"baseline_kib": base, "after_load_kib": loaded, "peak_kib": kib(), "load_s": load_s}))
+"""
+
+
+def fresh_process_rss(cm, m: Shape) -> dict:
+    """Peak RSS of a new Python process (numpy + onnxruntime only) that loads the compiled ONNX model (saved with
+    external data) and runs it once on a [batch, seq] input, against the model's weight bytes."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="routefx_bench_rss_") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        cm.runner.save(path, external_data=True)
+        files = {f: os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)}
+        out = subprocess.run([sys.executable, "-c", _RSS_CHILD, path, str(torch.get_num_threads()), str(m.batch),
+                              str(m.seq), str(m.vocab)], capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc {out.returncode}"}
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    w = cm.runner.weight_bytes
+    return {"weight_bytes": w, "file_bytes": files, "baseline_gib": r["baseline_kib"] / 2**20,
+            "after_load_gib": r["after_load_kib"] / 2**20, "peak_gib": r["peak_kib"] / 2**20,
+            "load_s": round(r["load_s"], 2), "peak_over_weights": r["peak_kib"] * 1024 / w,
+            "peak_minus_baseline_over_weights": (r["peak_kib"] - r["baseline_kib"]) * 1024 / w}
+
+
+# ---- efficiency ceiling -------------------------------------------------------------------------------------
+
+_FFN_CLASS = "FFN MatMul (routed_ffn up/gate/down)"
+
+
+def ceilings(shape_res: dict, m: Shape) -> None:
+    """From the dense ONNX profile: the fraction f of dense kernel time spent in FFN GEMMs; if only that time
+    shrank with the FFN FLOPs (fraction r realised on x) and every other kernel kept its dense time, the best
+    speedup is 1 / (1 - f + f r) and the best efficiency that over the FLOP-ideal (Amdahl). Fills each Duo
+    candidate's "ceiling_speedup" / "ceiling_efficiency" and shape_res["ceiling"]["by_budget"]."""
+    prof = shape_res.get("profile_dense")
+    if not prof or not prof.get("kernel_ms_per_run"):
+        return
+    f = prof["by_class_ms"].get(_FFN_CLASS, 0.0) / prof["kernel_ms_per_run"]
+    c = shape_res["candidates"]
+    dense_fpt = c[DENSE]["flops_per_token_x"]
+    ffn_fpt = m.layers * 2.0 * 3 * m.hidden * m.ffn
+    shape_res["ceiling"] = {"ffn_time_fraction": f, "by_budget": {
+        f"{b:g}": 1.0 / (1.0 - f + f * b) for b in (1.0, 0.75, 0.5, 0.25)}}
+    for k, v in c.items():
+        if v.get("flops_per_token_x") is None or not k.startswith(("duo_", "inductor_duo")):
+            continue
+        r = (v["flops_per_token_x"] - (dense_fpt - ffn_fpt)) / ffn_fpt
+        v["ffn_flop_fraction_x"] = r
+        v["ceiling_speedup"] = 1.0 / (1.0 - f + f * r)
+        v["ceiling_efficiency"] = v["ceiling_speedup"] / (dense_fpt / v["flops_per_token_x"])
+
+
 # ---- main ----------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="budget 0.5 only, 1 warm-up + 3 rounds, outputs to /tmp")
     p.add_argument("--smoke", action="store_true",
-                   help="check the script in minutes: a 2-layer hidden-256 model on 128 tokens, budget 0.5, router "
-                        "local, no inductor, 1 warm-up + 2 rounds, peak repeat 1, outputs to /tmp")
+                   help="check the script in minutes: two tiny Llama shapes, budget 0.5, router local, no inductor, "
+                        "1 warm-up + 2 rounds, peak repeat 1, outputs to /tmp")
+    p.add_argument("--shapes", default="A,B", help="which of the shapes to run (A: 8x1024 1x512, B: 12x768 1x256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-round order of the candidates")
     p.add_argument("--reps", type=int, default=None, help="timed interleaved rounds (default 9, quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2, quick 1)")
@@ -360,20 +434,18 @@ def parse_args(argv=None):
     p.add_argument("--cal-seq", type=int, default=256)
     p.add_argument("--no-inductor", action="store_true")
     p.add_argument("--routefx-inductor", action="store_true",
-                   help="also time routefx's inductor backend (dense, and the first router at the middle budget); "
-                        "its speedup and efficiency columns are against ONNX dense like every row")
+                   help="also time routefx's inductor backend (dense, and the first router at the middle budget)")
+    p.add_argument("--no-rss", action="store_true", help="skip the fresh-process memory measurement")
     p.add_argument("--peak-repeat", type=int, default=8, help="peak MatMuls per timed call")
-    p.add_argument("--profile-only", default=None,
-                   help="comma-separated candidate keys (e.g. duo_local_0.25): profile them and ONNX dense, merge "
-                        "into the JSON and rewrite the markdown; no timing run")
-    p.add_argument("--profile-runs", type=int, default=5)
+    p.add_argument("--profile-runs", type=int, default=5, help="profiled runs of ONNX dense (the ceiling)")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     a = p.parse_args(argv)
-    a.shape = SMOKE if a.smoke else FULL
+    table = SMOKE_SHAPES if a.smoke else SHAPES
+    a.shape_map = {k: table[k] for k in a.shapes.split(",") if k}
     if a.smoke:
-        a.quick, a.no_inductor, a.routers, a.peak_repeat = True, True, ["local"], 1
-        a.cal_seq = min(a.cal_seq, a.shape.seq)
+        a.quick, a.no_inductor, a.routers, a.peak_repeat, a.profile_runs = True, True, ["local"], 1, 2
+        a.cal_seq = min(a.cal_seq, min(m.seq for m in a.shape_map.values()))
     if a.budgets is None:
         a.budgets = [0.5] if a.quick else [0.75, 0.5, 0.25]
     a.reps = a.reps if a.reps is not None else (2 if a.smoke else 3 if a.quick else 9)
@@ -389,100 +461,48 @@ def command_line() -> str:
                     + sys.argv[1:])
 
 
-def run_profiles(args) -> None:
-    with open(args.json) as f:
-        res = json.load(f)
-    s, mod = res["settings"], res["model"]
-    m = Shape(layers=mod["layers"], hidden=mod["hidden"], ffn=mod["intermediate"], heads=mod["heads"],
-              kv_heads=mod["kv_heads"], vocab=mod["vocab"], batch=s["batch"], seq=s["seq"])
-    model = build_model(m)
-    x = batch(torch.Generator().manual_seed(s["input_seed"]), m.batch, m.seq, m.vocab)
-    gen = torch.Generator().manual_seed(s["cal_seed"])
-    cal = [batch(gen, s["cal_batch"], s["cal_seq"], m.vocab) for _ in range(s["cal_batches"])]
-    wanted = [DENSE] + [k for k in args.profile_only.split(",") if k and k != DENSE]
-    policies = {k: pol for k, _, pol in spec(argparse.Namespace(routers=["random", "local", "static"],
-                                                                budgets=[0.75, 0.5, 0.25]))}
-    res["profiles"] = {}
-    for k in wanted:
-        if k not in policies:
-            raise SystemExit(f"unknown candidate {k!r}; known: {sorted(policies)}")
-        print(f"-- profiling {k}", flush=True)
-        pol = policies[k]
-        # the graph does not depend on the backend: compile on the eager backend, export once with profiling on
-        cm = routefx.compile(model, pol, calibration=cal)
-        prof = profile_candidate(cm, x, args.profile_runs, m)
-        print(json.dumps(prof, indent=1), flush=True)
-        res["profiles"][k] = prof
-        del cm
-        gc.collect()
-    res["profile_command"] = command_line()
-    res["profile_date"] = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
-    with open(args.json, "w") as f:
-        json.dump(res, f, indent=1)
-    write_markdown(res, args.md)
-    print(f"merged profiles into {args.json}; rewrote {args.md}")
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    warnings.filterwarnings("ignore")
-    if args.profile_only:
-        run_profiles(args)
-        return
-    t_start = time.perf_counter()
-    m = args.shape
-    res = {"command": command_line(), "date": subprocess.run(["date"], capture_output=True, text=True).stdout.strip(),
-           "machine": machine(),
-           "model": {"class": "transformers.LlamaForCausalLM", "layers": m.layers, "hidden": m.hidden,
-                     "intermediate": m.ffn, "heads": m.heads, "kv_heads": m.kv_heads, "vocab": m.vocab,
-                     "dtype": "float32", "seed": 0},
-           "settings": {"batch": m.batch, "seq": m.seq, "reps": args.reps, "warmup": args.warmup,
-                        "order_seed": args.seed, "smoke": args.smoke,
-                        "budgets": args.budgets, "routers": args.routers, "cal_batches": args.cal_batches,
-                        "cal_batch": args.cal_batch, "cal_seq": args.cal_seq, "input_seed": 0, "cal_seed": 1,
-                        "timing": "routefx.timing.median_seconds, all candidates and peak MatMuls in one dict",
-                        "quick": args.quick},
-           "candidates": {}}
-    print(f"machine: {res['machine']['cpu']}, {res['machine']['cpu_count']} cores, torch threads "
-          f"{res['machine']['torch_threads']}", flush=True)
+def setup_shape(name: str, m: Shape, args, fns: dict) -> dict:
+    """Compile every candidate of one model shape, check it, profile ONNX dense and measure a fresh process's
+    memory; adds the timed functions to `fns` as '{name}:{key}'. Returns the shape's record."""
+    sr = {"model": {"class": "transformers.LlamaForCausalLM", "layers": m.layers, "hidden": m.hidden,
+                    "intermediate": m.ffn, "heads": m.heads, "kv_heads": m.kv_heads, "vocab": m.vocab,
+                    "dtype": "float32", "seed": 0},
+          "settings": {"batch": m.batch, "seq": m.seq, "input_seed": 0, "cal_seed": 1}, "candidates": {}}
+    print(f"== shape {name}: {m}", flush=True)
     model = build_model(m)
     x = batch(torch.Generator().manual_seed(0), m.batch, m.seq, m.vocab)
     gen = torch.Generator().manual_seed(1)
-    cal = [batch(gen, args.cal_batch, args.cal_seq, m.vocab) for _ in range(args.cal_batches)]
-    cands = res["candidates"]
-    fns = {}
+    cal = [batch(gen, args.cal_batch, min(args.cal_seq, m.seq), m.vocab) for _ in range(args.cal_batches)]
+    sr["settings"]["cal_seq"] = min(args.cal_seq, m.seq)
+    cands = sr["candidates"]
     with torch.no_grad():
         ref = model(**x, use_cache=False)
-
-    # routefx ONNX candidates (dense first: every FLOP-ideal is relative to it)
     compiled = {}
     for key, label, policy, backend in spec(args):
-        print(f"-- compiling {label}", flush=True)
+        print(f"-- [{name}] compiling {label}", flush=True)
         rec = {"label": label, "policy": policy.to_dict()}
         try:
             cm, rec["compile"] = compile_routefx(model, policy, cal, backend)
             rec.update(evaluate_routes(cm, x))
             compiled[key] = cm
-            fns[key] = (lambda cm=cm: cm(**x))
+            fns[f"{name}:{key}"] = (lambda cm=cm: cm(**x))
             print(f"   compile {rec['compile']['without_calibration_s']:.1f}s (+ calibration "
-                  f"{rec['compile']['calibration_s']:.1f}s), MFLOP/token on x {rec['flops_per_token_x'] / 1e6:.1f}, "
-                  f"budget x {rec['budget_x']:.3f} / cal {fmt(rec['budget_calibration'], '.3f')}, "
+                  f"{rec['compile']['calibration_s']:.1f}s; prepare {rec['compile']['onnx_prepare_s']}, "
+                  f"{rec['compile'].get('export_path')}), budget x {rec['budget_x']:.3f}, "
                   f"RSS {rec['compile']['rss_after_gib']:.1f} GiB", flush=True)
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
             traceback.print_exc()
             rec["error"] = _err(e)
         cands[key] = rec
     if DENSE not in compiled:
-        raise SystemExit("routefx ONNX dense failed to compile; nothing to compare against")
+        raise SystemExit(f"shape {name}: routefx ONNX dense failed to compile; nothing to compare against")
     dense_fpt = cands[DENSE]["flops_per_token_x"]
     with torch.no_grad():
-        res["checks"] = {"onnx_dense": max_logit_diff(compiled[DENSE](**x), ref)}
-
-    # torch eager and inductor
+        sr["checks"] = {k: max_logit_diff(cm(**x), ref) for k, cm in compiled.items() if k in (DENSE, "inductor_dense")}
     cands["eager"] = {"label": "torch eager (HF model)", "flops_per_token_x": dense_fpt}
-    fns["eager"] = lambda: model(**x, use_cache=False)
+    fns[f"{name}:eager"] = lambda: model(**x, use_cache=False)
     if not args.no_inductor:
-        print("-- torch.compile (inductor)", flush=True)
+        print(f"-- [{name}] torch.compile (inductor)", flush=True)
         rec = {"label": "torch.compile inductor (HF model)", "flops_per_token_x": dense_fpt}
         try:
             opt = torch.compile(model)
@@ -491,51 +511,96 @@ def main(argv=None) -> None:
                 out = opt(**x, use_cache=False)
             rec["compile"] = {"wall_s": round(time.perf_counter() - t, 3), "what": "first call (dynamo + inductor)"}
             rec["compile"]["without_calibration_s"] = rec["compile"]["wall_s"]
-            res["checks"]["inductor"] = max_logit_diff(out, ref)
-            fns["inductor"] = lambda: opt(**x, use_cache=False)
-            print(f"   first call {rec['compile']['wall_s']:.1f}s", flush=True)
+            sr["checks"]["inductor"] = max_logit_diff(out, ref)
+            fns[f"{name}:inductor"] = lambda: opt(**x, use_cache=False)
         except Exception as e:  # noqa: BLE001 - inductor needs a C++ toolchain; record and go on
             traceback.print_exc()
             rec["error"] = _err(e)
         cands["inductor"] = rec
-    # put torch candidates right after ONNX dense in the table
     order = [DENSE, "eager", "inductor"] + [k for k in cands if k not in (DENSE, "eager", "inductor")]
-    res["candidates"] = cands = {k: cands[k] for k in order if k in cands}
+    sr["candidates"] = {k: cands[k] for k in order if k in cands}
+    peaks, sr["peak"] = peak_fns(args.peak_repeat, m, square=(name == next(iter(args.shape_map))))
+    fns.update({f"{name}:{k}": f for k, f in peaks.items()})
+    print(f"-- [{name}] profiling ONNX dense ({args.profile_runs} runs)", flush=True)
+    try:
+        sr["profile_dense"] = profile_candidate(compiled[DENSE], x, args.profile_runs, m)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        sr["profile_dense"] = {"error": _err(e)}
+    if not args.no_rss:
+        print(f"-- [{name}] fresh-process memory of ONNX dense and of the first Duo model", flush=True)
+        sr["fresh_process"] = {k: fresh_process_rss(compiled[k], m)
+                               for k in [DENSE] + [k for k in compiled if k.startswith("duo_")][:1]}
+        print(f"   {sr['fresh_process']}", flush=True)
+    sr["_x"] = x
+    return sr
 
-    peaks, res["peak"] = peak_fns(args.peak_repeat, m)
-    fns.update(peaks)
-    gc.collect()
+
+def finish_shape(sr: dict, name: str, m: Shape, lat: dict, args) -> None:
+    """Latencies of one shape's candidates -> speedups, efficiencies (against ONNX dense and against the fastest
+    dense engine), MFU, the efficiency ceiling."""
+    sr.pop("_x", None)
+    own = {k.split(":", 1)[1]: v for k, v in lat.items() if k.startswith(name + ":")}
+    peak_rates(sr["peak"], own, args.peak_repeat)
+    c = sr["candidates"]
+    dense_fpt = c[DENSE]["flops_per_token_x"]
+    dense_keys = [k for k in (DENSE, "eager", "inductor", "inductor_dense") if own.get(k)]
+    best = min(dense_keys, key=own.get)
+    sr["best_dense"] = best
+    peak = max(sr["peak"]["gflops"], args.square_gflops or 0.0) * 1e9
+    for k, v in c.items():
+        if k not in own:
+            v["latency_s"] = None
+            continue
+        v["latency_s"] = own[k]
+        v["speedup"] = own[DENSE] / own[k]
+        v["speedup_vs_best_dense"] = own[best] / own[k]
+        v["ideal"] = dense_fpt / v["flops_per_token_x"]
+        v["efficiency"] = v["speedup"] / v["ideal"]
+        v["efficiency_vs_best_dense"] = v["speedup_vs_best_dense"] / v["ideal"]
+        v["achieved_gflops"] = v["flops_per_token_x"] * m.batch * m.seq / own[k] / 1e9
+        v["mfu"] = v["achieved_gflops"] * 1e9 / peak
+    ceilings(sr, m)
+    sr["targets"] = assess(sr)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    t_start = time.perf_counter()
+    res = {"command": command_line(), "date": subprocess.run(["date"], capture_output=True, text=True).stdout.strip(),
+           "machine": machine(),
+           "settings": {"reps": args.reps, "warmup": args.warmup, "order_seed": args.seed, "smoke": args.smoke,
+                        "quick": args.quick, "budgets": args.budgets, "routers": args.routers,
+                        "cal_batches": args.cal_batches, "cal_batch": args.cal_batch, "cal_seq": args.cal_seq,
+                        "timing": "routefx.timing.median_seconds: every candidate of both shapes and the peak "
+                                  "MatMuls in one dict, order shuffled per round"},
+           "shapes": {}}
+    mc = res["machine"]
+    print(f"machine: {mc['cpu']} ({', '.join(mc['simd'])}), {mc['cpu_count']} cores, torch threads "
+          f"{mc['torch_threads']}", flush=True)
+    fns: dict = {}
+    for name, m in args.shape_map.items():
+        res["shapes"][name] = setup_shape(name, m, args, fns)
+        gc.collect()
     res["rss_before_timing_gib"] = round(rss_gib(), 2)
-    names = [k for k in [DENSE, "eager", "inductor"] if k in fns] + \
-            [k for k in fns if k not in (DENSE, "eager", "inductor")]
-    print(f"-- timing {len(names)} functions: {args.warmup} warm-up + {args.reps} interleaved rounds "
+    print(f"-- timing {len(fns)} functions: {args.warmup} warm-up + {args.reps} interleaved rounds "
           f"(RSS {res['rss_before_timing_gib']:.1f} GiB)", flush=True)
     load0, cpu0, t = loadavg(), os.times(), time.perf_counter()
-    lat = median_seconds({k: fns[k] for k in names}, warmup=args.warmup, reps=args.reps, shuffle_seed=args.seed)
+    lat = median_seconds(fns, warmup=args.warmup, reps=args.reps, shuffle_seed=args.seed)
     wall, cpu1 = time.perf_counter() - t, os.times()
     res["timing_seconds"] = round(wall, 1)
-    # contention check: CPU time this process got per core per wall second while timing (1.0 = the cores were
-    # ours; a shared 2-core machine running something else shows much less)
     share = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / wall / max(1, torch.get_num_threads())
     res["timing_conditions"] = {"loadavg_before": load0, "loadavg_after": loadavg(), "cpu_share": round(share, 3)}
     if share < 0.85:
         print(f"WARNING: this process got {share:.2f} of {torch.get_num_threads()} cores while timing: the machine "
               "was shared; absolute times and ratios are disturbed", flush=True)
-
-    peak_rates(res["peak"], lat, args.peak_repeat)
-    peak = res["peak"]["gflops"] * 1e9
-    t_dense = lat[DENSE]
-    for k, v in cands.items():
-        if k not in lat:
-            v["latency_s"] = None
-            continue
-        v["latency_s"] = lat[k]
-        v["speedup"] = t_dense / lat[k]
-        v["ideal"] = dense_fpt / v["flops_per_token_x"]
-        v["efficiency"] = v["speedup"] / v["ideal"]
-        v["achieved_gflops"] = v["flops_per_token_x"] * m.batch * m.seq / lat[k] / 1e9
-        v["mfu"] = v["achieved_gflops"] * 1e9 / peak
-    res["targets"] = assess(res)
+    first = next(iter(args.shape_map))
+    sq = {k: lat[f"{first}:{k}"] for k in ("peak_onnx_square", "peak_torch_square")}
+    args.square_gflops = max(2.0 * SQUARE ** 3 / (v / args.peak_repeat) / 1e9 for v in sq.values())
+    for name, m in args.shape_map.items():
+        finish_shape(res["shapes"][name], name, m, lat, args)
+    res["targets"] = overall_targets(res)
     res["total_seconds"] = round(time.perf_counter() - t_start, 1)
     res["peak_rss_gib"] = round(__import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss
                                 / 2**20, 2)

@@ -10,288 +10,246 @@ import json
 import sys
 
 DENSE = "onnx_dense"
-TARGETS = {"dense_vs_eager": 1.0, "dense_vs_inductor": 0.9, "duo_efficiency": 0.9, "duo_efficiency_aim": 0.95,
-           "dense_mfu": 0.8, "compile_seconds_no_calibration": 30.0}
+TORCH = ("eager", "inductor")
+ROUTEFX_DENSE = (DENSE, "inductor_dense")
+# issue 14's targets
+TARGETS = {"routefx_dense_vs_best_torch": 1.05, "duo_efficiency": {0.75: 0.92, 0.5: 0.92, 0.25: 0.88},
+           "static_efficiency": 0.95, "onnx_dense_vs_eager": 1.2, "compile_seconds": 15.0, "rss_over_weights": 1.5,
+           "max_logit_diff": 1e-4}
+_CLS_FFN = "FFN MatMul (routed_ffn up/gate/down)"
+_CLS_MM = "other MatMul/Gemm (attention proj., scores, LM head, routers)"
 
-
-def _shape(res: dict) -> tuple[int, int, int, int, int]:
-    """(layers, hidden, FFN width, batch, sequence length) of the measured run."""
-    m, s = res["model"], res["settings"]
-    return m["layers"], m["hidden"], m["intermediate"], s["batch"], s["seq"]
-
-
-def profile_notes(res: dict) -> tuple[list[str], list[dict]]:
-    """What the profiles say, computed: GEMM rates, index-op overhead, FLOP-free time and, from the dense
-    profile, each Duo candidate's efficiency ceiling if its FFN GEMMs shrank exactly with FLOPs and every other
-    kernel kept its dense time (Amdahl: FLOPs do not count norms, softmax, masking, element-wise ops)."""
-    prof, c = res.get("profiles") or {}, res["candidates"]
-    d = prof.get(DENSE)
-    if not d:
-        return [], []
-    cls_ffn, cls_mm = "FFN MatMul (routed_ffn up/gate/down)", "other MatMul/Gemm (attention proj., scores, LM head, routers)"
-    cls_idx = "index/shape ops (TopK, Gather, ScatterND, Equal, ArgMax, Reshape, ...)"
-    ffn_d, mm_d = d["by_class_ms"].get(cls_ffn, 0.0), d["by_class_ms"].get(cls_mm, 0.0)
-    total_d = d["kernel_ms_per_run"]
-    fixed_d = total_d - ffn_d - mm_d
-    mask_d = d["by_op_ms"].get("Where", 0.0) + d["by_op_ms"].get("IsNaN", 0.0)
-    layers, d_model, ffn, _, _ = _shape(res)
-    ffn_dense_fpt = layers * 2.0 * 3 * d_model * ffn
-    dense_fpt = c[DENSE]["flops_per_token_x"]
-    rows = []
-    for k, v in c.items():
-        if not k.startswith("duo_") or v.get("efficiency") is None:
-            continue
-        r = (v["flops_per_token_x"] - (dense_fpt - ffn_dense_fpt)) / ffn_dense_fpt  # FFN FLOP fraction on x
-        pred = fixed_d + mm_d + ffn_d * r
-        ceiling = total_d / pred / v["ideal"]
-        rows.append({"candidate": k, "ffn_flop_fraction_x": round(r, 3), "ceiling": round(ceiling, 3),
-                     "measured": round(v["efficiency"], 3)})
-    notes = [f"ONNX dense, per run: FFN MatMuls {ffn_d:.0f} ms ({ffn_d / total_d:.0%}), other MatMuls {mm_d:.0f} ms "
-             f"({mm_d / total_d:.0%}), everything else {fixed_d:.0f} ms ({fixed_d / total_d:.0%}) — kernels "
-             "that the FLOP count does not see and that Duo does not shrink; of these, Where + IsNaN alone take "
-             f"{mask_d:.0f} ms ({mask_d / total_d:.0%}) (the exported attention's NaN guard over the softmax)."]
-    for k, pr in prof.items():
-        if k == DENSE:
-            continue
-        idx = pr["by_class_ms"].get(cls_idx, 0.0) - d["by_class_ms"].get(cls_idx, 0.0)
-        rate, rate_d = pr.get("ffn_matmul_gflops"), d.get("ffn_matmul_gflops")
-        per_flop = "" if not rate or not rate_d else (
-            f": the per-route GEMMs on gathered rows run at {rate / rate_d:.2f}x the dense GEMM rate per FLOP")
-        notes.append(f"{k}: FFN MatMuls run at {fmt(rate, '.0f')} GFLOP/s (dense {fmt(rate_d, '.0f')}){per_flop}; "
-                     f"the routing ops (TopK, Gather, ScatterND, Equal, ArgMax, ConstantOfShape, ...) add "
-                     f"{idx:.1f} ms per run over dense ({idx / pr['kernel_ms_per_run']:.1%} of its kernel time).")
-    if rows:
-        below = [r["candidate"].removeprefix("duo_") for r in rows if r["ceiling"] < TARGETS["duo_efficiency"]]
-        gaps = [r["measured"] - r["ceiling"] for r in rows]
-        notes.append("Efficiency ceiling from the dense profile (FFN GEMM time scaled by the FFN FLOPs realised on "
-                     "x, all other kernels at their dense time) vs measured: " + "; ".join(
-                         f"{r['candidate'].removeprefix('duo_')} {r['ceiling']:.2f} / {r['measured']:.2f}"
-                         for r in rows) + "."
-                     + (f" The ceiling alone is below {TARGETS['duo_efficiency']} for {', '.join(below)}." if below
-                        else "")
-                     + f" Measured minus ceiling: {min(gaps):+.2f} to {max(gaps):+.2f}; the profiles do not "
-                     "attribute that remainder.")
-    return notes, rows
-
-
-# ---- report --------------------------------------------------------------------------------------------------
 
 def fmt(v, spec_=".2f", none="–"):
     return none if v is None else format(v, spec_)
 
 
-def assess(res: dict) -> dict:
-    c = res["candidates"]
-    d = c.get(DENSE, {})
-    out = {}
-    if d.get("latency_s") and c.get("eager", {}).get("latency_s"):
-        v = c["eager"]["latency_s"] / d["latency_s"]
-        out["onnx_dense_vs_eager"] = {"target": f">= {TARGETS['dense_vs_eager']}x", "value": round(v, 3),
-                                      "met": v >= TARGETS["dense_vs_eager"]}
-    ind = c.get("inductor", {})
-    if ind.get("latency_s") and d.get("latency_s"):
-        v = ind["latency_s"] / d["latency_s"]
-        out["onnx_dense_vs_inductor"] = {"target": f">= {TARGETS['dense_vs_inductor']}x", "value": round(v, 3),
-                                         "met": v >= TARGETS["dense_vs_inductor"]}
-    elif "inductor" in c:
-        out["onnx_dense_vs_inductor"] = {"target": f">= {TARGETS['dense_vs_inductor']}x", "value": None,
-                                         "met": None, "note": ind.get("error")}
-    effs = {k: v["efficiency"] for k, v in c.items()
-            if k.startswith("duo_") and not k.startswith("duo_static") and v.get("efficiency") is not None}
-    if effs:
-        worst = min(effs, key=effs.get)
-        out["duo_per_token_efficiency"] = {
-            "target": f">= {TARGETS['duo_efficiency']} at every budget (aim {TARGETS['duo_efficiency_aim']})",
-            "value": round(effs[worst], 3), "worst": worst,
-            "met": all(v >= TARGETS["duo_efficiency"] for v in effs.values()),
-            "aim_met": all(v >= TARGETS["duo_efficiency_aim"] for v in effs.values()),
-            "below_target": sorted(k for k, v in effs.items() if v < TARGETS["duo_efficiency"])}
-    if d.get("mfu") is not None:
-        out["onnx_dense_mfu"] = {"target": f">= {TARGETS['dense_mfu']}", "value": round(d["mfu"], 3),
-                                 "met": d["mfu"] >= TARGETS["dense_mfu"]}
-    comp = {k: v["compile"]["without_calibration_s"] for k, v in c.items() if v.get("compile")}
+def _lat(c: dict, k: str):
+    return (c.get(k) or {}).get("latency_s")
+
+
+def assess(sr: dict) -> dict:
+    """One shape's figures against issue 14's targets."""
+    c, out = sr["candidates"], {}
+    rfx = {k: _lat(c, k) for k in ROUTEFX_DENSE if _lat(c, k)}
+    tch = {k: _lat(c, k) for k in TORCH if _lat(c, k)}
+    if rfx and tch:
+        kr, kt = min(rfx, key=rfx.get), min(tch, key=tch.get)
+        v = tch[kt] / rfx[kr]
+        out["routefx_dense_vs_best_torch"] = {"target": f">= {TARGETS['routefx_dense_vs_best_torch']}x",
+                                              "value": round(v, 3), "detail": f"{kr} vs {kt}",
+                                              "met": v >= TARGETS["routefx_dense_vs_best_torch"]}
+    misses, worst = [], None
+    for k, v in c.items():
+        if not k.startswith("duo_") or v.get("efficiency_vs_best_dense") is None:
+            continue
+        b = v["policy"].get("budget")
+        need = TARGETS["static_efficiency"] if k.startswith("duo_static") else TARGETS["duo_efficiency"].get(b)
+        if need is None:
+            continue
+        e = v["efficiency_vs_best_dense"]
+        worst = k if worst is None or e < c[worst]["efficiency_vs_best_dense"] else worst
+        if e < need:
+            misses.append(f"{k} {e:.3f} < {need}")
+    if worst is not None:
+        out["duo_efficiency_vs_best_dense"] = {"target": ">= 0.92 at 0.75/0.5, >= 0.88 at 0.25, static >= 0.95",
+                                               "value": round(c[worst]["efficiency_vs_best_dense"], 3),
+                                               "detail": f"worst {worst}; misses: {', '.join(misses) or 'none'}",
+                                               "met": not misses}
+    e, d = _lat(c, "eager"), _lat(c, DENSE)
+    if e and d:
+        ratio = sr.get("peak", {}).get("ffn_onnx_over_torch")
+        out["onnx_dense_vs_eager"] = {"target": f">= {TARGETS['onnx_dense_vs_eager']}x where ORT's GEMMs match "
+                                                "torch's", "value": round(e / d, 3),
+                                      "detail": f"ORT/torch GEMM rate on the FFN shape {fmt(ratio, '.2f')}",
+                                      "met": e / d >= TARGETS["onnx_dense_vs_eager"]}
+    comp = {k: v["compile"]["without_calibration_s"] for k, v in c.items()
+            if v.get("compile") and (k == DENSE or k.startswith("duo_"))}
     if comp:
-        worst = max(comp, key=comp.get)
-        out["compile_without_calibration"] = {
-            "target": f"< {TARGETS['compile_seconds_no_calibration']:g} s", "value": comp[worst], "worst": worst,
-            "dense": comp.get(DENSE), "met": all(v < TARGETS["compile_seconds_no_calibration"] for v in comp.values())}
+        k = max(comp, key=comp.get)
+        out["compile_without_calibration"] = {"target": f"<= {TARGETS['compile_seconds']:g} s (ONNX dense and Duo)",
+                                              "value": comp[k], "detail": f"worst {k}; ONNX dense {comp.get(DENSE)}",
+                                              "met": comp[k] <= TARGETS["compile_seconds"]}
+    fp = (sr.get("fresh_process") or {}).get(DENSE)
+    if fp and "peak_over_weights" in fp:
+        out["fresh_process_rss"] = {"target": f"<= {TARGETS['rss_over_weights']}x weight bytes",
+                                    "value": round(fp["peak_over_weights"], 3),
+                                    "detail": f"peak {fp['peak_gib']:.2f} GiB, weights {fp['weight_bytes'] / 2**30:.2f}"
+                                              f" GiB, empty process {fp['baseline_gib']:.2f} GiB",
+                                    "met": fp["peak_over_weights"] <= TARGETS["rss_over_weights"]}
+    checks = sr.get("checks") or {}
+    if checks:
+        k = max(checks, key=checks.get)
+        out["max_logit_diff"] = {"target": f"<= {TARGETS['max_logit_diff']:g}", "value": checks[k],
+                                 "detail": k, "met": checks[k] <= TARGETS["max_logit_diff"]}
     return out
 
 
+def overall_targets(res: dict) -> dict:
+    return {name: sr.get("targets", {}) for name, sr in res["shapes"].items()}
+
+
+def _shape_title(name: str, sr: dict) -> str:
+    m, s = sr["model"], sr["settings"]
+    return (f"shape {name}: {m['layers']} layers, hidden {m['hidden']}, FFN {m['intermediate']}, {m['heads']}/"
+            f"{m['kv_heads']} heads, vocab {m['vocab']}; batch {s['batch']} x {s['seq']} tokens")
+
+
 def print_summary(res: dict) -> None:
-    c = res["candidates"]
-    _, _, _, batch, seq = _shape(res)
-    p = res["peak"]
-    print(f"\n== batch {batch} x {seq} tokens, fp32, {res['machine']['torch_threads']} threads; median of "
-          f"{res['settings']['reps']} interleaved rounds (order shuffled per round); peak {p['gflops']:.1f} GFLOP/s "
-          f"({p['best']}; " + ", ".join(f"{k} {v:.1f}" for k, v in p["rates_gflops"].items()) + ")")
-    print(f"{'candidate':34s} {'ms':>8s} {'speedup':>8s} {'ideal':>6s} {'eff':>5s} {'bud(x)':>6s} {'bud(cal)':>8s} "
-          f"{'MFU':>5s} {'compile':>8s} {'calib':>6s}")
-    for k, v in c.items():
-        if v.get("latency_s") is None:
-            print(f"{v['label']:34s} {'error: ' + str(v.get('error'))[:90]}")
-            continue
-        comp = v.get("compile") or {}
-        print(f"{v['label']:34s} {v['latency_s'] * 1e3:8.1f} {v['speedup']:7.3f}x {v['ideal']:6.3f} "
-              f"{v['efficiency']:5.3f} {fmt(v.get('budget_x'), '6.3f'):>6s} "
-              f"{fmt(v.get('budget_calibration'), '8.3f'):>8s} {v['mfu']:5.3f} "
-              f"{fmt(comp.get('without_calibration_s'), '7.1f'):>7s}s {fmt(comp.get('calibration_s'), '5.1f'):>5s}s")
-    print("\n== targets")
-    for k, a in res["targets"].items():
-        met = {True: "MET", False: "NOT MET", None: "n/a"}[a["met"]]
-        extra = {kk: vv for kk, vv in a.items() if kk not in ("target", "value", "met")}
-        print(f"  {k:32s} target {a['target']:38s} measured {a['value']}  {met}  {extra if extra else ''}")
+    for name, sr in res["shapes"].items():
+        p = sr["peak"]
+        print(f"\n== {_shape_title(name, sr)}; best dense engine {sr.get('best_dense')}; GEMM GFLOP/s "
+              + ", ".join(f"{k} {v:.1f}" for k, v in p["rates_gflops"].items()))
+        print(f"{'candidate':34s} {'ms':>8s} {'vs ONNXd':>8s} {'vs best':>8s} {'ideal':>6s} {'eff':>5s} "
+              f"{'eff*':>5s} {'ceil':>5s} {'bud(x)':>6s} {'compile':>8s}")
+        for k, v in sr["candidates"].items():
+            if v.get("latency_s") is None:
+                print(f"{v['label']:34s} error: {str(v.get('error'))[:90]}")
+                continue
+            comp = v.get("compile") or {}
+            print(f"{v['label']:34s} {v['latency_s'] * 1e3:8.1f} {v['speedup']:7.3f}x "
+                  f"{v['speedup_vs_best_dense']:7.3f}x {v['ideal']:6.3f} {v['efficiency']:5.3f} "
+                  f"{v['efficiency_vs_best_dense']:5.3f} {fmt(v.get('ceiling_efficiency'), '5.3f'):>5s} "
+                  f"{fmt(v.get('budget_x'), '6.3f'):>6s} {fmt(comp.get('without_calibration_s'), '7.1f'):>7s}s")
+        print("  targets:")
+        for k, a in sr.get("targets", {}).items():
+            met = {True: "MET", False: "NOT MET", None: "n/a"}[a["met"]]
+            print(f"    {k:30s} {a['target']:45s} {a['value']}  {met}  {a.get('detail', '')}")
 
 
-def write_markdown(res: dict, path: str) -> None:
-    c, m, s = res["candidates"], res["machine"], res["settings"]
-    layers, d_model, ffn, batch, seq = _shape(res)
-    mod, p = res["model"], res["peak"]
-    L = ["# CPU benchmark results", "",
-         f"Command: `{res['command']}` (from the repository root)  ",
-         f"Date: {res['date']}  ",
-         f"Machine: {m['cpu']}, {m['cpu_count']} cores ({', '.join(m['simd'])}), {m['mem_total_gib']} GiB; "
-         f"torch {m['versions']['torch']} ({m['torch_threads']} threads), onnxruntime {m['versions']['onnxruntime']} "
-         f"({m['ort_intra_op_threads']} intra-op threads), transformers {m['versions']['transformers']}, "
-         f"Python {m['python']}  ",
-         f"Total run time: {res['total_seconds'] / 60:.1f} min; while timing, load average "
-         f"{res.get('timing_conditions', {}).get('loadavg_before')} -> "
-         f"{res.get('timing_conditions', {}).get('loadavg_after')}, CPU share of this process "
-         f"{res.get('timing_conditions', {}).get('cpu_share')} (1.0 = both cores were this process's)", "",
-         f"Model: Llama-shaped `LlamaForCausalLM` from a config ({layers} layers, hidden {d_model}, FFN {ffn}, "
-         f"{mod['heads']}/{mod['kv_heads']} heads, vocab {mod['vocab']}), random weights (seed 0), fp32. Measured "
-         f"input: batch {batch} x {seq} random tokens, mask all ones. Duo calibration: {s['cal_batches']} batches of "
-         f"[{s['cal_batch']}, {s['cal_seq']}] random tokens (seeded). Latency: median of {s['reps']} interleaved rounds "
-         f"after {s['warmup']} warm-up rounds, every candidate (and the peak MatMuls) in the same rounds, in an "
-         "order shuffled per round (seeded), one process.",
-         "",
-         "Speedup is against routefx ONNX dense, measured in the same rounds. FLOP-ideal = dense FLOPs per token / "
-         "the candidate's FLOPs per token with the routes it realised on the measured input (1.0 for eager and "
-         "inductor). Efficiency = speedup / FLOP-ideal. Budget = realised FFN compute fraction (skip 0, small 0.25, "
-         f"big 1). MFU = FLOPs/token x {batch * seq} / latency / peak, peak = the fastest of torch.mm and ONNX "
-         f"Runtime MatMul (routefx's session options, weight an initializer), fp32, on {' and on '.join(p['shapes'])}, "
-         f"timed in the same rounds: **{p['gflops']:.1f} GFLOP/s** ({p['best']}; "
-         + ", ".join(f"{k} {v:.1f}" for k, v in p["rates_gflops"].items()) + "). "
-         "Compile = routefx.compile wall time minus `report.calibration_seconds`, the same rule for every routefx "
-         "candidate (capture, recognition, passes, FLOP counting, ONNX export, fold, optimize, session); for "
-         "inductor, the first call (with an empty inductor cache).", "",
-         "| candidate | latency ms | speedup vs ONNX dense | FLOP-ideal | efficiency | MFLOP/token (x) | budget (x) | "
-         "budget (cal) | MFU | compile s | calibration s |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def _machine_lines(res: dict) -> list[str]:
+    m, tc = res["machine"], res.get("timing_conditions", {})
+    return [f"Command: `{res['command']}` (from the repository root)  ",
+            f"Date: {res['date']}  ",
+            f"Machine: **{m['cpu']}**, {m['cpu_count']} cores, ISA flags: {', '.join(m['simd']) or 'none found'}; "
+            f"{m['mem_total_gib']} GiB; torch {m['versions']['torch']} ({m['torch_threads']} threads), onnxruntime "
+            f"{m['versions']['onnxruntime']} ({m['ort_intra_op_threads']} intra-op threads), transformers "
+            f"{m['versions']['transformers']}, Python {m['python']}  ",
+            f"Total run time: {res['total_seconds'] / 60:.1f} min; while timing, load average "
+            f"{tc.get('loadavg_before')} -> {tc.get('loadavg_after')}, CPU share of this process {tc.get('cpu_share')} "
+            f"(1.0 = all {m['torch_threads']} threads' cores were this process's)"]
+
+
+def _shape_section(name: str, sr: dict, res: dict) -> list[str]:
+    s, p = res["settings"], sr["peak"]
+    c = sr["candidates"]
+    L = [f"## {_shape_title(name, sr)}", "",
+         f"Best dense engine in these rounds: **{c[sr['best_dense']]['label']}**. GEMM rates measured in the same "
+         "rounds (fp32, GFLOP/s; ONNX Runtime MatMul with the weight an initializer and routefx's session options, "
+         f"torch.mm): " + ", ".join(f"{k} {v:.1f}" for k, v in p["rates_gflops"].items())
+         + f"; on the FFN shape {p['shapes'][0]} ONNX Runtime runs at **{p['ffn_onnx_over_torch']:.2f}x** torch's "
+         "rate.", "",
+         "| candidate | ms | vs ONNX dense | vs best dense | FLOP-ideal | efficiency (vs ONNX dense) | efficiency (vs "
+         "best dense) | ceiling | budget (x) | budget (cal) | MFU | compile s | calibration s |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k, v in c.items():
         comp = v.get("compile") or {}
         if v.get("latency_s") is None:
-            L.append(f"| {v['label']} | error: {v.get('error')} | | | | | | | | "
-                     f"{fmt(comp.get('without_calibration_s'), '.1f')} | |")
+            L.append(f"| {v['label']} | error: {v.get('error')} |" + " |" * 11)
             continue
-        L.append(f"| {v['label']} | {v['latency_s'] * 1e3:.1f} | {v['speedup']:.3f} | {v['ideal']:.3f} | "
-                 f"{v['efficiency']:.3f} | {v['flops_per_token_x'] / 1e6:.1f} | {fmt(v.get('budget_x'), '.3f')} | "
-                 f"{fmt(v.get('budget_calibration'), '.3f')} | {v['mfu']:.3f} | "
+        L.append(f"| {v['label']} | {v['latency_s'] * 1e3:.1f} | {v['speedup']:.3f} | "
+                 f"{v['speedup_vs_best_dense']:.3f} | {v['ideal']:.3f} | {v['efficiency']:.3f} | "
+                 f"{v['efficiency_vs_best_dense']:.3f} | {fmt(v.get('ceiling_efficiency'), '.3f')} | "
+                 f"{fmt(v.get('budget_x'), '.3f')} | {fmt(v.get('budget_calibration'), '.3f')} | {v['mfu']:.3f} | "
                  f"{fmt(comp.get('without_calibration_s'), '.1f')} | {fmt(comp.get('calibration_s'), '.1f')} |")
-    L += ["", "## Targets", "", "| target | required | measured | met |", "|---|---|---|---|"]
-    names = {"onnx_dense_vs_eager": "routefx ONNX dense vs torch eager (t_eager / t_onnx)",
-             "onnx_dense_vs_inductor": "routefx ONNX dense vs inductor (t_inductor / t_onnx)",
-             "duo_per_token_efficiency": "Duo efficiency, per-token routers (random, local), worst budget",
-             "onnx_dense_mfu": "routefx ONNX dense MFU",
-             "compile_without_calibration": "compile time without calibration, worst candidate"}
-    for k, a in res["targets"].items():
-        met = {True: "yes", False: "**no**", None: "n/a"}[a["met"]]
-        val = a["value"]
-        if k == "duo_per_token_efficiency":
-            val = f"{a['value']} ({a['worst']}); below 0.9: {', '.join(a['below_target']) or 'none'}; " \
-                  f"aim 0.95 met: {'yes' if a['aim_met'] else 'no'}"
-        elif k == "compile_without_calibration":
-            val = f"{a['value']} s ({a['worst']}); ONNX dense {a['dense']} s"
-        elif a.get("note"):
-            val = f"n/a: {a['note']}"
-        L.append(f"| {names.get(k, k)} | {a['target']} | {val} | {met} |")
-    L += ["", "## Compile time (seconds)", "",
-          "`report.capture_seconds` covers capture, recognition and FLOP counting of the captured graph; "
-          "`calibration_seconds` the calibration stage (statistics, router training) and the budget step (route "
-          "statistics and the λ search on the rewritten graph); `compile_seconds` the pass pipeline, FLOP counting "
-          "of the result and the FLOPs realised on the calibration data; `runner.timings` the ONNX backend's prepare "
-          "(export, fold, optimize, session). 'Without calibration' is the wall time minus `calibration_seconds` "
-          "for every candidate.", "",
-          "| candidate | wall | capture | calibration | compile_seconds | export | fold | optimize | session | "
-          "without calibration | ONNX MiB | RSS after GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ceil = sr.get("ceiling")
+    prof = sr.get("profile_dense") or {}
+    if ceil:
+        L += ["", f"Efficiency ceiling (from the ONNX dense profile, {prof.get('runs')} profiled runs): FFN GEMMs "
+              f"take **{ceil['ffn_time_fraction']:.0%}** of dense kernel time (other MatMuls "
+              f"{prof['by_class_ms'].get(_CLS_MM, 0.0) / prof['kernel_ms_per_run']:.0%}, everything else "
+              f"{prof.get('non_matmul_ms', 0.0) / prof['kernel_ms_per_run']:.0%}). If only FFN time shrank with the "
+              "FFN FLOPs, the best attainable speedup at FFN fraction b would be 1 / (1 - f + f b): "
+              + ", ".join(f"b={b} {v:.2f}x" for b, v in ceil["by_budget"].items() if b != "1")
+              + ". The 'ceiling' column is that bound at each candidate's realised FFN fraction, divided by its "
+              "FLOP-ideal (the FLOP-ideal also counts attention FLOPs, which do not shrink); top op types: "
+              + ", ".join(f"{o} {v:.1f} ms" for o, v in list(prof.get("by_op_ms", {}).items())[:6]) + "."]
+    elif prof.get("error"):
+        L += ["", f"Dense profile failed: {prof['error']}"]
+    L += ["", "Compile phases (seconds; capture = capture + recognition + FLOPs; passes = `compile_seconds`; then "
+          "the ONNX backend's prepare: export from the captured graph, weight-slice fold, onnxscript optimizer, "
+          "weights handed to ONNX Runtime, session creation):", "",
+          "| candidate | wall | capture | calibration | passes | export (path) | fold | optimize | serialize | "
+          "session | without calibration | weights MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k, v in c.items():
         comp = v.get("compile")
         if not comp:
             continue
-        p = comp.get("onnx_prepare_s", {})
+        pp = comp.get("onnx_prepare_s", {})
         L.append(f"| {v['label']} | {comp['wall_s']:.1f} | {fmt(comp.get('capture_s'), '.1f')} | "
                  f"{fmt(comp.get('calibration_s'), '.1f')} | {fmt(comp.get('compile_s'), '.1f')} | "
-                 f"{fmt(p.get('export'), '.1f')} | {fmt(p.get('fold'), '.1f')} | {fmt(p.get('optimize'), '.1f')} | "
-                 f"{fmt(p.get('session'), '.1f')} | {comp['without_calibration_s']:.1f} | "
-                 f"{fmt(comp.get('onnx_model_mib'), '.0f')} | {fmt(comp.get('rss_after_gib'), '.1f')} |")
-    checks = res.get("checks", {})
+                 f"{fmt(pp.get('export'), '.1f')} ({comp.get('export_path') or '–'}) | {fmt(pp.get('fold'), '.1f')} | "
+                 f"{fmt(pp.get('optimize'), '.1f')} | {fmt(pp.get('serialize'), '.1f')} | "
+                 f"{fmt(pp.get('session'), '.1f')} | {comp['without_calibration_s']:.1f} | "
+                 f"{fmt(comp.get('onnx_model_mib'), '.0f')} |")
+    fp = sr.get("fresh_process") or {}
+    if fp:
+        L += ["", "Memory of a fresh process (numpy + onnxruntime only) that loads the saved model (external data) "
+              "and runs it once on the measured input:", "",
+              "| model | weights MiB | files MiB | empty process GiB | after load GiB | peak GiB | peak / weights | "
+              "(peak - empty) / weights |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for k, r in fp.items():
+            if "error" in r:
+                L.append(f"| {k} | error: {r['error']} |" + " |" * 6)
+                continue
+            L.append(f"| {k} | {r['weight_bytes'] / 2**20:.0f} | {sum(r['file_bytes'].values()) / 2**20:.0f} | "
+                     f"{r['baseline_gib']:.2f} | {r['after_load_gib']:.2f} | {r['peak_gib']:.2f} | "
+                     f"{r['peak_over_weights']:.2f} | {r['peak_minus_baseline_over_weights']:.2f} |")
+    checks = sr.get("checks") or {}
     if checks:
-        L += ["", "Numerical checks (max |logits − eager logits| on the measured input): "
-              + ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in checks.items()) + "."]
-    if res.get("profiles"):
-        L += ["", "## Where the time goes (ONNX Runtime profile)", "",
-              f"Separate invocation: `{res.get('profile_command', '')}` ({res.get('profile_date', '')}); "
-              "per-run kernel time in ms, summed per class of node (the profiler adds some overhead, so these are "
-              "shares, not latencies).", ""]
-        keys = list(res["profiles"])
-        classes = []
-        for p in res["profiles"].values():
-            classes += [k for k in p.get("by_class_ms", {}) if k not in classes]
-        L.append("| class | " + " | ".join(keys) + " |")
-        L.append("|---|" + "---:|" * len(keys))
-        for cl in classes:
-            L.append(f"| {cl} | " + " | ".join(fmt(res["profiles"][k]["by_class_ms"].get(cl), ".1f")
-                                               for k in keys) + " |")
-        L.append("| **kernel total** | " + " | ".join(f"{res['profiles'][k]['kernel_ms_per_run']:.1f}"
-                                                      for k in keys) + " |")
-        L.append("| non-MatMul kernels | " + " | ".join(fmt(res["profiles"][k].get("non_matmul_ms"), ".1f")
-                                                      for k in keys) + " |")
-        L.append("| FFN MatMul GFLOP/s (routes realised on x) | " + " | ".join(
-            fmt(res["profiles"][k].get("ffn_matmul_gflops"), ".1f") for k in keys) + " |")
-        L.append("| other MatMul GFLOP/s | " + " | ".join(
-            fmt(res["profiles"][k].get("other_matmul_gflops"), ".1f") for k in keys) + " |")
-        L.append("| profiled model_run ms (median) | " + " | ".join(
-            fmt(res["profiles"][k].get("model_run_ms_median"), ".0f") for k in keys) + " |")
-        L.append("| FFN MatMul by route (dense / route1 small / route2 big) | " + " | ".join(
-            ", ".join(f"{r} {v:.1f}" for r, v in res["profiles"][k]["ffn_matmul_by_route_ms"].items())
-            for k in keys) + " |")
-        L.append("| top op types | " + " | ".join(
-            ", ".join(f"{o} {v:.1f}" for o, v in list(res["profiles"][k]["by_op_ms"].items())[:8])
-            for k in keys) + " |")
-        notes, _ = profile_notes(res)
-        L += [""] + [f"- {n}" for n in notes]
-    L += ["", "## What this shows / what it does not", ""] + [discussion(res)]
+        L += ["", "Numerical checks (max |logits - HF eager logits| on the measured input): "
+              + ", ".join(f"{k} {v:.2e}" for k, v in checks.items()) + "."]
+    L += ["", "Targets (issue 14):", "", "| target | required | measured | met |", "|---|---|---|---|"]
+    for k, a in sr.get("targets", {}).items():
+        met = {True: "yes", False: "**no**", None: "n/a"}[a["met"]]
+        L.append(f"| {k} | {a['target']} | {a['value']} ({a.get('detail', '')}) | {met} |")
+    return L
+
+
+def write_markdown(res: dict, path: str) -> None:
+    s = res["settings"]
+    L = ["# CPU benchmark results", ""] + _machine_lines(res) + [
+        "",
+        f"Models: Llama-shaped `LlamaForCausalLM` from configs, random weights (seed 0), fp32, two shapes ("
+        + "; ".join(_shape_title(n, sr) for n, sr in res["shapes"].items()) + "), random token ids, mask all ones. "
+        f"Duo calibration: {s['cal_batches']} batches of [{s['cal_batch']}, min({s['cal_seq']}, seq)] random tokens "
+        f"(seeded). Latency: median of {s['reps']} rounds after {s['warmup']} warm-up rounds; every candidate of "
+        "both shapes and the GEMM probes run in the same rounds, in an order shuffled per round (seeded), in one "
+        "process.",
+        "",
+        "FLOP-ideal = dense FLOPs per token / the candidate's FLOPs per token with the routes it realised on the "
+        "measured input. Efficiency = speedup / FLOP-ideal, against routefx ONNX dense and against the fastest dense "
+        "engine of the same rounds (torch eager, torch.compile inductor, routefx ONNX or inductor dense). Budget = "
+        "realised FFN compute fraction. MFU = FLOPs/token x tokens / latency / the fastest GEMM rate measured. "
+        "Compile = routefx.compile wall time minus `report.calibration_seconds`; for inductor, its first call "
+        "(empty inductor cache)."]
+    for name, sr in res["shapes"].items():
+        L += [""] + _shape_section(name, sr, res)
+    L += ["", "## What this shows / what it does not", "", discussion(res)]
     with open(path, "w") as f:
         f.write("\n".join(L).rstrip() + "\n")
 
 
 def discussion(res: dict) -> str:
-    """What the run covers and does not, with every figure taken from `res`."""
-    c, m = res["candidates"], res["machine"]
-    _, _, _, batch, seq = _shape(res)
-    d = c.get(DENSE, {})
-    duo = {k: v for k, v in c.items() if k.startswith("duo_") and v.get("efficiency") is not None}
-    eff = ", ".join(f"{k.removeprefix('duo_')} {v['efficiency']:.2f}" for k, v in duo.items())
-    drift = [(k.removeprefix("duo_"), v["budget_x"], v["budget_calibration"]) for k, v in duo.items()
-             if v.get("budget_calibration") is not None and abs(v["budget_x"] - v["budget_calibration"]) > 0.05]
-    share = res.get("timing_conditions", {}).get("cpu_share")
-    text = (f"Measured on {m['cpu']} with {m['cpu_count']} cores, in one process with interleaved rounds: routefx's "
-            "ONNX backend against the HF model in eager PyTorch"
-            + (" and under inductor" if c.get("inductor", {}).get("latency_s") else "")
-            + " at equal thread count; the "
-            "part of the FLOP reduction promised by Duo's realised routes that turns into wall-clock speedup "
-            f"(efficiencies: {eff or 'none measured'}); the dense graph's rate against the peak above (MFU "
-            f"{fmt(d.get('mfu'), '.2f')}); and compile times. Not measured: quality (the weights are random, so a "
-            "budget says how much compute the routes take, not what it costs in loss), other input lengths than "
-            f"{seq} and batch sizes than {batch}, other dtypes than fp32, KV-cache generation.")
-    if drift:
-        text += (" Budgets are fitted on the calibration data (sequences of "
-                 f"{res['settings']['cal_seq']} tokens) and differ by more than 0.05 on the {seq}-token input: "
-                 + ", ".join(f"{k} {bx:.2f} on x vs {bc:.2f} on calibration" for k, bx, bc in drift)
-                 + "; the FLOP-ideal and efficiency use the routes realised on x.")
+    m, tc = res["machine"], res.get("timing_conditions", {})
+    share = tc.get("cpu_share")
+    text = (f"Measured on {m['cpu']} ({m['cpu_count']} cores), both shapes in one process with interleaved rounds. "
+            "Not measured: quality (random weights: a budget says how much compute the routes take, not what it "
+            "costs in loss), other batch sizes and lengths, other dtypes than fp32, KV-cache generation. The "
+            "ceiling assumes every non-FFN kernel keeps its dense time; it comes from ONNX Runtime's profiler, "
+            "whose per-node timing adds overhead, so it is a share, not a latency.")
+    for name, sr in res["shapes"].items():
+        drift = [(k.removeprefix("duo_"), v["budget_x"], v["budget_calibration"]) for k, v in
+                 sr["candidates"].items() if k.startswith("duo_") and v.get("budget_calibration") is not None
+                 and v.get("budget_x") is not None and abs(v["budget_x"] - v["budget_calibration"]) > 0.05]
+        if drift:
+            text += (f" Shape {name}: budgets fitted on calibration data differ by more than 0.05 on the measured "
+                     "input (" + ", ".join(f"{k} {bx:.2f} vs {bc:.2f}" for k, bx, bc in drift)
+                     + "); FLOP-ideal and efficiency use the routes realised on the measured input.")
     if share is not None:
-        text += (f" This process got {share:.2f} of the {m['torch_threads']} cores' CPU time while timing"
-                 + (" (below 0.85: the machine was shared and the ratios are disturbed)." if share < 0.85 else "."))
+        text += (f" This process got {share:.2f} of its {m['torch_threads']} threads' CPU time while timing"
+                 + (" (below 0.85: the machine was shared with other work; absolute times are inflated and ratios "
+                    "disturbed)." if share < 0.85 else "."))
     return text
 
 

@@ -1,17 +1,23 @@
-"""ONNX backend: export the rewritten graph with `torch.onnx.export(dynamo=True)` and run it on ONNX Runtime (CPU).
+"""ONNX backend: lower the rewritten graph to ONNX and run it on ONNX Runtime (CPU).
 
-`prepare(gm, example_kwargs)` exports `gm` with its batch and sequence dims dynamic (the symbolic dims of the
-placeholders' fake values), lowers `routefx::routed_ffn` with `routefx.backends.onnx_ops` (one TopK sort of the
-route ids per layer, per-route Gather/MatMul on pre-sliced, pre-transposed weight initializers, one ScatterND;
-constant route ids: plain MatMuls on their range), folds the weight slices,
-runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession`. Non-tensor keywords (use_cache=False)
-are baked into the model; its inputs are the model's own tensor inputs, its weights are initializers.
+`prepare(gm, example_kwargs)` lowers `gm` with its batch and sequence dims dynamic (the symbolic dims of the
+placeholders' fake values) from the graph itself (`routefx.backends.onnx_program`: the captured graph lifted into an
+ExportedProgram and translated by torch's ONNX exporter, with no trace; the exporter's decomposition where an op
+lacks an ONNX implementation; `torch.onnx.export(gm)` only if both fail), lowers `routefx::routed_ffn` with
+`routefx.backends.onnx_ops` (one TopK sort of the route ids per layer, per-route Gather/MatMul on pre-sliced,
+pre-transposed weight initializers, one ScatterND; constant route ids: plain MatMuls on their range), folds the
+weight slices, runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession` with the weights handed
+over in memory (`routefx.backends.onnx_session`: the graph is serialized without them). Non-tensor keywords
+(use_cache=False) are baked into the model; its inputs are the model's own tensor inputs, its weights are
+initializers. `runner.timings` has the seconds of each phase (export, fold, optimize, serialize, session) and
+`runner.export_path` says how the graph was lowered ("direct", "decomposed" or "traced").
 
 The returned `OnnxRunner` is called like `gm(**kwargs)` and returns the same output structure (rebuilt with the
 graph's output pytree spec: a Hugging Face ModelOutput, a tuple, a bare tensor); outputs that are None in the
 eager result are None here. It checks every input's dtype and rank (and static dims) first and raises
-`InputError` naming the input. `runner.onnx_model` holds the serialized model (bytes), or `runner.onnx_path`
-the file in a temporary directory when the weights exceed protobuf's 2 GiB limit.
+`InputError` naming the input. `runner.onnx_model` gives the serialized model (bytes, made on first use), or
+`runner.onnx_path` a file in a temporary directory when the weights exceed protobuf's 2 GiB limit;
+`runner.save(path, external_data=True)` writes the graph and one weight file.
 
 Session options, chosen deliberately (see `session_options`):
 - CPU execution provider only.
@@ -32,8 +38,10 @@ Session options, chosen deliberately (see `session_options`):
   optimizer removed are expected); profiling only when asked (`profile=True`; the JSON goes to a temporary
   directory that lives as long as the runner).
 
-The runner is a snapshot: weights, buffers and graph arguments are read at prepare time, so later in-place
-edits of `gm` do not reach it. Outputs are CPU tensors.
+The session reads the weights from the memory they live in (no copy): the model's own parameters where the
+graph uses them unchanged, new arrays for folded slices. ONNX Runtime pre-packs MatMul weights into its own
+buffers at session creation, so edit a model's weights before compiling it, not after: an in-place edit would
+reach the weights that are not pre-packed (embeddings, norms) and not the others. Outputs are CPU tensors.
 """
 from __future__ import annotations
 
@@ -57,6 +65,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn, used below)
+from routefx.backends import onnx_program, onnx_session
 from routefx.backends.onnx_ops import fold_weight_slices, routed_ffn_lowering
 from routefx.backends.onnx_opset import export_opset
 from routefx.backends.static_routes import constant_route
@@ -110,12 +119,15 @@ class OnnxRunner:
     """Runs the exported model on ONNX Runtime; called like the graph module (`run(**kwargs)`)."""
 
     def __init__(self, session: ort.InferenceSession, *, arg_names: tuple[str, ...], constants: dict[str, Any],
-                 leaves: list, out_spec, onnx_model: bytes | None, onnx_path: str | None, tmpdir=None,
-                 timings: dict | None = None):
+                 leaves: list, out_spec, model: ir.Model, graph: onnx_session.Graph, tmpdir=None,
+                 timings: dict | None = None, export_path: str | None = None):
         self.session = session
-        self.onnx_model = onnx_model
-        self.onnx_path = onnx_path
+        self._model = model  # the optimized onnx_ir model; its weights are the ones the session reads
+        self._graph = graph
+        self._onnx_bytes: bytes | None = None
+        self._onnx_path: str | None = None
         self.timings = dict(timings or {})  # seconds per prepare stage: export, fold, optimize, session
+        self.export_path = export_path  # how the graph became ONNX: "direct", "decomposed" or "traced"
         self._tmpdir = tmpdir  # keeps a temporary directory (large model, profiles) alive with the runner
         self._arg_names = arg_names
         self._constants = constants
@@ -173,16 +185,46 @@ class OnnxRunner:
         so = session_options(optimization_level=optimization_level,
                              routed=not self.session.get_session_options().enable_mem_pattern)
         other = copy.copy(self)
-        other.session = ort.InferenceSession(self.onnx_model or self.onnx_path, sess_options=so,
-                                             providers=["CPUExecutionProvider"])
+        other.session = self._graph.session(so)
         return other
+
+    @property
+    def onnx_model(self) -> bytes | None:
+        """The serialized model, weights inline (made on first use); None above protobuf's 2 GiB limit (then
+        see `onnx_path`)."""
+        if self._onnx_bytes is None and _initializer_bytes(self._model) < _MAX_PROTO_BYTES:
+            self._onnx_bytes = onnx_session.serialize(self._model)
+        return self._onnx_bytes
+
+    @onnx_model.setter
+    def onnx_model(self, value: bytes | None) -> None:  # None drops the cached bytes
+        self._onnx_bytes = value
+
+    @property
+    def onnx_path(self) -> str | None:
+        """For a model above protobuf's limit: the model written with external data into a temporary directory
+        that lives as long as the runner (made on first use); None otherwise."""
+        if self._onnx_path is None and _initializer_bytes(self._model) >= _MAX_PROTO_BYTES:
+            self._tmpdir = self._tmpdir or tempfile.TemporaryDirectory(prefix="routefx_onnx_")
+            self._onnx_path = os.path.join(self._tmpdir.name, "model.onnx")
+            ir.save(self._model, self._onnx_path, external_data="model.onnx.data")
+        return self._onnx_path
 
     def end_profiling(self) -> str:
         """Stop ONNX Runtime's profiler (the runner was prepared with `profile=True`); returns the JSON's path."""
         return self.session.end_profiling()
 
-    def save(self, path: str) -> None:
-        """Write the ONNX model to `path` (bytes models only; a large model already lives at `onnx_path`)."""
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's initializers (what a saved model stores; nested routes share theirs)."""
+        return _initializer_bytes(self._model)
+
+    def save(self, path: str, *, external_data: bool = False) -> None:
+        """Write the ONNX model to `path`: one file (below protobuf's 2 GiB limit; a large model already lives at
+        `onnx_path`), or with `external_data=True` the graph at `path` and the weights in `path + ".data"`."""
+        if external_data:
+            ir.save(self._model, path, external_data=os.path.basename(path) + ".data")
+            return
         if self.onnx_model is None:
             raise BackendError(f"this model is stored with external data at {self.onnx_path}; copy that directory")
         with open(path, "wb") as f:
@@ -190,12 +232,13 @@ class OnnxRunner:
 
 
 def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str = "all",
-            profile: bool = False) -> OnnxRunner:
+            profile: bool = False, direct: bool = True) -> OnnxRunner:
     """Export `gm` to ONNX and open an ONNX Runtime CPU session; returns the runner (see the module docstring).
 
     `example_kwargs` are the inputs `gm` was captured from (tensors and constants, by keyword).
     `optimization_level` is ORT's graph optimization level ("disable", "basic", "extended", "all");
-    `profile=True` turns ORT's profiler on (`runner.end_profiling()` returns the JSON's path). Raises
+    `profile=True` turns ORT's profiler on (`runner.end_profiling()` returns the JSON's path). `direct=False`
+    skips the trace-free translation (`onnx_program`; tests compare both paths). Raises
     `BackendError` naming the node when the export fails.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -204,7 +247,7 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
         raise BackendError(f"example_kwargs lack {missing}; the graph takes {[n.target for n in placeholders]}")
     arg_names = _positional_names(gm, [n.target for n in placeholders])
     t0 = time.perf_counter()
-    model = _export(gm, placeholders, arg_names, example_kwargs)
+    model, path = _export(gm, placeholders, arg_names, example_kwargs, direct=direct)
     t1 = time.perf_counter()
     fold_weight_slices(model)
     t2 = time.perf_counter()
@@ -224,51 +267,78 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     routed = any(node.op_type == "TopK" for node in ir.traversal.RecursiveGraphIterator(model.graph))
     so = session_options(optimization_level=optimization_level, routed=routed,
                          profile_dir=tmpdir.name if tmpdir else None)
-    onnx_bytes, onnx_path = None, None
-    if _initializer_bytes(model) < _MAX_PROTO_BYTES:
-        onnx_bytes = ir.serde.serialize_model(model).SerializeToString()
-    else:
-        tmpdir = tmpdir or tempfile.TemporaryDirectory(prefix="routefx_onnx_")
-        onnx_path = os.path.join(tmpdir.name, "model.onnx")
-        ir.save(model, onnx_path, external_data="model.onnx.data")
+    graph = onnx_session.prepare_graph(model)  # weights handed over in memory, never serialized
+    t4 = time.perf_counter()
     try:
-        session = ort.InferenceSession(onnx_bytes or onnx_path, sess_options=so,
-                                       providers=["CPUExecutionProvider"])
+        session = graph.session(so)
     except Exception as e:  # onnxruntime raises its own pybind exception types
         raise BackendError(f"ONNX Runtime could not load the exported model: {type(e).__name__}: "
                            f"{_first_line(e)}") from e
-    timings = {"export": t1 - t0, "fold": t2 - t1, "optimize": t3 - t2, "session": time.perf_counter() - t3}
+    timings = {"export": t1 - t0, "fold": t2 - t1, "optimize": t3 - t2, "serialize": t4 - t3,
+               "session": time.perf_counter() - t4}
     constants = {k: v for k, v in example_kwargs.items() if not isinstance(v, torch.Tensor)}
     return OnnxRunner(session, arg_names=arg_names, constants=constants, leaves=leaves, out_spec=out_spec,
-                      onnx_model=onnx_bytes, onnx_path=onnx_path, tmpdir=tmpdir,
-                      timings={k: round(v, 3) for k, v in timings.items()})
+                      model=model, graph=graph, tmpdir=tmpdir,
+                      timings={k: round(v, 3) for k, v in timings.items()}, export_path=path)
 
 
 # ---- export helpers ----------------------------------------------------------------------------------------
 
 def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[str, ...],
-            example_kwargs: dict) -> ir.Model:
-    """torch.onnx.export with the placeholders' symbolic dims dynamic and routed_ffn lowered; not optimized."""
+            example_kwargs: dict, *, direct: bool = True) -> tuple[ir.Model, str]:
+    """The graph as an ONNX model (not optimized), lowered from the graph itself (`onnx_program`: no trace, or
+    one re-trace where an op needs decomposing); falls back to `torch.onnx.export(gm)` (a fresh torch.export of
+    `gm`) if that fails. Returns the model and the path that made it."""
+    routed = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _ROUTED_FFN]
+    static = {n.name: r for n in routed if (r := constant_route(n.args[1])) is not None}
+    names = [n.name for n in routed]
+    tensor_inputs = [n.target for n in placeholders if isinstance(example_kwargs[n.target], torch.Tensor)]
+    opsets = [export_opset(), None] if export_opset() is not None else [None]
+    errors = []
+
+    def lowerings(ep):  # routed_ffn nodes keep their fx names in the program
+        return {_ROUTED_FFN: routed_ffn_lowering([n.name for n in ep.graph.nodes if n.target is _ROUTED_FFN],
+                                                 static)}
+
+    for opset in opsets:  # opset 23 (fused Attention) where ORT runs it; the default opset if that export fails
+        with _export_context():
+            try:
+                return onnx_program.to_onnx(gm, tensor_inputs, opset=opset, lowerings=lowerings,
+                                            allow_direct=direct)
+            except Exception as e:  # noqa: BLE001 - the exporter raises many types
+                if _routefx_error(e) is not None:  # a routefx lowering refused: tracing again cannot help
+                    raise BackendError(f"ONNX export failed: {_describe_export_error(e)}") from e
+                errors.append(e)
+            try:  # torch.export of gm itself, then the exporter's decomposition and translation
+                return _export_traced(gm, placeholders, arg_names, example_kwargs, opset, names, static), "traced"
+            except Exception as e:  # one typed error naming the node
+                if opset is opsets[-1]:
+                    raise BackendError(f"ONNX export failed: {_describe_export_error(e)} (lowered from the "
+                                       f"captured graph: {_describe_export_error(errors[0])})") from e
+
+
+def _routefx_error(e: BaseException) -> BackendError | None:
+    seen = []
+    while e is not None and all(e is not c for c in seen):
+        if isinstance(e, BackendError):
+            return e
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _export_traced(gm, placeholders, arg_names, example_kwargs, opset, names, static) -> ir.Model:
+    """torch.onnx.export of `gm` itself (torch.export traces it again), the placeholders' symbolic dims dynamic."""
     call_args = tuple(_widen(n, example_kwargs[n.target]) for n in placeholders if n.target in arg_names)
     call_kwargs = {n.target: _widen(n, example_kwargs[n.target]) for n in placeholders
                    if n.target not in arg_names}
     dyn = {n.target: _dynamic_dims(n) for n in placeholders}
     dynamic_shapes = tuple(dyn[a] for a in arg_names) if not call_kwargs else dyn
-    routed = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _ROUTED_FFN]
-    static = {n.name: r for n in routed if (r := constant_route(n.args[1])) is not None}
-    names = [n.name for n in routed]
-    opsets = [export_opset(), None] if export_opset() is not None else [None]
-    for opset in opsets:  # opset 23 (fused Attention) where ORT runs it; the default opset if that export fails
-        with _export_context():
-            try:
-                program = torch.onnx.export(gm, call_args, kwargs=call_kwargs or None, dynamo=True,
-                                            dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
-                                            opset_version=opset, custom_translation_table={
-                                                _ROUTED_FFN: routed_ffn_lowering(names, static)})
-                return program.model
-            except Exception as e:  # the exporter raises many types; one typed error naming the node
-                if opset is opsets[-1]:
-                    raise BackendError(f"ONNX export failed: {_describe_export_error(e)}") from e
+    program = torch.onnx.export(gm, call_args, kwargs=call_kwargs or None, dynamo=True,
+                                dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
+                                opset_version=opset, custom_translation_table={
+                                    _ROUTED_FFN: routed_ffn_lowering(names, static)})
+    return program.model
 
 
 def _positional_names(gm: fx.GraphModule, names: list[str]) -> tuple[str, ...]:
@@ -311,16 +381,18 @@ def _widen(node: fx.Node, value):
 def _export_context():
     """Silence what the exporter says about every graph module: the training-mode warning (an ATen graph from
     torch.export is already functional; `ep.module()` refuses `.eval()`) and the torchvision registry notes."""
-    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(f"torch.onnx._internal.exporter.{m}") for m in ("_registration", "_core")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:  # "torchvision is not installed", "nn_module_stack not found for node ..."
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
             yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 _NODE = re.compile(r"Error when translating node %(\S+) : .*?target=([^\]]+)\]")

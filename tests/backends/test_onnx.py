@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import routefx
+from routefx.backends import onnx as onnx_backend
 from routefx.backends.onnx_opset import export_opset
+from routefx.ir.capture import capture
 from tests.compare import assert_close_nonpad
 from tests.tolerances import ONNX_VS_EAGER
 from tests.zoo import DENSE, ZOO, example_inputs
@@ -95,3 +97,61 @@ def test_duo_onnx_equals_eager(name, router):
         assert {"TopK", "ScatterND", "ArgMax"} <= ops, ops
     else:  # constant route ids: plain MatMuls on each layer's fixed range, no routing ops at all
         assert not ops & {"TopK", "NonZero", "ScatterND", "ArgMax"}, ops
+
+
+def test_lowered_from_the_captured_graph_without_tracing():
+    """The backend lowers the graph routefx captured as it is (no torch.export of it again, no decomposition
+    trace); the exporter's own path (decompose, then translate: `direct=False`) gives the same outputs, and both
+    equal the eager backend."""
+    entry = ZOO["llama"]
+    args, kwargs = example_inputs(entry, batch=2, seq=7)
+    cm = routefx.compile(entry.build(), routefx.policies.Dense(), example_inputs=args, example_kwargs=kwargs,
+                         backend="onnx")
+    assert cm.runner.export_path == "direct"
+    gm = cm.graph_module
+    slow = onnx_backend.prepare(gm, _eager_kwargs(gm, args, kwargs), direct=False)
+    assert slow.export_path == "decomposed"
+    args, kwargs = example_inputs(entry, batch=3, seq=13, left_pad=4, seed=5)
+    with torch.no_grad():
+        ref = gm(**_eager_kwargs(gm, args, kwargs))
+    mask = kwargs.get("attention_mask")
+    assert_close_nonpad(cm(*args, **kwargs), ref, mask, ONNX_VS_EAGER)
+    assert_close_nonpad(slow(**_eager_kwargs(gm, args, kwargs)), ref, mask, ONNX_VS_EAGER)
+
+
+class _Shrink(torch.nn.Module):
+    """aten.hardshrink has no ONNX implementation in torch's registry, only a decomposition."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return torch.nn.functional.hardshrink(x, 0.3) @ self.w
+
+
+def test_op_without_onnx_implementation_goes_through_decomposition():
+    """Must-not-fire case of the direct lowering: a graph holding an op the exporter's registry lacks is lowered
+    by the exporter's decomposition instead, still without tracing the model again, and still correct."""
+    x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(1))
+    gm = capture(_Shrink(), (x,))
+    run = onnx_backend.prepare(gm, {"x": x})
+    assert run.export_path == "decomposed"
+    x2 = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(run(x=x2), _Shrink()(x2), atol=ONNX_VS_EAGER, rtol=0)
+
+
+def test_saved_with_external_data_runs_in_a_plain_session(tmp_path):
+    """`runner.save(path, external_data=True)` writes the graph and one weight file that ONNX Runtime loads on
+    its own, with the weights the in-memory session was given."""
+    import numpy as np
+    import onnxruntime as ort
+
+    x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(1))
+    gm = capture(_Shrink(), (x,))
+    run = onnx_backend.prepare(gm, {"x": x})
+    run.save(str(tmp_path / "m.onnx"), external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(got, _Shrink()(x).detach().numpy(), atol=ONNX_VS_EAGER, rtol=0)

@@ -1,0 +1,238 @@
+"""The rewritten graph as an ONNX model without tracing it again.
+
+routefx already holds an ATen-level `fx.GraphModule` with fake values (symbolic batch and sequence dims) on every
+node: the graph torch.export captured, rewritten by the passes. `torch.onnx.export(gm, ...)` would trace it twice
+more (torch.export of `gm`, then `run_decompositions`: 70-80% of the export time on the 8-layer bench model).
+Here instead:
+
+1. `exported_program(gm)` lifts the graph into a `torch.export.ExportedProgram` by hand: every tensor `get_attr`
+   becomes a parameter / buffer placeholder (in front of the user inputs, as in any ExportedProgram), constant
+   inputs (use_cache=False) are dropped, only tensor outputs are kept. Nothing is traced.
+2. `to_onnx(ep, ...)` translates it node by node with torch's ONNX exporter and its op registry (torchlib, at
+   the requested opset) plus routefx's own lowerings, when every op of the graph has a registered ONNX
+   implementation (the usual case: the captured graph is already functional ATen, and the exporter's
+   decomposition would keep those ops). Otherwise, or if that translation fails, it falls back to the public
+   `torch.onnx.export(ep, dynamo=True)`, which decomposes the program first (one re-trace) and translates it.
+
+The direct translation uses three functions of `torch.onnx._internal.exporter` (`ONNXRegistry.from_torchlib`,
+`insert_type_promotion_nodes`, `_exported_program_to_onnx_program`), present with the same signatures in torch
+2.11 and 2.13; any change there (an ImportError, a TypeError) lands on the public path, so only speed depends
+on them. `to_onnx` returns which path ran.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Callable
+
+import onnxscript.version_converter
+import torch
+from torch import fx
+from torch.export import ExportedProgram
+from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
+from torch.export.graph_signature import (ExportGraphSignature, InputKind, InputSpec, OutputKind, OutputSpec,
+                                          TensorArgument)
+from torch.utils import _pytree as pytree
+
+from routefx.errors import BackendError
+
+__all__ = ["exported_program", "to_onnx", "DIRECT", "DECOMPOSED"]
+
+DIRECT = "direct"          # translated as captured, no trace
+DECOMPOSED = "decomposed"  # torch.onnx.export(ep): run_decompositions (one re-trace), then translated
+_GUARDS = "_guards_fn"  # ep.module()'s input-guard check (a call_module with no users): not part of the model
+
+
+_aten = torch.ops.aten
+
+
+def _to_copy(x, *rest, dtype=None, **_):
+    """aten.to.{dtype, device, dtype_layout}(x, ...) as the functional aten._to_copy(x, dtype=...): the device,
+    layout, copy and memory-format arguments mean nothing in ONNX."""
+    if rest and isinstance(rest[0], torch.dtype):
+        dtype = rest[0]  # to.dtype(x, dtype, ...)
+    elif len(rest) > 1 and isinstance(rest[1], torch.dtype):
+        dtype = rest[1]  # to.device(x, device, dtype, ...)
+    return _aten._to_copy.default, (x,), ({"dtype": dtype} if dtype is not None else {})
+
+
+# Overloads that torch.export keeps but the ONNX registry does not implement -> (target, args, kwargs) of the
+# core op they alias. Any other unimplemented op sends the program through the exporter's decomposition.
+_ALIASES = {
+    _aten.to.dtype: _to_copy,
+    _aten.to.device: _to_copy,
+    _aten.to.dtype_layout: _to_copy,
+    _aten.__and__.Tensor: lambda a, b: (_aten.bitwise_and.Tensor, (a, b), {}),
+    _aten.__or__.Tensor: lambda a, b: (_aten.bitwise_or.Tensor, (a, b), {}),
+}
+
+
+def _fake_mode(gm: fx.GraphModule):
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and getattr(val, "fake_mode", None) is not None:
+            return val.fake_mode
+    raise ValueError("the graph carries no fake values (meta['val']); it was not captured by torch.export")
+
+
+def exported_program(gm: fx.GraphModule, tensor_inputs: list[str]) -> ExportedProgram:
+    """`gm` (placeholders named after the model's inputs, weights as get_attr) as an ExportedProgram whose user
+    inputs are `tensor_inputs` (in that order) and whose outputs are `gm`'s tensor outputs, in order. The
+    weights are shared with `gm`, not copied."""
+    mode = _fake_mode(gm)
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    buffers = dict(gm.named_buffers(remove_duplicate=False))
+    graph = fx.Graph()
+    env: dict[fx.Node, object] = {}
+    input_specs, state_dict = [], {}
+    lifted: dict[str, fx.Node] = {}
+    for n in gm.graph.nodes:  # weights first: an ExportedProgram's placeholders are [params, buffers, user inputs]
+        if n.op != "get_attr" or n.target in lifted:
+            continue
+        value = _attr(gm, n.target)
+        if not isinstance(value, torch.Tensor):
+            continue  # a submodule (a higher-order op's body): stays a get_attr
+        p = graph.placeholder(("p_" if n.target in params else "b_") + n.target.replace(".", "_"))
+        p.meta["val"] = mode.from_tensor(value, static_shapes=True)
+        lifted[n.target] = p
+        kind = InputKind.PARAMETER if n.target in params else InputKind.BUFFER
+        input_specs.append(InputSpec(kind, TensorArgument(p.name), target=n.target,
+                                     persistent=True if kind is InputKind.BUFFER else None))
+        state_dict[n.target] = value if n.target in params or n.target in buffers else value.detach()
+    user = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and n.target in tensor_inputs:
+            p = graph.placeholder(n.target)
+            p.meta.update(n.meta)
+            user[n.target] = p
+            env[n] = p
+    if [user[k].name for k in tensor_inputs] != list(tensor_inputs):
+        raise ValueError(f"input names {tensor_inputs} collide with graph names")
+    input_specs += [InputSpec(InputKind.USER_INPUT, TensorArgument(k), target=None) for k in tensor_inputs]
+    guards = {n for n in gm.graph.nodes if n.op == "call_module" and n.target == _GUARDS and not n.users}
+    outputs: list[fx.Node] = []
+    for n in gm.graph.nodes:
+        if n in guards:
+            continue
+        if n.op == "placeholder":
+            if n not in env and set(n.users) - guards:
+                raise ValueError(f"constant input {n.target!r} is used by the graph")
+            continue
+        if n.op == "call_module":
+            raise ValueError(f"call_module node {n.name} ({n.target}): not a graph torch.export produces")
+        if n.op == "get_attr" and n.target in lifted:
+            env[n] = lifted[n.target]
+            continue
+        if n.op == "output":
+            flat = n.args[0] if isinstance(n.args[0], (tuple, list)) else (n.args[0],)
+            outputs = [env[a] for a in flat if isinstance(a, fx.Node)]
+            continue
+        env[n] = graph.node_copy(n, lambda a: env[a])
+        if n.target in _ALIASES:  # a non-core alias: its core op, which the ONNX registry implements
+            new = env[n]
+            new.target, new.args, new.kwargs = _ALIASES[n.target](*new.args, **new.kwargs)
+    graph.output(tuple(outputs))
+    root = torch.nn.Module()
+    for n in graph.nodes:  # submodules that stayed get_attr (higher-order op bodies)
+        if n.op == "get_attr":
+            _set_attr(root, n.target, _attr(gm, n.target))
+    signature = ExportGraphSignature(
+        input_specs=input_specs,
+        output_specs=[OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(o.name), target=None) for o in outputs])
+    shape_env = mode.shape_env
+    symbols = {s for k in tensor_inputs for d in user[k].meta["val"].shape if isinstance(d, torch.SymInt)
+               for s in d.node.expr.free_symbols}
+    ranges = {s: shape_env.var_to_range[s] for s in symbols} if shape_env is not None else {}
+    in_spec = pytree.tree_structure(((), {k: 0 for k in tensor_inputs}))
+    out_spec = pytree.tree_structure(tuple(0 for _ in outputs))
+    call = ModuleCallEntry("", ModuleCallSignature(inputs=[TensorArgument(k) for k in tensor_inputs],
+                                                   outputs=[TensorArgument(o.name) for o in outputs],
+                                                   in_spec=in_spec, out_spec=out_spec))
+    return ExportedProgram(root, graph, signature, state_dict, ranges, [call])
+
+
+def to_onnx(gm: fx.GraphModule, tensor_inputs: list[str], *, opset: int | None, lowerings: Callable,
+            allow_direct: bool = True):
+    """(onnx_ir.Model, path) for `gm` with user inputs `tensor_inputs`, path DIRECT or DECOMPOSED (see the module
+    docstring); not optimized. `lowerings(ep)` gives the exporter's custom_translation_table for the program
+    (torch op -> ONNX translation function; routefx's lowerings name nodes after the program's fx nodes)."""
+    if allow_direct:
+        ep = exported_program(gm, tensor_inputs)
+        model = _direct(ep, opset, lowerings(ep))
+        if model is not None:
+            return model, DIRECT
+    ep = exported_program(gm, tensor_inputs)  # a fresh program: the direct attempt may have edited its graph
+    program = torch.onnx.export(ep, (), dynamo=True, optimize=False, verbose=False, opset_version=opset,
+                                custom_translation_table=lowerings(ep))
+    return program.model, DECOMPOSED
+
+
+def _direct(ep: ExportedProgram, opset: int | None, lowerings: dict):
+    """The exporter's translation of `ep` as it is, or None where that is unavailable or some op lacks an
+    ONNX implementation (then the caller decomposes)."""
+    try:
+        from torch.onnx._internal.exporter import _constants, _core, _fx_passes
+    except ImportError:
+        return None
+    target = opset or torch.onnx._constants.ONNX_DEFAULT_OPSET  # what torch.onnx.export does with None
+    try:
+        registry = _registry(max(target, _constants.TORCHLIB_OPSET))
+        for op, fn in lowerings.items():
+            registry.register_op(op, fn, is_complex=False)
+        targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+        if any(isinstance(t, torch._ops.OpOverload) and not registry.is_registered(t) for t in targets):
+            return None
+        if any(not isinstance(t, torch._ops.OpOverload) and getattr(t, "__module__", None) != "_operator"
+               for t in targets):
+            return None  # higher-order ops and Python callables: the exporter's decomposition handles them
+        _fx_passes.insert_type_promotion_nodes(ep.graph_module)
+        model = _core._exported_program_to_onnx_program(ep, registry=registry).model
+        if model.opset_imports.get("", target) != target:
+            onnxscript.version_converter.convert_version(model, target)  # in place
+        return model
+    except Exception as e:  # noqa: BLE001 - any failure of the internal path: the public path decides
+        if _lowering_refused(e):
+            raise  # a routefx lowering said no (BackendError): the public path would say the same
+        return None
+
+
+def _lowering_refused(e: BaseException) -> bool:
+    seen = []
+    while e is not None and all(e is not c for c in seen):
+        if isinstance(e, BackendError):
+            return True
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _registry(opset: int):
+    """A fresh copy of torchlib's registry at `opset` (building one takes seconds; a copy, milliseconds), so
+    that routefx's lowerings registered on it do not pile up across exports."""
+    base = _base_registry(opset)
+    registry = copy.copy(base)
+    registry.functions = {k: list(v) for k, v in base.functions.items()}
+    return registry
+
+
+@functools.lru_cache(maxsize=None)
+def _base_registry(opset: int):
+    from torch.onnx._internal.exporter import _registration
+    return _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+
+
+def _attr(root: torch.nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_attr(root: torch.nn.Module, target: str, value) -> None:
+    *path, last = target.split(".")
+    obj = root
+    for part in path:
+        if not hasattr(obj, part):
+            setattr(obj, part, torch.nn.Module())
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
