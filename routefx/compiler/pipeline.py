@@ -19,6 +19,7 @@ from routefx.passes.insert_routers import InsertRouters
 from routefx.passes.permute_neurons import PermuteNeurons
 from routefx.passes.prune_blocks import PruneBlocks
 from routefx.passes.raise_ffn import RaiseFFN
+from routefx.passes.raise_moe import RaiseMoE
 
 __all__ = ["Pipeline", "build_pipeline"]
 
@@ -30,10 +31,12 @@ class Pipeline:
 
 
 def build_pipeline(policy: Policy) -> Pipeline:
+    # every policy: MoE blocks' expert dispatch -> routed_ffn (RaiseMoE), then dense FFNs -> routed_ffn (RaiseFFN)
+    raise_ = [RaiseMoE(), RaiseFFN()]
     if isinstance(policy, Dense):
-        return Pipeline([RaiseFFN()])
+        return Pipeline(raise_)
     if isinstance(policy, PruneLayers):
-        return Pipeline([RaiseFFN(), PruneBlocks()])
+        return Pipeline(raise_ + [PruneBlocks()])
     if isinstance(policy, Duo):
-        return Pipeline([RaiseFFN(), PermuteNeurons(), AppendSmallBranch(), InsertRouters()], [FitBudget()])
+        return Pipeline(raise_ + [PermuteNeurons(), AppendSmallBranch(), InsertRouters()], [FitBudget()])
     raise PolicyError(f"no pipeline for policy {type(policy).__name__}")
