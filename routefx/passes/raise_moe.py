@@ -159,6 +159,17 @@ def _weights(gm, up: fx.Node, down: fx.Node):
     return rows(us, ue), rows(gs, ge), down_rows, F, (gate_part[0], p)
 
 
+def _dead_write_into(u: fx.Node, nodes: set) -> bool:
+    """`u` is an in-place op nothing reads, writing into (a view or tuple item of) a value in `nodes`."""
+    if u.users or u.op != "call_function" or not isinstance(u.target, torch._ops.OpOverload) \
+            or not u.target._schema.is_mutable or not u.args or not isinstance(u.args[0], fx.Node):
+        return False
+    base = u.args[0]
+    while base not in nodes and base.op == "call_function" and (gu.is_getitem(base) or base.target in gu.VIEWS):
+        base = base.args[0]
+    return base in nodes
+
+
 def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
     """The dispatch of `block`'s MoE FFN; raises `_Miss` with the reason when it cannot be expressed."""
     from routefx.ir.ffn import identify_activation
@@ -208,8 +219,11 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
                 continue
             raise _Miss(f"the expert dispatch reads {a.name} ({a.target}), which is not the routes, the gates or "
                         "the block's input")
-        if n is not combine and any(u not in replaced for u in n.users):
-            u = next(u for u in n.users if u not in replaced)
+        # readers outside the dispatch, other than dead in-place writes (transformers 5.17 clamps the sorted
+        # expert ids in place after its grouped GEMMs and never reads them again)
+        escaping = [u for u in n.users if u not in replaced and not _dead_write_into(u, replaced)]
+        if n is not combine and escaping:
+            u = escaping[0]
             raise _Miss(f"{u.name} reads {n.name}, an intermediate value of the expert dispatch")
     if gu.root_views(up.args[0]) not in replaced and gu.root_views(up.args[0]) is not x_root:
         raise _Miss("the experts do not read the router's input")
