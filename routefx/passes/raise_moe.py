@@ -24,7 +24,7 @@ captured as, added after the combine: choosing it as an extra range would save n
 it) and its sigmoid gate lives outside the routed experts' gate tensor.
 
 Weights: the experts' stacked grouped-GEMM weights ([E, d, 2F] fused gate-up and [E, F, d] down as the grouped
-GEMM reads them) are copied once, at compile time, into per-neuron [E*F, d] buffers (gate, up, down), expert e
+GEMM reads them) are copied once, at compile time, into [E*F, d] gate and up and a [d, E*F] down buffer, expert e
 being the neuron range [e*F, (e+1)*F). A copy is unavoidable for the fused layout: each expert's gate and up
 halves interleave in the stored tensor. The user's model is never modified.
 """
@@ -66,7 +66,7 @@ class MoEMatch:
     activation: str
     w_up: torch.Tensor   # [E*F, d]
     w_gate: torch.Tensor | None  # [E*F, d], None for plain (non-gated) experts
-    w_down: torch.Tensor  # [E*F, d] (the op reads its transpose [d, E*F])
+    w_down: torch.Tensor  # [d, E*F]
 
 
 def _shape(n: fx.Node) -> list[str] | None:
@@ -132,7 +132,7 @@ def _halves(up: fx.Node, out_width: int) -> dict[fx.Node, tuple[int, int]]:
 
 
 def _weights(gm, up: fx.Node, down: fx.Node):
-    """(w_up, w_gate, w_down) as [E*F, d] tensors (copies), F, and the (src, dst) nodes of the activation."""
+    """(w_up, w_gate [E*F, d], w_down [d, E*F]) as contiguous copies, F, and the (src, dst) nodes of the activation."""
     w_in = _stacked(gm, up.args[1])      # [E, d, F2]
     w_out = _stacked(gm, down.args[1])   # [E, F, d]
     E, d, F2 = w_in.shape
@@ -140,7 +140,7 @@ def _weights(gm, up: fx.Node, down: fx.Node):
     if w_out.shape != (E, F, d):
         raise _Miss(f"expert weights of shapes {list(w_in.shape)} and {list(w_out.shape)} do not chain")
     rows = lambda a, b: w_in[:, :, a:b].transpose(1, 2).reshape(E * (b - a), d).contiguous()  # noqa: E731
-    down_rows = w_out.reshape(E * F, d).contiguous()
+    down_rows = w_out.permute(2, 0, 1).reshape(d, E * F).contiguous()  # [d, E*F], row-major (Triton's layout)
     e = gu.root_views(down.args[0])
     if F2 == F:
         return rows(0, F), None, down_rows, F, (_past_masking(up), e)
@@ -261,8 +261,7 @@ class RaiseMoE(Pass):
                 w = {}
                 for name, t in (("up", m.w_up), ("gate", m.w_gate), ("down", m.w_down)):
                     if t is not None:
-                        w[name] = weight_node(g, WeightRef(add_tensor_attr(gm, f"routefx_{key}_experts_{name}", t),
-                                                           transposed=name == "down"))
+                        w[name] = weight_node(g, WeightRef(add_tensor_attr(gm, f"routefx_{key}_experts_{name}", t)))
                 op = g.call_function(gu.ROUTED_FFN, (
                     m.x, routes, m.gates, w["up"], w.get("gate"), w["down"], None, None, None,
                     [v for e in range(m.experts) for v in (e * m.width, (e + 1) * m.width)], m.activation))
