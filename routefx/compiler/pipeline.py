@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 
 from routefx.calibrate.budget import FitBudget
-from routefx.compiler.policies import Dense, Duo, Policy, PruneLayers
+from routefx.calibrate.moe_budget import FitMoEBudget
+from routefx.compiler.policies import Dense, Duo, MoEBudget, Policy, PruneLayers
 from routefx.errors import PolicyError
+from routefx.passes.adapt_experts import AdaptExperts
 from routefx.passes.append_small_branch import AppendSmallBranch
 from routefx.passes.base import Pass
 from routefx.passes.insert_routers import InsertRouters
@@ -27,7 +29,7 @@ __all__ = ["Pipeline", "build_pipeline"]
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
     passes: list[Pass]
-    tune: list[FitBudget] = dataclasses.field(default_factory=list)
+    tune: list = dataclasses.field(default_factory=list)
 
 
 def build_pipeline(policy: Policy) -> Pipeline:
@@ -39,4 +41,6 @@ def build_pipeline(policy: Policy) -> Pipeline:
         return Pipeline(raise_ + [PruneBlocks()])
     if isinstance(policy, Duo):
         return Pipeline(raise_ + [PermuteNeurons(), AppendSmallBranch(), InsertRouters()], [FitBudget()])
+    if isinstance(policy, MoEBudget):
+        return Pipeline(raise_ + [AdaptExperts(policy.rule)], [FitMoEBudget()])
     raise PolicyError(f"no pipeline for policy {type(policy).__name__}")
