@@ -73,15 +73,15 @@ def test_dense_models_are_untouched():
 
 
 def test_dispatch_read_elsewhere_is_left_as_captured_with_the_reason():
-    """Must not fire: a value inside the dispatch (the experts' first grouped GEMM) also feeds the block output,
-    so replacing the dispatch would drop it; block 0 stays captured with the reason, the others are rewritten."""
+    """Must not fire: a value inside the dispatch (the experts' group offsets) also feeds the model output, so
+    replacing the dispatch would drop it; block 0 stays captured with the reason, the others are rewritten."""
     _, gm, args, kwargs = _captured("mixtral")
     g = gm.graph
     up = next(n for n in g.nodes if gu.is_grouped_mm(n))
     out = next(n for n in g.nodes if n.op == "output")
     logits = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
     with g.inserting_before(out):
-        extra = g.call_function(aten.mean.default, (up,))
+        extra = g.call_function(aten.mul.Tensor, (g.call_function(aten.sum.default, (up.args[2],)), 0))
         new = g.call_function(aten.add.Tensor, (logits, extra))
     logits.replace_all_uses_with(new)
     new.update_arg(0, logits)
