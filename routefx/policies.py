@@ -1,4 +1,5 @@
 """Public policy namespace: `routefx.policies.Dense()`, ..."""
-from routefx.compiler.policies import ROUTERS, Dense, Duo, Policy, PruneLayers, policy_from_dict, policy_from_json
+from routefx.compiler.policies import (ROUTERS, Dense, Duo, MoEBudget, Policy, PruneLayers, policy_from_dict,
+                                      policy_from_json)
 
-__all__ = ["Policy", "Dense", "PruneLayers", "Duo", "ROUTERS", "policy_from_dict", "policy_from_json"]
+__all__ = ["Policy", "Dense", "PruneLayers", "Duo", "MoEBudget", "ROUTERS", "policy_from_dict", "policy_from_json"]

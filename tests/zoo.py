@@ -163,6 +163,12 @@ def _olmoe():
                           num_experts_per_tok=2, **_COMMON)
 
 
+def _qwen3moe():  # renormalised top-k, no shared expert, q/k norms
+    return hf.Qwen3MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=20, num_experts=7,
+                             num_experts_per_tok=3, norm_topk_prob=True, num_key_value_heads=2, head_dim=8,
+                             **_COMMON)
+
+
 # ---- plain nn.Module transformers; names say nothing -------------------------------------------------------
 
 class _RMS(nn.Module):
@@ -301,6 +307,9 @@ ZOO: dict[str, Entry] = {e.name: e for e in [
           _gated(3, 48, 88, form="branch_output_norm", patterns=("sliding", "sliding", "causal")), 101, core=False),
     Entry("olmoe", _hf(hf.OlmoeForCausalLM, _olmoe()),
           Expect(3, "pre_norm", ("moe",) * 3, "silu", 32, (40,) * 3, False, num_experts=6, top_k=2), 101,
+          core=False),
+    Entry("qwen3moe", _hf(hf.Qwen3MoeForCausalLM, _qwen3moe()),
+          Expect(3, "pre_norm", ("moe",) * 3, "silu", 32, (20,) * 3, False, num_experts=7, top_k=3), 101,
           core=False),
     Entry("plain_parallel", _plain(form="parallel"), _gated(3, 36, 76, form="parallel"), 89),
     Entry("plain_sandwich", _plain(form="sandwich", ffn=_Mlp), _mlp(3, 36, 76, "relu", form="sandwich"), 89),

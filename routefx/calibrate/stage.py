@@ -13,7 +13,7 @@ from torch import fx
 from routefx.calibrate.duo import calibrate_duo
 from routefx.calibrate.influence import block_influence
 from routefx.compiler.plan import Plan
-from routefx.compiler.policies import Dense, Duo, Policy, PruneLayers
+from routefx.compiler.policies import Dense, Duo, MoEBudget, Policy, PruneLayers
 from routefx.errors import PolicyError
 from routefx.ir.model_ir import ModelIR
 
@@ -39,8 +39,8 @@ def _prune(policy: PruneLayers, gm: fx.GraphModule, ir: ModelIR, batches: list[d
 
 def calibrate(policy: Policy, gm: fx.GraphModule, ir: ModelIR, batches: list[dict] | None) -> Plan:
     plan = Plan(policy=policy.to_dict(), block_paths=[b.path for b in ir.blocks])
-    if isinstance(policy, Dense):
-        pass
+    if isinstance(policy, (Dense, MoEBudget)):
+        pass  # MoEBudget's one decision, the price λ, is fitted on the rewritten graph (calibrate/moe_budget.py)
     elif isinstance(policy, PruneLayers):
         _prune(policy, gm, ir, batches, plan)
     elif isinstance(policy, Duo):

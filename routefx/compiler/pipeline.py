@@ -11,15 +11,18 @@ from __future__ import annotations
 import dataclasses
 
 from routefx.calibrate.budget import FitBudget
+from routefx.calibrate.moe_budget import FitMoEBudget
 from routefx.calibrate.trained_routers import TRAINED_ROUTERS, TrainRouters
-from routefx.compiler.policies import Dense, Duo, Policy, PruneLayers
+from routefx.compiler.policies import Dense, Duo, MoEBudget, Policy, PruneLayers
 from routefx.errors import PolicyError
+from routefx.passes.adapt_experts import AdaptExperts
 from routefx.passes.append_small_branch import AppendSmallBranch
 from routefx.passes.base import Pass
 from routefx.passes.insert_routers import InsertRouters
 from routefx.passes.permute_neurons import PermuteNeurons
 from routefx.passes.prune_blocks import PruneBlocks
 from routefx.passes.raise_ffn import RaiseFFN
+from routefx.passes.raise_moe import RaiseMoE
 
 __all__ = ["Pipeline", "build_pipeline"]
 
@@ -31,11 +34,15 @@ class Pipeline:
 
 
 def build_pipeline(policy: Policy) -> Pipeline:
+    # every policy: MoE blocks' expert dispatch -> routed_ffn (RaiseMoE), then dense FFNs -> routed_ffn (RaiseFFN)
+    raise_ = [RaiseMoE(), RaiseFFN()]
     if isinstance(policy, Dense):
-        return Pipeline([RaiseFFN()])
+        return Pipeline(raise_)
     if isinstance(policy, PruneLayers):
-        return Pipeline([RaiseFFN(), PruneBlocks()])
+        return Pipeline(raise_ + [PruneBlocks()])
     if isinstance(policy, Duo):
         train = [TrainRouters()] if policy.router in TRAINED_ROUTERS else []
-        return Pipeline([RaiseFFN(), PermuteNeurons(), AppendSmallBranch(), InsertRouters()], train + [FitBudget()])
+        return Pipeline(raise_ + [PermuteNeurons(), AppendSmallBranch(), InsertRouters()], train + [FitBudget()])
+    if isinstance(policy, MoEBudget):
+        return Pipeline(raise_ + [AdaptExperts(policy.rule)], [FitMoEBudget()])
     raise PolicyError(f"no pipeline for policy {type(policy).__name__}")

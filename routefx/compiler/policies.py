@@ -4,6 +4,7 @@
     PruneLayers(layers=[i]) remove whole blocks (indices into ModelIR.blocks)
     PruneLayers(keep=0.75)  with calibration: remove the floor((1-keep)·L + 0.5) blocks of lowest Block Influence
     Duo(budget=0.5, ...)    each FFN gets a small and a big branch; per token: skip, small or big, under a budget
+    MoEBudget(budget=0.5)   MoE blocks: per token, the fewest of the top-k experts the rule keeps, under a budget
 
 JSON form: {"policy": "<ClassName>", "version": 1, <fields>}; unknown fields or policies raise `PolicyError`.
 """
@@ -15,7 +16,7 @@ from typing import Any, ClassVar
 
 from routefx.errors import PolicyError
 
-__all__ = ["Policy", "Dense", "PruneLayers", "Duo", "ROUTERS", "policy_from_dict", "policy_from_json"]
+__all__ = ["Policy", "Dense", "PruneLayers", "Duo", "MoEBudget", "ROUTERS", "policy_from_dict", "policy_from_json"]
 
 _REGISTRY: dict[str, type["Policy"]] = {}
 
@@ -149,6 +150,35 @@ class Duo(Policy):
             raise PolicyError(f"Duo: small must be 'nested' or 'separate', got {self.small!r}")
         if not isinstance(self.seed, int):
             raise PolicyError(f"Duo: seed must be an int, got {self.seed!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+
+MOE_RULES = ("top_p", "threshold")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEBudget(Policy):
+    """Adaptive expert counts in MoE blocks: per token, keep the fewest of its top-k experts whose normalised gate
+    mass reaches p (rule "top_p"), or those whose normalised gate is at least τ (rule "threshold"); the largest
+    gate is always kept and the kept gates are rescaled to the captured gates' sum. p = 1 - λ or τ = λ, with one
+    global λ fitted so that the budget is met within ±0.02 on the calibration data.
+
+    budget: mean fraction of the top-k experts computed, over MoE layers and real tokens (1 = the captured model,
+        1/k = top-1 everywhere, the least the rule can reach). Shared experts and dense layers are not counted.
+    """
+
+    budget: float = 0.5
+    rule: str = "top_p"
+
+    def __post_init__(self):
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
+            raise PolicyError(f"MoEBudget: budget must be a fraction of the top-k experts in (0, 1], got "
+                              f"{self.budget!r}")
+        if self.rule not in MOE_RULES:
+            raise PolicyError(f"MoEBudget: unknown rule {self.rule!r}; supported: {', '.join(MOE_RULES)}")
 
     @property
     def needs_calibration(self) -> bool:

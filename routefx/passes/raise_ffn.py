@@ -44,8 +44,8 @@ class RaiseFFN(Pass):
                 res.misses.append(Miss(where, "block has no FFN"))
                 continue
             if f.kind == "moe":
-                res.misses.append(Miss(where, "MoE FFN left as it is (routefx compiles MoE blocks in a later "
-                                              "release)"))
+                res.misses.append(Miss(where, "MoE FFN left as it is by raise_ffn (raise_moe "
+                                              "dispatches MoE experts; see its report)"))
                 continue
             if f.kind == "unknown":
                 res.misses.append(Miss(where, f"FFN not recognised: {f.reason}"))

@@ -38,8 +38,8 @@ class _Dangling(Pass):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (_Corrupt, r"pass 'corrupt_graph', after raise_ffn failed: .*"),
-    (_Dangling, r"pass 'dangling_use', after raise_ffn failed: .*"),
+    (_Corrupt, r"pass 'corrupt_graph', after raise_moe, raise_ffn failed: .*"),
+    (_Dangling, r"pass 'dangling_use', after raise_moe, raise_ffn failed: .*"),
 ])
 def test_a_corrupting_pass_is_named(monkeypatch, bad, match):
     original = pipeline.build_pipeline

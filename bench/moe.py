@@ -1,0 +1,145 @@
+"""MoE CPU benchmark: a Mixtral-shaped model compiled with Dense (MoE blocks as routed_ffn) against Hugging Face
+eager, and the dense-equivalent Llama (FFN width = top_k x expert width: the same active FFN FLOPs per token) on the
+same backends, all in one process with interleaved, shuffled timing rounds (routefx.timing.median_seconds).
+
+Model (issue 15): MixtralForCausalLM, 4 layers, hidden 1024, 8 experts of width 1408, top-2, 16 query / 4 key-value
+heads, vocab 32000, random weights (torch.manual_seed(0)), fp32; dense equivalent: LlamaForCausalLM of the same
+shape with FFN 2816. Input: batch 1 x 512 random tokens, attention mask all ones. Threads: 2 (torch and ONNX
+Runtime's intra-op pool).
+
+Reported, per backend B in (eager, onnx, inductor):
+  speedup vs HF   t(HF MoE eager) / t(routefx MoE on B)           target >= 1.25 for the fastest B
+  MoE / dense     t(routefx dense-equivalent on B) / t(routefx MoE on B): the fraction of the FLOP-ideal (equal
+                  active FLOPs) the MoE reaches on B                target >= 0.95
+  max |logits - HF| of every routefx candidate against its Hugging Face model
+
+    python bench/moe.py                     # the issue's shape, 2 warm-up + 7 timed rounds -> bench/results/moe.json
+    python bench/moe.py --smoke             # a 2-layer hidden-256 model, 128 tokens, 1 + 2 rounds (checks the script)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="routefx_bench_moe_"))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import routefx  # noqa: E402
+from routefx.timing import median_seconds  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu import loadavg, machine, rss_gib  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BACKENDS = ("eager", "onnx", "inductor")
+
+
+def build(kind: str, a) -> torch.nn.Module:
+    common = dict(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                  num_key_value_heads=a.kv_heads, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+    if kind == "moe":
+        cfg = transformers.MixtralConfig(intermediate_size=a.expert_width, num_local_experts=a.experts,
+                                         num_experts_per_tok=a.top_k, sliding_window=None, **common)
+        cls = transformers.MixtralForCausalLM
+    else:
+        cfg = transformers.LlamaConfig(intermediate_size=a.top_k * a.expert_width, **common)
+        cls = transformers.LlamaForCausalLM
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return cls(cfg).to(torch.float32).eval()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--expert-width", type=int, default=1408)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--out", default=os.path.join(HERE, "results", "moe.json"))
+    p.add_argument("--smoke", action="store_true")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.layers, a.hidden, a.expert_width, a.heads, a.kv_heads, a.vocab, a.seq = 2, 256, 352, 4, 2, 1000, 128
+        a.warmup, a.reps, a.out = 1, 2, "/tmp/routefx_bench_moe_smoke.json"
+    return a
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    backends = [b for b in a.backends.split(",") if b]
+    g = torch.Generator().manual_seed(0)
+    x = {"input_ids": torch.randint(3, a.vocab, (1, a.seq), generator=g),
+         "attention_mask": torch.ones(1, a.seq, dtype=torch.long)}
+    res = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "machine": machine(),
+           "shape": {k: getattr(a, k) for k in ("layers", "hidden", "experts", "expert_width", "top_k", "heads",
+                                                 "kv_heads", "vocab", "seq", "threads")},
+           "load_before": loadavg(), "compile_s": {}, "max_abs_vs_hf": {}, "notes": []}
+    fns, refs = {}, {}
+    for kind in ("moe", "dense"):
+        model = build(kind, a)
+        with torch.no_grad():
+            refs[kind] = model(**x).logits
+        fns[f"hf_{kind}_eager"] = (lambda m: lambda: m(**x))(model)
+        for b in backends:
+            name = f"routefx_{kind}_{b}"
+            t = time.perf_counter()
+            try:
+                cm = routefx.compile(model, routefx.policies.Dense(), example_inputs=(), example_kwargs=x, backend=b)
+                out = cm(**x).logits
+            except Exception as e:  # noqa: BLE001 - a backend that fails is reported, the others still run
+                res["notes"].append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                continue
+            res["compile_s"][name] = round(time.perf_counter() - t, 2)
+            res["max_abs_vs_hf"][name] = float((out - refs[kind]).abs().max())
+            if b == "onnx" and getattr(cm.runner, "onnx_model", None) is not None:
+                cm.runner.onnx_model = None  # only runner.save() needs the serialized bytes
+            if kind == "moe":
+                rm = next(p for p in cm.report.passes if p.name == "raise_moe")
+                res.setdefault("raise_moe", {"rewrites": rm.rewrites, "misses": rm.misses})
+            fns[name] = (lambda c: lambda: c(**x))(cm)
+            gc.collect()
+            print(f"compiled {name} in {res['compile_s'][name]} s, max |diff| vs HF "
+                  f"{res['max_abs_vs_hf'][name]:.2e}, rss {rss_gib():.1f} GiB", flush=True)
+    lat = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0)
+    res["latency_ms"] = {k: round(v * 1e3, 2) for k, v in lat.items()}
+    res["load_after"] = loadavg()
+    hf = lat["hf_moe_eager"]
+    res["speedup_vs_hf_eager"] = {b: round(hf / lat[f"routefx_moe_{b}"], 3) for b in backends
+                                  if f"routefx_moe_{b}" in lat}
+    res["moe_over_dense"] = {b: round(lat[f"routefx_dense_{b}"] / lat[f"routefx_moe_{b}"], 3) for b in backends
+                             if f"routefx_moe_{b}" in lat and f"routefx_dense_{b}" in lat}
+    res["moe_over_dense"]["hf_eager"] = round(lat["hf_dense_eager"] / hf, 3)
+    if res["speedup_vs_hf_eager"]:
+        best = max(res["speedup_vs_hf_eager"], key=res["speedup_vs_hf_eager"].get)
+        res["fastest"] = {"backend": best, "speedup_vs_hf_eager": res["speedup_vs_hf_eager"][best],
+                          "moe_over_dense": res["moe_over_dense"].get(best),
+                          "targets_met": {"speedup>=1.25": res["speedup_vs_hf_eager"][best] >= 1.25,
+                                          "moe/dense>=0.95": (res["moe_over_dense"].get(best) or 0) >= 0.95}}
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(json.dumps({k: res[k] for k in ("latency_ms", "speedup_vs_hf_eager", "moe_over_dense", "max_abs_vs_hf",
+                                           "notes")}, indent=1))
+    print(f"cpu: {res['machine']['cpu']}  load {res['load_before']} -> {res['load_after']}  wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
