@@ -242,7 +242,8 @@ def _softcap(t: fx.Node) -> float | None:
     return c if post and math.isclose(float(post[0]), c, rel_tol=1e-6) else None
 
 
-def _eager(gm: fx.GraphModule, softmax: fx.Node, dyn: set, positions: int) -> MaskInfo:
+def _eager_path(softmax: fx.Node, dyn: set) -> tuple[fx.Node, float | None] | MaskInfo:
+    """(the scores Q·Kᵀ, the soft-cap) of an eager attention's softmax, or why its scores cannot be read."""
     qk = _scores(softmax, dyn)
     if qk is None:
         return _custom("the softmax does not read a product of two activations (Q·Kᵀ) through element-wise ops")
@@ -260,10 +261,31 @@ def _eager(gm: fx.GraphModule, softmax: fx.Node, dyn: set, positions: int) -> Ma
                            "multiplicative mask is not read")
         elif not (t in _ADDITIVE or t in _SCALAR_ONLY or t in _SELECT or t in _SHAPE):
             return _custom(f"the scores go through {t} ({n.name}) on their way to the softmax")
-    values, why = _evaluate(gm, [softmax.args[0]], positions, zeros=(qk,))
-    if softmax.args[0] not in values:
-        return _custom(why or "the probe gave no value", softcap=softcap)
-    return dataclasses.replace(_read(values[softmax.args[0]], positions), softcap=softcap)
+    return qk, softcap
+
+
+def _eager(gm: fx.GraphModule, softmaxes: list[fx.Node], positions: int) -> dict[fx.Node, MaskInfo]:
+    """MaskInfo per eager softmax that depends on the inputs: all of them evaluated in one probe with the scores
+    as zeros (one probe per softmax where the joint one fails)."""
+    dyn = gu.dynamic_nodes(gm.graph)
+    out, paths = {}, {}
+    for sm in softmaxes:
+        if sm not in dyn:
+            continue                                                    # a softmax of constants: no attention
+        p = _eager_path(sm, dyn)
+        if isinstance(p, MaskInfo):
+            out[sm] = p
+        else:
+            paths[sm] = p
+    inputs = [sm.args[0] for sm in paths]
+    values, why = _evaluate(gm, inputs, positions, zeros=tuple(qk for qk, _ in paths.values()))
+    for sm, (qk, softcap) in paths.items():
+        if sm.args[0] not in values:
+            values, why = _evaluate(gm, [sm.args[0]], positions, zeros=(qk,))
+        v = values.get(sm.args[0])
+        out[sm] = dataclasses.replace(_custom(why or "the probe gave no value") if v is None else _read(v, positions),
+                                      softcap=softcap)
+    return out
 
 
 # ---- all attention sites -----------------------------------------------------------------------------------------
@@ -279,16 +301,8 @@ def attention_masks(gm: fx.GraphModule, positions: int = PROBE_POSITIONS) -> dic
     softmax node)."""
     result: dict[fx.Node, MaskInfo] = {}
     masked = {}
-    dyn = None
     for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        if n.target in SOFTMAX:
-            dyn = gu.dynamic_nodes(gm.graph) if dyn is None else dyn
-            if n in dyn:
-                result[n] = _eager(gm, n, dyn, positions)
-            continue
-        if n.target not in gu.ATTENTION:
+        if n.op != "call_function" or n.target not in gu.ATTENTION:
             continue
         mask, causal = _sdpa_mask_and_flag(n)
         if causal:
@@ -302,6 +316,9 @@ def attention_masks(gm: fx.GraphModule, positions: int = PROBE_POSITIONS) -> dic
         for n, m in masked.items():
             v = values.get(m)
             result[n] = _custom(why or "the probe gave no value") if v is None else _read(v, positions)
+    softmaxes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SOFTMAX]
+    if softmaxes:
+        result.update(_eager(gm, softmaxes, positions))
     return result
 
 
