@@ -11,17 +11,24 @@ from torch import nn
 
 import routefx
 from routefx.ir import recognize
-from tests.zoo import ZOO, _llama, example_inputs
+from tests.zoo import ZOO, _gemma2, _llama, example_inputs
 
 
 def _attention(ir):
     return [a for b in ir.blocks for a in b.attention]
 
 
-def test_gemma2_alternating_sliding_window_and_softcap(zoo_capture):
-    model, gm = zoo_capture("gemma2")
+def _eager_hf(cls, cfg):
+    """An HF model with eager attention (some releases give Gemma-2 an SDPA path, which drops the soft-cap)."""
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+def test_gemma2_alternating_sliding_window_and_softcap():
+    model = _eager_hf(hf.Gemma2ForCausalLM, _gemma2())
     cfg = model.config
-    got = _attention(recognize(gm))
+    got = _attention(routefx.inspect(model, *example_inputs(ZOO["gemma2"], left_pad=2)))
     assert len(got) == cfg.num_hidden_layers
     sliding = [t == "sliding_attention" for t in cfg.layer_types]
     assert any(sliding) and not all(sliding)                           # the config alternates
@@ -42,10 +49,7 @@ def test_bloom_alibi_slopes(zoo_capture):
 
 
 def test_llama_eager_attention_is_plain_causal():
-    cfg = _llama()
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = hf.LlamaForCausalLM(cfg).eval()
+    model = _eager_hf(hf.LlamaForCausalLM, _llama())
     args, kwargs = example_inputs(ZOO["llama"], left_pad=2)
     for a in _attention(routefx.inspect(model, args, kwargs)):
         assert (a.op, a.pattern, a.causal, a.window, a.bias, a.slopes, a.softcap, a.reason) == \
