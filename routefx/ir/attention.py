@@ -205,6 +205,8 @@ def _read(v: torch.Tensor, positions: int) -> MaskInfo:
     if slopes is None:
         return dataclasses.replace(info, bias="additive", reason="an additive score bias that is not linear in "
                                    "the query-key distance (not ALiBi)")
+    if all(abs(x) <= 1e-12 for x in slopes):
+        return info                             # a constant per query row: the softmax does not see it
     if len(set(slopes)) == 1:
         slopes = slopes[:1]
     return dataclasses.replace(info, bias="alibi", slopes=slopes)

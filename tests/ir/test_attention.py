@@ -66,6 +66,7 @@ class Spec:
     softcap: float | None = None
     bad_tanh: bool = False          # tanh(x)·c: not the c·tanh(x/c) form
     quadratic_bias: bool = False    # a bias -0.1·(j − i)²: not ALiBi
+    row_bias: bool = False          # a bias 0.7·i, constant along each query row: the softmax never sees it
 
 
 class _EagerAttn(nn.Module):
@@ -90,6 +91,8 @@ class _EagerAttn(nn.Module):
             s = s + self.slopes[:, None, None] * rel
         if sp.quadratic_bias:
             s = s - 0.1 * rel.float() ** 2
+        if sp.row_bias:
+            s = s + 0.7 * pos[:, None]
         if sp.mask == "multiplicative":
             s = s * (rel <= 0)
         elif sp.mask == "causal":
@@ -147,7 +150,8 @@ def _read(spec: Spec, device="cpu"):
      dict(pattern="causal", causal=True, window=None, bias="alibi", slopes=(0.5, 0.125, 0.03125, 0.0078125))),
     (Spec(window=3, slopes=(0.3,) * 4, softcap=20.0),
      dict(pattern="sliding", causal=True, window=3, bias="alibi", slopes=(0.3,), softcap=20.0)),
-], ids=["causal", "bidirectional", "sliding5", "softcap", "alibi", "all"])
+    (Spec(row_bias=True), dict(pattern="causal", causal=True, window=None, bias=None, slopes=None)),
+], ids=["causal", "bidirectional", "sliding5", "softcap", "alibi", "all", "row-constant"])
 def test_eager_attention_properties_match_the_module(spec, want):
     a = _read(spec)
     for field, value in want.items():
