@@ -57,6 +57,7 @@ def _costs(n: fx.Node) -> torch.Tensor:
 
 def route_stats(gm: fx.GraphModule, ir: ModelIR, batches: list[dict]) -> RouteStats:
     ops = _routed_ops(gm, ir)
+    # host-side counters: route ids are copied to CPU (one read per batch), whatever the model's device
     counts = {key: torch.zeros(len(n.args[9]) // 2, dtype=torch.float64) for key, n in ops}
     tokens = 0
     for batch in batches:

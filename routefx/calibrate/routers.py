@@ -3,6 +3,8 @@
 A trainer is a class with `name`, `needs_labels` and `fit(x, labels, generator) -> (weight [R, d], bias [R])`;
 `ROUTER_TRAINERS` maps names to them, so new routers (oracle-labelled, loss-trained) slot in by registering.
 Shapes: N = calibration tokens (real ones only), d = hidden, R = routes (3: skip, small, big).
+Fits run on CPU in fp64 whatever the model's device (`x` arrives on CPU; the plan holds CPU tensors and the
+router pass moves them to the weights' device and dtype).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from routefx.compiler.plan_io import check_fingerprint, fingerprint
 from routefx.compiler.policies import Policy, policy_from_dict
 from routefx.compiler.report import CompileReport
 from routefx.compiler.validate import check_inputs
-from routefx.errors import CalibrationError, InputError, PlanMismatchError, PolicyError
+from routefx.errors import BackendError, CalibrationError, InputError, PlanMismatchError, PolicyError
 from routefx.ir.capture import capture, normalize_inputs
 from routefx.ir.flops import FlopCount, count_flops, dynamic_routed, realised_flops
 from routefx.ir.model_ir import ModelIR
@@ -84,6 +84,10 @@ def _flops_summary(before: FlopCount, after: FlopCount, seq: int, realised: dict
             "dynamic_routes": after.dynamic_routes, "blocks_before": b["blocks"], "blocks_after": a["blocks"]}
 
 
+def _without_values(model: nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
 class CompiledModel:
     """A model compiled by routefx. Call it like the original model."""
 
@@ -102,6 +106,14 @@ class CompiledModel:
         if calibration is not None:
             batches = normalize_calibration(calibration)
             self._calibration = complete_batches([_canonical(model, (), b) for b in batches])
+        if _without_values(model) and backend != "eager":
+            raise BackendError(f"the model's parameters are on the meta device (shapes without values): only the "
+                               f"eager backend runs such a model (it computes output shapes), not {backend!r}")
+        if policy.needs_calibration and self._plan is None and _without_values(model):
+            raise CalibrationError(f"{policy!r} calibrates on the model's weights, but its parameters are on the "
+                                   "meta device (shapes without values); calibration needs real weights: load "
+                                   "them first, or compile with a policy that needs none (Dense(), "
+                                   "PruneLayers(layers=[...])) or with a plan made on the real model")
         if policy.needs_calibration and self._calibration is None and self._plan is None:
             raise CalibrationError(f"{policy!r} needs calibration data: pass calibration=[batch, ...] (dicts of "
                                    "the model's keyword arguments, or input_ids tensors)")

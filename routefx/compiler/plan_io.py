@@ -32,13 +32,17 @@ FORMAT, VERSION = "routefx-plan", 1
 TENSOR_FIELDS = ("perm", "weight", "bias", "small_up", "small_gate", "small_down", "small_b_up", "small_b_gate")
 
 
-def _digest(t: torch.Tensor) -> str:
+def _digest(t: torch.Tensor) -> str | None:
+    """sha256 of the tensor's bytes (first 32 hex digits); None for a tensor without values (`meta` device)."""
+    if t.device.type == "meta":
+        return None
     t = t.detach().contiguous().cpu()
     return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()[:32]
 
 
 def fingerprint(model: nn.Module) -> dict:
-    """Parameter names, shapes, dtypes and a hash of each parameter's bytes."""
+    """Parameter names, shapes, dtypes and a hash of each parameter's bytes (None on the `meta` device: a plan
+    made there needs no calibration, so it depends on the shapes alone)."""
     return {"params": {name: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
                               "sha256": _digest(p)}
                        for name, p in model.named_parameters()}}
@@ -53,6 +57,8 @@ def check_fingerprint(expected: dict, model: nn.Module) -> None:
             raise PlanMismatchError(f"this plan was made for another model: parameter {name!r} is not in the plan")
         spec = want[name]
         for field in ("shape", "dtype", "sha256"):
+            if field == "sha256" and None in (h[field], spec[field]):
+                continue  # no values on one side (a `meta` model): the plan cannot depend on them
             if h[field] != spec[field]:
                 what = "weights differ" if field == "sha256" else f"{field} {h[field]} != plan's {spec[field]}"
                 raise PlanMismatchError(f"this plan was made for another model: parameter {name!r}: {what}")

@@ -112,7 +112,7 @@ def identify_activation(src: fx.Node, dst: fx.Node) -> str:
         env[n] = g.node_copy(n, lambda a: env[a])
     g.output(env[dst])
     fn = fx.GraphModule(torch.nn.Module(), g)
-    probe = torch.linspace(-6.0, 6.0, 241)
+    probe = torch.linspace(-6.0, 6.0, 241)   # CPU on purpose: the ops alone, no model tensor, values read back
     try:
         with torch.no_grad():
             y = fn(probe)

@@ -195,7 +195,7 @@ def realised_flops(flops: FlopCount, observed) -> float:
         n_tok = int(mask.sum())
         per_token = flops.at(int(mask.shape[-1]))["total"]
         for n, r in routes.items():
-            per = torch.tensor(route_flops(n), dtype=torch.float64)
+            per = torch.tensor(route_flops(n), dtype=torch.float64)   # counted on the host: route ids come to CPU
             real = per[r.reshape(-1, r.shape[-1]).cpu()].sum(-1)[mask.reshape(-1).cpu()]   # [real tokens]
             per_token += real.sum().item() / max(n_tok, 1) - max(route_flops(n)) * r.shape[-1]
         total += per_token * n_tok

@@ -71,12 +71,22 @@ class AttentionInfo:
     op: str                         # the attention op's name (e.g. "scaled_dot_product_attention"), or "eager"
     causal: bool = False
     window: int | None = None       # sliding window (keys per query at most)
-    pattern: str = "bidirectional"  # "causal" | "bidirectional" | "sliding" | "custom" | "eager"
+    pattern: str = "bidirectional"  # "causal" | "bidirectional" | "sliding" | "custom"
+    bias: str | None = None         # an additive score bias: "alibi" (slope·(j − i) per head) | "additive"
+    slopes: tuple[float, ...] | None = None   # ALiBi slopes per head (one when shared)
+    softcap: float | None = None    # scores soft-capped as c·tanh(x / c)
+    reason: str | None = None       # what could not be read, and why (pattern "custom", bias "additive")
     node: fx.Node | None = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "op": self.op, "causal": self.causal, "window": self.window,
-                "pattern": self.pattern}
+                "pattern": self.pattern, "bias": self.bias, "slopes": None if self.slopes is None else
+                list(self.slopes), "softcap": self.softcap, "reason": self.reason}
+
+    def label(self) -> str:
+        """One line: pattern, window, bias and soft-cap ("sliding 4 softcap 50", "causal alibi")."""
+        return " ".join([self.pattern] + [str(x) for x in (self.window, self.bias) if x] +
+                        ([f"softcap {self.softcap:g}"] if self.softcap else []))
 
 
 @dataclasses.dataclass(eq=False)
@@ -135,7 +145,7 @@ class ModelIR:
             kind = f.kind if f else "-"
             if f and f.kind == "unknown":
                 kind = f"unknown ({f.reason})"
-            attn = ",".join(a.pattern + (f" {a.window}" if a.window else "") for a in b.attention) or "-"
+            attn = ",".join(a.label() for a in b.attention) or "-"
             if f and f.routed and f.routed != [[0, f.intermediate_size]]:
                 kind += " routed " + " ".join(f"[{s},{e})" for s, e in f.routed)
             rows.append((str(b.index), b.path or "?", b.form, attn, kind, (f.activation or "?") if f else "-",

@@ -26,7 +26,7 @@ from torch import fx
 
 from routefx.errors import UnsupportedModelError
 from routefx.ir import graph_utils as gu
-from routefx.ir.attention import attention_masks
+from routefx.ir.attention import attention_masks, attention_site
 from routefx.ir.ffn import analyse_ffn
 from routefx.ir.model_ir import AttentionInfo, BlockInfo, FFNInfo, ModelIR
 
@@ -341,9 +341,6 @@ def _norm_output(n: fx.Node, depth: int = 12) -> fx.Node:
 
 def _attention(region: set, masks) -> AttentionInfo:
     paths = gu.common_path([n for n in region if gu.is_matmul(n)])
-    for n in region:
-        if n.op == "call_function" and n.target in gu.ATTENTION:
-            m = masks[n]
-            return AttentionInfo(paths, n.target._opname if hasattr(n.target, "_opname") else str(n.target),
-                                 causal=m.causal, window=m.window, pattern=m.pattern, node=n)
-    return AttentionInfo(paths, "eager", pattern="eager")
+    op, m, node = attention_site(region, masks)
+    return AttentionInfo(paths, op, causal=m.causal, window=m.window, pattern=m.pattern, bias=m.bias,
+                         slopes=m.slopes, softcap=m.softcap, reason=m.reason, node=node)
