@@ -5,8 +5,10 @@ The artifact is a directory (format: `routefx/runtime/artifact.py`):
                            FLOPs per token and realised budget, ORT session settings, sha256 of every other file
     model.onnx             the compiled graph (standard ONNX ops), weights as external data in model.onnx.data
     model.opt.onnx         the same after ONNX Runtime's graph optimizations at a portable level (EXTENDED: CPU
-                           fusions into com.microsoft ops, no hardware-specific layout transforms), weights in
-                           model.opt.onnx.data; `load` opens it with optimizations off, skipping re-optimisation
+                           fusions into com.microsoft ops, no hardware-specific layout transforms); `load` opens it
+                           with optimizations off, skipping re-optimisation. Weights are stored once: its
+                           initializers that hold the same bytes as one of model.onnx's point into model.onnx.data;
+                           model.opt.onnx.data holds only the tensors ONNX Runtime created (folded constants)
     plan/                  the plan (`Plan.save`: plan.json + tensors.safetensors)
 
 Only models compiled with `backend="onnx"` export (the graph ONNX Runtime runs is the one exported); the input
@@ -14,15 +16,18 @@ form exported is the compiled model's most recent one (e.g. with or without `att
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import inspect as _inspect
 import json
+import mmap
 import os
 import shutil
 import tempfile
 
 import onnx
 import onnxruntime as ort
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 import torch
 
 from routefx.compiler.validate import input_spec
@@ -98,6 +103,72 @@ def _write_optimized(directory: str, routed: bool) -> None:
     ort.InferenceSession(os.path.join(directory, MODEL), sess_options=so, providers=["CPUExecutionProvider"])
     if not os.path.exists(os.path.join(directory, OPT_MODEL_DATA)):   # a model without initializers
         open(os.path.join(directory, OPT_MODEL_DATA), "wb").close()
+    _share_weights(directory)
+
+
+_ALIGN = 4096   # tensors start on page boundaries in the data files, so ONNX Runtime can map them
+
+
+def _share_weights(directory: str) -> None:
+    """Store every weight once: point the optimized model's external initializers whose bytes equal one of
+    model.onnx's at that tensor in model.onnx.data, and rewrite model.opt.onnx.data with the others only."""
+    plain = onnx.load(os.path.join(directory, MODEL), load_external_data=False)
+    opt_path, opt_data = os.path.join(directory, OPT_MODEL), os.path.join(directory, OPT_MODEL_DATA)
+    opt = onnx.load(opt_path, load_external_data=False)
+    known: dict[bytes, tuple[int, int]] = {}                    # sha256 of the bytes -> (offset, length) in MODEL_DATA
+    with _mapped(os.path.join(directory, MODEL_DATA)) as data:
+        for t in _external(plain):
+            start, stop = _span(t, len(data))
+            known.setdefault(hashlib.sha256(data[start:stop]).digest(), (start, stop - start))
+    with _mapped(opt_data) as old, open(opt_data + ".tmp", "wb") as new:
+        for t in _external(opt):
+            start, stop = _span(t, len(old))
+            raw = old[start:stop]
+            hit = known.get(hashlib.sha256(raw).digest())
+            if hit is not None:
+                _point(t, MODEL_DATA, *hit)
+                continue
+            new.write(b"\0" * (-new.tell() % _ALIGN))
+            offset = new.tell()
+            new.write(raw)
+            _point(t, OPT_MODEL_DATA, offset, len(raw))
+    os.replace(opt_data + ".tmp", opt_data)
+    with open(opt_path, "wb") as f:
+        f.write(opt.SerializeToString())
+
+
+def _span(t: onnx.TensorProto, size: int) -> tuple[int, int]:
+    info = ExternalDataInfo(t)
+    start = int(info.offset or 0)
+    return start, start + int(info.length) if info.length is not None else size
+
+
+def _point(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, str(value)
+
+
+def _external(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in model.graph.initializer if uses_external_data(t)]
+
+
+class _mapped:
+    """A read-only mmap of a file (an empty file maps to b"")."""
+
+    def __init__(self, path: str):
+        self._f = open(path, "rb")
+        size = os.fstat(self._f.fileno()).st_size
+        self._m = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def __enter__(self):
+        return self._m if self._m is not None else b""
+
+    def __exit__(self, *exc):
+        if self._m is not None:
+            self._m.close()
+        self._f.close()
 
 
 def _dtype(d: torch.dtype) -> str:
