@@ -87,6 +87,7 @@ def attention_masks(gm: fx.GraphModule, positions: int = PROBE_POSITIONS) -> dic
         else:
             masked[n] = mask
     if masked:
+        positions = _static_length(gm) or positions      # a graph specialised to one length runs only that one
         values = _evaluate(gm, list(dict.fromkeys(masked.values())), positions)
         for n, m in masked.items():
             v = values.get(m)
@@ -97,6 +98,15 @@ def attention_masks(gm: fx.GraphModule, positions: int = PROBE_POSITIONS) -> dic
             allowed = allowed.reshape(-1, positions, positions)[0]
             result[n] = _classify(allowed)
     return result
+
+
+def _static_length(gm: fx.GraphModule) -> int | None:
+    """The sequence length of the first input with a sequence dim, where the graph fixes it (else None)."""
+    for n in gm.graph.nodes:
+        v = gu.val(n) if n.op == "placeholder" else None
+        if v is not None and v.dim() >= 2:
+            return int(v.shape[1]) if isinstance(v.shape[1], int) else None
+    return None
 
 
 def _on_cpu(a):
