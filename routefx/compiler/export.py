@@ -11,8 +11,10 @@ The artifact is a directory (format: `routefx/runtime/artifact.py`):
                            model.opt.onnx.data holds only the tensors ONNX Runtime created (folded constants)
     plan/                  the plan (`Plan.save`: plan.json + tensors.safetensors)
 
-Only models compiled with `backend="onnx"` export (the graph ONNX Runtime runs is the one exported); the input
-form exported is the compiled model's most recent one (e.g. with or without `attention_mask`).
+Models compiled with `backend="onnx"` export as above (the graph ONNX Runtime runs is the one exported); models
+compiled with backend="inductor" or "triton" export an AOTInductor package instead (`model.pt2`, manifest
+"kind": "aoti"; see `routefx/compiler/export_aoti.py`). The input form exported is the compiled model's most
+recent one (e.g. with or without `attention_mask`).
 """
 from __future__ import annotations
 
@@ -43,9 +45,10 @@ _JSON_SCALARS = (bool, int, float, str, type(None))
 def export(cm, path: str, *, overwrite: bool = False) -> str:
     """Write `cm` (a `CompiledModel` with backend="onnx", already compiled) as an artifact directory at `path`;
     returns `path`. Refuses an existing non-empty directory unless `overwrite=True`."""
-    if cm.backend != "onnx":
-        raise BackendError(f"routefx.export writes ONNX artifacts; this model was compiled with backend="
-                           f"{cm.backend!r}. Compile it with backend=\"onnx\" to export it")
+    if cm.backend not in ("onnx", "inductor", "triton"):
+        raise BackendError(f"routefx.export writes ONNX artifacts (backend=\"onnx\") and AOTInductor packages "
+                           f"(backend=\"inductor\" or \"triton\"); this model was compiled with backend="
+                           f"{cm.backend!r}")
     entry = cm._require()
     runner = entry.run
     if os.path.isdir(path) and os.listdir(path):
@@ -56,11 +59,14 @@ def export(cm, path: str, *, overwrite: bool = False) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".routefx_export_", dir=parent)   # same filesystem: the final rename is atomic
     try:
-        _write_model(runner, tmp)
-        routed = not runner.session.get_session_options().enable_mem_pattern
-        _write_optimized(tmp, routed)
+        if cm.backend == "onnx":
+            _write_model(runner, tmp)
+            routed = not runner.session.get_session_options().enable_mem_pattern
+            _write_optimized(tmp, routed)
+            manifest = _manifest(cm, entry, runner, routed)
+        else:
+            manifest = _aoti_manifest(cm, entry, runner, tmp)
         entry.plan.save(os.path.join(tmp, "plan"))
-        manifest = _manifest(cm, entry, runner, routed)
         manifest["files"] = {rel: sha256_file(os.path.join(tmp, rel)) for rel in _files(tmp)}
         manifest["checksum"] = manifest_checksum(manifest)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
@@ -247,6 +253,45 @@ def _output_spec(runner) -> dict:
     return {"leaves": leaves, "tree": tree}
 
 
+def _aoti_manifest(cm, entry, runner, directory: str) -> dict:
+    from routefx.compiler.export_aoti import _examples, write_package
+    spec = input_spec(entry.gm)
+    tensors = [{"name": t.name, "dtype": _dtype(t.dtype), "shape": list(t.shape), "vocab": t.vocab}
+               for t in spec.tensors]
+    info = entry.gm.meta.get("routefx")
+    constants = dict(getattr(info, "constant_kwargs", {}) or {})
+    bad = {k: type(v).__name__ for k, v in {**constants, **spec.bound}.items() if not isinstance(v, _JSON_SCALARS)}
+    if bad:
+        raise ArtifactError(f"the model was captured with non-scalar constant inputs {bad}; an artifact stores "
+                            "bool/int/float/str/None constants only")
+    aoti = write_package(runner.graph_module, tensors, constants, directory)
+    with torch.no_grad():                     # the output structure, from one call of the lowered graph
+        device = torch.device(aoti["device"])
+        example = dict(zip([t["name"] for t in tensors], _examples(tensors, device)))
+        out = runner.graph_module(**example, **constants)
+    leaves, tree = torch.utils._pytree.tree_flatten(out)
+    n = iter(range(len(leaves)))
+    outputs = {"leaves": [{"aoti": next(n)} if isinstance(v, torch.Tensor) else {"const": v} for v in leaves],
+               "tree": _numbered(_tree(tree))}
+    m = _manifest_common(cm, entry)
+    m.update({"kind": "aoti", "aoti": aoti, "outputs": outputs,
+              "inputs": {"tensors": tensors, "constants": {**constants, **spec.bound},
+                         "positional": _positional(cm._model, [t["name"] for t in tensors])}})
+    return m
+
+
+def _numbered(tree: dict) -> dict:
+    counter = iter(range(1 << 30))
+
+    def number(node):
+        if "leaf" in node:
+            node["leaf"] = next(counter)
+        for c in node.get("children", ()):
+            number(c)
+    number(tree)
+    return tree
+
+
 def _version() -> str:
     try:
         return importlib.metadata.version("routefx")
@@ -255,6 +300,13 @@ def _version() -> str:
 
 
 def _manifest(cm, entry, runner, routed: bool) -> dict:
+    m = _manifest_common(cm, entry)
+    m.update({"kind": "onnx", "inputs": _input_spec(cm, entry, runner), "outputs": _output_spec(runner),
+              "session": {"routed": routed, "optimized_level": "extended"}})
+    return m
+
+
+def _manifest_common(cm, entry) -> dict:
     budget = entry.plan.budget
     return {
         "format": FORMAT, "version": VERSION, "routefx_version": _version(),
@@ -263,9 +315,6 @@ def _manifest(cm, entry, runner, routed: bool) -> dict:
         "policy": cm.policy.to_dict(),
         "plan": {"pruned": entry.plan.pruned, "lam": entry.plan.lam,
                  "layers": {k: v.summary() for k, v in entry.plan.layers.items()}},
-        "inputs": _input_spec(cm, entry, runner),
-        "outputs": _output_spec(runner),
         "flops_per_token": entry.report.flops_per_token,
         "realised_budget": None if budget is None else budget.to_dict(),
-        "session": {"routed": routed, "optimized_level": "extended"},
     }
