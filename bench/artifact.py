@@ -24,6 +24,7 @@ bench/RESULTS.md (replaced on every run; bench/report.py regenerating RESULTS.md
     .venv/bin/python bench/artifact.py --smoke        # a 2-layer hidden-256 model, results to /tmp
     .venv/bin/python bench/artifact.py --diagnose     # also the session-option variants
     .venv/bin/python bench/artifact.py --report-only  # RESULTS.md's section from bench/results/artifact.json
+    .venv/bin/python bench/artifact.py --keep DIR     # keep the artifacts; --reuse DIR measures them again
 """
 from __future__ import annotations
 
@@ -42,12 +43,12 @@ MARK = "<!-- bench/artifact.py -->"
 # One fresh interpreter per measurement: argv = [mode, artifact path, options JSON]
 _CHILD = r"""
 import json, resource, sys, time
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 import numpy as np
 import onnxruntime as ort
 import routefx.runtime
 mode, path, opts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 rec = {"import_s": t1 - t0}
 if mode != "import":
     if mode == "session":
@@ -61,14 +62,18 @@ if mode != "import":
             so.add_session_config_entry(k, v)
         s = ort.InferenceSession(f"{path}/model.opt.onnx", sess_options=so, providers=["CPUExecutionProvider"])
         run = lambda feed: s.run(None, feed)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     rec["load_s"] = t2 - t1
+    rec["load_cpu_s"] = c2 - c1
     with open("/proc/self/status") as f:
         rec["rss_after_load"] = int(next(l for l in f if l.startswith("VmHWM")).split()[1]) * 1024
     rng = np.random.default_rng(0)
     ids = rng.integers(3, opts["vocab"], (1, opts["seq"]))
     run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
-    rec["forward_s"] = time.perf_counter() - t2
+    t3, c3 = time.perf_counter(), time.process_time()
+    rec["forward_s"], rec["forward_cpu_s"] = t3 - t2, c3 - c2
+    run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    rec["forward2_s"], rec["forward2_cpu_s"] = time.perf_counter() - t3, time.process_time() - c3
 def hwm():                                             # this process image's own peak (see `child`)
     with open("/proc/self/status") as f:
         return int(next(l for l in f if l.startswith("VmHWM")).split()[1]) * 1024
@@ -150,6 +155,11 @@ def measure(res: dict, shape, diagnose: bool, repeat: int) -> None:
             art["variants"] = {v: child(mode, art["path"], {**opts, **o}) for v, mode, o in VARIANTS}
 
 
+def _t(rec: dict, what: str) -> str:
+    cpu = rec.get(f"{what}_cpu_s")
+    return f"{rec[f'{what}_s']:.2f}" + (f" [{cpu:.2f}]" if cpu is not None else "")
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f}"
 
@@ -163,14 +173,17 @@ def markdown(res: dict) -> str:
          f"Model: bench/cpu.py's Llama shape {res['shape']}, fp32 weight bytes {_mib(w)} MiB; input [1, "
          f"{res['shape']['seq']}]. Each figure from fresh subprocesses (best of {res['repeat']} for times, "
          "largest peak RSS).", "",
-         "| artifact | files (MiB) | total / weights | import s | load s | first forward s | peak RSS MiB "
-         "| peak RSS / weights |", "|---|---|---|---|---|---|---|---|"]
+         "Times are wall seconds, with the child's CPU seconds (user + system, all threads) in brackets: this "
+         "machine's 2 cores were shared with other jobs during the run, so wall times there are inflated; the "
+         "second forward is the steady state.", "",
+         "| artifact | files (MiB) | total / weights | import s | load s | first forward s | second forward s "
+         "| peak RSS MiB | peak RSS / weights |", "|---|---|---|---|---|---|---|---|---|"]
     for name, a in res["artifacts"].items():
         total = sum(a["files"].values())
         files = ", ".join(f"{f} {_mib(b)}" for f, b in sorted(a["files"].items()))
         s = a["session"]
-        L.append(f"| {name} | {files} | {total / w:.3f} | {s['import_s']:.2f} | {s['load_s']:.2f} | "
-                 f"{s['forward_s']:.2f} | {_mib(s['peak_rss'])} | {s['peak_rss'] / w:.2f} |")
+        L.append(f"| {name} | {files} | {total / w:.3f} | {s['import_s']:.2f} | {_t(s, 'load')} | "
+                 f"{_t(s, 'forward')} | {_t(s, 'forward2')} | {_mib(s['peak_rss'])} | {s['peak_rss'] / w:.2f} |")
     imp = res["import_only"]
     L += ["", f"A child that only imports numpy, onnxruntime and routefx.runtime peaks at {_mib(imp['peak_rss'])} MiB "
           f"({imp['import_s']:.2f} s).  ",
@@ -180,15 +193,15 @@ def markdown(res: dict) -> str:
         L.append(f"- {name}: load {'meets' if s['load_s'] <= 3 else 'misses'} the target ({s['load_s']:.2f} s); "
                  f"peak RSS {'meets' if s['peak_rss'] <= 1.5 * w else 'misses'} it ({s['peak_rss'] / w:.2f} x).")
     if any("variants" in a for a in res["artifacts"].values()):
-        L += ["", "Where the memory goes (plain onnxruntime on model.opt.onnx in a fresh process, peak RSS after "
-              "session creation / after one forward, MiB):", "",
+        L += ["", "Where the memory and load time go (plain onnxruntime on model.opt.onnx in a fresh process: peak "
+              "RSS MiB after session creation / after two forwards; load, first and second forward s [CPU s]):", "",
               "| options | " + " | ".join(res["artifacts"]) + " |", "|---|" + "---|" * len(res["artifacts"])]
         for v, _, _ in VARIANTS:
             cells = []
             for a in res["artifacts"].values():
                 r = a.get("variants", {}).get(v)
-                cells.append(f"{_mib(r['rss_after_load'])} / {_mib(r['peak_rss'])} ({r['load_s']:.2f} s load)"
-                             if r else "")
+                cells.append(f"{_mib(r['rss_after_load'])} / {_mib(r['peak_rss'])} MiB; load {_t(r, 'load')}, "
+                             f"fwd {_t(r, 'forward')}, {_t(r, 'forward2')}" if r else "")
             L.append(f"| {v} | " + " | ".join(cells) + " |")
     if res.get("notes"):
         L += [""] + [f"- {n}" for n in res["notes"]]
@@ -210,6 +223,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=3, help="fresh processes per measurement")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--note", action="append", default=[], help="a line for the RESULTS.md section")
+    p.add_argument("--keep", help="write the artifacts (and build.json) to this directory and keep them")
+    p.add_argument("--reuse", help="measure the artifacts a --keep run left in this directory (no compile)")
     a = p.parse_args(argv)
     out_json = os.path.join(tempfile.gettempdir() if a.smoke else os.path.join(HERE, "results"), "artifact.json")
     results_md = os.path.join(tempfile.gettempdir(), "RESULTS_artifact.md") if a.smoke else \
@@ -226,9 +241,20 @@ def main(argv=None) -> None:
     from cpu import FULL, SMOKE
     shape = SMOKE if a.smoke else FULL
     print("CPU:", cpu_name(), flush=True)
-    with tempfile.TemporaryDirectory(prefix="routefx_artifacts_") as tmp:
-        res = build_and_export(shape, tmp)
+    if a.reuse:
+        with open(os.path.join(a.reuse, "build.json")) as f:
+            res = json.load(f)
         measure(res, shape, a.diagnose, a.repeat)
+    elif a.keep:
+        os.makedirs(a.keep, exist_ok=True)
+        res = build_and_export(shape, a.keep)
+        with open(os.path.join(a.keep, "build.json"), "w") as f:
+            json.dump(res, f)
+        measure(res, shape, a.diagnose, a.repeat)
+    else:
+        with tempfile.TemporaryDirectory(prefix="routefx_artifacts_") as tmp:
+            res = build_and_export(shape, tmp)
+            measure(res, shape, a.diagnose, a.repeat)
     res.update({"command": "python bench/artifact.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(),
                 "cpu_count": os.cpu_count(), "repeat": a.repeat, "shape": dataclasses.asdict(shape),
