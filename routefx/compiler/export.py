@@ -8,7 +8,8 @@ The artifact is a directory (format: `routefx/runtime/artifact.py`):
                            fusions into com.microsoft ops, no hardware-specific layout transforms); `load` opens it
                            with optimizations off, skipping re-optimisation. Weights are stored once: its
                            initializers that hold the same bytes as one of model.onnx's point into model.onnx.data;
-                           model.opt.onnx.data holds only the tensors ONNX Runtime created (folded constants)
+                           model.opt.onnx.data holds only the tensors ONNX Runtime created (folded constants), and is absent when
+                           there are none
     plan/                  the plan (`Plan.save`: plan.json + tensors.safetensors)
 
 Models compiled with `backend="onnx"` export as above (the graph ONNX Runtime runs is the one exported); models
@@ -139,6 +140,8 @@ def _share_weights(directory: str) -> None:
             new.write(raw)
             _point(t, OPT_MODEL_DATA, offset, len(raw))
     os.replace(opt_data + ".tmp", opt_data)
+    if os.path.getsize(opt_data) == 0:                       # every tensor shared: no second data file
+        os.remove(opt_data)
     with open(opt_path, "wb") as f:
         f.write(opt.SerializeToString())
 

@@ -34,7 +34,7 @@ MANIFEST = "manifest.json"
 MODEL, MODEL_DATA = "model.onnx", "model.onnx.data"
 OPT_MODEL, OPT_MODEL_DATA = "model.opt.onnx", "model.opt.onnx.data"
 PACKAGE = "model.pt2"
-_REQUIRED = {"onnx": (MODEL, MODEL_DATA, OPT_MODEL, OPT_MODEL_DATA), "aoti": (PACKAGE,)}
+_REQUIRED = {"onnx": (MODEL, MODEL_DATA, OPT_MODEL), "aoti": (PACKAGE,)}    # OPT_MODEL_DATA only when needed
 
 
 def __getattr__(name):  # OPT_LEVEL needs onnxruntime; the export side alone asks for it
