@@ -48,3 +48,7 @@ class PlanMismatchError(RoutefxError, ValueError):
 
 class ArtifactError(RoutefxError, ValueError):
     """An exported artifact that is missing a file, has a modified or truncated file, or a newer format."""
+
+
+class ExportError(RoutefxError, ValueError):
+    """`routefx.export` cannot write this compiled model as an artifact (what was found, what is supported)."""

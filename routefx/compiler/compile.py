@@ -79,7 +79,7 @@ def _check_fits(plan: Plan, ir: ModelIR) -> None:
 
 def _flops_summary(before: FlopCount, after: FlopCount, seq: int, realised: dict | None) -> dict:
     b, a = before.at(seq), after.at(seq)
-    return {"realised": realised, "S": seq, "before": b["total"], "after": a["total"], "ratio": a["total"] / b["total"],
+    return {"realised": realised, "S": seq, "before": b["total"], "after": a["total"], "ratio": a["total"] / b["total"] if b["total"] else None,
             "before_expr": str(before.total), "after_expr": str(after.total),
             "dynamic_routes": after.dynamic_routes, "blocks_before": b["blocks"], "blocks_after": a["blocks"]}
 

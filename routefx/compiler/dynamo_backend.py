@@ -11,13 +11,18 @@ model (read from Dynamo's input sources, e.g. `L['self']._modules['model']..._pa
 and rewrites it. A piece without transformer blocks, or one routefx refuses, runs as Dynamo gave it; every
 decision is logged on the `routefx.dynamo` logger and kept in `compiled_pieces()`.
 
-Calibration runs once per piece: when Dynamo recompiles a piece (a new shape makes it emit a dynamic graph),
-the plan calibrated the first time is reused. Calibration batches name the model's inputs; a piece's inputs are
-matched to them by keyword name, and inputs the model received by position take the batch's remaining keys in
-order. routefx needs dynamic batch and sequence dims (routing, FLOPs and plans are per token): a piece that
-Dynamo specialised to one shape is refused with a `BackendError` asking for `torch.compile(..., dynamic=True)`.
-Compiled pieces are cached in this process (keyed by options, parameters and operations) until
-`torch._dynamo.reset()`. Routing adds no recompilation: routed FFNs live inside the compiled piece, which Dynamo sees as one opaque call.
+Calibration runs once per piece. Dynamo's default (`dynamic` not given) first hands a piece specialised to the
+shapes of its first call; routefx compiles that static graph as it is (it runs only at those shapes: Dynamo's
+guards say so). On a call at other shapes Dynamo recompiles the piece once with dynamic batch/sequence dims
+(automatic dynamic shapes); routefx compiles that graph with the plan calibrated the first time, and every later
+graph of the same piece (a batch of 1, another length) reuses the dynamic compiled model. A piece is "the same"
+when the options, its parameters, its inputs and its sequence of tensor operations agree (`_key`). Calibration
+batches name the model's inputs; a piece's inputs are matched to them by keyword name, and inputs the model
+received by position take the batch's remaining keys in order. A static piece can only run calibration batches of
+its own shapes: when a policy needs calibration and the batches have other shapes, the piece is refused with a
+`BackendError` (pass `dynamic=True`, or the Plan of an earlier `routefx.compile`). Compiled pieces are cached
+in this process until `torch._dynamo.reset()`. Routing adds no recompilation: routed FFNs live inside the compiled
+piece, which Dynamo sees as one opaque call.
 """
 from __future__ import annotations
 
@@ -48,7 +53,9 @@ class PieceRecord:
 
 
 _RECORDS: list[PieceRecord] = []
-_COMPILED: dict[tuple, object] = {}   # piece key (see `_key`) -> the CompiledModel made for it
+# piece key (see `_key`) -> [(form (see `_form`), the CompiledModel made for a graph of that form)]
+_COMPILED: dict[tuple, list] = {}
+_PLANS: dict[tuple, object] = {}      # piece key -> the Plan calibrated (or given) for it
 
 
 def compiled_pieces() -> list[PieceRecord]:
@@ -187,6 +194,28 @@ def _is_static(slots) -> bool:
     return not any(s[0] == "sym" for s in slots)
 
 
+def _form(gm: fx.GraphModule, slots, args) -> tuple:
+    """Per input, its shape with None for each dim the graph keeps dynamic: (2, None) is a graph specialised to a
+    batch of 2 for any length. A dim is dynamic when the placeholder's example value has a symbolic size there, or
+    when Dynamo passes its size as a graph input."""
+    sym = {(s[1], s[2]) for s in slots if s[0] == "sym"}
+    out = []
+    for s, a, node in zip(slots, args, (n for n in gm.graph.nodes if n.op == "placeholder")):
+        if s[0] != "input":
+            continue
+        ev = node.meta.get("example_value")
+        shape = ev.shape if isinstance(ev, torch.Tensor) else a.shape
+        out.append(tuple(None if isinstance(d, torch.SymInt) or (s[1], i) in sym else int(d)
+                         for i, d in enumerate(shape)))
+    return tuple(out)
+
+
+def _covers(general: tuple, form: tuple) -> bool:
+    """Whether a graph of `general` form runs every input of `form` (each dim dynamic there, or the same size)."""
+    return len(general) == len(form) and all(
+        len(g) == len(f) and all(a is None or a == b for a, b in zip(g, f)) for g, f in zip(general, form))
+
+
 def routefx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_):
     """The Dynamo backend (see the module docstring). Returns a callable that runs the piece."""
     from routefx.compiler.plan import Plan
@@ -201,11 +230,6 @@ def routefx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
     if not isinstance(policy, (Policy, Plan)):
         raise BackendError(f"option 'policy' must be a routefx policy or Plan, got {type(policy).__name__}")
     slots = _slots(gm, example_inputs)
-    names = tuple(s[1] for s in slots if s[0] == "input")
-    if _is_static(slots) and _key(gm, slots, options) not in _COMPILED:
-        raise BackendError(f"Dynamo specialised a piece (inputs {list(names)}) to the shapes of its first call; "
-                           "routefx compiles graphs with dynamic batch and sequence dims (its routing, FLOP "
-                           "accounting and plans are per token): call torch.compile(..., dynamic=True)")
     compiled: dict = {}
     where = [i for i, s in enumerate(slots) if s[0] == "param"]
 
@@ -217,7 +241,8 @@ def routefx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
         params = tuple(id(args[i]) for i in where)
         if params not in compiled:
             own = [(s[0], s[1], a) if s[0] == "param" else s for s, a in zip(slots, args)]
-            compiled[params] = _compile_piece(gm, own, args, policy, options, target, _key(gm, own, options))
+            compiled[params] = _compile_piece(gm, own, args, policy, options, target, _key(gm, own, options),
+                                              _form(gm, own, args))
         return compiled[params](*args)
     return run
 
@@ -238,35 +263,61 @@ def _key(gm: fx.GraphModule, slots, options: dict) -> tuple:
             tuple(id(s[2]) for s in slots if s[0] == "param"), ops)
 
 
-def _compile_piece(gm, slots, args, policy, options, target, key):
+def _compile_piece(gm, slots, args, policy, options, target, key, form):
     import routefx
     from routefx.compiler.policies import Policy
 
     names = tuple(s[1] for s in slots if s[0] == "input")
+    for general, cm in _COMPILED.get(key, ()):     # a more dynamic graph of this piece serves this one
+        if _covers(general, form):
+            log.info("routefx: piece with inputs %s seen again (new shapes); its compiled model is reused",
+                     list(names))
+            _RECORDS.append(PieceRecord(names, True, "reused the compiled model of the same piece", cm))
+            return _runner(cm, slots)
     piece = _piece_module(gm, slots)
     examples = {s[1]: x for s, x in zip(slots, args) if s[0] == "input"}
     calibration = None
-    cm = _COMPILED.get(key)
-    if cm is not None:                 # Dynamo re-specialised a piece routefx compiled already: no calibration
-        log.info("routefx: piece with inputs %s seen again (new shapes); its compiled model is reused", list(names))
-        _RECORDS.append(PieceRecord(names, True, "reused the compiled model of the same piece", cm))
-        return _runner(cm, slots)
-    if isinstance(policy, Policy) and policy.needs_calibration:
+    plan = _PLANS.get(key)
+    if plan is not None:               # Dynamo recompiled a piece routefx compiled already: its plan, no calibration
+        policy = plan
+    elif isinstance(policy, Policy) and policy.needs_calibration:
         calibration = _calibration_for(options.get("calibration"), slots)
         if calibration is None:
             return _as_is(gm, names, f"{policy!r} needs calibration data for this piece's inputs {list(names)}; "
                                      "the calibration batches do not provide them")
+        _check_static_calibration(calibration, form, policy)
     try:
         cm = routefx.compile(piece, policy, example_kwargs=examples, example_inputs=(), calibration=calibration,
                              backend=target)
     except RoutefxError as e:
         return _as_is(gm, names, f"{type(e).__name__}: {e}")
-    _COMPILED[key] = cm
+    _COMPILED.setdefault(key, []).append((form, cm))
+    _PLANS.setdefault(key, cm.plan)
     object.__setattr__(piece, "_options", (options.get("policy"), options.get("calibration")))   # keep ids live
-    reason = f"{len(cm.ir.blocks)} transformer blocks compiled by {cm.policy!r} for target {target!r}"
+    how = ("recompiled with the plan of the same piece (no calibration)" if plan is not None else
+           f"{len(cm.ir.blocks)} transformer blocks compiled by {cm.policy!r}")
+    reason = f"{how} for target {target!r}, input shapes {_shape_text(names, form)}"
     log.info("routefx: compiled a piece with inputs %s: %s", list(names), reason)
     _RECORDS.append(PieceRecord(names, True, reason, cm))
     return _runner(cm, slots)
+
+
+def _shape_text(names, form) -> str:
+    return ", ".join(f"{n}[{', '.join('*' if d is None else str(d) for d in f)}]" for n, f in zip(names, form))
+
+
+def _check_static_calibration(calibration: list[dict], form: tuple, policy) -> None:
+    """A graph Dynamo specialised to some sizes runs only calibration batches of those sizes."""
+    names = list(calibration[0]) if calibration else []
+    for batch in calibration:
+        got = tuple(tuple(batch[n].shape) for n in names)
+        if not _covers(form, got):
+            raise BackendError(
+                f"Dynamo specialised a piece to the shapes of its first call ({_shape_text(names, form)}; * = any "
+                f"size) and {policy!r} needs calibration, whose batches have shapes "
+                f"{_shape_text(names, got)}: a specialised graph runs its own shapes only. Call "
+                "torch.compile(..., dynamic=True), or give as the policy the Plan of a routefx.compile calibrated on "
+                "these batches")
 
 
 def _runner(cm, slots):
@@ -280,6 +331,7 @@ def _runner(cm, slots):
 def _reset() -> None:
     """Forget every compiled piece (torch._dynamo.reset() and torch.compile's wrapper call this)."""
     _COMPILED.clear()
+    _PLANS.clear()
     _RECORDS.clear()
 
 

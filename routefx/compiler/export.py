@@ -5,24 +5,32 @@ The artifact is a directory (format: `routefx/runtime/artifact.py`):
                            FLOPs per token and realised budget, ORT session settings, sha256 of every other file
     model.onnx             the compiled graph (standard ONNX ops), weights as external data in model.onnx.data
     model.opt.onnx         the same after ONNX Runtime's graph optimizations at a portable level (EXTENDED: CPU
-                           fusions into com.microsoft ops, no hardware-specific layout transforms), weights in
-                           model.opt.onnx.data; `load` opens it with optimizations off, skipping re-optimisation
+                           fusions into com.microsoft ops, no hardware-specific layout transforms); `load` opens it
+                           with optimizations off, skipping re-optimisation. Weights are stored once: its
+                           initializers that hold the same bytes as one of model.onnx's point into model.onnx.data;
+                           model.opt.onnx.data holds only the tensors ONNX Runtime created (folded constants), and is absent when
+                           there are none
     plan/                  the plan (`Plan.save`: plan.json + tensors.safetensors)
 
-Only models compiled with `backend="onnx"` export (the graph ONNX Runtime runs is the one exported); the input
-form exported is the compiled model's most recent one (e.g. with or without `attention_mask`).
+Models compiled with `backend="onnx"` export as above (the graph ONNX Runtime runs is the one exported); models
+compiled with backend="inductor" or "triton" export an AOTInductor package instead (`model.pt2`, manifest
+"kind": "aoti"; see `routefx/compiler/export_aoti.py`). The input form exported is the compiled model's most
+recent one (e.g. with or without `attention_mask`).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import inspect as _inspect
 import json
+import mmap
 import os
 import shutil
 import tempfile
 
 import onnx
 import onnxruntime as ort
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 import torch
 
 from routefx.compiler.validate import input_spec
@@ -38,9 +46,10 @@ _JSON_SCALARS = (bool, int, float, str, type(None))
 def export(cm, path: str, *, overwrite: bool = False) -> str:
     """Write `cm` (a `CompiledModel` with backend="onnx", already compiled) as an artifact directory at `path`;
     returns `path`. Refuses an existing non-empty directory unless `overwrite=True`."""
-    if cm.backend != "onnx":
-        raise BackendError(f"routefx.export writes ONNX artifacts; this model was compiled with backend="
-                           f"{cm.backend!r}. Compile it with backend=\"onnx\" to export it")
+    if cm.backend not in ("onnx", "inductor", "triton"):
+        raise BackendError(f"routefx.export writes ONNX artifacts (backend=\"onnx\") and AOTInductor packages "
+                           f"(backend=\"inductor\" or \"triton\"); this model was compiled with backend="
+                           f"{cm.backend!r}")
     entry = cm._require()
     runner = entry.run
     if os.path.isdir(path) and os.listdir(path):
@@ -51,11 +60,14 @@ def export(cm, path: str, *, overwrite: bool = False) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".routefx_export_", dir=parent)   # same filesystem: the final rename is atomic
     try:
-        _write_model(runner, tmp)
-        routed = not runner.session.get_session_options().enable_mem_pattern
-        _write_optimized(tmp, routed)
+        if cm.backend == "onnx":
+            _write_model(runner, tmp)
+            routed = not runner.session.get_session_options().enable_mem_pattern
+            _write_optimized(tmp, routed)
+            manifest = _manifest(cm, entry, runner, routed)
+        else:
+            manifest = _aoti_manifest(cm, entry, runner, tmp)
         entry.plan.save(os.path.join(tmp, "plan"))
-        manifest = _manifest(cm, entry, runner, routed)
         manifest["files"] = {rel: sha256_file(os.path.join(tmp, rel)) for rel in _files(tmp)}
         manifest["checksum"] = manifest_checksum(manifest)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
@@ -98,6 +110,74 @@ def _write_optimized(directory: str, routed: bool) -> None:
     ort.InferenceSession(os.path.join(directory, MODEL), sess_options=so, providers=["CPUExecutionProvider"])
     if not os.path.exists(os.path.join(directory, OPT_MODEL_DATA)):   # a model without initializers
         open(os.path.join(directory, OPT_MODEL_DATA), "wb").close()
+    _share_weights(directory)
+
+
+_ALIGN = 4096   # tensors start on page boundaries in the data files, so ONNX Runtime can map them
+
+
+def _share_weights(directory: str) -> None:
+    """Store every weight once: point the optimized model's external initializers whose bytes equal one of
+    model.onnx's at that tensor in model.onnx.data, and rewrite model.opt.onnx.data with the others only."""
+    plain = onnx.load(os.path.join(directory, MODEL), load_external_data=False)
+    opt_path, opt_data = os.path.join(directory, OPT_MODEL), os.path.join(directory, OPT_MODEL_DATA)
+    opt = onnx.load(opt_path, load_external_data=False)
+    known: dict[bytes, tuple[int, int]] = {}                    # sha256 of the bytes -> (offset, length) in MODEL_DATA
+    with _mapped(os.path.join(directory, MODEL_DATA)) as data:
+        for t in _external(plain):
+            start, stop = _span(t, len(data))
+            known.setdefault(hashlib.sha256(data[start:stop]).digest(), (start, stop - start))
+    with _mapped(opt_data) as old, open(opt_data + ".tmp", "wb") as new:
+        for t in _external(opt):
+            start, stop = _span(t, len(old))
+            raw = old[start:stop]
+            hit = known.get(hashlib.sha256(raw).digest())
+            if hit is not None:
+                _point(t, MODEL_DATA, *hit)
+                continue
+            new.write(b"\0" * (-new.tell() % _ALIGN))
+            offset = new.tell()
+            new.write(raw)
+            _point(t, OPT_MODEL_DATA, offset, len(raw))
+    os.replace(opt_data + ".tmp", opt_data)
+    if os.path.getsize(opt_data) == 0:                       # every tensor shared: no second data file
+        os.remove(opt_data)
+    with open(opt_path, "wb") as f:
+        f.write(opt.SerializeToString())
+
+
+def _span(t: onnx.TensorProto, size: int) -> tuple[int, int]:
+    info = ExternalDataInfo(t)
+    start = int(info.offset or 0)
+    return start, start + int(info.length) if info.length is not None else size
+
+
+def _point(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, str(value)
+
+
+def _external(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in model.graph.initializer if uses_external_data(t)]
+
+
+class _mapped:
+    """A read-only mmap of a file (an empty file maps to b"")."""
+
+    def __init__(self, path: str):
+        self._f = open(path, "rb")
+        size = os.fstat(self._f.fileno()).st_size
+        self._m = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def __enter__(self):
+        return self._m if self._m is not None else b""
+
+    def __exit__(self, *exc):
+        if self._m is not None:
+            self._m.close()
+        self._f.close()
 
 
 def _dtype(d: torch.dtype) -> str:
@@ -176,6 +256,45 @@ def _output_spec(runner) -> dict:
     return {"leaves": leaves, "tree": tree}
 
 
+def _aoti_manifest(cm, entry, runner, directory: str) -> dict:
+    from routefx.compiler.export_aoti import _examples, write_package
+    spec = input_spec(entry.gm)
+    tensors = [{"name": t.name, "dtype": _dtype(t.dtype), "shape": list(t.shape), "vocab": t.vocab}
+               for t in spec.tensors]
+    info = entry.gm.meta.get("routefx")
+    constants = dict(getattr(info, "constant_kwargs", {}) or {})
+    bad = {k: type(v).__name__ for k, v in {**constants, **spec.bound}.items() if not isinstance(v, _JSON_SCALARS)}
+    if bad:
+        raise ArtifactError(f"the model was captured with non-scalar constant inputs {bad}; an artifact stores "
+                            "bool/int/float/str/None constants only")
+    aoti = write_package(runner.graph_module, tensors, constants, directory)
+    with torch.no_grad():                     # the output structure, from one call of the lowered graph
+        device = torch.device(aoti["device"])
+        example = dict(zip([t["name"] for t in tensors], _examples(tensors, device)))
+        out = runner.graph_module(**example, **constants)
+    leaves, tree = torch.utils._pytree.tree_flatten(out)
+    n = iter(range(len(leaves)))
+    outputs = {"leaves": [{"aoti": next(n)} if isinstance(v, torch.Tensor) else {"const": v} for v in leaves],
+               "tree": _numbered(_tree(tree))}
+    m = _manifest_common(cm, entry)
+    m.update({"kind": "aoti", "aoti": aoti, "outputs": outputs,
+              "inputs": {"tensors": tensors, "constants": {**constants, **spec.bound},
+                         "positional": _positional(cm._model, [t["name"] for t in tensors])}})
+    return m
+
+
+def _numbered(tree: dict) -> dict:
+    counter = iter(range(1 << 30))
+
+    def number(node):
+        if "leaf" in node:
+            node["leaf"] = next(counter)
+        for c in node.get("children", ()):
+            number(c)
+    number(tree)
+    return tree
+
+
 def _version() -> str:
     try:
         return importlib.metadata.version("routefx")
@@ -184,6 +303,13 @@ def _version() -> str:
 
 
 def _manifest(cm, entry, runner, routed: bool) -> dict:
+    m = _manifest_common(cm, entry)
+    m.update({"kind": "onnx", "inputs": _input_spec(cm, entry, runner), "outputs": _output_spec(runner),
+              "session": {"routed": routed, "optimized_level": "extended"}})
+    return m
+
+
+def _manifest_common(cm, entry) -> dict:
     budget = entry.plan.budget
     return {
         "format": FORMAT, "version": VERSION, "routefx_version": _version(),
@@ -192,9 +318,6 @@ def _manifest(cm, entry, runner, routed: bool) -> dict:
         "policy": cm.policy.to_dict(),
         "plan": {"pruned": entry.plan.pruned, "lam": entry.plan.lam,
                  "layers": {k: v.summary() for k, v in entry.plan.layers.items()}},
-        "inputs": _input_spec(cm, entry, runner),
-        "outputs": _output_spec(runner),
         "flops_per_token": entry.report.flops_per_token,
         "realised_budget": None if budget is None else budget.to_dict(),
-        "session": {"routed": routed, "optimized_level": "extended"},
     }

@@ -107,6 +107,15 @@ def _probe_inputs(gm: fx.GraphModule, sizes: dict):
     return out
 
 
+def _static_length(gm: fx.GraphModule) -> int | None:
+    """The sequence length of the first input with a sequence dim, where the graph fixes it (else None)."""
+    for n in gm.graph.nodes:
+        v = gu.val(n) if n.op == "placeholder" else None
+        if v is not None and v.dim() >= 2:
+            return int(v.shape[1]) if isinstance(v.shape[1], int) else None
+    return None
+
+
 def _on_cpu(a):
     return torch.device("cpu") if isinstance(a, torch.device) else a
 
@@ -301,6 +310,7 @@ def _sdpa_mask_and_flag(n: fx.Node):
 def attention_masks(gm: fx.GraphModule, positions: int = PROBE_POSITIONS) -> dict[fx.Node, MaskInfo]:
     """MaskInfo for every attention of `gm`: each SDPA op, and each softmax of eager attention (keyed by the
     softmax node)."""
+    positions = _static_length(gm) or positions  # a graph specialised to one length runs only that one
     result: dict[fx.Node, MaskInfo] = {}
     masked = {}
     for n in gm.graph.nodes:

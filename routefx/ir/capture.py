@@ -124,10 +124,12 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     to_batch = 2 if batch == 1 else batch
     to_seq = 2 if seq == 1 else seq
 
-    def spec(value):
+    def spec(value, widen=True):
         if not isinstance(value, torch.Tensor):
             return value, None
-        value = _widen(value, batch, seq, to_batch, to_seq).contiguous()  # no stride guards in the graph
+        if widen:
+            value = _widen(value, batch, seq, to_batch, to_seq)
+        value = value.contiguous()  # no stride guards in the graph
         dims = {}
         if value.dim() >= 1 and value.shape[0] == to_batch:
             dims[0] = Dim.AUTO
@@ -136,6 +138,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
         return value, dims or None
 
     shapes: dict[str, Any] = {}
+    given = dict(named)
     for name, value in named.items():
         kind = sig.parameters[name].kind
         if kind is _inspect.Parameter.VAR_POSITIONAL:
@@ -162,8 +165,20 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
         try:
             ep = torch.export.export(model, call_args, kwargs=call_kwargs, dynamic_shapes=shapes, strict=False)
         except Exception as e:  # torch.export raises many exception types; re-raise as one typed error
-            raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
-                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            ep = None
+            if (to_batch, to_seq) != (batch, seq):
+                # a program that only runs at the given size 1 (a torch.compile piece Dynamo specialised to a
+                # batch of 1): capture it on the inputs as given, that dim static
+                as_given = {n: spec(given[n], widen=False) for n in shapes}
+                try:
+                    ep = torch.export.export(model, tuple(as_given[n][0] for n in pos[:n_args]),
+                                             kwargs={n: as_given[n][0] for n in call_kwargs},
+                                             dynamic_shapes={n: v[1] for n, v in as_given.items()}, strict=False)
+                except Exception:  # noqa: BLE001 - the first failure is the one reported
+                    ep = None
+            if ep is None:
+                raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
+                                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     gm = ep.module()
     _drop_metadata_asserts(gm)
     _split_baddbmm(gm)

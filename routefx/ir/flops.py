@@ -142,21 +142,39 @@ def _batch_seq(gm: fx.GraphModule) -> dict:
     return subs
 
 
-def _per_token(total: sympy.Expr, where: str) -> sympy.Expr:
+def _token_dims(gm: fx.GraphModule, subs: dict) -> tuple:
+    """(batch, sequence) of the first input: the symbols B and S where the graph keeps them dynamic, the sizes
+    where it was specialised to them (a static torch.compile piece; a batch of 1)."""
+    for n in gm.graph.nodes:
+        v = gu.val(n) if n.op == "placeholder" else None
+        if v is None or v.dim() < 1:
+            continue
+        dims = []
+        for dim, sym in zip(v.shape[:2], (_B, S)):
+            dims.append(int(dim) if isinstance(dim, int) else subs.get(_expr(dim), sym))
+        return dims[0], (dims[1] if len(dims) > 1 else S)
+    return _B, S
+
+
+def _per_token(total: sympy.Expr, where: str, batch=_B, seq=S) -> sympy.Expr:
     """FLOPs per token of a total in B and S: the part that grows with the batch, divided by B·S. Work done
-    once per call whatever the batch (a rotary table from the positions) is not per-token work."""
+    once per call whatever the batch (a rotary table from the positions) is not per-token work. Where the graph
+    was specialised to a batch size or length, the total is divided by that size instead (the count then holds
+    for that size only; once-per-call work is spread over the tokens)."""
     total = sympy.expand(total)
     rest = total.free_symbols - {_B, S}
     if rest:
         raise UnsupportedModelError(f"FLOPs of {where} depend on shape symbols {sorted(map(str, rest))} that are "
                                     "neither the batch nor the sequence length of an input; routefx counts "
                                     "models whose dynamic dims are the inputs' batch and sequence")
-    return sympy.simplify(total.coeff(_B, 1) / S)
+    growing = total.coeff(_B, 1) if batch is _B else total / batch
+    return sympy.simplify(growing / seq)
 
 
 def count_flops(gm: fx.GraphModule, ir: ModelIR) -> FlopCount:
     """Per-token FLOPs of `gm`, split by block (attention / FFN) and the rest."""
     subs = _batch_seq(gm)
+    tokens = _token_dims(gm, subs)
     masks = attention_masks(gm)
     owner: dict[fx.Node, tuple[int, str]] = {}
     for b in ir.blocks:
@@ -170,7 +188,7 @@ def count_flops(gm: fx.GraphModule, ir: ModelIR) -> FlopCount:
             continue
         f, dyn = _node_flops(n, subs, masks)
         dynamic |= dyn
-        f = _per_token(f, f"node {n.name} ({n.target})")
+        f = _per_token(f, f"node {n.name} ({n.target})", *tokens)
         if n in owner:
             i, part = owner[n]
             setattr(blocks[i], part, getattr(blocks[i], part) + f)

@@ -2,6 +2,8 @@
 
 A directory holding `manifest.json` and the files it lists (see `routefx/compiler/export.py`). manifest.json:
     format, version       "routefx-artifact", 1 (a reader refuses a newer version)
+    kind                  "onnx" (model.onnx + model.opt.onnx, run by `Session`) or "aoti" (model.pt2, an
+                          AOTInductor package: torch._inductor.aoti_load_package); absent means "onnx"
     files                 {relative path: sha256 hex} for every other file of the artifact
     inputs                {"tensors": [{"name", "dtype", "shape" (per dim "B", "S", another name or a size),
                            "vocab" (token ids in [0, vocab), or null)}], "constants": {name: value baked in},
@@ -22,7 +24,8 @@ import os
 
 from routefx.errors import ArtifactError
 
-__all__ = ["FORMAT", "VERSION", "MANIFEST", "MODEL", "MODEL_DATA", "OPT_MODEL", "OPT_MODEL_DATA", "sha256_file",
+__all__ = ["FORMAT", "VERSION", "MANIFEST", "MODEL", "MODEL_DATA", "OPT_MODEL", "OPT_MODEL_DATA", "PACKAGE",
+           "sha256_file",
            "manifest_checksum",
            "verify"]
 
@@ -30,7 +33,8 @@ FORMAT, VERSION = "routefx-artifact", 1
 MANIFEST = "manifest.json"
 MODEL, MODEL_DATA = "model.onnx", "model.onnx.data"
 OPT_MODEL, OPT_MODEL_DATA = "model.opt.onnx", "model.opt.onnx.data"
-_REQUIRED = (MODEL, MODEL_DATA, OPT_MODEL, OPT_MODEL_DATA)
+PACKAGE = "model.pt2"
+_REQUIRED = {"onnx": (MODEL, MODEL_DATA, OPT_MODEL), "aoti": (PACKAGE,)}    # OPT_MODEL_DATA only when needed
 
 
 def __getattr__(name):  # OPT_LEVEL needs onnxruntime; the export side alone asks for it
@@ -74,9 +78,13 @@ def verify(path: str) -> dict:
                             f"{VERSION}: upgrade routefx to load it")
     if manifest.get("checksum") != manifest_checksum(manifest):
         raise ArtifactError(f"{mpath} does not match its own checksum: it was modified after export")
+    kind = manifest.get("kind", "onnx")
+    if kind not in _REQUIRED:
+        raise ArtifactError(f"{mpath} has artifact kind {kind!r}; this routefx reads kinds {sorted(_REQUIRED)}")
     files = manifest.get("files")
-    if not isinstance(files, dict) or any(f not in files for f in _REQUIRED):
-        raise ArtifactError(f"{mpath} does not list the files of an artifact ({', '.join(_REQUIRED)} expected)")
+    required = _REQUIRED[kind]
+    if not isinstance(files, dict) or any(f not in files for f in required):
+        raise ArtifactError(f"{mpath} does not list the files of an artifact ({', '.join(required)} expected)")
     for rel, digest in sorted(files.items()):
         full = os.path.join(path, *rel.split("/"))
         if os.path.isabs(rel) or ".." in rel.split("/"):

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from routefx.errors import ArtifactError, InputError
-from routefx.runtime.artifact import MODEL, OPT_MODEL, verify
+from routefx.runtime.artifact import MODEL, OPT_MODEL, PACKAGE, verify
 
 __all__ = ["Session", "load", "Output"]
 
@@ -57,6 +57,10 @@ class Session:
     def __init__(self, path: str, *, threads: int | None = None):
         self.path = path
         self.manifest = verify(path)
+        if self.manifest.get("kind", "onnx") != "onnx":
+            raise ArtifactError(f"{path} holds an AOTInductor package ({PACKAGE}), which Session (ONNX Runtime) does "
+                                f"not run: load it with torch._inductor.aoti_load_package('{path}/{PACKAGE}'), "
+                                "inputs by position in the manifest's order")
         spec = self.manifest["inputs"]
         self._tensors = spec["tensors"]
         self._constants = spec["constants"]

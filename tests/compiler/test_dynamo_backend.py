@@ -134,14 +134,85 @@ def test_graph_break_compiles_the_piece_with_blocks(caplog, capsys):
     assert "runs as Dynamo captured it" in caplog.text and "compiled a piece" in caplog.text
 
 
-def test_static_piece_is_refused_with_a_reason():
+def _counting(calls: list):
+    """routefx_backend, recording each graph Dynamo hands it (one per compile or recompile)."""
+    def backend(gm, example_inputs, **kw):
+        calls.append(gm)
+        return routefx_backend(gm, example_inputs, **kw)
+    return backend
+
+
+def _count_calibrations(monkeypatch) -> list:
+    import routefx.compiler.compile as compile_module
+    calls, real = [], compile_module.calibrate
+    monkeypatch.setattr(compile_module, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_default_torch_compile_recompiles_once_for_new_lengths(monkeypatch):
+    """Without dynamic=True Dynamo first hands a graph specialised to the first call's shapes, then (automatic
+    dynamic shapes) one graph with a dynamic length: four lengths cost two backend compiles, never one per call,
+    and routing's data-dependent shapes (other token ids, other routes) cost none. A Duo plan runs on both graphs
+    and equals routefx.compile with that plan, without calibrating again."""
+    torch._dynamo.reset()
+    entry = ZOO["llama"]
+    model = entry.build()
+    cm = routefx.compile(model, Duo(budget=0.5, router="local"), calibration=batches(entry))
+    calibrations = _count_calibrations(monkeypatch)
+    graphs = []
+    opt = torch.compile(model, backend=_counting(graphs), options={"policy": cm.plan})
+    for i, s in enumerate([7, 11, 5, 13]):
+        out, mask = _call(opt, entry, 2, s, 1, seed=i)
+        ref, _ = _call(cm, entry, 2, s, 1, seed=i)
+        dense, _ = _call(model, entry, 2, s, 1, seed=i)
+        assert_close_nonpad(out, ref, mask, EXACT_REWRITE)
+        assert (out.logits - dense.logits).abs().max() > MUST_DIFFER        # the routing did run
+    assert len(graphs) == 2, [len(g.graph.nodes) for g in graphs]
+    for seed in range(6):                        # other tokens, so other routes, at seen and unseen lengths
+        out, mask = _call(opt, entry, 2, 3 + seed, 0, seed=50 + seed)
+        ref, _ = _call(cm, entry, 2, 3 + seed, 0, seed=50 + seed)
+        assert_close_nonpad(out, ref, mask, EXACT_REWRITE)
+    assert len(graphs) == 2 and calibrations == []
+    for b, s in [(1, 6), (3, 9), (4, 4)]:         # other batch sizes: Dynamo specialises a batch of 1 on its own
+        out, mask = _call(opt, entry, b, s, 0, seed=b)
+        ref, _ = _call(cm, entry, b, s, 0, seed=b)
+        assert_close_nonpad(out, ref, mask, EXACT_REWRITE)
+    assert len(graphs) <= 4 and calibrations == []
+    reasons = [r.reason for r in dynamo_backend.compiled_pieces() if r.compiled]
+    assert "attention_mask[2, 7]" in reasons[0]                           # the static graph first
+    assert "recompiled with the plan of the same piece (no calibration)" in reasons[1]
+    assert "attention_mask[2, *]" in reasons[1]                           # then a dynamic length
+
+
+def test_static_piece_calibrates_once_and_the_recompile_reuses_its_plan(monkeypatch):
+    """A first call at the calibration batches' shape: the static piece is calibrated on them; Dynamo's dynamic
+    recompile reuses that plan (one calibration in all) and equals routefx.compile with the same policy."""
     torch._dynamo.reset()
     entry = ZOO["plain_parallel"]
-    opt = torch.compile(entry.build(), backend=routefx_backend)             # dynamic not asked for
-    with pytest.raises(Exception, match=r"BackendError: Dynamo specialised a piece .* torch.compile\(\.\.\., "
-                                        r"dynamic=True\)") as info:
+    model = entry.build()
+    cal = batches(entry)                                   # [4, 16] each
+    ref = routefx.compile(model, Duo(budget=0.5, router="random"), calibration=cal)
+    calibrations = _count_calibrations(monkeypatch)
+    graphs = []
+    opt = torch.compile(model, backend=_counting(graphs),
+                        options={"policy": Duo(budget=0.5, router="random"), "calibration": cal})
+    for s in (16, 9, 5, 12):
+        out, _ = _call(opt, entry, 4, s, 0, seed=s)
+        want, _ = _call(ref, entry, 4, s, 0, seed=s)
+        assert_close_nonpad(out, want, None, EXACT_REWRITE)
+    assert len(graphs) == 2 and len(calibrations) == 1
+
+
+def test_static_piece_with_calibration_of_other_shapes_is_refused():
+    torch._dynamo.reset()
+    entry = ZOO["plain_parallel"]
+    opt = torch.compile(entry.build(), backend=routefx_backend,
+                        options={"policy": Duo(budget=0.5, router="random"), "calibration": batches(entry)})
+    with pytest.raises(Exception, match=r"Dynamo specialised a piece to the shapes of its first call \(input_ids"
+                                        r"\[2, 7\]; \* = any size\) and Duo\(.*whose batches have shapes "
+                                        r"input_ids\[4, 16\].*dynamic=True") as info:
         _call(opt, entry, 2, 7, 0)
-    inner = getattr(info.value, "inner_exception", info.value)           # Dynamo wraps backend errors
+    inner = getattr(info.value, "inner_exception", info.value)           # Dynamo may wrap backend errors
     assert isinstance(inner, BackendError)
 
 

@@ -99,3 +99,24 @@ def test_dense_count_matches_torch_flop_counter(name):
     expected = counted_by_torch(model, entry, args, kwargs) / (B * seq) + uncounted_per_token(model, entry, seq)
     gm = capture(model, args, kwargs)
     assert count_flops(gm, recognize(gm)).at(seq)["total"] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["plain", "plain_parallel"])
+def test_graph_specialised_to_one_shape_counts_per_token(name):
+    """A graph without batch or sequence symbols (torch.export without dynamic dims, as a torch.compile piece
+    Dynamo specialised): the per-call count divided by that call's tokens, equal to the torch reference; the
+    compile report's ratio is defined (it divided by a zero count before)."""
+    from routefx.compiler.compile import _flops_summary
+    entry = ZOO[name]
+    model = entry.build()
+    B, seq = 3, 7
+    args, kwargs = example_inputs(entry, batch=B, seq=seq)
+    kw = dict(kwargs, **({"use_cache": False} if hasattr(model, "config") else {}))
+    gm = torch.export.export(model, args, kwargs=kw, strict=False).module()
+    assert not any(isinstance(d, torch.SymInt) for n in gm.graph.nodes if n.op == "placeholder"
+                   and isinstance(n.meta.get("val"), torch.Tensor) for d in n.meta["val"].shape)
+    flops = count_flops(gm, recognize(gm))
+    expected = counted_by_torch(model, entry, args, kwargs) / (B * seq) + uncounted_per_token(model, entry, seq)
+    assert flops.at(seq)["total"] == pytest.approx(expected, rel=1e-12)
+    summary = _flops_summary(flops, flops, seq, None)
+    assert summary["before"] == pytest.approx(expected, rel=1e-12) and summary["ratio"] == pytest.approx(1.0)

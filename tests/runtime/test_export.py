@@ -146,6 +146,41 @@ def test_manifest_describes_the_model():
     assert_close_nonpad(again(**feed), cm(**feed), feed["attention_mask"], EXACT_REWRITE)
 
 
+def _stored_tensors(path: str) -> dict:
+    """(data file, offset, length) -> sha256 of the bytes, for every external initializer of both ONNX models."""
+    import hashlib
+
+    import onnx
+    out = {}
+    for name in ("model.onnx", "model.opt.onnx"):
+        m = onnx.load(os.path.join(path, name), load_external_data=False)
+        for t in m.graph.initializer:
+            info = {e.key: e.value for e in t.external_data}
+            if not info:
+                continue
+            with open(os.path.join(path, info["location"]), "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                raw = f.read(int(info["length"]))
+            assert len(raw) == int(info["length"]), (name, t.name)
+            out[(info["location"], int(info.get("offset", 0)), len(raw))] = hashlib.sha256(raw).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("case", ["llama-dense", "gpt2-duo-separate"])
+def test_weights_are_stored_once(case):
+    """Both ONNX models read their weights from one copy: no two stored byte ranges hold the same tensor, and a
+    Dense artifact's data files hold no more than the model's parameters (plus a few folded constants)."""
+    cm, path, _ = exported(case)
+    stored = _stored_tensors(path)
+    digests = list(stored.values())
+    assert len(digests) == len(set(digests)), "a tensor is stored twice"
+    data = sum(os.path.getsize(os.path.join(path, f)) for f in ("model.onnx.data", "model.opt.onnx.data")
+               if os.path.exists(os.path.join(path, f)))
+    params = sum(p.numel() * p.element_size() for p in cm._model.parameters())
+    if case == "llama-dense":
+        assert data <= 1.1 * params, (data, params)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_damaged_file_is_refused_naming_it(tmp_path, damage):
     _, path, _ = exported("llama-dense")
