@@ -334,7 +334,13 @@ def load_quality_model(train_if_missing: bool = True, quick: bool = False, retra
             tmp = f"{path}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            _train(s, tmp)
+            threads = torch.get_num_threads()
+            if quick:                  # its matrices are too small for a second thread to pay (it spin-waits)
+                torch.set_num_threads(1)
+            try:
+                _train(s, tmp)
+            finally:
+                torch.set_num_threads(threads)
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
             manifest, trained_now = _verify(path, s), True

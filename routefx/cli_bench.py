@@ -17,6 +17,7 @@ import dataclasses
 import importlib
 import os
 import platform
+import re
 from typing import Callable
 
 __all__ = ["add_commands", "bench_policies", "cpu_name", "RouteMap", "route_map", "COMPARISONS", "plot_routes"]
@@ -100,10 +101,11 @@ def route_map(cm, batch: dict, tokens: list[str] | None = None, name: str = "rou
     import numpy as np
     from routefx.calibrate.budget import _costs, _routed_ops
     from routefx.calibrate.record import run_recording
-    ops = _routed_ops(cm.graph_module, cm.ir)
+    entry, (full,) = cm._batch_entry([batch])               # the graph for this input form, canonical kwargs
+    ops = _routed_ops(entry.gm, entry.ir)
     if not ops:
         raise _cli_error(f"the policy {cm.policy!r} leaves no routed FFN: nothing to map")
-    vals = run_recording(cm.graph_module, batch, [n.args[1] for _, n in ops])
+    vals = run_recording(entry.gm, full, [n.args[1] for _, n in ops])
     B, S = batch["input_ids"].shape
     cols = [vals[n.args[1]].reshape(B, S)[0].cpu().numpy() for _, n in ops]      # L x [S]
     routes = np.stack(cols, axis=1).astype(np.int64)                            # [S, L]
@@ -138,8 +140,7 @@ def plot_routes(maps: list[RouteMap], path: str, title: str = "") -> str:
         cmap = ListedColormap(palette[:len(m.names)])
         cmap.set_bad("white")
         ax_map.imshow(r, aspect="auto", interpolation="nearest", cmap=cmap, vmin=-0.5, vmax=len(m.names) - 0.5)
-        ax_map.set_yticks(range(len(m.layers)), [k.split(".")[-1] if k.count(".") else k for k in m.layers],
-                          fontsize=7)
+        ax_map.set_yticks(range(len(m.layers)), [_short(k) for k in m.layers], fontsize=7)
         ax_map.set_ylabel("layer")
         ax_map.set_title(f"{m.name}: routes per token (budget {m.budget():.2f})", fontsize=9)
         if m.tokens is not None and len(m.tokens) <= 96:
@@ -164,6 +165,12 @@ def plot_routes(maps: list[RouteMap], path: str, title: str = "") -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _short(key: str) -> str:
+    """'model.layers.3.mlp' -> '3' (the first number in a layer key), else the key itself."""
+    found = re.search(r"\d+", key)
+    return found.group(0) if found else key
 
 
 def _comparison(name: str) -> Callable:
