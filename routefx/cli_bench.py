@@ -20,7 +20,7 @@ import platform
 import re
 from typing import Callable
 
-__all__ = ["add_commands", "bench_policies", "cpu_name", "RouteMap", "route_map", "COMPARISONS", "plot_routes"]
+__all__ = ["add_commands", "compile_policies", "bench_policies", "bench_compiled", "format_bench", "cpu_name", "RouteMap", "route_map", "COMPARISONS", "plot_routes"]
 
 
 def cpu_name() -> str:
@@ -34,17 +34,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def bench_policies(model, policies: dict, calibration, x: dict, backend: str, reps: int = 9) -> list[dict]:
-    """Compile `model` by each of `policies` ({label: Policy}, Dense added first as "dense") on `backend`, time
-    them on `x` (interleaved, median) and count FLOPs per token with the routes taken on `x`. Rows: label, ms,
-    speedup (over dense), ideal (FLOP-ideal speedup), efficiency, flops, budget (realised, Duo only)."""
+def compile_policies(model, policies: dict, calibration, x: dict, backend: str) -> dict:
+    """{"dense": Dense compiled, label: `model` compiled by each of `policies` ({label: Policy})}, on `backend`,
+    each already compiled for the input form of `x`."""
     import routefx
-    from routefx.timing import median_seconds
     compiled = {"dense": routefx.compile(model, routefx.policies.Dense(), backend=backend, example_inputs=(),
                                          example_kwargs=x)}
     for label, policy in policies.items():
         compiled[label] = routefx.compile(model, policy, backend=backend, calibration=calibration)
-        compiled[label](**x)                      # compile this input form before timing
+        compiled[label](**x)
+    return compiled
+
+
+def bench_policies(model, policies: dict, calibration, x: dict, backend: str, reps: int = 9) -> list[dict]:
+    """Compile `model` by each of `policies` (`compile_policies`) and time them (`bench_compiled`)."""
+    return bench_compiled(compile_policies(model, policies, calibration, x, backend), x, reps)
+
+
+def bench_compiled(compiled: dict, x: dict, reps: int = 9) -> list[dict]:
+    """Time `compiled` ({label: CompiledModel}, "dense" among them) on `x` (interleaved, median) and count FLOPs
+    per token with the routes taken on `x`. Rows: label, ms, speedup (over dense), ideal (FLOP-ideal speedup),
+    efficiency, flops, budget (realised, routed policies only)."""
+    from routefx.timing import median_seconds
     times = median_seconds({k: (lambda cm=cm: cm(**x)) for k, cm in compiled.items()}, reps=reps, shuffle_seed=0)
     flops = {k: cm.flops_per_token([x]) for k, cm in compiled.items()}
     rows = []
