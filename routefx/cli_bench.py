@@ -148,8 +148,7 @@ def plot_routes(maps: list[RouteMap], path: str, title: str = "") -> str:
     for (ax_map, ax_bar), m in zip(axes, maps):
         r = np.asarray(m.routes).T.astype(float)                                  # [L, S]
         r[r < 0] = np.nan
-        cmap = ListedColormap(palette[:len(m.names)])
-        cmap.set_bad("white")
+        cmap = ListedColormap(palette[:len(m.names)]).with_extremes(bad="white")
         ax_map.imshow(r, aspect="auto", interpolation="nearest", cmap=cmap, vmin=-0.5, vmax=len(m.names) - 0.5)
         ax_map.set_yticks(range(len(m.layers)), [_short(k) for k in m.layers], fontsize=7)
         ax_map.set_ylabel("layer")
