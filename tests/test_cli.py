@@ -29,6 +29,14 @@ def tiny_llama():
     return hf.LlamaForCausalLM(cfg).eval()
 
 
+def all_big_map(cm, loaded, batch):
+    """A comparison for `analyze --compare`: every real token to the big branch at every layer."""
+    from routefx.cli_bench import route_map
+    m = route_map(cm, batch, name="all big")
+    m.routes[m.routes >= 0] = m.names.index("big")
+    return m
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -132,13 +140,19 @@ def test_analyze_static_router_routes_each_layer_one_way(model_dir, tmp_path, ca
     pytest.importorskip("matplotlib")
     png = tmp_path / "map.png"
     code, out, _ = run(["analyze", model_dir, "--policy", "duo:0.5", "--router", "static", "--calibration",
-                        model_dir / "calib.txt", "--seq", SEQ, "--calibration-batches", 2, "--plot", png], capsys)
+                        model_dir / "calib.txt", "--seq", SEQ, "--calibration-batches", 2, "--plot", png,
+                        "--compare", "tests.test_cli:all_big_map"], capsys)
     assert code == 0
     layers = [l for l in out.splitlines() if l.strip().startswith("model.layers.")]
     assert len(layers) == LAYERS
+    big = []
     for line in layers:          # a static router sends every token of a layer the same way
         mix = [float(part.split("=")[1]) for part in line.split("(")[0].split()[1:]]
         assert sorted(mix) == [0.0, 0.0, 1.0], line
+        big.append(mix[2])
+    # the comparison agrees with the router exactly at the layers the static router sends to the big branch
+    agree = next(l for l in out.splitlines() if l.startswith("all big: budget 1.000"))
+    assert [float(a) for a in agree.split("per layer")[1].split()] == big
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
