@@ -163,10 +163,13 @@ def heldout_batches(tokenizer, n: int, seq_len: int, batch: int = 8) -> list[dic
     return _as_batches(data[:need].view(n * batch, seq_len), batch)
 
 
+CALIBRATION_BYTES = 3_000_000
+
+
 def calibration_batches(tokenizer, n: int, seq_len: int, batch: int = 8, seed: int = 1234) -> list[dict]:
     """`n` batches of `batch` windows of `seq_len` tokens at seeded random places in the train split (never
-    held-out text)."""
-    data = _stream(tokenizer, "train")
+    held-out text): its first `CALIBRATION_BYTES` characters, in file order (tokenising all of it takes long)."""
+    data = _stream(tokenizer, "train", CALIBRATION_BYTES)
     if len(data) <= seq_len:
         raise CalibrationError(f"windows of {seq_len} tokens do not fit the train split ({len(data)} tokens)")
     g = torch.Generator().manual_seed(seed)
