@@ -27,7 +27,8 @@ import torch  # noqa: E402
 import routefx  # noqa: E402
 from bench.quality_model import (calibration_batches, heldout_batches, load_quality_model,  # noqa: E402
                                  perplexity)
-from routefx.cli_bench import bench_compiled, compile_policies, cpu_name, format_bench, plot_routes, route_map  # noqa: E402,E501
+from routefx.cli_bench import (bench_compiled, busy_note, compile_policies, cpu_name, format_bench,  # noqa: E402
+                               plot_routes, route_map)
 from routefx.errors import ArtifactError  # noqa: E402
 
 
@@ -68,6 +69,8 @@ def main(argv=None) -> int:
           "(median of 9 interleaved runs, one process)")
     rows = bench_compiled(compiled, x, reps=9)
     print(format_bench(rows))
+    if busy_note():
+        print(busy_note())
 
     print(f"\n== held-out perplexity ({sum(b['input_ids'].numel() for b in heldout):,} tokens of files never "
           "trained on)")

@@ -20,7 +20,7 @@ import platform
 import re
 from typing import Callable
 
-__all__ = ["add_commands", "compile_policies", "bench_policies", "bench_compiled", "format_bench", "cpu_name", "RouteMap", "route_map", "COMPARISONS", "plot_routes"]
+__all__ = ["add_commands", "compile_policies", "bench_policies", "bench_compiled", "format_bench", "busy_note", "cpu_name", "RouteMap", "route_map", "COMPARISONS", "plot_routes"]
 
 
 def cpu_name() -> str:
@@ -44,6 +44,18 @@ def compile_policies(model, policies: dict, calibration, x: dict, backend: str) 
         compiled[label] = routefx.compile(model, policy, backend=backend, calibration=calibration)
         compiled[label](**x)
     return compiled
+
+
+def busy_note() -> str:
+    """A warning when other processes load the machine (then ratios of times are not trustworthy), else ""."""
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return ""
+    if load <= 0.5 * cores:
+        return ""
+    return (f"WARNING: load average {load:.1f} on {cores} cores: other processes share the CPU, so these times "
+            "(and their ratios) are unreliable; rerun on an idle machine")
 
 
 def bench_policies(model, policies: dict, calibration, x: dict, backend: str, reps: int = 9) -> list[dict]:
@@ -252,6 +264,8 @@ def cmd_bench(args) -> int:
     print(f"CPU: {cpu_name()}; {torch.get_num_threads()} torch threads; backend {args.backend}; input "
           f"{list(x['input_ids'].shape)}; median of {args.reps} interleaved runs (one process)")
     print(format_bench(rows))
+    if busy_note():
+        print(busy_note())
     return 0
 
 
