@@ -23,7 +23,7 @@ from routefx.generate.graphs import generation_graphs
 from routefx.generate.sampling import Sampler
 from routefx.generate.step import supports_cache
 
-__all__ = ["generate", "generate_with_stats", "GenerationStats"]
+__all__ = ["generate", "generate_with_stats", "GenerationStats", "Stepper"]
 
 
 @dataclasses.dataclass
@@ -84,7 +84,7 @@ def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: i
     eos_t = torch.tensor(eos, dtype=torch.long)
     B = ids.shape[0]
     cached = supports_cache(model) is None
-    step = _Cached(cm, mask) if cached else _Uncached(cm, mask)
+    step = Stepper(cm, mask) if cached else _Uncached(cm, mask)
     if streamer is not None:
         streamer.put(ids.cpu())
     unfinished = torch.ones(B, dtype=torch.bool)
@@ -116,8 +116,10 @@ def generate(cm, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
     return generate_with_stats(cm, input_ids, attention_mask, **kwargs)[0]
 
 
-class _Cached:
-    """Prefill and decode graphs with the cache between them (a list of tensors in the graphs' order)."""
+class Stepper:
+    """Prefill and decode graphs with the cache between them (a list of tensors in the graphs' order):
+    `prefill(ids)` -> logits of the last prompt position [B, V]; `extend(new)` -> logits of S new tokens per row
+    [B, S, V]; `decode(new)` -> logits of the last of them [B, V]."""
 
     def __init__(self, cm, mask):
         self.g = generation_graphs(cm)

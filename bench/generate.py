@@ -1,0 +1,168 @@
+"""Generation benchmark: tokens/s of Hugging Face eager `generate` against routefx `CompiledModel.generate` on ONNX
+Runtime (Dense, and Duo at budget 0.5), in one process, interleaved.
+
+Model: bench/cpu.py's CPU benchmark model (a Llama: 8 layers, hidden 1024, FFN 2816, 16 query / 4 key-value
+heads, vocab 32000, random weights, fp32). Prompt 128 random tokens (no padding), 128 new tokens, greedy, no EOS
+(every candidate generates all 128). Batch 1 and 8.
+
+Per candidate and batch, the median wall time of `generate(max_new_tokens=128)` and of `generate(max_new_tokens=1)`
+(the prefill and the first token), over interleaved rounds in a shuffled order:
+  end-to-end tok/s   B * 128 / t(128)
+  decode tok/s       B * 127 / (t(128) - t(1)): the decode steps alone
+  decode speedup     decode tok/s over routefx ONNX dense's (and over HF eager's)
+  bytes-ideal        weight bytes read per decode step, dense / candidate: every weight matrix a step multiplies
+                     by (attention, FFN, LM head; one embedding row), with a routed FFN counting the fraction of
+                     its rows the step's routes read. Per-token Duo routers at batch B read, per layer, the
+                     widest route any row took; the fraction is measured over the generated tokens of the run
+                     (`cm.route_stats` on the generated sequences: the routes the whole-sequence graph takes, the
+                     same function the decode graph computes), the batch-union from the per-row routes.
+                     The KV cache (grown by concatenation, read and re-written once per step) is reported beside it.
+Greedy outputs of routefx dense and HF are checked token-identical.
+
+    .venv/bin/python bench/generate.py            # the real run (~20 min on 2 loaded cores), bench/results/generate.json
+    .venv/bin/python bench/generate.py --quick    # a 2-layer hidden-256 model, 32 + 16 tokens: checks the script
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import warnings
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import routefx  # noqa: E402
+from routefx.generate import generate_with_stats  # noqa: E402
+from routefx.policies import Dense, Duo  # noqa: E402
+from routefx.timing import median_seconds  # noqa: E402
+from cpu import FULL, SMOKE, Shape, build_model, loadavg, machine  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    shape: Shape
+    prompt: int
+    new: int
+    batches: tuple[int, ...]
+    warmup: int
+    reps: int
+    cal: tuple[int, int, int]          # calibration batches, batch size, length
+
+
+REAL = Setup(FULL, 128, 128, (1, 8), 1, 3, (2, 2, 256))
+QUICK = Setup(SMOKE, 32, 16, (1, 8), 1, 2, (2, 2, 64))
+
+
+def weight_bytes(m: Shape) -> dict:
+    """Weight bytes one decode step reads (fp32), by part; FFN bytes per layer separately."""
+    hd = m.hidden // m.heads
+    attn = m.hidden * (m.heads * hd) * 2 + m.hidden * (m.kv_heads * hd) * 2 + 2 * m.hidden   # q, o, k, v, norms
+    ffn = 3 * m.hidden * m.ffn
+    return {"attention": 4 * attn * m.layers, "ffn_per_layer": 4 * ffn, "ffn": 4 * ffn * m.layers,
+            "lm_head": 4 * m.vocab * m.hidden + 4 * m.hidden, "embedding_row": 4 * m.hidden}
+
+
+def kv_bytes(m: Shape, batch: int, length: int) -> int:
+    """K/V bytes of all layers at `length` positions (fp32)."""
+    return 4 * 2 * m.layers * batch * m.kv_heads * (m.hidden // m.heads) * length
+
+
+def duo_fraction(cm, seqs: torch.Tensor, prompt: int, batch: int) -> dict:
+    """FFN fraction read per decode step: per layer, the widest route any of the `batch` rows took, averaged
+    over the generated positions (routes of the whole-sequence graph on the generated sequences)."""
+    from routefx.calibrate.record import observe_routes
+    from routefx.ir.flops import route_flops
+    cm(input_ids=seqs[:1, :2], attention_mask=torch.ones_like(seqs[:1, :2]))      # the whole-sequence graph
+    g = cm.graph_module
+    routed = [n for n in g.graph.nodes if n.op == "call_function" and n.target is torch.ops.routefx.routed_ffn.default]
+    (_, routes), = observe_routes(g, routed, [{"input_ids": seqs, "attention_mask": torch.ones_like(seqs)}])
+    per_tok, union = [], []
+    for n, r in routes.items():
+        per = torch.tensor(route_flops(n), dtype=torch.float64)
+        per = per / per.max()                                              # fraction of the layer's FFN weights
+        c = per[r.reshape(seqs.shape[0], seqs.shape[1], -1).long()].sum(-1)[:, prompt:]   # [B, new]
+        per_tok.append(c.mean().item())
+        union.append(c.reshape(-1, batch, c.shape[-1]).amax(1).mean().item())
+    return {"per_token": sum(per_tok) / len(per_tok), "batch_union": sum(union) / len(union)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    st = QUICK if args.quick else REAL
+    out_path = args.out or (os.path.join("/tmp", "routefx_generate_quick.json") if args.quick
+                            else os.path.join(HERE, "results", "generate.json"))
+    m = st.shape
+    model = build_model(m)
+    gen = torch.Generator().manual_seed(0)
+    cal = [{"input_ids": torch.randint(3, m.vocab, st.cal[1:], generator=gen)} for _ in range(st.cal[0])]
+    t0 = time.perf_counter()
+    compiled = {"routefx_onnx_dense": routefx.compile(model, Dense(), backend="onnx"),
+                "routefx_onnx_duo_0.5": routefx.compile(model, Duo(budget=0.5, router="local"), calibration=cal,
+                                                         backend="onnx")}
+    compile_s = {}
+    for name, cm in compiled.items():
+        t = time.perf_counter()
+        cm.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)   # builds the generation graphs
+        compile_s[name] = round(time.perf_counter() - t, 1)
+    print(f"compiled in {time.perf_counter() - t0:.0f} s: {compile_s}", flush=True)
+
+    results = {"machine": machine(), "setup": dataclasses.asdict(st), "compile_seconds": compile_s,
+               "weight_bytes": weight_bytes(m), "rows": []}
+    wb = weight_bytes(m)
+    dense_bytes = wb["attention"] + wb["ffn"] + wb["lm_head"] + wb["embedding_row"]
+    for B in st.batches:
+        prompt = torch.randint(3, m.vocab, (B, st.prompt), generator=gen)
+        no_eos = dict(eos_token_id=[], pad_token_id=0)
+        fns, outs = {}, {}
+
+        def hf(n, prompt=prompt):
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=0)
+        fns["hf_eager_128"], fns["hf_eager_1"] = (lambda: outs.__setitem__("hf_eager", hf(st.new))), lambda: hf(1)
+        for name, cm in compiled.items():
+            fns[f"{name}_128"] = (lambda cm=cm, name=name: outs.__setitem__(
+                name, generate_with_stats(cm, prompt, max_new_tokens=st.new, **no_eos)[0]))
+            fns[f"{name}_1"] = lambda cm=cm: cm.generate(prompt, max_new_tokens=1, **no_eos)
+        print(f"batch {B}: load {loadavg()}", flush=True)
+        t = median_seconds(fns, warmup=st.warmup, reps=st.reps, shuffle_seed=B)
+        same = torch.equal(outs["hf_eager"], outs["routefx_onnx_dense"])
+        duo = duo_fraction(compiled["routefx_onnx_duo_0.5"], outs["routefx_onnx_duo_0.5"], st.prompt, B)
+        fr = duo["per_token"] if B == 1 else duo["batch_union"]
+        duo_bytes = wb["attention"] + wb["ffn"] * fr + wb["lm_head"] + wb["embedding_row"]
+        ideal = {"hf_eager": 1.0, "routefx_onnx_dense": 1.0, "routefx_onnx_duo_0.5": dense_bytes / duo_bytes}
+        dec = {k: B * (st.new - 1) / (t[f"{k}_128"] - t[f"{k}_1"]) for k in ideal}
+        for k in ideal:
+            row = {"batch": B, "candidate": k, "t_new": t[f"{k}_128"], "t_first": t[f"{k}_1"],
+                   "end_to_end_tok_s": B * st.new / t[f"{k}_128"], "decode_tok_s": dec[k],
+                   "decode_vs_onnx_dense": dec[k] / dec["routefx_onnx_dense"],
+                   "decode_vs_hf_eager": dec[k] / dec["hf_eager"], "bytes_ideal_vs_onnx_dense": ideal[k]}
+            if k == "routefx_onnx_duo_0.5":
+                row |= {"ffn_fraction_read": fr, "ffn_fraction_per_token": duo["per_token"],
+                        "efficiency": row["decode_vs_onnx_dense"] / ideal[k]}
+            if k == "routefx_onnx_dense":
+                row["identical_to_hf"] = same
+            results["rows"].append(row)
+            print({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
+        results[f"kv_bytes_at_end_batch_{B}"] = kv_bytes(m, B, st.prompt + st.new)
+    results["dense_weight_bytes_per_step"] = dense_bytes
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
