@@ -7,7 +7,7 @@ from routefx.policies import Dense
 from tests.zoo import DECODERS, ZOO
 
 HF_DECODERS = [n for n in DECODERS if not n.startswith("plain")]
-ONNX_FAMILIES = ["llama", "gpt2", "qwen2moe"]   # GQA + RoPE, learned positions + biases, MoE blocks
+ONNX_FAMILIES = ["llama", "gpt2"]   # GQA + RoPE; MHA, learned positions, biases (suite time: two of them)
 
 
 def _prompt(entry, batch=2, seq=7, pad=3, seed=3):

@@ -5,6 +5,7 @@ import torch
 
 import routefx
 from routefx.compiler import compile as driver
+from routefx.generate import graphs as graphs_module
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.loop import Stepper
 from routefx.policies import Dense, Duo, PruneLayers
@@ -26,7 +27,7 @@ def _prompt(entry):
     return args[0], kwargs["attention_mask"]
 
 
-def _steps_match_whole_sequence(cm, ids, mask, tol, steps=4):
+def _steps_match_whole_sequence(cm, ids, mask, tol, steps=3):
     """Greedy steps through the cache; at each, the last logits equal the compiled model on the whole sequence."""
     st = Stepper(cm, mask)
     logits, seq = st.prefill(ids), ids
@@ -39,39 +40,53 @@ def _steps_match_whole_sequence(cm, ids, mask, tol, steps=4):
     return st
 
 
-@pytest.mark.parametrize("backend", ["eager", "onnx"])
-def test_duo_calibrates_once_and_decode_matches_whole_sequence(monkeypatch, backend):
+@pytest.fixture(scope="module")
+def duo():
+    """A Duo-routed llama (eager) with its generation graphs, and how often calibration ran for all of it."""
     calls = []
     real = driver.calibrate
-    monkeypatch.setattr(driver, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    entry = ZOO["llama"]
-    cm = routefx.compile(entry.build(), Duo(budget=0.5, router="local"), calibration=_cal(entry), backend=backend)
-    plan = cm.plan
-    ids, mask = _prompt(entry)
-    st = _steps_match_whole_sequence(cm, ids, mask, EXACT_REWRITE if backend == "eager" else ONNX_VS_EAGER)
-    assert len(calls) == 1 and cm.plan is plan
+    with pytest.MonkeyPatch.context() as mp:
+        for owner in (driver, graphs_module):
+            mp.setattr(owner, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+        entry = ZOO["llama"]
+        model = entry.build()
+        cm = routefx.compile(model, Duo(budget=0.5, router="local"), calibration=_cal(entry))
+        plan = cm.plan
+        generation_graphs(cm)
+    assert cm.plan is plan
+    return model, cm, calls
+
+
+def test_duo_calibrates_once_and_decode_matches_whole_sequence(duo):
+    model, cm, calls = duo
+    st = _steps_match_whole_sequence(cm, *_prompt(ZOO["llama"]), EXACT_REWRITE)
+    assert len(calls) == 1
     g = generation_graphs(cm)
-    assert g.plan is plan and g.kept == [0, 1, 2]
-    routed = [n for n in g.decode.gm.graph.nodes if n.target is torch.ops.routefx.routed_ffn.default]
-    assert len(routed) == 3                          # the same rewrite as the whole-sequence graph
-    assert [tuple(t.shape) for t in st.past] == [(2, 2, 6 + 4, 12)] * 6   # every layer keeps its K and V
+    assert g.plan is cm.plan and g.kept == [0, 1, 2]
+    for graph in (g.prefill, g.decode):              # the same rewrite as the whole-sequence graph
+        routed = [n for n in graph.gm.graph.nodes if n.target is torch.ops.routefx.routed_ffn.default]
+        assert len(routed) == 3
+    assert [tuple(t.shape) for t in st.past] == [(2, 2, 6 + 3, 12)] * 6   # every layer keeps its K and V
 
 
-def test_routing_leaves_the_cache_untouched():
+def test_duo_plan_on_onnx(duo):
+    """The plan, given to an ONNX compile: no calibration; the ONNX decode steps match its whole-sequence graph."""
+    model, cm, _ = duo
+    onnx = routefx.compile(model, cm.plan, backend="onnx")
+    _steps_match_whole_sequence(onnx, *_prompt(ZOO["llama"]), ONNX_VS_EAGER)
+
+
+def test_routing_leaves_the_cache_untouched(duo):
     """Layer 0's K/V come before any routed FFN: identical under Duo and Dense."""
-    entry = ZOO["llama"]
-    model = entry.build()
-    ids, mask = _prompt(entry)
-    duo = routefx.compile(model, Duo(budget=0.3, router="local"), calibration=_cal(entry))
-    dense = routefx.compile(model, Dense())
-    a, b = Stepper(duo, mask), Stepper(dense, mask)
+    model, cm, _ = duo
+    ids, mask = _prompt(ZOO["llama"])
+    a, b = Stepper(cm, mask), Stepper(routefx.compile(model, Dense()), mask)
     a.prefill(ids), b.prefill(ids)
     assert torch.equal(a.past[0], b.past[0]) and torch.equal(a.past[1], b.past[1])
     assert (a.past[2] - b.past[2]).abs().max() > 0   # layer 1's input went through a routed FFN
 
 
-@pytest.mark.parametrize("backend", ["eager", "onnx"])
-def test_pruned_layer_has_no_cache_entry(backend):
+def test_pruned_layer_has_no_cache_entry(backend="eager"):
     entry = ZOO["llama"]
     cm = routefx.compile(entry.build(), PruneLayers(layers=[1]), backend=backend)
     g = generation_graphs(cm)
