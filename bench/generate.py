@@ -21,6 +21,8 @@ Greedy outputs of routefx dense and HF are checked token-identical.
 
     .venv/bin/python bench/generate.py            # the real run (~20 min on 2 loaded cores), bench/results/generate.json
     .venv/bin/python bench/generate.py --quick    # a 2-layer hidden-256 model, 32 + 16 tokens: checks the script
+    --threads N   torch's intra-op threads, and so ONNX Runtime's (on a machine loaded by other work, 1 avoids
+                  OpenMP spin-waits that slow small eager ops 10x and more)
 """
 from __future__ import annotations
 
@@ -82,10 +84,10 @@ def duo_fraction(cm, seqs: torch.Tensor, prompt: int, batch: int) -> dict:
     over the generated positions (routes of the whole-sequence graph on the generated sequences)."""
     from routefx.calibrate.record import observe_routes
     from routefx.ir.flops import route_flops
-    cm(input_ids=seqs[:1, :2], attention_mask=torch.ones_like(seqs[:1, :2]))      # the whole-sequence graph
-    g = cm.graph_module
+    entry, batches = cm._batch_entry([{"input_ids": seqs, "attention_mask": torch.ones_like(seqs)}])
+    g = entry.gm                                                           # the whole-sequence graph
     routed = [n for n in g.graph.nodes if n.op == "call_function" and n.target is torch.ops.routefx.routed_ffn.default]
-    (_, routes), = observe_routes(g, routed, [{"input_ids": seqs, "attention_mask": torch.ones_like(seqs)}])
+    (_, routes), = observe_routes(g, routed, batches)
     per_tok, union = [], []
     for n, r in routes.items():
         per = torch.tensor(route_flops(n), dtype=torch.float64)
@@ -100,7 +102,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (ONNX Runtime sessions take the same number); default: torch's")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     st = QUICK if args.quick else REAL
     out_path = args.out or (os.path.join("/tmp", "routefx_generate_quick.json") if args.quick
                             else os.path.join(HERE, "results", "generate.json"))
