@@ -20,6 +20,8 @@ Per candidate and batch, the median wall time of `generate(max_new_tokens=128)` 
 Greedy outputs of routefx dense and HF are checked token-identical.
 
     .venv/bin/python bench/generate.py            # the real run (~20 min on 2 loaded cores), bench/results/generate.json
+    .venv/bin/python bench/generate.py --speculative   # self-speculative decoding on the trained tiny Llama:
+                                                       # acceptance, tokens per round, speedup over ONNX dense
     .venv/bin/python bench/generate.py --quick    # a 2-layer hidden-256 model, 32 + 16 tokens: checks the script
     --threads N   torch's intra-op threads, and so ONNX Runtime's (on a machine loaded by other work, 1 avoids
                   OpenMP spin-waits that slow small eager ops 10x and more)
@@ -98,16 +100,63 @@ def duo_fraction(cm, seqs: torch.Tensor, prompt: int, batch: int) -> dict:
     return {"per_token": sum(per_tok) / len(per_tok), "batch_union": sum(union) / len(union)}
 
 
+def speculative(args) -> dict:
+    """Self-speculative decoding on the locally trained tiny Llama (tests/tiny_lm.py: 4 layers, d=64, byte
+    vocabulary; acceptance rates only mean something on a trained model): ONNX dense greedy against drafts by
+    PruneLayers (one of four layers) and Duo at budget 0.25, n chosen automatically and fixed at 2 and 4."""
+    from routefx.generate.speculative import speculative_generate
+    from routefx.policies import PruneLayers
+    from tests.tiny_lm import batches, trained_llama
+    model = trained_llama()
+    cal = batches(2, 4, 64, seed=3)
+    prompt = batches(1, 1, 64, seed=11, split="heldout")[0]["input_ids"]
+    full = routefx.compile(model, Dense(), backend="onnx")
+    drafts = {"prune_1_of_4": routefx.compile(model, PruneLayers(layers=[2]), backend="onnx"),
+              "duo_0.25": routefx.compile(model, Duo(budget=0.25, router="local"), calibration=cal, backend="onnx")}
+    new = 64 if args.quick else 128
+    kw = dict(max_new_tokens=new, eos_token_id=[])
+    ref = full.generate(prompt, **kw)
+    fns, rows = {"onnx_dense": lambda: full.generate(prompt, **kw)}, []
+    for name, d in drafts.items():
+        for n in (None, 2, 4):
+            key = f"spec_{name}_n{n or 'auto'}"
+            out, st = speculative_generate(full, d, prompt, n=n, **kw)
+            rows.append({"candidate": key, "identical_to_greedy": torch.equal(out, ref), "acceptance": st.acceptance,
+                         "tokens_per_round": st.tokens_per_round, "n_chosen_last": st.n_chosen[-1],
+                         "draft_step_s": st.draft_seconds, "verify_s": st.verify_seconds})
+            fns[key] = lambda d=d, n=n: speculative_generate(full, d, prompt, n=n, **kw)
+    t = median_seconds(fns, warmup=1, reps=3 if args.quick else 5, shuffle_seed=0)
+    for r in rows:
+        r["speedup_vs_onnx_dense"] = t["onnx_dense"] / t[r["candidate"]]
+        print({a: (round(b, 4) if isinstance(b, float) else b) for a, b in r.items()}, flush=True)
+    return {"model": "tests/tiny_lm.py trained_llama() (4 layers, d=64, F=172, vocab 256)", "prompt": 64,
+            "new": new, "t_onnx_dense": t["onnx_dense"], "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 8)")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 3; quick 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1)")
+    ap.add_argument("--speculative", action="store_true", help="only the self-speculative run (tiny trained Llama)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (ONNX Runtime sessions take the same number); default: torch's")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.speculative:
+        res = {"machine": machine(), "speculative": speculative(args)}
+        path = args.out or os.path.join("/tmp" if args.quick else os.path.join(HERE, "results"),
+                                        "generate_speculative.json")
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        print(f"wrote {path}")
+        return
     st = QUICK if args.quick else REAL
+    st = dataclasses.replace(st, batches=tuple(args.batches or st.batches), reps=args.reps or st.reps,
+                             warmup=st.warmup if args.warmup is None else args.warmup)
     out_path = args.out or (os.path.join("/tmp", "routefx_generate_quick.json") if args.quick
                             else os.path.join(HERE, "results", "generate.json"))
     m = st.shape
@@ -163,11 +212,11 @@ def main() -> None:
             results["rows"].append(row)
             print({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
         results[f"kv_bytes_at_end_batch_{B}"] = kv_bytes(m, B, st.prompt + st.new)
-    results["dense_weight_bytes_per_step"] = dense_bytes
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    print(f"wrote {out_path}")
+        results["dense_weight_bytes_per_step"] = dense_bytes
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        with open(out_path, "w") as f:                     # after every batch size: a partial run keeps its rows
+            json.dump(results, f, indent=1, default=str)
+        print(f"wrote {out_path}", flush=True)
 
 
 if __name__ == "__main__":
