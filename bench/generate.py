@@ -133,6 +133,53 @@ def speculative(args) -> dict:
             "new": new, "t_onnx_dense": t["onnx_dense"], "rows": rows}
 
 
+_BEGIN, _END = "<!-- bench/generate.py: begin -->", "<!-- bench/generate.py: end -->"
+
+
+def markdown(res: dict | None, spec: dict | None) -> str:
+    """The generation section of bench/RESULTS.md, every figure from the JSON of a run."""
+    L = [_BEGIN, "## Generation (bench/generate.py)", ""]
+    if res is not None:
+        m, st = res["machine"], res["setup"]
+        sh = st["shape"]
+        L += [f"Machine: {m['cpu']}, {m['cpu_count']} cores; torch {m['versions']['torch']} ({m['torch_threads']} "
+              f"threads), onnxruntime {m['versions']['onnxruntime']} ({m['ort_intra_op_threads']} intra-op threads). "
+              f"Model: Llama {sh['layers']} layers, d={sh['hidden']}, F={sh['ffn']}, {sh['heads']}/{sh['kv_heads']} "
+              f"heads, vocab {sh['vocab']}, fp32, random weights. Prompt {st['prompt']} tokens, {st['new']} new, "
+              f"greedy; {st['warmup']} warm-up + {st['reps']} timed interleaved rounds. Dense weight bytes per "
+              f"decode step: {res['dense_weight_bytes_per_step'] / 2**20:.0f} MiB. Growing KV cache (concatenated "
+              "in the decode graph).", "",
+              "| batch | candidate | end-to-end tok/s | decode tok/s | decode vs ONNX dense | decode vs HF eager | "
+              "bytes-ideal vs ONNX dense | efficiency | FFN fraction read |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in res["rows"]:
+            L.append(f"| {r['batch']} | {r['candidate']} | {r['end_to_end_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+                     f"{r['decode_vs_onnx_dense']:.2f} | {r['decode_vs_hf_eager']:.2f} | "
+                     f"{r['bytes_ideal_vs_onnx_dense']:.2f} | {r.get('efficiency', 1.0):.2f} | "
+                     f"{r.get('ffn_fraction_read', 1.0):.3f} |")
+        same = [r.get("identical_to_hf") for r in res["rows"] if "identical_to_hf" in r]
+        L += ["", f"routefx ONNX dense greedy output identical to HF `generate`: {same}."]
+    if spec is not None:
+        L += ["", f"Self-speculative decoding on {spec['model']}, prompt {spec['prompt']}, {spec['new']} new tokens, "
+              "batch 1, ONNX backend for the full model and the drafts:", "",
+              "| candidate | identical to greedy | acceptance | tokens/round | last n | speedup vs ONNX dense |",
+              "|---|---|---:|---:|---:|---:|"]
+        for r in spec["rows"]:
+            L.append(f"| {r['candidate']} | {r['identical_to_greedy']} | {r['acceptance']:.3f} | "
+                     f"{r['tokens_per_round']:.2f} | {r['n_chosen_last']} | {r['speedup_vs_onnx_dense']:.2f} |")
+    L += [_END]
+    return "\n".join(L) + "\n"
+
+
+def write_results_md(res, spec, path=os.path.join(HERE, "RESULTS.md")) -> None:
+    """Replace (or append) the generation section of RESULTS.md; bench/report.py rewrites the rest."""
+    text = open(path).read() if os.path.exists(path) else ""
+    if _BEGIN in text and _END in text:
+        text = text[:text.index(_BEGIN)] + text[text.index(_END) + len(_END) + 1:]
+    with open(path, "w") as f:
+        f.write(text.rstrip() + "\n\n" + markdown(res, spec))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -140,12 +187,19 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 8)")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 3; quick 2)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1)")
+    ap.add_argument("--write-results", action="store_true",
+                    help="only render bench/results/generate*.json into the generation section of RESULTS.md")
     ap.add_argument("--speculative", action="store_true", help="only the self-speculative run (tiny trained Llama)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (ONNX Runtime sessions take the same number); default: torch's")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.write_results:
+        load = lambda n: json.load(open(p)) if os.path.exists(p := os.path.join(HERE, "results", n)) else None  # noqa
+        spec = load("generate_speculative.json")
+        write_results_md(load("generate.json"), spec and spec["speculative"])
+        return
     if args.speculative:
         res = {"machine": machine(), "speculative": speculative(args)}
         path = args.out or os.path.join("/tmp" if args.quick else os.path.join(HERE, "results"),
