@@ -186,6 +186,11 @@ class CompiledModel:
         with torch.no_grad():
             return entry.run(**kwargs)
 
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        """Greedy or sampled generation with a KV cache (`routefx.generate`); returns [B, S + new] token ids."""
+        from routefx.generate import generate
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     def _batch_entry(self, batches) -> tuple[_Entry, list[dict]]:
         batches = complete_batches([_canonical(self._model, (), b) for b in normalize_calibration(batches)])
         return self._entry(batches[0]), batches

@@ -1,0 +1,277 @@
+"""Generation benchmark: tokens/s of Hugging Face eager `generate` against routefx `CompiledModel.generate` on ONNX
+Runtime (Dense, and Duo at budget 0.5), in one process, interleaved.
+
+Model: bench/cpu.py's CPU benchmark model (a Llama: 8 layers, hidden 1024, FFN 2816, 16 query / 4 key-value
+heads, vocab 32000, random weights, fp32). Prompt 128 random tokens (no padding), 128 new tokens, greedy, no EOS
+(every candidate generates all 128). Batch 1 and 8.
+
+Per candidate and batch, the median wall time of `generate(max_new_tokens=128)` and of `generate(max_new_tokens=1)`
+(the prefill and the first token), over interleaved rounds in a shuffled order:
+  end-to-end tok/s   B * 128 / t(128)
+  decode tok/s       B * 127 / (t(128) - t(1)): the decode steps alone
+  decode speedup     decode tok/s over routefx ONNX dense's (and over HF eager's)
+  bytes-ideal        weight bytes read per decode step, dense / candidate: every weight matrix a step multiplies
+                     by (attention, FFN, LM head; one embedding row), with a routed FFN counting the fraction of
+                     its rows the step's routes read. Per-token Duo routers at batch B read, per layer, the
+                     widest route any row took; the fraction is measured over the generated tokens of the run
+                     (`cm.route_stats` on the generated sequences: the routes the whole-sequence graph takes, the
+                     same function the decode graph computes), the batch-union from the per-row routes.
+                     The KV cache (grown by concatenation, read and re-written once per step) is reported beside it.
+Greedy outputs of routefx dense and HF are checked token-identical.
+
+    .venv/bin/python bench/generate.py            # the real run (~20 min on 2 loaded cores), bench/results/generate.json
+    .venv/bin/python bench/generate.py --speculative   # self-speculative decoding on the trained tiny Llama:
+                                                       # acceptance, tokens per round, speedup over ONNX dense
+    .venv/bin/python bench/generate.py --quick    # a 2-layer hidden-256 model, 32 + 16 tokens: checks the script
+    --threads N   torch's intra-op threads, and so ONNX Runtime's (on a machine loaded by other work, 1 avoids
+                  OpenMP spin-waits that slow small eager ops 10x and more)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import warnings
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import routefx  # noqa: E402
+from routefx.generate import generate_with_stats  # noqa: E402
+from routefx.policies import Dense, Duo  # noqa: E402
+from routefx.timing import median_seconds  # noqa: E402
+from cpu import FULL, SMOKE, Shape, build_model, loadavg, machine  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    shape: Shape
+    prompt: int
+    new: int
+    batches: tuple[int, ...]
+    warmup: int
+    reps: int
+    cal: tuple[int, int, int]          # calibration batches, batch size, length
+
+
+REAL = Setup(FULL, 128, 128, (1, 8), 1, 3, (2, 2, 256))
+QUICK = Setup(SMOKE, 32, 16, (1, 8), 1, 2, (2, 2, 64))
+
+
+def weight_bytes(m: Shape) -> dict:
+    """Weight bytes one decode step reads (fp32), by part; FFN bytes per layer separately."""
+    hd = m.hidden // m.heads
+    attn = m.hidden * (m.heads * hd) * 2 + m.hidden * (m.kv_heads * hd) * 2 + 2 * m.hidden   # q, o, k, v, norms
+    ffn = 3 * m.hidden * m.ffn
+    return {"attention": 4 * attn * m.layers, "ffn_per_layer": 4 * ffn, "ffn": 4 * ffn * m.layers,
+            "lm_head": 4 * m.vocab * m.hidden + 4 * m.hidden, "embedding_row": 4 * m.hidden}
+
+
+def kv_bytes(m: Shape, batch: int, length: int) -> int:
+    """K/V bytes of all layers at `length` positions (fp32)."""
+    return 4 * 2 * m.layers * batch * m.kv_heads * (m.hidden // m.heads) * length
+
+
+def duo_fraction(cm, seqs: torch.Tensor, prompt: int, batch: int) -> dict:
+    """FFN fraction read per decode step: per layer, the widest route any of the `batch` rows took, averaged
+    over the generated positions (routes of the whole-sequence graph on the generated sequences)."""
+    from routefx.calibrate.record import observe_routes
+    from routefx.ir.flops import route_flops
+    entry, batches = cm._batch_entry([{"input_ids": seqs, "attention_mask": torch.ones_like(seqs)}])
+    g = entry.gm                                                           # the whole-sequence graph
+    routed = [n for n in g.graph.nodes if n.op == "call_function" and n.target is torch.ops.routefx.routed_ffn.default]
+    (_, routes), = observe_routes(g, routed, batches)
+    per_tok, union = [], []
+    for n, r in routes.items():
+        per = torch.tensor(route_flops(n), dtype=torch.float64)
+        per = per / per.max()                                              # fraction of the layer's FFN weights
+        c = per[r.reshape(seqs.shape[0], seqs.shape[1], -1).long()].sum(-1)[:, prompt:]   # [B, new]
+        per_tok.append(c.mean().item())
+        union.append(c.reshape(-1, batch, c.shape[-1]).amax(1).mean().item())
+    return {"per_token": sum(per_tok) / len(per_tok), "batch_union": sum(union) / len(union)}
+
+
+def speculative(args) -> dict:
+    """Self-speculative decoding on the locally trained tiny Llama (tests/tiny_lm.py: 4 layers, d=64, byte
+    vocabulary; acceptance rates only mean something on a trained model): ONNX dense greedy against drafts by
+    PruneLayers (one of four layers) and Duo at budget 0.25, n chosen automatically and fixed at 2 and 4."""
+    from routefx.generate.speculative import speculative_generate
+    from routefx.policies import PruneLayers
+    from tests.tiny_lm import batches, trained_llama
+    model = trained_llama()
+    cal = batches(2, 4, 64, seed=3)
+    prompt = batches(1, 1, 64, seed=11, split="heldout")[0]["input_ids"]
+    full = routefx.compile(model, Dense(), backend="onnx")
+    drafts = {"prune_1_of_4": routefx.compile(model, PruneLayers(layers=[2]), backend="onnx"),
+              "duo_0.25": routefx.compile(model, Duo(budget=0.25, router="local"), calibration=cal, backend="onnx")}
+    new = 64 if args.quick else 128
+    kw = dict(max_new_tokens=new, eos_token_id=[])
+    ref = full.generate(prompt, **kw)
+    fns, rows = {"onnx_dense": lambda: full.generate(prompt, **kw)}, []
+    for name, d in drafts.items():
+        for n in (None, 2, 4):
+            key = f"spec_{name}_n{n or 'auto'}"
+            out, st = speculative_generate(full, d, prompt, n=n, **kw)
+            rows.append({"candidate": key, "identical_to_greedy": torch.equal(out, ref), "acceptance": st.acceptance,
+                         "tokens_per_round": st.tokens_per_round, "n_chosen_last": st.n_chosen[-1],
+                         "draft_step_s": st.draft_seconds, "verify_s": st.verify_seconds})
+            fns[key] = lambda d=d, n=n: speculative_generate(full, d, prompt, n=n, **kw)
+    t = median_seconds(fns, warmup=1, reps=3 if args.quick else 5, shuffle_seed=0)
+    for r in rows:
+        r["speedup_vs_onnx_dense"] = t["onnx_dense"] / t[r["candidate"]]
+        print({a: (round(b, 4) if isinstance(b, float) else b) for a, b in r.items()}, flush=True)
+    return {"model": "tests/tiny_lm.py trained_llama() (4 layers, d=64, F=172, vocab 256)", "prompt": 64,
+            "new": new, "t_onnx_dense": t["onnx_dense"], "rows": rows}
+
+
+_BEGIN, _END = "<!-- bench/generate.py: begin -->", "<!-- bench/generate.py: end -->"
+
+
+def markdown(res: dict | None, spec: dict | None) -> str:
+    """The generation section of bench/RESULTS.md, every figure from the JSON of a run."""
+    L = [_BEGIN, "## Generation (bench/generate.py)", ""]
+    if res is not None:
+        m, st = res["machine"], res["setup"]
+        sh = st["shape"]
+        L += [f"Machine: {m['cpu']}, {m['cpu_count']} cores; torch {m['versions']['torch']} ({m['torch_threads']} "
+              f"threads), onnxruntime {m['versions']['onnxruntime']} ({m['ort_intra_op_threads']} intra-op threads). "
+              f"Model: Llama {sh['layers']} layers, d={sh['hidden']}, F={sh['ffn']}, {sh['heads']}/{sh['kv_heads']} "
+              f"heads, vocab {sh['vocab']}, fp32, random weights. Prompt {st['prompt']} tokens, {st['new']} new, "
+              f"greedy; {st['warmup']} warm-up + {st['reps']} timed interleaved rounds. Dense weight bytes per "
+              f"decode step: {res['dense_weight_bytes_per_step'] / 2**20:.0f} MiB. Growing KV cache (concatenated "
+              "in the decode graph).", "",
+              "| batch | candidate | end-to-end tok/s | decode tok/s | decode vs ONNX dense | decode vs HF eager | "
+              "bytes-ideal vs ONNX dense | efficiency | FFN fraction read |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in res["rows"]:
+            L.append(f"| {r['batch']} | {r['candidate']} | {r['end_to_end_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+                     f"{r['decode_vs_onnx_dense']:.2f} | {r['decode_vs_hf_eager']:.2f} | "
+                     f"{r['bytes_ideal_vs_onnx_dense']:.2f} | {r.get('efficiency', 1.0):.2f} | "
+                     f"{r.get('ffn_fraction_read', 1.0):.3f} |")
+        same = [r.get("identical_to_hf") for r in res["rows"] if "identical_to_hf" in r]
+        L += ["", f"routefx ONNX dense greedy output identical to HF `generate`: {same}."]
+    if spec is not None:
+        L += ["", f"Self-speculative decoding on {spec['model']}, prompt {spec['prompt']}, {spec['new']} new tokens, "
+              "batch 1, ONNX backend for the full model and the drafts:", "",
+              "| candidate | identical to greedy | acceptance | tokens/round | last n | speedup vs ONNX dense |",
+              "|---|---|---:|---:|---:|---:|"]
+        for r in spec["rows"]:
+            L.append(f"| {r['candidate']} | {r['identical_to_greedy']} | {r['acceptance']:.3f} | "
+                     f"{r['tokens_per_round']:.2f} | {r['n_chosen_last']} | {r['speedup_vs_onnx_dense']:.2f} |")
+    L += [_END]
+    return "\n".join(L) + "\n"
+
+
+def write_results_md(res, spec, path=os.path.join(HERE, "RESULTS.md")) -> None:
+    """Replace (or append) the generation section of RESULTS.md; bench/report.py rewrites the rest."""
+    text = open(path).read() if os.path.exists(path) else ""
+    if _BEGIN in text and _END in text:
+        text = text[:text.index(_BEGIN)] + text[text.index(_END) + len(_END) + 1:]
+    with open(path, "w") as f:
+        f.write(text.rstrip() + "\n\n" + markdown(res, spec))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 8)")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 3; quick 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1)")
+    ap.add_argument("--write-results", action="store_true",
+                    help="only render bench/results/generate*.json into the generation section of RESULTS.md")
+    ap.add_argument("--speculative", action="store_true", help="only the self-speculative run (tiny trained Llama)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (ONNX Runtime sessions take the same number); default: torch's")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.write_results:
+        load = lambda n: json.load(open(p)) if os.path.exists(p := os.path.join(HERE, "results", n)) else None  # noqa
+        spec = load("generate_speculative.json")
+        write_results_md(load("generate.json"), spec and spec["speculative"])
+        return
+    if args.speculative:
+        res = {"machine": machine(), "speculative": speculative(args)}
+        path = args.out or os.path.join("/tmp" if args.quick else os.path.join(HERE, "results"),
+                                        "generate_speculative.json")
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        print(f"wrote {path}")
+        return
+    st = QUICK if args.quick else REAL
+    st = dataclasses.replace(st, batches=tuple(args.batches or st.batches), reps=args.reps or st.reps,
+                             warmup=st.warmup if args.warmup is None else args.warmup)
+    out_path = args.out or (os.path.join("/tmp", "routefx_generate_quick.json") if args.quick
+                            else os.path.join(HERE, "results", "generate.json"))
+    m = st.shape
+    model = build_model(m)
+    gen = torch.Generator().manual_seed(0)
+    cal = [{"input_ids": torch.randint(3, m.vocab, st.cal[1:], generator=gen)} for _ in range(st.cal[0])]
+    t0 = time.perf_counter()
+    compiled = {"routefx_onnx_dense": routefx.compile(model, Dense(), backend="onnx"),
+                "routefx_onnx_duo_0.5": routefx.compile(model, Duo(budget=0.5, router="local"), calibration=cal,
+                                                         backend="onnx")}
+    compile_s = {}
+    for name, cm in compiled.items():
+        t = time.perf_counter()
+        cm.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)   # builds the generation graphs
+        compile_s[name] = round(time.perf_counter() - t, 1)
+    print(f"compiled in {time.perf_counter() - t0:.0f} s: {compile_s}", flush=True)
+
+    results = {"machine": machine(), "setup": dataclasses.asdict(st), "compile_seconds": compile_s,
+               "weight_bytes": weight_bytes(m), "rows": []}
+    wb = weight_bytes(m)
+    dense_bytes = wb["attention"] + wb["ffn"] + wb["lm_head"] + wb["embedding_row"]
+    for B in st.batches:
+        prompt = torch.randint(3, m.vocab, (B, st.prompt), generator=gen)
+        no_eos = dict(eos_token_id=[], pad_token_id=0)
+        fns, outs = {}, {}
+
+        def hf(n, prompt=prompt):
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=0)
+        fns["hf_eager_128"], fns["hf_eager_1"] = (lambda: outs.__setitem__("hf_eager", hf(st.new))), lambda: hf(1)
+        for name, cm in compiled.items():
+            fns[f"{name}_128"] = (lambda cm=cm, name=name: outs.__setitem__(
+                name, generate_with_stats(cm, prompt, max_new_tokens=st.new, **no_eos)[0]))
+            fns[f"{name}_1"] = lambda cm=cm: cm.generate(prompt, max_new_tokens=1, **no_eos)
+        print(f"batch {B}: load {loadavg()}", flush=True)
+        t = median_seconds(fns, warmup=st.warmup, reps=st.reps, shuffle_seed=B)
+        same = torch.equal(outs["hf_eager"], outs["routefx_onnx_dense"])
+        duo = duo_fraction(compiled["routefx_onnx_duo_0.5"], outs["routefx_onnx_duo_0.5"], st.prompt, B)
+        fr = duo["per_token"] if B == 1 else duo["batch_union"]
+        duo_bytes = wb["attention"] + wb["ffn"] * fr + wb["lm_head"] + wb["embedding_row"]
+        ideal = {"hf_eager": 1.0, "routefx_onnx_dense": 1.0, "routefx_onnx_duo_0.5": dense_bytes / duo_bytes}
+        dec = {k: B * (st.new - 1) / (t[f"{k}_128"] - t[f"{k}_1"]) for k in ideal}
+        for k in ideal:
+            row = {"batch": B, "candidate": k, "t_new": t[f"{k}_128"], "t_first": t[f"{k}_1"],
+                   "end_to_end_tok_s": B * st.new / t[f"{k}_128"], "decode_tok_s": dec[k],
+                   "decode_vs_onnx_dense": dec[k] / dec["routefx_onnx_dense"],
+                   "decode_vs_hf_eager": dec[k] / dec["hf_eager"], "bytes_ideal_vs_onnx_dense": ideal[k]}
+            if k == "routefx_onnx_duo_0.5":
+                row |= {"ffn_fraction_read": fr, "ffn_fraction_per_token": duo["per_token"],
+                        "efficiency": row["decode_vs_onnx_dense"] / ideal[k]}
+            if k == "routefx_onnx_dense":
+                row["identical_to_hf"] = same
+            results["rows"].append(row)
+            print({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
+        results[f"kv_bytes_at_end_batch_{B}"] = kv_bytes(m, B, st.prompt + st.new)
+        results["dense_weight_bytes_per_step"] = dense_bytes
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        with open(out_path, "w") as f:                     # after every batch size: a partial run keeps its rows
+            json.dump(results, f, indent=1, default=str)
+        print(f"wrote {out_path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The generation loop: prefill once, then one decode step per new token, with a growing KV cache.
+
+Batches may be left-padded (`attention_mask` 0 on the left). Positions follow Hugging Face `generate`: the
+cumulative count of real tokens minus one (0 at padding) for the prompt, then the last position plus one per new
+token. A row stops at its first end-of-sequence token; from then on it receives the pad token, and the loop ends
+when every row has stopped or `max_new_tokens` tokens were generated. The result is [B, S + n] like
+`generate`'s `sequences`.
+
+Models without a cache convention routefx can capture (plain `nn.Module` LMs taking only input_ids) generate
+*uncached*: each step runs the compiled prefill graph on the whole sequence so far (quadratic in the length; said
+so in `GenerationStats.mode`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect as _inspect
+import time
+
+import torch
+
+from routefx.errors import InputError
+from routefx.generate.graphs import generation_graphs
+from routefx.generate.sampling import Sampler
+from routefx.generate.step import supports_cache
+
+__all__ = ["generate", "generate_with_stats", "GenerationStats", "Stepper"]
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    mode: str                    # "cached" | "uncached"
+    prompt_tokens: int           # B * S (padding included)
+    new_tokens: int              # generated positions per row (the loop's steps)
+    prefill_seconds: float
+    decode_seconds: float        # every step after the prefill, sampling included
+    batch: int = 1
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Generated tokens per second of decode over the batch (B rows × steps after the first token)."""
+        return self.batch * max(self.new_tokens - 1, 0) / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def _ids(model, given, name: str) -> list[int]:
+    if given is None:
+        cfg = getattr(model, "generation_config", None)
+        given = getattr(cfg, name, None) if cfg is not None else None
+        if given is None:
+            given = getattr(getattr(model, "config", None), name, None)
+    if given is None:
+        return []
+    return [int(given)] if isinstance(given, int) else [int(x) for x in given]
+
+
+def _check(input_ids, attention_mask, max_new_tokens):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
+            torch.int64, torch.int32) or 0 in input_ids.shape:
+        raise InputError(f"input_ids must be a non-empty [batch, seq] integer tensor, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise InputError(f"attention_mask has shape {list(attention_mask.shape)}; input_ids has "
+                         f"{list(input_ids.shape)}")
+    mask = attention_mask.long()
+    if not bool(((mask == 0) | (mask == 1)).all()) or bool((mask.sum(1) == 0).any()):
+        raise InputError("attention_mask must hold 0/1 with at least one 1 per row")
+    if not bool((mask.cummax(1).values == mask).all()):
+        raise InputError("attention_mask has padding after a real token; generate takes left padding only")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    return input_ids.long(), mask
+
+
+def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: int = 20, do_sample: bool = False,
+                        temperature: float = 1.0, top_k: int | None = None, eos_token_id=None,
+                        pad_token_id: int | None = None, streamer=None, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, GenerationStats]:
+    ids, mask = _check(input_ids, attention_mask, max_new_tokens)
+    choose = Sampler(do_sample, temperature, top_k, generator)
+    model = cm._model
+    eos = _ids(model, eos_token_id, "eos_token_id")
+    pad = _ids(model, pad_token_id, "pad_token_id") or eos[:1] or [0]
+    eos_t = torch.tensor(eos, dtype=torch.long)
+    B = ids.shape[0]
+    cached = supports_cache(model) is None
+    step = Stepper(cm, mask) if cached else _Uncached(cm, mask)
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    unfinished = torch.ones(B, dtype=torch.bool)
+    seq = ids
+    t0 = time.perf_counter()
+    logits = step.prefill(ids) if max_new_tokens else None
+    t1 = time.perf_counter()
+    n = 0
+    for n in range(1, max_new_tokens + 1):
+        nxt = choose(logits.float())
+        nxt = torch.where(unfinished, nxt, pad[0])
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(nxt.cpu())
+        if eos:
+            unfinished &= ~torch.isin(nxt, eos_t)
+        if n == max_new_tokens or not bool(unfinished.any()):
+            break
+        logits = step.decode(nxt[:, None])
+    if streamer is not None:
+        streamer.end()
+    stats = GenerationStats("cached" if cached else "uncached", ids.numel(), n, t1 - t0, time.perf_counter() - t1,
+                            batch=B)
+    return seq, stats
+
+
+def generate(cm, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+    """Generate up to `max_new_tokens` tokens per row; returns [B, S + n] (see the module docstring)."""
+    return generate_with_stats(cm, input_ids, attention_mask, **kwargs)[0]
+
+
+class Stepper:
+    """Prefill and decode graphs with the cache between them (a list of tensors in the graphs' order):
+    `prefill(ids)` -> logits of the last prompt position [B, V]; `extend(new)` -> logits of S new tokens per row
+    [B, S, V]; `decode(new)` -> logits of the last of them [B, V]."""
+
+    def __init__(self, cm, mask):
+        self.g = generation_graphs(cm)
+        self.mask = mask
+        self.past: list[torch.Tensor] = []
+        self.pos = None
+
+    def prefill(self, ids):
+        pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
+        out = self.g.prefill.run(input_ids=ids, attention_mask=self.mask, position_ids=pos)
+        self.pos, self.past = pos[:, -1:], list(out[1:])
+        return out[0][:, -1]
+
+    def decode(self, new):
+        """new: [B, S] tokens appended to every row -> logits of the last new position [B, V]."""
+        logits = self.extend(new)
+        return logits[:, -1]
+
+    def extend(self, new):
+        """Run the decode graph on S new tokens per row; returns their logits [B, S, V] and keeps the cache."""
+        B, S = new.shape
+        self.mask = torch.cat([self.mask, self.mask.new_ones(B, S)], dim=1)
+        pos = self.pos + torch.arange(1, S + 1)
+        out = self.g.decode.run(input_ids=new, attention_mask=self.mask, position_ids=pos,
+                                **dict(zip(self.g.past_names, self.past)))
+        self.pos, self.past = pos[:, -1:], list(out[1:])
+        return out[0]
+
+
+class _Uncached:
+    """Whole-sequence calls of the compiled model (no cache convention to capture)."""
+
+    def __init__(self, cm, mask):
+        self.cm = cm
+        self.mask = mask
+        self.takes_mask = "attention_mask" in _inspect.signature(cm._model.forward).parameters
+        if not self.takes_mask and not bool(mask.all()):
+            raise InputError(f"{type(cm._model).__name__}.forward takes no attention_mask, so its batches cannot "
+                             "be padded; pass rows of equal length without a mask")
+        self.seq = None
+
+    def _run(self):
+        kw = {"attention_mask": self.mask} if self.takes_mask else {}
+        out = self.cm(input_ids=self.seq, **kw)
+        logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+        return logits[:, -1]
+
+    def prefill(self, ids):
+        self.seq = ids
+        return self._run()
+
+    def decode(self, new):
+        self.seq = torch.cat([self.seq, new], dim=1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(new.shape)], dim=1)
+        return self._run()
