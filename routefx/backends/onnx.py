@@ -306,7 +306,7 @@ def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[st
                 return onnx_program.to_onnx(gm, tensor_inputs, opset=opset, lowerings=lowerings,
                                             allow_direct=direct)
             except Exception as e:  # noqa: BLE001 - the exporter raises many types
-                if _routefx_error(e) is not None:  # a routefx lowering refused: tracing again cannot help
+                if onnx_program.routefx_error(e) is not None:  # a routefx lowering refused: tracing again cannot help
                     raise BackendError(f"ONNX export failed: {_describe_export_error(e)}") from e
                 errors.append(e)
             try:  # torch.export of gm itself, then the exporter's decomposition and translation
@@ -315,16 +315,6 @@ def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[st
                 if opset is opsets[-1]:
                     raise BackendError(f"ONNX export failed: {_describe_export_error(e)} (lowered from the "
                                        f"captured graph: {_describe_export_error(errors[0])})") from e
-
-
-def _routefx_error(e: BaseException) -> BackendError | None:
-    seen = []
-    while e is not None and all(e is not c for c in seen):
-        if isinstance(e, BackendError):
-            return e
-        seen.append(e)
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def _export_traced(gm, placeholders, arg_names, example_kwargs, opset, names, static) -> ir.Model:

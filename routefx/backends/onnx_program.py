@@ -191,19 +191,20 @@ def _direct(ep: ExportedProgram, opset: int | None, lowerings: dict):
             onnxscript.version_converter.convert_version(model, target)  # in place
         return model
     except Exception as e:  # noqa: BLE001 - any failure of the internal path: the public path decides
-        if _lowering_refused(e):
+        if routefx_error(e) is not None:
             raise  # a routefx lowering said no (BackendError): the public path would say the same
         return None
 
 
-def _lowering_refused(e: BaseException) -> bool:
+def routefx_error(e: BaseException) -> BackendError | None:
+    """The BackendError a routefx lowering raised somewhere in e's chain of causes, else None."""
     seen = []
     while e is not None and all(e is not c for c in seen):
         if isinstance(e, BackendError):
-            return True
+            return e
         seen.append(e)
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def _registry(opset: int):
