@@ -139,13 +139,18 @@ if not INTERPRET and hasattr(triton, "set_allocator"):
     triton.set_allocator(_scratch)
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(device: torch.device) -> bool:
+    """Tensor descriptors need Triton's device-side API and compute capability 9 or newer (asked once per device)."""
+    return hasattr(triton.language, "make_tensor_descriptor") and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _tma_ok(*tensors) -> bool:
     """Weights through tensor descriptors (TMA): Hopper or newer, 16-byte aligned start and row stride. Read from
     the storage offset (torch's allocations are aligned far beyond 16 bytes), so that it holds for fake tensors
     while torch.compile traces the op too."""
-    if not INTERPRET:
-        if not hasattr(triton.language, "make_tensor_descriptor") or torch.cuda.get_device_capability()[0] < 9:
-            return False
+    if not INTERPRET and not _hopper_or_newer(tensors[0].device):
+        return False
     return all((t.storage_offset() * t.element_size()) % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
                for t in tensors)
 

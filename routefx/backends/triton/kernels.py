@@ -175,6 +175,24 @@ def _find_tile(tile, mblocks, nblocks, tiles, R_P2: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _tile_rows(tile, mblocks, nblocks, tiles, count_ptr, off_ptr, rstart_ptr, rwidth_ptr, order_ptr,
+               R_P2: tl.constexpr, GROUP_M: tl.constexpr, BM: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tile -> (column block, route's first sorted row `off`, range start, width, [BM] positions within the route,
+    their mask, their assignment ids): what both kernels read about a tile's route and rows."""
+    r, pid_m, pid_n = _find_tile(tile, mblocks, nblocks, tiles, R_P2, GROUP_M)
+    cnt = tl.load(count_ptr + r)
+    off = tl.load(off_ptr + r)
+    start = tl.load(rstart_ptr + r)
+    width = tl.load(rwidth_ptr + r)
+    if ALIGNED:
+        start = tl.multiple_of(start, 16)
+    rank = pid_m * BM + tl.arange(0, BM)  # [BM] position within the route
+    row_ok = rank < cnt
+    aid = tl.load(order_ptr + off + rank, mask=row_ok, other=0)  # [BM] assignment ids
+    return pid_m, pid_n, off, start, width, rank, row_ok, aid
+
+
+@triton.jit
 def up_kernel(
     x_ptr, xs_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr,
     order_ptr, count_ptr, off_ptr, rstart_ptr, rwidth_ptr,
@@ -201,17 +219,9 @@ def up_kernel(
     if TMA == 2:
         xs_desc = tl.make_tensor_descriptor(xs_ptr, shape=[NA, D], strides=[stride_x, 1], block_shape=[BM, BK])
     for tile in range(tl.program_id(0), total, tl.num_programs(0)):
-        r, pid_m, pid_n = _find_tile(tile, mblocks, nblocks, tiles, R_P2, GROUP_M)
-        cnt = tl.load(count_ptr + r)
-        off = tl.load(off_ptr + r)
-        start = tl.load(rstart_ptr + r)
-        width = tl.load(rwidth_ptr + r)
-        if ALIGNED:
-            start = tl.multiple_of(start, 16)
-
-        rank = pid_m * BM + tl.arange(0, BM)  # [BM] position within the route
-        row_ok = rank < cnt
-        aid = tl.load(order_ptr + off + rank, mask=row_ok, other=0)  # [BM] assignment ids
+        pid_m, pid_n, off, start, width, rank, row_ok, aid = _tile_rows(
+            tile, mblocks, nblocks, tiles, count_ptr, off_ptr, rstart_ptr, rwidth_ptr, order_ptr, R_P2, GROUP_M,
+            BM, ALIGNED)
         tok = (aid // K).to(tl.int64)
         col = pid_n * BN + tl.arange(0, BN)  # [BN] neuron index within the route
         col_ok = col < width
@@ -243,7 +253,7 @@ def up_kernel(
                         acc_g = _dot(a, wg_desc.load([n0, k0]).T, acc_g, IEEE)
                     a_ptrs += BK
                 if k_full < D:
-                    tail_u, tail_g = _gate_up_loop(a_ptrs + 0, u_ptrs + k_full, g_ptrs + k_full, row_ok, col_ok,
+                    tail_u, tail_g = _gate_up_loop(a_ptrs, u_ptrs + k_full, g_ptrs + k_full, row_ok, col_ok,
                                                    D - k_full, GATED, IEEE, BM, BN, BK)
                     acc_u += tail_u
                     acc_g += tail_g
@@ -280,17 +290,9 @@ def down_kernel(
     if TMA == 2:
         h_desc = tl.make_tensor_descriptor(h_ptr, shape=[NA, stride_h], strides=[stride_h, 1], block_shape=[BM, BK])
     for tile in range(tl.program_id(0), total, tl.num_programs(0)):
-        r, pid_m, pid_n = _find_tile(tile, mblocks, nblocks, tiles, R_P2, GROUP_M)
-        cnt = tl.load(count_ptr + r)
-        off = tl.load(off_ptr + r)
-        start = tl.load(rstart_ptr + r)
-        width = tl.load(rwidth_ptr + r)
-        if ALIGNED:
-            start = tl.multiple_of(start, 16)
-
-        rank = pid_m * BM + tl.arange(0, BM)
-        row_ok = rank < cnt
-        aid = tl.load(order_ptr + off + rank, mask=row_ok, other=0)
+        pid_m, pid_n, off, start, width, rank, row_ok, aid = _tile_rows(
+            tile, mblocks, nblocks, tiles, count_ptr, off_ptr, rstart_ptr, rwidth_ptr, order_ptr, R_P2, GROUP_M,
+            BM, ALIGNED)
         col = pid_n * BN + tl.arange(0, BN)  # [BN] model columns
         col_ok = col < D
         kk = tl.arange(0, BK)
