@@ -148,11 +148,13 @@ def build_and_export(shape, out_dir: str) -> dict:
 
 def measure(res: dict, shape, diagnose: bool, repeat: int) -> None:
     opts = {"vocab": shape.vocab, "seq": shape.seq}
+    res["loadavg_before"] = os.getloadavg()
     res["import_only"] = child("import", "-", opts, repeat)
     for name, art in res["artifacts"].items():
         art["session"] = child("session", art["path"], opts, repeat)
         if diagnose:
             art["variants"] = {v: child(mode, art["path"], {**opts, **o}) for v, mode, o in VARIANTS}
+    res["loadavg_after"] = os.getloadavg()
 
 
 def _t(rec: dict, what: str) -> str:
@@ -164,6 +166,12 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f}"
 
 
+def _load(res: dict) -> str:
+    if "loadavg_before" not in res:
+        return "not recorded"
+    return f"{res['loadavg_before'][0]:.2f} / {res['loadavg_after'][0]:.2f}"
+
+
 def markdown(res: dict) -> str:
     w = res["weight_bytes"]
     L = [MARK, "## Artifacts (`routefx.export` / `routefx.load`)", "",
@@ -173,9 +181,9 @@ def markdown(res: dict) -> str:
          f"Model: bench/cpu.py's Llama shape {res['shape']}, fp32 weight bytes {_mib(w)} MiB; input [1, "
          f"{res['shape']['seq']}]. Each figure from fresh subprocesses (best of {res['repeat']} for times, "
          "largest peak RSS).", "",
-         "Times are wall seconds, with the child's CPU seconds (user + system, all threads) in brackets: this "
-         "machine's 2 cores were shared with other jobs during the run, so wall times there are inflated; the "
-         "second forward is the steady state.", "",
+         "Times are wall seconds, with the child's CPU seconds (user + system, all threads) in brackets (wall "
+         "times are inflated when other jobs share the cores; 1-minute load average before / after the "
+         f"measurements: {_load(res)}); the second forward is the steady state.", "",
          "| artifact | files (MiB) | total / weights | import s | load s | first forward s | second forward s "
          "| peak RSS MiB | peak RSS / weights |", "|---|---|---|---|---|---|---|---|---|"]
     for name, a in res["artifacts"].items():
