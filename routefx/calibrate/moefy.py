@@ -29,7 +29,7 @@ from routefx.ir.ffn import resolve_weight
 from routefx.ir.model_ir import BlockInfo, ModelIR
 from routefx.ir.price import get_price, has_price, set_price_
 
-__all__ = ["calibrate_moefy", "moefy_blocks", "FitMoEfyBudget", "MAX_CLUSTER_TOKENS"]
+__all__ = ["calibrate_moefy", "moefy_blocks", "spread_top_k", "FitMoEfyBudget", "MAX_CLUSTER_TOKENS"]
 
 MAX_CLUSTER_TOKENS = 4096   # tokens (sampled) that describe a neuron's activation pattern for the clustering
 TOL = 0.005                 # the price bisection stops within this of the budget (the policy promises ±0.02)
@@ -93,7 +93,7 @@ def _captured(mass: torch.Tensor, order: torch.Tensor) -> list[float]:
     return share.gather(-1, order).cumsum(-1).mean(0).tolist()
 
 
-def _spread(captured: dict[str, list[float]], experts: int, budget: float) -> dict[str, int]:
+def spread_top_k(captured: dict[str, list[float]], experts: int, budget: float) -> dict[str, int]:
     """Static top-k per layer under a budget: round(budget·E·L) expert slots (one per layer at least), each added
     where the router's next expert holds the most activation mass."""
     keys = list(captured)
@@ -109,9 +109,6 @@ def _spread(captured: dict[str, list[float]], experts: int, budget: float) -> di
 def calibrate_moefy(policy: MoEfy, gm: fx.GraphModule, ir: ModelIR, batches: list[dict], plan: Plan) -> None:
     blocks = moefy_blocks(policy, ir)
     E = policy.experts
-    if policy.rule is not None and policy.budget < 1.0 / E - 1e-9:
-        raise PolicyError(f"MoEfy: budget {policy.budget} is below 1/experts = {1.0 / E:.3f}: the rule always keeps "
-                          "a token's first expert")
     k_label = policy.top_k if policy.top_k is not None else min(E, max(1, round(policy.budget * E)))
     xs = _collect(gm, blocks, batches)
     gen = torch.Generator().manual_seed(policy.seed)
@@ -137,7 +134,7 @@ def calibrate_moefy(policy: MoEfy, gm: fx.GraphModule, ir: ModelIR, batches: lis
     if policy.top_k is not None:
         top_k = {key: policy.top_k for key in plan.layers}
     elif policy.rule is None:
-        top_k = _spread(captured, E, policy.budget)
+        top_k = spread_top_k(captured, E, policy.budget)
     else:
         top_k = {}
     plan.calibration["moefy"] = {"experts": E, "rule": policy.rule, "top_k": top_k, "label_k": k_label,

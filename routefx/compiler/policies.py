@@ -232,6 +232,9 @@ class MoEfy(Policy):
             if self.budget is None:
                 raise PolicyError(f"MoEfy: rule={self.rule!r} chooses experts per token under a budget; give "
                                   "budget=<fraction> instead of top_k")
+            if self.budget < 1.0 / self.experts - 1e-9:
+                raise PolicyError(f"MoEfy: budget {self.budget} is below 1/experts = {1.0 / self.experts:.3f}: the "
+                                  "rule always keeps a token's first expert")
         if self.layers is not None:
             layers = tuple(self.layers)
             if not layers or any(not whole(i) or i < 0 for i in layers):
