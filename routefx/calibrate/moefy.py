@@ -120,7 +120,7 @@ def calibrate_moefy(policy: MoEfy, gm: fx.GraphModule, ir: ModelIR, batches: lis
             sample = torch.randperm(x.shape[0], generator=gen)[:MAX_CLUSTER_TOKENS]
             assign = balanced_kmeans(contrib[sample].T.contiguous(), E, gen)    # [F] expert per neuron
             perm = torch.argsort(assign, stable=True)                           # expert e = [e·W, (e+1)·W)
-            mass = contrib.double() @ F.one_hot(assign, E).double()             # [N, E]
+            mass = (contrib @ F.one_hot(assign, E).float()).double()            # [N, E]
             weight, bias = fit_expert_router(x, top_k_targets(mass, k_label), policy.steps)
             order = torch.argsort(x.double() @ weight.double().T + bias.double(), -1, descending=True)  # [N, E]
             n_neurons = b.ffn.intermediate_size
