@@ -36,12 +36,14 @@ def balanced_assign(scores: torch.Tensor, capacity: int) -> torch.Tensor:
 
 def balanced_kmeans(features: torch.Tensor, experts: int, gen: torch.Generator, iters: int = 30) -> torch.Tensor:
     """[F] expert of each neuron: spherical k-means on `features` [F, N] (a neuron's activation pattern over the
-    calibration tokens) with clusters of exactly F / experts neurons (balanced assignment at every step).
-
-    Seeding is k-means++ on cosine distance, from `gen`; the loop stops when the assignment no longer changes.
+    calibration tokens), centred per neuron so that similarity is the correlation of two neurons' patterns
+    (co-activation, not shared magnitude), with clusters of exactly F / experts neurons (balanced assignment at
+    every step). Seeding is k-means++ on that distance, from `gen`; the loop stops when the assignment no longer
+    changes.
     """
     n = features.shape[0]
-    z = F.normalize(features.double(), dim=1)                              # [F, N] unit rows: cosine similarity
+    f = features.double()
+    z = F.normalize(f - f.mean(1, keepdim=True), dim=1)                    # [F, N] unit rows: correlation
     first = int(torch.randint(n, (1,), generator=gen))
     centres = [z[first]]
     for _ in range(experts - 1):                                           # k-means++ seeding

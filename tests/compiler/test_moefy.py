@@ -62,7 +62,7 @@ def _mlp_reference(mlp, lp, top_k, E):
     return forward
 
 
-def test_top_k_equals_a_per_token_reference_and_onnx_agrees(llama_moe):
+def test_top_k_equals_a_per_token_reference(llama_moe):
     model, _, cm = llama_moe
     entry = ZOO["llama"]
     args, kwargs = _held(entry)
@@ -77,8 +77,6 @@ def test_top_k_equals_a_per_token_reference_and_onnx_agrees(llama_moe):
         dense = model(*args, **kwargs)
     assert_close_nonpad(out, ref, kwargs["attention_mask"], EXACT_REWRITE)
     assert (out.logits - dense.logits).abs().max() > 1e-3                   # 7 of 24 experts: not the dense model
-    onnx = routefx.compile(model, cm.plan, backend="onnx")
-    assert_close_nonpad(onnx(*args, **kwargs), out, kwargs["attention_mask"], ONNX_VS_EAGER)
 
 
 def test_experts_partition_the_ffn_and_the_router_beats_chance(llama_moe):
@@ -118,6 +116,8 @@ def test_the_spread_of_expert_slots_maximises_the_mass_the_routers_experts_hold(
 
 
 def test_a_per_token_rule_meets_the_budget_and_runs_on_onnx():
+    # on ONNX: the router, softmax, top-k, the rule's sort/cumsum/scatter and routed_ffn with K = E routes, no
+    # gates and an empty skip range (the static top-k graph is a subset: router, TopK, K routes, no gates)
     entry = ZOO["gpt2"]
     model, cal = entry.build(), _cal(entry)
     cm = routefx.compile(model, MoEfy(experts=8, budget=0.5, rule="top_p", steps=100), calibration=cal)
