@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 
 from routefx.errors import PolicyError
 
-__all__ = ["Policy", "Dense", "PruneLayers", "Duo", "MoEBudget", "MoEfy", "ROUTERS", "policy_from_dict", "policy_from_json"]
+__all__ = ["Policy", "Dense", "PruneLayers", "Duo", "MoEBudget", "MoEfy", "ROUTERS", "policy_from_dict",
+           "policy_from_json"]
 
 _REGISTRY: dict[str, type["Policy"]] = {}
 
