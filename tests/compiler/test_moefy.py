@@ -6,6 +6,7 @@ import torch
 
 import routefx
 from routefx.calibrate.moefy import spread_top_k
+from routefx.compiler.plan import Plan
 from routefx.errors import PolicyError
 from routefx.ir.graph_utils import is_routed
 from routefx.policies import MoEfy
@@ -115,7 +116,7 @@ def test_the_spread_of_expert_slots_maximises_the_mass_the_routers_experts_hold(
     assert tuple(spread_top_k(captured, 4, 7 / 12).values()) == best
 
 
-def test_a_per_token_rule_meets_the_budget_and_runs_on_onnx():
+def test_a_per_token_rule_meets_the_budget_and_runs_on_onnx(tmp_path):
     # on ONNX: the router, softmax, top-k, the rule's sort/cumsum/scatter and routed_ffn with K = E routes, no
     # gates and an empty skip range (the static top-k graph is a subset: router, TopK, K routes, no gates)
     entry = ZOO["gpt2"]
@@ -124,7 +125,8 @@ def test_a_per_token_rule_meets_the_budget_and_runs_on_onnx():
     assert abs(cm.plan.budget.realised - 0.5) <= 0.02
     assert abs(cm.route_stats(cal).budget - cm.plan.budget.realised) < 1e-9
     args, kwargs = _held(entry)
-    onnx = routefx.compile(model, cm.plan, backend="onnx")
+    cm.plan.save(str(tmp_path))                                  # the plan's files carry experts, routers and λ
+    onnx = routefx.compile(model, Plan.load(str(tmp_path)), backend="onnx")
     assert_close_nonpad(onnx(*args, **kwargs), cm(*args, **kwargs), kwargs["attention_mask"], ONNX_VS_EAGER)
 
 
