@@ -1,7 +1,8 @@
 """Calibration before the rewrite: policy + captured graph + data -> Plan (the decisions the passes apply).
 
 Dense needs none; PruneLayers ranks blocks by Block Influence (`influence.py`); Duo orders neurons, sizes the
-small branch and trains routers (`duo.py`). What must be measured on the rewritten graph (the price λ that meets
+small branch and trains routers (`duo.py`); MoEfy clusters neurons into experts and fits expert routers
+(`moefy.py`). What must be measured on the rewritten graph (the price λ that meets
 the budget) is the pipeline's budget step (`budget.py`).
 """
 from __future__ import annotations
@@ -12,8 +13,9 @@ from torch import fx
 
 from routefx.calibrate.duo import calibrate_duo
 from routefx.calibrate.influence import block_influence
+from routefx.calibrate.moefy import calibrate_moefy
 from routefx.compiler.plan import Plan
-from routefx.compiler.policies import Dense, Duo, MoEBudget, Policy, PruneLayers
+from routefx.compiler.policies import Dense, Duo, MoEBudget, MoEfy, Policy, PruneLayers
 from routefx.errors import PolicyError
 from routefx.ir.model_ir import ModelIR
 
@@ -45,6 +47,8 @@ def calibrate(policy: Policy, gm: fx.GraphModule, ir: ModelIR, batches: list[dic
         _prune(policy, gm, ir, batches, plan)
     elif isinstance(policy, Duo):
         calibrate_duo(policy, gm, ir, batches, plan)
+    elif isinstance(policy, MoEfy):
+        calibrate_moefy(policy, gm, ir, batches, plan)
     else:
         raise PolicyError(f"no calibration for policy {type(policy).__name__}")
     return plan

@@ -12,13 +12,15 @@ import dataclasses
 
 from routefx.calibrate.budget import FitBudget
 from routefx.calibrate.moe_budget import FitMoEBudget
+from routefx.calibrate.moefy import FitMoEfyBudget
 from routefx.calibrate.trained_routers import TRAINED_ROUTERS, TrainRouters
-from routefx.compiler.policies import Dense, Duo, MoEBudget, Policy, PruneLayers
+from routefx.compiler.policies import Dense, Duo, MoEBudget, MoEfy, Policy, PruneLayers
 from routefx.errors import PolicyError
 from routefx.passes.adapt_experts import AdaptExperts
 from routefx.passes.append_small_branch import AppendSmallBranch
 from routefx.passes.base import Pass
 from routefx.passes.insert_routers import InsertRouters
+from routefx.passes.moefy import MoEfyFFN
 from routefx.passes.permute_neurons import PermuteNeurons
 from routefx.passes.prune_blocks import PruneBlocks
 from routefx.passes.raise_ffn import RaiseFFN
@@ -45,4 +47,6 @@ def build_pipeline(policy: Policy) -> Pipeline:
         return Pipeline(raise_ + [PermuteNeurons(), AppendSmallBranch(), InsertRouters()], train + [FitBudget()])
     if isinstance(policy, MoEBudget):
         return Pipeline(raise_ + [AdaptExperts(policy.rule)], [FitMoEBudget()])
+    if isinstance(policy, MoEfy):
+        return Pipeline(raise_ + [PermuteNeurons(), MoEfyFFN()], [FitMoEfyBudget()] if policy.rule else [])
     raise PolicyError(f"no pipeline for policy {type(policy).__name__}")

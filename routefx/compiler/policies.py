@@ -5,6 +5,7 @@
     PruneLayers(keep=0.75)  with calibration: remove the floor((1-keep)·L + 0.5) blocks of lowest Block Influence
     Duo(budget=0.5, ...)    each FFN gets a small and a big branch; per token: skip, small or big, under a budget
     MoEBudget(budget=0.5)   MoE blocks: per token, the fewest of the top-k experts the rule keeps, under a budget
+    MoEfy(experts=8, top_k=2)  dense FFNs split into experts by neuron co-activation, a router picks top-k per token
 
 JSON form: {"policy": "<ClassName>", "version": 1, <fields>}; unknown fields or policies raise `PolicyError`.
 """
@@ -16,7 +17,8 @@ from typing import Any, ClassVar
 
 from routefx.errors import PolicyError
 
-__all__ = ["Policy", "Dense", "PruneLayers", "Duo", "MoEBudget", "ROUTERS", "policy_from_dict", "policy_from_json"]
+__all__ = ["Policy", "Dense", "PruneLayers", "Duo", "MoEBudget", "MoEfy", "ROUTERS", "policy_from_dict",
+           "policy_from_json"]
 
 _REGISTRY: dict[str, type["Policy"]] = {}
 
@@ -179,6 +181,71 @@ class MoEBudget(Policy):
                               f"{self.budget!r}")
         if self.rule not in MOE_RULES:
             raise PolicyError(f"MoEBudget: unknown rule {self.rule!r}; supported: {', '.join(MOE_RULES)}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEfy(Policy):
+    """Dense -> MoE (MoEfication): each dense FFN's F neurons are split into `experts` clusters of F/experts
+    neurons by balanced k-means on their calibration co-activation, permuted so that each expert is a contiguous
+    neuron range, and a linear router fitted per layer picks experts per token (gate 1 each, so that all experts
+    together are the dense FFN). `routefx/calibrate/moefy.py`, `routefx/passes/moefy.py`.
+
+    top_k: experts per token in every layer (top_k = experts reproduces the dense model).
+    budget: instead of top_k, the mean FFN compute fraction (experts run / experts, over MoEfied layers and real
+        tokens). Without `rule`, a static top-k per layer, the slots spread over layers where the router's experts
+        hold least of the activation mass, as near the budget as whole experts allow; with `rule` ("top_p" or
+        "threshold", as in MoEBudget, on the router's softmax), per token, with one global price fitted to meet the
+        budget within ±0.02 on the calibration data.
+    layers: block indices to MoEfy (None: every dense FFN). steps: the router's training steps (Adam, full batch).
+    """
+
+    experts: int = 8
+    top_k: int | None = None
+    budget: float | None = None
+    rule: str | None = None
+    layers: tuple[int, ...] | None = None
+    steps: int = 300
+    seed: int = 0
+
+    def __post_init__(self):
+        def whole(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+        if not whole(self.experts) or self.experts < 2:
+            raise PolicyError(f"MoEfy: experts must be an int >= 2, got {self.experts!r}")
+        if self.top_k is not None and self.budget is not None:
+            raise PolicyError(f"MoEfy takes top_k or budget, not both; got top_k={self.top_k!r}, "
+                              f"budget={self.budget!r}")
+        if self.top_k is None and self.budget is None:
+            object.__setattr__(self, "top_k", 2)
+        if self.top_k is not None and (not whole(self.top_k) or not 1 <= self.top_k <= self.experts):
+            raise PolicyError(f"MoEfy: top_k must be an int in [1, experts={self.experts}], got {self.top_k!r}")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
+                                        or not 0 < self.budget <= 1):
+            raise PolicyError(f"MoEfy: budget must be an FFN compute fraction in (0, 1], got {self.budget!r}")
+        if self.rule is not None:
+            if self.rule not in MOE_RULES:
+                raise PolicyError(f"MoEfy: unknown rule {self.rule!r}; supported: {', '.join(MOE_RULES)} (or None "
+                                  "for a static top-k)")
+            if self.budget is None:
+                raise PolicyError(f"MoEfy: rule={self.rule!r} chooses experts per token under a budget; give "
+                                  "budget=<fraction> instead of top_k")
+            if self.budget < 1.0 / self.experts - 1e-9:
+                raise PolicyError(f"MoEfy: budget {self.budget} is below 1/experts = {1.0 / self.experts:.3f}: the "
+                                  "rule always keeps a token's first expert")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers or any(not whole(i) or i < 0 for i in layers):
+                raise PolicyError(f"MoEfy: layers must be a non-empty list of block indices >= 0, got "
+                                  f"{self.layers!r}")
+            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+        if not whole(self.steps) or self.steps < 0:
+            raise PolicyError(f"MoEfy: steps must be an int >= 0, got {self.steps!r}")
+        if not whole(self.seed):
+            raise PolicyError(f"MoEfy: seed must be an int, got {self.seed!r}")
 
     @property
     def needs_calibration(self) -> bool:
