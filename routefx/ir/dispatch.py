@@ -16,9 +16,9 @@ live routes are computed, the others are zero-filled once). Contributions are ad
 in the reference, so for K <= 2 the result is bit-identical to it.
 
 `torch._grouped_mm` (the CPU kernel Hugging Face's experts call) was measured on the Mixtral layer of issue 15
-(d=1024, 8 experts x 1408, top-2, 512 tokens, 1 thread, interleaved): no faster than these per-route GEMMs
-(0.82-0.87 of the dense-equivalent FFN against 0.87-0.92), so it is not used; it would also need a stacked
-[E, d, F] weight per expert width, which ranges of unequal width (Duo's small/big) do not have.
+(d=1024, 8 experts x 1408, top-2, 512 tokens, 1 thread, interleaved, on a shared machine): 0.82-0.87 of the
+dense-equivalent FFN's speed against 0.77-0.89 for these per-route GEMMs in two runs, no consistent gain, so it
+is not used; it would also need one stacked [E, d, F] weight of equal widths, which Duo's ranges are not.
 """
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ ranges its routes pick.
 The function registered here is the eager implementation for every device: the plain FFN for one full range, and
 otherwise the grouped dispatch of `routefx.ir.dispatch` (one sort, per-route GEMMs on contiguous slices, one
 scatter back). `routed_ffn_reference` states the same semantics plainly (per route: gather, FFN, gate, add); the
-tests hold both against a float64 per-token loop, and every backend is tested against the op. The fake kernel makes the op traceable by fx and
-`torch.export` (the output has `x`'s shape and dtype, contiguous). The op is inference-only: it has no autograd
-formula.
+tests hold both against a float64 per-token loop, and every backend is tested against the op. The fake kernel
+makes the op traceable by fx and `torch.export` (the output has `x`'s shape and dtype, contiguous). The op is
+inference-only: it has no autograd formula.
 
 Importing this module registers the op once (module imports are cached).
 """
