@@ -15,11 +15,13 @@ Reported, per backend B in (eager, onnx, inductor):
 
 Each model is captured and rewritten once (`routefx.compile(..., backend="eager")`); the onnx and inductor
 candidates are prepared from that same rewritten graph (`routefx.backends.get_backend(b).prepare`), so the
-experts' concatenated weights exist once per model, not once per backend. Memory at the issue's shape: about 7 GiB
-peak (HF MoE 0.9 GiB, its routed copy 0.55 GiB, ONNX Runtime's folded and pre-packed expert weights ~1.1 GiB,
-dense-equivalent models and sessions ~1.5 GiB, export transients); `--max-rss-gib` (default 7.5) stops preparing
-further candidates once the process's resident memory passes it (reported in "notes"), so the run cannot grow
-past it by more than one candidate's preparation.
+experts' concatenated weights exist once per model, not once per backend. Memory at the issue's shape: the
+previous version (one capture per backend) reached 6.6 GiB resident during timing; this one holds two fewer
+copies of the MoE experts (0.55 GiB each), so expect ~5.5-6 GiB (not yet measured at that shape). HF MoE 0.9 GiB,
+its routed copy 0.55 GiB, ONNX Runtime's folded and pre-packed expert weights ~1.1 GiB, the dense-equivalent
+models and sessions ~1.5 GiB, export transients on top. `--max-rss-gib` (default 7.5) stops preparing further
+candidates once the resident memory passes it (reported in "notes"), so the run cannot grow past it by more than
+one candidate's preparation; the peak is reported as "peak_rss_gib".
 
     python bench/moe.py                     # the issue's shape, 2 warm-up + 7 timed rounds -> bench/results/moe.json
     python bench/moe.py --smoke             # a 2-layer hidden-256 model, 128 tokens, 1 + 2 rounds (checks the script)
