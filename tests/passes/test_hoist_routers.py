@@ -123,3 +123,9 @@ def test_hoist_off_leaves_the_graph_as_it_was():
 def test_bad_hoist_policies(kw, match):
     with pytest.raises(PolicyError, match=match):
         Duo(**kw)
+
+
+def test_hoist_policy_json_round_trip_and_default():
+    p = Duo(budget=0.4, router="random", hoist=True)
+    assert routefx.policies.policy_from_json(p.to_json()) == p
+    assert Duo().hoist is False and Duo.from_dict({"budget": 0.5}).hoist is False  # plans saved before the field
