@@ -17,7 +17,9 @@ Each model is captured and rewritten once (`routefx.compile(..., backend="eager"
 candidates are prepared from that same rewritten graph (`routefx.backends.get_backend(b).prepare`), so the
 experts' concatenated weights exist once per model, not once per backend. Memory at the issue's shape: the
 previous version (one capture per backend) reached 6.6 GiB resident during timing; this one holds two fewer
-copies of the MoE experts (0.55 GiB each), so expect ~5.5-6 GiB (not yet measured at that shape). HF MoE 0.9 GiB,
+copies of the MoE experts (0.55 GiB each). Measured with this version at 2 layers (d=1024, vocab 32000, eager +
+onnx): peak 4.55 GiB (the ONNX export's transients), 3.6 GiB resident while timing; at 4 layers with inductor
+expect a peak of ~6.5-7 GiB. HF MoE 0.9 GiB,
 its routed copy 0.55 GiB, ONNX Runtime's folded and pre-packed expert weights ~1.1 GiB, the dense-equivalent
 models and sessions ~1.5 GiB, export transients on top. `--max-rss-gib` (default 7.5) stops preparing further
 candidates once the resident memory passes it (reported in "notes"), so the run cannot grow past it by more than
