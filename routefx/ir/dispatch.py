@@ -37,13 +37,15 @@ ACC_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 def route_counts(flat_routes: Tensor, num_ranges: int, ranges: List[int]) -> List[int]:
     """Assignments per route ([R] ints) with one host read, which also checks that every route id is in [0, R)
-    (`RoutedFFNError` otherwise)."""
-    lo_hi = torch.stack(torch.aminmax(flat_routes))  # [2]
-    counts = torch.bincount(flat_routes.clamp(0, num_ranges - 1), minlength=num_ranges)  # [R]
-    lo, hi, *counts = torch.cat([lo_hi, counts]).tolist()
-    if lo < 0 or hi >= num_ranges:
-        bad = lo if lo < 0 else hi
-        raise RoutedFFNError(f"route id {bad} is outside [0, R={num_ranges}) for ranges {list(ranges)}")
+    (`RoutedFFNError` otherwise): a negative id makes `bincount` refuse, an id >= R makes its result longer."""
+    try:
+        counts = torch.bincount(flat_routes, minlength=num_ranges).tolist()  # [R], or longer
+    except RuntimeError:  # negative ids
+        counts = None
+    if counts is None or len(counts) > num_ranges:
+        lo, hi = (int(v) for v in torch.aminmax(flat_routes))
+        raise RoutedFFNError(f"route id {lo if lo < 0 else hi} is outside [0, R={num_ranges}) for ranges "
+                             f"{list(ranges)}")
     return counts
 
 
