@@ -5,10 +5,11 @@ the weights are).
 an error, not a silent fallback) and runs it once on the example, so Inductor's compile time is spent here:
 - a `routefx::routed_ffn` whose routes are a constant fill (Dense, a static router) becomes the plain FFN on its
   fixed neuron range (`static_ffn`: `F.linear` products Inductor schedules with the rest of the graph), no routing;
-- any other `routefx::routed_ffn` stays an opaque custom op (Inductor calls it as an extern kernel). Its
-  implementation (`routefx.ir.ops`) is torch's GEMMs on contiguous per-route slices: one stable argsort of the
-  route ids, one host read of the per-route counts, then per route an `index_select` of its rows, the FFN on
-  that neuron range and one `index_add_` back; skip routes and empty ranges run nothing.
+- any other `routefx::routed_ffn` (Duo routes, MoE top-k with gates) stays an opaque custom op (Inductor calls
+  it as an extern kernel). Its implementation is the grouped dispatch of `routefx.ir.dispatch`: one stable
+  argsort of the (token, slot) route ids, one host read of the per-route counts (which also checks the ids),
+  one gather of the rows in sorted order, per live route torch's GEMMs on its own contiguous rows written in
+  place, one gate multiply and one `index_add_` back; skip routes and routes no token takes run nothing.
 
 The runner is called like `gm(**kwargs)` and returns the same output structure.
 """

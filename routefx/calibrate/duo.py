@@ -192,5 +192,7 @@ def calibrate_duo(policy: Duo, gm: fx.GraphModule, ir: ModelIR, batches: list[di
             len(l) for l in labels)
     for i, key in enumerate(tqdm(keys, desc=f"routefx: {policy.router} routers", leave=False,
                                  disable=len(keys) < 4)):
-        wr, br = trainer.fit(data[key].x.cpu(), None if labels is None else labels[i], gen)  # CPU, fp32
+        # hoisted (policy.hoist): layer i's router reads layer i-1's FFN input, so it is fitted on that input
+        x_fit = data[keys[i - 1]].x if policy.hoist and i > 0 else data[key].x
+        wr, br = trainer.fit(x_fit.cpu(), None if labels is None else labels[i], gen)  # CPU, fp32
         plan.layers[key].weight, plan.layers[key].bias = wr.contiguous(), br.contiguous()

@@ -156,7 +156,7 @@ class CompiledModel:
             routed = dynamic_routed(gm, flops)
             realised = {"calibration": realised_flops(flops, observe_routes(gm, routed, batches)),
                         "dense_calibration": realised_flops(flops_before, observe_routes(gm, [], batches))}
-        moe = [b.index for b in ir.blocks if b.ffn is not None and b.ffn.kind == "moe"]
+        moe = [b.index for b in ir.blocks if b.ffn is not None and b.ffn.kind == "moe" and b.ffn.routed is None]
         if moe:
             notes.append(f"MoE blocks {moe} run as captured (not yet compiled to routed_ffn)")
         seq = next(v for v in kwargs.values() if isinstance(v, torch.Tensor)).shape[-1]

@@ -19,6 +19,7 @@ from routefx.errors import PolicyError
 from routefx.passes.adapt_experts import AdaptExperts
 from routefx.passes.append_small_branch import AppendSmallBranch
 from routefx.passes.base import Pass
+from routefx.passes.hoist_routers import HoistRouters
 from routefx.passes.insert_routers import InsertRouters
 from routefx.passes.moefy import MoEfyFFN
 from routefx.passes.permute_neurons import PermuteNeurons
@@ -44,7 +45,9 @@ def build_pipeline(policy: Policy) -> Pipeline:
         return Pipeline(raise_ + [PruneBlocks()])
     if isinstance(policy, Duo):
         train = [TrainRouters()] if policy.router in TRAINED_ROUTERS else []
-        return Pipeline(raise_ + [PermuteNeurons(), AppendSmallBranch(), InsertRouters()], train + [FitBudget()])
+        hoist = [HoistRouters()] if policy.hoist else []
+        return Pipeline(raise_ + [PermuteNeurons(), AppendSmallBranch(), InsertRouters()] + hoist,
+                        train + [FitBudget()])
     if isinstance(policy, MoEBudget):
         return Pipeline(raise_ + [AdaptExperts(policy.rule)], [FitMoEBudget()])
     if isinstance(policy, MoEfy):

@@ -108,6 +108,7 @@ class PruneLayers(Policy):
 
 
 ROUTERS = ("static", "random", "local", "imitation", "loss")
+HOISTABLE_ROUTERS = ("random", "local")  # fitted at calibration; trained ones retrain on the local input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +123,10 @@ class Duo(Policy):
         per-token baseline), "local" (a linear router trained on layer-local labels), "imitation" (a linear router
         fitted to oracle routes on the calibration data), "loss" (trained end-to-end on the frozen model with the
         language-model loss plus a compute price; `routefx/calibrate/trained_routers.py`).
+    hoist: router hoisting (pre-gating, `routefx/passes/hoist_routers.py`): each routed layer but the first
+        chooses its routes from the previous routed layer's FFN input, one layer ahead, with a router fitted on
+        that input to this layer's labels. A hoisted router is a different (earlier-informed) router, not the
+        local one moved. Off by default: measured not to pay on CPU (bench/RESULTS_MOE.md).
     layers: block indices to route (None: every dense FFN).
     small: "nested" (the small branch is the first k neurons of the big one; no extra weights) or "separate"
         (an extra k-neuron branch appended to the weights, initialised from the top-k neurons and fitted by
@@ -134,10 +139,16 @@ class Duo(Policy):
     layers: tuple[int, ...] | None = None
     seed: int = 0
     small: str = "nested"
+    hoist: bool = False
 
     def __post_init__(self):
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
             raise PolicyError(f"Duo: budget must be a compute fraction in (0, 1], got {self.budget!r}")
+        if not isinstance(self.hoist, bool):
+            raise PolicyError(f"Duo: hoist must be True or False, got {self.hoist!r}")
+        if self.hoist and self.router not in HOISTABLE_ROUTERS:
+            raise PolicyError(f"Duo: hoist=True needs a router fitted at calibration ({', '.join(HOISTABLE_ROUTERS)})"
+                              f"; got router {self.router!r}")
         if isinstance(self.small_fraction, bool) or not isinstance(self.small_fraction, (int, float)) \
                 or not 0 < self.small_fraction < 1:
             raise PolicyError(f"Duo: small_fraction must be in (0, 1), got {self.small_fraction!r}")

@@ -303,8 +303,25 @@ def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo) -> None:
         info.shared_expert_size = int(Fs)
 
 
-def _routed(gm, op: fx.Node, dyn: set, info: FFNInfo) -> None:
-    """Read an FFN that a pass already raised to `routefx::routed_ffn`."""
+def _expert_ranges(ranges: list, gates, routes) -> tuple[int, int] | None:
+    """(experts, width) when a routed_ffn reads as top-k experts: gate weights, K >= 2 routes per token, and
+    >= 2 equal, adjacent, non-empty ranges from 0 (optionally followed by one empty range: AdaptExperts' skip).
+    None otherwise (Duo's skip/small/big, a dense range)."""
+    spans = [(int(ranges[i]), int(ranges[i + 1])) for i in range(0, len(ranges), 2)]
+    if spans and spans[-1][0] == spans[-1][1]:
+        spans = spans[:-1]
+    k = gu.val(routes).shape[-1] if isinstance(gu.val(routes), torch.Tensor) else None
+    if gates is None or not isinstance(k, int) or k < 2 or len(spans) < 2:
+        return None
+    width = spans[0][1] - spans[0][0]
+    if width <= 0 or any(sp != (e * width, (e + 1) * width) for e, sp in enumerate(spans)):
+        return None
+    return len(spans), width
+
+
+def _routed(gm, op: fx.Node, mms: list, region: set, dyn: set, info: FFNInfo) -> None:
+    """Read an FFN that a pass already raised to `routefx::routed_ffn`; a raised MoE block (see `_expert_ranges`)
+    reads as kind "moe" with its experts, top-k, expert width and shared expert, as before the rewrite."""
     (x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, act) = op.args
     info.kind = "mlp" if w_gate is None else "gated"
     info.activation = act
@@ -315,6 +332,19 @@ def _routed(gm, op: fx.Node, dyn: set, info: FFNInfo) -> None:
     info.match = DenseFFNMatch(inp=x, out=op, nodes=frozenset({op}), up=ref(w_up), gate=ref(w_gate),
                                down=ref(w_down), b_up=ref(b_up), b_gate=ref(b_gate), b_down=ref(b_down))
     info.path = op.meta.get("routefx_path") or gu.common_path([op])
+    experts = _expert_ranges(list(ranges), gates, routes)
+    if experts is None:
+        return
+    info.kind, info.top_k = "moe", int(gu.val(routes).shape[-1])
+    info.num_experts, info.intermediate_size = experts
+    # a shared expert: the branch's other weight products, minus the router's and 1-wide gates
+    feeds_routes = gu.ancestors([routes])
+    rest = [m for m in mms if m is not op and m not in feeds_routes and gu.val(m).shape[-1] != 1]
+    if rest:
+        try:
+            info.shared_expert_size = int(_dense(gm, rest, region, dyn, same_shape=False)[2])
+        except _Miss:
+            pass  # not a dense FFN: the experts are still read; the shared part stays unnamed
 
 
 def analyse_ffn(gm, stream: fx.Node, term: fx.Node, region: set, kind: str, dyn: set) -> FFNInfo:
@@ -327,7 +357,7 @@ def analyse_ffn(gm, stream: fx.Node, term: fx.Node, region: set, kind: str, dyn:
         if len(routed) > 1:
             info.kind, info.reason = "unknown", f"{len(routed)} routed_ffn ops in one branch"
             return info
-        _routed(gm, routed[0], dyn, info)
+        _routed(gm, routed[0], mms, region, dyn, info)
         return info
     try:
         if kind == "moe":

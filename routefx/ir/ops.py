@@ -1,10 +1,12 @@
 """The `routefx::routed_ffn` custom op: an FFN whose neurons are split into ranges, evaluated per token on the
 ranges its routes pick.
 
-The plain-PyTorch function registered here is both the semantic reference and the eager implementation for
-every device; other backends are tested against it. The fake kernel makes the op traceable by fx and
-`torch.export` (the output has `x`'s shape and dtype, contiguous). The op is inference-only: it has no autograd
-formula.
+The function registered here is the eager implementation for every device: the plain FFN for one full range, and
+otherwise the grouped dispatch of `routefx.ir.dispatch` (one sort, per-route GEMMs on contiguous slices, one
+scatter back). `routed_ffn_reference` states the same semantics plainly (per route: gather, FFN, gate, add); the
+tests hold both against a float64 per-token loop, and every backend is tested against the op. The fake kernel
+makes the op traceable by fx and `torch.export` (the output has `x`'s shape and dtype, contiguous). The op is
+inference-only: it has no autograd formula.
 
 Importing this module registers the op once (module imports are cached).
 """
@@ -19,11 +21,9 @@ from torch import Tensor
 
 from routefx.errors import RoutedFFNError
 from routefx.ir.activations import get_activation
+from routefx.ir.dispatch import ACC_DTYPE as _ACC_DTYPE, grouped_routed_ffn, route_counts
 
-__all__ = ["routed_ffn"]
-
-# Accumulate low-precision outputs in fp32; fp32 / fp64 accumulate in their own dtype.
-_ACC_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+__all__ = ["routed_ffn", "routed_ffn_reference"]
 
 
 def _check_static(
@@ -159,15 +159,40 @@ def routed_ffn(
     if x.numel() == 0 or routes.numel() == 0:
         return x.new_zeros(x.shape)
 
+    # Dense fast path: one full, non-empty range, one route per token, no gates -> the plain FFN on all rows
+    # (bit-identical to `down(act(gate(x)) * up(x))` written with F.linear).
+    if num_ranges == 1 and list(ranges) == [0, n_neurons] and n_neurons > 0 and gates is None and k_routes == 1:
+        route_counts(routes.reshape(-1), num_ranges, ranges)  # the route-id check
+        return _ffn_slice(x, w_up, w_gate, w_down, b_up, b_gate, b_down, act, 0, n_neurons).contiguous()
+    return grouped_routed_ffn(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, act)
+
+
+def routed_ffn_reference(
+    x: Tensor,
+    routes: Tensor,
+    gates: Optional[Tensor],
+    w_up: Tensor,
+    w_gate: Optional[Tensor],
+    w_down: Tensor,
+    b_up: Optional[Tensor],
+    b_gate: Optional[Tensor],
+    b_down: Optional[Tensor],
+    ranges: List[int],
+    activation: str,
+) -> Tensor:
+    """The op's semantics written plainly (not registered): per route, gather its tokens, run the FFN on its
+    range, gate and add back. The op computes the same with one sort and one gather and scatter for all routes
+    (`routefx.ir.dispatch`); tests hold the two together and both against a float64 per-token loop."""
+    _check_static(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
+    act = get_activation(activation)
+    num_ranges = len(ranges) // 2
+    k_routes = routes.shape[-1]
+    if x.numel() == 0 or routes.numel() == 0:
+        return x.new_zeros(x.shape)
     lo, hi = (int(v) for v in torch.aminmax(routes))  # data-dependent check (syncs on accelerators)
     if lo < 0 or hi >= num_ranges:
         bad = lo if lo < 0 else hi
         raise RoutedFFNError(f"route id {bad} is outside [0, R={num_ranges}) for ranges {list(ranges)}")
-
-    # Dense fast path: one full, non-empty range, one route per token, no gates -> the plain FFN on all rows
-    # (bit-identical to `down(act(gate(x)) * up(x))` written with F.linear).
-    if num_ranges == 1 and list(ranges) == [0, n_neurons] and n_neurons > 0 and gates is None and k_routes == 1:
-        return _ffn_slice(x, w_up, w_gate, w_down, b_up, b_gate, b_down, act, 0, n_neurons).contiguous()
 
     d = x.shape[-1]
     x2 = x.reshape(-1, d)  # [T, d]

@@ -43,6 +43,8 @@ class RaiseFFN(Pass):
             if f is None:
                 res.misses.append(Miss(where, "block has no FFN"))
                 continue
+            if f.routed is not None:
+                continue  # already a routed_ffn (a raised MoE block included)
             if f.kind == "moe":
                 res.misses.append(Miss(where, "MoE FFN left as it is by raise_ffn (raise_moe "
                                               "dispatches MoE experts; see its report)"))
@@ -50,8 +52,6 @@ class RaiseFFN(Pass):
             if f.kind == "unknown":
                 res.misses.append(Miss(where, f"FFN not recognised: {f.reason}"))
                 continue
-            if f.routed is not None:
-                continue  # already a routed_ffn
             m = f.match
             with g.inserting_before(m.out):
                 # routes [..., 1] int64, all 0: built from x so it follows the symbolic batch/sequence sizes

@@ -245,8 +245,8 @@ class RaiseMoE(Pass):
         g = gm.graph
         for block in ctx.ir.blocks:
             f = block.ffn
-            if f is None or f.kind != "moe":
-                continue
+            if f is None or f.kind != "moe" or f.routed is not None:
+                continue  # not MoE, or already raised
             where = f"block {block.index}" + (f" ({f.path})" if f.path else "")
             try:
                 m = match_moe(gm, block)

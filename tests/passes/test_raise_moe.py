@@ -94,3 +94,23 @@ def test_dispatch_read_elsewhere_is_left_as_captured_with_the_reason():
     assert _count(gm, gu.is_grouped_mm) == 2
     after = _run(gm, args, kwargs)
     assert (after.logits - before.logits).abs().max().item() <= EXACT_REWRITE
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2moe"])
+def test_raised_blocks_still_read_as_moe(name):
+    """After the rewrite, recognition reads each raised block as the MoE it was captured as (kind, experts, top-k,
+    expert width, shared expert), so inspect and reports say MoE; Duo's dense-FFN list stays without them."""
+    from routefx.ir import recognize
+    _, gm, _, _ = _captured(name)
+    before = recognize(gm)
+    PassManager([RaiseMoE()]).run(gm)
+    after = recognize(gm)
+    fields = ("kind", "num_experts", "top_k", "intermediate_size", "shared_expert_size", "activation")
+    moe = [b.index for b in before.blocks if b.ffn.kind == "moe"]
+    assert moe
+    for i in moe:
+        f0, f1 = before.blocks[i].ffn, after.blocks[i].ffn
+        assert {k: getattr(f1, k) for k in fields} == {k: getattr(f0, k) for k in fields}, f"block {i}"
+        assert f1.routed is not None and len(f1.routed) == f0.num_experts
+    assert [b.index for b in after.dense_ffn_blocks] == [b.index for b in before.dense_ffn_blocks]
+    assert f"{before.blocks[moe[0]].ffn.num_experts} top-{before.blocks[moe[0]].ffn.top_k}" in str(after)
