@@ -1,0 +1,208 @@
+"""Decoding with layers skipped per step and per row: the decode graph's pieces (`split`) driven by a decode policy
+(`decode_policies`).
+
+Per decode step, the policy gives a run mask [B, L]. Layer l then runs on the rows that run it (the whole batch
+without a copy when all do; the rows gathered along the batch dim when some do) and its K/V-only piece runs on the
+other rows, so a skipped layer's attention, output projection and FFN matmuls are never executed. Rows are merged
+back with `index_copy`. A layer no row runs costs its K/V projections only.
+
+The prompt runs every layer: through the monolithic prefill graph, or, for policies that measure the prompt
+(ActivationSkip), through the same pieces with an empty past, the logits computed for the last position only.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from routefx.calibrate.data import token_mask
+from routefx.calibrate.search import bisect_decreasing
+from routefx.errors import CalibrationError, PolicyError
+from routefx.generate.decode_policies import ActivationSkip, DecodePolicy
+from routefx.generate.graphs import generation_graphs
+from routefx.generate.split import Pieces, split_decode
+
+__all__ = ["SkipStepper", "decode_pieces", "fit_threshold", "prompt_changes"]
+
+
+def _example(g) -> dict:
+    """Decode inputs for lowering the pieces: batch 2, 3 new tokens, 5 past positions (all sizes distinct)."""
+    B, S, P = 2, 3, 5
+    gen = torch.Generator().manual_seed(0)
+    ex = {"input_ids": torch.arange(B * S).reshape(B, S) + 1, "attention_mask": torch.ones(B, P + S, dtype=torch.long),
+          "position_ids": torch.arange(P, P + S).expand(B, S).contiguous()}
+    for name, i in zip(g.past_names[::2], g.kept):
+        for kind, d in zip(("key", "value"), g.layout.head_dims[i]):
+            ex[f"past_{kind}_{i}"] = torch.randn(B, g.layout.heads[i], P, d, generator=gen).to(g.layout.dtype)
+    return ex
+
+
+def decode_pieces(cm) -> Pieces:
+    """The pieces of `cm`'s decode graph, lowered by its backend (made on first use, then kept on `cm`)."""
+    cached = cm.__dict__.get("_decode_pieces")
+    if cached is not None:
+        return cached
+    g = generation_graphs(cm)
+    pieces = split_decode(g.decode.gm, g.decode.ir, g.kept)
+    env = _example(g)
+    with torch.no_grad():
+        for p in [pieces.pre, *[q for pair in zip(pieces.layers, pieces.kv) for q in pair], pieces.post]:
+            example = {n: env[n] for n in p.inputs}
+            out = p.gm(**example)
+            env.update(zip(p.outputs, out))
+            p.run = cm._backend.prepare(p.gm, example)
+    cm.__dict__["_decode_pieces"] = pieces
+    return pieces
+
+
+def _rows(env: dict, names: list[str], batched: frozenset, idx: torch.Tensor | None) -> dict:
+    if idx is None:
+        return {n: env[n] for n in names}
+    return {n: env[n].index_select(0, idx) if n in batched else env[n] for n in names}
+
+
+@dataclasses.dataclass
+class _Counts:
+    layer_rows: list[int]        # per layer: rows that ran the whole layer (decode steps)
+    kv_rows: list[int]           # per layer: rows that ran only its K/V projections
+    steps: int = 0
+
+    @property
+    def fraction(self) -> float:
+        total = sum(self.layer_rows) + sum(self.kv_rows)
+        return sum(self.layer_rows) / total if total else 1.0
+
+
+class SkipStepper:
+    """`Stepper`'s interface (prefill, decode, extend, mask, past) with a decode policy skipping layers."""
+
+    def __init__(self, cm, mask, policy: DecodePolicy):
+        if not isinstance(policy, DecodePolicy):
+            raise PolicyError(f"decode_policy must be a routefx.generate DecodePolicy (DepthDecay, ActivationSkip, "
+                              f"LayerSubset), got {type(policy).__name__}")
+        self.g = generation_graphs(cm)
+        self.p = decode_pieces(cm)
+        L, B = len(self.p.layers), mask.shape[0]
+        policy.check(L, B)
+        if isinstance(policy, ActivationSkip) and policy.threshold is None:
+            policy = ActivationSkip(threshold=fit_threshold(cm, policy))
+        self.policy, self.mask, self.L = policy, mask, L
+        self.past: list[torch.Tensor] = []
+        self.pos = None
+        self.chosen = None
+        self.changes = None
+        self.counts = _Counts([0] * L, [0] * L)
+
+    def _run(self, inputs: dict, run: torch.Tensor | None, changes: list | None = None) -> tuple[torch.Tensor, list]:
+        """Pieces on one step's inputs; run: bool [B, L] (None: every layer). Returns (stream S_L, new past)."""
+        p, env = self.p, dict(inputs)
+        env.update(zip(p.pre.outputs, p.pre.run(**_rows(env, p.pre.inputs, p.batched, None))))
+        B = inputs["input_ids"].shape[0]
+        past = []
+        for j in range(self.L):
+            s_in, s_out = p.streams[j], p.streams[j + 1]
+            rows = None if run is None else run[:, j]
+            n_run = B if rows is None else int(rows.sum())
+            if n_run == B:
+                outs = p.layers[j].run(**_rows(env, p.layers[j].inputs, p.batched, None))
+            elif n_run == 0:
+                outs = (env[s_in], *p.kv[j].run(**_rows(env, p.kv[j].inputs, p.batched, None)))
+            else:
+                on, off = rows.nonzero()[:, 0], (~rows).nonzero()[:, 0]
+                a = p.layers[j].run(**_rows(env, p.layers[j].inputs, p.batched, on))
+                b = (env[s_in].index_select(0, off), *p.kv[j].run(**_rows(env, p.kv[j].inputs, p.batched, off)))
+                outs = [x.new_empty((B, *x.shape[1:])).index_copy_(0, on, x).index_copy_(0, off, y)
+                        for x, y in zip(a, b)]
+            if changes is not None:                # relative change of the stream per token: [B, S]
+                changes.append((outs[0] - env[s_in]).float().norm(dim=-1) / env[s_in].float().norm(dim=-1)
+                               .clamp_min(1e-12))
+            if run is not None:
+                self.counts.layer_rows[j] += n_run
+                self.counts.kv_rows[j] += B - n_run
+            env[s_out] = outs[0]
+            past += [outs[1], outs[2]]
+        return env[p.streams[-1]], past
+
+    def prefill(self, ids):
+        pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
+        B = ids.shape[0]
+        if self.policy.needs_prefill_stats:
+            self.changes = prompt_changes_from(self, ids, self.mask, pos)
+            logits = self._last_logits
+        else:
+            out = self.g.prefill.run(input_ids=ids, attention_mask=self.mask, position_ids=pos)
+            self.past, logits = list(out[1:]), out[0][:, -1]
+        self.pos = pos[:, -1:]
+        self.chosen = self.policy.at_prefill(self.L, B, self.changes)
+        return logits
+
+    def decode(self, new):
+        return self.extend(new)[:, -1]
+
+    def extend(self, new):
+        B, S = new.shape
+        self.counts.steps += 1
+        run = self.policy.run_mask(self.counts.steps, self.L, B, self.chosen)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(B, S)], dim=1)
+        pos = self.pos + torch.arange(1, S + 1)
+        inputs = {"input_ids": new, "attention_mask": self.mask, "position_ids": pos,
+                  **dict(zip(self.g.past_names, self.past))}
+        stream, self.past = self._run(inputs, run)
+        self.pos = pos[:, -1:]
+        return _one(self.p.post.run(**{self.p.post.inputs[0]: stream,
+                                       **{n: inputs[n] for n in self.p.post.inputs[1:]}}))
+
+
+def _one(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def prompt_changes_from(st: SkipStepper, ids, mask, pos) -> torch.Tensor:
+    """Run the prompt through every piece (empty past); keep its cache and last logits on `st`; return the
+    per-row, per-layer relative stream change averaged over real tokens: [B, L] float64."""
+    B = ids.shape[0]
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    for i, name in zip(st.g.kept, st.g.past_names[::2]):
+        for kind, d in zip(("key", "value"), st.g.layout.head_dims[i]):
+            inputs[f"past_{kind}_{i}"] = torch.zeros(B, st.g.layout.heads[i], 0, d, dtype=st.g.layout.dtype)
+    per_token: list[torch.Tensor] = []
+    stream, st.past = st._run(inputs, None, per_token)
+    post = st.p.post
+    st._last_logits = _one(post.run(**{post.inputs[0]: stream[:, -1:].contiguous(),
+                                       **{n: inputs[n] for n in post.inputs[1:]}}))[:, -1]
+    real = mask.bool().double()                                              # [B, S]
+    ch = torch.stack([c.double() for c in per_token], dim=-1)                # [B, S, L]
+    return (ch * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+
+
+def prompt_changes(cm, batches: list[dict]) -> torch.Tensor:
+    """Per-row, per-layer prompt stream changes of `batches` (dicts with input_ids, attention_mask): [N, L]."""
+    out = []
+    with torch.no_grad():
+        for b in batches:
+            mask = token_mask(b).long()
+            st = SkipStepper(cm, mask, ActivationSkip(threshold=0.0))
+            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            out.append(prompt_changes_from(st, b["input_ids"], mask, pos))
+    return torch.cat(out)
+
+
+def fit_threshold(cm, policy: ActivationSkip, tol: float = 0.02) -> float:
+    """The threshold at which the fraction of (row, layer) pairs run on the compile's calibration data is
+    `policy.budget` (within `tol`; kept on `cm` per budget)."""
+    fits = cm.__dict__.setdefault("_decode_thresholds", {})
+    if policy.budget in fits:
+        return fits[policy.budget]
+    if cm._calibration is None:
+        raise CalibrationError("ActivationSkip(budget=...) fits its threshold on calibration data: compile with "
+                               "calibration=... or give threshold=...")
+    changes = prompt_changes(cm, cm._calibration).flatten()
+    run_fraction = lambda t: float((changes >= t).double().mean())   # noqa: E731 - non-increasing in t
+    hi = float(changes.max()) * (1 + 1e-9) + 1e-12
+    found = bisect_decreasing(run_fraction, policy.budget, 0.0, hi, iters=64, tol=tol / 4)
+    if abs(run_fraction(found.best_x) - policy.budget) > tol:
+        raise CalibrationError(f"ActivationSkip: no threshold runs {policy.budget:.3f} of the layers on the "
+                               f"calibration data (closest {run_fraction(found.best_x):.3f} from "
+                               f"{changes.numel()} row-layer pairs; give more calibration rows)")
+    fits[policy.budget] = found.best_x
+    return found.best_x
