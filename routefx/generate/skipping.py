@@ -55,6 +55,10 @@ def decode_pieces(cm) -> Pieces:
     return pieces
 
 
+_NO_CALIBRATION = ("ActivationSkip(budget=...) fits its threshold on the compile's calibration data, and this model "
+                   "has none: compile with calibration=... or give threshold=...")
+
+
 def _rows(env: dict, names: list[str], batched: frozenset, idx: torch.Tensor | None) -> dict:
     if idx is None:
         return {n: env[n] for n in names}
@@ -80,11 +84,14 @@ class SkipStepper:
         if not isinstance(policy, DecodePolicy):
             raise PolicyError(f"decode_policy must be a routefx.generate DecodePolicy (DepthDecay, ActivationSkip, "
                               f"LayerSubset), got {type(policy).__name__}")
+        fit = isinstance(policy, ActivationSkip) and policy.threshold is None
+        if fit and cm._calibration is None:
+            raise CalibrationError(_NO_CALIBRATION)
         self.g = generation_graphs(cm)
         self.p = decode_pieces(cm)
         L, B = len(self.p.layers), mask.shape[0]
         policy.check(L, B)
-        if isinstance(policy, ActivationSkip) and policy.threshold is None:
+        if fit:
             policy = ActivationSkip(threshold=fit_threshold(cm, policy))
         self.policy, self.mask, self.L = policy, mask, L
         self.past: list[torch.Tensor] = []
@@ -123,6 +130,7 @@ class SkipStepper:
             past += [outs[1], outs[2]]
         return env[p.streams[-1]], past
 
+    @torch.no_grad()
     def prefill(self, ids):
         pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
         B = ids.shape[0]
@@ -139,6 +147,7 @@ class SkipStepper:
     def decode(self, new):
         return self.extend(new)[:, -1]
 
+    @torch.no_grad()
     def extend(self, new):
         B, S = new.shape
         self.counts.steps += 1
@@ -194,8 +203,7 @@ def fit_threshold(cm, policy: ActivationSkip, tol: float = 0.02) -> float:
     if policy.budget in fits:
         return fits[policy.budget]
     if cm._calibration is None:
-        raise CalibrationError("ActivationSkip(budget=...) fits its threshold on calibration data: compile with "
-                               "calibration=... or give threshold=...")
+        raise CalibrationError(_NO_CALIBRATION)
     changes = prompt_changes(cm, cm._calibration).flatten()
     run_fraction = lambda t: float((changes >= t).double().mean())   # noqa: E731 - non-increasing in t
     hi = float(changes.max()) * (1 + 1e-9) + 1e-12
