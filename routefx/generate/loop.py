@@ -39,6 +39,7 @@ class GenerationStats:
     decode_seconds: float        # every step after the prefill, sampling included
     batch: int = 1
     layer_fraction: float | None = None   # with a decode policy: fraction of (row, layer) pairs decode ran in full
+    skip_counts: object = None            # with a decode policy: its `skipping.SkipCounts` (per-layer calls, rows)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -115,7 +116,8 @@ def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: i
     if streamer is not None:
         streamer.end()
     stats = GenerationStats("cached" if cached else "uncached", ids.numel(), n, t1 - t0, time.perf_counter() - t1,
-                            batch=B, layer_fraction=step.counts.fraction if decode_policy is not None else None)
+                            batch=B, layer_fraction=step.counts.fraction if decode_policy is not None else None,
+                            skip_counts=step.counts if decode_policy is not None else None)
     return seq, stats
 
 

@@ -22,7 +22,7 @@ from routefx.generate.decode_policies import ActivationSkip, DecodePolicy
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.split import Pieces, split_decode
 
-__all__ = ["SkipStepper", "decode_pieces", "fit_threshold", "prompt_changes"]
+__all__ = ["SkipStepper", "SkipCounts", "decode_pieces", "fit_threshold", "prompt_changes"]
 
 
 def _example(g) -> dict:
@@ -66,9 +66,11 @@ def _rows(env: dict, names: list[str], batched: frozenset, idx: torch.Tensor | N
 
 
 @dataclasses.dataclass
-class _Counts:
+class SkipCounts:
     layer_rows: list[int]        # per layer: rows that ran the whole layer (decode steps)
     kv_rows: list[int]           # per layer: rows that ran only its K/V projections
+    layer_calls: list[int]       # per layer: decode steps that ran its layer piece (on some rows)
+    kv_calls: list[int]          # per layer: decode steps that ran its K/V piece (on some rows)
     steps: int = 0
 
     @property
@@ -98,7 +100,7 @@ class SkipStepper:
         self.pos = None
         self.chosen = None
         self.changes = None
-        self.counts = _Counts([0] * L, [0] * L)
+        self.counts = SkipCounts([0] * L, [0] * L, [0] * L, [0] * L)
 
     def _run(self, inputs: dict, run: torch.Tensor | None, changes: list | None = None) -> tuple[torch.Tensor, list]:
         """Pieces on one step's inputs; run: bool [B, L] (None: every layer). Returns (stream S_L, new past)."""
@@ -124,8 +126,11 @@ class SkipStepper:
                 changes.append((outs[0] - env[s_in]).float().norm(dim=-1) / env[s_in].float().norm(dim=-1)
                                .clamp_min(1e-12))
             if run is not None:
-                self.counts.layer_rows[j] += n_run
-                self.counts.kv_rows[j] += B - n_run
+                c = self.counts
+                c.layer_rows[j] += n_run
+                c.kv_rows[j] += B - n_run
+                c.layer_calls[j] += n_run > 0
+                c.kv_calls[j] += n_run < B
             env[s_out] = outs[0]
             past += [outs[1], outs[2]]
         return env[p.streams[-1]], past
