@@ -17,6 +17,7 @@ from routefx.compiler.pipeline import build_pipeline
 from routefx.compiler.plan import Plan
 from routefx.compiler.plan_io import fingerprint
 from routefx.errors import PlanMismatchError
+from routefx.generate.split import drop_empty_cats_
 from routefx.generate.step import CacheLayout, cache_names, capture_decode, capture_prefill, probe_cache
 from routefx.ir.model_ir import ModelIR
 from routefx.ir.recognize import recognize
@@ -86,6 +87,7 @@ def _lower(cm, gm: fx.GraphModule, example: dict, plan: Plan, layout: CacheLayou
     ir_before = recognize(gm)
     _check_fits(plan, ir_before, layout)
     ir, _ = PassManager(build_pipeline(cm.policy).passes, debug_dir=None).run(gm, ir_before, plan)
+    drop_empty_cats_(gm)          # the cache seeded with the past: cat([empty, past]) copied the past every step
     return Graph(gm, ir, time.perf_counter() - t0, lambda: cm._backend.prepare(gm, example))
 
 

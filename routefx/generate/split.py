@@ -174,8 +174,31 @@ def _is_batched(n: fx.Node, syms: set) -> bool:
     return bool(free) and free <= syms
 
 
+def _static_empty(n) -> bool:
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape) and v.numel() == 0
+
+
+def drop_empty_cats_(gm: fx.GraphModule) -> int:
+    """Replace each `cat` whose other inputs are statically empty by its one non-empty input (a cache seeded with
+    the past concatenates it to an empty tensor: a copy of the whole past per step). In place; returns the count."""
+    count = 0
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target is torch.ops.aten.cat.default:
+            rest = [a for a in n.args[0] if not _static_empty(a)]
+            if len(rest) == 1 and len(n.args[0]) > 1 and rest[0].meta["val"].shape == n.meta["val"].shape:
+                n.replace_all_uses_with(rest[0])
+                gm.graph.erase_node(n)
+                count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
 def split_decode(gm: fx.GraphModule, ir: ModelIR, kept: list[int]) -> Pieces:
-    """Cut the (rewritten) decode graph `gm` of layers `kept` into pieces (see the module docstring)."""
+    """Cut the (rewritten) decode graph `gm` of layers `kept` into pieces (see the module docstring). Removes
+    empty concatenations from `gm` first (`drop_empty_cats_`: the same function)."""
+    drop_empty_cats_(gm)
     blocks = ir.blocks
     if not blocks or any(b.stream_in is None or b.stream_out is None for b in blocks):
         raise UnsupportedModelError("decode-time layer skipping needs the residual stream of every block; "
