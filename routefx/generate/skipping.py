@@ -138,16 +138,31 @@ class SkipStepper:
     @torch.no_grad()
     def prefill(self, ids):
         pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
-        B = ids.shape[0]
         if self.policy.needs_prefill_stats:
-            self.changes = prompt_changes_from(self, ids, self.mask, pos)
-            logits = self._last_logits
+            logits, self.changes = self._measured_prefill(ids, pos)
         else:
             out = self.g.prefill.run(input_ids=ids, attention_mask=self.mask, position_ids=pos)
             self.past, logits = list(out[1:]), out[0][:, -1]
         self.pos = pos[:, -1:]
-        self.chosen = self.policy.at_prefill(self.L, B, self.changes)
+        self.chosen = self.policy.at_prefill(self.L, ids.shape[0], self.changes)
         return logits
+
+    def _measured_prefill(self, ids, pos) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt through every piece (empty past; the LM head on the last position only). Keeps the cache;
+        returns (last logits [B, V], the per-row, per-layer relative stream change averaged over the row's real
+        tokens [B, L] float64)."""
+        B, g = ids.shape[0], self.g
+        inputs = {"input_ids": ids, "attention_mask": self.mask, "position_ids": pos}
+        for i in g.kept:
+            for kind, d in zip(("key", "value"), g.layout.head_dims[i]):
+                inputs[f"past_{kind}_{i}"] = torch.zeros(B, g.layout.heads[i], 0, d, dtype=g.layout.dtype)
+        per_token: list[torch.Tensor] = []
+        stream, self.past = self._run(inputs, None, per_token)
+        post = self.p.post
+        logits = _one(post.run(**{post.inputs[0]: stream[:, -1:].contiguous()}))[:, -1]
+        real = self.mask.bool().double()                                         # [B, S]
+        ch = torch.stack([c.double() for c in per_token], dim=-1)                # [B, S, L]
+        return logits, (ch * real[..., None]).sum(1) / real.sum(1, keepdim=True)
 
     def decode(self, new):
         return self.extend(new)[:, -1]
@@ -163,30 +178,11 @@ class SkipStepper:
                   **dict(zip(self.g.past_names, self.past))}
         stream, self.past = self._run(inputs, run)
         self.pos = pos[:, -1:]
-        return _one(self.p.post.run(**{self.p.post.inputs[0]: stream,
-                                       **{n: inputs[n] for n in self.p.post.inputs[1:]}}))
+        return _one(self.p.post.run(**{self.p.post.inputs[0]: stream}))
 
 
 def _one(out):
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def prompt_changes_from(st: SkipStepper, ids, mask, pos) -> torch.Tensor:
-    """Run the prompt through every piece (empty past); keep its cache and last logits on `st`; return the
-    per-row, per-layer relative stream change averaged over real tokens: [B, L] float64."""
-    B = ids.shape[0]
-    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-    for i, name in zip(st.g.kept, st.g.past_names[::2]):
-        for kind, d in zip(("key", "value"), st.g.layout.head_dims[i]):
-            inputs[f"past_{kind}_{i}"] = torch.zeros(B, st.g.layout.heads[i], 0, d, dtype=st.g.layout.dtype)
-    per_token: list[torch.Tensor] = []
-    stream, st.past = st._run(inputs, None, per_token)
-    post = st.p.post
-    st._last_logits = _one(post.run(**{post.inputs[0]: stream[:, -1:].contiguous(),
-                                       **{n: inputs[n] for n in post.inputs[1:]}}))[:, -1]
-    real = mask.bool().double()                                              # [B, S]
-    ch = torch.stack([c.double() for c in per_token], dim=-1)                # [B, S, L]
-    return (ch * real[..., None]).sum(1) / real.sum(1, keepdim=True)
 
 
 def prompt_changes(cm, batches: list[dict]) -> torch.Tensor:
@@ -196,8 +192,8 @@ def prompt_changes(cm, batches: list[dict]) -> torch.Tensor:
         for b in batches:
             mask = token_mask(b).long()
             st = SkipStepper(cm, mask, ActivationSkip(threshold=0.0))
-            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-            out.append(prompt_changes_from(st, b["input_ids"], mask, pos))
+            st.prefill(b["input_ids"])
+            out.append(st.changes)
     return torch.cat(out)
 
 

@@ -11,7 +11,7 @@ policy:
                                                            (the attention mask, rotary cos/sin, ...)
     layer_l(S_l, shared..., past_key_l, past_value_l)   -> S_(l+1), key_l, value_l        (the whole block)
     kv_l(S_l, shared..., past_key_l, past_value_l)      -> key_l, value_l                 (only what K/V need)
-    post(S_L)                                           -> logits
+    post(S_L)                                           -> logits (per position: norm, LM head)
 
 A node's piece is found by structure, not by name: it belongs to layer l when S_l is the last stream node among
 its ancestors (S_l = `BlockInfo.stream_in` of block l, S_L the last block's `stream_out`); nodes with no stream
@@ -34,7 +34,7 @@ from routefx.errors import UnsupportedModelError
 from routefx.ir.capture import CaptureInfo
 from routefx.ir.model_ir import ModelIR
 
-__all__ = ["Piece", "Pieces", "split_decode"]
+__all__ = ["Piece", "Pieces", "split_decode", "drop_empty_cats_"]
 
 
 @dataclasses.dataclass
@@ -42,7 +42,7 @@ class Piece:
     gm: fx.GraphModule
     inputs: list[str]            # names of the values it reads (placeholders of the original graph or pieces)
     outputs: list[str]           # names of the values it returns, in order
-    run: object = None           # the backend's callable (run(**kwargs) -> tuple), set by `lower`
+    run: object = None           # the backend's callable (run(**kwargs) -> outputs), set by skipping.decode_pieces
 
 
 @dataclasses.dataclass
@@ -257,6 +257,9 @@ def split_decode(gm: fx.GraphModule, ir: ModelIR, kept: list[int]) -> Pieces:
 
     layer_ins = [external(groups[1 + j], 1 + j) for j in range(L)]
     post_ins = external(groups[L + 1], L + 1)
+    if post_ins != [streams[L]]:
+        raise UnsupportedModelError(f"the LM head reads {[i.name for i in post_ins]}; routefx skips layers of "
+                                    "models whose head reads only the last block's stream")
     shared = [i for ins in layer_ins + [post_ins] for i in ins if member.get(i) == 0]
     pre = piece(groups[0], list(dict.fromkeys([streams[0]] + shared)), 0)
     layers, kvs = [], []
