@@ -107,17 +107,17 @@ class SkipStepper:
         p, env = self.p, dict(inputs)
         env.update(zip(p.pre.outputs, p.pre.run(**_rows(env, p.pre.inputs, p.batched, None))))
         B = inputs["input_ids"].shape[0]
+        n_runs = [B] * self.L if run is None else run.sum(0).tolist()      # rows running each layer
         past = []
         for j in range(self.L):
             s_in, s_out = p.streams[j], p.streams[j + 1]
-            rows = None if run is None else run[:, j]
-            n_run = B if rows is None else int(rows.sum())
+            n_run = n_runs[j]
             if n_run == B:
                 outs = p.layers[j].run(**_rows(env, p.layers[j].inputs, p.batched, None))
             elif n_run == 0:
                 outs = (env[s_in], *p.kv[j].run(**_rows(env, p.kv[j].inputs, p.batched, None)))
             else:
-                on, off = rows.nonzero()[:, 0], (~rows).nonzero()[:, 0]
+                on, off = run[:, j].nonzero()[:, 0], (~run[:, j]).nonzero()[:, 0]
                 a = p.layers[j].run(**_rows(env, p.layers[j].inputs, p.batched, on))
                 b = (env[s_in].index_select(0, off), *p.kv[j].run(**_rows(env, p.kv[j].inputs, p.batched, off)))
                 outs = [x.new_empty((B, *x.shape[1:])).index_copy_(0, on, x).index_copy_(0, off, y)
