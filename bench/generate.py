@@ -25,7 +25,8 @@ per decode step, a layer's weights when some row ran it and its K/V projections'
 (both from the run's own counts).
 Greedy outputs of routefx dense and HF are checked token-identical.
 
-    .venv/bin/python bench/generate.py            # the real run (~20 min on 2 loaded cores), bench/results/generate.json
+    .venv/bin/python bench/generate.py            # the real run (~20 min on 2 loaded cores before the decode-policy
+                                                  # candidates; with them an estimated 35-40 min), bench/results/generate.json
     .venv/bin/python bench/generate.py --speculative   # self-speculative decoding on the trained tiny Llama:
                                                        # acceptance, tokens per round, speedup over ONNX dense
     .venv/bin/python bench/generate.py --quick    # a 2-layer hidden-256 model, 32 + 16 tokens: checks the script

@@ -17,7 +17,7 @@ import torch
 
 from routefx.calibrate.data import token_mask
 from routefx.calibrate.search import bisect_decreasing
-from routefx.errors import CalibrationError, PolicyError
+from routefx.errors import CalibrationError, CaptureError, PolicyError
 from routefx.generate.decode_policies import ActivationSkip, DecodePolicy
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.split import Pieces, split_decode
@@ -25,9 +25,8 @@ from routefx.generate.split import Pieces, split_decode
 __all__ = ["SkipStepper", "SkipCounts", "decode_pieces", "fit_threshold", "prompt_changes"]
 
 
-def _example(g) -> dict:
-    """Decode inputs for lowering the pieces: batch 2, 3 new tokens, 5 past positions (all sizes distinct)."""
-    B, S, P = 2, 3, 5
+def _example(g, B: int, S: int, P: int) -> dict:
+    """Decode inputs for lowering the pieces: batch B, S new tokens, P past positions."""
     gen = torch.Generator().manual_seed(0)
     ex = {"input_ids": torch.arange(B * S).reshape(B, S) + 1, "attention_mask": torch.ones(B, P + S, dtype=torch.long),
           "position_ids": torch.arange(P, P + S).expand(B, S).contiguous()}
@@ -44,19 +43,53 @@ def decode_pieces(cm) -> Pieces:
         return cached
     g = generation_graphs(cm)
     pieces = split_decode(g.decode.gm, g.decode.ir, g.kept)
-    env = _example(g)
+    order = [pieces.pre, *[q for pair in zip(pieces.layers, pieces.kv) for q in pair], pieces.post]
+    a, b = _example(g, 2, 3, 5), _example(g, 4, 6, 7)       # every size different between the two
     with torch.no_grad():
-        for p in [pieces.pre, *[q for pair in zip(pieces.layers, pieces.kv) for q in pair], pieces.post]:
-            example = {n: env[n] for n in p.inputs}
-            out = p.gm(**example)
-            env.update(zip(p.outputs, out))
+        for env in (a, b):                # eager runs of the pieces: their example inputs at two sets of sizes
+            for p in order:
+                env.update(zip(p.outputs, p.gm(**{n: env[n] for n in p.inputs})))
+        for p in order:
+            example = {n: a[n] for n in p.inputs}
+            varying = {n: [d for d in range(a[n].dim()) if a[n].shape[d] != b[n].shape[d]] for n in p.inputs}
+            if _static_where_varying(p.gm, varying):
+                p.gm = _reexport(p.gm, example, varying)
             p.run = cm._backend.prepare(p.gm, example)
+    pieces.batched = frozenset(n for n in a if isinstance(a[n], torch.Tensor) and a[n].dim() and
+                               a[n].shape[0] == 2 and b[n].shape[0] == 4)
     cm.__dict__["_decode_pieces"] = pieces
     return pieces
 
 
 _NO_CALIBRATION = ("ActivationSkip(budget=...) fits its threshold on the compile's calibration data, and this model "
                    "has none: compile with calibration=... or give threshold=...")
+
+
+def _static_where_varying(gm, varying: dict) -> bool:
+    """Whether a placeholder's recorded shape is static in a dim that varies (torch 2.11 records some values
+    computed from position ids, rotary cos/sin, with the example's sizes)."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val") if n.op == "placeholder" else None
+        if isinstance(v, torch.Tensor) and any(isinstance(v.shape[d], int) for d in varying.get(n.target, [])):
+            return True
+    return False
+
+
+def _reexport(gm, example: dict, varying: dict):
+    """`gm` traced again by torch.export with the varying dims dynamic (fresh symbolic shapes for the backend)."""
+    from torch.export import Dim
+
+    from routefx.ir.capture import CaptureInfo, _drop_metadata_asserts
+    shapes = {n: ({d: Dim.AUTO for d in dims} or None) for n, dims in varying.items()}
+    try:
+        ep = torch.export.export(gm, (), kwargs=example, dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # torch.export raises many types; one typed error
+        raise CaptureError(f"could not re-trace a decode piece with dynamic shapes: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    new = ep.module()
+    _drop_metadata_asserts(new)
+    new.meta["routefx"] = CaptureInfo(arg_names=(), constant_kwargs={})
+    return new
 
 
 def _rows(env: dict, names: list[str], batched: frozenset, idx: torch.Tensor | None) -> dict:

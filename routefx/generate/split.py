@@ -20,7 +20,8 @@ removed (for a pre-norm Llama block: the input norm, K and V projections, rotary
 A layer that reads values of another layer besides the stream (hoisted routers, shared K/V) is refused.
 
 Each piece is lowered by the model's backend like any graph. Rows: every piece input with a batch dim (found from
-the graph's symbolic shapes) can be given a subset of the batch's rows (see `Pieces.batched`).
+two example runs at different batch sizes: symbolic shapes in the graph's metadata differ between torch releases)
+can be given a subset of the batch's rows (see `Pieces.batched`).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class Pieces:
     post: Piece
     streams: list[str]           # S_0 .. S_L by name
     cache: list[tuple[str, str]]  # per layer: the names of its new key and value (the graph's outputs)
-    batched: frozenset           # names of values whose dim 0 is the batch
+    batched: frozenset           # names of values whose dim 0 is the batch (probed by skipping.decode_pieces)
     past: list[tuple[str, str]]  # per layer: its past key/value placeholder names
 
     @property
@@ -155,25 +156,6 @@ def _closure(nodes: list[fx.Node], outputs: list[fx.Node]) -> list[fx.Node]:
     return [n for n in nodes if n in need]
 
 
-def _batch_symbols(gm: fx.GraphModule) -> set:
-    syms = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" and isinstance(v := n.meta.get("val"), torch.Tensor) and v.dim():
-            d = v.shape[0]
-            if n.target in ("input_ids", "attention_mask", "position_ids") or n.target.startswith("past_"):
-                if isinstance(d, torch.SymInt):
-                    syms |= d.node.expr.free_symbols
-    return syms
-
-
-def _is_batched(n: fx.Node, syms: set) -> bool:
-    v = n.meta.get("val")
-    if not isinstance(v, torch.Tensor) or v.dim() == 0 or not isinstance(v.shape[0], torch.SymInt):
-        return False
-    free = v.shape[0].node.expr.free_symbols
-    return bool(free) and free <= syms
-
-
 def _static_empty(n) -> bool:
     v = n.meta.get("val") if isinstance(n, fx.Node) else None
     return isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape) and v.numel() == 0
@@ -269,7 +251,5 @@ def split_decode(gm: fx.GraphModule, ir: ModelIR, kept: list[int]) -> Pieces:
         kv_nodes = sorted(set(kv_nodes + scalars.closure(kv_nodes, prefer[1 + j])), key=order.get)
         kvs.append(piece(kv_nodes, list(cache[j]), 1 + j))
     post = piece(groups[L + 1], [outs[0]], L + 1)
-    syms = _batch_symbols(gm)
-    batched = frozenset(n.name for n in gm.graph.nodes if _is_batched(n, syms))
-    return Pieces(pre, layers, kvs, post, [s.name for s in streams], [(k.name, v.name) for k, v in cache], batched,
-                  past)
+    return Pieces(pre, layers, kvs, post, [s.name for s in streams], [(k.name, v.name) for k, v in cache],
+                  frozenset(), past)
