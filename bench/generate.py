@@ -17,12 +17,21 @@ Per candidate and batch, the median wall time of `generate(max_new_tokens=128)` 
                      (`cm.route_stats` on the generated sequences: the routes the whole-sequence graph takes, the
                      same function the decode graph computes), the batch-union from the per-row routes.
                      The KV cache (grown by concatenation, read and re-written once per step) is reported beside it.
+Decode-time layer skipping (routefx.generate.decode_policies; the decode graph cut into 2L + 2 per-layer ONNX
+graphs): routefx_onnx_pieces_dense (the pieces, no layer skipped: the cost of the cut itself), depth decay
+(min_layers L/2, alpha fitted so that the 127 decode steps run the same fraction of layers as LAC) and LAC
+(ActivationSkip at budget 0.6 of the layers, threshold fitted on the calibration data). Their bytes-ideal counts,
+per decode step, a layer's weights when some row ran it and its K/V projections' weights when some row skipped it
+(both from the run's own counts).
 Greedy outputs of routefx dense and HF are checked token-identical.
 
-    .venv/bin/python bench/generate.py            # the real run (~20 min on 2 loaded cores), bench/results/generate.json
+    .venv/bin/python bench/generate.py            # the real run (~20 min on 2 loaded cores before the decode-policy
+                                                  # candidates; with them an estimated 35-40 min), bench/results/generate.json
     .venv/bin/python bench/generate.py --speculative   # self-speculative decoding on the trained tiny Llama:
                                                        # acceptance, tokens per round, speedup over ONNX dense
     .venv/bin/python bench/generate.py --quick    # a 2-layer hidden-256 model, 32 + 16 tokens: checks the script
+    .venv/bin/python bench/generate.py --quality  # decode policies on the trained quality model at equal compute
+                                                  # (bench/generate_quality.py; writes bench/QUALITY_DECODE.md)
     --threads N   torch's intra-op threads, and so ONNX Runtime's (on a machine loaded by other work, 1 avoids
                   OpenMP spin-waits that slow small eager ops 10x and more)
 """
@@ -44,7 +53,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import routefx  # noqa: E402
-from routefx.generate import generate_with_stats  # noqa: E402
+from routefx.generate import ActivationSkip, DepthDecay, LayerSubset, generate_with_stats  # noqa: E402
 from routefx.policies import Dense, Duo  # noqa: E402
 from routefx.timing import median_seconds  # noqa: E402
 from cpu import FULL, SMOKE, Shape, build_model, loadavg, machine  # noqa: E402
@@ -74,6 +83,33 @@ def weight_bytes(m: Shape) -> dict:
     ffn = 3 * m.hidden * m.ffn
     return {"attention": 4 * attn * m.layers, "ffn_per_layer": 4 * ffn, "ffn": 4 * ffn * m.layers,
             "lm_head": 4 * m.vocab * m.hidden + 4 * m.hidden, "embedding_row": 4 * m.hidden}
+
+
+LAC_BUDGET = 0.6
+
+
+def skip_bytes(m: Shape, counts, steps: int) -> float:
+    """Mean weight bytes per decode step of a skipping run: per layer, its attention and FFN weights on steps
+    where some row ran it, its K/V projections on steps where some row skipped it; LM head and embedding row."""
+    wb = weight_bytes(m)
+    hd = m.hidden // m.heads
+    layer = (wb["attention"] + wb["ffn"]) / m.layers
+    kv = 4 * 2 * m.hidden * m.kv_heads * hd
+    per_layer = sum(layer * a + kv * b for a, b in zip(counts.layer_calls, counts.kv_calls)) / steps
+    return per_layer + wb["lm_head"] + wb["embedding_row"]
+
+
+def depth_decay_for(layers: int, fraction: float, steps: int) -> DepthDecay:
+    """DepthDecay(min_layers=L/2) with alpha bisected so that decode steps 1..steps run `fraction` of the layers
+    (as near as the floors allow)."""
+    lo, hi = 0.5, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if DepthDecay(alpha=mid, min_layers=max(1, layers // 2)).layer_fraction(layers, steps) > fraction:
+            hi = mid
+        else:
+            lo = mid
+    return DepthDecay(alpha=lo, min_layers=max(1, layers // 2))
 
 
 def kv_bytes(m: Shape, batch: int, length: int) -> int:
@@ -150,13 +186,13 @@ def markdown(res: dict | None, spec: dict | None) -> str:
               f"decode step: {res['dense_weight_bytes_per_step'] / 2**20:.0f} MiB. Growing KV cache (concatenated "
               "in the decode graph).", "",
               "| batch | candidate | end-to-end tok/s | decode tok/s | decode vs ONNX dense | decode vs HF eager | "
-              "bytes-ideal vs ONNX dense | efficiency | FFN fraction read |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "bytes-ideal vs ONNX dense | efficiency | FFN fraction read | layers run |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in res["rows"]:
             L.append(f"| {r['batch']} | {r['candidate']} | {r['end_to_end_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
                      f"{r['decode_vs_onnx_dense']:.2f} | {r['decode_vs_hf_eager']:.2f} | "
                      f"{r['bytes_ideal_vs_onnx_dense']:.2f} | {r.get('efficiency', 1.0):.2f} | "
-                     f"{r.get('ffn_fraction_read', 1.0):.3f} |")
+                     f"{r.get('ffn_fraction_read', 1.0):.3f} | {r.get('layer_fraction', 1.0):.3f} |")
         same = [r.get("identical_to_hf") for r in res["rows"] if "identical_to_hf" in r]
         L += ["", f"routefx ONNX dense greedy output identical to HF `generate`: {same}."]
     if spec is not None:
@@ -190,11 +226,17 @@ def main() -> None:
     ap.add_argument("--write-results", action="store_true",
                     help="only render bench/results/generate*.json into the generation section of RESULTS.md")
     ap.add_argument("--speculative", action="store_true", help="only the self-speculative run (tiny trained Llama)")
+    ap.add_argument("--quality", action="store_true",
+                    help="only the quality of the decode policies on the trained quality model (generate_quality.py)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (ONNX Runtime sessions take the same number); default: torch's")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.quality:
+        import generate_quality
+        generate_quality.main(quick=args.quick, out=args.out)
+        return
     if args.write_results:
         load = lambda n: json.load(open(p)) if os.path.exists(p := os.path.join(HERE, "results", n)) else None  # noqa
         spec = load("generate_speculative.json")
@@ -221,10 +263,21 @@ def main() -> None:
     compiled = {"routefx_onnx_dense": routefx.compile(model, Dense(), backend="onnx"),
                 "routefx_onnx_duo_0.5": routefx.compile(model, Duo(budget=0.5, router="local"), calibration=cal,
                                                          backend="onnx")}
+    dense = compiled["routefx_onnx_dense"]
+    # LAC's threshold: 32 calibration rows (x L layers: the fraction of layers run moves in steps of 1/(32 L))
+    lac_cal = [{"input_ids": torch.randint(3, m.vocab, (8, 64), generator=gen)} for _ in range(4)]
+    dd = depth_decay_for(m.layers, LAC_BUDGET, st.new - 1)
+    skips = {"routefx_onnx_pieces_dense": (dense, LayerSubset(skip=())), "routefx_onnx_depth_decay": (dense, dd),
+             "routefx_onnx_lac": (routefx.compile(model, Dense(), calibration=lac_cal, backend="onnx"),
+                                  ActivationSkip(budget=LAC_BUDGET))}
     compile_s = {}
     for name, cm in compiled.items():
         t = time.perf_counter()
         cm.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)   # builds the generation graphs
+        compile_s[name] = round(time.perf_counter() - t, 1)
+    for name, (cm, pol) in skips.items():
+        t = time.perf_counter()
+        cm.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=2, decode_policy=pol)   # lowers the pieces
         compile_s[name] = round(time.perf_counter() - t, 1)
     print(f"compiled in {time.perf_counter() - t0:.0f} s: {compile_s}", flush=True)
 
@@ -245,6 +298,11 @@ def main() -> None:
             fns[f"{name}_128"] = (lambda cm=cm, name=name: outs.__setitem__(
                 name, generate_with_stats(cm, prompt, max_new_tokens=st.new, **no_eos)[0]))
             fns[f"{name}_1"] = lambda cm=cm: cm.generate(prompt, max_new_tokens=1, **no_eos)
+        for name, (cm, pol) in skips.items():
+            fns[f"{name}_128"] = (lambda cm=cm, name=name, pol=pol: outs.__setitem__(
+                name, generate_with_stats(cm, prompt, max_new_tokens=st.new, decode_policy=pol, **no_eos)[1]))
+            fns[f"{name}_1"] = lambda cm=cm, pol=pol: cm.generate(prompt, max_new_tokens=1, decode_policy=pol,
+                                                                  **no_eos)
         print(f"batch {B}: load {loadavg()}", flush=True)
         t = median_seconds(fns, warmup=st.warmup, reps=st.reps, shuffle_seed=B)
         same = torch.equal(outs["hf_eager"], outs["routefx_onnx_dense"])
@@ -252,6 +310,8 @@ def main() -> None:
         fr = duo["per_token"] if B == 1 else duo["batch_union"]
         duo_bytes = wb["attention"] + wb["ffn"] * fr + wb["lm_head"] + wb["embedding_row"]
         ideal = {"hf_eager": 1.0, "routefx_onnx_dense": 1.0, "routefx_onnx_duo_0.5": dense_bytes / duo_bytes}
+        for name in skips:                                 # outs[name]: the GenerationStats of the last timed run
+            ideal[name] = dense_bytes / skip_bytes(m, outs[name].skip_counts, st.new - 1)
         dec = {k: B * (st.new - 1) / (t[f"{k}_128"] - t[f"{k}_1"]) for k in ideal}
         for k in ideal:
             row = {"batch": B, "candidate": k, "t_new": t[f"{k}_128"], "t_first": t[f"{k}_1"],
@@ -260,6 +320,9 @@ def main() -> None:
                    "decode_vs_hf_eager": dec[k] / dec["hf_eager"], "bytes_ideal_vs_onnx_dense": ideal[k]}
             if k == "routefx_onnx_duo_0.5":
                 row |= {"ffn_fraction_read": fr, "ffn_fraction_per_token": duo["per_token"],
+                        "efficiency": row["decode_vs_onnx_dense"] / ideal[k]}
+            if k in skips:
+                row |= {"layer_fraction": outs[k].layer_fraction, "policy": skips[k][1].to_json(),
                         "efficiency": row["decode_vs_onnx_dense"] / ideal[k]}
             if k == "routefx_onnx_dense":
                 row["identical_to_hf"] = same

@@ -17,6 +17,7 @@ from routefx.compiler.pipeline import build_pipeline
 from routefx.compiler.plan import Plan
 from routefx.compiler.plan_io import fingerprint
 from routefx.errors import PlanMismatchError
+from routefx.generate.split import drop_empty_cats_
 from routefx.generate.step import CacheLayout, cache_names, capture_decode, capture_prefill, probe_cache
 from routefx.ir.model_ir import ModelIR
 from routefx.ir.recognize import recognize
@@ -27,10 +28,23 @@ __all__ = ["GenerationGraphs", "generation_graphs"]
 
 @dataclasses.dataclass
 class Graph:
+    """A rewritten generation graph; lowered by the backend on first use of `run` (a decode policy runs the
+    decode graph's pieces instead, and never needs the whole decode graph lowered)."""
+
     gm: fx.GraphModule
     ir: ModelIR
-    run: object                  # the backend's callable: run(**kwargs) -> (logits, key_i, value_i, ...)
-    seconds: float
+    seconds: float               # capture, passes and (once done) lowering
+    _lower: object = dataclasses.field(default=None, repr=False)
+    _run: object = dataclasses.field(default=None, repr=False)
+
+    @property
+    def run(self):
+        """The backend's callable: run(**kwargs) -> (logits, key_i, value_i, ...)."""
+        if self._run is None:
+            t0 = time.perf_counter()
+            self._run = self._lower()
+            self.seconds += time.perf_counter() - t0
+        return self._run
 
 
 @dataclasses.dataclass
@@ -73,8 +87,8 @@ def _lower(cm, gm: fx.GraphModule, example: dict, plan: Plan, layout: CacheLayou
     ir_before = recognize(gm)
     _check_fits(plan, ir_before, layout)
     ir, _ = PassManager(build_pipeline(cm.policy).passes, debug_dir=None).run(gm, ir_before, plan)
-    run = cm._backend.prepare(gm, example)
-    return Graph(gm, ir, run, time.perf_counter() - t0)
+    drop_empty_cats_(gm)          # the cache seeded with the past: cat([empty, past]) copied the past every step
+    return Graph(gm, ir, time.perf_counter() - t0, lambda: cm._backend.prepare(gm, example))
 
 
 def generation_graphs(cm) -> GenerationGraphs:

@@ -6,6 +6,9 @@ token. A row stops at its first end-of-sequence token; from then on it receives 
 when every row has stopped or `max_new_tokens` tokens were generated. The result is [B, S + n] like
 `generate`'s `sequences`.
 
+`decode_policy` (`routefx.generate.decode_policies`: DepthDecay, ActivationSkip, LayerSubset) skips layers per
+decode step and row (`routefx.generate.skipping`); `GenerationStats.layer_fraction` says how much of the decode ran.
+
 Models without a cache convention routefx can capture (plain `nn.Module` LMs taking only input_ids) generate
 *uncached*: each step runs the compiled prefill graph on the whole sequence so far (quadratic in the length; said
 so in `GenerationStats.mode`).
@@ -18,9 +21,10 @@ import time
 
 import torch
 
-from routefx.errors import InputError
+from routefx.errors import InputError, UnsupportedModelError
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.sampling import Sampler
+from routefx.generate.skipping import SkipStepper
 from routefx.generate.step import supports_cache
 
 __all__ = ["generate", "generate_with_stats", "GenerationStats", "Stepper"]
@@ -34,6 +38,8 @@ class GenerationStats:
     prefill_seconds: float
     decode_seconds: float        # every step after the prefill, sampling included
     batch: int = 1
+    layer_fraction: float | None = None   # with a decode policy: fraction of (row, layer) pairs decode ran in full
+    skip_counts: object = None            # with a decode policy: its `skipping.SkipCounts` (per-layer calls, rows)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -74,8 +80,8 @@ def _check(input_ids, attention_mask, max_new_tokens):
 
 def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: int = 20, do_sample: bool = False,
                         temperature: float = 1.0, top_k: int | None = None, eos_token_id=None,
-                        pad_token_id: int | None = None, streamer=None, generator: torch.Generator | None = None
-                        ) -> tuple[torch.Tensor, GenerationStats]:
+                        pad_token_id: int | None = None, streamer=None, generator: torch.Generator | None = None,
+                        decode_policy=None) -> tuple[torch.Tensor, GenerationStats]:
     ids, mask = _check(input_ids, attention_mask, max_new_tokens)
     choose = Sampler(do_sample, temperature, top_k, generator)
     model = cm._model
@@ -84,7 +90,10 @@ def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: i
     eos_t = torch.tensor(eos, dtype=torch.long)
     B = ids.shape[0]
     cached = supports_cache(model) is None
-    step = Stepper(cm, mask) if cached else _Uncached(cm, mask)
+    if decode_policy is not None and not cached:
+        raise UnsupportedModelError(f"decode_policy needs a KV cache; {supports_cache(model)}")
+    step = (SkipStepper(cm, mask, decode_policy) if decode_policy is not None else Stepper(cm, mask)) if cached \
+        else _Uncached(cm, mask)
     if streamer is not None:
         streamer.put(ids.cpu())
     unfinished = torch.ones(B, dtype=torch.bool)
@@ -107,7 +116,8 @@ def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: i
     if streamer is not None:
         streamer.end()
     stats = GenerationStats("cached" if cached else "uncached", ids.numel(), n, t1 - t0, time.perf_counter() - t1,
-                            batch=B)
+                            batch=B, layer_fraction=step.counts.fraction if decode_policy is not None else None,
+                            skip_counts=step.counts if decode_policy is not None else None)
     return seq, stats
 
 

@@ -1,0 +1,250 @@
+"""Decoding with layers skipped per step and per row: the decode graph's pieces (`split`) driven by a decode policy
+(`decode_policies`).
+
+Per decode step, the policy gives a run mask [B, L]. Layer l then runs on the rows that run it (the whole batch
+without a copy when all do; the rows gathered along the batch dim when some do) and its K/V-only piece runs on the
+other rows, so a skipped layer's attention, output projection and FFN matmuls are never executed. Rows are merged
+back with `index_copy`. A layer no row runs costs its K/V projections only.
+
+The prompt runs every layer: through the monolithic prefill graph, or, for policies that measure the prompt
+(ActivationSkip), through the same pieces with an empty past, the logits computed for the last position only.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from routefx.calibrate.data import token_mask
+from routefx.calibrate.search import bisect_decreasing
+from routefx.errors import CalibrationError, CaptureError, PolicyError
+from routefx.generate.decode_policies import ActivationSkip, DecodePolicy
+from routefx.generate.graphs import generation_graphs
+from routefx.generate.split import Pieces, split_decode
+
+__all__ = ["SkipStepper", "SkipCounts", "decode_pieces", "fit_threshold", "prompt_changes"]
+
+
+def _example(g, B: int, S: int, P: int) -> dict:
+    """Decode inputs for lowering the pieces: batch B, S new tokens, P past positions."""
+    gen = torch.Generator().manual_seed(0)
+    ex = {"input_ids": torch.arange(B * S).reshape(B, S) + 1, "attention_mask": torch.ones(B, P + S, dtype=torch.long),
+          "position_ids": torch.arange(P, P + S).expand(B, S).contiguous()}
+    for name, i in zip(g.past_names[::2], g.kept):
+        for kind, d in zip(("key", "value"), g.layout.head_dims[i]):
+            ex[f"past_{kind}_{i}"] = torch.randn(B, g.layout.heads[i], P, d, generator=gen).to(g.layout.dtype)
+    return ex
+
+
+def decode_pieces(cm) -> Pieces:
+    """The pieces of `cm`'s decode graph, lowered by its backend (made on first use, then kept on `cm`)."""
+    cached = cm.__dict__.get("_decode_pieces")
+    if cached is not None:
+        return cached
+    g = generation_graphs(cm)
+    pieces = split_decode(g.decode.gm, g.decode.ir, g.kept)
+    order = [pieces.pre, *[q for pair in zip(pieces.layers, pieces.kv) for q in pair], pieces.post]
+    a, b = _example(g, 2, 3, 5), _example(g, 4, 6, 7)       # every size different between the two
+    with torch.no_grad():
+        for env in (a, b):                # eager runs of the pieces: their example inputs at two sets of sizes
+            for p in order:
+                env.update(zip(p.outputs, p.gm(**{n: env[n] for n in p.inputs})))
+        for p in order:
+            example = {n: a[n] for n in p.inputs}
+            varying = {n: [d for d in range(a[n].dim()) if a[n].shape[d] != b[n].shape[d]] for n in p.inputs}
+            if _static_where_varying(p.gm, varying):
+                p.gm = _reexport(p.gm, example, varying)
+            p.run = cm._backend.prepare(p.gm, example)
+    pieces.batched = frozenset(n for n in a if isinstance(a[n], torch.Tensor) and a[n].dim() and
+                               a[n].shape[0] == 2 and b[n].shape[0] == 4)
+    cm.__dict__["_decode_pieces"] = pieces
+    return pieces
+
+
+_NO_CALIBRATION = ("ActivationSkip(budget=...) fits its threshold on the compile's calibration data, and this model "
+                   "has none: compile with calibration=... or give threshold=...")
+
+
+def _static_where_varying(gm, varying: dict) -> bool:
+    """Whether a placeholder's recorded shape is static in a dim that varies (torch 2.11 records some values
+    computed from position ids, rotary cos/sin, with the example's sizes)."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val") if n.op == "placeholder" else None
+        if isinstance(v, torch.Tensor) and any(isinstance(v.shape[d], int) for d in varying.get(n.target, [])):
+            return True
+    return False
+
+
+def _reexport(gm, example: dict, varying: dict):
+    """`gm` traced again by torch.export with the varying dims dynamic (fresh symbolic shapes for the backend)."""
+    from torch.export import Dim
+
+    from routefx.ir.capture import CaptureInfo, _drop_metadata_asserts
+    shapes = {n: ({d: Dim.AUTO for d in dims} or None) for n, dims in varying.items()}
+    try:
+        ep = torch.export.export(gm, (), kwargs=example, dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # torch.export raises many types; one typed error
+        raise CaptureError(f"could not re-trace a decode piece with dynamic shapes: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    new = ep.module()
+    _drop_metadata_asserts(new)
+    new.meta["routefx"] = CaptureInfo(arg_names=(), constant_kwargs={})
+    return new
+
+
+def _rows(env: dict, names: list[str], batched: frozenset, idx: torch.Tensor | None) -> dict:
+    if idx is None:
+        return {n: env[n] for n in names}
+    return {n: env[n].index_select(0, idx) if n in batched else env[n] for n in names}
+
+
+@dataclasses.dataclass
+class SkipCounts:
+    layer_rows: list[int]        # per layer: rows that ran the whole layer (decode steps)
+    kv_rows: list[int]           # per layer: rows that ran only its K/V projections
+    layer_calls: list[int]       # per layer: decode steps that ran its layer piece (on some rows)
+    kv_calls: list[int]          # per layer: decode steps that ran its K/V piece (on some rows)
+    steps: int = 0
+
+    @property
+    def fraction(self) -> float:
+        total = sum(self.layer_rows) + sum(self.kv_rows)
+        return sum(self.layer_rows) / total if total else 1.0
+
+
+class SkipStepper:
+    """`Stepper`'s interface (prefill, decode, extend, mask, past) with a decode policy skipping layers."""
+
+    def __init__(self, cm, mask, policy: DecodePolicy):
+        if not isinstance(policy, DecodePolicy):
+            raise PolicyError(f"decode_policy must be a routefx.generate DecodePolicy (DepthDecay, ActivationSkip, "
+                              f"LayerSubset), got {type(policy).__name__}")
+        fit = isinstance(policy, ActivationSkip) and policy.threshold is None
+        if fit and cm._calibration is None:
+            raise CalibrationError(_NO_CALIBRATION)
+        self.g = generation_graphs(cm)
+        self.p = decode_pieces(cm)
+        L, B = len(self.p.layers), mask.shape[0]
+        policy.check(L, B)
+        if fit:
+            policy = ActivationSkip(threshold=fit_threshold(cm, policy))
+        self.policy, self.mask, self.L = policy, mask, L
+        self.past: list[torch.Tensor] = []
+        self.pos = None
+        self.chosen = None
+        self.changes = None
+        self.counts = SkipCounts([0] * L, [0] * L, [0] * L, [0] * L)
+
+    def _run(self, inputs: dict, run: torch.Tensor | None, changes: list | None = None) -> tuple[torch.Tensor, list]:
+        """Pieces on one step's inputs; run: bool [B, L] (None: every layer). Returns (stream S_L, new past)."""
+        p, env = self.p, dict(inputs)
+        env.update(zip(p.pre.outputs, p.pre.run(**_rows(env, p.pre.inputs, p.batched, None))))
+        B = inputs["input_ids"].shape[0]
+        n_runs = [B] * self.L if run is None else run.sum(0).tolist()      # rows running each layer
+        past = []
+        for j in range(self.L):
+            s_in, s_out = p.streams[j], p.streams[j + 1]
+            n_run = n_runs[j]
+            if n_run == B:
+                outs = p.layers[j].run(**_rows(env, p.layers[j].inputs, p.batched, None))
+            elif n_run == 0:
+                outs = (env[s_in], *p.kv[j].run(**_rows(env, p.kv[j].inputs, p.batched, None)))
+            else:
+                on, off = run[:, j].nonzero()[:, 0], (~run[:, j]).nonzero()[:, 0]
+                a = p.layers[j].run(**_rows(env, p.layers[j].inputs, p.batched, on))
+                b = (env[s_in].index_select(0, off), *p.kv[j].run(**_rows(env, p.kv[j].inputs, p.batched, off)))
+                outs = [x.new_empty((B, *x.shape[1:])).index_copy_(0, on, x).index_copy_(0, off, y)
+                        for x, y in zip(a, b)]
+            if changes is not None:                # relative change of the stream per token: [B, S]
+                changes.append((outs[0] - env[s_in]).float().norm(dim=-1) / env[s_in].float().norm(dim=-1)
+                               .clamp_min(1e-12))
+            if run is not None:
+                c = self.counts
+                c.layer_rows[j] += n_run
+                c.kv_rows[j] += B - n_run
+                c.layer_calls[j] += n_run > 0
+                c.kv_calls[j] += n_run < B
+            env[s_out] = outs[0]
+            past += [outs[1], outs[2]]
+        return env[p.streams[-1]], past
+
+    @torch.no_grad()
+    def prefill(self, ids):
+        pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
+        if self.policy.needs_prefill_stats:
+            logits, self.changes = self._measured_prefill(ids, pos)
+        else:
+            out = self.g.prefill.run(input_ids=ids, attention_mask=self.mask, position_ids=pos)
+            self.past, logits = list(out[1:]), out[0][:, -1]
+        self.pos = pos[:, -1:]
+        self.chosen = self.policy.at_prefill(self.L, ids.shape[0], self.changes)
+        return logits
+
+    def _measured_prefill(self, ids, pos) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt through every piece (empty past; the LM head on the last position only). Keeps the cache;
+        returns (last logits [B, V], the per-row, per-layer relative stream change averaged over the row's real
+        tokens [B, L] float64)."""
+        B, g = ids.shape[0], self.g
+        inputs = {"input_ids": ids, "attention_mask": self.mask, "position_ids": pos}
+        for i in g.kept:
+            for kind, d in zip(("key", "value"), g.layout.head_dims[i]):
+                inputs[f"past_{kind}_{i}"] = torch.zeros(B, g.layout.heads[i], 0, d, dtype=g.layout.dtype)
+        per_token: list[torch.Tensor] = []
+        stream, self.past = self._run(inputs, None, per_token)
+        post = self.p.post
+        logits = _one(post.run(**{post.inputs[0]: stream[:, -1:].contiguous()}))[:, -1]
+        real = self.mask.bool().double()                                         # [B, S]
+        ch = torch.stack([c.double() for c in per_token], dim=-1)                # [B, S, L]
+        return logits, (ch * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+
+    def decode(self, new):
+        return self.extend(new)[:, -1]
+
+    @torch.no_grad()
+    def extend(self, new):
+        B, S = new.shape
+        self.counts.steps += 1
+        run = self.policy.run_mask(self.counts.steps, self.L, B, self.chosen)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(B, S)], dim=1)
+        pos = self.pos + torch.arange(1, S + 1)
+        inputs = {"input_ids": new, "attention_mask": self.mask, "position_ids": pos,
+                  **dict(zip(self.g.past_names, self.past))}
+        stream, self.past = self._run(inputs, run)
+        self.pos = pos[:, -1:]
+        return _one(self.p.post.run(**{self.p.post.inputs[0]: stream}))
+
+
+def _one(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def prompt_changes(cm, batches: list[dict]) -> torch.Tensor:
+    """Per-row, per-layer prompt stream changes of `batches` (dicts with input_ids, attention_mask): [N, L]."""
+    out = []
+    with torch.no_grad():
+        for b in batches:
+            mask = token_mask(b).long()
+            st = SkipStepper(cm, mask, ActivationSkip(threshold=0.0))
+            st.prefill(b["input_ids"])
+            out.append(st.changes)
+    return torch.cat(out)
+
+
+def fit_threshold(cm, policy: ActivationSkip, tol: float = 0.02) -> float:
+    """The threshold at which the fraction of (row, layer) pairs run on the compile's calibration data is
+    `policy.budget` (within `tol`; kept on `cm` per budget)."""
+    fits = cm.__dict__.setdefault("_decode_thresholds", {})
+    if policy.budget in fits:
+        return fits[policy.budget]
+    if cm._calibration is None:
+        raise CalibrationError(_NO_CALIBRATION)
+    changes = prompt_changes(cm, cm._calibration).flatten()
+    run_fraction = lambda t: float((changes >= t).double().mean())   # noqa: E731 - non-increasing in t
+    hi = float(changes.max()) * (1 + 1e-9) + 1e-12
+    found = bisect_decreasing(run_fraction, policy.budget, 0.0, hi, iters=64, tol=tol / 4)
+    if abs(run_fraction(found.best_x) - policy.budget) > tol:
+        raise CalibrationError(f"ActivationSkip: no threshold runs {policy.budget:.3f} of the layers on the "
+                               f"calibration data (closest {run_fraction(found.best_x):.3f} from "
+                               f"{changes.numel()} row-layer pairs; give more calibration rows)")
+    fits[policy.budget] = found.best_x
+    return found.best_x
