@@ -97,11 +97,11 @@ def _offline_lambda(xs, weights, costs, budget):
     return bisect_decreasing(frac, budget, -1e4, 1e4, 60, key=lambda f: f, tol=0.005).best_x
 
 
-def best_of_random(model, cal, held, budget, n, seed0=1000):
+def best_of_random(model, cal, budget, n, seed0=1000, small="nested"):
     """Best of `n` seeded random routers, ranked by next-token loss on the first calibration batch with λ set
     offline (`_offline_lambda`); the winner's λ is then fitted on the calibration data by the budget step."""
     from routefx.ir.price import set_price_
-    cm = routefx.compile(model, Duo(budget=budget, router="random"), calibration=cal)
+    cm = routefx.compile(model, Duo(budget=budget, router="random", small=small), calibration=cal)
     forced, fcal = ForcedRoutes.from_compiled(cm, cal[:1])
     entry = cm._last
     gm, ir = entry.gm, entry.ir
@@ -157,14 +157,49 @@ def router_routes(cm, batches):
     return out
 
 
-def agreement(router_r, oracle_res) -> list[float]:
-    """Per layer: share of valid held-out tokens where the router's route equals the oracle's."""
-    num, den = None, 0
-    for rr, res in zip(router_r, oracle_res):
-        eq = (rr == res.routes)[:, res.valid].double().sum(1)
-        num = eq if num is None else num + eq
-        den += int(res.valid.sum())
-    return (num / den).tolist()
+SEPARATE_ROUTERS = ("static", "random", "local", "loss")   # small="separate" variants (`--separate-at`)
+
+
+class Parts:
+    """Intermediate results, one JSON file per piece under `dir` (a killed run resumes where it stopped)."""
+
+    def __init__(self, path):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+
+    def get(self, name, fn):
+        f = os.path.join(self.path, name + ".json")
+        if os.path.exists(f):
+            with open(f) as fh:
+                return json.load(fh)
+        t0 = time.perf_counter()
+        val = fn()
+        val["seconds"] = time.perf_counter() - t0
+        with open(f + ".tmp", "w") as fh:
+            json.dump(_keys(val), fh)
+        os.replace(f + ".tmp", f)
+        return json.loads(json.dumps(_keys(val)))
+
+
+def _compile_router(model, cal, budget, router, small, n_random):
+    if router == "random":
+        cm, winner = best_of_random(model, cal, budget, n_random, small=small)
+        return cm, {"n": n_random, "winner": winner}
+    return routefx.compile(model, Duo(budget=budget, router=router, small=small), calibration=cal), {}
+
+
+def _oracle_part(model, cal, held, budget, beam, decode):
+    cm = routefx.compile(model, Duo(budget=budget, router="local"), calibration=cal)
+    orc, forced, hb, res = oracle_on(cm, held, budget, beam)
+    d = token_difficulty(forced, hb, res)
+    orc["difficulty"] = {"budget": budget, "correlations": d.correlations, "shares": d.shares.tolist(),
+                         "compute": d.compute.tolist(), "dense_loss": d.dense_loss.tolist(),
+                         "entropy": d.entropy.tolist()}
+    orc["routes"] = [r.routes.tolist() for r in res]
+    orc["valid"] = [r.valid.tolist() for r in res]
+    orc["sample"] = {"oracle": res[0].routes[:, 0].tolist(), "tokens": decode(held[0]["input_ids"][0].tolist()),
+                     "budget": budget}
+    return orc
 
 
 def main(argv=None) -> int:
@@ -172,22 +207,27 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the quality model's quick stand-in")
     p.add_argument("--tiny", action="store_true", help="tests/tiny_lm.py's byte-level Llama (seconds)")
     p.add_argument("--train", action="store_true", help="train the quality model when its cache is cold")
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    p.add_argument("--random-n", type=int, default=100)
-    p.add_argument("--random-n-other", type=int, default=20, help="N at budgets other than 0.5")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.75, 0.25], help="measured in this order")
+    p.add_argument("--random-n", type=int, default=100, help="best of N random routers (every budget)")
+    p.add_argument("--separate-at", type=float, nargs="*", default=[0.5],
+                   help="budgets at which static/random/local/loss also run with small='separate'")
     p.add_argument("--loss-steps", type=int, default=150)
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--cal-batches", type=int, default=4)
     p.add_argument("--held-batches", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=HERE)
+    p.add_argument("--parts", default=None, help="folder of intermediate results (default OUT/quality/parts); "
+                                                 "a rerun with the same settings resumes from it")
     p.add_argument("--no-prune", action="store_true", help="skip the PruneLayers levels (a partial run to --merge)")
     p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
                    help="write the report from partial runs' results.json (e.g. budgets run in parallel)")
     args = p.parse_args(argv)
     if args.merge:
         return _merge(args.merge, args.out)
+    torch.set_num_threads(args.threads)
     from routefx.calibrate import loss_router
     loss_router.LOSS_ROUTER_DEFAULTS["steps"] = args.loss_steps
     from routefx.calibrate import trained_routers
@@ -195,46 +235,66 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, cal, held, decode, label = load(args)
+    parts = Parts(args.parts or os.path.join(args.out, "quality", "parts"))
     L = model.config.num_hidden_layers
-    rows = {"dense": {}, "prune": {}, **{r: {} for r in ROUTERS}, "oracle": {}}
-    dense = routefx.compile(model, routefx.policies.Dense(), calibration=cal)
-    rows["dense"][1.0] = {**measure(dense, held), "fraction": 1.0}
-    for j in tqdm(range(1, L) if not args.no_prune else [], desc="PruneLayers keep j/L"):
-        cm = routefx.compile(model, PruneLayers(keep=j / L), calibration=cal)
-        rows["prune"][j / L] = {**measure(cm, held), "fraction": j / L, "pruned": cm.plan.pruned}
-    maps, agree, difficulty = {}, {}, None
+    rows = {"dense": {}, "prune": {}, **{r: {} for r in ROUTERS}, "oracle": {},
+            **{"separate:" + r: {} for r in SEPARATE_ROUTERS}}
+
+    def baseline():
+        dense = routefx.compile(model, routefx.policies.Dense(), calibration=cal)
+        out = {"dense": {**measure(dense, held), "fraction": 1.0}, "prune": {}}
+        for j in tqdm(range(1, L) if not args.no_prune else [], desc="PruneLayers keep j/L"):
+            cm = routefx.compile(model, PruneLayers(keep=j / L), calibration=cal)
+            out["prune"][j / L] = {**measure(cm, held), "fraction": j / L, "pruned": cm.plan.pruned}
+        return out
+    base = parts.get("baseline", baseline)
+    rows["dense"]["1.0"] = base["dense"]
+    rows["prune"].update(base["prune"])
+    maps, agree, difficulty, timings = {}, {}, None, {"baseline": base["seconds"]}
     for budget in tqdm(args.budgets, desc="budgets"):
-        compiled = {}
-        for router in tqdm(ROUTERS, desc=f"routers @ {budget}", leave=False):
-            if router == "random":
-                n = args.random_n if budget == 0.5 else min(args.random_n, args.random_n_other)
-                cm, winner = best_of_random(model, cal, held, budget, n)
-                rows[router][budget] = {**measure(cm, held), "calibration_fraction": cm.route_stats(cal).budget,
-                                        "n": n, "winner": winner}
-                compiled[router] = cm
-                continue
-            else:
-                cm = routefx.compile(model, Duo(budget=budget, router=router), calibration=cal)
-            compiled[router] = cm
-            rows[router][budget] = {**measure(cm, held), "calibration_fraction": cm.plan.budget.realised}
-        orc, forced, hb, res = oracle_on(compiled["local"], held, budget, args.beam)
-        rows["oracle"][budget] = orc
-        agree[budget] = {r: agreement(router_routes(compiled[r], held), res)
-                         for r in ("random", "local", "imitation", "loss")}
-        if budget == 0.5 or difficulty is None:
-            d = token_difficulty(forced, hb, res)
-            difficulty = {"budget": budget, "correlations": d.correlations, "shares": d.shares.tolist(),
-                          "compute": d.compute.tolist(), "dense_loss": d.dense_loss.tolist(),
-                          "entropy": d.entropy.tolist()}
-            sample = {"oracle": res[0].routes[:, 0].tolist(),
-                      "loss": router_routes(compiled["loss"], held[:1])[0][:, 0].tolist(),
-                      "tokens": decode(held[0]["input_ids"][0].tolist()), "budget": budget}
-            maps = sample
+        orc = parts.get(f"oracle-{budget}", lambda: _oracle_part(model, cal, held, budget, args.beam, decode))
+        timings[f"oracle@{budget}"] = orc["seconds"]
+        rows["oracle"][str(budget)] = {k: v for k, v in orc.items() if k not in ("routes", "valid", "difficulty",
+                                                                                 "sample")}
+        if difficulty is None or budget == 0.5:
+            difficulty, maps = orc["difficulty"], dict(orc["sample"])
+        o_routes = [torch.tensor(r) for r in orc["routes"]]
+        o_valid = [torch.tensor(v) for v in orc["valid"]]
+        agree[str(budget)] = {}
+        variants = [(r, "nested") for r in ROUTERS]
+        if any(abs(budget - b) < 1e-9 for b in args.separate_at):
+            variants += [(r, "separate") for r in SEPARATE_ROUTERS]
+        for router, small in tqdm(variants, desc=f"routers @ {budget}", leave=False):
+            name = router if small == "nested" else "separate:" + router
+
+            def one():
+                cm, extra = _compile_router(model, cal, budget, router, small, args.random_n)
+                out = {**measure(cm, held), **extra, "calibration_fraction": cm.route_stats(cal).budget}
+                if small == "nested" and router != "static":
+                    rr = router_routes(cm, held)
+                    out["agreement"] = _agreement(rr, o_routes, o_valid)
+                    if router == "loss":
+                        out["sample"] = rr[0][:, 0].tolist()
+                return out
+            part = parts.get(f"{name.replace(':', '-')}-{budget}", one)
+            timings[f"{name}@{budget}"] = part["seconds"]
+            rows[name][str(budget)] = {k: v for k, v in part.items() if k not in ("agreement", "sample")}
+            if "agreement" in part:
+                agree[str(budget)][router] = part["agreement"]
+            if router == "loss" and small == "nested" and maps.get("budget") == budget:
+                maps["loss"] = part["sample"]
     results = {"label": label, "layers": L, "random_n": args.random_n, "beam": args.beam,
-               "loss_steps": args.loss_steps, "seconds": time.perf_counter() - t0, "rows": _keys(rows),
-               "agreement": _keys(agree), "difficulty": difficulty, "map": maps,
+               "loss_steps": args.loss_steps, "seconds": time.perf_counter() - t0, "timings": timings,
+               "rows": _keys(rows), "agreement": _keys(agree), "difficulty": difficulty, "map": maps,
                "tokens": {"calibration": sum(int(b["attention_mask"].sum()) for b in cal),
-                          "heldout": sum(int(b["attention_mask"].sum()) for b in held)}}
+                          "heldout": sum(int(b["attention_mask"].sum()) for b in held)},
+               "sizes": {"cal_batches": args.cal_batches, "held_batches": args.held_batches, "batch": args.batch,
+                         "seq": int(held[0]["input_ids"].shape[1]), "threads": args.threads,
+                         "oracle_tol": ORACLE_TOL, "oracle_iters": ORACLE_ITERS}}
+    finetune = os.path.join(parts.path, "finetune.json")
+    if os.path.exists(finetune):
+        with open(finetune) as f:
+            results["finetune"] = json.load(f)
     os.makedirs(os.path.join(args.out, "quality"), exist_ok=True)
     with open(os.path.join(args.out, "quality", "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -242,6 +302,16 @@ def main(argv=None) -> int:
     write_report(results, args.out)
     print(f"wrote {os.path.join(args.out, 'QUALITY.md')} in {results['seconds']:.0f} s")
     return 0
+
+
+def _agreement(router_r, o_routes, o_valid) -> list[float]:
+    """Per layer: share of valid held-out tokens where the router's route equals the oracle's."""
+    num, den = None, 0
+    for rr, orr, v in zip(router_r, o_routes, o_valid):
+        eq = (rr == orr)[:, v].double().sum(1)
+        num = eq if num is None else num + eq
+        den += int(v.sum())
+    return (num / den).tolist()
 
 
 def _merge(paths, out) -> int:
