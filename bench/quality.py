@@ -10,6 +10,7 @@ when that module is absent, the tiny byte-level Llama of tests/tiny_lm.py stands
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -212,6 +213,9 @@ def main(argv=None) -> int:
     p.add_argument("--separate-at", type=float, nargs="*", default=[0.5],
                    help="budgets at which static/random/local/loss also run with small='separate'")
     p.add_argument("--loss-steps", type=int, default=150)
+    p.add_argument("--finetune-steps", type=int, default=100,
+                   help="routing-aware fine-tune of separate small branches at the --separate-at budgets (0: off)")
+    p.add_argument("--finetune-batches", type=int, default=8, help="train-split batches for the fine-tune")
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--cal-batches", type=int, default=4)
     p.add_argument("--held-batches", type=int, default=4)
@@ -235,7 +239,12 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, cal, held, decode, label = load(args)
-    parts = Parts(args.parts or os.path.join(args.out, "quality", "parts"))
+    sizes = {"cal_batches": args.cal_batches, "held_batches": args.held_batches, "batch": args.batch,
+             "seq": int(held[0]["input_ids"].shape[1]), "threads": args.threads, "oracle_tol": ORACLE_TOL,
+             "oracle_iters": ORACLE_ITERS, "loss_steps": args.loss_steps, "random_n": args.random_n,
+             "beam": args.beam, "label": label}
+    tag = hashlib.sha256(json.dumps(sizes, sort_keys=True).encode()).hexdigest()[:8]
+    parts = Parts(args.parts or os.path.join(args.out, "quality", f"parts-{tag}"))   # one folder per setting
     L = model.config.num_hidden_layers
     rows = {"dense": {}, "prune": {}, **{r: {} for r in ROUTERS}, "oracle": {},
             **{"separate:" + r: {} for r in SEPARATE_ROUTERS}}
@@ -288,13 +297,12 @@ def main(argv=None) -> int:
                "rows": _keys(rows), "agreement": _keys(agree), "difficulty": difficulty, "map": maps,
                "tokens": {"calibration": sum(int(b["attention_mask"].sum()) for b in cal),
                           "heldout": sum(int(b["attention_mask"].sum()) for b in held)},
-               "sizes": {"cal_batches": args.cal_batches, "held_batches": args.held_batches, "batch": args.batch,
-                         "seq": int(held[0]["input_ids"].shape[1]), "threads": args.threads,
-                         "oracle_tol": ORACLE_TOL, "oracle_iters": ORACLE_ITERS}}
-    finetune = os.path.join(parts.path, "finetune.json")
-    if os.path.exists(finetune):
-        with open(finetune) as f:
-            results["finetune"] = json.load(f)
+               "sizes": sizes, "finetune": {}}
+    for budget in (b for b in args.budgets if args.finetune_steps and any(abs(b - s) < 1e-9 for s in
+                                                                          args.separate_at)):
+        results["finetune"][str(budget)] = parts.get(
+            f"finetune-{args.finetune_steps}x{args.finetune_batches}-{budget}",
+            lambda: _finetune_part(model, cal, held, budget, args))
     os.makedirs(os.path.join(args.out, "quality"), exist_ok=True)
     with open(os.path.join(args.out, "quality", "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -302,6 +310,28 @@ def main(argv=None) -> int:
     write_report(results, args.out)
     print(f"wrote {os.path.join(args.out, 'QUALITY.md')} in {results['seconds']:.0f} s")
     return 0
+
+
+def _finetune_part(model, cal, held, budget, args):
+    """Duo(local, small='separate') at `budget`, before and after the routing-aware fine-tune of its small
+    branches on `--finetune-batches` train-split batches (held-out text never seen)."""
+    from routefx.calibrate.finetune import finetune_compiled_
+    seq = int(cal[0]["input_ids"].shape[1])
+    if args.tiny:
+        from tests.tiny_lm import batches
+        train = batches(args.finetune_batches, args.batch, seq, seed=4321)
+    else:
+        from bench import quality_model as qm
+        _, tok, _ = qm.load_quality_model(train_if_missing=False, quick=args.quick)
+        train = qm.calibration_batches(tok, args.finetune_batches, seq, batch=args.batch, seed=4321)
+    out = {}
+    for router in ("local", "loss"):
+        cm = routefx.compile(model, Duo(budget=budget, router=router, small="separate"), calibration=cal)
+        before = measure(cm, held)
+        info = finetune_compiled_(cm, train, steps=args.finetune_steps, budget_batches=cal)
+        out[router] = {"before": before, "after": measure(cm, held), "info": info,
+                       "calibration_fraction": cm.route_stats(cal).budget}
+    return out
 
 
 def _agreement(router_r, o_routes, o_valid) -> list[float]:

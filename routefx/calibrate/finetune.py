@@ -142,15 +142,16 @@ def finetune_small_branches_(gm: fx.GraphModule, ir: ModelIR, plan: Plan, batche
             "last_loss": sum(hist[-tenth:]) / tenth, "layers": list(layers.values())}
 
 
-def finetune_compiled_(cm, batches, progress: bool = True, **options) -> dict:
+def finetune_compiled_(cm, batches, progress: bool = True, budget_batches=None, **options) -> dict:
     """Fine-tune a compiled Duo model's separate small branches on `batches` (see the module docstring), then
-    refit the global price λ on them. Mutates `cm`'s graph for the batches' input form and its plan; input forms
+    refit the global price λ on `budget_batches` (default: `batches`; same input form). Mutates `cm`'s graph for the batches' input form and its plan; input forms
     compiled later are rebuilt from the plan, so they get the fine-tuned weights too."""
     from routefx.calibrate.budget import FitBudget
 
     entry, batches = cm._batch_entry(batches)
     info = finetune_small_branches_(entry.gm, entry.ir, entry.plan, batches, progress=progress, **options)
-    info["budget_note"] = FitBudget()(entry.gm, entry.ir, entry.plan, batches, entry.plan.budget.target)
+    fit_on = batches if budget_batches is None else cm._batch_entry(budget_batches)[1]
+    info["budget_note"] = FitBudget()(entry.gm, entry.ir, entry.plan, fit_on, entry.plan.budget.target)
     entry.plan.calibration["small_finetune"] = {k: v for k, v in info.items() if k != "budget_note"}
     # other input forms hold stale weights: drop them; the next call with such inputs rebuilds from the plan
     cm._entries = {k: v for k, v in cm._entries.items() if v is entry}
