@@ -298,6 +298,7 @@ def main(argv=None) -> int:
                "tokens": {"calibration": sum(int(b["attention_mask"].sum()) for b in cal),
                           "heldout": sum(int(b["attention_mask"].sum()) for b in held)},
                "sizes": sizes, "finetune": {}}
+    results["branch_errors"] = parts.get("branch-errors", lambda: _branch_errors(model, cal, held))["layers"]
     for budget in (b for b in args.budgets if args.finetune_steps and any(abs(b - s) < 1e-9 for s in
                                                                           args.separate_at)):
         results["finetune"][str(budget)] = parts.get(
@@ -332,6 +333,40 @@ def _finetune_part(model, cal, held, budget, args):
         out[router] = {"before": before, "after": measure(cm, held), "info": info,
                        "calibration_fraction": cm.route_stats(cal).budget}
     return out
+
+
+def _branch_errors(model, cal, held, small_fraction=0.25):
+    """Per routed layer, the mean relative error ‖y − y_big‖/‖stream‖ on held-out tokens of skip, the nested small
+    branch (top-k neurons by importance) and the separate small branch (top-k neurons with the down projection
+    refitted by least squares on the calibration tokens), as `calibrate/duo.py` builds them."""
+    import torch.nn.functional as F
+
+    from routefx.calibrate import duo
+    from routefx.compiler.plan import LayerPlan
+    from routefx.ir.activations import get_activation
+    cm = routefx.compile(model, routefx.policies.Dense(), calibration=cal)
+    entry, calc = cm._batch_entry(cal)
+    _, heldc = cm._batch_entry(held)
+    blocks = duo.routed_blocks(Duo(), entry.ir)
+    xc, _ = duo._collect(entry.gm, blocks, calc)
+    xh, nh = duo._collect(entry.gm, blocks, heldc)
+    out = []
+    for b in blocks:
+        w, act, n = duo._weights(entry.gm, b), get_activation(b.ffn.activation), b.ffn.intermediate_size
+        k = max(1, min(n - 1, math.floor(small_fraction * n + 0.5)))
+        with torch.no_grad():
+            hc, hh = duo._hidden(xc[b.index], w, act), duo._hidden(xh[b.index], w, act)     # [N, F]
+            top = torch.argsort(hc.abs().mean(0) * w["down"].norm(dim=0), descending=True, stable=True)[:k]
+            y_big = F.linear(hh, w["down"], w["b_down"])
+            nested = F.linear(hh[:, top], w["down"][:, top], w["b_down"])
+            lp = LayerPlan(F=n, k=k, perm=torch.arange(n), router="local", small="separate")
+            duo.fit_separate_branch(lp, w, hc[:, top], F.linear(hc, w["down"], w["b_down"]), top)
+            sep = F.linear(hh[:, top], lp.small_down, w["b_down"])
+        s = nh[b.index].clamp_min(1e-12)
+        err = lambda y: float(((y - y_big).norm(dim=-1) / s).mean())  # noqa: E731
+        out.append({"layer": b.index, "skip": float((y_big.norm(dim=-1) / s).mean()), "nested": err(nested),
+                    "separate": err(sep)})
+    return {"layers": out}
 
 
 def _agreement(router_r, o_routes, o_valid) -> list[float]:

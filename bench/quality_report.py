@@ -260,6 +260,15 @@ def _separate(res):
     rows = res["rows"]
     dense = rows["dense"]["1.0"]["ppl"]
     out = []
+    be = res.get("branch_errors")
+    if be:
+        out += ["## Small-branch error per layer", "",
+                "Mean over held-out tokens of ‖y − y_big‖ / ‖residual stream‖ at each FFN: skip (y = 0), the nested "
+                "small branch (top quarter of neurons by importance) and the separate one (same neurons, down "
+                "projection refitted by least squares on the calibration tokens).", "",
+                "| layer | skip | nested small | separate small |", "|---:|---:|---:|---:|"]
+        out += [f"| {e['layer']} | {e['skip']:.3f} | {e['nested']:.3f} | {e['separate']:.3f} |" for e in be]
+        out.append("")
     for b in sorted({b for n in rows if n.startswith("separate:") for b in rows[n]}, key=float):
         out += [f"## Router or small branch? Nested vs separate small branch at budget {b}", "",
                 "Held-out perplexity (change vs dense). *nested*: the small branch is the first k = F/4 neurons "
