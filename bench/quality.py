@@ -304,6 +304,9 @@ def main(argv=None) -> int:
         results["finetune"][str(budget)] = parts.get(
             f"finetune-{args.finetune_steps}x{args.finetune_batches}-{budget}",
             lambda: _finetune_part(model, cal, held, budget, args))
+        results["finetune"][str(budget)]["on-policy local"] = parts.get(
+            f"finetune-router-local-{args.finetune_steps}x{args.finetune_batches}-{budget}",
+            lambda: _finetune_part(model, cal, held, budget, args, ("local",), "router"))["local"]
     os.makedirs(os.path.join(args.out, "quality"), exist_ok=True)
     with open(os.path.join(args.out, "quality", "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -313,7 +316,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _finetune_part(model, cal, held, budget, args):
+def _finetune_part(model, cal, held, budget, args, routers=("local", "loss"), routes="random"):
     """Duo(local, small='separate') at `budget`, before and after the routing-aware fine-tune of its small
     branches on `--finetune-batches` train-split batches (held-out text never seen)."""
     from routefx.calibrate.finetune import finetune_compiled_
@@ -326,10 +329,10 @@ def _finetune_part(model, cal, held, budget, args):
         _, tok, _ = qm.load_quality_model(train_if_missing=False, quick=args.quick)
         train = qm.calibration_batches(tok, args.finetune_batches, seq, batch=args.batch, seed=4321)
     out = {}
-    for router in ("local", "loss"):
+    for router in routers:
         cm = routefx.compile(model, Duo(budget=budget, router=router, small="separate"), calibration=cal)
         before = measure(cm, held)
-        info = finetune_compiled_(cm, train, steps=args.finetune_steps, budget_batches=cal)
+        info = finetune_compiled_(cm, train, steps=args.finetune_steps, budget_batches=cal, routes=routes)
         out[router] = {"before": before, "after": measure(cm, held), "info": info,
                        "calibration_fraction": cm.route_stats(cal).budget}
     return out

@@ -289,8 +289,8 @@ def _finetune(res):
         return []
     dense = res["rows"]["dense"]["1.0"]["ppl"]
     out = ["## Routing-aware fine-tune of the separate small branches (reported apart from the post-hoc results)",
-           "", "`routefx/calibrate/finetune.py`: routes drawn uniformly at random per token and layer, the small "
-           "branches trained on the LM loss (Adam), everything else frozen (attention, big branches, routers: "
+           "", "`routefx/calibrate/finetune.py`: routes drawn uniformly at random per token and layer (or, on-policy, "
+           "the routes the compiled router takes), the small branches trained on the LM loss (Adam), everything else frozen (attention, big branches, routers: "
            "the dense model is unchanged); λ refit on the calibration data afterwards. Trained on train-split "
            "windows disjoint from the held-out files.", "",
            "| budget | router | steps | before | after | LM loss under random routes (first → last tenth) |",
@@ -300,7 +300,9 @@ def _finetune(res):
             if not isinstance(v, dict) or "before" not in v:
                 continue
             i = v["info"]
-            out.append(f"| {b} | {STYLE[r][0]}, separate | {i['steps']} | {_inc(v['before']['ppl'], dense)} | "
+            lab = STYLE[r.split()[-1]][0] + ", separate, " + ("routes of its own router" if i.get("routes") == "router"
+                                                               else "uniformly random routes")
+            out.append(f"| {b} | {lab} | {i['steps']} | {_inc(v['before']['ppl'], dense)} | "
                        f"{_inc(v['after']['ppl'], dense)} (fraction {v['after']['fraction']:.3f}) | "
                        f"{i['first_loss']:.3f} → {i['last_loss']:.3f} |")
     return out + [""]

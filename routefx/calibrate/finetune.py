@@ -1,7 +1,7 @@
 """Routing-aware fine-tune of separate small branches (SortedNet / LayerSkip-style), a step after compilation.
 
 For a few hundred steps each token takes, at each routed layer, a route drawn at random (skip / small / big with
-probabilities `route_probs`, uniform by default), and the separate small branches are trained on the language-
+probabilities `route_probs`, uniform by default; or, with routes="router", the route its compiled router picks), and the separate small branches are trained on the language-
 model loss of the routed model. Everything else is frozen: attention, embeddings, the big branches (so forcing
 every route to big still reproduces the dense model exactly) and the routers. The small branches thus learn to
 stand in for the big one in the contexts routing creates (earlier layers skipped or small), which the post-hoc
@@ -31,7 +31,8 @@ from routefx.ir.model_ir import ModelIR
 
 __all__ = ["FINETUNE_DEFAULTS", "finetune_small_branches_", "finetune_compiled_"]
 
-FINETUNE_DEFAULTS = {"steps": 200, "lr": 3e-4, "seed": 0, "route_probs": None}
+FINETUNE_DEFAULTS = {"steps": 200, "lr": 3e-4, "seed": 0, "route_probs": None, "routes": "random"}
+ROUTE_SOURCES = ("random", "router")   # routes drawn at random, or the compiled routers' own (on-policy)
 _PARTS = {"up": (3, "small_up", 0), "gate": (4, "small_gate", 0), "down": (5, "small_down", 1),
           "b_up": (6, "small_b_up", 0), "b_gate": (7, "small_b_gate", 0)}   # routed_ffn arg, plan field, axis
 
@@ -53,9 +54,9 @@ def _small_slices(gm: fx.GraphModule, op: fx.Node, start: int, end: int) -> dict
 class _SampledRouting(fx.Interpreter):
     """Runs the graph with each routed FFN taking sampled routes; the small branch from trainable tensors."""
 
-    def __init__(self, gm, layers: dict, params: dict, probs: torch.Tensor, gen: torch.Generator):
+    def __init__(self, gm, layers: dict, params: dict, probs: torch.Tensor, gen: torch.Generator, source: str):
         super().__init__(gm)
-        self.layers, self.params, self.probs, self.gen = layers, params, probs, gen
+        self.layers, self.params, self.probs, self.gen, self.source = layers, params, probs, gen, source
 
     def run_node(self, n):
         if n.name not in self.layers:
@@ -63,7 +64,10 @@ class _SampledRouting(fx.Interpreter):
         args, _ = self.fetch_args_kwargs_from_env(n)
         x, ranges, activation = args[0], args[9], args[10]
         B, S = x.shape[:2]
-        routes = torch.multinomial(self.probs, B * S, replacement=True, generator=self.gen).view(B, S)
+        if self.source == "router":                                     # the graph's router: [B, S, 1]
+            routes = args[1].reshape(B, S)
+        else:
+            routes = torch.multinomial(self.probs, B * S, replacement=True, generator=self.gen).view(B, S)
         p = self.params[n.name]
         act = get_activation(activation)
         xf = x.float()
@@ -82,7 +86,8 @@ class _SampledRouting(fx.Interpreter):
 def finetune_small_branches_(gm: fx.GraphModule, ir: ModelIR, plan: Plan, batches: list[dict],
                              progress: bool = True, **options) -> dict:
     """Fine-tune the separate small branches of every routed layer of a compiled Duo graph in place (graph and
-    plan). Options: steps, lr (Adam), seed, route_probs ([p_skip, p_small, p_big], default uniform). Returns the
+    plan). Options: steps, lr (Adam), seed, routes ("random": drawn with route_probs [p_skip, p_small, p_big],
+    default uniform; "router": the compiled routers' own routes, on-policy). Returns the
     figures of the run: mean LM loss under sampled routes over the first and the last tenth of the steps."""
     from routefx.analysis.forced import _logits, routed_layers
     from routefx.analysis.oracle import IGNORE, shifted_labels
@@ -106,6 +111,8 @@ def finetune_small_branches_(gm: fx.GraphModule, ir: ModelIR, plan: Plan, batche
         layers[op.name], slices[op.name] = key, sl
     if not layers:
         raise PolicyError("fine-tune: the graph has no routed Duo layer with a separate small branch")
+    if opt["routes"] not in ROUTE_SOURCES:
+        raise PolicyError(f"fine-tune: routes={opt['routes']!r}; supported: {', '.join(ROUTE_SOURCES)}")
     probs = torch.tensor(opt["route_probs"] or [1 / 3] * 3, dtype=torch.float64)
     if probs.shape != (3,) or (probs < 0).any() or probs.sum() <= 0:
         raise PolicyError(f"fine-tune: route_probs must be 3 non-negative weights (skip, small, big), got "
@@ -118,7 +125,7 @@ def finetune_small_branches_(gm: fx.GraphModule, ir: ModelIR, plan: Plan, batche
                      disable=not progress):
         batch = batches[step % len(batches)]
         labels = shifted_labels(batch)
-        interp = _SampledRouting(gm, layers, params, probs, gen)
+        interp = _SampledRouting(gm, layers, params, probs, gen, opt["routes"])
         with torch.enable_grad():
             logits = _logits(interp.run(*fx_pytree.tree_flatten_spec(([], batch), gm._in_spec)))
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
@@ -137,7 +144,7 @@ def finetune_small_branches_(gm: fx.GraphModule, ir: ModelIR, plan: Plan, batche
                 target.narrow(axis, lp.F, lp.k).copy_(new)
                 setattr(lp, _PARTS[part][1], new.cpu().clone())
     tenth = max(1, len(hist) // 10)
-    return {"kind": "finetune_small", "steps": opt["steps"], "lr": opt["lr"],
+    return {"kind": "finetune_small", "steps": opt["steps"], "lr": opt["lr"], "routes": opt["routes"],
             "route_probs": probs.tolist(), "first_loss": sum(hist[:tenth]) / tenth,
             "last_loss": sum(hist[-tenth:]) / tenth, "layers": list(layers.values())}
 

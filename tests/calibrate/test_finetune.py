@@ -52,6 +52,8 @@ def test_finetune_lowers_routed_loss_keeps_dense_and_plan():
     for b in cal:
         assert (rebuilt(**b).logits - cm(**b).logits).abs().max() <= EXACT_REWRITE
     assert abs(cm.route_stats(cal).budget - 0.5) <= BUDGET_TOL
+    with pytest.raises(PolicyError, match="routes='bogus'; supported: random, router"):
+        finetune_compiled_(cm, cal, steps=1, routes="bogus", progress=False)
 
 
 def test_finetune_refuses_nested_small_branches():
