@@ -168,6 +168,14 @@ class Parts:
         self.path = path
         os.makedirs(path, exist_ok=True)
 
+    def total_seconds(self) -> float:
+        tot = 0.0
+        for f in os.listdir(self.path):
+            if f.endswith(".json"):
+                with open(os.path.join(self.path, f)) as fh:
+                    tot += json.load(fh).get("seconds", 0.0)
+        return tot
+
     def get(self, name, fn):
         f = os.path.join(self.path, name + ".json")
         if os.path.exists(f):
@@ -216,6 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-steps", type=int, default=100,
                    help="routing-aware fine-tune of separate small branches at the --separate-at budgets (0: off)")
     p.add_argument("--finetune-batches", type=int, default=8, help="train-split batches for the fine-tune")
+    p.add_argument("--finetune-lrs", type=float, nargs="+", default=[3e-4],
+                   help="learning rates of the fine-tune of the local router's separate branches (on-policy; random routes too "
+                        "for lr other than 3e-4, which runs with random routes for local and loss anyway)")
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--cal-batches", type=int, default=4)
     p.add_argument("--held-batches", type=int, default=4)
@@ -304,9 +315,16 @@ def main(argv=None) -> int:
         results["finetune"][str(budget)] = parts.get(
             f"finetune-{args.finetune_steps}x{args.finetune_batches}-{budget}",
             lambda: _finetune_part(model, cal, held, budget, args))
-        results["finetune"][str(budget)]["on-policy local"] = parts.get(
-            f"finetune-router-local-{args.finetune_steps}x{args.finetune_batches}-{budget}",
-            lambda: _finetune_part(model, cal, held, budget, args, ("local",), "router"))["local"]
+        for lr in args.finetune_lrs:
+            tail = "" if lr == 3e-4 else f"-lr{lr:g}"
+            results["finetune"][str(budget)][f"on-policy lr {lr:g} local"] = parts.get(
+                f"finetune-router-local-{args.finetune_steps}x{args.finetune_batches}-{budget}{tail}",
+                lambda: _finetune_part(model, cal, held, budget, args, ("local",), "router", lr))["local"]
+            if lr != 3e-4:                                  # 3e-4 with random routes: the first part above
+                results["finetune"][str(budget)][f"random lr {lr:g} local"] = parts.get(
+                    f"finetune-random-local-{args.finetune_steps}x{args.finetune_batches}-{budget}{tail}",
+                    lambda: _finetune_part(model, cal, held, budget, args, ("local",), "random", lr))["local"]
+    results["seconds"] = parts.total_seconds()          # compute spent on every piece, over resumed runs too
     os.makedirs(os.path.join(args.out, "quality"), exist_ok=True)
     with open(os.path.join(args.out, "quality", "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -316,7 +334,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _finetune_part(model, cal, held, budget, args, routers=("local", "loss"), routes="random"):
+def _finetune_part(model, cal, held, budget, args, routers=("local", "loss"), routes="random", lr=3e-4):
     """Duo(local, small='separate') at `budget`, before and after the routing-aware fine-tune of its small
     branches on `--finetune-batches` train-split batches (held-out text never seen)."""
     from routefx.calibrate.finetune import finetune_compiled_
@@ -332,7 +350,7 @@ def _finetune_part(model, cal, held, budget, args, routers=("local", "loss"), ro
     for router in routers:
         cm = routefx.compile(model, Duo(budget=budget, router=router, small="separate"), calibration=cal)
         before = measure(cm, held)
-        info = finetune_compiled_(cm, train, steps=args.finetune_steps, budget_batches=cal, routes=routes)
+        info = finetune_compiled_(cm, train, steps=args.finetune_steps, budget_batches=cal, routes=routes, lr=lr)
         out[router] = {"before": before, "after": measure(cm, held), "info": info,
                        "calibration_fraction": cm.route_stats(cal).budget}
     return out

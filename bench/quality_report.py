@@ -153,8 +153,8 @@ def write_report(res, out_dir):
          f"held-out perplexity **{dense['ppl']:.3f}**, {dense['flops'] / 1e6:.3f} MFLOPs/token. Best-of-N random: "
          f"N = {', '.join(map(str, ns))} at every budget; oracle beam {res['beam']}, ε bisection tol "
          f"{sz.get('oracle_tol')} / {sz.get('oracle_iters')} iterations; loss-trained routers {res['loss_steps']} "
-         f"steps. {sz.get('threads', '?')} thread, run time {res['seconds'] / 60:.1f} min wall on a shared 2-core "
-         "machine (per-piece times at the end).", "",
+         f"steps. {sz.get('threads', '?')} thread; {res['seconds'] / 60:.1f} min wall in all pieces, on a shared "
+         "2-core machine (per-piece times at the end).", "",
          "![perplexity vs compute](quality/perplexity_vs_compute.png)", "",
          "## Perplexity at FFN compute 0.75 / 0.5 / 0.25", "",
          "Held-out perplexity (FFN compute fraction realised on held-out text; MFLOPs/token). Duo budgets are met on "
@@ -293,7 +293,8 @@ def _finetune(res):
            "the routes the compiled router takes), the small branches trained on the LM loss (Adam), everything else frozen (attention, big branches, routers: "
            "the dense model is unchanged); λ refit on the calibration data afterwards. Trained on train-split "
            "windows disjoint from the held-out files.", "",
-           "| budget | router | steps | before | after | LM loss under random routes (first → last tenth) |",
+           "| budget | router, small branch, training routes | steps, lr | held-out before | held-out after | training "
+           "LM loss under its routes (first → last tenth of the steps) |",
            "|---|---|---:|---:|---:|---|"]
     for b, by in sorted(ft.items(), key=lambda kv: float(kv[0])):
         for r, v in by.items():
@@ -302,7 +303,7 @@ def _finetune(res):
             i = v["info"]
             lab = STYLE[r.split()[-1]][0] + ", separate, " + ("routes of its own router" if i.get("routes") == "router"
                                                                else "uniformly random routes")
-            out.append(f"| {b} | {lab} | {i['steps']} | {_inc(v['before']['ppl'], dense)} | "
+            out.append(f"| {b} | {lab} | {i['steps']}, {i['lr']:g} | {_inc(v['before']['ppl'], dense)} | "
                        f"{_inc(v['after']['ppl'], dense)} (fraction {v['after']['fraction']:.3f}) | "
                        f"{i['first_loss']:.3f} → {i['last_loss']:.3f} |")
     return out + [""]
