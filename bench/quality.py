@@ -225,8 +225,9 @@ def main(argv=None) -> int:
                    help="routing-aware fine-tune of separate small branches at the --separate-at budgets (0: off)")
     p.add_argument("--finetune-batches", type=int, default=8, help="train-split batches for the fine-tune")
     p.add_argument("--finetune-lrs", type=float, nargs="+", default=[3e-4],
-                   help="learning rates of the fine-tune of the local router's separate branches (on-policy; random routes too "
-                        "for lr other than 3e-4, which runs with random routes for local and loss anyway)")
+                   help="learning rates of the fine-tune of the local router's separate branches (on-policy; "
+                        "random routes too for lr other than 3e-4, which runs with random routes for local and "
+                        "loss anyway)")
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--cal-batches", type=int, default=4)
     p.add_argument("--held-batches", type=int, default=4)
@@ -234,8 +235,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=HERE)
-    p.add_argument("--parts", default=None, help="folder of intermediate results (default OUT/quality/parts); "
-                                                 "a rerun with the same settings resumes from it")
+    p.add_argument("--parts", default=None,
+                   help="folder of intermediate results (default $ROUTEFX_CACHE/quality_parts/parts-<hash of the "
+                        "settings>, outside the repository); a rerun with the same settings resumes from it")
     p.add_argument("--no-prune", action="store_true", help="skip the PruneLayers levels (a partial run to --merge)")
     p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
                    help="write the report from partial runs' results.json (e.g. budgets run in parallel)")
@@ -255,7 +257,8 @@ def main(argv=None) -> int:
              "oracle_iters": ORACLE_ITERS, "loss_steps": args.loss_steps, "random_n": args.random_n,
              "beam": args.beam, "label": label}
     tag = hashlib.sha256(json.dumps(sizes, sort_keys=True).encode()).hexdigest()[:8]
-    parts = Parts(args.parts or os.path.join(args.out, "quality", f"parts-{tag}"))   # one folder per setting
+    root = os.environ.get("ROUTEFX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "routefx")
+    parts = Parts(args.parts or os.path.join(root, "quality_parts", f"parts-{tag}"))   # one folder per setting
     L = model.config.num_hidden_layers
     rows = {"dense": {}, "prune": {}, **{r: {} for r in ROUTERS}, "oracle": {},
             **{"separate:" + r: {} for r in SEPARATE_ROUTERS}}

@@ -289,10 +289,10 @@ def _finetune(res):
         return []
     dense = res["rows"]["dense"]["1.0"]["ppl"]
     out = ["## Routing-aware fine-tune of the separate small branches (reported apart from the post-hoc results)",
-           "", "`routefx/calibrate/finetune.py`: routes drawn uniformly at random per token and layer (or, on-policy, "
-           "the routes the compiled router takes), the small branches trained on the LM loss (Adam), everything else frozen (attention, big branches, routers: "
-           "the dense model is unchanged); λ refit on the calibration data afterwards. Trained on train-split "
-           "windows disjoint from the held-out files.", "",
+           "", "`routefx/calibrate/finetune.py`: routes drawn uniformly at random per token and layer (or, "
+           "on-policy, the routes the compiled router takes), the small branches trained on the LM loss (Adam), "
+           "everything else frozen (attention, big branches, routers: the dense model is unchanged); λ refit on the "
+           "calibration data afterwards. Trained on train-split windows disjoint from the held-out files.", "",
            "| budget | router, small branch, training routes | steps, lr | held-out before | held-out after | training "
            "LM loss under its routes (first → last tenth of the steps) |",
            "|---|---|---:|---:|---:|---|"]

@@ -1,11 +1,13 @@
 """Routing-aware fine-tune of separate small branches (SortedNet / LayerSkip-style), a step after compilation.
 
 For a few hundred steps each token takes, at each routed layer, a route drawn at random (skip / small / big with
-probabilities `route_probs`, uniform by default; or, with routes="router", the route its compiled router picks), and the separate small branches are trained on the language-
-model loss of the routed model. Everything else is frozen: attention, embeddings, the big branches (so forcing
-every route to big still reproduces the dense model exactly) and the routers. The small branches thus learn to
-stand in for the big one in the contexts routing creates (earlier layers skipped or small), which the post-hoc
-least-squares fit (`duo.fit_separate_branch`, on dense-trajectory activations) never sees.
+probabilities `route_probs`, uniform by default) or, with routes="router", the route its compiled router picks;
+the separate small branches are trained on the language-model loss of the routed model. Everything else is
+frozen: attention, embeddings, the big branches (so forcing every route to big still reproduces the dense model
+exactly) and the routers. The small branches thus learn to stand in for the big one in the contexts routing
+creates (earlier layers skipped or small), which the post-hoc least-squares fit (`duo.fit_separate_branch`, on
+dense-trajectory activations) never sees. On the benchmark LM (bench/QUALITY.md) on-policy routes with a small
+learning rate helped a little and uniformly random routes hurt.
 
 Only `Duo(small="separate")` is supported: a nested small branch is the first k neurons of the big one, so
 training it would change the dense model too.
@@ -31,7 +33,7 @@ from routefx.ir.model_ir import ModelIR
 
 __all__ = ["FINETUNE_DEFAULTS", "finetune_small_branches_", "finetune_compiled_"]
 
-FINETUNE_DEFAULTS = {"steps": 200, "lr": 3e-4, "seed": 0, "route_probs": None, "routes": "random"}
+FINETUNE_DEFAULTS = {"steps": 200, "lr": 3e-5, "seed": 0, "route_probs": None, "routes": "router"}  # bench/QUALITY.md
 ROUTE_SOURCES = ("random", "router")   # routes drawn at random, or the compiled routers' own (on-policy)
 _PARTS = {"up": (3, "small_up", 0), "gate": (4, "small_gate", 0), "down": (5, "small_down", 1),
           "b_up": (6, "small_b_up", 0), "b_gate": (7, "small_b_gate", 0)}   # routed_ffn arg, plan field, axis
@@ -151,8 +153,9 @@ def finetune_small_branches_(gm: fx.GraphModule, ir: ModelIR, plan: Plan, batche
 
 def finetune_compiled_(cm, batches, progress: bool = True, budget_batches=None, **options) -> dict:
     """Fine-tune a compiled Duo model's separate small branches on `batches` (see the module docstring), then
-    refit the global price λ on `budget_batches` (default: `batches`; same input form). Mutates `cm`'s graph for the batches' input form and its plan; input forms
-    compiled later are rebuilt from the plan, so they get the fine-tuned weights too."""
+    refit the global price λ on `budget_batches` (default: `batches`; same input form). Mutates `cm`'s graph
+    for the batches' input form and its plan; input forms compiled later are rebuilt from the plan, so they get
+    the fine-tuned weights too."""
     from routefx.calibrate.budget import FitBudget
 
     entry, batches = cm._batch_entry(batches)

@@ -38,7 +38,7 @@ def test_finetune_lowers_routed_loss_keeps_dense_and_plan():
     before = _routed_loss(forced, fb, routes)
     small_before = cm.plan.layers[forced.keys[0]].small_down.clone()
 
-    info = finetune_compiled_(cm, cal, steps=40, lr=3e-3, progress=False)
+    info = finetune_compiled_(cm, cal, steps=40, lr=3e-3, routes="random", progress=False)
 
     assert _routed_loss(forced, fb, routes) < before
     assert info["last_loss"] < info["first_loss"]
@@ -62,3 +62,16 @@ def test_finetune_refuses_nested_small_branches():
     cm = routefx.compile(model, Duo(budget=0.5, router="local"), calibration=cal)
     with pytest.raises(PolicyError, match="nested.*separate"):
         finetune_compiled_(cm, cal, steps=1, progress=False)
+
+
+def test_on_policy_finetune_lowers_the_loss_under_the_routers_own_routes():
+    from bench.quality import router_routes
+    model = trained_llama()
+    cal = text_batches(2, 6, 48, seed=100)
+    cm = routefx.compile(model, Duo(budget=0.5, router="local", small="separate"), calibration=cal)
+    forced, fb = ForcedRoutes.from_compiled(cm, cal)
+    own = router_routes(cm, cal)                              # [L, B, S] per batch, the routes it deploys
+    before = _routed_loss(forced, fb, own)
+    info = finetune_compiled_(cm, cal, steps=30, lr=3e-3, routes="router", progress=False)
+    assert info["routes"] == "router"
+    assert _routed_loss(forced, fb, own) < before
