@@ -1,11 +1,15 @@
 """Quality of adaptive models (issue 16): held-out perplexity against FFN compute and FLOPs/token for static
-pruning, static Duo, random (best of N), local, oracle-imitation and loss-trained routers and the oracle; token
-difficulty; routing maps; oracle-vs-router agreement. Writes bench/QUALITY.md and bench/quality/*.png.
+pruning, static Duo, random (best of N), local, oracle-imitation and loss-trained routers and the oracle; the same
+routers with fitted separate small branches (`--separate-at`); per-layer small-branch errors; token difficulty;
+routing maps; oracle-vs-router agreement; the routing-aware fine-tune of separate small branches, apart. Writes
+bench/QUALITY.md (+ bench/quality/notes.md, written by hand, appended) and bench/quality/*.png.
 
-    PYTHONPATH=. python bench/quality.py [--quick] [--random-n 100] [--budgets 0.25 0.5 0.75]
+    ROUTEFX_CACHE=... PYTHONPATH=. nice -n 10 python bench/quality.py [--held-batches 2 --cal-batches 2 ...]
 
-The model is the benchmark LM of `bench/quality_model.py` (from its cache; `--quick` takes its quick stand-in);
-when that module is absent, the tiny byte-level Llama of tests/tiny_lm.py stands in, said so in the report.
+Every piece (a router at a budget, the oracle, the fine-tune) is cached as JSON under
+$ROUTEFX_CACHE/quality_parts/parts-<hash of the settings>/: a killed run resumes, and a rerun only writes the report.
+The model is the benchmark LM of `bench/quality_model.py` (from its cache; `--quick` takes its quick stand-in,
+`--tiny` the byte-level Llama of tests/tiny_lm.py), named in the report.
 """
 from __future__ import annotations
 
