@@ -1,15 +1,20 @@
 """Quality of adaptive models (issue 16): held-out perplexity against FFN compute and FLOPs/token for static
-pruning, static Duo, random (best of N), local, oracle-imitation and loss-trained routers and the oracle; token
-difficulty; routing maps; oracle-vs-router agreement. Writes bench/QUALITY.md and bench/quality/*.png.
+pruning, static Duo, random (best of N), local, oracle-imitation and loss-trained routers and the oracle; the same
+routers with fitted separate small branches (`--separate-at`); per-layer small-branch errors; token difficulty;
+routing maps; oracle-vs-router agreement; the routing-aware fine-tune of separate small branches, apart. Writes
+bench/QUALITY.md (+ bench/quality/notes.md, written by hand, appended) and bench/quality/*.png.
 
-    PYTHONPATH=. python bench/quality.py [--quick] [--random-n 100] [--budgets 0.25 0.5 0.75]
+    ROUTEFX_CACHE=... PYTHONPATH=. nice -n 10 python bench/quality.py [--held-batches 2 --cal-batches 2 ...]
 
-The model is the benchmark LM of `bench/quality_model.py` (from its cache; `--quick` takes its quick stand-in);
-when that module is absent, the tiny byte-level Llama of tests/tiny_lm.py stands in, said so in the report.
+Every piece (a router at a budget, the oracle, the fine-tune) is cached as JSON under
+$ROUTEFX_CACHE/quality_parts/parts-<hash of the settings>/: a killed run resumes, and a rerun only writes the report.
+The model is the benchmark LM of `bench/quality_model.py` (from its cache; `--quick` takes its quick stand-in,
+`--tiny` the byte-level Llama of tests/tiny_lm.py), named in the report.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -97,11 +102,11 @@ def _offline_lambda(xs, weights, costs, budget):
     return bisect_decreasing(frac, budget, -1e4, 1e4, 60, key=lambda f: f, tol=0.005).best_x
 
 
-def best_of_random(model, cal, held, budget, n, seed0=1000):
+def best_of_random(model, cal, budget, n, seed0=1000, small="nested"):
     """Best of `n` seeded random routers, ranked by next-token loss on the first calibration batch with λ set
     offline (`_offline_lambda`); the winner's λ is then fitted on the calibration data by the budget step."""
     from routefx.ir.price import set_price_
-    cm = routefx.compile(model, Duo(budget=budget, router="random"), calibration=cal)
+    cm = routefx.compile(model, Duo(budget=budget, router="random", small=small), calibration=cal)
     forced, fcal = ForcedRoutes.from_compiled(cm, cal[:1])
     entry = cm._last
     gm, ir = entry.gm, entry.ir
@@ -157,14 +162,57 @@ def router_routes(cm, batches):
     return out
 
 
-def agreement(router_r, oracle_res) -> list[float]:
-    """Per layer: share of valid held-out tokens where the router's route equals the oracle's."""
-    num, den = None, 0
-    for rr, res in zip(router_r, oracle_res):
-        eq = (rr == res.routes)[:, res.valid].double().sum(1)
-        num = eq if num is None else num + eq
-        den += int(res.valid.sum())
-    return (num / den).tolist()
+SEPARATE_ROUTERS = ("static", "random", "local", "loss")   # small="separate" variants (`--separate-at`)
+
+
+class Parts:
+    """Intermediate results, one JSON file per piece under `dir` (a killed run resumes where it stopped)."""
+
+    def __init__(self, path):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+
+    def total_seconds(self) -> float:
+        tot = 0.0
+        for f in os.listdir(self.path):
+            if f.endswith(".json"):
+                with open(os.path.join(self.path, f)) as fh:
+                    tot += json.load(fh).get("seconds", 0.0)
+        return tot
+
+    def get(self, name, fn):
+        f = os.path.join(self.path, name + ".json")
+        if os.path.exists(f):
+            with open(f) as fh:
+                return json.load(fh)
+        t0 = time.perf_counter()
+        val = fn()
+        val["seconds"] = time.perf_counter() - t0
+        with open(f + ".tmp", "w") as fh:
+            json.dump(_keys(val), fh)
+        os.replace(f + ".tmp", f)
+        return json.loads(json.dumps(_keys(val)))
+
+
+def _compile_router(model, cal, budget, router, small, n_random):
+    if router == "random":
+        cm, winner = best_of_random(model, cal, budget, n_random, small=small)
+        return cm, {"n": n_random, "winner": winner}
+    return routefx.compile(model, Duo(budget=budget, router=router, small=small), calibration=cal), {}
+
+
+def _oracle_part(model, cal, held, budget, beam, decode):
+    cm = routefx.compile(model, Duo(budget=budget, router="local"), calibration=cal)
+    orc, forced, hb, res = oracle_on(cm, held, budget, beam)
+    d = token_difficulty(forced, hb, res)
+    orc["difficulty"] = {"budget": budget, "correlations": d.correlations, "shares": d.shares.tolist(),
+                         "compute": d.compute.tolist(), "dense_loss": d.dense_loss.tolist(),
+                         "entropy": d.entropy.tolist()}
+    orc["routes"] = [r.routes.tolist() for r in res]
+    orc["valid"] = [r.valid.tolist() for r in res]
+    orc["sample"] = {"oracle": res[0].routes[:, 0].tolist(), "tokens": decode(held[0]["input_ids"][0].tolist()),
+                     "budget": budget}
+    return orc
 
 
 def main(argv=None) -> int:
@@ -172,22 +220,35 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the quality model's quick stand-in")
     p.add_argument("--tiny", action="store_true", help="tests/tiny_lm.py's byte-level Llama (seconds)")
     p.add_argument("--train", action="store_true", help="train the quality model when its cache is cold")
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    p.add_argument("--random-n", type=int, default=100)
-    p.add_argument("--random-n-other", type=int, default=20, help="N at budgets other than 0.5")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.75, 0.25], help="measured in this order")
+    p.add_argument("--random-n", type=int, default=100, help="best of N random routers (every budget)")
+    p.add_argument("--separate-at", type=float, nargs="*", default=[0.5],
+                   help="budgets at which static/random/local/loss also run with small='separate'")
     p.add_argument("--loss-steps", type=int, default=150)
+    p.add_argument("--finetune-steps", type=int, default=100,
+                   help="routing-aware fine-tune of separate small branches at the --separate-at budgets (0: off)")
+    p.add_argument("--finetune-batches", type=int, default=8, help="train-split batches for the fine-tune")
+    p.add_argument("--finetune-lrs", type=float, nargs="+", default=[3e-4],
+                   help="learning rates of the fine-tune of the local router's separate branches (on-policy; "
+                        "random routes too for lr other than 3e-4, which runs with random routes for local and "
+                        "loss anyway)")
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--cal-batches", type=int, default=4)
     p.add_argument("--held-batches", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=HERE)
+    p.add_argument("--parts", default=None,
+                   help="folder of intermediate results (default $ROUTEFX_CACHE/quality_parts/parts-<hash of the "
+                        "settings>, outside the repository); a rerun with the same settings resumes from it")
     p.add_argument("--no-prune", action="store_true", help="skip the PruneLayers levels (a partial run to --merge)")
     p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
                    help="write the report from partial runs' results.json (e.g. budgets run in parallel)")
     args = p.parse_args(argv)
     if args.merge:
         return _merge(args.merge, args.out)
+    torch.set_num_threads(args.threads)
     from routefx.calibrate import loss_router
     loss_router.LOSS_ROUTER_DEFAULTS["steps"] = args.loss_steps
     from routefx.calibrate import trained_routers
@@ -195,46 +256,82 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, cal, held, decode, label = load(args)
+    sizes = {"cal_batches": args.cal_batches, "held_batches": args.held_batches, "batch": args.batch,
+             "seq": int(held[0]["input_ids"].shape[1]), "threads": args.threads, "oracle_tol": ORACLE_TOL,
+             "oracle_iters": ORACLE_ITERS, "loss_steps": args.loss_steps, "random_n": args.random_n,
+             "beam": args.beam, "label": label}
+    tag = hashlib.sha256(json.dumps(sizes, sort_keys=True).encode()).hexdigest()[:8]
+    root = os.environ.get("ROUTEFX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "routefx")
+    parts = Parts(args.parts or os.path.join(root, "quality_parts", f"parts-{tag}"))   # one folder per setting
     L = model.config.num_hidden_layers
-    rows = {"dense": {}, "prune": {}, **{r: {} for r in ROUTERS}, "oracle": {}}
-    dense = routefx.compile(model, routefx.policies.Dense(), calibration=cal)
-    rows["dense"][1.0] = {**measure(dense, held), "fraction": 1.0}
-    for j in tqdm(range(1, L) if not args.no_prune else [], desc="PruneLayers keep j/L"):
-        cm = routefx.compile(model, PruneLayers(keep=j / L), calibration=cal)
-        rows["prune"][j / L] = {**measure(cm, held), "fraction": j / L, "pruned": cm.plan.pruned}
-    maps, agree, difficulty = {}, {}, None
+    rows = {"dense": {}, "prune": {}, **{r: {} for r in ROUTERS}, "oracle": {},
+            **{"separate:" + r: {} for r in SEPARATE_ROUTERS}}
+
+    def baseline():
+        dense = routefx.compile(model, routefx.policies.Dense(), calibration=cal)
+        out = {"dense": {**measure(dense, held), "fraction": 1.0}, "prune": {}}
+        for j in tqdm(range(1, L) if not args.no_prune else [], desc="PruneLayers keep j/L"):
+            cm = routefx.compile(model, PruneLayers(keep=j / L), calibration=cal)
+            out["prune"][j / L] = {**measure(cm, held), "fraction": j / L, "pruned": cm.plan.pruned}
+        return out
+    base = parts.get("baseline", baseline)
+    rows["dense"]["1.0"] = base["dense"]
+    rows["prune"].update(base["prune"])
+    maps, agree, difficulty, timings = {}, {}, None, {"baseline": base["seconds"]}
     for budget in tqdm(args.budgets, desc="budgets"):
-        compiled = {}
-        for router in tqdm(ROUTERS, desc=f"routers @ {budget}", leave=False):
-            if router == "random":
-                n = args.random_n if budget == 0.5 else min(args.random_n, args.random_n_other)
-                cm, winner = best_of_random(model, cal, held, budget, n)
-                rows[router][budget] = {**measure(cm, held), "calibration_fraction": cm.route_stats(cal).budget,
-                                        "n": n, "winner": winner}
-                compiled[router] = cm
-                continue
-            else:
-                cm = routefx.compile(model, Duo(budget=budget, router=router), calibration=cal)
-            compiled[router] = cm
-            rows[router][budget] = {**measure(cm, held), "calibration_fraction": cm.plan.budget.realised}
-        orc, forced, hb, res = oracle_on(compiled["local"], held, budget, args.beam)
-        rows["oracle"][budget] = orc
-        agree[budget] = {r: agreement(router_routes(compiled[r], held), res)
-                         for r in ("random", "local", "imitation", "loss")}
-        if budget == 0.5 or difficulty is None:
-            d = token_difficulty(forced, hb, res)
-            difficulty = {"budget": budget, "correlations": d.correlations, "shares": d.shares.tolist(),
-                          "compute": d.compute.tolist(), "dense_loss": d.dense_loss.tolist(),
-                          "entropy": d.entropy.tolist()}
-            sample = {"oracle": res[0].routes[:, 0].tolist(),
-                      "loss": router_routes(compiled["loss"], held[:1])[0][:, 0].tolist(),
-                      "tokens": decode(held[0]["input_ids"][0].tolist()), "budget": budget}
-            maps = sample
+        orc = parts.get(f"oracle-{budget}", lambda: _oracle_part(model, cal, held, budget, args.beam, decode))
+        timings[f"oracle@{budget}"] = orc["seconds"]
+        rows["oracle"][str(budget)] = {k: v for k, v in orc.items() if k not in ("routes", "valid", "difficulty",
+                                                                                 "sample")}
+        if difficulty is None or budget == 0.5:
+            difficulty, maps = orc["difficulty"], dict(orc["sample"])
+        o_routes = [torch.tensor(r) for r in orc["routes"]]
+        o_valid = [torch.tensor(v) for v in orc["valid"]]
+        agree[str(budget)] = {}
+        variants = [(r, "nested") for r in ROUTERS]
+        if any(abs(budget - b) < 1e-9 for b in args.separate_at):
+            variants += [(r, "separate") for r in SEPARATE_ROUTERS]
+        for router, small in tqdm(variants, desc=f"routers @ {budget}", leave=False):
+            name = router if small == "nested" else "separate:" + router
+
+            def one():
+                cm, extra = _compile_router(model, cal, budget, router, small, args.random_n)
+                out = {**measure(cm, held), **extra, "calibration_fraction": cm.route_stats(cal).budget}
+                if small == "nested" and router != "static":
+                    rr = router_routes(cm, held)
+                    out["agreement"] = _agreement(rr, o_routes, o_valid)
+                    if router == "loss":
+                        out["sample"] = rr[0][:, 0].tolist()
+                return out
+            part = parts.get(f"{name.replace(':', '-')}-{budget}", one)
+            timings[f"{name}@{budget}"] = part["seconds"]
+            rows[name][str(budget)] = {k: v for k, v in part.items() if k not in ("agreement", "sample")}
+            if "agreement" in part:
+                agree[str(budget)][router] = part["agreement"]
+            if router == "loss" and small == "nested" and maps.get("budget") == budget:
+                maps["loss"] = part["sample"]
     results = {"label": label, "layers": L, "random_n": args.random_n, "beam": args.beam,
-               "loss_steps": args.loss_steps, "seconds": time.perf_counter() - t0, "rows": _keys(rows),
-               "agreement": _keys(agree), "difficulty": difficulty, "map": maps,
+               "loss_steps": args.loss_steps, "seconds": time.perf_counter() - t0, "timings": timings,
+               "rows": _keys(rows), "agreement": _keys(agree), "difficulty": difficulty, "map": maps,
                "tokens": {"calibration": sum(int(b["attention_mask"].sum()) for b in cal),
-                          "heldout": sum(int(b["attention_mask"].sum()) for b in held)}}
+                          "heldout": sum(int(b["attention_mask"].sum()) for b in held)},
+               "sizes": sizes, "finetune": {}}
+    results["branch_errors"] = parts.get("branch-errors", lambda: _branch_errors(model, cal, held))["layers"]
+    for budget in (b for b in args.budgets if args.finetune_steps and any(abs(b - s) < 1e-9 for s in
+                                                                          args.separate_at)):
+        results["finetune"][str(budget)] = parts.get(
+            f"finetune-{args.finetune_steps}x{args.finetune_batches}-{budget}",
+            lambda: _finetune_part(model, cal, held, budget, args))
+        for lr in args.finetune_lrs:
+            tail = "" if lr == 3e-4 else f"-lr{lr:g}"
+            results["finetune"][str(budget)][f"on-policy lr {lr:g} local"] = parts.get(
+                f"finetune-router-local-{args.finetune_steps}x{args.finetune_batches}-{budget}{tail}",
+                lambda: _finetune_part(model, cal, held, budget, args, ("local",), "router", lr))["local"]
+            if lr != 3e-4:                                  # 3e-4 with random routes: the first part above
+                results["finetune"][str(budget)][f"random lr {lr:g} local"] = parts.get(
+                    f"finetune-random-local-{args.finetune_steps}x{args.finetune_batches}-{budget}{tail}",
+                    lambda: _finetune_part(model, cal, held, budget, args, ("local",), "random", lr))["local"]
+    results["seconds"] = parts.total_seconds()          # compute spent on every piece, over resumed runs too
     os.makedirs(os.path.join(args.out, "quality"), exist_ok=True)
     with open(os.path.join(args.out, "quality", "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -242,6 +339,72 @@ def main(argv=None) -> int:
     write_report(results, args.out)
     print(f"wrote {os.path.join(args.out, 'QUALITY.md')} in {results['seconds']:.0f} s")
     return 0
+
+
+def _finetune_part(model, cal, held, budget, args, routers=("local", "loss"), routes="random", lr=3e-4):
+    """Duo(local, small='separate') at `budget`, before and after the routing-aware fine-tune of its small
+    branches on `--finetune-batches` train-split batches (held-out text never seen)."""
+    from routefx.calibrate.finetune import finetune_compiled_
+    seq = int(cal[0]["input_ids"].shape[1])
+    if args.tiny:
+        from tests.tiny_lm import batches
+        train = batches(args.finetune_batches, args.batch, seq, seed=4321)
+    else:
+        from bench import quality_model as qm
+        _, tok, _ = qm.load_quality_model(train_if_missing=False, quick=args.quick)
+        train = qm.calibration_batches(tok, args.finetune_batches, seq, batch=args.batch, seed=4321)
+    out = {}
+    for router in routers:
+        cm = routefx.compile(model, Duo(budget=budget, router=router, small="separate"), calibration=cal)
+        before = measure(cm, held)
+        info = finetune_compiled_(cm, train, steps=args.finetune_steps, budget_batches=cal, routes=routes, lr=lr)
+        out[router] = {"before": before, "after": measure(cm, held), "info": info,
+                       "calibration_fraction": cm.route_stats(cal).budget}
+    return out
+
+
+def _branch_errors(model, cal, held, small_fraction=0.25):
+    """Per routed layer, the mean relative error ‖y − y_big‖/‖stream‖ on held-out tokens of skip, the nested small
+    branch (top-k neurons by importance) and the separate small branch (top-k neurons with the down projection
+    refitted by least squares on the calibration tokens), as `calibrate/duo.py` builds them."""
+    import torch.nn.functional as F
+
+    from routefx.calibrate import duo
+    from routefx.compiler.plan import LayerPlan
+    from routefx.ir.activations import get_activation
+    cm = routefx.compile(model, routefx.policies.Dense(), calibration=cal)
+    entry, calc = cm._batch_entry(cal)
+    _, heldc = cm._batch_entry(held)
+    blocks = duo.routed_blocks(Duo(), entry.ir)
+    xc, _ = duo._collect(entry.gm, blocks, calc)
+    xh, nh = duo._collect(entry.gm, blocks, heldc)
+    out = []
+    for b in blocks:
+        w, act, n = duo._weights(entry.gm, b), get_activation(b.ffn.activation), b.ffn.intermediate_size
+        k = max(1, min(n - 1, math.floor(small_fraction * n + 0.5)))
+        with torch.no_grad():
+            hc, hh = duo._hidden(xc[b.index], w, act), duo._hidden(xh[b.index], w, act)     # [N, F]
+            top = torch.argsort(hc.abs().mean(0) * w["down"].norm(dim=0), descending=True, stable=True)[:k]
+            y_big = F.linear(hh, w["down"], w["b_down"])
+            nested = F.linear(hh[:, top], w["down"][:, top], w["b_down"])
+            lp = LayerPlan(F=n, k=k, perm=torch.arange(n), router="local", small="separate")
+            duo.fit_separate_branch(lp, w, hc[:, top], F.linear(hc, w["down"], w["b_down"]), top)
+            sep = F.linear(hh[:, top], lp.small_down, w["b_down"])
+        s = nh[b.index].clamp_min(1e-12)
+        err = lambda y: float(((y - y_big).norm(dim=-1) / s).mean())  # noqa: E731
+        out.append({"layer": b.index, "skip": float((y_big.norm(dim=-1) / s).mean()), "nested": err(nested),
+                    "separate": err(sep)})
+    return {"layers": out}
+
+
+def _agreement(router_r, o_routes, o_valid) -> list[float]:
+    """Per layer: share of valid held-out tokens where the router's route equals the oracle's."""
+    num, den = None, 0
+    for rr, orr, v in zip(router_r, o_routes, o_valid):
+        eq = (rr == orr)[:, v].double().sum(1)
+        num = eq if num is None else num + eq
+        den += int(v.sum())
+    return (num / den).tolist()
 
 
 def _merge(paths, out) -> int:

