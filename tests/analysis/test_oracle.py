@@ -23,7 +23,7 @@ def setup():
     model = entry.build()
     g = torch.Generator().manual_seed(3)
     cal = [{"input_ids": torch.randint(1, entry.vocab, (4, 12), generator=g)} for _ in range(2)]
-    cm = routefx.compile(model, Duo(budget=0.5, router="random"), calibration=cal)
+    cm = routefx.compile(model, Duo(budget=0.5, router="random", small="nested"), calibration=cal)
     ids = torch.randint(1, entry.vocab, (40, 1), generator=g)                  # 40 tokens, each alone
     labels = torch.randint(1, entry.vocab, (40, 1), generator=g)
     forced, (batch,) = ForcedRoutes.from_compiled(cm, [{"input_ids": ids}])

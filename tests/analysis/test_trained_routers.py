@@ -32,7 +32,7 @@ def test_trained_router_meets_the_budget(router, budget, monkeypatch):
     monkeypatch.setitem(loss_router.LOSS_ROUTER_DEFAULTS, "steps", 25)
     model = trained_llama()
     cal = text_batches(2, 6, 48, seed=100)
-    cm = routefx.compile(model, Duo(budget=budget, router=router), calibration=cal)
+    cm = routefx.compile(model, Duo(budget=budget, router=router, small="nested"), calibration=cal)
     assert abs(_reference_budget(model, cm.plan, cal) - budget) <= BUDGET_TOL
     assert cm.plan.calibration["router_training"]["kind"] == router
     assert any(n.startswith(f"{router} routers trained") for n in cm.report.notes)

@@ -108,7 +108,7 @@ def test_dense_llama_runs_dense_products_no_kernel():
 
 @needs_interpreter
 def test_duo_random_router_equals_eager_with_identical_routes():
-    cm, routes = _check_llama(routefx.policies.Duo(budget=0.5, router="random"), TRITON_VS_EAGER)
+    cm, routes = _check_llama(routefx.policies.Duo(budget=0.5, router="random", small="nested"), TRITON_VS_EAGER)
     n_ffn = ZOO["llama"].expect.blocks
     run = cm.runner
     assert (run.stats.triton_ops, run.stats.dense_ffns) == (n_ffn, 0)
@@ -126,7 +126,7 @@ def test_inductor_compiles_the_lowered_graph_once_for_all_shapes(dynamic, graphs
     the Triton op as one node. dynamic=True: one graph serves every batch size and length; the default (None):
     a graph specialised on the first shapes, then one dynamic graph for all later ones (never one per call)."""
     entry = ZOO["llama"]
-    cm = routefx.compile(entry.build(), routefx.policies.Duo(budget=0.5, router="random"),
+    cm = routefx.compile(entry.build(), routefx.policies.Duo(budget=0.5, router="random", small="nested"),
                          calibration=_batches(entry, 2, 40))
     gm = cm.graph_module
     run = tb.prepare(gm, {}, inductor=True, dynamic=dynamic)
@@ -144,7 +144,7 @@ def test_inductor_compiles_the_lowered_graph_once_for_all_shapes(dynamic, graphs
 
 @needs_interpreter
 def test_duo_static_router_has_no_kernel():
-    cm, _ = _check_llama(routefx.policies.Duo(budget=0.5, router="static"), TRITON_VS_EAGER)
+    cm, _ = _check_llama(routefx.policies.Duo(budget=0.5, router="static", small="nested"), TRITON_VS_EAGER)
     assert (cm.runner.stats.triton_ops, cm.runner.stats.dense_ffns) == (0, ZOO["llama"].expect.blocks)
 
 
@@ -270,7 +270,7 @@ def test_input_on_another_device_is_refused():
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("policy", [routefx.policies.Dense(), routefx.policies.Duo(budget=0.5, router="random")],
+@pytest.mark.parametrize("policy", [routefx.policies.Dense(), routefx.policies.Duo(budget=0.5, router="random", small="nested")],
                          ids=["dense", "duo"])
 def test_llama_cuda_bf16_equals_eager(policy):
     cm, routes = _check_llama(policy, TRITON_BF16_VS_EAGER, device="cuda", dtype=torch.bfloat16)

@@ -59,7 +59,7 @@ def test_finetune_lowers_routed_loss_keeps_dense_and_plan():
 def test_finetune_refuses_nested_small_branches():
     model = trained_llama()
     cal = text_batches(1, 4, 32, seed=100)
-    cm = routefx.compile(model, Duo(budget=0.5, router="local"), calibration=cal)
+    cm = routefx.compile(model, Duo(budget=0.5, router="local", small="nested"), calibration=cal)
     with pytest.raises(PolicyError, match="nested.*separate"):
         finetune_compiled_(cm, cal, steps=1, progress=False)
 

@@ -37,7 +37,7 @@ def test_budget_one_reproduces_dense(name):
     entry = ZOO[name]
     model = entry.build()
     router = ("static", "random", "local")[DENSE.index(name) % 3]
-    cm = routefx.compile(model, Duo(budget=1.0, router=router), calibration=_batches(entry, 2, 10))
+    cm = routefx.compile(model, Duo(budget=1.0, router=router, small="nested"), calibration=_batches(entry, 2, 10))
     batch = _batches(entry, 1, 99, batch=3, seq=11, pad=4)[0]
     assert_close_nonpad(cm(**batch), _reference(model, batch), batch.get("attention_mask"), EXACT_REWRITE)
     stats = cm.route_stats([batch])
@@ -75,7 +75,7 @@ def test_importance_prefix_beats_random_subsets_on_a_trained_model():
 def test_permutation_alone_keeps_the_dense_function():
     entry = ZOO["gpt2"]
     model = entry.build()
-    cm = routefx.compile(model, Duo(budget=0.5, router="random"), calibration=_batches(entry, 2, 10))
+    cm = routefx.compile(model, Duo(budget=0.5, router="random", small="nested"), calibration=_batches(entry, 2, 10))
     gm = cm.graph_module
     op = next(n for n in gm.graph.nodes if n.target is torch.ops.routefx.routed_ffn.default)
     lp = next(iter(cm.plan.layers.values()))
@@ -93,7 +93,7 @@ def test_budget_is_met_with_mixed_routes(router, budget):
     entry = ZOO["plain_resized"]
     cal, held = _batches(entry, 4, 100, batch=6, seq=20), _batches(entry, 2, 200, batch=6, seq=20)
     model = entry.build()
-    cm = routefx.compile(model, Duo(budget=budget, router=router), calibration=cal)
+    cm = routefx.compile(model, Duo(budget=budget, router=router, small="nested"), calibration=cal)
     ref_cal, ref_held = _reference_budget(model, cm.plan, cal), _reference_budget(model, cm.plan, held)
     on_cal, on_held = cm.route_stats(cal), cm.route_stats(held)
     assert abs(ref_cal["budget"] - budget) <= BUDGET_TOL, ref_cal
@@ -150,7 +150,7 @@ def test_local_router_is_closest_to_dense_at_equal_budget():
     held = text_batches(3, 8, 64, seed=200, split="held", pad=5)
     kl, realised = {}, {}
     for router in ("static", "random", "local"):
-        cm = routefx.compile(model, Duo(budget=0.5, router=router), calibration=cal)
+        cm = routefx.compile(model, Duo(budget=0.5, router=router, small="nested"), calibration=cal)
         realised[router] = cm.route_stats(cal).budget
         kl[router] = _kl(model, cm, held)
     assert all(abs(b - 0.5) <= BUDGET_TOL for b in realised.values()), realised
@@ -164,14 +164,14 @@ def test_a_near_identity_layer_gets_less_compute():
     with torch.no_grad():
         model.model.layers[2].mlp.down_proj.weight.mul_(1e-3)
     cal = text_batches(4, 8, 64, seed=100, pad=5)
-    cm = routefx.compile(model, Duo(budget=0.5, router="local"), calibration=cal)
+    cm = routefx.compile(model, Duo(budget=0.5, router="local", small="nested"), calibration=cal)
     fractions = [layer["fraction"] for layer in cm.route_stats(cal).layers]
     assert fractions[2] == min(fractions) and fractions[2] < 0.5 * max(fractions), fractions
 
 
 def test_static_router_states_its_realised_budget():
     entry = ZOO["llama"]
-    cm = routefx.compile(entry.build(), Duo(budget=0.4, router="static"), calibration=_batches(entry, 2, 10))
+    cm = routefx.compile(entry.build(), Duo(budget=0.4, router="static", small="nested"), calibration=_batches(entry, 2, 10))
     b = cm.report.plan["budget"]
     # 3 layers, one branch each among costs {0, 26/104, 1}: the sums reachable near 3 x 0.4 = 1.2 are 1.0 and
     # 1.25; the nearest, 1.25 (skip + small + big), is the realised budget
@@ -200,16 +200,16 @@ def test_bad_block_indices_and_missing_calibration():
     entry = ZOO["qwen2moe"]
     cal = _batches(entry, 1, 10)
     with pytest.raises(routefx.PolicyError, match=r"block 5 does not exist; the model has 3 blocks \(0..2\)"):
-        routefx.compile(entry.build(), Duo(layers=[1, 5]), calibration=cal)
+        routefx.compile(entry.build(), Duo(layers=[1, 5], small="nested"), calibration=cal)
     with pytest.raises(routefx.PolicyError, match=r"block 0 has a moe FFN; Duo routes dense FFNs"):
-        routefx.compile(entry.build(), Duo(layers=[0]), calibration=cal)
+        routefx.compile(entry.build(), Duo(layers=[0], small="nested"), calibration=cal)
     with pytest.raises(routefx.CalibrationError, match=r"Duo\(budget=0.5.*needs calibration data"):
-        routefx.compile(entry.build(), Duo(budget=0.5, router="random"))
+        routefx.compile(entry.build(), Duo(budget=0.5, router="random", small="nested"))
 
 
 def test_duo_on_a_subset_of_layers_and_json():
     entry = ZOO["qwen2moe"]
-    cm = routefx.compile(entry.build(), Duo(layers=[1], router="random"), calibration=_batches(entry, 2, 10))
+    cm = routefx.compile(entry.build(), Duo(layers=[1], router="random", small="nested"), calibration=_batches(entry, 2, 10))
     assert list(cm.plan.layers) == ["model.layers.1.mlp"]
     assert [layer["key"] for layer in cm.route_stats(_batches(entry, 1, 5)).layers] == ["model.layers.1.mlp"]
     p = Duo(budget=0.3, small_fraction=0.2, router="static", layers=[2, 0], seed=4)

@@ -62,7 +62,7 @@ def test_duo_plan_equals_routefx_compile_without_recalibration(monkeypatch):
     torch._dynamo.reset()
     entry = ZOO["llama"]
     model = entry.build()
-    cm = routefx.compile(model, Duo(budget=0.5, router="local"), calibration=batches(entry))
+    cm = routefx.compile(model, Duo(budget=0.5, router="local", small="nested"), calibration=batches(entry))
     calls = []
     import routefx.compiler.compile as compile_module
     real = compile_module.calibrate
@@ -89,8 +89,8 @@ def test_duo_calibrates_once_per_piece():
     cal = batches(entry)
     before = len(dynamo_backend.compiled_pieces())
     opt = torch.compile(model, backend=routefx_backend, dynamic=True,
-                        options={"policy": Duo(budget=0.5, router="random"), "calibration": cal})
-    ref = routefx.compile(model, Duo(budget=0.5, router="random"), calibration=cal)
+                        options={"policy": Duo(budget=0.5, router="random", small="nested"), "calibration": cal})
+    ref = routefx.compile(model, Duo(budget=0.5, router="random", small="nested"), calibration=cal)
     for b, s, pad in SHAPES:
         out, _ = _call(opt, entry, b, s, pad, seed=7)
         want, _ = _call(ref, entry, b, s, pad, seed=7)
@@ -157,7 +157,7 @@ def test_default_torch_compile_recompiles_once_for_new_lengths(monkeypatch):
     torch._dynamo.reset()
     entry = ZOO["llama"]
     model = entry.build()
-    cm = routefx.compile(model, Duo(budget=0.5, router="local"), calibration=batches(entry))
+    cm = routefx.compile(model, Duo(budget=0.5, router="local", small="nested"), calibration=batches(entry))
     calibrations = _count_calibrations(monkeypatch)
     graphs = []
     opt = torch.compile(model, backend=_counting(graphs), options={"policy": cm.plan})
@@ -191,11 +191,11 @@ def test_static_piece_calibrates_once_and_the_recompile_reuses_its_plan(monkeypa
     entry = ZOO["plain_parallel"]
     model = entry.build()
     cal = batches(entry)                                   # [4, 16] each
-    ref = routefx.compile(model, Duo(budget=0.5, router="random"), calibration=cal)
+    ref = routefx.compile(model, Duo(budget=0.5, router="random", small="nested"), calibration=cal)
     calibrations = _count_calibrations(monkeypatch)
     graphs = []
     opt = torch.compile(model, backend=_counting(graphs),
-                        options={"policy": Duo(budget=0.5, router="random"), "calibration": cal})
+                        options={"policy": Duo(budget=0.5, router="random", small="nested"), "calibration": cal})
     for s in (16, 9, 5, 12):
         out, _ = _call(opt, entry, 4, s, 0, seed=s)
         want, _ = _call(ref, entry, 4, s, 0, seed=s)
@@ -207,7 +207,7 @@ def test_static_piece_with_calibration_of_other_shapes_is_refused():
     torch._dynamo.reset()
     entry = ZOO["plain_parallel"]
     opt = torch.compile(entry.build(), backend=routefx_backend,
-                        options={"policy": Duo(budget=0.5, router="random"), "calibration": batches(entry)})
+                        options={"policy": Duo(budget=0.5, router="random", small="nested"), "calibration": batches(entry)})
     with pytest.raises(Exception, match=r"Dynamo specialised a piece to the shapes of its first call \(input_ids"
                                         r"\[2, 7\]; \* = any size\) and Duo\(.*whose batches have shapes "
                                         r"input_ids\[4, 16\].*dynamic=True") as info:

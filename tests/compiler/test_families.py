@@ -32,7 +32,7 @@ def test_duo_meets_the_budget(name, zoo_capture):
     model, _ = zoo_capture(name)
     cal = [dict(zip(("input_ids",), a)) | k for a, k in
            (example_inputs(ZOO[name], batch=3, seq=12, left_pad=2, seed=40 + i) for i in range(2))]
-    cm = routefx.compile(model, Duo(budget=0.5), calibration=cal)
+    cm = routefx.compile(model, Duo(budget=0.5, small="nested"), calibration=cal)
     realised = cm.plan.budget.realised
     assert abs(realised - 0.5) <= 0.02, realised
     assert abs(cm.route_stats(cal).budget - realised) < 1e-9        # the compiled graph takes those routes

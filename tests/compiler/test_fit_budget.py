@@ -14,7 +14,7 @@ from tests.zoo import ZOO, example_inputs
 def _compiled(router="random"):
     entry = ZOO["plain"]
     cal = [{"input_ids": example_inputs(entry, batch=3, seq=10, seed=s)[0][0]} for s in (1, 2)]
-    return routefx.compile(entry.build(), Duo(budget=0.5, router=router), calibration=cal), cal
+    return routefx.compile(entry.build(), Duo(budget=0.5, router=router, small="nested"), calibration=cal), cal
 
 
 def test_lambda_is_one_value_in_plan_record_and_graph():

@@ -41,7 +41,7 @@ def counted(monkeypatch):
 @pytest.mark.parametrize("backend", ["eager", "onnx"])
 def test_calibrated_with_masks_called_without(counted, backend):
     entry = ZOO["llama"]
-    cm = routefx.compile(entry.build(), Duo(budget=0.5, router="local"), calibration=_cal(entry), backend=backend)
+    cm = routefx.compile(entry.build(), Duo(budget=0.5, router="local", small="nested"), calibration=_cal(entry), backend=backend)
     plan = cm.plan
     ids = example_inputs(entry, batch=3, seq=9, seed=42)[0][0]
     no_mask = cm(input_ids=ids)                                       # a new input form: recaptured
@@ -61,7 +61,7 @@ def test_calibration_batches_may_omit_the_mask(counted):
     bare = _cal(entry, mask=False)
     mixed = [bare[0], {**bare[1], "attention_mask": torch.ones_like(bare[1]["input_ids"])}, bare[2]["input_ids"]]
     explicit = [{**b, "attention_mask": torch.ones_like(b["input_ids"])} for b in bare]
-    policy = Duo(budget=0.5, router="local")
+    policy = Duo(budget=0.5, router="local", small="nested")
     a = routefx.compile(entry.build(), policy, calibration=mixed).plan
     b = routefx.compile(entry.build(), policy, calibration=explicit).plan
     assert a.lam == b.lam and list(a.layers) == list(b.layers)
@@ -76,4 +76,4 @@ def test_calibration_batches_must_agree_on_other_inputs():
     cal[1] = {**cal[1], "position_ids": torch.arange(12).expand(4, 12)}
     with pytest.raises(routefx.CalibrationError, match=r"calibration batch 0 lacks \['position_ids'\], which other "
                                                        r"batches carry; only 'attention_mask' has a default"):
-        routefx.compile(entry.build(), Duo(budget=0.5, router="local"), calibration=cal)
+        routefx.compile(entry.build(), Duo(budget=0.5, router="local", small="nested"), calibration=cal)

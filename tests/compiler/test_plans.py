@@ -42,9 +42,9 @@ def _cal(entry, n=3, seed=10):
 
 _POLICIES = [
     PruneLayers(keep=0.67),
-    Duo(budget=0.5, router="static"),
-    Duo(budget=0.5, router="random"),
-    Duo(budget=0.5, router="local"),
+    Duo(budget=0.5, router="static", small="nested"),
+    Duo(budget=0.5, router="random", small="nested"),
+    Duo(budget=0.5, router="local", small="nested"),
     Duo(budget=0.4, router="local", small="separate"),
 ]
 
@@ -72,7 +72,7 @@ def test_plan_round_trip_is_bit_identical_in_a_fresh_process(tmp_path):
 
 def test_plan_for_another_model_is_refused(tmp_path):
     entry = ZOO["plain"]
-    cm = routefx.compile(entry.build(), Duo(budget=0.5, router="random"), calibration=_cal(entry))
+    cm = routefx.compile(entry.build(), Duo(budget=0.5, router="random", small="nested"), calibration=_cal(entry))
     cm.plan.save(str(tmp_path))
     other = entry.build()
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_plan_for_another_model_is_refused(tmp_path):
 
 def test_truncated_or_edited_plan_is_refused(tmp_path):
     entry = ZOO["plain"]
-    cm = routefx.compile(entry.build(), Duo(budget=0.5, router="local"), calibration=_cal(entry))
+    cm = routefx.compile(entry.build(), Duo(budget=0.5, router="local", small="nested"), calibration=_cal(entry))
     d = tmp_path / "p"
     cm.plan.save(str(d))
     js, ts = d / "plan.json", d / "tensors.safetensors"

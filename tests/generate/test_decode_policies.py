@@ -188,7 +188,7 @@ def test_composes_with_duo(llama):
     model, cm, ids, mask = llama
     g = torch.Generator().manual_seed(2)
     cal = [{"input_ids": torch.randint(3, 101, (4, 12), generator=g)}]
-    duo = routefx.compile(model, Duo(budget=0.5, router="local"), calibration=cal)
+    duo = routefx.compile(model, Duo(budget=0.5, router="local", small="nested"), calibration=cal)
     plain = duo.generate(ids, mask, max_new_tokens=NEW, eos_token_id=[])
     assert torch.equal(duo.generate(ids, mask, max_new_tokens=NEW, eos_token_id=[],
                                     decode_policy=DepthDecay(alpha=1.0)), plain)

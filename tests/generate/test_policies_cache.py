@@ -50,7 +50,7 @@ def duo():
             mp.setattr(owner, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
         entry = ZOO["llama"]
         model = entry.build()
-        cm = routefx.compile(model, Duo(budget=0.5, router="local"), calibration=_cal(entry))
+        cm = routefx.compile(model, Duo(budget=0.5, router="local", small="nested"), calibration=_cal(entry))
         plan = cm.plan
         generation_graphs(cm)
     assert cm.plan is plan

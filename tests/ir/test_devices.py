@@ -85,7 +85,7 @@ def test_calibrating_policies_on_meta_are_refused():
     entry = ZOO["llama"]
     args, kwargs = _to_meta(*example_inputs(entry))
     cal = [dict(input_ids=args[0]) | kwargs]
-    for policy in (Duo(budget=0.5), PruneLayers(keep=0.5)):
+    for policy in (Duo(budget=0.5, small="nested"), PruneLayers(keep=0.5)):
         with pytest.raises(CalibrationError, match="meta device .* calibration needs real weights"):
             routefx.compile(entry.build().to("meta"), policy, calibration=cal)
 

@@ -1,4 +1,4 @@
-"""HoistRouters (Duo(hoist=True)): each routed layer but the first picks its routes from the previous routed
+"""HoistRouters (Duo(hoist=True, small="nested")): each routed layer but the first picks its routes from the previous routed
 layer's FFN input, with a router fitted on that input; the budget is still met; eager and ONNX agree; with
 hoist off the pass is not in the pipeline and changes nothing when run."""
 import functools
@@ -34,7 +34,7 @@ def _batches(n, seed, batch=6, seq=20):
 @functools.lru_cache(maxsize=None)
 def _compiled(hoist: bool):
     model = ZOO["plain_resized"].build()
-    cm = routefx.compile(model, Duo(budget=0.5, router="local", hoist=hoist), calibration=_batches(4, 100))
+    cm = routefx.compile(model, Duo(budget=0.5, router="local", hoist=hoist, small="nested"), calibration=_batches(4, 100))
     return model, cm
 
 
@@ -105,8 +105,8 @@ def test_hoisted_graph_runs_on_onnx_like_eager():
 def test_hoist_off_leaves_the_graph_as_it_was():
     """Off (the default): no HoistRouters in the pipeline, every router reads its own layer's input, and the pass,
     run anyway on that plan, changes nothing."""
-    assert not any(isinstance(p, HoistRouters) for p in build_pipeline(Duo()).passes)
-    assert any(isinstance(p, HoistRouters) for p in build_pipeline(Duo(hoist=True)).passes)
+    assert not any(isinstance(p, HoistRouters) for p in build_pipeline(Duo(small="nested")).passes)
+    assert any(isinstance(p, HoistRouters) for p in build_pipeline(Duo(hoist=True, small="nested")).passes)
     _, cm = _compiled(False)
     gm = cm.graph_module
     assert all(x is op.args[0] for op, x in _routers(gm).items())
@@ -126,6 +126,6 @@ def test_bad_hoist_policies(kw, match):
 
 
 def test_hoist_policy_json_round_trip_and_default():
-    p = Duo(budget=0.4, router="random", hoist=True)
+    p = Duo(budget=0.4, router="random", hoist=True, small="nested")
     assert routefx.policies.policy_from_json(p.to_json()) == p
-    assert Duo().hoist is False and Duo.from_dict({"budget": 0.5}).hoist is False  # plans saved before the field
+    assert Duo(small="nested").hoist is False and Duo.from_dict({"budget": 0.5}).hoist is False  # plans saved before the field

@@ -13,10 +13,10 @@ from tests.zoo import ZOO, example_inputs
 # an attention mask and a plain module without one
 CASES = {
     "llama-dense": ("llama", Dense(), False),
-    "llama-duo-nested": ("llama", Duo(budget=0.5, router="local"), True),
+    "llama-duo-nested": ("llama", Duo(budget=0.5, router="local", small="nested"), True),
     "gpt2-prune": ("gpt2", PruneLayers(layers=[1]), False),
     "gpt2-duo-separate": ("gpt2", Duo(budget=0.5, router="random", small="separate"), True),
-    "plain-duo-nested": ("plain_parallel", Duo(budget=0.6, router="random"), True),
+    "plain-duo-nested": ("plain_parallel", Duo(budget=0.6, router="random", small="nested"), True),
 }
 
 

@@ -48,7 +48,7 @@ def _exported(family: str, backend: str, device: str, dtype: torch.dtype):
     model = entry.build().to(device, dtype)
     cal = [{k: v.to(device) for k, v in b.items()} for b in batches(entry)]
     args, kwargs = example_inputs(entry)
-    cm = routefx.compile(model, Duo(budget=0.5, router="random"), calibration=cal, backend=backend,
+    cm = routefx.compile(model, Duo(budget=0.5, router="random", small="nested"), calibration=cal, backend=backend,
                          example_inputs=tuple(a.to(device) for a in args),
                          example_kwargs={k: v.to(device) for k, v in kwargs.items()})
     path = routefx.export(cm, tempfile.mkdtemp(prefix="routefx_aoti_") + "/a")
