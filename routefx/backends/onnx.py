@@ -9,7 +9,8 @@ pre-transposed weight initializers, one ScatterND; constant route ids: plain Mat
 weight slices, runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession` with the weights handed
 over in memory (`routefx.backends.onnx_session`: the graph is serialized without them). Non-tensor keywords
 (use_cache=False) are baked into the model; its inputs are the model's own tensor inputs, its weights are
-initializers. `runner.timings` has the seconds of each phase (export, fold, optimize, serialize, session) and
+initializers. `runner.timings` has the wall seconds of each phase (export, fold, optimize, fuse, serialize,
+session), `runner.cpu_timings` their CPU seconds, `runner.fusions` the fused-kernel rewrites made, and
 `runner.export_path` says how the graph was lowered ("direct", "decomposed" or "traced").
 
 The returned `OnnxRunner` is called like `gm(**kwargs)` and returns the same output structure (rebuilt with the
@@ -58,7 +59,6 @@ from typing import Any
 
 import onnx_ir as ir
 import onnxruntime as ort
-import onnxscript.optimizer
 import torch
 from torch import fx
 from torch.export import Dim
@@ -66,6 +66,7 @@ from torch.utils import _pytree as pytree
 
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn, used below)
 from routefx.backends import onnx_program, onnx_session
+from routefx.backends.onnx_fusions import DEFAULT_FUSIONS, fuse_, optimize_
 from routefx.backends.onnx_ops import fold_weight_slices, routed_ffn_lowering
 from routefx.backends.onnx_opset import export_opset
 from routefx.backends.static_routes import constant_route
@@ -126,7 +127,10 @@ class OnnxRunner:
         self._graph = graph
         self._onnx_bytes: bytes | None = None
         self._onnx_path: str | None = None
-        self.timings = dict(timings or {})  # seconds per prepare stage: export, fold, optimize, session
+        self.timings = dict(timings or {})  # wall seconds per prepare phase: export, fold, optimize, fuse, ...
+        self.cpu_timings: dict = {}  # CPU seconds (process, all threads) of the same phases
+        self.fusions: dict = {}  # rewrites to ONNX Runtime's fused kernels: name -> count (onnx_fusions)
+        self.notes: list[str] = []  # what compile()'s report says about the lowering
         self.export_path = export_path  # how the graph became ONNX: "direct", "decomposed" or "traced"
         self._tmpdir = tmpdir  # keeps a temporary directory (large model, profiles) alive with the runner
         self._arg_names = arg_names
@@ -232,13 +236,14 @@ class OnnxRunner:
 
 
 def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str = "all",
-            profile: bool = False, direct: bool = True) -> OnnxRunner:
+            profile: bool = False, direct: bool = True, fusions=DEFAULT_FUSIONS) -> OnnxRunner:
     """Export `gm` to ONNX and open an ONNX Runtime CPU session; returns the runner (see the module docstring).
 
     `example_kwargs` are the inputs `gm` was captured from (tensors and constants, by keyword).
     `optimization_level` is ORT's graph optimization level ("disable", "basic", "extended", "all");
     `profile=True` turns ORT's profiler on (`runner.end_profiling()` returns the JSON's path). `direct=False`
-    skips the trace-free translation (`onnx_program`; tests compare both paths). Raises
+    skips the trace-free translation (`onnx_program`; tests compare both paths). `fusions` names the rewrites to
+    ONNX Runtime's fused kernels (`routefx.backends.onnx_fusions.FUSIONS`; () for none). Raises
     `BackendError` naming the node when the export fails.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -246,13 +251,15 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     if missing:
         raise BackendError(f"example_kwargs lack {missing}; the graph takes {[n.target for n in placeholders]}")
     arg_names = _positional_names(gm, [n.target for n in placeholders])
-    t0 = time.perf_counter()
+    clock = _Clock()
     model, path = _export(gm, placeholders, arg_names, example_kwargs, direct=direct)
-    t1 = time.perf_counter()
+    clock.lap("export")
     fold_weight_slices(model)
-    t2 = time.perf_counter()
-    model = onnxscript.optimizer.optimize(model)  # what torch.onnx.export(optimize=True) runs
-    t3 = time.perf_counter()
+    clock.lap("fold")
+    optimizer = optimize_(model)  # onnxscript's optimizer (what torch.onnx.export(optimize=True) runs), less its
+    clock.lap("optimize")         # quadratic rule
+    fused = fuse_(model, fusions)
+    clock.lap("fuse")
 
     tensor_inputs = [n.target for n in placeholders if isinstance(example_kwargs[n.target], torch.Tensor)]
     if [v.name for v in model.graph.inputs] != tensor_inputs:
@@ -268,18 +275,44 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     so = session_options(optimization_level=optimization_level, routed=routed,
                          profile_dir=tmpdir.name if tmpdir else None)
     graph = onnx_session.prepare_graph(model)  # weights handed over in memory, never serialized
-    t4 = time.perf_counter()
+    clock.lap("serialize")
     try:
         session = graph.session(so)
     except Exception as e:  # onnxruntime raises its own pybind exception types
         raise BackendError(f"ONNX Runtime could not load the exported model: {type(e).__name__}: "
                            f"{_first_line(e)}") from e
-    timings = {"export": t1 - t0, "fold": t2 - t1, "optimize": t3 - t2, "serialize": t4 - t3,
-               "session": time.perf_counter() - t4}
+    clock.lap("session")
     constants = {k: v for k, v in example_kwargs.items() if not isinstance(v, torch.Tensor)}
-    return OnnxRunner(session, arg_names=arg_names, constants=constants, leaves=leaves, out_spec=out_spec,
-                      model=model, graph=graph, tmpdir=tmpdir,
-                      timings={k: round(v, 3) for k, v in timings.items()}, export_path=path)
+    run = OnnxRunner(session, arg_names=arg_names, constants=constants, leaves=leaves, out_spec=out_spec,
+                     model=model, graph=graph, tmpdir=tmpdir, timings=clock.wall, export_path=path)
+    run.cpu_timings = clock.cpu
+    run.fusions = dict(fused.counts)
+    done = ", ".join(f"{k} x{v}" for k, v in fused.counts.items() if v) or "none"
+    run.notes = [f"ONNX fusions: {done}" + (f" (optimizer: {optimizer})" if optimizer != "routefx" else "")]
+    run.notes += [f"ONNX fusion not applied: {n}" for n in _summarize(fused.notes)]
+    return run
+
+
+class _Clock:
+    """Wall and CPU seconds (this process, all threads) of consecutive phases."""
+
+    def __init__(self):
+        self.wall, self.cpu = {}, {}
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        t, c = time.perf_counter(), time.process_time()
+        self.wall[name], self.cpu[name] = round(t - self._t, 3), round(c - self._c, 3)
+        self._t, self._c = t, c
+
+
+def _summarize(notes: list[str], limit: int = 3) -> list[str]:
+    """At most `limit` distinct notes (the same miss on every layer is said once, with its count)."""
+    counts: dict[str, int] = {}
+    for n in notes:  # "fusion: node: reason" -> "fusion: reason"
+        key = n.split(": ", 1)[0] + ": " + n.rsplit(": ", 1)[-1]
+        counts[key] = counts.get(key, 0) + 1
+    return [f"{k} ({v}x)" if v > 1 else k for k, v in list(counts.items())[:limit]]
 
 
 # ---- export helpers ----------------------------------------------------------------------------------------
