@@ -31,7 +31,7 @@ import routefx  # noqa: E402
 from routefx.backends import onnx as onnx_backend  # noqa: E402
 from routefx.backends.onnx_fusions import FUSIONS  # noqa: E402
 
-VARIANTS = {"none": (), "shared_kv_heads": ("shared_kv_heads",), "rms_norm": ("rms_norm",),
+VARIANTS = {"none": (), "shared_kv_heads": ("shared_kv_heads",), "rotary": ("rotary",), "rms_norm": ("rms_norm",),
             "rms_norm+skip": ("rms_norm", "skip_rms_norm"), "all": FUSIONS}
 
 
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="A", help="A, B (bench/cpu.py) or smoke")
     p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
-    p.add_argument("--variants", default="none,shared_kv_heads,rms_norm+skip,all",
+    p.add_argument("--variants", default="none,shared_kv_heads,rotary,rms_norm+skip,all",
                    help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)

@@ -12,6 +12,10 @@ the installed onnxscript is skipped and said so in the notes):
   shared_kv_heads  Attention(q, Reshape(Expand(Unsqueeze(k, 2))), ...) -> Attention(q, k, ...): opset 23's
                    Attention takes fewer K/V heads than query heads (grouped-query attention) and repeats them
                    itself, so the exporter's [B, kv, rep, S, H] copies of K and V per layer go.
+  rotary           x * cos + rotate_half(x) * sin on [B, N, S, H] (rotate_half = Concat(-x[..., H/2:], x[..., :H/2]))
+                   with cos / sin = Unsqueeze(Cos / Sin(Concat(f, f)), 1), f [1, S, H/2] (one angle row per
+                   position, the same for every batch row) -> com.microsoft RotaryEmbedding(x, position offset 0,
+                   Cos(f[0]), Sin(f[0])): row s of the cache is position s's angles, whatever the positions are.
   rms_norm         Pow / ReduceMean / Add eps / Sqrt / Reciprocal / Mul / Mul(scale) ->
                    SimplifiedLayerNormalization (ONNX Runtime's RMSNorm kernel; onnxscript's rule).
   skip_rms_norm    Add(residual, x) feeding a SimplifiedLayerNormalization -> SkipSimplifiedLayerNormalization
@@ -24,12 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 __all__ = ["FUSIONS", "DEFAULT_FUSIONS", "FusionResult", "optimize_", "fuse_"]
 
-FUSIONS = ("shared_kv_heads", "rms_norm", "skip_rms_norm")
+FUSIONS = ("shared_kv_heads", "rotary", "rms_norm", "skip_rms_norm")
 DEFAULT_FUSIONS = FUSIONS
 _QUADRATIC_RULES = {"SlicesSplit"}  # multi-output patterns: matched by enumerating node pairs of the whole graph
 
@@ -139,6 +144,114 @@ def _fuse_shared_kv_heads(model: ir.Model, result: FusionResult) -> int:
     return count
 
 
+# ---- rotary embedding -------------------------------------------------------------------------------------------
+
+def _is(node: ir.Node | None, op_type: str) -> bool:
+    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
+def _ints(v: ir.Value | None) -> list[int] | None:
+    if v is None or v.const_value is None:
+        return None
+    return np.asarray(v.const_value.numpy()).reshape(-1).tolist()
+
+
+def _last_axis_slice(node: ir.Node | None, start: int, end: int | None, h: int) -> bool:
+    """node = Slice(x, [start], [end], [last axis], [1]) of 4-D x; end None: any end >= h (to the end)."""
+    if not _is(node, "Slice") or len(node.inputs) < 4:
+        return False
+    ends = _ints(node.inputs[2])
+    steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
+    return (_ints(node.inputs[1]) == [start] and ends is not None and len(ends) == 1
+            and (ends[0] == end if end is not None else ends[0] >= h)
+            and _ints(node.inputs[3]) in ([3], [-1]) and steps == [1])
+
+
+def _angles(v: ir.Value, trig: str, half: int) -> ir.Value | None:
+    """f where v = Unsqueeze(trig(Concat(f, f, axis=-1)), [1]) and f is [1, S, half]; else None."""
+    unsq = v.producer()
+    if not _is(unsq, "Unsqueeze") or _ints(unsq.inputs[1]) != [1]:
+        return None
+    t = unsq.inputs[0].producer()
+    cat = t.inputs[0].producer() if _is(t, trig) else None
+    if not _is(cat, "Concat") or len(cat.inputs) != 2 or cat.inputs[0] is not cat.inputs[1]:
+        return None
+    f = cat.inputs[0]
+    if cat.attributes.get_int("axis", 0) not in (-1, 2) or f.shape is None or f.shape.rank() != 3:
+        return None
+    return f if f.shape[0] == 1 and f.shape[2] == half else None
+
+
+def _rotary_match(add: ir.Node) -> tuple[ir.Value, ir.Value] | str:
+    """(x, f) when `add` is x * cos + rotate_half(x) * sin as in the module docstring, else the reason."""
+    if len(add.inputs) != 2:
+        return "not a binary Add"
+    for a, b in (add.inputs, add.inputs[::-1]):
+        m_cos, m_sin = a.producer(), b.producer()
+        if not (_is(m_cos, "Mul") and _is(m_sin, "Mul")):
+            continue
+        for rot, sin in (m_sin.inputs, m_sin.inputs[::-1]):
+            cat = rot.producer()
+            if not _is(cat, "Concat") or len(cat.inputs) != 2 or cat.attributes.get_int("axis", 0) not in (-1, 3):
+                continue
+            neg, first = cat.inputs[0].producer(), cat.inputs[1].producer()
+            second = neg.inputs[0].producer() if _is(neg, "Neg") else None
+            if second is None or first is None or second.inputs[0] is not first.inputs[0]:
+                continue
+            x = first.inputs[0]
+            if x not in m_cos.inputs:
+                continue
+            cos = m_cos.inputs[1] if m_cos.inputs[0] is x else m_cos.inputs[0]
+            if x.shape is None or x.shape.rank() != 4 or not isinstance(x.shape[3], int) or x.shape[3] % 2:
+                return "input not [B, N, S, H] with a static, even head size"
+            h = x.shape[3]
+            if not (_last_axis_slice(first, 0, h // 2, h) and _last_axis_slice(second, h // 2, None, h)):
+                return "rotate_half does not split the head in halves"
+            f = _angles(cos, "Cos", h // 2)
+            if f is None or _angles(sin, "Sin", h // 2) is not f:
+                return "cos / sin are not Cos / Sin of one [1, S, H/2] angle table repeated twice"
+            return x, f
+    return "not x * cos + rotate_half(x) * sin"
+
+
+def _fuse_rotary(model: ir.Model, result: FusionResult) -> int:
+    graph, caches, count = model.graph, {}, 0
+    zero = axes0 = None
+    for add in list(graph):
+        if not _is(add, "Add") or not _is(add.inputs[0].producer(), "Mul"):
+            continue
+        found = _rotary_match(add)
+        if isinstance(found, str):
+            if found != "not x * cos + rotate_half(x) * sin":
+                result.notes.append(f"rotary: {add.name}: {found}")
+            continue
+        x, f = found
+        if zero is None:
+            zero = ir.Value(name="routefx_rotary_position_offset", const_value=ir.tensor(np.array([0], np.int64)))
+            axes0 = ir.Value(name="routefx_rotary_axes0", const_value=ir.tensor(np.array([0], np.int64)))
+            graph.register_initializer(zero)
+            graph.register_initializer(axes0)
+        new = []
+        if id(f) not in caches:  # [S, H/2] cos / sin tables, made once per angle table, before their first use
+            squeeze = ir.node("Squeeze", [f, axes0])
+            cos, sin = ir.node("Cos", [squeeze.outputs[0]]), ir.node("Sin", [squeeze.outputs[0]])
+            new += [squeeze, cos, sin]
+            caches[id(f)] = (cos.outputs[0], sin.outputs[0])
+        rope = ir.node("RotaryEmbedding", [x, zero, *caches[id(f)]], attributes={"interleaved": 0},
+                       domain="com.microsoft", name=f"{add.name}/rotary")
+        out = rope.outputs[0]
+        out.shape, out.type = add.outputs[0].shape, add.outputs[0].type
+        graph.insert_before(add, [*new, rope])
+        if add.outputs[0].is_graph_output():
+            continue  # keep the graph's own output value (rare: a model that returns a rotated tensor)
+        add.outputs[0].replace_all_uses_with(out)
+        count += 1
+    if count:
+        model.opset_imports.setdefault("com.microsoft", 1)
+        common_passes.RemoveUnusedNodesPass()(model)
+    return count
+
+
 # ---- norms (onnxscript's ORT fusion rules) --------------------------------------------------------------------
 
 def _rule_set(name: str):
@@ -147,6 +260,9 @@ def _rule_set(name: str):
         return rms_normalization_ruleset
     from onnxscript.rewriter.ort_fusions.skip_normalization import skip_rms_normalization_ruleset
     return skip_rms_normalization_ruleset
+
+
+_OWN = {"shared_kv_heads": _fuse_shared_kv_heads, "rotary": _fuse_rotary}
 
 
 def fuse_(model: ir.Model, fusions=DEFAULT_FUSIONS) -> FusionResult:
@@ -160,8 +276,8 @@ def fuse_(model: ir.Model, fusions=DEFAULT_FUSIONS) -> FusionResult:
     for name in FUSIONS:
         if name not in fusions:
             continue
-        if name == "shared_kv_heads":
-            result.counts[name] = _fuse_shared_kv_heads(model, result)
+        if name in _OWN:
+            result.counts[name] = _OWN[name](model, result)
             continue
         try:
             rules = _rule_set(name)
