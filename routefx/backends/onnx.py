@@ -31,6 +31,13 @@ Session options, chosen deliberately (see `session_options`):
   `prepare(..., optimization_level="disable")` runs the graph as emitted.
 - Export at opset 23 where ORT runs its fused `Attention` (probed once, `routefx.backends.onnx_opset`): one
   Attention node per layer instead of MatMul / Softmax / MatMul and a NaN guard over the probabilities.
+- Before the session, `routefx.backends.onnx_fusions` rewrites the graph to ORT's fused CPU kernels: K/V fed
+  to Attention without the exporter's head-repeat copies, RotaryEmbedding, SimplifiedLayerNormalization and
+  SkipSimplifiedLayerNormalization (residual add + RMSNorm); ORT's own optimizer does not find the exporter's
+  RMSNorm form (Pow / ReduceMean / Sqrt / Reciprocal). Measured with bench/onnx_fusions.py: together they halve
+  the kernel time outside MatMul and Attention. Attention stays opset 23's: ORT's com.microsoft
+  MultiHeadAttention / GroupQueryAttention CPU kernels compute the same full [S, S] scores under a mask (their
+  flash path needs no mask at all), and GroupQueryAttention knows no left padding.
 - Weight pre-packing stays on (ORT's default): MLAS packs constant MatMul operands once at session creation,
   one more reason every routed weight slice is its own initializer.
 - enable_mem_pattern only for graphs without data-dependent shapes: a memory pattern is planned per input

@@ -89,23 +89,29 @@ def optimize_(model: ir.Model) -> str:
     return "routefx"
 
 
+def _is(node: ir.Node | None, op_type: str) -> bool:
+    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
+def _ints(v: ir.Value | None) -> list[int] | None:
+    if v is None or v.const_value is None:
+        return None
+    return np.asarray(v.const_value.numpy()).reshape(-1).tolist()
+
+
 # ---- shared K/V heads ------------------------------------------------------------------------------------------
 
 def _head_repeat_source(v: ir.Value) -> tuple[ir.Value | None, str]:
     """(kv, "") when `v` = Reshape(Expand(Unsqueeze(kv, axes=[2]), [B, kv, rep, S, H]), [B, kv*rep, S, H]) with kv
     of shape [B, kv, S, H] (each K/V head repeated rep times, adjacent: torch's repeat_kv / repeat_interleave on
-    dim 1); else (None, the reason)."""
+    dim 1); (None, "") where there is no Reshape(Expand(Unsqueeze)) chain at all (no repeat: nothing to say);
+    (None, the reason) where there is one that is not a head repeat."""
     reshape = v.producer()
-    if reshape is None or reshape.op_type != "Reshape" or reshape.domain not in ("", "ai.onnx"):
-        return None, "not a Reshape"
-    expand = reshape.inputs[0].producer()
-    if expand is None or expand.op_type != "Expand":
-        return None, "Reshape of something other than an Expand"
-    unsq = expand.inputs[0].producer()
-    if unsq is None or unsq.op_type != "Unsqueeze" or len(unsq.inputs) < 2:
-        return None, "Expand of something other than an Unsqueeze"
-    axes = unsq.inputs[1].const_value if unsq.inputs[1] is not None else None
-    if axes is None or axes.numpy().tolist() not in ([2], [-3]):
+    expand = reshape.inputs[0].producer() if _is(reshape, "Reshape") else None
+    unsq = expand.inputs[0].producer() if _is(expand, "Expand") else None
+    if not _is(unsq, "Unsqueeze") or len(unsq.inputs) < 2:
+        return None, ""
+    if _ints(unsq.inputs[1]) not in ([2], [-3]):
         return None, "Unsqueeze not on axis 2"
     kv, mid, out = unsq.inputs[0], expand.outputs[0], reshape.outputs[0]
     if kv.shape is None or mid.shape is None or out.shape is None:
@@ -131,7 +137,9 @@ def _fuse_shared_kv_heads(model: ir.Model, result: FusionResult) -> int:
         q = node.inputs[0]
         sources = [_head_repeat_source(node.inputs[i]) for i in (1, 2)]
         if any(src is None for src, _ in sources):
-            result.notes.append(f"shared_kv_heads: {node.name}: {'; '.join(r for _, r in sources if r)}")
+            reasons = "; ".join(r for _, r in sources if r)
+            if reasons:
+                result.notes.append(f"shared_kv_heads: {node.name}: {reasons}")
             continue
         if q.shape is None or q.shape.rank() != 4:
             result.notes.append(f"shared_kv_heads: {node.name}: query not 4-D")
@@ -145,16 +153,6 @@ def _fuse_shared_kv_heads(model: ir.Model, result: FusionResult) -> int:
 
 
 # ---- rotary embedding -------------------------------------------------------------------------------------------
-
-def _is(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
-
-
-def _ints(v: ir.Value | None) -> list[int] | None:
-    if v is None or v.const_value is None:
-        return None
-    return np.asarray(v.const_value.numpy()).reshape(-1).tolist()
-
 
 def _last_axis_slice(node: ir.Node | None, start: int, end: int | None, h: int) -> bool:
     """node = Slice(x, [start], [end], [last axis], [1]) of 4-D x; end None: any end >= h (to the end)."""

@@ -75,13 +75,17 @@ def test_norms_fused_and_equal(name):
 
 
 @pytest.mark.skipif(export_opset() is None, reason="this ONNX Runtime lacks opset 23's Attention")
-def test_shared_kv_heads_feed_attention_directly():
-    """llama (4 query heads, 2 K/V heads): K and V reach each Attention node unrepeated (no Expand of them left)
-    and the result equals eager."""
+def test_attention_fusions_on_llama():
+    """llama (4 query heads, 2 K/V heads, rotary embeddings): K and V reach each Attention node unrepeated (no
+    Expand of them left), the rotary embedding of q and k in each layer is one RotaryEmbedding (no Neg / Slice /
+    Concat of rotate_half left), and the result equals eager."""
     entry = ZOO["llama"]
     model, gm, run = _compiled("llama")
     layers = entry.expect.blocks
     assert run.fusions["shared_kv_heads"] == layers
+    ops = _ops(run)
+    assert ops["RotaryEmbedding"] == run.fusions["rotary"] == 2 * layers, ops
+    assert not set(ops) & {"Neg", "Slice", "Split"}, ops
     graph = onnx.load_from_string(run.onnx_model).graph
     shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
     attn = [n for n in graph.node if n.op_type == "Attention"]
@@ -97,11 +101,13 @@ def test_shared_kv_heads_feed_attention_directly():
 
 
 def test_layer_norm_models_get_no_rms_fusion():
-    """Must-not-fire: gpt2's LayerNorm (mean subtracted) is no RMSNorm; its output stays equal."""
+    """Must-not-fire: gpt2's LayerNorm (mean subtracted) is no RMSNorm, its learned positions no rotary embedding;
+    its output stays equal."""
     model, gm, run = _compiled("gpt2")
     ops = _ops(run)
-    assert run.fusions["rms_norm"] == run.fusions["skip_rms_norm"] == 0
-    assert not set(ops) & {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}, ops
+    assert run.fusions["rms_norm"] == run.fusions["skip_rms_norm"] == run.fusions["rotary"] == 0
+    assert not set(ops) & {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"}, ops
+    assert not any("shared_kv_heads" in n for n in run.notes), run.notes  # no repeat at all: nothing to report
     _equal_on_and_off(gm, run, "gpt2")
 
 
