@@ -122,7 +122,9 @@ def _head_repeat_source(v: ir.Value) -> tuple[ir.Value | None, str]:
     rep = mid.shape[2]
     if not (isinstance(heads, int) and isinstance(rep, int)):
         return None, "head counts not static"
-    if list(mid.shape) != [b, heads, rep, s, h] or list(out.shape) != [b, heads * rep, s, h]:
+    # out's sequence dim is not compared: with the other three equal, the Reshape's element count fixes it (torch
+    # 2.11's exporter gives it another symbol than kv's)
+    if list(mid.shape) != [b, heads, rep, s, h] or [out.shape[i] for i in (0, 1, 3)] != [b, heads * rep, h]:
         return None, f"shapes {kv.shape} -> {mid.shape} -> {out.shape} are not a head repeat"
     return kv, ""
 
