@@ -53,15 +53,11 @@ reach the weights that are not pre-packed (embeddings, norms) and not the others
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import logging
 import os
-import re
 import tempfile
 import time
-import warnings
 from typing import Any
 
 import onnx_ir as ir
@@ -287,16 +283,14 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
         session = graph.session(so)
     except Exception as e:  # onnxruntime raises its own pybind exception types
         raise BackendError(f"ONNX Runtime could not load the exported model: {type(e).__name__}: "
-                           f"{_first_line(e)}") from e
+                           f"{onnx_program.first_line(e)}") from e
     clock.lap("session")
     constants = {k: v for k, v in example_kwargs.items() if not isinstance(v, torch.Tensor)}
     run = OnnxRunner(session, arg_names=arg_names, constants=constants, leaves=leaves, out_spec=out_spec,
                      model=model, graph=graph, tmpdir=tmpdir, timings=clock.wall, export_path=path)
     run.cpu_timings = clock.cpu
     run.fusions = dict(fused.counts)
-    done = ", ".join(f"{k} x{v}" for k, v in fused.counts.items() if v) or "none"
-    run.notes = [f"ONNX fusions: {done}" + (f" (optimizer: {optimizer})" if optimizer != "routefx" else "")]
-    run.notes += [f"ONNX fusion not applied: {n}" for n in _summarize(fused.notes)]
+    run.notes = fused.summary() + ([f"ONNX optimizer: {optimizer}"] if optimizer != "routefx" else [])
     return run
 
 
@@ -311,15 +305,6 @@ class _Clock:
         t, c = time.perf_counter(), time.process_time()
         self.wall[name], self.cpu[name] = round(t - self._t, 3), round(c - self._c, 3)
         self._t, self._c = t, c
-
-
-def _summarize(notes: list[str], limit: int = 3) -> list[str]:
-    """At most `limit` distinct notes (the same miss on every layer is said once, with its count)."""
-    counts: dict[str, int] = {}
-    for n in notes:  # "fusion: node: reason" -> "fusion: reason"
-        key = n.split(": ", 1)[0] + ": " + n.rsplit(": ", 1)[-1]
-        counts[key] = counts.get(key, 0) + 1
-    return [f"{k} ({v}x)" if v > 1 else k for k, v in list(counts.items())[:limit]]
 
 
 # ---- export helpers ----------------------------------------------------------------------------------------
@@ -341,20 +326,20 @@ def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[st
                                                  static)}
 
     for opset in opsets:  # opset 23 (fused Attention) where ORT runs it; the default opset if that export fails
-        with _export_context():
+        with onnx_program.export_context():
             try:
                 return onnx_program.to_onnx(gm, tensor_inputs, opset=opset, lowerings=lowerings,
                                             allow_direct=direct)
             except Exception as e:  # noqa: BLE001 - the exporter raises many types
                 if onnx_program.routefx_error(e) is not None:  # a routefx lowering refused: tracing again cannot help
-                    raise BackendError(f"ONNX export failed: {_describe_export_error(e)}") from e
+                    raise BackendError(f"ONNX export failed: {onnx_program.describe_export_error(e)}") from e
                 errors.append(e)
             try:  # torch.export of gm itself, then the exporter's decomposition and translation
                 return _export_traced(gm, placeholders, arg_names, example_kwargs, opset, names, static), "traced"
             except Exception as e:  # one typed error naming the node
                 if opset is opsets[-1]:
-                    raise BackendError(f"ONNX export failed: {_describe_export_error(e)} (lowered from the "
-                                       f"captured graph: {_describe_export_error(errors[0])})") from e
+                    raise BackendError(f"ONNX export failed: {onnx_program.describe_export_error(e)} (lowered from the "
+                                       f"captured graph: {onnx_program.describe_export_error(errors[0])})") from e
 
 
 def _export_traced(gm, placeholders, arg_names, example_kwargs, opset, names, static) -> ir.Model:
@@ -405,51 +390,6 @@ def _widen(node: fx.Node, value):
         if not isinstance(s, int) and value.shape[i] == 1:
             value = torch.cat([value, value], dim=i)
     return value
-
-
-@contextlib.contextmanager
-def _export_context():
-    """Silence what the exporter says about every graph module: the training-mode warning (an ATen graph from
-    torch.export is already functional; `ep.module()` refuses `.eval()`) and the torchvision registry notes."""
-    loggers = [logging.getLogger(f"torch.onnx._internal.exporter.{m}") for m in ("_registration", "_core")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:  # "torchvision is not installed", "nn_module_stack not found for node ..."
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-_NODE = re.compile(r"Error when translating node %(\S+) : .*?target=([^\]]+)\]")
-
-
-def _describe_export_error(e: BaseException) -> str:
-    """'node %name (target): root cause' from the exporter's exception chain."""
-    where, chain = None, []
-    while e is not None and all(e is not c for c in chain):
-        chain.append(e)
-        m = _NODE.search(str(e))
-        if m and where is None:
-            target = m.group(2).removeprefix("torch.ops.")
-            where = f"node %{m.group(1)} ({target})"
-        e = e.__cause__ or e.__context__
-    root = chain[-1]
-    for c in chain:  # our own lowering errors are the most precise
-        if isinstance(c, BackendError):
-            root = c
-            break
-    cause = f"{type(root).__name__}: {_first_line(root)}"
-    return f"{where}: {cause}" if where else cause
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _output_leaves(gm: fx.GraphModule) -> tuple[list, Any]:

@@ -41,8 +41,19 @@ _QUADRATIC_RULES = {"SlicesSplit"}  # multi-output patterns: matched by enumerat
 
 @dataclasses.dataclass
 class FusionResult:
-    counts: dict[str, int] = dataclasses.field(default_factory=dict)
-    notes: list[str] = dataclasses.field(default_factory=list)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)  # fusion -> rewrites made
+    notes: list[str] = dataclasses.field(default_factory=list)  # "fusion: node: reason" for patterns left alone
+
+    def summary(self, limit: int = 3) -> list[str]:
+        """Lines for the compile report: the counts, then at most `limit` distinct misses (the same miss on
+        every layer said once, with its count)."""
+        done = ", ".join(f"{k} x{v}" for k, v in self.counts.items() if v) or "none"
+        misses: dict[str, int] = {}
+        for n in self.notes:  # "fusion: node: reason" -> "fusion: reason"
+            key = n.split(": ", 1)[0] + ": " + n.rsplit(": ", 1)[-1]
+            misses[key] = misses.get(key, 0) + 1
+        return [f"ONNX fusions: {done}"] + [f"ONNX fusion not applied: {k}" + (f" ({v}x)" if v > 1 else "")
+                                            for k, v in list(misses.items())[:limit]]
 
 
 def _default_rules():

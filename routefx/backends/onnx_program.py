@@ -21,8 +21,12 @@ on them. `to_onnx` returns which path ran.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import logging
+import re
+import warnings
 from typing import Callable
 
 import onnxscript.version_converter
@@ -36,7 +40,7 @@ from torch.utils import _pytree as pytree
 
 from routefx.errors import BackendError
 
-__all__ = ["exported_program", "to_onnx", "DIRECT", "DECOMPOSED"]
+__all__ = ["exported_program", "to_onnx", "DIRECT", "DECOMPOSED", "export_context", "describe_export_error", "first_line"]
 
 DIRECT = "direct"          # translated as captured, no trace
 DECOMPOSED = "decomposed"  # torch.onnx.export(ep): run_decompositions (one re-trace), then translated
@@ -279,3 +283,50 @@ def _set_attr(root: torch.nn.Module, target: str, value) -> None:
             setattr(obj, part, torch.nn.Module())
         obj = getattr(obj, part)
     setattr(obj, last, value)
+
+
+# ---- exporter messages -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def export_context():
+    """Silence what the exporter says about every graph module: the training-mode warning (an ATen graph from
+    torch.export is already functional; `ep.module()` refuses `.eval()`) and the torchvision registry notes."""
+    loggers = [logging.getLogger(f"torch.onnx._internal.exporter.{m}") for m in ("_registration", "_core")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:  # "torchvision is not installed", "nn_module_stack not found for node ..."
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+_NODE = re.compile(r"Error when translating node %(\S+) : .*?target=([^\]]+)\]")
+
+
+def describe_export_error(e: BaseException) -> str:
+    """'node %name (target): root cause' from the exporter's exception chain."""
+    where, chain = None, []
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        m = _NODE.search(str(e))
+        if m and where is None:
+            target = m.group(2).removeprefix("torch.ops.")
+            where = f"node %{m.group(1)} ({target})"
+        e = e.__cause__ or e.__context__
+    root = chain[-1]
+    for c in chain:  # our own lowering errors are the most precise
+        if isinstance(c, BackendError):
+            root = c
+            break
+    cause = f"{type(root).__name__}: {first_line(root)}"
+    return f"{where}: {cause}" if where else cause
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
