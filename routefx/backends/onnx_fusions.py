@@ -3,8 +3,8 @@
 `optimize_(model)` is onnxscript's optimizer (constant folding, its default rewrite rules, dead-node removal,
 constants lifted, CSE) without the one rule whose matcher is quadratic in the graph: `SlicesSplit` has two output
 nodes, and onnxscript matches such a pattern by enumerating every pair of same-type nodes of the whole graph for
-every candidate (14 of 16 s of the optimizer on the 8-layer d=1024 bench model; each rotary embedding has two
-Slices). ONNX Runtime does that Slice -> Split rewrite itself at session creation.
+every candidate (each rotary embedding has two Slices; on the 8-layer d=1024 bench model the optimizer took 1.8
+CPU s with it, 0.9 without). ONNX Runtime does that Slice -> Split rewrite itself at session creation.
 
 `fuse_(model, fusions)` then applies, in place and in this order (each counted; a fusion whose rules are missing in
 the installed onnxscript is skipped and said so in the notes):
@@ -22,7 +22,9 @@ the installed onnxscript is skipped and said so in the notes):
                    (com.microsoft: the residual sum and its norm in one pass; onnxscript's rule).
 
 Each rewrite computes the same function in fp32 (the equality tests run with ONNX Runtime's own graph
-optimizations on and off); none adds a NaN guard. Which fusions pay was measured with `bench/onnx_fusions.py`.
+optimizations on and off); none adds a NaN guard. Which fusions pay was measured with `bench/onnx_fusions.py`
+(bench shape A cut to 4 layers, one thread, median CPU per run against no fusion: shared_kv_heads -0.7%, rotary
+-2.5%, rms_norm + skip_rms_norm -2.0%, all -3.5%; kernel time outside MatMul and Attention 39.8 -> 22.5 ms).
 """
 from __future__ import annotations
 
