@@ -6,8 +6,11 @@ Reported per variant: the median process CPU seconds per run (one intra-op threa
 kernel work and not the thread pool's spinning) and ORT's per-kernel times summed by op type, against the variant
 without fusions. Kernel and CPU times are what a shared machine disturbs least; wall time is printed for reference.
 
-    .venv/bin/python bench/onnx_fusions.py --shape A --rounds 7                 # the real A/B (~4 min quiet)
+    .venv/bin/python bench/onnx_fusions.py --shape A --layers 4 --rounds 7      # each fusion (~1 min quiet, 3 GiB)
+    .venv/bin/python bench/onnx_fusions.py --shape A --variants none,all --rounds 9   # 8 layers (~2 min, 2.5 GiB)
     .venv/bin/python bench/onnx_fusions.py --shape A --layers 2 --rounds 3      # smoke (~1 min)
+
+Every session holds its own pre-packed weights (about 0.8 GiB per variant at 8 layers of shape A).
 """
 from __future__ import annotations
 
