@@ -18,8 +18,9 @@ Per shape it reports (principle 5 of DESIGN.md, honest compute accounting):
                  shape's FFN product [tokens, hidden] x [hidden, FFN] (and a 2048^3 product), in the same rounds
   memory         peak RSS of a fresh process (numpy + onnxruntime only) that loads the saved ONNX dense model
                  (external data) and runs it once, against the weight bytes; the same for the first Duo model
-  compile time   routefx.compile wall time, split into capture, calibration, passes and the ONNX backend's
-                 prepare (export from the captured graph, fold, optimize, serialize, session); "without
+  compile time   routefx.compile wall time (and process CPU time), split into capture, calibration, passes and
+                 the ONNX backend's prepare (export from the captured graph, fold, optimize, fuse, serialize,
+                 session; wall and CPU seconds each) and the fused-kernel rewrites made; "without
                  calibration" = wall - report.calibration_seconds
 
 Writes bench/results/cpu.json (every number) and bench/RESULTS.md (generated from the JSON by bench/report.py).
@@ -222,14 +223,16 @@ def compile_routefx(model, policy, cal, backend: str = "onnx") -> tuple[object, 
     """routefx.compile with `backend` (ONNX unless asked), every policy the same way (captured on the calibration
     data, which has the measured input's form); returns the compiled model and its compile-time record."""
     gc.collect()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     cm = routefx.compile(model, policy, calibration=cal, backend=backend)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
     rep = cm.report
     prep = dict(cm.runner.timings)
     accounted = rep.capture_seconds + rep.calibration_seconds + rep.compile_seconds + sum(prep.values())
-    rec = {"wall_s": round(wall, 3), "capture_s": rep.capture_seconds, "calibration_s": rep.calibration_seconds,
-           "compile_s": rep.compile_seconds, "onnx_prepare_s": prep,
+    rec = {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "capture_s": rep.capture_seconds,
+           "calibration_s": rep.calibration_seconds, "compile_s": rep.compile_seconds, "onnx_prepare_s": prep,
+           "onnx_prepare_cpu_s": dict(getattr(cm.runner, "cpu_timings", {})),
+           "onnx_fusions": dict(getattr(cm.runner, "fusions", {})),
            "without_calibration_s": round(wall - rep.calibration_seconds, 3),
            "unaccounted_s": round(wall - accounted, 3),
            "passes_s": {p.name: round(p.seconds, 3) for p in rep.passes},

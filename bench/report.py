@@ -166,22 +166,31 @@ def _shape_section(name: str, sr: dict, res: dict) -> list[str]:
               + ", ".join(f"{o} {v:.1f} ms" for o, v in list(prof.get("by_op_ms", {}).items())[:6]) + "."]
     elif prof.get("error"):
         L += ["", f"Dense profile failed: {prof['error']}"]
-    L += ["", "Compile phases (seconds; capture = capture + recognition + FLOPs; passes = `compile_seconds`; then "
-          "the ONNX backend's prepare: export from the captured graph, weight-slice fold, onnxscript optimizer, "
-          "weights handed to ONNX Runtime, session creation):", "",
-          "| candidate | wall | capture | calibration | passes | export (path) | fold | optimize | serialize | "
-          "session | without calibration | weights MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    L += ["", "Compile phases (wall seconds; capture = capture + recognition + FLOPs; passes = `compile_seconds`; "
+          "then the ONNX backend's prepare: export from the captured graph, weight-slice fold, optimizer, fusions "
+          "to ONNX Runtime's fused kernels, weights handed to ONNX Runtime, session creation; CPU = process CPU "
+          "seconds of the whole compile and of prepare's phases):", "",
+          "| candidate | wall | CPU | capture | calibration | passes | export (path) | fold | optimize | fuse | "
+          "serialize | session | prepare CPU | without calibration | weights MiB |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    fusions = {}
     for k, v in c.items():
         comp = v.get("compile")
         if not comp:
             continue
         pp = comp.get("onnx_prepare_s", {})
-        L.append(f"| {v['label']} | {comp['wall_s']:.1f} | {fmt(comp.get('capture_s'), '.1f')} | "
+        pc = comp.get("onnx_prepare_cpu_s") or {}
+        fusions.update({k: comp["onnx_fusions"]} if comp.get("onnx_fusions") is not None else {})
+        L.append(f"| {v['label']} | {comp['wall_s']:.1f} | {fmt(comp.get('cpu_s'), '.1f')} | "
+                 f"{fmt(comp.get('capture_s'), '.1f')} | "
                  f"{fmt(comp.get('calibration_s'), '.1f')} | {fmt(comp.get('compile_s'), '.1f')} | "
                  f"{fmt(pp.get('export'), '.1f')} ({comp.get('export_path') or '–'}) | {fmt(pp.get('fold'), '.1f')} | "
-                 f"{fmt(pp.get('optimize'), '.1f')} | {fmt(pp.get('serialize'), '.1f')} | "
-                 f"{fmt(pp.get('session'), '.1f')} | {comp['without_calibration_s']:.1f} | "
-                 f"{fmt(comp.get('onnx_model_mib'), '.0f')} |")
+                 f"{fmt(pp.get('optimize'), '.1f')} | {fmt(pp.get('fuse'), '.2f')} | {fmt(pp.get('serialize'), '.1f')} | "
+                 f"{fmt(pp.get('session'), '.1f')} | {fmt(sum(pc.values()) if pc else None, '.1f')} | "
+                 f"{comp['without_calibration_s']:.1f} | {fmt(comp.get('onnx_model_mib'), '.0f')} |")
+    if DENSE in fusions:
+        L += ["", "Fused-kernel rewrites in ONNX dense: " + (", ".join(f"{n} x{m}" for n, m in fusions[DENSE].items())
+                                                          or "none") + "."]
     fp = sr.get("fresh_process") or {}
     if fp:
         L += ["", "Memory of a fresh process (numpy + onnxruntime only) that loads the saved model (external data) "

@@ -9,7 +9,8 @@ pre-transposed weight initializers, one ScatterND; constant route ids: plain Mat
 weight slices, runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession` with the weights handed
 over in memory (`routefx.backends.onnx_session`: the graph is serialized without them). Non-tensor keywords
 (use_cache=False) are baked into the model; its inputs are the model's own tensor inputs, its weights are
-initializers. `runner.timings` has the seconds of each phase (export, fold, optimize, serialize, session) and
+initializers. `runner.timings` has the wall seconds of each phase (export, fold, optimize, fuse, serialize,
+session), `runner.cpu_timings` their CPU seconds, `runner.fusions` the fused-kernel rewrites made, and
 `runner.export_path` says how the graph was lowered ("direct", "decomposed" or "traced").
 
 The returned `OnnxRunner` is called like `gm(**kwargs)` and returns the same output structure (rebuilt with the
@@ -30,6 +31,13 @@ Session options, chosen deliberately (see `session_options`):
   `prepare(..., optimization_level="disable")` runs the graph as emitted.
 - Export at opset 23 where ORT runs its fused `Attention` (probed once, `routefx.backends.onnx_opset`): one
   Attention node per layer instead of MatMul / Softmax / MatMul and a NaN guard over the probabilities.
+- Before the session, `routefx.backends.onnx_fusions` rewrites the graph to ORT's fused CPU kernels: K/V fed
+  to Attention without the exporter's head-repeat copies, RotaryEmbedding, SimplifiedLayerNormalization and
+  SkipSimplifiedLayerNormalization (residual add + RMSNorm); ORT's own optimizer does not find the exporter's
+  RMSNorm form (Pow / ReduceMean / Sqrt / Reciprocal). Measured with bench/onnx_fusions.py: together they cut by 40%
+  the kernel time outside MatMul and Attention. Attention stays opset 23's: ORT's com.microsoft
+  MultiHeadAttention / GroupQueryAttention CPU kernels compute the same full [S, S] scores under a mask (their
+  flash path needs no mask at all), and GroupQueryAttention knows no left padding.
 - Weight pre-packing stays on (ORT's default): MLAS packs constant MatMul operands once at session creation,
   one more reason every routed weight slice is its own initializer.
 - enable_mem_pattern only for graphs without data-dependent shapes: a memory pattern is planned per input
@@ -45,20 +53,15 @@ reach the weights that are not pre-packed (embeddings, norms) and not the others
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import logging
 import os
-import re
 import tempfile
 import time
-import warnings
 from typing import Any
 
 import onnx_ir as ir
 import onnxruntime as ort
-import onnxscript.optimizer
 import torch
 from torch import fx
 from torch.export import Dim
@@ -66,6 +69,7 @@ from torch.utils import _pytree as pytree
 
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn, used below)
 from routefx.backends import onnx_program, onnx_session
+from routefx.backends.onnx_fusions import DEFAULT_FUSIONS, fuse_, optimize_
 from routefx.backends.onnx_ops import fold_weight_slices, routed_ffn_lowering
 from routefx.backends.onnx_opset import export_opset
 from routefx.backends.static_routes import constant_route
@@ -126,7 +130,10 @@ class OnnxRunner:
         self._graph = graph
         self._onnx_bytes: bytes | None = None
         self._onnx_path: str | None = None
-        self.timings = dict(timings or {})  # seconds per prepare stage: export, fold, optimize, session
+        self.timings = dict(timings or {})  # wall seconds per prepare phase: export, fold, optimize, fuse, ...
+        self.cpu_timings: dict = {}  # CPU seconds (process, all threads) of the same phases
+        self.fusions: dict = {}  # rewrites to ONNX Runtime's fused kernels: name -> count (onnx_fusions)
+        self.notes: list[str] = []  # what compile()'s report says about the lowering
         self.export_path = export_path  # how the graph became ONNX: "direct", "decomposed" or "traced"
         self._tmpdir = tmpdir  # keeps a temporary directory (large model, profiles) alive with the runner
         self._arg_names = arg_names
@@ -232,13 +239,14 @@ class OnnxRunner:
 
 
 def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str = "all",
-            profile: bool = False, direct: bool = True) -> OnnxRunner:
+            profile: bool = False, direct: bool = True, fusions=DEFAULT_FUSIONS) -> OnnxRunner:
     """Export `gm` to ONNX and open an ONNX Runtime CPU session; returns the runner (see the module docstring).
 
     `example_kwargs` are the inputs `gm` was captured from (tensors and constants, by keyword).
     `optimization_level` is ORT's graph optimization level ("disable", "basic", "extended", "all");
     `profile=True` turns ORT's profiler on (`runner.end_profiling()` returns the JSON's path). `direct=False`
-    skips the trace-free translation (`onnx_program`; tests compare both paths). Raises
+    skips the trace-free translation (`onnx_program`; tests compare both paths). `fusions` names the rewrites to
+    ONNX Runtime's fused kernels (`routefx.backends.onnx_fusions.FUSIONS`; () for none). Raises
     `BackendError` naming the node when the export fails.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -246,13 +254,15 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     if missing:
         raise BackendError(f"example_kwargs lack {missing}; the graph takes {[n.target for n in placeholders]}")
     arg_names = _positional_names(gm, [n.target for n in placeholders])
-    t0 = time.perf_counter()
+    clock = _Clock()
     model, path = _export(gm, placeholders, arg_names, example_kwargs, direct=direct)
-    t1 = time.perf_counter()
+    clock.lap("export")
     fold_weight_slices(model)
-    t2 = time.perf_counter()
-    model = onnxscript.optimizer.optimize(model)  # what torch.onnx.export(optimize=True) runs
-    t3 = time.perf_counter()
+    clock.lap("fold")
+    optimizer = optimize_(model)  # onnxscript's optimizer (what torch.onnx.export(optimize=True) runs), less its
+    clock.lap("optimize")         # quadratic rule
+    fused = fuse_(model, fusions)
+    clock.lap("fuse")
 
     tensor_inputs = [n.target for n in placeholders if isinstance(example_kwargs[n.target], torch.Tensor)]
     if [v.name for v in model.graph.inputs] != tensor_inputs:
@@ -268,18 +278,33 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     so = session_options(optimization_level=optimization_level, routed=routed,
                          profile_dir=tmpdir.name if tmpdir else None)
     graph = onnx_session.prepare_graph(model)  # weights handed over in memory, never serialized
-    t4 = time.perf_counter()
+    clock.lap("serialize")
     try:
         session = graph.session(so)
     except Exception as e:  # onnxruntime raises its own pybind exception types
         raise BackendError(f"ONNX Runtime could not load the exported model: {type(e).__name__}: "
-                           f"{_first_line(e)}") from e
-    timings = {"export": t1 - t0, "fold": t2 - t1, "optimize": t3 - t2, "serialize": t4 - t3,
-               "session": time.perf_counter() - t4}
+                           f"{onnx_program.first_line(e)}") from e
+    clock.lap("session")
     constants = {k: v for k, v in example_kwargs.items() if not isinstance(v, torch.Tensor)}
-    return OnnxRunner(session, arg_names=arg_names, constants=constants, leaves=leaves, out_spec=out_spec,
-                      model=model, graph=graph, tmpdir=tmpdir,
-                      timings={k: round(v, 3) for k, v in timings.items()}, export_path=path)
+    run = OnnxRunner(session, arg_names=arg_names, constants=constants, leaves=leaves, out_spec=out_spec,
+                     model=model, graph=graph, tmpdir=tmpdir, timings=clock.wall, export_path=path)
+    run.cpu_timings = clock.cpu
+    run.fusions = dict(fused.counts)
+    run.notes = fused.summary() + ([f"ONNX optimizer: {optimizer}"] if optimizer != "routefx" else [])
+    return run
+
+
+class _Clock:
+    """Wall and CPU seconds (this process, all threads) of consecutive phases."""
+
+    def __init__(self):
+        self.wall, self.cpu = {}, {}
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        t, c = time.perf_counter(), time.process_time()
+        self.wall[name], self.cpu[name] = round(t - self._t, 3), round(c - self._c, 3)
+        self._t, self._c = t, c
 
 
 # ---- export helpers ----------------------------------------------------------------------------------------
@@ -301,20 +326,20 @@ def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[st
                                                  static)}
 
     for opset in opsets:  # opset 23 (fused Attention) where ORT runs it; the default opset if that export fails
-        with _export_context():
+        with onnx_program.export_context():
             try:
                 return onnx_program.to_onnx(gm, tensor_inputs, opset=opset, lowerings=lowerings,
                                             allow_direct=direct)
             except Exception as e:  # noqa: BLE001 - the exporter raises many types
                 if onnx_program.routefx_error(e) is not None:  # a routefx lowering refused: tracing again cannot help
-                    raise BackendError(f"ONNX export failed: {_describe_export_error(e)}") from e
+                    raise BackendError(f"ONNX export failed: {onnx_program.describe_export_error(e)}") from e
                 errors.append(e)
             try:  # torch.export of gm itself, then the exporter's decomposition and translation
                 return _export_traced(gm, placeholders, arg_names, example_kwargs, opset, names, static), "traced"
             except Exception as e:  # one typed error naming the node
                 if opset is opsets[-1]:
-                    raise BackendError(f"ONNX export failed: {_describe_export_error(e)} (lowered from the "
-                                       f"captured graph: {_describe_export_error(errors[0])})") from e
+                    raise BackendError(f"ONNX export failed: {onnx_program.describe_export_error(e)} (lowered from the "
+                                       f"captured graph: {onnx_program.describe_export_error(errors[0])})") from e
 
 
 def _export_traced(gm, placeholders, arg_names, example_kwargs, opset, names, static) -> ir.Model:
@@ -365,51 +390,6 @@ def _widen(node: fx.Node, value):
         if not isinstance(s, int) and value.shape[i] == 1:
             value = torch.cat([value, value], dim=i)
     return value
-
-
-@contextlib.contextmanager
-def _export_context():
-    """Silence what the exporter says about every graph module: the training-mode warning (an ATen graph from
-    torch.export is already functional; `ep.module()` refuses `.eval()`) and the torchvision registry notes."""
-    loggers = [logging.getLogger(f"torch.onnx._internal.exporter.{m}") for m in ("_registration", "_core")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:  # "torchvision is not installed", "nn_module_stack not found for node ..."
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-_NODE = re.compile(r"Error when translating node %(\S+) : .*?target=([^\]]+)\]")
-
-
-def _describe_export_error(e: BaseException) -> str:
-    """'node %name (target): root cause' from the exporter's exception chain."""
-    where, chain = None, []
-    while e is not None and all(e is not c for c in chain):
-        chain.append(e)
-        m = _NODE.search(str(e))
-        if m and where is None:
-            target = m.group(2).removeprefix("torch.ops.")
-            where = f"node %{m.group(1)} ({target})"
-        e = e.__cause__ or e.__context__
-    root = chain[-1]
-    for c in chain:  # our own lowering errors are the most precise
-        if isinstance(c, BackendError):
-            root = c
-            break
-    cause = f"{type(root).__name__}: {_first_line(root)}"
-    return f"{where}: {cause}" if where else cause
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _output_leaves(gm: fx.GraphModule) -> tuple[list, Any]:

@@ -32,7 +32,8 @@ def export_opset() -> int | None:
             [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "qkv"]
             + [helper.make_tensor_value_info("m", TensorProto.BOOL, [s, s])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", FUSED_OPSET)])
+        # IR version 11 (opset 23's): onnx 1.23 writes 14 by default, which ONNX Runtime 1.30 refuses to load
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", FUSED_OPSET)], ir_version=11)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         sess = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])

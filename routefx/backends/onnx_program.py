@@ -21,8 +21,12 @@ on them. `to_onnx` returns which path ran.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import logging
+import re
+import warnings
 from typing import Callable
 
 import onnxscript.version_converter
@@ -36,7 +40,7 @@ from torch.utils import _pytree as pytree
 
 from routefx.errors import BackendError
 
-__all__ = ["exported_program", "to_onnx", "DIRECT", "DECOMPOSED"]
+__all__ = ["exported_program", "to_onnx", "DIRECT", "DECOMPOSED", "export_context", "describe_export_error", "first_line"]
 
 DIRECT = "direct"          # translated as captured, no trace
 DECOMPOSED = "decomposed"  # torch.onnx.export(ep): run_decompositions (one re-trace), then translated
@@ -185,7 +189,8 @@ def _direct(ep: ExportedProgram, opset: int | None, lowerings: dict):
         if any(not isinstance(t, torch._ops.OpOverload) and getattr(t, "__module__", None) != "_operator"
                for t in targets):
             return None  # higher-order ops and Python callables: the exporter's decomposition handles them
-        _fx_passes.insert_type_promotion_nodes(ep.graph_module)
+        if _promotion_needed(ep.graph_module):  # the pass re-runs every node on fake tensors (2/3 of the export)
+            _fx_passes.insert_type_promotion_nodes(ep.graph_module)
         model = _core._exported_program_to_onnx_program(ep, registry=registry).model
         if model.opset_imports.get("", target) != target:
             onnxscript.version_converter.convert_version(model, target)  # in place
@@ -194,6 +199,47 @@ def _direct(ep: ExportedProgram, opset: int | None, lowerings: dict):
         if routefx_error(e) is not None:
             raise  # a routefx lowering said no (BackendError): the public path would say the same
         return None
+
+
+def _promotion_needed(gm: fx.GraphModule) -> bool:
+    """Whether the exporter's type-promotion pass would insert a cast anywhere in `gm`: some op with an
+    elementwise type-promotion rule has an argument (tensor, symbolic or Python number) whose dtype differs from
+    the one the rule computes, read from the fake values the graph already carries (the pass itself re-runs
+    every node on fake tensors to get them). Any doubt (an unknown value, a changed internal API) -> True."""
+    try:
+        from torch.onnx._internal.fx import type_utils
+        from torch.onnx._internal.fx.passes import type_promotion as tp
+
+        table = tp.TypePromotionTable()
+
+        def val(a):
+            return a.meta["val"] if isinstance(a, fx.Node) else a
+
+        def differs(arg, dtype) -> bool:
+            if dtype is None:
+                return False
+            if isinstance(arg, (tuple, list)):
+                return any(differs(a, dtype) for a in arg)
+            v = val(arg)
+            if isinstance(v, torch.Tensor):
+                return v.dtype != dtype
+            same = type_utils.from_scalar_type_to_torch_dtype(type(v))
+            if same is None:
+                raise TypeError(f"argument of type {type(v).__name__}")
+            return same != dtype
+
+        for n in gm.graph.nodes:
+            if n.op != "call_function" or (rule := tp.get_type_promotion_rule(n, table)) is None:
+                continue
+            args = fx.node.map_aggregate(n.args, val)
+            kwargs = fx.node.map_aggregate(n.kwargs, val)
+            info = rule.preview_type_promotion(args, kwargs)
+            if any(differs(a, info.args_dtypes.get(i)) for i, a in enumerate(n.args)) or \
+                    any(differs(a, info.kwargs_dtypes.get(k)) for k, a in n.kwargs.items()):
+                return True
+        return False
+    except Exception:  # noqa: BLE001 - cannot tell: let the pass decide
+        return True
 
 
 def routefx_error(e: BaseException) -> BackendError | None:
@@ -237,3 +283,50 @@ def _set_attr(root: torch.nn.Module, target: str, value) -> None:
             setattr(obj, part, torch.nn.Module())
         obj = getattr(obj, part)
     setattr(obj, last, value)
+
+
+# ---- exporter messages -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def export_context():
+    """Silence what the exporter says about every graph module: the training-mode warning (an ATen graph from
+    torch.export is already functional; `ep.module()` refuses `.eval()`) and the torchvision registry notes."""
+    loggers = [logging.getLogger(f"torch.onnx._internal.exporter.{m}") for m in ("_registration", "_core")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:  # "torchvision is not installed", "nn_module_stack not found for node ..."
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+_NODE = re.compile(r"Error when translating node %(\S+) : .*?target=([^\]]+)\]")
+
+
+def describe_export_error(e: BaseException) -> str:
+    """'node %name (target): root cause' from the exporter's exception chain."""
+    where, chain = None, []
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        m = _NODE.search(str(e))
+        if m and where is None:
+            target = m.group(2).removeprefix("torch.ops.")
+            where = f"node %{m.group(1)} ({target})"
+        e = e.__cause__ or e.__context__
+    root = chain[-1]
+    for c in chain:  # our own lowering errors are the most precise
+        if isinstance(c, BackendError):
+            root = c
+            break
+    cause = f"{type(root).__name__}: {first_line(root)}"
+    return f"{where}: {cause}" if where else cause
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
