@@ -95,7 +95,7 @@ def main(quick: bool = False, out: str | None = None) -> dict:
     t0 = time.perf_counter()
     dense = routefx.compile(model, Dense())
     lac_cm = routefx.compile(model, Dense(), calibration=lac_cal)
-    duo = routefx.compile(model, Duo(budget=0.5, router="local"), calibration=cal)
+    duo = routefx.compile(model, Duo(budget=0.5, router="local", small="nested"), calibration=cal)
     mean_change = prompt_changes(lac_cm, lac_cal).mean(0)                       # [L]
     static_skip = tuple(sorted(mean_change.argsort()[:round((1 - f) * L)].tolist()))
     cands = {"dense": (dense, None), "duo_0.5": (duo, None), "depth_decay": (dense, _fit_alpha(L, f, N - 1)),

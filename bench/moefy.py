@@ -14,8 +14,9 @@ Rows (FLOPs per real token measured by routefx on the held-out batches, with the
     oracle top-k   the same experts, but each token takes the k experts holding most of its activation mass in the
                    dense FFN (computed from the targets-free dense activations: a bound on what a router can reach
                    with these experts, not an inference path; evaluated on the Hugging Face modules, Llama layout)
-    Duo static     Duo(budget=k/E, small_fraction=k/E, router="static"): one fixed branch per layer (skip, its
-                   k/E most important neurons, or all), the same FFN compute as MoEfy top-k without per-token choice
+    Duo static     Duo(budget=k/E, small_fraction=k/E, router="static", small="nested"): one fixed branch per
+                   layer (skip, its k/E most important neurons, or all), the same FFN compute as MoEfy top-k
+                   without per-token choice
     PruneLayers    PruneLayers(keep=j/L): whole blocks removed by Block Influence; its loss at a MoEfy row's FLOPs is
                    interpolated linearly in FLOPs between the two pruning levels (dense as keep=1) around it
 """
@@ -122,7 +123,7 @@ def run(args) -> dict:
             rows.append({"kind": "oracle", "label": f"oracle top-{k} of {E} (bound)", "loss": math.log(ppl),
                          "ppl": ppl, "flops": moe_row["flops"], "ffn_fraction": k / E, "top_k": k})
             print(f"{rows[-1]['label']:44s} loss {rows[-1]['loss']:.4f}", flush=True)
-            cm, secs = _compile(model, Duo(budget=k / E, small_fraction=k / E, router="static"), cal)
+            cm, secs = _compile(model, Duo(budget=k / E, small_fraction=k / E, router="static", small="nested"), cal)
             add("duo_static", f"Duo static, budget {k}/{E}", cm, secs, cm.plan.budget.realised,
                 routes={key: lp.static_route for key, lp in cm.plan.layers.items()})
     for b in args.budgets:

@@ -202,7 +202,7 @@ def _compile_router(model, cal, budget, router, small, n_random):
 
 
 def _oracle_part(model, cal, held, budget, beam, decode):
-    cm = routefx.compile(model, Duo(budget=budget, router="local"), calibration=cal)
+    cm = routefx.compile(model, Duo(budget=budget, router="local", small="nested"), calibration=cal)
     orc, forced, hb, res = oracle_on(cm, held, budget, beam)
     d = token_difficulty(forced, hb, res)
     orc["difficulty"] = {"budget": budget, "correlations": d.correlations, "shares": d.shares.tolist(),

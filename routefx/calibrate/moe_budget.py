@@ -17,9 +17,25 @@ from routefx.ir.model_ir import ModelIR
 from routefx.ir.price import get_price, has_price, set_price_
 from routefx.passes.adapt_experts import moe_ops
 
-__all__ = ["FitMoEBudget"]
+__all__ = ["FitMoEBudget", "fit_price_into_plan"]
 
 TOL = 0.005  # bisection stops within this of the budget (the policy promises ±0.02)
+
+
+def fit_price_into_plan(step: str, gm: fx.GraphModule, ir: ModelIR, plan: Plan, batches: list[dict],
+                        target: float):
+    """Fit the graph's λ buffer to `target` (from λ = 0: every expert kept), record it and the realised fractions in
+    `plan.lam` / `plan.budget`, check the buffer holds the plan's λ; returns the route stats at λ = 0 and fitted."""
+    set_price_(gm, 0.0)
+    at0 = route_stats(gm, ir, batches)
+    plan.lam, st = fit_lambda(gm, ir, batches, target, tol=TOL)
+    plan.budget = BudgetRecord(target, st.budget, plan.lam, at0.budget,
+                               [LayerBudget(b["key"], b["mix"], b["fraction"], a["fraction"])
+                                for a, b in zip(at0.layers, st.layers)])
+    if get_price(gm) != float(torch.tensor(plan.lam).float()):
+        raise CalibrationError(f"calibration step '{step}': contract broken (ensures): the graph's λ "
+                               f"{get_price(gm)} is not the plan's {plan.lam}")
+    return at0, st
 
 
 class FitMoEBudget:
@@ -37,14 +53,6 @@ class FitMoEBudget:
         if target < 1.0 / k - 1e-9:
             raise CalibrationError(f"MoEBudget: budget {target} is below 1/k = {1.0 / k:.3f}: the rule always keeps "
                                    f"a token's largest gate, so at least one of its top-{k} experts runs")
-        set_price_(gm, 0.0)
-        at0 = route_stats(gm, ir, batches)
-        plan.lam, st = fit_lambda(gm, ir, batches, target, tol=TOL)
-        plan.budget = BudgetRecord(target, st.budget, plan.lam, at0.budget,
-                                   [LayerBudget(b["key"], b["mix"], b["fraction"], a["fraction"])
-                                    for a, b in zip(at0.layers, st.layers)])
-        if get_price(gm) != float(torch.tensor(plan.lam).float()):
-            raise CalibrationError(f"calibration step '{self.name}': contract broken (ensures): the graph's λ "
-                                   f"{get_price(gm)} is not the plan's {plan.lam}")
+        at0, st = fit_price_into_plan(self.name, gm, ir, plan, batches, target)
         return [f"MoEBudget: λ={plan.lam:.4g} brings the fraction of top-k experts computed on calibration data "
                 f"from {at0.budget:.3f} (λ=0) to {st.budget:.3f} (target {target})"]

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from routefx.calibrate.budget import fit_lambda, route_stats
 from routefx.calibrate.data import token_mask
+from routefx.calibrate.moe_budget import fit_price_into_plan
 from routefx.calibrate.moefy_cluster import balanced_kmeans, fit_expert_router, top_k_targets
 from routefx.calibrate.record import run_recording
 from routefx.compiler.plan import BudgetRecord, LayerBudget, LayerPlan, Plan
@@ -27,12 +27,11 @@ from routefx.errors import CalibrationError, PolicyError
 from routefx.ir.activations import get_activation
 from routefx.ir.ffn import resolve_weight
 from routefx.ir.model_ir import BlockInfo, ModelIR
-from routefx.ir.price import get_price, has_price, set_price_
+from routefx.ir.price import has_price
 
 __all__ = ["calibrate_moefy", "moefy_blocks", "spread_top_k", "FitMoEfyBudget", "MAX_CLUSTER_TOKENS"]
 
 MAX_CLUSTER_TOKENS = 4096   # tokens (sampled) that describe a neuron's activation pattern for the clustering
-TOL = 0.005                 # the price bisection stops within this of the budget (the policy promises ±0.02)
 
 
 def moefy_blocks(policy: MoEfy, ir: ModelIR) -> list[BlockInfo]:
@@ -159,14 +158,6 @@ class FitMoEfyBudget:
         if not has_price(gm):
             raise CalibrationError(f"calibration step '{self.name}': contract broken (requires): no λ buffer in "
                                    "the graph (the moefy pass adds it for a rule)")
-        set_price_(gm, 0.0)
-        at0 = route_stats(gm, ir, batches)
-        plan.lam, st = fit_lambda(gm, ir, batches, target, tol=TOL)
-        plan.budget = BudgetRecord(target, st.budget, plan.lam, at0.budget,
-                                   [LayerBudget(b["key"], b["mix"], b["fraction"], a["fraction"])
-                                    for a, b in zip(at0.layers, st.layers)])
-        if get_price(gm) != float(torch.tensor(plan.lam).float()):
-            raise CalibrationError(f"calibration step '{self.name}': contract broken (ensures): the graph's λ "
-                                   f"{get_price(gm)} is not the plan's {plan.lam}")
+        at0, st = fit_price_into_plan(self.name, gm, ir, plan, batches, target)
         return [f"MoEfy: λ={plan.lam:.4g} brings the share of experts run on calibration data from "
                 f"{at0.budget:.3f} (λ=0) to {st.budget:.3f} (target {target})"]

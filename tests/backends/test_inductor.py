@@ -72,7 +72,8 @@ def _duo_llama(backend: str):
     entry = ZOO["llama"]
     cal = [{"input_ids": a[0], **k} for a, k in (example_inputs(entry, batch=3, seq=12, left_pad=2, seed=40 + i)
                                                   for i in range(2))]
-    cm = routefx.compile(entry.build(), routefx.policies.Duo(budget=0.5, router="random", small="nested"), calibration=cal,
+    cm = routefx.compile(entry.build(), routefx.policies.Duo(budget=0.5, router="random", small="nested"),
+                         calibration=cal,
                          backend=backend)
     args, kwargs = example_inputs(entry, batch=3, seq=13, left_pad=4, seed=5)
     out = cm(*args, **kwargs)

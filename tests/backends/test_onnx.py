@@ -72,7 +72,8 @@ def _duo(name: str, router: str) -> routefx.CompiledModel:
     for i in range(2):
         args, kwargs = example_inputs(entry, batch=3, seq=12, left_pad=2, seed=40 + i)
         cal.append({"input_ids": args[0], **kwargs})
-    cm = routefx.compile(entry.build(), routefx.policies.Duo(budget=0.5, router=router, small="nested"), calibration=cal,
+    cm = routefx.compile(entry.build(), routefx.policies.Duo(budget=0.5, router=router, small="nested"),
+                         calibration=cal,
                          backend="onnx")
     args, kwargs = example_inputs(entry, batch=3, seq=13, left_pad=4, seed=5)
     gm = cm.graph_module

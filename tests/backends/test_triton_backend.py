@@ -270,7 +270,8 @@ def test_input_on_another_device_is_refused():
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("policy", [routefx.policies.Dense(), routefx.policies.Duo(budget=0.5, router="random", small="nested")],
+@pytest.mark.parametrize("policy", [routefx.policies.Dense(),
+                                    routefx.policies.Duo(budget=0.5, router="random", small="nested")],
                          ids=["dense", "duo"])
 def test_llama_cuda_bf16_equals_eager(policy):
     cm, routes = _check_llama(policy, TRITON_BF16_VS_EAGER, device="cuda", dtype=torch.bfloat16)

@@ -171,7 +171,8 @@ def test_a_near_identity_layer_gets_less_compute():
 
 def test_static_router_states_its_realised_budget():
     entry = ZOO["llama"]
-    cm = routefx.compile(entry.build(), Duo(budget=0.4, router="static", small="nested"), calibration=_batches(entry, 2, 10))
+    cm = routefx.compile(entry.build(), Duo(budget=0.4, router="static", small="nested"),
+                         calibration=_batches(entry, 2, 10))
     b = cm.report.plan["budget"]
     # 3 layers, one branch each among costs {0, 26/104, 1}: the sums reachable near 3 x 0.4 = 1.2 are 1.0 and
     # 1.25; the nearest, 1.25 (skip + small + big), is the realised budget
@@ -209,7 +210,8 @@ def test_bad_block_indices_and_missing_calibration():
 
 def test_duo_on_a_subset_of_layers_and_json():
     entry = ZOO["qwen2moe"]
-    cm = routefx.compile(entry.build(), Duo(layers=[1], router="random", small="nested"), calibration=_batches(entry, 2, 10))
+    cm = routefx.compile(entry.build(), Duo(layers=[1], router="random", small="nested"),
+                         calibration=_batches(entry, 2, 10))
     assert list(cm.plan.layers) == ["model.layers.1.mlp"]
     assert [layer["key"] for layer in cm.route_stats(_batches(entry, 1, 5)).layers] == ["model.layers.1.mlp"]
     p = Duo(budget=0.3, small_fraction=0.2, router="static", layers=[2, 0], seed=4)

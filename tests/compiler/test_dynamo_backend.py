@@ -207,7 +207,8 @@ def test_static_piece_with_calibration_of_other_shapes_is_refused():
     torch._dynamo.reset()
     entry = ZOO["plain_parallel"]
     opt = torch.compile(entry.build(), backend=routefx_backend,
-                        options={"policy": Duo(budget=0.5, router="random", small="nested"), "calibration": batches(entry)})
+                        options={"policy": Duo(budget=0.5, router="random", small="nested"),
+                                 "calibration": batches(entry)})
     with pytest.raises(Exception, match=r"Dynamo specialised a piece to the shapes of its first call \(input_ids"
                                         r"\[2, 7\]; \* = any size\) and Duo\(.*whose batches have shapes "
                                         r"input_ids\[4, 16\].*dynamic=True") as info:

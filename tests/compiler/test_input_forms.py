@@ -41,7 +41,8 @@ def counted(monkeypatch):
 @pytest.mark.parametrize("backend", ["eager", "onnx"])
 def test_calibrated_with_masks_called_without(counted, backend):
     entry = ZOO["llama"]
-    cm = routefx.compile(entry.build(), Duo(budget=0.5, router="local", small="nested"), calibration=_cal(entry), backend=backend)
+    cm = routefx.compile(entry.build(), Duo(budget=0.5, router="local", small="nested"),
+                         calibration=_cal(entry), backend=backend)
     plan = cm.plan
     ids = example_inputs(entry, batch=3, seq=9, seed=42)[0][0]
     no_mask = cm(input_ids=ids)                                       # a new input form: recaptured

@@ -34,7 +34,8 @@ def _batches(n, seed, batch=6, seq=20):
 @functools.lru_cache(maxsize=None)
 def _compiled(hoist: bool):
     model = ZOO["plain_resized"].build()
-    cm = routefx.compile(model, Duo(budget=0.5, router="local", hoist=hoist, small="nested"), calibration=_batches(4, 100))
+    cm = routefx.compile(model, Duo(budget=0.5, router="local", hoist=hoist, small="nested"),
+                         calibration=_batches(4, 100))
     return model, cm
 
 
