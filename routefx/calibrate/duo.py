@@ -129,23 +129,52 @@ def _static_choice(errors: list[torch.Tensor], costs: list[torch.Tensor], budget
     return states[total][1], total / L
 
 
+# Shrinkage strengths tried for the separate branch's down projection, relative to the Gram matrix's mean diagonal;
+# `inf` keeps the nested initialisation (the top-k neurons' own down columns).
+SEPARATE_SHRINK = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, float("inf"))
+SEPARATE_VAL_EVERY = 5  # every 5th calibration token is held out to choose the shrinkage
+
+
 def fit_separate_branch(lp: LayerPlan, w: dict, h_top: torch.Tensor, y_big: torch.Tensor,
-                        top: torch.Tensor) -> torch.Tensor:
-    """Separate small branch: up/gate rows of the top-k neurons, and a down projection fitted by ridge least
-    squares so that h_top · W_downᵀ + b_down ≈ y_big on the calibration tokens. Returns the fitted output [N, d].
+                        top: torch.Tensor, record: dict | None = None) -> torch.Tensor:
+    """Separate small branch: up/gate rows of the top-k neurons, and a down projection W fitted by least squares
+    so that h_top · Wᵀ + b_down ≈ y_big on the calibration tokens, shrunk towards the nested initialisation W0
+    (the top-k neurons' own down columns): W = argmin ‖H W − T‖² + s ‖W − W0‖². The strength s is chosen on
+    every 5th calibration token held out (from `SEPARATE_SHRINK`; s = inf is W0 itself), then W is refitted on all
+    tokens. With few calibration tokens against k (an underdetermined fit) this stays near the nested branch
+    instead of overfitting; with many it is the plain least-squares fit. Returns the fitted output [N, d]; the chosen
+    strength goes to `record["shrink"]` ("nested" for W0 itself) when a dict is given.
     """
     pick = lambda t: None if t is None else t[top].clone()  # noqa: E731
     lp.small_up, lp.small_gate, lp.small_b_up, lp.small_b_gate = (pick(w["up"]), pick(w["gate"]), pick(w["b_up"]),
                                                                   pick(w["b_gate"]))
     H = h_top.double()                                                      # [N, k]
     target = y_big.double() - (0 if w["b_down"] is None else w["b_down"].double())  # [N, d]
-    gram = H.T @ H                                                          # [k, k]
-    ridge = 1e-6 * gram.diagonal().mean().clamp_min(1e-12)
-    sol = torch.linalg.solve(gram + ridge * torch.eye(H.shape[1], dtype=H.dtype, device=H.device),
-                             H.T @ target)                                  # [k, d]
+    w0 = w["down"][:, top].double().T                                       # [k, d]
+    val = torch.zeros(H.shape[0], dtype=torch.bool, device=H.device)
+    val[SEPARATE_VAL_EVERY - 1::SEPARATE_VAL_EVERY] = True
+    best = min(SEPARATE_SHRINK, key=lambda s: _val_error(_shrunk_fit(H[~val], target[~val], w0, s),
+                                                         H[val], target[val]) if val.any() else 0.0)
+    sol = _shrunk_fit(H, target, w0, best)                                  # [k, d]
+    if record is not None:
+        record["shrink"] = best if best != float("inf") else "nested"   # JSON has no inf
     small_down = sol.T.to(w["down"].dtype).contiguous()                     # [d, k]
     lp.small_down = small_down.cpu()                                        # plans hold CPU tensors
     return F.linear(h_top, small_down, w["b_down"])
+
+
+def _shrunk_fit(H: torch.Tensor, T: torch.Tensor, w0: torch.Tensor, rel: float) -> torch.Tensor:
+    """argmin_W ‖H W − T‖² + s ‖W − W0‖², s = rel · mean diag(HᵀH) (rel = inf: W0)."""
+    if rel == float("inf"):
+        return w0
+    gram = H.T @ H
+    s = rel * gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(H.shape[1], dtype=H.dtype, device=H.device)
+    return torch.linalg.solve(gram + s * eye, H.T @ T + s * w0)
+
+
+def _val_error(W: torch.Tensor, H: torch.Tensor, T: torch.Tensor) -> float:
+    return float(((H @ W - T) ** 2).sum())
 
 
 def calibrate_duo(policy: Duo, gm: fx.GraphModule, ir: ModelIR, batches: list[dict], plan: Plan) -> None:
@@ -168,7 +197,9 @@ def calibrate_duo(policy: Duo, gm: fx.GraphModule, ir: ModelIR, batches: list[di
             y_small = F.linear(h[:, top], w["down"][:, top], w["b_down"])
         lp = LayerPlan(F=n_neurons, k=k, perm=perm.cpu(), router=policy.router, small=policy.small)
         if policy.small == "separate":
-            y_small = fit_separate_branch(lp, w, h[:, top], y_big, top)
+            rec: dict = {}
+            y_small = fit_separate_branch(lp, w, h[:, top], y_big, top, rec)
+            plan.calibration.setdefault("separate_shrink", {})[b.key] = rec["shrink"]
         plan.layers[b.key] = lp
         data[b.key] = LayerData(x, norms[b.index], y_big, y_small)
 
