@@ -90,6 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--layer", action="store_true", help="micro-benchmark one MoE layer's experts (bench/moe_layer.py)")
     p.add_argument("--max-rss-gib", type=float, default=7.5)
+    p.add_argument("--budget", type=float, default=0.5, help="MoEBudget candidate on onnx (0: none)")
     a = p.parse_args(argv)
     if a.smoke:
         a.layers, a.hidden, a.expert_width, a.heads, a.kv_heads, a.vocab, a.seq = 2, 256, 352, 4, 2, 1000, 128
@@ -101,6 +102,30 @@ def peak_rss_gib() -> float:
     """This process's peak resident memory (VmHWM)."""
     with open("/proc/self/status") as f:
         return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 2**20
+
+
+def budget_candidate(model, a, x, ref, fns, res) -> None:
+    """MoEBudget(a.budget, rule="top_p") on the ONNX backend, calibrated on 2 batches of [2, 256] random tokens;
+    its FLOP-ideal over the Dense MoE from routefx's FLOP count with the routes realised on the timed input."""
+    name = f"routefx_moebudget_{a.budget:g}_onnx"
+    if rss_gib() > a.max_rss_gib:
+        res["notes"].append(f"{name}: not prepared, resident memory {rss_gib():.1f} GiB > --max-rss-gib")
+        return
+    g = torch.Generator().manual_seed(1)
+    cal = [{"input_ids": torch.randint(3, a.vocab, (2, min(256, a.seq)), generator=g),
+            "attention_mask": torch.ones(2, min(256, a.seq), dtype=torch.long)} for _ in range(2)]
+    t = time.perf_counter()
+    cm = routefx.compile(model, routefx.policies.MoEBudget(budget=a.budget, rule="top_p"), calibration=cal,
+                         backend="onnx")
+    with torch.no_grad():
+        out = cm(**x).logits
+    res["compile_s"][name] = round(time.perf_counter() - t, 2)
+    res["max_abs_vs_hf"][name] = float((out - ref).abs().max())   # not a bound: experts are dropped on purpose
+    res["flops_per_token_x"][name] = cm.flops_per_token([x])
+    res["moebudget_realised_x"] = cm.route_stats([x]).budget
+    fns[name] = (lambda m: lambda: m(**x))(cm)
+    print(f"prepared {name} in {res['compile_s'][name]} s, realised {res['moebudget_realised_x']:.3f} on x, "
+          f"rss {rss_gib():.1f} GiB", flush=True)
 
 
 def main(argv=None) -> None:
@@ -132,6 +157,8 @@ def main(argv=None) -> None:
         if kind == "moe":
             rm = next(p for p in cm.report.passes if p.name == "raise_moe")
             res["raise_moe"] = {"rewrites": rm.rewrites, "misses": rm.misses}
+            res["flops_per_token_x"] = {"routefx_moe": cm.flops_per_token([x])}
+            moe_model = model
         kw = {**x, **gm.meta["routefx"].constant_kwargs}
         for b in backends:
             name = f"routefx_{kind}_{b}"
@@ -158,6 +185,8 @@ def main(argv=None) -> None:
                   f"{res['max_abs_vs_hf'][name]:.2e}, rss {rss_gib():.1f} GiB", flush=True)
         del cm, gm
         gc.collect()
+    if a.budget and "onnx" in backends:
+        budget_candidate(moe_model, a, x, refs["moe"], fns, res)
     lat = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0)
     res["latency_ms"] = {k: round(v * 1e3, 2) for k, v in lat.items()}
     res["load_after"] = loadavg()
@@ -174,11 +203,17 @@ def main(argv=None) -> None:
                           "moe_over_dense": res["moe_over_dense"].get(best),
                           "targets_met": {"speedup>=1.25": res["speedup_vs_hf_eager"][best] >= 1.25,
                                           "moe/dense>=0.95": (res["moe_over_dense"].get(best) or 0) >= 0.95}}
+    name = f"routefx_moebudget_{a.budget:g}_onnx"
+    if name in lat and "routefx_moe_onnx" in lat:
+        ideal = res["flops_per_token_x"]["routefx_moe"] / res["flops_per_token_x"][name]
+        speed = lat["routefx_moe_onnx"] / lat[name]
+        res["moebudget"] = {"budget": a.budget, "speedup_vs_moe_onnx": round(speed, 3), "flop_ideal": round(ideal, 3),
+                            "efficiency": round(speed / ideal, 3), "target_efficiency>=0.9": speed / ideal >= 0.9}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
-    print(json.dumps({k: res[k] for k in ("latency_ms", "speedup_vs_hf_eager", "moe_over_dense", "max_abs_vs_hf",
-                                           "peak_rss_gib", "notes")}, indent=1))
+    print(json.dumps({k: res.get(k) for k in ("latency_ms", "speedup_vs_hf_eager", "moe_over_dense", "max_abs_vs_hf",
+                                               "moebudget", "peak_rss_gib", "notes")}, indent=1))
     print(f"cpu: {res['machine']['cpu']}  load {res['load_before']} -> {res['load_after']}  wrote {a.out}")
 
 
