@@ -11,7 +11,9 @@ token, N = T*K assignments, R = routes, n_r = assignments to route r, it emits:
         tok_r = tok[begin_r:end_r]                   # [n_r] a contiguous slice
         y_r   = FFN_r(Gather(x2, tok_r))             # [n_r, d] MatMuls on exactly the rows routed to r
     y   = Concat(y_r) (+ b_down) (* gates.flat[Concat(order_r)])      # [n, d] in sorted order
-    out = ScatterND(zeros[T, d], Concat(tok_r), y)   # one un-permute ("add" when K > 1: a token may repeat)
+    out = ScatterND(zeros[T, d], Concat(tok_r), y)   # one un-permute, when K == 1
+    out = ReduceSum(ScatterND(zeros[N, d], Concat(order_r), y).reshape(T, K, d), axis=1)   # when K > 1 (unique
+                                                     # indices: ORT's scatter-add loses updates to repeated ones)
 
 so the routing work per layer is one sort, one scatter and a gather per live route, whatever R is. ONNX's TopK
 returns equal values in index order, so the sort is stable. One full range with K == 1 and no gates lowers to the
@@ -160,6 +162,8 @@ def _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
             pos.append(op.Slice(order, b, e))
     y = ys[0] if len(ys) == 1 else op.Concat(*ys, axis=0)  # [n, d]: the live assignments, in sorted order
     tok = toks[0] if len(toks) == 1 else op.Concat(*toks, axis=0)  # [n]
+    if k_routes > 1 and not pos:                            # the slot positions, for the un-permute below
+        pos = [op.Slice(order, op.Slice(begins, [r], [r + 1]), op.Slice(ends, [r], [r + 1])) for r in live]
     if b_down is not None:
         y = op.Add(y, b_down)
     if acc is not None:
@@ -169,9 +173,21 @@ def _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
         at = pos[0] if len(pos) == 1 else op.Concat(*pos, axis=0)  # [n]
         y = op.Mul(y, op.Unsqueeze(op.Gather(flat_gates, at, axis=0), [1]))  # [n, d] * [n, 1]
     zero = ir.tensor(np.zeros(1, dtype=(acc or x.dtype).numpy()))
-    out = op.ConstantOfShape(op.Shape(x2), value=zero)  # [T, d]; skip tokens stay 0, never copied
-    # One un-permute: with K == 1 every token appears at most once, so a plain scatter; otherwise add.
-    out = op.ScatterND(out, op.Unsqueeze(tok, [1]), y, reduction="none" if k_routes == 1 else "add")
+    if k_routes == 1:
+        # One un-permute: every token appears at most once, so a plain scatter; skip tokens stay 0, never copied.
+        out = op.ConstantOfShape(op.Shape(x2), value=zero)  # [T, d]
+        out = op.ScatterND(out, op.Unsqueeze(tok, [1]), y, reduction="none")
+    else:
+        # K > 1: a token repeats, so scatter by slot position (token·K + slot: unique) into [T·K, d], then sum
+        # the K slots. A ScatterND with reduction="add" over repeated indices loses updates in ONNX Runtime's
+        # multi-threaded CPU kernel (an occasional token missing one expert, a different one per run).
+        at = pos[0] if len(pos) == 1 else op.Concat(*pos, axis=0)  # [n] unique slot positions
+        slots = op.ConstantOfShape(op.Concat(op.Shape(flat_routes), op.Constant(value=ir.tensor(
+            np.array([d], dtype=np.int64))), axis=0), value=zero)  # [T·K, d]
+        slots = op.ScatterND(slots, op.Unsqueeze(at, [1]), y, reduction="none")
+        tkd = op.Constant(value=ir.tensor(np.array([-1, k_routes, d], dtype=np.int64)))
+        out = op.ReduceSum(op.Reshape(slots, tkd), op.Constant(value=ir.tensor(np.array([1], dtype=np.int64))),
+                           keepdims=0)  # [T, d]
     if acc is not None:
         out = op.Cast(out, to=x.dtype)
     return op.Reshape(out, op.Shape(x))

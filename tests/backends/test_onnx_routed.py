@@ -311,3 +311,28 @@ def test_backend_is_registered():
     assert get_backend("onnx") is onnx_backend
     with pytest.raises(routefx.BackendError, match="supported: eager, onnx"):
         get_backend("tvm")
+
+
+def test_k_routes_scatter_with_unique_indices_on_many_tokens():
+    """K > 1: a token appears K times, so its un-permute must not be a scatter-add over repeated indices (ONNX
+    Runtime's multi-threaded CPU ScatterND loses such updates: an occasional token missing one route's output,
+    a different token per run). Structure: no ScatterND with reduction "add"; behaviour: many tokens on 2 threads,
+    repeated runs, equal to eager every time."""
+    gm, run = _stack()
+    model = onnx.load_from_string(run.onnx_model)
+    adds = [n.name for n in model.graph.node if n.op_type == "ScatterND"
+            and any(a.name == "reduction" and a.s == b"add" for a in n.attribute)]
+    assert not adds, f"scatter-add over repeated indices: {adds}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = onnx_backend.prepare(gm, {"x": stack_input(2, 5)})
+        x = stack_input(8, 256, seed=5)
+        _, outs_ref, _ = _eager(gm, x)
+        for _ in range(3):
+            _, outs, _ = two(x=x)
+            for i, (o, o_ref) in enumerate(zip(outs, outs_ref)):
+                err = (o - o_ref).abs().max().item()
+                assert err <= ONNX_VS_EAGER, f"layer {i} ({LAYERS[i]}): max abs error {err:.3g}"
+    finally:
+        torch.set_num_threads(threads)
