@@ -216,12 +216,25 @@ def markdown(res: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+END = "<!-- end bench/artifact.py -->"
+
+
 def write_section(res: dict, path: str) -> None:
+    """Replace this script's section of RESULTS.md (from MARK to END; a section written before END existed runs to
+    the next level-2 heading), keeping what follows it (e.g. bench/generate.py's section)."""
     text = open(path).read() if os.path.exists(path) else ""
+    tail = ""
     if MARK in text:
-        text = text[:text.index(MARK)].rstrip("\n") + "\n\n"
+        head, rest = text[:text.index(MARK)], text[text.index(MARK) + len(MARK):]
+        if END in rest:
+            tail = rest[rest.index(END) + len(END):]
+        else:
+            start = rest.find("## Artifacts") + 1
+            found = [i for i in (rest.find("\n## ", start), rest.find("\n<!-- ", start)) if i >= 0]
+            tail = rest[min(found):] if found else ""
+        text = head.rstrip("\n") + "\n\n"
     with open(path, "w") as f:
-        f.write(text + markdown(res))
+        f.write(text + markdown(res) + END + "\n" + tail)
 
 
 def main(argv=None) -> None:
