@@ -93,9 +93,11 @@ _ORT_DTYPES = {
 }
 
 
-def session_options(*, optimization_level: str = "all", routed: bool = False, profile_dir: str | None = None
-                    ) -> ort.SessionOptions:
-    """The session options documented in the module docstring."""
+def session_options(*, optimization_level: str = "all", routed: bool = False, profile_dir: str | None = None,
+                    spinning: bool = True) -> ort.SessionOptions:
+    """The session options documented in the module docstring. `spinning=False` stops the intra-op threads from
+    spin-waiting after a run: for many small sessions run one after another (the decode pieces), whose idle
+    threads would otherwise spin against the next session's on the same cores."""
     if optimization_level not in _LEVELS:
         raise BackendError(f"unknown optimization_level {optimization_level!r}; supported: {', '.join(_LEVELS)}")
     so = ort.SessionOptions()
@@ -106,6 +108,8 @@ def session_options(*, optimization_level: str = "all", routed: bool = False, pr
     so.enable_mem_pattern = not routed
     so.enable_cpu_mem_arena = True
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_dir is not None:
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(profile_dir, "ort_profile")
@@ -239,7 +243,7 @@ class OnnxRunner:
 
 
 def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str = "all",
-            profile: bool = False, direct: bool = True, fusions=DEFAULT_FUSIONS) -> OnnxRunner:
+            profile: bool = False, direct: bool = True, fusions=DEFAULT_FUSIONS, spinning: bool = True) -> OnnxRunner:
     """Export `gm` to ONNX and open an ONNX Runtime CPU session; returns the runner (see the module docstring).
 
     `example_kwargs` are the inputs `gm` was captured from (tensors and constants, by keyword).
@@ -276,7 +280,7 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     tmpdir = tempfile.TemporaryDirectory(prefix="routefx_onnx_") if profile else None
     routed = any(node.op_type == "TopK" for node in ir.traversal.RecursiveGraphIterator(model.graph))
     so = session_options(optimization_level=optimization_level, routed=routed,
-                         profile_dir=tmpdir.name if tmpdir else None)
+                         profile_dir=tmpdir.name if tmpdir else None, spinning=spinning)
     graph = onnx_session.prepare_graph(model)  # weights handed over in memory, never serialized
     clock.lap("serialize")
     try:
