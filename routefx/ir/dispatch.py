@@ -29,10 +29,19 @@ from torch import Tensor
 
 from routefx.errors import RoutedFFNError
 
-__all__ = ["route_counts", "grouped_routed_ffn"]
+__all__ = ["ffn_hidden", "route_counts", "grouped_routed_ffn"]
 
 # Accumulate low-precision outputs in fp32; fp32 / fp64 accumulate in their own dtype.
 ACC_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def ffn_hidden(x: Tensor, w_up: Tensor, w_gate: Optional[Tensor], b_up: Optional[Tensor], b_gate: Optional[Tensor],
+               act, start: int, end: int) -> Tensor:
+    """The FFN's hidden activations on neurons [start, end): x [n, d] -> [n, end - start] (weight views, no copy)."""
+    up = torch.nn.functional.linear(x, w_up[start:end], None if b_up is None else b_up[start:end])
+    if w_gate is None:
+        return act(up)
+    return act(torch.nn.functional.linear(x, w_gate[start:end], None if b_gate is None else b_gate[start:end])) * up
 
 
 def route_counts(flat_routes: Tensor, num_ranges: int, ranges: List[int]) -> List[int]:
@@ -89,11 +98,7 @@ def grouped_routed_ffn(
         b, e = begins[r], begins[r + 1]
         s, f = ranges[2 * r], ranges[2 * r + 1]
         rows = xs[b:e]  # [n_r, d], contiguous
-        up = torch.nn.functional.linear(rows, w_up[s:f], None if b_up is None else b_up[s:f])  # [n_r, F_r]
-        if w_gate is None:
-            h = act(up)
-        else:
-            h = act(torch.nn.functional.linear(rows, w_gate[s:f], None if b_gate is None else b_gate[s:f])) * up
+        h = ffn_hidden(rows, w_up, w_gate, b_up, b_gate, act, s, f)  # [n_r, F_r]
         if b_down is None:
             torch.mm(h, w_down[:, s:f].t(), out=ys[b:e])  # [n_r, d] written in place
         else:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from routefx.errors import RoutedFFNError
 from routefx.ir.activations import get_activation
-from routefx.ir.dispatch import ACC_DTYPE as _ACC_DTYPE, grouped_routed_ffn, route_counts
+from routefx.ir.dispatch import ACC_DTYPE as _ACC_DTYPE, ffn_hidden, grouped_routed_ffn, route_counts
 
 __all__ = ["routed_ffn", "routed_ffn_reference"]
 
@@ -104,11 +104,7 @@ def _ffn_slice(
     end: int,
 ) -> Tensor:
     """FFN on neurons [start, end): x [n, d] -> [n, d]. Weight slices are views; nothing is copied."""
-    up = F.linear(x, w_up[start:end], None if b_up is None else b_up[start:end])  # [n, F_r]
-    if w_gate is None:
-        h = act(up)
-    else:
-        h = act(F.linear(x, w_gate[start:end], None if b_gate is None else b_gate[start:end])) * up
+    h = ffn_hidden(x, w_up, w_gate, b_up, b_gate, act, start, end)  # [n, F_r]
     return F.linear(h, w_down[:, start:end], b_down)  # [n, d]
 
 
