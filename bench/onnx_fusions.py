@@ -35,7 +35,8 @@ from routefx.backends import onnx as onnx_backend  # noqa: E402
 from routefx.backends.onnx_fusions import FUSIONS  # noqa: E402
 
 VARIANTS = {"none": (), "shared_kv_heads": ("shared_kv_heads",), "rotary": ("rotary",), "rms_norm": ("rms_norm",),
-            "rms_norm+skip": ("rms_norm", "skip_rms_norm"), "all": FUSIONS}
+            "rms_norm+skip": ("rms_norm", "skip_rms_norm"), "causal_gqa": ("causal_gqa",),
+            "all_but_causal_gqa": tuple(f for f in FUSIONS if f != "causal_gqa"), "all": FUSIONS}
 
 
 def kernel_ms_by_op(path: str, skip_runs: int) -> tuple[dict, int]:

@@ -34,9 +34,11 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from routefx.backends.onnx_attention import fuse_causal_gqa
+
 __all__ = ["FUSIONS", "DEFAULT_FUSIONS", "FusionResult", "optimize_", "fuse_"]
 
-FUSIONS = ("shared_kv_heads", "rotary", "rms_norm", "skip_rms_norm")
+FUSIONS = ("shared_kv_heads", "rotary", "causal_gqa", "rms_norm", "skip_rms_norm")
 DEFAULT_FUSIONS = FUSIONS
 _QUADRATIC_RULES = {"SlicesSplit"}  # multi-output patterns: matched by enumerating node pairs of the whole graph
 
@@ -275,7 +277,7 @@ def _rule_set(name: str):
     return skip_rms_normalization_ruleset
 
 
-_OWN = {"shared_kv_heads": _fuse_shared_kv_heads, "rotary": _fuse_rotary}
+_OWN = {"shared_kv_heads": _fuse_shared_kv_heads, "rotary": _fuse_rotary, "causal_gqa": fuse_causal_gqa}
 
 
 def fuse_(model: ir.Model, fusions=DEFAULT_FUSIONS) -> FusionResult:
