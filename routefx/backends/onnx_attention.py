@@ -134,7 +134,9 @@ def _condition(b: _Builder, new: list, mask: ir.Value | None, sq: ir.Value, skv:
 
 def _absorbable_tail(y: ir.Value, heads_dim: int) -> tuple[ir.Node, ir.Node] | None:
     """(Transpose, Reshape) when y's only use is Transpose([0, 2, 1, 3]) whose only use is a Reshape to
-    [B, S, heads · H]."""
+    [B, S, heads · H] (identity Reshapes between them skipped)."""
+    while _identity_reshape_output(y) is not None:
+        y = _identity_reshape_output(y)
     uses = list(y.uses())
     if len(uses) != 1 or y.is_graph_output():
         return None
@@ -161,13 +163,77 @@ def _typed(v: ir.Value, like: ir.Value) -> ir.Value:
     return v
 
 
+def _same_shape(a: ir.Value, b: ir.Value) -> bool:
+    return a.shape is not None and b.shape is not None and a.shape.rank() == b.shape.rank() and all(
+        x == y and (isinstance(x, int) or getattr(x, "value", None)) for x, y in zip(a.shape, b.shape))
+
+
+def _identity_reshape_input(t: ir.Value) -> ir.Value | None:
+    """x when t = Reshape(x) to x's own shape and t is x's only use."""
+    rs = t.producer()
+    if _is(rs, "Reshape") and _same_shape(rs.inputs[0], t) and len(rs.inputs[0].uses()) == 1:
+        return rs.inputs[0]
+    return None
+
+
+def _identity_reshape_output(t: ir.Value) -> ir.Value | None:
+    """t's only use's output when that is a Reshape of t to t's own shape."""
+    uses = list(t.uses())
+    rs = uses[0].node if len(uses) == 1 and not t.is_graph_output() else None
+    return rs.outputs[0] if _is(rs, "Reshape") and _same_shape(t, rs.outputs[0]) else None
+
+
+def _transposed_from(t: ir.Value) -> ir.Value | None:
+    """x when t = Transpose(x, perm=[0, 2, 1, 3]) (x in [B, S, heads, H] layout), through identity Reshapes."""
+    while _identity_reshape_input(t) is not None:
+        t = _identity_reshape_input(t)
+    tr = t.producer()
+    if _is(tr, "Transpose") and list(tr.attributes.get_ints("perm", [])) == [0, 2, 1, 3]:
+        return tr.inputs[0]
+    return None
+
+
+def _head_layouts(b: _Builder, new: list, then: list, else_: list, t: ir.Value, n: int, h: int,
+                  node: ir.Node) -> tuple[ir.Value, ir.Value, tuple[ir.Value, int]]:
+    """(t as [B, S, n·h] for the then branch, t as [B, n, S, h] for the else branch, (a value computed outside
+    the If whatever the branch, the axis of its sequence length)).
+
+    Where t is only read by `node` and comes from a [B, S, n, h] tensor x through Transpose([0, 2, 1, 3]), or
+    through that Transpose and a (com.microsoft) RotaryEmbedding, the then branch reads x (rotated on its 3-D form
+    outside the If) without any transpose, and the transpose moves into the else branch; otherwise the then
+    branch transposes t."""
+    users = {id(u.node) for u in t.uses()}
+    producer = t.producer()
+    rope = producer if (producer is not None and producer.op_type == "RotaryEmbedding"
+                        and producer.domain == "com.microsoft" and len(producer.inputs) == 4) else None
+    x = _transposed_from(rope.inputs[0] if rope is not None else t)
+    if users != {id(node)} or t.is_graph_output() or x is None or (
+            rope is not None and (len(rope.inputs[0].uses()) != 1 or rope.attributes.get_int("interleaved", 0))):
+        t3 = _op(then, "Reshape", [_op(then, "Transpose", [t], perm=[0, 2, 1, 3]), b.i64(0, 0, n * h)])
+        return t3, t, (t, 2)
+    t3 = _op(new, "Reshape", [x, b.i64(0, 0, n * h)])
+    if rope is None:
+        return t3, _op(else_, "Transpose", [x], perm=[0, 2, 1, 3]), (x, 1)
+    attrs = dict(rope.attributes)
+    attrs["num_heads"] = ir.AttrInt64("num_heads", n)
+    rot = ir.node("RotaryEmbedding", [t3, *rope.inputs[1:]], attributes=attrs, domain="com.microsoft",
+                  name=f"{rope.name}/3d")
+    new.append(rot)
+    t4 = _op(else_, "Transpose", [_op(else_, "Reshape", [rot.outputs[0], b.i64(0, 0, n, h)])], perm=[0, 2, 1, 3])
+    return rot.outputs[0], t4, (x, 1)
+
+
 def _rewrite(b: _Builder, node: ir.Node, conditions: dict) -> None:
     graph = b.graph
     q, k, v = node.inputs[:3]
     mask = node.inputs[3] if len(node.inputs) > 3 else None
     heads, kv_heads, h = q.shape[1], k.shape[1], q.shape[3]
     new: list[ir.Node] = []
-    sq, skv = _seq_len(b, new, q, 2), _seq_len(b, new, k, 2)
+    then: list[ir.Node] = []
+    else_: list[ir.Node] = []
+    (q3, q4, q_len), (k3, k4, k_len), (v3, v4, _) = (_head_layouts(b, new, then, else_, t, n, h, node)
+                                                     for t, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
+    sq, skv = _seq_len(b, new, *q_len), _seq_len(b, new, *k_len)
     key = (id(mask), str(q.shape[2]), str(k.shape[2]))
     named = all(isinstance(d, int) or getattr(d, "value", None) for d in (q.shape[2], k.shape[2]))
     if named and key in conditions:
@@ -176,14 +242,10 @@ def _rewrite(b: _Builder, node: ir.Node, conditions: dict) -> None:
         cond = _condition(b, new, mask, sq, skv)
         if named:
             conditions[key] = cond
-    batch = _seq_len(b, new, q, 0)
+    batch = _seq_len(b, new, q_len[0], 0)
     seqlens = _op(new, "Expand", [_op(new, "Cast", [_op(new, "Sub", [skv, b.i64(1)])], to=ir.DataType.INT32),
                                   batch])
     total = _op(new, "Cast", [_op(new, "Squeeze", [skv, b.i64(0)])], to=ir.DataType.INT32)
-
-    then: list[ir.Node] = []
-    q3, k3, v3 = (_op(then, "Reshape", [_op(then, "Transpose", [t], perm=[0, 2, 1, 3]), b.i64(0, 0, n * h)])
-                  for t, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
     attrs = {"num_heads": heads, "kv_num_heads": kv_heads}
     scale = node.attributes.get_float("scale", 0.0)
     if scale:
@@ -193,13 +255,13 @@ def _rewrite(b: _Builder, node: ir.Node, conditions: dict) -> None:
     then.append(gqa)
     y3 = gqa.outputs[0]
 
-    else_: list[ir.Node] = [_copy(node, list(node.inputs))]
+    else_.append(_copy(node, [q4, k4, v4, *node.inputs[3:]]))
     y = node.outputs[0]
     tail = _absorbable_tail(y, heads * h)
     if tail is not None:
         tr, rs = tail
-        else_ += [_copy(tr, [else_[0].outputs[0]])]
-        else_ += [_copy(rs, [else_[1].outputs[0], *rs.inputs[1:]])]
+        else_.append(_copy(tr, [else_[-1].outputs[0]]))
+        else_.append(_copy(rs, [else_[-1].outputs[0], *rs.inputs[1:]]))
         replaced = rs.outputs[0]
         then_out = y3
     else:
