@@ -3,7 +3,8 @@
 The artifact is a directory (format: `routefx/runtime/artifact.py`):
     manifest.json          format and version, routefx version, policy, plan summary, input and output specs,
                            FLOPs per token and realised budget, ORT session settings, sha256 of every other file
-    model.onnx             the compiled graph (standard ONNX ops), weights as external data in model.onnx.data
+    model.onnx             the compiled graph (ONNX, plus ONNX Runtime's com.microsoft CPU kernels where the
+                           backend's fusions placed them), weights as external data in model.onnx.data
     model.opt.onnx         the same after ONNX Runtime's graph optimizations at a portable level (EXTENDED: CPU
                            fusions into com.microsoft ops, no hardware-specific layout transforms); `load` opens it
                            with optimizations off, skipping re-optimisation. Weights are stored once: its

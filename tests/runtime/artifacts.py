@@ -17,6 +17,8 @@ CASES = {
     "gpt2-prune": ("gpt2", PruneLayers(layers=[1]), False),
     "gpt2-duo-separate": ("gpt2", Duo(budget=0.5, router="random", small="separate"), True),
     "plain-duo-nested": ("plain_parallel", Duo(budget=0.6, router="random", small="nested"), True),
+    # head size 16: causal attention on GroupQueryAttention behind the run-time mask check (onnx_attention)
+    "gemma-duo-nested": ("gemma", Duo(budget=0.5, router="local", small="nested"), True),
 }
 
 
@@ -29,9 +31,10 @@ def batches(entry, n=2, seed=10, batch=4, seq=16, pad=3):
 
 
 def call_inputs(entry) -> list[dict]:
-    """Batch sizes and lengths unlike the export example (2 x 7) and the calibration data (4 x 16), with padding."""
+    """Batch sizes and lengths unlike the export example (2 x 7) and the calibration data (4 x 16), with padding
+    and without."""
     out = []
-    for i, (b, s, pad) in enumerate([(3, 11, 2), (1, 1, 0), (5, 4, 1)]):
+    for i, (b, s, pad) in enumerate([(3, 11, 2), (1, 1, 0), (5, 4, 1), (2, 9, 0)]):
         args, kwargs = example_inputs(entry, batch=b, seq=s, left_pad=pad, seed=100 + i)
         out.append({"input_ids": args[0], **kwargs})
     return out
