@@ -35,9 +35,10 @@ Session options, chosen deliberately (see `session_options`):
   to Attention without the exporter's head-repeat copies, RotaryEmbedding, SimplifiedLayerNormalization and
   SkipSimplifiedLayerNormalization (residual add + RMSNorm); ORT's own optimizer does not find the exporter's
   RMSNorm form (Pow / ReduceMean / Sqrt / Reciprocal). Measured with bench/onnx_fusions.py: together they cut by 40%
-  the kernel time outside MatMul and Attention. Attention stays opset 23's: ORT's com.microsoft
-  MultiHeadAttention / GroupQueryAttention CPU kernels compute the same full [S, S] scores under a mask (their
-  flash path needs no mask at all), and GroupQueryAttention knows no left padding.
+  the kernel time outside MatMul and Attention. Causal self-attention runs on com.microsoft
+  GroupQueryAttention, which computes only the lower triangle of the scores (opset 23's Attention CPU kernel
+  computes all S x S under the mask: 2x the time at S = 512), behind a run-time check that the mask is the causal
+  one; a padded batch, a sliding window or a cached step runs the exported Attention (`onnx_attention`).
 - Weight pre-packing stays on (ORT's default): MLAS packs constant MatMul operands once at session creation,
   one more reason every routed weight slice is its own initializer.
 - enable_mem_pattern only for graphs without data-dependent shapes: a memory pattern is planned per input

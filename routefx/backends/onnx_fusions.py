@@ -16,6 +16,9 @@ the installed onnxscript is skipped and said so in the notes):
                    with cos / sin = Unsqueeze(Cos / Sin(Concat(f, f)), 1), f [1, S, H/2] (one angle row per
                    position, the same for every batch row) -> com.microsoft RotaryEmbedding(x, position offset 0,
                    Cos(f[0]), Sin(f[0])): row s of the cache is position s's angles, whatever the positions are.
+  causal_gqa       Attention whose mask may be the causal triangle -> If(mask causal over equal lengths,
+                   com.microsoft GroupQueryAttention on [B, S, heads * H] views, the exported Attention):
+                   ONNX Runtime's GQA CPU kernel skips the masked half of the scores (`onnx_attention`).
   rms_norm         Pow / ReduceMean / Add eps / Sqrt / Reciprocal / Mul / Mul(scale) ->
                    SimplifiedLayerNormalization (ONNX Runtime's RMSNorm kernel; onnxscript's rule).
   skip_rms_norm    Add(residual, x) feeding a SimplifiedLayerNormalization -> SkipSimplifiedLayerNormalization
@@ -24,7 +27,8 @@ the installed onnxscript is skipped and said so in the notes):
 Each rewrite computes the same function in fp32 (the equality tests run with ONNX Runtime's own graph
 optimizations on and off); none adds a NaN guard. Which fusions pay was measured with `bench/onnx_fusions.py`
 (bench shape A cut to 4 layers, one thread, median CPU per run against no fusion: shared_kv_heads -0.7%, rotary
--2.5%, rms_norm + skip_rms_norm -2.0%, all -3.5%; kernel time outside MatMul and Attention 39.8 -> 22.5 ms).
+-2.5%, rms_norm + skip_rms_norm -2.0%, all -3.5%; kernel time outside MatMul and Attention 39.8 -> 22.5 ms;
+causal_gqa on the 8-layer model, one thread, on a loaded machine: -7.8% CPU per run, attention 150 -> 74 ms).
 """
 from __future__ import annotations
 
