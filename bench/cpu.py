@@ -286,6 +286,10 @@ _OVERHEAD = {"TopK", "CumSum", "NonZero", "ScatterND", "Gather", "GatherND", "Eq
              "Unsqueeze", "ArgMax", "Shape", "Reshape", "Expand", "Cast"}
 
 
+# control-flow nodes: their kernel time includes their branch's nodes, which the profiler also lists
+_CONTROL_FLOW = {"If", "Loop", "Scan"}
+
+
 def profile_candidate(cm, x, runs: int, m: Shape) -> dict:
     """Run the candidate's graph under ONNX Runtime's profiler; time per op type and per FFN route, and the
     GEMM rate of the FFN MatMuls (FLOPs from the routes realised on x) and of the other MatMuls."""
@@ -310,7 +314,7 @@ def profile_candidate(cm, x, runs: int, m: Shape) -> dict:
     run_durs = [e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
     start = run_ends[1] if len(run_ends) > 2 else 0  # skip the two warm-up runs
     nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
-             and e["ts"] >= start]
+             and e["ts"] >= start and e.get("args", {}).get("op_name") not in _CONTROL_FLOW]
     n_runs = max(1, len([d for d, end in zip(run_durs, run_ends) if end > start]))
     by_op = collections.Counter()
     by_class = collections.Counter()

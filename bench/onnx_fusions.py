@@ -48,7 +48,9 @@ def kernel_ms_by_op(path: str, skip_runs: int) -> tuple[dict, int]:
     runs = len([t for t in ends if t > start])
     by_op = collections.Counter()
     for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
+        if (e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start
+                and e.get("args", {}).get("op_name") not in ("If", "Loop", "Scan")):  # their branches' nodes
+                                                                                        # are listed too
             by_op[e.get("args", {}).get("op_name", "?")] += e["dur"] / 1e3
     return {k: v / max(runs, 1) for k, v in by_op.items()}, runs
 
