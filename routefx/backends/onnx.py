@@ -200,6 +200,16 @@ class OnnxRunner:
         other.session = self._graph.session(so)
         return other
 
+    def without_spinning(self) -> "OnnxRunner":
+        """The same model in a new session whose intra-op threads do not spin-wait after a run (no re-export):
+        for sessions run in alternation with others on the same cores (speculative decoding's draft and full
+        model), where one session's spinning threads slow the next one's run."""
+        so = self.session.get_session_options()
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        other = copy.copy(self)
+        other.session = self._graph.session(so)
+        return other
+
     @property
     def onnx_model(self) -> bytes | None:
         """The serialized model, weights inline (made on first use); None above protobuf's 2 GiB limit (then

@@ -37,6 +37,8 @@ class Graph:
     _lower: object = dataclasses.field(default=None, repr=False)
     _run: object = dataclasses.field(default=None, repr=False)
 
+    _quiet: object = dataclasses.field(default=None, repr=False)
+
     @property
     def run(self):
         """The backend's callable: run(**kwargs) -> (logits, key_i, value_i, ...)."""
@@ -45,6 +47,16 @@ class Graph:
             self._run = self._lower()
             self.seconds += time.perf_counter() - t0
         return self._run
+
+    @property
+    def quiet_run(self):
+        """`run` in a session whose threads do not spin-wait after a call (ONNX Runtime; other backends: `run`):
+        for graphs called in alternation with another model's (speculative decoding), where the spinning threads
+        of one session compete with the next session's on the same cores."""
+        if self._quiet is None:
+            run = self.run
+            self._quiet = run.without_spinning() if hasattr(run, "without_spinning") else run
+        return self._quiet
 
 
 @dataclasses.dataclass
@@ -58,6 +70,24 @@ class GenerationGraphs:
     @property
     def past_names(self) -> list[str]:
         return cache_names(self.kept, "past_")
+
+    def quiet(self) -> "GenerationGraphs":
+        """These graphs with their `quiet_run` as `run` (see `Graph.quiet_run`)."""
+        return dataclasses.replace(self, prefill=_Quiet(self.prefill), decode=_Quiet(self.decode))
+
+
+class _Quiet:
+    """A graph whose `run` is the original's `quiet_run` (its other fields read through)."""
+
+    def __init__(self, graph: Graph):
+        self._graph = graph
+
+    @property
+    def run(self):
+        return self._graph.quiet_run
+
+    def __getattr__(self, name):
+        return getattr(self._graph, name)
 
 
 def _plan(cm, gm: fx.GraphModule, ir: ModelIR) -> Plan:
