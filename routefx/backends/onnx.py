@@ -16,7 +16,8 @@ session), `runner.cpu_timings` their CPU seconds, `runner.fusions` the fused-ker
 The returned `OnnxRunner` is called like `gm(**kwargs)` and returns the same output structure (rebuilt with the
 graph's output pytree spec: a Hugging Face ModelOutput, a tuple, a bare tensor); outputs that are None in the
 eager result are None here. It checks every input's dtype and rank (and static dims) first and raises
-`InputError` naming the input. `runner.onnx_model` gives the serialized model (bytes, made on first use), or
+`InputError` naming the input. `runner.run_ortvalues(**kwargs)` runs the session through IO binding, taking and
+returning OrtValues (a generation loop's KV cache stays in ONNX Runtime's buffers). `runner.onnx_model` gives the serialized model (bytes, made on first use), or
 `runner.onnx_path` a file in a temporary directory when the weights exceed protobuf's 2 GiB limit;
 `runner.save(path, external_data=True)` writes the graph and one weight file.
 
@@ -162,7 +163,24 @@ class OnnxRunner:
             return flat[0] if len(flat) == 1 else tuple(flat)
         return pytree.tree_unflatten(flat, self._out_spec)
 
-    def _feeds(self, kwargs: dict) -> dict:
+    def run_ortvalues(self, **kwargs) -> list:
+        """One run through ONNX Runtime IO binding, for loops that feed outputs back as inputs (generation's KV
+        cache). Each input is a torch tensor (checked as in `__call__`) or an `onnxruntime.OrtValue` returned by an
+        earlier run (bound as it is: no numpy or torch round trip). Returns every ONNX output as a CPU OrtValue
+        that ONNX Runtime allocated, in `output_names` order; `torch.from_numpy(v.numpy())` views one without a
+        copy. A fresh binding per run: a binding's outputs from one run are the next run's pre-allocated buffers,
+        which fails when an output grows (a cache) and would overwrite a value the caller still holds."""
+        feeds = self._feeds(kwargs, keep_ortvalues=True)
+        binding = self.session.io_binding()
+        values = [v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for v in feeds.values()]
+        for name, v in zip(feeds, values):     # `values` keeps the numpy arrays the OrtValues view alive
+            binding.bind_ortvalue_input(name, v)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def _feeds(self, kwargs: dict, keep_ortvalues: bool = False) -> dict:
         expected = {i.name for i in self.inputs} | set(self._constants)
         unknown = sorted(set(kwargs) - expected)
         if unknown:
@@ -177,6 +195,13 @@ class OnnxRunner:
             if spec.name not in kwargs:
                 raise InputError(f"missing input {spec.name!r}; the ONNX model takes {[i.name for i in self.inputs]}")
             x = kwargs[spec.name]
+            if keep_ortvalues and isinstance(x, ort.OrtValue):
+                if _ORT_DTYPES.get(x.data_type()) != spec.dtype or len(x.shape()) != len(spec.shape):
+                    raise InputError(f"input {spec.name!r} is an OrtValue of type {x.data_type()} and rank "
+                                     f"{len(x.shape())}; the ONNX model takes dtype {spec.dtype} and rank "
+                                     f"{len(spec.shape)}")
+                feeds[spec.name] = x
+                continue
             if not isinstance(x, torch.Tensor):
                 raise InputError(f"input {spec.name!r} is a {type(x).__name__}; the ONNX model takes a tensor of "
                                  f"dtype {spec.dtype} and rank {len(spec.shape)}")

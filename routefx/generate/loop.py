@@ -129,18 +129,33 @@ def generate(cm, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
 class Stepper:
     """Prefill and decode graphs with the cache between them (a list of tensors in the graphs' order):
     `prefill(ids)` -> logits of the last prompt position [B, V]; `extend(new)` -> logits of S new tokens per row
-    [B, S, V]; `decode(new)` -> logits of the last of them [B, V]."""
+    [B, S, V]; `decode(new)` -> logits of the last of them [B, V].
 
-    def __init__(self, cm, mask):
+    On a backend whose runner has `run_ortvalues` (ONNX Runtime) the decode graph runs through IO binding: the
+    cache a step returns stays in ONNX Runtime's buffers (OrtValues) and is bound as the next step's input, never
+    wrapped as numpy and torch and checked again; only the logits come back as a torch tensor (a view, no copy).
+    `past` reads the cache as torch tensors (views) and may be assigned torch tensors (a rewind); `io_binding=False`
+    runs the runner's plain call instead (the reference the tests compare the bound path with)."""
+
+    def __init__(self, cm, mask, *, io_binding: bool = True):
         self.g = generation_graphs(cm)
         self.mask = mask
-        self.past: list[torch.Tensor] = []
+        self._past: list = []                # torch tensors or (bound path) OrtValues, in the graphs' order
         self.pos = None
+        self.io_binding = io_binding
+
+    @property
+    def past(self) -> list[torch.Tensor]:
+        return [t if isinstance(t, torch.Tensor) else torch.from_numpy(t.numpy()) for t in self._past]
+
+    @past.setter
+    def past(self, values) -> None:
+        self._past = list(values)
 
     def prefill(self, ids):
         pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
         out = self.g.prefill.run(input_ids=ids, attention_mask=self.mask, position_ids=pos)
-        self.pos, self.past = pos[:, -1:], list(out[1:])
+        self.pos, self._past = pos[:, -1:], list(out[1:])
         return out[0][:, -1]
 
     def decode(self, new):
@@ -153,10 +168,18 @@ class Stepper:
         B, S = new.shape
         self.mask = torch.cat([self.mask, self.mask.new_ones(B, S)], dim=1)
         pos = self.pos + torch.arange(1, S + 1)
-        out = self.g.decode.run(input_ids=new, attention_mask=self.mask, position_ids=pos,
-                                **dict(zip(self.g.past_names, self.past)))
-        self.pos, self.past = pos[:, -1:], list(out[1:])
-        return out[0]
+        run = self.g.decode.run
+        feeds = dict(input_ids=new, attention_mask=self.mask, position_ids=pos,
+                     **dict(zip(self.g.past_names, self._past)))
+        bound = getattr(run, "run_ortvalues", None) if self.io_binding else None
+        if bound is not None:
+            out = bound(**feeds)
+            logits = torch.from_numpy(out[0].numpy())
+        else:
+            out = run(**feeds)
+            logits = out[0]
+        self.pos, self._past = pos[:, -1:], list(out[1:])
+        return logits
 
 
 class _Uncached:
