@@ -17,9 +17,9 @@ The returned `OnnxRunner` is called like `gm(**kwargs)` and returns the same out
 graph's output pytree spec: a Hugging Face ModelOutput, a tuple, a bare tensor); outputs that are None in the
 eager result are None here. It checks every input's dtype and rank (and static dims) first and raises
 `InputError` naming the input. `runner.run_ortvalues(**kwargs)` runs the session through IO binding, taking and
-returning OrtValues (a generation loop's KV cache stays in ONNX Runtime's buffers). `runner.onnx_model` gives the serialized model (bytes, made on first use), or
-`runner.onnx_path` a file in a temporary directory when the weights exceed protobuf's 2 GiB limit;
-`runner.save(path, external_data=True)` writes the graph and one weight file.
+returning OrtValues (a generation loop's KV cache stays in ONNX Runtime's buffers). `runner.onnx_model` gives the
+serialized model (bytes, made on first use), or `runner.onnx_path` a file in a temporary directory when the
+weights exceed protobuf's 2 GiB limit; `runner.save(path, external_data=True)` writes the graph and one weight file.
 
 Session options, chosen deliberately (see `session_options`):
 - CPU execution provider only.
