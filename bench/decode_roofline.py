@@ -11,8 +11,8 @@ larger batches the same GEMM says whether compute starts to matter. A decode ste
 (at the mean length of the decode steps) are added at the measured bandwidth.
 
 Step time. `step_seconds` times single ONNX decode steps of a compiled model (`Stepper.decode`, the greedy token fed
-back) through the plain runner call and through IO binding (`Stepper(io_binding=...)`), interleaved blocks of
-`steps` steps in a shuffled order, median per step over all blocks.
+back) by `Stepper` path: the runner's plain call, IO binding (the cache kept as OrtValues), numpy arrays (the
+default: the cache kept as the arrays ONNX Runtime returns), in lockstep, median per step.
 
 `roofline` sets a batch's measured decode tokens/s and step times against it, `roofline_markdown` renders the table
 bench/generate.py puts in its section of RESULTS.md.
@@ -31,7 +31,7 @@ from routefx.backends import onnx_session
 from routefx.backends.onnx import session_options
 from routefx.generate.loop import Stepper
 
-__all__ = ["weight_stream_seconds", "step_seconds", "roofline", "roof_of", "roofline_markdown"]
+__all__ = ["PATHS", "weight_stream_seconds", "step_seconds", "roofline", "roof_of", "roofline_markdown"]
 
 
 def _matmul_session(w: np.ndarray):
@@ -79,39 +79,35 @@ def weight_stream_seconds(nbytes: int, hidden: int, batches, *, reps: int = 15, 
     return res
 
 
+PATHS = ("call", "io_binding", "arrays")
+
+
 def step_seconds(cm, prompt: torch.Tensor, *, steps: int = 60, blocks: int = 3, seed: int = 0) -> dict:
-    """Median seconds of one ONNX decode step of `cm` after `prompt` [B, S] (no padding), through the plain runner
-    call ("plain") and IO binding ("io_binding"); `steps` steps per block, `blocks` blocks of each, interleaved
-    in a shuffled order after one warm-up block each. Also checks that both paths pick the same greedy tokens."""
+    """Median seconds of one ONNX decode step of `cm` after `prompt` [B, S] (no padding) per `Stepper` path (the
+    runner's plain call, IO binding, numpy arrays). A block prefills one Stepper per path and runs `steps` steps
+    in lockstep (every path at the same cache length, in a shuffled order at each step, fed the same greedy
+    token); one short warm-up block, then `blocks` timed ones. Also says whether every path gave the same logits."""
     mask = torch.ones_like(prompt)
-    times = {"plain": [], "io_binding": []}
-    tokens = {}
+    times = {p: [] for p in PATHS}
+    same = True
     rng = random.Random(seed)
-
-    def block(mode):
-        st = Stepper(cm, mask, io_binding=mode == "io_binding")
-        ts, picked = [], []
-        logits = st.prefill(prompt)
-        for _ in range(steps):
-            nxt = logits.argmax(-1)
-            picked.append(nxt)
-            t = time.perf_counter()
-            logits = st.decode(nxt[:, None])
-            ts.append(time.perf_counter() - t)
-        tokens[mode] = torch.stack(picked, 1)
-        return ts
-
     with torch.no_grad():
-        for mode in times:
-            block(mode)                                      # warm-up (and ONNX Runtime's first-shape costs)
-        for _ in range(blocks):
-            order = list(times)
-            rng.shuffle(order)
-            for mode in order:
-                times[mode] += block(mode)
-    out = {k: statistics.median(v) for k, v in times.items()}
-    out["steps_timed"] = {k: len(v) for k, v in times.items()}
-    out["same_tokens"] = torch.equal(tokens["plain"], tokens["io_binding"])
+        for b in range(blocks + 1):
+            st = {p: Stepper(cm, mask, path=p) for p in PATHS}
+            logits = {p: s.prefill(prompt) for p, s in st.items()}
+            order = list(PATHS)
+            for _ in range(steps if b else 5):
+                nxt = logits["call"].argmax(-1)[:, None]
+                rng.shuffle(order)
+                for p in order:
+                    t = time.perf_counter()
+                    logits[p] = st[p].decode(nxt)
+                    if b:
+                        times[p].append(time.perf_counter() - t)
+                same &= all(torch.equal(logits["call"], v) for v in logits.values())
+    out = {p: statistics.median(v) for p, v in times.items()}
+    out["steps_timed"] = len(times["call"])
+    out["same_logits"] = same
     return out
 
 
@@ -134,9 +130,9 @@ def roofline(stream: dict, dense_bytes: int, kv: int, B: int, dec: dict, steps: 
     roof["hf_1.5x_target_tok_s"] = 1.5 * dec["hf_eager"]
     roof["target_fraction_of_roofline"] = roof["hf_1.5x_target_tok_s"] / roof["roofline_tok_s"]
     roof["onnx_dense_fraction_of_roofline"] = dec["routefx_onnx_dense"] / roof["roofline_tok_s"]
-    roof |= {"step_plain_s": steps["plain"], "step_io_binding_s": steps["io_binding"],
-             "steps_timed": steps["steps_timed"], "step_same_tokens": steps["same_tokens"],
-             "step_overhead_s": steps["io_binding"] - roof["roofline_step_s"]}
+    roof |= {f"step_{p}_s": steps[p] for p in PATHS}
+    roof |= {"steps_timed": steps["steps_timed"], "step_same_logits": steps["same_logits"],
+             "step_overhead_s": steps["arrays"] - roof["roofline_step_s"]}
     return roof
 
 
@@ -147,19 +143,21 @@ def roofline_markdown(roofs: dict | None) -> list[str]:
     L = ["", "Roofline (bench/decode_roofline.py, measured in the same process before each batch's rounds): the "
          "dense decode step's weight bytes streamed through one [B, d] x weights product (torch and a one-MatMul "
          "ONNX Runtime session; the faster), plus the KV cache read once at the mean decode length at the "
-         "bandwidth measured at B = 1. Step: one ONNX dense decode step, median of 3 x 60 interleaved steps, the "
-         "runner's plain call against IO binding (the KV cache kept in ONNX Runtime between steps); overhead = "
-         "IO-bound step - roofline step.", "",
+         "bandwidth measured at B = 1. Step: one ONNX dense decode step, median of 3 x 60 steps in lockstep by "
+         "`Stepper` path: the runner's plain call / IO binding (the KV cache kept as OrtValues) / numpy arrays (the "
+         "default: the cache kept as the arrays ONNX Runtime returns); overhead = default step - roofline step.", "",
          "| batch | bandwidth GB/s | stream torch / ORT ms | weights + KV MiB/step | roofline tok/s | ONNX dense "
-         "of roofline | 1.5x HF target tok/s | target of roofline | step plain / IO binding ms | overhead ms |",
+         "of roofline | 1.5x HF target tok/s | target of roofline | step call / IO binding / arrays ms | "
+         "overhead ms |",
          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for B, r in roofs.items():
+        step = " / ".join(f"{1e3 * r['step_' + p + '_s']:.2f}" for p in PATHS)
         L.append(f"| {B} | {r['bandwidth_gb_s']:.1f} | {1e3 * r['weight_stream_torch_s']:.2f} / "
                  f"{1e3 * r['weight_stream_onnxruntime_s']:.2f} | {r['weight_bytes_per_step'] / 2**20:.0f} + "
                  f"{r['kv_bytes_per_step'] / 2**20:.1f} | {r['roofline_tok_s']:.1f} | "
                  f"{r['onnx_dense_fraction_of_roofline']:.2f} | {r['hf_1.5x_target_tok_s']:.1f} | "
-                 f"{r['target_fraction_of_roofline']:.2f} | {1e3 * r['step_plain_s']:.2f} / "
-                 f"{1e3 * r['step_io_binding_s']:.2f} | {1e3 * r['step_overhead_s']:.2f} |")
+                 f"{r['target_fraction_of_roofline']:.2f} | "
+                 f"{step} | {1e3 * r['step_overhead_s']:.2f} |")
     over = [B for B, r in roofs.items() if r["target_fraction_of_roofline"] > 1]
     near = [B for B, r in roofs.items() if 0.9 < r["target_fraction_of_roofline"] <= 1]
     if over:

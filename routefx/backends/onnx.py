@@ -16,10 +16,11 @@ session), `runner.cpu_timings` their CPU seconds, `runner.fusions` the fused-ker
 The returned `OnnxRunner` is called like `gm(**kwargs)` and returns the same output structure (rebuilt with the
 graph's output pytree spec: a Hugging Face ModelOutput, a tuple, a bare tensor); outputs that are None in the
 eager result are None here. It checks every input's dtype and rank (and static dims) first and raises
-`InputError` naming the input. `runner.run_ortvalues(**kwargs)` runs the session through IO binding, taking and
-returning OrtValues (a generation loop's KV cache stays in ONNX Runtime's buffers). `runner.onnx_model` gives the
-serialized model (bytes, made on first use), or `runner.onnx_path` a file in a temporary directory when the
-weights exceed protobuf's 2 GiB limit; `runner.save(path, external_data=True)` writes the graph and one weight file.
+`InputError` naming the input. For loops that feed outputs back as inputs (a generation loop's KV cache),
+`run_arrays` runs the session on numpy arrays with the least per-call work and `run_ortvalues` through IO binding
+(OrtValues). `runner.onnx_model` gives the serialized model (bytes, made on first use), or `runner.onnx_path` a file
+in a temporary directory when the weights exceed protobuf's 2 GiB limit; `runner.save(path, external_data=True)`
+writes the graph and one weight file.
 
 Session options, chosen deliberately (see `session_options`):
 - CPU execution provider only.
@@ -61,6 +62,7 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import torch
@@ -92,6 +94,11 @@ _ORT_DTYPES = {
     "tensor(int16)": torch.int16, "tensor(int8)": torch.int8, "tensor(uint8)": torch.uint8,
     "tensor(bool)": torch.bool,
 }
+
+_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
+                 torch.float16: np.dtype(np.float16), torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32),
+                 torch.int16: np.dtype(np.int16), torch.int8: np.dtype(np.int8), torch.uint8: np.dtype(np.uint8),
+                 torch.bool: np.dtype(np.bool_)}
 
 
 def session_options(*, optimization_level: str = "all", routed: bool = False, profile_dir: str | None = None,
@@ -147,6 +154,8 @@ class OnnxRunner:
         self._out_spec = out_spec
         self.inputs = tuple(_Input(i.name, _ORT_DTYPES.get(i.type), tuple(i.shape)) for i in session.get_inputs())
         self.output_names = tuple(o.name for o in session.get_outputs())
+        self._array_specs = tuple((i.name, _NUMPY_DTYPES.get(i.dtype), len(i.shape)) for i in self.inputs)
+        self.takes_arrays = all(d is not None for _, d, _ in self._array_specs)   # run_arrays works (no bf16)
 
     def __call__(self, *args, **kwargs):
         if len(args) > len(self._arg_names):
@@ -179,6 +188,26 @@ class OnnxRunner:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()
+
+    def run_arrays(self, feeds: dict) -> list:
+        """The session run on numpy arrays by input name, with the least per-call work: every input given (by
+        its ONNX name), each checked for dtype and rank only, outputs returned as ONNX Runtime gives them (numpy
+        arrays, in `output_names` order; no output structure, no torch). For loops that feed outputs back as
+        inputs (generation's KV cache): ONNX Runtime reads contiguous arrays in place and returns arrays over its
+        own output buffers (onnxruntime 1.32: their base is ONNX Runtime's), so the cache is not copied between
+        steps."""
+        if len(feeds) != len(self.inputs):
+            raise InputError(f"run_arrays takes every input: got {sorted(feeds)}; the ONNX model takes "
+                             f"{[i.name for i in self.inputs]}")
+        if not self.takes_arrays:
+            raise BackendError(f"run_arrays needs numpy dtypes; the ONNX model takes "
+                               f"{[str(i.dtype) for i in self.inputs]}: call the runner instead")
+        for name, dtype, rank in self._array_specs:
+            a = feeds.get(name)
+            if a is None or a.dtype != dtype or a.ndim != rank:
+                raise InputError(f"input {name!r} is {'missing' if a is None else f'{a.dtype} of rank {a.ndim}'}; "
+                                 f"the ONNX model takes {dtype} of rank {rank}")
+        return self.session.run(None, feeds)
 
     def _feeds(self, kwargs: dict, keep_ortvalues: bool = False) -> dict:
         expected = {i.name for i in self.inputs} | set(self._constants)
