@@ -32,8 +32,9 @@ Roofline (bench/decode_roofline.py), per batch, measured in the same process rig
                      length of the decode steps (prompt + new / 2); "of roofline" is decode tok/s over it, "of own"
                      over the roofline of the candidate's own weight bytes (dense bytes / bytes-ideal)
   1.5x HF target     1.5 x HF eager decode tok/s over the roofline: above 1, no fp32 decode reaches it on this machine
-  step ms            one ONNX dense decode step, median over 3 x 60 steps, plain runner call against IO binding
-                     (the KV cache kept as OrtValues between steps), interleaved; step ms minus the roofline's
+  step ms            one ONNX dense decode step, median over 3 x 60 steps in lockstep, per `Stepper` path: the
+                     runner's plain call, IO binding (the KV cache kept as OrtValues), numpy arrays (the default:
+                     the cache kept as the arrays ONNX Runtime returns); the default's step ms minus the roofline's
                      per-step ms is the step's overhead (everything that is not streaming the bytes)
 
     .venv/bin/python bench/generate.py            # the real run (~12 min on the quiet 2-core Xeon; 35-40 min on

@@ -155,7 +155,8 @@ class OnnxRunner:
         self.inputs = tuple(_Input(i.name, _ORT_DTYPES.get(i.type), tuple(i.shape)) for i in session.get_inputs())
         self.output_names = tuple(o.name for o in session.get_outputs())
         self._array_specs = tuple((i.name, _NUMPY_DTYPES.get(i.dtype), len(i.shape)) for i in self.inputs)
-        self.takes_arrays = all(d is not None for _, d, _ in self._array_specs)   # run_arrays works (no bf16)
+        # run_arrays works: numpy dtypes (no bf16), and every output of the graph is an ONNX output
+        self.takes_arrays = all(d is not None for _, d, _ in self._array_specs) and all(x is True for x in leaves)
 
     def __call__(self, *args, **kwargs):
         if len(args) > len(self._arg_names):
@@ -192,7 +193,8 @@ class OnnxRunner:
     def run_arrays(self, feeds: dict) -> list:
         """The session run on numpy arrays by input name, with the least per-call work: every input given (by
         its ONNX name), each checked for dtype and rank only, outputs returned as ONNX Runtime gives them (numpy
-        arrays, in `output_names` order; no output structure, no torch). For loops that feed outputs back as
+        arrays, in `output_names` order; no output structure, no torch). Only where `takes_arrays` (numpy dtypes,
+        and every output of the graph an ONNX output, so that the arrays are the graph's flat outputs). For loops that feed outputs back as
         inputs (generation's KV cache): ONNX Runtime reads contiguous arrays in place and returns arrays over its
         own output buffers (onnxruntime 1.32: their base is ONNX Runtime's), so the cache is not copied between
         steps."""
