@@ -4,8 +4,9 @@ Roofline. One decode step multiplies B tokens by every weight matrix of the mode
 bytes from memory (plus the KV cache). `weight_stream_seconds` times exactly that work with no model around it:
 [B, d] x a weight buffer as large as the dense decode step's weight bytes, through torch (`x @ W.T`) and through
 a one-MatMul ONNX Runtime session (the weights an initializer, pre-packed as in the compiled graphs; the same
-session options), median of `reps` interleaved calls after `warmup`, and keeps the faster per batch. Both read the
-same memory (one buffer viewed as [R, d] and as [d, R]: the values do not matter for the time). At batch 1 this is
+session options), median of `reps` interleaved calls after `warmup`, and keeps the faster per batch. Both take one
+buffer (viewed as [R, d] and as [d, R]: the values do not matter for the time; ONNX Runtime reads its pre-packed
+copy, so the process holds ~3x the bytes while this runs, ~1.4 GiB on the CPU benchmark model). At batch 1 this is
 a matrix-vector product, bound by memory bandwidth (bytes / seconds is reported as the machine's bandwidth); at
 larger batches the same GEMM says whether compute starts to matter. A decode step also reads the KV cache: its bytes
 (at the mean length of the decode steps) are added at the measured bandwidth.
