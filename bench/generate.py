@@ -25,8 +25,20 @@ per decode step, a layer's weights when some row ran it and its K/V projections'
 (both from the run's own counts).
 Greedy outputs of routefx dense and HF are checked token-identical.
 
-    .venv/bin/python bench/generate.py            # the real run (~20 min on 2 loaded cores before the decode-policy
-                                                  # candidates; with them an estimated 35-40 min), bench/results/generate.json
+Roofline (bench/decode_roofline.py), per batch, measured in the same process right before the batch's rounds:
+  weight stream      the median seconds of [B, d] x a weight buffer of the dense decode step's bytes, through torch
+                     and through a one-MatMul ONNX Runtime session, the faster; bandwidth = bytes / that at B = 1
+  roofline tok/s     B / (weight stream seconds + KV cache bytes / bandwidth), the KV cache read once at the mean
+                     length of the decode steps (prompt + new / 2); "of roofline" is decode tok/s over it, "of own"
+                     over the roofline of the candidate's own weight bytes (dense bytes / bytes-ideal)
+  1.5x HF target     1.5 x HF eager decode tok/s over the roofline: above 1, no fp32 decode reaches it on this machine
+  step ms            one ONNX dense decode step, median over 3 x 60 steps in lockstep, per `Stepper` path: the
+                     runner's plain call, IO binding (the KV cache kept as OrtValues), numpy arrays (the default:
+                     the cache kept as the arrays ONNX Runtime returns); the default's step ms minus the roofline's
+                     per-step ms is the step's overhead (everything that is not streaming the bytes)
+
+    .venv/bin/python bench/generate.py            # the real run (~12 min on the quiet 2-core Xeon; 35-40 min on
+                                                  # loaded cores), bench/results/generate.json
     .venv/bin/python bench/generate.py --speculative   # self-speculative decoding on the trained tiny Llama:
                                                        # acceptance, tokens per round, speedup over ONNX dense
     .venv/bin/python bench/generate.py --quick    # a 2-layer hidden-256 model, 32 + 16 tokens: checks the script
@@ -57,6 +69,8 @@ from routefx.generate import ActivationSkip, DepthDecay, LayerSubset, generate_w
 from routefx.policies import Dense, Duo  # noqa: E402
 from routefx.timing import median_seconds  # noqa: E402
 from cpu import FULL, SMOKE, Shape, build_model, loadavg, machine  # noqa: E402
+from decode_roofline import (roof_of, roofline, roofline_markdown, step_seconds,  # noqa: E402
+                             weight_stream_seconds)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -186,15 +200,18 @@ def markdown(res: dict | None, spec: dict | None) -> str:
               f"decode step: {res['dense_weight_bytes_per_step'] / 2**20:.0f} MiB. Growing KV cache (concatenated "
               "in the decode graph).", "",
               "| batch | candidate | end-to-end tok/s | decode tok/s | decode vs ONNX dense | decode vs HF eager | "
-              "bytes-ideal vs ONNX dense | efficiency | FFN fraction read | layers run |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "bytes-ideal vs ONNX dense | efficiency | FFN fraction read | layers run | of roofline | of own "
+              "roofline |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in res["rows"]:
             L.append(f"| {r['batch']} | {r['candidate']} | {r['end_to_end_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
                      f"{r['decode_vs_onnx_dense']:.2f} | {r['decode_vs_hf_eager']:.2f} | "
                      f"{r['bytes_ideal_vs_onnx_dense']:.2f} | {r.get('efficiency', 1.0):.2f} | "
-                     f"{r.get('ffn_fraction_read', 1.0):.3f} | {r.get('layer_fraction', 1.0):.3f} |")
+                     f"{r.get('ffn_fraction_read', 1.0):.3f} | {r.get('layer_fraction', 1.0):.3f} | "
+                     f"{_frac(r, 'fraction_of_roofline')} | {_frac(r, 'fraction_of_own_roofline')} |")
         same = [r.get("identical_to_hf") for r in res["rows"] if "identical_to_hf" in r]
         L += ["", f"routefx ONNX dense greedy output identical to HF `generate`: {same}."]
+        L += roofline_markdown(res.get("roofline"))
     if spec is not None:
         L += ["", f"Self-speculative decoding on {spec['model']}, prompt {spec['prompt']}, {spec['new']} new tokens, "
               "batch 1, ONNX backend for the full model and the drafts:", "",
@@ -205,6 +222,10 @@ def markdown(res: dict | None, spec: dict | None) -> str:
                      f"{r['tokens_per_round']:.2f} | {r['n_chosen_last']} | {r['speedup_vs_onnx_dense']:.2f} |")
     L += [_END]
     return "\n".join(L) + "\n"
+
+
+def _frac(r: dict, key: str) -> str:
+    return f"{r[key]:.2f}" if key in r else "-"
 
 
 def write_results_md(res, spec, path=os.path.join(HERE, "RESULTS.md")) -> None:
@@ -304,6 +325,8 @@ def main() -> None:
             fns[f"{name}_1"] = lambda cm=cm, pol=pol: cm.generate(prompt, max_new_tokens=1, decode_policy=pol,
                                                                   **no_eos)
         print(f"batch {B}: load {loadavg()}", flush=True)
+        stream = weight_stream_seconds(dense_bytes, m.hidden, sorted({1, B}))
+        steps = step_seconds(dense, prompt, steps=60, blocks=3, seed=B)
         t = median_seconds(fns, warmup=st.warmup, reps=st.reps, shuffle_seed=B)
         same = torch.equal(outs["hf_eager"], outs["routefx_onnx_dense"])
         duo = duo_fraction(compiled["routefx_onnx_duo_0.5"], outs["routefx_onnx_duo_0.5"], st.prompt, B)
@@ -313,11 +336,16 @@ def main() -> None:
         for name in skips:                                 # outs[name]: the GenerationStats of the last timed run
             ideal[name] = dense_bytes / skip_bytes(m, outs[name].skip_counts, st.new - 1)
         dec = {k: B * (st.new - 1) / (t[f"{k}_128"] - t[f"{k}_1"]) for k in ideal}
+        roof = roofline(stream, dense_bytes, kv_bytes(m, B, st.prompt + st.new // 2), B, dec, steps)
+        results.setdefault("roofline", {})[str(B)] = roof
+        print({a: (round(b, 4) if isinstance(b, float) else b) for a, b in roof.items()}, flush=True)
         for k in ideal:
             row = {"batch": B, "candidate": k, "t_new": t[f"{k}_128"], "t_first": t[f"{k}_1"],
                    "end_to_end_tok_s": B * st.new / t[f"{k}_128"], "decode_tok_s": dec[k],
                    "decode_vs_onnx_dense": dec[k] / dec["routefx_onnx_dense"],
-                   "decode_vs_hf_eager": dec[k] / dec["hf_eager"], "bytes_ideal_vs_onnx_dense": ideal[k]}
+                   "decode_vs_hf_eager": dec[k] / dec["hf_eager"], "bytes_ideal_vs_onnx_dense": ideal[k],
+                   "fraction_of_roofline": dec[k] / roof["roofline_tok_s"],
+                   "fraction_of_own_roofline": dec[k] / roof_of(roof, 1 / ideal[k])}
             if k == "routefx_onnx_duo_0.5":
                 row |= {"ffn_fraction_read": fr, "ffn_fraction_per_token": duo["per_token"],
                         "efficiency": row["decode_vs_onnx_dense"] / ideal[k]}

@@ -16,9 +16,11 @@ session), `runner.cpu_timings` their CPU seconds, `runner.fusions` the fused-ker
 The returned `OnnxRunner` is called like `gm(**kwargs)` and returns the same output structure (rebuilt with the
 graph's output pytree spec: a Hugging Face ModelOutput, a tuple, a bare tensor); outputs that are None in the
 eager result are None here. It checks every input's dtype and rank (and static dims) first and raises
-`InputError` naming the input. `runner.onnx_model` gives the serialized model (bytes, made on first use), or
-`runner.onnx_path` a file in a temporary directory when the weights exceed protobuf's 2 GiB limit;
-`runner.save(path, external_data=True)` writes the graph and one weight file.
+`InputError` naming the input. For loops that feed outputs back as inputs (a generation loop's KV cache),
+`run_arrays` runs the session on numpy arrays with the least per-call work and `run_ortvalues` through IO binding
+(OrtValues). `runner.onnx_model` gives the serialized model (bytes, made on first use), or `runner.onnx_path` a file
+in a temporary directory when the weights exceed protobuf's 2 GiB limit; `runner.save(path, external_data=True)`
+writes the graph and one weight file.
 
 Session options, chosen deliberately (see `session_options`):
 - CPU execution provider only.
@@ -61,6 +63,7 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import torch
@@ -92,6 +95,11 @@ _ORT_DTYPES = {
     "tensor(int16)": torch.int16, "tensor(int8)": torch.int8, "tensor(uint8)": torch.uint8,
     "tensor(bool)": torch.bool,
 }
+
+_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
+                 torch.float16: np.dtype(np.float16), torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32),
+                 torch.int16: np.dtype(np.int16), torch.int8: np.dtype(np.int8), torch.uint8: np.dtype(np.uint8),
+                 torch.bool: np.dtype(np.bool_)}
 
 
 def session_options(*, optimization_level: str = "all", routed: bool = False, profile_dir: str | None = None,
@@ -147,6 +155,9 @@ class OnnxRunner:
         self._out_spec = out_spec
         self.inputs = tuple(_Input(i.name, _ORT_DTYPES.get(i.type), tuple(i.shape)) for i in session.get_inputs())
         self.output_names = tuple(o.name for o in session.get_outputs())
+        self._array_specs = tuple((i.name, _NUMPY_DTYPES.get(i.dtype), len(i.shape)) for i in self.inputs)
+        # run_arrays works: numpy dtypes (no bf16), and every output of the graph is an ONNX output
+        self.takes_arrays = all(d is not None for _, d, _ in self._array_specs) and all(x is True for x in leaves)
 
     def __call__(self, *args, **kwargs):
         if len(args) > len(self._arg_names):
@@ -163,7 +174,45 @@ class OnnxRunner:
             return flat[0] if len(flat) == 1 else tuple(flat)
         return pytree.tree_unflatten(flat, self._out_spec)
 
-    def _feeds(self, kwargs: dict) -> dict:
+    def run_ortvalues(self, **kwargs) -> list:
+        """One run through ONNX Runtime IO binding, for loops that feed outputs back as inputs (generation's KV
+        cache). Each input is a torch tensor (checked as in `__call__`) or an `onnxruntime.OrtValue` returned by an
+        earlier run (bound as it is: no numpy or torch round trip). Returns every ONNX output as a CPU OrtValue
+        that ONNX Runtime allocated, in `output_names` order; `torch.from_numpy(v.numpy())` views one without a
+        copy. A fresh binding per run: a binding's outputs from one run are the next run's pre-allocated buffers,
+        which fails when an output grows (a cache) and would overwrite a value the caller still holds."""
+        feeds = self._feeds(kwargs, keep_ortvalues=True)
+        binding = self.session.io_binding()
+        values = [v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for v in feeds.values()]
+        for name, v in zip(feeds, values):     # `values` keeps the numpy arrays the OrtValues view alive
+            binding.bind_ortvalue_input(name, v)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def run_arrays(self, feeds: dict) -> list:
+        """The session run on numpy arrays by input name, with the least per-call work: every input given (by
+        its ONNX name), each checked for dtype and rank only, outputs returned as ONNX Runtime gives them (numpy
+        arrays, in `output_names` order; no output structure, no torch). Only where `takes_arrays` (numpy dtypes,
+        and every output of the graph an ONNX output, so that the arrays are the graph's flat outputs). For loops that feed outputs back as
+        inputs (generation's KV cache): ONNX Runtime reads contiguous arrays in place and returns arrays over its
+        own output buffers (onnxruntime 1.32: their base is ONNX Runtime's), so the cache is not copied between
+        steps."""
+        if len(feeds) != len(self.inputs):
+            raise InputError(f"run_arrays takes every input: got {sorted(feeds)}; the ONNX model takes "
+                             f"{[i.name for i in self.inputs]}")
+        if not self.takes_arrays:
+            raise BackendError(f"run_arrays needs numpy dtypes; the ONNX model takes "
+                               f"{[str(i.dtype) for i in self.inputs]}: call the runner instead")
+        for name, dtype, rank in self._array_specs:
+            a = feeds.get(name)
+            if a is None or a.dtype != dtype or a.ndim != rank:
+                raise InputError(f"input {name!r} is {'missing' if a is None else f'{a.dtype} of rank {a.ndim}'}; "
+                                 f"the ONNX model takes {dtype} of rank {rank}")
+        return self.session.run(None, feeds)
+
+    def _feeds(self, kwargs: dict, keep_ortvalues: bool = False) -> dict:
         expected = {i.name for i in self.inputs} | set(self._constants)
         unknown = sorted(set(kwargs) - expected)
         if unknown:
@@ -178,6 +227,13 @@ class OnnxRunner:
             if spec.name not in kwargs:
                 raise InputError(f"missing input {spec.name!r}; the ONNX model takes {[i.name for i in self.inputs]}")
             x = kwargs[spec.name]
+            if keep_ortvalues and isinstance(x, ort.OrtValue):
+                if _ORT_DTYPES.get(x.data_type()) != spec.dtype or len(x.shape()) != len(spec.shape):
+                    raise InputError(f"input {spec.name!r} is an OrtValue of type {x.data_type()} and rank "
+                                     f"{len(x.shape())}; the ONNX model takes dtype {spec.dtype} and rank "
+                                     f"{len(spec.shape)}")
+                feeds[spec.name] = x
+                continue
             if not isinstance(x, torch.Tensor):
                 raise InputError(f"input {spec.name!r} is a {type(x).__name__}; the ONNX model takes a tensor of "
                                  f"dtype {spec.dtype} and rank {len(spec.shape)}")

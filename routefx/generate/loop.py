@@ -19,6 +19,7 @@ import dataclasses
 import inspect as _inspect
 import time
 
+import numpy as np
 import torch
 
 from routefx.errors import InputError, UnsupportedModelError
@@ -126,21 +127,43 @@ def generate(cm, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
     return generate_with_stats(cm, input_ids, attention_mask, **kwargs)[0]
 
 
+_PATHS = ("arrays", "io_binding", "call")
+
+
 class Stepper:
     """Prefill and decode graphs with the cache between them (a list of tensors in the graphs' order):
     `prefill(ids)` -> logits of the last prompt position [B, V]; `extend(new)` -> logits of S new tokens per row
-    [B, S, V]; `decode(new)` -> logits of the last of them [B, V]."""
+    [B, S, V]; `decode(new)` -> logits of the last of them [B, V].
 
-    def __init__(self, cm, mask):
+    How a decode step runs on ONNX Runtime (`path`; other backends always call their runner):
+      "arrays"      (default) `OnnxRunner.run_arrays`: the session on numpy arrays, the cache a step returns fed
+                    to the next as the arrays ONNX Runtime returned (views of its buffers), checked for dtype and
+                    rank only; the logits come back as a torch view. The least per-step work measured.
+      "io_binding"  `OnnxRunner.run_ortvalues`: the cache kept as OrtValues bound as the next step's inputs.
+      "call"        the runner's plain call (inputs checked, outputs rebuilt as torch tensors): the reference.
+    `past` reads the cache as torch tensors (views) and may be assigned torch tensors (a rewind)."""
+
+    def __init__(self, cm, mask, *, path: str = "arrays"):
+        if path not in _PATHS:
+            raise InputError(f"path must be one of {_PATHS}, got {path!r}")
         self.g = generation_graphs(cm)
         self.mask = mask
-        self.past: list[torch.Tensor] = []
+        self._past: list = []                # torch tensors, numpy arrays or OrtValues, in the graphs' order
         self.pos = None
+        self.path = path
+
+    @property
+    def past(self) -> list[torch.Tensor]:
+        return [_torch(t) for t in self._past]
+
+    @past.setter
+    def past(self, values) -> None:
+        self._past = list(values)
 
     def prefill(self, ids):
         pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
         out = self.g.prefill.run(input_ids=ids, attention_mask=self.mask, position_ids=pos)
-        self.pos, self.past = pos[:, -1:], list(out[1:])
+        self.pos, self._past = pos[:, -1:], list(out[1:])
         return out[0][:, -1]
 
     def decode(self, new):
@@ -153,10 +176,31 @@ class Stepper:
         B, S = new.shape
         self.mask = torch.cat([self.mask, self.mask.new_ones(B, S)], dim=1)
         pos = self.pos + torch.arange(1, S + 1)
-        out = self.g.decode.run(input_ids=new, attention_mask=self.mask, position_ids=pos,
-                                **dict(zip(self.g.past_names, self.past)))
-        self.pos, self.past = pos[:, -1:], list(out[1:])
-        return out[0]
+        run = self.g.decode.run
+        if self.path == "arrays" and getattr(run, "takes_arrays", False):
+            feeds = {"input_ids": _array(new), "attention_mask": _array(self.mask), "position_ids": _array(pos)}
+            feeds.update(zip(self.g.past_names, map(_array, self._past)))
+            out = run.run_arrays(feeds)
+        elif self.path == "io_binding" and hasattr(run, "run_ortvalues"):
+            out = run.run_ortvalues(input_ids=new, attention_mask=self.mask, position_ids=pos,
+                                    **dict(zip(self.g.past_names, self._past)))
+        else:
+            out = run(input_ids=new, attention_mask=self.mask, position_ids=pos,
+                      **dict(zip(self.g.past_names, self.past)))
+        self.pos, self._past = pos[:, -1:], list(out[1:])
+        return _torch(out[0])
+
+
+def _array(t):
+    """A decode input as a numpy array (a torch tensor's memory when contiguous)."""
+    return t if isinstance(t, np.ndarray) else t.detach().contiguous().numpy()
+
+
+def _torch(t) -> torch.Tensor:
+    """A tensor of the cache or the logits as torch (a view of a numpy array's or an OrtValue's memory)."""
+    if isinstance(t, torch.Tensor):
+        return t
+    return torch.from_numpy(t if isinstance(t, np.ndarray) else t.numpy())
 
 
 class _Uncached:
