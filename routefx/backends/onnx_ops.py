@@ -5,12 +5,12 @@ a plain Python function calling onnxscript opset ops on the exporter's values. W
 token, N = T*K assignments, R = routes, n_r = assignments to route r, it emits:
 
     order   = TopK(routes.flat, N, ascending)[1]    # [N] one stable sort: positions grouped by route id
-    ends    = CumSum(ReduceSum(routes.flat[:, None] == arange(R)))  # [R] where each route's run ends
+    bounds  = ReduceSum(routes.flat[:, None] < arange(R + 1), axis=0)  # [R+1]: r's run is bounds[r]:bounds[r+1]
     tok     = order / K                              # [N] token of each sorted position (order when K == 1)
     per route r with a non-empty range [s_r, e_r):   (skip routes: nothing; their tokens are never copied)
-        tok_r = tok[begin_r:end_r]                   # [n_r] a contiguous slice
+        tok_r = tok[bounds[r]:bounds[r+1]]           # [n_r] a contiguous slice
         y_r   = FFN_r(Gather(x2, tok_r)) (+ b_down)  # [n_r, d] MatMuls on exactly the rows routed to r
-    at  = Concat(order[begin_r:end_r])               # [n] the (token, slot) position of each live row (unique)
+    at  = Concat(order[bounds[r]:bounds[r+1]])       # [n] the (token, slot) position of each live row (unique)
     inv = ScatterElements(full(N, n), at, arange(n)) # [N] the row of each position; n (a zero row) if none
     y   = Gather(Concat(y_r, zeros[1, d]), inv)      # [N, d] = [T, K, d]: the un-permute, in token order
     out = y (* gates when K == 1)                    # [T, d]
@@ -26,7 +26,8 @@ of the dense-equivalent FFN, this one at 0.896-0.903. ONNX's TopK returns equal 
 sort is stable. One full range with K == 1 and no gates lowers to the
 plain FFN on all rows; a layer whose route ids are a constant of the graph (`static_routes`, found by the backend)
 lowers to the plain FFN on that route's range (zeros for a skip), with no routing op at all. Route ids outside
-[0, R) contribute nothing here (the reference raises); ONNX has no way to raise a typed error at run time.
+[0, R), negative ones included, contribute nothing here (the reference raises); ONNX has no way to raise a typed
+error at run time.
 
 Weights enter as `Transpose(Slice(w))` nodes named `_FOLD_PREFIX...`; `fold_weight_slices` evaluates them once
 after export, so the model holds one pre-sliced, pre-transposed initializer per route and weight ([d, F_r] for
@@ -153,14 +154,15 @@ def _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
     # contract), so route r's positions are the contiguous slice order[begin_r:end_r].
     order = op.TopK(flat_routes, op.Shape(flat_routes), axis=0, largest=0, sorted=1)[1]  # [N]
     n_routes = len(ranges) // 2
-    hits = op.Equal(op.Unsqueeze(flat_routes, [1]), op.Constant(value=ir.tensor(np.arange(n_routes))))  # [N, R]
-    ends = op.CumSum(op.ReduceSum(op.Cast(hits, to=ir.DataType.INT64), [0], keepdims=0), 0)  # [R]
-    begins = op.Concat(op.Constant(value=ir.tensor(np.zeros(1, dtype=np.int64))), ends, axis=0)  # [R+1]
+    # bounds[r] = how many positions have a route id < r, so route r's run is order[bounds[r]:bounds[r+1]], also
+    # when some ids are outside [0, R) (negative ones sort first, ids >= R last; both are in no route's run)
+    below = op.Less(op.Unsqueeze(flat_routes, [1]), op.Constant(value=ir.tensor(np.arange(n_routes + 1))))
+    bounds = op.ReduceSum(op.Cast(below, to=ir.DataType.INT64), [0], keepdims=0)  # [R+1]
     token_of = order if k_routes == 1 else op.Div(order, k_routes)  # [N] token of each sorted position
 
     pos, ys = [], []
     for r in live:
-        b, e = op.Slice(begins, [r], [r + 1]), op.Slice(ends, [r], [r + 1])  # [1], [1]
+        b, e = op.Slice(bounds, [r], [r + 1]), op.Slice(bounds, [r + 1], [r + 2])  # [1], [1]
         rows = op.Gather(x2, op.Slice(token_of, b, e), axis=0)  # [n_r, d]: the tokens routed to r (K > 1: repeats)
         y_r = weights.ffn(rows, ranges[2 * r], ranges[2 * r + 1], act, f"{prefix}/route{r}")  # [n_r, d]
         ys.append(y_r if b_down is None else op.Add(y_r, b_down))

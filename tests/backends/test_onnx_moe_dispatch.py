@@ -122,3 +122,42 @@ def test_top_one_gated_with_a_skip_route(level):
             y, r = run(x=x)
             assert torch.equal(r, routes)
             assert (y - ref).abs().max().item() <= ONNX_VS_EAGER
+
+
+class _OutOfRange(nn.Module):
+    """Top-2 gated routes where some slots carry an id outside [0, R) (-1 or R), chosen from the input; with
+    `sanitize`, those slots instead take route 0 with gate 0: the same output if invalid ids contribute nothing."""
+    RANGES = [0, 10, 10, 20, 20, 30, 30, 40]
+
+    def __init__(self, sanitize: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(17)
+        self.sanitize = sanitize
+        self.router = nn.Parameter(torch.randn(4, D, generator=g))
+        self.w_up, self.w_gate = (nn.Parameter(torch.randn(40, D, generator=g) * 0.2) for _ in "ug")
+        self.w_down = nn.Parameter(torch.randn(D, 40, generator=g) * 0.2)
+
+    def forward(self, x):
+        gates, routes = torch.topk(torch.softmax(x @ self.router.T, dim=-1), 2, dim=-1)  # [B, S, 2]
+        bad = x[..., :2] > 0.8  # [B, S, 2]
+        if self.sanitize:
+            routes, gates = torch.where(bad, 0, routes), torch.where(bad, 0.0, gates)
+        else:
+            routes = torch.where(bad, torch.where(x[..., 2:4] > 0, -1, 4), routes)
+        return ROUTED_FFN(x, routes, gates, self.w_up, self.w_gate, self.w_down, None, None, None, self.RANGES,
+                          "silu")
+
+
+@pytest.mark.parametrize("level", ["all", "disable"])
+def test_route_ids_outside_the_routes_contribute_nothing(level):
+    """The module docstring's promise for ids the reference refuses: negative ids (sorted before route 0) and ids
+    >= R (sorted last) are in no route's run."""
+    x = stack_input(4, 64, seed=19)
+    gm = capture(_OutOfRange(sanitize=False).eval(), (stack_input(2, 5),))
+    run = onnx_backend.prepare(gm, {"x": stack_input(2, 5)}).at_level(level)
+    bad = x[..., :2] > 0.8
+    ids = torch.where(x[..., 2:4] > 0, -1, 4)[bad]
+    assert (ids == -1).sum() > 10 and (ids == 4).sum() > 10  # both kinds of invalid id occur
+    with torch.no_grad():
+        ref = _OutOfRange(sanitize=True).eval()(x)
+    assert (run(x=x) - ref).abs().max().item() <= ONNX_VS_EAGER
