@@ -40,6 +40,7 @@ optimizations off, the slices run per call). Measured on the 8-layer d=1024 benc
 shared 2-core machine: not shown to be noise; a standalone sliced-vs-separate MatMul measured equal).
 
 Node names: `{prefix}/route{r}/{up|gate|down}` for the routed MatMuls (`{prefix}/dense/...` on the dense path),
+`{prefix}/unpermute` for the Gather back to token order and `{prefix}/combine` for the gate-weighted K-sum,
 where `prefix` is the fx node's name (`routed_ffn`, `routed_ffn_1`, ...), so profiles can be read per route.
 """
 from __future__ import annotations
@@ -151,7 +152,7 @@ def _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
     x2 = op.Reshape(x, [-1, d])  # [T, d]
     flat_routes = op.Reshape(routes, [-1])  # [N = T*K]
     # One stable sort: TopK(k=N, ascending) orders positions by route id, ties by position (ONNX's TopK
-    # contract), so route r's positions are the contiguous slice order[begin_r:end_r].
+    # contract), so route r's positions are one contiguous run of `order`.
     order = op.TopK(flat_routes, op.Shape(flat_routes), axis=0, largest=0, sorted=1)[1]  # [N]
     n_routes = len(ranges) // 2
     # bounds[r] = how many positions have a route id < r, so route r's run is order[bounds[r]:bounds[r+1]], also
@@ -177,13 +178,14 @@ def _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
                                           value=ir.tensor(np.zeros(1, dtype=x.dtype.numpy()))), axis=0)  # [n+1, d]
     if acc is not None:
         y = op.Cast(y, to=acc)
-    y = op.Gather(y, inv, axis=0)  # [N, d] = [T*K, d] in token order
+    y = _named(op.Gather(y, inv, axis=0), f"{prefix}/unpermute")  # [N, d] = [T*K, d] in token order
     if gates is not None:
         flat_gates = op.Cast(gates, to=acc or x.dtype)
         if k_routes == 1:
             out = op.Mul(y, op.Reshape(flat_gates, [-1, 1]))  # [T, d] * [T, 1]
         else:  # the gate-weighted sum over the K slots as one batched product: [T, 1, K] @ [T, K, d]
-            out = op.MatMul(op.Reshape(flat_gates, [-1, 1, k_routes]), op.Reshape(y, [-1, k_routes, d]))
+            out = _named(op.MatMul(op.Reshape(flat_gates, [-1, 1, k_routes]), op.Reshape(y, [-1, k_routes, d])),
+                         f"{prefix}/combine")
     elif k_routes == 1:
         out = y
     else:

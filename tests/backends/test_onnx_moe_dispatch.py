@@ -65,6 +65,9 @@ def test_moe_model_lowers_without_scatter():
     inv = [n for n in model.graph.node if n.op_type == "ScatterElements"]
     assert len(inv) == len(routed)
     assert all(a.s in (b"", b"none") for n in inv for a in n.attribute if a.name == "reduction")
+    by_name = {n.name: n.op_type for n in model.graph.node}
+    for node in routed:
+        assert by_name.get(f"{node.name}/unpermute") == "Gather" and by_name.get(f"{node.name}/combine") == "MatMul"
 
 
 @pytest.mark.parametrize("level", ["all", "disable"])
