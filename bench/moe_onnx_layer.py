@@ -135,8 +135,8 @@ def main(argv=None) -> None:
         lat = cpu_seconds(fns, warmup=a.warmup, reps=a.reps)
     else:
         lat = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0)
-    res = {"args": vars(a), "load": [load0, loadavg()], "clock": "thread cpu" if a.cpu_time else "wall", "ms": {k: round(v * 1e3, 3) for k, v in lat.items()},
-           "moe_over_dense": round(lat["dense"] / lat["moe"], 3)}
+    res = {"args": vars(a), "load": [load0, loadavg()], "clock": "thread cpu" if a.cpu_time else "wall",
+           "ms": {k: round(v * 1e3, 3) for k, v in lat.items()}, "moe_over_dense": round(lat["dense"] / lat["moe"], 3)}
     if not a.no_profile:
         res["op_ms_per_run"] = {k: op_times(r.end_profiling()) for k, (r, _) in runners.items()}
     print(json.dumps(res, indent=1))

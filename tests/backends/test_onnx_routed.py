@@ -120,8 +120,8 @@ def test_exported_model_inputs_and_initializers():
     assert {"TopK", "Gather", "ScatterElements"} <= ops  # one sort, gathers in and out, the inverse permutation
     assert not {"NonZero", "ScatterND"} & ops
     inits = {i.name: list(i.dims) for i in model.graph.initializer}
-    routed_mm = [n for n in model.graph.node  # the up/gate/down products of each route
-                 if n.op_type == "MatMul" and re.fullmatch(r"routed_ffn(_\d+)?/(route\d+|dense)/(up|gate|down)", n.name)]
+    kernel = re.compile(r"routed_ffn(_\d+)?/(route\d+|dense)/(up|gate|down)")  # a route's (or dense) products
+    routed_mm = [n for n in model.graph.node if n.op_type == "MatMul" and kernel.fullmatch(n.name)]
     assert len(routed_mm) > 20
     # every routed MatMul reads a pre-sliced, pre-transposed initializer: no Slice / Transpose at run time
     assert all(n.input[1] in inits and n.input[1].endswith(".weight_t") for n in routed_mm)
