@@ -282,8 +282,8 @@ def spec(args) -> list[tuple[str, str, object, str]]:
 
 # ---- ONNX profile --------------------------------------------------------------------------------------------
 
-_OVERHEAD = {"TopK", "CumSum", "NonZero", "ScatterND", "Gather", "GatherND", "Equal", "ConstantOfShape", "Div",
-             "Unsqueeze", "ArgMax", "Shape", "Reshape", "Expand", "Cast"}
+_OVERHEAD = {"TopK", "CumSum", "NonZero", "ScatterND", "ScatterElements", "Less", "Range", "Gather", "GatherND",
+             "Equal", "ConstantOfShape", "Div", "Unsqueeze", "ArgMax", "Shape", "Reshape", "Expand", "Cast"}
 
 
 # control-flow nodes: their kernel time includes their branch's nodes, which the profiler also lists

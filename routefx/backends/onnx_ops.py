@@ -5,21 +5,29 @@ a plain Python function calling onnxscript opset ops on the exporter's values. W
 token, N = T*K assignments, R = routes, n_r = assignments to route r, it emits:
 
     order   = TopK(routes.flat, N, ascending)[1]    # [N] one stable sort: positions grouped by route id
-    ends    = CumSum(ReduceSum(routes.flat[:, None] == arange(R)))  # [R] where each route's run ends
+    bounds  = ReduceSum(routes.flat[:, None] < arange(R + 1), axis=0)  # [R+1]: r's run is bounds[r]:bounds[r+1]
     tok     = order / K                              # [N] token of each sorted position (order when K == 1)
     per route r with a non-empty range [s_r, e_r):   (skip routes: nothing; their tokens are never copied)
-        tok_r = tok[begin_r:end_r]                   # [n_r] a contiguous slice
-        y_r   = FFN_r(Gather(x2, tok_r))             # [n_r, d] MatMuls on exactly the rows routed to r
-    y   = Concat(y_r) (+ b_down) (* gates.flat[Concat(order_r)])      # [n, d] in sorted order
-    out = ScatterND(zeros[T, d], Concat(tok_r), y)   # one un-permute, when K == 1
-    out = ReduceSum(ScatterND(zeros[N, d], Concat(order_r), y).reshape(T, K, d), axis=1)   # when K > 1 (unique
-                                                     # indices: ORT's scatter-add loses updates to repeated ones)
+        tok_r = tok[bounds[r]:bounds[r+1]]           # [n_r] a contiguous slice
+        y_r   = FFN_r(Gather(x2, tok_r)) (+ b_down)  # [n_r, d] MatMuls on exactly the rows routed to r
+    at  = Concat(order[bounds[r]:bounds[r+1]])       # [n] the (token, slot) position of each live row (unique)
+    inv = ScatterElements(full(N, n), at, arange(n)) # [N] the row of each position; n (a zero row) if none
+    y   = Gather(Concat(y_r, zeros[1, d]), inv)      # [N, d] = [T, K, d]: the un-permute, in token order
+    out = y (* gates when K == 1)                    # [T, d]
+    out = MatMul(gates[T, 1, K], y[T, K, d])         # [T, 1, d]: gate-weighted sum of the K slots (K > 1)
+    out = ReduceSum(y[T, K, d], axis=1)              # K > 1 without gates
 
-so the routing work per layer is one sort, one scatter and a gather per live route, whatever R is. ONNX's TopK
-returns equal values in index order, so the sort is stable. One full range with K == 1 and no gates lowers to the
+so the routing work per layer is one sort, a gather per live route, one concatenation and one gather back,
+whatever R is. No ScatterND: its CPU kernel is slower than a Gather here (a zeros buffer, a copy of it, then the
+scatter), and with reduction="add" over repeated token indices its multi-threaded kernel loses updates. Measured
+(one d=1024 layer, 8 experts x 1408, top-2, T=512, 1 thread, CPU time of interleaved runs; bench/moe_onnx_layer.py
+shape): the previous ScatterND un-permute (zeros [T*K, d], scatter, gate Mul, ReduceSum over K) at 0.864-0.880
+of the dense-equivalent FFN, this one at 0.896-0.903. ONNX's TopK returns equal values in index order, so the
+sort is stable. One full range with K == 1 and no gates lowers to the
 plain FFN on all rows; a layer whose route ids are a constant of the graph (`static_routes`, found by the backend)
 lowers to the plain FFN on that route's range (zeros for a skip), with no routing op at all. Route ids outside
-[0, R) contribute nothing here (the reference raises); ONNX has no way to raise a typed error at run time.
+[0, R), negative ones included, contribute nothing here (the reference raises); ONNX has no way to raise a typed
+error at run time.
 
 Weights enter as `Transpose(Slice(w))` nodes named `_FOLD_PREFIX...`; `fold_weight_slices` evaluates them once
 after export, so the model holds one pre-sliced, pre-transposed initializer per route and weight ([d, F_r] for
@@ -32,6 +40,7 @@ optimizations off, the slices run per call). Measured on the 8-layer d=1024 benc
 shared 2-core machine: not shown to be noise; a standalone sliced-vs-separate MatMul measured equal).
 
 Node names: `{prefix}/route{r}/{up|gate|down}` for the routed MatMuls (`{prefix}/dense/...` on the dense path),
+`{prefix}/unpermute` for the Gather back to token order and `{prefix}/combine` for the gate-weighted K-sum,
 where `prefix` is the fx node's name (`routed_ffn`, `routed_ffn_1`, ...), so profiles can be read per route.
 """
 from __future__ import annotations
@@ -143,51 +152,44 @@ def _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
     x2 = op.Reshape(x, [-1, d])  # [T, d]
     flat_routes = op.Reshape(routes, [-1])  # [N = T*K]
     # One stable sort: TopK(k=N, ascending) orders positions by route id, ties by position (ONNX's TopK
-    # contract), so route r's positions are the contiguous slice order[begin_r:end_r].
+    # contract), so route r's positions are one contiguous run of `order`.
     order = op.TopK(flat_routes, op.Shape(flat_routes), axis=0, largest=0, sorted=1)[1]  # [N]
     n_routes = len(ranges) // 2
-    hits = op.Equal(op.Unsqueeze(flat_routes, [1]), op.Constant(value=ir.tensor(np.arange(n_routes))))  # [N, R]
-    ends = op.CumSum(op.ReduceSum(op.Cast(hits, to=ir.DataType.INT64), [0], keepdims=0), 0)  # [R]
-    begins = op.Concat(op.Constant(value=ir.tensor(np.zeros(1, dtype=np.int64))), ends, axis=0)  # [R+1]
+    # bounds[r] = how many positions have a route id < r, so route r's run is order[bounds[r]:bounds[r+1]], also
+    # when some ids are outside [0, R) (negative ones sort first, ids >= R last; both are in no route's run)
+    below = op.Less(op.Unsqueeze(flat_routes, [1]), op.Constant(value=ir.tensor(np.arange(n_routes + 1))))
+    bounds = op.ReduceSum(op.Cast(below, to=ir.DataType.INT64), [0], keepdims=0)  # [R+1]
     token_of = order if k_routes == 1 else op.Div(order, k_routes)  # [N] token of each sorted position
 
-    pos, toks, ys = [], [], []
+    pos, ys = [], []
     for r in live:
-        b, e = op.Slice(begins, [r], [r + 1]), op.Slice(ends, [r], [r + 1])  # [1], [1]
-        tok = op.Slice(token_of, b, e)  # [n_r] tokens routed to r (repeats allowed for K > 1)
-        rows = op.Gather(x2, tok, axis=0)  # [n_r, d]
-        ys.append(weights.ffn(rows, ranges[2 * r], ranges[2 * r + 1], act, f"{prefix}/route{r}"))  # [n_r, d]
-        toks.append(tok)
-        if gates is not None:
-            pos.append(op.Slice(order, b, e))
-    y = ys[0] if len(ys) == 1 else op.Concat(*ys, axis=0)  # [n, d]: the live assignments, in sorted order
-    tok = toks[0] if len(toks) == 1 else op.Concat(*toks, axis=0)  # [n]
-    if k_routes > 1 and not pos:                            # the slot positions, for the un-permute below
-        pos = [op.Slice(order, op.Slice(begins, [r], [r + 1]), op.Slice(ends, [r], [r + 1])) for r in live]
-    if b_down is not None:
-        y = op.Add(y, b_down)
+        b, e = op.Slice(bounds, [r], [r + 1]), op.Slice(bounds, [r + 1], [r + 2])  # [1], [1]
+        rows = op.Gather(x2, op.Slice(token_of, b, e), axis=0)  # [n_r, d]: the tokens routed to r (K > 1: repeats)
+        y_r = weights.ffn(rows, ranges[2 * r], ranges[2 * r + 1], act, f"{prefix}/route{r}")  # [n_r, d]
+        ys.append(y_r if b_down is None else op.Add(y_r, b_down))
+        pos.append(op.Slice(order, b, e))  # [n_r] the (token, slot) positions of those rows
+    # The un-permute is a Gather: row j of y belongs to position at[j] (unique), so inv[at[j]] = j, and every
+    # position no live route took (a skip, a route id outside [0, R)) reads the zero row appended at index n.
+    at = pos[0] if len(pos) == 1 else op.Concat(*pos, axis=0)  # [n]
+    n = op.Shape(at)  # [1]
+    inv = op.ScatterElements(op.Expand(n, op.Shape(flat_routes)), at, op.Range(0, op.Squeeze(n), 1),
+                             axis=0)  # [N]: int64 indices, unique, so no reduction and no race
+    y = op.Concat(*ys, op.ConstantOfShape(op.Constant(value=ir.tensor(np.array([1, d], dtype=np.int64))),
+                                          value=ir.tensor(np.zeros(1, dtype=x.dtype.numpy()))), axis=0)  # [n+1, d]
     if acc is not None:
         y = op.Cast(y, to=acc)
+    y = _named(op.Gather(y, inv, axis=0), f"{prefix}/unpermute")  # [N, d] = [T*K, d] in token order
     if gates is not None:
-        flat_gates = op.Reshape(op.Cast(gates, to=acc or x.dtype), [-1])  # [N]
-        at = pos[0] if len(pos) == 1 else op.Concat(*pos, axis=0)  # [n]
-        y = op.Mul(y, op.Unsqueeze(op.Gather(flat_gates, at, axis=0), [1]))  # [n, d] * [n, 1]
-    zero = ir.tensor(np.zeros(1, dtype=(acc or x.dtype).numpy()))
-    if k_routes == 1:
-        # One un-permute: every token appears at most once, so a plain scatter; skip tokens stay 0, never copied.
-        out = op.ConstantOfShape(op.Shape(x2), value=zero)  # [T, d]
-        out = op.ScatterND(out, op.Unsqueeze(tok, [1]), y, reduction="none")
+        flat_gates = op.Cast(gates, to=acc or x.dtype)
+        if k_routes == 1:
+            out = op.Mul(y, op.Reshape(flat_gates, [-1, 1]))  # [T, d] * [T, 1]
+        else:  # the gate-weighted sum over the K slots as one batched product: [T, 1, K] @ [T, K, d]
+            out = _named(op.MatMul(op.Reshape(flat_gates, [-1, 1, k_routes]), op.Reshape(y, [-1, k_routes, d])),
+                         f"{prefix}/combine")
+    elif k_routes == 1:
+        out = y
     else:
-        # K > 1: a token repeats, so scatter by slot position (token·K + slot: unique) into [T·K, d], then sum
-        # the K slots. A ScatterND with reduction="add" over repeated indices loses updates in ONNX Runtime's
-        # multi-threaded CPU kernel (an occasional token missing one expert, a different one per run).
-        at = pos[0] if len(pos) == 1 else op.Concat(*pos, axis=0)  # [n] unique slot positions
-        slots = op.ConstantOfShape(op.Concat(op.Shape(flat_routes), op.Constant(value=ir.tensor(
-            np.array([d], dtype=np.int64))), axis=0), value=zero)  # [T·K, d]
-        slots = op.ScatterND(slots, op.Unsqueeze(at, [1]), y, reduction="none")
-        tkd = op.Constant(value=ir.tensor(np.array([-1, k_routes, d], dtype=np.int64)))
-        out = op.ReduceSum(op.Reshape(slots, tkd), op.Constant(value=ir.tensor(np.array([1], dtype=np.int64))),
-                           keepdims=0)  # [T, d]
+        out = op.ReduceSum(op.Reshape(y, [-1, k_routes, d]), [1], keepdims=0)  # [T, d]
     if acc is not None:
         out = op.Cast(out, to=x.dtype)
     return op.Reshape(out, op.Shape(x))

@@ -99,9 +99,9 @@ def test_duo_onnx_equals_eager(name, router):
     cm = _duo(name, router)
     ops = {n.op_type for n in onnx.load_from_string(cm.runner.onnx_model).graph.node}
     if router != "static":
-        assert {"TopK", "ScatterND", "ArgMax"} <= ops, ops
+        assert {"TopK", "ScatterElements", "ArgMax"} <= ops, ops
     else:  # constant route ids: plain MatMuls on each layer's fixed range, no routing ops at all
-        assert not ops & {"TopK", "NonZero", "ScatterND", "ArgMax"}, ops
+        assert not ops & {"TopK", "NonZero", "ScatterND", "ScatterElements", "ArgMax"}, ops
 
 
 def test_lowered_from_the_captured_graph_without_tracing():
