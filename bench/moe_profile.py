@@ -34,7 +34,8 @@ def _kernel_times(path: str) -> tuple[dict, dict, int]:
     runs = max(1, sum(1 for e in events if e.get("name") == "model_run"))
     by_type, by_node = collections.Counter(), collections.Counter()
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+        if (e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                and e["args"]["op_name"] not in ("If", "Loop", "Scan")):  # their branches' nodes are listed too
             by_type[e["args"]["op_name"]] += e["dur"] / 1e3 / runs
             by_node[e["name"][:-len("_kernel_time")]] += e["dur"] / 1e3 / runs
     return dict(by_type), dict(by_node), runs

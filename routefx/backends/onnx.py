@@ -5,7 +5,8 @@ placeholders' fake values) from the graph itself (`routefx.backends.onnx_program
 ExportedProgram and translated by torch's ONNX exporter, with no trace; the exporter's decomposition where an op
 lacks an ONNX implementation; `torch.onnx.export(gm)` only if both fail), lowers `routefx::routed_ffn` with
 `routefx.backends.onnx_ops` (one TopK sort of the route ids per layer, per-route Gather/MatMul on pre-sliced,
-pre-transposed weight initializers, one ScatterND; constant route ids: plain MatMuls on their range), folds the
+pre-transposed weight initializers, one Gather back into token order; constant route ids: plain MatMuls on their
+range), folds the
 weight slices, runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession` with the weights handed
 over in memory (`routefx.backends.onnx_session`: the graph is serialized without them). Non-tensor keywords
 (use_cache=False) are baked into the model; its inputs are the model's own tensor inputs, its weights are
