@@ -6,8 +6,8 @@ ExportedProgram and translated by torch's ONNX exporter, with no trace; the expo
 lacks an ONNX implementation; `torch.onnx.export(gm)` only if both fail), lowers `routefx::routed_ffn` with
 `routefx.backends.onnx_ops` (one TopK sort of the route ids per layer, per-route Gather/MatMul on pre-sliced,
 pre-transposed weight initializers, one Gather back into token order; constant route ids: plain MatMuls on their
-range), folds the weight slices, runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession` with the weights handed
-over in memory (`routefx.backends.onnx_session`: the graph is serialized without them). Non-tensor keywords
+range), folds the weight slices, runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession` with
+the weights handed over in memory (`routefx.backends.onnx_session`: the graph is serialized without them). Non-tensor keywords
 (use_cache=False) are baked into the model; its inputs are the model's own tensor inputs, its weights are
 initializers. `runner.timings` has the wall seconds of each phase (export, fold, optimize, fuse, serialize,
 session), `runner.cpu_timings` their CPU seconds, `runner.fusions` the fused-kernel rewrites made, and
