@@ -24,7 +24,8 @@ projection), that pair moves into the else branch and the then branch hands Grou
 output straight on.
 
 Only fp32 4-D q / k / v with static head counts and one head size (a multiple of 8, which the CPU kernel
-requires), no past inputs, no softcap, and unused optional outputs are rewritten; other Attention nodes are left as they are (said in the fusion notes).
+requires), no past inputs, no softcap, and unused optional outputs are rewritten; other Attention nodes are left
+as they are (said in the fusion notes).
 """
 from __future__ import annotations
 
