@@ -276,7 +276,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1)")
     ap.add_argument("--write-results", action="store_true",
                     help="only render bench/results/generate*.json into the generation section of RESULTS.md")
-    ap.add_argument("--speculative", action="store_true", help="only the self-speculative run (the trained quality LM if cached, else the tiny trained "
+    ap.add_argument("--speculative", action="store_true",
+                    help="only the self-speculative run (the trained quality LM if cached, else the tiny trained "
                          "Llama)")
     ap.add_argument("--quality", action="store_true",
                     help="only the quality of the decode policies on the trained quality model (generate_quality.py)")

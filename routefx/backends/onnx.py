@@ -8,7 +8,8 @@ lacks an ONNX implementation; `torch.onnx.export(gm)` only if both fail), lowers
 pre-transposed weight initializers, one Gather back into token order; constant route ids: plain MatMuls on their
 range), folds the weight slices, runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession` with
 the weights handed over in memory (`routefx.backends.onnx_session`: the graph is serialized without them).
-Non-tensor keywords (use_cache=False) are baked into the model; its inputs are the model's own tensor inputs, its weights are
+Non-tensor keywords (use_cache=False) are baked into the model; its inputs are the model's own tensor inputs, its
+weights are
 initializers. `runner.timings` has the wall seconds of each phase (export, fold, optimize, fuse, serialize,
 session), `runner.cpu_timings` their CPU seconds, `runner.fusions` the fused-kernel rewrites made, and
 `runner.export_path` says how the graph was lowered ("direct", "decomposed" or "traced").
@@ -196,7 +197,8 @@ class OnnxRunner:
         its ONNX name), each checked for dtype and rank only, outputs returned as ONNX Runtime gives them (numpy
         arrays, in `output_names` order; no output structure, no torch). Only where `takes_arrays` (numpy dtypes,
         and every output of the graph an ONNX output, so that the arrays are the graph's flat outputs). For loops
-        that feed outputs back as inputs (generation's KV cache): ONNX Runtime reads contiguous arrays in place and returns arrays over its
+        that feed outputs back as inputs (generation's KV cache): ONNX Runtime reads contiguous arrays in place and
+        returns arrays over its
         own output buffers (onnxruntime 1.32: their base is ONNX Runtime's), so the cache is not copied between
         steps."""
         if len(feeds) != len(self.inputs):
