@@ -12,7 +12,7 @@ import torch
 from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-__all__ = ["propagate_shapes_", "fake_mode_of"]
+__all__ = ["propagate_shapes_", "propagate_changed_", "fake_mode_of"]
 
 
 def fake_mode_of(gm: fx.GraphModule):
@@ -58,3 +58,37 @@ def propagate_shapes_(gm: fx.GraphModule) -> None:
     quiet = mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext()
     with quiet:
         _CapturedFakeProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def _shape_key(v) -> object:
+    """What a node's value says about shapes: per tensor its (shape, dtype); other values as text."""
+    if isinstance(v, torch.Tensor):
+        return tuple(str(s) for s in v.shape), v.dtype
+    if isinstance(v, (list, tuple)):
+        return tuple(_shape_key(x) for x in v)
+    return str(v)
+
+
+def propagate_changed_(gm: fx.GraphModule, changed: set[str]) -> int:
+    """Incremental `propagate_shapes_` after a pass; returns how many nodes it recomputed.
+
+    Recomputes `meta["val"]` of the nodes named in `changed` (new nodes and nodes whose target or arguments a
+    pass changed), of every get_attr node (a pass may put another tensor behind an unchanged name), and,
+    transitively, of the users of every node whose value changed shape or dtype. Every other node keeps its value:
+    a node's value depends only on its inputs' values, so this computes what a full propagation would."""
+    mode = fake_mode_of(gm)
+    prop = _CapturedFakeProp(gm, mode)
+    dirty = set(changed)
+    done = 0
+    quiet = mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext()
+    with quiet, mode:
+        for n in gm.graph.nodes:
+            old = n.meta.get("val")
+            if n.op == "placeholder" or (n.name not in dirty and n.op != "get_attr" and old is not None):
+                prop.env[n] = old
+                continue
+            prop.env[n] = prop.run_node(n)
+            done += 1
+            if _shape_key(old) != _shape_key(n.meta.get("val")):
+                dirty.update(u.name for u in n.users)
+    return done

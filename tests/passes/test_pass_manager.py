@@ -83,3 +83,30 @@ def test_a_pass_whose_ensures_fails_is_named(bad, match):
     gm = capture(entry.build(), args, kwargs)
     with pytest.raises(PassFailedError, match=match):
         PassManager([bad()]).run(gm)
+
+
+def test_incremental_shape_propagation_equals_a_full_one(monkeypatch):
+    """After each pass the manager re-propagates shapes only from the nodes the pass changed: every node's value
+    then has the shape and dtype a whole-graph propagation gives (Duo's passes: new, rewired and removed nodes,
+    new weights)."""
+    from routefx.passes import fake_prop, manager
+    from routefx.passes.fake_prop import _shape_key, propagate_shapes_
+    seen = []
+    incremental = fake_prop.propagate_changed_
+
+    def checked(gm, changed):
+        n = incremental(gm, changed)
+        got = {node.name: _shape_key(node.meta.get("val")) for node in gm.graph.nodes}
+        propagate_shapes_(gm)
+        want = {node.name: _shape_key(node.meta.get("val")) for node in gm.graph.nodes}
+        assert got == want
+        seen.append((n, len(gm.graph.nodes)))
+        return n
+
+    monkeypatch.setattr(manager, "propagate_changed_", checked)
+    entry = ZOO["llama"]
+    args, kwargs = example_inputs(entry, batch=2, seq=9, left_pad=2)
+    cal = [dict(input_ids=args[0], **kwargs)]
+    routefx.compile(entry.build(), routefx.policies.Duo(budget=0.5, router="local"), calibration=cal,
+                    example_inputs=args, example_kwargs=kwargs)
+    assert len(seen) >= 3 and any(n < total for n, total in seen), seen   # some pass left most nodes alone
