@@ -31,6 +31,7 @@ import torch
 from routefx.backends import onnx_session
 from routefx.backends.onnx import session_options
 from routefx.generate.loop import Stepper
+from routefx.timing import median_seconds
 
 __all__ = ["PATHS", "weight_stream_seconds", "step_seconds", "roofline", "roof_of", "roofline_markdown"]
 
@@ -58,24 +59,13 @@ def weight_stream_seconds(nbytes: int, hidden: int, batches, *, reps: int = 15, 
     w_torch = buf.view(rows, hidden)                                            # x @ w_torch.T
     sess = _matmul_session(buf.numpy().reshape(hidden, rows))                   # x @ w
     res = {"bytes": rows * hidden * 4, "rows": rows, "torch": {}, "onnxruntime": {}, "best": {}}
-    rng = random.Random(seed)
-    with torch.no_grad():
-        for B in batches:
-            x = torch.randn(B, hidden, generator=torch.Generator().manual_seed(seed + B))
-            xn = x.numpy()
-            fns = {"torch": lambda x=x: x @ w_torch.T, "onnxruntime": lambda xn=xn: sess.run(None, {"x": xn})}
-            times = {k: [] for k in fns}
-            for i in range(warmup + reps):
-                order = list(fns)
-                rng.shuffle(order)
-                for k in order:
-                    t = time.perf_counter()
-                    fns[k]()
-                    if i >= warmup:
-                        times[k].append(time.perf_counter() - t)
-            for k, v in times.items():
-                res[k][B] = statistics.median(v)
-            res["best"][B] = min(res["torch"][B], res["onnxruntime"][B])
+    for B in batches:
+        x = torch.randn(B, hidden, generator=torch.Generator().manual_seed(seed + B))
+        xn = x.numpy()
+        fns = {"torch": lambda x=x: x @ w_torch.T, "onnxruntime": lambda xn=xn: sess.run(None, {"x": xn})}
+        for k, v in median_seconds(fns, warmup=warmup, reps=reps, shuffle_seed=seed + B).items():
+            res[k][B] = v
+        res["best"][B] = min(res["torch"][B], res["onnxruntime"][B])
     res["bandwidth_gb_s"] = res["bytes"] / res["best"][min(batches)] / 1e9
     return res
 
