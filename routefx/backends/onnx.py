@@ -9,8 +9,7 @@ pre-transposed weight initializers, one Gather back into token order; constant r
 range), folds the weight slices, runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession` with
 the weights handed over in memory (`routefx.backends.onnx_session`: the graph is serialized without them).
 Non-tensor keywords (use_cache=False) are baked into the model; its inputs are the model's own tensor inputs, its
-weights are
-initializers. `runner.timings` has the wall seconds of each phase (export, fold, optimize, fuse, serialize,
+weights are initializers. `runner.timings` has the wall seconds of each phase (export, fold, optimize, fuse, serialize,
 session), `runner.cpu_timings` their CPU seconds, `runner.fusions` the fused-kernel rewrites made, and
 `runner.export_path` says how the graph was lowered ("direct", "decomposed" or "traced").
 
@@ -97,10 +96,15 @@ _ORT_DTYPES = {
     "tensor(bool)": torch.bool,
 }
 
-_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
-                 torch.float16: np.dtype(np.float16), torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32),
-                 torch.int16: np.dtype(np.int16), torch.int8: np.dtype(np.int8), torch.uint8: np.dtype(np.uint8),
-                 torch.bool: np.dtype(np.bool_)}
+_NO_SPINNING = ("session.intra_op.allow_spinning", "0")   # session config entry: threads sleep after a run
+
+
+def _numpy_dtype(dtype: torch.dtype | None) -> np.dtype | None:
+    """numpy's dtype for a torch dtype; None where numpy has none (bfloat16) or the input type is unknown."""
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype if dtype is not None else None
+    except TypeError:
+        return None
 
 
 def session_options(*, optimization_level: str = "all", routed: bool = False, profile_dir: str | None = None,
@@ -119,7 +123,7 @@ def session_options(*, optimization_level: str = "all", routed: bool = False, pr
     so.enable_cpu_mem_arena = True
     so.log_severity_level = 3
     if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry(*_NO_SPINNING)
     if profile_dir is not None:
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(profile_dir, "ort_profile")
@@ -156,7 +160,7 @@ class OnnxRunner:
         self._out_spec = out_spec
         self.inputs = tuple(_Input(i.name, _ORT_DTYPES.get(i.type), tuple(i.shape)) for i in session.get_inputs())
         self.output_names = tuple(o.name for o in session.get_outputs())
-        self._array_specs = tuple((i.name, _NUMPY_DTYPES.get(i.dtype), len(i.shape)) for i in self.inputs)
+        self._array_specs = tuple((i.name, _numpy_dtype(i.dtype), len(i.shape)) for i in self.inputs)
         # run_arrays works: numpy dtypes (no bf16), and every output of the graph is an ONNX output
         self.takes_arrays = all(d is not None for _, d, _ in self._array_specs) and all(x is True for x in leaves)
 
@@ -198,8 +202,7 @@ class OnnxRunner:
         arrays, in `output_names` order; no output structure, no torch). Only where `takes_arrays` (numpy dtypes,
         and every output of the graph an ONNX output, so that the arrays are the graph's flat outputs). For loops
         that feed outputs back as inputs (generation's KV cache): ONNX Runtime reads contiguous arrays in place and
-        returns arrays over its
-        own output buffers (onnxruntime 1.32: their base is ONNX Runtime's), so the cache is not copied between
+        returns arrays over its own output buffers (onnxruntime 1.32: their base is ONNX Runtime's), so the cache is not copied between
         steps."""
         if len(feeds) != len(self.inputs):
             raise InputError(f"run_arrays takes every input: got {sorted(feeds)}; the ONNX model takes "
@@ -252,18 +255,18 @@ class OnnxRunner:
     def at_level(self, optimization_level: str) -> "OnnxRunner":
         """The same exported model in a new session at another ORT graph optimization level (no re-export):
         tests run both "all" and "disable", so that no fusion hides a wrong lowering."""
-        so = session_options(optimization_level=optimization_level,
-                             routed=not self.session.get_session_options().enable_mem_pattern)
-        other = copy.copy(self)
-        other.session = self._graph.session(so)
-        return other
+        return self._reopened(session_options(optimization_level=optimization_level,
+                                              routed=not self.session.get_session_options().enable_mem_pattern))
 
     def without_spinning(self) -> "OnnxRunner":
         """The same model in a new session whose intra-op threads do not spin-wait after a run (no re-export):
         for sessions run in alternation with others on the same cores (speculative decoding's draft and full
         model), where one session's spinning threads slow the next one's run."""
         so = self.session.get_session_options()
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry(*_NO_SPINNING)
+        return self._reopened(so)
+
+    def _reopened(self, so: ort.SessionOptions) -> "OnnxRunner":
         other = copy.copy(self)
         other.session = self._graph.session(so)
         return other

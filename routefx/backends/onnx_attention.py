@@ -33,13 +33,11 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from routefx.backends.onnx_fusions import _is
+
 __all__ = ["fuse_causal_gqa"]
 
 _NEG = -1e30  # a float mask entry at or below this is a masked position (exp underflows to exactly 0 in fp32)
-
-
-def _is(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
 
 
 def _blocker(node: ir.Node) -> str | None:
@@ -96,7 +94,7 @@ class _Builder:
         return self.const(np.array(xs, np.int64))
 
 
-def _seq_len(b: _Builder, new: list, t: ir.Value, axis: int) -> ir.Value:
+def _dim(new: list, t: ir.Value, axis: int) -> ir.Value:
     node = ir.node("Shape", [t], attributes={"start": axis, "end": axis + 1})
     new.append(node)
     return node.outputs[0]
@@ -234,7 +232,7 @@ def _rewrite(b: _Builder, node: ir.Node, conditions: dict) -> None:
     else_: list[ir.Node] = []
     (q3, q4, q_len), (k3, k4, k_len), (v3, v4, _) = (_head_layouts(b, new, then, else_, t, n, h, node)
                                                      for t, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
-    sq, skv = _seq_len(b, new, *q_len), _seq_len(b, new, *k_len)
+    sq, skv = _dim(new, *q_len), _dim(new, *k_len)
     key = (id(mask), str(q.shape[2]), str(k.shape[2]))
     named = all(isinstance(d, int) or getattr(d, "value", None) for d in (q.shape[2], k.shape[2]))
     if named and key in conditions:
@@ -243,7 +241,7 @@ def _rewrite(b: _Builder, node: ir.Node, conditions: dict) -> None:
         cond = _condition(b, new, mask, sq, skv)
         if named:
             conditions[key] = cond
-    batch = _seq_len(b, new, q_len[0], 0)
+    batch = _dim(new, q_len[0], 0)
     seqlens = _op(new, "Expand", [_op(new, "Cast", [_op(new, "Sub", [skv, b.i64(1)])], to=ir.DataType.INT32),
                                   batch])
     total = _op(new, "Cast", [_op(new, "Squeeze", [skv, b.i64(0)])], to=ir.DataType.INT32)

@@ -38,7 +38,6 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from routefx.backends.onnx_attention import fuse_causal_gqa
 
 __all__ = ["FUSIONS", "DEFAULT_FUSIONS", "FusionResult", "optimize_", "fuse_"]
 
@@ -281,7 +280,12 @@ def _rule_set(name: str):
     return skip_rms_normalization_ruleset
 
 
-_OWN = {"shared_kv_heads": _fuse_shared_kv_heads, "rotary": _fuse_rotary, "causal_gqa": fuse_causal_gqa}
+def _fuse_causal_gqa(model: ir.Model, result: FusionResult) -> int:
+    from routefx.backends.onnx_attention import fuse_causal_gqa  # it imports this module's helpers
+    return fuse_causal_gqa(model, result)
+
+
+_OWN = {"shared_kv_heads": _fuse_shared_kv_heads, "rotary": _fuse_rotary, "causal_gqa": _fuse_causal_gqa}
 
 
 def fuse_(model: ir.Model, fusions=DEFAULT_FUSIONS) -> FusionResult:

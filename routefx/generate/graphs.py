@@ -36,7 +36,6 @@ class Graph:
     seconds: float               # capture, passes and (once done) lowering
     _lower: object = dataclasses.field(default=None, repr=False)
     _run: object = dataclasses.field(default=None, repr=False)
-
     _quiet: object = dataclasses.field(default=None, repr=False)
 
     @property
@@ -73,21 +72,8 @@ class GenerationGraphs:
 
     def quiet(self) -> "GenerationGraphs":
         """These graphs with their `quiet_run` as `run` (see `Graph.quiet_run`)."""
-        return dataclasses.replace(self, prefill=_Quiet(self.prefill), decode=_Quiet(self.decode))
-
-
-class _Quiet:
-    """A graph whose `run` is the original's `quiet_run` (its other fields read through)."""
-
-    def __init__(self, graph: Graph):
-        self._graph = graph
-
-    @property
-    def run(self):
-        return self._graph.quiet_run
-
-    def __getattr__(self, name):
-        return getattr(self._graph, name)
+        return dataclasses.replace(self, prefill=dataclasses.replace(self.prefill, _run=self.prefill.quiet_run),
+                                   decode=dataclasses.replace(self.decode, _run=self.decode.quiet_run))
 
 
 def _plan(cm, gm: fx.GraphModule, ir: ModelIR) -> Plan:
