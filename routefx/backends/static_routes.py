@@ -14,7 +14,7 @@ from routefx.errors import BackendError
 from routefx.ir.activations import get_activation
 from routefx.ir.graph_utils import constant_route
 
-__all__ = ["constant_route", "static_ffn", "copy_graph", "lower_routed"]
+__all__ = ["constant_route", "static_ffn", "copy_graph", "lower_routed", "with_route_outputs"]
 
 _ROUTED_FFN = torch.ops.routefx.routed_ffn.default
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -87,3 +87,28 @@ def lower_routed(gm: fx.GraphModule, dynamic_op=None) -> tuple[fx.GraphModule, i
     new.graph.eliminate_dead_code()
     new.recompile()
     return new, n_static, n_dynamic
+
+
+def with_route_outputs(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` (sharing its weights; `gm` is left unchanged) that returns `(outputs, routes)`: its own
+    outputs and a tuple of the route ids of each routed FFN whose routes are not constants, in graph order. For
+    checking the routes a compiled backend really computes (Inductor may fuse a router otherwise than eager):
+    lower and compile the copy like the graph itself."""
+    import torch.utils._pytree as pytree
+    new = fx.GraphModule(gm, copy_graph(gm.graph), class_name=type(gm).__name__)
+    new.meta.update(gm.meta)
+    g = new.graph
+    routes = [n.args[1] for n in g.nodes if n.op == "call_function" and n.target is _ROUTED_FFN
+              and constant_route(n.args[1]) is None]
+    out = next(n for n in g.nodes if n.op == "output")
+    info = getattr(g._codegen, "pytree_info", None)
+    if info is None or info.out_spec is None:  # a plain graph: its output value as is
+        out.args = ((out.args[0], tuple(routes)),)
+    else:
+        leaves = list(out.args[0])
+        shape = pytree.tree_unflatten(list(range(len(leaves))), info.out_spec)
+        spec = pytree.tree_structure((shape, tuple(range(len(routes)))))
+        g._codegen = type(g._codegen)(info._replace(out_spec=spec))
+        out.args = (tuple(leaves + routes),)
+    new.recompile()
+    return new

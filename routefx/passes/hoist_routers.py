@@ -2,7 +2,8 @@
 the previous routed layer's FFN input, one layer ahead.
 
 Requires: routers inserted by InsertRouters (routes = argmax(linear(x, W, b) - price) of each planned layer's own
-          FFN input x); `ctx.plan.policy["hoist"]` true (otherwise the pass changes nothing).
+          FFN input x, cast to fp32 first for an fp16 / bf16 FFN); `ctx.plan.policy["hoist"]` true (otherwise the
+          pass changes nothing).
 Ensures:  for planned layers l_0 < l_1 < ... (block order), the router of l_i (i >= 1) reads x_{l_{i-1}}, the FFN
           input of the previous routed layer, and its nodes run before that layer's routed_ffn, so l_i's route ids
           (all a backend needs to sort and count its dispatch) exist one routed layer ahead. l_0 is unchanged.
@@ -38,16 +39,24 @@ def hoisted_layers(ctx: PassContext, ir: ModelIR) -> list[tuple[str, str]]:
 
 
 def _router(routes, x: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
-    """(the linear product, the router's nodes in graph order) when `routes` is an argmax over `linear(x, ...)`
-    and needs nothing but x and constants; None otherwise."""
+    """(the router's node that reads x: its linear product, or the dtype cast feeding it (fp32 routers of a
+    low-precision FFN); the router's nodes in graph order) when `routes` is an argmax over `linear(x, ...)` or
+    `linear(x.to(dtype), ...)` and needs nothing but x and constants; None otherwise."""
     if not isinstance(routes, fx.Node) or routes.target is not aten.argmax.default:
         return None
     inside = gu.ancestors([routes], stop={x}) | {routes}
-    lin = [n for n in inside if n.target is aten.linear.default and n.args[0] is x]
     chain = [n for n in routes.graph.nodes if n in inside and n is not x]
-    if len(lin) != 1 or any(n.op not in ("call_function", "get_attr") for n in chain):
+    heads = [n for n in chain if x in n.all_input_nodes]
+    if len(heads) != 1 or any(n.op not in ("call_function", "get_attr") for n in chain):
         return None
-    return lin[0], chain
+    head = heads[0]
+    if head.target is aten.to.dtype and len(head.users) == 1:  # x.to(fp32) -> linear
+        lin, reads = next(iter(head.users)), head
+    else:
+        lin, reads = head, x
+    if lin.target is not aten.linear.default or lin.args[0] is not reads:
+        return None
+    return head, chain
 
 
 class HoistRouters(Pass):
@@ -71,8 +80,8 @@ class HoistRouters(Pass):
             if found is None:
                 res.misses.append(Miss(key, "routes are not chosen by a linear router over the FFN input"))
                 continue
-            lin, chain = found
-            lin.update_arg(0, op_prev.args[0])  # [..., d] -> the previous routed layer's FFN input
+            head, chain = found
+            head.update_arg(0, op_prev.args[0])  # [..., d] -> the previous routed layer's FFN input
             for n in chain:                     # in graph order: dependencies stay before their users
                 op_prev.prepend(n)
             res.rewrites += 1

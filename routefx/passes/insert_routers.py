@@ -4,7 +4,11 @@ Requires: routed FFNs whose neurons are in importance order; `ctx.plan.layers[ke
           `static_route` or a linear router (`weight` [3, d], `bias` [3]); `ctx.plan.lam` (None = 0).
 Ensures:  ranges = `LayerPlan.ranges` (route 0 skip, 1 small, 2 big); routes [..., 1] =
           argmax(x·Wᵀ + b − λ·cost) where x is the FFN's input and cost = (0, k/F, 1), λ the graph buffer of
-          `routefx/ir/price.py` shared by all routers; a static layer gets constant routes.
+          `routefx/ir/price.py` shared by all routers; a static layer gets constant routes. Routers of an
+          fp16 / bf16 FFN compute in fp32 (x cast, W, b and cost stored in fp32): a route is a discrete choice, and
+          scores rounded to 8 bits of mantissa tie often, so backends that round intermediates differently
+          (eager rounds every op's output, Inductor fuses the subtraction and keeps fp32) would pick different
+          routes on the same input; calibration fits the routers in fp32 too.
 """
 from __future__ import annotations
 
@@ -17,7 +21,12 @@ from routefx.passes.attrs import add_tensor_attr
 from routefx.passes.base import Pass, PassContext, PassResult, layers_ready, plan_layers, planned_ffns, routed_op
 
 aten = torch.ops.aten
-__all__ = ["InsertRouters"]
+__all__ = ["InsertRouters", "router_dtype"]
+
+
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a router computes in for an FFN input of `dtype`: fp32 for fp16 / bf16, else `dtype`."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _layers(ctx: PassContext) -> dict:
@@ -48,12 +57,14 @@ class InsertRouters(Pass):
                     routes = g.call_function(aten.full_like.default, (first, lp.static_route),
                                              {"dtype": torch.int64})
                 else:
-                    dt, dev = x.meta["val"].dtype, x.meta["val"].device
+                    dev = x.meta["val"].device
+                    dt = router_dtype(x.meta["val"].dtype)
+                    xr = x if dt == x.meta["val"].dtype else g.call_function(aten.to.dtype, (x, dt))
                     w = g.get_attr(add_tensor_attr(gm, f"routefx_{key}_router_w", lp.weight.to(dev, dt)))
                     bias = g.get_attr(add_tensor_attr(gm, f"routefx_{key}_router_b", lp.bias.to(dev, dt)))
                     cost = g.get_attr(add_tensor_attr(gm, f"routefx_{key}_cost",
                                                       torch.tensor(lp.costs, dtype=dt, device=dev)))
-                    logits = g.call_function(aten.linear.default, (x, w, bias))                 # [..., 3]
+                    logits = g.call_function(aten.linear.default, (xr, w, bias))                # [..., 3]
                     priced = g.call_function(aten.mul.Tensor, (cost, g.get_attr(price)))       # [3]
                     adj = g.call_function(aten.sub.Tensor, (logits, priced))
                     routes = g.call_function(aten.argmax.default, (adj, -1, True))             # [..., 1]

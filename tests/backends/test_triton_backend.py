@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import routefx
+from routefx.backends.static_routes import with_route_outputs
 from routefx.backends.triton import backend as tb
-from routefx.calibrate.record import run_recording
 from routefx.errors import BackendError, InputError
 from routefx.ir import capture
 from tests.backends.routed_models import D, F, ROUTED_FFN, RoutedStack, stack_input
@@ -48,13 +48,6 @@ def _graph_kwargs(gm, args, kwargs) -> dict:
     return {n: kw.get(n, consts.get(n)) for n in names}
 
 
-def _routes(gm, kw, target) -> list[torch.Tensor]:
-    """Route ids fed to each `target` node, in graph order, running `gm` node by node."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
-    values = run_recording(gm, kw, [n.args[1] for n in nodes])
-    return [values[n.args[1]] for n in nodes]
-
-
 def _batches(entry, n, seed, device="cpu"):
     out = []
     for i in range(n):
@@ -77,16 +70,21 @@ def _check_llama(policy, tol, device="cpu", dtype=torch.float32):
     cm = routefx.compile(model, policy, calibration=cal, backend="triton")
     args, kwargs = _held_out(entry, device)
     out = cm(*args, **kwargs)
-    gm, run = cm.graph_module, cm.runner
+    gm = cm.graph_module
     kw = _graph_kwargs(gm, args, kwargs)
     with torch.no_grad():
         ref = gm(**kw)  # the eager backend runs the rewritten graph itself
     assert type(out) is type(ref)
     assert_close_nonpad(out, ref, kwargs["attention_mask"], tol)
-    routes = _routes(run.graph_module, kw, _triton_op())  # the lowered graph, node by node, with the kernels
+    # the routes the backend computes: the same graph with its route ids as outputs, lowered and compiled as
+    # `cm` was (Inductor on CUDA: a router fused otherwise than eager would show here), against eager's
+    with_routes = with_route_outputs(gm)
+    out_r, routes = tb.prepare(with_routes, kw)(**kw)
+    with torch.no_grad():
+        _, routes_ref = with_routes(**kw)
+    assert_close_nonpad(out_r, ref, kwargs["attention_mask"], tol)
     # per-token routers route every FFN (Duo "random" / "local"); Dense and a static router route none
     routed = isinstance(policy, routefx.policies.Duo) and policy.router != "static"
-    routes_ref = _routes(gm, kw, ROUTED_FFN) if routed else []
     assert len(routes) == len(routes_ref) == (ZOO["llama"].expect.blocks if routed else 0)
     for i, (r, r_ref) in enumerate(zip(routes, routes_ref)):
         assert torch.equal(r, r_ref), f"routed FFN {i}: route ids differ"
