@@ -6,10 +6,11 @@ routefx backend "triton" Dense and Duo(budget, router). For each candidate, afte
   profile      device time per call by kernel (torch.profiler, 3 calls), summed into classes: routefx's Triton
                kernels, cuBLAS GEMMs, attention, sorting, Inductor's fused kernels, the rest; device time vs wall
                (a gap is host overhead or a synchronisation)
+and the configurations the autotuner picked for the routed FFN kernels.
 Route agreement: the Duo graph with its route ids as outputs (`static_routes.with_route_outputs`), compiled by the
 triton backend as `compile` does, against the eager backend on the same input: the share of equal route ids per
-layer and the max logit difference; again with Inductor's `emulate_precision_casts` (rounds intermediates like
-eager) to tell rounding of fused elementwise code from other causes.
+layer and the max logit difference; with --emulate again under Inductor's `emulate_precision_casts` (rounds
+intermediates like eager), to tell rounding of fused elementwise code from other causes.
 
     python bench/gpu_profile.py --out DIR          # CUDA (about 3 minutes on an H200)
     python bench/gpu_profile.py --smoke-cpu        # the code paths on tiny fp32 shapes under TRITON_INTERPRET=1
@@ -106,6 +107,8 @@ def main(argv=None):
     ap.add_argument("--smoke-cpu", action="store_true")
     ap.add_argument("--router", default="local")
     ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--emulate", action="store_true",
+                    help="also check route agreement with Inductor's emulate_precision_casts (one more compile)")
     args = ap.parse_args(argv)
     if args.smoke_cpu:
         device, dtype, shape = torch.device("cpu"), torch.float32, G.SMOKE
@@ -141,7 +144,9 @@ def main(argv=None):
                 kw = {n.target: x.get(n.target, consts.get(n.target)) for n in gm.graph.nodes
                       if n.op == "placeholder"}
                 with_routes = with_route_outputs(gm)
-                for variant, patch in (("default", {}), ("emulate_precision_casts", {"emulate_precision_casts": True})):
+                variants = [("default", {})] + ([("emulate_precision_casts", {"emulate_precision_casts": True})]
+                                                if args.emulate else [])
+                for variant, patch in variants:
                     try:
                         t = time.perf_counter()
                         with torch._inductor.config.patch(patch):
@@ -166,6 +171,12 @@ def main(argv=None):
             res["errors"][f"profile_{key}"] = G._err(e)
             traceback.print_exc()
         save()
+    from routefx.backends.triton import ffn
+    res["kernel_configs"] = ffn.kernel_configs()  # what the autotuner picked, per kernel and key
+    for name, picked in res["kernel_configs"].items():
+        for key, cfg in picked.items():
+            print(f"config {name} {key}: {cfg}", flush=True)
+    save()
     return res
 
 

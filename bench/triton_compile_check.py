@@ -24,15 +24,15 @@ def ptrs(fn, dt):
     return {n: ("*" + (dt if n in ("x_ptr","xs_ptr","wu_ptr","wg_ptr","bu_ptr","bg_ptr","h_ptr","wd_ptr","bd_ptr","gates_ptr","y_ptr") else ("fp32" if n=="part_ptr" else "i32" if n!="routes_ptr" else "i64"))) for n in fn.arg_names if n.endswith("_ptr")}
 ok = 0
 for dt in ("bf16", "fp32"):
-  for tma in (0, 1, 2):
-    consts = dict(R_P2=16, GATED=True, HAS_BU=False, HAS_BG=False, ACT=1, IEEE=dt=="fp32", ALIGNED=True, TMA=tma, BM=128 if dt=="bf16" else 64, BN=128 if dt=="bf16" else 64, BK=64 if dt=="bf16" else 32, GROUP_M=8, PERSIST=0)
+  for tma, flat in ((0, 0), (1, 0), (2, 0), (0, 1), (2, 1)):
+    consts = dict(R_P2=16, GATED=True, HAS_BU=False, HAS_BG=False, ACT=1, IEEE=dt=="fp32", ALIGNED=True, TMA=tma, BM=128 if dt=="bf16" else 64, BN=128 if dt=="bf16" else 64, BK=64 if dt=="bf16" else 32, GROUP_M=8, PERSIST=flat, FLATTEN=flat)
     src = ASTSource(K.up_kernel, signature=sig(K.up_kernel, ptrs(K.up_kernel, dt), consts), attrs=attrs(K.up_kernel), constexprs={(K.up_kernel.arg_names.index(k),): v for k,v in consts.items()})
     c = triton.compile(src, target=tgt, options={"num_warps": 8, "num_stages": 3})
-    ptx = c.asm["ptx"]; print("up", dt, tma, "wgmma" in ptx, "cp.async.bulk.tensor" in ptx, "cp.async.cg" in ptx or "cp.async.ca" in ptx); ok += 1
-    consts = dict(R_P2=16, HAS_BD=False, HAS_GATES=False, IEEE=dt=="fp32", ALIGNED=True, TMA=tma, BM=128 if dt=="bf16" else 64, BN=128 if dt=="bf16" else 64, BK=64 if dt=="bf16" else 32, GROUP_M=8, PERSIST=0)
+    ptx = c.asm["ptx"]; print("up", dt, "tma", tma, "flatten", flat, "smem", c.metadata.shared, "wgmma" in ptx, "cp.async.bulk.tensor" in ptx, "cp.async.cg" in ptx or "cp.async.ca" in ptx); ok += 1
+    consts = dict(R_P2=16, HAS_BD=False, HAS_GATES=False, IEEE=dt=="fp32", ALIGNED=True, TMA=tma, BM=128 if dt=="bf16" else 64, BN=128 if dt=="bf16" else 64, BK=64 if dt=="bf16" else 32, GROUP_M=8, PERSIST=flat, FLATTEN=flat)
     src = ASTSource(K.down_kernel, signature=sig(K.down_kernel, ptrs(K.down_kernel, dt), consts), attrs=attrs(K.down_kernel), constexprs={(K.down_kernel.arg_names.index(k),): v for k,v in consts.items()})
     c = triton.compile(src, target=tgt, options={"num_warps": 8, "num_stages": 3})
-    ptx = c.asm["ptx"]; print("down", dt, tma, "wgmma" in ptx, "cp.async.bulk.tensor" in ptx, "cp.async.cg" in ptx or "cp.async.ca" in ptx); ok += 1
+    ptx = c.asm["ptx"]; print("down", dt, "tma", tma, "flatten", flat, "smem", c.metadata.shared, "wgmma" in ptx, "cp.async.bulk.tensor" in ptx, "cp.async.cg" in ptx or "cp.async.ca" in ptx); ok += 1
   consts = dict(GATED=True, HAS_BU=False, HAS_BG=False, HAS_GATES=False, ACT=1, IEEE=dt=="fp32", BM=16, BN=64, BK=128)
   src = ASTSource(DK.span_up_kernel, signature=sig(DK.span_up_kernel, ptrs(DK.span_up_kernel, dt), consts), attrs=attrs(DK.span_up_kernel), constexprs={(DK.span_up_kernel.arg_names.index(k),): v for k,v in consts.items()})
   c = triton.compile(src, target=tgt, options={"num_warps": 4, "num_stages": 4}); print("span_up", dt, "cp.async" in c.asm["ptx"]); ok += 1

@@ -111,6 +111,10 @@ def test_duo_random_router_equals_eager_with_identical_routes():
     run = cm.runner
     assert (run.stats.triton_ops, run.stats.dense_ffns) == (n_ffn, 0)
     assert _count(run.graph_module, _triton_op()) == n_ffn and _count(run.graph_module, ROUTED_FFN) == 0
+    # every router product became a reduction (the lowered graph keeps only the model's own linears)
+    aten = torch.ops.aten
+    assert _count(run.graph_module, aten.linear.default) == _count(cm.graph_module, aten.linear.default) - n_ffn
+    assert _count(run.graph_module, aten.sum.dim_IntList) == _count(cm.graph_module, aten.sum.dim_IntList) + n_ffn
     mixed = [len(torch.unique(r)) >= 2 for r in routes]
     assert sum(mixed) >= 1, "routes are not mixed on the held-out input: the comparison would not test routing"
 

@@ -39,6 +39,7 @@ from torch import fx
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn)
 from routefx.backends.static_routes import lower_routed, static_ffn  # noqa: F401  (static_ffn: re-exported)
 from routefx.errors import BackendError, InputError
+from routefx.ir.graph_utils import fetch_attr
 
 __all__ = ["prepare", "lower", "TritonRunner", "LowerStats", "unavailable_reason", "static_ffn"]
 
@@ -92,7 +93,51 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, LowerStats]:
     triton_op = torch.ops.routefx_triton.routed_ffn.default
 
     new, n_dense, n_triton = lower_routed(gm, triton_op)
+    if n_triton:
+        router_reductions_(new, triton_op)
     return new, LowerStats(n_triton, n_dense)
+
+
+ROUTER_REDUCTION_MAX_ROUTES = 16
+
+
+def router_reductions_(gm: fx.GraphModule, routed_target) -> int:
+    """Rewrite each fp32 router product `linear(a, W, b)` (W a graph tensor of at most
+    ROUTER_REDUCTION_MAX_ROUTES rows) that chooses a `routed_target` node's routes (argmax(linear - price)) as
+    `sum(a[..., None, :] * W, -1) + b`: Inductor fuses that into one reduction that reads `a` once per route
+    from cache, where a GEMM of 3 output columns runs cuBLAS's SIMT fp32 kernel (0.04 ms per router at
+    8192 x 2048 on an H200, 2.5% of a Duo forward). fp32 only, so the sum differs from the GEMM's by rounding
+    order alone. Returns the number rewritten."""
+    g = gm.graph
+    done = 0
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target is not routed_target:
+            continue
+        r = n.args[1]
+        sub = r.args[0] if isinstance(r, fx.Node) and r.target is torch.ops.aten.argmax.default else None
+        lin = sub.args[0] if isinstance(sub, fx.Node) and sub.target is torch.ops.aten.sub.Tensor else None
+        if not isinstance(lin, fx.Node) or lin.target is not torch.ops.aten.linear.default or len(lin.users) != 1:
+            continue
+        a, w = lin.args[0], lin.args[1]
+        b = lin.args[2] if len(lin.args) > 2 else None
+        wt = fetch_attr(gm, str(w.target)) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        av = a.meta.get("val") if isinstance(a, fx.Node) else None
+        if not isinstance(wt, torch.Tensor) or wt.dim() != 2 or wt.shape[0] > ROUTER_REDUCTION_MAX_ROUTES \
+                or wt.dtype != torch.float32 or av is None or av.dtype != torch.float32:
+            continue
+        aten = torch.ops.aten
+        with g.inserting_before(lin):
+            prod = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (a, -2)), w))
+            out = g.call_function(aten.sum.dim_IntList, (prod, [-1]))
+            if b is not None:
+                out = g.call_function(aten.add.Tensor, (out, b))
+        out.meta.update(lin.meta)
+        lin.replace_all_uses_with(out)
+        g.erase_node(lin)
+        done += 1
+    if done:
+        gm.recompile()
+    return done
 
 
 # ---- running ------------------------------------------------------------------------------------------------
@@ -138,7 +183,8 @@ class TritonRunner:
 
     def __call__(self, *args, **kwargs):
         self._check_devices(args, kwargs)
-        return self.compiled(*args, **kwargs)
+        with torch.no_grad():  # inference only: the Triton op has no autograd formula, and Inductor would
+            return self.compiled(*args, **kwargs)  # otherwise trace a training graph when weights require grad
 
     def __repr__(self) -> str:
         return (f"TritonRunner(device={self.device}, mode={self.mode!r}, triton_ops={self.stats.triton_ops}, "

@@ -49,9 +49,9 @@ _SMALL_N = 256  # assignments at or below this use the small-row-block configura
 DECODE_MAX_T = 64  # tokens at or below this take the decode path (masked dense over the used span)
 
 
-def _cfg(bm, bn, bk, warps, stages, group=8, persist=0, tma=0):
-    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group, "PERSIST": persist, "TMA": tma},
-                         num_warps=warps, num_stages=stages)
+def _cfg(bm, bn, bk, warps, stages, group=8, persist=0, tma=0, flatten=0):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group, "PERSIST": persist, "TMA": tma,
+                          "FLATTEN": flatten}, num_warps=warps, num_stages=stages)
 
 
 def _cfg_nm(bn, bk, warps, stages):
@@ -70,11 +70,16 @@ def _with_tma(configs, levels=(1,)):
 _UP_LARGE = [
     _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
     _cfg(64, 64, 32, 4, 3), _cfg(128, 128, 64, 8, 3, persist=1), _cfg(128, 128, 64, 8, 4, persist=1),
+    # fewer, longer k steps (d = 2048 is 32 steps of 64: each tile's pipeline fill and epilogue weigh more), and
+    # persistent programs whose tile and k loops are one pipelined loop
+    _cfg(128, 128, 128, 8, 2), _cfg(128, 64, 128, 4, 3),
+    _cfg(128, 128, 64, 8, 3, persist=1, flatten=1), _cfg(128, 128, 64, 8, 4, persist=1, flatten=1),
 ]
 _DOWN_LARGE = [
     _cfg(128, 256, 64, 8, 3), _cfg(128, 256, 64, 8, 4), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
     _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 32, 4, 3),
     _cfg(128, 256, 64, 8, 3, persist=1), _cfg(128, 128, 64, 8, 4, persist=1),
+    _cfg(128, 256, 64, 8, 3, persist=1, flatten=1), _cfg(128, 128, 64, 8, 4, persist=1, flatten=1),
 ]
 # Decode: few rows, the weights stream once; narrow column blocks give enough programs to fill the SMs.
 _UP_SMALL = [
@@ -113,7 +118,7 @@ _SPAN_UP = triton.autotune(_tuning(_SPAN_UP_CFGS), key=_SPAN_KEYS + ["GATED"])(d
 _SPAN_DOWN = triton.autotune(_tuning(_SPAN_DOWN_CFGS), key=_SPAN_KEYS)(decode_kernels.span_down_kernel)
 # Interpreter (CPU tests): one small configuration, so test sizes cover several row, column and k blocks.
 # Persistent with at most 7 programs: programs run several tiles, and some none.
-_INTERP_CFG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2, "PERSIST": 1, "TMA": 1}
+_INTERP_CFG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2, "PERSIST": 1, "TMA": 1, "FLATTEN": 1}
 _INTERP_PROGRAMS = 7
 
 

@@ -201,6 +201,7 @@ def up_kernel(
     R_P2: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr,
     IEEE: tl.constexpr, ALIGNED: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     """Kernel 1: h[rows, cols] = act(x[tok] Wg^T + bg) * (x[tok] Wu^T + bu)   (plain: act(x[tok] Wu^T + bu)),
     per (BM rows of route r) x (BN neurons of route r) tile; x rows gathered by token (pointer loads).
@@ -208,7 +209,9 @@ def up_kernel(
     past NF rows and D columns, so they need no masks: neurons past the route's width are computed, not stored).
     TMA == 2: the x tiles too, from xs [NA, D], x's rows already gathered into sorted order by the host (rows
     past the route's count belong to the next route or are zeros past NA: computed, not stored).
-    NF: rows of the weights; WMAX and N_BUCKET are autotune keys only; PERSIST only changes the host's grid."""
+    NF: rows of the weights; WMAX and N_BUCKET are autotune keys only; PERSIST only changes the host's grid.
+    FLATTEN (persistent grids): the tile loop and the k loop are fused into one software-pipelined loop, so the
+    next tile's first operand loads are in flight during this tile's epilogue (Triton's fuse-nested-loops)."""
     # Tiles (route, row block, column block) are numbered route by route; program p runs tiles p, p + P, ...
     # (P = programs launched: the host's upper bound on the tile count, or fewer for a persistent grid).
     mblocks, nblocks, tiles = _route_tiles(count_ptr, rwidth_ptr, NR, R_P2, BM, BN, 0, True)
@@ -218,7 +221,7 @@ def up_kernel(
         wg_desc = tl.make_tensor_descriptor(wg_ptr, shape=[NF, D], strides=[stride_wg, 1], block_shape=[BN, BK])
     if TMA == 2:
         xs_desc = tl.make_tensor_descriptor(xs_ptr, shape=[NA, D], strides=[stride_x, 1], block_shape=[BM, BK])
-    for tile in range(tl.program_id(0), total, tl.num_programs(0)):
+    for tile in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_n, off, start, width, rank, row_ok, aid = _tile_rows(
             tile, mblocks, nblocks, tiles, count_ptr, off_ptr, rstart_ptr, rwidth_ptr, order_ptr, R_P2, GROUP_M,
             BM, ALIGNED)
@@ -272,6 +275,7 @@ def down_kernel(
     R_P2: tl.constexpr, HAS_BD: tl.constexpr, HAS_GATES: tl.constexpr, IEEE: tl.constexpr,
     ALIGNED: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     """Kernel 2: y[aid, cols] = gate[aid] * (h[rows, :width_r] Wd[cols, start_r : start_r + width_r]^T + bd[cols]),
     per (BM rows of route r) x (BN model columns) tile; the reduction runs over the route's own
@@ -289,7 +293,7 @@ def down_kernel(
         wd_desc = tl.make_tensor_descriptor(wd_ptr, shape=[D, NF], strides=[stride_wd, 1], block_shape=[BN, BK])
     if TMA == 2:
         h_desc = tl.make_tensor_descriptor(h_ptr, shape=[NA, stride_h], strides=[stride_h, 1], block_shape=[BM, BK])
-    for tile in range(tl.program_id(0), total, tl.num_programs(0)):
+    for tile in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_n, off, start, width, rank, row_ok, aid = _tile_rows(
             tile, mblocks, nblocks, tiles, count_ptr, off_ptr, rstart_ptr, rwidth_ptr, order_ptr, R_P2, GROUP_M,
             BM, ALIGNED)

@@ -147,3 +147,49 @@ def test_torch_compile_fullgraph(ffn):
                         "silu") + xd
         rel = ((o.double() - ref).norm() / ref.norm()).item()
         assert rel <= TRITON_BF16_REL, f"compiled op vs float64 reference: relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("level", [0, 1, 2], ids=["pointers", "tma-weights", "tma-all"])
+def test_every_large_configuration_matches_reference(monkeypatch, level):
+    """Each configuration the autotuner may pick for large token counts (pointers, descriptors, persistent,
+    flattened tile and k loops), alone, against the float64 reference: the autotuner keeps the fastest, so a
+    configuration that is fast and wrong must fail here. Configurations that do not fit the GPU are left out,
+    as the autotuner leaves them out. One descriptor level per test (each configuration compiles)."""
+    import triton
+
+    from routefx.backends.triton import ffn
+    if ffn.INTERPRET:
+        pytest.skip("TRITON_INTERPRET is set in this process: CUDA kernels are not compiled")
+    n_tok, d, n, ranges = 700, 256, 512, [0, 512, 0, 128, 0, 0]
+    torch.manual_seed(3)
+    w = _weights(d, n, torch.bfloat16)
+    x = torch.randn(n_tok, d, device="cuda").to(torch.bfloat16)
+    routes = torch.randint(0, 3, (n_tok, 1), device="cuda")
+    tma = ffn._tma_ok(w[0], w[1], w[2])
+    up_t, down_t = ffn._UP["large", tma], ffn._DOWN["large", tma]
+    levels = ffn._LEVELS["large"]
+    if level and not tma:
+        pytest.skip("tensor descriptors need a Hopper or newer GPU")
+    every = {name: [c for c in (ffn._with_tma(cfgs, levels) if tma else cfgs) if c.kwargs["TMA"] == level]
+             for name, cfgs in (("up", ffn._UP_LARGE), ("down", ffn._DOWN_LARGE))}
+    bad, ran = [], 0
+    for which, configs in every.items():
+        for c in configs:
+            monkeypatch.setattr(up_t, "configs", [c] if which == "up" else every["up"][:1])
+            monkeypatch.setattr(down_t, "configs", [c] if which == "down" else every["down"][:1])
+            up_t.cache.clear()
+            down_t.cache.clear()
+            _poison_allocator(64 << 20)
+            try:
+                out = ffn._forward(x, routes, None, *w, ranges, "silu", path="sorted")
+                torch.cuda.synchronize()
+            except triton.runtime.errors.OutOfResources:
+                continue
+            ran += 1
+            err = _rel_err(out, x, routes, None, w, ranges, "silu")
+            if err > TRITON_BF16_REL:
+                bad.append((which, str(c), err))
+    up_t.cache.clear()
+    down_t.cache.clear()
+    assert ran >= len(every["up"]) // 2, f"only {ran} configurations could run"
+    assert not bad, bad
