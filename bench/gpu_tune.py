@@ -4,7 +4,8 @@ configuration, with weight tiles by pointer loads and through tensor descriptors
 FFN d=4096, F=14336, gated SiLU, bf16, Duo route mixes of bench/gpu_ffn.py. For each case (T, budget):
     dense       plain FFN through F.linear (cuBLAS)
     sorted      plain torch with the sort precomputed outside the timing (bench/gpu_ffn.py's `_sorted_torch`)
-    triton      the op with weights by pointers ("ptr") and through descriptors ("tma"), each autotuned
+    triton      the op with weights by pointers ("ptr"), through descriptors ("tma"), and with gate/up rows
+                interleaved in one matrix ("paired": kernel 1 may run one N = 2·BN product), each autotuned
 and for each Triton variant the device time per kernel (torch.profiler) and every configuration the autotuner
 timed (ms), so the best configuration's rate can be compared with cuBLAS on the same shapes.
 
@@ -72,18 +73,21 @@ def main(argv=None):
         plan = _sorted_plan(routes, ranges)
         row["sorted_ms"] = bench(lambda: _sorted_torch(x, w, plan))
         ref = _sorted_torch(x, w, plan)
-        for variant, ok in (("ptr", lambda *t: False), ("tma", real_ok)):
+        pu, pg = tffn.interleave_gate_up(wu, wg)  # gate/up rows interleaved: kernel 1's paired tile
+        for variant, ok in (("ptr", lambda *t: False), ("tma", real_ok), ("paired", real_ok)):
             tffn._tma_ok = ok
-            call = lambda xx, rr, gg, **kw: tffn._forward(xx, rr, gg, wu, wg, wd, None, None, None, ranges,  # noqa
-                                                          "silu", path="sorted")
+            u_, g_ = (pu, pg) if variant == "paired" else (wu, wg)
+            call = lambda xx, rr, gg, u_=u_, g_=g_, **kw: tffn._forward(xx, rr, gg, u_, g_, wd, None, None, None,  # noqa
+                                                                        ranges, "silu", path="sorted")
             try:
                 out = call(x, routes, None)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 row[f"{variant}_rel_err"] = _rel(out, ref)
                 size = "small" if n_tok <= tffn._SMALL_N else "large"
-                tma = variant == "tma" and real_ok(wu, wg, wd)
-                for name, tuner in (("up", tffn._UP[size, tma]), ("down", tffn._DOWN[size, tma])):
+                tma = variant != "ptr" and real_ok(wu, wg, wd)
+                up_tuner = tffn._UP_PAIRED[size] if variant == "paired" and tma else tffn._UP[size, tma]
+                for name, tuner in (("up", up_tuner), ("down", tffn._DOWN[size, tma])):
                     tim = getattr(tuner, "configs_timings", None) or {}
                     row[f"{variant}_{name}_configs"] = sorted(
                         [(str(c), round(float(t[0] if isinstance(t, (list, tuple)) else t), 4))
@@ -95,14 +99,14 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001
                 row[f"{variant}_error"] = f"{type(e).__name__}: {e}"[:400]
         tffn._tma_ok = real_ok
-        for k in ("sorted", "ptr", "tma"):
+        for k in ("sorted", "ptr", "tma", "paired"):
             if f"{k}_ms" in row:
                 row[f"{k}_speedup"] = row["dense_ms"] / row[f"{k}_ms"]
                 row[f"{k}_tflops"] = flops / row[f"{k}_ms"] / 1e9
         row["flop_ideal"] = 6 * D * F * n_tok / flops
         res["cases"].append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith(("_configs", "_profile"))}), flush=True)
-        for k in ("ptr", "tma"):
+        for k in ("ptr", "tma", "paired"):
             for part in ("up", "down"):
                 print(f"  {k} {part} best configs:", row.get(f"{k}_{part}_configs", [])[:4], flush=True)
             print(f"  {k} profile:", [(p["name"][:40], round(p["device_ms_per_call"], 3))
@@ -113,7 +117,7 @@ def main(argv=None):
     print("=== summary (ms; speedup over dense; efficiency = speedup / FLOP-ideal)")
     for r in res["cases"]:
         parts = [f"T={r['T']} b={r['budget']}: dense {r['dense_ms']:.3f}"]
-        for k in ("sorted", "ptr", "tma"):
+        for k in ("sorted", "ptr", "tma", "paired"):
             if f"{k}_ms" in r:
                 parts.append(f"{k} {r[k + '_ms']:.3f} ({r[k + '_speedup']:.2f}x, eff {r[k + '_speedup'] / r['flop_ideal']:.2f},"
                              f" {r[k + '_tflops']:.0f} TF/s)")

@@ -5,7 +5,7 @@ arguments.
 
     python bench/triton_compile_check.py      # CPU only; run from the repository root
 """
-import sys, triton, itertools
+import re, sys, triton, itertools
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 sys.path.insert(0, '.')
@@ -21,14 +21,17 @@ def sig(fn, types, consts):
 def attrs(fn):
     return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr") or n.startswith("stride") or n in ("D",)}
 def ptrs(fn, dt):
-    return {n: ("*" + (dt if n in ("x_ptr","xs_ptr","wu_ptr","wg_ptr","bu_ptr","bg_ptr","h_ptr","wd_ptr","bd_ptr","gates_ptr","y_ptr") else ("fp32" if n=="part_ptr" else "i32" if n!="routes_ptr" else "i64"))) for n in fn.arg_names if n.endswith("_ptr")}
+    return {n: ("*" + (dt if n in ("x_ptr","xs_ptr","wu_ptr","wg_ptr","wgu_ptr","bu_ptr","bg_ptr","h_ptr","wd_ptr","bd_ptr","gates_ptr","y_ptr") else ("fp32" if n=="part_ptr" else "i32" if n!="routes_ptr" else "i64"))) for n in fn.arg_names if n.endswith("_ptr")}
 ok = 0
 for dt in ("bf16", "fp32"):
-  for tma, flat in ((0, 0), (1, 0), (2, 0), (0, 1), (2, 1)):
-    consts = dict(R_P2=16, GATED=True, HAS_BU=False, HAS_BG=False, ACT=1, IEEE=dt=="fp32", ALIGNED=True, TMA=tma, BM=128 if dt=="bf16" else 64, BN=128 if dt=="bf16" else 64, BK=64 if dt=="bf16" else 32, GROUP_M=8, PERSIST=flat, FLATTEN=flat)
+  for tma, flat, paired in ((0, 0, 0), (1, 0, 0), (2, 0, 0), (0, 1, 0), (2, 1, 0), (1, 0, 1), (2, 0, 1), (2, 1, 1)):
+    consts = dict(R_P2=16, GATED=True, HAS_BU=False, HAS_BG=False, ACT=1, IEEE=dt=="fp32", ALIGNED=True, TMA=tma, BM=128 if dt=="bf16" else 64, BN=128 if dt=="bf16" else 64, BK=64 if dt=="bf16" else 32, GROUP_M=8, PERSIST=flat, FLATTEN=flat, PAIRED=paired)
     src = ASTSource(K.up_kernel, signature=sig(K.up_kernel, ptrs(K.up_kernel, dt), consts), attrs=attrs(K.up_kernel), constexprs={(K.up_kernel.arg_names.index(k),): v for k,v in consts.items()})
     c = triton.compile(src, target=tgt, options={"num_warps": 8, "num_stages": 3})
-    ptx = c.asm["ptx"]; print("up", dt, "tma", tma, "flatten", flat, "smem", c.metadata.shared, "wgmma" in ptx, "cp.async.bulk.tensor" in ptx, "cp.async.cg" in ptx or "cp.async.ca" in ptx); ok += 1
+    ptx = c.asm["ptx"]; wg = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))
+    print("up", dt, "tma", tma, "flatten", flat, "paired", paired, "smem", c.metadata.shared, wg, "wgmma" in ptx, "cp.async.bulk.tensor" in ptx, "cp.async.cg" in ptx or "cp.async.ca" in ptx); ok += 1
+    if paired:
+        continue
     consts = dict(R_P2=16, HAS_BD=False, HAS_GATES=False, IEEE=dt=="fp32", ALIGNED=True, TMA=tma, BM=128 if dt=="bf16" else 64, BN=128 if dt=="bf16" else 64, BK=64 if dt=="bf16" else 32, GROUP_M=8, PERSIST=flat, FLATTEN=flat)
     src = ASTSource(K.down_kernel, signature=sig(K.down_kernel, ptrs(K.down_kernel, dt), consts), attrs=attrs(K.down_kernel), constexprs={(K.down_kernel.arg_names.index(k),): v for k,v in consts.items()})
     c = triton.compile(src, target=tgt, options={"num_warps": 8, "num_stages": 3})

@@ -110,7 +110,20 @@ def test_duo_random_router_equals_eager_with_identical_routes():
     n_ffn = ZOO["llama"].expect.blocks
     run = cm.runner
     assert (run.stats.triton_ops, run.stats.dense_ffns) == (n_ffn, 0)
-    assert _count(run.graph_module, _triton_op()) == n_ffn and _count(run.graph_module, ROUTED_FFN) == 0
+    # gated FFNs with routefx's own weights run the paired op on one matrix of interleaved gate/up rows, and the
+    # eager graph's gate and up are views of that same matrix (same values: the comparison above ran on them)
+    paired = torch.ops.routefx_triton.routed_ffn_paired.default
+    assert _count(run.graph_module, paired) == n_ffn and _count(run.graph_module, _triton_op()) == 0
+    assert _count(run.graph_module, ROUTED_FFN) == 0
+    from routefx.backends.triton.ffn import paired_layout
+    from routefx.ir.graph_utils import fetch_attr
+    eager_ops = [n for n in cm.graph_module.graph.nodes if n.op == "call_function" and n.target is ROUTED_FFN]
+    lowered_ops = [n for n in run.graph_module.graph.nodes if n.op == "call_function" and n.target is paired]
+    for e, low in zip(eager_ops, lowered_ops, strict=True):
+        up, gate = (fetch_attr(cm.graph_module, a.target) for a in e.args[3:5])
+        w_gu = fetch_attr(run.graph_module, low.args[3].target)
+        assert paired_layout(up, gate) and w_gu.shape == (2 * up.shape[0], up.shape[1])
+        assert up.untyped_storage().data_ptr() == w_gu.untyped_storage().data_ptr()  # one copy of the weights
     # every router product became a reduction (the lowered graph keeps only the model's own linears)
     aten = torch.ops.aten
     assert _count(run.graph_module, aten.linear.default) == _count(cm.graph_module, aten.linear.default) - n_ffn

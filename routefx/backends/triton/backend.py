@@ -9,7 +9,10 @@ on an H200, 8-layer d=2048 Llama, batch 4 x 2048: the shape-specialised graph ra
 
 - a `routefx::routed_ffn` whose routes are data (a router's argmax / top-k) becomes
   `routefx_triton::routed_ffn` (registered by `routefx.backends.triton.ffn` with `torch.library.triton_op`, so
-  Dynamo captures it without a graph break and Inductor schedules the kernels it launches);
+  Dynamo captures it without a graph break and Inductor schedules the kernels it launches), or, when it is gated
+  and its weights are routefx's own copies, `routefx_triton::routed_ffn_paired` on one matrix of interleaved
+  gate and up rows (`interleave_gate_up_`); the router products of those FFNs become fused reductions
+  (`router_reductions_`);
 - a `routefx::routed_ffn` whose routes are a constant fill (`zeros_like` / `full_like` / `ones_like`: Dense, a
   static router) becomes a plain dense FFN on its fixed neuron range (`F.linear` products, cuBLAS on GPU), with
   no routing at all; a constant route to an empty range becomes zeros.
@@ -82,20 +85,75 @@ def unavailable_reason(device: Optional[torch.device] = None) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class LowerStats:
-    triton_ops: int   # dynamic routed FFNs -> routefx_triton::routed_ffn
+    triton_ops: int   # dynamic routed FFNs -> routefx_triton::routed_ffn (routed_ffn_paired when gated)
     dense_ffns: int   # constant-route routed FFNs -> plain dense products on one neuron range
 
 
 def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, LowerStats]:
     """A new GraphModule (sharing `gm`'s weights) with every routed_ffn lowered as the module docstring says.
-    `gm` itself is left unchanged."""
+    `gm`'s graph is left unchanged; the gate and up buffers routefx made for its routed FFNs become views of one
+    interleaved matrix in both modules (same values, same memory: `interleave_gate_up_`)."""
     from routefx.backends.triton import ffn  # noqa: F401  (registers torch.ops.routefx_triton.routed_ffn)
     triton_op = torch.ops.routefx_triton.routed_ffn.default
 
     new, n_dense, n_triton = lower_routed(gm, triton_op)
     if n_triton:
         router_reductions_(new, triton_op)
+        interleave_gate_up_(new, gm, triton_op)
     return new, LowerStats(n_triton, n_dense)
+
+
+def interleave_gate_up_(new: fx.GraphModule, gm: fx.GraphModule, routed_target) -> int:
+    """Give each gated `routed_target` node of `new` its gate and up weights as one matrix with the gate and up
+    rows of each neuron side by side (`ffn.interleave_gate_up`) and call `routefx_triton::routed_ffn_paired` on
+    it: kernel 1 can then read a neuron block's gate and up rows as one tile and run one product of twice the
+    width (its PAIRED configurations; the autotuner may still pick the two-product form). Only weights routefx
+    made (`passes.attrs.is_own_copy`: permuted or concatenated copies), never the user's. The two old buffers
+    become views of the new matrix in both modules (`gm`'s graph computes with them unchanged), so values and
+    memory stay as they were: the old buffers are freed once nothing else holds them. Returns the number of
+    nodes rewritten."""
+    from routefx.backends.triton import ffn
+    from routefx.passes.attrs import add_tensor_attr, is_own_copy
+    paired_op = torch.ops.routefx_triton.routed_ffn_paired.default
+    g = new.graph
+    done, made = 0, {}   # (up name, gate name) -> name of the interleaved matrix in `new`
+    users = {}           # buffer name -> the (up, gate) pairs it appears in
+    ops = [n for n in g.nodes if n.op == "call_function" and n.target is routed_target and n.args[4] is not None]
+    for n in ops:
+        for a in (n.args[3], n.args[4]):
+            if isinstance(a, fx.Node):
+                users.setdefault(a.target, set()).add((n.args[3].target, n.args[4].target))
+    for n in ops:
+        up_n, gate_n = n.args[3], n.args[4]
+        if not (is_own_copy(new, up_n) and is_own_copy(new, gate_n)) or up_n.target == gate_n.target:
+            continue
+        key = (up_n.target, gate_n.target)
+        if len(users[up_n.target]) > 1 or len(users[gate_n.target]) > 1:
+            continue  # a buffer paired with two partners: leave both as they are
+        if key not in made:
+            up, gate = fetch_attr(new, up_n.target), fetch_attr(new, gate_n.target)
+            if up.dim() != 2 or up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device \
+                    or not (up.is_contiguous() and gate.is_contiguous()):
+                continue
+            both = ffn.interleave(up, gate)
+            up_v, gate_v = ffn._split_paired(both)
+            made[key] = add_tensor_attr(new, f"{up_n.target}_gate_up", both)
+            for mod in (new, gm):
+                if fetch_attr(mod, up_n.target) is up and fetch_attr(mod, gate_n.target) is gate:
+                    mod.register_buffer(up_n.target, up_v)
+                    mod.register_buffer(gate_n.target, gate_v)
+        x, routes, gates, _, _, w_down, b_up, b_gate, b_down, ranges, act = n.args
+        with g.inserting_before(n):
+            w_gu = g.get_attr(made[key])
+            rep = g.call_function(paired_op, (x, routes, gates, w_gu, w_down, b_up, b_gate, b_down, ranges, act))
+        rep.meta.update(n.meta)
+        n.replace_all_uses_with(rep)
+        g.erase_node(n)
+        done += 1
+    if done:
+        g.eliminate_dead_code()
+        new.recompile()
+    return done
 
 
 ROUTER_REDUCTION_MAX_ROUTES = 16

@@ -40,7 +40,8 @@ from routefx.errors import BackendError, RoutedFFNError
 from routefx.ir.activations import get_activation
 from routefx.ir.ops import _check_static
 
-__all__ = ["routed_ffn", "INTERPRET", "kernel_configs"]
+__all__ = ["routed_ffn", "routed_ffn_paired", "INTERPRET", "kernel_configs", "paired_layout", "interleave",
+           "interleave_gate_up"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
@@ -113,6 +114,13 @@ _UP = {(size, tma): triton.autotune(_tuning(_with_tma(cfgs, _LEVELS[size]) if tm
 _DOWN = {(size, tma): triton.autotune(_tuning(_with_tma(cfgs, _LEVELS[size]) if tma else cfgs),
                                       key=_KEYS)(kernels.down_kernel)
          for size, cfgs in (("small", _DOWN_SMALL), ("large", _DOWN_LARGE)) for tma in (False, True)}
+# Gate and up rows interleaved in one matrix (`paired_layout`): kernel 1 may read them as one [2·BN, BK] tile
+# and run one product of N = 2·BN (PAIRED=1), or as two tiles of the interleaved views (PAIRED=0); the
+# autotuner picks. Descriptor configurations only (the paired tile is a descriptor load).
+_UP_PAIRED = {size: triton.autotune(
+    _tuning([triton.Config({**c.kwargs, "PAIRED": p}, num_warps=c.num_warps, num_stages=c.num_stages)
+             for p in (1, 0) for c in _with_tma(cfgs, _LEVELS[size]) if c.kwargs["TMA"]]),
+    key=_KEYS + ["GATED"])(kernels.up_kernel) for size, cfgs in (("small", _UP_SMALL), ("large", _UP_LARGE))}
 _SPAN_KEYS = ["D", "SPAN", "T"]
 _SPAN_UP = triton.autotune(_tuning(_SPAN_UP_CFGS), key=_SPAN_KEYS + ["GATED"])(decode_kernels.span_up_kernel)
 _SPAN_DOWN = triton.autotune(_tuning(_SPAN_DOWN_CFGS), key=_SPAN_KEYS)(decode_kernels.span_down_kernel)
@@ -125,6 +133,7 @@ _INTERP_PROGRAMS = 7
 def kernel_configs() -> dict:
     """The configurations the autotuner picked so far, per kernel and size class: {name: {key: config str}}."""
     tables = {**{f"up_{size}{'_tma' if tma else ''}": t for (size, tma), t in _UP.items()},
+              **{f"up_{size}_paired": t for size, t in _UP_PAIRED.items()},
               **{f"down_{size}{'_tma' if tma else ''}": t for (size, tma), t in _DOWN.items()},
               "span_up": _SPAN_UP, "span_down": _SPAN_DOWN}
     out = {}
@@ -158,6 +167,36 @@ def _tma_ok(*tensors) -> bool:
         return False
     return all((t.storage_offset() * t.element_size()) % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
                for t in tensors)
+
+
+def paired_layout(w_up: Tensor, w_gate: Optional[Tensor]) -> bool:
+    """Whether w_gate and w_up are the even and odd rows of one row-major [2·F, d] matrix W (w_gate = W[0::2],
+    w_up = W[1::2]): gate and up of a neuron side by side, so kernel 1 can load both as one tile.
+    `interleave_gate_up` builds such views."""
+    if w_gate is None or w_up.dim() != 2 or w_up.shape != w_gate.shape or w_up.dtype != w_gate.dtype:
+        return False
+    d = w_up.shape[1]
+    try:
+        same = w_up.untyped_storage().data_ptr() == w_gate.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # storages without data (fake / meta tensors)
+        return False
+    return (same and tuple(w_gate.stride()) == tuple(w_up.stride()) == (2 * d, 1)
+            and w_up.storage_offset() == w_gate.storage_offset() + d)
+
+
+def interleave(w_up: Tensor, w_gate: Tensor) -> Tensor:
+    """One new [2·F, d] matrix with gate row n at 2n and up row n at 2n + 1 (the weights of
+    `routed_ffn_paired`)."""
+    if w_up.shape != w_gate.shape or w_up.dim() != 2:
+        raise RoutedFFNError(f"w_up and w_gate must be [F, d] of one shape, found {tuple(w_up.shape)} and "
+                             f"{tuple(w_gate.shape)}")
+    return torch.stack([w_gate, w_up], dim=1).reshape(2 * w_up.shape[0], w_up.shape[1])
+
+
+def interleave_gate_up(w_up: Tensor, w_gate: Tensor) -> tuple[Tensor, Tensor]:
+    """(up, gate) as views of `interleave(w_up, w_gate)` (see `paired_layout`): the same values as the arguments,
+    one new allocation of both together."""
+    return _split_paired(interleave(w_up, w_gate))
 
 
 def _check_device(x: Tensor, routes: Tensor, gates: Optional[Tensor], weights: dict) -> None:
@@ -198,9 +237,11 @@ def _launch(kernel, grid, *args, **kwargs):
 
 
 def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges: List[int], activation: str,
-             path: Optional[str] = None):
+             path: Optional[str] = None, w_gate_up: Optional[Tensor] = None):
     """Host side of the op (checks, metadata, launches); the body of the registered triton_op. `path` forces
-    "decode" or "sorted" (benchmarks and tests); None picks decode for T <= DECODE_MAX_T tokens (see below)."""
+    "decode" or "sorted" (benchmarks and tests); None picks decode for T <= DECODE_MAX_T tokens (see below).
+    `w_gate_up`: the interleaved matrix whose odd / even rows w_up / w_gate are (`routed_ffn_paired` passes it;
+    None: the layout is asked of the tensors, which a traced fake tensor cannot answer, hence that op)."""
     _check_static(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
     weights = {"w_up": w_up, "w_gate": w_gate, "w_down": w_down, "b_up": b_up, "b_gate": b_gate, "b_down": b_down}
     _check_device(x, routes, gates, weights)
@@ -274,18 +315,22 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
         return (min(bound, n_persist) if m["PERSIST"] else bound,)
 
     tma = _tma_ok(w_up, w_gate if gated else w_up, w_down) and (d * x.element_size()) % 16 == 0
+    if gated and w_gate_up is None and paired_layout(w_up, w_gate):
+        w_gate_up = w_gate.as_strided((2 * n_neurons, d), (d, 1), w_gate.storage_offset())
+    paired = gated and tma and w_gate_up is not None and _tma_ok(w_gate_up)
     if INTERPRET:
-        cfg = {**_INTERP_CFG, "TMA": _INTERP_CFG["TMA"] if tma else 0}
+        cfg = {**_INTERP_CFG, "TMA": _INTERP_CFG["TMA"] if tma else 0, "PAIRED": int(paired)}
         gather = cfg["TMA"] == 2
     else:
         gather = tma and 2 in _LEVELS[size]
     # x's rows in sorted order, for configurations that read row tiles through descriptors (TMA=2)
     xs = x2.index_select(0, (meta.order // k_routes).long()) if gather else x2
-    up_args = (x2, xs, w_up, w_gate if gated else w_up, b_up if b_up is not None else w_up,
+    w_pair = w_gate_up if paired else (w_gate if gated else w_up)  # read only by PAIRED configurations
+    up_args = (x2, xs, w_up, w_gate if gated else w_up, w_pair, b_up if b_up is not None else w_up,
                b_gate if b_gate is not None else w_up, h,
                meta.order, meta.count, meta.offset, rstart, rwidth,
                n_buckets, d, k_routes, n_assign, n_neurons, wmax, n_bucket,
-               x2.stride(0), w_up.stride(0), (w_gate if gated else w_up).stride(0), h.stride(0))
+               x2.stride(0), w_up.stride(0), (w_gate if gated else w_up).stride(0), w_pair.stride(0), h.stride(0))
     up_const = dict(R_P2=r_p2, GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
                     ACT=kernels.ACT_CODES[activation], IEEE=ieee, ALIGNED=aligned)
     down_args = (h, w_down, b_down if b_down is not None else w_down,
@@ -297,10 +342,11 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
 
     if INTERPRET:  # an opaque custom op here: always called with real CPU tensors
         kernels.up_kernel[up_grid(cfg)](*up_args, **up_const, **cfg)
-        kernels.down_kernel[down_grid(cfg)](*down_args, **down_const, **cfg)
+        down_cfg = {k: v for k, v in cfg.items() if k != "PAIRED"}
+        kernels.down_kernel[down_grid(cfg)](*down_args, **down_const, **down_cfg)
     else:
         wrap = torch.library.wrap_triton
-        wrap(_UP[size, tma])[up_grid](*up_args, **up_const)
+        wrap(_UP_PAIRED[size] if paired else _UP[size, tma])[up_grid](*up_args, **up_const)
         wrap(_DOWN[size, tma])[down_grid](*down_args, **down_const)
 
     if k_routes > 1:
@@ -381,6 +427,43 @@ else:
     _op = torch.library.triton_op("routefx_triton::routed_ffn", mutates_args=())(_op_body)
 
 
+def _split_paired(w_gu: Tensor) -> tuple[Tensor, Tensor]:
+    """(up, gate) views of an interleaved [2·F, d] gate/up matrix (gate row n at 2n, up row n at 2n + 1)."""
+    if w_gu.dim() != 2 or w_gu.shape[0] % 2:
+        raise RoutedFFNError(f"w_gate_up must be [2·F, d] with gate and up rows interleaved, found shape "
+                             f"{tuple(w_gu.shape)}")
+    return w_gu[1::2], w_gu[0::2]
+
+
+def _paired_body(
+    x: Tensor,
+    routes: Tensor,
+    gates: Optional[Tensor],
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    b_up: Optional[Tensor],
+    b_gate: Optional[Tensor],
+    b_down: Optional[Tensor],
+    ranges: List[int],
+    activation: str,
+) -> Tensor:
+    w_up, w_gate = _split_paired(w_gate_up)
+    return _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation,
+                    w_gate_up=w_gate_up)
+
+
+if INTERPRET:
+    _op_paired = torch.library.custom_op("routefx_triton::routed_ffn_paired", mutates_args=())(_paired_body)
+
+    @_op_paired.register_fake
+    def _op_paired_fake(x, routes, gates, w_gate_up, w_down, b_up, b_gate, b_down, ranges, activation):
+        w_up, w_gate = _split_paired(w_gate_up)
+        _check_static(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
+        return x.new_empty(x.shape)
+else:
+    _op_paired = torch.library.triton_op("routefx_triton::routed_ffn_paired", mutates_args=())(_paired_body)
+
+
 def routed_ffn(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation) -> Tensor:
     """Routed FFN on Triton kernels; arguments, shapes and semantics as `routefx.ir.ops.routed_ffn`.
 
@@ -389,3 +472,12 @@ def routed_ffn(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ran
     backend cannot run (CPU without the interpreter, fp16/bf16 under the interpreter)."""
     return torch.ops.routefx_triton.routed_ffn(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
                                                list(ranges), activation)
+
+
+def routed_ffn_paired(x, routes, gates, w_gate_up, w_down, b_up, b_gate, b_down, ranges, activation) -> Tensor:
+    """`routed_ffn` with the gate and up weights given as one interleaved [2·F, d] matrix (gate row n at 2n, up
+    row n at 2n + 1; `interleave_gate_up` builds it): kernel 1 may then read a neuron block's gate and up rows as
+    one tile and run one product of twice the width. The triton backend's lowering calls this for gated
+    routed FFNs whose weights routefx made."""
+    return torch.ops.routefx_triton.routed_ffn_paired(x, routes, gates, w_gate_up, w_down, b_up, b_gate, b_down,
+                                                      list(ranges), activation)

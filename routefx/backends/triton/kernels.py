@@ -193,15 +193,54 @@ def _tile_rows(tile, mblocks, nblocks, tiles, count_ptr, off_ptr, rstart_ptr, rw
 
 
 @triton.jit
+def _split_gate_up(acc, BM: tl.constexpr, BN: tl.constexpr):
+    """acc [BM, 2·BN] of interleaved gate/up columns -> (up, gate), each [BM, BN]."""
+    acc_g, acc_u = tl.split(tl.reshape(acc, (BM, BN, 2)))
+    return acc_u, acc_g
+
+
+@triton.jit
+def _paired_loop_desc(xs_desc, wgu_desc, m0, n0, D, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr):
+    """Kernel 1's k loop over gate/up rows interleaved in one matrix (up_kernel's PAIRED), row tiles through
+    descriptors (TMA == 2): one [BM, BK] row tile, one [2·BN, BK] weight tile and one product per k step into
+    acc [BM, 2·BN] (zero-filled past D: no k tail). Returns (up, gate)."""
+    acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        acc = _dot(xs_desc.load([m0, k0]), wgu_desc.load([2 * n0, k0]).T, acc, IEEE)
+    return _split_gate_up(acc, BM, BN)
+
+
+@triton.jit
+def _paired_loop_ptr(a_ptrs, wgu_desc, u_ptrs, g_ptrs, row_ok, col_ok, n0, D, IEEE: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The same with gathered rows by pointers (TMA == 1): full BK blocks with the weights through the
+    descriptor, then the masked k tail by pointers (u_ptrs / g_ptrs at k = 0). Returns (up, gate)."""
+    acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+    k_full = D // BK * BK
+    for k0 in range(0, k_full, BK):
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        acc = _dot(a, wgu_desc.load([2 * n0, k0]).T, acc, IEEE)
+        a_ptrs += BK
+    acc_u, acc_g = _split_gate_up(acc, BM, BN)
+    if k_full < D:
+        tail_u, tail_g = _gate_up_loop(a_ptrs, u_ptrs + k_full, g_ptrs + k_full, row_ok, col_ok, D - k_full, True,
+                                       IEEE, BM, BN, BK)
+        acc_u += tail_u
+        acc_g += tail_g
+    return acc_u, acc_g
+
+
+@triton.jit
 def up_kernel(
-    x_ptr, xs_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr,
+    x_ptr, xs_ptr, wu_ptr, wg_ptr, wgu_ptr, bu_ptr, bg_ptr, h_ptr,
     order_ptr, count_ptr, off_ptr, rstart_ptr, rwidth_ptr,
     NR, D, K, NA, NF, WMAX, N_BUCKET,
-    stride_x, stride_wu, stride_wg, stride_h,
+    stride_x, stride_wu, stride_wg, stride_wgu, stride_h,
     R_P2: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr,
     IEEE: tl.constexpr, ALIGNED: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr, PAIRED: tl.constexpr = 0,
 ):
     """Kernel 1: h[rows, cols] = act(x[tok] Wg^T + bg) * (x[tok] Wu^T + bu)   (plain: act(x[tok] Wu^T + bu)),
     per (BM rows of route r) x (BN neurons of route r) tile; x rows gathered by token (pointer loads).
@@ -211,14 +250,21 @@ def up_kernel(
     past the route's count belong to the next route or are zeros past NA: computed, not stored).
     NF: rows of the weights; WMAX and N_BUCKET are autotune keys only; PERSIST only changes the host's grid.
     FLATTEN (persistent grids): the tile loop and the k loop are fused into one software-pipelined loop, so the
-    next tile's first operand loads are in flight during this tile's epilogue (Triton's fuse-nested-loops)."""
+    next tile's first operand loads are in flight during this tile's epilogue (Triton's fuse-nested-loops).
+    PAIRED (GATED, TMA >= 1): wgu_ptr [2·NF, D] (row stride stride_wgu) holds the gate and up rows interleaved
+    (row 2n = gate neuron n, row 2n + 1 = up neuron n), so a tile's weights are one [2·BN, BK] descriptor load
+    and one product into a [BM, 2·BN] accumulator (one wgmma chain of N = 2·BN instead of two of BN), split into
+    gate and up columns after the loop; wu_ptr / wg_ptr (any row strides) serve the masked k tail."""
     # Tiles (route, row block, column block) are numbered route by route; program p runs tiles p, p + P, ...
     # (P = programs launched: the host's upper bound on the tile count, or fewer for a persistent grid).
     mblocks, nblocks, tiles = _route_tiles(count_ptr, rwidth_ptr, NR, R_P2, BM, BN, 0, True)
     total = tl.sum(tiles, 0)
-    if TMA:
+    if TMA and not PAIRED:
         wu_desc = tl.make_tensor_descriptor(wu_ptr, shape=[NF, D], strides=[stride_wu, 1], block_shape=[BN, BK])
         wg_desc = tl.make_tensor_descriptor(wg_ptr, shape=[NF, D], strides=[stride_wg, 1], block_shape=[BN, BK])
+    if PAIRED:
+        wgu_desc = tl.make_tensor_descriptor(wgu_ptr, shape=[2 * NF, D], strides=[stride_wgu, 1],
+                                             block_shape=[2 * BN, BK])
     if TMA == 2:
         xs_desc = tl.make_tensor_descriptor(xs_ptr, shape=[NA, D], strides=[stride_x, 1], block_shape=[BM, BK])
     for tile in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=FLATTEN):
@@ -237,6 +283,12 @@ def up_kernel(
         g_ptrs = wg_ptr + neuron[None, :] * stride_wg + kk[:, None]
         if TMA == 0:
             acc_u, acc_g = _gate_up_loop(a_ptrs, u_ptrs, g_ptrs, row_ok, col_ok, D, GATED, IEEE, BM, BN, BK)
+        elif PAIRED:
+            if TMA == 2:
+                acc_u, acc_g = _paired_loop_desc(xs_desc, wgu_desc, off + pid_m * BM, n0, D, IEEE, BM, BN, BK)
+            else:
+                acc_u, acc_g = _paired_loop_ptr(a_ptrs, wgu_desc, u_ptrs, g_ptrs, row_ok, col_ok, n0, D, IEEE, BM,
+                                                BN, BK)
         else:
             acc_u = tl.zeros((BM, BN), dtype=tl.float32)
             acc_g = tl.zeros((BM, BN), dtype=tl.float32)

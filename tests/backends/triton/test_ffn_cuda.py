@@ -23,7 +23,8 @@ def ffn(monkeypatch):
     from routefx.backends.triton import ffn
     if ffn.INTERPRET:
         pytest.skip("TRITON_INTERPRET is set in this process: CUDA kernels are not compiled")
-    tuners = list(ffn._UP.values()) + list(ffn._DOWN.values()) + [ffn._SPAN_UP, ffn._SPAN_DOWN]
+    tuners = list(ffn._UP.values()) + list(ffn._UP_PAIRED.values()) + list(ffn._DOWN.values()) + [ffn._SPAN_UP,
+                                                                                                   ffn._SPAN_DOWN]
     for tuner in tuners:
         monkeypatch.setattr(tuner, "configs", [tuner.configs[0], tuner.configs[-1]])
     return ffn
@@ -192,4 +193,45 @@ def test_every_large_configuration_matches_reference(monkeypatch, level):
     up_t.cache.clear()
     down_t.cache.clear()
     assert ran >= len(every["up"]) // 2, f"only {ran} configurations could run"
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("level", [1, 2], ids=["tma-weights", "tma-all"])
+def test_every_paired_configuration_matches_reference(monkeypatch, level):
+    """Kernel 1 on gate/up rows interleaved in one matrix (what the triton backend's lowering lays out): every
+    configuration of its paired autotuner (one product of N = 2·BN, PAIRED=1, or two over the interleaved views,
+    PAIRED=0), alone, against the float64 reference; d = 200 leaves a k tail for the TMA=1 configurations."""
+    import triton
+
+    from routefx.backends.triton import ffn
+    if ffn.INTERPRET:
+        pytest.skip("TRITON_INTERPRET is set in this process: CUDA kernels are not compiled")
+    n_tok, d, n, ranges = 700, 200, 512, [0, 512, 0, 128, 0, 0]
+    torch.manual_seed(4)
+    w = _weights(d, n, torch.bfloat16)
+    w[0], w[1] = ffn.interleave_gate_up(w[0], w[1])
+    assert ffn.paired_layout(w[0], w[1])
+    if not ffn._tma_ok(w[0], w[1], w[2]):
+        pytest.skip("tensor descriptors need a Hopper or newer GPU")
+    x = torch.randn(n_tok, d, device="cuda").to(torch.bfloat16)
+    routes = torch.randint(0, 3, (n_tok, 1), device="cuda")
+    tuner = ffn._UP_PAIRED["large"]
+    every = [triton.Config({**c.kwargs, "PAIRED": p}, num_warps=c.num_warps, num_stages=c.num_stages)
+             for p in (1, 0) for c in ffn._with_tma(ffn._UP_LARGE, ffn._LEVELS["large"]) if c.kwargs["TMA"] == level]
+    bad, ran = [], 0
+    for c in every:
+        monkeypatch.setattr(tuner, "configs", [c])
+        tuner.cache.clear()
+        _poison_allocator(64 << 20)
+        try:
+            out = ffn._forward(x, routes, None, *w, ranges, "silu", path="sorted")
+            torch.cuda.synchronize()
+        except triton.runtime.errors.OutOfResources:
+            continue
+        ran += 1
+        err = _rel_err(out, x, routes, None, w, ranges, "silu")
+        if err > TRITON_BF16_REL:
+            bad.append((str(c), err))
+    tuner.cache.clear()
+    assert ran >= len(every) // 2, f"only {ran} configurations could run"
     assert not bad, bad

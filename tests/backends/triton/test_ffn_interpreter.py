@@ -218,3 +218,55 @@ def test_weights_through_pointers_or_tensor_descriptors(interpreter, monkeypatch
     ranges = [0, 160, 160, n, 0, n]  # big, separate small, all neurons (16-aligned starts when n % 16 == 0)
     out, ref = _run_both(interpreter, x, routes, torch.rand(n_tok, 2), w, ranges, "gelu_tanh", "sorted")
     _assert_close(out, ref)
+
+
+@pytest.mark.parametrize("tma", [1, 2], ids=["weight-descriptors", "all-descriptors"])
+@pytest.mark.parametrize("d,n,ranges", [(40, 192, [0, 192, 0, 48, 0, 0]), (48, 160, [0, 160, 0, 37, 0, 0])],
+                         ids=["d40-F192-nested", "d48-F160-k37"])
+def test_interleaved_gate_up_runs_one_product(interpreter, monkeypatch, tma, d, n, ranges):
+    """Gate and up rows interleaved in one matrix (`interleave_gate_up`): kernel 1 loads both as one [2·BN, BK]
+    tile and splits the [BM, 2·BN] product into gate and up columns (PAIRED=1, checked by spying on the launch);
+    the result equals the reference on the same values. d=40 leaves a k tail of 8 past BK=32 (by pointers)."""
+    monkeypatch.setitem(interpreter._INTERP_CFG, "TMA", tma)
+    w = _weights(d, n, seed=9)
+    up, gate = interpreter.interleave_gate_up(w["w_up"], w["w_gate"])
+    assert torch.equal(up, w["w_up"]) and torch.equal(gate, w["w_gate"])
+    assert interpreter.paired_layout(up, gate) and not interpreter.paired_layout(w["w_up"], w["w_gate"])
+    assert not interpreter.paired_layout(gate, up)  # the order matters: gate rows first
+    w = {**w, "w_up": up, "w_gate": gate}
+    seen = []
+    real = interpreter.kernels.up_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["PAIRED"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(interpreter.kernels, "up_kernel", Spy())
+    n_tok = 37
+    x = torch.randn(n_tok, d)
+    routes = torch.randint(0, 3, (n_tok, 1))
+    out, ref = _run_both(interpreter, x, routes, None, w, ranges, "silu", "sorted")
+    assert seen == [1]
+    _assert_close(out, ref)
+
+
+def test_paired_op_equals_the_op_on_separate_weights(interpreter):
+    """`routed_ffn_paired` (what the triton backend lowers gated FFNs to) on `interleave(w_up, w_gate)` equals the
+    op on the separate weights, K=2 with gates and biases; a matrix of an odd number of rows is refused."""
+    d, n = 48, 160
+    w = _weights(d, n, seed=10)
+    w_gu = interpreter.interleave(w["w_up"], w["w_gate"])
+    assert torch.equal(w_gu[0::2], w["w_gate"]) and torch.equal(w_gu[1::2], w["w_up"])
+    x = torch.randn(37, d)
+    routes = torch.randint(0, 3, (37, 2))
+    gates = torch.rand(37, 2)
+    ranges = [0, 160, 0, 37, 0, 0]
+    out = interpreter.routed_ffn_paired(x, routes, gates, w_gu, w["w_down"], w["b_up"], w["b_gate"], w["b_down"],
+                                        ranges, "silu")
+    _, ref = _run_both(interpreter, x, routes, gates, w, ranges, "silu")
+    _assert_close(out, ref)
+    with pytest.raises(RoutedFFNError, match=r"w_gate_up must be \[2·F, d\]"):
+        interpreter.routed_ffn_paired(x, routes, gates, w_gu[:-1], w["w_down"], None, None, None, ranges, "silu")
