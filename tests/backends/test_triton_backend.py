@@ -124,6 +124,7 @@ def test_duo_random_router_equals_eager_with_identical_routes():
         w_gu = fetch_attr(run.graph_module, low.args[3].target)
         assert paired_layout(up, gate) and w_gu.shape == (2 * up.shape[0], up.shape[1])
         assert up.untyped_storage().data_ptr() == w_gu.untyped_storage().data_ptr()  # one copy of the weights
+        assert not hasattr(run.graph_module, e.args[3].target)  # the lowered module holds the matrix alone
     # every router product became a reduction (the lowered graph keeps only the model's own linears)
     aten = torch.ops.aten
     assert _count(run.graph_module, aten.linear.default) == _count(cm.graph_module, aten.linear.default) - n_ffn

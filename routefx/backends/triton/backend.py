@@ -152,6 +152,10 @@ def interleave_gate_up_(new: fx.GraphModule, gm: fx.GraphModule, routed_target) 
         done += 1
     if done:
         g.eliminate_dead_code()
+        used = {n.target for n in g.nodes if n.op == "get_attr"}
+        for name in {t for key in made for t in key} - used:  # the views live on in `gm` only
+            if "." not in name and name in new._buffers:
+                del new._buffers[name]
         new.recompile()
     return done
 
