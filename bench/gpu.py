@@ -277,6 +277,9 @@ def whole_model(args, shape: dict, device, dtype, res: dict, save, deadline: flo
             v["ideal"] = dense_fpt / v["flops_per_token_x"]
             v["efficiency"] = v["speedup_vs_routefx_dense"] / v["ideal"]
     wm["targets"] = assess(c)
+    if device.type == "cuda":
+        from routefx.backends.triton import ffn
+        wm["kernel_configs"] = ffn.kernel_configs()  # what the autotuner picked for the routed FFNs
     del model, fns, timed
     gc.collect()
 

@@ -139,6 +139,8 @@ def main(argv=None):
             fns[key] = (lambda cm=cm: cm(**x))
             res["candidates"][key] = {"compile": rec, "budget_x": cm.route_stats([x]).budget}
             if key.startswith("routefx_duo"):
+                _record_configs(res)  # right after the first call: what the autotuner picked for the Duo shapes
+                save()
                 gm = cm.graph_module
                 consts = gm.meta["routefx"].constant_kwargs
                 kw = {n.target: x.get(n.target, consts.get(n.target)) for n in gm.graph.nodes
@@ -171,13 +173,18 @@ def main(argv=None):
             res["errors"][f"profile_{key}"] = G._err(e)
             traceback.print_exc()
         save()
+    _record_configs(res)
+    save()
+    return res
+
+
+def _record_configs(res: dict) -> None:
+    """The configurations the autotuner picked so far, per kernel and key, into res and printed."""
     from routefx.backends.triton import ffn
-    res["kernel_configs"] = ffn.kernel_configs()  # what the autotuner picked, per kernel and key
+    res["kernel_configs"] = ffn.kernel_configs()
     for name, picked in res["kernel_configs"].items():
         for key, cfg in picked.items():
             print(f"config {name} {key}: {cfg}", flush=True)
-    save()
-    return res
 
 
 if __name__ == "__main__":
