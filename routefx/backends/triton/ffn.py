@@ -412,19 +412,24 @@ def _op_body(
     return _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
 
 
-if INTERPRET:
-    # Interpreted kernels cannot be traced by wrap_triton on every supported torch release: register an opaque
-    # custom op (with a fake kernel) so torch.compile / export treat it as one node and call it at run time.
-    _op = torch.library.custom_op("routefx_triton::routed_ffn", mutates_args=())(_op_body)
+def _op_fake(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation):
+    _check_static(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
+    return x.new_empty(x.shape)
 
-    @_op.register_fake
-    def _op_fake(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation):
-        _check_static(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
-        return x.new_empty(x.shape)
-else:
-    # triton_op: torch.compile decomposes the op into its body, so Inductor sees the two kernels
-    # (wrap_triton) and the metadata ops, with no graph break.
-    _op = torch.library.triton_op("routefx_triton::routed_ffn", mutates_args=())(_op_body)
+
+def _register(name: str, body, fake):
+    """The op `name` with `body`: under the interpreter an opaque custom op with `fake` as its fake kernel
+    (interpreted kernels cannot be traced by wrap_triton on every supported torch release, so torch.compile /
+    export treat it as one node and call it at run time); on CUDA a triton_op, which torch.compile decomposes
+    into its body, so Inductor sees the two kernels (wrap_triton) and the metadata ops, with no graph break."""
+    if not INTERPRET:
+        return torch.library.triton_op(name, mutates_args=())(body)
+    op = torch.library.custom_op(name, mutates_args=())(body)
+    op.register_fake(fake)
+    return op
+
+
+_op = _register("routefx_triton::routed_ffn", _op_body, _op_fake)
 
 
 def _split_paired(w_gu: Tensor) -> tuple[Tensor, Tensor]:
@@ -452,16 +457,12 @@ def _paired_body(
                     w_gate_up=w_gate_up)
 
 
-if INTERPRET:
-    _op_paired = torch.library.custom_op("routefx_triton::routed_ffn_paired", mutates_args=())(_paired_body)
+def _op_paired_fake(x, routes, gates, w_gate_up, w_down, b_up, b_gate, b_down, ranges, activation):
+    w_up, w_gate = _split_paired(w_gate_up)
+    return _op_fake(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
 
-    @_op_paired.register_fake
-    def _op_paired_fake(x, routes, gates, w_gate_up, w_down, b_up, b_gate, b_down, ranges, activation):
-        w_up, w_gate = _split_paired(w_gate_up)
-        _check_static(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
-        return x.new_empty(x.shape)
-else:
-    _op_paired = torch.library.triton_op("routefx_triton::routed_ffn_paired", mutates_args=())(_paired_body)
+
+_op_paired = _register("routefx_triton::routed_ffn_paired", _paired_body, _op_paired_fake)
 
 
 def routed_ffn(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation) -> Tensor:

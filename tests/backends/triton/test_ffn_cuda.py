@@ -150,78 +150,30 @@ def test_torch_compile_fullgraph(ffn):
         assert rel <= TRITON_BF16_REL, f"compiled op vs float64 reference: relative error {rel:.3g}"
 
 
-@pytest.mark.parametrize("level", [0, 1, 2], ids=["pointers", "tma-weights", "tma-all"])
-def test_every_large_configuration_matches_reference(monkeypatch, level):
-    """Each configuration the autotuner may pick for large token counts (pointers, descriptors, persistent,
-    flattened tile and k loops), alone, against the float64 reference: the autotuner keeps the fastest, so a
-    configuration that is fast and wrong must fail here. Configurations that do not fit the GPU are left out,
-    as the autotuner leaves them out. One descriptor level per test (each configuration compiles)."""
-    import triton
-
+def _cuda_ffn():
     from routefx.backends.triton import ffn
     if ffn.INTERPRET:
         pytest.skip("TRITON_INTERPRET is set in this process: CUDA kernels are not compiled")
-    n_tok, d, n, ranges = 700, 256, 512, [0, 512, 0, 128, 0, 0]
-    torch.manual_seed(3)
-    w = _weights(d, n, torch.bfloat16)
-    x = torch.randn(n_tok, d, device="cuda").to(torch.bfloat16)
-    routes = torch.randint(0, 3, (n_tok, 1), device="cuda")
-    tma = ffn._tma_ok(w[0], w[1], w[2])
-    up_t, down_t = ffn._UP["large", tma], ffn._DOWN["large", tma]
-    levels = ffn._LEVELS["large"]
-    if level and not tma:
-        pytest.skip("tensor descriptors need a Hopper or newer GPU")
-    every = {name: [c for c in (ffn._with_tma(cfgs, levels) if tma else cfgs) if c.kwargs["TMA"] == level]
-             for name, cfgs in (("up", ffn._UP_LARGE), ("down", ffn._DOWN_LARGE))}
-    bad, ran = [], 0
-    for which, configs in every.items():
-        for c in configs:
-            monkeypatch.setattr(up_t, "configs", [c] if which == "up" else every["up"][:1])
-            monkeypatch.setattr(down_t, "configs", [c] if which == "down" else every["down"][:1])
-            up_t.cache.clear()
-            down_t.cache.clear()
-            _poison_allocator(64 << 20)
-            try:
-                out = ffn._forward(x, routes, None, *w, ranges, "silu", path="sorted")
-                torch.cuda.synchronize()
-            except triton.runtime.errors.OutOfResources:
-                continue
-            ran += 1
-            err = _rel_err(out, x, routes, None, w, ranges, "silu")
-            if err > TRITON_BF16_REL:
-                bad.append((which, str(c), err))
-    up_t.cache.clear()
-    down_t.cache.clear()
-    assert ran >= len(every["up"]) // 2, f"only {ran} configurations could run"
-    assert not bad, bad
+    return ffn
 
 
-@pytest.mark.parametrize("level", [1, 2], ids=["tma-weights", "tma-all"])
-def test_every_paired_configuration_matches_reference(monkeypatch, level):
-    """Kernel 1 on gate/up rows interleaved in one matrix (what the triton backend's lowering lays out): every
-    configuration of its paired autotuner (one product of N = 2·BN, PAIRED=1, or two over the interleaved views,
-    PAIRED=0), alone, against the float64 reference; d = 200 leaves a k tail for the TMA=1 configurations."""
+def _each_configuration(monkeypatch, ffn, tuners: dict, trials: list, w, seed: int, d: int = 256) -> None:
+    """Run the op with each (tuner name, configuration) of `trials` alone (every other tuner in `tuners` held at
+    its first configuration) on a Duo-shaped problem (700 tokens, F=512, small = first 128) and assert that
+    every configuration that fits the GPU matches the float64 reference. The autotuner keeps the fastest, so a
+    configuration that is fast and wrong must fail here; the ones that do not fit are left out, as the
+    autotuner leaves them out."""
     import triton
-
-    from routefx.backends.triton import ffn
-    if ffn.INTERPRET:
-        pytest.skip("TRITON_INTERPRET is set in this process: CUDA kernels are not compiled")
-    n_tok, d, n, ranges = 700, 200, 512, [0, 512, 0, 128, 0, 0]
-    torch.manual_seed(4)
-    w = _weights(d, n, torch.bfloat16)
-    w[0], w[1] = ffn.interleave_gate_up(w[0], w[1])
-    assert ffn.paired_layout(w[0], w[1])
-    if not ffn._tma_ok(w[0], w[1], w[2]):
-        pytest.skip("tensor descriptors need a Hopper or newer GPU")
+    n_tok, ranges = 700, [0, 512, 0, 128, 0, 0]
+    torch.manual_seed(seed)
     x = torch.randn(n_tok, d, device="cuda").to(torch.bfloat16)
     routes = torch.randint(0, 3, (n_tok, 1), device="cuda")
-    tuner = ffn._UP_PAIRED["large"]
-    every = [triton.Config({**c.kwargs, "PAIRED": p}, num_warps=c.num_warps, num_stages=c.num_stages)
-             for p in (1, 0) for c in ffn._with_tma(ffn._UP_LARGE, ffn._LEVELS["large"]) if c.kwargs["TMA"] == level]
+    first = {name: next(c for t, c in trials if t == name) for name in tuners}
     bad, ran = [], 0
-    for c in every:
-        monkeypatch.setattr(tuner, "configs", [c])
-        tuner.cache.clear()
+    for which, c in trials:
+        for name, tuner in tuners.items():
+            monkeypatch.setattr(tuner, "configs", [c if name == which else first[name]])
+            tuner.cache.clear()
         _poison_allocator(64 << 20)
         try:
             out = ffn._forward(x, routes, None, *w, ranges, "silu", path="sorted")
@@ -231,7 +183,42 @@ def test_every_paired_configuration_matches_reference(monkeypatch, level):
         ran += 1
         err = _rel_err(out, x, routes, None, w, ranges, "silu")
         if err > TRITON_BF16_REL:
-            bad.append((str(c), err))
-    tuner.cache.clear()
-    assert ran >= len(every) // 2, f"only {ran} configurations could run"
+            bad.append((which, str(c), err))
+    for tuner in tuners.values():
+        tuner.cache.clear()
+    assert ran >= len(trials) // 2, f"only {ran} of {len(trials)} configurations could run"
     assert not bad, bad
+
+
+@pytest.mark.parametrize("level", [0, 1, 2], ids=["pointers", "tma-weights", "tma-all"])
+def test_every_large_configuration_matches_reference(monkeypatch, level):
+    """Each configuration the autotuners may pick for large token counts (pointers, descriptors, persistent,
+    flattened tile and k loops), kernel 1's and kernel 2's, alone against the reference; one descriptor level
+    per test (each configuration compiles)."""
+    ffn = _cuda_ffn()
+    w = _weights(256, 512, torch.bfloat16)
+    tma = ffn._tma_ok(w[0], w[1], w[2])
+    if level and not tma:
+        pytest.skip("tensor descriptors need a Hopper or newer GPU")
+    levels = ffn._LEVELS["large"]
+    trials = [(name, c) for name, cfgs in (("up", ffn._UP_LARGE), ("down", ffn._DOWN_LARGE))
+              for c in (ffn._with_tma(cfgs, levels) if tma else cfgs) if c.kwargs["TMA"] == level]
+    _each_configuration(monkeypatch, ffn, {"up": ffn._UP["large", tma], "down": ffn._DOWN["large", tma]}, trials,
+                        w, seed=3)
+
+
+@pytest.mark.parametrize("level", [1, 2], ids=["tma-weights", "tma-all"])
+def test_every_paired_configuration_matches_reference(monkeypatch, level):
+    """Kernel 1 on gate/up rows interleaved in one matrix (what the triton backend's lowering lays out): every
+    configuration of its paired autotuner (one product of N = 2·BN, PAIRED=1, or two over the interleaved views,
+    PAIRED=0), alone against the reference; d = 200 leaves a k tail for the TMA=1 configurations."""
+    import triton
+    ffn = _cuda_ffn()
+    w = _weights(200, 512, torch.bfloat16)
+    w[0], w[1] = ffn.interleave_gate_up(w[0], w[1])
+    assert ffn.paired_layout(w[0], w[1])
+    if not ffn._tma_ok(w[0], w[1], w[2]):
+        pytest.skip("tensor descriptors need a Hopper or newer GPU")
+    trials = [("up", triton.Config({**c.kwargs, "PAIRED": p}, num_warps=c.num_warps, num_stages=c.num_stages))
+              for p in (1, 0) for c in ffn._with_tma(ffn._UP_LARGE, ffn._LEVELS["large"]) if c.kwargs["TMA"] == level]
+    _each_configuration(monkeypatch, ffn, {"up": ffn._UP_PAIRED["large"]}, trials, w, seed=4, d=200)
