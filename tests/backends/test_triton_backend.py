@@ -125,6 +125,13 @@ def test_duo_random_router_equals_eager_with_identical_routes():
         assert paired_layout(up, gate) and w_gu.shape == (2 * up.shape[0], up.shape[1])
         assert up.untyped_storage().data_ptr() == w_gu.untyped_storage().data_ptr()  # one copy of the weights
         assert not hasattr(run.graph_module, e.args[3].target)  # the lowered module holds the matrix alone
+    # lowering the same graph again (another runner of it) reuses the matrix: no new copy, the paired op again
+    again, _ = tb.lower(cm.graph_module)
+    again_ops = [n for n in again.graph.nodes if n.op == "call_function" and n.target is paired]
+    assert len(again_ops) == n_ffn
+    for low, low2 in zip(lowered_ops, again_ops, strict=True):
+        a, b = fetch_attr(run.graph_module, low.args[3].target), fetch_attr(again, low2.args[3].target)
+        assert a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
     # every router product became a reduction (the lowered graph keeps only the model's own linears)
     aten = torch.ops.aten
     assert _count(run.graph_module, aten.linear.default) == _count(cm.graph_module, aten.linear.default) - n_ffn

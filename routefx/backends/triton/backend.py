@@ -132,16 +132,19 @@ def interleave_gate_up_(new: fx.GraphModule, gm: fx.GraphModule, routed_target) 
             continue  # a buffer paired with two partners: leave both as they are
         if key not in made:
             up, gate = fetch_attr(new, up_n.target), fetch_attr(new, gate_n.target)
-            if up.dim() != 2 or up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device \
+            if ffn.paired_layout(up, gate):  # laid out by an earlier lowering of this graph: the same matrix
+                both = gate.as_strided((2 * up.shape[0], up.shape[1]), (up.shape[1], 1), gate.storage_offset())
+            elif up.dim() != 2 or up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device \
                     or not (up.is_contiguous() and gate.is_contiguous()):
                 continue
-            both = ffn.interleave(up, gate)
-            up_v, gate_v = ffn._split_paired(both)
+            else:
+                both = ffn.interleave(up, gate)
+                up_v, gate_v = ffn._split_paired(both)
+                for mod in (new, gm):
+                    if fetch_attr(mod, up_n.target) is up and fetch_attr(mod, gate_n.target) is gate:
+                        mod.register_buffer(up_n.target, up_v)
+                        mod.register_buffer(gate_n.target, gate_v)
             made[key] = add_tensor_attr(new, f"{up_n.target}_gate_up", both)
-            for mod in (new, gm):
-                if fetch_attr(mod, up_n.target) is up and fetch_attr(mod, gate_n.target) is gate:
-                    mod.register_buffer(up_n.target, up_v)
-                    mod.register_buffer(gate_n.target, gate_v)
         x, routes, gates, _, _, w_down, b_up, b_gate, b_down, ranges, act = n.args
         with g.inserting_before(n):
             w_gu = g.get_attr(made[key])
