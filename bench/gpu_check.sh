@@ -6,7 +6,8 @@
 #     PYTHONPATH=$PWD bash bench/gpu_check.sh cuda bench-quick      # chosen steps
 #
 # Steps (each under `timeout`; a failure or timeout is recorded and the next step runs):
-#   cuda         the CUDA tests (tests/test_cuda.py, the Triton kernel and backend CUDA tests), one kernel
+#   cuda         the CUDA tests (tests/test_cuda.py, the Triton backend and kernel CUDA tests, the tests of every
+#                kernel configuration last; -v, so a timed-out step still says which passed), one kernel
 #                configuration each (ROUTEFX_TRITON_TUNE=first: correctness, not speed) -> $OUT/cuda.log
 #   profile      python bench/gpu_profile.py --out $OUT: the whole model's device time by kernel class (HF
 #                torch.compile, routefx Dense, Duo 0.5), compiled-vs-eager route agreement, the picked kernel
@@ -92,8 +93,8 @@ for s in "${steps[@]}"; do
   case "$s" in
     cuda)
       export ROUTEFX_TRITON_TUNE=first
-      run_step cuda "$CUDA_TIMEOUT" "$OUT/cuda.log" $PY -m pytest -q -p no:cacheprovider \
-        tests/test_cuda.py tests/backends/triton/test_ffn_cuda.py tests/backends/test_triton_backend.py -rfEs
+      run_step cuda "$CUDA_TIMEOUT" "$OUT/cuda.log" $PY -m pytest -v -p no:cacheprovider \
+        tests/test_cuda.py tests/backends/test_triton_backend.py tests/backends/triton/test_ffn_cuda.py -rfEs
       unset ROUTEFX_TRITON_TUNE
       grep -sE "^(FAILED|ERROR|SKIPPED) " "$OUT/cuda.log" | cut -c1-300 | head -n 20
       [ -f "$OUT/cuda.log" ] && note "  cuda tests: $(pytest_result "$OUT/cuda.log")"
