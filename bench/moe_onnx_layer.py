@@ -9,7 +9,8 @@ lowering emits as the plain FFN. Both are captured and prepared by the onnx back
 fusions), timed interleaved (`routefx.timing.median_seconds`), then ORT's per-node kernel times are summed per op
 type (ms per run). Checks the MoE output against the eager backend first.
 
-`--cpu-time` (with `--threads 1`) reports the median CPU time of the calling thread instead of wall time: ONNX
+`--ort-moe` adds ONNX Runtime's own CPU MoE kernel (com.microsoft.MoE) on the same weights as a third candidate
+(checked against eager too). `--cpu-time` (with `--threads 1`) reports the median CPU time of the calling thread instead of wall time: ONNX
 Runtime with one intra-op thread runs every kernel on the caller's thread, so on a shared machine this excludes
 the time other processes hold the core (it still includes their cache and memory-bandwidth interference). Measured
 this way on the shared 2-core development machine (load 2-3), two runs agreed within 1%; wall time moved 10-20%.
@@ -71,6 +72,44 @@ class DenseLayer(nn.Module):
                           [0, self.width], "silu")
 
 
+class OrtMoE:
+    """The same MoE layer as ONNX Runtime's own CPU kernel, com.microsoft.MoE (router MatMul, then MoE with
+    k=top_k and the top-k softmax gates). ORT 1.32's CPU MoE runs only its interleaved SwiGLU form
+    (`swiglu_fusion=1`: fc1 holds each expert's gate and up rows interleaved; `activation_alpha=1`,
+    `activation_beta=0` make it silu(gate) * up) and has no separate fc3 ("FC3 is not implemented for CPU MoE").
+    Called like a runner: `run(x=x)`."""
+
+    def __init__(self, layer: MoELayer, threads: int):
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+        e, d = layer.router.shape
+        w = layer.w_up.shape[0] // e
+        gate = layer.w_gate.detach().reshape(e, w, d)
+        up = layer.w_up.detach().reshape(e, w, d)
+        fc1 = torch.stack([gate, up], dim=2).reshape(e, 2 * w, d).numpy()        # [E, 2W, d] interleaved
+        fc2 = layer.w_down.detach().reshape(d, e, w).permute(1, 0, 2).contiguous().numpy()  # [E, d, W]
+        nodes = [helper.make_node("Reshape", ["x", "shape2d"], ["x2"]),
+                 helper.make_node("MatMul", ["x2", "router_t"], ["logits"]),
+                 helper.make_node("MoE", ["x2", "logits", "fc1", "", "fc2", ""], ["y2"], domain="com.microsoft",
+                                  k=layer.top_k, activation_type="swiglu", normalize_routing_weights=1,
+                                  swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0),
+                 helper.make_node("Reshape", ["y2", "shape3d"], ["y"])]
+        inits = [numpy_helper.from_array(a, n) for a, n in (
+            (fc1, "fc1"), (fc2, "fc2"), (layer.router.detach().T.contiguous().numpy(), "router_t"),
+            (np.array([-1, d], dtype=np.int64), "shape2d"), (np.array([1, -1, d], dtype=np.int64), "shape3d"))]
+        g = helper.make_graph(nodes, "ort_moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, d])], inits)
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x):
+        return torch.from_numpy(self.session.run(None, {"x": x.numpy()})[0])
+
+
 def op_times(path: str) -> dict[str, float]:
     """{op type: ms per run} from an ORT profile JSON."""
     with open(path) as f:
@@ -96,6 +135,12 @@ def prepare(a, profile: bool):
             err = float((run(x=x) - gm(x)).abs().max())
         assert err < 1e-4, f"{name}: max |onnx - eager| {err}"
         out[name] = (run, x)
+        if name == "moe" and a.ort_moe:
+            ort_run = OrtMoE(mod, a.threads)
+            with torch.no_grad():
+                err = float((ort_run(x=x) - gm(x)).abs().max())
+            assert err < 1e-4, f"ORT's MoE kernel: max |ort - eager| {err}"
+            out["ort_moe"] = (ort_run, x)
     return out
 
 
@@ -124,6 +169,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--no-profile", action="store_true", help="time without ORT's profiler (it adds overhead)")
+    p.add_argument("--ort-moe", action="store_true",
+                   help="also time ONNX Runtime's own CPU MoE kernel (com.microsoft.MoE) on the same layer")
     p.add_argument("--cpu-time", action="store_true", help="median CPU time of the calling thread (--threads 1)")
     a = p.parse_args(argv)
     if a.cpu_time and a.threads != 1:
@@ -137,8 +184,10 @@ def main(argv=None) -> None:
         lat = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0)
     res = {"args": vars(a), "load": [load0, loadavg()], "clock": "thread cpu" if a.cpu_time else "wall",
            "ms": {k: round(v * 1e3, 3) for k, v in lat.items()}, "moe_over_dense": round(lat["dense"] / lat["moe"], 3)}
+    if "ort_moe" in lat:
+        res["ort_moe_over_dense"] = round(lat["dense"] / lat["ort_moe"], 3)
     if not a.no_profile:
-        res["op_ms_per_run"] = {k: op_times(r.end_profiling()) for k, (r, _) in runners.items()}
+        res["op_ms_per_run"] = {k: op_times(r.end_profiling()) for k, (r, _) in runners.items() if k != "ort_moe"}
     print(json.dumps(res, indent=1))
 
 
