@@ -191,6 +191,28 @@ def test_routed_stack_equals_eager(batch, seq):
         assert err <= TRITON_VS_EAGER, f"layer {i}: max abs error {err:.3g}"
 
 
+def test_with_route_outputs_returns_each_dynamic_routes_and_leaves_the_graph_alone():
+    """`with_route_outputs` on the hand-built stack (whose forward returns its route ids itself): the copy returns
+    the same outputs and, after them, the route ids feeding each routed FFN in graph order, equal to the ones the
+    stack returns; the original graph's outputs are unchanged. Constant routes (a Dense graph) give none."""
+    x = stack_input(2, 5)
+    gm = capture(RoutedStack().eval(), (x,))
+    n_nodes = len(gm.graph.nodes)
+    with_routes = with_route_outputs(gm)
+    with torch.no_grad():
+        (y, outs, routes), extra = with_routes(x)
+        y_ref, _, routes_ref = gm(x)
+    assert len(gm.graph.nodes) == n_nodes and type(gm(x)) is tuple and len(gm(x)) == 3
+    assert torch.equal(y, y_ref) and len(extra) == len(routes_ref) == _count(gm, ROUTED_FFN)
+    for r, r_out, r_ref in zip(extra, routes, routes_ref):
+        assert torch.equal(r, r_ref) and torch.equal(r_out, r_ref)
+    entry = ZOO["llama"]
+    args, kwargs = example_inputs(entry, batch=2, seq=5)
+    dense = routefx.compile(entry.build(), routefx.policies.Dense(), example_inputs=args, example_kwargs=kwargs)
+    out, none = with_route_outputs(dense.graph_module)(**_graph_kwargs(dense.graph_module, args, kwargs))
+    assert none == () and type(out) is type(dense(*args, **kwargs))
+
+
 class _ConstantRoutes(nn.Module):
     """Routed FFNs whose routes are constant fills: a small range (K=1, biases), a skip (empty range) and K=2
     slots on one range with sigmoid gates (the output is the gate sum times the FFN)."""
