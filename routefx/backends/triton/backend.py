@@ -47,6 +47,8 @@ from routefx.ir.graph_utils import fetch_attr
 __all__ = ["prepare", "lower", "TritonRunner", "LowerStats", "unavailable_reason", "static_ffn"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+ROUTER_REDUCTION_MAX_ROUTES = 16  # router products with at most this many outputs become fused reductions
+aten = torch.ops.aten
 
 
 def _interpret() -> bool:
@@ -163,9 +165,6 @@ def interleave_gate_up_(new: fx.GraphModule, gm: fx.GraphModule, routed_target) 
     return done
 
 
-ROUTER_REDUCTION_MAX_ROUTES = 16
-
-
 def router_reductions_(gm: fx.GraphModule, routed_target) -> int:
     """Rewrite each fp32 router product `linear(a, W, b)` (W a graph tensor of at most
     ROUTER_REDUCTION_MAX_ROUTES rows) that chooses a `routed_target` node's routes (argmax(linear - price)) as
@@ -179,9 +178,9 @@ def router_reductions_(gm: fx.GraphModule, routed_target) -> int:
         if n.op != "call_function" or n.target is not routed_target:
             continue
         r = n.args[1]
-        sub = r.args[0] if isinstance(r, fx.Node) and r.target is torch.ops.aten.argmax.default else None
-        lin = sub.args[0] if isinstance(sub, fx.Node) and sub.target is torch.ops.aten.sub.Tensor else None
-        if not isinstance(lin, fx.Node) or lin.target is not torch.ops.aten.linear.default or len(lin.users) != 1:
+        sub = r.args[0] if isinstance(r, fx.Node) and r.target is aten.argmax.default else None
+        lin = sub.args[0] if isinstance(sub, fx.Node) and sub.target is aten.sub.Tensor else None
+        if not isinstance(lin, fx.Node) or lin.target is not aten.linear.default or len(lin.users) != 1:
             continue
         a, w = lin.args[0], lin.args[1]
         b = lin.args[2] if len(lin.args) > 2 else None
@@ -190,7 +189,6 @@ def router_reductions_(gm: fx.GraphModule, routed_target) -> int:
         if not isinstance(wt, torch.Tensor) or wt.dim() != 2 or wt.shape[0] > ROUTER_REDUCTION_MAX_ROUTES \
                 or wt.dtype != torch.float32 or av is None or av.dtype != torch.float32:
             continue
-        aten = torch.ops.aten
         with g.inserting_before(lin):
             prod = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (a, -2)), w))
             out = g.call_function(aten.sum.dim_IntList, (prod, [-1]))
