@@ -3,7 +3,8 @@ whether the PTX holds what it should: wgmma for bf16 products, bulk tensor copie
 cp.async for pointer loads. Pointers and strides carry the divisibility-by-16 attribute the JIT gives aligned
 arguments.
 
-    python bench/triton_compile_check.py      # CPU only; run from the repository root
+    python bench/triton_compile_check.py [--all]   # CPU only; run from the repository root (--all: every
+                                                   # autotuner configuration too, a few minutes)
 """
 import re, sys, triton, itertools
 from triton.backends.compiler import GPUTarget
@@ -43,3 +44,32 @@ for dt in ("bf16", "fp32"):
   src = ASTSource(DK.span_down_kernel, signature=sig(DK.span_down_kernel, ptrs(DK.span_down_kernel, dt), consts), attrs=attrs(DK.span_down_kernel), constexprs={(DK.span_down_kernel.arg_names.index(k),): v for k,v in consts.items()})
   c = triton.compile(src, target=tgt, options={"num_warps": 4, "num_stages": 4}); print("span_down", dt, "cp.async" in c.asm["ptx"]); ok += 1
 print("compiled", ok)
+
+# --all: every configuration of every autotuner (bf16), as the GPU's first call would compile them; reports any
+# that fails to compile and those over the H100/H200 shared-memory limit (the autotuner drops those at launch).
+if "--all" in sys.argv:
+    from routefx.backends.triton import ffn
+    SMEM = 232448
+    tables = [(f"up_{s}_{'tma' if t else 'ptr'}", K.up_kernel, tu, True) for (s, t), tu in ffn._UP.items()]
+    tables += [(f"up_{s}_paired", K.up_kernel, tu, True) for s, tu in ffn._UP_PAIRED.items()]
+    tables += [(f"down_{s}_{'tma' if t else 'ptr'}", K.down_kernel, tu, False) for (s, t), tu in ffn._DOWN.items()]
+    n, over, failed = 0, [], []
+    for name, fn, tuner, up in tables:
+        for c in tuner.configs:
+            consts = dict(R_P2=16, IEEE=False, ALIGNED=True, **c.kwargs)
+            consts.update(dict(GATED=True, HAS_BU=False, HAS_BG=False, ACT=1) if up else dict(HAS_BD=False, HAS_GATES=False))
+            if up:
+                consts.setdefault("PAIRED", 0)  # the kernel's default (a constexpr the JIT fills in)
+            src = ASTSource(fn, signature=sig(fn, ptrs(fn, "bf16"), consts), attrs=attrs(fn),
+                            constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+            try:
+                cc = triton.compile(src, target=tgt, options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+            except Exception as e:  # noqa: BLE001
+                failed.append((name, str(c), f"{type(e).__name__}: {str(e)[:200]}"))
+                continue
+            n += 1
+            if cc.metadata.shared > SMEM:
+                over.append((name, str(c), cc.metadata.shared))
+    print(f"--all: compiled {n} configurations, {len(over)} over {SMEM} B of shared memory, {len(failed)} failed")
+    for row in failed + over:
+        print("  ", row)

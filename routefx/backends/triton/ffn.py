@@ -59,11 +59,13 @@ def _cfg_nm(bn, bk, warps, stages):
     return triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
 
 
-def _with_tma(configs, levels=(1,)):
+def _with_tma(configs, levels=(1,), up=False):
     """Each configuration also with its weight tiles through tensor descriptors (TMA=1) and, for TMA=2, its row
-    tiles too (kernels.up_kernel / down_kernel)."""
+    tiles too (kernels.up_kernel / down_kernel). For kernel 1 (`up`) flattened loops with TMA=1 are left out:
+    gated, they need 295-393 KB of shared memory (bench/triton_compile_check.py --all, sm_90), more than any
+    GPU has."""
     return configs + [triton.Config({**c.kwargs, "TMA": t}, num_warps=c.num_warps, num_stages=c.num_stages)
-                      for t in levels for c in configs]
+                      for t in levels for c in configs if not (up and t == 1 and c.kwargs.get("FLATTEN"))]
 
 
 # Kernel 1 holds two fp32 accumulators when gated: BM*BN*2*4 bytes of registers. Hopper bf16 sizes per the
@@ -108,7 +110,7 @@ def _tuning(configs):
 # autotuner per (size class, TMA allowed): weights through tensor descriptors need 16-byte aligned rows.
 _KEYS = ["D", "WMAX", "N_BUCKET"]
 _LEVELS = {"small": (1,), "large": (1, 2)}  # TMA=2 needs x gathered into sorted rows first: large sizes only
-_UP = {(size, tma): triton.autotune(_tuning(_with_tma(cfgs, _LEVELS[size]) if tma else cfgs),
+_UP = {(size, tma): triton.autotune(_tuning(_with_tma(cfgs, _LEVELS[size], up=True) if tma else cfgs),
                                     key=_KEYS + ["GATED"])(kernels.up_kernel)
        for size, cfgs in (("small", _UP_SMALL), ("large", _UP_LARGE)) for tma in (False, True)}
 _DOWN = {(size, tma): triton.autotune(_tuning(_with_tma(cfgs, _LEVELS[size]) if tma else cfgs),
@@ -119,7 +121,7 @@ _DOWN = {(size, tma): triton.autotune(_tuning(_with_tma(cfgs, _LEVELS[size]) if 
 # autotuner picks. Descriptor configurations only (the paired tile is a descriptor load).
 _UP_PAIRED = {size: triton.autotune(
     _tuning([triton.Config({**c.kwargs, "PAIRED": p}, num_warps=c.num_warps, num_stages=c.num_stages)
-             for p in (1, 0) for c in _with_tma(cfgs, _LEVELS[size]) if c.kwargs["TMA"]]),
+             for p in (1, 0) for c in _with_tma(cfgs, _LEVELS[size], up=True) if c.kwargs["TMA"]]),
     key=_KEYS + ["GATED"])(kernels.up_kernel) for size, cfgs in (("small", _UP_SMALL), ("large", _UP_LARGE))}
 _SPAN_KEYS = ["D", "SPAN", "T"]
 _SPAN_UP = triton.autotune(_tuning(_SPAN_UP_CFGS), key=_SPAN_KEYS + ["GATED"])(decode_kernels.span_up_kernel)

@@ -202,7 +202,7 @@ def test_every_large_configuration_matches_reference(monkeypatch, level):
         pytest.skip("tensor descriptors need a Hopper or newer GPU")
     levels = ffn._LEVELS["large"]
     trials = [(name, c) for name, cfgs in (("up", ffn._UP_LARGE), ("down", ffn._DOWN_LARGE))
-              for c in (ffn._with_tma(cfgs, levels) if tma else cfgs) if c.kwargs["TMA"] == level]
+              for c in (ffn._with_tma(cfgs, levels, up=name == "up") if tma else cfgs) if c.kwargs["TMA"] == level]
     _each_configuration(monkeypatch, ffn, {"up": ffn._UP["large", tma], "down": ffn._DOWN["large", tma]}, trials,
                         w, seed=3)
 
@@ -220,5 +220,6 @@ def test_every_paired_configuration_matches_reference(monkeypatch, level):
     if not ffn._tma_ok(w[0], w[1], w[2]):
         pytest.skip("tensor descriptors need a Hopper or newer GPU")
     trials = [("up", triton.Config({**c.kwargs, "PAIRED": p}, num_warps=c.num_warps, num_stages=c.num_stages))
-              for p in (1, 0) for c in ffn._with_tma(ffn._UP_LARGE, ffn._LEVELS["large"]) if c.kwargs["TMA"] == level]
+              for p in (1, 0) for c in ffn._with_tma(ffn._UP_LARGE, ffn._LEVELS["large"], up=True)
+              if c.kwargs["TMA"] == level]
     _each_configuration(monkeypatch, ffn, {"up": ffn._UP_PAIRED["large"]}, trials, w, seed=4, d=200)
