@@ -148,7 +148,7 @@ def run(out_dir=None, quick=False, smoke_cpu=False) -> dict:
         moe_tokens = [8192] if quick else [1024, 8192]
     budgets = [1.0, 0.5] if (quick and not smoke_cpu) else [1.0, 0.75, 0.5, 0.25]
     if quick and not smoke_cpu:
-        tokens = [1, 16, 1024, 8192]
+        tokens = [1, 16, 128, 1024, 8192]  # 128: the sorted path with the small configurations (65-256 rows)
     bench = _timer(device)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
