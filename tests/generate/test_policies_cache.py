@@ -1,5 +1,7 @@
 """One plan for prefill, decode and the model's own graph: the cached steps of a rewritten model compute what the
 whole-sequence compiled model computes; routing leaves every cache entry in place; pruned layers have none."""
+import os
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from routefx.generate.graphs import generation_graphs
 from routefx.generate.loop import Stepper
 from routefx.policies import Dense, Duo, PruneLayers
 from tests.compare import assert_close_nonpad
-from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
+from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER, TRITON_VS_EAGER
 from tests.zoo import ZOO, example_inputs
 
 
@@ -74,6 +76,20 @@ def test_duo_plan_on_onnx(duo):
     model, cm, _ = duo
     onnx = routefx.compile(model, cm.plan, backend="onnx")
     _steps_match_whole_sequence(onnx, *_prompt(ZOO["llama"]), ONNX_VS_EAGER)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="TRITON_INTERPRET is off (CUDA present): the CPU interpreter tests run where CUDA is hidden")
+def test_duo_plan_on_triton_under_the_interpreter(duo):
+    """The plan on backend "triton" (CPU, Triton's interpreter): its prefill and decode graphs lower like any
+    other (paired gate/up weights, router reductions); the decode steps match its whole-sequence graph and greedy
+    generation equals the eager model's."""
+    model, cm, _ = duo
+    tri = routefx.compile(model, cm.plan, backend="triton")
+    ids, mask = _prompt(ZOO["llama"])
+    _steps_match_whole_sequence(tri, ids, mask, TRITON_VS_EAGER)
+    assert generation_graphs(tri).decode.run.stats.triton_ops == 3
+    assert torch.equal(tri.generate(ids, mask, max_new_tokens=4), cm.generate(ids, mask, max_new_tokens=4))
 
 
 def test_routing_leaves_the_cache_untouched(duo):
