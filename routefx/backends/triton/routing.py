@@ -50,8 +50,8 @@ def route_metadata(routes: Tensor, num_ranges: int, launch=None) -> RouteMeta:
     bucket = torch.where((routes >= 0) & (routes < num_ranges), routes, num_ranges)  # [N] int64
     # stable radix sort (no host sync); counts by scatter_add. (A one-hot [N, R'] cumsum along N was measured at
     # 0.75 ms for N=8192 on an H200: torch's outer-dim scan is slow.)
-    # the narrowest key type holding every bucket: a radix sort makes one pass per key byte (int64 keys: 8
-    # passes, 0.05 ms at N=8192 on an H200, for ids that fit in one byte)
+    # keys of the narrowest type holding every bucket: the radix sort makes one pass per key byte (H200, N=8192:
+    # 0.053 ms on int64 keys, 0.009 ms on uint8 keys)
     key_dtype = torch.uint8 if nb <= 256 else torch.int16 if nb <= 2**15 else torch.int32
     order = torch.argsort(bucket.to(key_dtype), stable=True).to(torch.int32)  # [N]
     count = torch.zeros(nb, dtype=torch.int32, device=dev)
