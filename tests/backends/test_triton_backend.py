@@ -165,6 +165,37 @@ def test_inductor_compiles_the_lowered_graph_once_for_all_shapes(dynamic, graphs
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+def test_bf16_graph_lowers_fp32_router_reductions_and_paired_weights():
+    """The lowering alone (no kernel runs: bf16 cannot run under the interpreter) of a bf16 Duo graph: each router
+    is a fused-reduction form over x cast to fp32 with fp32 weights, equal to the fp32 linear it replaces, and each
+    routed FFN is the paired op on one interleaved bf16 matrix."""
+    entry = ZOO["llama"]
+    model = entry.build().to(torch.bfloat16)
+    cm = routefx.compile(model, routefx.policies.Duo(budget=0.5, router="random", small="nested"),
+                         calibration=_batches(entry, 2, 40))
+    lowered, stats = tb.lower(cm.graph_module)
+    n_ffn = entry.expect.blocks
+    aten = torch.ops.aten
+    paired = [n for n in lowered.graph.nodes if n.op == "call_function"
+              and n.target is torch.ops.routefx_triton.routed_ffn_paired.default]
+    assert stats.triton_ops == len(paired) == n_ffn
+    for op in paired:
+        w_gu = getattr(lowered, op.args[3].target)
+        assert w_gu.dtype is torch.bfloat16 and w_gu.shape[0] % 2 == 0
+        adj = op.args[1].args[0]                                   # argmax(sub(reduction + b, price))
+        add = adj.args[0]
+        red = add.args[0]
+        assert (op.args[1].target, adj.target, add.target, red.target) == (
+            aten.argmax.default, aten.sub.Tensor, aten.add.Tensor, aten.sum.dim_IntList)
+        mul = red.args[0]
+        cast = mul.args[0].args[0]                                 # unsqueeze(x.to(fp32), -2)
+        assert cast.target is aten.to.dtype and cast.args[1] is torch.float32
+        w, b = getattr(lowered, mul.args[1].target), getattr(lowered, add.args[1].target)
+        assert w.dtype is b.dtype is torch.float32
+        a = torch.randn(5, w.shape[1])
+        torch.testing.assert_close((a[:, None, :] * w).sum(-1) + b, torch.nn.functional.linear(a, w, b))
+
+
 @needs_interpreter
 def test_duo_static_router_has_no_kernel():
     cm, _ = _check_llama(routefx.policies.Duo(budget=0.5, router="static", small="nested"), TRITON_VS_EAGER)
