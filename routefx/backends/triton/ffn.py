@@ -118,11 +118,16 @@ _DOWN = {(size, tma): triton.autotune(_tuning(_with_tma(cfgs, _LEVELS[size]) if 
          for size, cfgs in (("small", _DOWN_SMALL), ("large", _DOWN_LARGE)) for tma in (False, True)}
 # Gate and up rows interleaved in one matrix (`paired_layout`): kernel 1 may read them as one [2·BN, BK] tile
 # and run one product of N = 2·BN (PAIRED=1), or as two tiles of the interleaved views (PAIRED=0); the
-# autotuner picks. Descriptor configurations only (the paired tile is a descriptor load).
-_UP_PAIRED = {size: triton.autotune(
-    _tuning([triton.Config({**c.kwargs, "PAIRED": p}, num_warps=c.num_warps, num_stages=c.num_stages)
-             for p in (1, 0) for c in _with_tma(cfgs, _LEVELS[size], up=True) if c.kwargs["TMA"]]),
-    key=_KEYS + ["GATED"])(kernels.up_kernel) for size, cfgs in (("small", _UP_SMALL), ("large", _UP_LARGE))}
+# autotuner picks. Descriptor configurations only (the paired tile is a descriptor load), and for large sizes
+# only those that read the rows through descriptors too (TMA=2, the fastest for kernel 1 at T=8192 on an H200,
+# bench/TRITON_NOTES.md v4), so that the first call autotunes no more configurations than before.
+_PAIRED_LEVEL = {"small": 1, "large": 2}
+UP_PAIRED_CONFIGS = {size: [triton.Config({**c.kwargs, "PAIRED": p}, num_warps=c.num_warps, num_stages=c.num_stages)
+                            for p in (1, 0) for c in _with_tma(cfgs, _LEVELS[size], up=True)
+                            if c.kwargs["TMA"] == _PAIRED_LEVEL[size]]
+                     for size, cfgs in (("small", _UP_SMALL), ("large", _UP_LARGE))}
+_UP_PAIRED = {size: triton.autotune(_tuning(cfgs), key=_KEYS + ["GATED"])(kernels.up_kernel)
+              for size, cfgs in UP_PAIRED_CONFIGS.items()}
 _SPAN_KEYS = ["D", "SPAN", "T"]
 _SPAN_UP = triton.autotune(_tuning(_SPAN_UP_CFGS), key=_SPAN_KEYS + ["GATED"])(decode_kernels.span_up_kernel)
 _SPAN_DOWN = triton.autotune(_tuning(_SPAN_DOWN_CFGS), key=_SPAN_KEYS)(decode_kernels.span_down_kernel)

@@ -157,14 +157,15 @@ def _cuda_ffn():
     return ffn
 
 
-def _each_configuration(monkeypatch, ffn, tuners: dict, trials: list, w, seed: int, d: int = 256) -> None:
+def _each_configuration(monkeypatch, ffn, tuners: dict, trials: list, w, seed: int, d: int = 256,
+                        n_tok: int = 700) -> None:
     """Run the op with each (tuner name, configuration) of `trials` alone (every other tuner in `tuners` held at
-    its first configuration) on a Duo-shaped problem (700 tokens, F=512, small = first 128) and assert that
+    its first configuration) on a Duo-shaped problem (n_tok tokens, F=512, small = first 128) and assert that
     every configuration that fits the GPU matches the float64 reference. The autotuner keeps the fastest, so a
     configuration that is fast and wrong must fail here; the ones that do not fit are left out, as the
     autotuner leaves them out."""
     import triton
-    n_tok, ranges = 700, [0, 512, 0, 128, 0, 0]
+    ranges = [0, 512, 0, 128, 0, 0]
     torch.manual_seed(seed)
     x = torch.randn(n_tok, d, device="cuda").to(torch.bfloat16)
     routes = torch.randint(0, 3, (n_tok, 1), device="cuda")
@@ -207,19 +208,18 @@ def test_every_large_configuration_matches_reference(monkeypatch, level):
                         w, seed=3)
 
 
-@pytest.mark.parametrize("level", [1, 2], ids=["tma-weights", "tma-all"])
-def test_every_paired_configuration_matches_reference(monkeypatch, level):
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_every_paired_configuration_matches_reference(monkeypatch, size):
     """Kernel 1 on gate/up rows interleaved in one matrix (what the triton backend's lowering lays out): every
     configuration of its paired autotuner (one product of N = 2·BN, PAIRED=1, or two over the interleaved views,
-    PAIRED=0), alone against the reference; d = 200 leaves a k tail for the TMA=1 configurations."""
-    import triton
+    PAIRED=0), alone against the reference, for the small (200 tokens) and the large (700) size class; d = 200
+    leaves a k tail for the descriptor-weights (TMA=1) configurations of the small class."""
     ffn = _cuda_ffn()
     w = _weights(200, 512, torch.bfloat16)
     w[0], w[1] = ffn.interleave_gate_up(w[0], w[1])
     assert ffn.paired_layout(w[0], w[1])
     if not ffn._tma_ok(w[0], w[1], w[2]):
         pytest.skip("tensor descriptors need a Hopper or newer GPU")
-    trials = [("up", triton.Config({**c.kwargs, "PAIRED": p}, num_warps=c.num_warps, num_stages=c.num_stages))
-              for p in (1, 0) for c in ffn._with_tma(ffn._UP_LARGE, ffn._LEVELS["large"], up=True)
-              if c.kwargs["TMA"] == level]
-    _each_configuration(monkeypatch, ffn, {"up": ffn._UP_PAIRED["large"]}, trials, w, seed=4, d=200)
+    trials = [("up", c) for c in ffn.UP_PAIRED_CONFIGS[size]]
+    _each_configuration(monkeypatch, ffn, {"up": ffn._UP_PAIRED[size]}, trials, w, seed=4, d=200,
+                        n_tok=200 if size == "small" else 700)
