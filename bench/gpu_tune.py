@@ -77,8 +77,8 @@ def main(argv=None):
         for variant, ok in (("ptr", lambda *t: False), ("tma", real_ok), ("paired", real_ok)):
             tffn._tma_ok = ok
             u_, g_ = (pu, pg) if variant == "paired" else (wu, wg)
-            call = lambda xx, rr, gg, u_=u_, g_=g_, **kw: tffn._forward(xx, rr, gg, u_, g_, wd, None, None, None,  # noqa
-                                                                        ranges, "silu", path="sorted")
+            def call(xx, rr, gg, u_=u_, g_=g_, **kw):
+                return tffn._forward(xx, rr, gg, u_, g_, wd, None, None, None, ranges, "silu", path="sorted")
             try:
                 out = call(x, routes, None)
                 if dev.type == "cuda":

@@ -10,10 +10,11 @@ fusions), timed interleaved (`routefx.timing.median_seconds`), then ORT's per-no
 type (ms per run). Checks the MoE output against the eager backend first.
 
 `--ort-moe` adds ONNX Runtime's own CPU MoE kernel (com.microsoft.MoE) on the same weights as a third candidate
-(checked against eager too). `--cpu-time` (with `--threads 1`) reports the median CPU time of the calling thread instead of wall time: ONNX
-Runtime with one intra-op thread runs every kernel on the caller's thread, so on a shared machine this excludes
-the time other processes hold the core (it still includes their cache and memory-bandwidth interference). Measured
-this way on the shared 2-core development machine (load 2-3), two runs agreed within 1%; wall time moved 10-20%.
+(checked against eager too). `--cpu-time` (with `--threads 1`) reports the median CPU time of the calling thread
+instead of wall time: ONNX Runtime with one intra-op thread runs every kernel on the caller's thread, so on a
+shared machine this excludes the time other processes hold the core (it still includes their cache and memory-
+bandwidth interference). Measured this way on the shared 2-core development machine (load 2-3), two runs agreed
+within 1%; wall time moved 10-20%.
 """
 from __future__ import annotations
 

@@ -57,7 +57,8 @@ if "--all" in sys.argv:
     for name, fn, tuner, up in tables:
         for c in tuner.configs:
             consts = dict(R_P2=16, IEEE=False, ALIGNED=True, **c.kwargs)
-            consts.update(dict(GATED=True, HAS_BU=False, HAS_BG=False, ACT=1) if up else dict(HAS_BD=False, HAS_GATES=False))
+            consts.update(dict(GATED=True, HAS_BU=False, HAS_BG=False, ACT=1) if up
+                          else dict(HAS_BD=False, HAS_GATES=False))
             if up:
                 consts.setdefault("PAIRED", 0)  # the kernel's default (a constexpr the JIT fills in)
             src = ASTSource(fn, signature=sig(fn, ptrs(fn, "bf16"), consts), attrs=attrs(fn),

@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 
 
+def graph_kwargs(gm, args, kwargs) -> dict:
+    """The call as a compiled model's rewritten graph takes it: every input by name, in the graph's order, with
+    the constants baked in at capture (use_cache=False) included."""
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    kw = dict(zip(names, args), **kwargs)
+    consts = gm.meta["routefx"].constant_kwargs
+    return {n: kw.get(n, consts.get(n)) for n in names}
+
+
 def main_output(out) -> torch.Tensor:
     """The first tensor of a model output (logits / last_hidden_state / a bare tensor)."""
     if isinstance(out, torch.Tensor):

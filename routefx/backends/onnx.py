@@ -202,8 +202,8 @@ class OnnxRunner:
         arrays, in `output_names` order; no output structure, no torch). Only where `takes_arrays` (numpy dtypes,
         and every output of the graph an ONNX output, so that the arrays are the graph's flat outputs). For loops
         that feed outputs back as inputs (generation's KV cache): ONNX Runtime reads contiguous arrays in place and
-        returns arrays over its own output buffers (onnxruntime 1.32: their base is ONNX Runtime's), so the cache is not copied between
-        steps."""
+        returns arrays over its own output buffers (onnxruntime 1.32: their base is ONNX Runtime's), so the cache
+        is not copied between steps."""
         if len(feeds) != len(self.inputs):
             raise InputError(f"run_arrays takes every input: got {sorted(feeds)}; the ONNX model takes "
                              f"{[i.name for i in self.inputs]}")

@@ -38,7 +38,6 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-
 __all__ = ["FUSIONS", "DEFAULT_FUSIONS", "FusionResult", "optimize_", "fuse_"]
 
 FUSIONS = ("shared_kv_heads", "rotary", "causal_gqa", "rms_norm", "skip_rms_norm")

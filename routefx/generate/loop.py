@@ -19,10 +19,10 @@ import dataclasses
 import inspect as _inspect
 import time
 
-import numpy as np
 import torch
 
 from routefx.errors import InputError, UnsupportedModelError
+from routefx.generate.arrays import as_array, as_torch
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.sampling import Sampler
 from routefx.generate.skipping import SkipStepper
@@ -154,7 +154,7 @@ class Stepper:
 
     @property
     def past(self) -> list[torch.Tensor]:
-        return [_torch(t) for t in self._past]
+        return [as_torch(t) for t in self._past]
 
     @past.setter
     def past(self, values) -> None:
@@ -178,8 +178,8 @@ class Stepper:
         pos = self.pos + torch.arange(1, S + 1)
         run = self.g.decode.run
         if self.path == "arrays" and getattr(run, "takes_arrays", False):
-            feeds = {"input_ids": _array(new), "attention_mask": _array(self.mask), "position_ids": _array(pos)}
-            feeds.update(zip(self.g.past_names, map(_array, self._past)))
+            feeds = {"input_ids": as_array(new), "attention_mask": as_array(self.mask), "position_ids": as_array(pos)}
+            feeds.update(zip(self.g.past_names, map(as_array, self._past)))
             out = run.run_arrays(feeds)
         elif self.path == "io_binding" and hasattr(run, "run_ortvalues"):
             out = run.run_ortvalues(input_ids=new, attention_mask=self.mask, position_ids=pos,
@@ -188,19 +188,7 @@ class Stepper:
             out = run(input_ids=new, attention_mask=self.mask, position_ids=pos,
                       **dict(zip(self.g.past_names, self.past)))
         self.pos, self._past = pos[:, -1:], list(out[1:])
-        return _torch(out[0])
-
-
-def _array(t):
-    """A decode input as a numpy array (a torch tensor's memory when contiguous)."""
-    return t if isinstance(t, np.ndarray) else t.detach().contiguous().numpy()
-
-
-def _torch(t) -> torch.Tensor:
-    """A tensor of the cache or the logits as torch (a view of a numpy array's or an OrtValue's memory)."""
-    if isinstance(t, torch.Tensor):
-        return t
-    return torch.from_numpy(t if isinstance(t, np.ndarray) else t.numpy())
+        return as_torch(out[0])
 
 
 class _Uncached:

@@ -19,6 +19,7 @@ import torch
 from routefx.calibrate.data import token_mask
 from routefx.calibrate.search import bisect_decreasing
 from routefx.errors import CalibrationError, CaptureError, PolicyError
+from routefx.generate.arrays import as_array, as_torch
 from routefx.generate.decode_policies import ActivationSkip, DecodePolicy
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.split import Pieces, split_decode
@@ -224,8 +225,7 @@ def _call(piece, feeds: dict) -> tuple:
     checks and output rebuilding were measured at ~40 us each."""
     run = piece.run
     if getattr(run, "takes_arrays", False):
-        outs = run.run_arrays({n: v.detach().contiguous().numpy() for n, v in feeds.items()})
-        return tuple(torch.from_numpy(o) for o in outs)
+        return tuple(map(as_torch, run.run_arrays({n: as_array(v) for n, v in feeds.items()})))
     out = run(**feeds)
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 

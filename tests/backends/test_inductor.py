@@ -65,8 +65,7 @@ def test_backends_are_registered():
 
 
 def _duo_llama(backend: str):
-    from tests.backends.test_onnx import _eager_kwargs
-    from tests.compare import assert_close_nonpad
+    from tests.compare import assert_close_nonpad, graph_kwargs
     from tests.zoo import ZOO, example_inputs
 
     entry = ZOO["llama"]
@@ -79,7 +78,7 @@ def _duo_llama(backend: str):
     out = cm(*args, **kwargs)
     gm = cm.graph_module
     with torch.no_grad():
-        ref = gm(**_eager_kwargs(gm, args, kwargs))
+        ref = gm(**graph_kwargs(gm, args, kwargs))
     assert_close_nonpad(out, ref, kwargs.get("attention_mask"), INDUCTOR_VS_EAGER)
     return cm
 

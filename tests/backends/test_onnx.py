@@ -11,17 +11,9 @@ import routefx
 from routefx.backends import onnx as onnx_backend
 from routefx.backends.onnx_opset import export_opset
 from routefx.ir.capture import capture
-from tests.compare import assert_close_nonpad
+from tests.compare import assert_close_nonpad, graph_kwargs
 from tests.tolerances import ONNX_VS_EAGER
 from tests.zoo import DENSE, ZOO, example_inputs
-
-
-def _eager_kwargs(gm, args, kwargs) -> dict:
-    """The call as the graph takes it: every input by name, constants (use_cache=False) included."""
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    kw = dict(zip(names, args), **kwargs)
-    consts = gm.meta["routefx"].constant_kwargs
-    return {n: kw.get(n, consts.get(n)) for n in names}
 
 
 def _check(name: str, policy) -> routefx.CompiledModel:
@@ -32,13 +24,13 @@ def _check(name: str, policy) -> routefx.CompiledModel:
     out = cm(*args, **kwargs)
     gm = cm.graph_module
     with torch.no_grad():
-        ref = gm(**_eager_kwargs(gm, args, kwargs))  # the eager backend runs the graph module itself
+        ref = gm(**graph_kwargs(gm, args, kwargs))  # the eager backend runs the graph module itself
     assert type(out) is type(ref)
     assert_close_nonpad(out, ref, kwargs.get("attention_mask"), ONNX_VS_EAGER)
     _unoptimized_equals(cm, gm, args, kwargs, ref)
     args1, kwargs1 = example_inputs(entry, batch=2, seq=11, seed=6)   # no padding: causal attention may take
     with torch.no_grad():                                             # another kernel (onnx_attention)
-        ref1 = gm(**_eager_kwargs(gm, args1, kwargs1))
+        ref1 = gm(**graph_kwargs(gm, args1, kwargs1))
     assert_close_nonpad(cm(*args1, **kwargs1), ref1, None, ONNX_VS_EAGER)
     if hasattr(ref, "to_tuple"):  # a Hugging Face ModelOutput: the same fields set, None where eager has None
         assert [k for k, v in out.items() if v is not None] == [k for k, v in ref.items() if v is not None]
@@ -67,7 +59,7 @@ def test_prune_layers_onnx_equals_eager(name):
 def _unoptimized_equals(cm, gm, args, kwargs, ref) -> None:
     plain = cm.runner.at_level("disable")
     assert plain.session.get_session_options().graph_optimization_level.name == "ORT_DISABLE_ALL"
-    assert_close_nonpad(plain(**_eager_kwargs(gm, args, kwargs)), ref, kwargs.get("attention_mask"), ONNX_VS_EAGER)
+    assert_close_nonpad(plain(**graph_kwargs(gm, args, kwargs)), ref, kwargs.get("attention_mask"), ONNX_VS_EAGER)
 
 
 def _duo(name: str, router: str) -> routefx.CompiledModel:
@@ -82,7 +74,7 @@ def _duo(name: str, router: str) -> routefx.CompiledModel:
     args, kwargs = example_inputs(entry, batch=3, seq=13, left_pad=4, seed=5)
     gm = cm.graph_module
     with torch.no_grad():
-        ref = gm(**_eager_kwargs(gm, args, kwargs))
+        ref = gm(**graph_kwargs(gm, args, kwargs))
     # a token routed differently would differ by a whole branch (far above the tolerance); route ids
     # themselves are compared output by output on the hand-built routed stack (test_onnx_routed.py)
     assert_close_nonpad(cm(*args, **kwargs), ref, kwargs.get("attention_mask"), ONNX_VS_EAGER)
@@ -114,14 +106,14 @@ def test_lowered_from_the_captured_graph_without_tracing():
                          backend="onnx")
     assert cm.runner.export_path == "direct"
     gm = cm.graph_module
-    slow = onnx_backend.prepare(gm, _eager_kwargs(gm, args, kwargs), direct=False)
+    slow = onnx_backend.prepare(gm, graph_kwargs(gm, args, kwargs), direct=False)
     assert slow.export_path == "decomposed"
     args, kwargs = example_inputs(entry, batch=3, seq=13, left_pad=4, seed=5)
     with torch.no_grad():
-        ref = gm(**_eager_kwargs(gm, args, kwargs))
+        ref = gm(**graph_kwargs(gm, args, kwargs))
     mask = kwargs.get("attention_mask")
     assert_close_nonpad(cm(*args, **kwargs), ref, mask, ONNX_VS_EAGER)
-    assert_close_nonpad(slow(**_eager_kwargs(gm, args, kwargs)), ref, mask, ONNX_VS_EAGER)
+    assert_close_nonpad(slow(**graph_kwargs(gm, args, kwargs)), ref, mask, ONNX_VS_EAGER)
 
 
 class _Shrink(torch.nn.Module):

@@ -19,8 +19,7 @@ import torch
 import routefx
 from routefx.backends import onnx_fusions
 from routefx.backends.onnx_opset import export_opset
-from tests.backends.test_onnx import _eager_kwargs
-from tests.compare import assert_close_nonpad
+from tests.compare import assert_close_nonpad, graph_kwargs
 from tests.tolerances import ONNX_VS_EAGER
 from tests import zoo
 from tests.zoo import ZOO, example_inputs
@@ -197,5 +196,5 @@ def test_zoo_models_unpadded_and_padded(name):
     for pad in (0, 4):
         args, kwargs = example_inputs(entry, batch=3, seq=13, left_pad=pad, seed=5)
         with torch.no_grad():
-            ref = gm(**_eager_kwargs(gm, args, kwargs))
+            ref = gm(**graph_kwargs(gm, args, kwargs))
         assert_close_nonpad(cm(*args, **kwargs), ref, kwargs.get("attention_mask"), ONNX_VS_EAGER)

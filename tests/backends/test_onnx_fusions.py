@@ -20,8 +20,7 @@ from routefx.backends import onnx_fusions, onnx_program
 from routefx.backends.onnx_opset import export_opset
 from routefx.errors import BackendError
 from routefx.ir.capture import capture
-from tests.backends.test_onnx import _eager_kwargs
-from tests.compare import assert_close_nonpad
+from tests.compare import assert_close_nonpad, graph_kwargs
 from tests.tolerances import ONNX_VS_EAGER
 from tests.zoo import ZOO, example_inputs
 
@@ -41,7 +40,7 @@ def _captured(name: str):
     model = entry.build()
     args, kwargs = example_inputs(entry, batch=2, seq=7)
     cm = routefx.compile(model, routefx.policies.Dense(), example_inputs=args, example_kwargs=kwargs, backend="eager")
-    return model, cm.graph_module, _eager_kwargs(cm.graph_module, args, kwargs)
+    return model, cm.graph_module, graph_kwargs(cm.graph_module, args, kwargs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +52,7 @@ def _compiled(name: str, fusions=onnx_fusions.DEFAULT_FUSIONS):
 
 def _equal_on_and_off(gm, run, name: str) -> None:
     args, kwargs = example_inputs(ZOO[name], batch=3, seq=13, left_pad=4, seed=5)
-    feeds = _eager_kwargs(gm, args, kwargs)
+    feeds = graph_kwargs(gm, args, kwargs)
     with torch.no_grad():
         ref = gm(**feeds)
     for level in ("all", "disable"):

@@ -21,7 +21,7 @@ from routefx.backends.triton import backend as tb
 from routefx.errors import BackendError, InputError
 from routefx.ir import capture
 from tests.backends.routed_models import D, F, ROUTED_FFN, RoutedStack, stack_input
-from tests.compare import assert_close_nonpad
+from tests.compare import assert_close_nonpad, graph_kwargs
 from tests.tolerances import TRITON_BF16_VS_EAGER, TRITON_VS_EAGER
 from tests.zoo import ZOO, example_inputs
 
@@ -38,14 +38,6 @@ def _triton_op():
 
 def _count(gm, target) -> int:
     return sum(n.op == "call_function" and n.target is target for n in gm.graph.nodes)
-
-
-def _graph_kwargs(gm, args, kwargs) -> dict:
-    """The call as the graph takes it: every input by name, constants (use_cache=False) included."""
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    kw = dict(zip(names, args), **kwargs)
-    consts = gm.meta["routefx"].constant_kwargs
-    return {n: kw.get(n, consts.get(n)) for n in names}
 
 
 def _batches(entry, n, seed, device="cpu"):
@@ -71,7 +63,7 @@ def _check_llama(policy, tol, device="cpu", dtype=torch.float32):
     args, kwargs = _held_out(entry, device)
     out = cm(*args, **kwargs)
     gm = cm.graph_module
-    kw = _graph_kwargs(gm, args, kwargs)
+    kw = graph_kwargs(gm, args, kwargs)
     with torch.no_grad():
         ref = gm(**kw)  # the eager backend runs the rewritten graph itself
     assert type(out) is type(ref)
@@ -158,7 +150,7 @@ def test_inductor_compiles_the_lowered_graph_once_for_all_shapes(dynamic, graphs
     torch._dynamo.utils.counters.clear()
     for batch, seq, pad in [(3, 13, 4), (2, 6, 1), (4, 9, 2)]:
         args, kwargs = example_inputs(entry, batch=batch, seq=seq, left_pad=pad, seed=batch + seq)
-        kw = _graph_kwargs(gm, args, kwargs)
+        kw = graph_kwargs(gm, args, kwargs)
         with torch.no_grad():
             out, ref = run(**kw), gm(**kw)
         assert_close_nonpad(out, ref, kwargs["attention_mask"], TRITON_VS_EAGER)
@@ -240,7 +232,7 @@ def test_with_route_outputs_returns_each_dynamic_routes_and_leaves_the_graph_alo
     entry = ZOO["llama"]
     args, kwargs = example_inputs(entry, batch=2, seq=5)
     dense = routefx.compile(entry.build(), routefx.policies.Dense(), example_inputs=args, example_kwargs=kwargs)
-    out, none = with_route_outputs(dense.graph_module)(**_graph_kwargs(dense.graph_module, args, kwargs))
+    out, none = with_route_outputs(dense.graph_module)(**graph_kwargs(dense.graph_module, args, kwargs))
     assert none == () and type(out) is type(dense(*args, **kwargs))
 
 
@@ -358,5 +350,5 @@ def test_llama_cuda_bf16_equals_eager(policy):
     assert len(routes) == run.stats.triton_ops
     args, kwargs = _held_out(ZOO["llama"], "cuda")
     torch._dynamo.reset()
-    explain = torch._dynamo.explain(run.graph_module)(**_graph_kwargs(cm.graph_module, args, kwargs))
+    explain = torch._dynamo.explain(run.graph_module)(**graph_kwargs(cm.graph_module, args, kwargs))
     assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons

@@ -9,7 +9,7 @@ import torch
 import routefx
 from routefx.ir import graph_utils as gu
 from routefx.policies import Dense
-from tests.compare import assert_close_nonpad
+from tests.compare import assert_close_nonpad, graph_kwargs
 from tests.tolerances import EXACT_REWRITE, TRITON_VS_EAGER
 from tests.zoo import ZOO, example_inputs
 
@@ -18,14 +18,6 @@ MOE = ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "granitemoe", "phimoe"]
 
 def _routed_ops(gm):
     return [n for n in gm.graph.nodes if gu.is_routed(n)]
-
-
-def _graph_kwargs(gm, args, kwargs) -> dict:
-    """The call as the rewritten graph takes it: every input by name, constants (use_cache=False) included."""
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    kw = dict(zip(names, args), **kwargs)
-    consts = gm.meta["routefx"].constant_kwargs
-    return {n: kw.get(n, consts.get(n)) for n in names}
 
 
 @pytest.mark.parametrize("name", MOE + ["deepseekv3"])
@@ -40,7 +32,7 @@ def test_dense_moe_equals_hugging_face(name, zoo_capture):
     cm = routefx.compile(model, Dense(), example_inputs=args, example_kwargs=kwargs, backend="onnx")
     with torch.no_grad():
         ref = model(*args, **kwargs)
-        eager = cm.graph_module(**_graph_kwargs(cm.graph_module, args, kwargs))
+        eager = cm.graph_module(**graph_kwargs(cm.graph_module, args, kwargs))
     assert_close_nonpad(eager, ref, kwargs["attention_mask"], EXACT_REWRITE)
     assert_close_nonpad(cm(*args, **kwargs), ref, kwargs["attention_mask"], EXACT_REWRITE)
 

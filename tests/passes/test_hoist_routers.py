@@ -14,7 +14,7 @@ from routefx.ir import recognize
 from routefx.passes.base import PassContext
 from routefx.passes.hoist_routers import HoistRouters
 from routefx.policies import Duo
-from tests.compare import assert_close_nonpad
+from tests.compare import assert_close_nonpad, graph_kwargs
 from tests.reference_ffn import plan_router, routed_reference
 from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
 from tests.zoo import ZOO, example_inputs
@@ -143,7 +143,7 @@ def test_routers_of_a_bf16_model_compute_in_fp32(hoist):
     args, kwargs = example_inputs(ZOO["plain_resized"], batch=3, seq=11, seed=7)
     interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
     with torch.no_grad():
-        interp.run(*_graph_kwargs(gm, args, kwargs).values())
+        interp.run(*graph_kwargs(gm, args, kwargs).values())
     env = interp.env
     routers = _routers(gm)
     assert len(routers) == 4
@@ -164,10 +164,3 @@ def test_routers_of_a_bf16_model_compute_in_fp32(hoist):
         assert torch.equal(env[op.args[1]], expect)
         mixed += len(torch.unique(expect)) >= 2
     assert mixed >= 1, "no layer mixes routes: the check would not test routing"
-
-
-def _graph_kwargs(gm, args, kwargs):
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    consts = gm.meta["routefx"].constant_kwargs
-    given = {"input_ids": args[0], **kwargs}
-    return {n: given.get(n, consts.get(n)) for n in names}

@@ -134,12 +134,11 @@ def interleave_gate_up_(new: fx.GraphModule, gm: fx.GraphModule, routed_target) 
             continue  # a buffer paired with two partners: leave both as they are
         if key not in made:
             up, gate = fetch_attr(new, up_n.target), fetch_attr(new, gate_n.target)
-            if ffn.paired_layout(up, gate):  # laid out by an earlier lowering of this graph: the same matrix
-                both = gate.as_strided((2 * up.shape[0], up.shape[1]), (up.shape[1], 1), gate.storage_offset())
-            elif up.dim() != 2 or up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device \
-                    or not (up.is_contiguous() and gate.is_contiguous()):
-                continue
-            else:
+            both = ffn.paired_matrix(up, gate)  # laid out by an earlier lowering of this graph: the same matrix
+            if both is None:
+                if up.dim() != 2 or up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device \
+                        or not (up.is_contiguous() and gate.is_contiguous()):
+                    continue
                 both = ffn.interleave(up, gate)
                 up_v, gate_v = ffn._split_paired(both)
                 for mod in (new, gm):

@@ -40,8 +40,8 @@ from routefx.errors import BackendError, RoutedFFNError
 from routefx.ir.activations import get_activation
 from routefx.ir.ops import _check_static
 
-__all__ = ["routed_ffn", "routed_ffn_paired", "INTERPRET", "kernel_configs", "paired_layout", "interleave",
-           "interleave_gate_up"]
+__all__ = ["routed_ffn", "routed_ffn_paired", "INTERPRET", "kernel_configs", "paired_layout", "paired_matrix",
+           "interleave", "interleave_gate_up"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
@@ -191,6 +191,13 @@ def paired_layout(w_up: Tensor, w_gate: Optional[Tensor]) -> bool:
             and w_up.storage_offset() == w_gate.storage_offset() + d)
 
 
+def paired_matrix(w_up: Tensor, w_gate: Optional[Tensor]) -> Optional[Tensor]:
+    """The interleaved [2·F, d] matrix that w_up and w_gate are views of (`paired_layout`), or None."""
+    if not paired_layout(w_up, w_gate):
+        return None
+    return w_gate.as_strided((2 * w_up.shape[0], w_up.shape[1]), (w_up.shape[1], 1), w_gate.storage_offset())
+
+
 def interleave(w_up: Tensor, w_gate: Tensor) -> Tensor:
     """One new [2·F, d] matrix with gate row n at 2n and up row n at 2n + 1 (the weights of
     `routed_ffn_paired`)."""
@@ -322,8 +329,8 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
         return (min(bound, n_persist) if m["PERSIST"] else bound,)
 
     tma = _tma_ok(w_up, w_gate if gated else w_up, w_down) and (d * x.element_size()) % 16 == 0
-    if gated and w_gate_up is None and paired_layout(w_up, w_gate):
-        w_gate_up = w_gate.as_strided((2 * n_neurons, d), (d, 1), w_gate.storage_offset())
+    if gated and w_gate_up is None:
+        w_gate_up = paired_matrix(w_up, w_gate)
     paired = gated and tma and w_gate_up is not None and _tma_ok(w_gate_up)
     if INTERPRET:
         cfg = {**_INTERP_CFG, "TMA": _INTERP_CFG["TMA"] if tma else 0, "PAIRED": int(paired)}
