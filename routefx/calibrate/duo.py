@@ -27,7 +27,7 @@ from routefx.ir.activations import get_activation
 from routefx.ir.ffn import resolve_weight
 from routefx.ir.model_ir import BlockInfo, ModelIR
 
-__all__ = ["calibrate_duo", "LayerData", "routed_blocks"]
+__all__ = ["calibrate_duo", "LayerData", "routed_blocks", "shrunk_fit"]
 
 
 @dataclasses.dataclass
@@ -153,9 +153,9 @@ def fit_separate_branch(lp: LayerPlan, w: dict, h_top: torch.Tensor, y_big: torc
     w0 = w["down"][:, top].double().T                                       # [k, d]
     val = torch.zeros(H.shape[0], dtype=torch.bool, device=H.device)
     val[SEPARATE_VAL_EVERY - 1::SEPARATE_VAL_EVERY] = True
-    best = min(SEPARATE_SHRINK, key=lambda s: _val_error(_shrunk_fit(H[~val], target[~val], w0, s),
+    best = min(SEPARATE_SHRINK, key=lambda s: _val_error(shrunk_fit(H[~val], target[~val], w0, s),
                                                          H[val], target[val]) if val.any() else 0.0)
-    sol = _shrunk_fit(H, target, w0, best)                                  # [k, d]
+    sol = shrunk_fit(H, target, w0, best)                                  # [k, d]
     if record is not None:
         record["shrink"] = best if best != float("inf") else "nested"   # JSON has no inf
     small_down = sol.T.to(w["down"].dtype).contiguous()                     # [d, k]
@@ -163,7 +163,7 @@ def fit_separate_branch(lp: LayerPlan, w: dict, h_top: torch.Tensor, y_big: torc
     return F.linear(h_top, small_down, w["b_down"])
 
 
-def _shrunk_fit(H: torch.Tensor, T: torch.Tensor, w0: torch.Tensor, rel: float) -> torch.Tensor:
+def shrunk_fit(H: torch.Tensor, T: torch.Tensor, w0: torch.Tensor, rel: float) -> torch.Tensor:
     """argmin_W ‖H W − T‖² + s ‖W − W0‖², s = rel · mean diag(HᵀH) (rel = inf: W0)."""
     if rel == float("inf"):
         return w0

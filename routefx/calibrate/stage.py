@@ -2,8 +2,8 @@
 
 Dense needs none; PruneLayers ranks blocks by Block Influence (`influence.py`); Duo orders neurons, sizes the
 small branch and trains routers (`duo.py`); MoEfy clusters neurons into experts and fits expert routers
-(`moefy.py`). What must be measured on the rewritten graph (the price λ that meets
-the budget) is the pipeline's budget step (`budget.py`).
+(`moefy.py`); MoEBudget(hoist=True) fits pre-gating routers (`moe_hoist.py`). What must be measured on the
+rewritten graph (the price λ that meets the budget) is the pipeline's budget step (`budget.py`).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import fx
 
 from routefx.calibrate.duo import calibrate_duo
 from routefx.calibrate.influence import block_influence
+from routefx.calibrate.moe_hoist import calibrate_moe_hoist
 from routefx.calibrate.moefy import calibrate_moefy
 from routefx.compiler.plan import Plan
 from routefx.compiler.policies import Dense, Duo, MoEBudget, MoEfy, Policy, PruneLayers
@@ -41,7 +42,9 @@ def _prune(policy: PruneLayers, gm: fx.GraphModule, ir: ModelIR, batches: list[d
 
 def calibrate(policy: Policy, gm: fx.GraphModule, ir: ModelIR, batches: list[dict] | None) -> Plan:
     plan = Plan(policy=policy.to_dict(), block_paths=[b.path for b in ir.blocks])
-    if isinstance(policy, (Dense, MoEBudget)):
+    if isinstance(policy, MoEBudget) and policy.hoist:
+        calibrate_moe_hoist(gm, ir, batches, plan)  # pre-gating routers; λ is fitted later, as without
+    elif isinstance(policy, (Dense, MoEBudget)):
         pass  # MoEBudget's one decision, the price λ, is fitted on the rewritten graph (calibrate/moe_budget.py)
     elif isinstance(policy, PruneLayers):
         _prune(policy, gm, ir, batches, plan)

@@ -19,6 +19,7 @@ from routefx.errors import PolicyError
 from routefx.passes.adapt_experts import AdaptExperts
 from routefx.passes.append_small_branch import AppendSmallBranch
 from routefx.passes.base import Pass
+from routefx.passes.hoist_moe_routers import HoistMoERouters
 from routefx.passes.hoist_routers import HoistRouters
 from routefx.passes.insert_routers import InsertRouters
 from routefx.passes.moefy import MoEfyFFN
@@ -49,7 +50,9 @@ def build_pipeline(policy: Policy) -> Pipeline:
         return Pipeline(raise_ + [PermuteNeurons(), AppendSmallBranch(), InsertRouters()] + hoist,
                         train + [FitBudget()])
     if isinstance(policy, MoEBudget):
-        return Pipeline(raise_ + [AdaptExperts(policy.rule)], [FitMoEBudget()])
+        # hoisting after the keep rule, so that the rule moves ahead with the routes it rewrites
+        hoist = [HoistMoERouters()] if policy.hoist else []
+        return Pipeline(raise_ + [AdaptExperts(policy.rule)] + hoist, [FitMoEBudget()])
     if isinstance(policy, MoEfy):
         return Pipeline(raise_ + [PermuteNeurons(), MoEfyFFN()], [FitMoEfyBudget()] if policy.rule else [])
     raise PolicyError(f"no pipeline for policy {type(policy).__name__}")

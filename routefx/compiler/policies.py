@@ -185,10 +185,17 @@ class MoEBudget(Policy):
 
     budget: mean fraction of the top-k experts computed, over MoE layers and real tokens (1 = the captured model,
         1/k = top-1 everywhere, the least the rule can reach). Shared experts and dense layers are not counted.
+    hoist: pre-gating (Read-ME-style router hoisting, `routefx/passes/hoist_moe_routers.py`): each MoE block but
+        the first computes its expert choice and gates from the previous MoE block's router input, one block
+        ahead, with a router fitted at calibration to reproduce its own router's logits there
+        (`routefx/calibrate/moe_hoist.py`). A different, earlier-informed router: outputs change. budget=1 with
+        hoist=True is the captured model with pre-gated routers. Off by default: measured not to pay on CPU
+        (bench/RESULTS_MOE.md).
     """
 
     budget: float = 0.5
     rule: str = "top_p"
+    hoist: bool = False
 
     def __post_init__(self):
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
@@ -196,6 +203,8 @@ class MoEBudget(Policy):
                               f"{self.budget!r}")
         if self.rule not in MOE_RULES:
             raise PolicyError(f"MoEBudget: unknown rule {self.rule!r}; supported: {', '.join(MOE_RULES)}")
+        if not isinstance(self.hoist, bool):
+            raise PolicyError(f"MoEBudget: hoist must be True or False, got {self.hoist!r}")
 
     @property
     def needs_calibration(self) -> bool:

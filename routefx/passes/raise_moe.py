@@ -58,6 +58,7 @@ class MoEMatch:
     """Anchors of one MoE block's dispatch and its expert weights as per-neuron [E*F, d] tensors."""
 
     x: fx.Node           # [T, d] the router product's input (the experts read the same value)
+    router: fx.Node      # [T, E] the router product (its scores' logits)
     routes: fx.Node      # [T, K] integer expert ids
     gates: fx.Node       # [T, K] floating gate weights
     combine: fx.Node     # [T, d] the routed experts' weighted sum: the node the routed_ffn replaces
@@ -234,7 +235,7 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
         raise _Miss(f"expert activation: {e}") from None
     if f.num_experts * F != w_up.shape[0]:
         raise _Miss(f"{w_up.shape[0] // F} stacked experts, the router scores {f.num_experts}")
-    return MoEMatch(x, routes, gates, combine, f.num_experts, F, act, w_up, w_gate, w_down)
+    return MoEMatch(x, router, routes, gates, combine, f.num_experts, F, act, w_up, w_gate, w_down)
 
 
 class RaiseMoE(Pass):
