@@ -1,14 +1,19 @@
-"""Router hoisting on CPU: Duo(budget, router="local") with and without `hoist=True`, one process, interleaved.
+"""Router hoisting on CPU: Duo(budget, router="local") with and without `hoist=True`, one process, interleaved;
+with --moe, MoEBudget(--budget) with and without pre-gating (`hoist=True`) on the Mixtral-shaped MoE model.
 
 Model: the dense Llama of bench/moe.py (the issue-15 dense equivalent: 4 layers, d=1024, F=2816, 16/4 heads,
 vocab 32000, random weights, fp32), calibrated on 4 random batches of 1 x 256; timed on 1 x --seq tokens, on
 eager and onnx. Reported per backend: latency with and without hoisting and their ratio (> 1: hoisting pays),
 the realised budget of each plan on the calibration data and its compute fraction on the timed input (the two
 plans route differently, so compare the latency ratio with the ratio of fractions), and the held-out mean KL to
-the dense model (hoisted routers see one layer less).
+the dense model (hoisted routers see one layer less). With --moe the model is bench/moe.py's MoE, "kl_vs_dense"
+is to that model's own (un-hoisted) output, and "pregate_fit" holds the calibration record of each pre-gating
+router (held-out logit R², top-k agreement with the block's own router, and the same for the own router applied
+to the previous block's input, unfitted).
 
     python bench/hoist.py            # the issue's dense-equivalent shape -> bench/results/hoist.json
     python bench/hoist.py --smoke    # 2 layers, d=256, 128 tokens (checks the script)
+    python bench/hoist.py --moe --budget 1.0    # MoE pre-gating at full top-k -> bench/results/hoist_moe.json
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import routefx  # noqa: E402
-from routefx.policies import Duo  # noqa: E402
+from routefx.policies import Duo, MoEBudget  # noqa: E402
 from routefx.timing import median_seconds  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,9 +42,11 @@ def _kl(ref, out) -> float:
 
 
 def main(argv=None) -> None:
-    p = moe.parse_args(argv)
-    a = p
-    a.out = a.out.replace("moe.json", "hoist.json") if not a.smoke else "/tmp/routefx_bench_hoist_smoke.json"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    moe_model = "--moe" in argv
+    a = moe.parse_args([v for v in argv if v != "--moe"])
+    name = "hoist_moe" if moe_model else "hoist"
+    a.out = a.out.replace("moe.json", f"{name}.json") if not a.smoke else f"/tmp/routefx_bench_{name}_smoke.json"
     torch.set_num_threads(a.threads)
     backends = [b for b in a.backends.split(",") if b in ("eager", "onnx")] or ["eager", "onnx"]
     g = torch.Generator().manual_seed(0)
@@ -47,7 +54,7 @@ def main(argv=None) -> None:
                     "attention_mask": torch.ones(1, s, dtype=torch.long)}
     cal = [mk(min(256, a.seq)) for _ in range(4)]
     x = mk(a.seq)
-    model = moe.build("dense", a)
+    model = moe.build("moe" if moe_model else "dense", a)
     with torch.no_grad():
         ref = model(**x).logits
     res = {"machine": machine(), "load_before": loadavg(), "shape": {k: getattr(a, k) for k in (
@@ -58,8 +65,12 @@ def main(argv=None) -> None:
     for hoist in (False, True):
         tag = "hoist" if hoist else "local"
         t = time.perf_counter()
-        cm = routefx.compile(model, Duo(budget=0.5, router="local", hoist=hoist), calibration=cal, backend="eager")
+        policy = MoEBudget(budget=a.budget, hoist=hoist) if moe_model else Duo(budget=0.5, router="local",
+                                                                                 hoist=hoist)
+        cm = routefx.compile(model, policy, calibration=cal, backend="eager")
         plans[tag] = cm.plan
+        if hoist and moe_model:
+            res["pregate_fit"] = cm.plan.calibration["moe_hoist"]
         res["budget"][tag] = cm.report.plan["budget"]["realised"]
         res.setdefault("fraction_on_timed_input", {})[tag] = round(cm.route_stats([x]).budget, 4)
         for b in backends:
@@ -78,7 +89,7 @@ def main(argv=None) -> None:
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps({k: res[k] for k in ("latency_ms", "hoist_speedup", "budget", "fraction_on_timed_input",
-                                           "kl_vs_dense")}, indent=1))
+                                           "kl_vs_dense", "pregate_fit") if k in res}, indent=1))
     print(f"load {res['load_before']} -> {res['load_after']}  wrote {a.out}")
 
 
