@@ -150,3 +150,17 @@ def test_a_model_with_one_moe_block_is_refused():
     model = hf.MixtralForCausalLM(cfg).eval()
     with pytest.raises(PolicyError, match="at least two MoE blocks .* found 1"):
         routefx.compile(model, MoEBudget(budget=1.0, hoist=True), calibration=_cal(ZOO["mixtral"], 1))
+
+
+def test_pregated_generation_equals_greedy_without_cache():
+    """The prefill and decode graphs get the same pre-gating (one plan): greedy generation on onnx equals the
+    compiled model called on the growing sequence without a cache."""
+    entry = ZOO["mixtral"]
+    cm = routefx.compile(entry.build(), _compiled("mixtral", 0.6).plan, backend="onnx")
+    (ids,), kw = example_inputs(entry, batch=2, seq=6, left_pad=2, seed=3)
+    out = cm.generate(ids, attention_mask=kw["attention_mask"], max_new_tokens=5)
+    eager, mask = _compiled("mixtral", 0.6), kw["attention_mask"]
+    for _ in range(5):
+        nxt = main_output(eager(ids, attention_mask=mask))[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(out if isinstance(out, torch.Tensor) else out.sequences, ids)
