@@ -314,6 +314,20 @@ class OnnxRunner:
             f.write(self.onnx_model)
 
 
+_FUSED_DTYPES = {torch.float32, torch.float16}
+
+
+def _float_dtypes(gm: fx.GraphModule) -> set:
+    """The floating dtypes of the graph's weights and buffers; `BackendError` for bfloat16, which ONNX Runtime's
+    CPU provider cannot multiply (no bfloat16 MatMul / Gemm kernel)."""
+    found = {t.dtype for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()}
+    if torch.bfloat16 in found:
+        raise BackendError("the model has bfloat16 weights; ONNX Runtime's CPU provider has no bfloat16 MatMul "
+                           "(the onnx backend runs float32, float16 and float64 models): convert the model "
+                           "(model.float()) or use backend='eager' or 'inductor'")
+    return found
+
+
 def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str = "all",
             profile: bool = False, direct: bool = True, fusions=DEFAULT_FUSIONS, spinning: bool = True) -> OnnxRunner:
     """Export `gm` to ONNX and open an ONNX Runtime CPU session; returns the runner (see the module docstring).
@@ -329,6 +343,8 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     missing = [n.target for n in placeholders if n.target not in example_kwargs]
     if missing:
         raise BackendError(f"example_kwargs lack {missing}; the graph takes {[n.target for n in placeholders]}")
+    if _float_dtypes(gm) - _FUSED_DTYPES:
+        fusions = ()  # ONNX Runtime's fused CPU kernels take float32 / float16 only; plain ONNX ops take the rest
     arg_names = _positional_names(gm, [n.target for n in placeholders])
     clock = _Clock()
     model, path = _export(gm, placeholders, arg_names, example_kwargs, direct=direct)
