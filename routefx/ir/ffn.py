@@ -234,16 +234,19 @@ def _expert_index(router: fx.Node, region: set, experts: set) -> fx.Node | None:
     over groups first, then over the experts of the chosen groups) all give the final choice."""
     scores = gu.val(router)
     feeds = gu.ancestors(experts)
-    found = None
+    found, every = None, None     # k < E; k = E (every expert chosen: taken only when no k < E choice exists)
     for n in router.graph.nodes:
         v = gu.val(n)
         if n not in region or n not in feeds or v is None or v.is_floating_point() or v.dtype == torch.bool:
             continue
-        if v.dim() == scores.dim() and isinstance(v.shape[-1], int) and 0 < v.shape[-1] < scores.shape[-1] \
+        if v.dim() == scores.dim() and isinstance(v.shape[-1], int) and 0 < v.shape[-1] <= scores.shape[-1] \
                 and [str(s) for s in v.shape[:-1]] == [str(s) for s in scores.shape[:-1]] \
                 and router in gu.ancestors([n]):
-            found = n
-    return found
+            if v.shape[-1] < scores.shape[-1]:
+                found = n
+            else:
+                every = n
+    return found if found is not None else every
 
 
 _MASKING = gu._targets(aten.masked_fill, aten.where)

@@ -76,7 +76,14 @@ class AdaptExperts(Pass):
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> str | None:
         if self.rule not in RULES:
             return f"unknown rule {self.rule!r}; supported: {', '.join(RULES)}"
-        return None if moe_ops(gm) else "no MoE block raised to routed_ffn (RaiseMoE found none to rewrite)"
+        if moe_ops(gm):
+            return None
+        top1 = [n for n in gm.graph.nodes if gu.is_routed(n) and n.args[2] is not None
+                and gu.val(n.args[1]).shape[-1] == 1]
+        if top1:
+            return (f"the model's {len(top1)} MoE block(s) choose one expert per token (top-1): MoEBudget drops "
+                    "experts among each token's top-k and always keeps the first, so it needs k >= 2")
+        return "no MoE block raised to routed_ffn (RaiseMoE found none to rewrite)"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         res = PassResult()

@@ -46,6 +46,9 @@ __all__ = ["RaiseMoE", "match_moe", "MoEMatch"]
 
 _SPLITS = gu.targets(aten.chunk, aten.split, aten.split_with_sizes, aten.slice)
 _MASKING = gu.targets(aten.masked_fill, aten.where)
+_SORTS = gu.targets(aten.sort, aten.argsort)
+_UNPERMUTE = gu.targets(aten.index, aten.index_put, aten.index_put_, aten.index_add, aten.index_add_, aten.scatter,
+                        aten.scatter_add, aten.scatter_reduce, aten.gather, aten.index_select, aten.index_copy)
 _TRANSPOSE = gu.targets(aten.transpose, aten.permute)
 
 
@@ -192,15 +195,22 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
     x = router.args[0] if router.target in gu.targets(aten.linear, aten.mm, aten.matmul) else router.args[1]
     lead = _shape(router)[:-1]
     from_router = gu.descendants(router)
-    after = sorted((n for n in region & from_router if _shape(n) is not None and _shape(n)[:-1] == lead
-                    and _shape(n)[-1].isdigit() and 0 < int(_shape(n)[-1]) < f.num_experts), key=order.get)
+    # token-mixing dispatch steps (a sort of the flattened expert ids): values after them are in sorted order,
+    # even where their shape looks per-token ([T, 1] when k = 1)
+    mixed = set().union(*(gu.descendants(n) for n in region & from_router
+                          if n.target in _SORTS and gu.val(n.args[0]) is not None and gu.val(n.args[0]).dim() == 1))
+    after = sorted((n for n in region & from_router - mixed if _shape(n) is not None and _shape(n)[:-1] == lead
+                    and _shape(n)[-1] == str(f.top_k)), key=order.get)
     ints = [n for n in after if not gu.val(n).is_floating_point() and gu.val(n).dtype != torch.bool and n in feeds]
     if not ints:
         raise _Miss("no [tokens, k] integer expert choice found between the router and the experts")
     routes = ints[-1]
     k = _shape(routes)[-1]
-    combine = next((n for n in sorted(region & gu.descendants(down), key=order.get) if _shape(n) == _shape(x)),
-                   None)
+    from_down = region & gu.descendants(down)
+    unpermuted = [n for n in from_down if n.target in _UNPERMUTE]
+    if mixed and unpermuted:  # a dispatch in sorted order: its sum comes after the un-permute ([T·k, d] = [T, d]
+        from_down &= set().union(*(gu.descendants(u) | {u} for u in unpermuted))  # when k = 1)
+    combine = next((n for n in sorted(from_down, key=order.get) if _shape(n) == _shape(x)), None)
     if combine is None:
         raise _Miss(f"no [tokens, d] sum of the experts' outputs after the down product (x is {_shape(x)})")
     feeds_combine = gu.ancestors([combine])

@@ -66,3 +66,47 @@ def test_triton_backend_runs_moe_under_the_interpreter(zoo_capture):
     with torch.no_grad():
         ref = model(*args, **kwargs)
     assert_close_nonpad(out, ref, kwargs["attention_mask"], TRITON_VS_EAGER)
+
+
+def _variant(cls, cfg_cls, **kw):
+    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=128)
+    torch.manual_seed(0)
+    return cls(cfg_cls(**base, **kw)).eval()
+
+
+@pytest.mark.parametrize("variant", ["top1", "top_all", "qwen3_top_all_unnormalised"])
+def test_moe_with_one_or_every_expert_per_token(variant):
+    """k = 1 ([T·k, d] dispatch values then have the shape of per-token ones: the sorted gates and the expert
+    outputs before their un-permute must not be taken for the gates and the combine) and k = E (every expert
+    chosen): raised to routed_ffn, equal to Hugging Face on a padded batch on eager and onnx."""
+    import transformers as hf
+    if variant == "top1":
+        model = _variant(hf.MixtralForCausalLM, hf.MixtralConfig, intermediate_size=40, num_local_experts=4,
+                         num_experts_per_tok=1)
+    elif variant == "top_all":
+        model = _variant(hf.MixtralForCausalLM, hf.MixtralConfig, intermediate_size=40, num_local_experts=2,
+                         num_experts_per_tok=2)
+    else:
+        model = _variant(hf.Qwen3MoeForCausalLM, hf.Qwen3MoeConfig, intermediate_size=48, moe_intermediate_size=24,
+                         num_experts=3, num_experts_per_tok=3, norm_topk_prob=False, head_dim=8)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 97, (2, 9), generator=g)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask)
+    for backend in ("eager", "onnx"):
+        cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
+                             backend=backend)
+        raise_moe = next(p for p in cm.report.passes if p.name == "raise_moe")
+        assert raise_moe.rewrites == 2 and raise_moe.misses == []
+        assert_close_nonpad(cm(ids, attention_mask=mask), ref, mask, EXACT_REWRITE)
+
+
+def test_moe_budget_on_a_top1_model_says_why_not():
+    import transformers as hf
+    model = _variant(hf.MixtralForCausalLM, hf.MixtralConfig, intermediate_size=40, num_local_experts=4,
+                     num_experts_per_tok=1)
+    with pytest.raises(routefx.RoutefxError, match="top-1.*needs k >= 2"):
+        routefx.compile(model, routefx.policies.MoEBudget(0.5), calibration=[torch.randint(1, 97, (2, 8))])
