@@ -3,6 +3,7 @@ computed on the previous MoE block's router input with the plan's fitted weights
 that block. Reference: the exact compiled model (Dense, equal to Hugging Face, tested elsewhere) evaluated with
 those router logits substituted by an interpreter; the router nodes found there from the model's own router
 parameters, not by the pass's search."""
+import copy
 import functools
 import os
 import tempfile
@@ -143,7 +144,7 @@ def test_hoist_is_off_by_default_and_checked():
 
 
 def test_a_model_with_one_moe_block_is_refused():
-    cfg = ZOO["mixtral"].build().config
+    cfg = copy.deepcopy(ZOO["mixtral"].build().config)   # the zoo's builds share one config object
     cfg.num_hidden_layers = 1
     import transformers as hf
     torch.manual_seed(0)
