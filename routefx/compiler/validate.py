@@ -76,6 +76,21 @@ def input_spec(gm: fx.GraphModule) -> InputSpec:
     return spec
 
 
+def _integral(dtype: torch.dtype) -> bool:
+    return dtype == torch.bool or not (dtype.is_floating_point or dtype.is_complex)
+
+
+def _as_integral(t, x: torch.Tensor) -> torch.Tensor:
+    """`x` (integer or bool) as the captured integer dtype of input `t`, when its values fit."""
+    if x.numel() and x.device.type != "meta" and t.dtype != torch.bool:
+        info = torch.iinfo(t.dtype)
+        lo, hi = int(x.min()), int(x.max())
+        if lo < info.min or hi > info.max:
+            raise InputError(f"input {t.name!r} has values in [{lo}, {hi}], outside the range of {t.dtype}, the "
+                             "dtype the compiled model takes (as in the example it was captured from)")
+    return x.to(t.dtype)
+
+
 def check_inputs(gm: fx.GraphModule, kwargs: dict) -> dict:
     """Raise `InputError` for a call `gm` cannot take; return the keywords to run it with (constants baked in at
     capture through **kwargs are checked and dropped)."""
@@ -93,6 +108,8 @@ def check_inputs(gm: fx.GraphModule, kwargs: dict) -> dict:
         if not isinstance(x, torch.Tensor):
             raise InputError(f"input {t.name!r} is a {type(x).__name__}; the compiled model takes a tensor of "
                              f"dtype {t.dtype} and rank {len(t.shape)}")
+        if x.dtype != t.dtype and _integral(x.dtype) and _integral(t.dtype) and x.dim() == len(t.shape):
+            x = kwargs[t.name] = _as_integral(t, x)   # ids, masks, positions: int32 / int64 / bool alike
         if x.dtype != t.dtype or x.dim() != len(t.shape):
             raise InputError(f"input {t.name!r} has dtype {x.dtype} and rank {x.dim()}; the compiled model "
                              f"takes dtype {t.dtype} and rank {len(t.shape)} (as in the example it was captured "

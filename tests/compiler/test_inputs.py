@@ -1,12 +1,13 @@
 """Input validation: a bad call gets the same typed `InputError` on every backend, before anything runs; no
 backend returns silently wrong output (ONNX's Gather wraps negative ids around, eager's raises IndexError)."""
+import dataclasses
 import functools
 
 import pytest
 import torch
 
 import routefx
-from routefx.compiler.validate import input_spec
+from routefx.compiler.validate import _as_integral, input_spec
 from tests.compare import assert_close_nonpad
 from tests.tolerances import ONNX_VS_EAGER
 from tests.zoo import ZOO, example_inputs
@@ -78,6 +79,27 @@ def test_empty_inputs(backend, shape, what):
     with pytest.raises(routefx.InputError, match=rf"'input_ids' has shape \[{shape[0]}, {shape[1]}\]: an empty "
                                                  rf"{what}; routefx runs at least one token"):
         cm(ids, attention_mask=torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_inputs_of_another_integer_dtype_are_taken(backend):
+    """int32 ids and a bool mask on a graph captured with int64 ones: the same output as the int64 call (and no
+    new capture); values that do not fit the captured dtype are refused."""
+    model, cm = _compiled(backend)
+    ids, mask = _ids(), torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    ref = cm(ids, attention_mask=mask)
+    entries = len(cm._entries)
+    out = cm(ids.int(), attention_mask=mask.bool())
+    assert len(cm._entries) == entries
+    assert_close_nonpad(out, ref, mask, 0.0)
+    with torch.no_grad():
+        assert_close_nonpad(out, model(ids, attention_mask=mask), mask, ONNX_VS_EAGER)
+    spec = next(t for t in input_spec(cm.graph_module).tensors if t.name == "input_ids")
+    narrow = dataclasses.replace(spec, dtype=torch.int8)   # a graph captured with int8 ids
+    with pytest.raises(routefx.InputError, match=r"'input_ids' has values in \[0, 300\], outside the range of "
+                                                 r"torch.int8"):
+        _as_integral(narrow, torch.tensor([[0, 300]]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
