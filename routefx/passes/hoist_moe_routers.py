@@ -114,6 +114,8 @@ class HoistMoERouters(Pass):
                 n.update_arg(_META_READS[n.target], x_in)
             for n in (lin, b, w, *([src] if src is not x_prev else [])):
                 g.erase_node(n)
+            for n in (w, b):
+                delattr(gm, n.target)
             return f"its choice reads {bad.name}, computed after the previous MoE block"
         past = False
         for n in list(g.nodes):         # in graph order: what the choice needs after block p moves before it
