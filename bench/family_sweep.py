@@ -246,7 +246,7 @@ def check_generate(model, state):
         return "pass", f"{NEW} tokens equal"
     # routefx's loop is plain greedy: it does not apply the logits processors a model's generation_config asks for
     gc = model.generation_config
-    extra = {k: v for k, v in _PROCESSORS_OFF.items() if getattr(gc, k, v) != v}
+    extra = {k: v for k, v in _PROCESSORS_OFF.items() if getattr(gc, k, None) not in (None, v)}
     if extra:
         with torch.no_grad():
             plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, **extra)
