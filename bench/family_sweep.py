@@ -59,7 +59,6 @@ _TINY = {
     "num_shared_experts": 1, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
     "expert_intermediate_size": 32, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
     "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
-    "rotary_dim": 8, "partial_rotary_factor": 0.5,
     "use_cache": True, "tie_word_embeddings": False,
 }
 _SKIP_CONFIG_WORDS = ("vision", "audio", "speech", "image", "video", "encoder_config", "text_config")
