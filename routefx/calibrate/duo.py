@@ -50,8 +50,12 @@ def routed_blocks(policy: Duo, ir: ModelIR) -> list[BlockInfo]:
     dense = {b.index: b for b in ir.dense_ffn_blocks}
     if policy.layers is None:
         if not dense:
-            raise PolicyError("Duo: the model has no dense FFN to route (found FFN kinds: "
-                              f"{sorted({b.ffn.kind for b in ir.blocks if b.ffn})})")
+            kinds = sorted({b.ffn.kind for b in ir.blocks if b.ffn})
+            why = next((f"; block {b.index}'s FFN is not read: {b.ffn.reason}" for b in ir.blocks
+                        if b.ffn and b.ffn.kind == "unknown" and b.ffn.reason), "")
+            raise PolicyError(f"Duo: the model has no dense FFN to route (found FFN kinds: {kinds}{why}); Duo routes "
+                              "dense FFNs (gated, mlp) with a recognised activation"
+                              + ("; MoE blocks take the MoEBudget policy" if "moe" in kinds else ""))
         return list(dense.values())
     out = []
     for i in policy.layers:

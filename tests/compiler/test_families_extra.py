@@ -1,0 +1,45 @@
+"""Structures found by the family sweep (bench/family_sweep.py) over Hugging Face families the zoo does not name:
+refusals that say what was found, and the rewrites the sweep's fixes made possible."""
+import pytest
+import torch
+from torch import nn
+
+import routefx
+from routefx.policies import Duo
+from tests.zoo import ZOO, PlainLM, example_inputs
+
+
+class _LearnedSwishMlp(nn.Module):
+    """An FFN whose activation has a learned per-neuron parameter (as xIELU's): not one routefx can name."""
+
+    def __init__(self, d, f):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, f), nn.Linear(f, d)
+        self.beta = nn.Parameter(1 + 0.1 * torch.randn(f))
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h * torch.sigmoid(nn.functional.softplus(self.beta) * h))
+
+
+def _cal(entry, n=2):
+    return [dict(zip(("input_ids",), a)) | k for a, k in
+            (example_inputs(entry, batch=2, seq=8, left_pad=1, seed=40 + i) for i in range(n))]
+
+
+def test_duo_on_unreadable_ffns_says_which_and_why():
+    torch.manual_seed(0)
+    model = PlainLM(ffn=_LearnedSwishMlp).eval()
+    ids = torch.randint(0, 89, (2, 8), generator=torch.Generator().manual_seed(0))
+    ir = routefx.inspect(model, (ids,))
+    assert {b.ffn.kind for b in ir.blocks} == {"unknown"}
+    with pytest.raises(routefx.PolicyError, match=r"no dense FFN to route \(found FFN kinds: \['unknown'\]; "
+                                                  r"block 0's FFN is not read: .+\); Duo routes dense FFNs"):
+        routefx.compile(model, Duo(budget=0.5, small="nested"), calibration=[ids])
+
+
+def test_duo_on_an_all_moe_model_points_to_moe_budget():
+    entry = ZOO["mixtral"]
+    with pytest.raises(routefx.PolicyError, match=r"found FFN kinds: \['moe'\]\); Duo routes dense FFNs .*"
+                                                  r"MoE blocks take the MoEBudget policy"):
+        routefx.compile(entry.build(), Duo(budget=0.5, small="nested"), calibration=_cal(entry))
