@@ -1,11 +1,15 @@
 """Structures found by the family sweep (bench/family_sweep.py) over Hugging Face families the zoo does not name:
 refusals that say what was found, and the rewrites the sweep's fixes made possible."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import routefx
-from routefx.policies import Duo
+from routefx.policies import Duo, PruneLayers
+from tests.compare import assert_close_nonpad
+from tests.tolerances import EXACT_REWRITE
 from tests.zoo import ZOO, PlainLM, example_inputs
 
 
@@ -43,3 +47,32 @@ def test_duo_on_an_all_moe_model_points_to_moe_budget():
     with pytest.raises(routefx.PolicyError, match=r"found FFN kinds: \['moe'\]\); Duo routes dense FFNs .*"
                                                   r"MoE blocks take the MoEBudget policy"):
         routefx.compile(entry.build(), Duo(budget=0.5, small="nested"), calibration=_cal(entry))
+
+
+class _BiasedAttnBlock(nn.Module):
+    """GPT-NeoX-Japanese's last layer: the attention output's bias expanded to the stream's shape (`expand_as`,
+    which reads the stream for its shape only) and added before the residual add."""
+
+    def __init__(self, d, f, h):
+        super().__init__()
+        from tests.zoo import _RMS, _Attn, _Gated
+        self.n1, self.n2, self.a, self.b = _RMS(d), _RMS(d), _Attn(d, h), _Gated(d, f)
+        self.bias = nn.Parameter(0.1 * torch.randn(d))
+
+    def forward(self, x):
+        x = x + (self.a(self.n1(x)) + self.bias.expand_as(x))
+        return x + self.b(self.n2(x))
+
+
+def test_a_bias_expanded_to_the_streams_shape_is_part_of_its_block():
+    torch.manual_seed(0)
+    model = PlainLM().eval()
+    model.z[1] = _BiasedAttnBlock(36, 76, 3)
+    ids = torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(0))
+    cm = routefx.compile(model, PruneLayers(layers=[1]), example_inputs=(ids,))
+    assert [b.index for b in routefx.inspect(model, (ids,)).blocks] == [0, 1, 2]
+    ref = copy.deepcopy(model)
+    del ref.z[1]
+    ids = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close_nonpad(cm(ids), ref(ids), None, EXACT_REWRITE)
