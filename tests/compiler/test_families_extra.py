@@ -76,3 +76,28 @@ def test_a_bias_expanded_to_the_streams_shape_is_part_of_its_block():
     ids = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert_close_nonpad(cm(ids), ref(ids), None, EXACT_REWRITE)
+
+
+class _PromptLM(nn.Module):
+    """CPM-Ant's layout: learned prompt positions prepended to the tokens inside the model, cut off the logits."""
+
+    def __init__(self, prompt=4):
+        super().__init__()
+        self.lm = PlainLM()
+        self.prompt = nn.Parameter(0.1 * torch.randn(prompt, 36))
+
+    def forward(self, input_ids):
+        x = self.lm.e(input_ids)
+        x = torch.cat([self.prompt.expand(x.shape[0], -1, -1), x], dim=1)
+        for blk in self.lm.z:
+            x = blk(x)
+        return self.lm.o(self.lm.n(x))[:, self.prompt.shape[0]:]
+
+
+def test_duo_on_a_model_that_adds_positions_says_so():
+    torch.manual_seed(0)
+    model = _PromptLM().eval()
+    cal = [torch.randint(0, 89, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.raises(routefx.UnsupportedModelError, match=r"block 0's FFN sees 24 positions for a batch of 16 "
+                                                            r"input tokens \[2, 8\].*adds positions of its own"):
+        routefx.compile(model, Duo(budget=0.5, small="nested"), calibration=cal)
