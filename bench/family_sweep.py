@@ -102,6 +102,10 @@ def tiny_config(model_type: str):
             continue
         if "intermediate" in p and p.endswith("size"):
             kw[p] = 32 if ("moe" in p or "expert" in p) else INTER
+    if "qk_rope_head_dim" in kw and "head_dim" in kw:   # MLA: the rotary embedding's width is head_dim
+        kw["head_dim"] = kw["qk_rope_head_dim"]
+    if "kv_lora_rank" in kw and "num_key_value_heads" in kw:   # MLA: keys and values for every head
+        kw["num_key_value_heads"] = HEADS
     if "is_decoder" in params:
         kw["is_decoder"] = True
     try:
