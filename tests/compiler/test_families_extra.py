@@ -101,3 +101,17 @@ def test_duo_on_a_model_that_adds_positions_says_so():
     with pytest.raises(routefx.UnsupportedModelError, match=r"block 0's FFN sees 24 positions for a batch of 16 "
                                                             r"input tokens \[2, 8\].*adds positions of its own"):
         routefx.compile(model, Duo(budget=0.5, small="nested"), calibration=cal)
+
+
+def test_onnx_on_moe_experts_left_captured_says_why():
+    """MoE blocks raise_moe cannot rewrite keep transformers' grouped GEMMs, which ONNX has no lowering for: the
+    error names them and the way out, not only the exporter's missing function."""
+    from routefx.backends import get_backend
+    from routefx.ir import capture
+    from tests.compare import graph_kwargs
+    entry = ZOO["mixtral"]
+    args, kwargs = example_inputs(entry)
+    gm = capture(entry.build(), args, kwargs)     # no pass run: every block's experts are as captured
+    with pytest.raises(routefx.BackendError, match=r"MoE experts through a grouped GEMM .*model\.layers\.0\.mlp.*"
+                                                   r"raise_moe left as captured.*backend 'eager'"):
+        get_backend("onnx").prepare(gm, graph_kwargs(gm, args, kwargs))
