@@ -22,7 +22,7 @@ from routefx.calibrate.routers import ROUTER_TRAINERS
 from routefx.calibrate.search import bisect_decreasing
 from routefx.compiler.plan import LayerPlan, Plan
 from routefx.compiler.policies import Duo
-from routefx.errors import PolicyError
+from routefx.errors import PolicyError, UnsupportedModelError
 from routefx.ir.activations import get_activation
 from routefx.ir.ffn import resolve_weight
 from routefx.ir.model_ir import BlockInfo, ModelIR
@@ -50,8 +50,12 @@ def routed_blocks(policy: Duo, ir: ModelIR) -> list[BlockInfo]:
     dense = {b.index: b for b in ir.dense_ffn_blocks}
     if policy.layers is None:
         if not dense:
-            raise PolicyError("Duo: the model has no dense FFN to route (found FFN kinds: "
-                              f"{sorted({b.ffn.kind for b in ir.blocks if b.ffn})})")
+            kinds = sorted({b.ffn.kind for b in ir.blocks if b.ffn})
+            why = next((f"; block {b.index}'s FFN is not read: {b.ffn.reason}" for b in ir.blocks
+                        if b.ffn and b.ffn.kind == "unknown" and b.ffn.reason), "")
+            raise PolicyError(f"Duo: the model has no dense FFN to route (found FFN kinds: {kinds}{why}); Duo routes "
+                              "dense FFNs (gated, mlp) with a recognised activation"
+                              + ("; MoE blocks take the MoEBudget policy" if "moe" in kinds else ""))
         return list(dense.values())
     out = []
     for i in policy.layers:
@@ -90,6 +94,12 @@ def _collect(gm: fx.GraphModule, blocks: list[BlockInfo], batches: list[dict]):
         for b in blocks:
             x = vals[b.ffn.match.inp].float()       # statistics in fp32 on the model's device
             s = vals[b.ffn_stream].float()
+            if x.numel() // x.shape[-1] != keep.numel():
+                raise UnsupportedModelError(
+                    f"Duo: block {b.index}'s FFN sees {x.numel() // x.shape[-1]} positions for a batch of "
+                    f"{keep.numel()} input tokens {list(token_mask(batch).shape)}; calibration maps FFN positions "
+                    "to input tokens one to one, so a model that adds positions of its own (prompt or modality "
+                    "tokens) is not supported")
             xs[b.index].append(x.reshape(-1, x.shape[-1])[keep])
             ss[b.index].append(s.reshape(-1, s.shape[-1])[keep].norm(dim=-1))
     return {i: torch.cat(v) for i, v in xs.items()}, {i: torch.cat(v) for i, v in ss.items()}

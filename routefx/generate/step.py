@@ -32,7 +32,7 @@ from torch import nn
 from torch.export import Dim
 
 from routefx.errors import CaptureError, UnsupportedModelError
-from routefx.ir.capture import CaptureInfo, _drop_metadata_asserts, _eval_mode, _split_baddbmm
+from routefx.ir.capture import CaptureInfo, _drop_metadata_asserts, _eval_mode, _expand_as_by_sizes, _split_baddbmm
 
 __all__ = ["CacheLayout", "probe_cache", "capture_prefill", "capture_decode", "supports_cache"]
 
@@ -117,8 +117,16 @@ def probe_cache(model: nn.Module) -> CacheLayout:
     kw = _cache_kw(model)
     ids = torch.ones(1, 2, dtype=torch.long, device=_device(model))
     with _eval_mode(model), torch.no_grad():
-        _, returned = _call(model, kw, False, ids, torch.ones_like(ids), torch.arange(2, device=ids.device)[None],
-                            [])
+        try:
+            _, returned = _call(model, kw, False, ids, torch.ones_like(ids),
+                                torch.arange(2, device=ids.device)[None], [])
+        except Exception as e:  # the model wants its own cache class (recurrent or compressed state, ...)
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not run with a plain key/value cache (transformers' DynamicCache, "
+                f"through which routefx captures the cache as tensors): {type(e).__name__}: {first}. routefx "
+                "generates with a KV cache for models whose layers keep attention keys and values only "
+                "(Cache.update); recurrent or compressed layer state is not supported") from e
     if sorted(returned) != list(range(len(returned))) or not returned:
         raise UnsupportedModelError(f"{type(model).__name__}'s cache updates layers {sorted(returned)}; routefx "
                                     "supports models whose every cached layer 0..L-1 updates once per call")
@@ -192,6 +200,7 @@ def _export(model, fn, params, example: dict) -> torch.fx.GraphModule:
     gm = ep.module()
     _drop_metadata_asserts(gm)
     _split_baddbmm(gm)
+    _expand_as_by_sizes(gm)
     gm.meta["routefx"] = CaptureInfo(arg_names=(), constant_kwargs={})
     return gm
 

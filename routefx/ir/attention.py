@@ -25,7 +25,7 @@ import math
 import sympy
 import torch
 import torch.utils._pytree as pytree
-from torch import fx
+from torch import fx, nn
 
 from routefx.ir import graph_utils as gu
 
@@ -147,7 +147,8 @@ def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], positions: int, zeros: t
             if isinstance(t, torch.Tensor):
                 if t.device.type == "meta":
                     return {}, f"the mask construction reads {n.target}, a tensor without values (meta device)"
-                setattr(mod, name, t.detach().to("cpu"))
+                cpu = t.detach().to("cpu")   # a parameter stays one: a module takes no plain tensor in its place
+                setattr(mod, name, nn.Parameter(cpu, requires_grad=False) if isinstance(t, nn.Parameter) else cpu)
     sub.recompile()
     try:
         with torch.no_grad():

@@ -182,12 +182,56 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     gm = ep.module()
     _drop_metadata_asserts(gm)
     _split_baddbmm(gm)
+    _expand_as_by_sizes(gm)
     gm.meta["routefx"] = CaptureInfo(
         arg_names=tuple(pos[:n_args]),
         constant_kwargs={k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor)},
         bound_kwargs=dict(bound_kwargs),
     )
     return gm
+
+
+def _expand_as_by_sizes(gm: torch.fx.GraphModule) -> None:
+    """Rewrite `expand_as(x, other)` as `expand(x, sizes)`, the sizes read from the graph's inputs: `other` is read
+    for its shape only, but as an argument it is a data edge, and one from the residual stream makes the branch
+    that expands a bias (GPT-NeoX-Japanese's last attention) read the stream twice, so it was not recognised as a
+    block. Left as it is where a size is not an input's dimension."""
+    aten = torch.ops.aten
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.expand_as.default]
+    if not nodes:
+        return
+    dims = {}  # symbol -> (placeholder, dim)
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        v = ph.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            for d, size in enumerate(v.shape):
+                if isinstance(size, torch.SymInt):
+                    dims.setdefault(size.node.expr, (ph, d))
+    g = gm.graph
+    mode = next(v.fake_mode for n in g.nodes if isinstance(v := n.meta.get("val"), torch.Tensor)
+                and hasattr(v, "fake_mode"))
+    for n in nodes:
+        x, other = n.args[:2]
+        shape = other.meta["val"].shape
+        if any(isinstance(s, torch.SymInt) and s.node.expr not in dims for s in shape):
+            continue
+        with g.inserting_before(n):
+            sizes = []
+            for s in shape:
+                if isinstance(s, torch.SymInt):
+                    ph, d = dims[s.node.expr]
+                    size = g.call_function(aten.sym_size.int, (ph, d))
+                    size.meta["val"] = s
+                    sizes.append(size)
+                else:
+                    sizes.append(int(s))
+            e = g.call_function(aten.expand.default, (x, sizes))
+        e.meta.update({k: v for k, v in n.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        with mode:
+            e.meta["val"] = x.meta["val"].expand(shape)
+        n.replace_all_uses_with(e)
+        g.erase_node(n)
+    gm.recompile()
 
 
 _ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)

@@ -142,15 +142,19 @@ def between(src: fx.Node, dst: fx.Node) -> set[fx.Node]:
 
 
 def dynamic_nodes(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes that depend on a model input (everything else is weights and constants)."""
+    """Nodes that depend on a model input's values (everything else is weights and constants, and values computed
+    from an input's sizes alone: a bias expanded to the input's shape is a constant term of a residual sum)."""
     dyn: set[fx.Node] = set()
     for n in graph.nodes:
         if n.op == "placeholder":
             if val(n) is not None:
                 dyn.add(n)
-        elif n.op == "call_function" and any(a in dyn for a in n.all_input_nodes):
+        elif n.op == "call_function" and n.target not in _SIZE_QUERIES and any(a in dyn for a in n.all_input_nodes):
             dyn.add(n)
     return dyn
+
+
+_SIZE_QUERIES = (torch.ops.aten.sym_size.int,)
 
 
 def module_path(n: fx.Node) -> str | None:

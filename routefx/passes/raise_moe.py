@@ -222,8 +222,11 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
 
     # The replaced dispatch: what reaches the combine from x, routes and gates, and nothing else.
     kept = gu.ancestors([routes, gates]) | {routes, gates}
-    replaced = ((feeds_combine & region) - kept - gu.ancestors([x]) - {x}) | {combine}
     x_root = gu.root_views(x)
+    # views of the block's input are not the dispatch's: the experts may read their own reshape of it, which a
+    # shared expert reads too (AFMoE flattens the input once for both, the router flattens it again)
+    replaced = {n for n in (feeds_combine & region) - kept - gu.ancestors([x]) - {x}
+                if gu.root_views(n) is not x_root} | {combine}
     for n in replaced:
         for a in n.all_input_nodes:
             if a in replaced or a in (routes, gates) or a not in region or gu.root_views(a) is x_root:

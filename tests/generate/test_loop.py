@@ -88,3 +88,25 @@ def test_refusals(llama, kw, match):
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     with pytest.raises(InputError, match=match):
         cm.generate(ids, **kw)
+
+
+def test_a_model_that_needs_its_own_cache_class_is_refused_with_the_reason():
+    """Hybrid models (Mamba layers, compressed KV) call methods of their own cache class: generation says that the
+    model does not run with a plain key/value cache, instead of failing inside transformers."""
+    from transformers import Cache
+    model = ZOO["llama"].build()
+    attn = model.model.layers[1].self_attn
+    plain = attn.forward
+
+    def forward(*args, **kwargs):
+        cache = next((v for v in kwargs.values() if isinstance(v, Cache)), None)
+        if cache is not None:
+            cache.conv_states  # noqa: B018 -- what a hybrid model's cache has and DynamicCache has not
+        return plain(*args, **kwargs)
+
+    attn.forward = forward
+    ids = torch.randint(3, 101, (2, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(routefx.UnsupportedModelError,
+                       match=r"LlamaForCausalLM does not run with a plain key/value cache .*AttributeError.*"
+                             r"conv_states.*keep attention keys and values only"):
+        routefx.compile(model, Dense()).generate(ids, max_new_tokens=2)

@@ -67,6 +67,7 @@ class Spec:
     bad_tanh: bool = False          # tanh(x)·c: not the c·tanh(x/c) form
     quadratic_bias: bool = False    # a bias -0.1·(j − i)²: not ALiBi
     row_bias: bool = False          # a bias 0.7·i, constant along each query row: the softmax never sees it
+    learned_slopes: bool = False    # the slopes an nn.Parameter (a learned bias), not a buffer
 
 
 class _EagerAttn(nn.Module):
@@ -75,7 +76,9 @@ class _EagerAttn(nn.Module):
         self.h, self.spec = h, spec
         self.a = nn.Linear(d, 3 * d, bias=False)
         self.b = nn.Linear(d, d, bias=False)
-        if spec.slopes is not None:
+        if spec.slopes is not None and spec.learned_slopes:
+            self.slopes = nn.Parameter(torch.tensor(spec.slopes))
+        elif spec.slopes is not None:
             self.register_buffer("slopes", torch.tensor(spec.slopes))
 
     def forward(self, x):
@@ -151,7 +154,9 @@ def _read(spec: Spec, device="cpu"):
     (Spec(window=3, slopes=(0.3,) * 4, softcap=20.0),
      dict(pattern="sliding", causal=True, window=3, bias="alibi", slopes=(0.3,), softcap=20.0)),
     (Spec(row_bias=True), dict(pattern="causal", causal=True, window=None, bias=None, slopes=None)),
-], ids=["causal", "bidirectional", "sliding5", "softcap", "alibi", "all", "row-constant"])
+    (Spec(slopes=(0.5, 0.25, 0.125, 0.0625), learned_slopes=True),
+     dict(pattern="causal", causal=True, window=None, bias="alibi", slopes=(0.5, 0.25, 0.125, 0.0625))),
+], ids=["causal", "bidirectional", "sliding5", "softcap", "alibi", "all", "row-constant", "alibi-parameter"])
 def test_eager_attention_properties_match_the_module(spec, want):
     a = _read(spec)
     for field, value in want.items():

@@ -1,0 +1,437 @@
+"""A robustness sweep over the Hugging Face causal-LM families (transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+each family is built from its config class at tiny sizes with random weights (fp32, eval) and run through routefx.
+A correctness sweep, not a benchmark; not part of the test suite.
+
+Checks per family (batch 2 x 12 tokens, row 0 left-padded by 3; errors are max |diff| over non-padding positions):
+  dense_eager / dense_onnx  compile(Dense) logits vs the HF model (tolerances from tests/tolerances.py)
+  duo_eager                 Duo(budget=0.5, small="nested"): compiles, finite, layers routed, budget met
+  duo_onnx                  the eager Duo plan on backend onnx: equals the eager Duo model
+  prune_eager               PruneLayers(layers=[1]) vs the HF model with that block deleted from its layer list (the
+                            comparison only where the layers do not differ by index: else "runs" is the pass)
+  generate_onnx             cm.generate, Dense, onnx, greedy, 6 new tokens: token-identical to HF generate
+
+Each family runs in a forked child with a time limit; a check's result is written as soon as it is known, so a
+family that runs out of time keeps the checks it finished. Results: a table on stdout and JSON (--out).
+
+    nice -n 10 python bench/family_sweep.py [--only llama,qwen3] [--checks dense_eager,...] [--timeout 240]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import routefx  # noqa: E402
+from routefx.policies import Dense, Duo, PruneLayers  # noqa: E402
+import routefx.backends.onnx  # noqa: E402,F401  -- loaded once here, before the children fork
+import routefx.compiler.compile  # noqa: E402,F401
+import routefx.generate  # noqa: E402,F401
+from tests.compare import max_abs_nonpad  # noqa: E402
+from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER  # noqa: E402
+
+CHECKS = ("dense_eager", "dense_onnx", "duo_eager", "duo_onnx", "prune_eager", "generate_onnx")
+VOCAB, HIDDEN, HEADS, KV_HEADS, INTER, LAYERS, HEAD_DIM = 112, 64, 4, 2, 128, 3, 16
+B, S, PAD, NEW = 2, 12, 3, 6
+
+# canonical config field -> tiny value; set through the config's own name for it (attribute_map) where it has one
+_TINY = {
+    "vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS, "intermediate_size": INTER, "max_position_embeddings": 256, "head_dim": HEAD_DIM,
+    "n_positions": 256, "n_ctx": 256, "ffn_dim": INTER, "n_inner": INTER, "d_ff": INTER, "d_kv": HEAD_DIM,
+    "num_layers": LAYERS, "decoder_layers": LAYERS, "decoder_attention_heads": HEADS, "decoder_ffn_dim": INTER,
+    "d_model": HIDDEN, "embed_dim": HIDDEN, "word_embed_proj_dim": HIDDEN, "embedding_size": HIDDEN,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1,
+    # MoE and MLA knobs
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "moe_k": 2, "n_shared_experts": 1,
+    "num_shared_experts": 1, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+    "expert_intermediate_size": 32, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+    "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "use_cache": True, "tie_word_embeddings": False,
+}
+_SKIP_CONFIG_WORDS = ("vision", "audio", "speech", "image", "video", "encoder_config", "text_config")
+
+
+class Skip(Exception):
+    """A family the sweep does not try, with the reason."""
+
+
+def families() -> list[tuple[str, str]]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return [(t, c if isinstance(c, str) else c[0]) for t, c in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()]
+
+
+def zoo_types() -> set[str]:
+    """model_type of every Hugging Face family tests/zoo.py already builds (read from the built configs)."""
+    from tests.zoo import ZOO
+    out = set()
+    for e in ZOO.values():
+        if not e.name.startswith("plain"):
+            out.add(e.build().config.model_type)
+    return out
+
+
+def tiny_config(model_type: str):
+    from transformers import CONFIG_MAPPING
+    cls = CONFIG_MAPPING[model_type]
+    subs = getattr(cls, "sub_configs", None) or {}
+    if subs:
+        raise Skip(f"composite config (sub-configs {sorted(subs)}): vision/audio/encoder towers")
+    params = set(inspect.signature(cls.__init__).parameters)
+    amap = dict(getattr(cls, "attribute_map", {}) or {})
+    kw = {}
+    for name, value in _TINY.items():
+        target = amap.get(name, name)
+        if target in params and target not in kw:
+            kw[target] = value
+    # any other *intermediate* width / expert count a config names its own way
+    for p in params:
+        if p in kw:
+            continue
+        if "intermediate" in p and p.endswith("size"):
+            kw[p] = 32 if ("moe" in p or "expert" in p) else INTER
+    if "qk_rope_head_dim" in kw and "head_dim" in kw:   # MLA: the rotary embedding's width is head_dim
+        kw["head_dim"] = kw["qk_rope_head_dim"]
+    if "kv_lora_rank" in kw and "num_key_value_heads" in kw:   # MLA: keys and values for every head
+        kw["num_key_value_heads"] = HEADS
+    if "is_decoder" in params:
+        kw["is_decoder"] = True
+    try:
+        cfg = cls(**kw)
+    except Exception as e:  # noqa: BLE001 -- a config that refuses the tiny sizes is recorded, not fatal
+        raise Skip(f"config rejects tiny sizes: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+    if getattr(cfg, "is_encoder_decoder", False):
+        cfg.is_encoder_decoder = False
+    return cfg
+
+
+def build(model_type: str, class_name: str) -> nn.Module:
+    import transformers
+    cfg = tiny_config(model_type)
+    cls = getattr(transformers, class_name, None)
+    if cls is None:
+        raise Skip(f"transformers has no attribute {class_name}")
+    torch.manual_seed(0)
+    for impl in ("sdpa", "eager", None):
+        cfg._attn_implementation = impl or "eager"
+        try:
+            return _untie(cls(cfg).eval().float())
+        except ValueError:
+            if impl is None:
+                raise
+
+
+def _untie(model: nn.Module) -> nn.Module:
+    """Some families initialise their routers' weights to zero: every expert then scores the same, and top-k
+    breaks the ties differently in torch and ONNX Runtime. Constant matrices get random values instead."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def inputs(seed=1, batch=B, seq=S, pad=PAD):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, :pad] = 0
+    return ids, mask
+
+
+def hf_forward(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+
+def _layer_list(model, n: int) -> tuple[nn.Module, str] | None:
+    """(owner, attribute) of the shallowest ModuleList of n entries: the decoder's layers."""
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            depth = name.count(".")
+            if best is None or depth < best[0]:
+                best = (depth, name)
+    if best is None:
+        return None
+    owner, _, attr = best[1].rpartition(".")
+    return model.get_submodule(owner) if owner else model, attr
+
+
+def _uniform_layers(cfg) -> bool:
+    types = getattr(cfg, "layer_types", None)
+    return not types or len(set(types)) == 1
+
+
+# ---- the checks: each returns (status, detail); status in pass | mismatch | runs; exceptions are failures -----
+
+def check_dense(model, backend):
+    ids, mask = inputs(seed=1)
+    cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
+                         backend=backend)
+    ids, mask = inputs(seed=5)
+    err = max_abs_nonpad(cm(ids, attention_mask=mask), hf_forward(model, ids, mask), mask)
+    tol = EXACT_REWRITE if backend == "eager" else ONNX_VS_EAGER
+    return ("pass" if err <= tol else "mismatch"), f"max abs {err:.2e} (tol {tol:g})"
+
+
+def _cal():
+    return [dict(zip(("input_ids", "attention_mask"), inputs(seed=40 + i, batch=3, seq=S))) for i in range(2)]
+
+
+def check_duo_eager(model, state):
+    cal = _cal()
+    cm = routefx.compile(model, Duo(budget=0.5, small="nested"), calibration=cal)
+    ids, mask = inputs(seed=9)
+    out = cm(ids, attention_mask=mask)
+    state["duo"] = cm
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if not torch.isfinite(logits[mask.bool()]).all():
+        return "mismatch", "non-finite logits"
+    routed = len(cm.plan.layers)
+    if routed == 0:
+        return "mismatch", f"no layer routed (silently dense); notes {cm.report.notes}"
+    realised = cm.plan.budget.realised
+    budget = cm.route_stats(cal).budget
+    ok = abs(realised - 0.5) <= 0.02 and abs(budget - realised) < 1e-9
+    return ("pass" if ok else "mismatch"), f"{routed} layers routed, budget {realised:.3f} (graph {budget:.3f})"
+
+
+def check_duo_onnx(model, state):
+    ref = state.get("duo")
+    if ref is None:
+        return "n/a", "no eager Duo model (see duo_eager)"
+    cm = routefx.compile(model, ref.plan, backend="onnx")
+    ids, mask = inputs(seed=9)
+    err = max_abs_nonpad(cm(ids, attention_mask=mask), ref(ids, attention_mask=mask), mask)
+    return ("pass" if err <= ONNX_VS_EAGER else "mismatch"), f"vs eager Duo: max abs {err:.2e}"
+
+
+def check_prune(model, state):
+    n = model.config.num_hidden_layers
+    ids, mask = inputs(seed=1)
+    cm = routefx.compile(model, PruneLayers(layers=[1]), example_inputs=(ids,),
+                         example_kwargs={"attention_mask": mask})
+    ids, mask = inputs(seed=5)
+    out = cm(ids, attention_mask=mask)
+    if len(cm.ir.blocks) != n - 1:
+        return "mismatch", f"{len(cm.ir.blocks)} blocks after pruning one of {n}"
+    found = _layer_list(model, n)
+    if found is None or not _uniform_layers(model.config):
+        return "runs", "no reference (layer list not found or layers differ by index)"
+    ref = copy.deepcopy(model)
+    owner, attr = _layer_list(ref, n)
+    setattr(owner, attr, nn.ModuleList([m for j, m in enumerate(getattr(owner, attr)) if j != 1]))
+    err = max_abs_nonpad(out, hf_forward(ref, ids, mask), mask)
+    return ("pass" if err <= EXACT_REWRITE else "mismatch"), f"vs layer 1 deleted: max abs {err:.2e}"
+
+
+def check_generate(model, state):
+    ids, mask = inputs(seed=3)
+    cm = routefx.compile(model, Dense(), backend="onnx")
+    out = cm.generate(ids, mask, max_new_tokens=NEW)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    if out.shape == ref.shape and torch.equal(out, ref):
+        return "pass", f"{NEW} tokens equal"
+    # routefx's loop is plain greedy: it does not apply the logits processors a model's generation_config asks for
+    gc = model.generation_config
+    extra = {k: v for k, v in _PROCESSORS_OFF.items() if getattr(gc, k, None) not in (None, v)}
+    if extra:
+        with torch.no_grad():
+            plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, **extra)
+        if out.shape == plain.shape and torch.equal(out, plain):
+            return "gen_config", (f"equal to HF generate once the generation_config's processors "
+                                  f"{ {k: getattr(gc, k) for k in extra} } are off")
+    same = (out[:, S:] == ref[:, S:]).float().mean().item() if out.shape == ref.shape else 0.0
+    return "mismatch", f"tokens differ (shapes {tuple(out.shape)} / {tuple(ref.shape)}, {same:.0%} equal)"
+
+
+_PROCESSORS_OFF = {"forced_eos_token_id": None, "forced_bos_token_id": None, "no_repeat_ngram_size": 0,
+                   "repetition_penalty": 1.0, "min_length": 0, "min_new_tokens": None, "bad_words_ids": None,
+                   "suppress_tokens": None, "begin_suppress_tokens": None, "encoder_no_repeat_ngram_size": 0}
+
+
+def _where(tb) -> str:
+    """'routefx' when the innermost routefx frame is the deepest project frame, else the last library named."""
+    frames = traceback.extract_tb(tb)
+    for f in reversed(frames):
+        if "/routefx/" in f.filename:
+            return f"routefx:{os.path.basename(f.filename)}:{f.lineno}"
+        if "/transformers/" in f.filename:
+            return f"transformers:{os.path.basename(f.filename)}:{f.lineno}"
+    return os.path.basename(frames[-1].filename) if frames else "?"
+
+
+def _failure(e: BaseException) -> dict:
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return {"status": "fail", "detail": f"{type(e).__name__}: {first}", "where": _where(e.__traceback__)}
+
+
+def run_family(model_type: str, class_name: str, checks, path: str) -> None:
+    """In the child: build, reference forward, then each check; appends one JSON line per result to `path`."""
+    torch.set_num_threads(1)
+
+    def put(check, rec):
+        with open(path, "a") as f:
+            f.write(json.dumps({"check": check, **rec}) + "\n")
+
+    t0 = time.perf_counter()
+    try:
+        model = build(model_type, class_name)
+        ids, mask = inputs(seed=5)
+        out = hf_forward(model, ids, mask)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        assert logits.shape[:2] == (B, S), logits.shape
+    except Skip as e:
+        put("build", {"status": "skip", "detail": str(e)})
+        return
+    except Exception as e:  # noqa: BLE001 -- the HF model itself failing is recorded (transformers-side)
+        put("build", {**_failure(e), "status": "hf_fail"})
+        return
+    put("build", {"status": "pass", "detail": f"{sum(p.numel() for p in model.parameters())} params",
+                  "seconds": round(time.perf_counter() - t0, 1)})
+    state = {}
+    table = {"dense_eager": lambda: check_dense(model, "eager"), "dense_onnx": lambda: check_dense(model, "onnx"),
+             "duo_eager": lambda: check_duo_eager(model, state), "duo_onnx": lambda: check_duo_onnx(model, state),
+             "prune_eager": lambda: check_prune(model, state), "generate_onnx": lambda: check_generate(model, state)}
+    for c in checks:
+        t = time.perf_counter()
+        try:
+            status, detail = table[c]()
+            rec = {"status": status, "detail": detail}
+        except Exception as e:  # noqa: BLE001 -- every failure is a result of the sweep
+            rec = _failure(e)
+            if isinstance(e, routefx.RoutefxError):
+                rec["status"] = "refused"          # a typed routefx error: judged by its message
+                rec["error_type"] = type(e).__name__
+        rec["seconds"] = round(time.perf_counter() - t, 1)
+        put(c, rec)
+
+
+def sweep_one(model_type, class_name, checks, timeout) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        path = f.name
+    ctx = mp.get_context("fork")
+    p = ctx.Process(target=run_family, args=(model_type, class_name, checks, path))
+    t0 = time.perf_counter()
+    p.start()
+    p.join(timeout)
+    timed_out = p.is_alive()
+    if timed_out:
+        p.kill()
+        p.join()
+    res = {"class": class_name, "checks": {}, "seconds": round(time.perf_counter() - t0, 1)}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            res["checks"][rec.pop("check")] = rec
+    os.unlink(path)
+    if timed_out:
+        res["timed_out"] = timeout
+    elif p.exitcode not in (0, None) and "build" not in res["checks"]:
+        res["checks"]["build"] = {"status": "fail", "detail": f"child exited with code {p.exitcode}"}
+    return res
+
+
+_SHORT = {"pass": "ok", "mismatch": "DIFF", "fail": "FAIL", "refused": "refused", "runs": "runs", "skip": "skip",
+          "hf_fail": "hf-fail",
+          "gen_config": "gencfg", "n/a": "n/a"}
+
+
+def table(results: dict, checks) -> str:
+    lines = [f"{'family':28s} {'build':8s} " + " ".join(f"{c:14s}" for c in checks)]
+    for t, r in results.items():
+        b = r["checks"].get("build", {"status": "timeout" if r.get("timed_out") else "?"})
+        cells = [_SHORT.get(r["checks"].get(c, {}).get("status"), "timeout" if r.get("timed_out") else "-")
+                 for c in checks]
+        lines.append(f"{t:28s} {_SHORT.get(b['status'], b['status']):8s} " + " ".join(f"{x:14s}" for x in cells))
+    counts = {}
+    for r in results.values():
+        for c in checks:
+            s = r["checks"].get(c, {}).get("status")
+            if s:
+                counts.setdefault(c, {}).setdefault(s, 0)
+                counts[c][s] += 1
+    lines.append("totals: " + json.dumps(counts))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="comma-separated model types")
+    ap.add_argument("--checks", default=",".join(CHECKS))
+    ap.add_argument("--timeout", type=float, default=240, help="seconds per family (all its checks)")
+    ap.add_argument("--include-zoo", action="store_true", help="also the families tests/zoo.py builds")
+    ap.add_argument("--out", default="bench/results/family_sweep.json")
+    ap.add_argument("--merge", action="store_true", help="update the families run in an existing --out file")
+    ap.add_argument("--resume", action="store_true", help="keep the families already in --out, run the rest")
+    ap.add_argument("--shard", default="0/1", help="k/n: every n-th family from the k-th (parallel sweeps)")
+    ap.add_argument("--combine", nargs="*", help="merge these JSON results into --out, print the table, no run")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    checks = [c for c in args.checks.split(",") if c]
+    unknown = set(checks) - set(CHECKS)
+    if unknown:
+        ap.error(f"unknown checks {sorted(unknown)}; known: {CHECKS}")
+    if args.combine:
+        results = {}
+        for p in args.combine:
+            with open(p) as f:
+                results.update(json.load(f)["families"])
+        results = dict(sorted(results.items()))
+        with open(args.out, "w") as f:
+            json.dump(_document(results, checks), f, indent=1)
+        print(table(results, checks))
+        return
+    k, n = (int(x) for x in args.shard.split("/"))
+    fams = families()[k::n]
+    only = {x for x in args.only.split(",") if x}
+    if only:
+        fams = [f for f in fams if f[0] in only]
+    zoo = set() if args.include_zoo or only else zoo_types()
+    results = {}
+    if (args.merge or args.resume) and os.path.exists(args.out):
+        with open(args.out) as f:
+            results = json.load(f)["families"]
+    for t, cls in fams:
+        if args.resume and t in results:
+            continue
+        if t in zoo:
+            results[t] = {"class": cls, "checks": {"build": {"status": "skip", "detail": "in tests/zoo.py"}}}
+            continue
+        r = sweep_one(t, cls, checks, args.timeout)
+        results[t] = r
+        brief = {c: v["status"] for c, v in r["checks"].items()}
+        print(f"{t:28s} {r['seconds']:6.1f}s {brief}" + (" TIMEOUT" if r.get("timed_out") else ""), flush=True)
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:   # after each family: a killed sweep keeps what it found
+            json.dump(_document(results, checks), f, indent=1)
+    print(table(results, checks))
+
+
+def _document(results, checks) -> dict:
+    import onnxruntime
+    import transformers
+    return {"versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "onnxruntime": onnxruntime.__version__},
+            "checks": checks, "tiny": {"vocab": VOCAB, "hidden": HIDDEN, "heads": HEADS, "kv_heads": KV_HEADS,
+                                       "intermediate": INTER, "layers": LAYERS, "batch": B, "seq": S, "pad": PAD},
+            "families": results}
+
+
+if __name__ == "__main__":
+    main()

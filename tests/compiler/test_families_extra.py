@@ -1,0 +1,117 @@
+"""Structures found by the family sweep (bench/family_sweep.py) over Hugging Face families the zoo does not name:
+refusals that say what was found, and the rewrites the sweep's fixes made possible."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import routefx
+from routefx.policies import Duo, PruneLayers
+from tests.compare import assert_close_nonpad
+from tests.tolerances import EXACT_REWRITE
+from tests.zoo import ZOO, PlainLM, example_inputs
+
+
+class _LearnedSwishMlp(nn.Module):
+    """An FFN whose activation has a learned per-neuron parameter (as xIELU's): not one routefx can name."""
+
+    def __init__(self, d, f):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, f), nn.Linear(f, d)
+        self.beta = nn.Parameter(1 + 0.1 * torch.randn(f))
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h * torch.sigmoid(nn.functional.softplus(self.beta) * h))
+
+
+def _cal(entry, n=2):
+    return [dict(zip(("input_ids",), a)) | k for a, k in
+            (example_inputs(entry, batch=2, seq=8, left_pad=1, seed=40 + i) for i in range(n))]
+
+
+def test_duo_on_unreadable_ffns_says_which_and_why():
+    torch.manual_seed(0)
+    model = PlainLM(ffn=_LearnedSwishMlp).eval()
+    ids = torch.randint(0, 89, (2, 8), generator=torch.Generator().manual_seed(0))
+    ir = routefx.inspect(model, (ids,))
+    assert {b.ffn.kind for b in ir.blocks} == {"unknown"}
+    with pytest.raises(routefx.PolicyError, match=r"no dense FFN to route \(found FFN kinds: \['unknown'\]; "
+                                                  r"block 0's FFN is not read: .+\); Duo routes dense FFNs"):
+        routefx.compile(model, Duo(budget=0.5, small="nested"), calibration=[ids])
+
+
+def test_duo_on_an_all_moe_model_points_to_moe_budget():
+    entry = ZOO["mixtral"]
+    with pytest.raises(routefx.PolicyError, match=r"found FFN kinds: \['moe'\]\); Duo routes dense FFNs .*"
+                                                  r"MoE blocks take the MoEBudget policy"):
+        routefx.compile(entry.build(), Duo(budget=0.5, small="nested"), calibration=_cal(entry))
+
+
+class _BiasedAttnBlock(nn.Module):
+    """GPT-NeoX-Japanese's last layer: the attention output's bias expanded to the stream's shape (`expand_as`,
+    which reads the stream for its shape only) and added before the residual add."""
+
+    def __init__(self, d, f, h):
+        super().__init__()
+        from tests.zoo import _RMS, _Attn, _Gated
+        self.n1, self.n2, self.a, self.b = _RMS(d), _RMS(d), _Attn(d, h), _Gated(d, f)
+        self.bias = nn.Parameter(0.1 * torch.randn(d))
+
+    def forward(self, x):
+        x = x + (self.a(self.n1(x)) + self.bias.expand_as(x))
+        return x + self.b(self.n2(x))
+
+
+def test_a_bias_expanded_to_the_streams_shape_is_part_of_its_block():
+    torch.manual_seed(0)
+    model = PlainLM().eval()
+    model.z[1] = _BiasedAttnBlock(36, 76, 3)
+    ids = torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(0))
+    cm = routefx.compile(model, PruneLayers(layers=[1]), example_inputs=(ids,))
+    assert [b.index for b in routefx.inspect(model, (ids,)).blocks] == [0, 1, 2]
+    ref = copy.deepcopy(model)
+    del ref.z[1]
+    ids = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close_nonpad(cm(ids), ref(ids), None, EXACT_REWRITE)
+
+
+class _PromptLM(nn.Module):
+    """CPM-Ant's layout: learned prompt positions prepended to the tokens inside the model, cut off the logits."""
+
+    def __init__(self, prompt=4):
+        super().__init__()
+        self.lm = PlainLM()
+        self.prompt = nn.Parameter(0.1 * torch.randn(prompt, 36))
+
+    def forward(self, input_ids):
+        x = self.lm.e(input_ids)
+        x = torch.cat([self.prompt.expand(x.shape[0], -1, -1), x], dim=1)
+        for blk in self.lm.z:
+            x = blk(x)
+        return self.lm.o(self.lm.n(x))[:, self.prompt.shape[0]:]
+
+
+def test_duo_on_a_model_that_adds_positions_says_so():
+    torch.manual_seed(0)
+    model = _PromptLM().eval()
+    cal = [torch.randint(0, 89, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.raises(routefx.UnsupportedModelError, match=r"block 0's FFN sees 24 positions for a batch of 16 "
+                                                            r"input tokens \[2, 8\].*adds positions of its own"):
+        routefx.compile(model, Duo(budget=0.5, small="nested"), calibration=cal)
+
+
+def test_onnx_on_moe_experts_left_captured_says_why():
+    """MoE blocks raise_moe cannot rewrite keep transformers' grouped GEMMs, which ONNX has no lowering for: the
+    error names them and the way out, not only the exporter's missing function."""
+    from routefx.backends import get_backend
+    from routefx.ir import capture
+    from tests.compare import graph_kwargs
+    entry = ZOO["mixtral"]
+    args, kwargs = example_inputs(entry)
+    gm = capture(entry.build(), args, kwargs)     # no pass run: every block's experts are as captured
+    with pytest.raises(routefx.BackendError, match=r"MoE experts through a grouped GEMM .*model\.layers\.0\.mlp.*"
+                                                   r"raise_moe left as captured.*backend 'eager'"):
+        get_backend("onnx").prepare(gm, graph_kwargs(gm, args, kwargs))
