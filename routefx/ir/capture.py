@@ -17,6 +17,7 @@ from torch import nn
 from torch.export import Dim
 
 from routefx.errors import CaptureError
+from routefx.ir import graph_utils as gu
 
 __all__ = ["capture", "CaptureInfo", "normalize_inputs"]
 
@@ -195,7 +196,9 @@ def _expand_as_by_sizes(gm: torch.fx.GraphModule) -> None:
     """Rewrite `expand_as(x, other)` as `expand(x, sizes)`, the sizes read from the graph's inputs: `other` is read
     for its shape only, but as an argument it is a data edge, and one from the residual stream makes the branch
     that expands a bias (GPT-NeoX-Japanese's last attention) read the stream twice, so it was not recognised as a
-    block. Left as it is where a size is not an input's dimension."""
+    block. Only a constant `x` (computed from weights alone) is rewritten: an input-dependent one is never a
+    constant term, and explicit size reads of the inputs trip Dynamo (backend "inductor") in routed graphs. Left
+    as it is where a size is not an input's dimension."""
     aten = torch.ops.aten
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.expand_as.default]
     if not nodes:
@@ -212,6 +215,8 @@ def _expand_as_by_sizes(gm: torch.fx.GraphModule) -> None:
                 and hasattr(v, "fake_mode"))
     for n in nodes:
         x, other = n.args[:2]
+        if any(a.op == "placeholder" for a in (*gu.ancestors([x]), x)):
+            continue  # only a constant (a bias) expanded to an input's shape: what recognition needs, no more
         shape = other.meta["val"].shape
         if any(isinstance(s, torch.SymInt) and s.node.expr not in dims for s in shape):
             continue
