@@ -314,18 +314,21 @@ class OnnxRunner:
             f.write(self.onnx_model)
 
 
-_FUSED_DTYPES = {torch.float32, torch.float16}
+_DTYPES = (torch.float32, torch.float16)
 
 
-def _float_dtypes(gm: fx.GraphModule) -> set:
-    """The floating dtypes of the graph's weights and buffers; `BackendError` for bfloat16, which ONNX Runtime's
-    CPU provider cannot multiply (no bfloat16 MatMul / Gemm kernel)."""
-    found = {t.dtype for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()}
-    if torch.bfloat16 in found:
-        raise BackendError("the model has bfloat16 weights; ONNX Runtime's CPU provider has no bfloat16 MatMul "
-                           "(the onnx backend runs float32, float16 and float64 models): convert the model "
-                           "(model.float()) or use backend='eager' or 'inductor'")
-    return found
+def _check_float_dtypes(gm: fx.GraphModule) -> None:
+    """`BackendError` for weights of a floating dtype the onnx backend does not run: bfloat16 (ONNX Runtime's CPU
+    provider has no bfloat16 MatMul) and float64 (its fused CPU kernels take float32 / float16 only, and without
+    them ORT 1.30's own optimizer still fuses a double SiLU into a float-only kernel, and its double attention
+    gave NaN on a padded batch)."""
+    found = {t.dtype for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()} - set(_DTYPES)
+    if found:
+        name = str(sorted(found, key=str)[0]).removeprefix("torch.")
+        why = "ONNX Runtime's CPU provider has no bfloat16 MatMul" if "bfloat16" in name else \
+            "ONNX Runtime's fused CPU kernels take float32 and float16 only"
+        raise BackendError(f"the model has {name} weights; {why} (the onnx backend runs float32 and float16 "
+                           "models): convert the model (model.float()) or use backend='eager' or 'inductor'")
 
 
 def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str = "all",
@@ -343,8 +346,7 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     missing = [n.target for n in placeholders if n.target not in example_kwargs]
     if missing:
         raise BackendError(f"example_kwargs lack {missing}; the graph takes {[n.target for n in placeholders]}")
-    if _float_dtypes(gm) - _FUSED_DTYPES:
-        fusions = ()  # ONNX Runtime's fused CPU kernels take float32 / float16 only; plain ONNX ops take the rest
+    _check_float_dtypes(gm)
     arg_names = _positional_names(gm, [n.target for n in placeholders])
     clock = _Clock()
     model, path = _export(gm, placeholders, arg_names, example_kwargs, direct=direct)
