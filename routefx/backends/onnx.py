@@ -78,6 +78,7 @@ from routefx.backends.onnx_ops import fold_weight_slices, routed_ffn_lowering
 from routefx.backends.onnx_opset import export_opset
 from routefx.backends.static_routes import constant_route
 from routefx.errors import BackendError, InputError
+from routefx.ir import graph_utils as gu
 
 __all__ = ["prepare", "OnnxRunner", "session_options"]
 
@@ -405,7 +406,7 @@ class _Clock:
 
 def _moe_left_captured(gm: fx.GraphModule) -> str:
     """Why an export that met a MoE block's grouped GEMM failed, or ''."""
-    grouped = [n for n in gm.graph.nodes if n.op == "call_function" and "grouped_mm" in str(n.target)]
+    grouped = [n for n in gm.graph.nodes if gu.is_grouped_mm(n)]
     if not grouped:
         return ""
     paths = sorted({next(reversed(n.meta.get("nn_module_stack", {}).values()), (n.name,))[0] for n in grouped})

@@ -29,7 +29,7 @@ from routefx.compiler.plan import LayerPlan, Plan
 from routefx.errors import PolicyError
 from routefx.ir import graph_utils as gu
 from routefx.ir.model_ir import ModelIR
-from routefx.passes.raise_moe import MoEMatch, _Miss, match_moe
+from routefx.passes.raise_moe import MoEMatch, moe_matches
 
 __all__ = ["calibrate_moe_hoist", "hoistable_moe", "PREGATE"]
 
@@ -40,15 +40,7 @@ aten = torch.ops.aten
 
 def hoistable_moe(gm: fx.GraphModule, ir: ModelIR) -> list[tuple[str, MoEMatch]]:
     """(block key, match) of the MoE blocks RaiseMoE can raise, in block order."""
-    out = []
-    for b in ir.blocks:
-        if b.ffn is None or b.ffn.kind != "moe" or b.ffn.routed is not None:
-            continue
-        try:
-            out.append((b.key, match_moe(gm, b)))
-        except _Miss:
-            continue
-    return out
+    return [(b.key, m) for b, m in moe_matches(gm, ir) if not isinstance(m, str)]
 
 
 def _router_params(router: fx.Node, values: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,8 +61,8 @@ def _collect(gm: fx.GraphModule, matches: list[MoEMatch], batches: list[dict]):
     """Per match: router input [N, d] and logits [N, E] at real tokens (float64, CPU); the router parameters."""
     xs, zs = [[] for _ in matches], [[] for _ in matches]
     params = None
+    want = [n for m in matches for n in (m.x, m.router, *m.router.all_input_nodes)]
     for batch in batches:
-        want = [n for m in matches for n in (m.x, m.router, *m.router.all_input_nodes)]
         vals = {n: v.detach().cpu() for n, v in run_recording(gm, batch, want).items()
                 if isinstance(v, torch.Tensor)}
         keep = token_mask(batch).reshape(-1)
@@ -109,11 +101,12 @@ def calibrate_moe_hoist(gm: fx.GraphModule, ir: ModelIR, batches: list[dict], pl
         perm = torch.randperm(H.shape[0], generator=gen)
         n_val = max(1, H.shape[0] // 5)
         val, fit = perm[:n_val], perm[n_val:]
-        errs = {rel: float(((H[val] @ shrunk_fit(H[fit], T[fit], w0, rel) - T[val]) ** 2).sum()) for rel in SHRINKS}
+        preds = {rel: H[val] @ shrunk_fit(H[fit], T[fit], w0, rel) for rel in SHRINKS}   # held-out logits
+        errs = {rel: float(((p - T[val]) ** 2).sum()) for rel, p in preds.items()}
         rel = min(errs, key=errs.get)
         W = shrunk_fit(H, T, w0, rel)
         k = int(gu.val(m.routes).shape[-1])
-        pred = H[val] @ shrunk_fit(H[fit], T[fit], w0, rel)
+        pred = preds[rel]
         var = float(((T[val] - T[val].mean(0)) ** 2).sum())
         record[key] = {"reads": found[i - 1][0], "shrink": rel if rel != float("inf") else "own router", "tokens": int(H.shape[0]),
                        "val_r2": round(1 - errs[rel] / max(var, 1e-30), 4),

@@ -42,7 +42,7 @@ from routefx.passes.base import Miss, Pass, PassContext, PassResult
 from routefx.passes.raise_ffn import weight_node
 
 aten = torch.ops.aten
-__all__ = ["RaiseMoE", "match_moe", "MoEMatch"]
+__all__ = ["RaiseMoE", "match_moe", "moe_matches", "MoEMatch"]
 
 _SPLITS = gu.targets(aten.chunk, aten.split, aten.split_with_sizes, aten.slice)
 _MASKING = gu.targets(aten.masked_fill, aten.where)
@@ -251,21 +251,30 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
     return MoEMatch(x, router, routes, gates, combine, f.num_experts, F, act, w_up, w_gate, w_down)
 
 
+def moe_matches(gm: fx.GraphModule, ir: ModelIR):
+    """(block, MoEMatch or the reason it cannot be raised) for each MoE block of `ir` not yet raised, in block
+    order."""
+    for block in ir.blocks:
+        f = block.ffn
+        if f is None or f.kind != "moe" or f.routed is not None:
+            continue  # not MoE, or already raised
+        try:
+            yield block, match_moe(gm, block)
+        except _Miss as miss:
+            yield block, str(miss)
+
+
 class RaiseMoE(Pass):
     name = "raise_moe"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         res = PassResult()
         g = gm.graph
-        for block in ctx.ir.blocks:
+        for block, m in moe_matches(gm, ctx.ir):
             f = block.ffn
-            if f is None or f.kind != "moe" or f.routed is not None:
-                continue  # not MoE, or already raised
-            where = f"block {block.index}" + (f" ({f.path})" if f.path else "")
-            try:
-                m = match_moe(gm, block)
-            except _Miss as miss:
-                res.misses.append(Miss(where, f"MoE block left as captured: {miss}"))
+            if isinstance(m, str):
+                where = f"block {block.index}" + (f" ({f.path})" if f.path else "")
+                res.misses.append(Miss(where, f"MoE block left as captured: {m}"))
                 continue
             key = block.key
             with g.inserting_before(m.combine):
