@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--no-ffn", action="store_true", help="leave out bench/gpu_ffn.py")
     p.add_argument("--also-static", action="store_true",
                    help="also time each routefx candidate compiled with static shapes (<key>_static)")
+    p.add_argument("--no-cudagraphs", dest="cudagraphs", action="store_false",
+                   help="leave out the CUDA-graph variants (hf_inductor_cg: torch.compile mode reduce-overhead; "
+                        "routefx_dense_cg, routefx_duo_0.5_cg: backend option cudagraphs=True)")
     p.add_argument("--time-budget", type=float, default=280.0,
                    help="seconds for the whole script (default 280): model compiles stop at budget - 100 s "
                         "(- 10 s with --no-ffn); "
@@ -178,23 +181,45 @@ def _order(budgets) -> list[float]:
     return sorted(budgets, key=lambda b: (b != 0.5, -b))
 
 
-def static_variant(cm, key, x, ref, rec, c, fns, device) -> None:
-    """The same lowered graph compiled with static shapes (torch.compile(dynamic=False), like hf_inductor's
-    first compile): what dynamic shapes cost. Not what compile() builds; timed as `<key>_static`."""
+def variant(cm, key, suffix, options, x, ref, rec, c, fns, device) -> None:
+    """The same lowered graph prepared again with other triton-backend options, timed as `<key>_<suffix>`:
+    "static" (dynamic=False, like hf_inductor's first compile: what dynamic shapes cost) or "cg"
+    (cudagraphs=True: the forward replayed as CUDA graphs, what the host launch overhead costs). The first-call
+    time covers three calls (CUDA graph trees warm up, then record)."""
     from routefx.backends.triton import backend as tb
     gm = cm.graph_module
     consts = gm.meta["routefx"].constant_kwargs
     kw = {n.target: x.get(n.target, consts.get(n.target)) for n in gm.graph.nodes if n.op == "placeholder"}
-    run = tb.prepare(gm, kw, dynamic=False)
+    run = tb.prepare(gm, kw, **options)
     t = time.perf_counter()
     with torch.no_grad():
-        out = run(**kw)
+        for _ in range(3 if options.get("cudagraphs") else 1):
+            out = run(**kw)
     sync(device)()
-    c[f"{key}_static"] = {**{k: rec[k] for k in ("flops_per_token_x", "budget_x") if k in rec},
-                          "first_call_s": round(time.perf_counter() - t, 3), "runner": repr(run),
-                          "max_logit_diff": logits_diff(out, ref if key == "routefx_dense" else
-                                                        eager_graph_logits(cm, x))}
-    fns[f"{key}_static"] = lambda: run(**kw)
+    c[f"{key}_{suffix}"] = {**{k: rec[k] for k in ("flops_per_token_x", "budget_x") if k in rec},
+                            "first_call_s": round(time.perf_counter() - t, 3), "runner": repr(run),
+                            "max_logit_diff": logits_diff(out, ref if key == "routefx_dense" else
+                                                          eager_graph_logits(cm, x))}
+    fns[f"{key}_{suffix}"] = lambda: run(**kw)
+
+
+def hf_cudagraphs(model, x, ref, c, fns, device) -> None:
+    """torch.compile(model, mode="reduce-overhead"): Hugging Face's model replayed as CUDA graphs (the fair
+    baseline for routefx's cudagraphs variants)."""
+    t = time.perf_counter()
+    hf_cg = torch.compile(model, mode="reduce-overhead")
+    with torch.no_grad():
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            out = hf_cg(**x)
+    sync(device)()
+    c["hf_inductor_cg"] = {"first_call_s": round(time.perf_counter() - t, 3),
+                           "max_logit_diff": logits_diff(out, ref), "check": "hf_eager"}
+
+    def call():
+        torch.compiler.cudagraph_mark_step_begin()
+        return hf_cg(**x)
+    fns["hf_inductor_cg"] = call
 
 
 def whole_model(args, shape: dict, device, dtype, res: dict, save, deadline: float) -> None:
@@ -234,6 +259,13 @@ def whole_model(args, shape: dict, device, dtype, res: dict, save, deadline: flo
                           "check": "hf_eager"}
                 fns[key] = lambda: hf_c(**x)
                 log(f"{key}: first call (compile) {c[key]['first_call_s']} s")
+                if args.cudagraphs and device.type == "cuda":
+                    try:
+                        hf_cudagraphs(model, x, ref, c, fns, device)
+                        log(f"hf_inductor_cg: first three calls {c['hf_inductor_cg']['first_call_s']} s")
+                    except Exception as e:  # noqa: BLE001 - record and go on
+                        wm["errors"]["hf_inductor_cg"] = _err(e)
+                        traceback.print_exc()
                 continue
             cm, rec = compile_routefx(model, policy, x, cal, device)
             rec.update(flops(cm, x))
@@ -246,7 +278,16 @@ def whole_model(args, shape: dict, device, dtype, res: dict, save, deadline: flo
             log(f"{key}: compile {rec['routefx_compile_s']} s + first call {rec['first_call_s']} s, "
                 f"budget on x {rec['budget_x']:.3f}, max logit diff {rec['max_logit_diff']:.3g}")
             if args.also_static and time.perf_counter() < deadline:
-                static_variant(cm, key, x, ref, rec, c, fns, device)
+                variant(cm, key, "static", {"dynamic": False}, x, ref, rec, c, fns, device)
+            if args.cudagraphs and device.type == "cuda" and key in ("routefx_dense", "routefx_duo_0.5") \
+                    and time.perf_counter() < deadline:
+                try:
+                    variant(cm, key, "cg", {"cudagraphs": True}, x, ref, rec, c, fns, device)
+                    log(f"{key}_cg: first three calls {c[key + '_cg']['first_call_s']} s, max logit diff "
+                        f"{c[key + '_cg']['max_logit_diff']:.3g}")
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    wm["errors"][f"{key}_cg"] = _err(e)
+                    traceback.print_exc()
         except Exception as e:  # noqa: BLE001 - record and go on
             wm["errors"][key] = _err(e)
             traceback.print_exc()
@@ -266,16 +307,17 @@ def whole_model(args, shape: dict, device, dtype, res: dict, save, deadline: flo
     dense_fpt = c.get("routefx_dense", {}).get("flops_per_token_x")
     for k, v in c.items():
         v["latency_ms"] = med[k] * 1e3
-        for base in ("hf_inductor", "routefx_dense"):
+        for base in ("hf_inductor", "hf_inductor_cg", "routefx_dense", "routefx_dense_cg"):
             if base in med:
                 v[f"speedup_vs_{base}"] = med[base] / med[k]
         fpt = v.get("flops_per_token_x", dense_fpt)
         if fpt:
             v["tflops"] = fpt * tokens / med[k] / 1e12
             v["mfu"] = v["tflops"] * 1e12 / peak
-        if dense_fpt and "flops_per_token_x" in v and "routefx_dense" in med:
+        dense = "routefx_dense_cg" if k.endswith("_cg") else "routefx_dense"  # efficiency within one mode
+        if dense_fpt and "flops_per_token_x" in v and dense in med:
             v["ideal"] = dense_fpt / v["flops_per_token_x"]
-            v["efficiency"] = v["speedup_vs_routefx_dense"] / v["ideal"]
+            v["efficiency"] = v[f"speedup_vs_{dense}"] / v["ideal"]
     wm["targets"] = assess(c)
     if device.type == "cuda":
         from routefx.backends.triton import ffn
@@ -294,6 +336,16 @@ def assess(c: dict) -> dict:
     if h is not None:
         out["duo_0.5_vs_inductor"] = {"target": f">= {TARGETS['duo_0.5_vs_inductor']}x", "value": round(h, 3),
                                       "met": h >= TARGETS["duo_0.5_vs_inductor"]}
+    # the same with CUDA graphs: routefx's cudagraphs option against torch.compile's defaults, and like for like
+    # against torch.compile(mode="reduce-overhead")
+    for key, base, target in (("routefx_dense_cg", "hf_inductor", "dense_vs_inductor"),
+                              ("routefx_dense_cg", "hf_inductor_cg", "dense_vs_inductor"),
+                              ("routefx_duo_0.5_cg", "hf_inductor", "duo_0.5_vs_inductor"),
+                              ("routefx_duo_0.5_cg", "hf_inductor_cg", "duo_0.5_vs_inductor")):
+        v = c.get(key, {}).get(f"speedup_vs_{base}")
+        if v is not None:
+            out[f"{key.removeprefix('routefx_')}_vs_{base.removeprefix('hf_')}"] = {
+                "target": f">= {TARGETS[target]}x", "value": round(v, 3), "met": v >= TARGETS[target]}
     return out
 
 

@@ -10,11 +10,16 @@ def _f(v, spec=".2f"):
 
 
 def _row_order(key: str):
-    fixed = ["hf_eager", "hf_inductor", "routefx_dense", "routefx_dense_static"]
+    fixed = ["hf_eager", "hf_inductor", "hf_inductor_cg", "routefx_dense", "routefx_dense_static",
+             "routefx_dense_cg"]
     if key in fixed:
-        return (0, fixed.index(key), 0.0)
-    static = key.endswith("_static")
-    return (1, -float(key.removesuffix("_static").rsplit("_", 1)[-1]), static)
+        return (0, fixed.index(key), 0.0, "")
+    base = key.removesuffix("_static").removesuffix("_cg")
+    try:
+        budget = -float(base.rsplit("_", 1)[-1])
+    except ValueError:
+        budget = 0.0
+    return (1, budget, 0.0, key)
 
 
 def report(res: dict) -> str:
@@ -33,14 +38,15 @@ def report(res: dict) -> str:
                   f"[{wm['calibration'][1]}, {wm['calibration'][2]}]. Medians of {wm.get('timing', {}).get('reps')} "
                   "interleaved rounds in one process. Peak GEMM (torch.mm, FFN up shape): "
                   f"{_f(wm.get('peak_tflops'), '.4g')} TFLOP/s.", "",
-                  "| candidate | ms | × inductor | × routefx dense | FLOP-ideal | efficiency | TFLOP/s | MFU | "
-                  "budget on x | compile s (+ first call) | max logit diff |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| candidate | ms | × inductor | × inductor cg | × routefx dense | FLOP-ideal | efficiency | "
+                  "TFLOP/s | MFU | budget on x | compile s (+ first call) | max logit diff |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for k, c in sorted(wm["candidates"].items(), key=lambda kv: _row_order(kv[0])):
             comp = (f"{_f(c.get('routefx_compile_s'), '.1f')} (+{_f(c.get('first_call_s'), '.1f')})"
                     if "routefx_compile_s" in c else f"(+{_f(c.get('first_call_s'), '.1f')})" if "first_call_s" in c
                     else "–")
             lines.append(f"| {k} | {_f(c.get('latency_ms'))} | {_f(c.get('speedup_vs_hf_inductor'))} | "
+                         f"{_f(c.get('speedup_vs_hf_inductor_cg'))} | "
                          f"{_f(c.get('speedup_vs_routefx_dense'))} | {_f(c.get('ideal'))} | {_f(c.get('efficiency'))} | "
                          f"{_f(c.get('tflops'), '.4g')} | {_f(c.get('mfu'))} | {_f(c.get('budget_x'), '.3f')} | {comp} | "
                          f"{_f(c.get('max_logit_diff'), '.3g')} |")

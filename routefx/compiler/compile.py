@@ -12,7 +12,7 @@ import time
 import torch
 from torch import fx, nn
 
-from routefx.backends import get_backend
+from routefx.backends import configure
 from routefx.calibrate.budget import RouteStats, route_stats
 from routefx.calibrate.data import complete_batches, normalize_calibration
 from routefx.calibrate.record import observe_routes
@@ -92,7 +92,7 @@ class CompiledModel:
     """A model compiled by routefx. Call it like the original model."""
 
     def __init__(self, model: nn.Module, policy: Policy | Plan, *, calibration=None, backend: str = "eager",
-                 debug_dir: str | None = None):
+                 debug_dir: str | None = None, backend_options: dict | None = None):
         self._model = model
         self._plan: Plan | None = None            # calibrated once, then reused for every input form
         self._plan_given = isinstance(policy, Plan)
@@ -101,7 +101,8 @@ class CompiledModel:
             self._plan, policy = policy, policy_from_dict(policy.policy)
         self.policy = policy
         self.backend = backend
-        self._backend = get_backend(backend)
+        self.backend_options = dict(backend_options or {})
+        self._backend = configure(backend, self.backend_options)
         self._calibration = None
         if calibration is not None:
             batches = normalize_calibration(calibration)
@@ -245,20 +246,24 @@ class CompiledModel:
 
 
 def compile(model: nn.Module, policy: Policy, *, example_inputs=None, example_kwargs=None, calibration=None,
-            backend: str = "eager", debug_dir: str | None = None) -> CompiledModel:
+            backend: str = "eager", debug_dir: str | None = None,
+            backend_options: dict | None = None) -> CompiledModel:
     """Compile `model` by `policy`.
 
     Without `example_inputs` the model is captured on the first calibration batch if there is calibration data,
     else on its first call (and again whenever the keyword arguments change form). `calibration` is a
     re-iterable sequence of batches (dicts of keyword arguments; a bare tensor means input_ids); padding
     positions are excluded from every statistic. `debug_dir` receives the graph after each pass.
+    `backend_options` are keyword options of the backend's `prepare` (e.g. `{"cudagraphs": True}` for backend
+    "triton"); an option the backend does not have raises `BackendError`.
     """
     if not isinstance(policy, (Policy, Plan)):
         raise PolicyError(f"policy must be a routefx policy (e.g. routefx.policies.Dense()) or a Plan, got "
                           f"{type(policy).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    cm = CompiledModel(model, policy, calibration=calibration, backend=backend, debug_dir=debug_dir)
+    cm = CompiledModel(model, policy, calibration=calibration, backend=backend, debug_dir=debug_dir,
+                       backend_options=backend_options)
     if example_inputs is not None:
         kwargs = _canonical(model, example_inputs, example_kwargs)
         for k, v in kwargs.items():

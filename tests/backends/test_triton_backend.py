@@ -352,3 +352,46 @@ def test_llama_cuda_bf16_equals_eager(policy):
     torch._dynamo.reset()
     explain = torch._dynamo.explain(run.graph_module)(**graph_kwargs(cm.graph_module, args, kwargs))
     assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+
+
+def test_backend_options_are_checked_against_the_backend():
+    model = ZOO["llama"].build()
+    with pytest.raises(BackendError, match=r"backend 'eager' has no option\(s\) \['cudagraphs'\]; its options are none"):
+        routefx.compile(model, routefx.policies.Dense(), backend="eager", backend_options={"cudagraphs": True})
+
+
+@needs_interpreter
+def test_cudagraphs_need_cuda_weights():
+    entry = ZOO["llama"]
+    args, kwargs = _held_out(entry)
+    cm = routefx.compile(entry.build(), routefx.policies.Dense(), backend="triton",
+                         backend_options={"cudagraphs": True})
+    with pytest.raises(BackendError, match=r"cudagraphs=True needs the model on a CUDA device; its weights are on cpu"):
+        cm(*args, **kwargs)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_llama_cuda_cudagraphs_replay_new_inputs_with_their_own_routes():
+    """backend_options={"cudagraphs": True}: the Duo forward (routers, routing metadata, Triton kernels) replays
+    as CUDA graphs with no fallback (Inductor counts a graph it could not capture as a cudagraph skip), and each
+    replay on new inputs of the same shape equals the eager backend on those inputs."""
+    from torch._dynamo.utils import counters
+    entry = ZOO["llama"]
+    model = entry.build().to(device="cuda", dtype=torch.bfloat16)
+    policy = routefx.policies.Duo(budget=0.5, router="random", small="nested")
+    cm = routefx.compile(model, policy, calibration=_batches(entry, 2, 40, "cuda"), backend="triton",
+                         backend_options={"cudagraphs": True})
+    counters.clear()
+    for seed in range(4):  # warm-up, record, then replays
+        args, kwargs = example_inputs(entry, batch=3, seq=13, left_pad=4, seed=50 + seed)
+        args, kwargs = (args[0].cuda(),), {k: v.cuda() for k, v in kwargs.items()}
+        out = cm(*args, **kwargs)
+        logits = out.logits.clone()
+        gm = cm.graph_module
+        with torch.no_grad():
+            ref = gm(**graph_kwargs(gm, args, kwargs))
+        assert_close_nonpad(logits, ref.logits, kwargs["attention_mask"], TRITON_BF16_VS_EAGER)
+    assert cm.runner.mode == "inductor-cudagraphs"
+    assert cm.runner.stats.triton_ops == entry.expect.blocks
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])

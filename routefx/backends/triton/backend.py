@@ -224,9 +224,10 @@ def _graph_dtypes(gm: fx.GraphModule) -> set[torch.dtype]:
 class TritonRunner:
     """Runs the lowered graph; called like the graph module (`run(**kwargs)`).
 
-    graph_module: the lowered fx graph; stats: `LowerStats`; mode: "inductor" (CUDA), "eager-interpreter" (CPU
-    under TRITON_INTERPRET=1), "inductor-interpreter" or "eager" when asked; device: the weights' device;
-    compiled: what is called (the `torch.compile` wrapper, or the lowered graph itself)."""
+    graph_module: the lowered fx graph; stats: `LowerStats`; mode: "inductor" (CUDA), "inductor-cudagraphs"
+    (CUDA, `prepare(..., cudagraphs=True)`: replays CUDA graphs), "eager-interpreter" (CPU under
+    TRITON_INTERPRET=1), "inductor-interpreter" or "eager" when asked; device: the weights' device; compiled: what
+    is called (the `torch.compile` wrapper, or the lowered graph itself)."""
 
     def __init__(self, graph_module: fx.GraphModule, stats: LowerStats, device: torch.device, mode: str,
                  compiled):
@@ -245,6 +246,8 @@ class TritonRunner:
 
     def __call__(self, *args, **kwargs):
         self._check_devices(args, kwargs)
+        if self.mode == "inductor-cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: earlier outputs may be reused
         with torch.no_grad():  # inference only: the Triton op has no autograd formula, and Inductor would
             return self.compiled(*args, **kwargs)  # otherwise trace a training graph when weights require grad
 
@@ -254,17 +257,29 @@ class TritonRunner:
 
 
 def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = None,
-            inductor: bool | None = None) -> TritonRunner:
+            inductor: bool | None = None, cudagraphs: bool = False) -> TritonRunner:
     """Lower `gm` and compile it (see the module docstring). Raises `BackendError` when Triton cannot run where
     the graph's weights are.
 
     inductor: compile the lowered graph with Inductor (None: on CUDA yes; on CPU under the interpreter no, the
     graph runs eagerly: Inductor's C++ compile costs seconds per graph, and the interpreter is a test tool).
-    Compilation is lazy: Inductor compiles on the first call (and again for input forms it has not seen)."""
+    Compilation is lazy: Inductor compiles on the first call (and again for input forms it has not seen).
+
+    cudagraphs: CUDA only; compile with `torch.compile(mode="reduce-overhead")`, so that each call replays one
+    CUDA graph of the whole forward (Inductor's CUDA graph trees, recorded on the second call of each shape)
+    instead of launching its kernels from Python: the routing metadata is computed on the GPU with no host
+    synchronisation, so routed graphs are capturable. As with torch's own mode, the outputs live in the graph's
+    memory pool and are overwritten by the next call: clone what you keep across calls (torch raises an error
+    when an overwritten output is read)."""
     device = _weights_device(gm)
     reason = unavailable_reason(device)
     if reason is not None:
         raise BackendError(reason)
+    if cudagraphs and device.type != "cuda":
+        raise BackendError(f"cudagraphs=True needs the model on a CUDA device; its weights are on {device}")
+    if cudagraphs and inductor is False:
+        raise BackendError("cudagraphs=True captures the Inductor-compiled graph: it cannot be combined with "
+                           "inductor=False")
     low = _graph_dtypes(gm) & set(_LOW_PRECISION)
     if device.type == "cpu" and low:
         raise BackendError(f"Triton's CPU interpreter computes {sorted(map(str, low))} wrongly without an error; "
@@ -274,8 +289,10 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = 
     if inductor is None:
         inductor = device.type == "cuda"
     if inductor:
-        compiled = torch.compile(lowered, backend="inductor", dynamic=dynamic, fullgraph=True)
-        mode = "inductor" if device.type == "cuda" else "inductor-interpreter"
+        compiled = torch.compile(lowered, backend="inductor", dynamic=dynamic, fullgraph=True,
+                                 mode="reduce-overhead" if cudagraphs else None)
+        mode = ("inductor-cudagraphs" if cudagraphs else "inductor") if device.type == "cuda" \
+            else "inductor-interpreter"
     else:
         compiled, mode = lowered, "eager" if device.type == "cuda" else "eager-interpreter"
     return TritonRunner(lowered, stats, device, mode, compiled)
