@@ -191,6 +191,8 @@ def variant(cm, key, suffix, options, x, ref, rec, c, fns, device) -> None:
     consts = gm.meta["routefx"].constant_kwargs
     kw = {n.target: x.get(n.target, consts.get(n.target)) for n in gm.graph.nodes if n.op == "placeholder"}
     run = tb.prepare(gm, kw, **options)
+    from torch._dynamo.utils import counters
+    skips = counters["inductor"]["cudagraph_skips"]
     t = time.perf_counter()
     with torch.no_grad():
         for _ in range(3 if options.get("cudagraphs") else 1):
@@ -198,6 +200,7 @@ def variant(cm, key, suffix, options, x, ref, rec, c, fns, device) -> None:
     sync(device)()
     c[f"{key}_{suffix}"] = {**{k: rec[k] for k in ("flops_per_token_x", "budget_x") if k in rec},
                             "first_call_s": round(time.perf_counter() - t, 3), "runner": repr(run),
+                            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
                             "max_logit_diff": logits_diff(out, ref if key == "routefx_dense" else
                                                           eager_graph_logits(cm, x))}
     fns[f"{key}_{suffix}"] = lambda: run(**kw)
@@ -207,6 +210,7 @@ def hf_cudagraphs(model, x, ref, c, fns, device) -> None:
     """torch.compile(model, mode="reduce-overhead"): Hugging Face's model replayed as CUDA graphs (the fair
     baseline for routefx's cudagraphs variants)."""
     t = time.perf_counter()
+    torch._logging.set_logs(perf_hints=True)  # Inductor says why it could not use CUDA graphs, if it cannot
     hf_cg = torch.compile(model, mode="reduce-overhead")
     with torch.no_grad():
         for _ in range(3):

@@ -33,7 +33,7 @@ __all__ = ["generate", "generate_with_stats", "GenerationStats", "Stepper"]
 
 @dataclasses.dataclass
 class GenerationStats:
-    mode: str                    # "cached" | "uncached"
+    mode: str                    # "cached" | "uncached" | "static" | "static-cuda-graph" (routefx.generate.window)
     prompt_tokens: int           # B * S (padding included)
     new_tokens: int              # generated positions per row (the loop's steps)
     prefill_seconds: float
@@ -79,25 +79,46 @@ def _check(input_ids, attention_mask, max_new_tokens):
     return input_ids.long(), mask
 
 
+def _static(cm, ids, static_cache, decode_policy, cached) -> bool:
+    """Whether to decode over a fixed-shape window (`routefx.generate.window`): asked for, or by default on
+    CUDA with backend "triton" (CUDA-graph decode steps)."""
+    if static_cache is None:
+        return cached and decode_policy is None and ids.device.type == "cuda" and cm.backend == "triton"
+    if static_cache and decode_policy is not None:
+        raise InputError("static_cache=True cannot be combined with a decode_policy (its steps run other layers "
+                         "per row); pass static_cache=False or no decode_policy")
+    if static_cache and not cached:
+        raise UnsupportedModelError(f"static_cache=True needs a KV cache; {supports_cache(cm._model)}")
+    return bool(static_cache)
+
+
 def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: int = 20, do_sample: bool = False,
                         temperature: float = 1.0, top_k: int | None = None, eos_token_id=None,
                         pad_token_id: int | None = None, streamer=None, generator: torch.Generator | None = None,
-                        decode_policy=None) -> tuple[torch.Tensor, GenerationStats]:
+                        decode_policy=None, static_cache: bool | None = None) -> tuple[torch.Tensor, GenerationStats]:
     ids, mask = _check(input_ids, attention_mask, max_new_tokens)
     choose = Sampler(do_sample, temperature, top_k, generator)
     model = cm._model
     eos = _ids(model, eos_token_id, "eos_token_id")
     pad = _ids(model, pad_token_id, "pad_token_id") or eos[:1] or [0]
-    eos_t = torch.tensor(eos, dtype=torch.long)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=ids.device)
     B = ids.shape[0]
     cached = supports_cache(model) is None
     if decode_policy is not None and not cached:
         raise UnsupportedModelError(f"decode_policy needs a KV cache; {supports_cache(model)}")
-    step = (SkipStepper(cm, mask, decode_policy) if decode_policy is not None else Stepper(cm, mask)) if cached \
-        else _Uncached(cm, mask)
+    mode = "cached" if cached else "uncached"
+    if _static(cm, ids, static_cache, decode_policy, cached):
+        from routefx.generate.window import WindowStepper
+        graphs = ids.device.type == "cuda" and not getattr(cm, "backend_options", {}).get("cudagraphs")
+        step = WindowStepper(cm, mask, max_new_tokens, cuda_graph=graphs)
+        mode = "static-cuda-graph" if graphs else "static"
+    elif cached:
+        step = SkipStepper(cm, mask, decode_policy) if decode_policy is not None else Stepper(cm, mask)
+    else:
+        step = _Uncached(cm, mask)
     if streamer is not None:
         streamer.put(ids.cpu())
-    unfinished = torch.ones(B, dtype=torch.bool)
+    unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
     seq = ids
     t0 = time.perf_counter()
     logits = step.prefill(ids) if max_new_tokens else None
@@ -116,7 +137,7 @@ def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: i
         logits = step.decode(nxt[:, None])
     if streamer is not None:
         streamer.end()
-    stats = GenerationStats("cached" if cached else "uncached", ids.numel(), n, t1 - t0, time.perf_counter() - t1,
+    stats = GenerationStats(mode, ids.numel(), n, t1 - t0, time.perf_counter() - t1,
                             batch=B, layer_fraction=step.counts.fraction if decode_policy is not None else None,
                             skip_counts=step.counts if decode_policy is not None else None)
     return seq, stats
@@ -175,7 +196,7 @@ class Stepper:
         """Run the decode graph on S new tokens per row; returns their logits [B, S, V] and keeps the cache."""
         B, S = new.shape
         self.mask = torch.cat([self.mask, self.mask.new_ones(B, S)], dim=1)
-        pos = self.pos + torch.arange(1, S + 1)
+        pos = self.pos + torch.arange(1, S + 1, device=self.pos.device)
         run = self.g.decode.run
         if self.path == "arrays" and getattr(run, "takes_arrays", False):
             feeds = {"input_ids": as_array(new), "attention_mask": as_array(self.mask), "position_ids": as_array(pos)}

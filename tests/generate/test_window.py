@@ -1,0 +1,98 @@
+"""Decoding over a fixed-shape, shifting KV-cache window (`routefx.generate.window`): the same tokens as Hugging
+Face `generate` (Dense) and as the growing cache (routed), batch 2 with left padding; CUDA-graph decode steps on
+a GPU."""
+import pytest
+import torch
+
+import routefx
+from routefx.errors import BackendError, InputError, UnsupportedModelError
+from routefx.generate import DepthDecay, generate_with_stats
+from routefx.generate.window import WindowStepper, window_length
+from routefx.policies import Dense, Duo
+from tests.generate.test_greedy_hf import _hf_greedy, _prompt
+from tests.zoo import ZOO
+
+
+# llama: RoPE + GQA; gpt2: learned absolute positions; gemma2: alternating sliding-window layers (window 4, shorter
+# than the sequence) and soft-capping; mixtral: MoE
+@pytest.mark.parametrize("name,backend", [("llama", "eager"), ("gpt2", "eager"), ("gemma2", "eager"),
+                                          ("mixtral", "eager"), ("llama", "onnx")])
+def test_static_window_equals_hf_generate(name, backend):
+    entry = ZOO[name]
+    model = entry.build()
+    ids, mask = _prompt(entry)
+    cm = routefx.compile(model, Dense(), backend=backend)
+    out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=9, static_cache=True)
+    assert stats.mode == "static"
+    ref = _hf_greedy(model, ids, mask, 9)
+    assert torch.equal(out, ref), f"routefx\n{out}\nHugging Face\n{ref}"
+
+
+def test_static_window_equals_growing_cache_with_routes():
+    """Duo (per-token routers in the decode graph): the window's tokens are the growing cache's; each row stops
+    at its own EOS in both."""
+    entry = ZOO["llama"]
+    model = entry.build()
+    g = torch.Generator().manual_seed(0)
+    cal = [torch.randint(3, entry.vocab, (2, 12), generator=g) for _ in range(2)]
+    cm = routefx.compile(model, Duo(budget=0.5, router="random"), calibration=cal)
+    ids, mask = _prompt(entry, seed=11)
+    grow = cm.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    eos = int(grow[1, ids.shape[1] + 4])
+    for eos_id in ([], eos):
+        a = cm.generate(ids, mask, max_new_tokens=12, eos_token_id=eos_id, static_cache=False)
+        b = cm.generate(ids, mask, max_new_tokens=12, eos_token_id=eos_id, static_cache=True)
+        assert torch.equal(a, b), f"growing\n{a}\nwindow\n{b}"
+
+
+def test_window_length_and_its_bound():
+    assert window_length(7, 1) == 7 and window_length(7, 2) == 7 and window_length(7, 10) == 15
+    entry = ZOO["llama"]
+    cm = routefx.compile(entry.build(), Dense())
+    ids, mask = _prompt(entry)
+    step = WindowStepper(cm, mask, 3, cuda_graph=False)   # window 8: two decode steps fit
+    logits = step.prefill(ids)
+    for _ in range(2):
+        logits = step.decode(logits.argmax(-1)[:, None])
+    with pytest.raises(BackendError, match=r"window of 8 past positions is full after 2 steps"):
+        step.decode(logits.argmax(-1)[:, None])
+
+
+def test_static_window_refusals():
+    entry = ZOO["llama"]
+    cm = routefx.compile(entry.build(), Dense())
+    ids, mask = _prompt(entry)
+    with pytest.raises(InputError, match=r"static_cache=True cannot be combined with a decode_policy"):
+        cm.generate(ids, mask, max_new_tokens=3, static_cache=True, decode_policy=DepthDecay(alpha=0.9))
+    with pytest.raises(BackendError, match=r"CUDA-graph decode step needs the inputs on a CUDA device, found cpu"):
+        WindowStepper(cm, mask, 3, cuda_graph=True)
+    bloom = routefx.compile(ZOO["bloom"].build(), Dense())   # no position_ids: generates uncached
+    with pytest.raises(UnsupportedModelError, match=r"static_cache=True needs a KV cache; BloomForCausalLM.forward "
+                                                    r"takes no KV cache.*missing: \['position_ids'\]"):
+        bloom.generate(ids, mask, max_new_tokens=3, static_cache=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("policy", ["dense", "duo"])
+def test_cuda_graph_decode_on_triton(policy):
+    """backend "triton" on CUDA decodes by replaying one captured CUDA graph per step (the default there):
+    Dense equals Hugging Face generate on the GPU, Duo equals its own growing-cache decode (no graphs); fp32, so
+    that the kernels' accumulation order cannot flip a greedy choice."""
+    entry = ZOO["llama"]
+    model = entry.build().cuda()
+    ids, mask = (t.cuda() for t in _prompt(entry))
+    if policy == "dense":
+        cm = routefx.compile(model, Dense(), backend="triton")
+    else:
+        g = torch.Generator().manual_seed(0)
+        cal = [torch.randint(3, entry.vocab, (2, 12), generator=g).cuda() for _ in range(2)]
+        cm = routefx.compile(model, Duo(budget=0.5, router="random"), calibration=cal, backend="triton")
+    out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=10)
+    assert stats.mode == "static-cuda-graph"
+    again, _ = generate_with_stats(cm, ids, mask, max_new_tokens=10)   # the captured graph, replayed again
+    ref = _hf_greedy(model, ids, mask, 10) if policy == "dense" else \
+        cm.generate(ids, mask, max_new_tokens=10, static_cache=False)
+    assert torch.equal(out, ref), f"routefx\n{out}\nreference\n{ref}"
+    assert torch.equal(again, ref)
+    assert len(cm.__dict__["_decode_graphs"]) == 1
