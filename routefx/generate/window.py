@@ -14,7 +14,9 @@ Every step then has the same shapes and runs on the same buffers, so on CUDA it 
 (`torch.cuda.CUDAGraph`) and replayed per token: the graph runs the compiled decode graph (routers, routing
 metadata and Triton kernels included: routefx's routed FFN needs no host synchronisation) and moves the window.
 The host writes the new token ids into the input buffer and reads the logits buffer; nothing else. One capture
-per (batch, window) is kept on the compiled model and reused by later `generate` calls of the same shapes.
+per (batch, window) is kept on the compiled model (at most MAX_GRAPHS, least recently used dropped) and reused by
+later `generate` calls of the same shapes; windows are rounded up to a multiple of WINDOW_MULTIPLE positions, so
+prompts of nearby lengths share one graph.
 
 Cost of the fixed shape: each step attends over W keys instead of the positions used so far, and copies the
 window (both small next to the weights a decode step reads at the lengths generate is used for).
@@ -29,10 +31,16 @@ from routefx.generate.graphs import generation_graphs
 __all__ = ["WindowStepper", "window_length"]
 
 
+WINDOW_MULTIPLE = 64   # windows are rounded up to this, so that nearby prompt lengths share one captured graph
+MAX_GRAPHS = 8         # captured decode graphs kept per compiled model (the least recently used goes first)
+
+
 def window_length(prompt_len: int, max_new_tokens: int) -> int:
     """Past positions a decode step sees: the prompt plus every generated token but the last two (the first new
-    token comes from the prefill, the last one is never fed back)."""
-    return prompt_len + max(max_new_tokens - 2, 0)
+    token comes from the prefill, the last one is never fed back), rounded up to a multiple of WINDOW_MULTIPLE
+    (the extra positions are masked padding on the left)."""
+    need = prompt_len + max(max_new_tokens - 2, 0)
+    return -(-need // WINDOW_MULTIPLE) * WINDOW_MULTIPLE
 
 
 class _Buffers:
@@ -92,7 +100,10 @@ class WindowStepper:
         store = self.cm.__dict__.setdefault("_decode_graphs", {})
         key = (self.batch, self.window, str(self.device), vocab_like.dtype, vocab_like.shape[-1])
         if key in store:
+            store[key] = store.pop(key)  # most recently used last
             return store[key]
+        while len(store) >= MAX_GRAPHS:
+            store.pop(next(iter(store)))
         buf = _Buffers(self.g.layout, self.g.kept, self.batch, self.window, self.device, vocab_like)
         buf.mask[:, -1] = 1  # warm-up on an empty window: each row sees its own token only
         stream = torch.cuda.Stream(self.device)
@@ -137,7 +148,7 @@ class WindowStepper:
         if new.shape != (self.batch, 1):
             raise BackendError(f"the windowed decode step takes one token per row, [{self.batch}, 1]; got "
                                f"{list(new.shape)}")
-        if self.steps >= self.window - self.prompt_len + 1:
+        if self.steps >= self.window - self.prompt_len + 1:  # not reached: the window holds max_new_tokens
             raise BackendError(f"the window of {self.window} past positions is full after {self.steps} steps")
         self.buf.ids.copy_(new)
         self.steps += 1

@@ -7,6 +7,7 @@ import torch
 import routefx
 from routefx.errors import BackendError, InputError, UnsupportedModelError
 from routefx.generate import DepthDecay, generate_with_stats
+from routefx.generate import window
 from routefx.generate.window import WindowStepper, window_length
 from routefx.policies import Dense, Duo
 from tests.generate.test_greedy_hf import _hf_greedy, _prompt
@@ -45,7 +46,9 @@ def test_static_window_equals_growing_cache_with_routes():
         assert torch.equal(a, b), f"growing\n{a}\nwindow\n{b}"
 
 
-def test_window_length_and_its_bound():
+def test_window_length_and_its_bound(monkeypatch):
+    assert window_length(7, 1) == 64 and window_length(64, 2) == 64 and window_length(60, 10) == 128
+    monkeypatch.setattr(window, "WINDOW_MULTIPLE", 1)
     assert window_length(7, 1) == 7 and window_length(7, 2) == 7 and window_length(7, 10) == 15
     entry = ZOO["llama"]
     cm = routefx.compile(entry.build(), Dense())
