@@ -2,7 +2,8 @@
 
 Registered through the `torch_dynamo_backends` entry point (pyproject.toml), so torch finds it by name without
 routefx being imported. Options: `policy` (a policy or a `Plan`; default Dense), `calibration` (batches, as for
-`routefx.compile`), `target` ("eager" | "onnx" | "triton"; default "eager").
+`routefx.compile`), `target` ("eager" | "onnx" | "triton"; default "eager"), `backend_options` (the target's
+options, as `routefx.compile(..., backend_options=)`; checked before anything is compiled).
 
 Dynamo hands the backend torch-level FX graphs, one per piece between graph breaks, whose parameters are graph
 inputs. Each piece is wrapped back into an `nn.Module` that owns those parameters under their names in the user's
@@ -34,6 +35,7 @@ import torch
 from torch import fx, nn
 from torch.fx import traceback as fx_traceback
 
+from routefx.backends import configure
 from routefx.errors import BackendError, RoutefxError
 
 __all__ = ["routefx_backend", "compiled_pieces", "PieceRecord"]
@@ -222,11 +224,13 @@ def routefx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
     from routefx.compiler.policies import Dense, Policy
 
     options = dict(options or {})
-    unknown = sorted(set(options) - {"policy", "calibration", "target"})
+    unknown = sorted(set(options) - {"policy", "calibration", "target", "backend_options"})
     if unknown:
-        raise BackendError(f"unknown routefx backend option(s) {unknown}; supported: policy, calibration, target")
+        raise BackendError(f"unknown routefx backend option(s) {unknown}; supported: policy, calibration, target, "
+                           "backend_options")
     policy = options.get("policy", Dense())
     target = options.get("target", "eager")
+    configure(target, options.get("backend_options"))  # an unknown target or option: an error now, not a fallback
     if not isinstance(policy, (Policy, Plan)):
         raise BackendError(f"option 'policy' must be a routefx policy or Plan, got {type(policy).__name__}")
     slots = _slots(gm, example_inputs)
@@ -259,6 +263,7 @@ def _key(gm: fx.GraphModule, slots, options: dict) -> tuple:
                 and not str(getattr(n.target, "__name__", n.target)).startswith(_SHAPE_OPS))
     # ids of objects the cached compiled model keeps alive (its parameters, the options): never reused meanwhile
     return (id(options.get("policy")), id(options.get("calibration")), options.get("target", "eager"),
+            repr(sorted((options.get("backend_options") or {}).items())),
             tuple(s[1] for s in slots if s[0] in ("param", "input")),
             tuple(id(s[2]) for s in slots if s[0] == "param"), ops)
 
@@ -288,7 +293,7 @@ def _compile_piece(gm, slots, args, policy, options, target, key, form):
         _check_static_calibration(calibration, form, policy)
     try:
         cm = routefx.compile(piece, policy, example_kwargs=examples, example_inputs=(), calibration=calibration,
-                             backend=target)
+                             backend=target, backend_options=options.get("backend_options"))
     except RoutefxError as e:
         return _as_is(gm, names, f"{type(e).__name__}: {e}")
     _COMPILED.setdefault(key, []).append((form, cm))

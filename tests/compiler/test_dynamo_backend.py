@@ -264,3 +264,23 @@ def test_two_models_of_one_architecture_do_not_share_a_compiled_piece():
         assert_close_nonpad(out, ref, None, EXACT_REWRITE)
         outs.append(out)
     assert (outs[0] - outs[1]).abs().max() > MUST_DIFFER
+
+
+def test_backend_options_reach_the_target_and_unknown_ones_are_refused():
+    torch._dynamo.reset()
+    entry = ZOO["plain_sandwich"]
+    model = entry.build()
+    before = len(dynamo_backend.compiled_pieces())
+    opt = torch.compile(model, backend=routefx_backend, options={
+        "target": "onnx", "backend_options": {"optimization_level": "basic"}})
+    out, mask = _call(opt, entry, 2, 7, 1, seed=3)
+    ref, _ = _call(model, entry, 2, 7, 1, seed=3)
+    assert_close_nonpad(out, ref, mask, ONNX_VS_EAGER)
+    records = _new_records(before)
+    assert records and records[0].compiled
+    assert records[0].model.backend_options == {"optimization_level": "basic"}
+    torch._dynamo.reset()
+    bad = torch.compile(entry.build(), backend=routefx_backend, options={"backend_options": {"cudagraphs": True}})
+    with pytest.raises(Exception, match=r"backend 'eager' has no option\(s\) \['cudagraphs'\]") as info:
+        _call(bad, entry, 2, 7, 0)
+    assert isinstance(getattr(info.value, "inner_exception", info.value), BackendError)
