@@ -18,10 +18,11 @@ from __future__ import annotations
 import dataclasses
 import inspect as _inspect
 import time
+import warnings
 
 import torch
 
-from routefx.errors import InputError, UnsupportedModelError
+from routefx.errors import BackendError, InputError, UnsupportedModelError
 from routefx.generate.arrays import as_array, as_torch
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.sampling import Sampler
@@ -121,7 +122,16 @@ def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: i
     unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
     seq = ids
     t0 = time.perf_counter()
-    logits = step.prefill(ids) if max_new_tokens else None
+    try:
+        logits = step.prefill(ids) if max_new_tokens else None
+    except BackendError as e:
+        if static_cache is not None or not mode.startswith("static"):
+            raise
+        # the default (CUDA-graph) decode could not capture this model's step: decode as before, and say so
+        warnings.warn(f"routefx generate: {e}; decoding with a growing cache and no CUDA graphs instead",
+                      RuntimeWarning, stacklevel=2)
+        step, mode = Stepper(cm, mask), "cached (CUDA-graph capture failed)"
+        logits = step.prefill(ids)
     t1 = time.perf_counter()
     n = 0
     for n in range(1, max_new_tokens + 1):

@@ -75,6 +75,26 @@ def test_static_window_refusals():
         bloom.generate(ids, mask, max_new_tokens=3, static_cache=True)
 
 
+def test_default_window_falls_back_to_the_growing_cache_with_a_warning(monkeypatch):
+    """Where the default picks the window (CUDA + triton) and the step cannot be captured, generate warns and
+    decodes with the growing cache; asked for explicitly, the error stands."""
+    from routefx.generate import loop
+    entry = ZOO["llama"]
+    cm = routefx.compile(entry.build(), Dense())
+    ids, mask = _prompt(entry)
+    ref = cm.generate(ids, mask, max_new_tokens=6)
+
+    def no_capture(self, ids):
+        raise BackendError("the decode step could not be captured as a CUDA graph: (simulated)")
+    monkeypatch.setattr(WindowStepper, "prefill", no_capture)
+    monkeypatch.setattr(loop, "_static", lambda cm, ids, static_cache, *a: static_cache is not False)
+    with pytest.warns(RuntimeWarning, match=r"could not be captured.*\(simulated\); decoding with a growing cache"):
+        out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=6)
+    assert torch.equal(out, ref) and stats.mode == "cached (CUDA-graph capture failed)"
+    with pytest.raises(BackendError, match=r"\(simulated\)"):
+        cm.generate(ids, mask, max_new_tokens=6, static_cache=True)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("policy", ["dense", "duo"])
