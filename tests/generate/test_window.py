@@ -9,7 +9,7 @@ from routefx.errors import BackendError, InputError, UnsupportedModelError
 from routefx.generate import DepthDecay, generate_with_stats
 from routefx.generate import window
 from routefx.generate.window import WindowStepper, window_length
-from routefx.policies import Dense, Duo
+from routefx.policies import Dense, Duo, PruneLayers
 from tests.generate.test_greedy_hf import _hf_greedy, _prompt
 from tests.zoo import ZOO
 
@@ -44,6 +44,18 @@ def test_static_window_equals_growing_cache_with_routes():
         a = cm.generate(ids, mask, max_new_tokens=12, eos_token_id=eos_id, static_cache=False)
         b = cm.generate(ids, mask, max_new_tokens=12, eos_token_id=eos_id, static_cache=True)
         assert torch.equal(a, b), f"growing\n{a}\nwindow\n{b}"
+
+
+def test_static_window_with_pruned_layers_and_sampling_equals_growing_cache():
+    """A pruned layer has no cache entry in the window either; sampling draws the same tokens from the same
+    random stream."""
+    entry = ZOO["llama"]
+    cm = routefx.compile(entry.build(), PruneLayers(layers=[1]))
+    ids, mask = _prompt(entry, seed=5)
+    for kw in ({}, {"do_sample": True, "top_k": 20, "temperature": 0.8}):
+        a, b = (cm.generate(ids, mask, max_new_tokens=8, static_cache=static,
+                            generator=torch.Generator().manual_seed(3), **kw) for static in (False, True))
+        assert torch.equal(a, b), f"{kw}: growing\n{a}\nwindow\n{b}"
 
 
 def test_window_length_and_its_bound(monkeypatch):
