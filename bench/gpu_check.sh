@@ -17,11 +17,12 @@
 #   suite        the whole suite on CPU (CUDA hidden, so the Triton interpreter tests run), -n 8 -> $OUT/suite.log
 #   bench        python bench/gpu.py --out $OUT --time-budget (BENCH_TIMEOUT - 20) (gpu.json, gpu.md) -> $OUT/bench.log
 #   bench-quick  the same with --quick
+#   moe          python bench/gpu_moe.py --out $OUT --quick (issue 15's Mixtral shape on CUDA) -> $OUT/moe.log
 #   generate     python bench/gpu_generate.py --out $OUT (tokens/s: HF generate vs CUDA-graph decode) -> $OUT/generate.log
 # Installs nothing. Outputs: at most 8 files, all directly in $OUT. The caller sees only the end of the output,
 # so the summary comes last. Time limits (seconds) can be changed with CUDA_TIMEOUT, PROFILE_TIMEOUT, SUITE_TIMEOUT,
 # BENCH_TIMEOUT and TOTAL_TIMEOUT (default 570: each step is cut to what is left of it; a step with < 30 s left is skipped);
-# CUDA_TESTS (the cuda step's test files or ids), GENERATE_TIMEOUT, GENERATE_ARGS; for trying the script on a CPU machine: SUITE_TESTS (default tests), SUITE_WORKERS (default 8), BENCH_ARGS
+# CUDA_TESTS (the cuda step's test files or ids), GENERATE_TIMEOUT, GENERATE_ARGS, MOE_TIMEOUT; for trying the script on a CPU machine: SUITE_TESTS (default tests), SUITE_WORKERS (default 8), BENCH_ARGS
 # (extra bench/gpu.py arguments, e.g. "--smoke-cpu --no-inductor"), PROFILE_ARGS (e.g. "--smoke-cpu"), TUNE_ARGS
 # (e.g. "--cases 8192:0.5").
 set -u
@@ -34,6 +35,7 @@ TUNE_TIMEOUT="${TUNE_TIMEOUT:-150}"
 SUITE_TIMEOUT="${SUITE_TIMEOUT:-140}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
 GENERATE_TIMEOUT="${GENERATE_TIMEOUT:-150}"
+MOE_TIMEOUT="${MOE_TIMEOUT:-150}"
 TOTAL_TIMEOUT="${TOTAL_TIMEOUT:-570}"  # the whole script: a step gets at most what is left of this (less 10 s)
 SUITE_TESTS="${SUITE_TESTS:-tests}"
 SUITE_WORKERS="${SUITE_WORKERS:-8}"
@@ -45,7 +47,7 @@ export TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(cuda profile bench-quick)
 for s in "${steps[@]}"; do
-  case "$s" in cuda|profile|tune|suite|bench|bench-quick|generate) ;; *) echo "unknown step '$s'; steps: cuda profile tune suite bench bench-quick generate"; exit 2;; esac
+  case "$s" in cuda|profile|tune|suite|bench|bench-quick|generate|moe) ;; *) echo "unknown step '$s'; steps: cuda profile tune suite bench bench-quick generate moe"; exit 2;; esac
 done
 
 T0=$(date +%s)
@@ -115,6 +117,12 @@ for s in "${steps[@]}"; do
         $PY -m pytest -q -p no:cacheprovider -n "$SUITE_WORKERS" $SUITE_TESTS -rfE
       grep -sE "^(FAILED|ERROR) " "$OUT/suite.log" | cut -c1-160 | head -n 20
       [ -f "$OUT/suite.log" ] && note "  suite: $(pytest_result "$OUT/suite.log")"
+      ;;
+    moe)
+      run_step moe "$MOE_TIMEOUT" "$OUT/moe.log" $PY bench/gpu_moe.py --out "$OUT" --quick \
+        --time-budget $(( MOE_TIMEOUT - 40 ))
+      grep -sE "^\[gpu_moe\]|Error" "$OUT/moe.log" | cut -c1-200 | head -n 12
+      sed -n '/"ratios"/,/}/p' "$OUT/moe.log"
       ;;
     generate)
       run_step generate "$GENERATE_TIMEOUT" "$OUT/generate.log" $PY bench/gpu_generate.py --out "$OUT" \
