@@ -129,6 +129,17 @@ def batch(gen: torch.Generator, b: int, s: int, vocab: int, device) -> dict:
     return {"input_ids": ids.to(device), "attention_mask": torch.ones(b, s, dtype=torch.long, device=device)}
 
 
+def json_saver(out_dir: str | None, name: str, res: dict):
+    """A function that writes `res` to out_dir/name (nothing without out_dir): called after each part, so that a
+    failure or a timeout keeps what was measured."""
+    def save():
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, name), "w") as f:
+                json.dump(res, f, indent=1, default=str)
+    return save
+
+
 def sync(device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -397,12 +408,12 @@ def main(args) -> dict:
            "machine": machine(device), "errors": {}}
     log(f"{mode} on {res['machine']['device']}, versions {res['machine']['versions']}")
 
+    write = json_saver(args.out, "gpu.json", res)
+
     def save():
         res["total_seconds"] = round(time.perf_counter() - t0, 1)
+        write()
         if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "gpu.json"), "w") as f:
-                json.dump(res, f, indent=1, default=str)
             with open(os.path.join(args.out, "gpu.md"), "w") as f:
                 f.write(report(res))
 

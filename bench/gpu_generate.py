@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 import routefx  # noqa: E402
 from routefx.generate import generate_with_stats  # noqa: E402
-from gpu import FULL, SMOKE, build_model, machine  # noqa: E402
+from gpu import FULL, SMOKE, build_model, json_saver, machine  # noqa: E402
 
 
 def _sync(device):
@@ -75,11 +75,7 @@ def main(argv=None):
     res = {"machine": machine(device), "prompt": prompt, "new_tokens": new, "dtype": str(dtype),
            "shape": {k: v for k, v in shape.items() if k != "cal"}, "rows": [], "errors": {}}
 
-    def save():
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "gpu_generate.json"), "w") as f:
-                json.dump(res, f, indent=1, default=str)
+    save = json_saver(args.out, "gpu_generate.json", res)
 
     model = build_model(shape, device, dtype)
     model.generation_config.eos_token_id = None

@@ -39,7 +39,7 @@ import transformers  # noqa: E402
 
 import routefx  # noqa: E402
 from routefx.timing import median_seconds  # noqa: E402
-from gpu import batch, eager_graph_logits, logits_diff, machine, sync  # noqa: E402
+from gpu import batch, eager_graph_logits, json_saver, logits_diff, machine, sync  # noqa: E402
 
 ISSUE = dict(layers=4, hidden=1024, experts=8, expert_width=1408, top_k=2, heads=16, kv_heads=4, vocab=32000,
              batch=4, seq=2048)
@@ -84,11 +84,7 @@ def main(argv=None):
            "command": " ".join(sys.argv)}
     c = res["candidates"]
 
-    def save():
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "gpu_moe.json"), "w") as f:
-                json.dump(res, f, indent=1, default=str)
+    save = json_saver(args.out, "gpu_moe.json", res)
 
     gen = torch.Generator().manual_seed(1)
     x = batch(gen, s["batch"], s["seq"], s["vocab"], device)

@@ -117,11 +117,7 @@ def main(argv=None):
     res = {"machine": G.machine(device), "shape": {k: v for k, v in shape.items() if k != "cal"},
            "router": args.router, "budget": args.budget, "candidates": {}, "agreement": {}, "errors": {}}
 
-    def save():
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "gpu_profile.json"), "w") as f:
-                json.dump(res, f, indent=1, default=str)
+    save = G.json_saver(args.out, "gpu_profile.json", res)
 
     gen = torch.Generator().manual_seed(1)
     x = G.batch(gen, shape["batch"], shape["seq"], shape["vocab"], device)
