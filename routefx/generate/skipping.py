@@ -27,15 +27,15 @@ from routefx.generate.split import Pieces, split_decode
 __all__ = ["SkipStepper", "SkipCounts", "decode_pieces", "fit_threshold", "prompt_changes"]
 
 
-def _example(g, B: int, S: int, P: int) -> dict:
-    """Decode inputs for lowering the pieces: batch B, S new tokens, P past positions."""
+def _example(g, B: int, S: int, P: int, device) -> dict:
+    """Decode inputs for lowering the pieces: batch B, S new tokens, P past positions, on the model's device."""
     gen = torch.Generator().manual_seed(0)
     ex = {"input_ids": torch.arange(B * S).reshape(B, S) + 1, "attention_mask": torch.ones(B, P + S, dtype=torch.long),
           "position_ids": torch.arange(P, P + S).expand(B, S).contiguous()}
     for name, i in zip(g.past_names[::2], g.kept):
         for kind, d in zip(("key", "value"), g.layout.head_dims[i]):
             ex[f"past_{kind}_{i}"] = torch.randn(B, g.layout.heads[i], P, d, generator=gen).to(g.layout.dtype)
-    return ex
+    return {k: v.to(device) for k, v in ex.items()}
 
 
 def decode_pieces(cm) -> Pieces:
@@ -46,7 +46,8 @@ def decode_pieces(cm) -> Pieces:
     g = generation_graphs(cm)
     pieces = split_decode(g.decode.gm, g.decode.ir, g.kept)
     order = [pieces.pre, *[q for pair in zip(pieces.layers, pieces.kv) for q in pair], pieces.post]
-    a, b = _example(g, 2, 3, 5), _example(g, 4, 6, 7)       # every size different between the two
+    dev = next(iter(cm._model.parameters()), torch.empty(0)).device
+    a, b = _example(g, 2, 3, 5, dev), _example(g, 4, 6, 7, dev)  # every size different between the two
     # 2L + 2 sessions run one after another: ONNX Runtime's threads must not spin between runs (measured on the
     # CPU benchmark model: 7.7 decode tokens/s with spinning against 50 for the one-graph decode)
     quiet = {"spinning": False} if "spinning" in inspect.signature(cm._backend.prepare).parameters else {}
@@ -155,7 +156,8 @@ class SkipStepper:
             elif n_run == 0:
                 outs = (env[s_in], *_call(p.kv[j], _rows(env, p.kv[j].inputs, p.batched, None)))
             else:
-                on, off = run[:, j].nonzero()[:, 0], (~run[:, j]).nonzero()[:, 0]
+                dev = env[s_in].device                 # the run mask is host data; rows are on the model's device
+                on, off = run[:, j].nonzero()[:, 0].to(dev), (~run[:, j]).nonzero()[:, 0].to(dev)
                 a = _call(p.layers[j], _rows(env, p.layers[j].inputs, p.batched, on))
                 b = (env[s_in].index_select(0, off), *_call(p.kv[j], _rows(env, p.kv[j].inputs, p.batched, off)))
                 outs = [x.new_empty((B, *x.shape[1:])).index_copy_(0, on, x).index_copy_(0, off, y)
@@ -193,7 +195,8 @@ class SkipStepper:
         inputs = {"input_ids": ids, "attention_mask": self.mask, "position_ids": pos}
         for i in g.kept:
             for kind, d in zip(("key", "value"), g.layout.head_dims[i]):
-                inputs[f"past_{kind}_{i}"] = torch.zeros(B, g.layout.heads[i], 0, d, dtype=g.layout.dtype)
+                inputs[f"past_{kind}_{i}"] = torch.zeros(B, g.layout.heads[i], 0, d, dtype=g.layout.dtype,
+                                                         device=ids.device)
         per_token: list[torch.Tensor] = []
         stream, self.past = self._run(inputs, None, per_token)
         post = self.p.post
@@ -211,7 +214,7 @@ class SkipStepper:
         self.counts.steps += 1
         run = self.policy.run_mask(self.counts.steps, self.L, B, self.chosen)
         self.mask = torch.cat([self.mask, self.mask.new_ones(B, S)], dim=1)
-        pos = self.pos + torch.arange(1, S + 1)
+        pos = self.pos + torch.arange(1, S + 1, device=self.pos.device)
         inputs = {"input_ids": new, "attention_mask": self.mask, "position_ids": pos,
                   **dict(zip(self.g.past_names, self.past))}
         stream, self.past = self._run(inputs, run)

@@ -84,11 +84,11 @@ def speculative_generate(full, draft, input_ids, attention_mask=None, *, max_new
     ids, mask = _check(input_ids, attention_mask, max_new_tokens)
     eos = _ids(full._model, eos_token_id, "eos_token_id")
     pad = (_ids(full._model, pad_token_id, "pad_token_id") or eos[:1] or [0])[0]
-    eos_t = torch.tensor(eos, dtype=torch.long)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=ids.device)
     B = ids.shape[0]
     f, d = _Rewindable(full, mask), _Rewindable(draft, mask)
     stats = SpeculativeStats()
-    unfinished = torch.ones(B, dtype=torch.bool)
+    unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
     out = [ids]
     if max_new_tokens == 0:
         return ids, stats
