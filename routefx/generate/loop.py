@@ -24,7 +24,7 @@ import torch
 from routefx.errors import InputError, UnsupportedModelError
 from routefx.generate.arrays import as_array, as_torch
 from routefx.generate.graphs import generation_graphs
-from routefx.generate.sampling import Sampler
+from routefx.generate.settings import resolve
 from routefx.generate.skipping import SkipStepper
 from routefx.generate.step import supports_cache
 
@@ -74,20 +74,20 @@ def _check(input_ids, attention_mask, max_new_tokens):
         raise InputError("attention_mask must hold 0/1 with at least one 1 per row")
     if not bool((mask.cummax(1).values == mask).all()):
         raise InputError("attention_mask has padding after a real token; generate takes left padding only")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
+        raise InputError(f"max_new_tokens must be None or an int >= 0, got {max_new_tokens!r}")
     return input_ids.long(), mask
 
 
-def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: int = 20, do_sample: bool = False,
-                        temperature: float = 1.0, top_k: int | None = None, eos_token_id=None,
-                        pad_token_id: int | None = None, streamer=None, generator: torch.Generator | None = None,
-                        decode_policy=None) -> tuple[torch.Tensor, GenerationStats]:
+def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: int | None = None,
+                        streamer=None, generator: torch.Generator | None = None, decode_policy=None,
+                        logits_processor=None, **settings) -> tuple[torch.Tensor, GenerationStats]:
+    """`settings`: GenerationConfig fields (do_sample, temperature, top_k, eos_token_id, repetition_penalty, ...)
+    over the model's generation_config, resolved as Hugging Face `generate` does (`routefx.generate.settings`)."""
     ids, mask = _check(input_ids, attention_mask, max_new_tokens)
-    choose = Sampler(do_sample, temperature, top_k, generator)
     model = cm._model
-    eos = _ids(model, eos_token_id, "eos_token_id")
-    pad = _ids(model, pad_token_id, "pad_token_id") or eos[:1] or [0]
+    cfg = resolve(model, ids, mask, generator, logits_processor, max_new_tokens=max_new_tokens, **settings)
+    max_new_tokens, eos, pad = cfg.max_new_tokens, cfg.eos, [cfg.pad]
     eos_t = torch.tensor(eos, dtype=torch.long)
     B = ids.shape[0]
     cached = supports_cache(model) is None
@@ -104,7 +104,8 @@ def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: i
     t1 = time.perf_counter()
     n = 0
     for n in range(1, max_new_tokens + 1):
-        nxt = choose(logits.float())
+        scores = cfg.process(seq, logits.to(dtype=torch.float32, copy=True))   # [B, V]; seq: [B, S + n - 1]
+        nxt = cfg.choose(scores)
         nxt = torch.where(unfinished, nxt, pad[0])
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         if streamer is not None:
