@@ -6,6 +6,12 @@ token. A row stops at its first end-of-sequence token; from then on it receives 
 when every row has stopped or `max_new_tokens` tokens were generated. The result is [B, S + n] like
 `generate`'s `sequences`.
 
+The settings (max_new_tokens, end and pad tokens, do_sample, the logits processors and warpers) come from the
+model's `generation_config` and the caller's keyword arguments, resolved by transformers' own code as `generate`
+resolves them (`routefx.generate.settings`); each step applies the processors to the float32 logits of the last
+position and the sequence so far, then takes the argmax or one draw. Greedy output is token-identical to
+`generate` with the same settings; beam search and the other strategies routefx has no path for are refused.
+
 `decode_policy` (`routefx.generate.decode_policies`: DepthDecay, ActivationSkip, LayerSubset) skips layers per
 decode step and row (`routefx.generate.skipping`); `GenerationStats.layer_fraction` says how much of the decode ran.
 
@@ -46,17 +52,6 @@ class GenerationStats:
     def decode_tokens_per_second(self) -> float:
         """Generated tokens per second of decode over the batch (B rows × steps after the first token)."""
         return self.batch * max(self.new_tokens - 1, 0) / self.decode_seconds if self.decode_seconds else 0.0
-
-
-def _ids(model, given, name: str) -> list[int]:
-    if given is None:
-        cfg = getattr(model, "generation_config", None)
-        given = getattr(cfg, name, None) if cfg is not None else None
-        if given is None:
-            given = getattr(getattr(model, "config", None), name, None)
-    if given is None:
-        return []
-    return [int(given)] if isinstance(given, int) else [int(x) for x in given]
 
 
 def _check(input_ids, attention_mask, max_new_tokens):

@@ -134,3 +134,17 @@ def test_what_routefx_does_not_do_is_refused_by_name(llama, where, setting, matc
             assert cm.generate(ids, mask, max_new_tokens=3, num_beams=1).shape == (2, 10)
     finally:
         _with_config(model, saved)
+
+
+def test_speculative_decoding_refuses_a_config_with_processors(llama):
+    """Self-speculative decoding accepts drafts equal to plain greedy tokens: with processors it would differ."""
+    from routefx.generate import speculative_generate
+    model, ids, mask, _, cm = llama
+    saved = _with_config(model, dict(no_repeat_ngram_size=2))
+    try:
+        with pytest.raises(InputError, match=r"logits processors \['NoRepeatNGramLogitsProcessor'\]"):
+            speculative_generate(cm, cm, ids, mask, max_new_tokens=3)
+    finally:
+        _with_config(model, saved)
+    out, _ = speculative_generate(cm, cm, ids, mask, max_new_tokens=3, eos_token_id=[])
+    assert out.shape == (2, 10)
