@@ -115,3 +115,28 @@ def test_onnx_on_moe_experts_left_captured_says_why():
     with pytest.raises(routefx.BackendError, match=r"MoE experts through a grouped GEMM .*model\.layers\.0\.mlp.*"
                                                    r"raise_moe left as captured.*backend 'eager'"):
         get_backend("onnx").prepare(gm, graph_kwargs(gm, args, kwargs))
+
+
+class _LoopedLM(PlainLM):
+    """Runs its layer list twice (a looped / recurrent-depth model, as Dory's and HRM's): blocks share weights."""
+
+    def forward(self, input_ids):
+        x = self.e(input_ids)
+        for _ in range(2):
+            for blk in self.z:
+                x = blk(x)
+        return self.o(self.n(x))
+
+
+def test_policies_that_rewrite_blocks_refuse_weights_shared_across_depth():
+    torch.manual_seed(0)
+    model = _LoopedLM().eval()
+    ids = torch.randint(0, 89, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert len(routefx.inspect(model, (ids,)).blocks) == 6
+    for policy in (PruneLayers(layers=[1]), Duo(budget=0.5)):
+        with pytest.raises(routefx.UnsupportedModelError,
+                           match=rf"{type(policy).__name__}: blocks 0 and 3 run the same FFN weights \(z\.0\..*"
+                                 r"weights shared across depth, 6 blocks"):
+            routefx.compile(model, policy, example_inputs=(ids,), calibration=[{"input_ids": ids}])
+    with torch.no_grad():    # Dense compiles it
+        assert (routefx.compile(model, routefx.policies.Dense())(ids) - model(ids)).abs().max() <= EXACT_REWRITE
