@@ -193,7 +193,10 @@ class _Uncached:
     def __init__(self, cm, mask):
         self.cm = cm
         self.mask = mask
-        self.takes_mask = "attention_mask" in _inspect.signature(cm._model.forward).parameters
+        params = _inspect.signature(cm._model.forward).parameters
+        self.takes_mask = "attention_mask" in params
+        # as `generate`: positions from the mask (0 at padding) where the forward takes them
+        self.takes_pos = self.takes_mask and "position_ids" in params
         if not self.takes_mask and not bool(mask.all()):
             raise InputError(f"{type(cm._model).__name__}.forward takes no attention_mask, so its batches cannot "
                              "be padded; pass rows of equal length without a mask")
@@ -201,6 +204,8 @@ class _Uncached:
 
     def _run(self):
         kw = {"attention_mask": self.mask} if self.takes_mask else {}
+        if self.takes_pos:
+            kw["position_ids"] = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)   # [B, L]
         out = self.cm(input_ids=self.seq, **kw)
         logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
         return logits[:, -1]
