@@ -60,6 +60,8 @@ _TINY = {
     "expert_intermediate_size": 32, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
     "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "use_cache": True, "tie_word_embeddings": False,
+    # CPM-Ant: its FFN width, and its init (std 1.0 gives logits ~30, where fp32 rounding alone is ~2e-3)
+    "dim_ff": INTER, "init_std": 0.02,
 }
 _SKIP_CONFIG_WORDS = ("vision", "audio", "speech", "image", "video", "encoder_config", "text_config")
 
