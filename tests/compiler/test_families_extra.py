@@ -140,3 +140,21 @@ def test_policies_that_rewrite_blocks_refuse_weights_shared_across_depth():
             routefx.compile(model, policy, example_inputs=(ids,), calibration=[{"input_ids": ids}])
     with torch.no_grad():    # Dense compiles it
         assert (routefx.compile(model, routefx.policies.Dense())(ids) - model(ids)).abs().max() <= EXACT_REWRITE
+
+
+def test_two_blocks_whose_ffns_share_one_module_are_refused():
+    """Gemma 4's layer adds a third branch (per-layer-input gating) and rescales the stream: routefx finds two blocks
+    in one layer with their FFNs in the same module, which plans keyed by module path cannot tell apart."""
+    import dataclasses
+
+    from routefx.calibrate.stage import check_blocks_rewritable
+    from routefx.ir import capture, recognize
+    torch.manual_seed(0)
+    gm = capture(PlainLM().eval(), (torch.randint(0, 89, (2, 8)),))
+    ir = recognize(gm)
+    check_blocks_rewritable(Duo(budget=0.5), gm, ir)          # three layers, three FFN modules: fine
+    b0, b1 = ir.blocks[0], ir.blocks[1]
+    ir.blocks[1] = dataclasses.replace(b1, ffn=dataclasses.replace(b1.ffn, path=b0.ffn.path))
+    with pytest.raises(routefx.UnsupportedModelError,
+                       match=r"Duo: blocks 0 and 1 were both recognised with their FFN in module z\.0\.b"):
+        check_blocks_rewritable(Duo(budget=0.5), gm, ir)
