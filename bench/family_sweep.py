@@ -60,6 +60,8 @@ _TINY = {
     "expert_intermediate_size": 32, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
     "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "use_cache": True, "tie_word_embeddings": False,
+    # CPM-Ant: its FFN width, and its init (std 1.0 gives logits ~30, where fp32 rounding alone is ~2e-3)
+    "dim_ff": INTER, "init_std": 0.02,
 }
 _SKIP_CONFIG_WORDS = ("vision", "audio", "speech", "image", "video", "encoder_config", "text_config")
 
@@ -227,8 +229,11 @@ def check_prune(model, state):
                          example_kwargs={"attention_mask": mask})
     ids, mask = inputs(seed=5)
     out = cm(ids, attention_mask=mask)
-    if len(cm.ir.blocks) != n - 1:
-        return "mismatch", f"{len(cm.ir.blocks)} blocks after pruning one of {n}"
+    before = len(cm.plan.block_paths)                 # the blocks recognised before pruning
+    if len(cm.ir.blocks) != before - 1:
+        return "mismatch", f"{len(cm.ir.blocks)} blocks after pruning one of {before}"
+    if before != n:    # e.g. a recurrence branch and an MLP branch per layer: block 1 is not layer 1
+        return "runs", f"{before} blocks for {n} layers: no layer-deletion reference"
     found = _layer_list(model, n)
     if found is None or not _uniform_layers(model.config):
         return "runs", "no reference (layer list not found or layers differ by index)"
@@ -242,27 +247,13 @@ def check_prune(model, state):
 def check_generate(model, state):
     ids, mask = inputs(seed=3)
     cm = routefx.compile(model, Dense(), backend="onnx")
-    out = cm.generate(ids, mask, max_new_tokens=NEW)
+    out = cm.generate(ids, mask, max_new_tokens=NEW, do_sample=False)   # the generation_config's processors on
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
     if out.shape == ref.shape and torch.equal(out, ref):
         return "pass", f"{NEW} tokens equal"
-    # routefx's loop is plain greedy: it does not apply the logits processors a model's generation_config asks for
-    gc = model.generation_config
-    extra = {k: v for k, v in _PROCESSORS_OFF.items() if getattr(gc, k, None) not in (None, v)}
-    if extra:
-        with torch.no_grad():
-            plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, **extra)
-        if out.shape == plain.shape and torch.equal(out, plain):
-            return "gen_config", (f"equal to HF generate once the generation_config's processors "
-                                  f"{ {k: getattr(gc, k) for k in extra} } are off")
     same = (out[:, S:] == ref[:, S:]).float().mean().item() if out.shape == ref.shape else 0.0
     return "mismatch", f"tokens differ (shapes {tuple(out.shape)} / {tuple(ref.shape)}, {same:.0%} equal)"
-
-
-_PROCESSORS_OFF = {"forced_eos_token_id": None, "forced_bos_token_id": None, "no_repeat_ngram_size": 0,
-                   "repetition_penalty": 1.0, "min_length": 0, "min_new_tokens": None, "bad_words_ids": None,
-                   "suppress_tokens": None, "begin_suppress_tokens": None, "encoder_no_repeat_ngram_size": 0}
 
 
 def _where(tb) -> str:

@@ -17,7 +17,7 @@ from routefx.calibrate.moe_hoist import calibrate_moe_hoist
 from routefx.calibrate.moefy import calibrate_moefy
 from routefx.compiler.plan import Plan
 from routefx.compiler.policies import Dense, Duo, MoEBudget, MoEfy, Policy, PruneLayers
-from routefx.errors import PolicyError
+from routefx.errors import PolicyError, UnsupportedModelError
 from routefx.ir.model_ir import ModelIR
 
 __all__ = ["calibrate"]
@@ -40,8 +40,41 @@ def _prune(policy: PruneLayers, gm: fx.GraphModule, ir: ModelIR, batches: list[d
     plan.pruned = pruned
 
 
+def _weights(gm: fx.GraphModule, nodes) -> set[str]:
+    """Parameter names (get_attr targets) that `nodes` read."""
+    params = {name for name, _ in gm.named_parameters()}
+    return {a.target for n in nodes for a in (n, *n.all_input_nodes) if a.op == "get_attr" and a.target in params}
+
+
+def check_blocks_rewritable(policy: Policy, gm: fx.GraphModule, ir: ModelIR) -> None:
+    """Policies that rewrite blocks one by one need each recognised block to own its FFN weights and its FFN to sit
+    in a module of its own (plans name FFNs by module path); found otherwise: a clear refusal, not a broken pass
+    contract further on. Two blocks in one layer module with distinct FFN modules (a recurrence branch and an MLP
+    branch) are fine."""
+    name = type(policy).__name__
+    weights = [_weights(gm, b.ffn_nodes) for b in ir.blocks]   # the FFN weights: what the policies rewrite
+    for i, a in enumerate(ir.blocks):
+        for b in ir.blocks[i + 1:]:
+            shared = weights[a.index] & weights[b.index]
+            if shared:
+                raise UnsupportedModelError(
+                    f"{name}: blocks {a.index} and {b.index} run the same FFN weights ({sorted(shared)[0]}, "
+                    f"{len(shared)} in all): the model runs its layer modules more than once (weights shared across "
+                    f"depth, {len(ir.blocks)} blocks from fewer modules); {name} rewrites each block's own weights; "
+                    "supported: models whose blocks each own their weights (Dense compiles this model)")
+            if a.ffn and b.ffn and a.key == b.key:
+                raise UnsupportedModelError(
+                    f"{name}: blocks {a.index} and {b.index} were both recognised with their FFN in module {a.key}: "
+                    "its layer adds more to the residual stream than one attention and one FFN branch (or "
+                    "rescales the stream), which routefx cannot split into blocks by module; "
+                    f"{name} needs each block's FFN in a module of its own; supported: layers of attention (or "
+                    "recurrence) and FFN branches added to the residual stream (Dense compiles this model)")
+
+
 def calibrate(policy: Policy, gm: fx.GraphModule, ir: ModelIR, batches: list[dict] | None) -> Plan:
     plan = Plan(policy=policy.to_dict(), block_paths=[b.path for b in ir.blocks])
+    if isinstance(policy, (PruneLayers, Duo, MoEfy)):
+        check_blocks_rewritable(policy, gm, ir)
     if isinstance(policy, MoEBudget) and policy.hoist:
         calibrate_moe_hoist(gm, ir, batches, plan)  # pre-gating routers; λ is fitted later, as without
     elif isinstance(policy, (Dense, MoEBudget)):

@@ -6,6 +6,12 @@ token. A row stops at its first end-of-sequence token; from then on it receives 
 when every row has stopped or `max_new_tokens` tokens were generated. The result is [B, S + n] like
 `generate`'s `sequences`.
 
+The settings (max_new_tokens, end and pad tokens, do_sample, the logits processors and warpers) come from the
+model's `generation_config` and the caller's keyword arguments, resolved by transformers' own code as `generate`
+resolves them (`routefx.generate.settings`); each step applies the processors to the float32 logits of the last
+position and the sequence so far, then takes the argmax or one draw. Greedy output is token-identical to
+`generate` with the same settings; beam search and the other strategies routefx has no path for are refused.
+
 `decode_policy` (`routefx.generate.decode_policies`: DepthDecay, ActivationSkip, LayerSubset) skips layers per
 decode step and row (`routefx.generate.skipping`); `GenerationStats.layer_fraction` says how much of the decode ran.
 
@@ -25,7 +31,7 @@ import torch
 from routefx.errors import BackendError, InputError, UnsupportedModelError
 from routefx.generate.arrays import as_array, as_torch
 from routefx.generate.graphs import generation_graphs
-from routefx.generate.sampling import Sampler
+from routefx.generate.settings import resolve
 from routefx.generate.skipping import SkipStepper
 from routefx.generate.step import supports_cache
 
@@ -49,17 +55,6 @@ class GenerationStats:
         return self.batch * max(self.new_tokens - 1, 0) / self.decode_seconds if self.decode_seconds else 0.0
 
 
-def _ids(model, given, name: str) -> list[int]:
-    if given is None:
-        cfg = getattr(model, "generation_config", None)
-        given = getattr(cfg, name, None) if cfg is not None else None
-        if given is None:
-            given = getattr(getattr(model, "config", None), name, None)
-    if given is None:
-        return []
-    return [int(given)] if isinstance(given, int) else [int(x) for x in given]
-
-
 def _check(input_ids, attention_mask, max_new_tokens):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
             torch.int64, torch.int32) or 0 in input_ids.shape:
@@ -75,8 +70,8 @@ def _check(input_ids, attention_mask, max_new_tokens):
         raise InputError("attention_mask must hold 0/1 with at least one 1 per row")
     if not bool((mask.cummax(1).values == mask).all()):
         raise InputError("attention_mask has padding after a real token; generate takes left padding only")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
+        raise InputError(f"max_new_tokens must be None or an int >= 0, got {max_new_tokens!r}")
     return input_ids.long(), mask
 
 
@@ -93,15 +88,16 @@ def _static(cm, ids, static_cache, decode_policy, cached) -> bool:
     return bool(static_cache)
 
 
-def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: int = 20, do_sample: bool = False,
-                        temperature: float = 1.0, top_k: int | None = None, eos_token_id=None,
-                        pad_token_id: int | None = None, streamer=None, generator: torch.Generator | None = None,
-                        decode_policy=None, static_cache: bool | None = None) -> tuple[torch.Tensor, GenerationStats]:
+def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: int | None = None,
+                        streamer=None, generator: torch.Generator | None = None, decode_policy=None,
+                        logits_processor=None, static_cache: bool | None = None,
+                        **settings) -> tuple[torch.Tensor, GenerationStats]:
+    """`settings`: GenerationConfig fields (do_sample, temperature, top_k, eos_token_id, repetition_penalty, ...)
+    over the model's generation_config, resolved as Hugging Face `generate` does (`routefx.generate.settings`)."""
     ids, mask = _check(input_ids, attention_mask, max_new_tokens)
-    choose = Sampler(do_sample, temperature, top_k, generator)
     model = cm._model
-    eos = _ids(model, eos_token_id, "eos_token_id")
-    pad = _ids(model, pad_token_id, "pad_token_id") or eos[:1] or [0]
+    cfg = resolve(model, ids, mask, generator, logits_processor, max_new_tokens=max_new_tokens, **settings)
+    max_new_tokens, eos, pad = cfg.max_new_tokens, cfg.eos, [cfg.pad]
     eos_t = torch.tensor(eos, dtype=torch.long, device=ids.device)
     B = ids.shape[0]
     cached = supports_cache(model) is None
@@ -135,7 +131,8 @@ def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: i
     t1 = time.perf_counter()
     n = 0
     for n in range(1, max_new_tokens + 1):
-        nxt = choose(logits.float())
+        scores = cfg.process(seq, logits.to(dtype=torch.float32, copy=True))   # [B, V]; seq: [B, S + n - 1]
+        nxt = cfg.choose(scores)
         nxt = torch.where(unfinished, nxt, pad[0])
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         if streamer is not None:
@@ -228,7 +225,10 @@ class _Uncached:
     def __init__(self, cm, mask):
         self.cm = cm
         self.mask = mask
-        self.takes_mask = "attention_mask" in _inspect.signature(cm._model.forward).parameters
+        params = _inspect.signature(cm._model.forward).parameters
+        self.takes_mask = "attention_mask" in params
+        # as `generate`: positions from the mask (0 at padding) where the forward takes them
+        self.takes_pos = self.takes_mask and "position_ids" in params
         if not self.takes_mask and not bool(mask.all()):
             raise InputError(f"{type(cm._model).__name__}.forward takes no attention_mask, so its batches cannot "
                              "be padded; pass rows of equal length without a mask")
@@ -236,6 +236,8 @@ class _Uncached:
 
     def _run(self):
         kw = {"attention_mask": self.mask} if self.takes_mask else {}
+        if self.takes_pos:
+            kw["position_ids"] = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)   # [B, L]
         out = self.cm(input_ids=self.seq, **kw)
         logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
         return logits[:, -1]

@@ -23,7 +23,8 @@ import time
 import torch
 
 from routefx.errors import InputError
-from routefx.generate.loop import Stepper, _check, _ids
+from routefx.generate.loop import Stepper, _check
+from routefx.generate.settings import resolve
 
 __all__ = ["speculative_generate", "SpeculativeStats", "choose_n"]
 
@@ -82,8 +83,13 @@ def speculative_generate(full, draft, input_ids, attention_mask=None, *, max_new
     if n is not None and not (isinstance(n, int) and n >= 1):
         raise InputError(f"n must be None (chosen from measured acceptance) or an int >= 1, got {n!r}")
     ids, mask = _check(input_ids, attention_mask, max_new_tokens)
-    eos = _ids(full._model, eos_token_id, "eos_token_id")
-    pad = (_ids(full._model, pad_token_id, "pad_token_id") or eos[:1] or [0])[0]
+    cfg = resolve(full._model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                  pad_token_id=pad_token_id, do_sample=False)
+    if cfg.processors:
+        raise InputError(f"speculative decoding accepts the drafted tokens that equal plain greedy ones; the model's "
+                         f"generation_config asks for logits processors {list(cfg.processors)}: set their settings "
+                         "to the neutral values on model.generation_config, or use generate (which applies them)")
+    eos, pad = cfg.eos, cfg.pad
     eos_t = torch.tensor(eos, dtype=torch.long, device=ids.device)
     B = ids.shape[0]
     f, d = _Rewindable(full, mask), _Rewindable(draft, mask)

@@ -115,3 +115,46 @@ def test_onnx_on_moe_experts_left_captured_says_why():
     with pytest.raises(routefx.BackendError, match=r"MoE experts through a grouped GEMM .*model\.layers\.0\.mlp.*"
                                                    r"raise_moe left as captured.*backend 'eager'"):
         get_backend("onnx").prepare(gm, graph_kwargs(gm, args, kwargs))
+
+
+class _LoopedLM(PlainLM):
+    """Runs its layer list twice (a looped / recurrent-depth model, as Dory's and HRM's): blocks share weights."""
+
+    def forward(self, input_ids):
+        x = self.e(input_ids)
+        for _ in range(2):
+            for blk in self.z:
+                x = blk(x)
+        return self.o(self.n(x))
+
+
+def test_policies_that_rewrite_blocks_refuse_weights_shared_across_depth():
+    torch.manual_seed(0)
+    model = _LoopedLM().eval()
+    ids = torch.randint(0, 89, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert len(routefx.inspect(model, (ids,)).blocks) == 6
+    for policy in (PruneLayers(layers=[1]), Duo(budget=0.5)):
+        with pytest.raises(routefx.UnsupportedModelError,
+                           match=rf"{type(policy).__name__}: blocks 0 and 3 run the same FFN weights \(z\.0\..*"
+                                 r"weights shared across depth, 6 blocks"):
+            routefx.compile(model, policy, example_inputs=(ids,), calibration=[{"input_ids": ids}])
+    with torch.no_grad():    # Dense compiles it
+        assert (routefx.compile(model, routefx.policies.Dense())(ids) - model(ids)).abs().max() <= EXACT_REWRITE
+
+
+def test_two_blocks_whose_ffns_share_one_module_are_refused():
+    """Gemma 4's layer adds a third branch (per-layer-input gating) and rescales the stream: routefx finds two blocks
+    in one layer with their FFNs in the same module, which plans keyed by module path cannot tell apart."""
+    import dataclasses
+
+    from routefx.calibrate.stage import check_blocks_rewritable
+    from routefx.ir import capture, recognize
+    torch.manual_seed(0)
+    gm = capture(PlainLM().eval(), (torch.randint(0, 89, (2, 8)),))
+    ir = recognize(gm)
+    check_blocks_rewritable(Duo(budget=0.5), gm, ir)          # three layers, three FFN modules: fine
+    b0, b1 = ir.blocks[0], ir.blocks[1]
+    ir.blocks[1] = dataclasses.replace(b1, ffn=dataclasses.replace(b1.ffn, path=b0.ffn.path))
+    with pytest.raises(routefx.UnsupportedModelError,
+                       match=r"Duo: blocks 0 and 1 were both recognised with their FFN in module z\.0\.b"):
+        check_blocks_rewritable(Duo(budget=0.5), gm, ir)

@@ -110,3 +110,20 @@ def test_a_model_that_needs_its_own_cache_class_is_refused_with_the_reason():
                        match=r"LlamaForCausalLM does not run with a plain key/value cache .*AttributeError.*"
                              r"conv_states.*keep attention keys and values only"):
         routefx.compile(model, Dense()).generate(ids, max_new_tokens=2)
+
+
+def test_uncached_generation_takes_positions_from_the_mask_as_generate_does():
+    """A model without a KV cache whose forward takes position_ids (OpenAI GPT): `generate` gives a left-padded
+    row positions counted from its first real token, not from the padding."""
+    import transformers
+    cfg = transformers.OpenAIGPTConfig(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.OpenAIGPTLMHeadModel(cfg).eval()
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    out, stats = generate_with_stats(routefx.compile(model, Dense()), ids, mask, max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert stats.mode == "uncached"
+    assert torch.equal(out, ref), f"routefx\n{out}\nHugging Face\n{ref}"
