@@ -112,7 +112,7 @@ def resolve(model, ids: torch.Tensor, mask: torch.Tensor, generator=None, logits
     gc = model._prepare_generated_length(gc, has_default_max, has_default_min, "input_ids", S, ids)
     eos = _as_list(gc.eos_token_id)
     # generate's special-token tensors (`_prepare_special_tokens`), with eos_token_id=[] meaning "no end token"
-    gc._eos_token_tensor = torch.tensor(eos, dtype=torch.long) if eos else None
+    gc._eos_token_tensor = torch.tensor(eos, dtype=torch.long, device=ids.device) if eos else None
     pad = _as_list(gc.pad_token_id) or eos[:1] or [0]
     procs = model._get_logits_processor(
         generation_config=gc, input_ids_seq_length=S, encoder_input_ids=ids, prefix_allowed_tokens_fn=None,
