@@ -40,9 +40,8 @@ def _prune(policy: PruneLayers, gm: fx.GraphModule, ir: ModelIR, batches: list[d
     plan.pruned = pruned
 
 
-def _weights(gm: fx.GraphModule, nodes) -> set[str]:
-    """Parameter names (get_attr targets) that `nodes` read."""
-    params = {name for name, _ in gm.named_parameters()}
+def _weights(nodes, params: set[str]) -> set[str]:
+    """The parameters among `params` (get_attr targets) that `nodes` read."""
     return {a.target for n in nodes for a in (n, *n.all_input_nodes) if a.op == "get_attr" and a.target in params}
 
 
@@ -52,7 +51,8 @@ def check_blocks_rewritable(policy: Policy, gm: fx.GraphModule, ir: ModelIR) -> 
     contract further on. Two blocks in one layer module with distinct FFN modules (a recurrence branch and an MLP
     branch) are fine."""
     name = type(policy).__name__
-    weights = [_weights(gm, b.ffn_nodes) for b in ir.blocks]   # the FFN weights: what the policies rewrite
+    params = {name for name, _ in gm.named_parameters()}
+    weights = [_weights(b.ffn_nodes, params) for b in ir.blocks]   # the FFN weights: what the policies rewrite
     for i, a in enumerate(ir.blocks):
         for b in ir.blocks[i + 1:]:
             shared = weights[a.index] & weights[b.index]

@@ -33,7 +33,7 @@ from routefx.generate.arrays import as_array, as_torch
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.settings import resolve
 from routefx.generate.skipping import SkipStepper
-from routefx.generate.step import supports_cache
+from routefx.generate.step import prompt_positions, supports_cache
 
 __all__ = ["generate", "generate_with_stats", "GenerationStats", "Stepper"]
 
@@ -106,7 +106,7 @@ def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: i
     mode = "cached" if cached else "uncached"
     if _static(cm, ids, static_cache, decode_policy, cached):
         from routefx.generate.window import WindowStepper
-        graphs = ids.device.type == "cuda" and not getattr(cm, "backend_options", {}).get("cudagraphs")
+        graphs = ids.device.type == "cuda" and not cm.backend_options.get("cudagraphs")
         step = WindowStepper(cm, mask, max_new_tokens, cuda_graph=graphs)
         mode = "static-cuda-graph" if graphs else "static"
     elif cached:
@@ -189,7 +189,7 @@ class Stepper:
         self._past = list(values)
 
     def prefill(self, ids):
-        pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
+        pos = prompt_positions(self.mask)
         out = self.g.prefill.run(input_ids=ids, attention_mask=self.mask, position_ids=pos)
         self.pos, self._past = pos[:, -1:], list(out[1:])
         return out[0][:, -1]
@@ -237,7 +237,7 @@ class _Uncached:
     def _run(self):
         kw = {"attention_mask": self.mask} if self.takes_mask else {}
         if self.takes_pos:
-            kw["position_ids"] = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)   # [B, L]
+            kw["position_ids"] = prompt_positions(self.mask)   # [B, L]
         out = self.cm(input_ids=self.seq, **kw)
         logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
         return logits[:, -1]

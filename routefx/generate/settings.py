@@ -119,8 +119,8 @@ def resolve(model, ids: torch.Tensor, mask: torch.Tensor, generator=None, logits
         logits_processor=logits_processor if logits_processor is not None else [], device=ids.device,
         model_kwargs={"attention_mask": mask})
     n = max(int(gc.max_length) - S, 0)
-    return Settings(n, eos, pad[0], procs if len(procs) else _identity, Sampler(bool(gc.do_sample), 1.0, None, generator),
-                    tuple(type(p).__name__ for p in procs))
+    return Settings(n, eos, pad[0], procs if len(procs) else _identity,
+                    Sampler(bool(gc.do_sample), 1.0, None, generator), tuple(type(p).__name__ for p in procs))
 
 
 def _is_hf(model) -> bool:

@@ -23,6 +23,7 @@ from routefx.generate.arrays import as_array, as_torch
 from routefx.generate.decode_policies import ActivationSkip, DecodePolicy
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.split import Pieces, split_decode
+from routefx.generate.step import prompt_positions
 
 __all__ = ["SkipStepper", "SkipCounts", "decode_pieces", "fit_threshold", "prompt_changes"]
 
@@ -177,7 +178,7 @@ class SkipStepper:
 
     @torch.no_grad()
     def prefill(self, ids):
-        pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
+        pos = prompt_positions(self.mask)
         if self.policy.needs_prefill_stats:
             logits, self.changes = self._measured_prefill(ids, pos)
         else:

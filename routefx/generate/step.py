@@ -34,7 +34,7 @@ from torch.export import Dim
 from routefx.errors import CaptureError, UnsupportedModelError
 from routefx.ir.capture import CaptureInfo, _drop_metadata_asserts, _eval_mode, _expand_as_by_sizes, _split_baddbmm
 
-__all__ = ["CacheLayout", "probe_cache", "capture_prefill", "capture_decode", "supports_cache"]
+__all__ = ["CacheLayout", "probe_cache", "capture_prefill", "capture_decode", "supports_cache", "prompt_positions"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +139,12 @@ def probe_cache(model: nn.Module) -> CacheLayout:
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch as Hugging Face `generate` makes them: the count of real tokens so far
+    minus one, 0 at padding. mask: [B, S] 0/1 -> [B, S] int64."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def cache_names(kept: list[int], prefix: str = "") -> list[str]:

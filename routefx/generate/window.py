@@ -27,6 +27,7 @@ import torch
 
 from routefx.errors import BackendError
 from routefx.generate.graphs import generation_graphs
+from routefx.generate.step import prompt_positions
 
 __all__ = ["WindowStepper", "window_length"]
 
@@ -125,7 +126,7 @@ class WindowStepper:
 
     # -- Stepper's interface ---------------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
+        pos = prompt_positions(self.mask)
         out = self.g.prefill.run(input_ids=ids, attention_mask=self.mask, position_ids=pos)
         logits = out[0][:, -1]
         if self.cuda_graph:
