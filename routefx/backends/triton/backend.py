@@ -89,12 +89,15 @@ def unavailable_reason(device: Optional[torch.device] = None) -> str | None:
 class LowerStats:
     triton_ops: int   # dynamic routed FFNs -> routefx_triton::routed_ffn (routed_ffn_paired when gated)
     dense_ffns: int   # constant-route routed FFNs -> plain dense products on one neuron range
+    flex_attentions: int = 0  # SDPA with a boolean mask -> block-sparse FlexAttention (`attention.py`)
 
 
-def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, LowerStats]:
+def lower(gm: fx.GraphModule, flex_attention: bool = False) -> tuple[fx.GraphModule, LowerStats]:
     """A new GraphModule (sharing `gm`'s weights) with every routed_ffn lowered as the module docstring says.
     `gm`'s graph is left unchanged; the gate and up buffers routefx made for its routed FFNs become views of one
-    interleaved matrix in both modules (same values, same memory: `interleave_gate_up_`)."""
+    interleaved matrix in both modules (same values, same memory: `interleave_gate_up_`). flex_attention: also
+    rewrite SDPA with a boolean mask as block-sparse FlexAttention (`attention.flex_attention_`, any float
+    dtype)."""
     from routefx.backends.triton import ffn  # noqa: F401  (registers torch.ops.routefx_triton.routed_ffn)
     triton_op = torch.ops.routefx_triton.routed_ffn.default
 
@@ -102,7 +105,11 @@ def lower(gm: fx.GraphModule) -> tuple[fx.GraphModule, LowerStats]:
     if n_triton:
         router_reductions_(new, triton_op)
         interleave_gate_up_(new, gm, triton_op)
-    return new, LowerStats(n_triton, n_dense)
+    n_flex = 0
+    if flex_attention:
+        from routefx.backends.triton.attention import flex_attention_
+        n_flex = flex_attention_(new, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    return new, LowerStats(n_triton, n_dense, n_flex)
 
 
 def interleave_gate_up_(new: fx.GraphModule, gm: fx.GraphModule, routed_target) -> int:
@@ -253,11 +260,12 @@ class TritonRunner:
 
     def __repr__(self) -> str:
         return (f"TritonRunner(device={self.device}, mode={self.mode!r}, triton_ops={self.stats.triton_ops}, "
-                f"dense_ffns={self.stats.dense_ffns})")
+                f"dense_ffns={self.stats.dense_ffns}, flex_attentions={self.stats.flex_attentions})")
 
 
 def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = None,
-            inductor: bool | None = None, cudagraphs: bool = False) -> TritonRunner:
+            inductor: bool | None = None, cudagraphs: bool = False,
+            flex_attention: bool | None = None) -> TritonRunner:
     """Lower `gm` and compile it (see the module docstring). Raises `BackendError` when Triton cannot run where
     the graph's weights are.
 
@@ -270,7 +278,11 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = 
     instead of launching its kernels from Python: the routing metadata is computed on the GPU with no host
     synchronisation, so routed graphs are capturable. As with torch's own mode, the outputs live in the graph's
     memory pool and are overwritten by the next call: clone what you keep across calls (torch raises an error
-    when an overwritten output is read)."""
+    when an overwritten output is read).
+
+    flex_attention: run attention with a boolean mask as block-sparse FlexAttention (`attention.py`: tiles the
+    mask disallows are skipped, e.g. half of a causal attention). None: on CUDA for fp16/bf16 graphs; True:
+    wherever the graph runs (any float dtype); False: never (SDPA as captured)."""
     device = _weights_device(gm)
     reason = unavailable_reason(device)
     if reason is not None:
@@ -285,7 +297,13 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = 
         raise BackendError(f"Triton's CPU interpreter computes {sorted(map(str, low))} wrongly without an error; "
                            "backend 'triton' on CPU (TRITON_INTERPRET=1) runs fp32 graphs only: convert the model "
                            "with .float(), or run on a CUDA GPU")
-    lowered, stats = lower(gm)
+    if flex_attention is None:
+        flex_attention = device.type == "cuda" and bool(low)
+    if flex_attention and device.type == "cpu" and inductor:
+        raise BackendError("flex_attention=True with inductor=True on CPU: Inductor's CPU FlexAttention template "
+                           "does not compile these graphs; on CPU the rewritten attention runs eagerly only "
+                           "(inductor=False), or pass flex_attention=False")
+    lowered, stats = lower(gm, flex_attention=flex_attention)
     if inductor is None:
         inductor = device.type == "cuda"
     if inductor:
