@@ -172,7 +172,8 @@ def compile_routefx(model, policy, x, cal, device) -> tuple[object, dict]:
     rep = cm.report
     rec = {"routefx_compile_s": round(t1 - t, 3), "capture_s": rep.capture_seconds,
            "calibration_s": rep.calibration_seconds, "passes_s": rep.compile_seconds,
-           "first_call_s": round(t2 - t1, 3), "runner": repr(cm.runner)}
+           "first_call_s": round(t2 - t1, 3), "runner": repr(cm.runner),
+           "flex_fallback": getattr(cm.runner, "flex_fallback", None)}
     return cm, rec
 
 

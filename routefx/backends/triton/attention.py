@@ -45,10 +45,12 @@ def _use_flex(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 def block_mask_tensors(mask: torch.Tensor, q_len, kv_len):
-    """(padded mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices) of a boolean mask
+    """(mask, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices) of a boolean mask
     [Bm, Hm, q_len, kv_len] (Bm, Hm may be 1): the tiles of BLOCK × BLOCK with some but not all positions
     allowed (`kv_*`, which read the mask) and those with all allowed (`full_kv_*`), per query tile, indices
-    first in ascending key order; the padding added to reach whole tiles is disallowed."""
+    first in ascending key order; the padding added to reach whole tiles counts as disallowed. The mask
+    function reads the unpadded mask: FlexAttention's kernel bounds the indices of a partial last tile itself
+    (and Inductor 2.11 cannot inline a padded tensor into its template)."""
     nq, nk = _ceil(q_len, BLOCK), _ceil(kv_len, BLOCK)
     mp = F.pad(mask, (0, nk * BLOCK - kv_len, 0, nq * BLOCK - q_len))  # pads with False
     tiles = mp.reshape(mp.shape[0], mp.shape[1], nq, BLOCK, nk, BLOCK)
@@ -63,7 +65,7 @@ def block_mask_tensors(mask: torch.Tensor, q_len, kv_len):
 
     kv_num, kv_idx = counts_and_indices(partial)
     full_num, full_idx = counts_and_indices(every)
-    return mp, kv_num, kv_idx, full_num, full_idx
+    return mask, kv_num, kv_idx, full_num, full_idx
 
 
 def flex_sdpa(q, k, v, mask, blocks, scale=None, enable_gqa=False):
@@ -72,11 +74,11 @@ def flex_sdpa(q, k, v, mask, blocks, scale=None, enable_gqa=False):
     if blocks is None or not _use_flex(q, k):
         return aten.scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=enable_gqa)
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
-    mp, kv_num, kv_idx, full_num, full_idx = blocks
-    per_batch, per_head = mp.shape[0] > 1, mp.shape[1] > 1
+    m, kv_num, kv_idx, full_num, full_idx = blocks
+    per_batch, per_head = m.shape[0] > 1, m.shape[1] > 1
 
     def mask_mod(b, h, q_idx, kv_idx_):
-        return mp[b if per_batch else 0, h if per_head else 0, q_idx, kv_idx_]
+        return m[b if per_batch else 0, h if per_head else 0, q_idx, kv_idx_]
 
     bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
                                   seq_lengths=(q.shape[-2], k.shape[-2]), compute_q_blocks=False)

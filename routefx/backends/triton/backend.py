@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -237,12 +238,24 @@ class TritonRunner:
     is called (the `torch.compile` wrapper, or the lowered graph itself)."""
 
     def __init__(self, graph_module: fx.GraphModule, stats: LowerStats, device: torch.device, mode: str,
-                 compiled):
+                 compiled, without_flex=None):
         self.graph_module = graph_module
         self.stats = stats
         self.device = device
         self.mode = mode
         self.compiled = compiled
+        self._without_flex = without_flex  # () -> (graph, stats, compiled) with SDPA kept; None: nothing to undo
+        self.flex_fallback: str | None = None  # why FlexAttention was given up (compile failure), if it was
+
+    def _give_up_flex(self, err: Exception) -> None:
+        """FlexAttention's compile support differs between torch releases: when the graph with it fails to
+        compile or run, go on with attention as captured (SDPA), and say so."""
+        self.flex_fallback = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        warnings.warn(f"routefx triton backend: the graph with FlexAttention failed ({self.flex_fallback}); "
+                      "running attention as SDPA with the mask instead (backend option flex_attention=False "
+                      "skips the attempt)", RuntimeWarning, stacklevel=3)
+        self.graph_module, self.stats, self.compiled = self._without_flex()
+        self._without_flex = None
 
     def _check_devices(self, args, kwargs) -> None:
         for name, v in list(enumerate(args)) + list(kwargs.items()):
@@ -256,11 +269,22 @@ class TritonRunner:
         if self.mode == "inductor-cudagraphs":
             torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: earlier outputs may be reused
         with torch.no_grad():  # inference only: the Triton op has no autograd formula, and Inductor would
-            return self.compiled(*args, **kwargs)  # otherwise trace a training graph when weights require grad
+            if self._without_flex is None:  # otherwise trace a training graph when weights require grad
+                return self.compiled(*args, **kwargs)
+            try:
+                return self.compiled(*args, **kwargs)
+            except (InputError, torch.OutOfMemoryError):
+                raise
+            except Exception as e:  # noqa: BLE001 - any compile failure of the flex graph: retry without it
+                self._give_up_flex(e)
+                if self.mode == "inductor-cudagraphs":
+                    torch.compiler.cudagraph_mark_step_begin()
+                return self.compiled(*args, **kwargs)
 
     def __repr__(self) -> str:
         return (f"TritonRunner(device={self.device}, mode={self.mode!r}, triton_ops={self.stats.triton_ops}, "
-                f"dense_ffns={self.stats.dense_ffns}, flex_attentions={self.stats.flex_attentions})")
+                f"dense_ffns={self.stats.dense_ffns}, flex_attentions={self.stats.flex_attentions}"
+                + (f", flex_fallback={self.flex_fallback!r})" if self.flex_fallback else ")"))
 
 
 def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = None,
@@ -303,14 +327,21 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = 
         raise BackendError("flex_attention=True with inductor=True on CPU: Inductor's CPU FlexAttention template "
                            "does not compile these graphs; on CPU the rewritten attention runs eagerly only "
                            "(inductor=False), or pass flex_attention=False")
-    lowered, stats = lower(gm, flex_attention=flex_attention)
     if inductor is None:
         inductor = device.type == "cuda"
+
+    def build(flex: bool):
+        lowered, stats = lower(gm, flex_attention=flex)
+        if not inductor:
+            return lowered, stats, lowered
+        return lowered, stats, torch.compile(lowered, backend="inductor", dynamic=dynamic, fullgraph=True,
+                                             mode="reduce-overhead" if cudagraphs else None)
+
+    lowered, stats, compiled = build(flex_attention)
     if inductor:
-        compiled = torch.compile(lowered, backend="inductor", dynamic=dynamic, fullgraph=True,
-                                 mode="reduce-overhead" if cudagraphs else None)
         mode = ("inductor-cudagraphs" if cudagraphs else "inductor") if device.type == "cuda" \
             else "inductor-interpreter"
     else:
-        compiled, mode = lowered, "eager" if device.type == "cuda" else "eager-interpreter"
-    return TritonRunner(lowered, stats, device, mode, compiled)
+        mode = "eager" if device.type == "cuda" else "eager-interpreter"
+    without_flex = (lambda: build(False)) if stats.flex_attentions and inductor else None
+    return TritonRunner(lowered, stats, device, mode, compiled, without_flex)
