@@ -8,9 +8,9 @@ batch 4 x 2048 random token ids, attention mask all ones.
 
 Candidates: hf_eager, hf_inductor (torch.compile(model), its defaults), routefx_dense (Dense(), backend
 "triton"), routefx_duo_<b> (Duo(budget=b, router=--router), backend "triton") for b in 0.75 / 0.5 / 0.25.
-On CUDA also routefx_dense_sdpa and routefx_duo_0.5_sdpa: the same graphs with attention as captured (SDPA with
-the boolean mask; backend option flex_attention=False), to show what the block-sparse FlexAttention lowering
-(routefx/backends/triton/attention.py, on by default for bf16 on CUDA) contributes.
+With --flex (CUDA) also routefx_dense_flex and routefx_duo_0.5_flex: the same graphs with masked attention as
+block-sparse FlexAttention (backend option flex_attention=True, routefx/backends/triton/attention.py,
+experimental: it failed on the H200 on 2026-11-26).
 For each one:
   latency      median over interleaved rounds (routefx.timing.median_seconds, every call followed by
                torch.cuda.synchronize()), all candidates and a cuBLAS peak GEMM in the same rounds
@@ -68,9 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--no-cudagraphs", dest="cudagraphs", action="store_false",
                    help="leave out the CUDA-graph variants (hf_inductor_cg: torch.compile mode reduce-overhead; "
                         "routefx_dense_cg, routefx_duo_0.5_cg: backend option cudagraphs=True)")
-    p.add_argument("--no-sdpa", dest="sdpa", action="store_false",
-                   help="leave out the variants with attention as captured (routefx_dense_sdpa, "
-                        "routefx_duo_0.5_sdpa: backend option flex_attention=False)")
+    p.add_argument("--flex", action="store_true",
+                   help="also routefx_dense_flex, routefx_duo_0.5_flex: backend option flex_attention=True "
+                        "(masked attention as block-sparse FlexAttention, experimental)")
     p.add_argument("--time-budget", type=float, default=280.0,
                    help="seconds for the whole script (default 280): model compiles stop at budget - 100 s "
                         "(- 10 s with --no-ffn); "
@@ -301,13 +301,14 @@ def whole_model(args, shape: dict, device, dtype, res: dict, save, deadline: flo
                 f"budget on x {rec['budget_x']:.3f}, max logit diff {rec['max_logit_diff']:.3g}")
             if args.also_static and time.perf_counter() < deadline:
                 variant(cm, key, "static", {"dynamic": False}, x, ref, rec, c, fns, device)
-            if args.sdpa and device.type == "cuda" and key in ("routefx_dense", "routefx_duo_0.5") \
+            if args.flex and device.type == "cuda" and key in ("routefx_dense", "routefx_duo_0.5") \
                     and time.perf_counter() < deadline:
-                try:  # the same graph with attention as captured (SDPA with the boolean mask): what flex saves
-                    variant(cm, key, "sdpa", {"flex_attention": False}, x, ref, rec, c, fns, device)
-                    log(f"{key}_sdpa: first call {c[key + '_sdpa']['first_call_s']} s")
+                try:  # the same graph with masked attention as block-sparse FlexAttention (experimental)
+                    variant(cm, key, "flex", {"flex_attention": True}, x, ref, rec, c, fns, device)
+                    log(f"{key}_flex: first call {c[key + '_flex']['first_call_s']} s, runner "
+                        f"{c[key + '_flex']['runner']}")
                 except Exception as e:  # noqa: BLE001 - record and go on
-                    wm["errors"][f"{key}_sdpa"] = _err(e)
+                    wm["errors"][f"{key}_flex"] = _err(e)
                     traceback.print_exc()
             if args.cudagraphs and device.type == "cuda" and key in ("routefx_dense", "routefx_duo_0.5") \
                     and time.perf_counter() < deadline:
@@ -337,14 +338,14 @@ def whole_model(args, shape: dict, device, dtype, res: dict, save, deadline: flo
     dense_fpt = c.get("routefx_dense", {}).get("flops_per_token_x")
     for k, v in c.items():
         v["latency_ms"] = med[k] * 1e3
-        for base in ("hf_inductor", "hf_inductor_cg", "routefx_dense", "routefx_dense_cg", "routefx_dense_sdpa"):
+        for base in ("hf_inductor", "hf_inductor_cg", "routefx_dense", "routefx_dense_cg", "routefx_dense_flex"):
             if base in med:
                 v[f"speedup_vs_{base}"] = med[base] / med[k]
         fpt = v.get("flops_per_token_x", dense_fpt)
         if fpt:
             v["tflops"] = fpt * tokens / med[k] / 1e12
             v["mfu"] = v["tflops"] * 1e12 / peak
-        mode = next((m for m in ("_cg", "_sdpa", "_static") if k.endswith(m)), "")
+        mode = next((m for m in ("_cg", "_flex", "_static") if k.endswith(m)), "")
         dense = f"routefx_dense{mode}" if f"routefx_dense{mode}" in med else "routefx_dense"  # within one mode
         if dense_fpt and "flops_per_token_x" in v and dense in med:
             v["ideal"] = dense_fpt / v["flops_per_token_x"]

@@ -19,6 +19,8 @@
 #   bench-quick  the same with --quick
 #   moe          python bench/gpu_moe.py --out $OUT --quick (issue 15's Mixtral shape on CUDA) -> $OUT/moe.log
 #   generate     python bench/gpu_generate.py --out $OUT (tokens/s: HF generate vs CUDA-graph decode) -> $OUT/generate.log
+#   flex         python bench/gpu_flex_probe.py --out $OUT (where the experimental FlexAttention lowering fails;
+#                each stage in its own process) -> $OUT/flex.log, gpu_flex_probe.json
 # Installs nothing. Outputs: at most 8 files, all directly in $OUT. The caller sees only the end of the output,
 # so the summary comes last. Time limits (seconds) can be changed with CUDA_TIMEOUT, PROFILE_TIMEOUT, SUITE_TIMEOUT,
 # BENCH_TIMEOUT and TOTAL_TIMEOUT (default 570: each step is cut to what is left of it; a step with < 30 s left is skipped);
@@ -36,6 +38,7 @@ SUITE_TIMEOUT="${SUITE_TIMEOUT:-140}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
 GENERATE_TIMEOUT="${GENERATE_TIMEOUT:-150}"
 MOE_TIMEOUT="${MOE_TIMEOUT:-150}"
+FLEX_TIMEOUT="${FLEX_TIMEOUT:-150}"
 TOTAL_TIMEOUT="${TOTAL_TIMEOUT:-570}"  # the whole script: a step gets at most what is left of this (less 10 s)
 SUITE_TESTS="${SUITE_TESTS:-tests}"
 SUITE_WORKERS="${SUITE_WORKERS:-8}"
@@ -47,7 +50,7 @@ export TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(cuda profile bench-quick)
 for s in "${steps[@]}"; do
-  case "$s" in cuda|profile|tune|suite|bench|bench-quick|generate|moe) ;; *) echo "unknown step '$s'; steps: cuda profile tune suite bench bench-quick generate moe"; exit 2;; esac
+  case "$s" in cuda|profile|tune|suite|bench|bench-quick|generate|moe|flex) ;; *) echo "unknown step '$s'; steps: cuda profile tune suite bench bench-quick generate moe flex"; exit 2;; esac
 done
 
 T0=$(date +%s)
@@ -106,6 +109,10 @@ for s in "${steps[@]}"; do
     profile)
       run_step profile "$PROFILE_TIMEOUT" "$OUT/profile.log" $PY bench/gpu_profile.py --out "$OUT" ${PROFILE_ARGS:-}
       grep -sE "^(default|===|config)" "$OUT/profile.log" | cut -c1-220
+      ;;
+    flex)
+      run_step flex "$FLEX_TIMEOUT" "$OUT/flex.log" $PY bench/gpu_flex_probe.py --out "$OUT" --timeout 60
+      cut -c1-300 "$OUT/flex.log"
       ;;
     tune)
       run_step tune "$TUNE_TIMEOUT" "$OUT/tune.log" $PY bench/gpu_tune.py --out "$OUT" ${TUNE_ARGS:-}

@@ -16,7 +16,6 @@ from torch.nn.attention.flex_attention import create_block_mask
 import routefx
 from routefx.backends.triton import attention as fa
 from routefx.backends.triton import backend as tb
-from routefx.errors import BackendError
 from tests.compare import assert_close_nonpad, graph_kwargs, max_abs_nonpad
 from tests.tolerances import TRITON_BF16_VS_EAGER, TRITON_VS_EAGER
 
@@ -117,13 +116,28 @@ def test_lowered_llama_with_flex_attention_equals_eager_backend():
             ref = cm.graph_module(**gkw).logits
         assert_close_nonpad(out, ref, kw["attention_mask"], TRITON_VS_EAGER)
     assert cm.runner.stats.flex_attentions == 2
-    # not by default on CPU; with Inductor on CPU refused
-    plain = routefx.compile(model, routefx.policies.Dense(), backend="triton")
+    plain = routefx.compile(model, routefx.policies.Dense(), backend="triton")  # off by default
     plain(**_inputs(300))
     assert plain.runner.stats.flex_attentions == 0
-    with pytest.raises(BackendError, match="flex_attention=True with inductor=True on CPU"):
-        routefx.compile(model, routefx.policies.Dense(), backend="triton",
-                        backend_options={"flex_attention": True, "inductor": True})(**_inputs(300))
+
+
+@pytest.mark.skipif(tb.unavailable_reason(torch.device("cpu")) is not None,
+                    reason="the triton backend on CPU needs TRITON_INTERPRET=1 (set where CUDA is absent)")
+def test_inductor_compiles_the_flex_graph_on_cpu():
+    """The lowered graph with FlexAttention compiled by Inductor (its CPU FlexAttention template, which reads the
+    block tensors and the materialised mask as a compiled kernel does) equals the eager backend, left padding
+    included, with no fallback to SDPA."""
+    model = _llama()
+    cm = routefx.compile(model, routefx.policies.Dense(), backend="triton",
+                         backend_options={"flex_attention": True, "inductor": True})
+    kw = _inputs(300)
+    out = cm(**kw).logits
+    gkw = graph_kwargs(cm.graph_module, (), kw)
+    with torch.no_grad():
+        ref = cm.graph_module(**gkw).logits
+    assert_close_nonpad(out, ref, kw["attention_mask"], TRITON_VS_EAGER)
+    assert cm.runner.mode == "inductor-interpreter" and cm.runner.stats.flex_attentions == 2
+    assert cm.runner.flex_fallback is None, cm.runner.flex_fallback
 
 
 @pytest.mark.skipif(tb.unavailable_reason(torch.device("cpu")) is not None,
@@ -156,12 +170,13 @@ def test_a_flex_graph_that_fails_falls_back_to_sdpa_with_a_warning():
                                     routefx.policies.Duo(budget=0.5, router="random", small="nested")],
                          ids=["dense", "duo"])
 def test_llama_cuda_flex_attention_equals_sdpa(policy):
-    """On CUDA in bf16 the triton backend runs masked attention as FlexAttention by default: the same graph
+    """On CUDA in bf16 with flex_attention=True the triton backend runs masked attention as FlexAttention: the same graph
     lowered with SDPA (flex_attention=False) gives the same logits (bf16 tolerance) at every non-pad position,
     at a length of several tiles with left padding, and at a short length (SDPA kept)."""
     model = _llama(layers=3).to(device="cuda", dtype=torch.bfloat16)
     cal = [_inputs(300, "cuda")]
-    cm = routefx.compile(model, policy, calibration=cal, backend="triton")
+    cm = routefx.compile(model, policy, calibration=cal, backend="triton",
+                         backend_options={"flex_attention": True})
     sdpa = None
     for seq in (700, 40):
         kw = _inputs(seq, "cuda")

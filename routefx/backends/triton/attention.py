@@ -15,7 +15,17 @@ the block structure is read from the mask's values, not from a pattern. No host 
 counts and indices are tensors of fixed shape (CUDA-graph capturable). Inductor compiles `flex_attention` into
 its Triton template.
 
-When. On CUDA for fp16/bf16 graphs (`prepare(..., flex_attention=None)`), for query and key lengths of at least
+Status: EXPERIMENTAL, off by default (`prepare(..., flex_attention=True)` turns it on). Verified on CPU: eager
+FlexAttention against SDPA, the block tensors against torch's `create_block_mask`, and the whole graph compiled
+by Inductor (its CPU FlexAttention template) against the eager backend, on torch 2.11 and 2.13. On an H200
+(torch 2.11, triton 3.6) the compiled graph failed with a CUDA illegal memory access
+(bench/results/gpu_run_2243_h200_flex/cuda.log; the Dynamo error "Attempt to trace generator" logged first is
+a side effect of the runtime error). That version let Inductor inline the mask's computation (index and compare
+ops on `attention_mask`) into the template's mask function; Inductor's CPU template refuses exactly that, so
+the mask is now materialised first (`materialize`). Not yet run on a GPU since: `bench/gpu_flex_probe.py`
+checks each stage in its own process.
+
+When (with the option on). For query and key lengths of at least
 `MIN_LENGTH` (decided when Inductor traces the graph, per shape: shorter calls, decode steps among them, keep
 SDPA), head sizes in `HEAD_DIMS`, no dropout, no `is_causal` flag. Elsewhere the SDPA node is left as it was.
 Rows with no allowed key (left padding's pad queries) give zeros here where SDPA's kernels give zeros or NaN; they
@@ -85,6 +95,21 @@ def flex_sdpa(q, k, v, mask, blocks, scale=None, enable_gqa=False):
     return flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+@torch.library.custom_op("routefx_triton::materialize", mutates_args=())
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """A copy of `x` that Inductor cannot fuse into its consumers (an opaque op's output is a buffer). The mask
+    function of a FlexAttention template must read a buffer: a mask computed in the same graph (from
+    `attention_mask`, by index and compare ops) is otherwise inlined into the template, which Inductor's CPU
+    template refuses ("All the buffers in the score and mask subgraph should be in
+    kernel_group.args.input_buffers", torch 2.11)."""
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 def mask_blocks(mask, q, k):
     """The block tensors of `mask` for queries `q` and keys `k`, or None when SDPA stays (short lengths)."""
     if not _use_flex(q, k):
@@ -92,7 +117,7 @@ def mask_blocks(mask, q, k):
     m = mask
     while m.dim() < 4:
         m = m.unsqueeze(0)
-    return block_mask_tensors(m, q.shape[-2], k.shape[-2])
+    return block_mask_tensors(materialize(m.contiguous()), q.shape[-2], k.shape[-2])
 
 
 def _rewritable(n: fx.Node, dtypes) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, dict] | None:

@@ -305,8 +305,12 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = 
     when an overwritten output is read).
 
     flex_attention: run attention with a boolean mask as block-sparse FlexAttention (`attention.py`: tiles the
-    mask disallows are skipped, e.g. half of a causal attention). None: on CUDA for fp16/bf16 graphs; True:
-    wherever the graph runs (any float dtype); False: never (SDPA as captured)."""
+    mask disallows are skipped, e.g. half of a causal attention). EXPERIMENTAL, off by default (None = False):
+    on an H200 with torch 2.11 the compiled graph failed with an illegal memory access
+    (bench/results/gpu_run_2243_h200_flex/; Dynamo's "Attempt to trace generator" there is a side effect of
+    the runtime error), before the mask was materialised for the template (`attention.materialize`); not yet
+    run on a GPU since (`bench/gpu_flex_probe.py` is the prepared check). True: wherever the graph runs (any
+    float dtype; on CPU eagerly, or compiled by Inductor's CPU FlexAttention template)."""
     device = _weights_device(gm)
     reason = unavailable_reason(device)
     if reason is not None:
@@ -322,11 +326,7 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = 
                            "backend 'triton' on CPU (TRITON_INTERPRET=1) runs fp32 graphs only: convert the model "
                            "with .float(), or run on a CUDA GPU")
     if flex_attention is None:
-        flex_attention = device.type == "cuda" and bool(low)
-    if flex_attention and device.type == "cpu" and inductor:
-        raise BackendError("flex_attention=True with inductor=True on CPU: Inductor's CPU FlexAttention template "
-                           "does not compile these graphs; on CPU the rewritten attention runs eagerly only "
-                           "(inductor=False), or pass flex_attention=False")
+        flex_attention = False  # experimental: see the docstring
     if inductor is None:
         inductor = device.type == "cuda"
 
