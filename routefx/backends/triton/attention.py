@@ -68,10 +68,11 @@ def block_mask_tensors(mask: torch.Tensor, q_len, kv_len):
     every = tiles.all(dim=5).all(dim=3)
     partial = some & ~every
 
-    def counts_and_indices(sel):
-        num = sel.sum(dim=-1, dtype=torch.int32)
-        idx = torch.argsort(sel.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-        return num, idx
+    def counts_and_indices(sel):  # as torch's create_block_mask orders them (int32 keys, stable argsort)
+        sel = sel.to(torch.int32)
+        num = sel.sum(dim=-1).to(torch.int32, memory_format=torch.contiguous_format)
+        idx = torch.argsort(sel, dim=-1, descending=True, stable=True)
+        return num, idx.to(torch.int32, memory_format=torch.contiguous_format)
 
     kv_num, kv_idx = counts_and_indices(partial)
     full_num, full_idx = counts_and_indices(every)
@@ -91,7 +92,8 @@ def flex_sdpa(q, k, v, mask, blocks, scale=None, enable_gqa=False):
         return m[b if per_batch else 0, h if per_head else 0, q_idx, kv_idx_]
 
     bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
-                                  seq_lengths=(q.shape[-2], k.shape[-2]), compute_q_blocks=False)
+                                  seq_lengths=(q.shape[-2], k.shape[-2]))  # with the q-side blocks, as
+    #                                                 create_block_mask builds it (the well-trodden path)
     return flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
