@@ -8,9 +8,11 @@ batch 4 x 2048 random token ids, attention mask all ones.
 
 Candidates: hf_eager, hf_inductor (torch.compile(model), its defaults), routefx_dense (Dense(), backend
 "triton"), routefx_duo_<b> (Duo(budget=b, router=--router), backend "triton") for b in 0.75 / 0.5 / 0.25.
-With --flex (CUDA) also routefx_dense_flex and routefx_duo_0.5_flex: the same graphs with masked attention as
-block-sparse FlexAttention (backend option flex_attention=True, routefx/backends/triton/attention.py,
-experimental: it failed on the H200 on 2026-11-26).
+With --attention-variants (CUDA) also routefx_dense_flex / routefx_duo_0.5_flex (the masked attention as
+block-sparse FlexAttention: backend option flex_attention=True, routefx/backends/triton/attention.py; it failed
+on the H200 on 2026-11-26 before a fix made afterwards) and routefx_dense_causal / routefx_duo_0.5_causal (SDPA's
+causal kernel when the mask is causal, one host read per forward: causal_check=True,
+routefx/backends/causal_sdpa.py). Both experimental; what they gain is attention's, not routing's.
 For each one:
   latency      median over interleaved rounds (routefx.timing.median_seconds, every call followed by
                torch.cuda.synchronize()), all candidates and a cuBLAS peak GEMM in the same rounds
@@ -68,9 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--no-cudagraphs", dest="cudagraphs", action="store_false",
                    help="leave out the CUDA-graph variants (hf_inductor_cg: torch.compile mode reduce-overhead; "
                         "routefx_dense_cg, routefx_duo_0.5_cg: backend option cudagraphs=True)")
-    p.add_argument("--flex", action="store_true",
-                   help="also routefx_dense_flex, routefx_duo_0.5_flex: backend option flex_attention=True "
-                        "(masked attention as block-sparse FlexAttention, experimental)")
+    p.add_argument("--attention-variants", action="store_true",
+                   help="also routefx_{dense,duo_0.5}_flex (backend option flex_attention=True: masked attention "
+                        "as block-sparse FlexAttention) and _causal (causal_check=True: SDPA's causal kernel when "
+                        "the mask is causal); both experimental")
     p.add_argument("--time-budget", type=float, default=280.0,
                    help="seconds for the whole script (default 280): model compiles stop at budget - 100 s "
                         "(- 10 s with --no-ffn); "
@@ -301,14 +304,16 @@ def whole_model(args, shape: dict, device, dtype, res: dict, save, deadline: flo
                 f"budget on x {rec['budget_x']:.3f}, max logit diff {rec['max_logit_diff']:.3g}")
             if args.also_static and time.perf_counter() < deadline:
                 variant(cm, key, "static", {"dynamic": False}, x, ref, rec, c, fns, device)
-            if args.flex and device.type == "cuda" and key in ("routefx_dense", "routefx_duo_0.5") \
-                    and time.perf_counter() < deadline:
-                try:  # the same graph with masked attention as block-sparse FlexAttention (experimental)
-                    variant(cm, key, "flex", {"flex_attention": True}, x, ref, rec, c, fns, device)
-                    log(f"{key}_flex: first call {c[key + '_flex']['first_call_s']} s, runner "
-                        f"{c[key + '_flex']['runner']}")
+            for suffix, option in (("flex", "flex_attention"), ("causal", "causal_check")):
+                if not (args.attention_variants and device.type == "cuda" and time.perf_counter() < deadline
+                        and key in ("routefx_dense", "routefx_duo_0.5")):
+                    continue
+                try:  # the same graph with the masked attention lowered otherwise (experimental options)
+                    variant(cm, key, suffix, {option: True}, x, ref, rec, c, fns, device)
+                    log(f"{key}_{suffix}: first call {c[f'{key}_{suffix}']['first_call_s']} s, runner "
+                        f"{c[f'{key}_{suffix}']['runner']}")
                 except Exception as e:  # noqa: BLE001 - record and go on
-                    wm["errors"][f"{key}_flex"] = _err(e)
+                    wm["errors"][f"{key}_{suffix}"] = _err(e)
                     traceback.print_exc()
             if args.cudagraphs and device.type == "cuda" and key in ("routefx_dense", "routefx_duo_0.5") \
                     and time.perf_counter() < deadline:
@@ -338,14 +343,15 @@ def whole_model(args, shape: dict, device, dtype, res: dict, save, deadline: flo
     dense_fpt = c.get("routefx_dense", {}).get("flops_per_token_x")
     for k, v in c.items():
         v["latency_ms"] = med[k] * 1e3
-        for base in ("hf_inductor", "hf_inductor_cg", "routefx_dense", "routefx_dense_cg", "routefx_dense_flex"):
+        for base in ("hf_inductor", "hf_inductor_cg", "routefx_dense", "routefx_dense_cg", "routefx_dense_flex",
+                     "routefx_dense_causal"):
             if base in med:
                 v[f"speedup_vs_{base}"] = med[base] / med[k]
         fpt = v.get("flops_per_token_x", dense_fpt)
         if fpt:
             v["tflops"] = fpt * tokens / med[k] / 1e12
             v["mfu"] = v["tflops"] * 1e12 / peak
-        mode = next((m for m in ("_cg", "_flex", "_static") if k.endswith(m)), "")
+        mode = next((m for m in ("_cg", "_flex", "_causal", "_static") if k.endswith(m)), "")
         dense = f"routefx_dense{mode}" if f"routefx_dense{mode}" in med else "routefx_dense"  # within one mode
         if dense_fpt and "flops_per_token_x" in v and dense in med:
             v["ideal"] = dense_fpt / v["flops_per_token_x"]

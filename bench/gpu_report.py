@@ -11,10 +11,10 @@ def _f(v, spec=".2f"):
 
 def _row_order(key: str):
     fixed = ["hf_eager", "hf_inductor", "hf_inductor_cg", "routefx_dense", "routefx_dense_flex",
-             "routefx_dense_static", "routefx_dense_cg"]
+             "routefx_dense_causal", "routefx_dense_static", "routefx_dense_cg"]
     if key in fixed:
         return (0, fixed.index(key), 0.0, "")
-    base = key.removesuffix("_static").removesuffix("_cg").removesuffix("_flex")
+    base = key.removesuffix("_static").removesuffix("_cg").removesuffix("_flex").removesuffix("_causal")
     try:
         budget = -float(base.rsplit("_", 1)[-1])
     except ValueError:

@@ -170,9 +170,9 @@ def test_a_flex_graph_that_fails_falls_back_to_sdpa_with_a_warning():
                                     routefx.policies.Duo(budget=0.5, router="random", small="nested")],
                          ids=["dense", "duo"])
 def test_llama_cuda_flex_attention_equals_sdpa(policy):
-    """On CUDA in bf16 with flex_attention=True the triton backend runs masked attention as FlexAttention: the same graph
-    lowered with SDPA (flex_attention=False) gives the same logits (bf16 tolerance) at every non-pad position,
-    at a length of several tiles with left padding, and at a short length (SDPA kept)."""
+    """On CUDA in bf16 with flex_attention=True the triton backend runs masked attention as FlexAttention: the
+    same graph lowered with SDPA (flex_attention=False) gives the same logits (bf16 tolerance) at every non-pad
+    position, at a length of several tiles with left padding, and at a short length (SDPA kept)."""
     model = _llama(layers=3).to(device="cuda", dtype=torch.bfloat16)
     cal = [_inputs(300, "cuda")]
     cm = routefx.compile(model, policy, calibration=cal, backend="triton",

@@ -91,6 +91,7 @@ class LowerStats:
     triton_ops: int   # dynamic routed FFNs -> routefx_triton::routed_ffn (routed_ffn_paired when gated)
     dense_ffns: int   # constant-route routed FFNs -> plain dense products on one neuron range
     flex_attentions: int = 0  # SDPA with a boolean mask -> block-sparse FlexAttention (`attention.py`)
+    causal_checks: int = 0    # SDPA with a boolean mask -> causal kernel when the mask is causal (`causal_sdpa`)
 
 
 def lower(gm: fx.GraphModule, flex_attention: bool = False) -> tuple[fx.GraphModule, LowerStats]:
@@ -283,13 +284,14 @@ class TritonRunner:
 
     def __repr__(self) -> str:
         return (f"TritonRunner(device={self.device}, mode={self.mode!r}, triton_ops={self.stats.triton_ops}, "
-                f"dense_ffns={self.stats.dense_ffns}, flex_attentions={self.stats.flex_attentions}"
+                f"dense_ffns={self.stats.dense_ffns}, flex_attentions={self.stats.flex_attentions}, "
+                f"causal_checks={self.stats.causal_checks}"
                 + (f", flex_fallback={self.flex_fallback!r})" if self.flex_fallback else ")"))
 
 
 def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = None,
             inductor: bool | None = None, cudagraphs: bool = False,
-            flex_attention: bool | None = None) -> TritonRunner:
+            flex_attention: bool | None = None, causal_check: bool = False) -> TritonRunner:
     """Lower `gm` and compile it (see the module docstring). Raises `BackendError` when Triton cannot run where
     the graph's weights are.
 
@@ -310,7 +312,12 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = 
     (bench/results/gpu_run_2243_h200_flex/; Dynamo's "Attempt to trace generator" there is a side effect of
     the runtime error), before the mask was materialised for the template (`attention.materialize`); not yet
     run on a GPU since (`bench/gpu_flex_probe.py` is the prepared check). True: wherever the graph runs (any
-    float dtype; on CPU eagerly, or compiled by Inductor's CPU FlexAttention template)."""
+    float dtype; on CPU eagerly, or compiled by Inductor's CPU FlexAttention template).
+
+    causal_check: each SDPA with a boolean mask (left by flex_attention) checks once per forward whether its
+    mask is the causal triangle and then runs SDPA's causal kernel (`routefx.backends.causal_sdpa`): one host
+    synchronisation per forward, so it cannot be combined with cudagraphs. EXPERIMENTAL, off by default (not
+    yet measured on a GPU)."""
     device = _weights_device(gm)
     reason = unavailable_reason(device)
     if reason is not None:
@@ -327,11 +334,17 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = 
                            "with .float(), or run on a CUDA GPU")
     if flex_attention is None:
         flex_attention = False  # experimental: see the docstring
+    if causal_check and cudagraphs:
+        raise BackendError("causal_check=True reads a host value each forward (whether the mask is causal), which "
+                           "a CUDA graph cannot replay; use it without cudagraphs")
     if inductor is None:
         inductor = device.type == "cuda"
 
     def build(flex: bool):
         lowered, stats = lower(gm, flex_attention=flex)
+        if causal_check:
+            from routefx.backends.causal_sdpa import causal_sdpa_
+            stats = dataclasses.replace(stats, causal_checks=causal_sdpa_(lowered))
         if not inductor:
             return lowered, stats, lowered
         return lowered, stats, torch.compile(lowered, backend="inductor", dynamic=dynamic, fullgraph=True,
