@@ -73,6 +73,7 @@ from torch.utils import _pytree as pytree
 
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn, used below)
 from routefx.backends import onnx_program, onnx_session
+from routefx.backends.complex_to_real import complex_to_real
 from routefx.backends.onnx_fusions import DEFAULT_FUSIONS, fuse_, optimize_
 from routefx.backends.onnx_ops import fold_weight_slices, routed_ffn_lowering
 from routefx.backends.onnx_opset import export_opset
@@ -347,6 +348,8 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     missing = [n.target for n in placeholders if n.target not in example_kwargs]
     if missing:
         raise BackendError(f"example_kwargs lack {missing}; the graph takes {[n.target for n in placeholders]}")
+    gm, complex_rewrites = complex_to_real(gm)   # complex values (rotary embeddings) as (re, im) pairs: a copy
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     _check_float_dtypes(gm)
     arg_names = _positional_names(gm, [n.target for n in placeholders])
     clock = _Clock()
@@ -386,6 +389,8 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     run.cpu_timings = clock.cpu
     run.fusions = dict(fused.counts)
     run.notes = fused.summary() + ([f"ONNX optimizer: {optimizer}"] if optimizer != "routefx" else [])
+    if complex_rewrites:
+        run.notes.append(f"complex_to_real: {complex_rewrites} complex-valued nodes computed on (re, im) pairs")
     return run
 
 
