@@ -46,6 +46,7 @@ _CASTS = targets(aten.to, aten._to_copy)
 _SHAPE_OPS = targets(aten.unsqueeze, aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.slice,
                      aten.select, aten.permute, aten.transpose, aten.flatten, aten.squeeze, aten.cat, aten.stack,
                      aten.sum, aten.mean, aten.sym_size)
+_ASSERTS = targets(aten._assert_tensor_metadata)   # dtype checks on a complex value: dropped with it
 _PARTS = targets(aten.real, aten.imag, aten.abs, aten.angle, aten.view_as_real, aten.view_as_complex)
 SUPPORTED = ("view_as_complex", "view_as_real", "polar", "complex", "mul", "add", "sub", "div", "neg", "conj",
              "real", "imag", "abs", "angle", "unsqueeze", "view", "reshape", "expand", "slice", "select", "permute",
@@ -124,6 +125,8 @@ class _Rewriter:
                 if n.op == "get_attr":
                     self.attrs[n.target] = fetch_attr(self.gm, n.target)
                 continue
+            if n.op == "call_function" and n.target in _ASSERTS and not n.users:
+                continue
             self.env[n] = self._rewrite(n)
             self.rewrites += 1
         root = {**self.attrs}
@@ -136,6 +139,10 @@ class _Rewriter:
 
     def _is_c(self, a) -> bool:
         return isinstance(a, fx.Node) and a in self.complex
+
+    def _new(self, args):
+        """`args` (any nesting) with each old-graph node replaced by its new-graph node."""
+        return fx.node.map_arg(args, self.env.__getitem__)
 
     def _rank(self, a: fx.Node) -> int:
         return (fetch_attr(self.gm, a.target) if a.op == "get_attr" else a.meta["val"]).dim()
@@ -159,7 +166,7 @@ class _Rewriter:
         if t in _ELEMENTWISE:
             return self._elementwise(n)
         if t in _PASS_THROUGH:
-            return self.emit(t, self.env[n.args[0]], *n.args[1:], **n.kwargs)
+            return self.emit(t, self.env[n.args[0]], *self._new(n.args[1:]), **self._new(n.kwargs))
         if t in _CASTS:
             return self._cast(n)
         if t in _SHAPE_OPS:
@@ -295,7 +302,7 @@ class _Rewriter:
         return self._finish(self.emit(aten._to_copy.default, self.env[x], dtype=_REAL[out.dtype]), n)
 
     def _shape_op(self, n: fx.Node) -> fx.Node:
-        name, args = n.target.overloadpacket.__name__, list(n.args)
+        name, args = n.target.overloadpacket.__name__, [n.args[0], *self._new(n.args[1:])]
         if n.kwargs:
             self._refuse(n, f"has keyword arguments {dict(n.kwargs)} the rewrite does not take")
         if name in ("cat", "stack"):
