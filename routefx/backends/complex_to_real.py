@@ -35,7 +35,6 @@ __all__ = ["complex_to_real", "has_complex"]
 
 aten = torch.ops.aten
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
-_COMPLEX = {v: k for k, v in _REAL.items()}
 
 # ops whose complex result is an elementwise function of their operands' parts (see `_Rewriter._elementwise`)
 _ELEMENTWISE = targets(aten.mul, aten.add, aten.sub, aten.div, aten.neg, aten.conj, aten._conj, aten.conj_physical,
@@ -189,8 +188,12 @@ class _Rewriter:
         node.meta.update({k: v for k, v in self.node.meta.items() if k not in ("val", "tensor_meta")})
         fake = fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
         quiet = self.mode.shape_env.suppress_guards() if self.mode.shape_env is not None else contextlib.nullcontext()
-        with quiet, self.mode:
-            node.meta["val"] = target(*fake[0], **fake[1])
+        try:
+            with quiet, self.mode:
+                node.meta["val"] = target(*fake[0], **fake[1])
+        except Exception as e:  # noqa: BLE001 - a rule that built a malformed node: name the node it rewrote
+            raise BackendError(f"complex_to_real: the rewrite of node {self.node.name} ({self.node.target}) built "
+                               f"{target} on values it does not take: {type(e).__name__}: {e}") from e
         return node
 
     def _finish(self, node: fx.Node, old: fx.Node) -> fx.Node:
@@ -241,11 +244,11 @@ class _Rewriter:
         return self.add(x, self.neg(y))
 
     def div(self, x, y):
-        if isinstance(y, numbers.Number):
-            return self.mul(x, 1.0 / y)
+        if isinstance(x, numbers.Number) and isinstance(y, numbers.Number):
+            return x / y
         if isinstance(x, numbers.Number):
             return self.mul(self.emit(aten.reciprocal.default, y), x)
-        return self.emit(aten.div.Tensor, x, y)
+        return x if isinstance(y, numbers.Number) and y == 1 else self.emit(aten.div.Tensor, x, y)
 
     def _elementwise(self, n: fx.Node) -> fx.Node:
         t, args = n.target, n.args
