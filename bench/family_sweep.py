@@ -8,8 +8,8 @@ Checks per family (batch 2 x 12 tokens, row 0 left-padded by 3; errors are max |
   duo_onnx                  the eager Duo plan on backend onnx: equals the eager Duo model
   prune_eager               PruneLayers(layers=[1]) vs the HF model with that layer deleted (from its layer list, and
                             from the lists of n modules beside it); where blocks are not layers (a recurrence branch
-                            and an MLP branch per layer), the last block when it is the whole last layer, vs that
-                            layer deleted; "runs" where no such reference exists (layers differing by index)
+                            and an MLP branch per layer) or layers are of several kinds, every block of the last layer
+                            (else of layer 1) vs that layer deleted; "runs" where no such reference exists
   generate_onnx             cm.generate, Dense, onnx, greedy, 6 new tokens: token-identical to HF generate
 
 Each family runs in a forked child with a time limit; a check's result is written as soon as it is known, so a
@@ -237,10 +237,9 @@ def check_prune(model, state):
     found = _layer_list(model, n)
     if found is None:
         return "runs", "no reference (layer list not found)"
-    if before != n:    # e.g. a recurrence branch and an MLP branch per layer: block 1 is not layer 1
-        return _prune_whole_layer(model, cm.plan.block_paths, n, before)
-    if not _uniform_layers(model.config):
-        return "runs", "no reference (layers differ by index)"
+    if before != n or not _uniform_layers(model.config):   # block 1 is not layer 1 (a recurrence branch and an
+        return _prune_whole_layer(model, cm.plan.block_paths, n, before)   # MLP branch per layer), or layer
+    # 1's deletion would move later layers of other kinds down one index
     try:
         expect = hf_forward(_without_layer(model, n, 1), ids, mask)
     except IndexError as e:   # other per-layer state indexed by layer number
@@ -250,8 +249,8 @@ def check_prune(model, state):
 
 
 def _prune_whole_layer(model, block_paths, n, before):
-    """Where blocks are not layers: prune every block of one layer (the blocks whose path is that layer's) and
-    compare with the layer deleted. The last layer first (no later layer changes index); where routefx refuses that
+    """Where blocks are not layers, or layers are of several kinds: prune every block of one layer (the blocks whose
+    path is that layer's) and compare with the layer deleted. The last layer first (no later layer changes index); where routefx refuses that
     (a hybrid whose only attention layer it is leaves no transformer block), layer 1, whose deletion moves later
     layers down one index (a model that reads per-layer settings by loop index would differ from it)."""
     owner, attr = _layer_list(model, n)
@@ -270,7 +269,10 @@ def _prune_whole_layer(model, block_paths, n, before):
             refused = f"; blocks {blocks} (layer {j}) refused: {type(e).__name__}: {str(e)[:160]}"
             continue
         ids, mask = inputs(seed=5)
-        expect = hf_forward(_without_layer(model, n, j), ids, mask)
+        try:
+            expect = hf_forward(_without_layer(model, n, j), ids, mask)
+        except IndexError as e:   # other per-layer state indexed by layer number
+            return "runs", f"no reference: the model without layer {j} fails ({type(e).__name__}: {e}){refused}"
         err = max_abs_nonpad(cm(ids, attention_mask=mask), expect, mask)
         return (("pass" if err <= EXACT_REWRITE else "mismatch"),
                 f"{before} blocks for {n} layers; blocks {blocks} ({path}) vs layer {j} deleted: max abs {err:.2e}"
@@ -417,7 +419,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=240, help="seconds per family (all its checks)")
     ap.add_argument("--include-zoo", action="store_true", help="also the families tests/zoo.py builds")
     ap.add_argument("--out", default="bench/results/family_sweep.json")
-    ap.add_argument("--merge", action="store_true", help="update the families run in an existing --out file")
+    ap.add_argument("--merge", action="store_true", help="update the families run in an existing --out file (with "
+                    "a subset of --checks: only those checks of each family)")
     ap.add_argument("--resume", action="store_true", help="keep the families already in --out, run the rest")
     ap.add_argument("--shard", default="0/1", help="k/n: every n-th family from the k-th (parallel sweeps)")
     ap.add_argument("--combine", nargs="*", help="merge these JSON results into --out, print the table, no run")
@@ -454,6 +457,9 @@ def main(argv=None):
             results[t] = {"class": cls, "checks": {"build": {"status": "skip", "detail": "in tests/zoo.py"}}}
             continue
         r = sweep_one(t, cls, checks, args.timeout)
+        if args.merge and t in results and set(checks) != set(CHECKS):   # some checks rerun: keep the others
+            old = results[t]
+            r = {**{k: v for k, v in old.items() if k != "timed_out"}, **r, "checks": {**old["checks"], **r["checks"]}}
         results[t] = r
         brief = {c: v["status"] for c, v in r["checks"].items()}
         print(f"{t:28s} {r['seconds']:6.1f}s {brief}" + (" TIMEOUT" if r.get("timed_out") else ""), flush=True)
