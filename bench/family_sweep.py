@@ -250,9 +250,10 @@ def check_prune(model, state):
 
 def _prune_whole_layer(model, block_paths, n, before):
     """Where blocks are not layers, or layers are of several kinds: prune every block of one layer (the blocks whose
-    path is that layer's) and compare with the layer deleted. The last layer first (no later layer changes index); where routefx refuses that
-    (a hybrid whose only attention layer it is leaves no transformer block), layer 1, whose deletion moves later
-    layers down one index (a model that reads per-layer settings by loop index would differ from it)."""
+    path is that layer's) and compare with the layer deleted. The last layer first (no later layer changes index);
+    where routefx refuses that (a hybrid whose only attention layer it is leaves no transformer block), layer 1,
+    whose deletion moves later layers down one index (a model that reads per-layer settings by loop index would
+    differ from it)."""
     owner, attr = _layer_list(model, n)
     paths = {id(m): name for name, m in model.named_modules()}
     refused = ""
