@@ -8,6 +8,8 @@ lacks an ONNX implementation; `torch.onnx.export(gm)` only if both fail), lowers
 pre-transposed weight initializers, one Gather back into token order; constant route ids: plain MatMuls on their
 range), folds the weight slices, runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession` with
 the weights handed over in memory (`routefx.backends.onnx_session`: the graph is serialized without them).
+Complex-valued subgraphs (DeepSeek-V2's and Llama 4's complex rotary embeddings), which the exporter cannot lower,
+are first computed on (real, imaginary) pairs (`routefx.backends.complex_to_real`, on a copy of the graph).
 Non-tensor keywords (use_cache=False) are baked into the model; its inputs are the model's own tensor inputs, its
 weights are initializers. `runner.timings` has the wall seconds of each phase (export, fold, optimize, fuse, serialize,
 session), `runner.cpu_timings` their CPU seconds, `runner.fusions` the fused-kernel rewrites made, and
