@@ -418,8 +418,9 @@ def _moe_left_captured(gm: fx.GraphModule) -> str:
         return ""
     paths = sorted({next(reversed(n.meta.get("nn_module_stack", {}).values()), (n.name,))[0] for n in grouped})
     return (f"the graph runs MoE experts through a grouped GEMM ({grouped[0].target}, in {paths}): MoE blocks that "
-            "raise_moe left as captured (its misses in the compile report say why); the onnx backend runs experts "
-            "only as routefx::routed_ffn, backend 'eager' runs the captured blocks. ")
+            "raise_moe left as captured (the compile report's raise_moe misses say why, or its raise_ffn misses for "
+            "a block not read as an FFN at all); the onnx backend runs experts only as routefx::routed_ffn, backend "
+            "'eager' runs the captured blocks. ")
 
 
 def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[str, ...],
