@@ -6,8 +6,10 @@ Checks per family (batch 2 x 12 tokens, row 0 left-padded by 3; errors are max |
   dense_eager / dense_onnx  compile(Dense) logits vs the HF model (tolerances from tests/tolerances.py)
   duo_eager                 Duo(budget=0.5, small="nested"): compiles, finite, layers routed, budget met
   duo_onnx                  the eager Duo plan on backend onnx: equals the eager Duo model
-  prune_eager               PruneLayers(layers=[1]) vs the HF model with that block deleted from its layer list (the
-                            comparison only where the layers do not differ by index: else "runs" is the pass)
+  prune_eager               PruneLayers(layers=[1]) vs the HF model with that layer deleted (from its layer list, and
+                            from the lists of n modules beside it); where blocks are not layers (a recurrence branch
+                            and an MLP branch per layer) or layers are of several kinds, every block of the last layer
+                            (else of layer 1) vs that layer deleted; "runs" where no such reference exists
   generate_onnx             cm.generate, Dense, onnx, greedy, 6 new tokens: token-identical to HF generate
 
 Each family runs in a forked child with a time limit; a check's result is written as soon as it is known, so a
@@ -232,20 +234,72 @@ def check_prune(model, state):
     before = len(cm.plan.block_paths)                 # the blocks recognised before pruning
     if len(cm.ir.blocks) != before - 1:
         return "mismatch", f"{len(cm.ir.blocks)} blocks after pruning one of {before}"
-    if before != n:    # e.g. a recurrence branch and an MLP branch per layer: block 1 is not layer 1
-        return "runs", f"{before} blocks for {n} layers: no layer-deletion reference"
     found = _layer_list(model, n)
-    if found is None or not _uniform_layers(model.config):
-        return "runs", "no reference (layer list not found or layers differ by index)"
-    ref = copy.deepcopy(model)
-    owner, attr = _layer_list(ref, n)
-    setattr(owner, attr, nn.ModuleList([m for j, m in enumerate(getattr(owner, attr)) if j != 1]))
+    if found is None:
+        return "runs", "no reference (layer list not found)"
+    if before != n or not _uniform_layers(model.config):   # block 1 is not layer 1 (a recurrence branch and an
+        return _prune_whole_layer(model, cm.plan.block_paths, n, before)   # MLP branch per layer), or layer
+    # 1's deletion would move later layers of other kinds down one index
     try:
-        expect = hf_forward(ref, ids, mask)
-    except IndexError as e:   # other per-layer lists indexed by layer number (XLM's attentions, ffns, norms)
-        return "runs", f"no reference: the model without layer 1 in {attr} fails ({type(e).__name__}: {e})"
+        expect = hf_forward(_without_layer(model, n, 1), ids, mask)
+    except Exception as e:  # noqa: BLE001 -- other per-layer state indexed by layer number: the reference fails
+        return "runs", f"no reference: the model without layer 1 fails ({type(e).__name__}: {e})"
     err = max_abs_nonpad(out, expect, mask)
     return ("pass" if err <= EXACT_REWRITE else "mismatch"), f"vs layer 1 deleted: max abs {err:.2e}"
+
+
+def _prune_whole_layer(model, block_paths, n, before):
+    """Where blocks are not layers, or layers are of several kinds: prune every block of one layer (the blocks whose
+    path is that layer's) and compare with the layer deleted. The last layer first (no later layer changes index);
+    where routefx refuses that (a hybrid whose only attention layer it is leaves no transformer block), layer 1,
+    whose deletion moves later layers down one index (a model that reads per-layer settings by loop index would
+    differ from it)."""
+    owner, attr = _layer_list(model, n)
+    paths = {id(m): name for name, m in model.named_modules()}
+    refused = ""
+    for j in dict.fromkeys((n - 1, 1)):
+        path = paths[id(getattr(owner, attr)[j])]
+        blocks = [i for i, p in enumerate(block_paths) if p == path]
+        if not blocks or any(p is not None and p.startswith(path + ".") for p in block_paths):
+            continue
+        ids, mask = inputs(seed=1)
+        try:
+            cm = routefx.compile(model, PruneLayers(layers=blocks), example_inputs=(ids,),
+                                 example_kwargs={"attention_mask": mask})
+        except routefx.RoutefxError as e:
+            refused = f"; blocks {blocks} (layer {j}) refused: {type(e).__name__}: {str(e)[:160]}"
+            continue
+        ids, mask = inputs(seed=5)
+        try:
+            expect = hf_forward(_without_layer(model, n, j), ids, mask)
+        except Exception as e:  # noqa: BLE001 -- other per-layer state indexed by layer number: no reference
+            return "runs", f"no reference: the model without layer {j} fails ({type(e).__name__}: {e}){refused}"
+        err = max_abs_nonpad(cm(ids, attention_mask=mask), expect, mask)
+        return (("pass" if err <= EXACT_REWRITE else "mismatch"),
+                f"{before} blocks for {n} layers; blocks {blocks} ({path}) vs layer {j} deleted: max abs {err:.2e}"
+                + refused)
+    return "runs", f"{before} blocks for {n} layers: no layer-deletion reference{refused}"
+
+
+def _without_layer(model, n: int, j: int) -> nn.Module:
+    """A copy of `model` without layer j: deleted from the layer list and from every other list of n modules
+    beside it (XLM keeps attentions, layer_norm1, ffns, layer_norm2 as four lists), the owner's layer count
+    (XLM's n_layers) one less where it keeps one, and entry j gone from the config's layer_types."""
+    ref = copy.deepcopy(model)
+    owner, _ = _layer_list(ref, n)
+    for name, mod in list(owner.named_children()):
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            setattr(owner, name, nn.ModuleList([m for i, m in enumerate(mod) if i != j]))
+    for name, value in list(vars(owner).items()):
+        if type(value) is int and value == n and "layer" in name:
+            setattr(owner, name, n - 1)
+    types = getattr(ref.config, "layer_types", None)   # read by loop index in some forwards (LFM3)
+    if isinstance(types, list) and len(types) == n:
+        try:
+            ref.config.layer_types = [t for i, t in enumerate(types) if i != j]
+        except AttributeError:   # a property derived from another field (Recurrent Gemma's block pattern)
+            pass
+    return ref
 
 
 def check_generate(model, state):
@@ -372,7 +426,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=240, help="seconds per family (all its checks)")
     ap.add_argument("--include-zoo", action="store_true", help="also the families tests/zoo.py builds")
     ap.add_argument("--out", default="bench/results/family_sweep.json")
-    ap.add_argument("--merge", action="store_true", help="update the families run in an existing --out file")
+    ap.add_argument("--merge", action="store_true", help="update the families run in an existing --out file (with "
+                    "a subset of --checks: only those checks of each family)")
     ap.add_argument("--resume", action="store_true", help="keep the families already in --out, run the rest")
     ap.add_argument("--shard", default="0/1", help="k/n: every n-th family from the k-th (parallel sweeps)")
     ap.add_argument("--combine", nargs="*", help="merge these JSON results into --out, print the table, no run")
@@ -409,6 +464,9 @@ def main(argv=None):
             results[t] = {"class": cls, "checks": {"build": {"status": "skip", "detail": "in tests/zoo.py"}}}
             continue
         r = sweep_one(t, cls, checks, args.timeout)
+        if args.merge and t in results and set(checks) != set(CHECKS):   # some checks rerun: keep the others
+            old = results[t]
+            r = {**{k: v for k, v in old.items() if k != "timed_out"}, **r, "checks": {**old["checks"], **r["checks"]}}
         results[t] = r
         brief = {c: v["status"] for c, v in r["checks"].items()}
         print(f"{t:28s} {r['seconds']:6.1f}s {brief}" + (" TIMEOUT" if r.get("timed_out") else ""), flush=True)

@@ -8,6 +8,8 @@ lacks an ONNX implementation; `torch.onnx.export(gm)` only if both fail), lowers
 pre-transposed weight initializers, one Gather back into token order; constant route ids: plain MatMuls on their
 range), folds the weight slices, runs the onnxscript optimizer and opens an `onnxruntime.InferenceSession` with
 the weights handed over in memory (`routefx.backends.onnx_session`: the graph is serialized without them).
+Complex-valued subgraphs (DeepSeek-V2's and Llama 4's complex rotary embeddings), which the exporter cannot lower,
+are first computed on (real, imaginary) pairs (`routefx.backends.complex_to_real`, on a copy of the graph).
 Non-tensor keywords (use_cache=False) are baked into the model; its inputs are the model's own tensor inputs, its
 weights are initializers. `runner.timings` has the wall seconds of each phase (export, fold, optimize, fuse, serialize,
 session), `runner.cpu_timings` their CPU seconds, `runner.fusions` the fused-kernel rewrites made, and
@@ -73,6 +75,7 @@ from torch.utils import _pytree as pytree
 
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn, used below)
 from routefx.backends import onnx_program, onnx_session
+from routefx.backends.complex_to_real import complex_to_real
 from routefx.backends.onnx_fusions import DEFAULT_FUSIONS, fuse_, optimize_
 from routefx.backends.onnx_ops import fold_weight_slices, routed_ffn_lowering
 from routefx.backends.onnx_opset import export_opset
@@ -347,6 +350,8 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     missing = [n.target for n in placeholders if n.target not in example_kwargs]
     if missing:
         raise BackendError(f"example_kwargs lack {missing}; the graph takes {[n.target for n in placeholders]}")
+    gm, complex_rewrites = complex_to_real(gm)   # complex values (rotary embeddings) as (re, im) pairs: a copy
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     _check_float_dtypes(gm)
     arg_names = _positional_names(gm, [n.target for n in placeholders])
     clock = _Clock()
@@ -386,6 +391,8 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     run.cpu_timings = clock.cpu
     run.fusions = dict(fused.counts)
     run.notes = fused.summary() + ([f"ONNX optimizer: {optimizer}"] if optimizer != "routefx" else [])
+    if complex_rewrites:
+        run.notes.append(f"complex_to_real: {complex_rewrites} complex-valued nodes computed on (re, im) pairs")
     return run
 
 
@@ -411,8 +418,9 @@ def _moe_left_captured(gm: fx.GraphModule) -> str:
         return ""
     paths = sorted({next(reversed(n.meta.get("nn_module_stack", {}).values()), (n.name,))[0] for n in grouped})
     return (f"the graph runs MoE experts through a grouped GEMM ({grouped[0].target}, in {paths}): MoE blocks that "
-            "raise_moe left as captured (its misses in the compile report say why); the onnx backend runs experts "
-            "only as routefx::routed_ffn, backend 'eager' runs the captured blocks. ")
+            "raise_moe left as captured (the compile report's raise_moe misses say why, or its raise_ffn misses for "
+            "a block not read as an FFN at all); the onnx backend runs experts only as routefx::routed_ffn, backend "
+            "'eager' runs the captured blocks. ")
 
 
 def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[str, ...],

@@ -158,3 +158,34 @@ def test_two_blocks_whose_ffns_share_one_module_are_refused():
     with pytest.raises(routefx.UnsupportedModelError,
                        match=r"Duo: blocks 0 and 1 were both recognised with their FFN in module z\.0\.b"):
         check_blocks_rewritable(Duo(budget=0.5), gm, ir)
+
+
+class _RecurrentLayer(nn.Module):
+    """Recurrent Gemma's recurrent layer: a temporal branch without attention (here a causal running mean of a
+    projection) and an MLP branch, each added to the stream: two blocks in one layer."""
+
+    def __init__(self, d, f):
+        super().__init__()
+        from tests.zoo import _RMS, _Gated
+        self.n1, self.n2, self.mix, self.b = _RMS(d), _RMS(d), nn.Linear(d, d), _Gated(d, f)
+
+    def forward(self, x):
+        h = self.mix(self.n1(x))
+        steps = torch.arange(1, x.shape[1] + 1, dtype=x.dtype, device=x.device)[:, None]
+        x = x + h.cumsum(1) / steps
+        return x + self.b(self.n2(x))
+
+
+def test_pruning_every_block_of_a_two_block_layer_equals_deleting_the_layer():
+    torch.manual_seed(0)
+    model = PlainLM().eval()
+    model.z[0], model.z[1] = _RecurrentLayer(36, 76), _RecurrentLayer(36, 76)
+    ids = torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(0))
+    paths = [b.path for b in routefx.inspect(model, (ids,)).blocks]
+    assert paths == ["z.0", "z.0", "z.1", "z.1", "z.2"]       # blocks are not layers
+    cm = routefx.compile(model, PruneLayers(layers=[2, 3]), example_inputs=(ids,))
+    ref = copy.deepcopy(model)
+    del ref.z[1]
+    ids = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close_nonpad(cm(ids), ref(ids), None, EXACT_REWRITE)
