@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-__all__ = ["causal_sdpa_", "mask_is_causal", "sdpa_causal_if"]
+from routefx.ir.graph_utils import replace_node
+
+__all__ = ["causal_sdpa_", "mask_is_causal", "sdpa_causal_if", "sdpa_parts"]
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
@@ -64,8 +66,9 @@ def _(q, k, v, mask, causal, scale=None, enable_gqa=False):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-def _parts(n: fx.Node):
-    """(q, k, v, mask, scale, enable_gqa) of an SDPA node with a boolean mask and nothing else, or None."""
+def sdpa_parts(n: fx.Node):
+    """(q, k, v, mask, scale, enable_gqa) of an SDPA node with a boolean mask, no dropout and no `is_causal`,
+    or None (any other SDPA)."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     a = dict(zip(names, n.args))
     a.update(n.kwargs)
@@ -86,7 +89,7 @@ def causal_sdpa_(gm: fx.GraphModule) -> int:
     for n in list(g.nodes):
         if n.op != "call_function" or n.target is not _SDPA:
             continue
-        parts = _parts(n)
+        parts = sdpa_parts(n)
         if parts is None:
             continue
         q, k, v, mask, scale, gqa = parts
@@ -95,9 +98,7 @@ def causal_sdpa_(gm: fx.GraphModule) -> int:
                 flags[mask] = g.call_function(torch.ops.routefx.mask_is_causal.default, (mask,))
         with g.inserting_before(n):
             rep = g.call_function(torch.ops.routefx.sdpa_causal_if.default, (q, k, v, mask, flags[mask], scale, gqa))
-        rep.meta.update(n.meta)
-        n.replace_all_uses_with(rep)
-        g.erase_node(n)
+        replace_node(n, rep)
         done += 1
     if done:
         g.lint()

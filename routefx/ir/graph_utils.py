@@ -200,3 +200,10 @@ def constant_route(routes) -> int | None:
     i = _FILL_ARG[routes.target]
     value = routes.args[i] if len(routes.args) > i else routes.kwargs.get("fill_value")
     return int(value) if isinstance(value, (int, float, bool)) else None
+
+
+def replace_node(old: fx.Node, new: fx.Node) -> None:
+    """Put `new` in `old`'s place: `new` takes `old`'s metadata and users, and `old` leaves the graph."""
+    new.meta.update(old.meta)
+    old.replace_all_uses_with(new)
+    old.graph.erase_node(old)

@@ -37,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from routefx.backends.causal_sdpa import sdpa_parts
+from routefx.ir.graph_utils import replace_node
+
 __all__ = ["flex_attention_", "block_mask_tensors", "flex_sdpa", "BLOCK", "MIN_LENGTH", "HEAD_DIMS"]
 
 aten = torch.ops.aten
@@ -122,29 +125,21 @@ def mask_blocks(mask, q, k):
     return block_mask_tensors(materialize(m.contiguous()), q.shape[-2], k.shape[-2])
 
 
-def _rewritable(n: fx.Node, dtypes) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, dict] | None:
-    args = list(n.args) + [None] * (7 - len(n.args))
-    q, k, v, mask, dropout, causal, _ = args[:7]
-    kw = dict(n.kwargs)
-    mask = kw.pop("attn_mask", mask)
-    dropout = kw.pop("dropout_p", dropout) or 0.0
-    causal = kw.pop("is_causal", causal) or False
-    if len(n.args) > 6:
-        kw.setdefault("scale", n.args[6])
-    if set(kw) - {"scale", "enable_gqa"} or dropout != 0.0 or causal or not isinstance(mask, fx.Node):
+def _rewritable(n: fx.Node, dtypes):
+    """(q, k, v, mask, scale, enable_gqa) of an SDPA node FlexAttention can take (module docstring), or None."""
+    parts = sdpa_parts(n)
+    if parts is None:
         return None
-    vals = [x.meta.get("val") if isinstance(x, fx.Node) else None for x in (q, k, v, mask)]
-    if any(t is None for t in vals):
-        return None
-    qv, kv, vv, mv = vals
-    if mv.dtype != torch.bool or not 2 <= mv.dim() <= 4 or qv.dim() != 4 or kv.dim() != 4 or vv.dim() != 4:
+    q, k, v, mask = parts[:4]
+    qv, kv, vv, mv = (x.meta.get("val") if isinstance(x, fx.Node) else None for x in (q, k, v, mask))
+    if any(t is None for t in (qv, kv, vv)) or not 2 <= mv.dim() <= 4 or not qv.dim() == kv.dim() == vv.dim() == 4:
         return None
     if qv.dtype not in dtypes or qv.shape[-1] not in HEAD_DIMS or vv.shape[-1] != qv.shape[-1]:
         return None
     mshape = [1] * (4 - mv.dim()) + list(mv.shape)
     if str(mshape[1]) not in ("1", str(qv.shape[1])):  # a mask per key/value head only: leave SDPA
         return None
-    return q, k, v, mask, kw
+    return parts
 
 
 def flex_attention_(gm: fx.GraphModule, dtypes=(torch.float16, torch.bfloat16)) -> int:
@@ -159,17 +154,14 @@ def flex_attention_(gm: fx.GraphModule, dtypes=(torch.float16, torch.bfloat16)) 
         r = _rewritable(n, dtypes)
         if r is None:
             continue
-        q, k, v, mask, kw = r
+        q, k, v, mask, scale, gqa = r
         key = (mask, str(q.meta["val"].shape[-2]), str(k.meta["val"].shape[-2]))
         if key not in blocks_of:
             with g.inserting_before(n):
                 blocks_of[key] = g.call_function(mask_blocks, (mask, q, k))
         with g.inserting_before(n):  # the block tensors were made before an earlier SDPA of the same mask
-            rep = g.call_function(flex_sdpa, (q, k, v, mask, blocks_of[key]), {"scale": kw.get("scale"),
-                                                                   "enable_gqa": kw.get("enable_gqa", False)})
-        rep.meta.update(n.meta)
-        n.replace_all_uses_with(rep)
-        g.erase_node(n)
+            rep = g.call_function(flex_sdpa, (q, k, v, mask, blocks_of[key]), {"scale": scale, "enable_gqa": gqa})
+        replace_node(n, rep)
         done += 1
     if done:
         g.lint()

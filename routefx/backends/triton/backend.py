@@ -43,6 +43,7 @@ from torch import fx
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn)
 from routefx.backends.static_routes import lower_routed, static_ffn  # noqa: F401  (static_ffn: re-exported)
 from routefx.errors import BackendError, InputError
+from routefx.ir import graph_utils as gu
 from routefx.ir.graph_utils import fetch_attr
 
 __all__ = ["prepare", "lower", "TritonRunner", "LowerStats", "unavailable_reason", "static_ffn"]
@@ -159,9 +160,7 @@ def interleave_gate_up_(new: fx.GraphModule, gm: fx.GraphModule, routed_target) 
         with g.inserting_before(n):
             w_gu = g.get_attr(made[key])
             rep = g.call_function(paired_op, (x, routes, gates, w_gu, w_down, b_up, b_gate, b_down, ranges, act))
-        rep.meta.update(n.meta)
-        n.replace_all_uses_with(rep)
-        g.erase_node(n)
+        gu.replace_node(n, rep)
         done += 1
     if done:
         g.eliminate_dead_code()
@@ -202,9 +201,7 @@ def router_reductions_(gm: fx.GraphModule, routed_target) -> int:
             out = g.call_function(aten.sum.dim_IntList, (prod, [-1]))
             if b is not None:
                 out = g.call_function(aten.add.Tensor, (out, b))
-        out.meta.update(lin.meta)
-        lin.replace_all_uses_with(out)
-        g.erase_node(lin)
+        gu.replace_node(lin, out)
         done += 1
     if done:
         gm.recompile()
