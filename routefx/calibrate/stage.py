@@ -24,17 +24,31 @@ __all__ = ["calibrate"]
 
 
 def _prune(policy: PruneLayers, gm: fx.GraphModule, ir: ModelIR, batches: list[dict] | None, plan: Plan) -> None:
+    """The blocks to remove. At least one block holding attention stays (a hybrid's recurrent or MLP-only blocks
+    alone are no transformer: recognition would find no blocks in what is left): an explicit list that removes
+    them all is refused; `keep` passes over the last one in the Block Influence order."""
     L = len(ir.blocks)
+    attention = {b.index for b in ir.blocks if b.attention}
     if policy.layers is not None:
         bad = [i for i in policy.layers if i >= L]
         if bad:
             raise PolicyError(f"PruneLayers: block {bad[0]} does not exist; the model has {L} blocks (0..{L - 1})")
         pruned = sorted(policy.layers)
+        if len(pruned) < L and attention and attention <= set(pruned):
+            raise PolicyError(f"PruneLayers would remove every block that holds attention ({sorted(attention)} of "
+                              f"{L} blocks); keep at least one of them")
     else:
         plan.block_influence = block_influence(gm, ir, batches)
         n = min(math.floor((1 - policy.keep) * L + 0.5), L - 1)
         order = sorted(range(L), key=lambda i: (plan.block_influence[i], i))
-        pruned = sorted(order[:n])
+        pruned = []
+        for i in order:
+            if len(pruned) == n:
+                break
+            if attention and attention <= set(pruned) | {i}:
+                continue  # the last attention block stays
+            pruned.append(i)
+        pruned.sort()
     if len(pruned) >= L:
         raise PolicyError(f"PruneLayers would remove all {L} blocks; keep at least one")
     plan.pruned = pruned

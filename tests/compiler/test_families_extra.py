@@ -189,3 +189,20 @@ def test_pruning_every_block_of_a_two_block_layer_equals_deleting_the_layer():
     ids = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert_close_nonpad(cm(ids), ref(ids), None, EXACT_REWRITE)
+
+
+def test_pruning_keeps_a_block_that_holds_attention():
+    """A hybrid whose only attention is in its last layer: an explicit PruneLayers list that removes that block
+    is refused by name; PruneLayers(keep=...) passes over it even when it ranks lowest."""
+    torch.manual_seed(0)
+    model = PlainLM().eval()
+    model.z[0], model.z[1] = _RecurrentLayer(36, 76), _RecurrentLayer(36, 76)
+    ids = torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(routefx.PolicyError, match=r"would remove every block that holds attention \(\[4\] of 5"):
+        routefx.compile(model, PruneLayers(layers=[4]), example_inputs=(ids,))
+    cal = [torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    cm = routefx.compile(model, PruneLayers(keep=0.2), calibration=cal)
+    cm(ids)
+    inf = cm.plan.block_influence
+    assert max(range(5), key=lambda i: inf[i]) != 4   # by influence alone the attention block would go
+    assert cm.plan.pruned == [0, 1, 2, 3]            # four of five go, never the attention block
