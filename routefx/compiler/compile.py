@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import inspect as _inspect
 import time
+import warnings
 
 import torch
 from torch import fx, nn
@@ -120,6 +121,7 @@ class CompiledModel:
                                    "the model's keyword arguments, or input_ids tensors)")
         self._debug_dir = debug_dir
         self._entries: dict[tuple, _Entry] = {}
+        self._fixed: dict[tuple, dict[str, set[int]]] = {}   # form -> {input: dims its capture fixed}
         self._last: _Entry | None = None
 
     # -- compilation ---------------------------------------------------------------------------------------
@@ -173,12 +175,35 @@ class CompiledModel:
         report.notes += list(getattr(run, "notes", ()))  # backend "auto" says which candidate it kept
         return _Entry(gm, ir, plan, flops, report, run)
 
+    def _key(self, kwargs: dict) -> tuple:
+        """The entry key of a call: its form, and the sizes of the dims an earlier capture of that form found
+        fixed by the model's code (`CaptureInfo.fixed_dims`; one graph per size then)."""
+        form = _form(kwargs)
+        fixed = self._fixed.get(form)
+        if not fixed:
+            return form
+        return form, tuple((n, d, int(kwargs[n].shape[d])) for n, dims in sorted(fixed.items())
+                           for d in sorted(dims) if isinstance(kwargs.get(n), torch.Tensor) and kwargs[n].dim() > d)
+
     def _entry(self, kwargs: dict) -> _Entry:
-        key = _form(kwargs)
+        key = self._key(kwargs)
         if key not in self._entries:
-            if self._plan is None and self._calibration is not None and key != _form(self._calibration[0]):
+            if self._plan is None and self._calibration is not None and _form(kwargs) != _form(self._calibration[0]):
                 self._entry(self._calibration[0])      # calibrate once, on the calibration data's own form
-            self._entries[key] = self._compile(kwargs)
+                key = self._key(kwargs)
+        if key not in self._entries:
+            entry = self._compile(kwargs)
+            fixed = getattr(entry.gm.meta.get("routefx"), "fixed_dims", None)
+            if fixed:
+                form = _form(kwargs)
+                if form in self._fixed:
+                    warnings.warn(f"{type(self._model).__name__}: the captured graph fixes input sizes "
+                                  f"{fixed} (the model's code turns them into constants), so routefx compiled it "
+                                  "again for these sizes; each new size compiles once more", RuntimeWarning,
+                                  stacklevel=3)
+                self._fixed.setdefault(form, {}).update({n: set(d) for n, d in fixed.items()})
+                key = self._key(kwargs)
+            self._entries[key] = entry
         self._last = self._entries[key]
         return self._last
 

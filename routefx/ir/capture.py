@@ -31,6 +31,9 @@ class CaptureInfo:
     constant_kwargs: dict[str, Any]
     bound_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # constants given through **kwargs:
     #                                                   baked into the graph, which does not take them as inputs
+    fixed_dims: dict[str, dict[int, int]] = dataclasses.field(default_factory=dict)  # input -> {dim: size}: batch /
+    #   length dims captured as dynamic that the model's code made constants (e.g. `int(x.shape[1])`): the graph
+    #   serves calls of those sizes only (CompiledModel compiles again for others)
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -175,6 +178,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
                     ep = torch.export.export(model, tuple(as_given[n][0] for n in pos[:n_args]),
                                              kwargs={n: as_given[n][0] for n in call_kwargs},
                                              dynamic_shapes={n: v[1] for n, v in as_given.items()}, strict=False)
+                    shapes = {n: v[1] for n, v in as_given.items()}
                 except Exception:  # noqa: BLE001 - the first failure is the one reported
                     ep = None
             if ep is None:
@@ -188,8 +192,23 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
         arg_names=tuple(pos[:n_args]),
         constant_kwargs={k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor)},
         bound_kwargs=dict(bound_kwargs),
+        fixed_dims=_fixed_dims(gm, shapes),
     )
     return gm
+
+
+def _fixed_dims(gm: torch.fx.GraphModule, shapes: dict) -> dict[str, dict[int, int]]:
+    """The dims asked to be dynamic (`shapes`: input -> {dim: Dim.AUTO}) that export made constants: the
+    placeholder's value has an int there, not a symbol."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int  # an int, or a symbol export made constant
+    vals = {n.target: gu.val(n) for n in gm.graph.nodes if n.op == "placeholder"}
+    fixed: dict[str, dict[int, int]] = {}
+    for name, dims in shapes.items():
+        v = vals.get(name)
+        for d in dims or ():
+            if v is not None and d < v.dim() and is_concrete_int(v.shape[d]):
+                fixed.setdefault(name, {})[d] = int(v.shape[d])
+    return fixed
 
 
 def _expand_as_by_sizes(gm: torch.fx.GraphModule) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 import routefx
 from routefx.policies import Duo, PruneLayers
 from tests.compare import assert_close_nonpad
-from tests.tolerances import EXACT_REWRITE
+from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
 from tests.zoo import ZOO, PlainLM, example_inputs
 
 
@@ -206,3 +206,36 @@ def test_pruning_keeps_a_block_that_holds_attention():
     inf = cm.plan.block_influence
     assert max(range(5), key=lambda i: inf[i]) != 4   # by influence alone the attention block would go
     assert cm.plan.pruned == [0, 1, 2, 3]            # four of five go, never the attention block
+
+
+class _LengthAsInt(nn.Module):
+    """A block whose code turns the sequence length into a Python int (CPM-Ant does): export fixes it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        n = int(x.shape[1])
+        return self.inner(x) + torch.arange(n, dtype=x.dtype, device=x.device)[:, None] * 1e-3
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_a_length_the_code_fixes_compiles_once_per_length(backend):
+    """The captured graph serves its own length only (`CaptureInfo.fixed_dims`): a call at another length
+    compiles again (with a RuntimeWarning) instead of failing export's guard, and each length equals the model."""
+    torch.manual_seed(0)
+    model = PlainLM().eval()
+    model.z[1] = _LengthAsInt(model.z[1])
+    cm = routefx.compile(model, routefx.policies.Dense(), backend=backend)
+    for i, seq in enumerate((9, 11, 9)):
+        ids = torch.randint(0, 89, (2, seq), generator=torch.Generator().manual_seed(seq))
+        if i == 1:
+            with pytest.warns(RuntimeWarning, match=r"fixes input sizes .*input_ids.*compiled it again"):
+                out = cm(ids)
+        else:
+            out = cm(ids)
+        with torch.no_grad():
+            assert_close_nonpad(out, model(ids), None, ONNX_VS_EAGER if backend == "onnx" else EXACT_REWRITE)
+    assert cm._last.gm.meta["routefx"].fixed_dims == {"input_ids": {1: 9}}
+    assert len(cm._entries) == 2
