@@ -27,7 +27,7 @@ from torch import fx
 
 from routefx.ir.graph_utils import replace_node
 
-__all__ = ["causal_sdpa_", "mask_is_causal", "sdpa_causal_if", "sdpa_parts"]
+__all__ = ["causal_sdpa_", "mask_is_causal", "sdpa_causal_if", "sdpa_parts", "rewrite_masked_sdpa"]
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
@@ -81,26 +81,35 @@ def sdpa_parts(n: fx.Node):
     return a["query"], a["key"], a["value"], mask, a.get("scale"), bool(a.get("enable_gqa", False))
 
 
-def causal_sdpa_(gm: fx.GraphModule) -> int:
-    """Rewrite each SDPA with a boolean mask as `sdpa_causal_if` (module docstring); returns how many."""
+def rewrite_masked_sdpa(gm: fx.GraphModule, accept, shared_key, make_shared, make_call) -> int:
+    """Replace each SDPA node that `accept(node)` takes (its `sdpa_parts`, or None) by `make_call(graph, parts,
+    shared)`, where `shared = make_shared(graph, parts)` is made once per `shared_key(parts)`, before the first
+    SDPA that needs it (the layers that share a mask share it). Returns how many were replaced."""
     g = gm.graph
-    flags: dict = {}
+    shared: dict = {}
     done = 0
     for n in list(g.nodes):
         if n.op != "call_function" or n.target is not _SDPA:
             continue
-        parts = sdpa_parts(n)
+        parts = accept(n)
         if parts is None:
             continue
-        q, k, v, mask, scale, gqa = parts
-        if mask not in flags:
-            with g.inserting_after(mask):
-                flags[mask] = g.call_function(torch.ops.routefx.mask_is_causal.default, (mask,))
+        key = shared_key(parts)
         with g.inserting_before(n):
-            rep = g.call_function(torch.ops.routefx.sdpa_causal_if.default, (q, k, v, mask, flags[mask], scale, gqa))
+            if key not in shared:
+                shared[key] = make_shared(g, parts)
+            rep = make_call(g, parts, shared[key])
         replace_node(n, rep)
         done += 1
     if done:
         g.lint()
         gm.recompile()
     return done
+
+
+def causal_sdpa_(gm: fx.GraphModule) -> int:
+    """Rewrite each SDPA with a boolean mask as `sdpa_causal_if` (module docstring); returns how many."""
+    return rewrite_masked_sdpa(
+        gm, sdpa_parts, shared_key=lambda p: p[3],
+        make_shared=lambda g, p: g.call_function(torch.ops.routefx.mask_is_causal.default, (p[3],)),
+        make_call=lambda g, p, flag: g.call_function(torch.ops.routefx.sdpa_causal_if.default, (*p[:4], flag, *p[4:])))

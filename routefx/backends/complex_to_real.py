@@ -29,7 +29,7 @@ import torch
 from torch import fx
 
 from routefx.errors import BackendError
-from routefx.ir.graph_utils import fetch_attr, module_path, targets
+from routefx.ir.graph_utils import fake_mode, fetch_attr, module_path, targets
 
 __all__ = ["complex_to_real", "has_complex"]
 
@@ -85,11 +85,10 @@ def complex_to_real(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
 
 
 def _fake_mode(gm: fx.GraphModule):
-    for n in gm.graph.nodes:
-        v = n.meta.get("val")
-        if isinstance(v, torch.Tensor) and getattr(v, "fake_mode", None) is not None:
-            return v.fake_mode
-    raise BackendError("complex_to_real needs a graph with fake values (meta['val']), as routefx captures it")
+    mode = fake_mode(gm)
+    if mode is None:
+        raise BackendError("complex_to_real needs a graph with fake values (meta['val']), as routefx captures it")
+    return mode
 
 
 def _norm(d: int, rank: int) -> int:

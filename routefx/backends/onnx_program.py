@@ -39,6 +39,7 @@ from torch.export.graph_signature import (ExportGraphSignature, InputKind, Input
 from torch.utils import _pytree as pytree
 
 from routefx.errors import BackendError
+from routefx.ir.graph_utils import fake_mode
 
 __all__ = ["exported_program", "to_onnx", "DIRECT", "DECOMPOSED", "export_context", "describe_export_error", "first_line"]
 
@@ -72,11 +73,10 @@ _ALIASES = {
 
 
 def _fake_mode(gm: fx.GraphModule):
-    for n in gm.graph.nodes:
-        val = n.meta.get("val")
-        if isinstance(val, torch.Tensor) and getattr(val, "fake_mode", None) is not None:
-            return val.fake_mode
-    raise ValueError("the graph carries no fake values (meta['val']); it was not captured by torch.export")
+    mode = fake_mode(gm)
+    if mode is None:
+        raise ValueError("the graph carries no fake values (meta['val']); it was not captured by torch.export")
+    return mode
 
 
 def exported_program(gm: fx.GraphModule, tensor_inputs: list[str]) -> ExportedProgram:

@@ -202,6 +202,15 @@ def constant_route(routes) -> int | None:
     return int(value) if isinstance(value, (int, float, bool)) else None
 
 
+def fake_mode(gm: fx.GraphModule):
+    """The FakeTensorMode of the graph's fake values (meta["val"], as torch.export leaves them), or None."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and getattr(v, "fake_mode", None) is not None:
+            return v.fake_mode
+    return None
+
+
 def replace_node(old: fx.Node, new: fx.Node) -> None:
     """Put `new` in `old`'s place: `new` takes `old`'s metadata and users, and `old` leaves the graph."""
     new.meta.update(old.meta)

@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from routefx.backends.causal_sdpa import sdpa_parts
-from routefx.ir.graph_utils import replace_node
+from routefx.backends.causal_sdpa import rewrite_masked_sdpa, sdpa_parts
 
 __all__ = ["flex_attention_", "block_mask_tensors", "flex_sdpa", "BLOCK", "MIN_LENGTH", "HEAD_DIMS"]
 
@@ -46,7 +45,6 @@ aten = torch.ops.aten
 BLOCK = 128                    # FlexAttention's default tile (queries and keys)
 MIN_LENGTH = 2 * BLOCK         # shorter queries or keys keep SDPA (one tile: nothing to skip)
 HEAD_DIMS = (32, 64, 128)      # head sizes FlexAttention's kernel is tuned for on Hopper
-_SDPA = aten.scaled_dot_product_attention.default
 
 
 def _ceil(a, b):
@@ -83,9 +81,9 @@ def block_mask_tensors(mask: torch.Tensor, q_len, kv_len):
 
 
 def flex_sdpa(q, k, v, mask, blocks, scale=None, enable_gqa=False):
-    """SDPA(q, k, v, attn_mask=mask) as FlexAttention over `blocks` (from `block_mask_tensors(mask)`), or plain
-    SDPA when the lengths are below MIN_LENGTH (then `blocks` is None)."""
-    if blocks is None or not _use_flex(q, k):
+    """SDPA(q, k, v, attn_mask=mask) as FlexAttention over `blocks` (from `mask_blocks`), or plain SDPA when
+    `mask_blocks` found the lengths below MIN_LENGTH (then `blocks` is None)."""
+    if blocks is None:
         return aten.scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=enable_gqa)
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
     m, kv_num, kv_idx, full_num, full_idx = blocks
@@ -144,27 +142,10 @@ def _rewritable(n: fx.Node, dtypes):
 
 def flex_attention_(gm: fx.GraphModule, dtypes=(torch.float16, torch.bfloat16)) -> int:
     """Rewrite each SDPA with a boolean mask (module docstring) as `flex_sdpa`, with the block tensors computed
-    once per mask node. Returns the number of attentions rewritten."""
-    g = gm.graph
-    blocks_of: dict = {}
-    done = 0
-    for n in list(g.nodes):
-        if n.op != "call_function" or n.target is not _SDPA:
-            continue
-        r = _rewritable(n, dtypes)
-        if r is None:
-            continue
-        q, k, v, mask, scale, gqa = r
-        key = (mask, str(q.meta["val"].shape[-2]), str(k.meta["val"].shape[-2]))
-        if key not in blocks_of:
-            with g.inserting_before(n):
-                blocks_of[key] = g.call_function(mask_blocks, (mask, q, k))
-        with g.inserting_before(n):  # the block tensors were made before an earlier SDPA of the same mask
-            rep = g.call_function(flex_sdpa, (q, k, v, mask, blocks_of[key]), {"scale": scale, "enable_gqa": gqa})
-        replace_node(n, rep)
-        done += 1
-    if done:
-        g.lint()
-        gm.recompile()
-    return done
-
+    once per mask and lengths. Returns the number of attentions rewritten."""
+    return rewrite_masked_sdpa(
+        gm, lambda n: _rewritable(n, dtypes),
+        shared_key=lambda p: (p[3], str(p[0].meta["val"].shape[-2]), str(p[1].meta["val"].shape[-2])),
+        make_shared=lambda g, p: g.call_function(mask_blocks, (p[3], p[0], p[1])),
+        make_call=lambda g, p, blocks: g.call_function(flex_sdpa, (*p[:4], blocks),
+                                                        {"scale": p[4], "enable_gqa": p[5]}))

@@ -95,12 +95,13 @@ class LowerStats:
     causal_checks: int = 0    # SDPA with a boolean mask -> causal kernel when the mask is causal (`causal_sdpa`)
 
 
-def lower(gm: fx.GraphModule, flex_attention: bool = False) -> tuple[fx.GraphModule, LowerStats]:
+def lower(gm: fx.GraphModule, flex_attention: bool = False,
+          causal_check: bool = False) -> tuple[fx.GraphModule, LowerStats]:
     """A new GraphModule (sharing `gm`'s weights) with every routed_ffn lowered as the module docstring says.
     `gm`'s graph is left unchanged; the gate and up buffers routefx made for its routed FFNs become views of one
     interleaved matrix in both modules (same values, same memory: `interleave_gate_up_`). flex_attention: also
     rewrite SDPA with a boolean mask as block-sparse FlexAttention (`attention.flex_attention_`, any float
-    dtype)."""
+    dtype); causal_check: the SDPA left with a boolean mask checks it for the causal kernel (`causal_sdpa`)."""
     from routefx.backends.triton import ffn  # noqa: F401  (registers torch.ops.routefx_triton.routed_ffn)
     triton_op = torch.ops.routefx_triton.routed_ffn.default
 
@@ -108,11 +109,14 @@ def lower(gm: fx.GraphModule, flex_attention: bool = False) -> tuple[fx.GraphMod
     if n_triton:
         router_reductions_(new, triton_op)
         interleave_gate_up_(new, gm, triton_op)
-    n_flex = 0
+    n_flex = n_causal = 0
     if flex_attention:
         from routefx.backends.triton.attention import flex_attention_
         n_flex = flex_attention_(new, dtypes=(torch.float16, torch.bfloat16, torch.float32))
-    return new, LowerStats(n_triton, n_dense, n_flex)
+    if causal_check:
+        from routefx.backends.causal_sdpa import causal_sdpa_
+        n_causal = causal_sdpa_(new)
+    return new, LowerStats(n_triton, n_dense, n_flex, n_causal)
 
 
 def interleave_gate_up_(new: fx.GraphModule, gm: fx.GraphModule, routed_target) -> int:
@@ -288,7 +292,7 @@ class TritonRunner:
 
 def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = None,
             inductor: bool | None = None, cudagraphs: bool = False,
-            flex_attention: bool | None = None, causal_check: bool = False) -> TritonRunner:
+            flex_attention: bool = False, causal_check: bool = False) -> TritonRunner:
     """Lower `gm` and compile it (see the module docstring). Raises `BackendError` when Triton cannot run where
     the graph's weights are.
 
@@ -304,7 +308,7 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = 
     when an overwritten output is read).
 
     flex_attention: run attention with a boolean mask as block-sparse FlexAttention (`attention.py`: tiles the
-    mask disallows are skipped, e.g. half of a causal attention). EXPERIMENTAL, off by default (None = False):
+    mask disallows are skipped, e.g. half of a causal attention). EXPERIMENTAL, off by default:
     on an H200 with torch 2.11 the compiled graph failed with an illegal memory access
     (bench/results/gpu_run_2243_h200_flex/; Dynamo's "Attempt to trace generator" there is a side effect of
     the runtime error), before the mask was materialised for the template (`attention.materialize`); not yet
@@ -329,8 +333,6 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = 
         raise BackendError(f"Triton's CPU interpreter computes {sorted(map(str, low))} wrongly without an error; "
                            "backend 'triton' on CPU (TRITON_INTERPRET=1) runs fp32 graphs only: convert the model "
                            "with .float(), or run on a CUDA GPU")
-    if flex_attention is None:
-        flex_attention = False  # experimental: see the docstring
     if causal_check and cudagraphs:
         raise BackendError("causal_check=True reads a host value each forward (whether the mask is causal), which "
                            "a CUDA graph cannot replay; use it without cudagraphs")
@@ -338,10 +340,7 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool | None = 
         inductor = device.type == "cuda"
 
     def build(flex: bool):
-        lowered, stats = lower(gm, flex_attention=flex)
-        if causal_check:
-            from routefx.backends.causal_sdpa import causal_sdpa_
-            stats = dataclasses.replace(stats, causal_checks=causal_sdpa_(lowered))
+        lowered, stats = lower(gm, flex_attention=flex, causal_check=causal_check)
         if not inductor:
             return lowered, stats, lowered
         return lowered, stats, torch.compile(lowered, backend="inductor", dynamic=dynamic, fullgraph=True,
