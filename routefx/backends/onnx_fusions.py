@@ -16,6 +16,9 @@ the installed onnxscript is skipped and said so in the notes):
                    with cos / sin = Unsqueeze(Cos / Sin(Concat(f, f)), 1), f [1, S, H/2] (one angle row per
                    position, the same for every batch row) -> com.microsoft RotaryEmbedding(x, position offset 0,
                    Cos(f[0]), Sin(f[0])): row s of the cache is position s's angles, whatever the positions are.
+                   f [B, S, H/2] (per-row position_ids: the generation graphs, left padding) -> the cache is f
+                   flattened to [B*S, H/2] and the position ids b*S + s. Measured on the 6-layer d=256 trained
+                   LM's decode step (ONNX Runtime, 2 threads): 320 -> 253 nodes, 0.66 -> 0.55 ms.
   causal_gqa       Attention whose mask may be the causal triangle -> If(mask causal over equal lengths,
                    com.microsoft GroupQueryAttention on [B, S, heads * H] views, the exported Attention):
                    ONNX Runtime's GQA CPU kernel skips the masked half of the scores (`onnx_attention`).
@@ -196,7 +199,7 @@ def _angles(v: ir.Value, trig: str, half: int) -> ir.Value | None:
     f = cat.inputs[0]
     if cat.attributes.get_int("axis", 0) not in (-1, 2) or f.shape is None or f.shape.rank() != 3:
         return None
-    return f if f.shape[0] == 1 and f.shape[2] == half else None
+    return f if f.shape[2] == half else None
 
 
 def _rotary_match(add: ir.Node) -> tuple[ir.Value, ir.Value] | str:
@@ -226,9 +229,44 @@ def _rotary_match(add: ir.Node) -> tuple[ir.Value, ir.Value] | str:
                 return "rotate_half does not split the head in halves"
             f = _angles(cos, "Cos", h // 2)
             if f is None or _angles(sin, "Sin", h // 2) is not f:
-                return "cos / sin are not Cos / Sin of one [1, S, H/2] angle table repeated twice"
+                return "cos / sin are not Cos / Sin of one [B, S, H/2] angle table repeated twice"
             return x, f
     return "not x * cos + rotate_half(x) * sin"
+
+
+def _rotary_tables(f: ir.Value, zero: ir.Value, axes0: ir.Value) -> tuple[list[ir.Node], tuple]:
+    """(nodes, (position ids, cos cache, sin cache)) for RotaryEmbedding from the angle table f [B, S, H/2].
+    B == 1 (positions shared by the rows): the cache is f[0] and the position offset 0. Otherwise (per-row
+    positions, e.g. a decode step's position_ids input): the cache is f flattened to [B*S, H/2] and row (b, s)
+    reads cache row b*S + s, so any positions, padding included, give exactly the angles the model computed."""
+    if f.shape[0] == 1:
+        table = ir.node("Squeeze", [f, axes0])
+        nodes, positions = [table], zero
+    else:
+        def const(v):
+            return ir.node("Constant", [], attributes={"value": ir.tensor(np.array(v, np.int64))})
+        flat_shape, start, step = const([-1, f.shape[2]]), const(0), const(1)
+        table = ir.node("Reshape", [f, flat_shape.outputs[0]])                           # [B*S, H/2]
+        shape = ir.node("Shape", [f], attributes={"start": 0, "end": 2})                   # [B, S]
+        count = ir.node("ReduceProd", [shape.outputs[0]], attributes={"keepdims": 0})      # B*S
+        rows = ir.node("Range", [start.outputs[0], count.outputs[0], step.outputs[0]])
+        ids = ir.node("Reshape", [rows.outputs[0], shape.outputs[0]])                      # [B, S]: b*S + s
+        nodes, positions = [flat_shape, start, step, table, shape, count, rows, ids], ids.outputs[0]
+    cos, sin = ir.node("Cos", [table.outputs[0]]), ir.node("Sin", [table.outputs[0]])
+    return nodes + [cos, sin], (positions, cos.outputs[0], sin.outputs[0])
+
+
+def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Every use of `old` reads `new`, graph outputs included (a prefill graph returns the rotated keys as its
+    cache), which then take `old`'s name (the runner reads outputs by position, callers by name)."""
+    if old.is_graph_output():
+        name = old.name
+        old.name = f"{name}/unfused"
+        new.name = name
+        for i, v in enumerate(graph.outputs):
+            if v is old:
+                graph.outputs[i] = new
+    old.replace_all_uses_with(new)
 
 
 def _fuse_rotary(model: ir.Model, result: FusionResult) -> int:
@@ -249,19 +287,15 @@ def _fuse_rotary(model: ir.Model, result: FusionResult) -> int:
             graph.register_initializer(zero)
             graph.register_initializer(axes0)
         new = []
-        if id(f) not in caches:  # [S, H/2] cos / sin tables, made once per angle table, before their first use
-            squeeze = ir.node("Squeeze", [f, axes0])
-            cos, sin = ir.node("Cos", [squeeze.outputs[0]]), ir.node("Sin", [squeeze.outputs[0]])
-            new += [squeeze, cos, sin]
-            caches[id(f)] = (cos.outputs[0], sin.outputs[0])
-        rope = ir.node("RotaryEmbedding", [x, zero, *caches[id(f)]], attributes={"interleaved": 0},
+        if id(f) not in caches:  # cos / sin tables, made once per angle table, before their first use
+            new, caches[id(f)] = _rotary_tables(f, zero, axes0)
+        positions, cos, sin = caches[id(f)]
+        rope = ir.node("RotaryEmbedding", [x, positions, cos, sin], attributes={"interleaved": 0},
                        domain="com.microsoft", name=f"{add.name}/rotary")
         out = rope.outputs[0]
         out.shape, out.type = add.outputs[0].shape, add.outputs[0].type
         graph.insert_before(add, [*new, rope])
-        if add.outputs[0].is_graph_output():
-            continue  # keep the graph's own output value (rare: a model that returns a rotated tensor)
-        add.outputs[0].replace_all_uses_with(out)
+        _replace_value(graph, add.outputs[0], out)
         count += 1
     if count:
         model.opset_imports.setdefault("com.microsoft", 1)

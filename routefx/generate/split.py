@@ -173,6 +173,7 @@ def drop_empty_cats_(gm: fx.GraphModule) -> int:
                 gm.graph.erase_node(n)
                 count += 1
     if count:
+        gm.graph.eliminate_dead_code()    # the empty tensors the cats read
         gm.recompile()
     return count
 

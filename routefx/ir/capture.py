@@ -263,9 +263,18 @@ _ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
 
 def _drop_metadata_asserts(gm: torch.fx.GraphModule) -> None:
     """Remove export's dtype/device assertion nodes: they check nothing a rewrite needs, and as impure nodes
-    they would keep dead branches (a pruned block's norm and attention) alive through dead-code elimination."""
+    they would keep dead branches (a pruned block's norm and attention) alive through dead-code elimination.
+    Also replace each in-place `detach_` by its input (it returns its input; the graphs run without autograd):
+    `torch.tensor(...)` in model code (a Hugging Face cache layer's empty initial keys) is captured as
+    `lift_fresh_copy` + `detach_`, and an in-place op makes the graph non-functional, which torch.export's
+    verifier refuses (the ONNX backend then had to trace the graph again, losing its fused attention kernels)."""
     for n in list(gm.graph.nodes):
-        if n.op == "call_function" and n.target in _ASSERTS and not n.users:
+        if n.op != "call_function":
+            continue
+        if n.target in _ASSERTS and not n.users:
+            gm.graph.erase_node(n)
+        elif n.target is torch.ops.aten.detach_.default:
+            n.replace_all_uses_with(n.args[0])
             gm.graph.erase_node(n)
     gm.recompile()
 

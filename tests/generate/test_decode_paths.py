@@ -123,3 +123,27 @@ def test_run_ortvalues_checks_inputs(llama):
         run.run_ortvalues(**{k: v for k, v in base.items() if k != "position_ids"})
     out = run.run_ortvalues(**base)
     assert len(out) == len(run.output_names) and all(isinstance(v, ort.OrtValue) for v in out)
+
+
+def test_generation_graphs_lower_directly_with_per_row_rotary(llama):
+    """The prefill and decode graphs take position_ids per row (left padding), so their rotary angle tables are
+    [B, S, H/2]: both lower from the captured graph itself (no in-place `detach_` from the cache's
+    `torch.tensor([])` left to make export re-trace), with every rotary embedding fused into RotaryEmbedding
+    reading the flattened table, and the decode step equals eager with ONNX Runtime's optimizations on and off."""
+    entry, onnx, eager = llama
+    ids, mask = _prompt(entry)
+    fast, ref = Stepper(onnx, mask, path="call"), Stepper(eager, mask)
+    fast.prefill(ids), ref.prefill(ids)
+    g = generation_graphs(onnx)
+    layers = entry.expect.blocks
+    for graph in (g.prefill, g.decode):
+        assert graph.run.export_path == "direct", graph.run.notes
+        assert graph.run.fusions["rotary"] == 2 * layers, graph.run.notes
+    assert not any(n.target is torch.ops.aten.detach_.default for n in g.decode.gm.graph.nodes)
+    new = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    feeds = dict(input_ids=new, attention_mask=torch.cat([fast.mask, torch.ones_like(new)], dim=1),
+                 position_ids=fast.pos + torch.arange(1, 4), **dict(zip(g.past_names, fast.past)))
+    expected = ref.extend(new)
+    for level in ("all", "disable"):
+        out = g.decode.run.at_level(level)(**feeds)
+        assert_close_nonpad(out[0], expected, None, ONNX_VS_EAGER)
