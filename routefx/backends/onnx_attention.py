@@ -10,8 +10,10 @@ for its attention output only: requesting `present_key` / `present_value` select
 that took 9-11 ms on the same call.
 
 What it cannot express: a mask other than the causal one over equal query and key lengths (left padding, a
-sliding window shorter than the sequence, a decode step over a cache). Whether the mask is causal is a property of
-the inputs, not of the graph, so it is checked at run time:
+sliding window shorter than the sequence, a decode step over a cache). An Attention whose keys are a cache input
+with the step's keys appended (the generation graphs' decode step) is left as exported: its lengths differ on
+every call with a past. Otherwise whether the mask is causal is a property of the inputs, not of the graph, so it
+is checked at run time:
 
     If(cond, then: GroupQueryAttention(q, k, v as [B, S, heads · H]), else: the exported Attention as it was)
     cond = (S_q == S_kv) and the mask equals the causal triangle
@@ -48,6 +50,9 @@ def _blocker(node: ir.Node) -> str | None:
         return "past key / value inputs"
     if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
         return "optional outputs used"
+    if _cache_concat(k):
+        return ("keys are the cache input plus the step's keys (a decode step, its lengths differ whenever a past "
+                "is given)")
     if node.attributes.get_float("softcap", 0.0) != 0.0:
         return "softcap"
     causal = node.attributes.get_int("is_causal", 0)
@@ -71,6 +76,16 @@ def _blocker(node: ir.Node) -> str | None:
                              or mask.shape.rank() > 4):
         return "mask not a bool / fp32 tensor of rank <= 4"
     return None
+
+
+def _cache_concat(k: ir.Value | None) -> bool:
+    """Whether k is Concat(..., a graph input, ..., axis = sequence) of 4-D tensors: a step's keys appended to a
+    KV cache passed in (the generation graphs). Such an attention runs its queries against the past too, so the
+    run-time check (equal lengths and the causal triangle) fails on every call with a past and would only add
+    an If and a compare per layer to each decode step; the exported Attention computes it exactly."""
+    cat = k.producer() if k is not None else None
+    return (_is(cat, "Concat") and cat.attributes.get_int("axis", 0) in (2, -2)
+            and any(i is not None and i.is_graph_input() for i in cat.inputs))
 
 
 class _Builder:

@@ -129,7 +129,8 @@ def test_generation_graphs_lower_directly_with_per_row_rotary(llama):
     """The prefill and decode graphs take position_ids per row (left padding), so their rotary angle tables are
     [B, S, H/2]: both lower from the captured graph itself (no in-place `detach_` from the cache's
     `torch.tensor([])` left to make export re-trace), with every rotary embedding fused into RotaryEmbedding
-    reading the flattened table, and the decode step equals eager with ONNX Runtime's optimizations on and off."""
+    reading the flattened table, the decode step's attention (keys = the cache input + the step's) keeps no
+    run-time causal check, and the decode step equals eager with ONNX Runtime's optimizations on and off."""
     entry, onnx, eager = llama
     ids, mask = _prompt(entry)
     fast, ref = Stepper(onnx, mask, path="call"), Stepper(eager, mask)
@@ -140,6 +141,10 @@ def test_generation_graphs_lower_directly_with_per_row_rotary(llama):
         assert graph.run.export_path == "direct", graph.run.notes
         assert graph.run.fusions["rotary"] == 2 * layers, graph.run.notes
     assert not any(n.target is torch.ops.aten.detach_.default for n in g.decode.gm.graph.nodes)
+    # the decode step's attention reads past + new keys: no run-time causal check (it could never pass)
+    assert g.decode.run.fusions["causal_gqa"] == 0
+    notes = g.decode.run.notes
+    assert any("keys are the cache input plus the step's keys" in note for note in notes), notes
     new = torch.tensor([[5, 6, 7], [8, 9, 10]])
     feeds = dict(input_ids=new, attention_mask=torch.cat([fast.mask, torch.ones_like(new)], dim=1),
                  position_ids=fast.pos + torch.arange(1, 4), **dict(zip(g.past_names, fast.past)))
