@@ -230,8 +230,20 @@ def _rotary_match(add: ir.Node) -> tuple[ir.Value, ir.Value] | str:
             f = _angles(cos, "Cos", h // 2)
             if f is None or _angles(sin, "Sin", h // 2) is not f:
                 return "cos / sin are not Cos / Sin of one [B, S, H/2] angle table repeated twice"
+            if not _same_batch(f.shape[0], x.shape[0]):
+                return f"angle table batch {f.shape[0]} is neither 1 nor the input's batch {x.shape[0]}"
             return x, f
     return "not x * cos + rotate_half(x) * sin"
+
+
+def _same_batch(table, x) -> bool:
+    """Whether the angle table's batch dim is 1 or provably the input's (an equal int, or the same named
+    symbol): the flattened cache of `_rotary_tables` has one block of rows per batch row of x."""
+    if table == 1:
+        return True
+    if isinstance(table, int) or isinstance(x, int):
+        return table == x
+    return getattr(table, "value", None) is not None and table == x
 
 
 def _rotary_tables(f: ir.Value, zero: ir.Value, axes0: ir.Value) -> tuple[list[ir.Node], tuple]:

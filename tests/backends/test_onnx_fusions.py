@@ -206,3 +206,49 @@ def test_type_promotion_pass_runs_only_where_needed():
     ids2 = torch.randint(0, 9, (3, 2, 5), generator=torch.Generator().manual_seed(3))
     x2 = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(run(ids=ids2, x=x2), _IntScale()(ids2, x2).detach(), atol=ONNX_VS_EAGER, rtol=0)
+
+
+def _rotary_graph(table_batch: str) -> onnx.ModelProto:
+    """x * cos + rotate_half(x) * sin on x [B, 2, S, 8] with the angle table f [table_batch, S, 4] an input."""
+    from onnx import TensorProto, helper, numpy_helper
+    ints = {"one": [1], "zero": [0], "half": [4], "end": [1 << 30], "last": [3]}
+    inits = [numpy_helper.from_array(np.array(v, np.int64), name) for name, v in ints.items()]
+    nodes = [helper.make_node("Concat", ["f", "f"], ["ff"], axis=-1),
+             helper.make_node("Cos", ["ff"], ["c"]), helper.make_node("Sin", ["ff"], ["s"]),
+             helper.make_node("Unsqueeze", ["c", "one"], ["cu"]), helper.make_node("Unsqueeze", ["s", "one"], ["su"]),
+             helper.make_node("Slice", ["x", "zero", "half", "last", "one"], ["x1"]),
+             helper.make_node("Slice", ["x", "half", "end", "last", "one"], ["x2"]),
+             helper.make_node("Neg", ["x2"], ["nx2"]), helper.make_node("Concat", ["nx2", "x1"], ["rot"], axis=-1),
+             helper.make_node("Mul", ["x", "cu"], ["m1"]), helper.make_node("Mul", ["rot", "su"], ["m2"]),
+             helper.make_node("Add", ["m1", "m2"], ["y"]), helper.make_node("Identity", ["y"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "rotary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 2, "S", 8]),
+                          helper.make_tensor_value_info("f", TensorProto.FLOAT, [table_batch, "S", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 2, "S", 8])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_rotary_with_per_row_angle_tables():
+    """An angle table with one row block per batch row (per-row position_ids: generation with left padding) fuses
+    into RotaryEmbedding over the flattened table and equals the unfused graph; a table whose batch dim is not
+    provably the input's (another symbol) is left alone and said so (no silently wrong broadcast)."""
+    g = np.random.default_rng(0)
+    x = g.standard_normal((2, 2, 5, 8)).astype(np.float32)
+    f = (g.standard_normal((2, 5, 4)) * 3).astype(np.float32)        # two rows, different angles
+    proto = _rotary_graph("B")
+    expected = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x, "f": f})[0]
+    model = ir.from_proto(proto)
+    result = onnx_fusions.fuse_(model, fusions=("rotary",))
+    assert result.counts == {"rotary": 1}, result.notes
+    fused = ir.to_proto(model)
+    assert [n.op_type for n in fused.graph.node].count("RotaryEmbedding") == 1
+    assert not {"Neg", "Slice"} & {n.op_type for n in fused.graph.node}
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        got = ort.InferenceSession(fused.SerializeToString(), so).run(None, {"x": x, "f": f})[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    other = ir.from_proto(_rotary_graph("Bf"))
+    result = onnx_fusions.fuse_(other, fusions=("rotary",))
+    assert result.counts == {"rotary": 0}
+    assert any("angle table batch" in n for n in result.notes), result.notes
