@@ -268,17 +268,13 @@ def _rotary_tables(f: ir.Value, zero: ir.Value, axes0: ir.Value) -> tuple[list[i
     return nodes + [cos, sin], (positions, cos.outputs[0], sin.outputs[0])
 
 
-def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+def _replace_value(old: ir.Value, new: ir.Value) -> None:
     """Every use of `old` reads `new`, graph outputs included (a prefill graph returns the rotated keys as its
-    cache), which then take `old`'s name (the runner reads outputs by position, callers by name)."""
+    cache); a graph output keeps its name, so the model's outputs read the same."""
     if old.is_graph_output():
-        name = old.name
-        old.name = f"{name}/unfused"
+        name, old.name = old.name, f"{old.name}/unfused"
         new.name = name
-        for i, v in enumerate(graph.outputs):
-            if v is old:
-                graph.outputs[i] = new
-    old.replace_all_uses_with(new)
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
 
 
 def _fuse_rotary(model: ir.Model, result: FusionResult) -> int:
@@ -307,7 +303,7 @@ def _fuse_rotary(model: ir.Model, result: FusionResult) -> int:
         out = rope.outputs[0]
         out.shape, out.type = add.outputs[0].shape, add.outputs[0].type
         graph.insert_before(add, [*new, rope])
-        _replace_value(graph, add.outputs[0], out)
+        _replace_value(add.outputs[0], out)
         count += 1
     if count:
         model.opset_imports.setdefault("com.microsoft", 1)

@@ -86,7 +86,7 @@ def _reexport(gm, example: dict, varying: dict):
     """`gm` traced again by torch.export with the varying dims dynamic (fresh symbolic shapes for the backend)."""
     from torch.export import Dim
 
-    from routefx.ir.capture import CaptureInfo, _drop_metadata_asserts
+    from routefx.ir.capture import CaptureInfo, _drop_export_artifacts
     shapes = {n: ({d: Dim.AUTO for d in dims} or None) for n, dims in varying.items()}
     try:
         ep = torch.export.export(gm, (), kwargs=example, dynamic_shapes=shapes, strict=False)
@@ -94,7 +94,7 @@ def _reexport(gm, example: dict, varying: dict):
         raise CaptureError(f"could not re-trace a decode piece with dynamic shapes: {type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
     new = ep.module()
-    _drop_metadata_asserts(new)
+    _drop_export_artifacts(new)
     new.meta["routefx"] = CaptureInfo(arg_names=(), constant_kwargs={})
     return new
 

@@ -32,7 +32,7 @@ from torch import nn
 from torch.export import Dim
 
 from routefx.errors import CaptureError, UnsupportedModelError
-from routefx.ir.capture import CaptureInfo, _drop_metadata_asserts, _eval_mode, _expand_as_by_sizes, _split_baddbmm
+from routefx.ir.capture import CaptureInfo, _drop_export_artifacts, _eval_mode, _expand_as_by_sizes, _split_baddbmm
 
 __all__ = ["CacheLayout", "probe_cache", "capture_prefill", "capture_decode", "supports_cache", "prompt_positions"]
 
@@ -204,7 +204,7 @@ def _export(model, fn, params, example: dict) -> torch.fx.GraphModule:
         else:
             model.forward = own
     gm = ep.module()
-    _drop_metadata_asserts(gm)
+    _drop_export_artifacts(gm)
     _split_baddbmm(gm)
     _expand_as_by_sizes(gm)
     gm.meta["routefx"] = CaptureInfo(arg_names=(), constant_kwargs={})

@@ -185,7 +185,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
                 raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     gm = ep.module()
-    _drop_metadata_asserts(gm)
+    _drop_export_artifacts(gm)
     _split_baddbmm(gm)
     _expand_as_by_sizes(gm)
     gm.meta["routefx"] = CaptureInfo(
@@ -261,10 +261,11 @@ def _expand_as_by_sizes(gm: torch.fx.GraphModule) -> None:
 _ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
 
 
-def _drop_metadata_asserts(gm: torch.fx.GraphModule) -> None:
-    """Remove export's dtype/device assertion nodes: they check nothing a rewrite needs, and as impure nodes
-    they would keep dead branches (a pruned block's norm and attention) alive through dead-code elimination.
-    Also replace each in-place `detach_` by its input (it returns its input; the graphs run without autograd):
+def _drop_export_artifacts(gm: torch.fx.GraphModule) -> None:
+    """Remove what export leaves that no rewrite wants. Its dtype/device assertion nodes check nothing a rewrite
+    needs, and as impure nodes they would keep dead branches (a pruned block's norm and attention) alive through
+    dead-code elimination. Each in-place `detach_` is replaced by its input (it returns its input; the graphs run
+    without autograd):
     `torch.tensor(...)` in model code (a Hugging Face cache layer's empty initial keys) is captured as
     `lift_fresh_copy` + `detach_`, and an in-place op makes the graph non-functional, which torch.export's
     verifier refuses (the ONNX backend then had to trace the graph again, losing its fused attention kernels)."""

@@ -134,7 +134,8 @@ def test_generation_graphs_lower_directly_with_per_row_rotary(llama):
     entry, onnx, eager = llama
     ids, mask = _prompt(entry)
     fast, ref = Stepper(onnx, mask, path="call"), Stepper(eager, mask)
-    fast.prefill(ids), ref.prefill(ids)
+    fast.prefill(ids)
+    ref.prefill(ids)
     g = generation_graphs(onnx)
     layers = entry.expect.blocks
     for graph in (g.prefill, g.decode):
