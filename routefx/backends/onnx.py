@@ -77,6 +77,7 @@ import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn, us
 from routefx.backends import onnx_program, onnx_session
 from routefx.backends.complex_to_real import complex_to_real
 from routefx.backends.onnx_fusions import DEFAULT_FUSIONS, fuse_, optimize_
+from routefx.backends.onnx_grouped_mm import grouped_mm_lowerings
 from routefx.backends.onnx_ops import fold_weight_slices, routed_ffn_lowering
 from routefx.backends.onnx_opset import export_opset
 from routefx.backends.static_routes import constant_route
@@ -411,16 +412,17 @@ class _Clock:
 
 # ---- export helpers ----------------------------------------------------------------------------------------
 
-def _moe_left_captured(gm: fx.GraphModule) -> str:
-    """Why an export that met a MoE block's grouped GEMM failed, or ''."""
+def _moe_left_captured(gm: fx.GraphModule, errors: str) -> str:
+    """Where the export failed on a grouped GEMM or in a module that runs one (as `errors` say): that the block is
+    a MoE block raise_moe left as captured; else ''."""
     grouped = [n for n in gm.graph.nodes if gu.is_grouped_mm(n)]
-    if not grouped:
-        return ""
     paths = sorted({next(reversed(n.meta.get("nn_module_stack", {}).values()), (n.name,))[0] for n in grouped})
+    if not grouped or not ("grouped_mm" in errors or any(p in errors for p in paths)):
+        return ""
     return (f"the graph runs MoE experts through a grouped GEMM ({grouped[0].target}, in {paths}): MoE blocks that "
             "raise_moe left as captured (the compile report's raise_moe misses say why, or its raise_ffn misses for "
-            "a block not read as an FFN at all); the onnx backend runs experts only as routefx::routed_ffn, backend "
-            "'eager' runs the captured blocks. ")
+            "a block not read as an FFN at all); the onnx backend lowers their grouped GEMMs but not every op of "
+            "such a block, backend 'eager' runs the captured blocks. ")
 
 
 def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[str, ...],
@@ -436,8 +438,8 @@ def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[st
     errors = []
 
     def lowerings(ep):  # routed_ffn nodes keep their fx names in the program
-        return {_ROUTED_FFN: routed_ffn_lowering([n.name for n in ep.graph.nodes if n.target is _ROUTED_FFN],
-                                                 static)}
+        return {**grouped_mm_lowerings(),
+                _ROUTED_FFN: routed_ffn_lowering([n.name for n in ep.graph.nodes if n.target is _ROUTED_FFN], static)}
 
     for opset in opsets:  # opset 23 (fused Attention) where ORT runs it; the default opset if that export fails
         with onnx_program.export_context():
@@ -452,9 +454,9 @@ def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[st
                 return _export_traced(gm, placeholders, arg_names, example_kwargs, opset, names, static), "traced"
             except Exception as e:  # one typed error naming the node
                 if opset is opsets[-1]:
-                    raise BackendError(f"ONNX export failed: {_moe_left_captured(gm)}"
-                                       f"{onnx_program.describe_export_error(e)} (lowered from the "
-                                       f"captured graph: {onnx_program.describe_export_error(errors[0])})") from e
+                    why = (f"{onnx_program.describe_export_error(e)} (lowered from the captured graph: "
+                           f"{onnx_program.describe_export_error(errors[0])})")
+                    raise BackendError(f"ONNX export failed: {_moe_left_captured(gm, why)}{why}") from e
 
 
 def _export_traced(gm, placeholders, arg_names, example_kwargs, opset, names, static) -> ir.Model:
@@ -467,7 +469,7 @@ def _export_traced(gm, placeholders, arg_names, example_kwargs, opset, names, st
     program = torch.onnx.export(gm, call_args, kwargs=call_kwargs or None, dynamo=True,
                                 dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
                                 opset_version=opset, custom_translation_table={
-                                    _ROUTED_FFN: routed_ffn_lowering(names, static)})
+                                    **grouped_mm_lowerings(), _ROUTED_FFN: routed_ffn_lowering(names, static)})
     return program.model
 
 

@@ -259,6 +259,24 @@ def _expand_as_by_sizes(gm: torch.fx.GraphModule) -> None:
 
 
 _ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
+_aten = torch.ops.aten
+# ops that return a new tensor aliasing nothing: an in-place write onto one can become a functional op
+_FRESH = {_aten.empty_like.default, _aten.zeros_like.default, _aten.ones_like.default, _aten.full_like.default,
+          _aten.empty.memory_format, _aten.zeros.default, _aten.ones.default, _aten.full.default,
+          _aten.new_empty.default, _aten.new_zeros.default, _aten.new_ones.default, _aten.new_full.default,
+          _aten.clone.default}
+
+
+def _functional_form(n: torch.fx.Node):
+    """The functional overload of an in-place op writing its first argument (`index_put_` -> `index_put`), or None."""
+    t = n.target
+    if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+        return None
+    args = t._schema.arguments
+    if not args or args[0].alias_info is None or not args[0].alias_info.is_write or not t._opname.endswith("_"):
+        return None
+    packet = getattr(_aten, t._opname[:-1], None) if t.namespace == "aten" else None
+    return getattr(packet, t._overloadname, None) if packet is not None else None
 
 
 def _drop_export_artifacts(gm: torch.fx.GraphModule) -> None:
@@ -268,7 +286,12 @@ def _drop_export_artifacts(gm: torch.fx.GraphModule) -> None:
     without autograd):
     `torch.tensor(...)` in model code (a Hugging Face cache layer's empty initial keys) is captured as
     `lift_fresh_copy` + `detach_`, and an in-place op makes the graph non-functional, which torch.export's
-    verifier refuses (the ONNX backend then had to trace the graph again, losing its fused attention kernels)."""
+    verifier refuses (the ONNX backend then had to trace the graph again, losing its fused attention kernels).
+    For the same reason an in-place write onto a tensor the graph has just created and not yet read
+    (`inv = torch.empty_like(perm); inv[perm] = arange`, in transformers' MoE experts) becomes the functional op,
+    and the buffer's later readers read its result; a write onto anything else (an input, a view) is left alone."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    fresh = {n for n in gm.graph.nodes if n.op == "call_function" and n.target in _FRESH}
     for n in list(gm.graph.nodes):
         if n.op != "call_function":
             continue
@@ -277,6 +300,16 @@ def _drop_export_artifacts(gm: torch.fx.GraphModule) -> None:
         elif n.target is torch.ops.aten.detach_.default:
             n.replace_all_uses_with(n.args[0])
             gm.graph.erase_node(n)
+        elif (buf := n.args[0] if n.args else None) in fresh and (functional := _functional_form(n)) is not None \
+                and all(order[u] > order[n] for u in buf.users if u is not n):
+            with gm.graph.inserting_after(n):
+                m = gm.graph.call_function(functional, n.args, n.kwargs)
+            m.meta.update(n.meta)
+            n.replace_all_uses_with(m)
+            buf.replace_all_uses_with(m, delete_user_cb=lambda u: u is not n and u is not m)
+            gm.graph.erase_node(n)
+            order[m] = order[n]
+            fresh.add(m)
     gm.recompile()
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import routefx
-from routefx.policies import Duo, PruneLayers
+from routefx.policies import Dense, Duo, PruneLayers
 from tests.compare import assert_close_nonpad
 from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
 from tests.zoo import ZOO, PlainLM, example_inputs
@@ -103,18 +103,78 @@ def test_duo_on_a_model_that_adds_positions_says_so():
         routefx.compile(model, Duo(budget=0.5, small="nested"), calibration=cal)
 
 
-def test_onnx_on_moe_experts_left_captured_says_why():
-    """MoE blocks raise_moe cannot rewrite keep transformers' grouped GEMMs, which ONNX has no lowering for: the
-    error names them and the way out, not only the exporter's missing function."""
+def test_moe_experts_left_captured_lower_to_onnx():
+    """MoE blocks as captured (no pass run) keep transformers' grouped GEMMs; the onnx backend lowers them (one
+    row slice and MatMul per expert) and equals the Hugging Face model on padded batches of two shapes."""
     from routefx.backends import get_backend
     from routefx.ir import capture
-    from tests.compare import graph_kwargs
+    from routefx.ir import graph_utils as gu
+    from tests.compare import graph_kwargs, main_output
     entry = ZOO["mixtral"]
-    args, kwargs = example_inputs(entry)
-    gm = capture(entry.build(), args, kwargs)     # no pass run: every block's experts are as captured
-    with pytest.raises(routefx.BackendError, match=r"MoE experts through a grouped GEMM .*model\.layers\.0\.mlp.*"
-                                                   r"raise_moe left as captured.*backend 'eager'"):
-        get_backend("onnx").prepare(gm, graph_kwargs(gm, args, kwargs))
+    args, kwargs = example_inputs(entry, batch=2, seq=8, left_pad=2)
+    model = entry.build()
+    gm = capture(model, args, kwargs)
+    assert any(gu.is_grouped_mm(n) for n in gm.graph.nodes)
+    run = get_backend("onnx").prepare(gm, graph_kwargs(gm, args, kwargs))
+    other = example_inputs(entry, batch=3, seq=11, left_pad=3, seed=5)
+    for a, k in ((args, kwargs), other):
+        with torch.no_grad():
+            ref = main_output(model(*a, **k))
+        assert_close_nonpad(main_output(run(**graph_kwargs(gm, a, k))), ref, k["attention_mask"], ONNX_VS_EAGER)
+
+
+def test_a_moe_family_raise_moe_cannot_read_compiles_on_onnx():
+    """GPT-OSS's experts (clamped SwiGLU with biases, interleaved gate/up) stay as captured; Dense on onnx equals
+    the Hugging Face model through the grouped-GEMM lowering."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+    cfg = GptOssConfig(vocab_size=112, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                       num_experts_per_tok=2, max_position_embeddings=64, sliding_window=8, pad_token_id=0)
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(cfg).eval()
+    ids = torch.randint(3, 112, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    cm = routefx.compile(model, Dense(), backend="onnx", example_inputs=(ids,),
+                         example_kwargs={"attention_mask": mask})
+    from routefx.ir import graph_utils as gu
+    assert sum(gu.is_grouped_mm(n) for n in cm.graph_module.graph.nodes) == 4  # up and down, two layers
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, ONNX_VS_EAGER)
+
+
+class _InversePermutationMlp(nn.Module):
+    """Sorts its rows, runs them, and puts them back through an inverse permutation written in place into a fresh
+    buffer (`inv = torch.empty_like(perm); inv[perm] = arange`), as transformers' MoE experts do."""
+
+    def __init__(self, d, f):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, f), nn.Linear(f, d)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        perm = torch.argsort(flat[:, 0])
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.shape[0])
+        return self.b(torch.relu(self.a(flat[perm])))[inv].reshape(x.shape)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_an_in_place_write_into_a_fresh_buffer_is_captured_functional(backend):
+    torch.manual_seed(0)
+    model = PlainLM(ffn=_InversePermutationMlp).eval()
+    ids = torch.randint(0, 89, (2, 8), generator=torch.Generator().manual_seed(0))
+    cm = routefx.compile(model, Dense(), backend=backend, example_inputs=(ids,))
+    targets = [n.target for n in cm.graph_module.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.index_put.default in targets
+    assert not any(isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable for t in targets)
+    other = torch.randint(0, 89, (3, 5), generator=torch.Generator().manual_seed(1))
+    for x in (ids, other):
+        with torch.no_grad():
+            ref = model(x)
+        tol = ONNX_VS_EAGER if backend == "onnx" else EXACT_REWRITE
+        torch.testing.assert_close(cm(x), ref, atol=tol, rtol=tol)
 
 
 class _LoopedLM(PlainLM):
