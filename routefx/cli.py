@@ -99,6 +99,7 @@ def policy_of(args, spec: str | None = None):
 def cmd_inspect(args) -> int:
     from routefx.cli_inputs import example_batch, load_model
     from routefx.ir import capture, recognize
+    from routefx.calibrate.record import data_dependent_sizes
     from routefx.ir.flops import count_flops
     loaded = load_model(args.model)
     x = example_batch(loaded.model, loaded.vocab, args.seq)
@@ -111,7 +112,7 @@ def cmd_inspect(args) -> int:
           f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters"
           f"{'' if loaded.tokenizer is None else ', tokenizer found'}")
     print(ir)
-    flops = count_flops(gm, ir).at(args.seq)
+    flops = count_flops(gm, ir, data_dependent_sizes(gm, x)).at(args.seq)
     print(f"FLOPs per token at S={args.seq}: {flops['total']:,.0f}")
     return 0
 

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from typing import Callable
 
+import sympy
 import torch
 from torch import fx
 from torch.fx import _pytree as fx_pytree
+from torch.utils import _pytree as pytree
 
 from routefx.calibrate.data import token_mask
+from routefx.ir.flops import data_dependent_symbols
 
-__all__ = ["run_recording", "observe_routes"]
+__all__ = ["run_recording", "observe_routes", "data_dependent_sizes"]
 
 
 class _Recorder(fx.Interpreter):
@@ -41,3 +44,22 @@ def observe_routes(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[dict]
     for batch in batches:
         values = run_recording(gm, batch, [n.args[1] for n in nodes]) if nodes else {}
         yield token_mask(batch), {n: values[n.args[1]] for n in nodes}
+
+
+def data_dependent_sizes(gm: fx.GraphModule, kwargs: dict) -> dict | None:
+    """{shape symbol: size} of one run of `gm(**kwargs)`, for FLOP counts that depend on the data (a MoE that
+    splits its rows by expert: `routefx.ir.flops.data_dependent_symbols`); None, and no run, where none does."""
+    wanted = data_dependent_symbols(gm)
+    if not wanted:
+        return None
+    sizes: dict = {}
+
+    def record(n, out):
+        for fake, real in zip(pytree.tree_leaves(n.meta.get("val")), pytree.tree_leaves(out)):
+            if isinstance(fake, torch.Tensor) and isinstance(real, torch.Tensor):
+                for dim, size in zip(fake.shape, real.shape):
+                    if not isinstance(dim, int) and isinstance(e := sympy.sympify(dim.node.expr), sympy.Symbol):
+                        sizes.setdefault(e, int(size))
+
+    run_recording(gm, kwargs, [n for n in gm.graph.nodes if n.op != "output"], on_value=record)
+    return sizes

@@ -16,7 +16,7 @@ from torch import fx, nn
 from routefx.backends import configure
 from routefx.calibrate.budget import RouteStats, route_stats
 from routefx.calibrate.data import complete_batches, normalize_calibration
-from routefx.calibrate.record import observe_routes
+from routefx.calibrate.record import data_dependent_sizes, observe_routes
 from routefx.calibrate.stage import calibrate
 from routefx.compiler.pipeline import build_pipeline
 from routefx.compiler.plan import Plan
@@ -130,7 +130,7 @@ class CompiledModel:
         t0 = time.perf_counter()
         gm = capture(self._model, (), kwargs)
         ir_before = recognize(gm)
-        flops_before = count_flops(gm, ir_before)
+        flops_before = count_flops(gm, ir_before, data_dependent_sizes(gm, kwargs))
         t1 = time.perf_counter()
         fresh = self._plan is None
         batches = self._calibration if fresh else None     # fresh: kwargs has the calibration data's form
@@ -153,7 +153,11 @@ class CompiledModel:
                          f"plan reused for inputs {sorted(_form(kwargs)[0])}: no calibration")
         self._plan = plan
         t4 = time.perf_counter()
-        flops = count_flops(gm, ir)
+        sizes = data_dependent_sizes(gm, kwargs)
+        flops = count_flops(gm, ir, sizes)
+        if sizes is not None:
+            notes.append("some matrix products' sizes depend on the data (experts' rows): their FLOPs are counted "
+                         "at the example input's run")
         realised = None
         t5 = time.perf_counter()
         if flops.dynamic_routes and batches is not None:    # runs the graph on the calibration data: calibration

@@ -28,7 +28,8 @@ aten = torch.ops.aten
 S = sympy.Symbol("S", positive=True, integer=True)
 _B = sympy.Symbol("B", positive=True, integer=True)
 
-__all__ = ["S", "FlopCount", "BlockFlops", "count_flops", "route_flops", "dynamic_routed", "realised_flops"]
+__all__ = ["S", "FlopCount", "BlockFlops", "count_flops", "route_flops", "dynamic_routed", "realised_flops",
+           "data_dependent_symbols"]
 
 
 @dataclasses.dataclass
@@ -156,25 +157,36 @@ def _token_dims(gm: fx.GraphModule, subs: dict) -> tuple:
     return _B, S
 
 
-def _per_token(total: sympy.Expr, where: str, batch=_B, seq=S) -> sympy.Expr:
+def _per_token(total: sympy.Expr, where: str, batch=_B, seq=S, sizes: dict | None = None) -> sympy.Expr:
     """FLOPs per token of a total in B and S: the part that grows with the batch, divided by B·S. Work done
     once per call whatever the batch (a rotary table from the positions) is not per-token work. Where the graph
     was specialised to a batch size or length, the total is divided by that size instead (the count then holds
-    for that size only; once-per-call work is spread over the tokens)."""
+    for that size only; once-per-call work is spread over the tokens). A total that depends on other symbols (a
+    data-dependent size: the rows an expert receives) is counted at the sizes of one run, `sizes` (shape symbol
+    -> size, B and S included), as a constant per token."""
     total = sympy.expand(total)
     rest = total.free_symbols - {_B, S}
+    if rest and sizes is not None and rest <= sizes.keys() and {_B, S} <= sizes.keys():
+        return sympy.nsimplify(total.subs(sizes) / (sizes[_B] * sizes[S]))
     if rest:
         raise UnsupportedModelError(f"FLOPs of {where} depend on shape symbols {sorted(map(str, rest))} that are "
                                     "neither the batch nor the sequence length of an input; routefx counts "
-                                    "models whose dynamic dims are the inputs' batch and sequence")
+                                    "models whose dynamic dims are the inputs' batch and sequence, and counts "
+                                    "data-dependent sizes on an example run (count_flops(..., sizes=))")
     growing = total.coeff(_B, 1) if batch is _B else total / batch
     return sympy.simplify(growing / seq)
 
 
-def count_flops(gm: fx.GraphModule, ir: ModelIR) -> FlopCount:
-    """Per-token FLOPs of `gm`, split by block (attention / FFN) and the rest."""
+def count_flops(gm: fx.GraphModule, ir: ModelIR, sizes: dict | None = None) -> FlopCount:
+    """Per-token FLOPs of `gm`, split by block (attention / FFN) and the rest. `sizes` ({torch shape symbol:
+    size} of one run, `data_dependent_sizes`) counts the nodes whose sizes depend on the data at that run."""
     subs = _batch_seq(gm)
     tokens = _token_dims(gm, subs)
+    if sizes is not None:  # in B and S, as the counts are
+        sizes = {**sizes, **{subs[k]: v for k, v in sizes.items() if k in subs}}
+        for sym, dim in zip((_B, S), tokens):
+            if isinstance(dim, int):
+                sizes[sym] = dim
     masks = attention_masks(gm)
     owner: dict[fx.Node, tuple[int, str]] = {}
     for b in ir.blocks:
@@ -188,7 +200,7 @@ def count_flops(gm: fx.GraphModule, ir: ModelIR) -> FlopCount:
             continue
         f, dyn = _node_flops(n, subs, masks)
         dynamic |= dyn
-        f = _per_token(f, f"node {n.name} ({n.target})", *tokens)
+        f = _per_token(f, f"node {n.name} ({n.target})", *tokens, sizes=sizes)
         if n in owner:
             i, part = owner[n]
             setattr(blocks[i], part, getattr(blocks[i], part) + f)
@@ -197,6 +209,20 @@ def count_flops(gm: fx.GraphModule, ir: ModelIR) -> FlopCount:
     for b in blocks:
         b.attention, b.ffn = sympy.simplify(b.attention), sympy.simplify(b.ffn)
     return FlopCount(blocks, sympy.simplify(other), dynamic)
+
+
+def data_dependent_symbols(gm: fx.GraphModule) -> set:
+    """The shape symbols of matrix products and attention ops that are neither an input's batch nor its
+    sequence (sizes only a run can tell: the rows a MoE expert receives after a data-dependent split)."""
+    known = set(_batch_seq(gm))
+    found = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and (gu.is_matmul(n) or n.target in gu.ATTENTION):
+            for a in (n, *n.all_input_nodes):
+                v = a.meta.get("val")
+                if isinstance(v, torch.Tensor):
+                    found |= {e for d in v.shape if not isinstance(d, int) for e in _expr(d).free_symbols}
+    return found - known
 
 
 def dynamic_routed(gm: fx.GraphModule, flops: FlopCount) -> list[fx.Node]:

@@ -120,3 +120,50 @@ def test_graph_specialised_to_one_shape_counts_per_token(name):
     assert flops.at(seq)["total"] == pytest.approx(expected, rel=1e-12)
     summary = _flops_summary(flops, flops, seq, None)
     assert summary["before"] == pytest.approx(expected, rel=1e-12) and summary["ratio"] == pytest.approx(1.0)
+
+
+class _SplitExperts(torch.nn.Module):
+    """Top-1 experts run as a loop over a data-dependent split of the sorted rows (JetMoE's layout): the rows each
+    expert receives are a size only a run can tell."""
+
+    def __init__(self, d, f, n=3):
+        super().__init__()
+        self.router = torch.nn.Linear(d, n, bias=False)
+        self.up = torch.nn.ModuleList(torch.nn.Linear(d, f) for _ in range(n))
+        self.down = torch.nn.ModuleList(torch.nn.Linear(f, d) for _ in range(n))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        expert = self.router(flat).argmax(-1)
+        order = torch.argsort(expert, stable=True)
+        counts = torch.nn.functional.one_hot(expert, len(self.up)).sum(0).tolist()
+        parts = flat[order].split(counts)
+        y = torch.cat([down(torch.relu(up(p))) for up, down, p in zip(self.up, self.down, parts)])
+        return torch.zeros_like(flat).index_add(0, order, y).reshape(x.shape)
+
+
+def test_data_dependent_expert_sizes_are_counted_at_the_example_run():
+    """A matrix product on a data-dependent number of rows has no count in B and S alone: without a run the count
+    refuses by name; with the sizes of the example's run it equals torch's FlopCounterMode on the model; compile
+    counts it so (and says so) instead of refusing the model."""
+    from routefx.calibrate.record import data_dependent_sizes
+    from routefx.errors import UnsupportedModelError
+    from routefx.policies import Dense
+    from tests.zoo import PlainLM
+    entry = ZOO["plain"]
+    torch.manual_seed(0)
+    model = PlainLM(ffn=_SplitExperts).eval()
+    B, seq = 2, 9
+    args, kwargs = example_inputs(entry, batch=B, seq=seq, seed=3)
+    expected = counted_by_torch(model, entry, args, kwargs) / (B * seq) + uncounted_per_token(model, entry, seq)
+    gm = capture(model, (), {"input_ids": args[0]})  # as compile captures: inputs by name
+    with pytest.raises(UnsupportedModelError, match=r"depend on shape symbols \['u\d+'.*data-dependent sizes"):
+        count_flops(gm, recognize(gm))
+    sizes = data_dependent_sizes(gm, {"input_ids": args[0]})
+    assert sorted(v for k, v in sizes.items() if str(k).startswith("u")) != []
+    assert count_flops(gm, recognize(gm), sizes).at(seq)["total"] == pytest.approx(expected, rel=1e-12)
+    cm = routefx.compile(model, Dense(), example_inputs=args)
+    assert cm.report.flops_per_token["before"] == pytest.approx(expected, rel=1e-12)
+    assert any("depend on the data" in note for note in cm.report.notes)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(*args), model(*args), atol=1e-5, rtol=1e-5)
