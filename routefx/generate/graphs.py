@@ -16,7 +16,7 @@ from routefx.calibrate.stage import calibrate
 from routefx.compiler.pipeline import build_pipeline
 from routefx.compiler.plan import Plan
 from routefx.compiler.plan_io import fingerprint
-from routefx.errors import PlanMismatchError
+from routefx.errors import CaptureError, PlanMismatchError, UnsupportedModelError
 from routefx.generate.split import drop_empty_cats_
 from routefx.generate.step import CacheLayout, cache_names, capture_decode, capture_prefill, probe_cache
 from routefx.ir.model_ir import ModelIR
@@ -112,16 +112,23 @@ def generation_graphs(cm) -> GenerationGraphs:
     cached = cm.__dict__.get("_generation_graphs")
     if cached is not None:
         return cached
+    if (failed := cm.__dict__.get("_generation_graphs_error")) is not None:
+        raise failed  # the model's cache could not be captured before: not again on every generate call
     model = cm._model
-    layout = probe_cache(model)
-    # the plan first (pruned layers decide the cache's inputs and outputs); an unpruned capture to make it
-    gm, example = capture_prefill(model, layout, list(range(layout.layers)))
-    plan = _plan(cm, gm, recognize(gm))
-    kept = [i for i in range(layout.layers) if i not in set(plan.pruned)]
-    if plan.pruned:
-        gm, example = capture_prefill(model, layout, kept)
+    try:
+        layout = probe_cache(model)
+        # the plan first (pruned layers decide the cache's inputs and outputs); an unpruned capture to make it
+        gm, example = capture_prefill(model, layout, list(range(layout.layers)))
+        plan = _plan(cm, gm, recognize(gm))
+        kept = [i for i in range(layout.layers) if i not in set(plan.pruned)]
+        if plan.pruned:
+            gm, example = capture_prefill(model, layout, kept)
+        decode_capture = capture_decode(model, layout, kept)
+    except (UnsupportedModelError, CaptureError) as e:
+        cm.__dict__["_generation_graphs_error"] = e
+        raise
     prefill = _lower(cm, gm, example, plan, layout)
-    decode = _lower(cm, *capture_decode(model, layout, kept), plan, layout)
+    decode = _lower(cm, *decode_capture, plan, layout)
     graphs = GenerationGraphs(layout, kept, prefill, decode, plan)
     cm.__dict__["_generation_graphs"] = graphs
     return graphs

@@ -17,7 +17,9 @@ decode step and row (`routefx.generate.skipping`); `GenerationStats.layer_fracti
 
 Models without a cache convention routefx can capture (plain `nn.Module` LMs taking only input_ids) generate
 *uncached*: each step runs the compiled prefill graph on the whole sequence so far (quadratic in the length; said
-so in `GenerationStats.mode`).
+so in `GenerationStats.mode`). So do models whose forward takes a cache argument but whose step cannot be captured
+with a plain key/value cache (hybrid recurrent layers with their own cache class, XLM's whole-sequence calls),
+with a warning that says why; asked for a cache explicitly (`static_cache=True`, a `decode_policy`), they refuse.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import warnings
 
 import torch
 
-from routefx.errors import BackendError, InputError, UnsupportedModelError
+from routefx.errors import BackendError, CaptureError, InputError, UnsupportedModelError
 from routefx.generate.arrays import as_array, as_torch
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.settings import resolve
@@ -104,15 +106,24 @@ def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: i
     if decode_policy is not None and not cached:
         raise UnsupportedModelError(f"decode_policy needs a KV cache; {supports_cache(model)}")
     mode = "cached" if cached else "uncached"
-    if _static(cm, ids, static_cache, decode_policy, cached):
-        from routefx.generate.window import WindowStepper
-        graphs = ids.device.type == "cuda" and not cm.backend_options.get("cudagraphs")
-        step = WindowStepper(cm, mask, max_new_tokens, cuda_graph=graphs)
-        mode = "static-cuda-graph" if graphs else "static"
-    elif cached:
-        step = SkipStepper(cm, mask, decode_policy) if decode_policy is not None else Stepper(cm, mask)
-    else:
-        step = _Uncached(cm, mask)
+    try:
+        if _static(cm, ids, static_cache, decode_policy, cached):
+            from routefx.generate.window import WindowStepper
+            graphs = ids.device.type == "cuda" and not cm.backend_options.get("cudagraphs")
+            step = WindowStepper(cm, mask, max_new_tokens, cuda_graph=graphs)
+            mode = "static-cuda-graph" if graphs else "static"
+        elif cached:
+            step = SkipStepper(cm, mask, decode_policy) if decode_policy is not None else Stepper(cm, mask)
+        else:
+            step = _Uncached(cm, mask)
+    except (UnsupportedModelError, CaptureError) as e:
+        if not cached or decode_policy is not None or static_cache:
+            raise
+        # a forward that takes a cache argument but runs its own cache protocol (hybrid recurrent layers, XLM's
+        # whole-sequence calls): the same outputs without a cache, and said so
+        warnings.warn(f"routefx generate: {e}; generating uncached instead (each step runs the compiled model on "
+                      "the whole sequence so far)", RuntimeWarning, stacklevel=2)
+        step, mode = _Uncached(cm, mask), "uncached (no cache capture)"
     if streamer is not None:
         streamer.put(ids.cpu())
     unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
@@ -243,6 +254,7 @@ class _Uncached:
         return logits[:, -1]
 
     def prefill(self, ids):
+        _check_inputs_for_generation(self.cm._model, ids, self.mask)
         self.seq = ids
         return self._run()
 
@@ -250,3 +262,21 @@ class _Uncached:
         self.seq = torch.cat([self.seq, new], dim=1)
         self.mask = torch.cat([self.mask, self.mask.new_ones(new.shape)], dim=1)
         return self._run()
+
+
+def _check_inputs_for_generation(model, ids, mask) -> None:
+    """Refuse models whose `generate` feeds the forward other token ids than the sequence so far (XLM appends a
+    mask token and predicts at it): generating from the sequence itself would give other tokens than `generate`.
+    Models whose `prepare_inputs_for_generation` needs more than the ids and mask are not judged here."""
+    prepare = getattr(model, "prepare_inputs_for_generation", None)
+    if prepare is None:
+        return
+    try:
+        fed = prepare(ids, attention_mask=mask, use_cache=False).get("input_ids")
+    except Exception:  # noqa: BLE001 - transformers' many signatures; nothing to judge by then
+        return
+    if isinstance(fed, torch.Tensor) and (fed.shape != ids.shape or not torch.equal(fed, ids)):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}.prepare_inputs_for_generation feeds the model other token ids than the sequence "
+            f"so far (shape {list(ids.shape)} -> {list(fed.shape)}); routefx generates from the sequence itself, so "
+            "its tokens would not be the model's own generate's")

@@ -90,10 +90,13 @@ def test_refusals(llama, kw, match):
         cm.generate(ids, **kw)
 
 
-def test_a_model_that_needs_its_own_cache_class_is_refused_with_the_reason():
-    """Hybrid models (Mamba layers, compressed KV) call methods of their own cache class: generation says that the
-    model does not run with a plain key/value cache, instead of failing inside transformers."""
+def test_a_model_that_needs_its_own_cache_class_generates_uncached_and_says_why():
+    """Hybrid models (Mamba layers, compressed KV) call methods of their own cache class: generation warns that the
+    model does not run with a plain key/value cache and generates without one, equal to greedy decoding of the
+    model on the whole sequence; a decode policy, which needs the cache, is refused with the reason."""
     from transformers import Cache
+    from routefx.generate import DepthDecay
+    from routefx.generate.loop import generate_with_stats
     model = ZOO["llama"].build()
     attn = model.model.layers[1].self_attn
     plain = attn.forward
@@ -106,10 +109,38 @@ def test_a_model_that_needs_its_own_cache_class_is_refused_with_the_reason():
 
     attn.forward = forward
     ids = torch.randint(3, 101, (2, 5), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(routefx.UnsupportedModelError,
-                       match=r"LlamaForCausalLM does not run with a plain key/value cache .*AttributeError.*"
-                             r"conv_states.*keep attention keys and values only"):
-        routefx.compile(model, Dense()).generate(ids, max_new_tokens=2)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    cm = routefx.compile(model, Dense())
+    why = r"LlamaForCausalLM does not run with a plain key/value cache .*AttributeError.*conv_states"
+    with pytest.warns(RuntimeWarning, match=why + r".*generating uncached instead"):
+        out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=3)
+    assert stats.mode == "uncached (no cache capture)"
+    seq, m = ids, mask
+    for _ in range(3):   # the reference: greedy on the whole sequence, positions from the mask as generate's
+        with torch.no_grad():
+            logits = model(seq, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0),
+                           use_cache=False).logits
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        m = torch.cat([m, m.new_ones(2, 1)], dim=1)
+    assert torch.equal(out, seq)
+    with pytest.raises(routefx.UnsupportedModelError, match=why + r".*keep attention keys and values only"):
+        cm.generate(ids, mask, max_new_tokens=2, decode_policy=DepthDecay(alpha=0.9))
+
+
+def test_a_model_whose_generate_feeds_other_ids_is_refused():
+    """XLM's generate appends a mask token to the sequence and predicts at it: generating from the sequence itself
+    would give other tokens, so generation refuses and says why (its step is not captured with a cache either)."""
+    import transformers
+    cfg = transformers.XLMConfig(vocab_size=64, emb_dim=32, n_layers=2, n_heads=2, causal=True, n_langs=1)
+    torch.manual_seed(0)
+    model = transformers.XLMWithLMHeadModel(cfg).eval()
+    ids = torch.randint(5, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    cm = routefx.compile(model, Dense())
+    with pytest.warns(RuntimeWarning, match="generating uncached instead"), \
+            pytest.raises(routefx.UnsupportedModelError, match=r"XLMWithLMHeadModel.prepare_inputs_for_generation "
+                                                              r"feeds the model other token ids .*\[2, 6\] -> \[2, 7\]"):
+        cm.generate(ids, max_new_tokens=2)
 
 
 def test_uncached_generation_takes_positions_from_the_mask_as_generate_does():
