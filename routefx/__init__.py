@@ -8,10 +8,11 @@ from __future__ import annotations
 import importlib
 
 from routefx.errors import (ArtifactError, BackendError, CalibrationError, CaptureError, ExportError, InputError,
-                            PlanFormatError, PlanMismatchError, PolicyError, RoutefxError, UnsupportedModelError)
+                            NoBlocksError, PlanFormatError, PlanMismatchError, PolicyError, RoutefxError,
+                            UnsupportedModelError)
 
 __all__ = ["inspect", "compile", "export", "load", "CompiledModel", "Plan", "PlanFormatError", "PlanMismatchError",
-           "policies", "ModelIR", "RoutefxError", "UnsupportedModelError", "CaptureError", "PolicyError",
+           "policies", "ModelIR", "RoutefxError", "UnsupportedModelError", "NoBlocksError", "CaptureError", "PolicyError",
            "CalibrationError", "InputError", "BackendError", "ArtifactError", "ExportError", "runtime"]
 
 # name -> (module, attribute or None for the module itself)

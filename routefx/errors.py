@@ -9,6 +9,10 @@ class UnsupportedModelError(RoutefxError, ValueError):
     """The model has no structure routefx can compile (no transformer blocks, an unknown layout)."""
 
 
+class NoBlocksError(UnsupportedModelError):
+    """The graph holds no transformer block routefx recognises (policy Dense compiles such a model as captured)."""
+
+
 class CaptureError(RoutefxError, RuntimeError):
     """torch.export could not capture the model with dynamic batch and sequence dimensions."""
 

@@ -21,10 +21,10 @@ from routefx.calibrate.stage import calibrate
 from routefx.compiler.pipeline import build_pipeline
 from routefx.compiler.plan import Plan
 from routefx.compiler.plan_io import check_fingerprint, fingerprint
-from routefx.compiler.policies import Policy, policy_from_dict
+from routefx.compiler.policies import Dense, Policy, policy_from_dict
 from routefx.compiler.report import CompileReport
 from routefx.compiler.validate import check_inputs
-from routefx.errors import BackendError, CalibrationError, InputError, PlanMismatchError, PolicyError
+from routefx.errors import BackendError, CalibrationError, InputError, NoBlocksError, PlanMismatchError, PolicyError
 from routefx.ir.capture import capture, normalize_inputs
 from routefx.ir.flops import FlopCount, count_flops, dynamic_routed, realised_flops
 from routefx.ir.model_ir import ModelIR
@@ -69,6 +69,17 @@ def _form(kwargs: dict) -> tuple:
     """What decides whether a captured graph can serve a call: tensor keyword names and constant values."""
     consts = tuple(sorted((k, repr(v)) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)))
     return tuple(sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))), consts
+
+
+def _recognize(gm, policy) -> tuple[ModelIR, str | None]:
+    """The blocks of `gm`, and a note where there are none and the policy (Dense) needs none: such a graph is
+    compiled as captured, as Dense would leave it; every other policy refuses it (NoBlocksError)."""
+    try:
+        return recognize(gm), None
+    except NoBlocksError as e:
+        if not isinstance(policy, Dense):
+            raise
+        return ModelIR(hidden_size=0, blocks=[]), f"{e}. Dense compiles the graph as captured"
 
 
 def _check_fits(plan: Plan, ir: ModelIR) -> None:
@@ -129,7 +140,7 @@ class CompiledModel:
         """Capture for this input form; plan (calibrate the first time only); rewrite; tune; lower."""
         t0 = time.perf_counter()
         gm = capture(self._model, (), kwargs)
-        ir_before = recognize(gm)
+        ir_before, blockless = _recognize(gm, self.policy)
         flops_before = count_flops(gm, ir_before, data_dependent_sizes(gm, kwargs))
         t1 = time.perf_counter()
         fresh = self._plan is None
@@ -142,9 +153,12 @@ class CompiledModel:
             _check_fits(plan, ir_before)
         t2 = time.perf_counter()
         pipeline = build_pipeline(self.policy)
-        ir, reports = PassManager(pipeline.passes, debug_dir=self._debug_dir).run(gm, ir_before, plan)
+        if blockless is None:
+            ir, reports = PassManager(pipeline.passes, debug_dir=self._debug_dir).run(gm, ir_before, plan)
+        else:  # nothing for a pass to read
+            ir, reports = ir_before, []
         t3 = time.perf_counter()
-        notes = []
+        notes = [] if blockless is None else [blockless]
         if fresh and batches is not None:
             for step in pipeline.tune:
                 notes += step(gm, ir, plan, batches, self.policy.budget)

@@ -296,6 +296,8 @@ def _compile_piece(gm, slots, args, policy, options, target, key, form):
                              backend=target, backend_options=options.get("backend_options"))
     except RoutefxError as e:
         return _as_is(gm, names, f"{type(e).__name__}: {e}")
+    if not cm.ir.blocks:  # Dense compiled a piece without blocks as captured: Dynamo's own graph runs it as well
+        return _as_is(gm, names, f"NoBlocksError: {cm.report.notes[0]}")
     _COMPILED.setdefault(key, []).append((form, cm))
     _PLANS.setdefault(key, cm.plan)
     object.__setattr__(piece, "_options", (options.get("policy"), options.get("calibration")))   # keep ids live

@@ -267,13 +267,17 @@ _FRESH = {_aten.empty_like.default, _aten.zeros_like.default, _aten.ones_like.de
           _aten.clone.default}
 
 
+def _writes_first(n: torch.fx.Node) -> bool:
+    """Whether `n` is an op that writes its first argument in place."""
+    t = n.target
+    args = t._schema.arguments if isinstance(t, torch._ops.OpOverload) else None
+    return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
+
+
 def _functional_form(n: torch.fx.Node):
     """The functional overload of an in-place op writing its first argument (`index_put_` -> `index_put`), or None."""
     t = n.target
-    if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
-        return None
-    args = t._schema.arguments
-    if not args or args[0].alias_info is None or not args[0].alias_info.is_write or not t._opname.endswith("_"):
+    if n.op != "call_function" or not _writes_first(n) or not t._opname.endswith("_"):
         return None
     packet = getattr(_aten, t._opname[:-1], None) if t.namespace == "aten" else None
     return getattr(packet, t._overloadname, None) if packet is not None else None
@@ -289,7 +293,17 @@ def _drop_export_artifacts(gm: torch.fx.GraphModule) -> None:
     verifier refuses (the ONNX backend then had to trace the graph again, losing its fused attention kernels).
     For the same reason an in-place write onto a tensor the graph has just created and not yet read
     (`inv = torch.empty_like(perm); inv[perm] = arange`, in transformers' MoE experts) becomes the functional op,
-    and the buffer's later readers read its result; a write onto anything else (an input, a view) is left alone."""
+    and the buffer's later readers read its result; a write onto anything else (an input, a view) is left alone.
+    A write onto a weight (RWKV rescales its weights in its first inference call) is refused: the graph would
+    change its weights again on every call."""
+    writes = [n for n in gm.graph.nodes if n.op == "call_function" and n.args and isinstance(n.args[0], torch.fx.Node)
+              and n.args[0].op == "get_attr" and _writes_first(n)]
+    if writes:
+        n = writes[0]
+        raise CaptureError(f"the forward writes its weights in place ({n.target} on {n.args[0].target}, "
+                           f"{len(writes)} write(s)): a compiled graph would repeat that on every call; routefx "
+                           "compiles forwards that leave their weights unchanged (a model that rescales its weights "
+                           "on its first call: call it once before compiling, or turn the rescaling off)")
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     fresh = {n for n in gm.graph.nodes if n.op == "call_function" and n.target in _FRESH}
     for n in list(gm.graph.nodes):

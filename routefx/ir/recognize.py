@@ -24,7 +24,7 @@ from collections import Counter
 import torch
 from torch import fx
 
-from routefx.errors import UnsupportedModelError
+from routefx.errors import NoBlocksError
 from routefx.ir import graph_utils as gu
 from routefx.ir.attention import attention_masks, attention_site
 from routefx.ir.ffn import analyse_ffn
@@ -245,7 +245,7 @@ def _form(sums: list[tuple[_Sum, bool]]) -> str:
 
 
 def recognize(gm: fx.GraphModule) -> ModelIR:
-    """Recognise transformer blocks in `gm` (from `capture`). Raises `UnsupportedModelError` if there are none."""
+    """Recognise transformer blocks in `gm` (from `capture`). Raises `NoBlocksError` (an `UnsupportedModelError`) if there are none."""
     graph = gm.graph
     dyn = gu.dynamic_nodes(graph)
     sums = _find_sums(graph, dyn)
@@ -253,7 +253,7 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
         ops = Counter(str(n.target).split(".")[1] if str(n.target).startswith("aten.") else str(n.target)
                       for n in graph.nodes if n.op == "call_function" and n in dyn)
         top = ", ".join(f"{k}×{v}" for k, v in ops.most_common(6))
-        raise UnsupportedModelError(
+        raise NoBlocksError(
             "no transformer blocks found: the graph has no residual connection whose branch holds a matrix "
             f"product (found ops: {top}); routefx supports transformer models whose blocks add attention and "
             "feed-forward branches to a residual stream")
@@ -262,7 +262,7 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
     chain = _chain(sums)
     if not any(b.kind == "attention" for s, _ in chain for b in s.branches):
         kinds = Counter(b.kind for s, _ in chain for b in s.branches)
-        raise UnsupportedModelError(
+        raise NoBlocksError(
             f"no transformer blocks found: {len(chain)} residual branch(es) of width {d} "
             f"({', '.join(f'{v} {k}' for k, v in kinds.items())}) and none holds an attention op; routefx "
             "supports transformer models (attention and feed-forward branches on a residual stream)")

@@ -144,6 +144,37 @@ def test_a_moe_family_raise_moe_cannot_read_compiles_on_onnx():
     assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, ONNX_VS_EAGER)
 
 
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_dense_compiles_a_model_without_transformer_blocks_as_captured(backend):
+    """RWKV has no attention op: Dense has nothing to rewrite and compiles the graph as captured (equal to the
+    model, the report says why), where a policy that rewrites blocks refuses with NoBlocksError. With its default
+    inference-time rescaling the forward divides its weights in place, which capture refuses by name."""
+    from transformers import RwkvConfig, RwkvForCausalLM
+    kw = dict(vocab_size=112, hidden_size=64, num_hidden_layers=2, attention_hidden_size=64,
+              intermediate_size=128, context_length=64)
+    ids = torch.randint(3, 112, (2, 9), generator=torch.Generator().manual_seed(0))
+    if backend == "eager":
+        with pytest.raises(routefx.CaptureError, match=r"writes its weights in place \(aten.div_.Tensor on "
+                                                       r"rwkv.blocks.0.*call it once before compiling"):
+            routefx.compile(RwkvForCausalLM(RwkvConfig(**kw)).eval(), Dense(), example_inputs=(ids,))
+    cfg = RwkvConfig(rescale_every=0, **kw)
+    torch.manual_seed(0)
+    model = RwkvForCausalLM(cfg).eval()
+    cm = routefx.compile(model, Dense(), backend=backend, example_inputs=(ids,))
+    assert cm.ir.blocks == [] and cm.report.passes == []
+    assert any(n.startswith("no transformer blocks found") and n.endswith("Dense compiles the graph as captured")
+               for n in cm.report.notes), cm.report.notes
+    other = torch.randint(3, 112, (3, 5), generator=torch.Generator().manual_seed(1))
+    tol = ONNX_VS_EAGER if backend == "onnx" else EXACT_REWRITE
+    for x in (ids, other):
+        with torch.no_grad():
+            ref = model(x, use_cache=False).logits
+        torch.testing.assert_close(cm(x).logits, ref, atol=tol, rtol=tol)
+    if backend == "eager":
+        with pytest.raises(routefx.NoBlocksError, match="no transformer blocks found"):
+            routefx.compile(model, PruneLayers(layers=[0]), example_inputs=(ids,))
+
+
 class _InversePermutationMlp(nn.Module):
     """Sorts its rows, runs them, and puts them back through an inverse permutation written in place into a fresh
     buffer (`inv = torch.empty_like(perm); inv[perm] = arange`), as transformers' MoE experts do."""
