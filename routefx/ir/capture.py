@@ -274,6 +274,14 @@ def _writes_first(n: torch.fx.Node) -> bool:
     return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
 
 
+def _is_parameter(gm: torch.fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+    except AttributeError:  # a buffer (a state the model updates by design) or a constant
+        return False
+    return True
+
+
 def _functional_form(n: torch.fx.Node):
     """The functional overload of an in-place op writing its first argument (`index_put_` -> `index_put`), or None."""
     t = n.target
@@ -294,10 +302,10 @@ def _drop_export_artifacts(gm: torch.fx.GraphModule) -> None:
     For the same reason an in-place write onto a tensor the graph has just created and not yet read
     (`inv = torch.empty_like(perm); inv[perm] = arange`, in transformers' MoE experts) becomes the functional op,
     and the buffer's later readers read its result; a write onto anything else (an input, a view) is left alone.
-    A write onto a weight (RWKV rescales its weights in its first inference call) is refused: the graph would
-    change its weights again on every call."""
+    A write onto a parameter (RWKV rescales its weights in its first inference call) is refused: the graph would
+    change its weights again on every call (a buffer the model updates by design is its state, left alone)."""
     writes = [n for n in gm.graph.nodes if n.op == "call_function" and n.args and isinstance(n.args[0], torch.fx.Node)
-              and n.args[0].op == "get_attr" and _writes_first(n)]
+              and n.args[0].op == "get_attr" and _writes_first(n) and _is_parameter(gm, n.args[0].target)]
     if writes:
         n = writes[0]
         raise CaptureError(f"the forward writes its weights in place ({n.target} on {n.args[0].target}, "
