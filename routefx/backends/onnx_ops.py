@@ -266,6 +266,8 @@ def fold_weight_slices(model: ir.Model) -> int:
     how many lowering nodes were folded; raises `BackendError` if one is left (a weight that is not a constant
     of the graph)."""
     ours = {id(n) for n in model.graph if n.name and n.name.startswith(_FOLD_PREFIX)}
+    if not ours:
+        return 0
     todo = [n for n in model.graph if id(n) in ours]
     feeding: set[int] = set()
     while todo:  # every node upstream of a weight slice; the folder folds those whose inputs are all constant

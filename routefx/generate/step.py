@@ -32,7 +32,8 @@ from torch import nn
 from torch.export import Dim
 
 from routefx.errors import CaptureError, UnsupportedModelError
-from routefx.ir.capture import CaptureInfo, _drop_export_artifacts, _eval_mode, _expand_as_by_sizes, _split_baddbmm
+from routefx.ir.capture import (CaptureInfo, _cast_rsub_operands, _drop_export_artifacts, _eval_mode, _expand_as_by_sizes,
+                                _split_baddbmm)
 
 __all__ = ["CacheLayout", "probe_cache", "capture_prefill", "capture_decode", "supports_cache", "prompt_positions"]
 
@@ -205,6 +206,7 @@ def _export(model, fn, params, example: dict) -> torch.fx.GraphModule:
             model.forward = own
     gm = ep.module()
     _drop_export_artifacts(gm)
+    _cast_rsub_operands(gm)
     _split_baddbmm(gm)
     _expand_as_by_sizes(gm)
     gm.meta["routefx"] = CaptureInfo(arg_names=(), constant_kwargs={})

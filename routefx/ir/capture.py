@@ -186,6 +186,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     gm = ep.module()
     _drop_export_artifacts(gm)
+    _cast_rsub_operands(gm)
     _split_baddbmm(gm)
     _expand_as_by_sizes(gm)
     gm.meta["routefx"] = CaptureInfo(
@@ -332,6 +333,27 @@ def _drop_export_artifacts(gm: torch.fx.GraphModule) -> None:
             gm.graph.erase_node(n)
             order[m] = order[n]
             fresh.add(m)
+    gm.recompile()
+
+
+def _cast_rsub_operands(gm: torch.fx.GraphModule) -> None:
+    """`rsub(x, s)` (`s - x`) of an integer tensor and a float scalar gets x cast to the result's dtype first, the
+    promotion torch applies inside the op: torch.onnx finds no translation for the mixed form (XLNet and
+    ProphetNet compute `1.0 - mask` on an integer mask), and the exporter's type-promotion pass has no rule for
+    rsub. The values are unchanged."""
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target not in (_aten.rsub.Scalar, _aten.rsub.Tensor):
+            continue
+        x, out = n.args[0], n.meta.get("val")
+        v = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if not isinstance(v, torch.Tensor) or not isinstance(out, torch.Tensor) or v.dtype == out.dtype:
+            continue
+        with gm.graph.inserting_before(n):
+            cast = gm.graph.call_function(_aten._to_copy.default, (x,), {"dtype": out.dtype})
+        cast.meta.update({k: n.meta[k] for k in ("nn_module_stack", "stack_trace") if k in n.meta})
+        with v.fake_mode:
+            cast.meta["val"] = v.to(out.dtype)
+        n.replace_input_with(x, cast)
     gm.recompile()
 
 
