@@ -85,10 +85,28 @@ def check_blocks_rewritable(policy: Policy, gm: fx.GraphModule, ir: ModelIR) -> 
                     "recurrence) and FFN branches added to the residual stream (Dense compiles this model)")
 
 
+def check_moe_blocks(gm: fx.GraphModule, ir: ModelIR) -> None:
+    """MoEBudget needs a MoE block RaiseMoE can rewrite; found none: what each block is and why, not a broken
+    pass contract further on."""
+    from routefx.passes.raise_moe import moe_matches
+    found = list(moe_matches(gm, ir))
+    if any(not isinstance(m, str) for _, m in found):
+        return
+    kinds = sorted({b.ffn.kind for b in ir.blocks if b.ffn})
+    why = next((f"; block {b.index}'s experts are not read: {m}" for b, m in found), "") or next(
+        (f"; block {b.index}'s FFN is not read: {b.ffn.reason}" for b in ir.blocks
+         if b.ffn and b.ffn.kind == "unknown" and b.ffn.reason), "")
+    raise PolicyError(f"MoEBudget: the model has no MoE block to adapt (found FFN kinds: {kinds}{why}); MoEBudget "
+                      "adapts top-k MoE blocks whose experts routefx reads as routed_ffn ranges"
+                      + ("; dense FFNs take the Duo policy" if {"gated", "mlp"} & set(kinds) else ""))
+
+
 def calibrate(policy: Policy, gm: fx.GraphModule, ir: ModelIR, batches: list[dict] | None) -> Plan:
     plan = Plan(policy=policy.to_dict(), block_paths=[b.path for b in ir.blocks])
     if isinstance(policy, (PruneLayers, Duo, MoEfy)):
         check_blocks_rewritable(policy, gm, ir)
+    if isinstance(policy, MoEBudget):
+        check_moe_blocks(gm, ir)
     if isinstance(policy, MoEBudget) and policy.hoist:
         calibrate_moe_hoist(gm, ir, batches, plan)  # pre-gating routers; λ is fitted later, as without
     elif isinstance(policy, (Dense, MoEBudget)):

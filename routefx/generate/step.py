@@ -33,7 +33,7 @@ from torch.export import Dim
 
 from routefx.errors import CaptureError, UnsupportedModelError
 from routefx.ir.capture import (CaptureInfo, _cast_rsub_operands, _drop_export_artifacts, _eval_mode, _expand_as_by_sizes,
-                                _split_baddbmm)
+                                _split_baddbmm, grouped_experts)
 
 __all__ = ["CacheLayout", "probe_cache", "capture_prefill", "capture_decode", "supports_cache", "prompt_positions"]
 
@@ -194,7 +194,7 @@ def _export(model, fn, params, example: dict) -> torch.fx.GraphModule:
     own = model.__dict__.get("forward")
     model.forward = fn
     try:
-        with _eval_mode(model), torch.no_grad():
+        with _eval_mode(model), grouped_experts(model), torch.no_grad():
             ep = torch.export.export(model, (), kwargs=example, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many exception types; re-raise as one typed error
         raise CaptureError(f"torch.export could not capture {type(model).__name__}'s generation step: "

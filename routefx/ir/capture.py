@@ -68,6 +68,25 @@ def _widen(t: torch.Tensor, batch: int, seq: int, to_batch: int, to_seq: int) ->
 
 
 @contextlib.contextmanager
+def grouped_experts(model: nn.Module):
+    """transformers' MoE experts run by its grouped-GEMM implementation while captured (restored afterwards): the
+    per-expert loop (`experts_implementation="eager"`) iterates over the experts a batch hits, a data-dependent
+    loop torch.export cannot trace, and `batched_mm` gathers each token's expert weights. The implementations
+    compute the same function; the grouped form is the one RaiseMoE reads."""
+    get = getattr(model, "get_experts_implementation", None)   # transformers >= 5.x
+    can_set = getattr(type(model), "_can_set_experts_implementation", None)
+    before = get() if get is not None and can_set is not None and can_set() else None
+    if not before or all(v in (None, "grouped_mm") for v in before.values()):
+        yield
+        return
+    model.set_experts_implementation("grouped_mm")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(before)
+
+
+@contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     """Eval mode, and no KV cache in the outputs (a config's `use_cache` read by forwards that take it only
     through **kwargs, or not at all): both restored afterwards."""
@@ -165,7 +184,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     n_args = len(args)
     call_args = tuple(named[n] for n in pos[:n_args])
     call_kwargs = {n: named[n] for n in named if n not in pos[:n_args]}
-    with _eval_mode(model), _bind_forward(model, bound_kwargs), torch.no_grad():
+    with _eval_mode(model), _bind_forward(model, bound_kwargs), grouped_experts(model), torch.no_grad():
         try:
             ep = torch.export.export(model, call_args, kwargs=call_kwargs, dynamic_shapes=shapes, strict=False)
         except Exception as e:  # torch.export raises many exception types; re-raise as one typed error

@@ -10,7 +10,7 @@ import routefx
 from routefx.ir import graph_utils as gu
 from routefx.policies import Dense
 from tests.compare import assert_close_nonpad, graph_kwargs
-from tests.tolerances import EXACT_REWRITE, TRITON_VS_EAGER
+from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER, TRITON_VS_EAGER
 from tests.zoo import ZOO, example_inputs
 
 MOE = ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "granitemoe", "phimoe"]
@@ -110,3 +110,28 @@ def test_moe_budget_on_a_top1_model_says_why_not():
                      num_experts_per_tok=1)
     with pytest.raises(routefx.RoutefxError, match="top-1.*needs k >= 2"):
         routefx.compile(model, routefx.policies.MoEBudget(0.5), calibration=[torch.randint(1, 97, (2, 8))])
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
+def test_every_experts_implementation_is_captured_as_grouped_gemms(implementation):
+    """transformers runs experts as a per-expert loop ("eager", a data-dependent loop torch.export cannot trace)
+    or as gathered per-token weights ("batched_mm"); capture runs them by the grouped-GEMM implementation (the
+    same function), so RaiseMoE reads them, the compiled model equals the model as the user set it, and the
+    user's setting is restored."""
+    entry = ZOO["mixtral"]
+    model = entry.build()
+    model.set_experts_implementation(implementation)
+    args, kwargs = example_inputs(entry, batch=2, seq=8, left_pad=2)
+    with torch.no_grad():
+        ref = model(*args, **kwargs).logits
+    cm = routefx.compile(model, Dense(), example_inputs=args, example_kwargs=kwargs, backend="onnx")
+    assert cm.report.pass_report("raise_moe").rewrites == len(entry.expect.kinds)
+    assert set(model.get_experts_implementation().values()) == {implementation}
+    assert_close_nonpad(cm(*args, **kwargs).logits, ref, kwargs["attention_mask"], ONNX_VS_EAGER)
+
+
+def test_moe_budget_on_a_model_without_readable_moe_blocks_says_why():
+    entry = ZOO["llama"]
+    with pytest.raises(routefx.PolicyError, match=r"MoEBudget: the model has no MoE block to adapt \(found FFN "
+                                                  r"kinds: \['gated'\]\).*dense FFNs take the Duo policy"):
+        routefx.compile(entry.build(), routefx.policies.MoEBudget(0.5), calibration=[torch.randint(1, 97, (2, 8))])
