@@ -18,17 +18,16 @@ from routefx.calibrate.budget import RouteStats, route_stats
 from routefx.calibrate.data import complete_batches, normalize_calibration
 from routefx.calibrate.record import data_dependent_sizes, observe_routes
 from routefx.calibrate.stage import calibrate
-from routefx.compiler.pipeline import build_pipeline
+from routefx.compiler.pipeline import build_pipeline, recognize_for
 from routefx.compiler.plan import Plan
 from routefx.compiler.plan_io import check_fingerprint, fingerprint
-from routefx.compiler.policies import Dense, Policy, policy_from_dict
+from routefx.compiler.policies import Policy, policy_from_dict
 from routefx.compiler.report import CompileReport
 from routefx.compiler.validate import check_inputs
-from routefx.errors import BackendError, CalibrationError, InputError, NoBlocksError, PlanMismatchError, PolicyError
+from routefx.errors import BackendError, CalibrationError, InputError, PlanMismatchError, PolicyError
 from routefx.ir.capture import capture, normalize_inputs
 from routefx.ir.flops import FlopCount, count_flops, dynamic_routed, realised_flops
 from routefx.ir.model_ir import ModelIR
-from routefx.ir.recognize import recognize
 from routefx.passes.manager import PassManager
 
 __all__ = ["compile", "CompiledModel"]
@@ -69,17 +68,6 @@ def _form(kwargs: dict) -> tuple:
     """What decides whether a captured graph can serve a call: tensor keyword names and constant values."""
     consts = tuple(sorted((k, repr(v)) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)))
     return tuple(sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))), consts
-
-
-def _recognize(gm, policy) -> tuple[ModelIR, str | None]:
-    """The blocks of `gm`, and a note where there are none and the policy (Dense) needs none: such a graph is
-    compiled as captured, as Dense would leave it; every other policy refuses it (NoBlocksError)."""
-    try:
-        return recognize(gm), None
-    except NoBlocksError as e:
-        if not isinstance(policy, Dense):
-            raise
-        return ModelIR(hidden_size=0, blocks=[]), f"{e}. Dense compiles the graph as captured"
 
 
 def _check_fits(plan: Plan, ir: ModelIR) -> None:
@@ -140,7 +128,7 @@ class CompiledModel:
         """Capture for this input form; plan (calibrate the first time only); rewrite; tune; lower."""
         t0 = time.perf_counter()
         gm = capture(self._model, (), kwargs)
-        ir_before, blockless = _recognize(gm, self.policy)
+        ir_before, blockless = recognize_for(self.policy, gm)
         flops_before = count_flops(gm, ir_before, data_dependent_sizes(gm, kwargs))
         t1 = time.perf_counter()
         fresh = self._plan is None

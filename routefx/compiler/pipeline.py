@@ -15,7 +15,9 @@ from routefx.calibrate.moe_budget import FitMoEBudget
 from routefx.calibrate.moefy import FitMoEfyBudget
 from routefx.calibrate.trained_routers import TRAINED_ROUTERS, TrainRouters
 from routefx.compiler.policies import Dense, Duo, MoEBudget, MoEfy, Policy, PruneLayers
-from routefx.errors import PolicyError
+from routefx.errors import NoBlocksError, PolicyError
+from routefx.ir.model_ir import ModelIR
+from routefx.ir.recognize import recognize
 from routefx.passes.adapt_experts import AdaptExperts
 from routefx.passes.append_small_branch import AppendSmallBranch
 from routefx.passes.base import Pass
@@ -28,7 +30,7 @@ from routefx.passes.prune_blocks import PruneBlocks
 from routefx.passes.raise_ffn import RaiseFFN
 from routefx.passes.raise_moe import RaiseMoE
 
-__all__ = ["Pipeline", "build_pipeline"]
+__all__ = ["Pipeline", "build_pipeline", "recognize_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,3 +58,15 @@ def build_pipeline(policy: Policy) -> Pipeline:
     if isinstance(policy, MoEfy):
         return Pipeline(raise_ + [PermuteNeurons(), MoEfyFFN()], [FitMoEfyBudget()] if policy.rule else [])
     raise PolicyError(f"no pipeline for policy {type(policy).__name__}")
+
+
+def recognize_for(policy: Policy, gm) -> tuple[ModelIR, str | None]:
+    """The blocks of `gm`, and a note where there are none and the policy (Dense) needs none: such a graph is
+    compiled as captured, with no pass run, as Dense would leave it; every other policy refuses it
+    (NoBlocksError)."""
+    try:
+        return recognize(gm), None
+    except NoBlocksError as e:
+        if not isinstance(policy, Dense):
+            raise
+        return ModelIR(hidden_size=0, blocks=[]), f"{e}. Dense compiles the graph as captured"

@@ -13,14 +13,13 @@ import time
 from torch import fx
 
 from routefx.calibrate.stage import calibrate
-from routefx.compiler.pipeline import build_pipeline
+from routefx.compiler.pipeline import build_pipeline, recognize_for
 from routefx.compiler.plan import Plan
 from routefx.compiler.plan_io import fingerprint
 from routefx.errors import CaptureError, PlanMismatchError, UnsupportedModelError
 from routefx.generate.split import drop_empty_cats_
 from routefx.generate.step import CacheLayout, cache_names, capture_decode, capture_prefill, probe_cache
 from routefx.ir.model_ir import ModelIR
-from routefx.ir.recognize import recognize
 from routefx.passes.manager import PassManager
 
 __all__ = ["GenerationGraphs", "generation_graphs"]
@@ -100,9 +99,10 @@ def _check_fits(plan: Plan, ir: ModelIR, layout: CacheLayout) -> None:
 
 def _lower(cm, gm: fx.GraphModule, example: dict, plan: Plan, layout: CacheLayout) -> Graph:
     t0 = time.perf_counter()
-    ir_before = recognize(gm)
+    ir_before, blockless = recognize_for(cm.policy, gm)
     _check_fits(plan, ir_before, layout)
-    ir, _ = PassManager(build_pipeline(cm.policy).passes, debug_dir=None).run(gm, ir_before, plan)
+    ir = ir_before if blockless else PassManager(build_pipeline(cm.policy).passes, debug_dir=None).run(
+        gm, ir_before, plan)[0]
     drop_empty_cats_(gm)          # the cache seeded with the past: cat([empty, past]) copied the past every step
     return Graph(gm, ir, time.perf_counter() - t0, lambda: cm._backend.prepare(gm, example))
 
@@ -119,7 +119,7 @@ def generation_graphs(cm) -> GenerationGraphs:
         layout = probe_cache(model)
         # the plan first (pruned layers decide the cache's inputs and outputs); an unpruned capture to make it
         gm, example = capture_prefill(model, layout, list(range(layout.layers)))
-        plan = _plan(cm, gm, recognize(gm))
+        plan = _plan(cm, gm, recognize_for(cm.policy, gm)[0])
         kept = [i for i in range(layout.layers) if i not in set(plan.pruned)]
         if plan.pruned:
             gm, example = capture_prefill(model, layout, kept)

@@ -175,6 +175,26 @@ def test_dense_compiles_a_model_without_transformer_blocks_as_captured(backend):
             routefx.compile(model, PruneLayers(layers=[0]), example_inputs=(ids,))
 
 
+def test_dense_generates_with_a_cache_on_a_model_whose_blocks_are_not_recognised():
+    """Doge's residual adds are scaled by learned vectors, so no transformer block is recognised; Dense still
+    captures its prefill and decode steps with the KV cache (no pass to run) and generates what HF generates."""
+    from transformers import DogeConfig, DogeForCausalLM
+    from routefx.generate.loop import generate_with_stats
+    cfg = DogeConfig(vocab_size=112, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = DogeForCausalLM(cfg).eval()
+    ids = torch.randint(3, 112, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    cm = routefx.compile(model, Dense(), backend="onnx")
+    out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=4, do_sample=False)
+    assert stats.mode == "cached" and torch.equal(out, ref)
+
+
 def test_xlnet_computes_one_minus_an_integer_mask_and_exports():
     """XLNet's `1.0 - attention_mask` (rsub of an integer tensor and a float) has no torch.onnx translation in
     that mixed form: capture casts the mask first, and Dense on onnx equals the model."""
