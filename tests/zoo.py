@@ -6,6 +6,7 @@ here from the config by hand, so tests compare recognition against independent f
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable
 
@@ -41,14 +42,15 @@ class Entry:
 
 
 def _hf(cls, cfg):
-    def build():
+    def build():  # each model on its own copy of the config: what a test sets on one model stays there
         torch.manual_seed(0)
-        cfg._attn_implementation = "sdpa"
+        own = copy.deepcopy(cfg)
+        own._attn_implementation = "sdpa"
         try:
-            return cls(cfg).eval()
+            return cls(own).eval()
         except ValueError:  # families without an SDPA path in this transformers release (BLOOM's ALiBi, ...)
-            cfg._attn_implementation = "eager"
-            return cls(cfg).eval()
+            own._attn_implementation = "eager"
+            return cls(own).eval()
     return build
 
 
