@@ -120,6 +120,8 @@ def test_every_experts_implementation_is_captured_as_grouped_gemms(implementatio
     user's setting is restored."""
     entry = ZOO["mixtral"]
     model = entry.build()
+    if not hasattr(model, "set_experts_implementation"):
+        pytest.skip("this transformers release has no set_experts_implementation")
     model.set_experts_implementation(implementation)
     args, kwargs = example_inputs(entry, batch=2, seq=8, left_pad=2)
     with torch.no_grad():
