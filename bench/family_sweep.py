@@ -10,7 +10,8 @@ Checks per family (batch 2 x 12 tokens, row 0 left-padded by 3; errors are max |
                             from the lists of n modules beside it); where blocks are not layers (a recurrence branch
                             and an MLP branch per layer) or layers are of several kinds, every block of the last layer
                             (else of layer 1) vs that layer deleted; "runs" where no such reference exists
-  generate_onnx             cm.generate, Dense, onnx, greedy, 6 new tokens: token-identical to HF generate
+  generate_onnx             cm.generate, Dense, onnx, greedy, 6 new tokens: token-identical to HF generate ("runs"
+                            where HF generate itself fails on the tiny config)
 
 Each family runs in a forked child with a time limit; a check's result is written as soon as it is known, so a
 family that runs out of time keeps the checks it finished. Results: a table on stdout and JSON (--out).
@@ -306,8 +307,11 @@ def check_generate(model, state):
     ids, mask = inputs(seed=3)
     cm = routefx.compile(model, Dense(), backend="onnx")
     out = cm.generate(ids, mask, max_new_tokens=NEW, do_sample=False)   # the generation_config's processors on
-    with torch.no_grad():
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    try:
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    except Exception as e:  # noqa: BLE001 - transformers' own generate fails on this tiny config
+        return "runs", f"no reference: Hugging Face generate fails ({type(e).__name__}: {str(e)[:200]})"
     if out.shape == ref.shape and torch.equal(out, ref):
         return "pass", f"{NEW} tokens equal"
     same = (out[:, S:] == ref[:, S:]).float().mean().item() if out.shape == ref.shape else 0.0
