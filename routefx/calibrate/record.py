@@ -10,7 +10,7 @@ from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
 from routefx.calibrate.data import token_mask
-from routefx.ir.flops import data_dependent_symbols
+from routefx.ir.flops import data_dependent_symbols, dim_expr
 
 __all__ = ["run_recording", "observe_routes", "data_dependent_sizes"]
 
@@ -58,7 +58,7 @@ def data_dependent_sizes(gm: fx.GraphModule, kwargs: dict) -> dict | None:
         for fake, real in zip(pytree.tree_leaves(n.meta.get("val")), pytree.tree_leaves(out)):
             if isinstance(fake, torch.Tensor) and isinstance(real, torch.Tensor):
                 for dim, size in zip(fake.shape, real.shape):
-                    if not isinstance(dim, int) and isinstance(e := sympy.sympify(dim.node.expr), sympy.Symbol):
+                    if not isinstance(dim, int) and isinstance(e := dim_expr(dim), sympy.Symbol):
                         sizes.setdefault(e, int(size))
 
     run_recording(gm, kwargs, [n for n in gm.graph.nodes if n.op != "output"], on_value=record)

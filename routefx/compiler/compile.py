@@ -26,7 +26,7 @@ from routefx.compiler.report import CompileReport
 from routefx.compiler.validate import check_inputs
 from routefx.errors import BackendError, CalibrationError, InputError, PlanMismatchError, PolicyError
 from routefx.ir.capture import capture, normalize_inputs
-from routefx.ir.flops import FlopCount, count_flops, dynamic_routed, realised_flops
+from routefx.ir.flops import FlopCount, count_flops, data_dependent_symbols, dynamic_routed, realised_flops
 from routefx.ir.model_ir import ModelIR
 from routefx.passes.manager import PassManager
 
@@ -129,7 +129,8 @@ class CompiledModel:
         t0 = time.perf_counter()
         gm = capture(self._model, (), kwargs)
         ir_before, blockless = recognize_for(self.policy, gm)
-        flops_before = count_flops(gm, ir_before, data_dependent_sizes(gm, kwargs))
+        sizes = data_dependent_sizes(gm, kwargs)   # None, and no run, where every size is the batch's or length's
+        flops_before = count_flops(gm, ir_before, sizes)
         t1 = time.perf_counter()
         fresh = self._plan is None
         batches = self._calibration if fresh else None     # fresh: kwargs has the calibration data's form
@@ -155,7 +156,8 @@ class CompiledModel:
                          f"plan reused for inputs {sorted(_form(kwargs)[0])}: no calibration")
         self._plan = plan
         t4 = time.perf_counter()
-        sizes = data_dependent_sizes(gm, kwargs)
+        if not data_dependent_symbols(gm) <= (sizes or {}).keys():   # sizes a pass made: one more run
+            sizes = data_dependent_sizes(gm, kwargs)
         flops = count_flops(gm, ir, sizes)
         if sizes is not None:
             notes.append("some matrix products' sizes depend on the data (experts' rows): their FLOPs are counted "

@@ -29,7 +29,7 @@ S = sympy.Symbol("S", positive=True, integer=True)
 _B = sympy.Symbol("B", positive=True, integer=True)
 
 __all__ = ["S", "FlopCount", "BlockFlops", "count_flops", "route_flops", "dynamic_routed", "realised_flops",
-           "data_dependent_symbols"]
+           "data_dependent_symbols", "dim_expr"]
 
 
 @dataclasses.dataclass
@@ -66,10 +66,10 @@ class FlopCount:
 def _sym(dim, subs) -> sympy.Expr:
     if isinstance(dim, int):
         return sympy.Integer(dim)
-    return _expr(dim).subs(subs)
+    return dim_expr(dim).subs(subs)
 
 
-def _expr(dim) -> sympy.Expr:
+def dim_expr(dim) -> sympy.Expr:
     """The sympy expression of a symbolic dim, with the shape environment's known equalities applied (torch
     releases differ in whether `node.expr` already applies them)."""
     expr = sympy.sympify(dim.node.expr)
@@ -137,7 +137,7 @@ def _batch_seq(gm: fx.GraphModule) -> dict:
             continue
         for dim, sym in zip(v.shape[:2], (_B, S)):
             if not isinstance(dim, int):
-                e = _expr(dim)
+                e = dim_expr(dim)
                 if isinstance(e, sympy.Symbol):
                     subs.setdefault(e, sym)
     return subs
@@ -152,7 +152,7 @@ def _token_dims(gm: fx.GraphModule, subs: dict) -> tuple:
             continue
         dims = []
         for dim, sym in zip(v.shape[:2], (_B, S)):
-            dims.append(int(dim) if isinstance(dim, int) else subs.get(_expr(dim), sym))
+            dims.append(int(dim) if isinstance(dim, int) else subs.get(dim_expr(dim), sym))
         return dims[0], (dims[1] if len(dims) > 1 else S)
     return _B, S
 
@@ -221,7 +221,7 @@ def data_dependent_symbols(gm: fx.GraphModule) -> set:
             for a in (n, *n.all_input_nodes):
                 v = a.meta.get("val")
                 if isinstance(v, torch.Tensor):
-                    found |= {e for d in v.shape if not isinstance(d, int) for e in _expr(d).free_symbols}
+                    found |= {e for d in v.shape if not isinstance(d, int) for e in dim_expr(d).free_symbols}
     return found - known
 
 
