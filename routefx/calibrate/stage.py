@@ -90,8 +90,14 @@ def check_moe_blocks(gm: fx.GraphModule, ir: ModelIR) -> None:
     pass contract further on."""
     from routefx.passes.raise_moe import moe_matches
     found = list(moe_matches(gm, ir))
-    if any(not isinstance(m, str) for _, m in found):
+    if any(not isinstance(m, str) and not m.weights_on_input for _, m in found):
         return
+    batched = [b.index for b, m in found if not isinstance(m, str)]
+    if batched:
+        raise PolicyError(f"MoEBudget: the MoE blocks {batched} weight each chosen expert's input, not its output "
+                          "(batched experts: every expert on every token as captured, the unchosen ones weighted 0); "
+                          "MoEBudget drops experts by their output gates' mass and has no rule for input weights. "
+                          "Dense (or any policy) already runs only the chosen experts of these blocks")
     kinds = sorted({b.ffn.kind for b in ir.blocks if b.ffn})
     why = next((f"; block {b.index}'s experts are not read: {m}" for b, m in found), "") or next(
         (f"; block {b.index}'s FFN is not read: {b.ffn.reason}" for b in ir.blocks

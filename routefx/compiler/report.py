@@ -53,7 +53,7 @@ class CompileReport:
         f = self.flops_per_token
         if f:
             lines.append(f"  FLOPs per token at S={f['S']}: {f['before']:,.0f} -> {f['after']:,.0f} "
-                         f"({f['ratio']:.3f}x)" + (" (routes data-dependent: the big branch)"
+                         f"({f['ratio']:.3f}x)" + (" (data-dependent routes counted at their widest range)"
                                                   if f['dynamic_routes'] else ""))
             if f.get("realised"):
                 r = f["realised"]

@@ -3,7 +3,9 @@
 Canonical forms (d = hidden, F = neurons):
   gated: act(x·Wgᵀ + bg) ⊙ (x·Wuᵀ + bu) · Wdᵀ + bd   -- two input products, or one fused [2F, d] split in halves
   mlp:   act(x·Wuᵀ + bu) · Wdᵀ + bd                   -- includes GPT-2's Conv1D (addmm with an [in, out] weight)
-  moe:   a top-k router over experts (the grouped-GEMM op transformers exports), optionally a shared expert
+  moe:   a top-k router over experts, optionally a shared expert; the experts either as the grouped-GEMM pair
+         transformers exports, or batched: two batched products over stacked [E, in, out] weights that run every
+         expert on every token (Llama 4), the routing weights zeroing the experts a token did not choose
 The activation is identified by *evaluating* the ops between the two products on a CPU probe vector (whatever the
 model's device; they read nothing from the model) and comparing with the registry (so `F.gelu(x, approximate="tanh")` and GPT-2's hand-written tanh formula both read gelu_tanh).
 Anything else is kind "unknown" with the reason.
@@ -19,7 +21,13 @@ from routefx.ir.graph_utils import fetch_attr as fetch
 from routefx.ir.model_ir import DenseFFNMatch, FFNInfo, WeightRef
 
 aten = torch.ops.aten
-__all__ = ["analyse_ffn", "fetch", "resolve_weight", "param_ref"]
+__all__ = ["analyse_ffn", "fetch", "resolve_weight", "param_ref", "stacked_weight", "batched_experts",
+           "elementwise_fn", "identify_activation"]
+
+
+# meta key of a routed_ffn that RaiseMoE made from batched experts: its rows are (token, chosen expert) pairs with one
+# route each and no gates; the value is the top-k per token
+MOE_TOP_K = "routefx_moe_top_k"
 
 
 class _Miss(Exception):
@@ -92,13 +100,12 @@ def _anc_in(n: fx.Node, region: set) -> set:
     return seen
 
 
-def identify_activation(src: fx.Node, dst: fx.Node) -> str:
-    """Name of the elementwise function computed from `src` to `dst`, found by evaluating it on a probe."""
-    if gu.root_views(dst) is gu.root_views(src):
-        return "identity"
-    region = gu.between(src, dst) | {dst}
+def elementwise_fn(src: fx.Node, dst: fx.Node):
+    """The ops from `src` to `dst` as a function of `src` alone (a GraphModule), for evaluating on a CPU probe;
+    raises `_Miss` when an op between them reads anything else."""
     g = fx.Graph()
     env = {src: g.placeholder("x")}
+    region = gu.between(src, dst) | {dst}
     order = [n for n in src.graph.nodes if n in region]
     for n in order:
         if n.op != "call_function":
@@ -112,18 +119,26 @@ def identify_activation(src: fx.Node, dst: fx.Node) -> str:
         env[n] = g.node_copy(n, lambda a: env[a])
     g.output(env[dst])
     fn = fx.GraphModule(torch.nn.Module(), g)
+    fn.ops = [str(n.target) for n in order]
+    return fn
+
+
+def identify_activation(src: fx.Node, dst: fx.Node) -> str:
+    """Name of the elementwise function computed from `src` to `dst`, found by evaluating it on a probe."""
+    if gu.root_views(dst) is gu.root_views(src):
+        return "identity"
+    fn = elementwise_fn(src, dst)
     probe = torch.linspace(-6.0, 6.0, 241)   # CPU on purpose: the ops alone, no model tensor, values read back
     try:
         with torch.no_grad():
             y = fn(probe)
     except Exception as e:  # an op that does not run on a 1-D probe: not an elementwise activation
-        raise _Miss(f"activation ops {[str(n.target) for n in order]} are not elementwise ({type(e).__name__})")
+        raise _Miss(f"activation ops {fn.ops} are not elementwise ({type(e).__name__})")
     for name, f in ACTIVATIONS.items():
         ref = f(probe)
         if y.shape == ref.shape and torch.allclose(y, ref, rtol=1e-5, atol=1e-5):
             return name
-    raise _Miss(f"activation computed by {[str(n.target) for n in order][:6]} matches none of "
-                f"{sorted(ACTIVATIONS)}")
+    raise _Miss(f"activation computed by {fn.ops[:6]} matches none of {sorted(ACTIVATIONS)}")
 
 
 def _halves(m: fx.Node, F2: int) -> dict:
@@ -264,13 +279,43 @@ def _past_masking(n: fx.Node) -> fx.Node:
     return n
 
 
+def stacked_weight(gm, n: fx.Node) -> tuple[torch.Tensor | None, str]:
+    """(the [E, in, out] tensor a grouped or batched product reads as its weight operand: a 3-D parameter, possibly
+    transposed in its last two dims, else None; the reason when None)."""
+    flips = 0
+    while n.op == "call_function":
+        if gu.is_identity(n):
+            n = n.args[0]
+        elif n.target in gu.targets(aten.transpose) and sorted(a % 3 for a in n.args[1:3]) == [1, 2]:
+            flips, n = flips + 1, n.args[0]
+        else:
+            return None, f"expert weight computed by {n.target}, not read from a stacked parameter"
+    if n.op != "get_attr":
+        return None, "expert weight is not a parameter"
+    w = fetch(gm, n.target)
+    if w.dim() != 3:
+        return None, f"expert weight {n.target} has shape {list(w.shape)}, not [E, in, out]"
+    return (w.transpose(1, 2) if flips % 2 else w), ""
+
+
+def batched_experts(gm, nodes) -> list[fx.Node]:
+    """The batched products (bmm, 3-D matmul) among `nodes` whose weight operand is a stacked [E, in, out]
+    parameter, in graph order: experts evaluated for every token at once."""
+    out = [m for m in nodes if m.op == "call_function" and m.target in gu.targets(aten.bmm, aten.matmul)
+           and len(m.args) > 1 and isinstance(m.args[1], fx.Node) and getattr(gu.val(m), "dim", lambda: 0)() == 3
+           and stacked_weight(gm, m.args[1])[0] is not None]
+    order = {n: i for i, n in enumerate(next(iter(nodes)).graph.nodes)} if out else {}
+    return sorted(out, key=order.get)
+
+
 def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo) -> None:
-    grouped = [m for m in mms if gu.is_grouped_mm(m)]
+    grouped = [m for m in mms if gu.is_grouped_mm(m)] or batched_experts(gm, mms)
     if not grouped:
         raise _Miss(f"a top-k router, but the experts are {len(mms)} plain matrix products rather than the "
-                    "grouped-GEMM pair transformers exports (per-expert loops are not read yet)")
+                    "grouped-GEMM pair transformers exports or batched products over stacked expert weights "
+                    "(per-expert loops are not read yet)")
     feeds = gu.ancestors(grouped)
-    router = [m for m in mms if not gu.is_grouped_mm(m) and m in feeds and isinstance(gu.val(m).shape[-1], int)
+    router = [m for m in mms if m not in grouped and m in feeds and isinstance(gu.val(m).shape[-1], int)
               and _expert_index(m, region, set(grouped)) is not None]
     if len(router) != 1:
         raise _Miss(f"expected one router product choosing the experts, found {len(router)}")
@@ -278,8 +323,8 @@ def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo) -> None:
     info.num_experts = fetch(gm, r_ref.target).shape[1 if r_ref.transposed else 0]
     info.top_k = int(gu.val(_expert_index(router[0], region, set(grouped))).shape[-1])
     if len(grouped) != 2:
-        raise _Miss(f"router with top-{info.top_k} found, but its experts are not the grouped-GEMM pair "
-                    f"(found {len(grouped)} grouped products)")
+        raise _Miss(f"router with top-{info.top_k} found, but its experts are not a pair of grouped or batched "
+                    f"products (found {len(grouped)})")
     up, down = grouped
     F = gu.val(gu.root_views(down.args[0])).shape[-1]
     info.intermediate_size = int(F)
@@ -304,17 +349,19 @@ def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo) -> None:
     if rest:
         _, _, Fs, _ = _dense(gm, rest, region, dyn, same_shape=False)
         info.shared_expert_size = int(Fs)
+    info.has_bias = any(_operands(m, dyn)[2] is not None for m in mms if m not in grouped)
 
 
-def _expert_ranges(ranges: list, gates, routes) -> tuple[int, int] | None:
-    """(experts, width) when a routed_ffn reads as top-k experts: gate weights, K >= 2 routes per token, and
-    >= 2 equal, adjacent, non-empty ranges from 0 (optionally followed by one empty range: AdaptExperts' skip).
-    None otherwise (Duo's skip/small/big, a dense range)."""
+def _expert_ranges(ranges: list, gates, routes, rows_per_expert: bool = False) -> tuple[int, int] | None:
+    """(experts, width) when a routed_ffn reads as top-k experts: gate weights, K >= 2 routes per token (or
+    `rows_per_expert`: RaiseMoE's op for batched experts, one row per chosen expert), and >= 2 equal, adjacent,
+    non-empty ranges from 0 (optionally followed by one empty range: AdaptExperts' skip). None otherwise (Duo's
+    skip/small/big, a dense range)."""
     spans = [(int(ranges[i]), int(ranges[i + 1])) for i in range(0, len(ranges), 2)]
     if spans and spans[-1][0] == spans[-1][1]:
         spans = spans[:-1]
     k = gu.val(routes).shape[-1] if isinstance(gu.val(routes), torch.Tensor) else None
-    if gates is None or not isinstance(k, int) or k < 2 or len(spans) < 2:
+    if not rows_per_expert and (gates is None or not isinstance(k, int) or k < 2) or len(spans) < 2:
         return None
     width = spans[0][1] - spans[0][0]
     if width <= 0 or any(sp != (e * width, (e + 1) * width) for e, sp in enumerate(spans)):
@@ -336,9 +383,11 @@ def _routed(gm, op: fx.Node, mms: list, region: set, dyn: set, info: FFNInfo) ->
                                down=ref(w_down), b_up=ref(b_up), b_gate=ref(b_gate), b_down=ref(b_down))
     info.path = op.meta.get("routefx_path") or gu.common_path([op])
     experts = _expert_ranges(list(ranges), gates, routes)
+    if experts is None and MOE_TOP_K in op.meta:
+        experts = _expert_ranges(list(ranges), gates, routes, rows_per_expert=True)
     if experts is None:
         return
-    info.kind, info.top_k = "moe", int(gu.val(routes).shape[-1])
+    info.kind, info.top_k = "moe", op.meta.get(MOE_TOP_K) or int(gu.val(routes).shape[-1])
     info.num_experts, info.intermediate_size = experts
     # a shared expert: the branch's other weight products, minus the router's and 1-wide gates
     feeds_routes = gu.ancestors([routes])
@@ -366,7 +415,6 @@ def analyse_ffn(gm, stream: fx.Node, term: fx.Node, region: set, kind: str, dyn:
         if kind == "moe":
             info.path = gu.common_path(mms)
             _moe(gm, mms, region, dyn, info)
-            info.has_bias = any(_operands(m, dyn)[2] is not None for m in mms if not gu.is_grouped_mm(m))
             return info
         k, act, F, match = _dense(gm, mms, region, dyn)
         info.kind, info.activation, info.intermediate_size, info.match = k, act, int(F), match

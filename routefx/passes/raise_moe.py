@@ -36,6 +36,7 @@ import torch
 from torch import fx
 
 from routefx.ir import graph_utils as gu
+from routefx.ir.ffn import MOE_TOP_K
 from routefx.ir.model_ir import BlockInfo, ModelIR, WeightRef
 from routefx.passes.attrs import add_tensor_attr
 from routefx.passes.base import Miss, Pass, PassContext, PassResult
@@ -49,7 +50,8 @@ _MASKING = gu.targets(aten.masked_fill, aten.where)
 _SORTS = gu.targets(aten.sort, aten.argsort)
 _UNPERMUTE = gu.targets(aten.index, aten.index_put, aten.index_put_, aten.index_add, aten.index_add_, aten.scatter,
                         aten.scatter_add, aten.scatter_reduce, aten.gather, aten.index_select, aten.index_copy)
-_TRANSPOSE = gu.targets(aten.transpose, aten.permute)
+_ZERO_FILLS = gu.targets(aten.zeros, aten.zeros_like, aten.new_zeros)
+_FILLS = {aten.full: 1, aten.full_like: 1, aten.new_full: 2}   # fill op -> position of its value
 
 
 class _Miss(Exception):
@@ -71,6 +73,9 @@ class MoEMatch:
     w_up: torch.Tensor   # [E*F, d]
     w_gate: torch.Tensor | None  # [E*F, d], None for plain (non-gated) experts
     w_down: torch.Tensor  # [d, E*F]
+    # batched experts (`_match_batched`): `gates` is the [T, E] weight matrix scaling each expert's *input*, zero
+    # off the chosen experts; the routed_ffn then runs each (token, chosen expert) pair as a row of its own
+    weights_on_input: bool = False
 
 
 def _shape(n: fx.Node) -> list[str] | None:
@@ -79,21 +84,13 @@ def _shape(n: fx.Node) -> list[str] | None:
 
 
 def _stacked(gm: fx.GraphModule, n: fx.Node) -> torch.Tensor:
-    """The [E, in, out] tensor a grouped GEMM reads as its weight operand (a parameter, possibly transposed)."""
-    flips = 0
-    while n.op == "call_function":
-        if gu.is_identity(n):
-            n = n.args[0]
-        elif n.target in gu.targets(aten.transpose) and sorted(a % 3 for a in n.args[1:3]) == [1, 2]:
-            flips, n = flips + 1, n.args[0]
-        else:
-            raise _Miss(f"expert weight computed by {n.target}, not read from a stacked parameter")
-    if n.op != "get_attr":
-        raise _Miss("expert weight is not a parameter")
-    w = gu.fetch_attr(gm, n.target)
-    if w.dim() != 3:
-        raise _Miss(f"expert weight {n.target} has shape {list(w.shape)}, not [E, in, out]")
-    return w.transpose(1, 2) if flips % 2 else w
+    """The [E, in, out] tensor a grouped or batched GEMM reads as its weight operand (a parameter, possibly
+    transposed)."""
+    from routefx.ir.ffn import stacked_weight
+    w, reason = stacked_weight(gm, n)
+    if w is None:
+        raise _Miss(reason)
+    return w
 
 
 def _past_masking(n: fx.Node) -> fx.Node:
@@ -174,6 +171,122 @@ def _dead_write_into(u: fx.Node, nodes: set) -> bool:
     return base in nodes
 
 
+def _router(region: set, f, up: fx.Node, down: fx.Node) -> tuple[fx.Node, fx.Node, set]:
+    """(the router product, its input x, the ancestors of the experts' first product)."""
+    feeds = gu.ancestors([up])
+    mms = [n for n in region if gu.is_matmul(n) and n not in (up, down) and not gu.is_grouped_mm(n) and n in feeds
+           and _shape(n) is not None and _shape(n)[-1] == str(f.num_experts)]
+    if len(mms) != 1:
+        raise _Miss(f"expected one router product with {f.num_experts} outputs feeding the experts, "
+                    f"found {len(mms)}")
+    router = mms[0]
+    x = router.args[0] if router.target in gu.targets(aten.linear, aten.mm, aten.matmul) else router.args[1]
+    return router, x, feeds
+
+
+def _fill_value(n) -> float | None:
+    """The constant a fill op (full, full_like, zeros, ...) writes, else None."""
+    if not isinstance(n, fx.Node) or n.op != "call_function":
+        return None
+    if n.target in _ZERO_FILLS:
+        return 0.0
+    i = _FILLS.get(getattr(n.target, "overloadpacket", None))
+    value = n.args[i] if i is not None and len(n.args) > i else n.kwargs.get("fill_value")
+    return float(value) if isinstance(value, (int, float, bool)) else None
+
+
+def _is_swap(n: fx.Node) -> bool:
+    """A transpose of the two dims of a 2-D value."""
+    if n.op != "call_function" or gu.val(n) is None or gu.val(n).dim() != 2:
+        return False
+    if n.target in gu.targets(aten.t, aten.numpy_T):
+        return True
+    if n.target in gu.targets(aten.transpose):
+        return sorted(a % 2 for a in n.args[1:3]) == [0, 1]
+    return n.target in gu.targets(aten.permute) and [a % 2 for a in n.args[1]] == [1, 0]
+
+
+def _match_batched(gm: fx.GraphModule, block: BlockInfo, region: set, up: fx.Node, down: fx.Node) -> MoEMatch:
+    """Experts run for every token by two batched products over stacked weights (Llama 4):
+
+        h = repeat(x, [E, 1]) * transpose(s).reshape(-1, 1)      # [E*T, d]: row e*T + t is x[t] * s[t, e]
+        y = sum over e of down_e(act(gate_e(h_e)) * up_e(h_e))    # bmm over [E, T, d], then a sum over dim 0
+        s = elementwise(scatter(fill(c), -1, routes, values))     # [T, E], zero off the chosen experts
+
+    Each expert's input is scaled by its weight, and an unchosen expert's input is zero, so is its output
+    (checked: no bias, act(0) finite for gated experts, act(0) = 0 for plain ones): y[t] equals the sum over the
+    token's K chosen experts e of FFN_e(x[t] * s[t, e]). RaiseMoE runs exactly that: each (token, chosen expert)
+    pair a row of one routed_ffn, E/K times fewer expert FLOPs than the captured model."""
+    from routefx.ir.activations import get_activation
+    from routefx.ir.ffn import elementwise_fn, identify_activation
+    f, E = block.ffn, block.ffn.num_experts
+    router, x, _ = _router(region, f, up, down)
+    lead = _shape(router)[:-1]
+    if len(lead) != 1:
+        raise _Miss(f"batched experts behind a router of shape {_shape(router)}; read for [tokens, E] only")
+    x_root = gu.root_views(x)
+    inp = gu.val(up.args[0])
+    if inp is None or inp.dim() != 3 or str(inp.shape[0]) != str(E):
+        raise _Miss(f"the batched experts' input is not [E={E}, tokens, d]")
+    prod = gu.root_views(up.args[0])
+    if prod.op != "call_function" or prod.target not in gu.targets(aten.mul) \
+            or not all(isinstance(a, fx.Node) for a in prod.args[:2]):
+        raise _Miss("the batched experts' input is not the block input times a weight per (expert, token)")
+    a, b = prod.args[:2]
+    rep, col = (a, b) if gu.root_views(a).target in gu.targets(aten.repeat) else (b, a)
+    r = gu.root_views(rep)
+    if r.target not in gu.targets(aten.repeat) or list(r.args[1]) != [E, 1] or gu.root_views(r.args[0]) is not x_root:
+        raise _Miss("the batched experts' input is not the block input repeated once per expert")
+    t, cv = gu.root_views(col), gu.val(col)
+    if not _is_swap(t) or cv is None or cv.dim() != 2 or cv.shape[-1] != 1 \
+            or str(cv.shape[0]) != str(gu.val(r).shape[0]) or _shape(t.args[0]) != _shape(router):
+        raise _Miss("the batched experts' input is not scaled by a transposed [tokens, E] weight column")
+    s = t.args[0]
+    scatter = s
+    while scatter.op == "call_function" and scatter.target not in gu.targets(aten.scatter) \
+            and len(scatter.all_input_nodes) == 1:
+        scatter = scatter.all_input_nodes[0]
+    if scatter.target not in gu.targets(aten.scatter) or scatter.args[1] not in (1, -1):
+        raise _Miss("the per-expert weights are not scattered from the chosen experts")
+    base, _, routes = scatter.args[:3]
+    c = _fill_value(base)
+    if c is None or not (gu.is_getitem(routes) and routes.args[1] == 1 and routes.args[0].target in gu.TOPK):
+        raise _Miss("the per-expert weights are not scattered from a top-k choice into a constant fill")
+    try:
+        off = c if s is scatter else float(elementwise_fn(scatter, s)(torch.tensor([c]))[0])
+    except Exception as e:  # noqa: BLE001 - the scoring between the scatter and the weights is not elementwise
+        raise _Miss(f"the per-expert weights are not elementwise in the scattered scores ({e})") from None
+    if off != 0.0:
+        raise _Miss(f"an unchosen expert's weight is {off}, not 0: every expert contributes")
+    out = gu.forward_views(down)
+    combine = next(iter(out.users)) if len(out.users) == 1 else None
+    if combine is None or combine.target not in gu.targets(aten.sum) or _shape(out) != _shape(down) \
+            or [d % 3 for d in combine.args[1]] != [0] or (len(combine.args) > 2 and combine.args[2]) \
+            or _shape(combine) != _shape(x):
+        raise _Miss("the batched experts' outputs are not summed over the expert dim")
+    # nothing but x, the weights s and the stacked parameters reaches the replaced dispatch, nothing else reads it
+    keep = gu.ancestors([s]) | {s}
+    replaced = {n for n in region & (gu.ancestors([combine]) | {combine}) - keep if gu.root_views(n) is not x_root}
+    for n in replaced:
+        for a in n.all_input_nodes:
+            if a not in replaced and a is not s and a in region and gu.root_views(a) is not x_root:
+                raise _Miss(f"the expert dispatch reads {a.name} ({a.target}), which is not the block input or the "
+                            "experts' weights")
+        if n is not combine and any(u not in replaced and not _dead_write_into(u, replaced) for u in n.users):
+            raise _Miss(f"{n.name}, an intermediate value of the expert dispatch, is read outside it")
+    w_up, w_gate, w_down, F, (src, dst) = _weights(gm, up, down)
+    try:
+        act = identify_activation(src, dst)
+    except Exception as e:  # the activation reader's miss: its message is the reason
+        raise _Miss(f"expert activation: {e}") from None
+    at0 = float(get_activation(act)(torch.zeros(1))[0])
+    if (w_gate is None and at0 != 0.0) or not torch.isfinite(torch.tensor(at0)):
+        raise _Miss(f"the experts' activation {act} gives {at0} at 0: an unchosen expert's output is not zero")
+    if E * F != w_up.shape[0]:
+        raise _Miss(f"{w_up.shape[0] // F} stacked experts, the router scores {E}")
+    return MoEMatch(x, router, routes, s, combine, E, F, act, w_up, w_gate, w_down, weights_on_input=True)
+
+
 def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
     """The dispatch of `block`'s MoE FFN; raises `_Miss` with the reason when it cannot be expressed."""
     from routefx.ir.ffn import identify_activation
@@ -181,18 +294,16 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
     region = set(block.ffn_nodes)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     grouped = sorted((n for n in region if gu.is_grouped_mm(n)), key=order.get)
+    if not grouped:
+        from routefx.ir.ffn import batched_experts
+        batched = batched_experts(gm, [n for n in gm.graph.nodes if n in region])
+        if len(batched) == 2:
+            return _match_batched(gm, block, region, *batched)
     if len(grouped) != 2:
         raise _Miss(f"expected the experts as a pair of grouped GEMMs (up, down), found {len(grouped)} "
                     "(per-expert loops are not read)")
     up, down = grouped
-    feeds = gu.ancestors([up])
-    mms = [n for n in region if gu.is_matmul(n) and not gu.is_grouped_mm(n) and n in feeds
-           and _shape(n) is not None and _shape(n)[-1] == str(f.num_experts)]
-    if len(mms) != 1:
-        raise _Miss(f"expected one router product with {f.num_experts} outputs feeding the experts, "
-                    f"found {len(mms)}")
-    router = mms[0]
-    x = router.args[0] if router.target in gu.targets(aten.linear, aten.mm, aten.matmul) else router.args[1]
+    router, x, feeds = _router(region, f, up, down)
     lead = _shape(router)[:-1]
     from_router = gu.descendants(router)
     # token-mixing dispatch steps (a sort of the flattened expert ids): values after them are in sorted order,
@@ -264,12 +375,30 @@ def moe_matches(gm: fx.GraphModule, ir: ModelIR):
             yield block, str(miss)
 
 
+def _input_weighted(g: fx.Graph, m: MoEMatch, routes: fx.Node, w: dict, ranges: list) -> tuple[fx.Node, fx.Node]:
+    """(routed_ffn, the [T, d] sum replacing the combine) for batched experts: each (token, chosen expert) pair is
+    one row, x[t] * s[t, e] routed to expert e with no output gate; the K rows of a token are summed."""
+    K = int(gu.val(routes).shape[-1])
+    d = int(gu.val(m.x).shape[-1])
+    weight = g.call_function(aten.gather.default, (m.gates, -1, routes))                  # [T, K] = s[t, e_k]
+    rows = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (m.x, -2)),
+                                             g.call_function(aten.unsqueeze.default, (weight, -1))))  # [T, K, d]
+    rows = g.call_function(aten.reshape.default, (rows, [-1, d]))
+    ids = g.call_function(aten.reshape.default, (routes, [-1, 1]))
+    op = g.call_function(gu.ROUTED_FFN, (rows, ids, None, w["up"], w.get("gate"), w["down"], None, None, None,
+                                         ranges, m.activation))
+    op.meta[MOE_TOP_K] = K
+    out = g.call_function(aten.sum.dim_IntList, (g.call_function(aten.reshape.default, (op, [-1, K, d])), [1]))
+    return op, out
+
+
 class RaiseMoE(Pass):
     name = "raise_moe"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         res = PassResult()
         g = gm.graph
+        batched = 0
         for block, m in moe_matches(gm, ctx.ir):
             f = block.ffn
             if isinstance(m, str):
@@ -285,16 +414,23 @@ class RaiseMoE(Pass):
                 for name, t in (("up", m.w_up), ("gate", m.w_gate), ("down", m.w_down)):
                     if t is not None:
                         w[name] = weight_node(g, WeightRef(add_tensor_attr(gm, f"routefx_{key}_experts_{name}", t)))
-                op = g.call_function(gu.ROUTED_FFN, (
-                    m.x, routes, m.gates, w["up"], w.get("gate"), w["down"], None, None, None,
-                    [v for e in range(m.experts) for v in (e * m.width, (e + 1) * m.width)], m.activation))
+                ranges = [v for e in range(m.experts) for v in (e * m.width, (e + 1) * m.width)]
+                if m.weights_on_input:
+                    op, out = _input_weighted(g, m, routes, w, ranges)
+                    batched += 1
+                else:
+                    op = out = g.call_function(gu.ROUTED_FFN, (m.x, routes, m.gates, w["up"], w.get("gate"),
+                                                               w["down"], None, None, None, ranges, m.activation))
             op.meta["nn_module_stack"] = m.combine.meta.get("nn_module_stack", {})
             op.meta["routefx_path"] = f.path
-            m.combine.replace_all_uses_with(op)
+            m.combine.replace_all_uses_with(out)
             res.rewrites += 1
         if res.rewrites:
             res.notes.append(f"{res.rewrites} MoE block(s) dispatch their experts through routed_ffn; shared "
                              "experts stay dense FFNs added after it")
+        if batched:
+            res.notes.append(f"{batched} MoE block(s) ran every expert on every token (batched products, the "
+                             "unchosen experts' inputs weighted 0); routefx runs each token's chosen experts only")
         return res
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext, after: ModelIR) -> str | None:
