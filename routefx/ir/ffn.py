@@ -22,7 +22,7 @@ from routefx.ir.model_ir import DenseFFNMatch, FFNInfo, WeightRef
 
 aten = torch.ops.aten
 __all__ = ["analyse_ffn", "fetch", "resolve_weight", "param_ref", "stacked_weight", "batched_experts",
-           "elementwise_fn", "identify_activation"]
+           "elementwise_fn", "identify_activation", "expert_ffns"]
 
 
 # meta key of a routed_ffn that RaiseMoE made from batched experts: its rows are (token, chosen expert) pairs with one
@@ -308,12 +308,49 @@ def batched_experts(gm, nodes) -> list[fx.Node]:
     return sorted(out, key=order.get)
 
 
-def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo) -> None:
+def expert_ffns(gm, mms: list, region: set, dyn: set, router: fx.Node) -> list[DenseFFNMatch]:
+    """Experts written as E separate dense FFN modules (a loop over the experts gathering their tokens, or every
+    expert on every token weighted afterwards): the weight products other than the router, grouped into FFNs by
+    their data flow (each down product with the products it reads), in graph order of the down products. Raises
+    `_Miss` when they do not group into FFNs of one kind, activation and width."""
+    rest = [m for m in mms if m is not router]
+    pool = set(rest)
+    downs = [m for m in rest if _anc_in(m, region) & pool]
+    groups = [[m for m in rest if m not in downs and m in _anc_in(dn, region)] + [dn] for dn in downs]
+    if not groups or any(len(g) not in (2, 3) for g in groups) or sum(map(len, groups)) != len(rest):
+        raise _Miss(f"{len(rest)} expert products do not group into separate dense FFNs")
+    found = [_dense(gm, g, region, dyn, same_shape=False) for g in groups]
+    kinds = {(k, act, int(F), m.b_down is None) for k, act, F, m in found}
+    if len(kinds) != 1:
+        raise _Miss(f"the {len(found)} expert FFNs differ in kind, activation or width: {sorted(map(str, kinds))}")
+    return [m for _, _, _, m in found]
+
+
+def _per_expert_moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: fx.Node) -> None:
+    routers = [m for m in mms if isinstance(gu.val(m).shape[-1], int) and gu.val(m).shape[-1] > 1
+               and _expert_index(m, region, {term}) is not None]
+    if len(routers) != 1:
+        raise _Miss(f"a top-k router, but the experts are {len(mms)} plain matrix products rather than the "
+                    "grouped-GEMM pair transformers exports, batched products over stacked expert weights or "
+                    f"one dense FFN per router output ({len(routers)} router candidates)")
+    router = routers[0]
+    _, r_ref, _ = _operands(router, dyn)
+    E = fetch(gm, r_ref.target).shape[1 if r_ref.transposed else 0]
+    experts = expert_ffns(gm, mms, region, dyn, router)
+    if len(experts) != E:
+        raise _Miss(f"a router over {E} experts, but {len(experts)} expert FFNs (a shared expert beside per-expert "
+                    "modules is not read)")
+    k, act, F, _ = _dense(gm, [n for n in mms if n in experts[0].nodes], region, dyn, same_shape=False)
+    info.num_experts, info.top_k = E, int(gu.val(_expert_index(router, region, {term})).shape[-1])
+    info.intermediate_size, info.activation = int(F), act
+    info.has_bias = any(r is not None for m in experts for r in (m.b_up, m.b_gate, m.b_down)) \
+        or _operands(router, dyn)[2] is not None
+
+
+def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: fx.Node) -> None:
     grouped = [m for m in mms if gu.is_grouped_mm(m)] or batched_experts(gm, mms)
     if not grouped:
-        raise _Miss(f"a top-k router, but the experts are {len(mms)} plain matrix products rather than the "
-                    "grouped-GEMM pair transformers exports or batched products over stacked expert weights "
-                    "(per-expert loops are not read yet)")
+        return _per_expert_moe(gm, mms, region, dyn, info, term)
     feeds = gu.ancestors(grouped)
     router = [m for m in mms if m not in grouped and m in feeds and isinstance(gu.val(m).shape[-1], int)
               and _expert_index(m, region, set(grouped)) is not None]
@@ -414,7 +451,7 @@ def analyse_ffn(gm, stream: fx.Node, term: fx.Node, region: set, kind: str, dyn:
     try:
         if kind == "moe":
             info.path = gu.common_path(mms)
-            _moe(gm, mms, region, dyn, info)
+            _moe(gm, mms, region, dyn, info, term)
             return info
         k, act, F, match = _dense(gm, mms, region, dyn)
         info.kind, info.activation, info.intermediate_size, info.match = k, act, int(F), match

@@ -73,9 +73,15 @@ class MoEMatch:
     w_up: torch.Tensor   # [E*F, d]
     w_gate: torch.Tensor | None  # [E*F, d], None for plain (non-gated) experts
     w_down: torch.Tensor  # [d, E*F]
-    # batched experts (`_match_batched`): `gates` is the [T, E] weight matrix scaling each expert's *input*, zero
-    # off the chosen experts; the routed_ffn then runs each (token, chosen expert) pair as a row of its own
+    # each (token, chosen expert) pair's gate scales the expert's *input*: the routed_ffn then runs each pair as a
+    # row of its own, with no output gate
     weights_on_input: bool = False
+    per_expert_gates: bool = False      # `gates` is [T, E] (batched experts: zero off the chosen), not [T, K]
+    b_up: torch.Tensor | None = None     # [E*F] per-expert FFN modules with biases (`_match_per_expert`)
+    b_gate: torch.Tensor | None = None
+    b_down: torch.Tensor | None = None   # [d], the same for every expert
+    checks: list = dataclasses.field(default_factory=list)  # run-time size checks on the replaced dispatch's
+    # data-dependent sizes (torch.export's asserts): erased with it
 
 
 def _shape(n: fx.Node) -> list[str] | None:
@@ -284,7 +290,152 @@ def _match_batched(gm: fx.GraphModule, block: BlockInfo, region: set, up: fx.Nod
         raise _Miss(f"the experts' activation {act} gives {at0} at 0: an unchosen expert's output is not zero")
     if E * F != w_up.shape[0]:
         raise _Miss(f"{w_up.shape[0] // F} stacked experts, the router scores {E}")
-    return MoEMatch(x, router, routes, s, combine, E, F, act, w_up, w_gate, w_down, weights_on_input=True)
+    return MoEMatch(x, router, routes, s, combine, E, F, act, w_up, w_gate, w_down, weights_on_input=True,
+                    per_expert_gates=True)
+
+
+_ASSERTS = gu.targets(aten._assert_scalar, aten.sym_constrain_range_for_size, aten.sym_constrain_range,
+                      aten._assert_async)
+
+
+def _checks_only(n: fx.Node, found: set) -> bool:
+    """Does `n` compute nothing but run-time checks on sizes (a size, a comparison, an assert: torch.export's
+    checks on data-dependent sizes)? Adds `n` and what it feeds to `found` when it does."""
+    if n.op != "call_function" or isinstance(n.meta.get("val"), torch.Tensor) and n.target not in _ASSERTS:
+        return False
+    if n.target not in _ASSERTS and not all(_checks_only(u, found) for u in n.users):
+        return False
+    found.add(n)
+    return True
+
+
+def _subgraph(gm: fx.GraphModule, x: fx.Node, outs: list) -> fx.GraphModule:
+    """The nodes computing `outs` from `x` and the stored weights, as a module of x alone (its weights read from
+    `gm`). A size read from elsewhere that equals one of x's sizes (a fill of [tokens, E] sized from the model's
+    input) is read from x; anything else from another input of the graph raises `_Miss`."""
+    g = fx.Graph()
+    xv = gu.val(x)
+    env = {x: g.placeholder("x")}
+    before_x, after_x = gu.ancestors([x]), gu.descendants(x)
+
+    def get(n):
+        if n in env:
+            return env[n]
+        if isinstance(n.meta.get("val"), torch.SymInt) and n not in after_x:
+            v = n.meta["val"]
+            dims = [i for i, s in enumerate(xv.shape) if str(s) == str(v)]
+            if not dims:
+                raise _Miss(f"the expert dispatch reads the size {n.name} = {v}, which is none of its input's")
+            env[n] = g.call_function(aten.sym_size.int, (env[x], dims[0]))
+            return env[n]
+        if n.op == "placeholder" or n in before_x:
+            raise _Miss(f"the expert dispatch reads {n.name}, which is not computed from the block input")
+        for a in n.all_input_nodes:
+            get(a)
+        env[n] = g.node_copy(n, lambda a: env[a])
+        return env[n]
+
+    g.output(tuple(get(o) for o in outs))
+    return fx.GraphModule(gm, g)
+
+
+def _probes(x: fx.Node, d: int, dtype) -> list[torch.Tensor]:
+    """Inputs of x's rank for checking a dispatch: random tokens at two lengths, and one token repeated (every row
+    choosing the same experts: capacity limits and load-dependent dropping show there)."""
+    rank = gu.val(x).dim()
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for T, same in ((37, False), (64, False), (48, True)):
+        v = torch.randn(1 if same else T, d, generator=g).expand(T, d) if same else torch.randn(T, d, generator=g)
+        out.append(v.reshape(*([1] * (rank - 2)), T, d).to(dtype).contiguous())
+    return out
+
+
+def _match_per_expert(gm: fx.GraphModule, block: BlockInfo, region: set) -> MoEMatch:
+    """Experts written as E dense FFN modules (`ffn.expert_ffns`): a loop gathering each expert's tokens and
+    adding its weighted output back, or every expert on every token weighted afterwards, or anything else that
+    computes the same. The combine is the first [tokens, d] value after every expert's output; the routes and gates
+    are the last integer and floating [tokens, K] values from the router that reach it. The rewrite is checked by
+    running both on probe inputs (`_probes`, the captured weights): the dispatch must equal
+    sum_k g_k FFN_{r_k}(x) (the gate on the output) or sum_k FFN_{r_k}(x g_k) (on the input), else the block is left
+    as captured."""
+    from routefx.ir.ffn import expert_ffns, resolve_weight
+    from routefx.ir.ops import routed_ffn_reference
+    f = block.ffn
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    mms = sorted((n for n in region if gu.is_matmul(n)), key=order.get)
+    routers = [n for n in mms if _shape(n) is not None and _shape(n)[-1] == str(f.num_experts)]
+    if len(routers) != 1:
+        raise _Miss(f"expected one router product with {f.num_experts} outputs, found {len(routers)}")
+    router = routers[0]
+    x = router.args[0] if router.target in gu.targets(aten.linear, aten.mm, aten.matmul) else router.args[1]
+    dyn = gu.dynamic_nodes(gm.graph)
+    try:
+        experts = expert_ffns(gm, mms, region, dyn, router)
+    except Exception as e:  # the reader's miss: its message is the reason
+        raise _Miss(str(e)) from None
+    outs = [e.out for e in experts]
+    after_all = set.intersection(*(gu.descendants(o) for o in outs))
+    combine = next((n for n in sorted(region & after_all, key=order.get) if _shape(n) == _shape(x)), None)
+    if combine is None:
+        raise _Miss(f"no [tokens, d] value after every expert's output (x is {_shape(x)})")
+    lead, k = _shape(router)[:-1], str(f.top_k)
+    feeds = gu.ancestors([combine])
+    after = sorted((n for n in region & gu.descendants(router) & feeds
+                    if _shape(n) is not None and _shape(n)[:-1] == lead and _shape(n)[-1] == k), key=order.get)
+    ints = [n for n in after if not gu.val(n).is_floating_point() and gu.val(n).dtype != torch.bool]
+    floats = [n for n in after if gu.val(n).is_floating_point()]
+    if not ints or not floats:
+        raise _Miss("no [tokens, k] expert ids and gate weights from the router reach the experts' sum")
+    routes, gates = ints[-1], floats[-1]
+    # nothing outside reads the replaced dispatch
+    keep = gu.ancestors([routes, gates]) | {routes, gates}
+    x_root = gu.root_views(x)
+    replaced = {n for n in region & (feeds | {combine}) - keep if gu.root_views(n) is not x_root}
+    checks: set = set()
+    for n in replaced - {combine}:
+        for u in n.users:
+            if u in replaced or _dead_write_into(u, replaced):
+                continue
+            if not _checks_only(u, checks):
+                raise _Miss(f"{n.name}, an intermediate value of the expert dispatch, is read outside it")
+    # the weights as one routed_ffn's, expert e = range e
+    cat = lambda refs, dim=0: None if refs[0] is None else torch.cat(  # noqa: E731
+        [resolve_weight(gm, r) for r in refs], dim=dim).contiguous()
+    w_up, w_gate = cat([e.up for e in experts]), cat([e.gate for e in experts])
+    w_down = cat([e.down for e in experts], dim=1)
+    b_up, b_gate = cat([e.b_up for e in experts]), cat([e.b_gate for e in experts])
+    b_down = None
+    if experts[0].b_down is not None:
+        bs = [resolve_weight(gm, e.b_down) for e in experts]
+        if any(not torch.equal(b, bs[0]) for b in bs):
+            raise _Miss("the experts' down-product biases differ (routed_ffn adds one b_down per route)")
+        b_down = bs[0].contiguous()
+    E, F = len(experts), w_up.shape[0] // len(experts)
+    act = block.ffn.activation
+    ranges = [v for e in range(E) for v in (e * F, (e + 1) * F)]
+    # the check: the captured dispatch against both readings, on probes
+    sub = _subgraph(gm, x, [combine, routes, gates])
+    d = w_up.shape[1]
+    fits = {"output": True, "input": True}
+    with torch.no_grad():
+        for probe in _probes(x, d, w_up.dtype):
+            y, r, gt = sub(probe)
+            xs, r, gt = probe.reshape(-1, d), r.reshape(-1, r.shape[-1]).long(), gt.reshape(-1, r.shape[-1])
+            y = y.reshape(-1, d)
+            args = (w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, act)
+            tol = 200 * torch.finfo(y.dtype).eps * max(1.0, float(y.abs().max()))
+            on_out = routed_ffn_reference(xs, r, gt.to(xs.dtype), *args)
+            rows = (xs[:, None, :] * gt[..., None]).reshape(-1, d)
+            on_in = routed_ffn_reference(rows, r.reshape(-1, 1), None, *args).reshape(-1, r.shape[-1], d).sum(1)
+            fits["output"] &= bool((on_out - y).abs().max() <= tol)
+            fits["input"] &= bool((on_in - y).abs().max() <= tol)
+    if not any(fits.values()):
+        raise _Miss("the expert dispatch computes neither sum_k g_k FFN_k(x) nor sum_k FFN_k(x g_k) on probe "
+                    "inputs (capacity limits, per-expert scaling or another combine)")
+    return MoEMatch(x, router, routes, gates, combine, E, F, act, w_up, w_gate, w_down,
+                    weights_on_input=not fits["output"], b_up=b_up, b_gate=b_gate, b_down=b_down,
+                    checks=sorted(checks, key=order.get))
 
 
 def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
@@ -299,6 +450,8 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
         batched = batched_experts(gm, [n for n in gm.graph.nodes if n in region])
         if len(batched) == 2:
             return _match_batched(gm, block, region, *batched)
+        if not batched:
+            return _match_per_expert(gm, block, region)
     if len(grouped) != 2:
         raise _Miss(f"expected the experts as a pair of grouped GEMMs (up, down), found {len(grouped)} "
                     "(per-expert loops are not read)")
@@ -380,13 +533,13 @@ def _input_weighted(g: fx.Graph, m: MoEMatch, routes: fx.Node, w: dict, ranges: 
     one row, x[t] * s[t, e] routed to expert e with no output gate; the K rows of a token are summed."""
     K = int(gu.val(routes).shape[-1])
     d = int(gu.val(m.x).shape[-1])
-    weight = g.call_function(aten.gather.default, (m.gates, -1, routes))                  # [T, K] = s[t, e_k]
+    weight = g.call_function(aten.gather.default, (m.gates, -1, routes)) if m.per_expert_gates else m.gates  # [T, K]
     rows = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (m.x, -2)),
                                              g.call_function(aten.unsqueeze.default, (weight, -1))))  # [T, K, d]
     rows = g.call_function(aten.reshape.default, (rows, [-1, d]))
     ids = g.call_function(aten.reshape.default, (routes, [-1, 1]))
-    op = g.call_function(gu.ROUTED_FFN, (rows, ids, None, w["up"], w.get("gate"), w["down"], None, None, None,
-                                         ranges, m.activation))
+    op = g.call_function(gu.ROUTED_FFN, (rows, ids, None, w["up"], w.get("gate"), w["down"], w.get("b_up"),
+                                         w.get("b_gate"), w.get("b_down"), ranges, m.activation))
     op.meta[MOE_TOP_K] = K
     out = g.call_function(aten.sum.dim_IntList, (g.call_function(aten.reshape.default, (op, [-1, K, d])), [1]))
     return op, out
@@ -411,7 +564,8 @@ class RaiseMoE(Pass):
                 if gu.val(routes).dtype != torch.int64:
                     routes = g.call_function(aten.to.dtype, (routes, torch.int64))
                 w = {}
-                for name, t in (("up", m.w_up), ("gate", m.w_gate), ("down", m.w_down)):
+                for name, t in (("up", m.w_up), ("gate", m.w_gate), ("down", m.w_down), ("b_up", m.b_up),
+                                ("b_gate", m.b_gate), ("b_down", m.b_down)):
                     if t is not None:
                         w[name] = weight_node(g, WeightRef(add_tensor_attr(gm, f"routefx_{key}_experts_{name}", t)))
                 ranges = [v for e in range(m.experts) for v in (e * m.width, (e + 1) * m.width)]
@@ -419,11 +573,18 @@ class RaiseMoE(Pass):
                     op, out = _input_weighted(g, m, routes, w, ranges)
                     batched += 1
                 else:
-                    op = out = g.call_function(gu.ROUTED_FFN, (m.x, routes, m.gates, w["up"], w.get("gate"),
-                                                               w["down"], None, None, None, ranges, m.activation))
+                    gates = m.gates
+                    if gu.val(gates).dtype != gu.val(m.x).dtype:
+                        gates = g.call_function(aten.to.dtype, (gates, gu.val(m.x).dtype))
+                    op = out = g.call_function(gu.ROUTED_FFN, (
+                        m.x, routes, gates, w["up"], w.get("gate"), w["down"], w.get("b_up"), w.get("b_gate"),
+                        w.get("b_down"), ranges, m.activation))
+                    op.meta[MOE_TOP_K] = int(gu.val(routes).shape[-1])
             op.meta["nn_module_stack"] = m.combine.meta.get("nn_module_stack", {})
             op.meta["routefx_path"] = f.path
             m.combine.replace_all_uses_with(out)
+            for n in reversed(m.checks):   # checks on the replaced dispatch's sizes: what kept it alive
+                g.erase_node(n)
             res.rewrites += 1
         if res.rewrites:
             res.notes.append(f"{res.rewrites} MoE block(s) dispatch their experts through routed_ffn; shared "

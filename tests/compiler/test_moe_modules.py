@@ -1,0 +1,131 @@
+"""MoE blocks written by hand with one dense FFN module per expert, as research code writes them: a loop that gathers
+each expert's tokens and adds its weighted output back (data-dependent sizes), or every expert on every token
+weighted afterwards (or on its input). RaiseMoE reads them by structure (the router, E dense FFNs, the first
+[tokens, d] value after all of them) and checks the reading on probe inputs before replacing the dispatch by one
+routed_ffn; a dispatch that computes something else (a capacity limit) is left as captured, with the reason.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import routefx
+from routefx.ir import graph_utils as gu
+from routefx.policies import Dense, MoEBudget
+from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
+
+D, FF, E, K, V = 32, 48, 4, 2, 50
+
+
+class Expert(nn.Module):
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(D, FF, bias=bias), nn.Linear(D, FF, bias=bias)
+        self.w2 = nn.Linear(FF, D, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class HandMoE(nn.Module):
+    def __init__(self, form: str, bias: bool = False):
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList(Expert(bias) for _ in range(E))
+        self.form = form
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        h = x.view(-1, D)
+        w, idx = torch.topk(self.gate(h).softmax(-1), K, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        if self.form in ("loop", "capacity"):
+            out = torch.zeros_like(h)
+            for e, expert in enumerate(self.experts):
+                tok, slot = torch.where(idx == e)
+                if self.form == "capacity":          # Switch-style: at most 16 tokens per expert, the rest dropped
+                    tok, slot = tok[:16], slot[:16]
+                out.index_add_(0, tok, w[tok, slot, None] * expert(h[tok]))
+        else:
+            dense_w = torch.zeros(h.shape[0], E, dtype=h.dtype).scatter(1, idx, w)     # zero off the top-k
+            if self.form == "every_expert":
+                outs = torch.stack([expert(h) for expert in self.experts], dim=1)       # [T, E, d]
+                out = (outs * dense_w[..., None]).sum(1)
+            else:   # "input_weighted": each expert on its weighted input
+                out = sum(expert(h * dense_w[:, e:e + 1]) for e, expert in enumerate(self.experts))
+        return out.view(B, S, D)
+
+
+class LM(nn.Module):
+    def __init__(self, form: str, bias: bool = False, layers: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(V, D)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            n1=nn.LayerNorm(D), attn=nn.MultiheadAttention(D, 2, batch_first=True), n2=nn.LayerNorm(D),
+            moe=HandMoE(form, bias))) for _ in range(layers))
+        self.head = nn.Linear(D, V)
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids)
+        causal = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
+        for b in self.blocks:
+            a = b["n1"](x)
+            x = x + b["attn"](a, a, a, attn_mask=causal, need_weights=False)[0]
+            x = x + b["moe"](b["n2"](x))
+        return self.head(x)
+
+
+def _ids(seed=2, shape=(2, 9)):
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("form,bias", [("loop", False), ("every_expert", False), ("input_weighted", False),
+                                       ("loop", True)])
+def test_hand_written_moe_is_raised(form, bias):
+    model = LM(form, bias).eval()
+    ids = _ids()
+    for backend, tol in (("eager", EXACT_REWRITE), ("onnx", ONNX_VS_EAGER)):
+        cm = routefx.compile(model, Dense(), example_inputs=(ids,), backend=backend)
+        for x in (ids, _ids(5, (3, 14))):            # the example and another shape
+            with torch.no_grad():
+                torch.testing.assert_close(cm(x), model(x), rtol=0, atol=tol)
+    rep = cm.report.pass_report("raise_moe")
+    assert rep.rewrites == 2 and rep.misses == []
+    assert all(b.ffn.kind == "moe" and b.ffn.num_experts == E and b.ffn.top_k == K
+               and b.ffn.routed == [[e * FF, (e + 1) * FF] for e in range(E)] for b in cm.ir.blocks)
+    left = {str(n.target) for n in cm.graph_module.graph.nodes if n.op == "call_function"}
+    assert not left & {"aten.index_add.default", "aten.nonzero.default", "aten._assert_scalar.default"}
+    # no expert module's own weight is read any more: only routed_ffn's concatenated copies
+    assert not [n.target for n in cm.graph_module.graph.nodes if n.op == "get_attr" and "experts" in n.target
+                and not n.target.startswith("routefx_")]
+    if form == "every_expert":       # the captured model ran all E experts per token, the compiled one K
+        f = cm.report.flops_per_token
+        assert f["before"] - f["after"] == pytest.approx(2 * (E - K) * 2 * 3 * D * FF, rel=1e-9)
+
+
+def test_a_capacity_limited_dispatch_is_left_as_captured():
+    """Dropping tokens past an expert's capacity is not sum_k g_k FFN_k(x): the probe of one repeated token (every
+    row choosing the same experts) shows it, so the block stays as captured and the model is unchanged."""
+    model = LM("capacity").eval()
+    ids = _ids()
+    cm = routefx.compile(model, Dense(), example_inputs=(ids,), backend="eager")
+    rep = cm.report.pass_report("raise_moe")
+    assert rep.rewrites == 0 and all("neither" in m["reason"] for m in rep.misses) and len(rep.misses) == 2
+    same = torch.full((1, 12), 7)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(same), model(same), rtol=0, atol=EXACT_REWRITE)
+
+
+def test_moe_budget_adapts_hand_written_experts():
+    """MoEBudget on the raised loop: budget 1 is the model itself; a lower budget computes fewer experts."""
+    model = LM("loop").eval()
+    cal = [_ids(s, (2, 16)) for s in range(3)]
+    ids = _ids()
+    full = routefx.compile(model, MoEBudget(1.0), calibration=cal, example_inputs=(ids,))
+    with torch.no_grad():
+        torch.testing.assert_close(full(ids), model(ids), rtol=0, atol=EXACT_REWRITE)
+    half = routefx.compile(model, MoEBudget(0.6), calibration=cal, example_inputs=(ids,))
+    assert half.report.pass_report("adapt_experts").rewrites == 2
+    with torch.no_grad():
+        assert torch.isfinite(half(ids)).all() and not torch.allclose(half(ids), model(ids))
