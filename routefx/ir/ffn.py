@@ -22,7 +22,8 @@ from routefx.ir.model_ir import DenseFFNMatch, FFNInfo, WeightRef
 
 aten = torch.ops.aten
 __all__ = ["analyse_ffn", "fetch", "resolve_weight", "param_ref", "stacked_weight", "batched_experts",
-           "elementwise_fn", "identify_activation", "expert_ffns"]
+           "elementwise_fn", "identify_activation", "expert_ffns",
+           "first_after"]
 
 
 # meta key of a routed_ffn that RaiseMoE made from batched experts: its rows are (token, chosen expert) pairs with one
@@ -308,11 +309,23 @@ def batched_experts(gm, nodes) -> list[fx.Node]:
     return sorted(out, key=order.get)
 
 
-def expert_ffns(gm, mms: list, region: set, dyn: set, router: fx.Node) -> list[DenseFFNMatch]:
-    """Experts written as E separate dense FFN modules (a loop over the experts gathering their tokens, or every
+def first_after(outs: list, region: set, shape: list[str]) -> fx.Node | None:
+    """The first node of `region` (graph order) that every one of `outs` reaches and that has `shape`: where
+    expert outputs are summed."""
+    common = set.intersection(*(gu.descendants(o) for o in outs)) & region
+    want = [str(s) for s in shape]
+    return next((n for n in outs[0].graph.nodes if n in common and isinstance(gu.val(n), torch.Tensor)
+                 and [str(s) for s in gu.val(n).shape] == want), None)
+
+
+def expert_ffns(gm, mms: list, region: set, dyn: set, router: fx.Node, experts: int
+                ) -> tuple[list[DenseFFNMatch], DenseFFNMatch | None]:
+    """Experts written as separate dense FFN modules (a loop over the experts gathering their tokens, or every
     expert on every token weighted afterwards): the weight products other than the router, grouped into FFNs by
-    their data flow (each down product with the products it reads), in graph order of the down products. Raises
-    `_Miss` when they do not group into FFNs of one kind, activation and width."""
+    their data flow (each down product with the products it reads), in graph order of the down products; with
+    `experts` + 1 FFNs, the one that joins only after the others' sum is a shared expert. Returns (the routed
+    experts, the shared one or None); raises `_Miss` when they do not group so, or differ in kind, activation,
+    width or down bias."""
     rest = [m for m in mms if m is not router]
     pool = set(rest)
     downs = [m for m in rest if _anc_in(m, region) & pool]
@@ -320,10 +333,25 @@ def expert_ffns(gm, mms: list, region: set, dyn: set, router: fx.Node) -> list[D
     if not groups or any(len(g) not in (2, 3) for g in groups) or sum(map(len, groups)) != len(rest):
         raise _Miss(f"{len(rest)} expert products do not group into separate dense FFNs")
     found = [_dense(gm, g, region, dyn, same_shape=False) for g in groups]
-    kinds = {(k, act, int(F), m.b_down is None) for k, act, F, m in found}
+    shared = None
+    if len(found) == experts + 1:
+        shape = [str(s) for s in gu.val(_operands(router, dyn)[0]).shape]   # [T, d] as the router reads it
+        outs = [m.out for *_, m in found]
+        for i, o in enumerate(outs):
+            c = first_after(outs[:i] + outs[i + 1:], region, shape)
+            if c is not None and o not in gu.ancestors([c]):
+                shared = i
+                break
+        if shared is None:
+            raise _Miss(f"{len(found)} expert FFNs for {experts} router outputs, and none joins after the others' "
+                        "sum (a shared expert)")
+    elif len(found) != experts:
+        raise _Miss(f"a router over {experts} experts, but {len(found)} expert FFNs")
+    routed = [f for i, f in enumerate(found) if i != shared]
+    kinds = {(k, act, int(F), m.b_down is None) for k, act, F, m in routed}
     if len(kinds) != 1:
-        raise _Miss(f"the {len(found)} expert FFNs differ in kind, activation or width: {sorted(map(str, kinds))}")
-    return [m for _, _, _, m in found]
+        raise _Miss(f"the {len(routed)} expert FFNs differ in kind, activation or width: {sorted(map(str, kinds))}")
+    return [m for *_, m in routed], (None if shared is None else found[shared][3])
 
 
 def _per_expert_moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: fx.Node) -> None:
@@ -336,13 +364,12 @@ def _per_expert_moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: f
     router = routers[0]
     _, r_ref, _ = _operands(router, dyn)
     E = fetch(gm, r_ref.target).shape[1 if r_ref.transposed else 0]
-    experts = expert_ffns(gm, mms, region, dyn, router)
-    if len(experts) != E:
-        raise _Miss(f"a router over {E} experts, but {len(experts)} expert FFNs (a shared expert beside per-expert "
-                    "modules is not read)")
+    experts, shared = expert_ffns(gm, mms, region, dyn, router, E)
     k, act, F, _ = _dense(gm, [n for n in mms if n in experts[0].nodes], region, dyn, same_shape=False)
     info.num_experts, info.top_k = E, int(gu.val(_expert_index(router, region, {term})).shape[-1])
     info.intermediate_size, info.activation = int(F), act
+    if shared is not None:
+        info.shared_expert_size = int(resolve_weight(gm, shared.up).shape[0])
     info.has_bias = any(r is not None for m in experts for r in (m.b_up, m.b_gate, m.b_down)) \
         or _operands(router, dyn)[2] is not None
 

@@ -359,7 +359,7 @@ def _match_per_expert(gm: fx.GraphModule, block: BlockInfo, region: set) -> MoEM
     running both on probe inputs (`_probes`, the captured weights): the dispatch must equal
     sum_k g_k FFN_{r_k}(x) (the gate on the output) or sum_k FFN_{r_k}(x g_k) (on the input), else the block is left
     as captured."""
-    from routefx.ir.ffn import expert_ffns, resolve_weight
+    from routefx.ir.ffn import expert_ffns, first_after, resolve_weight
     from routefx.ir.ops import routed_ffn_reference
     f = block.ffn
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -371,12 +371,10 @@ def _match_per_expert(gm: fx.GraphModule, block: BlockInfo, region: set) -> MoEM
     x = router.args[0] if router.target in gu.targets(aten.linear, aten.mm, aten.matmul) else router.args[1]
     dyn = gu.dynamic_nodes(gm.graph)
     try:
-        experts = expert_ffns(gm, mms, region, dyn, router)
+        experts, _ = expert_ffns(gm, mms, region, dyn, router, f.num_experts)
     except Exception as e:  # the reader's miss: its message is the reason
         raise _Miss(str(e)) from None
-    outs = [e.out for e in experts]
-    after_all = set.intersection(*(gu.descendants(o) for o in outs))
-    combine = next((n for n in sorted(region & after_all, key=order.get) if _shape(n) == _shape(x)), None)
+    combine = first_after([e.out for e in experts], region, _shape(x))
     if combine is None:
         raise _Miss(f"no [tokens, d] value after every expert's output (x is {_shape(x)})")
     lead, k = _shape(router)[:-1], str(f.top_k)

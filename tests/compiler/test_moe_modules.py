@@ -18,20 +18,21 @@ D, FF, E, K, V = 32, 48, 4, 2, 50
 
 
 class Expert(nn.Module):
-    def __init__(self, bias: bool):
+    def __init__(self, bias: bool, width: int = FF):
         super().__init__()
-        self.w1, self.w3 = nn.Linear(D, FF, bias=bias), nn.Linear(D, FF, bias=bias)
-        self.w2 = nn.Linear(FF, D, bias=False)
+        self.w1, self.w3 = nn.Linear(D, width, bias=bias), nn.Linear(D, width, bias=bias)
+        self.w2 = nn.Linear(width, D, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class HandMoE(nn.Module):
-    def __init__(self, form: str, bias: bool = False):
+    def __init__(self, form: str, bias: bool = False, shared: bool = False):
         super().__init__()
         self.gate = nn.Linear(D, E, bias=False)
         self.experts = nn.ModuleList(Expert(bias) for _ in range(E))
+        self.shared = Expert(bias, width=40) if shared else None   # DeepSeek-style: every token, added after
         self.form = form
 
     def forward(self, x):
@@ -53,17 +54,19 @@ class HandMoE(nn.Module):
                 out = (outs * dense_w[..., None]).sum(1)
             else:   # "input_weighted": each expert on its weighted input
                 out = sum(expert(h * dense_w[:, e:e + 1]) for e, expert in enumerate(self.experts))
+        if self.shared is not None:
+            out = out + self.shared(h)
         return out.view(B, S, D)
 
 
 class LM(nn.Module):
-    def __init__(self, form: str, bias: bool = False, layers: int = 2):
+    def __init__(self, form: str, bias: bool = False, layers: int = 2, shared: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.emb = nn.Embedding(V, D)
         self.blocks = nn.ModuleList(nn.ModuleDict(dict(
             n1=nn.LayerNorm(D), attn=nn.MultiheadAttention(D, 2, batch_first=True), n2=nn.LayerNorm(D),
-            moe=HandMoE(form, bias))) for _ in range(layers))
+            moe=HandMoE(form, bias, shared))) for _ in range(layers))
         self.head = nn.Linear(D, V)
 
     def forward(self, input_ids):
@@ -80,10 +83,11 @@ def _ids(seed=2, shape=(2, 9)):
     return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("form,bias", [("loop", False), ("every_expert", False), ("input_weighted", False),
-                                       ("loop", True)])
-def test_hand_written_moe_is_raised(form, bias):
-    model = LM(form, bias).eval()
+@pytest.mark.parametrize("form,bias,shared", [("loop", False, False), ("every_expert", False, False),
+                                              ("input_weighted", False, False), ("loop", True, False),
+                                              ("loop", False, True), ("every_expert", True, True)])
+def test_hand_written_moe_is_raised(form, bias, shared):
+    model = LM(form, bias, shared=shared).eval()
     ids = _ids()
     for backend, tol in (("eager", EXACT_REWRITE), ("onnx", ONNX_VS_EAGER)):
         cm = routefx.compile(model, Dense(), example_inputs=(ids,), backend=backend)
@@ -93,11 +97,12 @@ def test_hand_written_moe_is_raised(form, bias):
     rep = cm.report.pass_report("raise_moe")
     assert rep.rewrites == 2 and rep.misses == []
     assert all(b.ffn.kind == "moe" and b.ffn.num_experts == E and b.ffn.top_k == K
-               and b.ffn.routed == [[e * FF, (e + 1) * FF] for e in range(E)] for b in cm.ir.blocks)
+               and b.ffn.routed == [[e * FF, (e + 1) * FF] for e in range(E)]
+               and b.ffn.shared_expert_size == (40 if shared else None) for b in cm.ir.blocks)
     left = {str(n.target) for n in cm.graph_module.graph.nodes if n.op == "call_function"}
     assert not left & {"aten.index_add.default", "aten.nonzero.default", "aten._assert_scalar.default"}
     # no expert module's own weight is read any more: only routed_ffn's concatenated copies
-    assert not [n.target for n in cm.graph_module.graph.nodes if n.op == "get_attr" and "experts" in n.target
+    assert not [n.target for n in cm.graph_module.graph.nodes if n.op == "get_attr" and "experts_" in n.target
                 and not n.target.startswith("routefx_")]
     if form == "every_expert":       # the captured model ran all E experts per token, the compiled one K
         f = cm.report.flops_per_token
