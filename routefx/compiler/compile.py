@@ -148,6 +148,11 @@ class CompiledModel:
             ir, reports = ir_before, []
         t3 = time.perf_counter()
         notes = [] if blockless is None else [blockless]
+        written = getattr(gm.meta.get("routefx"), "state_writes", None)
+        if written:
+            notes.append(f"the forward writes {len(written)} buffer(s) in place ({', '.join(written[:3])}"
+                         f"{', ...' if len(written) > 3 else ''}: a cache kept in module state); the compiled graph "
+                         "reads the written values back within each call and leaves the model's buffers unchanged")
         if fresh and batches is not None:
             for step in pipeline.tune:
                 notes += step(gm, ir, plan, batches, self.policy.budget)

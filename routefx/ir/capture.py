@@ -34,6 +34,8 @@ class CaptureInfo:
     fixed_dims: dict[str, dict[int, int]] = dataclasses.field(default_factory=dict)  # input -> {dim: size}: batch /
     #   length dims captured as dynamic that the model's code made constants (e.g. `int(x.shape[1])`): the graph
     #   serves calls of those sizes only (CompiledModel compiles again for others)
+    state_writes: list[str] = dataclasses.field(default_factory=list)  # buffers the forward writes in place (a KV
+    #   cache in module state), read back within the graph (`_functional_buffer_writes`); not written to the model
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -205,6 +207,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     gm = ep.module()
     _drop_export_artifacts(gm)
+    written = _functional_buffer_writes(gm)
     _cast_rsub_operands(gm)
     _split_baddbmm(gm)
     _expand_as_by_sizes(gm)
@@ -213,6 +216,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
         constant_kwargs={k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor)},
         bound_kwargs=dict(bound_kwargs),
         fixed_dims=_fixed_dims(gm, shapes),
+        state_writes=written,
     )
     return gm
 
@@ -309,6 +313,90 @@ def _functional_form(n: torch.fx.Node):
         return None
     packet = getattr(_aten, t._opname[:-1], None) if t.namespace == "aten" else None
     return getattr(packet, t._overloadname, None) if packet is not None else None
+
+
+_SCATTERS = {_aten.slice.Tensor: _aten.slice_scatter.default, _aten.select.int: _aten.select_scatter.default}
+
+
+def _alias_root(n):
+    """The buffer (get_attr node) `n` is, through no-op casts (`cache.to(x)` with x's dtype and device) and
+    aliases; else None."""
+    while isinstance(n, torch.fx.Node) and n.op == "call_function":
+        v, a = gu.val(n), gu.val(n.args[0]) if n.args and isinstance(n.args[0], torch.fx.Node) else None
+        noop_cast = n.target in gu.CASTS and v is not None and a is not None and v.dtype == a.dtype \
+            and v.device == a.device and n.target is not _aten._to_copy.default
+        if not (noop_cast or n.target is _aten.alias.default):
+            return None
+        n = n.args[0]
+    return n if isinstance(n, torch.fx.Node) and n.op == "get_attr" else None
+
+
+def _functional_buffer_writes(gm: torch.fx.GraphModule) -> list[str]:
+    """Rewrite in-place writes into a buffer (`cache_k[:b, p:p + s] = k` in Meta's reference Llama, a KV cache kept
+    in module state) into the functional ops (`slice_scatter` / `select_scatter` / `index_put`), with every later
+    reader of the buffer reading the result: the keys and values then flow from the residual stream to the attention
+    as data, so the blocks are recognised and rewritten like any other. The written state stays inside the graph:
+    the compiled model does not update the model's buffers (it computes each call's output from its inputs; the
+    buffer names are returned for the compile report). A write whose target was viewed before it and read after
+    (an alias routefx cannot redirect) is left as it is."""
+    from routefx.passes.fake_prop import propagate_changed_
+    written: list[str] = []
+    changed: set[str] = set()
+    g = gm.graph
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.users or n.target not in (_aten.copy_.default, _aten.index_put_.default):
+            continue
+        chain, v = [], n.args[0]
+        while isinstance(v, torch.fx.Node) and v.op == "call_function" and v.target in _SCATTERS:
+            chain.append(v)
+            v = v.args[0]
+        buf = _alias_root(v)
+        if buf is None or _is_parameter(gm, buf.target):
+            continue
+        order = {m: i for i, m in enumerate(g.nodes)}
+        aliases = [a for a in gu.descendants(buf) | {buf} if a is buf or _alias_root(a) is buf]
+        views = set(chain) | set(aliases)     # the aliases' later readers are redirected below
+        for a in aliases:   # a view of the buffer made before the write and read after it would see the write
+            stack = [u for u in a.users if u not in views and order[u] < order[n]]
+            while stack:
+                u = stack.pop()
+                if any(order[w] > order[n] for w in u.users):
+                    views = None
+                    break
+                stack.extend(w for w in u.users if w.op == "call_function")
+            if views is None:
+                break
+        if views is None:
+            continue
+        dst = n.args[0]
+        with g.inserting_before(n):
+            if n.target is _aten.index_put_.default:
+                new = g.call_function(_aten.index_put.default, n.args, n.kwargs)
+            else:
+                src, dv = n.args[1], gu.val(dst)
+                if not isinstance(src, torch.fx.Node) or gu.val(src) is None or dv is None \
+                        or [str(d) for d in gu.val(src).shape] != [str(d) for d in dv.shape]:
+                    continue   # a broadcasting copy: left as it is
+                new = src if gu.val(src).dtype == dv.dtype else g.call_function(_aten.to.dtype, (src, dv.dtype))
+            for view in chain:    # innermost view first: write the new value into its parent
+                new = g.call_function(_SCATTERS[view.target], (view.args[0], new, *view.args[1:]), view.kwargs)
+                changed.add(new.name)
+            changed.add(new.name)
+        for a in aliases:
+            for u in list(a.users):
+                if order.get(u, -1) > order[n]:
+                    u.replace_input_with(a, new)
+                    changed.add(u.name)
+        g.erase_node(n)
+        for view in chain:
+            if not view.users:
+                g.erase_node(view)
+        if buf.target not in written:
+            written.append(buf.target)
+    if written:
+        gm.recompile()
+        propagate_changed_(gm, changed)
+    return written
 
 
 def _drop_export_artifacts(gm: torch.fx.GraphModule) -> None:
