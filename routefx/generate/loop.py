@@ -240,6 +240,7 @@ class _Uncached:
         self.takes_mask = "attention_mask" in params
         # as `generate`: positions from the mask (0 at padding) where the forward takes them
         self.takes_pos = self.takes_mask and "position_ids" in params
+        self.by_name = "input_ids" in params     # else the ids go first, by position (`forward(self, tokens)`)
         if not self.takes_mask and not bool(mask.all()):
             raise InputError(f"{type(cm._model).__name__}.forward takes no attention_mask, so its batches cannot "
                              "be padded; pass rows of equal length without a mask")
@@ -249,7 +250,7 @@ class _Uncached:
         kw = {"attention_mask": self.mask} if self.takes_mask else {}
         if self.takes_pos:
             kw["position_ids"] = prompt_positions(self.mask)   # [B, L]
-        out = self.cm(input_ids=self.seq, **kw)
+        out = self.cm(input_ids=self.seq, **kw) if self.by_name else self.cm(self.seq, **kw)
         logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
         return logits[:, -1]
 

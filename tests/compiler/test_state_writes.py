@@ -127,3 +127,17 @@ def test_policies_apply_to_a_model_with_a_cache_in_state():
     assert duo.report.pass_report("insert_routers").rewrites == 3
     with torch.no_grad():
         assert torch.isfinite(duo(ids)).all()
+
+
+def test_generate_on_a_forward_that_names_its_ids_otherwise():
+    """forward(tokens, start_pos=0), no cache convention routefx captures: generation runs uncached, passing the
+    ids by position; the tokens equal greedy decoding with the cache-free twin."""
+    model, plain = _twin("slices")
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(4))
+    cm = routefx.compile(model, Dense(), example_inputs=(ids,), backend="onnx")
+    out = cm.generate(ids, max_new_tokens=5)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(5):
+            seq = torch.cat([seq, plain(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
