@@ -80,6 +80,7 @@ class MoEMatch:
     b_up: torch.Tensor | None = None     # [E*F] per-expert FFN modules with biases (`_match_per_expert`)
     b_gate: torch.Tensor | None = None
     b_down: torch.Tensor | None = None   # [d], the same for every expert
+    b_experts: torch.Tensor | None = None   # [E, d] down biases that differ per expert: added after the op, per route
     checks: list = dataclasses.field(default_factory=list)  # run-time size checks on the replaced dispatch's
     # data-dependent sizes (torch.export's asserts): erased with it
 
@@ -360,7 +361,6 @@ def _match_per_expert(gm: fx.GraphModule, block: BlockInfo, region: set) -> MoEM
     sum_k g_k FFN_{r_k}(x) (the gate on the output) or sum_k FFN_{r_k}(x g_k) (on the input), else the block is left
     as captured."""
     from routefx.ir.ffn import expert_ffns, first_after, resolve_weight
-    from routefx.ir.ops import routed_ffn_reference
     f = block.ffn
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     mms = sorted((n for n in region if gu.is_matmul(n)), key=order.get)
@@ -385,7 +385,36 @@ def _match_per_expert(gm: fx.GraphModule, block: BlockInfo, region: set) -> MoEM
     floats = [n for n in after if gu.val(n).is_floating_point()]
     if not ints or not floats:
         raise _Miss("no [tokens, k] expert ids and gate weights from the router reach the experts' sum")
-    routes, gates = ints[-1], floats[-1]
+    # the weights as one routed_ffn's, expert e = range e
+    cat = lambda refs, dim=0: None if refs[0] is None else torch.cat(  # noqa: E731
+        [resolve_weight(gm, r) for r in refs], dim=dim).contiguous()
+    w_up, w_gate = cat([e.up for e in experts]), cat([e.gate for e in experts])
+    w_down = cat([e.down for e in experts], dim=1)
+    b_up, b_gate = cat([e.b_up for e in experts]), cat([e.b_gate for e in experts])
+    b_down = b_experts = None
+    if experts[0].b_down is not None:
+        bs = [resolve_weight(gm, e.b_down) for e in experts]
+        if all(torch.equal(b, bs[0]) for b in bs):
+            b_down = bs[0].contiguous()        # one bias for every route: routed_ffn adds it
+        else:
+            b_experts = torch.stack(bs).contiguous()   # [E, d]: looked up per route and added after the op
+    E, F = len(experts), w_up.shape[0] // len(experts)
+    act = block.ffn.activation
+    ranges = [v for e in range(E) for v in (e * F, (e + 1) * F)]
+    # the check: the captured dispatch against both readings on probes, for the candidate ids and gates from the last
+    ints, floats = ints[-8:], floats[-32:]
+    sub = _subgraph(gm, x, [combine, *ints, *floats])
+    d = w_up.shape[1]
+    with torch.no_grad():
+        runs = [(p.reshape(-1, d), sub(p)) for p in _probes(x, d, w_up.dtype)]
+        args = (w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, act)
+        found = next(((i, j, fits) for i in reversed(range(len(ints))) for j in reversed(range(len(floats)))
+                      if any((fits := _readings_fit(runs, i, j, len(ints), args, b_experts)).values())), None)
+    if found is None:
+        raise _Miss("the expert dispatch computes neither sum_k g_k FFN_k(x) nor sum_k FFN_k(x g_k) on probe "
+                    "inputs (capacity limits, per-expert scaling or another combine)")
+    i, j, fits = found
+    routes, gates = ints[i], floats[j]
     # nothing outside reads the replaced dispatch
     keep = gu.ancestors([routes, gates]) | {routes, gates}
     x_root = gu.root_views(x)
@@ -397,43 +426,35 @@ def _match_per_expert(gm: fx.GraphModule, block: BlockInfo, region: set) -> MoEM
                 continue
             if not _checks_only(u, checks):
                 raise _Miss(f"{n.name}, an intermediate value of the expert dispatch, is read outside it")
-    # the weights as one routed_ffn's, expert e = range e
-    cat = lambda refs, dim=0: None if refs[0] is None else torch.cat(  # noqa: E731
-        [resolve_weight(gm, r) for r in refs], dim=dim).contiguous()
-    w_up, w_gate = cat([e.up for e in experts]), cat([e.gate for e in experts])
-    w_down = cat([e.down for e in experts], dim=1)
-    b_up, b_gate = cat([e.b_up for e in experts]), cat([e.b_gate for e in experts])
-    b_down = None
-    if experts[0].b_down is not None:
-        bs = [resolve_weight(gm, e.b_down) for e in experts]
-        if any(not torch.equal(b, bs[0]) for b in bs):
-            raise _Miss("the experts' down-product biases differ (routed_ffn adds one b_down per route)")
-        b_down = bs[0].contiguous()
-    E, F = len(experts), w_up.shape[0] // len(experts)
-    act = block.ffn.activation
-    ranges = [v for e in range(E) for v in (e * F, (e + 1) * F)]
-    # the check: the captured dispatch against both readings, on probes
-    sub = _subgraph(gm, x, [combine, routes, gates])
-    d = w_up.shape[1]
-    fits = {"output": True, "input": True}
-    with torch.no_grad():
-        for probe in _probes(x, d, w_up.dtype):
-            y, r, gt = sub(probe)
-            xs, r, gt = probe.reshape(-1, d), r.reshape(-1, r.shape[-1]).long(), gt.reshape(-1, r.shape[-1])
-            y = y.reshape(-1, d)
-            args = (w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, act)
-            tol = 200 * torch.finfo(y.dtype).eps * max(1.0, float(y.abs().max()))
-            on_out = routed_ffn_reference(xs, r, gt.to(xs.dtype), *args)
-            rows = (xs[:, None, :] * gt[..., None]).reshape(-1, d)
-            on_in = routed_ffn_reference(rows, r.reshape(-1, 1), None, *args).reshape(-1, r.shape[-1], d).sum(1)
-            fits["output"] &= bool((on_out - y).abs().max() <= tol)
-            fits["input"] &= bool((on_in - y).abs().max() <= tol)
-    if not any(fits.values()):
-        raise _Miss("the expert dispatch computes neither sum_k g_k FFN_k(x) nor sum_k FFN_k(x g_k) on probe "
-                    "inputs (capacity limits, per-expert scaling or another combine)")
     return MoEMatch(x, router, routes, gates, combine, E, F, act, w_up, w_gate, w_down,
-                    weights_on_input=not fits["output"], b_up=b_up, b_gate=b_gate, b_down=b_down,
+                    weights_on_input=not fits["output"], b_up=b_up, b_gate=b_gate, b_down=b_down, b_experts=b_experts,
                     checks=sorted(checks, key=order.get))
+
+
+def _readings_fit(runs: list, i: int, j: int, n_ints: int, args: tuple, b_experts) -> dict[str, bool]:
+    """Does the captured dispatch's output equal routed_ffn's reference with the i-th candidate ids and the j-th
+    candidate gates, the gates on the outputs ("output") or on the inputs ("input"), on every probe run?"""
+    from routefx.ir.ops import routed_ffn_reference
+    fits = {"output": True, "input": True}
+    for xs, (y, *cands) in runs:
+        d = xs.shape[-1]
+        r, gt = cands[i], cands[n_ints + j]
+        K = r.shape[-1]
+        r, gt, y = r.reshape(-1, K).long(), gt.reshape(-1, K), y.reshape(-1, d)
+        if r.min() < 0 or r.max() >= len(args[6]) // 2:
+            return {"output": False, "input": False}
+        tol = 200 * torch.finfo(y.dtype).eps * max(1.0, float(y.abs().max()))
+        on_out = routed_ffn_reference(xs, r, gt.to(xs.dtype), *args)
+        rows = (xs[:, None, :] * gt[..., None]).reshape(-1, d)
+        on_in = routed_ffn_reference(rows, r.reshape(-1, 1), None, *args).reshape(-1, K, d).sum(1)
+        if b_experts is not None:
+            on_out = on_out + (b_experts[r] * gt[..., None].to(xs.dtype)).sum(1)
+            on_in = on_in + b_experts[r].sum(1)
+        fits["output"] &= bool((on_out - y).abs().max() <= tol)
+        fits["input"] &= bool((on_in - y).abs().max() <= tol)
+        if not any(fits.values()):
+            break
+    return fits
 
 
 def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
@@ -543,6 +564,18 @@ def _input_weighted(g: fx.Graph, m: MoEMatch, routes: fx.Node, w: dict, ranges: 
     return op, out
 
 
+def _add_expert_biases(g: fx.Graph, gm: fx.GraphModule, m: MoEMatch, routes: fx.Node, out: fx.Node, key: str
+                       ) -> fx.Node:
+    """out + each token's chosen experts' own down biases: sum_k g_k b[r_k] (gates on the outputs) or sum_k b[r_k]
+    (on the inputs)."""
+    table = weight_node(g, WeightRef(add_tensor_attr(gm, f"routefx_{key}_experts_b_down", m.b_experts)))
+    bias = g.call_function(aten.embedding.default, (table, routes))                        # [T, K, d]
+    if not m.weights_on_input:
+        gates = g.call_function(aten.to.dtype, (m.gates, m.b_experts.dtype))
+        bias = g.call_function(aten.mul.Tensor, (bias, g.call_function(aten.unsqueeze.default, (gates, -1))))
+    return g.call_function(aten.add.Tensor, (out, g.call_function(aten.sum.dim_IntList, (bias, [-2]))))
+
+
 class RaiseMoE(Pass):
     name = "raise_moe"
 
@@ -578,6 +611,8 @@ class RaiseMoE(Pass):
                         m.x, routes, gates, w["up"], w.get("gate"), w["down"], w.get("b_up"), w.get("b_gate"),
                         w.get("b_down"), ranges, m.activation))
                     op.meta[MOE_TOP_K] = int(gu.val(routes).shape[-1])
+                if m.b_experts is not None:
+                    out = _add_expert_biases(g, gm, m, routes, out, key)
             op.meta["nn_module_stack"] = m.combine.meta.get("nn_module_stack", {})
             op.meta["routefx_path"] = f.path
             m.combine.replace_all_uses_with(out)

@@ -150,3 +150,41 @@ def test_hand_written_moe_on_the_triton_interpreter():
         with torch.no_grad():
             torch.testing.assert_close(cm(ids), model(ids), rtol=0, atol=ONNX_VS_EAGER)
         assert cm.runner.stats.triton_ops == 2
+
+
+class SwitchMoE(nn.Module):
+    """Switch-Transformer style: biased GELU MLP experts (each its own down bias), softmax probabilities, top-k, the
+    gate picked per expert through a mask (`(gate * (idx == e)).sum(-1)`), written rows by `out[rows] +=`."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.router = nn.Linear(D, E)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(D, FF), nn.GELU(), nn.Linear(FF, D)) for _ in range(E))
+        self.k = k
+
+    def forward(self, x):
+        h = x.reshape(-1, D)
+        gate, idx = F.softmax(self.router(h), dim=-1).topk(self.k, dim=-1)
+        out = torch.zeros_like(h)
+        for e in range(E):
+            chosen = idx == e
+            rows = chosen.any(-1).nonzero().squeeze(-1)
+            out[rows] += (gate * chosen).sum(-1)[rows, None] * self.experts[e](h[rows])
+        return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_switch_style_experts_with_their_own_biases(k):
+    model = LM("loop").eval()
+    for b in model.blocks:
+        b["moe"] = SwitchMoE(k)
+    model.eval()
+    ids = _ids()
+    for backend, tol in (("eager", EXACT_REWRITE), ("onnx", ONNX_VS_EAGER)):
+        cm = routefx.compile(model, Dense(), example_inputs=(ids,), backend=backend)
+        for x in (ids, _ids(5, (3, 14))):
+            with torch.no_grad():
+                torch.testing.assert_close(cm(x), model(x), rtol=0, atol=tol)
+        rep = cm.report.pass_report("raise_moe")
+        assert rep.rewrites == 2 and rep.misses == []
+        assert all(b.ffn.kind == "moe" and b.ffn.top_k == k and b.ffn.activation == "gelu" for b in cm.ir.blocks)
