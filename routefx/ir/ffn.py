@@ -319,13 +319,13 @@ def first_after(outs: list, region: set, shape: list[str]) -> fx.Node | None:
 
 
 def expert_ffns(gm, mms: list, region: set, dyn: set, router: fx.Node, experts: int
-                ) -> tuple[list[DenseFFNMatch], DenseFFNMatch | None]:
+                ) -> tuple[list[DenseFFNMatch], DenseFFNMatch | None, str, int]:
     """Experts written as separate dense FFN modules (a loop over the experts gathering their tokens, or every
     expert on every token weighted afterwards): the weight products other than the router, grouped into FFNs by
     their data flow (each down product with the products it reads), in graph order of the down products; with
     `experts` + 1 FFNs, the one that joins only after the others' sum is a shared expert. Returns (the routed
-    experts, the shared one or None); raises `_Miss` when they do not group so, or differ in kind, activation,
-    width or down bias."""
+    experts, the shared one or None, their activation, their width); raises `_Miss` when they do not group so, or
+    differ in kind, activation, width or down bias."""
     rest = [m for m in mms if m is not router]
     pool = set(rest)
     downs = [m for m in rest if _anc_in(m, region) & pool]
@@ -351,7 +351,8 @@ def expert_ffns(gm, mms: list, region: set, dyn: set, router: fx.Node, experts: 
     kinds = {(k, act, int(F), m.b_down is None) for k, act, F, m in routed}
     if len(kinds) != 1:
         raise _Miss(f"the {len(routed)} expert FFNs differ in kind, activation or width: {sorted(map(str, kinds))}")
-    return [m for *_, m in routed], (None if shared is None else found[shared][3])
+    (_, act, F, _), = kinds
+    return [m for *_, m in routed], (None if shared is None else found[shared][3]), act, F
 
 
 def _per_expert_moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: fx.Node) -> None:
@@ -364,8 +365,7 @@ def _per_expert_moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: f
     router = routers[0]
     _, r_ref, _ = _operands(router, dyn)
     E = fetch(gm, r_ref.target).shape[1 if r_ref.transposed else 0]
-    experts, shared = expert_ffns(gm, mms, region, dyn, router, E)
-    k, act, F, _ = _dense(gm, [n for n in mms if n in experts[0].nodes], region, dyn, same_shape=False)
+    experts, shared, act, F = expert_ffns(gm, mms, region, dyn, router, E)
     info.num_experts, info.top_k = E, int(gu.val(_expert_index(router, region, {term})).shape[-1])
     info.intermediate_size, info.activation = int(F), act
     if shared is not None:

@@ -36,7 +36,10 @@ import torch
 from torch import fx
 
 from routefx.ir import graph_utils as gu
-from routefx.ir.ffn import MOE_TOP_K
+from routefx.ir.activations import get_activation
+from routefx.ir.ffn import (MOE_TOP_K, batched_experts, elementwise_fn, expert_ffns, first_after, identify_activation,
+                            resolve_weight, stacked_weight)
+from routefx.ir.ops import routed_ffn_reference
 from routefx.ir.model_ir import BlockInfo, ModelIR, WeightRef
 from routefx.passes.attrs import add_tensor_attr
 from routefx.passes.base import Miss, Pass, PassContext, PassResult
@@ -93,7 +96,6 @@ def _shape(n: fx.Node) -> list[str] | None:
 def _stacked(gm: fx.GraphModule, n: fx.Node) -> torch.Tensor:
     """The [E, in, out] tensor a grouped or batched GEMM reads as its weight operand (a parameter, possibly
     transposed)."""
-    from routefx.ir.ffn import stacked_weight
     w, reason = stacked_weight(gm, n)
     if w is None:
         raise _Miss(reason)
@@ -224,8 +226,6 @@ def _match_batched(gm: fx.GraphModule, block: BlockInfo, region: set, up: fx.Nod
     (checked: no bias, act(0) finite for gated experts, act(0) = 0 for plain ones): y[t] equals the sum over the
     token's K chosen experts e of FFN_e(x[t] * s[t, e]). RaiseMoE runs exactly that: each (token, chosen expert)
     pair a row of one routed_ffn, E/K times fewer expert FLOPs than the captured model."""
-    from routefx.ir.activations import get_activation
-    from routefx.ir.ffn import elementwise_fn, identify_activation
     f, E = block.ffn, block.ffn.num_experts
     router, x, _ = _router(region, f, up, down)
     lead = _shape(router)[:-1]
@@ -356,11 +356,10 @@ def _match_per_expert(gm: fx.GraphModule, block: BlockInfo, region: set) -> MoEM
     """Experts written as E dense FFN modules (`ffn.expert_ffns`): a loop gathering each expert's tokens and
     adding its weighted output back, or every expert on every token weighted afterwards, or anything else that
     computes the same. The combine is the first [tokens, d] value after every expert's output; the routes and gates
-    are the last integer and floating [tokens, K] values from the router that reach it. The rewrite is checked by
-    running both on probe inputs (`_probes`, the captured weights): the dispatch must equal
-    sum_k g_k FFN_{r_k}(x) (the gate on the output) or sum_k FFN_{r_k}(x g_k) (on the input), else the block is left
+    are integer and floating [tokens, K] values from the router that reach it, the last pair (in graph order) for
+    which the rewrite checks out: run on probe inputs (`_probes`, the captured weights), the dispatch must equal
+    sum_k g_k FFN_{r_k}(x) (the gate on the output) or sum_k FFN_{r_k}(x g_k) (on the input); else the block is left
     as captured."""
-    from routefx.ir.ffn import expert_ffns, first_after, resolve_weight
     f = block.ffn
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     mms = sorted((n for n in region if gu.is_matmul(n)), key=order.get)
@@ -371,7 +370,7 @@ def _match_per_expert(gm: fx.GraphModule, block: BlockInfo, region: set) -> MoEM
     x = router.args[0] if router.target in gu.targets(aten.linear, aten.mm, aten.matmul) else router.args[1]
     dyn = gu.dynamic_nodes(gm.graph)
     try:
-        experts, _ = expert_ffns(gm, mms, region, dyn, router, f.num_experts)
+        experts, *_ = expert_ffns(gm, mms, region, dyn, router, f.num_experts)
     except Exception as e:  # the reader's miss: its message is the reason
         raise _Miss(str(e)) from None
     combine = first_after([e.out for e in experts], region, _shape(x))
@@ -434,7 +433,6 @@ def _match_per_expert(gm: fx.GraphModule, block: BlockInfo, region: set) -> MoEM
 def _readings_fit(runs: list, i: int, j: int, n_ints: int, args: tuple, b_experts) -> dict[str, bool]:
     """Does the captured dispatch's output equal routed_ffn's reference with the i-th candidate ids and the j-th
     candidate gates, the gates on the outputs ("output") or on the inputs ("input"), on every probe run?"""
-    from routefx.ir.ops import routed_ffn_reference
     fits = {"output": True, "input": True}
     for xs, (y, *cands) in runs:
         d = xs.shape[-1]
@@ -459,13 +457,11 @@ def _readings_fit(runs: list, i: int, j: int, n_ints: int, args: tuple, b_expert
 
 def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
     """The dispatch of `block`'s MoE FFN; raises `_Miss` with the reason when it cannot be expressed."""
-    from routefx.ir.ffn import identify_activation
     f = block.ffn
     region = set(block.ffn_nodes)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     grouped = sorted((n for n in region if gu.is_grouped_mm(n)), key=order.get)
     if not grouped:
-        from routefx.ir.ffn import batched_experts
         batched = batched_experts(gm, [n for n in gm.graph.nodes if n in region])
         if len(batched) == 2:
             return _match_batched(gm, block, region, *batched)
