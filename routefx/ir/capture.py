@@ -208,6 +208,9 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     gm = ep.module()
     _drop_export_artifacts(gm)
     written = _functional_buffer_writes(gm)
+    if written and not _state_independent(gm, written, call_args, call_kwargs):
+        _persist(gm, written)      # the output reads state earlier calls wrote: keep writing it, as the model does
+    written = [t for t, last in written.items() if last is not None]
     _cast_rsub_operands(gm)
     _split_baddbmm(gm)
     _expand_as_by_sizes(gm)
@@ -331,16 +334,16 @@ def _alias_root(n):
     return n if isinstance(n, torch.fx.Node) and n.op == "get_attr" else None
 
 
-def _functional_buffer_writes(gm: torch.fx.GraphModule) -> list[str]:
+def _functional_buffer_writes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
     """Rewrite in-place writes into a buffer (`cache_k[:b, p:p + s] = k` in Meta's reference Llama, a KV cache kept
     in module state) into the functional ops (`slice_scatter` / `select_scatter` / `index_put`), with every later
     reader of the buffer reading the result: the keys and values then flow from the residual stream to the attention
     as data, so the blocks are recognised and rewritten like any other. The written state stays inside the graph:
-    the compiled model does not update the model's buffers (it computes each call's output from its inputs; the
-    buffer names are returned for the compile report). A write whose target was viewed before it and read after
-    (an alias routefx cannot redirect) is left as it is."""
+    the compiled model does not update the model's buffers (`_state_independent` checks that its output does not
+    depend on them; else `_persist` writes them back). Returns buffer name -> the node of its last written value.
+    A write whose target was viewed before it and read after (an alias routefx cannot redirect) is left as it is."""
     from routefx.passes.fake_prop import propagate_changed_
-    written: list[str] = []
+    written: dict[str, torch.fx.Node] = {}
     changed: set[str] = set()
     g = gm.graph
     for n in list(g.nodes):
@@ -391,12 +394,48 @@ def _functional_buffer_writes(gm: torch.fx.GraphModule) -> list[str]:
         for view in chain:
             if not view.users:
                 g.erase_node(view)
-        if buf.target not in written:
-            written.append(buf.target)
+        written[buf.target] = new
     if written:
         gm.recompile()
         propagate_changed_(gm, changed)
     return written
+
+
+def _state_independent(gm: torch.fx.GraphModule, written: dict, args: tuple, kwargs: dict) -> bool:
+    """Does the rewritten graph's output on the example input stay the same when the written buffers hold other
+    values (what earlier calls of the model would have left there)? Where it does, not writing them back loses
+    nothing the output depends on (a cache read only where this call wrote it)."""
+    bufs = [gu.fetch_attr(gm, t) for t in written]
+    saved = [b.clone() for b in bufs]
+    try:
+        with torch.no_grad():
+            first = torch.utils._pytree.tree_leaves(gm(*args, **kwargs))
+            for b in bufs:
+                b.copy_(torch.rand_like(b) + 1 if b.is_floating_point() else b + 1)
+            second = torch.utils._pytree.tree_leaves(gm(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - the graph does not run on the example here: keep the writes
+        return False
+    finally:
+        for b, v in zip(bufs, saved):
+            b.copy_(v)
+    return len(first) == len(second) and all(
+        not isinstance(a, torch.Tensor) or torch.equal(a, c) for a, c in zip(first, second))
+
+
+def _persist(gm: torch.fx.GraphModule, written: dict) -> None:
+    """Write each buffer's last value back at the end of the graph (the model's own state update)."""
+    from routefx.passes.fake_prop import propagate_changed_
+    g = gm.graph
+    out = next(n for n in g.nodes if n.op == "output")
+    new = set()
+    with g.inserting_before(out):
+        for target, last in written.items():
+            attr = g.get_attr(target)
+            new |= {attr.name, g.call_function(_aten.copy_.default, (attr, last)).name}
+    for t in written:
+        written[t] = None
+    gm.recompile()
+    propagate_changed_(gm, new)
 
 
 def _drop_export_artifacts(gm: torch.fx.GraphModule) -> None:

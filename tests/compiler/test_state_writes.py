@@ -141,3 +141,21 @@ def test_generate_on_a_forward_that_names_its_ids_otherwise():
         for _ in range(5):
             seq = torch.cat([seq, plain(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
+
+
+def test_a_forward_that_reads_earlier_calls_state_keeps_writing_it():
+    """Captured with start_pos=4, the attention reads cache positions [0, 4) that earlier calls wrote: the output
+    depends on the buffers' contents, so the graph writes them back at its end as the model does, and repeated calls
+    equal the model's own (its state evolving alike)."""
+    model, twin = MetaStyle("slices").eval(), MetaStyle("slices").eval()
+    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(6))
+    gm = capture(model, (ids,), {"start_pos": 4})
+    assert gm.meta["routefx"].state_writes == []
+    assert sum(n.target is torch.ops.aten.copy_.default for n in gm.graph.nodes) == 6
+    cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"start_pos": 4})
+    assert not any("leaves the model's buffers unchanged" in n for n in cm.report.notes)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randint(0, V, (2, 5), generator=g)
+            torch.testing.assert_close(cm(x, start_pos=4), twin(x, start_pos=4), rtol=0, atol=EXACT_REWRITE)
