@@ -38,6 +38,8 @@ class _Miss(Exception):
 def resolve_weight(gm: torch.nn.Module, ref: WeightRef) -> torch.Tensor:
     """The [out, in] matrix (or bias vector) `ref` stands for, as a view of the stored tensor."""
     w = fetch(gm, ref.target)
+    if ref.index is not None:
+        w = w[ref.index]
     if ref.transposed:
         w = w.t()
     if ref.rows is not None:
@@ -47,16 +49,20 @@ def resolve_weight(gm: torch.nn.Module, ref: WeightRef) -> torch.Tensor:
 
 def param_ref(n, dyn: set) -> WeightRef:
     """Follow a weight operand back to its get_attr, counting transposes."""
-    flips, rows = 0, None
+    flips, rows, index = 0, None, None
     while isinstance(n, fx.Node) and n.op == "call_function":
         if n in dyn:
             raise _Miss(f"weight operand {n.name} depends on the model inputs")
+        if index is not None and not gu.is_identity(n):
+            raise _Miss(f"weight computed by {n.target} from a stacked parameter's slice")
         if n.target is aten.slice.Tensor and flips == 0 and rows is None and n.args[1] == 0 \
                 and (len(n.args) < 5 or n.args[4] == 1):
             rows = (int(n.args[2]), int(n.args[3]))
             n = n.args[0]
         elif gu.is_identity(n) or n.target in gu.VIEWS:
             n = n.args[0]
+        elif n.target is aten.select.int and n.args[1] == 0 and isinstance(n.args[2], int):
+            index, n = n.args[2], n.args[0]     # w[e] of a stacked [E, ...] parameter
         elif n.target in gu.TRANSPOSES:
             if n.target in gu._targets(aten.permute) and list(n.args[1]) not in ([1, 0], [-1, -2]):
                 raise _Miss(f"weight permuted by {n.args[1]}")
@@ -66,7 +72,9 @@ def param_ref(n, dyn: set) -> WeightRef:
             raise _Miss(f"weight computed by {n.target} rather than read from a parameter")
     if not isinstance(n, fx.Node) or n.op != "get_attr":
         raise _Miss("weight operand is not a parameter")
-    return WeightRef(n.target, transposed=bool(flips % 2), rows=rows)
+    if index is not None and index < 0:
+        index += fetch(n.graph.owning_module, n.target).shape[0]
+    return WeightRef(n.target, transposed=bool(flips % 2), rows=rows, index=index)
 
 
 def _operands(m: fx.Node, dyn: set):
@@ -78,11 +86,11 @@ def _operands(m: fx.Node, dyn: set):
     elif t in gu._targets(aten.addmm):
         b, data, w = a[0], a[1], a[2]
         ref = param_ref(w, dyn)
-        ref = WeightRef(ref.target, not ref.transposed)
+        ref = WeightRef(ref.target, not ref.transposed, index=ref.index)
     elif t in gu._targets(aten.mm, aten.matmul):
         data, w, b = a[0], a[1], None
         ref = param_ref(w, dyn)
-        ref = WeightRef(ref.target, not ref.transposed)
+        ref = WeightRef(ref.target, not ref.transposed, index=ref.index)
     else:
         raise _Miss(f"matrix product {t} is not a weight product")
     if isinstance(b, fx.Node):
@@ -203,11 +211,11 @@ def _dense(gm, mms: list, region: set, dyn: set, same_shape: bool = True) -> tup
         ig = 1 - iu
         act = identify_activation(outs[ig], p)
         up, gate = ins[iu], ins[ig]
-        kind, F = "gated", fetch(gm, up[1].target).shape[1 if up[1].transposed else 0]
+        kind, F = "gated", resolve_weight(gm, up[1]).shape[0]
         refs = dict(up=up[1], gate=gate[1], b_up=up[2], b_gate=gate[2])
     else:
         (f_data, f_ref, f_bias), = ins
-        rows = fetch(gm, f_ref.target).shape[1 if f_ref.transposed else 0]
+        rows = resolve_weight(gm, f_ref).shape[0]
         if _is_split(first[0]) and e.op == "call_function" and e.target in gu._targets(aten.mul):
             parts = _halves(first[0], rows)
             p, q = (gu.root_views(a) for a in e.args[:2])
@@ -220,8 +228,9 @@ def _dense(gm, mms: list, region: set, dyn: set, same_shape: bool = True) -> tup
             kind, F = "gated", rows // 2
             if f_bias is not None:
                 raise _Miss("bias on a fused gate-up product is not supported")
-            refs = dict(up=WeightRef(f_ref.target, f_ref.transposed, parts[q]),
-                        gate=WeightRef(f_ref.target, f_ref.transposed, parts[gnode]), b_up=None, b_gate=None)
+            refs = dict(up=WeightRef(f_ref.target, f_ref.transposed, parts[q], f_ref.index),
+                        gate=WeightRef(f_ref.target, f_ref.transposed, parts[gnode], f_ref.index), b_up=None,
+                        b_gate=None)
         else:
             act = identify_activation(gu.forward_views(first[0]), e)
             kind, F = "mlp", rows
@@ -364,7 +373,7 @@ def _per_expert_moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: f
                     f"one dense FFN per router output ({len(routers)} router candidates)")
     router = routers[0]
     _, r_ref, _ = _operands(router, dyn)
-    E = fetch(gm, r_ref.target).shape[1 if r_ref.transposed else 0]
+    E = resolve_weight(gm, r_ref).shape[0]
     experts, shared, act, F = expert_ffns(gm, mms, region, dyn, router, E)
     info.num_experts, info.top_k = E, int(gu.val(_expert_index(router, region, {term})).shape[-1])
     info.intermediate_size, info.activation = int(F), act
@@ -384,7 +393,7 @@ def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: fx.Node) -> 
     if len(router) != 1:
         raise _Miss(f"expected one router product choosing the experts, found {len(router)}")
     _, r_ref, _ = _operands(router[0], dyn)
-    info.num_experts = fetch(gm, r_ref.target).shape[1 if r_ref.transposed else 0]
+    info.num_experts = resolve_weight(gm, r_ref).shape[0]
     info.top_k = int(gu.val(_expert_index(router[0], region, set(grouped))).shape[-1])
     if len(grouped) != 2:
         raise _Miss(f"router with top-{info.top_k} found, but its experts are not a pair of grouped or batched "

@@ -19,12 +19,15 @@ class WeightRef:
     """A weight read by a matrix product, as the [out, in] matrix it acts as.
 
     `target` is the get_attr target; `transposed` says the stored tensor is [in, out]; `rows` selects output rows
-    [start, end) of the [out, in] view (a half of a fused gate-up weight).
+    [start, end) of the [out, in] view (a half of a fused gate-up weight); `index` picks one matrix of a stacked
+    [E, ...] tensor first.
     """
 
     target: str
     transposed: bool = False
     rows: tuple[int, int] | None = None
+    index: int | None = None    # a stacked [E, ...] tensor: this weight is its index-th slice along dim 0 (taken
+    #                             before the transpose and the rows; experts written as a loop over `w[e]`)
 
 
 @dataclasses.dataclass(eq=False)

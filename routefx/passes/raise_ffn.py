@@ -24,6 +24,8 @@ def weight_node(graph: fx.Graph, ref: WeightRef | None) -> fx.Node | None:
     if ref is None:
         return None
     n = graph.get_attr(ref.target)
+    if ref.index is not None:
+        n = graph.call_function(aten.select.int, (n, 0, ref.index))
     if ref.transposed:
         n = graph.call_function(aten.t.default, (n,))
     if ref.rows is not None:

@@ -188,3 +188,42 @@ def test_switch_style_experts_with_their_own_biases(k):
         rep = cm.report.pass_report("raise_moe")
         assert rep.rewrites == 2 and rep.misses == []
         assert all(b.ffn.kind == "moe" and b.ffn.top_k == k and b.ffn.activation == "gelu" for b in cm.ir.blocks)
+
+
+class StackedLoopMoE(nn.Module):
+    """Experts as stacked parameters [E, F, d] / [E, d, F], a loop reading `w[e]` for each expert's tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.w1, self.w3 = nn.Parameter(torch.randn(E, FF, D) * 0.2), nn.Parameter(torch.randn(E, FF, D) * 0.2)
+        self.w2 = nn.Parameter(torch.randn(E, D, FF) * 0.2)
+
+    def forward(self, x):
+        h = x.reshape(-1, D)
+        w, idx = torch.topk(self.gate(h), K, dim=-1)
+        w = w.softmax(-1)
+        out = torch.zeros_like(h)
+        for e in range(E):
+            tok, slot = torch.where(idx == e)
+            t = h[tok]
+            y = F.linear(F.silu(F.linear(t, self.w1[e])) * F.linear(t, self.w3[e]), self.w2[e])
+            out.index_add_(0, tok, w[tok, slot, None] * y)
+        return out.reshape(x.shape)
+
+
+def test_experts_as_stacked_parameters_in_a_loop():
+    model = LM("loop").eval()
+    for b in model.blocks:
+        b["moe"] = StackedLoopMoE()
+    model.eval()
+    ids = _ids()
+    for backend, tol in (("eager", EXACT_REWRITE), ("onnx", ONNX_VS_EAGER)):
+        cm = routefx.compile(model, Dense(), example_inputs=(ids,), backend=backend)
+        for x in (ids, _ids(5, (3, 14))):
+            with torch.no_grad():
+                torch.testing.assert_close(cm(x), model(x), rtol=0, atol=tol)
+        rep = cm.report.pass_report("raise_moe")
+        assert rep.rewrites == 2 and rep.misses == []
+        assert all(b.ffn.kind == "moe" and b.ffn.routed == [[e * FF, (e + 1) * FF] for e in range(E)]
+                   for b in cm.ir.blocks)
