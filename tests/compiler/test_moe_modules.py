@@ -173,11 +173,12 @@ class SwitchMoE(nn.Module):
         return out.reshape(x.shape)
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_switch_style_experts_with_their_own_biases(k):
+def _raised_with(moe) -> list:
+    """An LM whose MoE blocks are `moe()`, compiled (Dense) on eager and onnx: each equal to the model at two
+    shapes, both blocks raised; returns the IR blocks of the last compile."""
     model = LM("loop").eval()
     for b in model.blocks:
-        b["moe"] = SwitchMoE(k)
+        b["moe"] = moe()
     model.eval()
     ids = _ids()
     for backend, tol in (("eager", EXACT_REWRITE), ("onnx", ONNX_VS_EAGER)):
@@ -187,7 +188,13 @@ def test_switch_style_experts_with_their_own_biases(k):
                 torch.testing.assert_close(cm(x), model(x), rtol=0, atol=tol)
         rep = cm.report.pass_report("raise_moe")
         assert rep.rewrites == 2 and rep.misses == []
-        assert all(b.ffn.kind == "moe" and b.ffn.top_k == k and b.ffn.activation == "gelu" for b in cm.ir.blocks)
+    return cm.ir.blocks
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_switch_style_experts_with_their_own_biases(k):
+    blocks = _raised_with(lambda: SwitchMoE(k))
+    assert all(b.ffn.kind == "moe" and b.ffn.top_k == k and b.ffn.activation == "gelu" for b in blocks)
 
 
 class StackedLoopMoE(nn.Module):
@@ -213,17 +220,5 @@ class StackedLoopMoE(nn.Module):
 
 
 def test_experts_as_stacked_parameters_in_a_loop():
-    model = LM("loop").eval()
-    for b in model.blocks:
-        b["moe"] = StackedLoopMoE()
-    model.eval()
-    ids = _ids()
-    for backend, tol in (("eager", EXACT_REWRITE), ("onnx", ONNX_VS_EAGER)):
-        cm = routefx.compile(model, Dense(), example_inputs=(ids,), backend=backend)
-        for x in (ids, _ids(5, (3, 14))):
-            with torch.no_grad():
-                torch.testing.assert_close(cm(x), model(x), rtol=0, atol=tol)
-        rep = cm.report.pass_report("raise_moe")
-        assert rep.rewrites == 2 and rep.misses == []
-        assert all(b.ffn.kind == "moe" and b.ffn.routed == [[e * FF, (e + 1) * FF] for e in range(E)]
-                   for b in cm.ir.blocks)
+    blocks = _raised_with(StackedLoopMoE)
+    assert all(b.ffn.kind == "moe" and b.ffn.routed == [[e * FF, (e + 1) * FF] for e in range(E)] for b in blocks)
