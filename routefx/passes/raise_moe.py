@@ -404,11 +404,15 @@ def _match_per_expert(gm: fx.GraphModule, block: BlockInfo, region: set) -> MoEM
     ints, floats = ints[-8:], floats[-32:]
     sub = _subgraph(gm, x, [combine, *ints, *floats])
     d = w_up.shape[1]
-    with torch.no_grad():
-        runs = [(p.reshape(-1, d), sub(p)) for p in _probes(x, d, w_up.dtype)]
-        args = (w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, act)
-        found = next(((i, j, fits) for i in reversed(range(len(ints))) for j in reversed(range(len(floats)))
-                      if any((fits := _readings_fit(runs, i, j, len(ints), args, b_experts)).values())), None)
+    try:
+        with torch.no_grad():
+            runs = [(p.reshape(-1, d), sub(p)) for p in _probes(x, d, w_up.dtype)]
+            args = (w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, act)
+            found = next(((i, j, fits) for i in reversed(range(len(ints))) for j in reversed(range(len(floats)))
+                          if any((fits := _readings_fit(runs, i, j, len(ints), args, b_experts)).values())), None)
+    except Exception as e:  # noqa: BLE001 - model code that does not run on the probes: no reading to check
+        raise _Miss(f"the expert dispatch could not be checked on probe inputs ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
     if found is None:
         raise _Miss("the expert dispatch computes neither sum_k g_k FFN_k(x) nor sum_k FFN_k(x g_k) on probe "
                     "inputs (capacity limits, per-expert scaling or another combine)")

@@ -222,3 +222,4 @@ class StackedLoopMoE(nn.Module):
 def test_experts_as_stacked_parameters_in_a_loop():
     blocks = _raised_with(StackedLoopMoE)
     assert all(b.ffn.kind == "moe" and b.ffn.routed == [[e * FF, (e + 1) * FF] for e in range(E)] for b in blocks)
+
