@@ -210,7 +210,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     written = _functional_buffer_writes(gm)
     if written and not _state_independent(gm, written, call_args, call_kwargs):
         _persist(gm, written)      # the output reads state earlier calls wrote: keep writing it, as the model does
-    written = [t for t, last in written.items() if last is not None]
+        written = {}
     _cast_rsub_operands(gm)
     _split_baddbmm(gm)
     _expand_as_by_sizes(gm)
@@ -219,7 +219,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
         constant_kwargs={k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor)},
         bound_kwargs=dict(bound_kwargs),
         fixed_dims=_fixed_dims(gm, shapes),
-        state_writes=written,
+        state_writes=list(written),
     )
     return gm
 
@@ -371,19 +371,11 @@ def _functional_buffer_writes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.No
                 break
         if views is None:
             continue
-        dst = n.args[0]
         with g.inserting_before(n):
-            if n.target is _aten.index_put_.default:
-                new = g.call_function(_aten.index_put.default, n.args, n.kwargs)
-            else:
-                src, dv = n.args[1], gu.val(dst)
-                if not isinstance(src, torch.fx.Node) or gu.val(src) is None or dv is None \
-                        or [str(d) for d in gu.val(src).shape] != [str(d) for d in dv.shape]:
-                    continue   # a broadcasting copy: left as it is
-                new = src if gu.val(src).dtype == dv.dtype else g.call_function(_aten.to.dtype, (src, dv.dtype))
+            new = g.call_function(_functional_form(n), n.args, n.kwargs)   # the written view's new value
             for view in chain:    # innermost view first: write the new value into its parent
-                new = g.call_function(_SCATTERS[view.target], (view.args[0], new, *view.args[1:]), view.kwargs)
                 changed.add(new.name)
+                new = g.call_function(_SCATTERS[view.target], (view.args[0], new, *view.args[1:]), view.kwargs)
             changed.add(new.name)
         for a in aliases:
             for u in list(a.users):
@@ -432,8 +424,6 @@ def _persist(gm: torch.fx.GraphModule, written: dict) -> None:
         for target, last in written.items():
             attr = g.get_attr(target)
             new |= {attr.name, g.call_function(_aten.copy_.default, (attr, last)).name}
-    for t in written:
-        written[t] = None
     gm.recompile()
     propagate_changed_(gm, new)
 

@@ -180,6 +180,32 @@ def _dead_write_into(u: fx.Node, nodes: set) -> bool:
     return base in nodes
 
 
+def _dispatch_nodes(region: set, combine: fx.Node, keep: list, x: fx.Node, reads: bool = True
+                    ) -> tuple[set, set]:
+    """The dispatch a rewrite replaces: the region's nodes that reach `combine` (included), minus what `keep`
+    (routes, gates, per-expert weights) needs and minus the block input x and its views. Raises `_Miss` where one of
+    them reads anything else (when `reads`) or where a node outside it reads one of its intermediate values (other
+    than a dead in-place write into it: transformers 5.17 clamps the sorted expert ids in place after its grouped
+    GEMMs and never reads them again). Returns (the nodes, torch.export's size checks on them, erased with them)."""
+    kept = gu.ancestors(keep) | set(keep)
+    x_root = gu.root_views(x)
+    # views of the block's input are not the dispatch's: the experts may read their own reshape of it, which a
+    # shared expert reads too (AFMoE flattens the input once for both, the router flattens it again)
+    nodes = {n for n in (gu.ancestors([combine]) & region) - kept - gu.ancestors([x]) - {x}
+             if gu.root_views(n) is not x_root} | {combine}
+    checks: set = set()
+    for n in nodes:
+        for a in n.all_input_nodes if reads else ():
+            if a in nodes or a in keep or a not in region or gu.root_views(a) is x_root:
+                continue
+            raise _Miss(f"the expert dispatch reads {a.name} ({a.target}), which is not the routes, the gates or "
+                        "the block's input")
+        for u in n.users if n is not combine else ():
+            if u not in nodes and not _dead_write_into(u, nodes) and not _checks_only(u, checks):
+                raise _Miss(f"{u.name} reads {n.name}, an intermediate value of the expert dispatch")
+    return nodes, checks
+
+
 def _router(region: set, f, up: fx.Node, down: fx.Node) -> tuple[fx.Node, fx.Node, set]:
     """(the router product, its input x, the ancestors of the experts' first product)."""
     feeds = gu.ancestors([up])
@@ -271,16 +297,7 @@ def _match_batched(gm: fx.GraphModule, block: BlockInfo, region: set, up: fx.Nod
             or [d % 3 for d in combine.args[1]] != [0] or (len(combine.args) > 2 and combine.args[2]) \
             or _shape(combine) != _shape(x):
         raise _Miss("the batched experts' outputs are not summed over the expert dim")
-    # nothing but x, the weights s and the stacked parameters reaches the replaced dispatch, nothing else reads it
-    keep = gu.ancestors([s]) | {s}
-    replaced = {n for n in region & (gu.ancestors([combine]) | {combine}) - keep if gu.root_views(n) is not x_root}
-    for n in replaced:
-        for a in n.all_input_nodes:
-            if a not in replaced and a is not s and a in region and gu.root_views(a) is not x_root:
-                raise _Miss(f"the expert dispatch reads {a.name} ({a.target}), which is not the block input or the "
-                            "experts' weights")
-        if n is not combine and any(u not in replaced and not _dead_write_into(u, replaced) for u in n.users):
-            raise _Miss(f"{n.name}, an intermediate value of the expert dispatch, is read outside it")
+    _, checks = _dispatch_nodes(region, combine, [s], x)   # nothing but x, s and the stacked weights reach it
     w_up, w_gate, w_down, F, (src, dst) = _weights(gm, up, down)
     try:
         act = identify_activation(src, dst)
@@ -292,11 +309,19 @@ def _match_batched(gm: fx.GraphModule, block: BlockInfo, region: set, up: fx.Nod
     if E * F != w_up.shape[0]:
         raise _Miss(f"{w_up.shape[0] // F} stacked experts, the router scores {E}")
     return MoEMatch(x, router, routes, s, combine, E, F, act, w_up, w_gate, w_down, weights_on_input=True,
-                    per_expert_gates=True)
+                    per_expert_gates=True, checks=_in_order(checks))
 
 
 _ASSERTS = gu.targets(aten._assert_scalar, aten.sym_constrain_range_for_size, aten.sym_constrain_range,
                       aten._assert_async)
+
+
+def _in_order(nodes: set) -> list:
+    """`nodes` in graph order."""
+    if not nodes:
+        return []
+    order = {n: i for i, n in enumerate(next(iter(nodes)).graph.nodes)}
+    return sorted(nodes, key=order.get)
 
 
 def _checks_only(n: fx.Node, found: set) -> bool:
@@ -418,20 +443,11 @@ def _match_per_expert(gm: fx.GraphModule, block: BlockInfo, region: set) -> MoEM
                     "inputs (capacity limits, per-expert scaling or another combine)")
     i, j, fits = found
     routes, gates = ints[i], floats[j]
-    # nothing outside reads the replaced dispatch
-    keep = gu.ancestors([routes, gates]) | {routes, gates}
-    x_root = gu.root_views(x)
-    replaced = {n for n in region & (feeds | {combine}) - keep if gu.root_views(n) is not x_root}
-    checks: set = set()
-    for n in replaced - {combine}:
-        for u in n.users:
-            if u in replaced or _dead_write_into(u, replaced):
-                continue
-            if not _checks_only(u, checks):
-                raise _Miss(f"{n.name}, an intermediate value of the expert dispatch, is read outside it")
+    # nothing outside reads the replaced dispatch (what it reads was checked on the probes)
+    _, checks = _dispatch_nodes(region, combine, [routes, gates], x, reads=False)
     return MoEMatch(x, router, routes, gates, combine, E, F, act, w_up, w_gate, w_down,
                     weights_on_input=not fits["output"], b_up=b_up, b_gate=b_gate, b_down=b_down, b_experts=b_experts,
-                    checks=sorted(checks, key=order.get))
+                    checks=_in_order(checks))
 
 
 def _readings_fit(runs: list, i: int, j: int, n_ints: int, args: tuple, b_experts) -> dict[str, bool]:
@@ -504,24 +520,8 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
     gates = floats[-1]
 
     # The replaced dispatch: what reaches the combine from x, routes and gates, and nothing else.
-    kept = gu.ancestors([routes, gates]) | {routes, gates}
+    replaced, checks = _dispatch_nodes(region, combine, [routes, gates], x)
     x_root = gu.root_views(x)
-    # views of the block's input are not the dispatch's: the experts may read their own reshape of it, which a
-    # shared expert reads too (AFMoE flattens the input once for both, the router flattens it again)
-    replaced = {n for n in (feeds_combine & region) - kept - gu.ancestors([x]) - {x}
-                if gu.root_views(n) is not x_root} | {combine}
-    for n in replaced:
-        for a in n.all_input_nodes:
-            if a in replaced or a in (routes, gates) or a not in region or gu.root_views(a) is x_root:
-                continue
-            raise _Miss(f"the expert dispatch reads {a.name} ({a.target}), which is not the routes, the gates or "
-                        "the block's input")
-        # readers outside the dispatch, other than dead in-place writes (transformers 5.17 clamps the sorted
-        # expert ids in place after its grouped GEMMs and never reads them again)
-        escaping = [u for u in n.users if u not in replaced and not _dead_write_into(u, replaced)]
-        if n is not combine and escaping:
-            u = escaping[0]
-            raise _Miss(f"{u.name} reads {n.name}, an intermediate value of the expert dispatch")
     if gu.root_views(up.args[0]) not in replaced and gu.root_views(up.args[0]) is not x_root:
         raise _Miss("the experts do not read the router's input")
     w_up, w_gate, w_down, F, (src, dst) = _weights(gm, up, down)
@@ -531,7 +531,8 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
         raise _Miss(f"expert activation: {e}") from None
     if f.num_experts * F != w_up.shape[0]:
         raise _Miss(f"{w_up.shape[0] // F} stacked experts, the router scores {f.num_experts}")
-    return MoEMatch(x, router, routes, gates, combine, f.num_experts, F, act, w_up, w_gate, w_down)
+    return MoEMatch(x, router, routes, gates, combine, f.num_experts, F, act, w_up, w_gate, w_down,
+                    checks=_in_order(checks))
 
 
 def moe_matches(gm: fx.GraphModule, ir: ModelIR):

@@ -5,6 +5,7 @@ on every backend, and blocks where an unchosen expert would still contribute are
 """
 import pytest
 import torch
+import transformers as hf
 from torch import nn
 
 import routefx
@@ -13,7 +14,6 @@ from routefx.policies import Dense
 from tests.compare import assert_close_nonpad
 from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
 
-hf = pytest.importorskip("transformers")
 E = 4
 
 
