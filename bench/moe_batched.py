@@ -70,13 +70,35 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     model = build(a)
     x = torch.randint(0, a.vocab, (1, a.tokens), generator=torch.Generator().manual_seed(1))
+    res = measure(model, x, a, {"layers": a.layers, "hidden": a.hidden, "experts": a.experts, "expert_width": a.expert,
+                                "top_k": a.top_k, "shared_expert": a.expert, "vocab": a.vocab, "tokens": a.tokens},
+                  f"Llama 4 text {a.layers} layers d={a.hidden}, {a.experts} experts x {a.expert} top-{a.top_k} + "
+                  f"shared, {a.tokens} tokens")
+    if not a.smoke:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print("wrote", a.out)
+
+
+def measure(model, x, a, shape: dict, title: str, budgets=()) -> dict:
+    """Hugging Face eager against routefx Dense on eager and onnx (and MoEBudget(b) on onnx for each of `budgets`,
+    calibrated on two random batches), in one process with interleaved, shuffled rounds; prints a table and returns
+    the results. FLOP-ideal: FLOPs per token of the captured model / the candidate's."""
     with torch.no_grad():
         ref = model(input_ids=x).logits
     cm = routefx.compile(model, routefx.policies.Dense(), example_inputs=(x,), backend="eager")
-    flops = cm.report.flops_per_token
+    flops = {"hf_eager": cm.report.flops_per_token["before"]}     # the captured model's count at x's length
     fns = {"hf_eager": lambda: model(input_ids=x), "routefx_eager": lambda: cm(x)}
     onnx = routefx.compile(model, routefx.policies.Dense(), example_inputs=(x,), backend="onnx")
     fns["routefx_onnx"] = lambda: onnx(x)
+    flops["routefx_eager"] = flops["routefx_onnx"] = cm.flops_per_token([{"input_ids": x}])
+    gen = torch.Generator().manual_seed(2)
+    cal = [{"input_ids": torch.randint(0, a.vocab, x.shape, generator=gen)} for _ in range(2)]
+    for b in budgets:
+        mb = routefx.compile(model, routefx.policies.MoEBudget(b, rule="top_p"), calibration=cal,
+                             example_inputs=(x,), backend="onnx")
+        fns[f"moe_budget_{b}_onnx"] = lambda mb=mb: mb(x)
+        flops[f"moe_budget_{b}_onnx"] = mb.flops_per_token([{"input_ids": x}])   # the routes realised on x
     err = {}
     for name, fn in fns.items():
         with torch.no_grad():
@@ -85,25 +107,17 @@ def main(argv=None) -> None:
         err[name] = float((out - ref).abs().max())
     load = loadavg()
     t = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0)
-    ideal = flops["before"] / flops["after"]
     rows = [{"candidate": k, "ms": 1e3 * v, "speedup_vs_hf": t["hf_eager"] / v,
-             "flop_ideal": 1.0 if k == "hf_eager" else ideal, "max_abs_vs_hf": err[k]} for k, v in t.items()]
-    res = {"machine": machine(), "loadavg_before": load, "threads": a.threads,
-           "model": {"layers": a.layers, "hidden": a.hidden, "experts": a.experts, "expert_width": a.expert,
-                     "top_k": a.top_k, "shared_expert": a.expert, "vocab": a.vocab, "tokens": a.tokens},
-           "flops_per_token": {"captured": flops["before"], "compiled": flops["after"]},
+             "flop_ideal": flops["hf_eager"] / flops[k], "max_abs_vs_hf": err[k]} for k, v in t.items()]
+    res = {"machine": machine(), "loadavg_before": load, "threads": a.threads, "model": shape,
+           "flops_per_token": {"captured": flops["hf_eager"], "compiled": flops["routefx_eager"]},
            "raise_moe": cm.report.pass_report("raise_moe").notes, "rows": rows}
-    print(f"{res['machine']['cpu']}, {a.threads} threads; Llama 4 text {a.layers} layers d={a.hidden}, "
-          f"{a.experts} experts x {a.expert} top-{a.top_k} + shared, {a.tokens} tokens")
-    print(f"{'candidate':16} {'ms':>9} {'vs HF':>7} {'FLOP-ideal':>10} {'max|diff|':>10}")
+    print(f"{res['machine']['cpu']}, {a.threads} threads; {title}")
+    print(f"{'candidate':22} {'ms':>9} {'vs HF':>7} {'FLOP-ideal':>10} {'max|diff|':>10}")
     for r in rows:
-        print(f"{r['candidate']:16} {r['ms']:9.1f} {r['speedup_vs_hf']:7.2f} {r['flop_ideal']:10.2f} "
+        print(f"{r['candidate']:22} {r['ms']:9.1f} {r['speedup_vs_hf']:7.2f} {r['flop_ideal']:10.2f} "
               f"{r['max_abs_vs_hf']:10.2e}")
-    if not a.smoke:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
-        print("wrote", a.out)
-
+    return res
 
 if __name__ == "__main__":
     main()

@@ -55,7 +55,8 @@ import onnx_ir as ir
 import onnxscript.optimizer
 from onnxscript import opset18 as op
 
-from routefx.errors import BackendError
+from routefx.errors import BackendError, UnsupportedActivationError
+from routefx.ir.activations import parse_activation
 
 __all__ = ["routed_ffn_lowering", "fold_weight_slices", "ONNX_ACTIVATIONS"]
 
@@ -76,6 +77,32 @@ ONNX_ACTIVATIONS: dict[str, Callable] = {
     "quick_gelu": lambda x: op.Mul(x, op.Sigmoid(op.Mul(x, 1.702))),
     "identity": lambda x: x,
 }
+
+
+
+class _OnnxActivation:
+    """An activation name (`routefx.ir.activations.ActivationSpec`) as ONNX ops: called, the gate side; `glu` the
+    gated unit with the spec's clamps and shift."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        alpha = spec.alpha
+        self._base = (lambda x: op.Mul(x, op.Sigmoid(op.Mul(x, alpha)))) if spec.base == "swish" \
+            else ONNX_ACTIVATIONS[spec.base]
+
+    def __call__(self, x):
+        s = self.spec
+        x = self._base(x if s.gate_max is None else op.Min(x, s.gate_max))
+        return x if s.act_max is None else op.Min(x, s.act_max)
+
+    def glu(self, g, u):
+        s = self.spec
+        if s.up_limit is not None:
+            u = op.Max(op.Min(u, s.up_limit), -s.up_limit)
+        if s.up_add != 0.0:
+            u = op.Add(u, s.up_add)
+        return op.Mul(self(g), u)
+
 
 # fp16 / bf16 contributions accumulate in fp32, as in the reference.
 _ACC = {ir.DataType.FLOAT16: ir.DataType.FLOAT, ir.DataType.BFLOAT16: ir.DataType.FLOAT}
@@ -123,10 +150,11 @@ def routed_ffn_lowering(names: Sequence[str] = (), static_routes: dict[str, int]
 def _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation,
            static_route: int | None = None):
     """One routed_ffn call as ONNX ops (the module docstring shows what is emitted); returns [..., d] like x."""
-    if activation not in ONNX_ACTIVATIONS:
-        raise BackendError(f"{prefix}: activation {activation!r} has no ONNX lowering; supported: "
-                           f"{', '.join(sorted(ONNX_ACTIVATIONS))}")
-    act = ONNX_ACTIVATIONS[activation]
+    try:
+        spec = parse_activation(activation)
+    except UnsupportedActivationError as e:
+        raise BackendError(f"{prefix}: activation {activation!r} has no ONNX lowering ({e})") from None
+    act = _OnnxActivation(spec)
     ranges = [int(v) for v in ranges]
     n_neurons = _static_dim(w_up, 0, prefix, "w_up")
     d = _static_dim(w_up, 1, prefix, "w_up")
@@ -247,7 +275,7 @@ class _Weights:
         if self.w_gate is None:
             h = act(up)
         else:
-            h = op.Mul(act(self._linear(rows, self.w_gate, self.b_gate, start, end, "gate", f"{name}/gate")), up)
+            h = act.glu(self._linear(rows, self.w_gate, self.b_gate, start, end, "gate", f"{name}/gate"), up)
         w_down = self._transposed(self.w_down, start, end, 1, "down", f"{name}/down")
         return _named(op.MatMul(h, w_down), f"{name}/down")
 

@@ -35,7 +35,7 @@ def static_ffn(x: Tensor, gates: Optional[Tensor], w_up: Tensor, w_gate: Optiona
     if w_gate is None:
         h = act(up)
     else:
-        h = act(F.linear(x, w_gate[start:end], None if b_gate is None else b_gate[start:end])) * up
+        h = act.glu(F.linear(x, w_gate[start:end], None if b_gate is None else b_gate[start:end]), up)
     y = F.linear(h, w_down[:, start:end], b_down)  # [..., d]
     if gates is None and k_routes == 1:
         return y

@@ -81,7 +81,7 @@ def _hidden(x, w, act):
     up = F.linear(x, w["up"], w["b_up"])
     if w["gate"] is None:
         return act(up)
-    return act(F.linear(x, w["gate"], w["b_gate"])) * up
+    return act.glu(F.linear(x, w["gate"], w["b_gate"]), up)
 
 
 def _collect(gm: fx.GraphModule, blocks: list[BlockInfo], batches: list[dict]):

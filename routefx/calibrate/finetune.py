@@ -74,7 +74,7 @@ class _SampledRouting(fx.Interpreter):
         act = get_activation(activation)
         xf = x.float()
         up = F.linear(xf, p["up"], p.get("b_up"))
-        h = act(up) if "gate" not in p else act(F.linear(xf, p["gate"], p.get("b_gate"))) * up
+        h = act(up) if "gate" not in p else act.glu(F.linear(xf, p["gate"], p.get("b_gate")), up)
         b_down = args[8]
         small = F.linear(h, p["down"], None if b_down is None else b_down.float())
         s_big, e_big = ranges[4], ranges[5]

@@ -32,7 +32,7 @@ def _ffn_range(x, args, start, end):
     act = get_activation(activation)
     sl = lambda t: None if t is None else t[start:end]  # noqa: E731
     up = F.linear(x, w_up[start:end], sl(b_up))
-    h = act(up) if w_gate is None else act(F.linear(x, w_gate[start:end], sl(b_gate))) * up
+    h = act(up) if w_gate is None else act.glu(F.linear(x, w_gate[start:end], sl(b_gate)), up)
     return F.linear(h, w_down[:, start:end], b_down)
 
 

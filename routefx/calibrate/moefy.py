@@ -82,7 +82,7 @@ def _contributions(gm: fx.GraphModule, b: BlockInfo, x: torch.Tensor) -> torch.T
          for k in ("up", "gate", "down", "b_up", "b_gate")}
     act = get_activation(b.ffn.activation)
     up = F.linear(x, w["up"], w["b_up"])
-    h = act(up) if w["gate"] is None else act(F.linear(x, w["gate"], w["b_gate"])) * up
+    h = act(up) if w["gate"] is None else act.glu(F.linear(x, w["gate"], w["b_gate"]), up)
     return h.abs() * w["down"].norm(dim=0)
 
 

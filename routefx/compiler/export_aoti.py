@@ -50,7 +50,7 @@ def _masked_routed_ffn(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_d
         if w_gate is None:
             h = act(up)
         else:
-            h = act(nn.functional.linear(x, w_gate[start:end], None if b_gate is None else b_gate[start:end])) * up
+            h = act.glu(nn.functional.linear(x, w_gate[start:end], None if b_gate is None else b_gate[start:end]), up)
         y = nn.functional.linear(h, w_down[:, start:end], b_down)               # [..., d]
         out = out + weight * y.to(acc)
     return out.to(x.dtype)

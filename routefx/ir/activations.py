@@ -3,11 +3,22 @@
 `ACTIVATIONS` maps the names used in the IR (and in the `activation: str` argument of `routefx::routed_ffn`)
 to elementwise torch functions. Each function keeps shape and dtype and is written with plain torch ops, so it
 traces under fx / torch.export and runs on any device.
+
+A name may carry parameters after the base name, `;`-separated (`ActivationSpec`), for the clamped gated units of
+GPT-OSS, DeepSeek-V4, GLM-5, MiniMax-M3 and Step-3.7 (all per neuron, so routing by neuron ranges is unchanged):
+
+    h = min(act(min(g, gate_max)), act_max) * (clamp(u, -up_limit, up_limit) + up_add)
+
+with act one of `ACTIVATIONS` or `swish` (x·sigmoid(alpha·x), parameter `alpha`); e.g. GPT-OSS's experts are
+`"quick_gelu;gate_max=7.0;up_limit=7.0;up_add=1.0"` (its alpha, 1.702, is quick_gelu's). A plain (non-gated) FFN takes the gate-side parameters
+only. `get_activation(name)` returns the gate-side function; its `glu(g, u)` is the gated unit.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import math
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +26,7 @@ from torch import Tensor
 
 from routefx.errors import UnsupportedActivationError
 
-__all__ = ["ACTIVATIONS", "get_activation"]
+__all__ = ["ACTIVATIONS", "ActivationSpec", "Activation", "get_activation", "parse_activation"]
 
 
 def _silu(x: Tensor) -> Tensor:
@@ -62,15 +73,98 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def get_activation(name: str) -> Callable[[Tensor], Tensor]:
-    """Return the activation registered as `name`.
+_PARAMS = ("alpha", "gate_max", "act_max", "up_limit", "up_add")
 
-    Raises `UnsupportedActivationError` naming `name` and listing the supported names when it is not registered.
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSpec:
+    """A parsed activation name (see the module docstring): `base` is an `ACTIVATIONS` name or "swish"."""
+
+    base: str
+    alpha: Optional[float] = None       # swish only: x * sigmoid(alpha x)
+    gate_max: Optional[float] = None    # min(g, gate_max) before the activation
+    act_max: Optional[float] = None     # min(act(.), act_max) after it
+    up_limit: Optional[float] = None    # clamp(u, -up_limit, up_limit) (gated only)
+    up_add: float = 0.0                 # added to the clamped u (gated only)
+
+    @property
+    def name(self) -> str:
+        parts = [self.base] + [f"{k}={float(v)!r}" for k in _PARAMS
+                               if (v := getattr(self, k)) is not None and not (k == "up_add" and v == 0.0)]
+        return ";".join(parts)
+
+    @property
+    def gate_only(self) -> bool:
+        """No parameter on the up side: the unit is act(g) * u."""
+        return self.up_limit is None and self.up_add == 0.0
+
+    @property
+    def plain(self) -> bool:
+        """A registry activation with no parameter."""
+        return self.base in ACTIVATIONS and self == ActivationSpec(self.base)
+
+
+def _unsupported(name, why: str) -> UnsupportedActivationError:
+    supported = ", ".join(sorted(ACTIVATIONS) + ["swish"])
+    return UnsupportedActivationError(
+        f"unsupported activation {name!r}: {why}; supported: {supported}, optionally followed by ';k=v' "
+        f"parameters ({', '.join(_PARAMS)})")
+
+
+def parse_activation(name: str) -> ActivationSpec:
+    """The `ActivationSpec` of `name`; raises `UnsupportedActivationError` for an unknown base, parameter or value."""
+    if not isinstance(name, str):
+        raise _unsupported(name, "not a string")
+    base, *params = name.split(";")
+    if base not in ACTIVATIONS and base != "swish":
+        raise _unsupported(name, f"unknown base {base!r}")
+    kw: dict = {}
+    for p in params:
+        k, eq, v = p.partition("=")
+        if not eq or k not in _PARAMS or k in kw:
+            raise _unsupported(name, f"bad parameter {p!r}")
+        try:
+            kw[k] = float(v)
+        except ValueError:
+            raise _unsupported(name, f"parameter {k} is not a number: {v!r}") from None
+        if not math.isfinite(kw[k]):
+            raise _unsupported(name, f"parameter {k} is not finite: {v!r}")
+    if (base == "swish") != ("alpha" in kw):
+        raise _unsupported(name, "alpha is the parameter of swish, and swish needs it")
+    if kw.get("up_limit", 0.0) < 0:
+        raise _unsupported(name, "up_limit must be >= 0")
+    return ActivationSpec(base, **kw)
+
+
+class Activation:
+    """An activation: called on one tensor, the gate side `min(act(min(g, gate_max)), act_max)`; `glu(g, u)` the
+    gated unit (the gate side times the clamped, shifted up side)."""
+
+    def __init__(self, spec: ActivationSpec):
+        self.spec = spec
+        alpha = spec.alpha
+        self._base = (lambda x: x * torch.sigmoid(alpha * x)) if spec.base == "swish" else ACTIVATIONS[spec.base]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        s = self.spec
+        if s.gate_max is not None:
+            x = torch.clamp(x, max=s.gate_max)
+        x = self._base(x)
+        return x if s.act_max is None else torch.clamp(x, max=s.act_max)
+
+    def up(self, u: Tensor) -> Tensor:
+        s = self.spec
+        if s.up_limit is not None:
+            u = torch.clamp(u, -s.up_limit, s.up_limit)
+        return u + s.up_add if s.up_add != 0.0 else u
+
+    def glu(self, g: Tensor, u: Tensor) -> Tensor:
+        return self(g) * self.up(u)
+
+
+def get_activation(name: str) -> Activation:
+    """The activation `name` names (a registry name, optionally with parameters: see the module docstring).
+
+    Raises `UnsupportedActivationError` naming `name` and listing what is supported when it is not one.
     """
-    try:
-        return ACTIVATIONS[name]
-    except (KeyError, TypeError):
-        supported = ", ".join(sorted(ACTIVATIONS))
-        raise UnsupportedActivationError(
-            f"unsupported activation {name!r}; supported activations: {supported}"
-        ) from None
+    return Activation(parse_activation(name))

@@ -41,7 +41,7 @@ def ffn_hidden(x: Tensor, w_up: Tensor, w_gate: Optional[Tensor], b_up: Optional
     up = torch.nn.functional.linear(x, w_up[start:end], None if b_up is None else b_up[start:end])
     if w_gate is None:
         return act(up)
-    return act(torch.nn.functional.linear(x, w_gate[start:end], None if b_gate is None else b_gate[start:end])) * up
+    return act.glu(torch.nn.functional.linear(x, w_gate[start:end], None if b_gate is None else b_gate[start:end]), up)
 
 
 def route_counts(flat_routes: Tensor, num_ranges: int, ranges: List[int]) -> List[int]:

@@ -12,17 +12,20 @@ Anything else is kind "unknown" with the reason.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 from torch import fx
 
 from routefx.ir import graph_utils as gu
-from routefx.ir.activations import ACTIVATIONS
+from routefx.ir.activations import ACTIVATIONS, Activation, ActivationSpec
 from routefx.ir.graph_utils import fetch_attr as fetch
 from routefx.ir.model_ir import DenseFFNMatch, FFNInfo, WeightRef
 
 aten = torch.ops.aten
 __all__ = ["analyse_ffn", "fetch", "resolve_weight", "param_ref", "stacked_weight", "batched_experts",
-           "elementwise_fn", "identify_activation", "expert_ffns",
+           "elementwise_fn", "identify_activation", "identify_glu", "expert_ffns", "expert_epilogue",
            "first_after"]
 
 
@@ -109,13 +112,15 @@ def _anc_in(n: fx.Node, region: set) -> set:
     return seen
 
 
-def elementwise_fn(src: fx.Node, dst: fx.Node):
-    """The ops from `src` to `dst` as a function of `src` alone (a GraphModule), for evaluating on a CPU probe;
-    raises `_Miss` when an op between them reads anything else."""
+def elementwise_fn(src, dst: fx.Node):
+    """The ops from `src` (a node, or a tuple of nodes: the function's arguments in that order) to `dst` as a
+    function of those alone (a GraphModule), for evaluating on a CPU probe; raises `_Miss` when an op between them
+    reads anything else."""
+    srcs = src if isinstance(src, tuple) else (src,)
     g = fx.Graph()
-    env = {src: g.placeholder("x")}
-    region = gu.between(src, dst) | {dst}
-    order = [n for n in src.graph.nodes if n in region]
+    env = {s: g.placeholder(f"x{i}") for i, s in enumerate(srcs)}
+    region = set().union(*(gu.between(s, dst) for s in srcs)) | {dst}
+    order = [n for n in dst.graph.nodes if n in region and n not in env]
     for n in order:
         if n.op != "call_function":
             raise _Miss(f"activation reads {n.op} {n.name}")
@@ -129,7 +134,35 @@ def elementwise_fn(src: fx.Node, dst: fx.Node):
     g.output(env[dst])
     fn = fx.GraphModule(torch.nn.Module(), g)
     fn.ops = [str(n.target) for n in order]
+    fn.consts = sorted({float(a) for n in order for a in (*n.args, *n.kwargs.values())
+                        if isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)})[:8]
     return fn
+
+
+def _probe(consts) -> torch.Tensor:
+    """Probe values: a grid over [-6, 6] and points around every constant of the ops (clamps at 7 show)."""
+    extra = [c * s for c in consts if c != 0.0 for s in (-2.0, -1.5, -1.01, -0.99, -0.5, 0.5, 0.99, 1.01, 1.5, 2.0)]
+    return torch.cat([torch.linspace(-6.0, 6.0, 49), torch.tensor(extra, dtype=torch.float32)])
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor) -> bool:
+    return y.shape == ref.shape and bool(torch.allclose(y, ref, rtol=1e-5,
+                                                        atol=1e-5 * max(1.0, float(ref.abs().max()))))
+
+
+def _gate_specs(consts):
+    """Candidate gate sides, simplest first: the registry, then swish(alpha) and the clamps on the constants."""
+    yield from (ActivationSpec(n) for n in ACTIVATIONS)
+    bases = [ActivationSpec(n) for n in ACTIVATIONS] + [ActivationSpec("swish", alpha=c) for c in consts if c > 0]
+    for b in bases:
+        for gmax in [None, *consts]:
+            for amax in [None, *consts]:
+                if (b.base, gmax, amax) != (b.base, None, None) or b.base == "swish":
+                    yield dataclasses.replace(b, gate_max=gmax, act_max=amax)
+
+
+def _read_gate(a: torch.Tensor, v: torch.Tensor, consts) -> ActivationSpec | None:
+    return next((spec for spec in _gate_specs(consts) if _close(a, Activation(spec)(v))), None)
 
 
 def identify_activation(src: fx.Node, dst: fx.Node) -> str:
@@ -137,17 +170,45 @@ def identify_activation(src: fx.Node, dst: fx.Node) -> str:
     if gu.root_views(dst) is gu.root_views(src):
         return "identity"
     fn = elementwise_fn(src, dst)
-    probe = torch.linspace(-6.0, 6.0, 241)   # CPU on purpose: the ops alone, no model tensor, values read back
+    probe = _probe(fn.consts)   # CPU on purpose: the ops alone, no model tensor, values read back
     try:
         with torch.no_grad():
             y = fn(probe)
     except Exception as e:  # an op that does not run on a 1-D probe: not an elementwise activation
         raise _Miss(f"activation ops {fn.ops} are not elementwise ({type(e).__name__})")
-    for name, f in ACTIVATIONS.items():
-        ref = f(probe)
-        if y.shape == ref.shape and torch.allclose(y, ref, rtol=1e-5, atol=1e-5):
-            return name
-    raise _Miss(f"activation computed by {fn.ops[:6]} matches none of {sorted(ACTIVATIONS)}")
+    spec = _read_gate(y, probe, fn.consts)
+    if spec is None:
+        raise _Miss(f"activation computed by {fn.ops[:6]} matches none of {sorted(ACTIVATIONS)} (nor swish or "
+                    f"clamps on its constants {fn.consts})")
+    return spec.name
+
+
+def identify_glu(a: fx.Node, b: fx.Node, dst: fx.Node) -> tuple[str, bool]:
+    """(activation name, whether `a` is the gate) of the gated unit `dst` computes from the two halves `a` and `b`:
+    dst = gate_side(gate) * up_side(up) with the sides of `routefx.ir.activations.ActivationSpec`, found by
+    evaluating the ops on a grid of (a, b) values. Raises `_Miss` when it is no such unit."""
+    fn = elementwise_fn((a, b), dst)
+    v = _probe(fn.consts)
+    n = v.numel()
+    try:
+        with torch.no_grad():
+            y = fn(v[:, None].expand(n, n).reshape(-1), v[None, :].expand(n, n).reshape(-1))
+    except Exception as e:  # noqa: BLE001 - not elementwise on 1-D probes
+        raise _Miss(f"gated unit ops {fn.ops[:6]} are not elementwise ({type(e).__name__})") from None
+    y = y.reshape(n, n) if y.numel() == n * n else None
+    if y is not None:
+        for a_gate, Y in ((True, y), (False, y.t())):      # Y[i, j] = unit(gate = v[i], up = v[j])
+            for lim in [None, *sorted({abs(c) for c in fn.consts if c != 0.0})]:
+                for add in [0.0, *fn.consts]:
+                    up = Activation(ActivationSpec("identity", up_limit=lim, up_add=add)).up(v)   # [n]
+                    coef = Y @ up / (up @ up)                                                    # [n] gate side
+                    if not _close(Y, coef[:, None] * up[None, :]):
+                        continue
+                    gate = _read_gate(coef, v, fn.consts)
+                    if gate is not None:
+                        return dataclasses.replace(gate, up_limit=lim, up_add=add).name, a_gate
+    raise _Miss(f"the two halves are not combined as act(gate) * up (nor a clamped unit on the constants "
+                f"{fn.consts}): ops {fn.ops[:8]}")
 
 
 def _halves(m: fx.Node, F2: int) -> dict:
@@ -201,16 +262,9 @@ def _dense(gm, mms: list, region: set, dyn: set, same_shape: bool = True) -> tup
     if len(first) == 2:
         if e.op != "call_function" or e.target not in gu._targets(aten.mul):
             raise _Miss("two input products not combined by a product (not a gated FFN)")
-        p, q = (gu.root_views(a) for a in e.args[:2])
         outs = [gu.forward_views(m) for m in first]
-        if gu.root_views(p) in [gu.root_views(o) for o in outs]:
-            p, q = q, p                           # q: the plain (up) operand, p: act(gate)
-        if gu.root_views(q) not in [gu.root_views(o) for o in outs]:
-            raise _Miss("neither factor of the gating product is a plain projection")
-        iu = [gu.root_views(o) for o in outs].index(gu.root_views(q))
-        ig = 1 - iu
-        act = identify_activation(outs[ig], p)
-        up, gate = ins[iu], ins[ig]
+        act, first_is_gate = identify_glu(outs[0], outs[1], e)
+        up, gate = (ins[1], ins[0]) if first_is_gate else (ins[0], ins[1])
         kind, F = "gated", resolve_weight(gm, up[1]).shape[0]
         refs = dict(up=up[1], gate=gate[1], b_up=up[2], b_gate=gate[2])
     else:
@@ -218,13 +272,9 @@ def _dense(gm, mms: list, region: set, dyn: set, same_shape: bool = True) -> tup
         rows = resolve_weight(gm, f_ref).shape[0]
         if _is_split(first[0]) and e.op == "call_function" and e.target in gu._targets(aten.mul):
             parts = _halves(first[0], rows)
-            p, q = (gu.root_views(a) for a in e.args[:2])
-            if q not in parts:
-                p, q = q, p
-            if q not in parts:
-                raise _Miss("fused gate-up halves not combined as act(gate) * up")
-            (gnode,) = [k for k in parts if k is not q]
-            act = identify_activation(gnode, p)
+            a, b = parts
+            act, a_gate = identify_glu(a, b, e)
+            gnode, q = (a, b) if a_gate else (b, a)
             kind, F = "gated", rows // 2
             if f_bias is not None:
                 raise _Miss("bias on a fused gate-up product is not supported")
@@ -277,16 +327,36 @@ def _expert_index(router: fx.Node, region: set, experts: set) -> fx.Node | None:
 _MASKING = gu._targets(aten.masked_fill, aten.where)
 
 
-def _past_masking(n: fx.Node) -> fx.Node:
-    """`n` followed forward through views and masking that keeps its shape (transformers 5.17 zeroes the rows of
-    tokens routed to no expert right after each grouped GEMM)."""
-    n = gu.forward_views(n)
+_BIAS_ADDS = gu.targets(aten.add, aten.add_)
+
+
+def _row_bias(u: fx.Node, n: fx.Node) -> fx.Node | None:
+    """The stacked [E, width] parameter whose rows `u` adds to `n`, one gathered row per row of `n` by its expert id
+    (`n + b[ids]`: GPT-OSS's expert biases after each grouped GEMM), else None."""
+    if u.op != "call_function" or u.target not in _BIAS_ADDS or len(u.args) < 2 or u.args[0] is not n \
+            and u.args[1] is not n or u.kwargs.get("alpha", 1) != 1:
+        return None
+    other = u.args[1] if u.args[0] is n else u.args[0]
+    if not isinstance(other, fx.Node) or other.target not in gu.targets(aten.index) or len(other.args[1]) != 1:
+        return None
+    base = other.args[0]
+    v = gu.val(base)
+    return base if base.op == "get_attr" and v is not None and v.dim() == 2 else None
+
+
+def expert_epilogue(n: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+    """(`n` followed forward through views, shape-keeping masking (transformers 5.17 zeroes the rows of tokens routed
+    to no expert right after each grouped GEMM) and a per-expert bias add; that bias's stacked parameter or None)."""
+    n, bias = gu.forward_views(n), None
     while len(n.users) == 1:
         u = next(iter(n.users))
-        if u.op != "call_function" or u.target not in _MASKING or str(gu.val(u).shape) != str(gu.val(n).shape):
+        b = _row_bias(u, n) if bias is None else None
+        if b is None and (u.op != "call_function" or u.target not in _MASKING
+                          or str(gu.val(u).shape) != str(gu.val(n).shape)):
             break
+        bias = bias if b is None else b
         n = gu.forward_views(u)
-    return n
+    return n, bias
 
 
 def stacked_weight(gm, n: fx.Node) -> tuple[torch.Tensor | None, str]:
@@ -402,18 +472,14 @@ def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: fx.Node) -> 
     F = gu.val(gu.root_views(down.args[0])).shape[-1]
     info.intermediate_size = int(F)
     e = gu.root_views(down.args[0])
-    out = _past_masking(up)
-    parts = {g for u in out.users if u.op == "call_function" and u.target in _SPLITS
-             for g in ([u] if u.target in gu._targets(aten.slice) else u.users) if g is u or gu.is_getitem(g)}
-    if parts and e.op == "call_function" and e.target in gu._targets(aten.mul):
-        p, q = (gu.root_views(a) for a in e.args[:2])
-        if q not in parts:
-            p, q = q, p
-        gnodes = [g for g in parts if g is not q]
-        if q not in parts or len(gnodes) != 1:
-            raise _Miss(f"the experts' gate-up output is cut into {len(parts)} parts that are not combined as "
-                        "act(gate) * up")
-        info.activation = identify_activation(gnodes[0], p)
+    out, up_bias = expert_epilogue(up)
+    _, down_bias = expert_epilogue(down)
+    parts = [g for u in out.users if u.op == "call_function" and u.target in _SPLITS
+             for g in ([u] if u.target in gu._targets(aten.slice) else u.users) if g is u or gu.is_getitem(g)]
+    if parts:
+        if len(parts) != 2:
+            raise _Miss(f"the experts' gate-up output is cut into {len(parts)} parts, not a gate and an up half")
+        info.activation, _ = identify_glu(*parts, e)
     else:
         info.activation = identify_activation(out, e)
     # a shared expert: the remaining weight products, minus 1-wide gates
@@ -422,7 +488,8 @@ def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: fx.Node) -> 
     if rest:
         _, _, Fs, _ = _dense(gm, rest, region, dyn, same_shape=False)
         info.shared_expert_size = int(Fs)
-    info.has_bias = any(_operands(m, dyn)[2] is not None for m in mms if m not in grouped)
+    info.has_bias = any(_operands(m, dyn)[2] is not None for m in mms if m not in grouped) \
+        or up_bias is not None or down_bias is not None
 
 
 def _expert_ranges(ranges: list, gates, routes, rows_per_expert: bool = False) -> tuple[int, int] | None:

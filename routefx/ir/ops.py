@@ -41,7 +41,9 @@ def _check_static(
 ) -> None:
     """Checks that depend only on shapes, dtypes and the static arguments (shared by the reference and the
     fake kernel). Raises `RoutedFFNError`, or `UnsupportedActivationError` for an unknown activation."""
-    get_activation(activation)
+    if w_gate is None and not get_activation(activation).spec.gate_only:
+        raise RoutedFFNError(f"activation {activation!r} has parameters on the up side of a gated unit, but w_gate "
+                             "is None (a plain FFN has no up side to clamp or shift)")
     if x.dim() < 1:
         raise RoutedFFNError(f"x must have at least 1 dim [..., d], found shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -132,12 +134,13 @@ def routed_ffn(
         w_up    [F, d];  w_gate [F, d] or None (None = plain, non-gated MLP);  w_down [d, F]
         b_up [F], b_gate [F] (only with w_gate), b_down [d]: each optional
         ranges  flat [start_0, end_0, ..., start_{R-1}, end_{R-1}], 0 <= start_r <= end_r <= F
-        activation  a name in `routefx.ir.activations.ACTIVATIONS`
+        activation  a name in `routefx.ir.activations.ACTIVATIONS`, optionally with parameters (ActivationSpec)
         returns [..., d]  with x's shape and dtype
 
     Semantics, per token t:
         y[t] = sum_k g[t, k] * FFN_{routes[t, k]}(x[t])          (g = 1 when gates is None)
-        gated: FFN_r(x) = (act(x Wg_r^T + bg_r) * (x Wu_r^T + bu_r)) Wd_r^T + b_down
+        gated: FFN_r(x) = glu(x Wg_r^T + bg_r, x Wu_r^T + bu_r) Wd_r^T + b_down,  glu(g, u) = act(g) * u
+               (or the clamped unit a parametrised activation name gives: `routefx.ir.activations`)
         plain: FFN_r(x) = act(x Wu_r^T + bu_r) Wd_r^T + b_down
     with Wg_r = w_gate[s_r:e_r], Wu_r = w_up[s_r:e_r], Wd_r = w_down[:, s_r:e_r] and the biases sliced alike.
     A route to an empty range (s_r == e_r) contributes exactly 0: b_down is not added for it. Ranges may

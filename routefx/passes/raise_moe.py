@@ -37,8 +37,8 @@ from torch import fx
 
 from routefx.ir import graph_utils as gu
 from routefx.ir.activations import get_activation
-from routefx.ir.ffn import (MOE_TOP_K, batched_experts, elementwise_fn, expert_ffns, first_after, identify_activation,
-                            resolve_weight, stacked_weight)
+from routefx.ir.ffn import (MOE_TOP_K, batched_experts, elementwise_fn, expert_epilogue, expert_ffns, fetch,
+                            first_after, identify_activation, identify_glu, resolve_weight, stacked_weight)
 from routefx.ir.ops import routed_ffn_reference
 from routefx.ir.model_ir import BlockInfo, ModelIR, WeightRef
 from routefx.passes.attrs import add_tensor_attr
@@ -49,7 +49,6 @@ aten = torch.ops.aten
 __all__ = ["RaiseMoE", "match_moe", "moe_matches", "MoEMatch"]
 
 _SPLITS = gu.targets(aten.chunk, aten.split, aten.split_with_sizes, aten.slice)
-_MASKING = gu.targets(aten.masked_fill, aten.where)
 _SORTS = gu.targets(aten.sort, aten.argsort)
 _UNPERMUTE = gu.targets(aten.index, aten.index_put, aten.index_put_, aten.index_add, aten.index_add_, aten.scatter,
                         aten.scatter_add, aten.scatter_reduce, aten.gather, aten.index_select, aten.index_copy)
@@ -102,29 +101,18 @@ def _stacked(gm: fx.GraphModule, n: fx.Node) -> torch.Tensor:
     return w
 
 
-def _past_masking(n: fx.Node) -> fx.Node:
-    """`n` forward through views and shape-keeping masking (transformers 5.17 zeroes rows of tokens routed to no
-    expert right after each grouped GEMM)."""
-    n = gu.forward_views(n)
-    while len(n.users) == 1:
-        u = next(iter(n.users))
-        if u.op != "call_function" or u.target not in _MASKING or _shape(u) != _shape(n):
-            break
-        n = gu.forward_views(u)
-    return n
-
-
-def _halves(up: fx.Node, out_width: int) -> dict[fx.Node, tuple[int, int]]:
-    """Parts of the fused gate-up output: part node -> [start, end) columns."""
-    out = _past_masking(up)
+def _halves(out: fx.Node, out_width: int) -> dict[fx.Node, slice]:
+    """Parts of the fused gate-up output `out`: part node -> its columns (contiguous, or every other column for an
+    interleaved layout: GPT-OSS's gate_up[..., ::2] and [..., 1::2])."""
     parts: dict = {}
     for u in out.users:
         if u.op != "call_function" or u.target not in _SPLITS:
             continue
         if u.target in gu.targets(aten.slice):
-            if u.args[1] not in (-1, 1) or (len(u.args) > 4 and u.args[4] != 1):
-                raise _Miss("fused gate-up output sliced other than by contiguous columns")
-            parts[u] = (int(u.args[2]), min(int(u.args[3]), out_width))
+            step = int(u.args[4]) if len(u.args) > 4 else 1
+            if u.args[1] not in (-1, 1) or step not in (1, 2):
+                raise _Miss("fused gate-up output sliced other than by contiguous or alternate columns")
+            parts[u] = slice(int(u.args[2]), min(int(u.args[3]), out_width), step)
             continue
         dim = u.args[2] if len(u.args) > 2 else u.kwargs.get("dim", 0)
         if dim not in (-1, 1):
@@ -137,36 +125,55 @@ def _halves(up: fx.Node, out_width: int) -> dict[fx.Node, tuple[int, int]]:
                     start = sum(sizes[:g.args[1]])
                 else:
                     start = g.args[1] * size
-                parts[g] = (start, start + size)
+                parts[g] = slice(start, start + size, 1)
     return parts
 
 
-def _weights(gm, up: fx.Node, down: fx.Node):
-    """(w_up, w_gate [E*F, d], w_down [d, E*F]) as contiguous copies, F, and the (src, dst) nodes of the activation."""
+def _weights(gm, up: fx.Node, down: fx.Node) -> dict:
+    """The experts' weights as one routed_ffn's: w_up, w_gate [E*F, d] and w_down [d, E*F] as contiguous copies,
+    per-expert biases (b_up, b_gate [E*F]; b_down [d] when every expert's is the same, else b_experts [E, d]), the
+    width F and the activation name."""
     w_in = _stacked(gm, up.args[1])      # [E, d, F2]
     w_out = _stacked(gm, down.args[1])   # [E, F, d]
     E, d, F2 = w_in.shape
     F = w_out.shape[1]
     if w_out.shape != (E, F, d):
         raise _Miss(f"expert weights of shapes {list(w_in.shape)} and {list(w_out.shape)} do not chain")
-    rows = lambda a, b: w_in[:, :, a:b].transpose(1, 2).reshape(E * (b - a), d).contiguous()  # noqa: E731
-    down_rows = w_out.permute(2, 0, 1).reshape(d, E * F).contiguous()  # [d, E*F], row-major (Triton's layout)
+    out, b_in = expert_epilogue(up)
+    _, b_out = expert_epilogue(down)
+    b_in = None if b_in is None else fetch(gm, b_in.target)      # [E, F2]
+    b_out = None if b_out is None else fetch(gm, b_out.target)   # [E, d]
+    if (b_in is not None and tuple(b_in.shape) != (E, F2)) or (b_out is not None and tuple(b_out.shape) != (E, d)):
+        raise _Miss("per-expert biases whose shapes do not match the expert weights")
+    rows = lambda cols: w_in[:, :, cols].transpose(1, 2).reshape(E * F, d).contiguous()  # noqa: E731
+    bias = lambda cols: None if b_in is None else b_in[:, cols].reshape(E * F).contiguous()  # noqa: E731
+    w = dict(w_down=w_out.permute(2, 0, 1).reshape(d, E * F).contiguous(), F=F)  # [d, E*F] (Triton's layout)
+    if b_out is not None and bool((b_out == b_out[0]).all()):
+        w["b_down"] = b_out[0].contiguous()
+    elif b_out is not None:
+        w["b_experts"] = b_out.contiguous()
     e = gu.root_views(down.args[0])
     if F2 == F:
-        return rows(0, F), None, down_rows, F, (_past_masking(up), e)
+        act = _expert_activation(identify_activation, out, e)
+        return dict(w, w_up=rows(slice(0, F)), w_gate=None, b_up=bias(slice(0, F)), b_gate=None, activation=act)
     if F2 != 2 * F:
         raise _Miss(f"experts' first product has {F2} outputs for {F} hidden neurons (neither F nor 2F)")
-    parts = _halves(up, F2)
-    if len(parts) != 2 or e.op != "call_function" or e.target not in gu.targets(aten.mul):
-        raise _Miss("fused gate-up output is not cut in two halves combined by a product")
-    p, q = (gu.root_views(a) for a in e.args[:2])
-    if q not in parts:
-        p, q = q, p
-    gate_part = [g for g in parts if g is not q]
-    if q not in parts or len(gate_part) != 1 or sorted(parts.values()) != [(0, F), (F, 2 * F)]:
-        raise _Miss("fused gate-up halves are not combined as act(gate) * up")
-    (gs, ge), (us, ue) = parts[gate_part[0]], parts[q]
-    return rows(us, ue), rows(gs, ge), down_rows, F, (gate_part[0], p)
+    parts = _halves(out, F2)
+    if len(parts) != 2 or sorted((c.start, c.stop, c.step) for c in parts.values()) not in (
+            [(0, F, 1), (F, 2 * F, 1)], [(0, F2, 2), (1, F2, 2)]):
+        raise _Miss("fused gate-up output is not cut in two halves (or alternate columns)")
+    a, b = parts
+    act, a_gate = _expert_activation(identify_glu, a, b, e)
+    g_cols, u_cols = (parts[a], parts[b]) if a_gate else (parts[b], parts[a])
+    return dict(w, w_up=rows(u_cols), w_gate=rows(g_cols), b_up=bias(u_cols), b_gate=bias(g_cols), activation=act)
+
+
+def _expert_activation(reader, *nodes):
+    """`reader(*nodes)` (an activation reader of `routefx.ir.ffn`), its miss raised as this pass's, with the reason."""
+    try:
+        return reader(*nodes)
+    except Exception as e:  # noqa: BLE001 - the reader's miss: its message is the reason
+        raise _Miss(f"expert activation: {e}") from None
 
 
 def _dead_write_into(u: fx.Node, nodes: set) -> bool:
@@ -298,18 +305,18 @@ def _match_batched(gm: fx.GraphModule, block: BlockInfo, region: set, up: fx.Nod
             or _shape(combine) != _shape(x):
         raise _Miss("the batched experts' outputs are not summed over the expert dim")
     _, checks = _dispatch_nodes(region, combine, [s], x)   # nothing but x, s and the stacked weights reach it
-    w_up, w_gate, w_down, F, (src, dst) = _weights(gm, up, down)
-    try:
-        act = identify_activation(src, dst)
-    except Exception as e:  # the activation reader's miss: its message is the reason
-        raise _Miss(f"expert activation: {e}") from None
-    at0 = float(get_activation(act)(torch.zeros(1))[0])
-    if (w_gate is None and at0 != 0.0) or not torch.isfinite(torch.tensor(at0)):
+    w = _weights(gm, up, down)
+    act, F = w["activation"], w["F"]
+    if any(w.get(k) is not None for k in ("b_up", "b_gate", "b_down", "b_experts")):
+        raise _Miss("batched experts with biases: an unchosen expert's output is not zero")
+    unit, z = get_activation(act), torch.zeros(1)
+    at0 = float((unit(z) if w["w_gate"] is None else unit.glu(z, z))[0])
+    if at0 != 0.0:
         raise _Miss(f"the experts' activation {act} gives {at0} at 0: an unchosen expert's output is not zero")
-    if E * F != w_up.shape[0]:
-        raise _Miss(f"{w_up.shape[0] // F} stacked experts, the router scores {E}")
-    return MoEMatch(x, router, routes, s, combine, E, F, act, w_up, w_gate, w_down, weights_on_input=True,
-                    per_expert_gates=True, checks=_in_order(checks))
+    if E * F != w["w_up"].shape[0]:
+        raise _Miss(f"{w['w_up'].shape[0] // F} stacked experts, the router scores {E}")
+    return MoEMatch(x, router, routes, s, combine, E, F, act, w["w_up"], w["w_gate"], w["w_down"],
+                    weights_on_input=True, per_expert_gates=True, checks=_in_order(checks))
 
 
 _ASSERTS = gu.targets(aten._assert_scalar, aten.sym_constrain_range_for_size, aten.sym_constrain_range,
@@ -524,15 +531,13 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
     x_root = gu.root_views(x)
     if gu.root_views(up.args[0]) not in replaced and gu.root_views(up.args[0]) is not x_root:
         raise _Miss("the experts do not read the router's input")
-    w_up, w_gate, w_down, F, (src, dst) = _weights(gm, up, down)
-    try:
-        act = identify_activation(src, dst)
-    except Exception as e:  # the activation reader's miss: its message is the reason
-        raise _Miss(f"expert activation: {e}") from None
-    if f.num_experts * F != w_up.shape[0]:
-        raise _Miss(f"{w_up.shape[0] // F} stacked experts, the router scores {f.num_experts}")
-    return MoEMatch(x, router, routes, gates, combine, f.num_experts, F, act, w_up, w_gate, w_down,
-                    checks=_in_order(checks))
+    w = _weights(gm, up, down)
+    F = w["F"]
+    if f.num_experts * F != w["w_up"].shape[0]:
+        raise _Miss(f"{w['w_up'].shape[0] // F} stacked experts, the router scores {f.num_experts}")
+    return MoEMatch(x, router, routes, gates, combine, f.num_experts, F, w["activation"], w["w_up"], w["w_gate"],
+                    w["w_down"], b_up=w["b_up"], b_gate=w["b_gate"], b_down=w.get("b_down"),
+                    b_experts=w.get("b_experts"), checks=_in_order(checks))
 
 
 def moe_matches(gm: fx.GraphModule, ir: ModelIR):

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from routefx.errors import RoutedFFNError, UnsupportedActivationError
-from routefx.ir.activations import ACTIVATIONS, get_activation
-from routefx.ir.ops import routed_ffn
+from routefx.ir.activations import ACTIVATIONS, get_activation, parse_activation
+from routefx.ir.ops import routed_ffn, routed_ffn_reference
 from tests.tolerances import ACTIVATION, OP_VS_LOOP, OP_VS_LOOP_BF16
 
 # Tolerances of the op (output dtype) against the float64 naive loop (tests/tolerances.py).
@@ -33,12 +33,32 @@ REF_ACTIVATIONS = {
     "identity": lambda x: x,
 }
 
+# Clamped gated units (parametrised names), each written out independently in float64 as (gate side, up side),
+# with limits inside the O(1) range of the test projections so that every clamp engages.
+REF_UNITS = {
+    # GPT-OSS's form (its limit is 7; here 0.5 / 0.7)
+    "swish;alpha=1.702;gate_max=0.5;up_limit=0.7;up_add=1.0": (
+        lambda g: torch.minimum(g, torch.tensor(0.5, dtype=g.dtype)) / (1 + torch.exp(
+            -1.702 * torch.minimum(g, torch.tensor(0.5, dtype=g.dtype)))),
+        lambda u: torch.maximum(torch.minimum(u, torch.tensor(0.7, dtype=u.dtype)), torch.tensor(-0.7, dtype=u.dtype))
+        + 1.0),
+    # DeepSeek-V4 / GLM-5: silu(min(g, L)) * clamp(u, -L, L)
+    "silu;gate_max=0.3;up_limit=0.4": (
+        lambda g: torch.minimum(g, torch.tensor(0.3, dtype=g.dtype)) / (1 + torch.exp(
+            -torch.minimum(g, torch.tensor(0.3, dtype=g.dtype)))),
+        lambda u: torch.maximum(torch.minimum(u, torch.tensor(0.4, dtype=u.dtype)), torch.tensor(-0.4, dtype=u.dtype))),
+    # Step-3.7: min(gelu(g), L) * clamp(u, -L, L)
+    "gelu;act_max=0.2;up_limit=0.6": (
+        lambda g: torch.minimum(0.5 * g * (1 + torch.erf(g / math.sqrt(2.0))), torch.tensor(0.2, dtype=g.dtype)),
+        lambda u: torch.maximum(torch.minimum(u, torch.tensor(0.6, dtype=u.dtype)), torch.tensor(-0.6, dtype=u.dtype))),
+}
+
 SIZES = [1, 7, 13, 45, 65]
 
 
 def naive_routed_ffn(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation):
     """Loop over tokens t and route slots k, slicing the weights explicitly; float64 throughout."""
-    act = REF_ACTIVATIONS[activation]
+    act, up_side = REF_UNITS.get(activation) or (REF_ACTIVATIONS[activation], lambda u: u)
     f64 = lambda t: None if t is None else t.double()  # noqa: E731
     w_up, w_gate, w_down, b_up, b_gate, b_down = map(f64, (w_up, w_gate, w_down, b_up, b_gate, b_down))
     d, k_routes = x.shape[-1], routes.shape[-1]
@@ -56,7 +76,7 @@ def naive_routed_ffn(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_dow
             if w_gate is None:
                 h = act(up)
             else:
-                h = act(w_gate[s:e] @ xs[t] + (0 if b_gate is None else b_gate[s:e])) * up
+                h = act(w_gate[s:e] @ xs[t] + (0 if b_gate is None else b_gate[s:e])) * up_side(up)
             y = w_down[:, s:e] @ h + (0 if b_down is None else b_down)  # [d]
             out[t] += (1.0 if gs is None else gs[t, k]) * y
     return out.reshape(x.shape)
@@ -125,7 +145,7 @@ def cases(draw):
         b_up=draw(st.booleans()),
         b_gate=gated and draw(st.booleans()),
         b_down=draw(st.booleans()),
-        activation=draw(st.sampled_from(sorted(ACTIVATIONS))),
+        activation=draw(st.sampled_from(sorted(ACTIVATIONS) + (sorted(REF_UNITS) if gated else []))),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -280,10 +300,64 @@ def test_errors(overrides, match):
 
 
 def test_unknown_activation():
-    with pytest.raises(UnsupportedActivationError, match=r"unsupported activation 'swiglu'; supported .*gelu_tanh.*silu"):
+    with pytest.raises(UnsupportedActivationError,
+                       match=r"unsupported activation 'swiglu': unknown base 'swiglu'; supported: .*gelu_tanh.*silu"):
         routed_ffn(**_args(activation="swiglu"))
     with pytest.raises(ValueError, match=r"'tanh'.*quick_gelu, relu, relu2"):
         get_activation("tanh")
+
+
+@pytest.mark.parametrize("name, match", [
+    ("silu;gate_max", r"bad parameter 'gate_max'"),
+    ("silu;limit=7", r"bad parameter 'limit=7'"),
+    ("silu;gate_max=1;gate_max=2", r"bad parameter 'gate_max=2'"),
+    ("silu;up_limit=seven", r"up_limit is not a number"),
+    ("silu;up_add=inf", r"up_add is not finite"),
+    ("swish", r"alpha is the parameter of swish"),
+    ("silu;alpha=2", r"alpha is the parameter of swish"),
+    ("silu;up_limit=-1", r"up_limit must be >= 0"),
+])
+def test_bad_activation_parameters(name, match):
+    with pytest.raises(UnsupportedActivationError, match=match):
+        routed_ffn(**_args(activation=name))
+
+
+@pytest.mark.parametrize("name", sorted(REF_UNITS))
+def test_activation_names_round_trip(name):
+    assert parse_activation(name).name == name
+    assert parse_activation("silu;up_add=0.0").name == "silu"   # the default is not written
+
+
+def test_plain_ffn_refuses_up_side_parameters():
+    with pytest.raises(RoutedFFNError, match=r"parameters on the up side of a gated unit, but w_gate is None"):
+        routed_ffn(**_args(w_gate=None, activation="silu;up_limit=1.0"))
+    # gate-side parameters apply to a plain FFN's one product
+    args = make_args(lead=(3, 5), d=13, n=45, ranges=[0, 20, 20, 45], gated=False, activation="silu;act_max=0.1")
+    x, w_up, w_down, ranges = args[0].reshape(-1, 13).double(), args[3].double(), args[5].double(), args[9]
+    rows = []
+    for t, r in enumerate(args[1].reshape(-1).tolist()):     # min(silu(x Wu^T), 0.1) Wd^T per token, float64
+        s, e = ranges[2 * r], ranges[2 * r + 1]
+        h = torch.minimum(torch.nn.functional.silu(x[t] @ w_up[s:e].t()), torch.tensor(0.1, dtype=torch.float64))
+        rows.append(h @ w_down[:, s:e].t())
+    want = torch.stack(rows).reshape(args[0].shape).float()
+    torch.testing.assert_close(routed_ffn(*args), want, **TOLERANCES[torch.float32])
+    plain = list(args)
+    plain[-1] = "silu"
+    assert (routed_ffn(*plain) - want).abs().max() > 1e-2   # the cap engages
+
+
+@pytest.mark.parametrize("name", sorted(REF_UNITS))
+@pytest.mark.parametrize("bias", [False, True])
+def test_clamped_units_match_the_float64_loop(name, bias):
+    args = make_args(lead=(4, 9), d=13, n=45, ranges=[0, 20, 20, 45, 7, 7], k_routes=2, with_gates=True,
+                     b_up=bias, b_gate=bias, b_down=bias, activation=name, seed=3)
+    want = naive_routed_ffn(*args).float()
+    torch.testing.assert_close(routed_ffn(*args), want, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(routed_ffn_reference(*args), want, **TOLERANCES[torch.float32])
+    # the clamps engage: the same call without them differs
+    base = list(args)
+    base[-1] = parse_activation(name).base if parse_activation(name).base != "swish" else "quick_gelu"
+    assert (routed_ffn(*base) - want).abs().max() > 1e-2
 
 
 def test_fake_kernel_checks_shapes_but_not_route_ids():

@@ -44,7 +44,9 @@ def span_up_kernel(
     T, D, K, NR, LO, SPAN,
     stride_x, stride_wu, stride_wg, stride_h,
     GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, HAS_GATES: tl.constexpr, ACT: tl.constexpr,
-    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CLAMPS: tl.constexpr = 0,
+    GMAX: tl.constexpr = 0.0, AMAX: tl.constexpr = 0.0, ULIM: tl.constexpr = 0.0, UADD: tl.constexpr = 0.0,
+    ALPHA: tl.constexpr = 1.0,
 ):
     """h[t, j] = c[t, LO + j] * act-product(x[t], neuron LO + j) for all T (<= BM) tokens and one block of BN
     neurons of the span [LO, LO + SPAN); a block that no token uses skips its loads and stores zeros."""
@@ -64,7 +66,8 @@ def span_up_kernel(
     # a block no token uses reduces over nothing (no weight loads)
     acc_u, acc_g = _gate_up_loop(a_ptrs, u_ptrs, g_ptrs, t_ok, col_ok, tl.where(used, D, 0), GATED, IEEE,
                                  BM, BN, BK)
-    hval = _gated_act(acc_u, acc_g, bu_ptr, bg_ptr, n64, col_ok, GATED, HAS_BU, HAS_BG, ACT)
+    hval = _gated_act(acc_u, acc_g, bu_ptr, bg_ptr, n64, col_ok, GATED, HAS_BU, HAS_BG, ACT, CLAMPS, GMAX, AMAX,
+                      ULIM, UADD, ALPHA)
     hval = tl.where(c != 0.0, hval * c, 0.0)
     h_ptrs = h_ptr + t[:, None] * stride_h + col[None, :]
     tl.store(h_ptrs, hval.to(h_ptr.dtype.element_ty), mask=t_ok[:, None] & col_ok[None, :])

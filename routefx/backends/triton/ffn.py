@@ -275,7 +275,7 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
     if n_ranges == 1 and list(ranges) == [0, n_neurons] and n_neurons > 0 and gates is None and k_routes == 1:
         act = get_activation(activation)
         up = F.linear(x, w_up, b_up)
-        h = act(up) if w_gate is None else act(F.linear(x, w_gate, b_gate)) * up
+        h = act(up) if w_gate is None else act.glu(F.linear(x, w_gate, b_gate), up)
         return F.linear(h, w_down, b_down).contiguous()
 
     x2 = x.reshape(-1, d).contiguous()  # [T, d]
@@ -346,7 +346,7 @@ def _forward(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, range
                n_buckets, d, k_routes, n_assign, n_neurons, wmax, n_bucket,
                x2.stride(0), w_up.stride(0), (w_gate if gated else w_up).stride(0), w_pair.stride(0), h.stride(0))
     up_const = dict(R_P2=r_p2, GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
-                    ACT=kernels.ACT_CODES[activation], IEEE=ieee, ALIGNED=aligned)
+                    IEEE=ieee, ALIGNED=aligned, **kernels.act_constants(activation))
     down_args = (h, w_down, b_down if b_down is not None else w_down,
                  flat_gates if flat_gates is not None else w_down, y,
                  meta.order, meta.count, meta.offset, rstart, rwidth,
@@ -392,7 +392,7 @@ def _decode(x, x2, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ra
                n_tok, d, k_routes, n_buckets, lo, span,
                x2.stride(0), w_up.stride(0), (w_gate if gated else w_up).stride(0), h.stride(0))
     up_const = dict(GATED=gated, HAS_BU=b_up is not None, HAS_BG=b_gate is not None,
-                    HAS_GATES=flat_gates is not None, ACT=kernels.ACT_CODES[activation], IEEE=ieee,
+                    HAS_GATES=flat_gates is not None, IEEE=ieee, **kernels.act_constants(activation),
                     BM=bm)
     down_args = (h, w_down, b_down if b_down is not None else w_down, part, flat_routes,
                  flat_gates if flat_gates is not None else w_down, rstart, rwidth,

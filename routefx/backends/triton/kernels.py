@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["ACT_CODES", "up_kernel", "down_kernel", "route_sort_kernel"]
+__all__ = ["ACT_CODES", "act_constants", "up_kernel", "down_kernel", "route_sort_kernel"]
 
 # Activation name -> constexpr code used by `_act` (names as in routefx.ir.activations.ACTIVATIONS).
 ACT_CODES = {
@@ -37,7 +37,24 @@ ACT_CODES = {
     "relu2": 5,
     "sigmoid": 6,
     "quick_gelu": 7,
+    "swish": 8,      # z * sigmoid(ALPHA z)
 }
+
+
+def act_constants(activation: str) -> dict:
+    """The kernels' constexpr arguments for an activation name (`routefx.ir.activations.ActivationSpec`): ACT, and
+    for a parametrised name CLAMPS (bits: 1 gate_max, 2 act_max, 4 up_limit, 8 up_add) with their values and swish's
+    ALPHA. Raises `UnsupportedActivationError` for an unknown name."""
+    from routefx.ir.activations import parse_activation
+    s = parse_activation(activation)
+    out = dict(ACT=ACT_CODES[s.base])
+    if s.plain:
+        return out
+    bits = (s.gate_max is not None) | (s.act_max is not None) << 1 | (s.up_limit is not None) << 2 \
+        | (s.up_add != 0.0) << 3
+    out.update(CLAMPS=int(bits), GMAX=float(s.gate_max or 0.0), AMAX=float(s.act_max or 0.0),
+               ULIM=float(s.up_limit or 0.0), UADD=float(s.up_add), ALPHA=float(s.alpha or 1.0))
+    return out
 
 
 @triton.jit
@@ -46,7 +63,7 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _act(z, ACT: tl.constexpr):
+def _act(z, ACT: tl.constexpr, ALPHA: tl.constexpr = 1.0):
     """Elementwise activation on an fp32 tile (codes in ACT_CODES)."""
     if ACT == 1:
         z = z * _sigmoid(z)
@@ -65,6 +82,8 @@ def _act(z, ACT: tl.constexpr):
         z = _sigmoid(z)
     elif ACT == 7:
         z = z * _sigmoid(1.702 * z)
+    elif ACT == 8:
+        z = z * _sigmoid(ALPHA * z)
     return z
 
 
@@ -106,16 +125,35 @@ def _gate_up_loop(a_ptrs, u_ptrs, g_ptrs, row_ok, col_ok, KLEN, GATED: tl.conste
 
 
 @triton.jit
+def _gate_side(z, ACT: tl.constexpr, CLAMPS: tl.constexpr, GMAX: tl.constexpr, AMAX: tl.constexpr,
+               ALPHA: tl.constexpr):
+    """min(act(min(z, GMAX)), AMAX), each clamp where its CLAMPS bit is set."""
+    if CLAMPS & 1:
+        z = tl.minimum(z, GMAX)
+    z = _act(z, ACT, ALPHA)
+    if CLAMPS & 2:
+        z = tl.minimum(z, AMAX)
+    return z
+
+
+@triton.jit
 def _gated_act(acc_u, acc_g, bu_ptr, bg_ptr, neuron, col_ok, GATED: tl.constexpr, HAS_BU: tl.constexpr,
-               HAS_BG: tl.constexpr, ACT: tl.constexpr):
-    """The up epilogue on fp32 tiles: act(acc_g + bg) * (acc_u + bu) when GATED, else act(acc_u + bu)."""
+               HAS_BG: tl.constexpr, ACT: tl.constexpr, CLAMPS: tl.constexpr = 0, GMAX: tl.constexpr = 0.0,
+               AMAX: tl.constexpr = 0.0, ULIM: tl.constexpr = 0.0, UADD: tl.constexpr = 0.0,
+               ALPHA: tl.constexpr = 1.0):
+    """The up epilogue on fp32 tiles: glu(acc_g + bg, acc_u + bu) when GATED, else act(acc_u + bu); glu(g, u) =
+    act(g) * u, or with CLAMPS (see `act_constants`) the clamped unit of `routefx.ir.activations`."""
     if HAS_BU:
         acc_u += tl.load(bu_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if GATED:
         if HAS_BG:
             acc_g += tl.load(bg_ptr + neuron, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        return _act(acc_g, ACT) * acc_u
-    return _act(acc_u, ACT)
+        if CLAMPS & 4:
+            acc_u = tl.minimum(tl.maximum(acc_u, -ULIM), ULIM)
+        if CLAMPS & 8:
+            acc_u = acc_u + UADD
+        return _gate_side(acc_g, ACT, CLAMPS, GMAX, AMAX, ALPHA) * acc_u
+    return _gate_side(acc_u, ACT, CLAMPS, GMAX, AMAX, ALPHA)
 
 
 @triton.jit
@@ -240,7 +278,8 @@ def up_kernel(
     R_P2: tl.constexpr, GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr,
     IEEE: tl.constexpr, ALIGNED: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
-    FLATTEN: tl.constexpr, PAIRED: tl.constexpr = 0,
+    FLATTEN: tl.constexpr, PAIRED: tl.constexpr = 0, CLAMPS: tl.constexpr = 0, GMAX: tl.constexpr = 0.0,
+    AMAX: tl.constexpr = 0.0, ULIM: tl.constexpr = 0.0, UADD: tl.constexpr = 0.0, ALPHA: tl.constexpr = 1.0,
 ):
     """Kernel 1: h[rows, cols] = act(x[tok] Wg^T + bg) * (x[tok] Wu^T + bu)   (plain: act(x[tok] Wu^T + bu)),
     per (BM rows of route r) x (BN neurons of route r) tile; x rows gathered by token (pointer loads).
@@ -312,7 +351,8 @@ def up_kernel(
                                                    D - k_full, GATED, IEEE, BM, BN, BK)
                     acc_u += tail_u
                     acc_g += tail_g
-        hval = _gated_act(acc_u, acc_g, bu_ptr, bg_ptr, neuron, col_ok, GATED, HAS_BU, HAS_BG, ACT)
+        hval = _gated_act(acc_u, acc_g, bu_ptr, bg_ptr, neuron, col_ok, GATED, HAS_BU, HAS_BG, ACT, CLAMPS, GMAX,
+                          AMAX, ULIM, UADD, ALPHA)
         h_rows = (off + rank).to(tl.int64)
         h_ptrs = h_ptr + h_rows[:, None] * stride_h + col[None, :]
         tl.store(h_ptrs, hval.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

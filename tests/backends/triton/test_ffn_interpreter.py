@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from routefx.errors import BackendError, RoutedFFNError, UnsupportedActivationError
 from routefx.ir.activations import ACTIVATIONS
+from tests.ir.test_routed_ffn import REF_UNITS
 from routefx.ir.ops import routed_ffn as reference
 from tests.tolerances import TRITON_VS_REF
 
@@ -118,6 +119,22 @@ def test_each_activation(interpreter, act, gated):
     for path in ("sorted", "decode"):
         out, ref = _run_both(interpreter, x, routes, None, w, [0, 50, 13, 30, 0, 0], act, path)
         _assert_close(out, ref)
+
+
+@pytest.mark.parametrize("act", sorted(REF_UNITS))
+def test_clamped_units(interpreter, act):
+    """The clamped gated units (parametrised names) on both paths, with biases, K = 2 and a skip route; their
+    limits sit inside the projections' range so that every clamp engages."""
+    d, n_tok = 40, 9
+    w = _weights(d, 50, seed=5)
+    x = torch.randn(n_tok, d, generator=torch.Generator().manual_seed(6))
+    routes = torch.tensor([[0, 1], [1, 2], [0, 0], [2, 2], [1, 0], [0, 2], [1, 1], [0, 1], [2, 0]])
+    gates = torch.rand(n_tok, 2, generator=torch.Generator().manual_seed(7))
+    for path in ("sorted", "decode"):
+        out, ref = _run_both(interpreter, x, routes, gates, w, [0, 50, 13, 30, 0, 0], act, path)
+        _assert_close(out, ref)
+        plain, _ = _run_both(interpreter, x, routes, gates, w, [0, 50, 13, 30, 0, 0], "silu", path)
+        assert (plain - ref).abs().max() > 1e-2
 
 
 @PATHS
