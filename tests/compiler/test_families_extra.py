@@ -123,9 +123,15 @@ def test_moe_experts_left_captured_lower_to_onnx():
         assert_close_nonpad(main_output(run(**graph_kwargs(gm, a, k))), ref, k["attention_mask"], ONNX_VS_EAGER)
 
 
-def test_a_moe_family_raise_moe_cannot_read_compiles_on_onnx():
-    """GPT-OSS's experts (clamped SwiGLU with biases, interleaved gate/up) stay as captured; Dense on onnx equals
-    the Hugging Face model through the grouped-GEMM lowering."""
+def test_a_moe_block_left_as_captured_compiles_on_onnx(monkeypatch):
+    """A MoE block RaiseMoE leaves as captured (here every block: its matcher made to miss) keeps transformers'
+    grouped GEMMs; Dense on onnx equals the Hugging Face model through their lowering. GPT-OSS's experts: clamped
+    unit, per-expert biases, interleaved gate/up columns."""
+    from routefx.passes import raise_moe
+
+    def miss(gm, block):
+        raise raise_moe._Miss("left as captured by the test")
+    monkeypatch.setattr(raise_moe, "match_moe", miss)
     from transformers import GptOssConfig, GptOssForCausalLM
     cfg = GptOssConfig(vocab_size=112, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
@@ -139,6 +145,8 @@ def test_a_moe_family_raise_moe_cannot_read_compiles_on_onnx():
                          example_kwargs={"attention_mask": mask})
     from routefx.ir import graph_utils as gu
     assert sum(gu.is_grouped_mm(n) for n in cm.graph_module.graph.nodes) == 4  # up and down, two layers
+    assert [m["reason"] for m in cm.report.pass_report("raise_moe").misses] == [
+        "MoE block left as captured: left as captured by the test"] * 2
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
     assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, ONNX_VS_EAGER)
