@@ -101,7 +101,8 @@ def _collect(gm: fx.GraphModule, blocks: list[BlockInfo], batches: list[dict]):
                     "to input tokens one to one, so a model that adds positions of its own (prompt or modality "
                     "tokens) is not supported")
             xs[b.index].append(x.reshape(-1, x.shape[-1])[keep])
-            ss[b.index].append(s.reshape(-1, s.shape[-1])[keep].norm(dim=-1))
+            # per token over all of its stream values (several parallel streams with hyper-connections)
+            ss[b.index].append(s.reshape(keep.numel(), -1)[keep].norm(dim=-1))
     return {i: torch.cat(v) for i, v in xs.items()}, {i: torch.cat(v) for i, v in ss.items()}
 
 

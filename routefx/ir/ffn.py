@@ -295,6 +295,14 @@ def _dense(gm, mms: list, region: set, dyn: set, same_shape: bool = True) -> tup
                 d_bias = param_ref(other[0], dyn)
                 out = gu.forward_views(u)
     if same_shape and str(gu.val(out).shape) != str(gu.val(inp).shape):
+        # back along the casts and views taken after the output (an unsqueeze to broadcast it over parallel
+        # streams), to the earliest value of the input's shape
+        n, found = out, None
+        while n is not down and (gu.is_identity(n) or n.target in gu.VIEWS):
+            n = n.args[0]
+            found = n if str(gu.val(n).shape) == str(gu.val(inp).shape) else found
+        out = found or out
+    if same_shape and str(gu.val(out).shape) != str(gu.val(inp).shape):
         raise _Miss(f"FFN output shape {tuple(gu.val(out).shape)} differs from its input "
                     f"{tuple(gu.val(inp).shape)}")
     nodes = frozenset((gu.between(inp, out) | {out}))
@@ -539,9 +547,26 @@ def _routed(gm, op: fx.Node, mms: list, region: set, dyn: set, info: FFNInfo) ->
             pass  # not a dense FFN: the experts are still read; the shared part stays unnamed
 
 
+def _reads_all_streams(m: fx.Node, stream: fx.Node, d: int, region: set) -> bool:
+    """Does product `m` read the residual stream flattened across its N parallel streams ([..., N*d] from a
+    [..., N, d] stream, possibly normalised, with no product of the branch before it: the mixing weights of
+    hyper-connections, DeepSeek-V4 / Hunyuan-V4)? Such a product weights how the branch reads and writes the
+    streams; it is not part of the FFN."""
+    sv = gu.val(stream)
+    if sv is None or sv.dim() < 3 or not isinstance(sv.shape[-2], int) or sv.shape[-2] < 2:
+        return False
+    data = m.args[1] if m.target in gu.targets(aten.addmm) else m.args[0]
+    dv = gu.val(data) if isinstance(data, fx.Node) else None
+    if dv is None or dv.shape[-1] != sv.shape[-2] * d:
+        return False
+    before = gu.ancestors([data]) | {data}
+    return stream in before and not any(gu.is_matmul(n) for n in before & region)
+
+
 def analyse_ffn(gm, stream: fx.Node, term: fx.Node, region: set, kind: str, dyn: set) -> FFNInfo:
     d = int(gu.val(stream).shape[-1])
-    mms = [n for n in stream.graph.nodes if n in region and gu.is_matmul(n)]
+    mms = [n for n in stream.graph.nodes if n in region and gu.is_matmul(n)
+           and not _reads_all_streams(n, stream, d, region)]
     info = FFNInfo(kind=kind, hidden_size=d, intermediate_size=None, activation=None, has_bias=False,
                    path=None)
     routed = [m for m in mms if gu.is_routed(m)]

@@ -70,7 +70,7 @@ def _terms(n: fx.Node, adds: list) -> list:
         if not isinstance(a, fx.Node):
             return []  # an add of a constant is not a residual sum
         r = gu.root(a)
-        if _is_add(r) and len(r.users) == 1 and len(a.users) == 1 and gu.val(r) is not None \
+        if _is_add(r) and _sole_users(a, r) and gu.val(r) is not None \
                 and gu.val(n) is not None and gu.val(r).shape == gu.val(n).shape:
             sub = _terms(r, adds)
             if not sub:
@@ -79,6 +79,18 @@ def _terms(n: fx.Node, adds: list) -> list:
         else:
             out.append(r)
     return out
+
+
+def _sole_users(a: fx.Node, r: fx.Node) -> bool:
+    """Is every node from `a` back to `r` (through identities: casts) read once only? A value also read elsewhere
+    through a cast (a residual stream cast after each add, read by the next block and by the next add) is a stream
+    value, not a partial sum of one tree."""
+    while True:
+        if len(a.users) != 1:
+            return False
+        if a is r:
+            return True
+        a = a.args[0]
 
 
 def _branch_kind(region: set) -> str | None:
@@ -117,8 +129,10 @@ def _find_sums(graph: fx.Graph, dyn: set) -> list[_Sum]:
         if len(terms) < 2:
             continue
         anc = {t: gu.ancestors([t]) for t in terms}
-        for x in terms:
-            others = [t for t in terms if t is not x]
+        # the stream term x, and the terms that are branches; or a mix of the streams before the sum (manifold
+        # hyper-connections: comb·X + post⊗y, with no term an ancestor of the others), whose X is the stream
+        split = [(x, [t for t in terms if t is not x]) for x in terms]
+        for x, others in [c for c in split if all(c[0] in anc[t] for t in c[1])][:1] or _mixed_stream(terms, v):
             if not all(x in anc[t] for t in others):
                 continue
             desc_x = gu.descendants(x)
@@ -134,6 +148,24 @@ def _find_sums(graph: fx.Graph, dyn: set) -> list[_Sum]:
                 sums.append(_Sum(n, adds, x, _merge_shared_experts(branches)))
             break
     return sums
+
+
+_MIX_VIEWS = gu.VIEWS | gu.targets(torch.ops.aten.expand, torch.ops.aten.clone, torch.ops.aten.contiguous)
+
+
+def _mixed_stream(terms: list, v) -> list[tuple[fx.Node, list]]:
+    """[(X, the other terms)] when one term is a matrix product of a value X of the sum's shape with weights (a
+    mix of parallel residual streams: manifold hyper-connections, DeepSeek-V4), else []. X is then the stream."""
+    for m in terms:
+        p = gu.root_views(m)
+        if p.op != "call_function" or p.target not in gu.MATMUL:
+            continue
+        for a in p.args[:2]:
+            while isinstance(a, fx.Node) and a.op == "call_function" and (gu.is_identity(a) or a.target in _MIX_VIEWS):
+                a = a.args[0]
+            if isinstance(a, fx.Node) and gu.val(a) is not None and str(gu.val(a).shape) == str(v.shape):
+                return [(a, [t for t in terms if t is not m])]
+    return []
 
 
 def _merge_shared_experts(branches: list[_Branch]) -> list[_Branch]:

@@ -43,4 +43,7 @@ class PruneBlocks(Pass):
     def ensures(self, gm: fx.GraphModule, ctx: PassContext, after: ModelIR) -> str | None:
         want = [b.path for i, b in enumerate(ctx.ir.blocks) if i not in set(_pruned(ctx))]
         have = [b.path for b in after.blocks]
-        return None if have == want else f"blocks after pruning are {have}, expected {want}"
+        return None if have == want else (
+            f"blocks after pruning are {have}, expected {want}: a later block reads values a pruned block computes "
+            "besides the residual stream (state shared across layers), so removing it changes the blocks after it; "
+            "PruneLayers supports blocks that pass each other nothing but the residual stream")

@@ -1,0 +1,135 @@
+"""Blocks on a hyper-connection residual: the stream is N parallel copies [B, S, N, d]; each branch reads a
+weighted sum of them (weights from a product over all N·d values) and is added back to every copy with its own
+weight. Hunyuan-V4 casts the stream after each add (the casts must not merge successive adds into one sum);
+DeepSeek-V4 (manifold hyper-connections) adds the branch to a mix of the streams, comb·X, so that no term of the
+sum is the stream itself: X is. Recognised as one block per layer, the mixing products kept out of the FFNs, the
+dense FFN and the MoE experts (clamped SwiGLU) read and compiled; Duo routes the dense FFN, PruneLayers removes a
+layer as deleting it from the model does."""
+import copy
+
+import pytest
+import torch
+import transformers as hf
+
+import routefx
+from routefx.policies import Dense, Duo, PruneLayers
+from tests.compare import assert_close_nonpad
+from tests.reference_ffn import plan_router, routed_reference
+from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
+
+V = 112
+
+
+def _hy_v4() -> torch.nn.Module:
+    """Three layers (dense FFN, then two MoE layers), four streams; weights drawn away from HF's init (some of it
+    constant), experts' clamp at 0.5 so that it engages."""
+    cfg = hf.HYV4Config(vocab_size=V, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, q_lora_rank=16,
+                        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
+                        mlp_layer_types=["dense", "sparse", "sparse"], hc_mult=4, swiglu_limit=0.5,
+                        max_position_embeddings=64, pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = hf.HYV4ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif p.dim() >= 2 and bool((p == p.flatten()[0]).all()):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+def _inputs(seed=3, batch=2, seq=11, pad=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _hy_v4()
+
+
+def test_blocks_and_ffns_on_parallel_streams(model):
+    ids, mask = _inputs()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    for backend, tol in (("eager", EXACT_REWRITE), ("onnx", ONNX_VS_EAGER)):
+        cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
+                             backend=backend)
+        assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, tol)
+    assert [b.path for b in cm.ir.blocks] == [f"model.layers.{i}" for i in range(3)]
+    f0, f1, f2 = (b.ffn for b in cm.ir.blocks)
+    assert (f0.kind, f0.activation, f0.intermediate_size) == ("gated", "silu", 128)
+    for f in (f1, f2):
+        assert (f.kind, f.num_experts, f.top_k, f.shared_expert_size) == ("moe", 4, 2, 32)
+        assert f.activation == "silu;gate_max=0.5;up_limit=0.5" and f.routed is not None
+    assert cm.report.pass_report("raise_moe").rewrites == 2
+
+
+def test_duo_routes_the_dense_ffn_on_parallel_streams(model):
+    """Duo's routes on the dense layer equal the model's own MLP routed per token with the plan's router and
+    neuron order (a skipped token's FFN adds 0 to every stream)."""
+    cal = [dict(zip(("input_ids", "attention_mask"), _inputs(seed=s, batch=4, seq=16, pad=0))) for s in range(3)]
+    cm = routefx.compile(model, Duo(budget=0.5, router="random", small="nested"), calibration=cal)
+    assert list(cm.plan.layers) == ["model.layers.0.mlp"]
+    ids, mask = _inputs(seed=9)
+    ffns = {key: (plan_router(lp, cm.plan.lam), lp.perm[:lp.k]) for key, lp in cm.plan.layers.items()}
+    with torch.no_grad(), routed_reference(model, ffns, down="down_proj"):
+        ref = model(ids, attention_mask=mask).logits
+    assert_close_nonpad(cm(input_ids=ids, attention_mask=mask).logits, ref, mask, EXACT_REWRITE)
+    mix = cm.route_stats([{"input_ids": ids, "attention_mask": mask}]).layers[0]["mix"]
+    assert sum(f > 0 for f in mix) >= 2
+
+
+def _deepseek_v4() -> torch.nn.Module:
+    """Three layers: a hash-routed MoE layer (experts chosen by token id: not read) and two top-k MoE layers."""
+    cfg = hf.DeepseekV4Config(vocab_size=V, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, qk_rope_head_dim=8,
+                              q_lora_rank=16, num_local_experts=4, num_experts_per_tok=2,
+                              mlp_layer_types=["hash_moe", "moe", "moe"], hc_mult=4, swiglu_limit=0.5,
+                              max_position_embeddings=64, pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = hf.DeepseekV4ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif p.dim() >= 2 and bool((p == p.flatten()[0]).all()):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+def test_manifold_hyper_connections():
+    model = _deepseek_v4()
+    ids, mask = _inputs()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    for backend, tol in (("eager", EXACT_REWRITE), ("onnx", ONNX_VS_EAGER)):
+        cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
+                             backend=backend)
+        assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, tol)
+    assert [b.path for b in cm.ir.blocks] == [f"model.layers.{i}" for i in range(3)]
+    f0, f1, f2 = (b.ffn for b in cm.ir.blocks)
+    assert f0.kind == "unknown" and "router" in f0.reason          # hash routing: the ids pick the experts
+    for f in (f1, f2):
+        assert (f.kind, f.num_experts, f.top_k) == ("moe", 4, 2) and f.routed is not None
+        assert f.activation == "silu;gate_max=0.5;up_limit=0.5"
+    assert cm.report.pass_report("raise_moe").rewrites == 2
+    # PruneLayers: the same as the model with layer 1 deleted
+    pruned = routefx.compile(model, PruneLayers(layers=[1]), example_inputs=(ids,),
+                             example_kwargs={"attention_mask": mask})
+    twin = copy.deepcopy(model)
+    twin.model.layers = torch.nn.ModuleList([twin.model.layers[0], twin.model.layers[2]])
+    twin.config.num_hidden_layers = 2
+    with torch.no_grad():
+        want = twin(ids, attention_mask=mask, use_cache=False).logits
+    assert_close_nonpad(pruned(ids, attention_mask=mask).logits, want, mask, EXACT_REWRITE)
+    assert (want - ref)[mask.bool()].abs().max() > 1e-3    # the layer mattered
