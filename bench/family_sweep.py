@@ -11,7 +11,8 @@ Checks per family (batch 2 x 12 tokens, row 0 left-padded by 3; errors are max |
                             and an MLP branch per layer) or layers are of several kinds, every block of the last layer
                             (else of layer 1) vs that layer deleted; "runs" where no such reference exists
   generate_onnx             cm.generate, Dense, onnx, greedy, 6 new tokens: token-identical to HF generate ("runs"
-                            where HF generate itself fails on the tiny config)
+                            where HF generate itself fails on the tiny config, or where it differs from HF's own
+                            greedy loop over uncached forwards and routefx equals that loop: RWKV's recurrent path)
 
 Each family runs in a forked child with a time limit; a check's result is written as soon as it is known, so a
 family that runs out of time keeps the checks it finished. Results: a table on stdout and JSON (--out).
@@ -315,7 +316,24 @@ def check_generate(model, state):
     if out.shape == ref.shape and torch.equal(out, ref):
         return "pass", f"{NEW} tokens equal"
     same = (out[:, S:] == ref[:, S:]).float().mean().item() if out.shape == ref.shape else 0.0
+    plain = _uncached_greedy(model, ids, mask)
+    if not torch.equal(plain, ref) and out.shape == plain.shape and torch.equal(out, plain):
+        return "runs", (f"equal to HF's own greedy loop over full forwards ({NEW} tokens); HF generate differs from "
+                        f"that loop ({same:.0%} of its tokens equal: its cached path computes other numbers)")
     return "mismatch", f"tokens differ (shapes {tuple(out.shape)} / {tuple(ref.shape)}, {same:.0%} equal)"
+
+
+def _uncached_greedy(model, ids, mask):
+    """Greedy decoding by HF forwards over the whole sequence so far (no cache), positions from the mask."""
+    seq = ids
+    with torch.no_grad():
+        for _ in range(NEW):
+            m = torch.cat([mask, mask.new_ones(mask.shape[0], seq.shape[1] - mask.shape[1])], dim=1)
+            kw = {"position_ids": (m.cumsum(-1) - 1).clamp(min=0)} \
+                if "position_ids" in inspect.signature(model.forward).parameters else {}
+            logits = model(input_ids=seq, attention_mask=m, use_cache=False, **kw).logits[:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    return seq
 
 
 def _where(tb) -> str:

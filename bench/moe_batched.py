@@ -51,29 +51,38 @@ def build(a) -> torch.nn.Module:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run(argv, __doc__, build, dict(hidden=512, experts=16, expert=1024, top_k=1), "moe_batched.json",
+        lambda a: f"Llama 4 text {a.layers} layers d={a.hidden}, {a.experts} experts x {a.expert} top-{a.top_k} + "
+                  f"shared (width {a.expert}), {a.tokens} tokens")
+
+
+def run(argv, doc: str, build, defaults: dict, out_name: str, title, budgets=False) -> None:
+    """The command line of a MoE-family benchmark: its shape arguments (`defaults` for hidden, experts, expert,
+    top_k), build the model, time it (`measure`), write bench/results/`out_name` unless --smoke."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--experts", type=int, default=16)
-    ap.add_argument("--expert", type=int, default=1024, help="expert (and shared expert) width")
-    ap.add_argument("--top-k", type=int, default=1)
+    ap.add_argument("--hidden", type=int, default=defaults["hidden"])
+    ap.add_argument("--experts", type=int, default=defaults["experts"])
+    ap.add_argument("--expert", type=int, default=defaults["expert"], help="expert width")
+    ap.add_argument("--top-k", type=int, default=defaults["top_k"])
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--tokens", type=int, default=256)
+    if budgets:
+        ap.add_argument("--budget", type=float, default=0.5, help="MoEBudget(top_p) candidate on onnx (0: none)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "moe_batched.json"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results", out_name))
     a = ap.parse_args(argv)
     if a.smoke:
         a.layers, a.tokens, a.warmup, a.reps, a.vocab = 2, 64, 1, 2, 4096
     torch.set_num_threads(a.threads)
     model = build(a)
     x = torch.randint(0, a.vocab, (1, a.tokens), generator=torch.Generator().manual_seed(1))
-    res = measure(model, x, a, {"layers": a.layers, "hidden": a.hidden, "experts": a.experts, "expert_width": a.expert,
-                                "top_k": a.top_k, "shared_expert": a.expert, "vocab": a.vocab, "tokens": a.tokens},
-                  f"Llama 4 text {a.layers} layers d={a.hidden}, {a.experts} experts x {a.expert} top-{a.top_k} + "
-                  f"shared, {a.tokens} tokens")
+    shape = {"class": type(model).__name__, "layers": a.layers, "hidden": a.hidden, "experts": a.experts,
+             "expert_width": a.expert, "top_k": a.top_k, "vocab": a.vocab, "tokens": a.tokens}
+    res = measure(model, x, a, shape, title(a), budgets=(a.budget,) if budgets and a.budget else ())
     if not a.smoke:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -17,8 +17,6 @@ for MoEBudget, which drops experts on purpose).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -28,9 +26,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_batched import measure  # noqa: E402
+from moe_batched import run  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def build(a) -> torch.nn.Module:
@@ -51,35 +48,9 @@ def build(a) -> torch.nn.Module:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--experts", type=int, default=32)
-    ap.add_argument("--expert", type=int, default=768, help="expert width")
-    ap.add_argument("--top-k", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--budget", type=float, default=0.5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "moe_gpt_oss.json"))
-    a = ap.parse_args(argv)
-    if a.smoke:
-        a.layers, a.tokens, a.warmup, a.reps, a.vocab = 2, 64, 1, 2, 4096
-    torch.set_num_threads(a.threads)
-    model = build(a)
-    x = torch.randint(0, a.vocab, (1, a.tokens), generator=torch.Generator().manual_seed(1))
-    res = measure(model, x, a, {"family": "gpt_oss", "layers": a.layers, "hidden": a.hidden, "experts": a.experts,
-                                "expert_width": a.expert, "top_k": a.top_k, "vocab": a.vocab, "tokens": a.tokens},
-                  f"GPT-OSS {a.layers} layers d={a.hidden}, {a.experts} experts x {a.expert} top-{a.top_k}, "
-                  f"{a.tokens} tokens", budgets=(a.budget,) if a.budget else ())
-    if not a.smoke:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
-        print("wrote", a.out)
-
+    run(argv, __doc__, build, dict(hidden=768, experts=32, expert=768, top_k=4), "moe_gpt_oss.json",
+        lambda a: f"GPT-OSS {a.layers} layers d={a.hidden}, {a.experts} experts x {a.expert} top-{a.top_k}, "
+                  f"{a.tokens} tokens", budgets=True)
 
 if __name__ == "__main__":
     main()

@@ -40,3 +40,31 @@ def assert_close_nonpad(out, ref, attention_mask, atol: float) -> float:
     err = max_abs_nonpad(out, ref, attention_mask)
     assert err <= atol, f"max abs error {err:.3g} over non-padding positions exceeds {atol:g}"
     return err
+
+
+def assert_compiles_to_model(model, ids, mask, backends=("eager", "onnx"), policy=None) -> dict:
+    """Compile `model` (Dense unless `policy`) on each backend with (ids, mask) as the example and check the logits
+    against the model's on non-padding positions (EXACT_REWRITE on eager, ONNX_VS_EAGER elsewhere); returns
+    {backend: compiled model}."""
+    import routefx
+    from routefx.policies import Dense
+    from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    out = {}
+    for backend in backends:
+        cm = routefx.compile(model, policy or Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
+                             backend=backend)
+        assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask,
+                            EXACT_REWRITE if backend == "eager" else ONNX_VS_EAGER)
+        out[backend] = cm
+    return out
+
+
+def padded_ids(vocab: int, seed: int = 3, batch: int = 2, seq: int = 11, pad: int = 3, low: int = 3):
+    """(ids [batch, seq] in [low, vocab), attention mask with row 0 left-padded by `pad`): a padded batch."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, vocab, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask

@@ -41,6 +41,17 @@ class Entry:
     core: bool = True               # False: a family only the recognition/compile family tests run (suite time)
 
 
+def redraw_(model: nn.Module, pick: Callable[[str, torch.Tensor], bool], scale: float, seed: int = 1) -> nn.Module:
+    """Parameters for which `pick(name, p)` holds re-drawn from N(0, scale²) (in place, seeded): MoE experts and
+    routers away from Hugging Face's small or constant init, so that routes differ and clamps engage."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if pick(name, p):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
 def _hf(cls, cfg):
     def build():  # each model on its own copy of the config: what a test sets on one model stays there
         torch.manual_seed(0)

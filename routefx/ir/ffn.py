@@ -6,8 +6,11 @@ Canonical forms (d = hidden, F = neurons):
   moe:   a top-k router over experts, optionally a shared expert; the experts either as the grouped-GEMM pair
          transformers exports, or batched: two batched products over stacked [E, in, out] weights that run every
          expert on every token (Llama 4), the routing weights zeroing the experts a token did not choose
-The activation is identified by *evaluating* the ops between the two products on a CPU probe vector (whatever the
-model's device; they read nothing from the model) and comparing with the registry (so `F.gelu(x, approximate="tanh")` and GPT-2's hand-written tanh formula both read gelu_tanh).
+The activation is identified by *evaluating* the ops between the products on CPU probe values (whatever the
+model's device; they read nothing from the model) and comparing with the registry (so `F.gelu(x, approximate="tanh")`
+and GPT-2's hand-written tanh formula both read gelu_tanh). A gated unit is evaluated on a grid of (gate, up) pairs
+and factored into its two sides; the probes include points around every constant of the ops, so that clamps show,
+and such units read as parametrised names (`routefx.ir.activations.ActivationSpec`).
 Anything else is kind "unknown" with the reason.
 """
 from __future__ import annotations
@@ -157,7 +160,7 @@ def _gate_specs(consts):
     for b in bases:
         for gmax in [None, *consts]:
             for amax in [None, *consts]:
-                if (b.base, gmax, amax) != (b.base, None, None) or b.base == "swish":
+                if gmax is not None or amax is not None or b.base == "swish":   # the plain ones came first
                     yield dataclasses.replace(b, gate_max=gmax, act_max=amax)
 
 

@@ -2,9 +2,11 @@
 
 Rules (names never matter; module paths only name what was found):
 1. A *residual sum* is an addition tree `x + y_1 + ... + y_n` (adds whose only user is the next add are one
-   tree; an in-place `add_` into a temporary nothing else reads counts as an add) in which one term `x` (the
-   stream) reaches every other term `y_i` (a branch) through a matrix product. Sums whose last dim is not a
-   static size (attention scores plus an ALiBi bias, [B, H, S, S]) are not residual sums.
+   tree, also through casts read by nothing else; an in-place `add_` into a temporary nothing else reads counts
+   as an add) in which one term `x` (the stream) reaches every other term `y_i` (a branch) through a matrix
+   product; or, where no term does, one term is a matrix product of a value X of the sum's shape with weights (a
+   mix of parallel residual streams, manifold hyper-connections: comb·X + post⊗y) and X is the stream. Sums whose
+   last dim is not a static size (attention scores plus an ALiBi bias, [B, H, S, S]) are not residual sums.
 2. The hidden size is the last dimension shared by most residual sums; the *stream* is the longest chain of
    sums in which each sum's `x` is the previous sum's output, possibly through reshapes (OPT flattens it to
    [B*S, d] around the FFN) or a norm (post-norm models).

@@ -13,21 +13,18 @@ from torch import nn
 
 import routefx
 from routefx.ir import graph_utils as gu
-from routefx.policies import Dense, Duo, MoEBudget
-from tests.compare import assert_close_nonpad
+from routefx.policies import Duo, MoEBudget
+from tests.compare import assert_close_nonpad, assert_compiles_to_model, padded_ids
 from tests.reference_ffn import plan_router, routed_reference
 from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
+from tests.zoo import redraw_
 
 LIMIT = 0.5   # small enough that the clamps engage on these weights (checked below)
 V, D, FF = 97, 32, 48
 
 
 def _inputs(seed=3, batch=2, seq=11, pad=3):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, V, (batch, seq), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, :pad] = 0
-    return ids, mask
+    return padded_ids(V, seed, batch, seq, pad, low=1)
 
 
 # --- dense FFNs -------------------------------------------------------------------------------------------------
@@ -99,21 +96,17 @@ def _llama(limit=LIMIT) -> nn.Module:
 
 
 def test_dense_clamped_units_compile_to_routed_ffn():
-    model, ids_mask = _llama(), _inputs()
-    ids, mask = ids_mask
+    model, (ids, mask) = _llama(), _inputs()
     with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
         unclamped = _llama(limit=1e6)
         unclamped.load_state_dict(model.state_dict())
-        assert (unclamped(ids, attention_mask=mask).logits - ref).abs().max() > 1e-2   # the clamps engage
-    for backend, tol in (("eager", EXACT_REWRITE), ("onnx", ONNX_VS_EAGER)):
-        cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
-                             backend=backend)
-        assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, tol)
-        ids2, mask2 = _inputs(seed=5, batch=3, seq=7, pad=2)
+        assert (unclamped(ids, attention_mask=mask).logits - model(ids, attention_mask=mask).logits
+                ).abs().max() > 1e-2   # the clamps engage
+    ids2, mask2 = _inputs(seed=5, batch=3, seq=7, pad=2)
+    for backend, cm in assert_compiles_to_model(model, ids, mask).items():
         with torch.no_grad():
             assert_close_nonpad(cm(ids2, attention_mask=mask2).logits, model(ids2, attention_mask=mask2).logits,
-                                mask2, tol)
+                                mask2, EXACT_REWRITE if backend == "eager" else ONNX_VS_EAGER)
     assert [b.ffn.activation for b in cm.ir.blocks] == list(UNITS.values())
     assert all(b.ffn.kind == "gated" and b.ffn.intermediate_size == FF for b in cm.ir.blocks)
     ops = [n for n in cm.graph_module.graph.nodes if gu.is_routed(n)]
@@ -150,28 +143,19 @@ def _gpt_oss() -> nn.Module:
                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = hf.GptOssForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".mlp." in name:   # experts and router away from HF's small init, biases included
-                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.5))
-    return model
+    model = hf.GptOssForCausalLM(cfg).eval()   # experts and router away from HF's small init, biases included
+    redraw_(model, lambda name, p: ".mlp." in name and p.dim() > 1, 0.3)
+    return redraw_(model, lambda name, p: ".mlp." in name and p.dim() == 1, 0.5, seed=2)
 
 
 def test_gpt_oss_experts_compile_to_routed_ffn():
     model = _gpt_oss()
     ids, mask = _inputs()
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
-    for backend, tol in (("eager", EXACT_REWRITE), ("onnx", ONNX_VS_EAGER)):
-        cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
-                             backend=backend)
-        assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, tol)
-        ids2, mask2 = _inputs(seed=4, batch=3, seq=14, pad=5)
+    ids2, mask2 = _inputs(seed=4, batch=3, seq=14, pad=5)
+    for backend, cm in assert_compiles_to_model(model, ids, mask).items():
         with torch.no_grad():
             assert_close_nonpad(cm(ids2, attention_mask=mask2).logits, model(ids2, attention_mask=mask2).logits,
-                                mask2, tol)
+                                mask2, EXACT_REWRITE if backend == "eager" else ONNX_VS_EAGER)
     rep = cm.report.pass_report("raise_moe")
     assert rep.rewrites == 2 and rep.misses == []
     want = f"quick_gelu;gate_max={LIMIT!r};up_limit={LIMIT!r};up_add=1.0"   # x·sigmoid(1.702x): quick_gelu
@@ -205,8 +189,4 @@ def test_clamped_units_on_the_triton_interpreter():
     from routefx.backends.triton import ffn  # noqa: F401  (registers the op)
     ids, mask = _inputs()
     for model in (_llama(), _gpt_oss()):
-        cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
-                             backend="triton")
-        with torch.no_grad():
-            ref = model(ids, attention_mask=mask).logits
-        assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, ONNX_VS_EAGER)
+        assert_compiles_to_model(model, ids, mask, backends=("triton",))

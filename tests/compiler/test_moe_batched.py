@@ -11,8 +11,9 @@ from torch import nn
 import routefx
 from routefx.ir import graph_utils as gu
 from routefx.policies import Dense
-from tests.compare import assert_close_nonpad
-from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
+from tests.compare import assert_compiles_to_model
+from tests.tolerances import ONNX_VS_EAGER
+from tests.zoo import redraw_
 
 E = 4
 
@@ -26,12 +27,7 @@ def _llama4(top_k: int) -> nn.Module:
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = hf.Llama4ForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "experts." in name or "router" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
+    return redraw_(model, lambda name, p: "experts." in name or "router" in name, 0.3)
 
 
 def _inputs():
@@ -46,12 +42,7 @@ def _inputs():
 def test_batched_experts_run_the_chosen_experts_only(top_k):
     model = _llama4(top_k)
     ids, mask = _inputs()
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
-    for backend, tol in (("eager", EXACT_REWRITE), ("onnx", ONNX_VS_EAGER)):
-        cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
-                             backend=backend)
-        assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, tol)
+    cm = assert_compiles_to_model(model, ids, mask)["onnx"]
     rep = cm.report.pass_report("raise_moe")
     assert rep.rewrites == 2 and rep.misses == []
     assert any("every expert on every token" in n for n in rep.notes)
@@ -77,13 +68,7 @@ def test_batched_experts_on_the_triton_interpreter():
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("TRITON_INTERPRET is off (CUDA present): the CPU interpreter tests run where CUDA is hidden")
     from routefx.backends.triton import ffn  # noqa: F401  (registers the op)
-    model = _llama4(2)
-    ids, mask = _inputs()
-    cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
-                         backend="triton")
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
-    assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, ONNX_VS_EAGER)
+    assert_compiles_to_model(_llama4(2), *_inputs(), backends=("triton",))
 
 
 class _BatchedMoE(nn.Module):
