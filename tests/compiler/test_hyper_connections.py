@@ -12,7 +12,7 @@ import torch
 import transformers as hf
 
 import routefx
-from routefx.policies import Duo, PruneLayers
+from routefx.policies import Duo, MoEBudget, PruneLayers
 from tests.compare import assert_close_nonpad, assert_compiles_to_model, padded_ids
 from tests.reference_ffn import plan_router, routed_reference
 from tests.tolerances import EXACT_REWRITE
@@ -75,6 +75,19 @@ def test_duo_routes_the_dense_ffn_on_parallel_streams(model):
     assert_close_nonpad(cm(input_ids=ids, attention_mask=mask).logits, ref, mask, EXACT_REWRITE)
     mix = cm.route_stats([{"input_ids": ids, "attention_mask": mask}]).layers[0]["mix"]
     assert sum(f > 0 for f in mix) >= 2
+
+
+def test_moe_budget_on_parallel_streams(model):
+    """MoEBudget adapts the two MoE blocks: at budget 1 it is the model; at 0.6 it computes fewer experts."""
+    cal = [{"input_ids": _inputs(seed=s, batch=2, seq=16, pad=0)[0]} for s in range(3)]
+    ids, mask = _inputs()
+    full = routefx.compile(model, MoEBudget(1.0), calibration=cal)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    assert_close_nonpad(full(input_ids=ids, attention_mask=mask).logits, ref, mask, EXACT_REWRITE)
+    half = routefx.compile(model, MoEBudget(0.6), calibration=cal)
+    assert half.report.pass_report("adapt_experts").rewrites == 2
+    assert half.route_stats([{"input_ids": ids, "attention_mask": mask}]).budget < 0.9
 
 
 def _deepseek_v4() -> torch.nn.Module:
