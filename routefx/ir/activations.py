@@ -17,6 +17,7 @@ only. `get_activation(name)` returns the gate-side function; its `glu(g, u)` is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Optional
 
@@ -112,9 +113,15 @@ def _unsupported(name, why: str) -> UnsupportedActivationError:
 
 
 def parse_activation(name: str) -> ActivationSpec:
-    """The `ActivationSpec` of `name`; raises `UnsupportedActivationError` for an unknown base, parameter or value."""
+    """The `ActivationSpec` of `name`; raises `UnsupportedActivationError` for an unknown base, parameter or value.
+    Parsed once per name (the op checks its activation on every call)."""
     if not isinstance(name, str):
         raise _unsupported(name, "not a string")
+    return _parse(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(name: str) -> ActivationSpec:
     base, *params = name.split(";")
     if base not in ACTIVATIONS and base != "swish":
         raise _unsupported(name, f"unknown base {base!r}")
@@ -167,4 +174,9 @@ def get_activation(name: str) -> Activation:
 
     Raises `UnsupportedActivationError` naming `name` and listing what is supported when it is not one.
     """
-    return Activation(parse_activation(name))
+    return _activation(parse_activation(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _activation(spec: ActivationSpec) -> Activation:
+    return Activation(spec)

@@ -22,6 +22,8 @@ no rows of `h` without any padding of the sorted layout, whatever BM the autotun
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -41,10 +43,12 @@ ACT_CODES = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def act_constants(activation: str) -> dict:
     """The kernels' constexpr arguments for an activation name (`routefx.ir.activations.ActivationSpec`): ACT, and
     for a parametrised name CLAMPS (bits: 1 gate_max, 2 act_max, 4 up_limit, 8 up_add) with their values and swish's
-    ALPHA. Raises `UnsupportedActivationError` for an unknown name."""
+    ALPHA. Raises `UnsupportedActivationError` for an unknown name. Cached per name (a kernel launch reads it); the
+    dict is shared: callers unpack it, never change it."""
     from routefx.ir.activations import parse_activation
     s = parse_activation(activation)
     out = dict(ACT=ACT_CODES[s.base])
