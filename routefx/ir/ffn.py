@@ -587,7 +587,9 @@ def analyse_ffn(gm, stream: fx.Node, term: fx.Node, region: set, kind: str, dyn:
         k, act, F, match = _dense(gm, mms, region, dyn)
         info.kind, info.activation, info.intermediate_size, info.match = k, act, int(F), match
         info.has_bias = any(r is not None for r in (match.b_up, match.b_gate, match.b_down))
-        info.path = gu.common_path([n for n in match.nodes if n.op == "call_function"])
+        # the products and the activation name the FFN's module, not the casts at its ends (Gemma 4's norms
+        # around its MLP cast the MLP's input and output, and name those casts)
+        info.path = gu.common_path([n for n in match.nodes if n.op == "call_function" and not gu.is_identity(n)])
     except _Miss as miss:
         info.kind, info.reason = "unknown", str(miss)
         info.path = info.path or gu.common_path(mms)

@@ -83,6 +83,12 @@ def is_identity(n: fx.Node) -> bool:
     if n.target in CASTS:
         a, b = val(n.args[0]), val(n)
         return a is not None and b is not None and a.dtype == b.dtype
+    if n.target == aten.slice.Tensor:   # x[:, :] (Gemma 4 slices the stream whole before its KV-sharing layers)
+        a, b = val(n.args[0]), val(n)
+        step = n.args[4] if len(n.args) > 4 else n.kwargs.get("step", 1)
+        start = n.args[2] if len(n.args) > 2 else n.kwargs.get("start")
+        return (a is not None and b is not None and step == 1 and start in (0, None)
+                and str(a.shape) == str(b.shape))
     return False
 
 

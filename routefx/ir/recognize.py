@@ -9,10 +9,14 @@ Rules (names never matter; module paths only name what was found):
    last dim is not a static size (attention scores plus an ALiBi bias, [B, H, S, S]) are not residual sums.
 2. The hidden size is the last dimension shared by most residual sums; the *stream* is the longest chain of
    sums in which each sum's `x` is the previous sum's output, possibly through reshapes (OPT flattens it to
-   [B*S, d] around the FFN) or a norm (post-norm models).
+   [B*S, d] around the FFN), a norm (post-norm models), a rescaling by input-independent factors (Gemma 4's
+   `layer_scalar`) or a slice over positions (Gemma 4's prefill runs its KV-sharing layers on the last
+   positions only).
 3. A branch holding an attention op (or a product of two activations) is attention; one with a top-k router or
    grouped expert GEMMs is MoE (plain FFN branches added in the same sum are its shared experts); any other is
-   an FFN. A block ends at the first sum holding an FFN branch.
+   an FFN. A block ends at the first sum holding an FFN branch; sums right after it whose branches are FFNs
+   reading an input of their own besides the stream (Gemma 4's per-layer inputs) belong to it. A block's output
+   includes a rescaling of the stream that follows it.
 4. Form, per block: a norm between `x` and a branch's first product is a pre-norm, one between its last product
    and the add a branch-output norm, one between the add and the next stream value a post-norm.
 5. The block count is cross-checked against the graph's attention ops, one attention and one FFN per block and
@@ -198,17 +202,80 @@ def _has_norm(nodes) -> bool:
     if any(n.target in gu.NORMS for n in nodes):
         return True
     return any(n.target in gu.REDUCTIONS for n in nodes) and any(n.target in gu.RSQRT or
-                                                                 n.target == torch.ops.aten.div.Tensor
-                                                                 for n in nodes)
+                                                                 n.target == torch.ops.aten.div.Tensor or
+                                                                 _inverse_root(n) for n in nodes)
 
 
-def _chain(sums: list[_Sum]) -> list[tuple[_Sum, bool]]:
-    """Longest chain of sums linked through the stream; each with whether a norm follows it (post-norm)."""
+def _inverse_root(n: fx.Node) -> bool:
+    """x ** -0.5 (Gemma 4's RMSNorm writes its rsqrt as `torch.pow(mean_squared, -0.5)`)."""
+    return n.target in _POW and len(n.args) == 2 and isinstance(n.args[1], (int, float)) and n.args[1] < 0
+
+
+_POW = gu.targets(torch.ops.aten.pow)
+_SCALE = gu.targets(torch.ops.aten.mul, torch.ops.aten.mul_, torch.ops.aten.div, torch.ops.aten.div_)
+
+
+def _stream_source(n: fx.Node, dyn: set) -> fx.Node:
+    """The stream value `n` derives from per position: through identities, reshapes, rescalings by factors that do
+    not depend on the input (Gemma 4 multiplies the stream by a per-layer `layer_scalar` buffer at the end of
+    every layer) and slices over positions (Gemma 4's prefill runs its KV-sharing layers on the positions whose
+    logits it returns only); `n` itself (up to identities and reshapes) when it is none of these."""
+    r = gu.root_views(n)
+    while r.op == "call_function" and isinstance(r.args[0], fx.Node):
+        a = r.args[0]
+        if r.target == torch.ops.aten.slice.Tensor and gu.val(a) is not None and a in dyn:
+            dim = r.args[1] if len(r.args) > 1 else r.kwargs.get("dim", 0)
+            if dim % gu.val(a).dim() == gu.val(a).dim() - 1:
+                break                                  # a slice of the hidden features is no stream
+            r = gu.root_views(a)
+            continue
+        if r.target not in _SCALE or len(r.args) != 2:
+            break
+        b = r.args[1]
+        is_dyn = [isinstance(v, fx.Node) and v in dyn for v in (a, b)]
+        if is_dyn == [True, False]:
+            r = gu.root_views(a)
+        elif is_dyn == [False, True] and r.target in _SCALE - gu.targets(torch.ops.aten.div, torch.ops.aten.div_):
+            r = gu.root_views(b)
+        else:
+            break
+    return r
+
+
+def _scaled_output(n: fx.Node, dyn: set) -> fx.Node:
+    """The stream value after `n` once a rescaling by input-independent factors that is its only reader (through
+    identities) has applied (the last block of a model that rescales its stream at the end of each layer); else
+    `n`."""
+    out, m = n, n
+    while len(m.users) == 1:
+        u = next(iter(m.users))
+        if not (u.op == "call_function" and (u.target in _SCALE or gu.is_identity(u))
+                and _stream_source(u, dyn) is gu.root_views(n) and gu.val(u) is not None and gu.val(n) is not None
+                and str(gu.val(u).shape) == str(gu.val(n).shape)):
+            break
+        m = u
+        if u.target in _SCALE:
+            out = u
+    return out
+
+
+def _reads_side_input(branch: _Branch, stream: fx.Node, dyn: set) -> bool:
+    """Does the branch read an input-dependent value that is neither the stream nor computed in the branch (a
+    per-layer input: Gemma 4 gates one by the stream and adds its projection to the stream after the FFN)?"""
+    return any(isinstance(a, fx.Node) and a in dyn and a not in branch.region and a is not stream
+               for m in branch.region for a in m.all_input_nodes)
+
+
+def _chain(sums: list[_Sum], dyn: set) -> list[tuple[_Sum, bool]]:
+    """Longest chain of sums linked through the stream (also through rescalings by input-independent factors and
+    slices over positions between layers: `_stream_source`); each with whether a norm follows it (post-norm)."""
     best: dict[int, tuple[int, int | None, bool]] = {}  # i -> (length, prev index, post-norm link)
     for j, s in enumerate(sums):
         best[j] = (1, None, False)
         for i in reversed(range(j)):
             link = _reaches_through_norm(sums[i].out, s.stream)
+            if link is False and _stream_source(s.stream, dyn) is gu.root_views(sums[i].out):
+                link = None
             if link is not False:
                 best[j] = (best[i][0] + 1, i, bool(link))
                 break
@@ -293,7 +360,7 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
             "feed-forward branches to a residual stream")
     d = Counter(gu.val(s.out).shape[-1] for s in sums).most_common(1)[0][0]
     sums = [s for s in sums if gu.val(s.out).shape[-1] == d]
-    chain = _chain(sums)
+    chain = _chain(sums, dyn)
     if not any(b.kind == "attention" for s, _ in chain for b in s.branches):
         kinds = Counter(b.kind for s, _ in chain for b in s.branches)
         raise NoBlocksError(
@@ -302,7 +369,13 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
             "supports transformer models (attention and feed-forward branches on a residual stream)")
 
     groups: list[list[tuple[_Sum, bool]]] = [[]]
+    side: set = set()        # sums of per-layer-input branches after a block's FFN: part of that block
     for s, post in chain:
+        if not groups[-1] and len(groups) > 1 and all(b.kind == "ffn" and _reads_side_input(b, s.stream, dyn)
+                                                      for b in s.branches):
+            groups[-2].append((s, post))
+            side.add(s)
+            continue
         groups[-1].append((s, post))
         if any(b.kind in ("ffn", "moe") for b in s.branches):
             groups.append([])
@@ -320,8 +393,8 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
             ffn = analyse_ffn(gm, s.stream, b.term, b.region, b.kind, dyn)
         anchors = [n for n in region if gu.is_matmul(n)] + [a for s, _ in g for a in s.adds]
         blocks.append(BlockInfo(index=i, path=gu.common_path(anchors),
-                                form=_form(g), ffn=ffn, attention=attn,
-                                stream_in=g[0][0].stream, stream_out=g[-1][0].out,
+                                form=_form([(s, p) for s, p in g if s not in side]), ffn=ffn, attention=attn,
+                                stream_in=g[0][0].stream, stream_out=_scaled_output(g[-1][0].out, dyn),
                                 nodes=frozenset(region | set(a for s, _ in g for a in s.adds)),
                                 ffn_nodes=frozenset(ffn_branches[0][1].region) if ffn_branches else frozenset(),
                                 ffn_stream=ffn_branches[0][0].stream if ffn_branches else None))

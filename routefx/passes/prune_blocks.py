@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from routefx.ir import graph_utils as gu
 from routefx.ir.model_ir import ModelIR
 from routefx.passes.base import Pass, PassContext, PassResult
 
@@ -41,9 +42,30 @@ class PruneBlocks(Pass):
         return res
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext, after: ModelIR) -> str | None:
+        for i in _pruned(ctx):
+            if (left := _still_computed(ctx.ir.blocks[i])) is not None:
+                return left
         want = [b.path for i, b in enumerate(ctx.ir.blocks) if i not in set(_pruned(ctx))]
         have = [b.path for b in after.blocks]
         return None if have == want else (
             f"blocks after pruning are {have}, expected {want}: a later block reads values a pruned block computes "
             "besides the residual stream (state shared across layers), so removing it changes the blocks after it; "
             "PruneLayers supports blocks that pass each other nothing but the residual stream")
+
+
+def _still_computed(b) -> str | None:
+    """Why block `b` is not gone after its stream was bypassed and dead code removed: a later block still reads a
+    value it computes (Gemma 4's KV-sharing layers read an earlier layer's keys and values); None when it is."""
+    alive = sorted((n for n in b.nodes if not n._erased), key=lambda n: n.name)
+    if not alive:
+        return None
+    inside = set(b.nodes)
+    read, reader = next(((n, u) for n in alive for u in n.users if u not in inside), (alive[0], None))
+    what = read.name + (f" ({gu.module_path(read)})" if gu.module_path(read) else "")
+    if reader is not None:
+        what += f", read by {reader.name}" + (f" in {gu.module_path(reader)}" if gu.module_path(reader) else "")
+    return (f"block {b.index}" + (f" ({b.path})" if b.path else "") + f" is still computed after pruning: "
+            f"{what}: a later block reads values this block "
+            "computes besides the residual stream (keys and values shared across layers, state passed between "
+            "layers), so removing the block would change the blocks after it; PruneLayers supports blocks that "
+            "pass each other nothing but the residual stream")

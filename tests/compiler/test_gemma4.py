@@ -1,0 +1,126 @@
+"""Gemma 4's decoder layers: besides attention and the FFN each layer adds a third branch to the stream (a
+per-layer input, gated by the stream and projected back), then rescales the stream by its `layer_scalar`; the
+layers that share an earlier layer's keys and values (`num_kv_shared_layers`) read the stream through a slice.
+Recognised as one block per layer (the per-layer-input branch inside it, the rescaling part of its output), its
+FFN read (Duo routes it), PruneLayers equal to the model with that layer replaced by the identity, and a layer
+whose keys and values later layers read refused with the reason."""
+import contextlib
+
+import pytest
+import torch
+import transformers as hf
+
+import routefx
+from routefx.passes.manager import PassFailedError
+from routefx.policies import Duo, PruneLayers
+from tests.compare import assert_close_nonpad, assert_compiles_to_model, padded_ids
+from tests.reference_ffn import plan_router, routed_reference
+from tests.tolerances import EXACT_REWRITE
+
+V = 112
+LAYERS = 4
+
+
+def _gemma4(shared: int = 0) -> torch.nn.Module:
+    """Four layers (sliding and full attention alternating), per-layer inputs of width 16, `shared` layers at the
+    end reading earlier layers' keys and values; every `layer_scalar` drawn in [0.5, 1.5] (HF initialises them to
+    1, which would hide where the rescaling is applied)."""
+    cfg = hf.Gemma4TextConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=16,
+                              hidden_size_per_layer_input=16, vocab_size_per_layer_input=V, sliding_window=6,
+                              layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2),
+                              num_kv_shared_layers=shared, max_position_embeddings=64, pad_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = hf.Gemma4ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.layer_scalar.copy_(0.5 + torch.rand(1, generator=g))
+    return model
+
+
+def _inputs(seed=3, batch=2, seq=11, pad=3):
+    return padded_ids(V, seed, batch, seq, pad, low=3)
+
+
+@contextlib.contextmanager
+def _identity_layer(model, j: int):
+    """Layer j of `model` returns its input: the layer deleted in place (the others keep their index, which picks
+    their per-layer input)."""
+    layer = model.model.layers[j]
+    layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
+    try:
+        yield model
+    finally:
+        del layer.forward
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _gemma4()
+
+
+def test_one_block_per_layer(model):
+    ids, mask = _inputs()
+    cm = assert_compiles_to_model(model, ids, mask)["onnx"]
+    assert [b.path for b in cm.ir.blocks] == [f"model.layers.{i}" for i in range(LAYERS)]
+    for b in cm.ir.blocks:
+        assert b.form == "sandwich" and len(b.attention) == 1
+        assert (b.ffn.kind, b.ffn.activation, b.ffn.intermediate_size) == ("gated", "gelu_tanh", 128)
+
+
+@pytest.mark.parametrize("j", [1, LAYERS - 1])
+def test_prune_layers_is_the_layer_replaced_by_identity(model, j):
+    """The block includes its per-layer-input branch and the rescaling (the last layer's too): pruning it equals
+    the model without that layer, exactly."""
+    ids, mask = _inputs(seed=4)
+    cm = routefx.compile(model, PruneLayers(layers=[j]), example_inputs=(ids,), example_kwargs={"attention_mask": mask})
+    assert [b.path for b in cm.ir.blocks] == [f"model.layers.{i}" for i in range(LAYERS) if i != j]
+    # nothing of layer j is left, its rescaling included (which the final norm would hide in the logits)
+    graph = cm.graph_module.graph
+    assert not [n.name for n in graph.nodes if n.op in ("get_attr", "placeholder") and f"layers_{j}_" in n.name]
+    with torch.no_grad(), _identity_layer(model, j):
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+    assert_close_nonpad(cm(ids, attention_mask=mask).logits, want, mask, EXACT_REWRITE)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+    assert (want - full)[mask.bool()].abs().max() > 1e-3     # the layer mattered
+
+
+def test_duo_routes_each_layers_mlp(model):
+    """Duo's routes equal the model's own MLPs routed per token with the plan's routers and neuron orders; the
+    per-layer-input branches stay dense."""
+    cal = [dict(zip(("input_ids", "attention_mask"), _inputs(seed=s, batch=4, seq=16, pad=0))) for s in range(3)]
+    cm = routefx.compile(model, Duo(budget=0.5, router="random", small="nested"), calibration=cal)
+    assert list(cm.plan.layers) == [f"model.layers.{i}.mlp" for i in range(LAYERS)]
+    ids, mask = _inputs(seed=9)
+    ffns = {key: (plan_router(lp, cm.plan.lam), lp.perm[:lp.k]) for key, lp in cm.plan.layers.items()}
+    with torch.no_grad(), routed_reference(model, ffns, down="down_proj"):
+        ref = model(ids, attention_mask=mask).logits
+    assert_close_nonpad(cm(input_ids=ids, attention_mask=mask).logits, ref, mask, EXACT_REWRITE)
+    mix = cm.route_stats([{"input_ids": ids, "attention_mask": mask}]).layers
+    assert all(sum(f > 0 for f in layer["mix"]) >= 2 for layer in mix)
+
+
+def test_kv_sharing_layers():
+    """Layers 2 and 3 read the keys and values of layers 0 and 1: all four are blocks (their stream comes through
+    a slice), the model compiles and generates as HF does, a sharing layer prunes like any other, and pruning a
+    layer whose keys and values are read later is refused with the reason."""
+    shared = _gemma4(shared=2)
+    ids, mask = _inputs()
+    cm = assert_compiles_to_model(shared, ids, mask)["onnx"]
+    assert [b.path for b in cm.ir.blocks] == [f"model.layers.{i}" for i in range(LAYERS)]
+    with torch.no_grad():
+        want = shared.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=6), want)
+
+    pruned = routefx.compile(shared, PruneLayers(layers=[3]), example_inputs=(ids,),
+                             example_kwargs={"attention_mask": mask})
+    with torch.no_grad(), _identity_layer(shared, 3):
+        want = shared(ids, attention_mask=mask, use_cache=False).logits
+    assert_close_nonpad(pruned(ids, attention_mask=mask).logits, want, mask, EXACT_REWRITE)
+
+    with pytest.raises(PassFailedError, match=r"block 1 \(model.layers.1\) is still computed after pruning: .*"
+                                              r"read by .* in model.layers.3"):
+        routefx.compile(shared, PruneLayers(layers=[1]), example_inputs=(ids,), example_kwargs={"attention_mask": mask})
