@@ -64,7 +64,7 @@ class _Miss(Exception):
 class MoEMatch:
     """Anchors of one MoE block's dispatch and its expert weights as per-neuron [E*F, d] tensors."""
 
-    x: fx.Node           # [T, d] the router product's input (the experts read the same value)
+    x: fx.Node           # [T, d] the router product's input (the experts read it too, unless `x_experts`)
     router: fx.Node      # [T, E] the router product (its scores' logits)
     routes: fx.Node      # [T, K] integer expert ids
     gates: fx.Node       # [T, K] floating gate weights
@@ -85,6 +85,13 @@ class MoEMatch:
     b_experts: torch.Tensor | None = None   # [E, d] down biases that differ per expert: added after the op, per route
     checks: list = dataclasses.field(default_factory=list)  # run-time size checks on the replaced dispatch's
     # data-dependent sizes (torch.export's asserts): erased with it
+    x_experts: fx.Node | None = None    # [T, d] the experts' input where it is not the router's (Gemma 4 normalises
+    # the block input once for the router and once, with other weights, for the experts)
+
+    @property
+    def inp(self) -> fx.Node:
+        """The routed_ffn's input: what the experts read."""
+        return self.x if self.x_experts is None else self.x_experts
 
 
 def _shape(n: fx.Node) -> list[str] | None:
@@ -526,9 +533,10 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
         raise _Miss("no [tokens, k] floating gate weights found between the router and the experts' sum")
     gates = floats[-1]
 
-    # The replaced dispatch: what reaches the combine from x, routes and gates, and nothing else.
-    replaced, checks = _dispatch_nodes(region, combine, [routes, gates], x)
-    x_root = gu.root_views(x)
+    # The replaced dispatch: what reaches the combine from the experts' input, routes and gates, and nothing else.
+    xe = _experts_input(region, up, x, router, order)
+    replaced, checks = _dispatch_nodes(region, combine, [routes, gates], xe)
+    x_root = gu.root_views(xe)
     if gu.root_views(up.args[0]) not in replaced and gu.root_views(up.args[0]) is not x_root:
         raise _Miss("the experts do not read the router's input")
     w = _weights(gm, up, down)
@@ -537,7 +545,17 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
         raise _Miss(f"{w['w_up'].shape[0] // F} stacked experts, the router scores {f.num_experts}")
     return MoEMatch(x, router, routes, gates, combine, f.num_experts, F, w["activation"], w["w_up"], w["w_gate"],
                     w["w_down"], b_up=w["b_up"], b_gate=w["b_gate"], b_down=w.get("b_down"),
-                    b_experts=w.get("b_experts"), checks=_in_order(checks))
+                    b_experts=w.get("b_experts"), checks=_in_order(checks),
+                    x_experts=None if gu.root_views(xe) is gu.root_views(x) else xe)
+
+
+def _experts_input(region: set, up: fx.Node, x: fx.Node, router: fx.Node, order: dict) -> fx.Node:
+    """The [T, d] value the experts' first grouped product reads (gathered in route order): x, the router's input,
+    in most models; else the last value of x's shape before the product that neither the router reads nor
+    depends on the routes (Gemma 4 feeds its experts another norm of the block input than its router)."""
+    cands = [n for n in (gu.ancestors([up.args[0]]) & region) - gu.descendants(router) - gu.ancestors([router])
+             if n.op == "call_function" and _shape(n) == _shape(x)]
+    return max(cands, key=order.get) if cands else x
 
 
 def moe_matches(gm: fx.GraphModule, ir: ModelIR):
@@ -611,10 +629,10 @@ class RaiseMoE(Pass):
                     batched += 1
                 else:
                     gates = m.gates
-                    if gu.val(gates).dtype != gu.val(m.x).dtype:
-                        gates = g.call_function(aten.to.dtype, (gates, gu.val(m.x).dtype))
+                    if gu.val(gates).dtype != gu.val(m.inp).dtype:
+                        gates = g.call_function(aten.to.dtype, (gates, gu.val(m.inp).dtype))
                     op = out = g.call_function(gu.ROUTED_FFN, (
-                        m.x, routes, gates, w["up"], w.get("gate"), w["down"], w.get("b_up"), w.get("b_gate"),
+                        m.inp, routes, gates, w["up"], w.get("gate"), w["down"], w.get("b_up"), w.get("b_gate"),
                         w.get("b_down"), ranges, m.activation))
                     op.meta[MOE_TOP_K] = int(gu.val(routes).shape[-1])
                 if m.b_experts is not None:

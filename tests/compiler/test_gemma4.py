@@ -3,7 +3,9 @@ per-layer input, gated by the stream and projected back), then rescales the stre
 layers that share an earlier layer's keys and values (`num_kv_shared_layers`) read the stream through a slice.
 Recognised as one block per layer (the per-layer-input branch inside it, the rescaling part of its output), its
 FFN read (Duo routes it), PruneLayers equal to the model with that layer replaced by the identity, and a layer
-whose keys and values later layers read refused with the reason."""
+whose keys and values later layers read refused with the reason. Gemma 4's MoE layers (a dense MLP and top-k
+experts side by side, each with its own norms; the experts read another norm of the stream than the router) raise
+onto routed_ffn and take MoEBudget."""
 import contextlib
 
 import pytest
@@ -12,20 +14,21 @@ import transformers as hf
 
 import routefx
 from routefx.passes.manager import PassFailedError
-from routefx.policies import Duo, PruneLayers
+from routefx.policies import Duo, MoEBudget, PruneLayers
 from tests.compare import assert_close_nonpad, assert_compiles_to_model, padded_ids
 from tests.reference_ffn import plan_router, routed_reference
 from tests.tolerances import EXACT_REWRITE
+from tests.zoo import redraw_
 
 V = 112
 LAYERS = 4
 
 
-def _gemma4(shared: int = 0) -> torch.nn.Module:
+def _gemma4(shared: int = 0, **moe) -> torch.nn.Module:
     """Four layers (sliding and full attention alternating), per-layer inputs of width 16, `shared` layers at the
     end reading earlier layers' keys and values; every `layer_scalar` drawn in [0.5, 1.5] (HF initialises them to
     1, which would hide where the rescaling is applied)."""
-    cfg = hf.Gemma4TextConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+    cfg = hf.Gemma4TextConfig(**moe, vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=16,
                               hidden_size_per_layer_input=16, vocab_size_per_layer_input=V, sliding_window=6,
                               layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2),
@@ -124,3 +127,27 @@ def test_kv_sharing_layers():
     with pytest.raises(PassFailedError, match=r"block 1 \(model.layers.1\) is still computed after pruning: .*"
                                               r"read by .* in model.layers.3"):
         routefx.compile(shared, PruneLayers(layers=[1]), example_inputs=(ids,), example_kwargs={"attention_mask": mask})
+
+
+def test_moe_layers():
+    """Each layer's experts become one routed_ffn over 4 ranges (their input: the experts' own norm of the stream,
+    not the router's); the dense MLP beside them stays as it is. = HF on eager and onnx; MoEBudget(1) = HF,
+    MoEBudget(0.6) computes fewer experts."""
+    model = _gemma4(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
+    # routers, experts and norms away from HF's init: the router's and the experts' norms differ
+    redraw_(model, lambda name, p: any(k in name for k in ("router", "experts", "layernorm")), 0.3, seed=3)
+    ids, mask = _inputs()
+    cm = assert_compiles_to_model(model, ids, mask)["onnx"]
+    assert cm.report.pass_report("raise_moe").rewrites == LAYERS
+    for b in cm.ir.blocks:
+        f = b.ffn
+        assert (f.kind, f.num_experts, f.top_k, f.shared_expert_size) == ("moe", 4, 2, 128)
+        assert f.routed == [[e * 32, (e + 1) * 32] for e in range(4)]
+    cal = [{"input_ids": _inputs(seed=s, batch=2, seq=16, pad=0)[0]} for s in range(3)]
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    full = routefx.compile(model, MoEBudget(1.0), calibration=cal)
+    assert_close_nonpad(full(input_ids=ids, attention_mask=mask).logits, ref, mask, EXACT_REWRITE)
+    half = routefx.compile(model, MoEBudget(0.6), calibration=cal)
+    assert half.report.pass_report("adapt_experts").rewrites == LAYERS
+    assert half.route_stats([{"input_ids": ids, "attention_mask": mask}]).budget < 0.9
