@@ -14,8 +14,9 @@ Rules (names never matter; module paths only name what was found):
    positions only).
 3. A branch holding an attention op (or a product of two activations) is attention; one with a top-k router or
    grouped expert GEMMs is MoE (plain FFN branches added in the same sum are its shared experts); any other is
-   an FFN. A block ends at the first sum holding an FFN branch; sums right after it whose branches are FFNs
-   reading an input of their own besides the stream (Gemma 4's per-layer inputs) belong to it. A block's output
+   an FFN. A block ends at the first sum holding an FFN branch; in a block with attention, sums right after it
+   whose branches are per-token FFNs reading an input of their own besides the stream (Gemma 4's per-layer
+   inputs) belong to it. A block's output
    includes a rescaling of the stream that follows it.
 4. Form, per block: a norm between `x` and a branch's first product is a pre-norm, one between its last product
    and the add a branch-output norm, one between the add and the next stream value a post-norm.
@@ -259,9 +260,16 @@ def _scaled_output(n: fx.Node, dyn: set) -> fx.Node:
     return out
 
 
-def _reads_side_input(branch: _Branch, stream: fx.Node, dyn: set) -> bool:
-    """Does the branch read an input-dependent value that is neither the stream nor computed in the branch (a
-    per-layer input: Gemma 4 gates one by the stream and adds its projection to the stream after the FFN)?"""
+_MIXES_POSITIONS = gu.targets(torch.ops.aten.convolution, torch.ops.aten._convolution, torch.ops.aten.conv1d,
+                              torch.ops.aten.cumsum, torch.ops.aten.cumprod)
+
+
+def _per_layer_input(branch: _Branch, stream: fx.Node, dyn: set) -> bool:
+    """Is the branch a per-token function of the stream and of an input-dependent value that is neither the stream
+    nor computed in the branch (a per-layer input: Gemma 4 gates one by the stream and adds its projection to the
+    stream after the FFN)? A token mixer that reads the attention mask (LFM's short convolutions) is not."""
+    if any(n.op == "call_function" and n.target in _MIXES_POSITIONS for n in branch.region):
+        return False
     return any(isinstance(a, fx.Node) and a in dyn and a not in branch.region and a is not stream
                for m in branch.region for a in m.all_input_nodes)
 
@@ -371,8 +379,9 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
     groups: list[list[tuple[_Sum, bool]]] = [[]]
     side: set = set()        # sums of per-layer-input branches after a block's FFN: part of that block
     for s, post in chain:
-        if not groups[-1] and len(groups) > 1 and all(b.kind == "ffn" and _reads_side_input(b, s.stream, dyn)
-                                                      for b in s.branches):
+        if not groups[-1] and len(groups) > 1 and any(b.kind == "attention" for t, _ in groups[-2]
+                                                      for b in t.branches) \
+                and all(b.kind == "ffn" and _per_layer_input(b, s.stream, dyn) for b in s.branches):
             groups[-2].append((s, post))
             side.add(s)
             continue

@@ -6,6 +6,7 @@ Ensures:  those blocks are gone (every use of the stream after a pruned block re
 """
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from routefx.ir import graph_utils as gu
@@ -56,14 +57,16 @@ class PruneBlocks(Pass):
 def _still_computed(b) -> str | None:
     """Why block `b` is not gone after its stream was bypassed and dead code removed: a later block still reads a
     value it computes (Gemma 4's KV-sharing layers read an earlier layer's keys and values); None when it is."""
-    alive = sorted((n for n in b.nodes if not n._erased), key=lambda n: n.name)
-    if not alive:
-        return None
     inside = set(b.nodes)
-    read, reader = next(((n, u) for n in alive for u in n.users if u not in inside), (alive[0], None))
+    # tensors of the block that a tensor op outside it reads (size checks torch.export left on a pruned block's
+    # data-dependent sizes read its scalars, and compute nothing another block sees)
+    read, reader = next(((n, u) for n in sorted(inside, key=lambda n: n.name) if not n._erased
+                         and isinstance(gu.val(n), torch.Tensor) for u in n.users
+                         if u not in inside and isinstance(gu.val(u), torch.Tensor)), (None, None))
+    if read is None:
+        return None
     what = read.name + (f" ({gu.module_path(read)})" if gu.module_path(read) else "")
-    if reader is not None:
-        what += f", read by {reader.name}" + (f" in {gu.module_path(reader)}" if gu.module_path(reader) else "")
+    what += f", read by {reader.name}" + (f" in {gu.module_path(reader)}" if gu.module_path(reader) else "")
     return (f"block {b.index}" + (f" ({b.path})" if b.path else "") + f" is still computed after pruning: "
             f"{what}: a later block reads values this block "
             "computes besides the residual stream (keys and values shared across layers, state passed between "
