@@ -15,7 +15,8 @@ policy:
 
 A node's piece is found by structure, not by name: it belongs to layer l when S_l is the last stream node among
 its ancestors (S_l = `BlockInfo.stream_in` of block l, S_L the last block's `stream_out`); nodes with no stream
-ancestor form `pre`, nodes after S_L form `post`. `kv_l` is `layer_l` with every node that K/V do not depend on
+ancestor form `pre`, and so do nodes computed from S_0 outside the first block (Gemma 4's per-layer inputs, which
+every layer reads); nodes after S_L form `post`. `kv_l` is `layer_l` with every node that K/V do not depend on
 removed (for a pre-norm Llama block: the input norm, K and V projections, rotary, the concatenation with the past).
 A layer that reads values of another layer besides the stream (hoisted routers, shared K/V) is refused.
 
@@ -69,6 +70,31 @@ def _stage(gm: fx.GraphModule, streams: list[fx.Node]) -> dict[fx.Node, int]:
     for n in gm.graph.nodes:
         stage[n] = max([index[i] if i in index else stage[i] for i in n.all_input_nodes], default=-1)
     return stage
+
+
+def _into_pre(gm: fx.GraphModule, stage: dict, first) -> None:
+    """Values computed from S_0 and the inputs alone, outside the first block (Gemma 4 projects the embedded
+    tokens into per-layer inputs that every layer reads), are `pre`'s: stage 0 -> -1, in place."""
+    inside = set(first.nodes)
+    tainted: set = set()
+    for n in gm.graph.nodes:
+        if n in inside or any(i in tainted for i in n.all_input_nodes):
+            tainted.add(n)
+        elif stage[n] == 0 and n.op == "call_function":
+            stage[n] = -1
+
+
+def _constants_to_users(gm: fx.GraphModule, stage: dict) -> None:
+    """Values computed from weights alone (Gemma 4's norms cast their weight, `weight.float()`) go to the piece
+    that reads them, when one piece does, instead of `pre` (the LM head's piece may read nothing but S_L)."""
+    const: set = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" or (n.op == "call_function" and n.all_input_nodes
+                                  and all(i in const for i in n.all_input_nodes)):
+            const.add(n)
+    for n in reversed(gm.graph.nodes):
+        if n in const and n.op == "call_function" and len(at := {stage[u] for u in n.users}) == 1:
+            stage[n] = at.pop()
 
 
 def _is_scalar(n: fx.Node) -> bool:
@@ -197,6 +223,8 @@ def split_decode(gm: fx.GraphModule, ir: ModelIR, kept: list[int]) -> Pieces:
     streams = [blocks[0].stream_in] + [b.stream_out for b in blocks]
     L = len(blocks)
     stage = _stage(gm, streams)
+    _into_pre(gm, stage, blocks[0])
+    _constants_to_users(gm, stage)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     outs = list(out_node.args[0])                          # (logits, key_i, value_i, ...) in `kept` order
     cache = [(outs[1 + 2 * j], outs[2 + 2 * j]) for j in range(L)]

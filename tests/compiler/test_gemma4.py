@@ -14,7 +14,8 @@ import transformers as hf
 
 import routefx
 from routefx.passes.manager import PassFailedError
-from routefx.policies import Duo, MoEBudget, PruneLayers
+from routefx.generate import LayerSubset
+from routefx.policies import Dense, Duo, MoEBudget, PruneLayers
 from tests.compare import assert_close_nonpad, assert_compiles_to_model, padded_ids
 from tests.reference_ffn import plan_router, routed_reference
 from tests.tolerances import EXACT_REWRITE
@@ -104,6 +105,42 @@ def test_duo_routes_each_layers_mlp(model):
     assert_close_nonpad(cm(input_ids=ids, attention_mask=mask).logits, ref, mask, EXACT_REWRITE)
     mix = cm.route_stats([{"input_ids": ids, "attention_mask": mask}]).layers
     assert all(sum(f > 0 for f in layer["mix"]) >= 2 for layer in mix)
+
+
+@contextlib.contextmanager
+def _skipped_in_decode(model, skip: dict):
+    """skip[j] = bool [B]: in decode steps (one position), layer j of those rows returns its input; it still runs,
+    so its keys and values enter the cache from the stream that reaches it (routefx's documented skip rule)."""
+    layers = model.model.layers
+    for j, rows in skip.items():
+        orig = layers[j].forward
+
+        def forward(hidden_states, *args, orig=orig, rows=rows, **kwargs):
+            out = orig(hidden_states, *args, **kwargs)
+            return torch.where(rows[:, None, None], hidden_states, out) if hidden_states.shape[1] == 1 else out
+        layers[j].forward = forward
+    try:
+        yield model
+    finally:
+        for j in skip:
+            del layers[j].forward
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_decode_skips_layers_per_row(model, backend):
+    """LayerSubset on Gemma 4 (per-layer inputs computed before the first layer, read by every layer; the final
+    norm's weight cast): row 0 skips layer 1, row 1 layers 0 and 3, in every decode step, = HF generate with those
+    layers returning their input there."""
+    ids, mask = _inputs()
+    cm = routefx.compile(model, Dense(), backend=backend)
+    out = cm.generate(ids, mask, max_new_tokens=6, eos_token_id=[], decode_policy=LayerSubset(skip=((1,), (0, 3))))
+    rows = {0: torch.tensor([False, True]), 1: torch.tensor([True, False]), 3: torch.tensor([False, True])}
+    with torch.no_grad(), _skipped_in_decode(model, rows):
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, want)
+    with torch.no_grad():
+        dense = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert not torch.equal(want, dense)                 # the skips changed the tokens
 
 
 def test_kv_sharing_layers():
