@@ -45,6 +45,7 @@ where `prefix` is the fx node's name (`routed_ffn`, `routed_ffn_1`, ...), so pro
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import sys
@@ -87,8 +88,12 @@ class _OnnxActivation:
     def __init__(self, spec):
         self.spec = spec
         alpha = spec.alpha
-        self._base = (lambda x: op.Mul(x, op.Sigmoid(op.Mul(x, alpha)))) if spec.base == "swish" \
-            else ONNX_ACTIVATIONS[spec.base]
+        if spec.base == "swish":
+            self._base = lambda x: op.Mul(x, op.Sigmoid(op.Mul(x, alpha)))
+        elif spec.base == "xielu":
+            self._base = functools.partial(_xielu, s=spec)
+        else:
+            self._base = ONNX_ACTIVATIONS[spec.base]
 
     def __call__(self, x):
         s = self.spec
@@ -102,6 +107,14 @@ class _OnnxActivation:
         if s.up_add != 0.0:
             u = op.Add(u, s.up_add)
         return op.Mul(self(g), u)
+
+
+def _xielu(x, s):
+    """`routefx.ir.activations`' xielu: Where(x > 0, alpha_p x² + beta x, alpha_n (exp(min(x, eps)) - 1 - x) + beta x)."""
+    bx = op.Mul(x, s.beta)
+    pos = op.Add(op.Mul(op.Mul(x, x), s.alpha_p), bx)
+    neg = op.Add(op.Mul(op.Sub(op.Sub(op.Exp(op.Min(x, s.eps)), 1.0), x), s.alpha_n), bx)
+    return op.Where(op.Greater(x, 0.0), pos, neg)
 
 
 # fp16 / bf16 contributions accumulate in fp32, as in the reference.

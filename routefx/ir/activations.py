@@ -12,6 +12,11 @@ GPT-OSS, DeepSeek-V4, GLM-5, MiniMax-M3 and Step-3.7 (all per neuron, so routing
 with act one of `ACTIVATIONS` or `swish` (x·sigmoid(alpha·x), parameter `alpha`); e.g. GPT-OSS's experts are
 `"quick_gelu;gate_max=7.0;up_limit=7.0;up_add=1.0"` (its alpha, 1.702, is quick_gelu's). A plain (non-gated) FFN takes the gate-side parameters
 only. `get_activation(name)` returns the gate-side function; its `glu(g, u)` is the gated unit.
+
+`xielu` (Apertus, arXiv 2411.13010) takes four parameters, learned per layer:
+
+    xielu(x) = alpha_p·x² + beta·x                          for x > 0
+               alpha_n·(expm1(min(x, eps)) - x) + beta·x    otherwise
 """
 
 from __future__ import annotations
@@ -62,6 +67,10 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
+def _xielu(x: Tensor, ap: float, an: float, beta: float, eps: float) -> Tensor:
+    return torch.where(x > 0, ap * x * x + beta * x, (torch.expm1(torch.clamp(x, max=eps)) - x) * an + beta * x)
+
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": _silu,  # x * sigmoid(x)  (a.k.a. swish; SwiGLU when gated)
     "gelu": _gelu,  # exact: 0.5 * x * (1 + erf(x / sqrt(2)))
@@ -74,7 +83,8 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-_PARAMS = ("alpha", "gate_max", "act_max", "up_limit", "up_add")
+_PARAMS = ("alpha", "gate_max", "act_max", "up_limit", "up_add", "alpha_p", "alpha_n", "beta", "eps")
+_XIELU = ("alpha_p", "alpha_n", "beta", "eps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +97,10 @@ class ActivationSpec:
     act_max: Optional[float] = None     # min(act(.), act_max) after it
     up_limit: Optional[float] = None    # clamp(u, -up_limit, up_limit) (gated only)
     up_add: float = 0.0                 # added to the clamped u (gated only)
+    alpha_p: Optional[float] = None     # xielu only (all four)
+    alpha_n: Optional[float] = None
+    beta: Optional[float] = None
+    eps: Optional[float] = None
 
     @property
     def name(self) -> str:
@@ -106,7 +120,7 @@ class ActivationSpec:
 
 
 def _unsupported(name, why: str) -> UnsupportedActivationError:
-    supported = ", ".join(sorted(ACTIVATIONS) + ["swish"])
+    supported = ", ".join(sorted(ACTIVATIONS) + ["swish", "xielu"])
     return UnsupportedActivationError(
         f"unsupported activation {name!r}: {why}; supported: {supported}, optionally followed by ';k=v' "
         f"parameters ({', '.join(_PARAMS)})")
@@ -123,7 +137,7 @@ def parse_activation(name: str) -> ActivationSpec:
 @functools.lru_cache(maxsize=None)
 def _parse(name: str) -> ActivationSpec:
     base, *params = name.split(";")
-    if base not in ACTIVATIONS and base != "swish":
+    if base not in ACTIVATIONS and base not in ("swish", "xielu"):
         raise _unsupported(name, f"unknown base {base!r}")
     kw: dict = {}
     for p in params:
@@ -138,6 +152,8 @@ def _parse(name: str) -> ActivationSpec:
             raise _unsupported(name, f"parameter {k} is not finite: {v!r}")
     if (base == "swish") != ("alpha" in kw):
         raise _unsupported(name, "alpha is the parameter of swish, and swish needs it")
+    if (base == "xielu") != any(k in kw for k in _XIELU) or (base == "xielu" and not all(k in kw for k in _XIELU)):
+        raise _unsupported(name, f"{', '.join(_XIELU)} are the parameters of xielu, and xielu needs all four")
     if kw.get("up_limit", 0.0) < 0:
         raise _unsupported(name, "up_limit must be >= 0")
     return ActivationSpec(base, **kw)
@@ -150,7 +166,12 @@ class Activation:
     def __init__(self, spec: ActivationSpec):
         self.spec = spec
         alpha = spec.alpha
-        self._base = (lambda x: x * torch.sigmoid(alpha * x)) if spec.base == "swish" else ACTIVATIONS[spec.base]
+        if spec.base == "swish":
+            self._base = lambda x: x * torch.sigmoid(alpha * x)
+        elif spec.base == "xielu":
+            self._base = functools.partial(_xielu, ap=spec.alpha_p, an=spec.alpha_n, beta=spec.beta, eps=spec.eps)
+        else:
+            self._base = ACTIVATIONS[spec.base]
 
     def __call__(self, x: Tensor) -> Tensor:
         s = self.spec

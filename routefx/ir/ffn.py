@@ -124,22 +124,58 @@ def elementwise_fn(src, dst: fx.Node):
     env = {s: g.placeholder(f"x{i}") for i, s in enumerate(srcs)}
     region = set().union(*(gu.between(s, dst) for s in srcs)) | {dst}
     order = [n for n in dst.graph.nodes if n in region and n not in env]
+    known: dict = {}
+    consts: list = []                   # the weight-only values it reads (an activation's learned scalars)
+
+    def copy_const(a):
+        if a not in env:
+            for i in a.all_input_nodes:
+                copy_const(i)
+            env[a] = g.get_attr(a.target) if a.op == "get_attr" else g.node_copy(a, lambda b: env[b])
+            consts.append(a)
+
     for n in order:
         if n.op != "call_function":
             raise _Miss(f"activation reads {n.op} {n.name}")
-        outside = [a for a in n.all_input_nodes if a not in env]
+        outside = [a for a in n.all_input_nodes if a not in env and not _weights_only(a, known)]
         if outside:
             raise _Miss(f"activation op {n.name} reads {outside[0].name}, which is not elementwise on the FFN")
+        for a in n.all_input_nodes:
+            copy_const(a)
         if n.target in gu.VIEWS:
             env[n] = env[n.args[0]]
             continue
         env[n] = g.node_copy(n, lambda a: env[a])
     g.output(env[dst])
-    fn = fx.GraphModule(torch.nn.Module(), g)
+    root = dst.graph.owning_module if consts else None
+    fn = fx.GraphModule(root if root is not None else torch.nn.Module(), g)
     fn.ops = [str(n.target) for n in order]
     fn.consts = sorted({float(a) for n in order for a in (*n.args, *n.kwargs.values())
                         if isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)})[:8]
+    fn.learned = _scalar_values(root, consts)
     return fn
+
+
+def _weights_only(n: fx.Node, known: dict) -> bool:
+    """Is `n` computed from stored weights alone (an activation's learned parameter: softplus(p))?"""
+    if n not in known:
+        known[n] = n.op == "get_attr" or (n.op == "call_function" and bool(n.all_input_nodes)
+                                          and all(_weights_only(a, known) for a in n.all_input_nodes))
+    return known[n]
+
+
+def _scalar_values(root, nodes: list) -> list[float]:
+    """The values of the one-element weight-only `nodes` (evaluated from `root`'s weights)."""
+    if not nodes:
+        return []
+    g, env = fx.Graph(), {}
+    for n in nodes:
+        env[n] = g.get_attr(n.target) if n.op == "get_attr" else g.node_copy(n, lambda b: env[b])
+    g.output(tuple(env[n] for n in nodes))
+    with torch.no_grad():
+        vals = fx.GraphModule(root, g)()
+    return sorted({float(v.reshape(())) for v in vals
+                   if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point()})
 
 
 def _probe(consts) -> torch.Tensor:
@@ -179,11 +215,31 @@ def identify_activation(src: fx.Node, dst: fx.Node) -> str:
             y = fn(probe)
     except Exception as e:  # an op that does not run on a 1-D probe: not an elementwise activation
         raise _Miss(f"activation ops {fn.ops} are not elementwise ({type(e).__name__})")
-    spec = _read_gate(y, probe, fn.consts)
+    spec = _read_gate(y, probe, fn.consts) or _fit_xielu(y, probe, fn.learned)
     if spec is None:
         raise _Miss(f"activation computed by {fn.ops[:6]} matches none of {sorted(ACTIVATIONS)} (nor swish or "
-                    f"clamps on its constants {fn.consts})")
+                    f"clamps on its constants {fn.consts}, nor xielu)")
     return spec.name
+
+
+def _fit_xielu(y: torch.Tensor, v: torch.Tensor, learned: list[float]) -> ActivationSpec | None:
+    """xielu's four parameters fitted to y = f(v) by least squares (alpha_p, beta on v > 0; alpha_n on v <= 0, for
+    eps among the learned scalars the function reads, or xIELU's default -1e-6), each snapped to a learned scalar
+    within 1e-5; the spec when it reproduces y, else None."""
+    y64, v64 = y.double(), v.double()
+    pos, neg = v64 > 0, v64 < -1e-3
+    if int(pos.sum()) < 2 or int(neg.sum()) < 1:
+        return None
+    snap = lambda c: next((s for s in learned if abs(s - c) <= 1e-5 * max(1.0, abs(c))), c)  # noqa: E731
+    A = torch.stack([v64[pos] ** 2, v64[pos]], dim=1)
+    ap, beta = (snap(float(c)) for c in torch.linalg.lstsq(A, y64[pos, None]).solution[:, 0])
+    for eps in dict.fromkeys([c for c in learned if -1e-2 < c <= 0] + [-1e-6]):
+        basis = torch.expm1(v64[neg].clamp(max=eps)) - v64[neg]
+        an = snap(float((basis @ (y64[neg] - beta * v64[neg])) / (basis @ basis)))
+        spec = ActivationSpec("xielu", alpha_p=ap, alpha_n=an, beta=beta, eps=eps)
+        if all(math.isfinite(c) for c in (ap, an, beta)) and _close(Activation(spec)(v), y):
+            return spec
+    return None
 
 
 def identify_glu(a: fx.Node, b: fx.Node, dst: fx.Node) -> tuple[str, bool]:

@@ -49,8 +49,13 @@ def act_constants(activation: str) -> dict:
     for a parametrised name CLAMPS (bits: 1 gate_max, 2 act_max, 4 up_limit, 8 up_add) with their values and swish's
     ALPHA. Raises `UnsupportedActivationError` for an unknown name. Cached per name (a kernel launch reads it); the
     dict is shared: callers unpack it, never change it."""
+    from routefx.errors import UnsupportedActivationError
     from routefx.ir.activations import parse_activation
     s = parse_activation(activation)
+    if s.base not in ACT_CODES:
+        raise UnsupportedActivationError(f"activation {activation!r} has no Triton kernel epilogue (supported there: "
+                                         f"{', '.join(ACT_CODES)} with their clamps); compile with backend='eager' "
+                                         "or 'onnx'")
     out = dict(ACT=ACT_CODES[s.base])
     if s.plain:
         return out
