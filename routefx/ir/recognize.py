@@ -3,8 +3,8 @@
 Rules (names never matter; module paths only name what was found):
 1. A *residual sum* is an addition tree `x + y_1 + ... + y_n` (adds whose only user is the next add are one
    tree, also through casts read by nothing else; an in-place `add_` into a temporary nothing else reads counts
-   as an add) in which one term `x` (the stream) reaches every other term `y_i` (a branch) through a matrix
-   product; or, where no term does, one term is a matrix product of a value X of the sum's shape with weights (a
+   as an add) in which one term `x` (the stream, possibly rescaled by input-independent factors: Doge's
+   `input_residual * residual`) reaches every other term `y_i` (a branch) through a matrix product; or, where no term does, one term is a matrix product of a value X of the sum's shape with weights (a
    mix of parallel residual streams, manifold hyper-connections: comb·X + post⊗y) and X is the stream. Sums whose
    last dim is not a static size (attention scores plus an ALiBi bias, [B, H, S, S]) are not residual sums.
 2. The hidden size is the last dimension shared by most residual sums; the *stream* is the longest chain of
@@ -139,7 +139,10 @@ def _find_sums(graph: fx.Graph, dyn: set) -> list[_Sum]:
         # the stream term x, and the terms that are branches; or a mix of the streams before the sum (manifold
         # hyper-connections: comb·X + post⊗y, with no term an ancestor of the others), whose X is the stream
         split = [(x, [t for t in terms if t is not x]) for x in terms]
-        for x, others in [c for c in split if all(c[0] in anc[t] for t in c[1])][:1] or _mixed_stream(terms, v):
+        # the stream term may be rescaled by input-independent factors (Doge adds its branch to w ⊙ residual)
+        scaled = [(_stream_source(x, dyn), others) for x, others in split]
+        for x, others in ([c for c in split if all(c[0] in anc[t] for t in c[1])][:1]
+                          or [c for c in scaled if all(c[0] in anc[t] for t in c[1])][:1] or _mixed_stream(terms, v)):
             if not all(x in anc[t] for t in others):
                 continue
             desc_x = gu.descendants(x)
