@@ -110,7 +110,8 @@ class _OnnxActivation:
 
 
 def _xielu(x, s):
-    """`routefx.ir.activations`' xielu: Where(x > 0, alpha_p x² + beta x, alpha_n (exp(min(x, eps)) - 1 - x) + beta x)."""
+    """`routefx.ir.activations`' xielu as ONNX ops:
+    Where(x > 0, alpha_p x² + beta x, alpha_n (exp(min(x, eps)) - 1 - x) + beta x)."""
     bx = op.Mul(x, s.beta)
     pos = op.Add(op.Mul(op.Mul(x, x), s.alpha_p), bx)
     neg = op.Add(op.Mul(op.Sub(op.Sub(op.Exp(op.Min(x, s.eps)), 1.0), x), s.alpha_n), bx)

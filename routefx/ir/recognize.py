@@ -4,9 +4,10 @@ Rules (names never matter; module paths only name what was found):
 1. A *residual sum* is an addition tree `x + y_1 + ... + y_n` (adds whose only user is the next add are one
    tree, also through casts read by nothing else; an in-place `add_` into a temporary nothing else reads counts
    as an add) in which one term `x` (the stream, possibly rescaled by input-independent factors: Doge's
-   `input_residual * residual`) reaches every other term `y_i` (a branch) through a matrix product; or, where no term does, one term is a matrix product of a value X of the sum's shape with weights (a
-   mix of parallel residual streams, manifold hyper-connections: comb·X + post⊗y) and X is the stream. Sums whose
-   last dim is not a static size (attention scores plus an ALiBi bias, [B, H, S, S]) are not residual sums.
+   `input_residual * residual`) reaches every other term `y_i` (a branch) through a matrix product; or, where no
+   term does, one term is a matrix product of a value X of the sum's shape with weights (a mix of parallel
+   residual streams, manifold hyper-connections: comb·X + post⊗y) and X is the stream. Sums whose last dim is not
+   a static size (attention scores plus an ALiBi bias, [B, H, S, S]) are not residual sums.
 2. The hidden size is the last dimension shared by most residual sums; the *stream* is the longest chain of
    sums in which each sum's `x` is the previous sum's output, possibly through reshapes (OPT flattens it to
    [B*S, d] around the FFN), a norm (post-norm models), a rescaling by input-independent factors (Gemma 4's
@@ -16,8 +17,7 @@ Rules (names never matter; module paths only name what was found):
    grouped expert GEMMs is MoE (plain FFN branches added in the same sum are its shared experts); any other is
    an FFN. A block ends at the first sum holding an FFN branch; in a block with attention, sums right after it
    whose branches are per-token FFNs reading an input of their own besides the stream (Gemma 4's per-layer
-   inputs) belong to it. A block's output
-   includes a rescaling of the stream that follows it.
+   inputs) belong to it. A block's output includes a rescaling of the stream that follows it.
 4. Form, per block: a norm between `x` and a branch's first product is a pre-norm, one between its last product
    and the add a branch-output norm, one between the add and the next stream value a post-norm.
 5. The block count is cross-checked against the graph's attention ops, one attention and one FFN per block and

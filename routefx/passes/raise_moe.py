@@ -538,7 +538,7 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
     replaced, checks = _dispatch_nodes(region, combine, [routes, gates], xe)
     x_root = gu.root_views(xe)
     if gu.root_views(up.args[0]) not in replaced and gu.root_views(up.args[0]) is not x_root:
-        raise _Miss("the experts do not read the router's input")
+        raise _Miss("the experts read neither the router's input nor another value of its shape before them")
     w = _weights(gm, up, down)
     F = w["F"]
     if f.num_experts * F != w["w_up"].shape[0]:
