@@ -68,3 +68,25 @@ def padded_ids(vocab: int, seed: int = 3, batch: int = 2, seq: int = 11, pad: in
     mask = torch.ones_like(ids)
     mask[0, :pad] = 0
     return ids, mask
+
+
+def assert_duo_routes_the_mlps(model, calibration, ids, mask, paths, backend="eager", down="down_proj"):
+    """Compile `model` with Duo (random routers, the nested small branch) calibrated on `calibration`: the plan routes
+    the FFN modules `paths`, its logits on (ids, mask) equal the model's own MLPs routed per token with the plan's
+    routers and neuron orders (`tests.reference_ffn.routed_reference`), and every routed layer takes at least two
+    routes on them. Returns the compiled model."""
+    import routefx
+    from routefx.policies import Duo
+    from tests.reference_ffn import plan_router, routed_reference
+    from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
+    cm = routefx.compile(model, Duo(budget=0.5, router="random", small="nested"), calibration=calibration,
+                         backend=backend)
+    assert list(cm.plan.layers) == list(paths)
+    ffns = {key: (plan_router(lp, cm.plan.lam), lp.perm[:lp.k]) for key, lp in cm.plan.layers.items()}
+    with torch.no_grad(), routed_reference(model, ffns, down=down):
+        ref = model(ids, attention_mask=mask).logits
+    assert_close_nonpad(cm(input_ids=ids, attention_mask=mask).logits, ref, mask,
+                        EXACT_REWRITE if backend == "eager" else ONNX_VS_EAGER)
+    mix = cm.route_stats([{"input_ids": ids, "attention_mask": mask}]).layers
+    assert all(sum(f > 0 for f in layer["mix"]) >= 2 for layer in mix)
+    return cm

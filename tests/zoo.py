@@ -65,6 +65,11 @@ def _hf(cls, cfg):
     return build
 
 
+def hf_model(cls, cfg):
+    """`cls(cfg)` built as the zoo builds its models: SDPA attention where the family has it, seed 0, eval mode."""
+    return _hf(cls, cfg)()
+
+
 _COMMON = dict(vocab_size=101, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256,
                bos_token_id=1, eos_token_id=2)
 

@@ -12,9 +12,8 @@ import torch
 import transformers as hf
 
 import routefx
-from routefx.policies import Duo, MoEBudget, PruneLayers
-from tests.compare import assert_close_nonpad, assert_compiles_to_model, padded_ids
-from tests.reference_ffn import plan_router, routed_reference
+from routefx.policies import MoEBudget, PruneLayers
+from tests.compare import assert_close_nonpad, assert_compiles_to_model, assert_duo_routes_the_mlps, padded_ids
 from tests.tolerances import EXACT_REWRITE
 from tests.zoo import redraw_
 
@@ -66,15 +65,7 @@ def test_duo_routes_the_dense_ffn_on_parallel_streams(model):
     """Duo's routes on the dense layer equal the model's own MLP routed per token with the plan's router and
     neuron order (a skipped token's FFN adds 0 to every stream)."""
     cal = [dict(zip(("input_ids", "attention_mask"), _inputs(seed=s, batch=4, seq=16, pad=0))) for s in range(3)]
-    cm = routefx.compile(model, Duo(budget=0.5, router="random", small="nested"), calibration=cal)
-    assert list(cm.plan.layers) == ["model.layers.0.mlp"]
-    ids, mask = _inputs(seed=9)
-    ffns = {key: (plan_router(lp, cm.plan.lam), lp.perm[:lp.k]) for key, lp in cm.plan.layers.items()}
-    with torch.no_grad(), routed_reference(model, ffns, down="down_proj"):
-        ref = model(ids, attention_mask=mask).logits
-    assert_close_nonpad(cm(input_ids=ids, attention_mask=mask).logits, ref, mask, EXACT_REWRITE)
-    mix = cm.route_stats([{"input_ids": ids, "attention_mask": mask}]).layers[0]["mix"]
-    assert sum(f > 0 for f in mix) >= 2
+    assert_duo_routes_the_mlps(model, cal, *_inputs(seed=9), ["model.layers.0.mlp"])
 
 
 def test_moe_budget_on_parallel_streams(model):

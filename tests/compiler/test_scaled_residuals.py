@@ -10,10 +10,10 @@ import torch
 import transformers as hf
 
 import routefx
-from routefx.policies import Duo, PruneLayers
-from tests.compare import assert_close_nonpad, assert_compiles_to_model, padded_ids
-from tests.reference_ffn import plan_router, routed_reference
-from tests.tolerances import EXACT_REWRITE, MUST_DIFFER, ONNX_VS_EAGER
+from routefx.policies import PruneLayers
+from tests.compare import assert_close_nonpad, assert_compiles_to_model, assert_duo_routes_the_mlps, padded_ids
+from tests.tolerances import EXACT_REWRITE, MUST_DIFFER
+from tests.zoo import hf_model
 
 V = 112
 
@@ -22,9 +22,7 @@ V = 112
 def doge():
     cfg = hf.DogeConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = hf.DogeForCausalLM(cfg).eval()
+    model = hf_model(hf.DogeForCausalLM, cfg)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -62,11 +60,4 @@ def test_prune_layers_removes_the_layers_rescaling(doge, j):
 def test_duo_on_scaled_residuals(doge, backend):
     """Duo's routes equal the model's own MLPs routed per token with the plan's routers and neuron orders."""
     cal = [dict(zip(("input_ids", "attention_mask"), _inputs(seed=s, batch=4, seq=16, pad=0))) for s in range(3)]
-    cm = routefx.compile(doge, Duo(budget=0.5, router="random", small="nested"), calibration=cal, backend=backend)
-    ffns = {key: (plan_router(lp, cm.plan.lam), lp.perm[:lp.k]) for key, lp in cm.plan.layers.items()}
-    assert list(ffns) == [f"model.layers.{i}.mlp" for i in range(3)]
-    ids, mask = _inputs(seed=9)
-    with torch.no_grad(), routed_reference(doge, ffns, down="down_proj"):
-        ref = doge(ids, attention_mask=mask).logits
-    assert_close_nonpad(cm(input_ids=ids, attention_mask=mask).logits, ref, mask,
-                        EXACT_REWRITE if backend == "eager" else ONNX_VS_EAGER)
+    assert_duo_routes_the_mlps(doge, cal, *_inputs(seed=9), [f"model.layers.{i}.mlp" for i in range(3)], backend)

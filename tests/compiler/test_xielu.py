@@ -8,13 +8,11 @@ import torch.nn.functional as F
 import transformers as hf
 from transformers.activations import XIELUActivation
 
-import routefx
 from routefx.errors import UnsupportedActivationError
 from routefx.ir.activations import get_activation, parse_activation
-from routefx.policies import Duo
-from tests.compare import assert_close_nonpad, assert_compiles_to_model, padded_ids
-from tests.reference_ffn import plan_router, routed_reference
-from tests.tolerances import ACTIVATION, EXACT_REWRITE, ONNX_VS_EAGER
+from tests.compare import assert_compiles_to_model, assert_duo_routes_the_mlps, padded_ids
+from tests.tolerances import ACTIVATION
+from tests.zoo import hf_model
 
 V = 112
 
@@ -52,9 +50,7 @@ def apertus():
     cfg = hf.ApertusConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                            pad_token_id=0, dtype=torch.float32)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = hf.ApertusForCausalLM(cfg).eval()
+    model = hf_model(hf.ApertusForCausalLM, cfg)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():            # each layer's parameters of its own (HF initialises them all alike)
         for layer in model.model.layers:
@@ -82,16 +78,7 @@ def test_apertus_reads_each_layers_xielu(apertus):
 def test_duo_on_apertus(apertus, backend):
     """Duo's routes equal the model's own MLPs routed per token with the plan's routers and neuron orders."""
     cal = [dict(zip(("input_ids", "attention_mask"), _inputs(seed=s, batch=4, seq=16, pad=0))) for s in range(3)]
-    cm = routefx.compile(apertus, Duo(budget=0.5, router="random", small="nested"), calibration=cal, backend=backend)
-    ids, mask = _inputs(seed=9)
-    ffns = {key: (plan_router(lp, cm.plan.lam), lp.perm[:lp.k]) for key, lp in cm.plan.layers.items()}
-    assert list(ffns) == [f"model.layers.{i}.mlp" for i in range(3)]
-    with torch.no_grad(), routed_reference(apertus, ffns, down="down_proj"):
-        ref = apertus(ids, attention_mask=mask).logits
-    assert_close_nonpad(cm(input_ids=ids, attention_mask=mask).logits, ref, mask,
-                        EXACT_REWRITE if backend == "eager" else ONNX_VS_EAGER)
-    mix = cm.route_stats([{"input_ids": ids, "attention_mask": mask}]).layers
-    assert all(sum(f > 0 for f in layer["mix"]) >= 2 for layer in mix)
+    assert_duo_routes_the_mlps(apertus, cal, *_inputs(seed=9), [f"model.layers.{i}.mlp" for i in range(3)], backend)
 
 
 @pytest.mark.parametrize("gated", [False, True])
