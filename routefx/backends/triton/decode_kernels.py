@@ -46,7 +46,7 @@ def span_up_kernel(
     GATED: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, HAS_GATES: tl.constexpr, ACT: tl.constexpr,
     IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CLAMPS: tl.constexpr = 0,
     GMAX: tl.constexpr = 0.0, AMAX: tl.constexpr = 0.0, ULIM: tl.constexpr = 0.0, UADD: tl.constexpr = 0.0,
-    ALPHA: tl.constexpr = 1.0,
+    ALPHA: tl.constexpr = 1.0, XN: tl.constexpr = 0.0, XB: tl.constexpr = 0.0, XE: tl.constexpr = 0.0,
 ):
     """h[t, j] = c[t, LO + j] * act-product(x[t], neuron LO + j) for all T (<= BM) tokens and one block of BN
     neurons of the span [LO, LO + SPAN); a block that no token uses skips its loads and stores zeros."""
@@ -67,7 +67,7 @@ def span_up_kernel(
     acc_u, acc_g = _gate_up_loop(a_ptrs, u_ptrs, g_ptrs, t_ok, col_ok, tl.where(used, D, 0), GATED, IEEE,
                                  BM, BN, BK)
     hval = _gated_act(acc_u, acc_g, bu_ptr, bg_ptr, n64, col_ok, GATED, HAS_BU, HAS_BG, ACT, CLAMPS, GMAX, AMAX,
-                      ULIM, UADD, ALPHA)
+                      ULIM, UADD, ALPHA, XN, XB, XE)
     hval = tl.where(c != 0.0, hval * c, 0.0)
     h_ptrs = h_ptr + t[:, None] * stride_h + col[None, :]
     tl.store(h_ptrs, hval.to(h_ptr.dtype.element_ty), mask=t_ok[:, None] & col_ok[None, :])

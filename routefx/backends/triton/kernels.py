@@ -40,29 +40,28 @@ ACT_CODES = {
     "sigmoid": 6,
     "quick_gelu": 7,
     "swish": 8,      # z * sigmoid(ALPHA z)
+    "xielu": 9,      # where(z > 0, ALPHA z² + XB z, XN (exp(min(z, XE)) - 1 - z) + XB z)   (ALPHA = alpha_p)
 }
 
 
 @functools.lru_cache(maxsize=None)
 def act_constants(activation: str) -> dict:
     """The kernels' constexpr arguments for an activation name (`routefx.ir.activations.ActivationSpec`): ACT, and
-    for a parametrised name CLAMPS (bits: 1 gate_max, 2 act_max, 4 up_limit, 8 up_add) with their values and swish's
-    ALPHA. Raises `UnsupportedActivationError` for an unknown name. Cached per name (a kernel launch reads it); the
+    for a parametrised name CLAMPS (bits: 1 gate_max, 2 act_max, 4 up_limit, 8 up_add) with their values, swish's
+    ALPHA, and xielu's four parameters (ALPHA = alpha_p, XN = alpha_n, XB = beta, XE = eps). Raises `UnsupportedActivationError` for an unknown name. Cached per name (a kernel launch reads it); the
     dict is shared: callers unpack it, never change it."""
-    from routefx.errors import UnsupportedActivationError
     from routefx.ir.activations import parse_activation
     s = parse_activation(activation)
-    if s.base not in ACT_CODES:
-        raise UnsupportedActivationError(f"activation {activation!r} has no Triton kernel epilogue (supported there: "
-                                         f"{', '.join(ACT_CODES)} with their clamps); compile with backend='eager' "
-                                         "or 'onnx'")
     out = dict(ACT=ACT_CODES[s.base])
     if s.plain:
         return out
     bits = (s.gate_max is not None) | (s.act_max is not None) << 1 | (s.up_limit is not None) << 2 \
         | (s.up_add != 0.0) << 3
     out.update(CLAMPS=int(bits), GMAX=float(s.gate_max or 0.0), AMAX=float(s.act_max or 0.0),
-               ULIM=float(s.up_limit or 0.0), UADD=float(s.up_add), ALPHA=float(s.alpha or 1.0))
+               ULIM=float(s.up_limit or 0.0), UADD=float(s.up_add),
+               ALPHA=float(s.alpha_p if s.base == "xielu" else s.alpha or 1.0))
+    if s.base == "xielu":
+        out.update(XN=float(s.alpha_n), XB=float(s.beta), XE=float(s.eps))
     return out
 
 
@@ -72,7 +71,8 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _act(z, ACT: tl.constexpr, ALPHA: tl.constexpr = 1.0):
+def _act(z, ACT: tl.constexpr, ALPHA: tl.constexpr = 1.0, XN: tl.constexpr = 0.0, XB: tl.constexpr = 0.0,
+         XE: tl.constexpr = 0.0):
     """Elementwise activation on an fp32 tile (codes in ACT_CODES)."""
     if ACT == 1:
         z = z * _sigmoid(z)
@@ -93,6 +93,8 @@ def _act(z, ACT: tl.constexpr, ALPHA: tl.constexpr = 1.0):
         z = z * _sigmoid(1.702 * z)
     elif ACT == 8:
         z = z * _sigmoid(ALPHA * z)
+    elif ACT == 9:
+        z = tl.where(z > 0.0, ALPHA * z * z + XB * z, XN * (tl.exp(tl.minimum(z, XE)) - 1.0 - z) + XB * z)
     return z
 
 
@@ -135,11 +137,11 @@ def _gate_up_loop(a_ptrs, u_ptrs, g_ptrs, row_ok, col_ok, KLEN, GATED: tl.conste
 
 @triton.jit
 def _gate_side(z, ACT: tl.constexpr, CLAMPS: tl.constexpr, GMAX: tl.constexpr, AMAX: tl.constexpr,
-               ALPHA: tl.constexpr):
+               ALPHA: tl.constexpr, XN: tl.constexpr, XB: tl.constexpr, XE: tl.constexpr):
     """min(act(min(z, GMAX)), AMAX), each clamp where its CLAMPS bit is set."""
     if CLAMPS & 1:
         z = tl.minimum(z, GMAX)
-    z = _act(z, ACT, ALPHA)
+    z = _act(z, ACT, ALPHA, XN, XB, XE)
     if CLAMPS & 2:
         z = tl.minimum(z, AMAX)
     return z
@@ -149,7 +151,7 @@ def _gate_side(z, ACT: tl.constexpr, CLAMPS: tl.constexpr, GMAX: tl.constexpr, A
 def _gated_act(acc_u, acc_g, bu_ptr, bg_ptr, neuron, col_ok, GATED: tl.constexpr, HAS_BU: tl.constexpr,
                HAS_BG: tl.constexpr, ACT: tl.constexpr, CLAMPS: tl.constexpr = 0, GMAX: tl.constexpr = 0.0,
                AMAX: tl.constexpr = 0.0, ULIM: tl.constexpr = 0.0, UADD: tl.constexpr = 0.0,
-               ALPHA: tl.constexpr = 1.0):
+               ALPHA: tl.constexpr = 1.0, XN: tl.constexpr = 0.0, XB: tl.constexpr = 0.0, XE: tl.constexpr = 0.0):
     """The up epilogue on fp32 tiles: glu(acc_g + bg, acc_u + bu) when GATED, else act(acc_u + bu); glu(g, u) =
     act(g) * u, or with CLAMPS (see `act_constants`) the clamped unit of `routefx.ir.activations`."""
     if HAS_BU:
@@ -161,8 +163,8 @@ def _gated_act(acc_u, acc_g, bu_ptr, bg_ptr, neuron, col_ok, GATED: tl.constexpr
             acc_u = tl.minimum(tl.maximum(acc_u, -ULIM), ULIM)
         if CLAMPS & 8:
             acc_u = acc_u + UADD
-        return _gate_side(acc_g, ACT, CLAMPS, GMAX, AMAX, ALPHA) * acc_u
-    return _gate_side(acc_u, ACT, CLAMPS, GMAX, AMAX, ALPHA)
+        return _gate_side(acc_g, ACT, CLAMPS, GMAX, AMAX, ALPHA, XN, XB, XE) * acc_u
+    return _gate_side(acc_u, ACT, CLAMPS, GMAX, AMAX, ALPHA, XN, XB, XE)
 
 
 @triton.jit
@@ -289,6 +291,7 @@ def up_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
     FLATTEN: tl.constexpr, PAIRED: tl.constexpr = 0, CLAMPS: tl.constexpr = 0, GMAX: tl.constexpr = 0.0,
     AMAX: tl.constexpr = 0.0, ULIM: tl.constexpr = 0.0, UADD: tl.constexpr = 0.0, ALPHA: tl.constexpr = 1.0,
+    XN: tl.constexpr = 0.0, XB: tl.constexpr = 0.0, XE: tl.constexpr = 0.0,
 ):
     """Kernel 1: h[rows, cols] = act(x[tok] Wg^T + bg) * (x[tok] Wu^T + bu)   (plain: act(x[tok] Wu^T + bu)),
     per (BM rows of route r) x (BN neurons of route r) tile; x rows gathered by token (pointer loads).
@@ -361,7 +364,7 @@ def up_kernel(
                     acc_u += tail_u
                     acc_g += tail_g
         hval = _gated_act(acc_u, acc_g, bu_ptr, bg_ptr, neuron, col_ok, GATED, HAS_BU, HAS_BG, ACT, CLAMPS, GMAX,
-                          AMAX, ULIM, UADD, ALPHA)
+                          AMAX, ULIM, UADD, ALPHA, XN, XB, XE)
         h_rows = (off + rank).to(tl.int64)
         h_ptrs = h_ptr + h_rows[:, None] * stride_h + col[None, :]
         tl.store(h_ptrs, hval.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -137,6 +137,24 @@ def test_clamped_units(interpreter, act):
         assert (plain - ref).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_xielu(interpreter, gated):
+    """xIELU's four learned parameters reach the epilogue (both paths, biases, K = 2): a differently parametrised
+    xIELU gives other outputs."""
+    d, n_tok = 40, 9
+    w = _weights(d, 50, gated=gated, seed=8)
+    x = torch.randn(n_tok, d, generator=torch.Generator().manual_seed(9))
+    routes = torch.tensor([[0, 1], [1, 2], [0, 0], [2, 2], [1, 0], [0, 2], [1, 1], [0, 1], [2, 0]])
+    gates = torch.rand(n_tok, 2, generator=torch.Generator().manual_seed(10))
+    act = "xielu;alpha_p=0.7;alpha_n=1.3;beta=0.4;eps=-0.05"
+    for path in ("sorted", "decode"):
+        out, ref = _run_both(interpreter, x, routes, gates, w, [0, 50, 13, 30, 0, 0], act, path)
+        _assert_close(out, ref)
+        other, _ = _run_both(interpreter, x, routes, gates, w, [0, 50, 13, 30, 0, 0],
+                             "xielu;alpha_p=0.7;alpha_n=0.6;beta=0.4;eps=-0.05", path)
+        assert (other - ref).abs().max() > 1e-3
+
+
 @PATHS
 def test_dense_full_range_and_gated_single_range(interpreter, path):
     d, n_tok = 96, 37
