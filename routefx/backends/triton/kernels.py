@@ -48,8 +48,9 @@ ACT_CODES = {
 def act_constants(activation: str) -> dict:
     """The kernels' constexpr arguments for an activation name (`routefx.ir.activations.ActivationSpec`): ACT, and
     for a parametrised name CLAMPS (bits: 1 gate_max, 2 act_max, 4 up_limit, 8 up_add) with their values, swish's
-    ALPHA, and xielu's four parameters (ALPHA = alpha_p, XN = alpha_n, XB = beta, XE = eps). Raises `UnsupportedActivationError` for an unknown name. Cached per name (a kernel launch reads it); the
-    dict is shared: callers unpack it, never change it."""
+    ALPHA, and xielu's four parameters (ALPHA = alpha_p, XN = alpha_n, XB = beta, XE = eps). Raises
+    `UnsupportedActivationError` for an unknown name. Cached per name (a kernel launch reads it); the dict is
+    shared: callers unpack it, never change it."""
     from routefx.ir.activations import parse_activation
     s = parse_activation(activation)
     out = dict(ACT=ACT_CODES[s.base])
