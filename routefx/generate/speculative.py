@@ -65,10 +65,12 @@ class _Rewindable(Stepper):
         self.g = self.g.quiet()
 
     def rewind(self, length: int) -> None:
-        """Keep the first `length` positions of the cache (and mask, positions)."""
+        """Keep the first `length` positions of the cache (and mask, positions). The cache entries are sliced as
+        they are (ONNX Runtime's arrays stay arrays: a round trip through torch tensors cost ~6% of a speculative
+        run on the trained d=256 LM)."""
         cut = self.mask.shape[1] - length
         if cut:
-            self.past = [t[:, :, :length] for t in self.past]
+            self._past = [t[:, :, :length] for t in self._past]
             self.mask = self.mask[:, :length]
             self.pos = self.pos - cut
 
