@@ -33,6 +33,7 @@ import torch
 from torch import fx
 
 from routefx.errors import UnsupportedModelError
+from routefx.ir import graph_utils as gu
 from routefx.ir.capture import CaptureInfo
 from routefx.ir.model_ir import ModelIR
 
@@ -87,11 +88,7 @@ def _into_pre(gm: fx.GraphModule, stage: dict, first) -> None:
 def _constants_to_users(gm: fx.GraphModule, stage: dict) -> None:
     """Values computed from weights alone (Gemma 4's norms cast their weight, `weight.float()`) go to the piece
     that reads them, when one piece does, instead of `pre` (the LM head's piece may read nothing but S_L)."""
-    const: set = set()
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" or (n.op == "call_function" and n.all_input_nodes
-                                  and all(i in const for i in n.all_input_nodes)):
-            const.add(n)
+    const = gu.weight_only_nodes(gm.graph)
     for n in reversed(gm.graph.nodes):
         if n in const and n.op == "call_function" and len(at := {stage[u] for u in n.users}) == 1:
             stage[n] = at.pop()

@@ -7,7 +7,8 @@ Canonical forms (d = hidden, F = neurons):
          transformers exports, or batched: two batched products over stacked [E, in, out] weights that run every
          expert on every token (Llama 4), the routing weights zeroing the experts a token did not choose
 The activation is identified by *evaluating* the ops between the products on CPU probe values (whatever the
-model's device; they read nothing from the model) and comparing with the registry (so `F.gelu(x, approximate="tanh")`
+model's device; of the model they read only the learned scalars of a parametrised activation, copied to CPU once)
+and comparing with the registry (so `F.gelu(x, approximate="tanh")`
 and GPT-2's hand-written tanh formula both read gelu_tanh). A gated unit is evaluated on a grid of (gate, up) pairs
 and factored into its two sides; the probes include points around every constant of the ops, so that clamps show,
 and such units read as parametrised names (`routefx.ir.activations.ActivationSpec`).
@@ -117,65 +118,56 @@ def _anc_in(n: fx.Node, region: set) -> set:
 
 def elementwise_fn(src, dst: fx.Node):
     """The ops from `src` (a node, or a tuple of nodes: the function's arguments in that order) to `dst` as a
-    function of those alone (a GraphModule), for evaluating on a CPU probe; raises `_Miss` when an op between them
-    reads anything else."""
+    function of those alone (a GraphModule), for evaluating on a CPU probe; values computed from weights alone that
+    the ops read (an activation's learned scalars) are evaluated once and kept in the function as CPU buffers
+    (`fn.learned`: the one-element ones' values). Raises `_Miss` when an op between them reads anything else."""
     srcs = src if isinstance(src, tuple) else (src,)
     g = fx.Graph()
     env = {s: g.placeholder(f"x{i}") for i, s in enumerate(srcs)}
     region = set().union(*(gu.between(s, dst) for s in srcs)) | {dst}
     order = [n for n in dst.graph.nodes if n in region and n not in env]
-    known: dict = {}
-    consts: list = []                   # the weight-only values it reads (an activation's learned scalars)
+    weights: set | None = None         # the graph's weight-only nodes, found when an op reads a value outside
+    root, learned = torch.nn.Module(), {}   # weight-only values it reads, as CPU buffers of the function's module
 
-    def copy_const(a):
+    def const(a):
         if a not in env:
-            for i in a.all_input_nodes:
-                copy_const(i)
-            env[a] = g.get_attr(a.target) if a.op == "get_attr" else g.node_copy(a, lambda b: env[b])
-            consts.append(a)
+            if a.op == "get_attr":
+                v = gu.fetch_attr(dst.graph.owning_module, a.target)
+            else:
+                for i in a.all_input_nodes:
+                    const(i)
+                v = a.target(*fx.node.map_arg(a.args, learned.get), **fx.node.map_arg(a.kwargs, learned.get))
+            learned[a] = v
+            name = f"c{len(learned)}"
+            if isinstance(v, torch.Tensor):
+                root.register_buffer(name, v.detach().cpu())
+            else:
+                setattr(root, name, v)
+            env[a] = g.get_attr(name)
 
     for n in order:
         if n.op != "call_function":
             raise _Miss(f"activation reads {n.op} {n.name}")
-        outside = [a for a in n.all_input_nodes if a not in env and not _weights_only(a, known)]
-        if outside:
-            raise _Miss(f"activation op {n.name} reads {outside[0].name}, which is not elementwise on the FFN")
-        for a in n.all_input_nodes:
-            copy_const(a)
+        outside = [a for a in n.all_input_nodes if a not in env]
+        if outside and weights is None:
+            weights = gu.weight_only_nodes(dst.graph) if dst.graph.owning_module is not None else set()
+        bad = [a for a in outside if a not in weights]
+        if bad:
+            raise _Miss(f"activation op {n.name} reads {bad[0].name}, which is not elementwise on the FFN")
+        for a in outside:
+            const(a)
         if n.target in gu.VIEWS:
             env[n] = env[n.args[0]]
             continue
         env[n] = g.node_copy(n, lambda a: env[a])
     g.output(env[dst])
-    root = dst.graph.owning_module if consts else None
-    fn = fx.GraphModule(root if root is not None else torch.nn.Module(), g)
+    fn = fx.GraphModule(root, g)
     fn.ops = [str(n.target) for n in order]
     fn.consts = sorted({float(a) for n in order for a in (*n.args, *n.kwargs.values())
                         if isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)})[:8]
-    fn.learned = _scalar_values(root, consts)
+    fn.learned = sorted({float(v.reshape(())) for v in learned.values()   # the learned scalars (xielu's)
+                         if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point()})
     return fn
-
-
-def _weights_only(n: fx.Node, known: dict) -> bool:
-    """Is `n` computed from stored weights alone (an activation's learned parameter: softplus(p))?"""
-    if n not in known:
-        known[n] = n.op == "get_attr" or (n.op == "call_function" and bool(n.all_input_nodes)
-                                          and all(_weights_only(a, known) for a in n.all_input_nodes))
-    return known[n]
-
-
-def _scalar_values(root, nodes: list) -> list[float]:
-    """The values of the one-element weight-only `nodes` (evaluated from `root`'s weights)."""
-    if not nodes:
-        return []
-    g, env = fx.Graph(), {}
-    for n in nodes:
-        env[n] = g.get_attr(n.target) if n.op == "get_attr" else g.node_copy(n, lambda b: env[b])
-    g.output(tuple(env[n] for n in nodes))
-    with torch.no_grad():
-        vals = fx.GraphModule(root, g)()
-    return sorted({float(v.reshape(())) for v in vals
-                   if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point()})
 
 
 def _probe(consts) -> torch.Tensor:

@@ -163,6 +163,18 @@ def dynamic_nodes(graph: fx.Graph) -> set[fx.Node]:
 _SIZE_QUERIES = (torch.ops.aten.sym_size.int,)
 
 
+def weight_only_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes computed from stored weights alone: `get_attr`s and the ops that read nothing else (a norm's
+    `weight.float()`, an activation's learned `softplus(p)`). Unlike the complement of `dynamic_nodes`, no value
+    computed from an input's sizes."""
+    out: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "get_attr" or (n.op == "call_function" and n.all_input_nodes
+                                  and all(a in out for a in n.all_input_nodes)):
+            out.add(n)
+    return out
+
+
 def module_path(n: fx.Node) -> str | None:
     stack = n.meta.get("nn_module_stack")
     if not stack:

@@ -139,10 +139,11 @@ def _find_sums(graph: fx.Graph, dyn: set) -> list[_Sum]:
         # the stream term x, and the terms that are branches; or a mix of the streams before the sum (manifold
         # hyper-connections: comb·X + post⊗y, with no term an ancestor of the others), whose X is the stream
         split = [(x, [t for t in terms if t is not x]) for x in terms]
-        # the stream term may be rescaled by input-independent factors (Doge adds its branch to w ⊙ residual)
-        scaled = [(_stream_source(x, dyn), others) for x, others in split]
-        for x, others in ([c for c in split if all(c[0] in anc[t] for t in c[1])][:1]
-                          or [c for c in scaled if all(c[0] in anc[t] for t in c[1])][:1] or _mixed_stream(terms, v)):
+        # the stream term may be rescaled by input-independent factors (Doge adds its branch to w ⊙ residual):
+        # looked at only where no term is the stream as it is
+        streams = lambda cands: [c for c in cands if all(c[0] in anc[t] for t in c[1])][:1]  # noqa: E731
+        for x, others in (streams(split) or streams((_stream_source(x, dyn), o) for x, o in split)
+                          or _mixed_stream(terms, v)):
             if not all(x in anc[t] for t in others):
                 continue
             desc_x = gu.descendants(x)
@@ -189,11 +190,12 @@ def _merge_shared_experts(branches: list[_Branch]) -> list[_Branch]:
     return [b for b in branches if b.kind == "attention"] + [merged]
 
 
-def _reaches_through_norm(src: fx.Node, dst: fx.Node) -> bool | None:
-    """True if dst == src up to identities and reshapes (None), or dst is a norm of src (True); False otherwise.
+def _reaches_through_norm(src: fx.Node, dst: fx.Node, dyn: set) -> bool | None:
+    """None if dst is src as a stream (`_stream_source`: up to identities, reshapes, input-independent rescaling
+    and slices over positions), True if dst is a norm of src; False otherwise.
 
     Reshapes count as the same stream: OPT's layers flatten it to [B*S, d] around the FFN and back."""
-    if gu.root_views(dst) is src:
+    if _stream_source(dst, dyn) is src:
         return None
     mid = gu.between(src, dst) | {dst}
     if not mid or len(mid) > 40 or any(gu.is_matmul(n) for n in mid):
@@ -284,9 +286,7 @@ def _chain(sums: list[_Sum], dyn: set) -> list[tuple[_Sum, bool]]:
     for j, s in enumerate(sums):
         best[j] = (1, None, False)
         for i in reversed(range(j)):
-            link = _reaches_through_norm(sums[i].out, s.stream)
-            if link is False and _stream_source(s.stream, dyn) is gu.root_views(sums[i].out):
-                link = None
+            link = _reaches_through_norm(sums[i].out, s.stream, dyn)
             if link is not False:
                 best[j] = (best[i][0] + 1, i, bool(link))
                 break

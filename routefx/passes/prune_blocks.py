@@ -49,9 +49,8 @@ class PruneBlocks(Pass):
         want = [b.path for i, b in enumerate(ctx.ir.blocks) if i not in set(_pruned(ctx))]
         have = [b.path for b in after.blocks]
         return None if have == want else (
-            f"blocks after pruning are {have}, expected {want}: a later block reads values a pruned block computes "
-            "besides the residual stream (state shared across layers), so removing it changes the blocks after it; "
-            "PruneLayers supports blocks that pass each other nothing but the residual stream")
+            f"blocks after pruning are {have}, expected {want}: removing the pruned blocks changed the blocks after "
+            f"them; {_ONLY_THE_STREAM}")
 
 
 def _still_computed(b) -> str | None:
@@ -68,7 +67,8 @@ def _still_computed(b) -> str | None:
     what = read.name + (f" ({gu.module_path(read)})" if gu.module_path(read) else "")
     what += f", read by {reader.name}" + (f" in {gu.module_path(reader)}" if gu.module_path(reader) else "")
     return (f"block {b.index}" + (f" ({b.path})" if b.path else "") + f" is still computed after pruning: "
-            f"{what}: a later block reads values this block "
-            "computes besides the residual stream (keys and values shared across layers, state passed between "
-            "layers), so removing the block would change the blocks after it; PruneLayers supports blocks that "
-            "pass each other nothing but the residual stream")
+            f"{what}: a later block reads values this block computes besides the residual stream (keys and values "
+            f"shared across layers, state passed between layers); {_ONLY_THE_STREAM}")
+
+
+_ONLY_THE_STREAM = "PruneLayers supports blocks that pass each other nothing but the residual stream"

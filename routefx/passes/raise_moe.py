@@ -534,7 +534,7 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
     gates = floats[-1]
 
     # The replaced dispatch: what reaches the combine from the experts' input, routes and gates, and nothing else.
-    xe = _experts_input(region, up, x, router, order)
+    xe = _experts_input(region, up, x, router, from_router, order)
     replaced, checks = _dispatch_nodes(region, combine, [routes, gates], xe)
     x_root = gu.root_views(xe)
     if gu.root_views(up.args[0]) not in replaced and gu.root_views(up.args[0]) is not x_root:
@@ -549,11 +549,12 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
                     x_experts=None if gu.root_views(xe) is gu.root_views(x) else xe)
 
 
-def _experts_input(region: set, up: fx.Node, x: fx.Node, router: fx.Node, order: dict) -> fx.Node:
+def _experts_input(region: set, up: fx.Node, x: fx.Node, router: fx.Node, from_router: set, order: dict) -> fx.Node:
     """The [T, d] value the experts' first grouped product reads (gathered in route order): x, the router's input,
     in most models; else the last value of x's shape before the product that neither the router reads nor
-    depends on the routes (Gemma 4 feeds its experts another norm of the block input than its router)."""
-    cands = [n for n in (gu.ancestors([up.args[0]]) & region) - gu.descendants(router) - gu.ancestors([router])
+    depends on the routes (`from_router`: the router's descendants; Gemma 4 feeds its experts another norm of the
+    block input than its router)."""
+    cands = [n for n in (gu.ancestors([up.args[0]]) & region) - from_router - gu.ancestors([router])
              if n.op == "call_function" and _shape(n) == _shape(x)]
     return max(cands, key=order.get) if cands else x
 

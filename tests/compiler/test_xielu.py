@@ -3,15 +3,19 @@ Read from the graph by fitting the probed function and snapping each parameter t
 activation reads; the name carries the values (`xielu;alpha_p=..;alpha_n=..;beta=..;eps=..`). Checked against
 transformers' own XIELUActivation, on the routed_ffn reference, ONNX, and Duo on an Apertus model (the Triton
 epilogue: tests/backends/triton/test_ffn_interpreter.py)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers as hf
 from transformers.activations import XIELUActivation
 
+import routefx
 from routefx.errors import UnsupportedActivationError
 from routefx.ir.activations import get_activation, parse_activation
 from tests.compare import assert_compiles_to_model, assert_duo_routes_the_mlps, padded_ids
+from tests.test_cuda import DEVICES
 from tests.tolerances import ACTIVATION
 from tests.zoo import hf_model
 
@@ -65,6 +69,18 @@ def test_apertus_reads_each_layers_xielu(apertus):
         assert (b.ffn.kind, b.ffn.intermediate_size) == ("mlp", 128)
         spec = parse_activation(b.ffn.activation)
         assert spec.base == "xielu"
+        want = _params(layer.mlp.act_fn)
+        assert {k: getattr(spec, k) for k in want} == pytest.approx(want, rel=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_xielu_read_on_the_models_device(apertus, device):
+    """The learned scalars are read where the weights live (the probe runs on CPU: they are copied there once)."""
+    model = copy.deepcopy(apertus).to(device)
+    ids, mask = (t.to(device) for t in _inputs())
+    ir = routefx.inspect(model, example_inputs=(ids,), example_kwargs={"attention_mask": mask})
+    for b, layer in zip(ir.blocks, apertus.model.layers):
+        spec = parse_activation(b.ffn.activation)
         want = _params(layer.mlp.act_fn)
         assert {k: getattr(spec, k) for k in want} == pytest.approx(want, rel=1e-7)
 
