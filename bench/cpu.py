@@ -61,7 +61,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import routefx  # noqa: E402
 from routefx.backends import onnx as onnx_backend  # noqa: E402
-from routefx.timing import median_seconds  # noqa: E402
+from routefx.timing import CPU_SETTLE_S, median_seconds  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import DENSE, assess, fmt, overall_targets, print_summary, write_markdown  # noqa: E402
@@ -594,7 +594,7 @@ def main(argv=None) -> None:
     print(f"-- timing {len(fns)} functions: {args.warmup} warm-up + {args.reps} interleaved rounds "
           f"(RSS {res['rss_before_timing_gib']:.1f} GiB)", flush=True)
     load0, cpu0, t = loadavg(), os.times(), time.perf_counter()
-    lat = median_seconds(fns, warmup=args.warmup, reps=args.reps, shuffle_seed=args.seed)
+    lat = median_seconds(fns, warmup=args.warmup, reps=args.reps, shuffle_seed=args.seed, settle_s=CPU_SETTLE_S)
     wall, cpu1 = time.perf_counter() - t, os.times()
     res["timing_seconds"] = round(wall, 1)
     share = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / wall / max(1, torch.get_num_threads())

@@ -35,7 +35,6 @@ class Graph:
     seconds: float               # capture, passes and (once done) lowering
     _lower: object = dataclasses.field(default=None, repr=False)
     _run: object = dataclasses.field(default=None, repr=False)
-    _quiet: object = dataclasses.field(default=None, repr=False)
 
     @property
     def run(self):
@@ -45,16 +44,6 @@ class Graph:
             self._run = self._lower()
             self.seconds += time.perf_counter() - t0
         return self._run
-
-    @property
-    def quiet_run(self):
-        """`run` in a session whose threads do not spin-wait after a call (ONNX Runtime; other backends: `run`):
-        for graphs called in alternation with another model's (speculative decoding), where the spinning threads
-        of one session compete with the next session's on the same cores."""
-        if self._quiet is None:
-            run = self.run
-            self._quiet = run.without_spinning() if hasattr(run, "without_spinning") else run
-        return self._quiet
 
 
 @dataclasses.dataclass
@@ -68,11 +57,6 @@ class GenerationGraphs:
     @property
     def past_names(self) -> list[str]:
         return cache_names(self.kept, "past_")
-
-    def quiet(self) -> "GenerationGraphs":
-        """These graphs with their `quiet_run` as `run` (see `Graph.quiet_run`)."""
-        return dataclasses.replace(self, prefill=dataclasses.replace(self.prefill, _run=self.prefill.quiet_run),
-                                   decode=dataclasses.replace(self.decode, _run=self.decode.quiet_run))
 
 
 def _plan(cm, gm: fx.GraphModule, ir: ModelIR) -> Plan:

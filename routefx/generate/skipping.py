@@ -49,8 +49,9 @@ def decode_pieces(cm) -> Pieces:
     order = [pieces.pre, *[q for pair in zip(pieces.layers, pieces.kv) for q in pair], pieces.post]
     dev = next(iter(cm._model.parameters()), torch.empty(0)).device
     a, b = _example(g, 2, 3, 5, dev), _example(g, 4, 6, 7, dev)  # every size different between the two
-    # 2L + 2 sessions run one after another: ONNX Runtime's threads must not spin between runs (measured on the
-    # CPU benchmark model: 7.7 decode tokens/s with spinning against 50 for the one-graph decode)
+    # 2L + 2 small sessions run one after another, with threads that never spin (see onnx.session_options; measured
+    # on the CPU benchmark model with ONNX Runtime's default, spinning after a run: 7.7 decode tokens/s against 50
+    # for the one-graph decode)
     quiet = {"spinning": False} if "spinning" in inspect.signature(cm._backend.prepare).parameters else {}
     with torch.no_grad():
         for env in (a, b):                # eager runs of the pieces: their example inputs at two sets of sizes

@@ -208,6 +208,7 @@ def _options(threads: int | None, routed: bool, level) -> ort.SessionOptions:
     so.graph_optimization_level = level
     so.enable_mem_pattern = not routed
     so.log_severity_level = 3
+    so.add_session_config_entry("session.force_spinning_stop", "1")   # see routefx.backends.onnx's docstring
     return so
 
 

@@ -96,6 +96,26 @@ def test_duo_onnx_equals_eager(name, router):
         assert not ops & {"TopK", "NonZero", "ScatterND", "ScatterElements", "ArgMax"}, ops
 
 
+def test_sessions_stop_spinning_when_a_run_returns():
+    """Two compiled models called in alternation (dense and Duo) give their own results, and their sessions' threads
+    stop spin-waiting when a run returns, at either optimization level (see the backend's docstring)."""
+    entry = ZOO["llama"]
+    args, kwargs = example_inputs(entry, batch=2, seq=7)
+    cal = [{"input_ids": args[0], **kwargs}]
+    cms = [routefx.compile(entry.build(), p, calibration=cal, backend="onnx")
+           for p in (routefx.policies.Dense(), routefx.policies.Duo(budget=0.5, router="random"))]
+    args, kwargs = example_inputs(entry, batch=3, seq=9, left_pad=2, seed=4)
+    with torch.no_grad():
+        refs = [cm.graph_module(**graph_kwargs(cm.graph_module, args, kwargs)) for cm in cms]
+    for _ in range(2):
+        for cm, ref in zip(cms, refs):
+            assert_close_nonpad(cm(*args, **kwargs), ref, kwargs["attention_mask"], ONNX_VS_EAGER)
+    for cm in cms:
+        for runner in (cm.runner, cm.runner.at_level("disable")):
+            opts = runner.session.get_session_options()
+            assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
 def test_lowered_from_the_captured_graph_without_tracing():
     """The backend lowers the graph routefx captured as it is (no torch.export of it again, no decomposition
     trace); the exporter's own path (decompose, then translate: `direct=False`) gives the same outputs, and both

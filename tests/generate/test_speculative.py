@@ -65,17 +65,18 @@ def test_refuses_a_draft_of_another_model(models):
         speculative_generate(full, other, ids, mask)
 
 
-def test_onnx_graphs_alternate_without_spin_waiting(models):
-    """On ONNX Runtime the draft's and the full model's sessions alternate on the same cores: speculative decoding
-    runs them in sessions whose threads do not spin-wait, and those give the same tokens."""
+def test_onnx_graphs_alternate_in_sessions_that_stop_spinning(models):
+    """On ONNX Runtime the draft's and the full model's sessions alternate on the same cores: their threads stop
+    spin-waiting when a run returns, so that one session's idle threads do not compete with the next one's run,
+    and the alternation gives greedy decoding's tokens."""
     from routefx.generate.graphs import generation_graphs
     model, _, _, ids, mask = models
     full = routefx.compile(model, Dense(), backend="onnx")
     draft = routefx.compile(model, PruneLayers(layers=[2]), backend="onnx")
     out, _ = speculative_generate(full, draft, ids, mask, max_new_tokens=12, n=2, eos_token_id=[])
     assert torch.equal(out, full.generate(ids, mask, max_new_tokens=12, eos_token_id=[]))
-    key = "session.intra_op.allow_spinning"
     for cm in (full, draft):
         g = generation_graphs(cm)
-        assert g.decode.quiet_run.session.get_session_options().get_session_config_entry(key) == "0"
-        assert g.decode.run.session is not g.decode.quiet_run.session
+        for run in (g.prefill.run, g.decode.run):
+            opts = run.session.get_session_options()
+            assert opts.get_session_config_entry("session.force_spinning_stop") == "1"

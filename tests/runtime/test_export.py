@@ -112,6 +112,8 @@ def test_plain_onnxruntime_runs_the_onnx_file_without_routefx():
 def test_output_structure_follows_the_inputs():
     cm, path, entry = exported("llama-duo-nested")
     sess = routefx.load(path)
+    # its threads stop spin-waiting when a run returns (routefx.backends.onnx's docstring)
+    assert sess.session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
     feed = call_inputs(entry)[0]
     ref = cm(**feed)
     out = sess(feed["input_ids"], attention_mask=feed["attention_mask"])        # torch in: the model's own class
