@@ -581,7 +581,9 @@ def main(argv=None) -> None:
                         "quick": args.quick, "budgets": args.budgets, "routers": args.routers,
                         "cal_batches": args.cal_batches, "cal_batch": args.cal_batch, "cal_seq": args.cal_seq,
                         "timing": "routefx.timing.median_seconds: every candidate of both shapes and the peak "
-                                  "MatMuls in one dict, order shuffled per round"},
+                                  f"MatMuls in one dict, order shuffled per round, {CPU_SETTLE_S} s idle before "
+                                  "each timed call",
+                        "settle_s": CPU_SETTLE_S},
            "shapes": {}}
     mc = res["machine"]
     print(f"machine: {mc['cpu']} ({', '.join(mc['simd'])}), {mc['cpu_count']} cores, torch threads "
@@ -597,7 +599,8 @@ def main(argv=None) -> None:
     lat = median_seconds(fns, warmup=args.warmup, reps=args.reps, shuffle_seed=args.seed, settle_s=CPU_SETTLE_S)
     wall, cpu1 = time.perf_counter() - t, os.times()
     res["timing_seconds"] = round(wall, 1)
-    share = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / wall / max(1, torch.get_num_threads())
+    busy = wall - CPU_SETTLE_S * args.reps * len(fns)   # without the idle gaps before the timed calls
+    share = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / busy / max(1, torch.get_num_threads())
     res["timing_conditions"] = {"loadavg_before": load0, "loadavg_after": loadavg(), "cpu_share": round(share, 3)}
     if share < 0.85:
         print(f"WARNING: this process got {share:.2f} of {torch.get_num_threads()} cores while timing: the machine "

@@ -224,7 +224,8 @@ def write_markdown(res: dict, path: str) -> None:
         f"Duo calibration: {s['cal_batches']} batches of [{s['cal_batch']}, min({s['cal_seq']}, seq)] random tokens "
         f"(seeded). Latency: median of {s['reps']} rounds after {s['warmup']} warm-up rounds; every candidate of "
         "both shapes and the GEMM probes run in the same rounds, in an order shuffled per round (seeded), in one "
-        "process.",
+        "process" + (f", each timed call after {s['settle_s']} s idle (no candidate timed while the previous one's "
+                     "threads still spin: routefx.timing)." if s.get("settle_s") else "."),
         "",
         "FLOP-ideal = dense FLOPs per token / the candidate's FLOPs per token with the routes it realised on the "
         "measured input. Efficiency = speedup / FLOP-ideal, against routefx ONNX dense and against the fastest dense "

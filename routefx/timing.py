@@ -6,12 +6,11 @@ round, so no candidate always runs right after the same other one (caches, alloc
 
 On CPU, candidates on different engines also slow each other through threads that spin-wait after their work,
 on the cores the next candidate needs: torch's OpenMP threads after a parallel region, and ONNX Runtime's after a
-run unless the session stops them (routefx's sessions do; the benchmarks' GEMM-rate probes and other plain
-sessions do not). Measured on 2 cores (AMD EPYC, chains of 1024 x 1024 MatMuls, 2 threads each): a torch chain of
-80 ms took 115 ms right after a plain ONNX Runtime session's run, 93 ms 20 ms after it and 76 ms 100 ms after it;
-a routefx-style session's 49 ms run took 55 ms right after the torch chain. CPU benchmarks therefore pass
-`settle_s=CPU_SETTLE_S`: an idle gap before every timed call (not timed), so that each candidate is measured as it
-runs alone, the way a user runs it.
+run unless the session stops them (routefx's sessions do, ONNX Runtime's default sessions do not). Measured on 2
+cores (AMD EPYC, chains of 1024 x 1024 MatMuls, 2 threads each): a torch chain of 80 ms took 115 ms right after a
+default session's run, 93 ms 20 ms after it and 76 ms 100 ms after it; a routefx-style session's 49 ms run took
+55 ms right after the torch chain. CPU benchmarks therefore pass `settle_s=CPU_SETTLE_S`: an idle gap before every
+timed call (not timed), so that each candidate is measured as it runs alone, the way a user runs it.
 """
 from __future__ import annotations
 
