@@ -2,21 +2,18 @@
 
 Candidates: eager, onnx and inductor (one that cannot prepare is left out, with its reason). Each is warmed up
 once, then called in `rounds` interleaved rounds (candidate order shuffled per round, so drift and other load on
-the machine spread over all); the median time decides. The result says what was measured in `notes`, which
+the machine spread over all; `routefx.timing.CPU_SETTLE_S` idle before each timed call); the median time decides. The result says what was measured in `notes`, which
 `routefx.compile` copies into `cm.report.notes`. Preparing every candidate costs their compile times together.
 """
 from __future__ import annotations
 
 import dataclasses
-import random
-import statistics
-import time
 from typing import Any
 
-import torch
 from torch import fx
 
 from routefx.errors import BackendError
+from routefx.timing import CPU_SETTLE_S, median_seconds
 
 __all__ = ["prepare", "AutoRunner", "CANDIDATES"]
 
@@ -56,18 +53,10 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, candidates=None, rounds
             skipped[name] = str(e)
     if not runners:
         raise BackendError(f"backend auto: no candidate could prepare the graph: {skipped}")
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    order = list(runners)
-    rng = random.Random(0)
-    with torch.no_grad():
-        for run in runners.values():  # warm-up (first-call allocations, lazy compiles)
-            run(**example_kwargs)
-        for _ in range(rounds):
-            rng.shuffle(order)
-            for name in order:
-                t0 = time.perf_counter()
-                runners[name](**example_kwargs)
-                times[name].append(time.perf_counter() - t0)
-    ms = {name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()}
+    # warm-up once (first-call allocations, lazy compiles), then interleaved rounds with an idle gap before each
+    # timed call, so that no candidate is timed while the previous one's threads still spin (routefx.timing)
+    fns = {name: (lambda run=run: run(**example_kwargs)) for name, run in runners.items()}
+    med = median_seconds(fns, warmup=1, reps=rounds, shuffle_seed=0, settle_s=CPU_SETTLE_S)
+    ms = {name: round(t * 1e3, 3) for name, t in med.items()}
     chosen = min(ms, key=ms.get)
     return AutoRunner(runners[chosen], chosen, ms, skipped)
