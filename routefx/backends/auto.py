@@ -2,8 +2,9 @@
 
 Candidates: eager, onnx and inductor (one that cannot prepare is left out, with its reason). Each is warmed up
 once, then called in `rounds` interleaved rounds (candidate order shuffled per round, so drift and other load on
-the machine spread over all; `routefx.timing.CPU_SETTLE_S` idle before each timed call); the median time decides. The result says what was measured in `notes`, which
-`routefx.compile` copies into `cm.report.notes`. Preparing every candidate costs their compile times together.
+the machine spread over all; `routefx.timing.CPU_SETTLE_S` idle before each timed call); the median time decides.
+The result says what was measured in `notes`, which `routefx.compile` copies into `cm.report.notes`. Preparing
+every candidate costs their compile times together, and the timing rounds 0.1 s per call more.
 """
 from __future__ import annotations
 
