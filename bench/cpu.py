@@ -61,7 +61,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import routefx  # noqa: E402
 from routefx.backends import onnx as onnx_backend  # noqa: E402
-from routefx.timing import CPU_SETTLE_S, median_seconds  # noqa: E402
+from routefx.timing import CPU_WARM_EACH, median_seconds  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import DENSE, assess, fmt, overall_targets, print_summary, write_markdown  # noqa: E402
@@ -581,9 +581,9 @@ def main(argv=None) -> None:
                         "quick": args.quick, "budgets": args.budgets, "routers": args.routers,
                         "cal_batches": args.cal_batches, "cal_batch": args.cal_batch, "cal_seq": args.cal_seq,
                         "timing": "routefx.timing.median_seconds: every candidate of both shapes and the peak "
-                                  f"MatMuls in one dict, order shuffled per round, {CPU_SETTLE_S} s idle before "
-                                  "each timed call",
-                        "settle_s": CPU_SETTLE_S},
+                                  f"MatMuls in one dict, order shuffled per round, each timed call right after "
+                                  f"{CPU_WARM_EACH} untimed calls of the same candidate",
+                        "warm_each": CPU_WARM_EACH},
            "shapes": {}}
     mc = res["machine"]
     print(f"machine: {mc['cpu']} ({', '.join(mc['simd'])}), {mc['cpu_count']} cores, torch threads "
@@ -596,11 +596,10 @@ def main(argv=None) -> None:
     print(f"-- timing {len(fns)} functions: {args.warmup} warm-up + {args.reps} interleaved rounds "
           f"(RSS {res['rss_before_timing_gib']:.1f} GiB)", flush=True)
     load0, cpu0, t = loadavg(), os.times(), time.perf_counter()
-    lat = median_seconds(fns, warmup=args.warmup, reps=args.reps, shuffle_seed=args.seed, settle_s=CPU_SETTLE_S)
+    lat = median_seconds(fns, warmup=args.warmup, reps=args.reps, shuffle_seed=args.seed, warm_each=CPU_WARM_EACH)
     wall, cpu1 = time.perf_counter() - t, os.times()
     res["timing_seconds"] = round(wall, 1)
-    busy = wall - CPU_SETTLE_S * args.reps * len(fns)   # without the idle gaps before the timed calls
-    share = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / busy / max(1, torch.get_num_threads())
+    share = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / wall / max(1, torch.get_num_threads())
     res["timing_conditions"] = {"loadavg_before": load0, "loadavg_after": loadavg(), "cpu_share": round(share, 3)}
     if share < 0.85:
         print(f"WARNING: this process got {share:.2f} of {torch.get_num_threads()} cores while timing: the machine "

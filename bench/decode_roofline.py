@@ -31,7 +31,7 @@ import torch
 from routefx.backends import onnx_session
 from routefx.backends.onnx import session_options
 from routefx.generate.loop import Stepper
-from routefx.timing import CPU_SETTLE_S, median_seconds
+from routefx.timing import CPU_WARM_EACH, median_seconds
 
 __all__ = ["PATHS", "weight_stream_seconds", "step_seconds", "roofline", "roof_of", "roofline_markdown"]
 
@@ -64,7 +64,7 @@ def weight_stream_seconds(nbytes: int, hidden: int, batches, *, reps: int = 15, 
         xn = x.numpy()
         fns = {"torch": lambda x=x: x @ w_torch.T, "onnxruntime": lambda xn=xn: sess.run(None, {"x": xn})}
         for k, v in median_seconds(fns, warmup=warmup, reps=reps, shuffle_seed=seed + B,
-                                   settle_s=CPU_SETTLE_S).items():
+                                   warm_each=CPU_WARM_EACH).items():
             res[k][B] = v
         res["best"][B] = min(res["torch"][B], res["onnxruntime"][B])
     res["bandwidth_gb_s"] = res["bytes"] / res["best"][min(batches)] / 1e9

@@ -67,7 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import routefx  # noqa: E402
 from routefx.generate import ActivationSkip, DepthDecay, LayerSubset, generate_with_stats  # noqa: E402
 from routefx.policies import Dense, Duo  # noqa: E402
-from routefx.timing import CPU_SETTLE_S, median_seconds  # noqa: E402
+from routefx.timing import CPU_WARM_EACH, median_seconds  # noqa: E402
 from cpu import FULL, SMOKE, Shape, build_model, loadavg, machine  # noqa: E402
 from decode_roofline import (roof_of, roofline, roofline_markdown, step_seconds,  # noqa: E402
                              weight_stream_seconds)
@@ -194,7 +194,7 @@ def speculative(args) -> dict:
                          "tokens_per_round": st.tokens_per_round, "n_chosen_last": st.n_chosen[-1],
                          "draft_step_s": st.draft_seconds, "verify_s": st.verify_seconds})
             fns[key] = lambda d=d, n=n: speculative_generate(full, d, prompt, n=n, **kw)
-    t = median_seconds(fns, warmup=1, reps=3 if args.quick else 5, shuffle_seed=0, settle_s=CPU_SETTLE_S)
+    t = median_seconds(fns, warmup=1, reps=3 if args.quick else 5, shuffle_seed=0, warm_each=CPU_WARM_EACH)
     step = t["onnx_dense"] / new                       # one dense decode step (prefill amortised in)
     for r in rows:
         r["speedup_vs_onnx_dense"] = t["onnx_dense"] / t[r["candidate"]]
@@ -359,7 +359,7 @@ def main() -> None:
         print(f"batch {B}: load {loadavg()}", flush=True)
         stream = weight_stream_seconds(dense_bytes, m.hidden, sorted({1, B}))
         steps = step_seconds(dense, prompt, steps=60, blocks=3, seed=B)
-        t = median_seconds(fns, warmup=st.warmup, reps=st.reps, shuffle_seed=B, settle_s=CPU_SETTLE_S)
+        t = median_seconds(fns, warmup=st.warmup, reps=st.reps, shuffle_seed=B, warm_each=CPU_WARM_EACH)
         same = torch.equal(outs["hf_eager"], outs["routefx_onnx_dense"])
         duo = duo_fraction(compiled["routefx_onnx_duo_0.5"], outs["routefx_onnx_duo_0.5"], st.prompt, B)
         fr = duo["per_token"] if B == 1 else duo["batch_union"]

@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import routefx  # noqa: E402
 from routefx.policies import Duo, MoEBudget  # noqa: E402
-from routefx.timing import CPU_SETTLE_S, median_seconds  # noqa: E402
+from routefx.timing import CPU_WARM_EACH, median_seconds  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe  # noqa: E402
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
             fns[f"{tag}_{b}"] = (lambda r: lambda: r(**x))(run)
         res["compile_s"][tag] = round(time.perf_counter() - t, 1)
         print(f"compiled {tag} in {res['compile_s'][tag]} s, budget {res['budget'][tag]:.3f}", flush=True)
-    lat = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0, settle_s=CPU_SETTLE_S)
+    lat = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0, warm_each=CPU_WARM_EACH)
     res["latency_ms"] = {k: round(v * 1e3, 2) for k, v in lat.items()}
     res["hoist_speedup"] = {b: round(lat[f"local_{b}"] / lat[f"hoist_{b}"], 3) for b in backends}
     res["load_after"] = loadavg()

@@ -47,7 +47,7 @@ import transformers  # noqa: E402
 
 import routefx  # noqa: E402
 from routefx.backends import get_backend  # noqa: E402
-from routefx.timing import CPU_SETTLE_S, median_seconds  # noqa: E402
+from routefx.timing import CPU_WARM_EACH, median_seconds  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu import loadavg, machine, rss_gib  # noqa: E402
@@ -187,7 +187,7 @@ def main(argv=None) -> None:
         gc.collect()
     if a.budget and "onnx" in backends:
         budget_candidate(moe_model, a, x, refs["moe"], fns, res)
-    lat = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0, settle_s=CPU_SETTLE_S)
+    lat = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0, warm_each=CPU_WARM_EACH)
     res["latency_ms"] = {k: round(v * 1e3, 2) for k, v in lat.items()}
     res["load_after"] = loadavg()
     res["peak_rss_gib"] = round(peak_rss_gib(), 2)

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import routefx  # noqa: E402
-from routefx.timing import CPU_SETTLE_S, median_seconds  # noqa: E402
+from routefx.timing import CPU_WARM_EACH, median_seconds  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu import loadavg, machine  # noqa: E402
@@ -115,7 +115,7 @@ def measure(model, x, a, shape: dict, title: str, budgets=()) -> dict:
         out = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
         err[name] = float((out - ref).abs().max())
     load = loadavg()
-    t = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0, settle_s=CPU_SETTLE_S)
+    t = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0, warm_each=CPU_WARM_EACH)
     rows = [{"candidate": k, "ms": 1e3 * v, "speedup_vs_hf": t["hf_eager"] / v,
              "flop_ideal": flops["hf_eager"] / flops[k], "max_abs_vs_hf": err[k]} for k, v in t.items()]
     res = {"machine": machine(), "loadavg_before": load, "threads": a.threads, "model": shape,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from routefx.ir.ops import routed_ffn, routed_ffn_reference
-from routefx.timing import CPU_SETTLE_S, median_seconds
+from routefx.timing import CPU_WARM_EACH, median_seconds
 
 
 def _experts(a):
@@ -61,7 +61,7 @@ def main(a) -> None:
             ref = experts(x, routes, gates)
             diff = {k: float((fns[k]() - ref).abs().max()) for k in ("routed_ffn", "reference")}
         reps = 15 if T >= 256 else 50
-        lat = median_seconds(fns, warmup=3, reps=reps, shuffle_seed=T, settle_s=CPU_SETTLE_S)
+        lat = median_seconds(fns, warmup=3, reps=reps, shuffle_seed=T, warm_each=CPU_WARM_EACH)
         res["tokens"][T] = {"ms": {k: round(v * 1e3, 3) for k, v in lat.items()}, "max_abs_vs_hf": diff,
                             "routed_ffn_speedup_vs_hf": round(lat["hf_experts"] / lat["routed_ffn"], 3),
                             "reference_speedup_vs_hf": round(lat["hf_experts"] / lat["reference"], 3),

@@ -33,7 +33,7 @@ from torch import nn
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn)
 from routefx.backends import onnx as onnx_backend
 from routefx.ir import capture
-from routefx.timing import CPU_SETTLE_S, median_seconds
+from routefx.timing import CPU_WARM_EACH, median_seconds
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu import loadavg  # noqa: E402
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
     if a.cpu_time:
         lat = cpu_seconds(fns, warmup=a.warmup, reps=a.reps)
     else:
-        lat = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0, settle_s=CPU_SETTLE_S)
+        lat = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0, warm_each=CPU_WARM_EACH)
     res = {"args": vars(a), "load": [load0, loadavg()], "clock": "thread cpu" if a.cpu_time else "wall",
            "ms": {k: round(v * 1e3, 3) for k, v in lat.items()}, "moe_over_dense": round(lat["dense"] / lat["moe"], 3)}
     if "ort_moe" in lat:

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 import routefx  # noqa: E402
 from routefx.backends import onnx as onnx_backend  # noqa: E402
-from routefx.timing import CPU_SETTLE_S, median_seconds  # noqa: E402
+from routefx.timing import CPU_WARM_EACH, median_seconds  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe  # noqa: E402
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
         runners[kind] = (onnx_backend.prepare(gm, kw, profile=True), kw)
         del cm, model
     fns = {k: (lambda r, kw: lambda: r(**kw))(*v) for k, v in runners.items()}
-    lat = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0, settle_s=CPU_SETTLE_S)
+    lat = median_seconds(fns, warmup=a.warmup, reps=a.reps, shuffle_seed=0, warm_each=CPU_WARM_EACH)
     res = {"shape": {k: getattr(a, k) for k in ("layers", "hidden", "experts", "expert_width", "top_k", "seq",
                                                  "threads")}, "load": loadavg(),
            "latency_ms": {k: round(v * 1e3, 2) for k, v in lat.items()},

@@ -224,8 +224,11 @@ def write_markdown(res: dict, path: str) -> None:
         f"Duo calibration: {s['cal_batches']} batches of [{s['cal_batch']}, min({s['cal_seq']}, seq)] random tokens "
         f"(seeded). Latency: median of {s['reps']} rounds after {s['warmup']} warm-up rounds; every candidate of "
         "both shapes and the GEMM probes run in the same rounds, in an order shuffled per round (seeded), in one "
-        "process" + (f", each timed call after {s['settle_s']} s idle (no candidate timed while the previous one's "
-                     "threads still spin: routefx.timing)." if s.get("settle_s") else "."),
+        "process" + (f", each timed call right after {s['warm_each']} untimed calls of the same candidate (none timed "
+                     "while another one's threads spin or caches hold another model: routefx.timing)."
+                     if s.get("warm_each") else
+                     f", each timed call after {s['settle_s']} s idle (no candidate timed while the previous one's "
+                     "threads still spin)." if s.get("settle_s") else "."),
         "",
         "FLOP-ideal = dense FLOPs per token / the candidate's FLOPs per token with the routes it realised on the "
         "measured input. Efficiency = speedup / FLOP-ideal, against routefx ONNX dense and against the fastest dense "

@@ -58,15 +58,15 @@ def main(argv=None) -> int:
 
     calibration = calibration_batches(tok, n=4, seq_len=seq, batch=4)        # train split
     heldout = heldout_batches(tok, n=4, seq_len=seq, batch=8)                # held-out files
-    x = {k: v[:1] for k, v in heldout[0].items()}                            # [1, seq] timing input
+    x = heldout[0]                                                           # [8, seq] timing input
     policies = {"duo:0.5": routefx.policies.Duo(budget=0.5, router="local"),
                 "prune:0.5": routefx.policies.PruneLayers(keep=0.5)}
     print(f"\n== compiling on the ONNX backend: dense, {', '.join(f'{k} = {v!r}' for k, v in policies.items())}")
     compiled = compile_policies(model, policies, calibration, x, backend="onnx")
     print(compiled["duo:0.5"].report)
 
-    print(f"\n== latency on {cpu_name()}, {torch.get_num_threads()} threads, batch 1 x {seq} held-out tokens "
-          "(median of 9 interleaved runs, one process)")
+    print(f"\n== latency on {cpu_name()}, {torch.get_num_threads()} threads, batch {x['input_ids'].shape[0]} x {seq} "
+          "held-out tokens (median of 9 interleaved runs, one process)")
     rows = bench_compiled(compiled, x, reps=9)
     print(format_bench(rows))
     if busy_note():

@@ -67,9 +67,9 @@ def bench_compiled(compiled: dict, x: dict, reps: int = 9) -> list[dict]:
     """Time `compiled` ({label: CompiledModel}, "dense" among them) on `x` (interleaved, median) and count FLOPs
     per token with the routes taken on `x`. Rows: label, ms, speedup (over dense), ideal (FLOP-ideal speedup),
     efficiency, flops, budget (realised, routed policies only)."""
-    from routefx.timing import CPU_SETTLE_S, median_seconds
+    from routefx.timing import CPU_WARM_EACH, median_seconds
     times = median_seconds({k: (lambda cm=cm: cm(**x)) for k, cm in compiled.items()}, reps=reps, shuffle_seed=0,
-                           settle_s=CPU_SETTLE_S)
+                           warm_each=CPU_WARM_EACH)
     flops = {k: cm.flops_per_token([x]) for k, cm in compiled.items()}
     rows = []
     for k, cm in compiled.items():

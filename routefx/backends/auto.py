@@ -2,9 +2,9 @@
 
 Candidates: eager, onnx and inductor (one that cannot prepare is left out, with its reason). Each is warmed up
 once, then called in `rounds` interleaved rounds (candidate order shuffled per round, so drift and other load on
-the machine spread over all; `routefx.timing.CPU_SETTLE_S` idle before each timed call); the median time decides.
-The result says what was measured in `notes`, which `routefx.compile` copies into `cm.report.notes`. Preparing
-every candidate costs their compile times together, and the timing rounds 0.1 s per call more.
+the machine spread over all; each timed call right after `routefx.timing.CPU_WARM_EACH` untimed calls of the same
+candidate); the median time decides. The result says what was measured in `notes`, which `routefx.compile` copies
+into `cm.report.notes`. Preparing every candidate costs their compile times together.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 from torch import fx
 
 from routefx.errors import BackendError
-from routefx.timing import CPU_SETTLE_S, median_seconds
+from routefx.timing import CPU_WARM_EACH, median_seconds
 
 __all__ = ["prepare", "AutoRunner", "CANDIDATES"]
 
@@ -54,10 +54,10 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, candidates=None, rounds
             skipped[name] = str(e)
     if not runners:
         raise BackendError(f"backend auto: no candidate could prepare the graph: {skipped}")
-    # warm-up once (first-call allocations, lazy compiles), then interleaved rounds with an idle gap before each
-    # timed call, so that no candidate is timed while the previous one's threads still spin (routefx.timing)
+    # warm-up once (first-call allocations, lazy compiles), then interleaved rounds in which each timed call follows
+    # untimed calls of the same candidate, so that none is timed while another one's threads spin (routefx.timing)
     fns = {name: (lambda run=run: run(**example_kwargs)) for name, run in runners.items()}
-    med = median_seconds(fns, warmup=1, reps=rounds, shuffle_seed=0, settle_s=CPU_SETTLE_S)
+    med = median_seconds(fns, warmup=1, reps=rounds, shuffle_seed=0, warm_each=CPU_WARM_EACH)
     ms = {name: round(t * 1e3, 3) for name, t in med.items()}
     chosen = min(ms, key=ms.get)
     return AutoRunner(runners[chosen], chosen, ms, skipped)
