@@ -226,9 +226,7 @@ def write_markdown(res: dict, path: str) -> None:
         "both shapes and the GEMM probes run in the same rounds, in an order shuffled per round (seeded), in one "
         "process" + (f", each timed call right after {s['warm_each']} untimed calls of the same candidate (none timed "
                      "while another one's threads spin or caches hold another model: routefx.timing)."
-                     if s.get("warm_each") else
-                     f", each timed call after {s['settle_s']} s idle (no candidate timed while the previous one's "
-                     "threads still spin)." if s.get("settle_s") else "."),
+                     if s.get("warm_each") else "."),
         "",
         "FLOP-ideal = dense FLOPs per token / the candidate's FLOPs per token with the routes it realised on the "
         "measured input. Efficiency = speedup / FLOP-ideal, against routefx ONNX dense and against the fastest dense "
