@@ -46,8 +46,44 @@ def compile_policies(model, policies: dict, calibration, x: dict, backend: str) 
     return compiled
 
 
-def busy_note() -> str:
-    """A warning when other processes load the machine (then ratios of times are not trustworthy), else ""."""
+def _busy_jiffies() -> int | None:
+    """CPU time all processes spent busy since boot, in clock ticks (/proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+
+
+class _OthersWatch:
+    """How many cores' worth of CPU time other processes used while a block ran (the machine's busy time from
+    /proc/stat minus this process's own; None where /proc/stat is missing)."""
+
+    def __enter__(self):
+        self._busy, self._own, self._t = _busy_jiffies(), os.times(), os.times().elapsed
+        return self
+
+    def __exit__(self, *exc):
+        busy, own = _busy_jiffies(), os.times()
+        wall = own.elapsed - self._t
+        self.others_cores = None
+        if busy is not None and self._busy is not None and wall > 0:
+            mine = (own.user - self._own.user) + (own.system - self._own.system)
+            self.others_cores = max(0.0, (busy - self._busy) / os.sysconf("SC_CLK_TCK") - mine) / wall
+        return False
+
+
+def busy_note(rows: list[dict] | None = None) -> str:
+    """A warning when other processes loaded the machine (then ratios of times are not trustworthy), else "".
+    With `rows` from `bench_compiled`: the CPU time other processes used while those were timed; without: the
+    load average (which counts this process too)."""
+    others = rows[0].get("others_cores") if rows else None
+    if others is not None:
+        if others <= 0.25:
+            return ""
+        return (f"WARNING: other processes used {others:.1f} cores on average while these were timed: these times "
+                "(and their ratios) are unreliable; rerun on an idle machine")
     try:
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
     except OSError:
@@ -63,30 +99,41 @@ def bench_policies(model, policies: dict, calibration, x: dict, backend: str, re
     return bench_compiled(compile_policies(model, policies, calibration, x, backend), x, reps)
 
 
-def bench_compiled(compiled: dict, x: dict, reps: int = 9) -> list[dict]:
+def bench_compiled(compiled: dict, x: dict, reps: int = 9, baselines: dict | None = None) -> list[dict]:
     """Time `compiled` ({label: CompiledModel}, "dense" among them) on `x` (interleaved, median) and count FLOPs
     per token with the routes taken on `x`. Rows: label, ms, speedup (over dense), ideal (FLOP-ideal speedup),
-    efficiency, flops, budget (realised, routed policies only)."""
+    efficiency, flops, budget (realised, routed policies only). `baselines` ({label: fn()}, e.g. the uncompiled
+    model) are timed in the same rounds and listed first, with dense's FLOPs (the same function computed
+    another way)."""
     from routefx.timing import CPU_WARM_EACH, median_seconds
-    times = median_seconds({k: (lambda cm=cm: cm(**x)) for k, cm in compiled.items()}, reps=reps, shuffle_seed=0,
-                           warm_each=CPU_WARM_EACH)
+    baselines = dict(baselines or {})
+    clash = set(baselines) & set(compiled)
+    if clash:
+        raise ValueError(f"baseline labels {sorted(clash)} are also compiled models' labels")
+    fns = {**baselines, **{k: (lambda cm=cm: cm(**x)) for k, cm in compiled.items()}}
+    with _OthersWatch() as watch:
+        times = median_seconds(fns, reps=reps, shuffle_seed=0, warm_each=CPU_WARM_EACH)
     flops = {k: cm.flops_per_token([x]) for k, cm in compiled.items()}
     rows = []
-    for k, cm in compiled.items():
-        budget = cm.route_stats([x]).budget if getattr(cm.policy, "budget", None) is not None else None
-        speed, ideal = times["dense"] / times[k], flops["dense"] / flops[k]
+    for k in fns:
+        cm = compiled.get(k)
+        budget = cm.route_stats([x]).budget if cm is not None and getattr(cm.policy, "budget", None) is not None \
+            else None
+        f = flops[k] if cm is not None else flops["dense"]
+        speed, ideal = times["dense"] / times[k], flops["dense"] / f
         rows.append({"label": k, "ms": times[k] * 1e3, "speedup": speed, "ideal": ideal, "efficiency": speed / ideal,
-                     "flops": flops[k], "budget": budget})
+                     "flops": f, "budget": budget, "others_cores": watch.others_cores})
     return rows
 
 
 def format_bench(rows: list[dict]) -> str:
-    lines = [f"{'policy':<14}{'ms':>9}{'speedup':>9}{'FLOP-ideal':>12}{'efficiency':>12}{'FLOPs/token':>15}"
+    width = max([14] + [len(r["label"]) + 2 for r in rows])
+    lines = [f"{'policy':<{width}}{'ms':>9}{'speedup':>9}{'FLOP-ideal':>12}{'efficiency':>12}{'FLOPs/token':>15}"
              f"{'budget':>8}"]
     for r in rows:
         budget = "" if r["budget"] is None else f"{r['budget']:.3f}"
-        lines.append(f"{r['label']:<14}{r['ms']:9.2f}{r['speedup']:8.2f}x{r['ideal']:11.2f}x{r['efficiency']:12.2f}"
-                     f"{r['flops']:15,.0f}{budget:>8}")
+        lines.append(f"{r['label']:<{width}}{r['ms']:9.2f}{r['speedup']:8.2f}x{r['ideal']:11.2f}x"
+                     f"{r['efficiency']:12.2f}{r['flops']:15,.0f}{budget:>8}")
     return "\n".join(lines)
 
 
@@ -265,8 +312,8 @@ def cmd_bench(args) -> int:
     print(f"CPU: {cpu_name()}; {torch.get_num_threads()} torch threads; backend {args.backend}; input "
           f"{list(x['input_ids'].shape)}; median of {args.reps} interleaved runs (one process)")
     print(format_bench(rows))
-    if busy_note():
-        print(busy_note())
+    if busy_note(rows):
+        print(busy_note(rows))
     return 0
 
 

@@ -200,3 +200,59 @@ def test_token_files(tmp_path, model_dir):
     assert torch.equal(torch.cat([b["input_ids"] for b in text]).reshape(-1), torch.tensor(expect))
     with pytest.raises(CliError, match="plain text, but the model has no tokenizer"):
         read_token_file(str(model_dir / "calib.txt"), None, seq=16, batch=4)
+
+
+def test_bench_compiled_times_baselines_in_the_same_rounds():
+    """A baseline (the uncompiled model) is timed beside the compiled ones, with dense's FLOPs, listed first; its
+    label may not clash with a compiled one's."""
+    import routefx
+    from routefx.cli_bench import bench_compiled, busy_note, format_bench
+    model = tiny_llama()
+    x = {"input_ids": torch.randint(0, 300, (1, SEQ), generator=torch.Generator().manual_seed(0)),
+         "attention_mask": torch.ones(1, SEQ, dtype=torch.long)}
+    compiled = {"dense": routefx.compile(model, routefx.policies.Dense(), backend="eager"),
+                "prune": routefx.compile(model, routefx.policies.PruneLayers(layers=[1]), backend="eager")}
+    calls = []
+
+    def hf():
+        calls.append(1)
+        with torch.inference_mode():
+            return model(**x, use_cache=False)
+    rows = bench_compiled(compiled, x, reps=2, baselines={"HF eager": hf})
+    assert [r["label"] for r in rows] == ["HF eager", "dense", "prune"]
+    by = {r["label"]: r for r in rows}
+    assert by["HF eager"]["flops"] == by["dense"]["flops"] and by["HF eager"]["ideal"] == 1.0
+    assert by["prune"]["flops"] < by["dense"]["flops"]
+    assert by["dense"]["speedup"] == 1.0
+    assert math.isclose(by["HF eager"]["speedup"], by["dense"]["ms"] / by["HF eager"]["ms"])
+    assert len(calls) >= 2 * 3  # each timed round: warm calls, then the timed one
+    assert all(r["others_cores"] is None or r["others_cores"] >= 0 for r in rows)
+    assert "HF eager" in format_bench(rows)
+    rows[0]["others_cores"] = 1.5
+    assert "other processes used 1.5 cores" in busy_note(rows)
+    rows[0]["others_cores"] = 0.0
+    assert busy_note(rows) == ""
+    with pytest.raises(ValueError, match="baseline labels"):
+        bench_compiled(compiled, x, reps=1, baselines={"dense": hf})
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
+def test_others_watch_counts_another_process_not_this_one():
+    """A child process spinning for a second shows up as about one core of others' time; this process spinning
+    alone does not."""
+    import time
+
+    from routefx.cli_bench import _OthersWatch
+    with _OthersWatch() as mine:
+        t = time.perf_counter()
+        while time.perf_counter() - t < 1.0:
+            pass
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
+    try:
+        time.sleep(0.2)
+        with _OthersWatch() as others:
+            time.sleep(1.0)
+    finally:
+        child.wait()
+    assert others.others_cores > 0.6, others.others_cores
+    assert mine.others_cores < others.others_cores - 0.4, (mine.others_cores, others.others_cores)
