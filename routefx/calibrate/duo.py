@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
+from routefx.calibrate.block_refs import resolve_blocks
 from routefx.calibrate.data import token_mask
 from routefx.calibrate.record import run_recording
 from routefx.calibrate.routers import ROUTER_TRAINERS
@@ -58,10 +59,8 @@ def routed_blocks(policy: Duo, ir: ModelIR) -> list[BlockInfo]:
                               + ("; MoE blocks take the MoEBudget policy" if "moe" in kinds else ""))
         return list(dense.values())
     out = []
-    for i in policy.layers:
-        if i >= len(ir.blocks):
-            raise PolicyError(f"Duo: block {i} does not exist; the model has {len(ir.blocks)} blocks "
-                              f"(0..{len(ir.blocks) - 1})")
+    for i in resolve_blocks("Duo", policy.layers, ir, keep=lambda b: b.index in dense,
+                        by_ffn=True):
         if i not in dense:
             kind = ir.blocks[i].ffn.kind if ir.blocks[i].ffn else "none"
             raise PolicyError(f"Duo: block {i} has a {kind} FFN; Duo routes dense FFNs (gated, mlp)")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from routefx.calibrate.block_refs import resolve_blocks
 from routefx.calibrate.data import token_mask
 from routefx.calibrate.moe_budget import fit_price_into_plan
 from routefx.calibrate.moefy_cluster import balanced_kmeans, fit_expert_router, top_k_targets
@@ -45,10 +46,8 @@ def moefy_blocks(policy: MoEfy, ir: ModelIR) -> list[BlockInfo]:
         blocks = list(dense.values())
     else:
         blocks = []
-        for i in policy.layers:
-            if i >= len(ir.blocks):
-                raise PolicyError(f"MoEfy: block {i} does not exist; the model has {len(ir.blocks)} blocks "
-                                  f"(0..{len(ir.blocks) - 1})")
+        for i in resolve_blocks("MoEfy", policy.layers, ir, keep=lambda b: b.index in dense,
+                            by_ffn=True):
             if i not in dense:
                 kind = ir.blocks[i].ffn.kind if ir.blocks[i].ffn else "none"
                 raise PolicyError(f"MoEfy: block {i} has a {kind} FFN; MoEfy splits dense FFNs (gated, mlp)")

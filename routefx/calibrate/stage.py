@@ -11,6 +11,7 @@ import math
 
 from torch import fx
 
+from routefx.calibrate.block_refs import resolve_blocks
 from routefx.calibrate.duo import calibrate_duo
 from routefx.calibrate.influence import block_influence
 from routefx.calibrate.moe_hoist import calibrate_moe_hoist
@@ -30,10 +31,7 @@ def _prune(policy: PruneLayers, gm: fx.GraphModule, ir: ModelIR, batches: list[d
     L = len(ir.blocks)
     attention = {b.index for b in ir.blocks if b.attention}
     if policy.layers is not None:
-        bad = [i for i in policy.layers if i >= L]
-        if bad:
-            raise PolicyError(f"PruneLayers: block {bad[0]} does not exist; the model has {L} blocks (0..{L - 1})")
-        pruned = sorted(policy.layers)
+        pruned = resolve_blocks("PruneLayers", policy.layers, ir)
         if len(pruned) < L and attention and attention <= set(pruned):
             raise PolicyError(f"PruneLayers would remove every block that holds attention ({sorted(attention)} of "
                               f"{L} blocks); keep at least one of them")

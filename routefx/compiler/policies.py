@@ -1,7 +1,7 @@
 """Policies: what the user wants, declared. Frozen dataclasses, validated on construction, JSON round-trip.
 
     Dense()                 every recognised dense FFN becomes one full-range routed_ffn (function unchanged)
-    PruneLayers(layers=[i]) remove whole blocks (indices into ModelIR.blocks)
+    PruneLayers(layers=[i]) remove whole blocks (indices into ModelIR.blocks, or module paths: every block in it)
     PruneLayers(keep=0.75)  with calibration: remove the floor((1-keep)·L + 0.5) blocks of lowest Block Influence
     Duo(budget=0.5, ...)    each FFN gets a small and a big branch; per token: skip, small or big, under a budget
     MoEBudget(budget=0.5)   MoE blocks: per token, the fewest of the top-k experts the rule keeps, under a budget
@@ -72,6 +72,22 @@ def policy_from_json(s: str) -> Policy:
     return policy_from_dict(json.loads(s))
 
 
+def _layer_refs(name: str, layers, *, duplicates: bool) -> tuple:
+    """A policy's `layers`: block indices (ints >= 0) and/or module paths (non-empty strings), resolved against the
+    model at calibration (`routefx.calibrate.block_refs`). `duplicates`: an exact repeat is dropped (else refused).
+    Indices alone come back sorted."""
+    refs = tuple(layers) if isinstance(layers, (list, tuple)) else None
+    if not refs or any(not ((isinstance(r, int) and not isinstance(r, bool) and r >= 0) or (isinstance(r, str) and r))
+                       for r in refs):
+        raise PolicyError(f"{name}: layers must be a non-empty list of block indices >= 0 (routefx.inspect's '#') or "
+                          f"module paths such as 'model.layers.3', got {layers!r}")
+    if len(set(refs)) != len(refs):
+        if not duplicates:
+            raise PolicyError(f"{name}: layers lists a block twice: {list(refs)}")
+        refs = tuple(dict.fromkeys(refs))
+    return tuple(sorted(refs)) if all(isinstance(r, int) for r in refs) else refs
+
+
 @dataclasses.dataclass(frozen=True)
 class Dense(Policy):
     """Every recognised dense FFN becomes `routed_ffn` with one full range: the reference compiled form."""
@@ -81,26 +97,24 @@ class Dense(Policy):
 class PruneLayers(Policy):
     """Remove whole blocks: the ones listed in `layers`, or, with calibration data, the
     `floor((1 - keep) * L + 0.5)` blocks of lowest Block Influence (1 - mean cosine similarity of the residual
-    stream before and after the block, ShortGPT), keeping at least one."""
+    stream before and after the block, ShortGPT), keeping at least one.
 
-    layers: tuple[int, ...] | None = None
+    layers: block indices (`routefx.inspect`'s `#`) and/or module paths ("model.layers.3": every block in that
+        module, so a decoder layer whatever number of blocks it reads as; `routefx.calibrate.block_refs`)."""
+
+    layers: tuple[int | str, ...] | None = None
     keep: float | None = None
 
     def __post_init__(self):
         if (self.layers is None) == (self.keep is None):
-            raise PolicyError("PruneLayers takes exactly one of layers=[block indices] or keep=<fraction in (0, 1]>"
+            raise PolicyError("PruneLayers takes exactly one of layers=[block indices or module paths] or "
+                              "keep=<fraction in (0, 1]>"
                               f"; got layers={self.layers!r}, keep={self.keep!r}")
         if self.keep is not None:
             if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
                 raise PolicyError(f"PruneLayers: keep must be a fraction in (0, 1], got {self.keep!r}")
         if self.layers is not None:
-            layers = tuple(self.layers)
-            if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
-                raise PolicyError(f"PruneLayers: layers must be a non-empty list of block indices >= 0, got "
-                                  f"{self.layers!r}")
-            if len(set(layers)) != len(layers):
-                raise PolicyError(f"PruneLayers: layers lists a block twice: {list(layers)}")
-            object.__setattr__(self, "layers", layers)
+            object.__setattr__(self, "layers", _layer_refs("PruneLayers", self.layers, duplicates=False))
 
     @property
     def needs_calibration(self) -> bool:
@@ -127,7 +141,8 @@ class Duo(Policy):
         chooses its routes from the previous routed layer's FFN input, one layer ahead, with a router fitted on
         that input to this layer's labels. A hoisted router is a different (earlier-informed) router, not the
         local one moved. Off by default: measured not to pay on CPU (bench/RESULTS_MOE.md).
-    layers: block indices to route (None: every dense FFN).
+    layers: blocks to route, as block indices and/or module paths (every block with a dense FFN in that module;
+        `routefx.calibrate.block_refs`); None: every dense FFN.
     small: "separate" (the default: an extra k-neuron branch appended to the weights, initialised from the top-k
         neurons and fitted by least squares on calibration activations to approximate the big branch; k·(2d+d)
         more weights per layer, i.e. +small_fraction of the FFN's) or "nested" (the small branch is the first k
@@ -140,7 +155,7 @@ class Duo(Policy):
     budget: float = 0.5
     small_fraction: float = 0.25
     router: str = "local"
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int | str, ...] | None = None
     seed: int = 0
     small: str = "separate"
     hoist: bool = False
@@ -159,10 +174,7 @@ class Duo(Policy):
         if self.router not in ROUTERS:
             raise PolicyError(f"Duo: unknown router {self.router!r}; supported: {', '.join(ROUTERS)}")
         if self.layers is not None:
-            layers = tuple(self.layers)
-            if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
-                raise PolicyError(f"Duo: layers must be a non-empty list of block indices >= 0, got {self.layers!r}")
-            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+            object.__setattr__(self, "layers", _layer_refs("Duo", self.layers, duplicates=True))
         if self.small not in ("nested", "separate"):
             raise PolicyError(f"Duo: small must be 'nested' or 'separate', got {self.small!r}")
         if not isinstance(self.seed, int):
@@ -224,14 +236,14 @@ class MoEfy(Policy):
         hold least of the activation mass, as near the budget as whole experts allow; with `rule` ("top_p" or
         "threshold", as in MoEBudget, on the router's softmax), per token, with one global price fitted to meet the
         budget within ±0.02 on the calibration data.
-    layers: block indices to MoEfy (None: every dense FFN). steps: the router's training steps (Adam, full batch).
+    layers: blocks to MoEfy, as indices and/or module paths (None: every dense FFN). steps: the router's training steps (Adam, full batch).
     """
 
     experts: int = 8
     top_k: int | None = None
     budget: float | None = None
     rule: str | None = None
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int | str, ...] | None = None
     steps: int = 300
     seed: int = 0
 
@@ -261,11 +273,7 @@ class MoEfy(Policy):
                 raise PolicyError(f"MoEfy: budget {self.budget} is below 1/experts = {1.0 / self.experts:.3f}: the "
                                   "rule always keeps a token's first expert")
         if self.layers is not None:
-            layers = tuple(self.layers)
-            if not layers or any(not whole(i) or i < 0 for i in layers):
-                raise PolicyError(f"MoEfy: layers must be a non-empty list of block indices >= 0, got "
-                                  f"{self.layers!r}")
-            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+            object.__setattr__(self, "layers", _layer_refs("MoEfy", self.layers, duplicates=True))
         if not whole(self.steps) or self.steps < 0:
             raise PolicyError(f"MoEfy: steps must be an int >= 0, got {self.steps!r}")
         if not whole(self.seed):

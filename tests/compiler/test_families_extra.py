@@ -351,6 +351,70 @@ def test_pruning_every_block_of_a_two_block_layer_equals_deleting_the_layer():
         assert_close_nonpad(cm(ids), ref(ids), None, EXACT_REWRITE)
 
 
+def _two_block_layers():
+    torch.manual_seed(0)
+    model = PlainLM().eval()
+    model.z[0], model.z[1] = _RecurrentLayer(36, 76), _RecurrentLayer(36, 76)
+    return model, torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_module_path_names_every_block_of_that_layer():
+    """PruneLayers(layers=["z.1"]) removes both blocks layer z.1 reads as (the same as deleting the layer and as
+    listing blocks 2 and 3); mixed with an index, and round-tripped through JSON."""
+    model, ids = _two_block_layers()
+    cm = routefx.compile(model, PruneLayers(layers=["z.1"]), example_inputs=(ids,))
+    ref = copy.deepcopy(model)
+    del ref.z[1]
+    x = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close_nonpad(cm(x), ref(x), None, EXACT_REWRITE)
+    assert cm.plan.pruned == [2, 3]
+    policy = PruneLayers(layers=[0, "z.1"])
+    assert routefx.policies.policy_from_json(policy.to_json()) == policy
+    cm = routefx.compile(model, policy, example_inputs=(ids,))
+    cm(ids)
+    assert cm.plan.pruned == [0, 2, 3]
+
+
+def test_duo_by_module_path_routes_the_layers_dense_ffns_only():
+    """Layer z.1's first block is its recurrent branch (an FFN-shaped branch Duo cannot read as a dense FFN): a path
+    takes the blocks of that module Duo can route; naming the unreadable block by index is refused."""
+    model, ids = _two_block_layers()
+    cal = [torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    cm = routefx.compile(model, Duo(budget=0.5, router="static", layers=["z.1"]), calibration=cal)
+    cm(ids)
+    assert list(cm.plan.layers) == ["z.1.b"]
+    cm = routefx.compile(model, Duo(budget=0.5, router="static", layers=["z.0.b", "z.2.b"]), calibration=cal)
+    cm(ids)                                                # FFN modules by their own path
+    assert sorted(cm.plan.layers) == ["z.0.b", "z.2.b"]
+    with pytest.raises(routefx.PolicyError, match=r"Duo: block 2 has a"):
+        routefx.compile(model, Duo(budget=0.5, router="static", layers=[2]), calibration=cal)(ids)
+
+
+def test_module_paths_that_name_no_block_or_a_block_twice_are_refused():
+    from routefx.calibrate.block_refs import resolve_blocks
+    from routefx.ir import capture, recognize
+    model, ids = _two_block_layers()
+    ir = recognize(capture(model, (ids,)))
+    assert resolve_blocks("PruneLayers", ["z"], ir) == [0, 1, 2, 3, 4]       # a container names all it holds
+    with pytest.raises(routefx.PolicyError, match=r"no block lies in module 'z\.7'; the blocks' module paths are "
+                                                  r"'z\.0', 'z\.1', 'z\.2'"):
+        resolve_blocks("PruneLayers", ["z.7"], ir)
+    with pytest.raises(routefx.PolicyError, match=r"module 'z\.1\.b' is part of block 3 \(path 'z\.1'\), not a "
+                                                  r"whole block; PruneLayers takes whole blocks: name block 3"):
+        resolve_blocks("PruneLayers", ["z.1.b"], ir)
+    with pytest.raises(routefx.PolicyError, match=r"block 3 is named twice \(3 and 'z\.1'\)"):
+        resolve_blocks("PruneLayers", [3, "z.1"], ir)
+    with pytest.raises(routefx.PolicyError, match=r"block 5 does not exist; the model has 5 blocks"):
+        resolve_blocks("PruneLayers", [5], ir)
+    for bad in ([""], [1.5], [True], [-1], []):
+        with pytest.raises(routefx.PolicyError, match=r"layers must be a non-empty list of block indices >= 0 "
+                                                      r"\(routefx\.inspect's '#'\) or module paths"):
+            PruneLayers(layers=bad)
+    assert Duo(layers=[3, 1, 3]).layers == (1, 3)                           # indices: sorted, repeats dropped
+    assert Duo(layers=["z.1", 0, "z.1"]).layers == ("z.1", 0)
+
+
 def test_pruning_keeps_a_block_that_holds_attention():
     """A hybrid whose only attention is in its last layer: an explicit PruneLayers list that removes that block
     is refused by name; PruneLayers(keep=...) passes over it even when it ranks lowest."""
