@@ -141,7 +141,7 @@ def test_refusals():
         MoEfy(budget=0.1, rule="top_p")
     with pytest.raises(PolicyError, match=r"unknown rule 'top_q'; supported: top_p, threshold"):
         MoEfy(budget=0.5, rule="top_q")
-    with pytest.raises(PolicyError, match=r"layers must be a non-empty list of block indices >= 0, got \[-1\]"):
+    with pytest.raises(PolicyError, match=r"layers must be a non-empty list of block indices >= 0 .*, got \[-1\]"):
         MoEfy(layers=[-1])
     llama, mixtral = ZOO["llama"], ZOO["mixtral"]
     with pytest.raises(PolicyError, match=r"experts=5 does not divide the FFN width F=104 of block 0 "
