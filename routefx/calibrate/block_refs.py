@@ -3,9 +3,8 @@
 A path names every block that lies in that module: `"model.layers.3"` is decoder layer 3 whether the model reads
 as one block per layer or as several (a hybrid layer whose token mixer is not attention-like reads as one block
 per residual branch: Falcon-H1's layer is two blocks, both with path `model.layers.3`). Policies that rewrite FFNs
-also take an FFN's own module (`model.layers.3.mlp`). A path that is only part of a block (a block's attention
-module for PruneLayers, or NemotronH's attention-only layer, which reads as one block with the MLP-only layer after
-it, path `model.layers`) is refused with the block to name instead.
+also take an FFN's own module (`model.layers.3.mlp`). A path that is only part of a block (a block's attention or
+FFN module for PruneLayers, a layer of a block that spans several modules) is refused with the block to name.
 """
 from __future__ import annotations
 

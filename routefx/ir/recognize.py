@@ -391,7 +391,7 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
         groups[-1].append((s, post))
         if any(b.kind in ("ffn", "moe") for b in s.branches):
             groups.append([])
-    groups = [g for g in groups if g]
+    groups = _split_across_layers([g for g in groups if g])
 
     masks = attention_masks(gm)
     blocks = []
@@ -416,6 +416,52 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
     if chain[-1][1] and blocks[-1].form == "post_norm":
         blocks[-1].stream_out = _norm_output(blocks[-1].stream_out)
     return ModelIR(hidden_size=d, blocks=blocks, notes=_cross_check(graph, dyn, blocks))
+
+
+def _sum_path(s: _Sum) -> str | None:
+    return gu.common_path([n for b in s.branches for n in b.region if gu.is_matmul(n)] + list(s.adds))
+
+
+def _split_across_layers(groups: list[list[tuple[_Sum, bool]]]) -> list[list[tuple[_Sum, bool]]]:
+    """Split a group whose sums lie in different layers of the model's layer list: a layer whose only branch is
+    attention followed by a layer whose only branch is an FFN (NemotronH's `*` and `-` layers) reads as one
+    (attention, FFN) pair, but each is a layer of its own. The layer list is the shallowest container under which
+    the sums on either side of a group boundary differ by an index (`model.layers`); a group is split where its
+    sums' indices under it change. Sums without a path there (a shared module, no metadata) never split a group;
+    branches in an indexed list inside one layer (T5's `block.0.layer.0` / `layer.1`) differ below the container
+    and stay together."""
+    paths = [[_sum_path(s) for s, _ in g] for g in groups]
+    containers = set()
+    for a, b in zip(paths, paths[1:]):
+        if a[-1] and b[0]:
+            pa, pb = a[-1].split("."), b[0].split(".")
+            i = 0
+            while i < min(len(pa), len(pb)) and pa[i] == pb[i]:
+                i += 1
+            if i < min(len(pa), len(pb)) and pa[i].isdigit() and pb[i].isdigit():
+                containers.add(tuple(pa[:i]))
+    if not containers:
+        return groups
+    container = min(containers, key=len)
+    depth = len(container)
+
+    def index(p: str | None) -> str | None:
+        parts = p.split(".") if p else []
+        return parts[depth] if len(parts) > depth and tuple(parts[:depth]) == container \
+            and parts[depth].isdigit() else None
+
+    out = []
+    for g, ps in zip(groups, paths):
+        run, current = [], None
+        for (s, post), p in zip(g, ps):
+            idx = index(p)
+            if run and idx is not None and current is not None and idx != current:
+                out.append(run)
+                run = []
+            run.append((s, post))
+            current = idx if idx is not None else current
+        out.append(run)
+    return out
 
 
 def _cross_check(graph: fx.Graph, dyn: set, blocks: list[BlockInfo]) -> list[str]:

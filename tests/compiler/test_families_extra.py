@@ -415,6 +415,43 @@ def test_module_paths_that_name_no_block_or_a_block_twice_are_refused():
     assert Duo(layers=["z.1", 0, "z.1"]).layers == ("z.1", 0)
 
 
+class _SingleBranch(nn.Module):
+    """NemotronH's layer: one mixer (here attention or a gated FFN) on one residual branch."""
+
+    def __init__(self, d, f, kind):
+        super().__init__()
+        from tests.zoo import _RMS, _Attn, _Gated
+        self.norm, self.mixer = _RMS(d), (_Attn(d, 3) if kind == "attention" else _Gated(d, f))
+
+    def forward(self, x):
+        return x + self.mixer(self.norm(x))
+
+
+def test_an_attention_only_layer_and_the_ffn_only_layer_after_it_are_two_blocks():
+    """Layers z.1 (attention only) and z.2 (FFN only) would pair as one (attention, FFN) block; the layer list
+    (z) splits them, so indices and paths name layers, and pruning either equals deleting that layer."""
+    torch.manual_seed(0)
+    model = PlainLM(widths=(76, 76, 76, 76)).eval()
+    model.z[1], model.z[2] = _SingleBranch(36, 76, "attention"), _SingleBranch(36, 76, "ffn")
+    ids = torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(0))
+    ir = routefx.inspect(model, (ids,))
+    assert [b.path for b in ir.blocks] == ["z.0", "z.1", "z.2", "z.3"]
+    assert [bool(b.attention) for b in ir.blocks] == [True, True, False, True]
+    assert [b.ffn is not None for b in ir.blocks] == [True, False, True, True]
+    x = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
+    for k in (1, 2):
+        cm = routefx.compile(model, PruneLayers(layers=[f"z.{k}"]), example_inputs=(ids,))
+        ref = copy.deepcopy(model)
+        del ref.z[k]
+        with torch.no_grad():
+            assert_close_nonpad(cm(x), ref(x), None, EXACT_REWRITE)
+        assert cm.plan.pruned == [k]
+    cal = [torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    cm = routefx.compile(model, Duo(budget=0.5, router="local"), calibration=cal, backend="onnx")
+    cm(ids)
+    assert sorted(cm.plan.layers) == ["z.0.b", "z.2.mixer", "z.3.b"]
+
+
 def test_pruning_keeps_a_block_that_holds_attention():
     """A hybrid whose only attention is in its last layer: an explicit PruneLayers list that removes that block
     is refused by name; PruneLayers(keep=...) passes over it even when it ranks lowest."""
