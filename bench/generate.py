@@ -224,7 +224,8 @@ def speculative(args) -> dict:
             res = spec_all(d, n)
             sts = [st for _, st in res]
             drafted, accepted, rounds = (sum(getattr(st, k) for st in sts) for k in ("drafted", "accepted", "rounds"))
-            rows.append({"candidate": key, "identical_to_greedy": all(torch.equal(o, r) for (o, _), r in zip(res, refs)),
+            same = all(torch.equal(o, r) for (o, _), r in zip(res, refs))
+            rows.append({"candidate": key, "identical_to_greedy": same,
                          "acceptance": accepted / drafted if drafted else 0.0,
                          "tokens_per_round": (accepted + rounds) / rounds if rounds else 0.0,
                          "teacher_forced_agreement": agree, "n_chosen_last": [st.n_chosen[-1] for st in sts],

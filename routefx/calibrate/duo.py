@@ -59,8 +59,7 @@ def routed_blocks(policy: Duo, ir: ModelIR) -> list[BlockInfo]:
                               + ("; MoE blocks take the MoEBudget policy" if "moe" in kinds else ""))
         return list(dense.values())
     out = []
-    for i in resolve_blocks("Duo", policy.layers, ir, keep=lambda b: b.index in dense,
-                        by_ffn=True):
+    for i in resolve_blocks("Duo", policy.layers, ir, keep=lambda b: b.index in dense, by_ffn=True):
         if i not in dense:
             kind = ir.blocks[i].ffn.kind if ir.blocks[i].ffn else "none"
             raise PolicyError(f"Duo: block {i} has a {kind} FFN; Duo routes dense FFNs (gated, mlp)")

@@ -46,8 +46,7 @@ def moefy_blocks(policy: MoEfy, ir: ModelIR) -> list[BlockInfo]:
         blocks = list(dense.values())
     else:
         blocks = []
-        for i in resolve_blocks("MoEfy", policy.layers, ir, keep=lambda b: b.index in dense,
-                            by_ffn=True):
+        for i in resolve_blocks("MoEfy", policy.layers, ir, keep=lambda b: b.index in dense, by_ffn=True):
             if i not in dense:
                 kind = ir.blocks[i].ffn.kind if ir.blocks[i].ffn else "none"
                 raise PolicyError(f"MoEfy: block {i} has a {kind} FFN; MoEfy splits dense FFNs (gated, mlp)")

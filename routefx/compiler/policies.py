@@ -236,7 +236,8 @@ class MoEfy(Policy):
         hold least of the activation mass, as near the budget as whole experts allow; with `rule` ("top_p" or
         "threshold", as in MoEBudget, on the router's softmax), per token, with one global price fitted to meet the
         budget within ±0.02 on the calibration data.
-    layers: blocks to MoEfy, as indices and/or module paths (None: every dense FFN). steps: the router's training steps (Adam, full batch).
+    layers: blocks to MoEfy, as indices and/or module paths (None: every dense FFN). steps: the router's training
+        steps (Adam, full batch).
     """
 
     experts: int = 8
