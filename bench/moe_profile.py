@@ -5,7 +5,7 @@
 Both models (bench/moe.py's `build`) are compiled with Dense() once, lowered with the onnx backend's profiler on,
 timed interleaved (`--warmup`, `--reps`), then ORT's per-node kernel times are summed per op type (ms per run)
 and, for the MoE model, per node (the routed MatMuls are named `<routed_ffn node>/route<r>/<up|gate|down>`).
-Output: bench/results/moe_profile.json (or /tmp with --smoke).
+Output: `--out` if given, else bench/results/moe_profile.json (or /tmp with --smoke).
 """
 from __future__ import annotations
 
@@ -46,7 +46,11 @@ def main(argv=None) -> None:
     if "--threads" not in argv:
         argv += ["--threads", "1"]
     a = moe.parse_args(argv)
-    a.out = "/tmp/routefx_moe_profile.json" if a.smoke else os.path.join(moe.HERE, "results", "moe_profile.json")
+    given = [argv[i + 1] for i, v in enumerate(argv[:-1]) if v == "--out"] + \
+        [v.split("=", 1)[1] for v in argv if v.startswith("--out=")]
+    # bench/moe.py's parser names its own results file (and a /tmp one under --smoke): ours unless --out is given
+    a.out = given[-1] if given else ("/tmp/routefx_moe_profile.json" if a.smoke else
+                                     os.path.join(moe.HERE, "results", "moe_profile.json"))
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
     x = {"input_ids": torch.randint(3, a.vocab, (1, a.seq), generator=g),
