@@ -188,8 +188,9 @@ def _agreement(draft, refs: list, prompt_len: int) -> float:
 
 
 def _best_allowed(alpha: float, cd: float, cv: float) -> float:
-    a = min(max(alpha, 0.0), 0.999)
-    return max((1 - a ** (n + 1)) / (1 - a) / (n * cd + cv) for n in range(1, 9))
+    """The best speedup over dense decode a draft with acceptance α and these costs (in dense steps) allows."""
+    from routefx.generate.speculative import tokens_per_time
+    return max(tokens_per_time(alpha, n, cd, cv) for n in range(1, 9))
 
 
 def speculative(args) -> dict:

@@ -75,8 +75,9 @@ def main(argv=None) -> int:
           "held-out tokens (median of 9 interleaved runs, one process)")
     rows = bench_compiled(compiled, x, reps=9)
     print(format_bench(rows))
-    if busy_note(rows):
-        print(busy_note(rows))
+    note = busy_note(rows)
+    if note:
+        print(note)
 
     print(f"\n== held-out perplexity ({sum(b['input_ids'].numel() for b in heldout):,} tokens of files never "
           "trained on)")
@@ -136,8 +137,9 @@ def wide_speed(policies: dict) -> None:
     hf_ms = by["HF eager"]["ms"]
     print("  vs the uncompiled model (HF eager, torch): " + ", ".join(
         f"{k} {hf_ms / r['ms']:.2f}x" for k, r in by.items() if k != "HF eager"))
-    if busy_note(rows):
-        print(busy_note(rows))
+    note = busy_note(rows)
+    if note:
+        print(note)
 
 
 if __name__ == "__main__":

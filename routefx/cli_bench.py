@@ -61,12 +61,12 @@ class _OthersWatch:
     /proc/stat minus this process's own; None where /proc/stat is missing)."""
 
     def __enter__(self):
-        self._busy, self._own, self._t = _busy_jiffies(), os.times(), os.times().elapsed
+        self._busy, self._own = _busy_jiffies(), os.times()
         return self
 
     def __exit__(self, *exc):
         busy, own = _busy_jiffies(), os.times()
-        wall = own.elapsed - self._t
+        wall = own.elapsed - self._own.elapsed
         self.others_cores = None
         if busy is not None and self._busy is not None and wall > 0:
             mine = (own.user - self._own.user) + (own.system - self._own.system)
@@ -312,8 +312,9 @@ def cmd_bench(args) -> int:
     print(f"CPU: {cpu_name()}; {torch.get_num_threads()} torch threads; backend {args.backend}; input "
           f"{list(x['input_ids'].shape)}; median of {args.reps} interleaved runs (one process)")
     print(format_bench(rows))
-    if busy_note(rows):
-        print(busy_note(rows))
+    note = busy_note(rows)
+    if note:
+        print(note)
     return 0
 
 

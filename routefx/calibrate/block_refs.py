@@ -47,15 +47,15 @@ def resolve_blocks(who: str, refs: Sequence[int | str], ir: ModelIR,
     return sorted(seen)
 
 
-def _within(path: str | None, ref: str) -> bool:
-    return bool(path) and (path == ref or path.startswith(ref + "."))
+def _within(path: str | None, module: str | None) -> bool:
+    """Is `path` the module `module` or inside it?"""
+    return bool(path) and bool(module) and (path == module or path.startswith(module + "."))
 
 
 def _no_block(who: str, ref: str, ir: ModelIR) -> str:
-    def inside(path):  # ref is that module or lies in it
-        return bool(path) and (ref == path or ref.startswith(path + "."))
-    part = [b for b in ir.blocks if (b.ffn and inside(b.ffn.path)) or any(inside(a.path) for a in b.attention)] \
-        or [b for b in ir.blocks if inside(b.path)]
+    part = [b for b in ir.blocks if (b.ffn and _within(ref, b.ffn.path))
+            or any(_within(ref, a.path) for a in b.attention)] \
+        or [b for b in ir.blocks if _within(ref, b.path)]  # the blocks ref lies inside
     if part:
         b = part[0]
         return (f"{who}: module {ref!r} is part of block {b.index} (path {b.path!r}), not a whole block; {who} takes "

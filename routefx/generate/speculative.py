@@ -26,7 +26,7 @@ from routefx.errors import InputError
 from routefx.generate.loop import Stepper, _check
 from routefx.generate.settings import resolve
 
-__all__ = ["speculative_generate", "SpeculativeStats", "choose_n"]
+__all__ = ["speculative_generate", "SpeculativeStats", "choose_n", "tokens_per_time"]
 
 
 @dataclasses.dataclass
@@ -47,13 +47,16 @@ class SpeculativeStats:
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
 
 
+def tokens_per_time(alpha: float, n: int, draft_cost: float, verify_cost: float) -> float:
+    """Expected accepted-plus-bonus tokens per unit of time with draft length n: ((1 - α^(n+1)) / (1 - α)) /
+    (n · draft_cost + verify_cost), α clamped to [0, 0.999]."""
+    alpha = min(max(alpha, 0.0), 0.999)
+    return (1 - alpha ** (n + 1)) / (1 - alpha) / (n * draft_cost + verify_cost)
+
+
 def choose_n(alpha: float, draft_cost: float, verify_cost: float, n_max: int = 8) -> int:
     """The draft length 1..n_max that maximises expected accepted-plus-bonus tokens per unit of time."""
-    alpha = min(max(alpha, 0.0), 0.999)
-
-    def rate(n):
-        return (1 - alpha ** (n + 1)) / (1 - alpha) / (n * draft_cost + verify_cost)
-    return max(range(1, n_max + 1), key=rate)
+    return max(range(1, n_max + 1), key=lambda n: tokens_per_time(alpha, n, draft_cost, verify_cost))
 
 
 class _Rewindable(Stepper):
