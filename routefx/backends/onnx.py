@@ -85,7 +85,7 @@ from routefx.backends import onnx_program, onnx_session
 from routefx.backends.complex_to_real import complex_to_real
 from routefx.backends.onnx_fusions import DEFAULT_FUSIONS, fuse_, optimize_
 from routefx.backends.onnx_grouped_mm import grouped_mm_lowerings
-from routefx.backends.onnx_ops import fold_weight_slices, routed_ffn_lowering
+from routefx.backends.onnx_ops import drop_split_counts, fold_weight_slices, routed_ffn_lowering
 from routefx.backends.onnx_opset import export_opset
 from routefx.backends.static_routes import constant_route
 from routefx.errors import BackendError, InputError
@@ -360,6 +360,7 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     clock = _Clock()
     model, path = _export(gm, placeholders, arg_names, example_kwargs, direct=direct)
     clock.lap("export")
+    drop_split_counts(model)
     fold_weight_slices(model)
     clock.lap("fold")
     optimizer = optimize_(model)  # onnxscript's optimizer (what torch.onnx.export(optimize=True) runs), less its

@@ -119,6 +119,13 @@ def test_exported_model_inputs_and_initializers():
     ops = {n.op_type for n in model.graph.node}
     assert {"TopK", "Gather", "ScatterElements"} <= ops  # one sort, gathers in and out, the inverse permutation
     assert not {"NonZero", "ScatterND"} & ops
+    # every route's run from one Split by run lengths (per routed layer: one, two when K > 1), given as an input
+    # and without the num_outputs attribute ONNX forbids beside it
+    splits = [n for n in model.graph.node if n.op_type == "Split"]
+    routed_k = [cfg.k for cfg in LAYERS if list(cfg.ranges) != [0, F]]
+    assert len(splits) == sum(1 if k == 1 else 2 for k in routed_k)
+    assert all(len(n.input) == 2 and not any(a.name == "num_outputs" for a in n.attribute) for n in splits)
+    onnx.checker.check_model(model)
     inits = {i.name: list(i.dims) for i in model.graph.initializer}
     kernel = re.compile(r"routed_ffn(_\d+)?/(route\d+|dense)/(up|gate|down)")  # a route's (or dense) products
     routed_mm = [n for n in model.graph.node if n.op_type == "MatMul" and kernel.fullmatch(n.name)]
