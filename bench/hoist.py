@@ -44,9 +44,7 @@ def _kl(ref, out) -> float:
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     moe_model = "--moe" in argv
-    a = moe.parse_args([v for v in argv if v != "--moe"])
-    name = "hoist_moe" if moe_model else "hoist"
-    a.out = a.out.replace("moe.json", f"{name}.json") if not a.smoke else f"/tmp/routefx_bench_{name}_smoke.json"
+    a = moe.parse_args([v for v in argv if v != "--moe"], name="hoist_moe" if moe_model else "hoist")
     torch.set_num_threads(a.threads)
     backends = [b for b in a.backends.split(",") if b in ("eager", "onnx")] or ["eager", "onnx"]
     g = torch.Generator().manual_seed(0)

@@ -71,7 +71,9 @@ def build(kind: str, a) -> torch.nn.Module:
     return cls(cfg).to(torch.float32).eval()
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, name: str = "moe"):
+    """bench/moe.py's options (other MoE scripts share them); `--out` defaults to bench/results/{name}.json, or
+    /tmp/routefx_bench_{name}_smoke.json under --smoke."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=1024)
@@ -86,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--backends", default=",".join(BACKENDS))
-    p.add_argument("--out", default=os.path.join(HERE, "results", "moe.json"))
+    p.add_argument("--out", default=None, help=f"results JSON (default bench/results/{name}.json)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--layer", action="store_true", help="micro-benchmark one MoE layer's experts (bench/moe_layer.py)")
     p.add_argument("--max-rss-gib", type=float, default=7.5)
@@ -94,7 +96,9 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.smoke:
         a.layers, a.hidden, a.expert_width, a.heads, a.kv_heads, a.vocab, a.seq = 2, 256, 352, 4, 2, 1000, 128
-        a.warmup, a.reps, a.out = 1, 2, "/tmp/routefx_bench_moe_smoke.json"
+        a.warmup, a.reps = 1, 2
+    if a.out is None:
+        a.out = f"/tmp/routefx_bench_{name}_smoke.json" if a.smoke else os.path.join(HERE, "results", f"{name}.json")
     return a
 
 

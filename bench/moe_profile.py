@@ -45,12 +45,7 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--threads" not in argv:
         argv += ["--threads", "1"]
-    a = moe.parse_args(argv)
-    given = [argv[i + 1] for i, v in enumerate(argv[:-1]) if v == "--out"] + \
-        [v.split("=", 1)[1] for v in argv if v.startswith("--out=")]
-    # bench/moe.py's parser names its own results file (and a /tmp one under --smoke): ours unless --out is given
-    a.out = given[-1] if given else ("/tmp/routefx_moe_profile.json" if a.smoke else
-                                     os.path.join(moe.HERE, "results", "moe_profile.json"))
+    a = moe.parse_args(argv, name="moe_profile")
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
     x = {"input_ids": torch.randint(3, a.vocab, (1, a.seq), generator=g),

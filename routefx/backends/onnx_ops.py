@@ -210,8 +210,8 @@ def _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
     # [ids < 0, route 0, ..., route R-1, ids >= R] by the run lengths, instead of two Slices per route
     n_flat = op.Shape(flat_routes)  # [1] = N
     sizes = op.Sub(op.Concat(bounds, n_flat, axis=0), op.Concat(op.Constant(value_ints=[0]), bounds, axis=0))
-    runs = _named_split(order, sizes, n_routes + 2, f"{prefix}/runs")
-    tokens = runs if k_routes == 1 else _named_split(token_of, sizes, n_routes + 2, f"{prefix}/run_tokens")
+    runs = _split(order, sizes, n_routes + 2)
+    tokens = runs if k_routes == 1 else _split(token_of, sizes, n_routes + 2)
     pos, ys = [], []
     for r in live:
         rows = op.Gather(x2, tokens[r + 1], axis=0)  # [n_r, d]: the tokens routed to r (K > 1: repeats)
@@ -245,26 +245,20 @@ def _lower(prefix, x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down,
     return op.Reshape(out, op.Shape(x))
 
 
-_SPLIT_MARK = "/routefx_split"
-
-
-def _named_split(x, sizes, parts: int, name: str) -> list:
+def _split(x, sizes, parts: int) -> list:
     """Split(x, sizes) into `parts` outputs. The exporter's graph builder needs `num_outputs` to know how many
-    outputs a Split has, which ONNX forbids next to a `split` input: `drop_split_counts` removes it after export
-    from the Splits named here."""
-    outs = op.Split(x, sizes, axis=0, num_outputs=parts)
-    outs[0].producer().name = name + _SPLIT_MARK
-    return list(outs)
+    outputs a Split has, which ONNX forbids beside a `split` input: `drop_split_counts` removes it after export."""
+    return list(op.Split(x, sizes, axis=0, num_outputs=parts))
 
 
 def drop_split_counts(model: ir.Model) -> int:
-    """Remove the `num_outputs` attribute `_named_split` had to give its Splits (they have a `split` input);
-    returns how many. Call on the exported model before anything validates or runs it."""
+    """Remove `num_outputs` from every Split that also has a `split` input (invalid ONNX: the exporter's builder
+    needs the attribute to count a Split's outputs, `_split`); returns how many. Call on the exported model
+    before anything validates or runs it."""
     count = 0
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type == "Split" and node.name and node.name.endswith(_SPLIT_MARK):
-            node.attributes.pop("num_outputs", None)
-            node.name = node.name[:-len(_SPLIT_MARK)]
+        if node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None \
+                and node.attributes.pop("num_outputs", None) is not None:
             count += 1
     return count
 
