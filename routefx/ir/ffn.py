@@ -523,6 +523,9 @@ def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: fx.Node) -> 
         raise _Miss(f"expected one router product choosing the experts, found {len(router)}")
     _, r_ref, _ = _operands(router[0], dyn)
     info.num_experts = resolve_weight(gm, r_ref).shape[0]
+    stacked, _ = stacked_weight(gm, grouped[0].args[1])
+    if stacked is not None and stacked.shape[0] < info.num_experts:  # the router also scores a shared expert
+        info.num_experts = int(stacked.shape[0])                      # (Inkling): the experts are the stacked ones
     info.top_k = int(gu.val(_expert_index(router[0], region, set(grouped))).shape[-1])
     if len(grouped) != 2:
         raise _Miss(f"router with top-{info.top_k} found, but its experts are not a pair of grouped or batched "
@@ -541,14 +544,44 @@ def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: fx.Node) -> 
         info.activation, _ = identify_glu(*parts, e)
     else:
         info.activation = identify_activation(out, e)
-    # a shared expert: the remaining weight products, minus 1-wide gates
-    rest = [m for m in mms if m not in grouped and m not in router
-            and gu.val(m).shape[-1] != 1]
+    # a shared expert: the remaining weight products that read the experts' input, minus 1-wide gates
+    rest = _beside_experts(mms, set(grouped) | set(router), router[0], dyn)
     if rest:
-        _, _, Fs, _ = _dense(gm, rest, region, dyn, same_shape=False)
-        info.shared_expert_size = int(Fs)
-    info.has_bias = any(_operands(m, dyn)[2] is not None for m in mms if m not in grouped) \
+        try:
+            info.shared_expert_size = int(_dense(gm, rest, region, dyn, same_shape=False)[2])
+        except _Miss:
+            pass  # not one dense FFN (Inkling's shared experts are batched products over stacked weights, gated
+            # inside): the routed experts are still read; the shared part stays as captured and unnamed
+    info.has_bias = any(_bias_of(m, dyn) is not None for m in mms if m not in grouped) \
         or up_bias is not None or down_bias is not None
+
+
+def _bias_of(m: fx.Node, dyn: set):
+    """The bias of a weight product, None for one without or for another product (a batched one)."""
+    try:
+        return _operands(m, dyn)[2]
+    except _Miss:
+        return None
+
+
+def _beside_experts(mms: list, experts: set, reader: fx.Node, dyn: set, data: fx.Node | None = None) -> list:
+    """The weight products of an MoE branch that may form its shared expert: not `experts`, wider than 1 (a
+    shared expert's own sigmoid gate is 1 wide), and not computing the experts' input. The input is what `reader`
+    (the router, or the raised op's `data`) reads, up to views and same-dtype casts; a product upstream of it, or
+    reading a value upstream of it, belongs to what prepares that input (AXK2's norm with its own small MLP,
+    Qwen4-Exp's low-rank hyper-connection mixing and its write-back weights), not to an expert."""
+    x = gu.root_views(data if data is not None else _operands(reader, dyn)[0])
+    before = gu.ancestors([x]) if isinstance(x, fx.Node) else set()
+
+    def reads_before(m):
+        try:
+            src = _operands(m, dyn)[0]
+        except _Miss:  # not a weight product: what it reads first
+            src = m.args[0]
+        return gu.root_views(src) in before
+
+    return [m for m in mms if m not in experts and m is not reader and gu.val(m).shape[-1] != 1
+            and m not in before and not reads_before(m)]
 
 
 def _expert_ranges(ranges: list, gates, routes, rows_per_expert: bool = False) -> tuple[int, int] | None:
@@ -590,7 +623,10 @@ def _routed(gm, op: fx.Node, mms: list, region: set, dyn: set, info: FFNInfo) ->
     info.num_experts, info.intermediate_size = experts
     # a shared expert: the branch's other weight products, minus the router's and 1-wide gates
     feeds_routes = gu.ancestors([routes])
-    rest = [m for m in mms if m is not op and m not in feeds_routes and gu.val(m).shape[-1] != 1]
+    # the experts' input is what the router reads (the op's x may be weighted by the gates: batched experts)
+    routers = [m for m in mms if m in feeds_routes]
+    reader, data = (routers[0], None) if len(routers) == 1 else (op, x)
+    rest = [m for m in _beside_experts(mms, {op}, reader, dyn, data=data) if m not in feeds_routes]
     if rest:
         try:
             info.shared_expert_size = int(_dense(gm, rest, region, dyn, same_shape=False)[2])

@@ -223,8 +223,10 @@ def _dispatch_nodes(region: set, combine: fx.Node, keep: list, x: fx.Node, reads
 def _router(region: set, f, up: fx.Node, down: fx.Node) -> tuple[fx.Node, fx.Node, set]:
     """(the router product, its input x, the ancestors of the experts' first product)."""
     feeds = gu.ancestors([up])
-    mms = [n for n in region if gu.is_matmul(n) and n not in (up, down) and not gu.is_grouped_mm(n) and n in feeds
-           and _shape(n) is not None and _shape(n)[-1] == str(f.num_experts)]
+    cands = [n for n in region if gu.is_matmul(n) and n not in (up, down) and not gu.is_grouped_mm(n)
+             and n in feeds and isinstance(gu.val(n).shape[-1], int)]
+    mms = [n for n in cands if gu.val(n).shape[-1] == f.num_experts] \
+        or [n for n in cands if gu.val(n).shape[-1] > f.num_experts]  # also scoring a shared expert (Inkling)
     if len(mms) != 1:
         raise _Miss(f"expected one router product with {f.num_experts} outputs feeding the experts, "
                     f"found {len(mms)}")
@@ -541,9 +543,13 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
         raise _Miss("the experts read neither the router's input nor another value of its shape before them")
     w = _weights(gm, up, down)
     F = w["F"]
-    if f.num_experts * F != w["w_up"].shape[0]:
-        raise _Miss(f"{w['w_up'].shape[0] // F} stacked experts, the router scores {f.num_experts}")
-    return MoEMatch(x, router, routes, gates, combine, f.num_experts, F, w["activation"], w["w_up"], w["w_gate"],
+    # The router may score more than the stacked experts (Inkling scores its shared expert too and chooses among
+    # the first E): the grouped-GEMM dispatch gives an id >= E no expert (transformers' sentinel), as routed_ffn
+    # does with an id outside its ranges.
+    E = w["w_up"].shape[0] // F
+    if E * F != w["w_up"].shape[0] or E > f.num_experts:
+        raise _Miss(f"{w['w_up'].shape[0] / F:g} stacked experts, the router scores {f.num_experts}")
+    return MoEMatch(x, router, routes, gates, combine, E, F, w["activation"], w["w_up"], w["w_gate"],
                     w["w_down"], b_up=w["b_up"], b_gate=w["b_gate"], b_down=w.get("b_down"),
                     b_experts=w.get("b_experts"), checks=_in_order(checks),
                     x_experts=None if gu.root_views(xe) is gu.root_views(x) else xe)
