@@ -25,6 +25,7 @@ import contextlib
 import copy
 import functools
 import logging
+import operator
 import re
 import warnings
 from typing import Callable
@@ -79,6 +80,42 @@ def _fake_mode(gm: fx.GraphModule):
     return mode
 
 
+def _functional_writes(gm: fx.GraphModule) -> dict:
+    """{in-place node: its out-of-place op} for the in-place writes an ExportedProgram may not hold (its verifier
+    wants functional ops: Mixtral's router divides its top-k weights in place, `topk_weights /= sum`) and that can
+    become their functional form unchanged: the written tensor is a fresh result (not a view, a weight or an
+    input) that no node after the write reads but through the write's own result. Others stay (then the caller
+    re-traces)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    out = {}
+    for n in gm.graph.nodes:
+        t = n.target
+        if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not t._schema.is_mutable:
+            continue
+        name = t._schema.name.split("::")[-1]
+        functional = getattr(getattr(torch.ops.aten, name[:-1], None), t._overloadname, None) \
+            if name.endswith("_") and not name.endswith("__") else None
+        x = n.args[0] if n.args else None
+        if functional is None or not isinstance(x, fx.Node) or not _fresh(x):
+            continue
+        if any(order[u] > order[n] for u in x.users if u is not n):
+            continue
+        out[n] = functional
+    return out
+
+
+def _fresh(x: fx.Node) -> bool:
+    """Is `x` a new tensor of its own: the result (or a getitem of a result) of an op whose schema says the
+    result aliases no input?"""
+    index = 0
+    if x.op == "call_function" and x.target is operator.getitem and isinstance(x.args[0], fx.Node):
+        x, index = x.args[0], x.args[1]
+    if x.op != "call_function" or not isinstance(x.target, torch._ops.OpOverload):
+        return False
+    returns = x.target._schema.returns
+    return isinstance(index, int) and index < len(returns) and returns[index].alias_info is None
+
+
 def exported_program(gm: fx.GraphModule, tensor_inputs: list[str]) -> ExportedProgram:
     """`gm` (placeholders named after the model's inputs, weights as get_attr) as an ExportedProgram whose user
     inputs are `tensor_inputs` (in that order) and whose outputs are `gm`'s tensor outputs, in order. The
@@ -114,6 +151,7 @@ def exported_program(gm: fx.GraphModule, tensor_inputs: list[str]) -> ExportedPr
         raise ValueError(f"input names {tensor_inputs} collide with graph names")
     input_specs += [InputSpec(InputKind.USER_INPUT, TensorArgument(k), target=None) for k in tensor_inputs]
     guards = {n for n in gm.graph.nodes if n.op == "call_module" and n.target == _GUARDS and not n.users}
+    functional = _functional_writes(gm)
     outputs: list[fx.Node] = []
     for n in gm.graph.nodes:
         if n in guards:
@@ -132,6 +170,8 @@ def exported_program(gm: fx.GraphModule, tensor_inputs: list[str]) -> ExportedPr
             outputs = [env[a] for a in flat if isinstance(a, fx.Node)]
             continue
         env[n] = graph.node_copy(n, lambda a: env[a])
+        if n in functional:  # x.div_(y) on a temporary read by nothing later: div(x, y)
+            env[n].target = functional[n]
         if n.target in _ALIASES:  # a non-core alias: its core op, which the ONNX registry implements
             new = env[n]
             new.target, new.args, new.kwargs = _ALIASES[n.target](*new.args, **new.kwargs)
@@ -189,6 +229,7 @@ def _direct(ep: ExportedProgram, opset: int | None, lowerings: dict):
         if any(not isinstance(t, torch._ops.OpOverload) and getattr(t, "__module__", None) != "_operator"
                for t in targets):
             return None  # higher-order ops and Python callables: the exporter's decomposition handles them
+        _cast_integer_cumsums(ep.graph_module)
         if _promotion_needed(ep.graph_module):  # the pass re-runs every node on fake tensors (2/3 of the export)
             _fx_passes.insert_type_promotion_nodes(ep.graph_module)
         model = _core._exported_program_to_onnx_program(ep, registry=registry).model
@@ -199,6 +240,30 @@ def _direct(ep: ExportedProgram, opset: int | None, lowerings: dict):
         if routefx_error(e) is not None:
             raise  # a routefx lowering said no (BackendError): the public path would say the same
         return None
+
+
+def _cast_integer_cumsums(gm: fx.GraphModule) -> int:
+    """Give every `aten.cumsum` of a bool or a narrow integer tensor (no dtype argument) an explicit cast to int64,
+    its result type, in place; returns how many. The only promotion in most Hugging Face graphs is there
+    (transformers' packed-sequence detection: `(diff(position_ids) != 1).cumsum(-1)`), and the exporter's
+    promotion pass re-runs the whole graph on fake tensors to insert that one cast."""
+    count = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not torch.ops.aten.cumsum.default or n.kwargs.get("dtype"):
+            continue
+        x, v = n.args[0], n.meta.get("val")
+        xv = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if not isinstance(xv, torch.Tensor) or not isinstance(v, torch.Tensor) or v.dtype != torch.int64 \
+                or xv.dtype == torch.int64 or xv.is_floating_point() or xv.is_complex():
+            continue
+        with gm.graph.inserting_before(n):
+            cast = gm.graph.call_function(torch.ops.aten._to_copy.default, (x,), {"dtype": torch.int64})
+        cast.meta["val"] = xv.to(torch.int64)
+        n.replace_input_with(x, cast)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 def _promotion_needed(gm: fx.GraphModule) -> bool:

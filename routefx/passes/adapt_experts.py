@@ -35,7 +35,10 @@ def keep_rule(routes: torch.Tensor, gates: torch.Tensor, lam: torch.Tensor, skip
     qs, order = aten.sort.default(q, -1, True)                             # [T, K] descending
     if rule == "top_p":
         before = aten.sub.Tensor(aten.cumsum.default(qs, -1), qs)          # mass of the experts ahead
-        keep_sorted = aten.lt.Tensor(before, aten.rsub.Scalar(lam, 1.0))  # still short of p = 1 - λ
+        # still short of p = 1 - λ (1 - λ as full_like - λ: the ONNX exporter's registry has no aten.rsub, which
+        # would send the whole graph through its slower decomposition path)
+        p = aten.sub.Tensor(aten.full_like.default(lam, 1.0), lam)
+        keep_sorted = aten.lt.Tensor(before, p)
     else:
         keep_sorted = aten.ge.Tensor(qs, lam)
     first = aten.eq.Scalar(aten.cumsum.default(aten.ones_like.default(qs), -1), 1.0)  # [T, K] the largest gate

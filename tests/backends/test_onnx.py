@@ -158,6 +158,54 @@ def test_op_without_onnx_implementation_goes_through_decomposition():
     torch.testing.assert_close(run(x=x2), _Shrink()(x2), atol=ONNX_VS_EAGER, rtol=0)
 
 
+class _PackedIds(torch.nn.Module):
+    """transformers' packed-sequence detection (`(diff(position_ids) != 1).cumsum(-1)`, which every padded or
+    position-id batch computes), a top-k renormalised in place (Mixtral's `topk_weights /= sum`), and an in-place
+    write through a view that must stay a write."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x, position_ids):
+        seq = (torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+        second = torch.diff(position_ids.float(), n=2, dim=-1).sum(-1, keepdim=True)
+        flip = torch.diff(position_ids > 2, dim=-1)
+        top = torch.topk(x @ self.w, 2, dim=-1).values
+        top /= top.sum(-1, keepdim=True)
+        return top * seq.unsqueeze(-1) + second.unsqueeze(-1) + flip.sum(-1, keepdim=True).unsqueeze(-1)
+
+
+class _ViewWrite(torch.nn.Module):
+    def forward(self, x):
+        y = x * 2
+        y[:, :1].mul_(3)   # an in-place write into a view of y: y changes, so it is not made functional
+        return y + 1
+
+
+def test_diff_and_in_place_top_k_lower_directly():
+    """aten.diff (no translation in torch's registry), a cumsum of a bool (a type promotion) and an in-place
+    division of a fresh top-k result (an ExportedProgram holds functional ops only) no longer send the graph
+    through decomposition or a new trace: lowered as captured, equal to torch, at another batch and length."""
+    def inputs(b, s, seed):
+        g = torch.Generator().manual_seed(seed)
+        pos = torch.arange(s).repeat(b, 1)
+        pos[0, s // 2:] -= s // 2   # a second packed sequence in row 0
+        return torch.randn(b, s, 6, generator=g), pos
+    x, pos = inputs(2, 7, 1)
+    gm = capture(_PackedIds(), (x, pos))
+    run = onnx_backend.prepare(gm, {"x": x, "position_ids": pos})
+    assert run.export_path == "direct"
+    x2, pos2 = inputs(3, 10, 2)
+    with torch.no_grad():
+        ref = _PackedIds()(x2, pos2)
+    torch.testing.assert_close(run(x=x2, position_ids=pos2), ref, atol=ONNX_VS_EAGER, rtol=0)
+    y = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    view_write = onnx_backend.prepare(capture(_ViewWrite(), (y,)), {"x": y})
+    y2 = torch.randn(3, 5, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(view_write(x=y2), _ViewWrite()(y2), atol=ONNX_VS_EAGER, rtol=0)
+
+
 def test_saved_with_external_data_runs_in_a_plain_session(tmp_path):
     """`runner.save(path, external_data=True)` writes the graph and one weight file that ONNX Runtime loads on
     its own, with the weights the in-memory session was given."""

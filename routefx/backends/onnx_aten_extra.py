@@ -1,0 +1,32 @@
+"""ONNX lowerings of ATen ops that torch's exporter registry lacks but Hugging Face graphs carry.
+
+An op without a registered translation sends the whole graph through the exporter's decomposition path (a
+re-trace plus a fake-tensor run of every node, most of an export's time; `onnx_program`). transformers' mask code
+computes `torch.diff` of the position ids (packed-sequence detection) in every padded or position-id batch, so
+`aten.diff` alone did that for most Hugging Face models.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from onnxscript import opset18 as op
+
+__all__ = ["aten_extra_lowerings"]
+
+
+def _diff(x, n: int = 1, dim: int = -1, prepend=None, append=None):
+    """torch.diff: out[i] = x[i + 1] - x[i] along `dim` (xor for bool), `n` times, on prepend ++ x ++ append."""
+    parts = [p for p in (prepend, x, append) if p is not None]
+    y = parts[0] if len(parts) == 1 else op.Concat(*parts, axis=dim)
+    one, zero = (op.Constant(value=ir.tensor(np.array([v], dtype=np.int64))) for v in (1, 0))
+    big, minus = (op.Constant(value=ir.tensor(np.array([v], dtype=np.int64))) for v in (2**62, -1))
+    axes = op.Constant(value=ir.tensor(np.array([dim], dtype=np.int64)))
+    for _ in range(n):
+        later, earlier = op.Slice(y, one, big, axes), op.Slice(y, zero, minus, axes)
+        y = op.Xor(later, earlier) if x.dtype == ir.DataType.BOOL else op.Sub(later, earlier)
+    return y
+
+
+def aten_extra_lowerings() -> dict:
+    return {torch.ops.aten.diff.default: _diff}
