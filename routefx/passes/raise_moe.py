@@ -560,7 +560,7 @@ def _experts_input(region: set, up: fx.Node, x: fx.Node, router: fx.Node, from_r
     in most models; else the last value of x's shape before the product that neither the router reads nor
     depends on the routes (`from_router`: the router's descendants; Gemma 4 feeds its experts another norm of the
     block input than its router)."""
-    cands = [n for n in (gu.ancestors([up.args[0]]) & region) - from_router - gu.ancestors([router])
+    cands = [n for n in (gu.ancestors([up.args[0]]) & region) - from_router - gu.ancestors([router]) - {router}
              if n.op == "call_function" and _shape(n) == _shape(x)]
     return max(cands, key=order.get) if cands else x
 

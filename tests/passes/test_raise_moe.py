@@ -114,3 +114,24 @@ def test_raised_blocks_still_read_as_moe(name):
         assert f1.routed is not None and len(f1.routed) == f0.num_experts
     assert [b.index for b in after.dense_ffn_blocks] == [b.index for b in before.dense_ffn_blocks]
     assert f"{before.blocks[moe[0]].ffn.num_experts} top-{before.blocks[moe[0]].ffn.top_k}" in str(after)
+
+
+def test_as_many_experts_as_the_hidden_width():
+    """Must fire when the router's [T, E] scores have the block input's shape (E = d, Mellum's tiny config): the
+    router product is not the experts' input. The raised model equals the captured one."""
+    import transformers as hf
+    cfg = hf.Qwen3MoeConfig(vocab_size=97, hidden_size=32, intermediate_size=64, moe_intermediate_size=8,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=32, num_experts_per_tok=2, norm_topk_prob=True, use_cache=False)
+    torch.manual_seed(0)
+    model = hf.Qwen3MoeForCausalLM(cfg).eval()
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    gm = capture(model, (ids,), {"attention_mask": mask})
+    before = _run(gm, (ids,), {"attention_mask": mask})
+    _, reports = PassManager([RaiseMoE()]).run(gm)
+    assert reports[0].rewrites == 2 and reports[0].misses == []
+    after = _run(gm, (ids,), {"attention_mask": mask})
+    keep = mask.bool()
+    assert (after.logits - before.logits)[keep].abs().max().item() <= EXACT_REWRITE
