@@ -3,7 +3,8 @@
 An op without a registered translation sends the whole graph through the exporter's decomposition path (a
 re-trace plus a fake-tensor run of every node, most of an export's time; `onnx_program`). transformers' mask code
 computes `torch.diff` of the position ids (packed-sequence detection) in every padded or position-id batch, so
-`aten.diff` alone did that for most Hugging Face models.
+`aten.diff` alone did that for most Hugging Face models; `aten.square` (BitNet's, DeepSeek-V4's norms) and the
+binary `aten.min` / `aten.max` (CPM-Ant) did it for others.
 """
 from __future__ import annotations
 
@@ -28,5 +29,18 @@ def _diff(x, n: int = 1, dim: int = -1, prepend=None, append=None):
     return y
 
 
+def _square(x):
+    return op.Mul(x, x)
+
+
+def _minimum(x, other):
+    return op.Min(x, other)
+
+
+def _maximum(x, other):
+    return op.Max(x, other)
+
+
 def aten_extra_lowerings() -> dict:
-    return {torch.ops.aten.diff.default: _diff}
+    return {torch.ops.aten.diff.default: _diff, torch.ops.aten.square.default: _square,
+            torch.ops.aten.min.other: _minimum, torch.ops.aten.max.other: _maximum}

@@ -104,6 +104,58 @@ def _functional_writes(gm: fx.GraphModule) -> dict:
     return out
 
 
+def _filled_buffers(gm: fx.GraphModule) -> dict:
+    """{copy_ node: (buffer, slice)} for buffers filled by in-place copies into slices (MLA attention: `k =
+    q.new_empty(...); k[..., :r] = k_pass; k[..., r:] = k_rot`), which an ExportedProgram may not hold: the
+    buffer is fresh, every user of it is a slice along one dim whose only user is one `copy_` into it (its
+    result unused) or a reader after the last such copy. Those copies become slice_scatters of the buffer
+    (`_slice_scatter`), the readers read the last one."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    out = {}
+    for buf in gm.graph.nodes:
+        if buf.op != "call_function" or not _fresh(buf) or not isinstance(buf.meta.get("val"), torch.Tensor):
+            continue
+        copies, readers = {}, []
+        for u in buf.users:
+            cp = next(iter(u.users)) if len(u.users) == 1 else None
+            if u.target is torch.ops.aten.slice.Tensor and u.args[0] is buf and cp is not None \
+                    and cp.target is torch.ops.aten.copy_.default and cp.args[0] is u and not cp.users \
+                    and len(cp.args) == 2 and not cp.kwargs:
+                copies[cp] = u
+            else:
+                readers.append(u)
+        if copies and all(order[r] > max(order[c] for c in copies) for r in readers):
+            out.update({c: (buf, s) for c, s in copies.items()})
+    return out
+
+
+def _slice_scatter(graph: fx.Graph, mode, env: dict, buf: fx.Node, piece: fx.Node, copy: fx.Node) -> fx.Node:
+    """env[buf] := slice_scatter(env[buf], src, dim, start, end, step) for `copy` = copy_(piece, src), piece =
+    slice(buf, dim, start, end, step); src cast to the buffer's dtype and broadcast to the slice (as copy_ does).
+    Returns the new node (what the copy maps to)."""
+    def val(a):
+        return a.meta["val"] if isinstance(a, fx.Node) else a
+
+    def node(target, args, kwargs=None):
+        n = graph.call_function(target, args, kwargs or {})
+        with mode:
+            n.meta["val"] = target(*fx.node.map_aggregate(args, val), **fx.node.map_aggregate(kwargs or {}, val))
+        return n
+
+    aten = torch.ops.aten
+    base, src = env[buf], env[copy.args[1]]
+    dim, start, end, step = (list(piece.args[1:]) + [0, None, None, 1][len(piece.args) - 1:])[:4]
+    dim, start, end, step = (env[a] if isinstance(a, fx.Node) else a for a in (dim, start, end, step))
+    if val(src).dtype != val(base).dtype:
+        src = node(aten._to_copy.default, (src,), {"dtype": val(base).dtype})
+    view = env[piece]
+    if [str(d) for d in val(src).shape] != [str(d) for d in val(view).shape]:   # broadcast as copy_ does
+        src = node(aten.add.Tensor, (node(aten.zeros_like.default, (view,)), src))
+    new = node(aten.slice_scatter.default, (base, src, dim, start, end, step))
+    env[buf] = new
+    return new
+
+
 def _fresh(x: fx.Node) -> bool:
     """Is `x` a new tensor of its own: the result (or a getitem of a result) of an op whose schema says the
     result aliases no input?"""
@@ -152,6 +204,7 @@ def exported_program(gm: fx.GraphModule, tensor_inputs: list[str]) -> ExportedPr
     input_specs += [InputSpec(InputKind.USER_INPUT, TensorArgument(k), target=None) for k in tensor_inputs]
     guards = {n for n in gm.graph.nodes if n.op == "call_module" and n.target == _GUARDS and not n.users}
     functional = _functional_writes(gm)
+    filled = _filled_buffers(gm)
     outputs: list[fx.Node] = []
     for n in gm.graph.nodes:
         if n in guards:
@@ -168,6 +221,9 @@ def exported_program(gm: fx.GraphModule, tensor_inputs: list[str]) -> ExportedPr
         if n.op == "output":
             flat = n.args[0] if isinstance(n.args[0], (tuple, list)) else (n.args[0],)
             outputs = [env[a] for a in flat if isinstance(a, fx.Node)]
+            continue
+        if n in filled:  # copy_(slice(buf), src) into a fresh buffer: buf = slice_scatter(buf, src) from here on
+            env[n] = _slice_scatter(graph, mode, env, *filled[n], n)
             continue
         env[n] = graph.node_copy(n, lambda a: env[a])
         if n in functional:  # x.div_(y) on a temporary read by nothing later: div(x, y)
@@ -227,8 +283,9 @@ def _direct(ep: ExportedProgram, opset: int | None, lowerings: dict):
         if any(isinstance(t, torch._ops.OpOverload) and not registry.is_registered(t) for t in targets):
             return None
         if any(not isinstance(t, torch._ops.OpOverload) and getattr(t, "__module__", None) != "_operator"
-               for t in targets):
-            return None  # higher-order ops and Python callables: the exporter's decomposition handles them
+               and not registry.is_registered(t) for t in targets):
+            return None  # higher-order ops and Python callables (but torch.sym_min & co., which the registry
+            # translates): the exporter's decomposition handles them
         _cast_integer_cumsums(ep.graph_module)
         if _promotion_needed(ep.graph_module):  # the pass re-runs every node on fake tensors (2/3 of the export)
             _fx_passes.insert_type_promotion_nodes(ep.graph_module)

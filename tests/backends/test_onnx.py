@@ -176,6 +176,17 @@ class _PackedIds(torch.nn.Module):
         return top * seq.unsqueeze(-1) + second.unsqueeze(-1) + flip.sum(-1, keepdim=True).unsqueeze(-1)
 
 
+class _FilledBuffer(torch.nn.Module):
+    """MLA attention's key assembly (a fresh buffer filled through slices, one piece broadcast), BitNet's
+    torch.square and CPM-Ant's binary torch.min."""
+
+    def forward(self, x, y):
+        k = x.new_empty(x.shape[0], x.shape[1], 6)
+        k[..., :4] = x
+        k[..., 4:] = y[:, :1, :]   # [B, 1, 2] broadcast over the sequence
+        return torch.min(torch.square(k), k + 0.5) * 2
+
+
 class _ViewWrite(torch.nn.Module):
     def forward(self, x):
         y = x * 2
@@ -183,10 +194,12 @@ class _ViewWrite(torch.nn.Module):
         return y + 1
 
 
-def test_diff_and_in_place_top_k_lower_directly():
-    """aten.diff (no translation in torch's registry), a cumsum of a bool (a type promotion) and an in-place
-    division of a fresh top-k result (an ExportedProgram holds functional ops only) no longer send the graph
-    through decomposition or a new trace: lowered as captured, equal to torch, at another batch and length."""
+def test_ops_hugging_face_graphs_carry_lower_directly():
+    """aten.diff, aten.square, the binary aten.min (no translation in torch's registry), a cumsum of a bool (a type
+    promotion), an in-place division of a fresh top-k result and a fresh buffer filled through slices (an
+    ExportedProgram holds functional ops only) no longer send the graph through decomposition or a new trace:
+    lowered as captured, equal to torch, at another batch and length; a write through a view of a value read
+    afterwards stays a write (and is still right)."""
     def inputs(b, s, seed):
         g = torch.Generator().manual_seed(seed)
         pos = torch.arange(s).repeat(b, 1)
@@ -200,6 +213,11 @@ def test_diff_and_in_place_top_k_lower_directly():
     with torch.no_grad():
         ref = _PackedIds()(x2, pos2)
     torch.testing.assert_close(run(x=x2, position_ids=pos2), ref, atol=ONNX_VS_EAGER, rtol=0)
+    a, b = (torch.randn(2, 5, n, generator=torch.Generator().manual_seed(n)) for n in (4, 2))
+    filled = onnx_backend.prepare(capture(_FilledBuffer(), (a, b)), {"x": a, "y": b})
+    assert filled.export_path == "direct"
+    a2, b2 = (torch.randn(3, 8, n, generator=torch.Generator().manual_seed(10 + n)) for n in (4, 2))
+    torch.testing.assert_close(filled(x=a2, y=b2), _FilledBuffer()(a2, b2), atol=ONNX_VS_EAGER, rtol=0)
     y = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
     view_write = onnx_backend.prepare(capture(_ViewWrite(), (y,)), {"x": y})
     y2 = torch.randn(3, 5, generator=torch.Generator().manual_seed(4))
