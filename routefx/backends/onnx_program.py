@@ -84,8 +84,8 @@ def _functional_writes(gm: fx.GraphModule) -> dict:
     """{in-place node: its out-of-place op} for the in-place writes an ExportedProgram may not hold (its verifier
     wants functional ops: Mixtral's router divides its top-k weights in place, `topk_weights /= sum`) and that can
     become their functional form unchanged: the written tensor is a fresh result (not a view, a weight or an
-    input) that no node after the write reads but through the write's own result. Others stay (then the caller
-    re-traces)."""
+    input) that no node after the write reads but through the write's own result (nor through a view of it made
+    before). Others stay (then the caller re-traces)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     out = {}
     for n in gm.graph.nodes:
@@ -96,12 +96,33 @@ def _functional_writes(gm: fx.GraphModule) -> dict:
         functional = getattr(getattr(torch.ops.aten, name[:-1], None), t._overloadname, None) \
             if name.endswith("_") and not name.endswith("__") else None
         x = n.args[0] if n.args else None
-        if functional is None or not isinstance(x, fx.Node) or not _fresh(x):
-            continue
-        if any(order[u] > order[n] for u in x.users if u is not n):
+        if functional is None or not isinstance(x, fx.Node) or not _fresh(x) or _read_after(x, n, order):
             continue
         out[n] = functional
     return out
+
+
+def _read_after(x: fx.Node, write: fx.Node, order: dict) -> bool:
+    """Does a node after `write` read `x`, directly or through a view of it made before the write?"""
+    for u in x.users:
+        if u is write:
+            continue
+        if order[u] > order[write]:
+            return True
+        if _aliases(u) and _read_after(u, write, order):
+            return True
+    return False
+
+
+def _aliases(n: fx.Node) -> bool:
+    """Can `n`'s result share memory with its input (a view, a tuple item of a view op, an unknown op)?"""
+    if n.op != "call_function":
+        return True
+    if n.target is operator.getitem:
+        return not _fresh(n)
+    if not isinstance(n.target, torch._ops.OpOverload):
+        return True
+    return any(r.alias_info is not None for r in n.target._schema.returns)
 
 
 def _filled_buffers(gm: fx.GraphModule) -> dict:

@@ -570,7 +570,10 @@ def _beside_experts(mms: list, experts: set, reader: fx.Node, dyn: set, data: fx
     (the router, or the raised op's `data`) reads, up to views and same-dtype casts; a product upstream of it, or
     reading a value upstream of it, belongs to what prepares that input (AXK2's norm with its own small MLP,
     Qwen4-Exp's low-rank hyper-connection mixing and its write-back weights), not to an expert."""
-    x = gu.root_views(data if data is not None else _operands(reader, dyn)[0])
+    try:
+        x = gu.root_views(data if data is not None else _operands(reader, dyn)[0])
+    except _Miss:  # a router that is not a weight product: what it reads first
+        x = gu.root_views(reader.args[0])
     before = gu.ancestors([x]) if isinstance(x, fx.Node) else set()
 
     def reads_before(m):

@@ -224,7 +224,7 @@ def _router(region: set, f, up: fx.Node, down: fx.Node) -> tuple[fx.Node, fx.Nod
     """(the router product, its input x, the ancestors of the experts' first product)."""
     feeds = gu.ancestors([up])
     cands = [n for n in region if gu.is_matmul(n) and n not in (up, down) and not gu.is_grouped_mm(n)
-             and n in feeds and isinstance(gu.val(n).shape[-1], int)]
+             and n in feeds and gu.val(n) is not None and isinstance(gu.val(n).shape[-1], int)]
     mms = [n for n in cands if gu.val(n).shape[-1] == f.num_experts] \
         or [n for n in cands if gu.val(n).shape[-1] > f.num_experts]  # also scoring a shared expert (Inkling)
     if len(mms) != 1:
