@@ -13,6 +13,10 @@ Checks per family (batch 2 x 12 tokens, row 0 left-padded by 3; errors are max |
   generate_onnx             cm.generate, Dense, onnx, greedy, 6 new tokens: token-identical to HF generate ("runs"
                             where HF generate itself fails on the tiny config, or where it differs from HF's own
                             greedy loop over uncached forwards and routefx equals that loop: RWKV's recurrent path)
+  moe_eager                 MoEBudget(1.0) vs the HF model (the MoE dispatch raised to routed_ffn), and
+                            MoEBudget(0.75): MoE blocks adapted, budget met ("n/a" where no FFN reads as MoE or
+                            unknown)
+  moe_onnx                  the eager MoEBudget(0.75) plan on backend onnx: equals the eager model (export path)
 
 Each family runs in a forked child with a time limit; a check's result is written as soon as it is known, so a
 family that runs out of time keeps the checks it finished. Results: a table on stdout and JSON (--out).
@@ -38,14 +42,15 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import routefx  # noqa: E402
-from routefx.policies import Dense, Duo, PruneLayers  # noqa: E402
+from routefx.policies import Dense, Duo, MoEBudget, PruneLayers  # noqa: E402
 import routefx.backends.onnx  # noqa: E402,F401  -- loaded once here, before the children fork
 import routefx.compiler.compile  # noqa: E402,F401
 import routefx.generate  # noqa: E402,F401
 from tests.compare import max_abs_nonpad  # noqa: E402
 from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER  # noqa: E402
 
-CHECKS = ("dense_eager", "dense_onnx", "duo_eager", "duo_onnx", "prune_eager", "generate_onnx")
+CHECKS = ("dense_eager", "dense_onnx", "duo_eager", "duo_onnx", "prune_eager", "generate_onnx", "moe_eager",
+          "moe_onnx")
 VOCAB, HIDDEN, HEADS, KV_HEADS, INTER, LAYERS, HEAD_DIM = 112, 64, 4, 2, 128, 3, 16
 B, S, PAD, NEW = 2, 12, 3, 6
 
@@ -226,6 +231,40 @@ def check_duo_onnx(model, state):
     return ("pass" if err <= ONNX_VS_EAGER else "mismatch"), f"vs eager Duo: max abs {err:.2e}"
 
 
+def check_moe_eager(model, state):
+    """MoEBudget on the MoE blocks: at budget 1 the model itself (its dispatch raised to routed_ffn); at 0.75 the
+    budget met and the MoE blocks adapted. "n/a" for a model without MoE blocks."""
+    ids, mask = inputs(seed=1)
+    try:
+        kinds = [b.ffn.kind for b in routefx.inspect(model, (ids,), {"attention_mask": mask}).blocks if b.ffn]
+    except routefx.NoBlocksError:
+        return "n/a", "no transformer blocks"
+    if not {"moe", "unknown"} & set(kinds):   # an unknown FFN may be an MoE routefx does not read: try it
+        return "n/a", f"no MoE block (FFN kinds {sorted(set(kinds))})"
+    cal = _cal()
+    full = routefx.compile(model, MoEBudget(budget=1.0), calibration=cal)
+    ids, mask = inputs(seed=9)
+    err = max_abs_nonpad(full(ids, attention_mask=mask), hf_forward(model, ids, mask), mask)
+    cm = routefx.compile(model, MoEBudget(budget=0.75), calibration=cal)
+    state["moe"] = cm
+    adapted = cm.report.pass_report("adapt_experts").rewrites
+    realised = cm.plan.budget.realised
+    ok = err <= EXACT_REWRITE and adapted > 0 and abs(realised - 0.75) <= 0.02
+    return ("pass" if ok else "mismatch"), (f"budget 1 vs HF max abs {err:.2e}; {adapted} MoE blocks adapted, "
+                                            f"budget {realised:.3f}")
+
+
+def check_moe_onnx(model, state):
+    ref = state.get("moe")
+    if ref is None:
+        return "n/a", "no eager MoEBudget model (see moe_eager)"
+    cm = routefx.compile(model, ref.plan, backend="onnx")
+    ids, mask = inputs(seed=9)
+    err = max_abs_nonpad(cm(ids, attention_mask=mask), ref(ids, attention_mask=mask), mask)
+    return ("pass" if err <= ONNX_VS_EAGER else "mismatch"), (f"vs eager MoEBudget: max abs {err:.2e} "
+                                                              f"({cm.runner.export_path})")
+
+
 def check_prune(model, state):
     n = model.config.num_hidden_layers
     ids, mask = inputs(seed=1)
@@ -378,7 +417,8 @@ def run_family(model_type: str, class_name: str, checks, path: str) -> None:
     state = {}
     table = {"dense_eager": lambda: check_dense(model, "eager"), "dense_onnx": lambda: check_dense(model, "onnx"),
              "duo_eager": lambda: check_duo_eager(model, state), "duo_onnx": lambda: check_duo_onnx(model, state),
-             "prune_eager": lambda: check_prune(model, state), "generate_onnx": lambda: check_generate(model, state)}
+             "prune_eager": lambda: check_prune(model, state), "generate_onnx": lambda: check_generate(model, state),
+             "moe_eager": lambda: check_moe_eager(model, state), "moe_onnx": lambda: check_moe_onnx(model, state)}
     for c in checks:
         t = time.perf_counter()
         try:
