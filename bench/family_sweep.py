@@ -221,14 +221,19 @@ def check_duo_eager(model, state):
     return ("pass" if ok else "mismatch"), f"{routed} layers routed, budget {realised:.3f} (graph {budget:.3f})"
 
 
-def check_duo_onnx(model, state):
-    ref = state.get("duo")
+def _plan_on_onnx(model, ref, what: str, check: str, path: bool = False):
+    """The eager model `ref`'s plan compiled on ONNX vs `ref` itself ("n/a" without `ref`: see `check`)."""
     if ref is None:
-        return "n/a", "no eager Duo model (see duo_eager)"
+        return "n/a", f"no eager {what} model (see {check})"
     cm = routefx.compile(model, ref.plan, backend="onnx")
     ids, mask = inputs(seed=9)
     err = max_abs_nonpad(cm(ids, attention_mask=mask), ref(ids, attention_mask=mask), mask)
-    return ("pass" if err <= ONNX_VS_EAGER else "mismatch"), f"vs eager Duo: max abs {err:.2e}"
+    return ("pass" if err <= ONNX_VS_EAGER else "mismatch"), \
+        f"vs eager {what}: max abs {err:.2e}" + (f" ({cm.runner.export_path})" if path else "")
+
+
+def check_duo_onnx(model, state):
+    return _plan_on_onnx(model, state.get("duo"), "Duo", "duo_eager")
 
 
 def check_moe_eager(model, state):
@@ -255,14 +260,7 @@ def check_moe_eager(model, state):
 
 
 def check_moe_onnx(model, state):
-    ref = state.get("moe")
-    if ref is None:
-        return "n/a", "no eager MoEBudget model (see moe_eager)"
-    cm = routefx.compile(model, ref.plan, backend="onnx")
-    ids, mask = inputs(seed=9)
-    err = max_abs_nonpad(cm(ids, attention_mask=mask), ref(ids, attention_mask=mask), mask)
-    return ("pass" if err <= ONNX_VS_EAGER else "mismatch"), (f"vs eager MoEBudget: max abs {err:.2e} "
-                                                              f"({cm.runner.export_path})")
+    return _plan_on_onnx(model, state.get("moe"), "MoEBudget", "moe_eager", path=True)
 
 
 def check_prune(model, state):

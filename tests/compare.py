@@ -90,3 +90,20 @@ def assert_duo_routes_the_mlps(model, calibration, ids, mask, paths, backend="ea
     mix = cm.route_stats([{"input_ids": ids, "attention_mask": mask}]).layers
     assert all(sum(f > 0 for f in layer["mix"]) >= 2 for layer in mix)
     return cm
+
+
+def assert_moe_budget_adapts(model, calibration, ids, mask, blocks: int, budget: float = 0.6):
+    """MoEBudget(1.0) compiles to the model itself (EXACT_REWRITE on non-padding positions), MoEBudget(`budget`)
+    adapts `blocks` MoE blocks and changes the output; returns the adapted model and its logits on (ids, mask)."""
+    import routefx
+    from routefx.policies import MoEBudget
+    from tests.tolerances import EXACT_REWRITE
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    full = routefx.compile(model, MoEBudget(1.0), calibration=calibration)
+    assert_close_nonpad(full(input_ids=ids, attention_mask=mask).logits, ref, mask, EXACT_REWRITE)
+    part = routefx.compile(model, MoEBudget(budget), calibration=calibration)
+    assert part.report.pass_report("adapt_experts").rewrites == blocks
+    out = part(input_ids=ids, attention_mask=mask).logits
+    assert (out - ref)[mask.bool()].abs().max().item() > 1e-3   # fewer experts: not the model
+    return part, out

@@ -15,8 +15,9 @@ import transformers as hf
 import routefx
 from routefx.generate import LayerSubset
 from routefx.passes.manager import PassFailedError
-from routefx.policies import Dense, MoEBudget, PruneLayers
-from tests.compare import assert_close_nonpad, assert_compiles_to_model, assert_duo_routes_the_mlps, padded_ids
+from routefx.policies import Dense, PruneLayers
+from tests.compare import (assert_close_nonpad, assert_compiles_to_model, assert_duo_routes_the_mlps,
+                           assert_moe_budget_adapts, padded_ids)
 from tests.tolerances import EXACT_REWRITE
 from tests.zoo import hf_model, redraw_
 
@@ -169,10 +170,5 @@ def test_moe_layers():
         assert (f.kind, f.num_experts, f.top_k, f.shared_expert_size) == ("moe", 4, 2, 128)
         assert f.routed == [[e * 32, (e + 1) * 32] for e in range(4)]
     cal = [{"input_ids": _inputs(seed=s, batch=2, seq=16, pad=0)[0]} for s in range(3)]
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
-    full = routefx.compile(model, MoEBudget(1.0), calibration=cal)
-    assert_close_nonpad(full(input_ids=ids, attention_mask=mask).logits, ref, mask, EXACT_REWRITE)
-    half = routefx.compile(model, MoEBudget(0.6), calibration=cal)
-    assert half.report.pass_report("adapt_experts").rewrites == LAYERS
+    half, _ = assert_moe_budget_adapts(model, cal, ids, mask, LAYERS)
     assert half.route_stats([{"input_ids": ids, "attention_mask": mask}]).budget < 0.9
