@@ -40,6 +40,7 @@ from torch.export.graph_signature import (ExportGraphSignature, InputKind, Input
 from torch.utils import _pytree as pytree
 
 from routefx.errors import BackendError
+from routefx.ir.capture import _functional_form
 from routefx.ir.graph_utils import fake_mode
 
 __all__ = ["exported_program", "to_onnx", "DIRECT", "DECOMPOSED", "export_context", "describe_export_error", "first_line"]
@@ -80,21 +81,15 @@ def _fake_mode(gm: fx.GraphModule):
     return mode
 
 
-def _functional_writes(gm: fx.GraphModule) -> dict:
+def _functional_writes(gm: fx.GraphModule, order: dict) -> dict:
     """{in-place node: its out-of-place op} for the in-place writes an ExportedProgram may not hold (its verifier
     wants functional ops: Mixtral's router divides its top-k weights in place, `topk_weights /= sum`) and that can
     become their functional form unchanged: the written tensor is a fresh result (not a view, a weight or an
     input) that no node after the write reads but through the write's own result (nor through a view of it made
     before). Others stay (then the caller re-traces)."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     out = {}
     for n in gm.graph.nodes:
-        t = n.target
-        if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not t._schema.is_mutable:
-            continue
-        name = t._schema.name.split("::")[-1]
-        functional = getattr(getattr(torch.ops.aten, name[:-1], None), t._overloadname, None) \
-            if name.endswith("_") and not name.endswith("__") else None
+        functional = _functional_form(n)   # capture's: the functional overload of an op writing its first arg
         x = n.args[0] if n.args else None
         if functional is None or not isinstance(x, fx.Node) or not _fresh(x) or _read_after(x, n, order):
             continue
@@ -125,13 +120,12 @@ def _aliases(n: fx.Node) -> bool:
     return any(r.alias_info is not None for r in n.target._schema.returns)
 
 
-def _filled_buffers(gm: fx.GraphModule) -> dict:
+def _filled_buffers(gm: fx.GraphModule, order: dict) -> dict:
     """{copy_ node: (buffer, slice)} for buffers filled by in-place copies into slices (MLA attention: `k =
     q.new_empty(...); k[..., :r] = k_pass; k[..., r:] = k_rot`), which an ExportedProgram may not hold: the
     buffer is fresh, every user of it is a slice along one dim whose only user is one `copy_` into it (its
     result unused) or a reader after the last such copy. Those copies become slice_scatters of the buffer
     (`_slice_scatter`), the readers read the last one."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     out = {}
     for buf in gm.graph.nodes:
         if buf.op != "call_function" or not _fresh(buf) or not isinstance(buf.meta.get("val"), torch.Tensor):
@@ -145,7 +139,8 @@ def _filled_buffers(gm: fx.GraphModule) -> dict:
                 copies[cp] = u
             else:
                 readers.append(u)
-        if copies and all(order[r] > max(order[c] for c in copies) for r in readers):
+        last = max(map(order.get, copies)) if copies else None
+        if copies and all(order[r] > last for r in readers):
             out.update({c: (buf, s) for c, s in copies.items()})
     return out
 
@@ -224,8 +219,8 @@ def exported_program(gm: fx.GraphModule, tensor_inputs: list[str]) -> ExportedPr
         raise ValueError(f"input names {tensor_inputs} collide with graph names")
     input_specs += [InputSpec(InputKind.USER_INPUT, TensorArgument(k), target=None) for k in tensor_inputs]
     guards = {n for n in gm.graph.nodes if n.op == "call_module" and n.target == _GUARDS and not n.users}
-    functional = _functional_writes(gm)
-    filled = _filled_buffers(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    functional, filled = _functional_writes(gm, order), _filled_buffers(gm, order)
     outputs: list[fx.Node] = []
     for n in gm.graph.nodes:
         if n in guards:
