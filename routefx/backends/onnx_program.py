@@ -25,7 +25,6 @@ import contextlib
 import copy
 import functools
 import logging
-import operator
 import re
 import warnings
 from typing import Callable
@@ -40,7 +39,6 @@ from torch.export.graph_signature import (ExportGraphSignature, InputKind, Input
 from torch.utils import _pytree as pytree
 
 from routefx.errors import BackendError
-from routefx.ir.capture import _functional_form
 from routefx.ir.graph_utils import fake_mode
 
 __all__ = ["exported_program", "to_onnx", "DIRECT", "DECOMPOSED", "export_context", "describe_export_error", "first_line"]
@@ -81,109 +79,6 @@ def _fake_mode(gm: fx.GraphModule):
     return mode
 
 
-def _functional_writes(gm: fx.GraphModule, order: dict) -> dict:
-    """{in-place node: its out-of-place op} for the in-place writes an ExportedProgram may not hold (its verifier
-    wants functional ops: Mixtral's router divides its top-k weights in place, `topk_weights /= sum`) and that can
-    become their functional form unchanged: the written tensor is a fresh result (not a view, a weight or an
-    input) that no node after the write reads but through the write's own result (nor through a view of it made
-    before). Others stay (then the caller re-traces)."""
-    out = {}
-    for n in gm.graph.nodes:
-        functional = _functional_form(n)   # capture's: the functional overload of an op writing its first arg
-        x = n.args[0] if n.args else None
-        if functional is None or not isinstance(x, fx.Node) or not _fresh(x) or _read_after(x, n, order):
-            continue
-        out[n] = functional
-    return out
-
-
-def _read_after(x: fx.Node, write: fx.Node, order: dict) -> bool:
-    """Does a node after `write` read `x`, directly or through a view of it made before the write?"""
-    for u in x.users:
-        if u is write:
-            continue
-        if order[u] > order[write]:
-            return True
-        if _aliases(u) and _read_after(u, write, order):
-            return True
-    return False
-
-
-def _aliases(n: fx.Node) -> bool:
-    """Can `n`'s result share memory with its input (a view, a tuple item of a view op, an unknown op)?"""
-    if n.op != "call_function":
-        return True
-    if n.target is operator.getitem:
-        return not _fresh(n)
-    if not isinstance(n.target, torch._ops.OpOverload):
-        return True
-    return any(r.alias_info is not None for r in n.target._schema.returns)
-
-
-def _filled_buffers(gm: fx.GraphModule, order: dict) -> dict:
-    """{copy_ node: (buffer, slice)} for buffers filled by in-place copies into slices (MLA attention: `k =
-    q.new_empty(...); k[..., :r] = k_pass; k[..., r:] = k_rot`), which an ExportedProgram may not hold: the
-    buffer is fresh, every user of it is a slice along one dim whose only user is one `copy_` into it (its
-    result unused) or a reader after the last such copy. Those copies become slice_scatters of the buffer
-    (`_slice_scatter`), the readers read the last one."""
-    out = {}
-    for buf in gm.graph.nodes:
-        if buf.op != "call_function" or not _fresh(buf) or not isinstance(buf.meta.get("val"), torch.Tensor):
-            continue
-        copies, readers = {}, []
-        for u in buf.users:
-            cp = next(iter(u.users)) if len(u.users) == 1 else None
-            if u.target is torch.ops.aten.slice.Tensor and u.args[0] is buf and cp is not None \
-                    and cp.target is torch.ops.aten.copy_.default and cp.args[0] is u and not cp.users \
-                    and len(cp.args) == 2 and not cp.kwargs:
-                copies[cp] = u
-            else:
-                readers.append(u)
-        last = max(map(order.get, copies)) if copies else None
-        if copies and all(order[r] > last for r in readers):
-            out.update({c: (buf, s) for c, s in copies.items()})
-    return out
-
-
-def _slice_scatter(graph: fx.Graph, mode, env: dict, buf: fx.Node, piece: fx.Node, copy: fx.Node) -> fx.Node:
-    """env[buf] := slice_scatter(env[buf], src, dim, start, end, step) for `copy` = copy_(piece, src), piece =
-    slice(buf, dim, start, end, step); src cast to the buffer's dtype and broadcast to the slice (as copy_ does).
-    Returns the new node (what the copy maps to)."""
-    def val(a):
-        return a.meta["val"] if isinstance(a, fx.Node) else a
-
-    def node(target, args, kwargs=None):
-        n = graph.call_function(target, args, kwargs or {})
-        with mode:
-            n.meta["val"] = target(*fx.node.map_aggregate(args, val), **fx.node.map_aggregate(kwargs or {}, val))
-        return n
-
-    aten = torch.ops.aten
-    base, src = env[buf], env[copy.args[1]]
-    dim, start, end, step = (list(piece.args[1:]) + [0, None, None, 1][len(piece.args) - 1:])[:4]
-    dim, start, end, step = (env[a] if isinstance(a, fx.Node) else a for a in (dim, start, end, step))
-    if val(src).dtype != val(base).dtype:
-        src = node(aten._to_copy.default, (src,), {"dtype": val(base).dtype})
-    view = env[piece]
-    if [str(d) for d in val(src).shape] != [str(d) for d in val(view).shape]:   # broadcast as copy_ does
-        src = node(aten.add.Tensor, (node(aten.zeros_like.default, (view,)), src))
-    new = node(aten.slice_scatter.default, (base, src, dim, start, end, step))
-    env[buf] = new
-    return new
-
-
-def _fresh(x: fx.Node) -> bool:
-    """Is `x` a new tensor of its own: the result (or a getitem of a result) of an op whose schema says the
-    result aliases no input?"""
-    index = 0
-    if x.op == "call_function" and x.target is operator.getitem and isinstance(x.args[0], fx.Node):
-        x, index = x.args[0], x.args[1]
-    if x.op != "call_function" or not isinstance(x.target, torch._ops.OpOverload):
-        return False
-    returns = x.target._schema.returns
-    return isinstance(index, int) and index < len(returns) and returns[index].alias_info is None
-
-
 def exported_program(gm: fx.GraphModule, tensor_inputs: list[str]) -> ExportedProgram:
     """`gm` (placeholders named after the model's inputs, weights as get_attr) as an ExportedProgram whose user
     inputs are `tensor_inputs` (in that order) and whose outputs are `gm`'s tensor outputs, in order. The
@@ -219,8 +114,6 @@ def exported_program(gm: fx.GraphModule, tensor_inputs: list[str]) -> ExportedPr
         raise ValueError(f"input names {tensor_inputs} collide with graph names")
     input_specs += [InputSpec(InputKind.USER_INPUT, TensorArgument(k), target=None) for k in tensor_inputs]
     guards = {n for n in gm.graph.nodes if n.op == "call_module" and n.target == _GUARDS and not n.users}
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    functional, filled = _functional_writes(gm, order), _filled_buffers(gm, order)
     outputs: list[fx.Node] = []
     for n in gm.graph.nodes:
         if n in guards:
@@ -238,12 +131,7 @@ def exported_program(gm: fx.GraphModule, tensor_inputs: list[str]) -> ExportedPr
             flat = n.args[0] if isinstance(n.args[0], (tuple, list)) else (n.args[0],)
             outputs = [env[a] for a in flat if isinstance(a, fx.Node)]
             continue
-        if n in filled:  # copy_(slice(buf), src) into a fresh buffer: buf = slice_scatter(buf, src) from here on
-            env[n] = _slice_scatter(graph, mode, env, *filled[n], n)
-            continue
         env[n] = graph.node_copy(n, lambda a: env[a])
-        if n in functional:  # x.div_(y) on a temporary read by nothing later: div(x, y)
-            env[n].target = functional[n]
         if n.target in _ALIASES:  # a non-core alias: its core op, which the ONNX registry implements
             new = env[n]
             new.target, new.args, new.kwargs = _ALIASES[n.target](*new.args, **new.kwargs)

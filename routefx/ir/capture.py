@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect as _inspect
+import operator
 from typing import Any
 
 import torch
@@ -287,11 +288,6 @@ def _expand_as_by_sizes(gm: torch.fx.GraphModule) -> None:
 
 _ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
 _aten = torch.ops.aten
-# ops that return a new tensor aliasing nothing: an in-place write onto one can become a functional op
-_FRESH = {_aten.empty_like.default, _aten.zeros_like.default, _aten.ones_like.default, _aten.full_like.default,
-          _aten.empty.memory_format, _aten.zeros.default, _aten.ones.default, _aten.full.default,
-          _aten.new_empty.default, _aten.new_zeros.default, _aten.new_ones.default, _aten.new_full.default,
-          _aten.clone.default}
 
 
 def _writes_first(n: torch.fx.Node) -> bool:
@@ -436,9 +432,9 @@ def _drop_export_artifacts(gm: torch.fx.GraphModule) -> None:
     `torch.tensor(...)` in model code (a Hugging Face cache layer's empty initial keys) is captured as
     `lift_fresh_copy` + `detach_`, and an in-place op makes the graph non-functional, which torch.export's
     verifier refuses (the ONNX backend then had to trace the graph again, losing its fused attention kernels).
-    For the same reason an in-place write onto a tensor the graph has just created and not yet read
-    (`inv = torch.empty_like(perm); inv[perm] = arange`, in transformers' MoE experts) becomes the functional op,
-    and the buffer's later readers read its result; a write onto anything else (an input, a view) is left alone.
+    For the same reason in-place writes onto tensors the graph created become functional ops where that changes
+    nothing (`_functional_fresh_writes`); a write onto anything else (an input, a buffer: see
+    `_functional_buffer_writes`) is left alone.
     A write onto a parameter (RWKV rescales its weights in its first inference call) is refused: the graph would
     change its weights again on every call (a buffer the model updates by design is its state, left alone)."""
     writes = [n for n in gm.graph.nodes if n.op == "call_function" and n.args and isinstance(n.args[0], torch.fx.Node)
@@ -449,8 +445,6 @@ def _drop_export_artifacts(gm: torch.fx.GraphModule) -> None:
                            f"{len(writes)} write(s)): a compiled graph would repeat that on every call; routefx "
                            "compiles forwards that leave their weights unchanged (a model that rescales its weights "
                            "on its first call: call it once before compiling, or turn the rescaling off)")
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    fresh = {n for n in gm.graph.nodes if n.op == "call_function" and n.target in _FRESH}
     for n in list(gm.graph.nodes):
         if n.op != "call_function":
             continue
@@ -459,17 +453,94 @@ def _drop_export_artifacts(gm: torch.fx.GraphModule) -> None:
         elif n.target is torch.ops.aten.detach_.default:
             n.replace_all_uses_with(n.args[0])
             gm.graph.erase_node(n)
-        elif (buf := n.args[0] if n.args else None) in fresh and (functional := _functional_form(n)) is not None \
-                and all(order[u] > order[n] for u in buf.users if u is not n):
-            with gm.graph.inserting_after(n):
-                m = gm.graph.call_function(functional, n.args, n.kwargs)
-            m.meta.update(n.meta)
-            n.replace_all_uses_with(m)
-            buf.replace_all_uses_with(m, delete_user_cb=lambda u: u is not n and u is not m)
-            gm.graph.erase_node(n)
-            order[m] = order[n]
-            fresh.add(m)
     gm.recompile()
+    _functional_fresh_writes(gm)
+
+
+def _fresh(x: torch.fx.Node) -> bool:
+    """Is `x` a new tensor of its own: the result (or a tuple item of the result) of an op whose schema says the
+    result aliases no input?"""
+    index = 0
+    if x.op == "call_function" and x.target is operator.getitem and isinstance(x.args[0], torch.fx.Node):
+        x, index = x.args[0], x.args[1]
+    if x.op != "call_function" or not isinstance(x.target, torch._ops.OpOverload):
+        return False
+    returns = x.target._schema.returns
+    return isinstance(index, int) and index < len(returns) and returns[index].alias_info is None
+
+
+def _may_alias(n: torch.fx.Node) -> bool:
+    """Can `n`'s result share memory with its input (a view, a tuple item of a view op, an unknown op)?"""
+    if n.op != "call_function":
+        return True
+    if n.target is operator.getitem:
+        return not _fresh(n)
+    if not isinstance(n.target, torch._ops.OpOverload):
+        return True
+    return any(r.alias_info is not None for r in n.target._schema.returns)
+
+
+def _read_after(x: torch.fx.Node, write: torch.fx.Node, order: dict, skip=()) -> bool:
+    """Does a node after `write` read `x` (but `write` and `skip`), directly or through a view of it?"""
+    for u in x.users:
+        if u is write or u in skip:
+            continue
+        if order[u] > order[write] or (_may_alias(u) and _read_after(u, write, order)):
+            return True
+    return False
+
+
+def _functional_fresh_writes(gm: torch.fx.GraphModule) -> int:
+    """Rewrite in-place writes onto a fresh tensor (a result that aliases nothing: `torch.empty_like`, a top-k's
+    values, any op's output) into functional ops, its later readers reading the result: Mixtral's router divides
+    its top-k weights in place (`topk_weights /= sum`), transformers' MoE experts fill `inv = torch.empty_like(perm);
+    inv[perm] = arange`, MLA attention assembles its key in a fresh buffer through slices (`k[..., :r] = k_pass`,
+    written through `slice_scatter` / `select_scatter`). torch.export's verifier refuses in-place ops, so every
+    backend (and ONNX's direct lowering) gets a functional graph. A write stays as it is when a view of the
+    tensor made before it is read after it (the view would see the write), and a write into a view when the view
+    is read after it or the write's own result is used. Returns how many writes became functional."""
+    from routefx.passes.fake_prop import propagate_changed_
+    g = gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
+    changed: set[str] = set()
+    done = 0
+    for n in list(g.nodes):
+        if not n.args or (functional := _functional_form(n)) is None or not isinstance(n.args[0], torch.fx.Node):
+            continue
+        chain, root = [], n.args[0]
+        while root.op == "call_function" and root.target in _SCATTERS and isinstance(root.args[0], torch.fx.Node):
+            chain.append(root)
+            root = root.args[0]
+        if not _fresh(root) or (chain and (n.users or any(len(v.users) != 1 for v in chain))):
+            continue
+        if any(u is not n and u not in chain and order[u] < order[n] and _may_alias(u)
+               and _read_after(u, n, order) for u in root.users):
+            continue   # a view made before the write, read after it
+        with g.inserting_before(n):
+            new = g.call_function(functional, n.args, n.kwargs)   # the written tensor's new value
+            new.meta.update({k: v for k, v in n.meta.items() if k != "val"})
+            for view in chain:    # innermost view first: write the new value into its parent
+                changed.add(new.name)
+                order[new] = order[n]
+                new = g.call_function(_SCATTERS[view.target], (view.args[0], new, *view.args[1:]), view.kwargs)
+                new.meta.update({k: v for k, v in n.meta.items() if k != "val"})
+        changed.add(new.name)
+        order[new] = order[n]
+        if not chain:
+            n.replace_all_uses_with(new)
+        for u in list(root.users):
+            if order.get(u, -1) > order[n]:
+                u.replace_input_with(root, new)
+                changed.add(u.name)
+        g.erase_node(n)
+        for view in chain:
+            if not view.users:
+                g.erase_node(view)
+        done += 1
+    if done:
+        gm.recompile()
+        propagate_changed_(gm, changed)
+    return done
 
 
 def _cast_rsub_operands(gm: torch.fx.GraphModule) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import routefx
-from routefx.backends import onnx as onnx_backend, onnx_program
+from routefx.backends import onnx as onnx_backend
 from routefx.backends.onnx_opset import export_opset
 from routefx.ir.capture import capture
 from tests.compare import assert_close_nonpad, graph_kwargs
@@ -160,8 +160,7 @@ def test_op_without_onnx_implementation_goes_through_decomposition():
 
 class _PackedIds(torch.nn.Module):
     """transformers' packed-sequence detection (`(diff(position_ids) != 1).cumsum(-1)`, which every padded or
-    position-id batch computes), a top-k renormalised in place (Mixtral's `topk_weights /= sum`), and an in-place
-    write through a view that must stay a write."""
+    position-id batch computes) and a top-k renormalised in place (Mixtral's `topk_weights /= sum`)."""
 
     def __init__(self):
         super().__init__()
@@ -190,19 +189,26 @@ class _FilledBuffer(torch.nn.Module):
 class _ViewWrite(torch.nn.Module):
     def forward(self, x):
         y = x * 2
-        y[:, :1].mul_(3)   # an in-place write into a view of y: y changes, so it is not made functional
+        y[:, :1].mul_(3)   # an in-place write into a view of y: y = slice_scatter(y, mul(y[:, :1], 3))
         top = torch.topk(x, 2, dim=-1).values
         flat = top.view(-1)   # a view made before the write and read after it: the write stays a write
         top /= 2
         return y + 1, flat * 1
 
 
+def _in_place(gm) -> list[str]:
+    """The in-place ops left in a captured graph (overload names)."""
+    return [f"{n.target._opname}.{n.target._overloadname}" for n in gm.graph.nodes
+            if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+            and n.target._schema.is_mutable]
+
+
 def test_ops_hugging_face_graphs_carry_lower_directly():
     """aten.diff, aten.square, the binary aten.min (no translation in torch's registry), a cumsum of a bool (a type
-    promotion), an in-place division of a fresh top-k result and a fresh buffer filled through slices (an
-    ExportedProgram holds functional ops only) no longer send the graph through decomposition or a new trace:
-    lowered as captured, equal to torch, at another batch and length; a write through a view of a value read
-    afterwards stays a write (and is still right)."""
+    promotion), an in-place division of a fresh top-k result and a fresh buffer filled through slices (capture
+    makes them functional: an ExportedProgram holds functional ops only) no longer send the graph through
+    decomposition or a new trace: lowered as captured, equal to torch, at another batch and length; a write whose
+    tensor is read afterwards through a view made before it stays a write (and is still right)."""
     def inputs(b, s, seed):
         g = torch.Generator().manual_seed(seed)
         pos = torch.arange(s).repeat(b, 1)
@@ -210,6 +216,7 @@ def test_ops_hugging_face_graphs_carry_lower_directly():
         return torch.randn(b, s, 6, generator=g), pos
     x, pos = inputs(2, 7, 1)
     gm = capture(_PackedIds(), (x, pos))
+    assert _in_place(gm) == []   # capture made the writes functional, for every backend
     run = onnx_backend.prepare(gm, {"x": x, "position_ids": pos})
     assert run.export_path == "direct"
     x2, pos2 = inputs(3, 10, 2)
@@ -217,14 +224,15 @@ def test_ops_hugging_face_graphs_carry_lower_directly():
         ref = _PackedIds()(x2, pos2)
     torch.testing.assert_close(run(x=x2, position_ids=pos2), ref, atol=ONNX_VS_EAGER, rtol=0)
     a, b = (torch.randn(2, 5, n, generator=torch.Generator().manual_seed(n)) for n in (4, 2))
-    filled = onnx_backend.prepare(capture(_FilledBuffer(), (a, b)), {"x": a, "y": b})
+    gm = capture(_FilledBuffer(), (a, b))
+    assert _in_place(gm) == []
+    filled = onnx_backend.prepare(gm, {"x": a, "y": b})
     assert filled.export_path == "direct"
     a2, b2 = (torch.randn(3, 8, n, generator=torch.Generator().manual_seed(10 + n)) for n in (4, 2))
     torch.testing.assert_close(filled(x=a2, y=b2), _FilledBuffer()(a2, b2), atol=ONNX_VS_EAGER, rtol=0)
     y = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
     gm = capture(_ViewWrite(), (y,))
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    assert onnx_program._functional_writes(gm, order) == {} and onnx_program._filled_buffers(gm, order) == {}
+    assert _in_place(gm) == ["div_.Tensor"]   # y's write through a slice became a slice_scatter; top's stays
     view_write = onnx_backend.prepare(gm, {"x": y})
     y2 = torch.randn(3, 5, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(view_write(x=y2), _ViewWrite()(y2), atol=ONNX_VS_EAGER, rtol=0)
