@@ -91,6 +91,13 @@ def _as_integral(t, x: torch.Tensor) -> torch.Tensor:
     return x.to(t.dtype)
 
 
+def _whole(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether floating `x` holds whole numbers only (only 0 and 1 for a bool input): casting it loses nothing."""
+    if dtype == torch.bool:
+        return bool(((x == 0) | (x == 1)).all())
+    return bool((x == x.round()).all() & x.isfinite().all())
+
+
 def check_inputs(gm: fx.GraphModule, kwargs: dict) -> dict:
     """Raise `InputError` for a call `gm` cannot take; return the keywords to run it with (constants baked in at
     capture through **kwargs are checked and dropped)."""
@@ -110,6 +117,10 @@ def check_inputs(gm: fx.GraphModule, kwargs: dict) -> dict:
                              f"dtype {t.dtype} and rank {len(t.shape)}")
         if x.dtype != t.dtype and _integral(x.dtype) and _integral(t.dtype) and x.dim() == len(t.shape):
             x = kwargs[t.name] = _as_integral(t, x)   # ids, masks, positions: int32 / int64 / bool alike
+        elif x.dtype != t.dtype and x.is_floating_point() and _integral(t.dtype) and x.dim() == len(t.shape) \
+                and t.vocab is None and x.device.type != "meta" and _whole(x, t.dtype):
+            x = kwargs[t.name] = _as_integral(t, x)   # a 0/1 mask in floats, as Hugging Face models take it (ids
+            # stay integers: an embedding refuses float indices)
         if x.dtype != t.dtype or x.dim() != len(t.shape):
             raise InputError(f"input {t.name!r} has dtype {x.dtype} and rank {x.dim()}; the compiled model "
                              f"takes dtype {t.dtype} and rank {len(t.shape)} (as in the example it was captured "

@@ -125,6 +125,8 @@ class Session:
             if not isinstance(x, np.ndarray):
                 raise InputError(f"input {name!r} is a {type(x).__name__}; the model takes an array of dtype "
                                  f"{t['dtype']} and rank {len(t['shape'])}")
+            if x.dtype.name != t["dtype"] and x.ndim == len(t["shape"]):
+                x = _as_integral(name, x, t["dtype"], ids=t["vocab"] is not None)
             if x.dtype.name != t["dtype"] or x.ndim != len(t["shape"]):
                 raise InputError(f"input {name!r} has dtype {x.dtype.name} and rank {x.ndim}; the model takes dtype "
                                  f"{t['dtype']} and rank {len(t['shape'])} (as in the example it was captured from)")
@@ -139,6 +141,25 @@ class Session:
         leaves = [convert(outs[leaf["onnx"]]) if "onnx" in leaf else leaf["const"]
                   for leaf in self._outputs["leaves"]]
         return _build(self._outputs["tree"], leaves)
+
+
+def _as_integral(name: str, x: np.ndarray, dtype: str, ids: bool) -> np.ndarray:
+    """`x` cast to the integer or bool input dtype `dtype` where that loses nothing (int32 ids for int64, a bool or
+    0/1 float mask; token ids never from floats), as the in-process compiled model takes them; else `x`
+    unchanged (the caller refuses it)."""
+    want = np.dtype(dtype)
+    if want.kind not in "biu" or x.dtype.kind not in ("biu" if ids else "biuf"):
+        return x
+    if x.dtype.kind == "f" and x.size and not (np.isfinite(x).all() and (x == np.round(x)).all()):
+        return x
+    if x.size and want.kind == "b" and not np.isin(x, (0, 1)).all():
+        return x
+    if x.size and want.kind in "iu":
+        info, lo, hi = np.iinfo(want), x.min(), x.max()
+        if lo < info.min or hi > info.max:
+            raise InputError(f"input {name!r} has values in [{lo}, {hi}], outside the range of {dtype}, the dtype "
+                             "the model takes")
+    return x.astype(want)
 
 
 def _check_dims(t: dict, x: np.ndarray, sizes: dict) -> None:

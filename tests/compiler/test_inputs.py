@@ -83,8 +83,8 @@ def test_empty_inputs(backend, shape, what):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_integer_inputs_of_another_integer_dtype_are_taken(backend):
-    """int32 ids and a bool mask on a graph captured with int64 ones: the same output as the int64 call (and no
-    new capture); values that do not fit the captured dtype are refused."""
+    """int32 ids, a bool mask and a 0/1 float mask on a graph captured with int64 ones: the same output as the
+    int64 call (and no new capture); values that do not fit the captured dtype, or are not whole, are refused."""
     model, cm = _compiled(backend)
     ids, mask = _ids(), torch.ones(2, 9, dtype=torch.long)
     mask[1, :3] = 0
@@ -93,6 +93,10 @@ def test_integer_inputs_of_another_integer_dtype_are_taken(backend):
     out = cm(ids.int(), attention_mask=mask.bool())
     assert len(cm._entries) == entries
     assert_close_nonpad(out, ref, mask, 0.0)
+    assert_close_nonpad(cm(ids, attention_mask=mask.float()), ref, mask, 0.0)   # a 0/1 mask in floats
+    assert len(cm._entries) == entries
+    with pytest.raises(routefx.InputError, match=r"'attention_mask' has dtype torch.float32 and rank 2"):
+        cm(ids, attention_mask=mask * 0.5)   # not a 0/1 mask: refused, not rounded
     with torch.no_grad():
         assert_close_nonpad(out, model(ids, attention_mask=mask), mask, ONNX_VS_EAGER)
     spec = next(t for t in input_spec(cm.graph_module).tensors if t.name == "input_ids")

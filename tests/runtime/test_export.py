@@ -234,8 +234,10 @@ def test_export_refuses_other_backends_and_existing_directories(tmp_path):
     (lambda f: {**f, "attention_mask": f["attention_mask"][:, :-1]}, r"'attention_mask' has shape \[3, 10\]: its "
                                                                      r"sequence length 10 disagrees with 'input_ids'"),
     (lambda f: {k: v[:, :0] for k, v in f.items()}, r"'input_ids' has shape \[3, 0\]: an empty sequence"),
-    (lambda f: {**f, "input_ids": f["input_ids"].int()}, r"'input_ids' has dtype int32 and rank 2; the model takes "
-                                                         r"dtype int64 and rank 2"),
+    (lambda f: {**f, "input_ids": f["input_ids"].float()}, r"'input_ids' has dtype float32 and rank 2; the model "
+                                                           r"takes dtype int64 and rank 2"),
+    (lambda f: {**f, "attention_mask": f["attention_mask"] * 0.5}, r"'attention_mask' has dtype float32 and rank 2; "
+                                                                   r"the model takes dtype int64"),
     (lambda f: {**f, "input_ids": f["input_ids"][0]}, r"'input_ids' has dtype int64 and rank 1"),
     (lambda f: {**f, "use_cache": True}, r"'use_cache' is True; the model was exported with use_cache=False"),
     (lambda f: {**f, "labels": f["input_ids"]}, r"unexpected input\(s\) \['labels'\]"),
@@ -249,6 +251,19 @@ def test_inputs_are_checked_like_the_compiled_model(change, message):
         sess(**feed)
     with pytest.raises(InputError, match=message):
         sess(**{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in feed.items()})
+
+
+def test_integer_inputs_of_another_dtype_are_taken_like_the_compiled_model():
+    """int32 ids, a bool and a 0/1 float mask give the int64 call's output, as in the compiled model."""
+    cm, path, entry = exported("llama-dense")
+    sess = routefx.load(path)
+    feed = call_inputs(entry)[0]
+    ref = sess(**feed).logits
+    ids, mask = feed["input_ids"], feed["attention_mask"]
+    for other in ({"input_ids": ids.int(), "attention_mask": mask.bool()},
+                  {"input_ids": ids.numpy().astype(np.int32), "attention_mask": mask.numpy().astype(np.float32)}):
+        got = sess(**other).logits
+        assert_close_nonpad(torch.as_tensor(got), ref, mask, 0.0)
 
 
 def test_one_session_from_eight_threads_equals_sequential_calls():
