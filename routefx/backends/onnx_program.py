@@ -190,7 +190,7 @@ def _direct(ep: ExportedProgram, opset: int | None, lowerings: dict):
                and not registry.is_registered(t) for t in targets):
             return None  # higher-order ops and Python callables (but torch.sym_min & co., which the registry
             # translates): the exporter's decomposition handles them
-        _cast_integer_cumsums(ep.graph_module)
+        _cast_promoted_tensors(ep.graph_module)
         if _promotion_needed(ep.graph_module):  # the pass re-runs every node on fake tensors (2/3 of the export)
             _fx_passes.insert_type_promotion_nodes(ep.graph_module)
         model = _core._exported_program_to_onnx_program(ep, registry=registry).model
@@ -203,67 +203,71 @@ def _direct(ep: ExportedProgram, opset: int | None, lowerings: dict):
         return None
 
 
-def _cast_integer_cumsums(gm: fx.GraphModule) -> int:
-    """Give every `aten.cumsum` of a bool or a narrow integer tensor (no dtype argument) an explicit cast to int64,
-    its result type, in place; returns how many. The only promotion in most Hugging Face graphs is there
-    (transformers' packed-sequence detection: `(diff(position_ids) != 1).cumsum(-1)`), and the exporter's
-    promotion pass re-runs the whole graph on fake tensors to insert that one cast."""
-    count = 0
-    for n in list(gm.graph.nodes):
-        if n.op != "call_function" or n.target is not torch.ops.aten.cumsum.default or n.kwargs.get("dtype"):
+def _promotions(gm: fx.GraphModule):
+    """(node, position or keyword, argument, dtype) for every argument the exporter's type-promotion pass would
+    cast: an op with an elementwise or reduction type-promotion rule whose argument (tensor, symbolic or Python
+    number) has another dtype than the one the rule computes, read from the fake values the graph already carries
+    (the pass itself re-runs every node on fake tensors to get them). Raises where it cannot tell."""
+    from torch.onnx._internal.fx import type_utils
+    from torch.onnx._internal.fx.passes import type_promotion as tp
+
+    table = tp.TypePromotionTable()
+
+    def val(a):
+        return a.meta["val"] if isinstance(a, fx.Node) else a
+
+    def differs(arg, dtype) -> bool:
+        if dtype is None:
+            return False
+        if isinstance(arg, (tuple, list)):
+            return any(differs(a, dtype) for a in arg)
+        v = val(arg)
+        if isinstance(v, torch.Tensor):
+            return v.dtype != dtype
+        same = type_utils.from_scalar_type_to_torch_dtype(type(v))
+        if same is None:
+            raise TypeError(f"argument of type {type(v).__name__}")
+        return same != dtype
+
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or (rule := tp.get_type_promotion_rule(n, table)) is None:
             continue
-        x, v = n.args[0], n.meta.get("val")
-        xv = x.meta.get("val") if isinstance(x, fx.Node) else None
-        if not isinstance(xv, torch.Tensor) or not isinstance(v, torch.Tensor) or v.dtype != torch.int64 \
-                or xv.dtype == torch.int64 or xv.is_floating_point() or xv.is_complex():
-            continue
+        info = rule.preview_type_promotion(fx.node.map_aggregate(n.args, val), fx.node.map_aggregate(n.kwargs, val))
+        out += [(n, i, a, info.args_dtypes[i]) for i, a in enumerate(n.args) if differs(a, info.args_dtypes.get(i))]
+        out += [(n, k, a, info.kwargs_dtypes[k]) for k, a in n.kwargs.items()
+                if differs(a, info.kwargs_dtypes.get(k))]
+    return out
+
+
+def _cast_promoted_tensors(gm: fx.GraphModule) -> int:
+    """Insert, from the fake values the graph carries, the casts of tensor arguments the exporter's type-promotion
+    pass would insert (a bool or int `cumsum` to int64: transformers' packed-sequence detection, in most Hugging
+    Face graphs; int ids times a float tensor), so that the pass, which re-runs every node on fake tensors, is
+    needed only for scalar promotions. Returns how many casts; none where the promotions cannot be read."""
+    try:
+        todo = [(n, where, a, dtype) for n, where, a, dtype in _promotions(gm)
+                if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+    except Exception:  # noqa: BLE001 - cannot tell: the exporter's pass decides
+        return 0
+    for n, where, a, dtype in todo:
         with gm.graph.inserting_before(n):
-            cast = gm.graph.call_function(torch.ops.aten._to_copy.default, (x,), {"dtype": torch.int64})
-        cast.meta["val"] = xv.to(torch.int64)
-        n.replace_input_with(x, cast)
-        count += 1
-    if count:
+            cast = gm.graph.call_function(torch.ops.aten._to_copy.default, (a,), {"dtype": dtype})
+        cast.meta["val"] = a.meta["val"].to(dtype)   # a fake tensor's cast: a fake tensor, no run
+        if isinstance(where, int):
+            n.update_arg(where, cast)
+        else:
+            n.update_kwarg(where, cast)
+    if todo:
         gm.recompile()
-    return count
+    return len(todo)
 
 
 def _promotion_needed(gm: fx.GraphModule) -> bool:
-    """Whether the exporter's type-promotion pass would insert a cast anywhere in `gm`: some op with an
-    elementwise type-promotion rule has an argument (tensor, symbolic or Python number) whose dtype differs from
-    the one the rule computes, read from the fake values the graph already carries (the pass itself re-runs
-    every node on fake tensors to get them). Any doubt (an unknown value, a changed internal API) -> True."""
+    """Whether the exporter's type-promotion pass would insert a cast anywhere in `gm` (`_promotions`); any doubt
+    (an unknown value, a changed internal API) -> True."""
     try:
-        from torch.onnx._internal.fx import type_utils
-        from torch.onnx._internal.fx.passes import type_promotion as tp
-
-        table = tp.TypePromotionTable()
-
-        def val(a):
-            return a.meta["val"] if isinstance(a, fx.Node) else a
-
-        def differs(arg, dtype) -> bool:
-            if dtype is None:
-                return False
-            if isinstance(arg, (tuple, list)):
-                return any(differs(a, dtype) for a in arg)
-            v = val(arg)
-            if isinstance(v, torch.Tensor):
-                return v.dtype != dtype
-            same = type_utils.from_scalar_type_to_torch_dtype(type(v))
-            if same is None:
-                raise TypeError(f"argument of type {type(v).__name__}")
-            return same != dtype
-
-        for n in gm.graph.nodes:
-            if n.op != "call_function" or (rule := tp.get_type_promotion_rule(n, table)) is None:
-                continue
-            args = fx.node.map_aggregate(n.args, val)
-            kwargs = fx.node.map_aggregate(n.kwargs, val)
-            info = rule.preview_type_promotion(args, kwargs)
-            if any(differs(a, info.args_dtypes.get(i)) for i, a in enumerate(n.args)) or \
-                    any(differs(a, info.kwargs_dtypes.get(k)) for k, a in n.kwargs.items()):
-                return True
-        return False
+        return bool(_promotions(gm))
     except Exception:  # noqa: BLE001 - cannot tell: let the pass decide
         return True
 
