@@ -556,6 +556,15 @@ def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: fx.Node) -> 
         or up_bias is not None or down_bias is not None
 
 
+def _data_of(m: fx.Node, dyn: set):
+    """What a matrix product reads: a weight product's data operand, another product's (a batched one) first
+    argument."""
+    try:
+        return _operands(m, dyn)[0]
+    except _Miss:
+        return m.args[0]
+
+
 def _bias_of(m: fx.Node, dyn: set):
     """The bias of a weight product, None for one without or for another product (a batched one)."""
     try:
@@ -570,21 +579,10 @@ def _beside_experts(mms: list, experts: set, reader: fx.Node, dyn: set, data: fx
     (the router, or the raised op's `data`) reads, up to views and same-dtype casts; a product upstream of it, or
     reading a value upstream of it, belongs to what prepares that input (AXK2's norm with its own small MLP,
     Qwen4-Exp's low-rank hyper-connection mixing and its write-back weights), not to an expert."""
-    try:
-        x = gu.root_views(data if data is not None else _operands(reader, dyn)[0])
-    except _Miss:  # a router that is not a weight product: what it reads first
-        x = gu.root_views(reader.args[0])
+    x = gu.root_views(data if data is not None else _data_of(reader, dyn))
     before = gu.ancestors([x]) if isinstance(x, fx.Node) else set()
-
-    def reads_before(m):
-        try:
-            src = _operands(m, dyn)[0]
-        except _Miss:  # not a weight product: what it reads first
-            src = m.args[0]
-        return gu.root_views(src) in before
-
     return [m for m in mms if m not in experts and m is not reader and gu.val(m).shape[-1] != 1
-            and m not in before and not reads_before(m)]
+            and m not in before and gu.root_views(_data_of(m, dyn)) not in before]
 
 
 def _expert_ranges(ranges: list, gates, routes, rows_per_expert: bool = False) -> tuple[int, int] | None:
