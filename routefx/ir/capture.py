@@ -518,20 +518,20 @@ def _functional_fresh_writes(gm: torch.fx.GraphModule) -> int:
             continue   # a view made before the write, read after it
         with g.inserting_before(n):
             new = g.call_function(functional, n.args, n.kwargs)   # the written tensor's new value
-            new.meta.update({k: v for k, v in n.meta.items() if k != "val"})
+            _carry_meta(new, n, gu.val(n), changed)
+            if _promotes(new, gu.val(n)):   # x.add_(y) keeps x's dtype, add(x, y) may promote: cast back
+                new = g.call_function(_aten._to_copy.default, (new,), {"dtype": gu.val(n).dtype})
+                _carry_meta(new, n, gu.val(n), changed)
             for view in chain:    # innermost view first: write the new value into its parent
-                changed.add(new.name)
                 order[new] = order[n]
                 new = g.call_function(_SCATTERS[view.target], (view.args[0], new, *view.args[1:]), view.kwargs)
-                new.meta.update({k: v for k, v in n.meta.items() if k != "val"})
-        changed.add(new.name)
+                _carry_meta(new, n, gu.val(view.args[0]), changed)
         order[new] = order[n]
         if not chain:
             n.replace_all_uses_with(new)
-        for u in list(root.users):
+        for u in list(root.users):   # they read a value of the same shape and dtype: nothing to re-propagate
             if order.get(u, -1) > order[n]:
                 u.replace_input_with(root, new)
-                changed.add(u.name)
         g.erase_node(n)
         for view in chain:
             if not view.users:
@@ -539,8 +539,34 @@ def _functional_fresh_writes(gm: torch.fx.GraphModule) -> int:
         done += 1
     if done:
         gm.recompile()
+    if changed:
         propagate_changed_(gm, changed)
     return done
+
+
+def _promotes(functional: torch.fx.Node, written) -> bool:
+    """Whether the functional op's result has another dtype than the tensor its in-place form wrote (`written`),
+    computed on the fake values of its arguments; True where that cannot be computed (a cast is harmless)."""
+    if written is None or (mode := getattr(written, "fake_mode", None)) is None:
+        return True
+    try:
+        with mode:
+            v = functional.target(*torch.fx.node.map_aggregate(functional.args, lambda a: a.meta.get("val") if
+                                  isinstance(a, torch.fx.Node) else a), **torch.fx.node.map_aggregate(
+                functional.kwargs, lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a))
+    except Exception:  # noqa: BLE001 - cannot tell
+        return True
+    return not isinstance(v, torch.Tensor) or v.dtype != written.dtype
+
+
+def _carry_meta(new: torch.fx.Node, write: torch.fx.Node, val, changed: set) -> None:
+    """`new` (a node replacing the in-place `write`) gets its module path and stack trace, and `val` as its fake
+    value (the written tensor's, unchanged by the write); without one it is left to fake propagation."""
+    new.meta.update({k: v for k, v in write.meta.items() if k != "val"})
+    if val is not None:
+        new.meta["val"] = val
+    else:
+        changed.add(new.name)
 
 
 def _cast_rsub_operands(gm: torch.fx.GraphModule) -> None:

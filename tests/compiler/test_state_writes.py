@@ -159,3 +159,40 @@ def test_a_forward_that_reads_earlier_calls_state_keeps_writing_it():
         for _ in range(3):
             x = torch.randint(0, V, (2, 5), generator=g)
             torch.testing.assert_close(cm(x, start_pos=4), twin(x, start_pos=4), rtol=0, atol=EXACT_REWRITE)
+
+
+class _FreshWrites(nn.Module):
+    """In-place writes onto tensors the forward creates: a half tensor added to in place (the functional add would
+    promote to float32), a top-k renormalised in place after a read (Mixtral), a buffer filled through slices and
+    a select (MLA's key), and a write whose tensor is read afterwards through a view made before it (stays)."""
+
+    def forward(self, x, y):
+        a = x.half() * 2
+        a.add_(y)
+        top = torch.topk(x, 2, -1).values
+        top /= top.sum(-1, keepdim=True)
+        k = x.new_empty(x.shape[0], x.shape[1], 6)
+        k[..., :4] = x[..., :4]
+        k[:, 0, 4:] = 1.0
+        k[:, 1:, 4:] = y[:, 1:, :2]
+        kept = x * 3
+        flat = kept.view(-1)
+        kept.mul_(2)
+        return a.float() + 1, top * 3, k, flat + 1
+
+
+def test_writes_onto_fresh_tensors_become_functional():
+    """Capture makes every write onto a fresh tensor functional where nothing can tell (dtype kept, later readers
+    read the new value) and keeps the one a view made before it would see; the graph equals the module at other
+    sizes."""
+    x, y = torch.randn(2, 5, 6), torch.randn(2, 5, 6)
+    gm = capture(_FreshWrites(), (x, y))
+    left = [n.target for n in gm.graph.nodes if n.op == "call_function"
+            and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+    assert left == [torch.ops.aten.mul_.Tensor]
+    for b, s in ((2, 5), (3, 7)):
+        x, y = torch.randn(b, s, 6), torch.randn(b, s, 6)
+        want, got = _FreshWrites()(x, y), gm(x, y)
+        for w, g in zip(want, got):
+            assert g.dtype == w.dtype
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
