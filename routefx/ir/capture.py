@@ -480,10 +480,10 @@ def _may_alias(n: torch.fx.Node) -> bool:
     return any(r.alias_info is not None for r in n.target._schema.returns)
 
 
-def _read_after(x: torch.fx.Node, write: torch.fx.Node, order: dict, skip=()) -> bool:
-    """Does a node after `write` read `x` (but `write` and `skip`), directly or through a view of it?"""
+def _read_after(x: torch.fx.Node, write: torch.fx.Node, order: dict) -> bool:
+    """Does a node after `write` read `x` (but `write`), directly or through a view of it?"""
     for u in x.users:
-        if u is write or u in skip:
+        if u is write:
             continue
         if order[u] > order[write] or (_may_alias(u) and _read_after(u, write, order)):
             return True
@@ -516,17 +516,18 @@ def _functional_fresh_writes(gm: torch.fx.GraphModule) -> int:
         if any(u is not n and u not in chain and order[u] < order[n] and _may_alias(u)
                and _read_after(u, n, order) for u in root.users):
             continue   # a view made before the write, read after it
-        with g.inserting_before(n):
+        with g.inserting_before(n):   # new nodes take the write's place in `order`
             new = g.call_function(functional, n.args, n.kwargs)   # the written tensor's new value
             _carry_meta(new, n, gu.val(n), changed)
+            order[new] = order[n]
             if _promotes(new, gu.val(n)):   # x.add_(y) keeps x's dtype, add(x, y) may promote: cast back
                 new = g.call_function(_aten._to_copy.default, (new,), {"dtype": gu.val(n).dtype})
                 _carry_meta(new, n, gu.val(n), changed)
-            for view in chain:    # innermost view first: write the new value into its parent
                 order[new] = order[n]
+            for view in chain:    # innermost view first: write the new value into its parent
                 new = g.call_function(_SCATTERS[view.target], (view.args[0], new, *view.args[1:]), view.kwargs)
                 _carry_meta(new, n, gu.val(view.args[0]), changed)
-        order[new] = order[n]
+                order[new] = order[n]
         if not chain:
             n.replace_all_uses_with(new)
         for u in list(root.users):   # they read a value of the same shape and dtype: nothing to re-propagate
