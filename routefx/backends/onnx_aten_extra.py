@@ -3,8 +3,8 @@
 An op without a registered translation sends the whole graph through the exporter's decomposition path (a
 re-trace plus a fake-tensor run of every node, most of an export's time; `onnx_program`). transformers' mask code
 computes `torch.diff` of the position ids (packed-sequence detection) in every padded or position-id batch, so
-`aten.diff` alone did that for most Hugging Face models; `aten.square` (BitNet's, DeepSeek-V4's norms) and the
-binary `aten.min` / `aten.max` (CPM-Ant) did it for others.
+`aten.diff` alone did that for most Hugging Face models; `aten.square` (BitNet's, DeepSeek-V4's norms), the
+binary `aten.min` / `aten.max` (CPM-Ant) and `aten.eye` (Bailing-hybrid's linear attention) did it for others.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 from onnxscript import opset18 as op
+from onnxscript.function_libs.torch_lib.ops import common as common_ops
 
 __all__ = ["aten_extra_lowerings"]
 
@@ -41,6 +42,20 @@ def _maximum(x, other):
     return op.Max(x, other)
 
 
+def _eye(n, dtype=-1, layout="", device="", pin_memory=False):
+    return _eye_m(n, n, dtype)
+
+
+def _eye_m(n, m, dtype=-1, layout="", device="", pin_memory=False):
+    """torch.eye(n, m): EyeLike of an [n, m] zero tensor (n, m ints or symbolic sizes), in float32 (ONNX
+    Runtime's EyeLike has no bool or half kernel) cast to `dtype`."""
+    dtype = ir.DataType.FLOAT if dtype in (None, -1) else ir.DataType(dtype)
+    zero = op.Constant(value=ir.tensor(np.array(0.0, dtype=np.float32)))
+    eye = op.EyeLike(op.Expand(zero, common_ops.merge_dims([n, m])))
+    return eye if dtype == ir.DataType.FLOAT else op.Cast(eye, to=dtype)
+
+
 def aten_extra_lowerings() -> dict:
     return {torch.ops.aten.diff.default: _diff, torch.ops.aten.square.default: _square,
-            torch.ops.aten.min.other: _minimum, torch.ops.aten.max.other: _maximum}
+            torch.ops.aten.min.other: _minimum, torch.ops.aten.max.other: _maximum,
+            torch.ops.aten.eye.default: _eye, torch.ops.aten.eye.m: _eye_m}

@@ -177,13 +177,15 @@ class _PackedIds(torch.nn.Module):
 
 class _FilledBuffer(torch.nn.Module):
     """MLA attention's key assembly (a fresh buffer filled through slices, one piece broadcast), BitNet's
-    torch.square and CPM-Ant's binary torch.min."""
+    torch.square, CPM-Ant's binary torch.min and torch.eye of a symbolic size."""
 
     def forward(self, x, y):
         k = x.new_empty(x.shape[0], x.shape[1], 6)
         k[..., :4] = x
         k[..., 4:] = y[:, :1, :]   # [B, 1, 2] broadcast over the sequence
-        return torch.min(torch.square(k), k + 0.5) * 2
+        eye = torch.eye(x.shape[1], dtype=x.dtype) @ x                       # Bailing-hybrid's torch.eye
+        band = torch.eye(x.shape[1], 6, dtype=torch.bool)                      # eye(n, m), bool
+        return torch.min(torch.square(k), k + 0.5) * 2 + eye.sum(-1, keepdim=True) + band.float()
 
 
 class _ViewWrite(torch.nn.Module):
