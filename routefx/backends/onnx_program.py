@@ -190,8 +190,7 @@ def _direct(ep: ExportedProgram, opset: int | None, lowerings: dict):
                and not registry.is_registered(t) for t in targets):
             return None  # higher-order ops and Python callables (but torch.sym_min & co., which the registry
             # translates): the exporter's decomposition handles them
-        _cast_promoted_tensors(ep.graph_module)
-        if _promotion_needed(ep.graph_module):  # the pass re-runs every node on fake tensors (2/3 of the export)
+        if _cast_promoted_tensors(ep.graph_module):  # the pass re-runs every node on fake tensors (2/3 of the export)
             _fx_passes.insert_type_promotion_nodes(ep.graph_module)
         model = _core._exported_program_to_onnx_program(ep, registry=registry).model
         if model.opset_imports.get("", target) != target:
@@ -240,17 +239,18 @@ def _promotions(gm: fx.GraphModule):
     return out
 
 
-def _cast_promoted_tensors(gm: fx.GraphModule) -> int:
+def _cast_promoted_tensors(gm: fx.GraphModule) -> bool:
     """Insert, from the fake values the graph carries, the casts of tensor arguments the exporter's type-promotion
     pass would insert (a bool or int `cumsum` to int64: transformers' packed-sequence detection, in most Hugging
     Face graphs; int ids times a float tensor), so that the pass, which re-runs every node on fake tensors, is
-    needed only for scalar promotions. Returns how many casts; none where the promotions cannot be read."""
+    needed only for scalar promotions. Returns whether the pass is still needed (scalar promotions left, or the
+    promotions could not be read: then nothing is inserted)."""
     try:
-        todo = [(n, where, a, dtype) for n, where, a, dtype in _promotions(gm)
-                if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+        found = _promotions(gm)
     except Exception:  # noqa: BLE001 - cannot tell: the exporter's pass decides
-        return 0
-    for n, where, a, dtype in todo:
+        return True
+    tensors = [p for p in found if isinstance(p[2], fx.Node) and isinstance(p[2].meta.get("val"), torch.Tensor)]
+    for n, where, a, dtype in tensors:
         with gm.graph.inserting_before(n):
             cast = gm.graph.call_function(torch.ops.aten._to_copy.default, (a,), {"dtype": dtype})
         cast.meta["val"] = a.meta["val"].to(dtype)   # a fake tensor's cast: a fake tensor, no run
@@ -258,9 +258,9 @@ def _cast_promoted_tensors(gm: fx.GraphModule) -> int:
             n.update_arg(where, cast)
         else:
             n.update_kwarg(where, cast)
-    if todo:
+    if tensors:
         gm.recompile()
-    return len(todo)
+    return len(tensors) < len(found)
 
 
 def _promotion_needed(gm: fx.GraphModule) -> bool:
