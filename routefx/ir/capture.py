@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect as _inspect
+import logging
 import operator
 from typing import Any
 
@@ -125,6 +126,21 @@ def _bind_forward(model: nn.Module, constants: dict):
             model.forward = own
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensor_log(quiet: bool):
+    """While `quiet`, torch's fake-tensor logger keeps the traceback it logs at ERROR level when a meta kernel
+    fails (before the exception reaches us) to itself: an attempt routefx retries another way, whose failure is
+    reported as a CaptureError when it is final, must not print a traceback to the user."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    before = logger.level
+    if quiet:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None) -> torch.fx.GraphModule:
     """Export `model` to an ATen-level GraphModule with dynamic batch and sequence dimensions.
 
@@ -189,7 +205,8 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     call_kwargs = {n: named[n] for n in named if n not in pos[:n_args]}
     with _eval_mode(model), _bind_forward(model, bound_kwargs), grouped_experts(model), torch.no_grad():
         try:
-            ep = torch.export.export(model, call_args, kwargs=call_kwargs, dynamic_shapes=shapes, strict=False)
+            with _quiet_fake_tensor_log((to_batch, to_seq) != (batch, seq)):   # retried as given on failure
+                ep = torch.export.export(model, call_args, kwargs=call_kwargs, dynamic_shapes=shapes, strict=False)
         except Exception as e:  # torch.export raises many exception types; re-raise as one typed error
             ep = None
             if (to_batch, to_seq) != (batch, seq):

@@ -284,3 +284,22 @@ def test_backend_options_reach_the_target_and_unknown_ones_are_refused():
     with pytest.raises(Exception, match=r"backend 'eager' has no option\(s\) \['cudagraphs'\]") as info:
         _call(bad, entry, 2, 7, 0)
     assert isinstance(getattr(info.value, "inner_exception", info.value), BackendError)
+
+
+def test_batch_of_one_piece_logs_no_traceback(monkeypatch):
+    """Dynamo specialises a batch of 1 (a second graph after a first call of batch 2): capture first tries that
+    piece widened to a dynamic batch, which fails inside a meta kernel, then captures it as given. torch logs the
+    failed attempt's traceback at ERROR level unless told not to; the user must see nothing of it."""
+    torch._dynamo.reset()
+    model = ZOO["llama"].build()
+    opt = torch.compile(model, backend=routefx_backend)
+    errors, handle = [], logging.Logger.callHandlers          # torch's loggers write to their own handlers
+    monkeypatch.setattr(logging.Logger, "callHandlers", lambda self, record: (
+        errors.append(record.getMessage()) if record.levelno >= logging.ERROR else None, handle(self, record)))
+    for b, s in [(2, 10), (1, 7)]:
+        ids = torch.randint(0, model.config.vocab_size, (b, s), generator=torch.Generator().manual_seed(b))
+        with torch.no_grad():
+            assert torch.equal(opt(ids).logits, model(ids).logits)
+    assert errors == []
+    reasons = [r.reason for r in dynamo_backend.compiled_pieces() if r.compiled]
+    assert "[1, *]" in reasons[-1]                                      # the batch-of-1 piece, captured
