@@ -202,7 +202,8 @@ def _input_spec(cm, entry, runner) -> dict:
     tensors = []
     for name in onnx_inputs:
         t = by_name[name]
-        tensors.append({"name": name, "dtype": _dtype(t.dtype), "shape": list(t.shape), "vocab": t.vocab})
+        tensors.append({"name": name, "dtype": _dtype(t.dtype), "shape": list(t.shape), "vocab": t.vocab,
+                        "absent": "ones" if _mask_of_ones_when_absent(cm._model, name, t) else None})
     constants = dict(getattr(runner, "_constants", {}))
     constants.update(spec.bound)
     bad = {k: type(v).__name__ for k, v in constants.items() if not isinstance(v, _JSON_SCALARS)}
@@ -210,6 +211,17 @@ def _input_spec(cm, entry, runner) -> dict:
         raise ArtifactError(f"the model was captured with non-scalar constant inputs {bad}; an artifact stores "
                             "bool/int/float/str/None constants only")
     return {"tensors": tensors, "constants": constants, "positional": _positional(cm._model, onnx_inputs)}
+
+
+def _mask_of_ones_when_absent(model, name: str, t) -> bool:
+    """Whether a call without input `name` means a tensor of ones: a Hugging Face model's `attention_mask`
+    ([batch, length], optional in its forward), which its documentation defines as every token attended."""
+    from routefx.ir.capture import _is_hf
+    if name != "attention_mask" or not _is_hf(model) or len(t.shape) != 2 or not all(isinstance(d, str)
+                                                                                        for d in t.shape):
+        return False
+    param = _inspect.signature(model.forward).parameters.get(name)
+    return param is not None and param.default is None
 
 
 def _tree(spec) -> dict:

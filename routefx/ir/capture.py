@@ -58,7 +58,9 @@ def normalize_inputs(model: nn.Module, args, kwargs) -> tuple[tuple, dict]:
         if "use_cache" in _inspect.signature(model.forward).parameters:
             kwargs.setdefault("use_cache", False)
         if kwargs.get("use_cache"):  # also through **kwargs
-            raise CaptureError("routefx captures Hugging Face models with use_cache=False; got use_cache=True")
+            raise CaptureError("routefx captures Hugging Face models with use_cache=False; got use_cache=True (a "
+                               "forward returns no cache: leave use_cache out, or generate with a KV cache by "
+                               "compiled.generate(...))")
     return args, kwargs
 
 

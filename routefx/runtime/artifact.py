@@ -6,7 +6,9 @@ A directory holding `manifest.json` and the files it lists (see `routefx/compile
                           AOTInductor package: torch._inductor.aoti_load_package); absent means "onnx"
     files                 {relative path: sha256 hex} for every other file of the artifact
     inputs                {"tensors": [{"name", "dtype", "shape" (per dim "B", "S", another name or a size),
-                           "vocab" (token ids in [0, vocab), or null)}], "constants": {name: value baked in},
+                           "vocab" (token ids in [0, vocab), or null), "absent" ("ones": a call may leave the
+                           input out, meaning all ones (a Hugging Face attention mask); null or missing: required)}],
+                           "constants": {name: value baked in},
                            "positional": [names a call may give by position]}
     outputs               {"leaves": [{"onnx": output name} | {"const": value}], "tree": {"leaf": i} |
                            {"type": "tuple"|"list"|"dict", "keys": [...], "class": "module:Name", "children"}}

@@ -7,7 +7,8 @@ instead; `session.source` says which.
 
 A call validates its inputs as the compiled model does (`routefx/compiler/validate.py`: dtype and rank, static
 dims, batch and sequence sizes agreeing between inputs, no empty batch or sequence, token ids in [0, vocab)) and
-raises `InputError` naming the input. Inputs are numpy arrays, or torch tensors when torch is installed; with
+raises `InputError` naming the input. A Hugging Face model's attention mask may be left out, as in the model: the
+artifact marks it (`"absent": "ones"`) and the session feeds ones of the inputs' batch and length. Inputs are numpy arrays, or torch tensors when torch is installed; with
 torch inputs the outputs are torch tensors, otherwise numpy arrays. The output has the model's structure: a
 Hugging Face ModelOutput (when transformers is already imported), else an `Output` (a dict with attribute access
 and integer indexing, like ModelOutput), a tuple, a list, or a bare array.
@@ -115,10 +116,14 @@ class Session:
             if k in kwargs and (not isinstance(kwargs[k], (bool, int, float, str, type(None))) or kwargs[k] != v):
                 raise InputError(f"input {k!r} is {kwargs[k]!r}; the model was exported with {k}={v!r} baked in")
         feeds, sizes = {}, {}          # sizes: "B"/"S"/symbol -> (first input that fixed it, size)
+        absent = [t for t in self._tensors if t["name"] not in kwargs]
+        for t in absent:
+            if t.get("absent") != "ones":
+                raise InputError(f"missing input {t['name']!r}; the model takes {self.input_names}")
         for t in self._tensors:
             name = t["name"]
             if name not in kwargs:
-                raise InputError(f"missing input {name!r}; the model takes {self.input_names}")
+                continue
             x = kwargs[name]
             if _is_torch(x):
                 x = x.detach().cpu().contiguous().numpy()
@@ -134,7 +139,12 @@ class Session:
             if t["vocab"] is not None and x.size:
                 _check_ids(name, x, t["vocab"])
             feeds[name] = np.ascontiguousarray(x)
-        return feeds
+        for t in absent:               # an optional mask left out: every token attended, as the model defines it
+            if not all(d in sizes for d in t["shape"]):
+                raise InputError(f"missing input {t['name']!r}: its shape {t['shape']} is not set by the inputs "
+                                 f"given; the model takes {self.input_names}")
+            feeds[t["name"]] = np.ones([sizes[d][1] for d in t["shape"]], dtype=t["dtype"])
+        return {t["name"]: feeds[t["name"]] for t in self._tensors}
 
     def _rebuild(self, outs: dict, as_torch: bool):
         convert = _to_torch if as_torch else (lambda a: a)

@@ -19,7 +19,7 @@ from routefx.errors import ArtifactError, BackendError, InputError
 from routefx.runtime.artifact import manifest_checksum
 from tests.compare import assert_close_nonpad
 from tests.runtime.artifacts import CASES, call_inputs, exported
-from tests.tolerances import EXACT_REWRITE
+from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -135,8 +135,9 @@ def test_manifest_describes_the_model():
     assert m["format"] == "routefx-artifact" and m["version"] == 1
     assert m["policy"] == cm.policy.to_dict()
     tensors = {t["name"]: t for t in m["inputs"]["tensors"]}
-    assert tensors["input_ids"] == {"name": "input_ids", "dtype": "int64", "shape": ["B", "S"], "vocab": entry.vocab}
-    assert tensors["attention_mask"]["vocab"] is None and m["inputs"]["constants"] == {"use_cache": False}
+    assert tensors["input_ids"] == {"name": "input_ids", "dtype": "int64", "shape": ["B", "S"], "vocab": entry.vocab,
+                                   "absent": None}
+    assert tensors["attention_mask"]["vocab"] is None and tensors["attention_mask"]["absent"] == "ones" and m["inputs"]["constants"] == {"use_cache": False}
     assert m["realised_budget"] == cm.plan.budget.to_dict()
     assert m["flops_per_token"]["after"] == pytest.approx(cm.report.flops_per_token["after"])
     listed = set(m["files"])
@@ -241,7 +242,7 @@ def test_export_refuses_other_backends_and_existing_directories(tmp_path):
     (lambda f: {**f, "input_ids": f["input_ids"][0]}, r"'input_ids' has dtype int64 and rank 1"),
     (lambda f: {**f, "use_cache": True}, r"'use_cache' is True; the model was exported with use_cache=False"),
     (lambda f: {**f, "labels": f["input_ids"]}, r"unexpected input\(s\) \['labels'\]"),
-    (lambda f: {"input_ids": f["input_ids"]}, r"missing input 'attention_mask'"),
+    (lambda f: {"attention_mask": f["attention_mask"]}, r"missing input 'input_ids'"),
 ])
 def test_inputs_are_checked_like_the_compiled_model(change, message):
     cm, path, entry = exported("llama-dense")
@@ -264,6 +265,24 @@ def test_integer_inputs_of_another_dtype_are_taken_like_the_compiled_model():
                   {"input_ids": ids.numpy().astype(np.int32), "attention_mask": mask.numpy().astype(np.float32)}):
         got = sess(**other).logits
         assert_close_nonpad(torch.as_tensor(got), ref, mask, 0.0)
+
+
+@pytest.mark.parametrize("case", ["llama-dense", "gpt2-prune", "llama-duo-nested"])
+def test_a_hugging_face_mask_may_be_left_out(case):
+    """As in the model (and the compiled model), no attention mask means every token attended: the session feeds
+    ones of the ids' shape, equal to passing them, and to the model called without a mask."""
+    cm, path, entry = exported(case)
+    sess = routefx.load(path)
+    assert [t["absent"] for t in sess.manifest["inputs"]["tensors"]] == [None, "ones"]
+    for feed in call_inputs(entry)[:3]:
+        ids = feed["input_ids"]
+        got = sess(input_ids=ids).logits
+        assert torch.equal(got, sess(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
+        with torch.no_grad():
+            assert_close_nonpad(got, cm(ids, attention_mask=torch.ones_like(ids)).logits, None, ONNX_VS_EAGER)
+            if case == "llama-dense":
+                assert_close_nonpad(got, cm._model(ids).logits, None, ONNX_VS_EAGER)
+        assert torch.equal(torch.as_tensor(sess(input_ids=ids.numpy()).logits), got)
 
 
 def test_one_session_from_eight_threads_equals_sequential_calls():
