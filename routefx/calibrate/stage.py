@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import fx
 
 from routefx.calibrate.block_refs import resolve_blocks
@@ -19,6 +20,7 @@ from routefx.calibrate.moefy import calibrate_moefy
 from routefx.compiler.plan import Plan
 from routefx.compiler.policies import Dense, Duo, MoEBudget, MoEfy, Policy, PruneLayers
 from routefx.errors import PolicyError, UnsupportedModelError
+from routefx.ir import graph_utils as gu
 from routefx.ir.model_ir import ModelIR
 
 __all__ = ["calibrate"]
@@ -27,7 +29,9 @@ __all__ = ["calibrate"]
 def _prune(policy: PruneLayers, gm: fx.GraphModule, ir: ModelIR, batches: list[dict] | None, plan: Plan) -> None:
     """The blocks to remove. At least one block holding attention stays (a hybrid's recurrent or MLP-only blocks
     alone are no transformer: recognition would find no blocks in what is left): an explicit list that removes
-    them all is refused; `keep` passes over the last one in the Block Influence order."""
+    them all is refused; `keep` passes over the last one in the Block Influence order. Likewise a block whose
+    values other than the residual stream a kept block reads (shared keys and values): refused when listed,
+    passed over by `keep`."""
     L = len(ir.blocks)
     attention = {b.index for b in ir.blocks if b.attention}
     if policy.layers is not None:
@@ -45,11 +49,48 @@ def _prune(policy: PruneLayers, gm: fx.GraphModule, ir: ModelIR, batches: list[d
                 break
             if attention and attention <= set(pruned) | {i}:
                 continue  # the last attention block stays
+            if read_by_later_blocks(ir, i, set(pruned) | {i}) is not None:
+                continue  # a later block reads its keys and values (or other state): it stays
             pruned.append(i)
         pruned.sort()
     if len(pruned) >= L:
         raise PolicyError(f"PruneLayers would remove all {L} blocks; keep at least one")
+    for i in pruned:
+        if (read := read_by_later_blocks(ir, i, set(pruned))) is not None:
+            raise UnsupportedModelError(f"PruneLayers: {read}; PruneLayers supports blocks that pass each other "
+                                        "nothing but the residual stream (prune other blocks, or none of them)")
     plan.pruned = pruned
+
+
+def read_by_later_blocks(ir: ModelIR, i: int, pruned: set[int]) -> str | None:
+    """Why block `i` cannot be pruned with the blocks `pruned`: a value it computes besides the residual stream
+    that the graph still reads once the pruned blocks' streams are bypassed (Gemma 4's and HY-V4's layers that
+    reuse an earlier layer's keys and values or indexer); None when nothing of it is left. What the graph still
+    reads is found backwards from its outputs, a pruned block's stream after it standing for its stream before."""
+    bypass = {ir.blocks[j].stream_out: ir.blocks[j].stream_in for j in pruned}
+    output = next(n for n in reversed(ir.blocks[i].stream_out.graph.nodes) if n.op == "output")
+    live, stack = set(), [output]
+    while stack:
+        n = stack.pop()
+        while n in bypass:
+            n = bypass[n]
+        if n not in live:
+            live.add(n)
+            stack.extend(n.all_input_nodes)
+    b = ir.blocks[i]
+    inside = set(b.nodes)
+    for n in sorted(inside & live, key=lambda n: n.name):
+        if not isinstance(gu.val(n), torch.Tensor):
+            continue
+        reader = next((u for u in n.users if u in live and u not in inside and isinstance(gu.val(u), torch.Tensor)),
+                      None)
+        if reader is not None:
+            what = n.name + (f" ({gu.module_path(n)})" if gu.module_path(n) else "")
+            where = f" in {gu.module_path(reader)}" if gu.module_path(reader) else ""
+            return (f"block {i}" + (f" ({b.path})" if b.path else "") + f" computes {what}, read by {reader.name}"
+                    f"{where}: a later block reads values this block computes besides the residual stream (keys "
+                    "and values shared across layers, state passed between layers)")
+    return None
 
 
 def _weights(nodes, params: set[str]) -> set[str]:

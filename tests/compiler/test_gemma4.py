@@ -14,7 +14,7 @@ import transformers as hf
 
 import routefx
 from routefx.generate import LayerSubset
-from routefx.passes.manager import PassFailedError
+from routefx.errors import UnsupportedModelError
 from routefx.policies import Dense, PruneLayers
 from tests.compare import (assert_close_nonpad, assert_compiles_to_model, assert_duo_routes_the_mlps,
                            assert_moe_budget_adapts, padded_ids)
@@ -150,9 +150,37 @@ def test_kv_sharing_layers():
         want = shared(ids, attention_mask=mask, use_cache=False).logits
     assert_close_nonpad(pruned(ids, attention_mask=mask).logits, want, mask, EXACT_REWRITE)
 
-    with pytest.raises(PassFailedError, match=r"block 1 \(model.layers.1\) is still computed after pruning: .*"
-                                              r"read by .* in model.layers.3"):
+    with pytest.raises(UnsupportedModelError, match=r"PruneLayers: block 1 \(model.layers.1\) computes .*, "
+                                                    r"read by .* in model.layers.3"):
         routefx.compile(shared, PruneLayers(layers=[1]), example_inputs=(ids,), example_kwargs={"attention_mask": mask})
+    both = routefx.compile(shared, PruneLayers(layers=[1, 3]), example_inputs=(ids,),   # with its only reader: fine
+                           example_kwargs={"attention_mask": mask})
+    with torch.no_grad(), _identity_layer(shared, 1), _identity_layer(shared, 3):
+        want = shared(ids, attention_mask=mask, use_cache=False).logits
+    assert_close_nonpad(both(ids, attention_mask=mask).logits, want, mask, EXACT_REWRITE)
+    half = routefx.compile(shared, PruneLayers(keep=0.5), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
+                           calibration=[{"input_ids": ids, "attention_mask": mask}])
+    assert len(half.plan.pruned) == 2                       # `keep` passes over a block whose values stay read
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for j in half.plan.pruned:
+            stack.enter_context(_identity_layer(shared, j))
+        want = shared(ids, attention_mask=mask, use_cache=False).logits
+    assert_close_nonpad(half(ids, attention_mask=mask).logits, want, mask, EXACT_REWRITE)
+
+
+def test_keep_passes_over_a_layer_whose_keys_and_values_are_read_later(monkeypatch):
+    """Block Influence ranks layer 1 (whose keys and values layer 3 reads) least influential: PruneLayers(keep)
+    passes over it to the next block instead of failing, and the result equals the model without that block."""
+    import routefx.calibrate.stage as stage
+    shared = _gemma4(shared=2)
+    ids, mask = _inputs()
+    monkeypatch.setattr(stage, "block_influence", lambda gm, ir, batches: [0.9, 0.0, 0.5, 0.6])
+    cm = routefx.compile(shared, PruneLayers(keep=0.75), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
+                         calibration=[{"input_ids": ids, "attention_mask": mask}])
+    assert cm.plan.pruned == [2]
+    with torch.no_grad(), _identity_layer(shared, 2):
+        want = shared(ids, attention_mask=mask, use_cache=False).logits
+    assert_close_nonpad(cm(ids, attention_mask=mask).logits, want, mask, EXACT_REWRITE)
 
 
 def test_moe_layers():
