@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("onnx", "eager", "inductor"), default="onnx")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR")
+    p.add_argument("--generate", action="store_true", help="also write the prefill and decode graphs (KV cache) "
+                   "that `routefx run --generate` and Session.generate use")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run an artifact written by `routefx compile --backend onnx`")
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="text to run (tokenised with the artifact's tokenizer)")
     src.add_argument("--ids", metavar="FILE", help="token ids: .safetensors, or integers in a text/JSON file")
-    p.add_argument("--generate", type=int, default=0, metavar="N", help="greedily append N tokens (no KV cache)")
+    p.add_argument("--generate", type=int, default=0, metavar="N", help="greedily append N tokens (with the KV "
+                   "cache graphs of `routefx compile --generate`, else whole-sequence calls)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
     p.set_defaults(func=cmd_run)
 
@@ -133,7 +136,7 @@ def cmd_compile(args) -> int:
         cm = routefx.compile(loaded.model, policy, calibration=calibration, backend=args.backend)
     print(cm.report)
     if args.backend == "onnx":
-        routefx.export(cm, args.out, overwrite=args.overwrite)
+        routefx.export(cm, args.out, overwrite=args.overwrite, generate=args.generate)
         tok = copy_tokenizer(loaded, os.path.join(args.out, "tokenizer"))
         print(f"artifact written to {args.out} (routefx run {args.out} "
               f"{'--text ...' if tok else '--ids FILE'}; routefx.load({args.out!r}))")
@@ -181,10 +184,13 @@ def cmd_run(args) -> int:
         nll = -np.take_along_axis(logp, ids[:, 1:, None], -1).mean()
         print(f"next-token loss on the input {nll:.4f} (perplexity {np.exp(nll):.2f})")
     if logits.ndim == 3 and args.generate > 0:
-        seq = ids[:1]
-        for _ in range(args.generate):
-            nxt = forward(seq)[:, -1].argmax(-1)[:, None]
-            seq = np.concatenate([seq, nxt.astype(np.int64)], axis=1)
+        if "generation" in sess.manifest:                     # prefill + decode with the KV cache
+            seq = sess.generate(ids[:1], max_new_tokens=args.generate, do_sample=False)
+        else:                                                 # whole-sequence calls, one per token
+            seq = ids[:1]
+            for _ in range(args.generate):
+                nxt = forward(seq)[:, -1].argmax(-1)[:, None]
+                seq = np.concatenate([seq, nxt.astype(np.int64)], axis=1)
         new = seq[0, ids.shape[1]:].tolist()
         print("greedy continuation:", repr(tok.decode(new)) if tok is not None else new)
     elif logits.ndim == 3:

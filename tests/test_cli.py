@@ -97,6 +97,22 @@ def test_compile_dense_onnx_and_run_matches_the_hf_model(model_dir, tmp_path, ca
     assert code == 0 and "greedy continuation:" in text
 
 
+def test_compile_generate_and_run_continues_as_hf_generate(model_dir, tmp_path, capsys):
+    """`compile --generate` writes the KV-cache graphs; `run --generate N` continues the first row as the HF
+    model's greedy `generate` does."""
+    from safetensors.torch import save_file
+    out = tmp_path / "gen"
+    code, text, _ = run(["compile", model_dir, "--policy", "dense", "--backend", "onnx", "--out", out,
+                         "--seq", SEQ, "--generate"], capsys)
+    assert code == 0 and "generation" in json.loads((out / "manifest.json").read_text())
+    ids = torch.randint(0, 300, (1, 11), generator=torch.Generator().manual_seed(5))
+    save_file({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
+    code, text, _ = run(["run", out, "--ids", tmp_path / "ids.safetensors", "--generate", 6], capsys)
+    with torch.no_grad():
+        want = hf.LlamaForCausalLM.from_pretrained(model_dir).eval().generate(ids, max_new_tokens=6, do_sample=False)
+    assert code == 0 and f"greedy continuation: {want[0, 11:].tolist()}" in text
+
+
 def test_compile_duo_onnx_meets_the_budget_and_runs_text(model_dir, tmp_path, capsys):
     out = tmp_path / "duo"
     code, text, _ = run(["compile", model_dir, "--policy", "duo:0.5", "--router", "local", "--calibration",

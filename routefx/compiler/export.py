@@ -35,18 +35,23 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 import torch
 
 from routefx.compiler.validate import input_spec
-from routefx.errors import ArtifactError, BackendError
-from routefx.runtime.artifact import (FORMAT, MANIFEST, MODEL, MODEL_DATA, OPT_LEVEL, OPT_MODEL, OPT_MODEL_DATA,
-                                      VERSION, manifest_checksum, sha256_file)
+from routefx.errors import ArtifactError, BackendError, UnsupportedModelError
+from routefx.generate.settings import artifact_settings
+from routefx.runtime.artifact import (FORMAT, GEN_DECODE, GEN_PREFILL, MANIFEST, MODEL, MODEL_DATA, OPT_LEVEL,
+                                      OPT_MODEL, OPT_MODEL_DATA, VERSION, manifest_checksum, sha256_file)
 
 __all__ = ["export"]
 
 _JSON_SCALARS = (bool, int, float, str, type(None))
 
 
-def export(cm, path: str, *, overwrite: bool = False) -> str:
+def export(cm, path: str, *, overwrite: bool = False, generate: bool = False) -> str:
     """Write `cm` (a `CompiledModel` with backend="onnx", already compiled) as an artifact directory at `path`;
-    returns `path`. Refuses an existing non-empty directory unless `overwrite=True`."""
+    returns `path`. Refuses an existing non-empty directory unless `overwrite=True`. `generate=True` adds the
+    prefill and decode graphs (`routefx/runtime/generate.py` runs them: `routefx.load(path).generate(ids)`)."""
+    if generate and cm.backend != "onnx":
+        raise BackendError(f"routefx.export(generate=True) writes ONNX prefill and decode graphs: compile with "
+                           f"backend=\"onnx\" (this model was compiled with backend={cm.backend!r})")
     if cm.backend not in ("onnx", "inductor", "triton"):
         raise BackendError(f"routefx.export writes ONNX artifacts (backend=\"onnx\") and AOTInductor packages "
                            f"(backend=\"inductor\" or \"triton\"); this model was compiled with backend="
@@ -66,6 +71,8 @@ def export(cm, path: str, *, overwrite: bool = False) -> str:
             routed = not runner.session.get_session_options().enable_mem_pattern
             _write_optimized(tmp, routed)
             manifest = _manifest(cm, entry, runner, routed)
+            if generate:
+                manifest["generation"] = _write_generation(cm, tmp)
         else:
             manifest = _aoti_manifest(cm, entry, runner, tmp)
         entry.plan.save(os.path.join(tmp, "plan"))
@@ -89,14 +96,33 @@ def _files(root: str) -> list[str]:
     return sorted(r for r in out if r != MANIFEST)
 
 
-def _write_model(runner, directory: str) -> None:
+def _write_model(runner, directory: str, name: str = MODEL, data: str = MODEL_DATA) -> None:
     """The runner's ONNX model with every initializer as external data in one file."""
     if runner.onnx_model is not None:
         model = onnx.load_model_from_string(runner.onnx_model)
     else:
         model = onnx.load(runner.onnx_path)           # loads its external data too
-    onnx.save_model(model, os.path.join(directory, MODEL), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=MODEL_DATA, size_threshold=1024)
+    onnx.save_model(model, os.path.join(directory, name), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data, size_threshold=1024)
+
+
+def _write_generation(cm, directory: str) -> dict:
+    """The prefill and decode graphs (`routefx.generate.graphs`, the plan of `cm`) as GEN_PREFILL / GEN_DECODE,
+    their weights shared with model.onnx.data where the bytes are equal; returns the manifest's "generation"."""
+    from routefx.generate.graphs import generation_graphs
+    from routefx.generate.step import supports_cache
+    if (why := supports_cache(cm._model)) is not None:
+        raise UnsupportedModelError(f"routefx.export(generate=True) captures a KV cache: {why}")
+    graphs = generation_graphs(cm)
+    out: dict = {"past": graphs.past_names}
+    for key, graph, name in (("prefill", graphs.prefill, GEN_PREFILL), ("decode", graphs.decode, GEN_DECODE)):
+        runner = graph.run
+        _write_model(runner, directory, name, name + ".data")
+        _share_weights(directory, name, name + ".data")
+        out[key] = {"file": name, "routed": not runner.session.get_session_options().enable_mem_pattern,
+                    "inputs": [i.name for i in runner.inputs], "outputs": list(runner.output_names)}
+    out.update(artifact_settings(cm._model))
+    return out
 
 
 def _write_optimized(directory: str, routed: bool) -> None:
@@ -111,17 +137,18 @@ def _write_optimized(directory: str, routed: bool) -> None:
     ort.InferenceSession(os.path.join(directory, MODEL), sess_options=so, providers=["CPUExecutionProvider"])
     if not os.path.exists(os.path.join(directory, OPT_MODEL_DATA)):   # a model without initializers
         open(os.path.join(directory, OPT_MODEL_DATA), "wb").close()
-    _share_weights(directory)
+    _share_weights(directory, OPT_MODEL, OPT_MODEL_DATA)
 
 
 _ALIGN = 4096   # tensors start on page boundaries in the data files, so ONNX Runtime can map them
 
 
-def _share_weights(directory: str) -> None:
-    """Store every weight once: point the optimized model's external initializers whose bytes equal one of
-    model.onnx's at that tensor in model.onnx.data, and rewrite model.opt.onnx.data with the others only."""
+def _share_weights(directory: str, name: str, data: str) -> None:
+    """Store every weight once: point the external initializers of model `name` (the optimized model, the
+    generation graphs) whose bytes equal one of model.onnx's at that tensor in model.onnx.data, and rewrite its
+    own data file `data` with the others only (removed when none are left)."""
     plain = onnx.load(os.path.join(directory, MODEL), load_external_data=False)
-    opt_path, opt_data = os.path.join(directory, OPT_MODEL), os.path.join(directory, OPT_MODEL_DATA)
+    opt_path, opt_data = os.path.join(directory, name), os.path.join(directory, data)
     opt = onnx.load(opt_path, load_external_data=False)
     known: dict[bytes, tuple[int, int]] = {}                    # sha256 of the bytes -> (offset, length) in MODEL_DATA
     with _mapped(os.path.join(directory, MODEL_DATA)) as data:
@@ -139,7 +166,7 @@ def _share_weights(directory: str) -> None:
             new.write(b"\0" * (-new.tell() % _ALIGN))
             offset = new.tell()
             new.write(raw)
-            _point(t, OPT_MODEL_DATA, offset, len(raw))
+            _point(t, data, offset, len(raw))
     os.replace(opt_data + ".tmp", opt_data)
     if os.path.getsize(opt_data) == 0:                       # every tensor shared: no second data file
         os.remove(opt_data)

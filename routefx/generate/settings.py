@@ -138,3 +138,26 @@ def _plain(model, given, generator, logits_processor) -> Settings:
     return Settings(given.get("max_new_tokens", 20), eos, (pad or eos[:1] or [0])[0], _identity,
                     Sampler(bool(given.get("do_sample", False)), given.get("temperature", 1.0), given.get("top_k"),
                             generator))
+
+
+def artifact_settings(model) -> dict:
+    """The generation settings an exported artifact records for `routefx.runtime`'s generate
+    (`routefx/runtime/generate.py`, numpy only): the end and pad tokens and the length defaults, the sampling
+    defaults of the model's generation_config (do_sample, temperature, top_k, top_p: the warpers the runtime
+    applies, in transformers' order), and by name what else the generation_config applies, which the runtime
+    refuses rather than ignores ("processors" for every decoding, "sampling_processors" with do_sample)."""
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    greedy = resolve(model, ids, torch.ones_like(ids), do_sample=False)
+    out = {"eos": greedy.eos, "pad": greedy.pad, "processors": list(greedy.processors), "max_length": None,
+           "max_new_tokens": greedy.max_new_tokens, "do_sample": False, "temperature": 1.0, "top_k": None,
+           "top_p": 1.0, "sampling_processors": []}
+    if _is_hf(model):
+        gc, _ = model._prepare_generation_config(None)
+        out.update(max_length=gc.max_length, max_new_tokens=gc.max_new_tokens, do_sample=bool(gc.do_sample),
+                   temperature=float(1.0 if gc.temperature is None else gc.temperature),
+                   top_k=None if not gc.top_k else int(gc.top_k),
+                   top_p=float(1.0 if gc.top_p is None else gc.top_p))
+        sampled = resolve(model, ids, torch.ones_like(ids), do_sample=True)
+        own = {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"} | set(greedy.processors)
+        out["sampling_processors"] = [p for p in sampled.processors if p not in own]
+    return out

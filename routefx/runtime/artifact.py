@@ -13,6 +13,11 @@ A directory holding `manifest.json` and the files it lists (see `routefx/compile
     outputs               {"leaves": [{"onnx": output name} | {"const": value}], "tree": {"leaf": i} |
                            {"type": "tuple"|"list"|"dict", "keys": [...], "class": "module:Name", "children"}}
     session               {"routed": data-dependent shapes (memory pattern off), "optimized_level"}
+    generation            (export with generate=True) {"prefill" / "decode": {"file" (prefill.onnx / decode.onnx,
+                           weights shared with model.onnx.data where equal), "routed", "inputs", "outputs"},
+                           "past": [decode cache input names], "eos", "pad", "max_new_tokens", "max_length",
+                           "do_sample", "temperature", "top_k", "top_p", "processors", "sampling_processors"
+                           (what the model's generation_config applies besides those: the runtime refuses)}
     checksum              sha256 of the manifest without this field (canonical JSON: sorted keys, no spaces)
     policy, plan, flops_per_token, realised_budget, routefx_version, exported_with   (for people; not read)
 `verify(path)` checks the format and every checksum before anything is loaded; any missing, modified, truncated
@@ -27,6 +32,7 @@ import os
 from routefx.errors import ArtifactError
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST", "MODEL", "MODEL_DATA", "OPT_MODEL", "OPT_MODEL_DATA", "PACKAGE",
+           "GEN_PREFILL", "GEN_DECODE",
            "sha256_file",
            "manifest_checksum",
            "verify"]
@@ -36,6 +42,7 @@ MANIFEST = "manifest.json"
 MODEL, MODEL_DATA = "model.onnx", "model.onnx.data"
 OPT_MODEL, OPT_MODEL_DATA = "model.opt.onnx", "model.opt.onnx.data"
 PACKAGE = "model.pt2"
+GEN_PREFILL, GEN_DECODE = "prefill.onnx", "decode.onnx"     # with generate=True (manifest "generation")
 _REQUIRED = {"onnx": (MODEL, MODEL_DATA, OPT_MODEL), "aoti": (PACKAGE,)}    # OPT_MODEL_DATA only when needed
 
 

@@ -58,6 +58,8 @@ class Session:
     def __init__(self, path: str, *, threads: int | None = None):
         self.path = path
         self.manifest = verify(path)
+        self._threads = threads
+        self._generator = None
         if self.manifest.get("kind", "onnx") != "onnx":
             raise ArtifactError(f"{path} holds an AOTInductor package ({PACKAGE}), which Session (ONNX Runtime) does "
                                 f"not run: load it with torch._inductor.aoti_load_package('{path}/{PACKAGE}'), "
@@ -106,6 +108,25 @@ class Session:
         feeds = self._feeds(kwargs)
         outs = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, feeds)))
         return self._rebuild(outs, as_torch)
+
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int | None = None,
+                 do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id=None, pad_token_id: int | None = None,
+                 seed: int | None = None):
+        """Generate up to `max_new_tokens` tokens per row from an artifact exported with `generate=True`; returns
+        [B, S + n] token ids (a torch tensor for torch inputs). Settings left None take the model's
+        generation_config as exported (see `routefx/runtime/generate.py`)."""
+        as_torch = _is_torch(input_ids)
+        ids = input_ids.detach().cpu().numpy() if as_torch else input_ids
+        mask = attention_mask.detach().cpu().numpy() if _is_torch(attention_mask) else attention_mask
+        if self._generator is None:
+            from routefx.runtime.generate import Generator
+            self._generator = Generator(self.path, self.manifest, lambda routed: _options(
+                self._threads, routed, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED))
+        out = self._generator(ids, mask, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                              top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                              seed=seed)
+        return _to_torch(out) if as_torch else out
 
     def _feeds(self, kwargs: dict) -> dict:
         names = {t["name"] for t in self._tensors}
