@@ -23,7 +23,9 @@ graphs): routefx_onnx_pieces_dense (the pieces, no layer skipped: the cost of th
 (ActivationSkip at budget 0.6 of the layers, threshold fitted on the calibration data). Their bytes-ideal counts,
 per decode step, a layer's weights when some row ran it and its K/V projections' weights when some row skipped it
 (both from the run's own counts).
-Greedy outputs of routefx dense and HF are checked token-identical.
+routefx_artifact_dense: the dense model exported with `generate=True` and run by `routefx.load(...).generate`
+(numpy + onnxruntime, no torch in its loop). Greedy outputs of routefx dense and HF are checked token-identical,
+and the artifact's against routefx dense.
 
 Roofline (bench/decode_roofline.py), per batch, measured in the same process right before the batch's rounds:
   weight stream      the median seconds of [B, d] x a weight buffer of the dense decode step's bytes, through torch
@@ -54,6 +56,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 
@@ -379,6 +382,11 @@ def main() -> None:
         t = time.perf_counter()
         cm.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=2, decode_policy=pol)   # lowers the pieces
         compile_s[name] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    art_dir = tempfile.TemporaryDirectory(prefix="routefx_generate_bench_")
+    artifact = routefx.load(routefx.export(dense, os.path.join(art_dir.name, "dense"), generate=True))
+    artifact.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)    # opens the sessions
+    compile_s["routefx_artifact_dense"] = round(time.perf_counter() - t, 1)      # export + load
     print(f"compiled in {time.perf_counter() - t0:.0f} s: {compile_s}", flush=True)
 
     results = {"machine": machine(), "setup": dataclasses.asdict(st), "compile_seconds": compile_s,
@@ -398,6 +406,9 @@ def main() -> None:
             fns[f"{name}_128"] = (lambda cm=cm, name=name: outs.__setitem__(
                 name, generate_with_stats(cm, prompt, max_new_tokens=st.new, **no_eos)[0]))
             fns[f"{name}_1"] = lambda cm=cm: cm.generate(prompt, max_new_tokens=1, **no_eos)
+        fns["routefx_artifact_dense_128"] = lambda: outs.__setitem__(
+            "routefx_artifact_dense", artifact.generate(prompt, max_new_tokens=st.new, **no_eos))
+        fns["routefx_artifact_dense_1"] = lambda: artifact.generate(prompt, max_new_tokens=1, **no_eos)
         for name, (cm, pol) in skips.items():
             fns[f"{name}_128"] = (lambda cm=cm, name=name, pol=pol: outs.__setitem__(
                 name, generate_with_stats(cm, prompt, max_new_tokens=st.new, decode_policy=pol, **no_eos)[1]))
@@ -411,7 +422,8 @@ def main() -> None:
         duo = duo_fraction(compiled["routefx_onnx_duo_0.5"], outs["routefx_onnx_duo_0.5"], st.prompt, B)
         fr = duo["per_token"] if B == 1 else duo["batch_union"]
         duo_bytes = wb["attention"] + wb["ffn"] * fr + wb["lm_head"] + wb["embedding_row"]
-        ideal = {"hf_eager": 1.0, "routefx_onnx_dense": 1.0, "routefx_onnx_duo_0.5": dense_bytes / duo_bytes}
+        ideal = {"hf_eager": 1.0, "routefx_onnx_dense": 1.0, "routefx_onnx_duo_0.5": dense_bytes / duo_bytes,
+                 "routefx_artifact_dense": 1.0}
         for name in skips:                                 # outs[name]: the GenerationStats of the last timed run
             ideal[name] = dense_bytes / skip_bytes(m, outs[name].skip_counts, st.new - 1)
         dec = {k: B * (st.new - 1) / (t[f"{k}_128"] - t[f"{k}_1"]) for k in ideal}
@@ -433,6 +445,8 @@ def main() -> None:
                         "efficiency": row["decode_vs_onnx_dense"] / ideal[k]}
             if k == "routefx_onnx_dense":
                 row["identical_to_hf"] = same
+            if k == "routefx_artifact_dense":
+                row["identical_to_onnx_dense"] = torch.equal(outs[k], outs["routefx_onnx_dense"])
             results["rows"].append(row)
             print({a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
         results[f"kv_bytes_at_end_batch_{B}"] = kv_bytes(m, B, st.prompt + st.new)

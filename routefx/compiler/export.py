@@ -143,12 +143,12 @@ def _write_optimized(directory: str, routed: bool) -> None:
 _ALIGN = 4096   # tensors start on page boundaries in the data files, so ONNX Runtime can map them
 
 
-def _share_weights(directory: str, name: str, data: str) -> None:
+def _share_weights(directory: str, name: str, own_data: str) -> None:
     """Store every weight once: point the external initializers of model `name` (the optimized model, the
     generation graphs) whose bytes equal one of model.onnx's at that tensor in model.onnx.data, and rewrite its
-    own data file `data` with the others only (removed when none are left)."""
+    own data file `own_data` with the others only (removed when none are left)."""
     plain = onnx.load(os.path.join(directory, MODEL), load_external_data=False)
-    opt_path, opt_data = os.path.join(directory, name), os.path.join(directory, data)
+    opt_path, opt_data = os.path.join(directory, name), os.path.join(directory, own_data)
     opt = onnx.load(opt_path, load_external_data=False)
     known: dict[bytes, tuple[int, int]] = {}                    # sha256 of the bytes -> (offset, length) in MODEL_DATA
     with _mapped(os.path.join(directory, MODEL_DATA)) as data:
@@ -166,7 +166,7 @@ def _share_weights(directory: str, name: str, data: str) -> None:
             new.write(b"\0" * (-new.tell() % _ALIGN))
             offset = new.tell()
             new.write(raw)
-            _point(t, data, offset, len(raw))
+            _point(t, own_data, offset, len(raw))
     os.replace(opt_data + ".tmp", opt_data)
     if os.path.getsize(opt_data) == 0:                       # every tensor shared: no second data file
         os.remove(opt_data)
