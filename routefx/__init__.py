@@ -8,12 +8,13 @@ from __future__ import annotations
 import importlib
 
 from routefx.errors import (ArtifactError, BackendError, CalibrationError, CaptureError, ExportError, InputError,
-                            NoBlocksError, PlanFormatError, PlanMismatchError, PolicyError, RoutefxError,
-                            UnsupportedModelError)
+                            NoBlocksError, NotCompiledError, PlanFormatError, PlanMismatchError, PolicyError,
+                            RoutefxError, UnsupportedModelError)
 
 __all__ = ["inspect", "compile", "export", "load", "CompiledModel", "Plan", "PlanFormatError", "PlanMismatchError",
            "policies", "ModelIR", "RoutefxError", "UnsupportedModelError", "NoBlocksError", "CaptureError", "PolicyError",
-           "CalibrationError", "InputError", "BackendError", "ArtifactError", "ExportError", "runtime"]
+           "CalibrationError", "InputError", "BackendError", "ArtifactError", "ExportError", "NotCompiledError",
+           "runtime"]
 
 # name -> (module, attribute or None for the module itself)
 _LAZY = {

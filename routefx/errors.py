@@ -17,6 +17,11 @@ class CaptureError(RoutefxError, RuntimeError):
     """torch.export could not capture the model with dynamic batch and sequence dimensions."""
 
 
+class NotCompiledError(RoutefxError, RuntimeError):
+    """A compiled model asked for its graph, plan, report or artifact before a call compiled it (`routefx.compile`
+    without example inputs compiles on the first call)."""
+
+
 class UnsupportedActivationError(RoutefxError, ValueError):
     """An activation name that is not in `routefx.ir.activations.ACTIVATIONS`."""
 

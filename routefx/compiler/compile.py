@@ -24,7 +24,8 @@ from routefx.compiler.plan_io import check_fingerprint, fingerprint
 from routefx.compiler.policies import Policy, policy_from_dict
 from routefx.compiler.report import CompileReport
 from routefx.compiler.validate import check_inputs
-from routefx.errors import BackendError, CalibrationError, InputError, PlanMismatchError, PolicyError
+from routefx.errors import (BackendError, CalibrationError, InputError, NotCompiledError, PlanMismatchError,
+                            PolicyError)
 from routefx.ir.capture import capture, normalize_inputs
 from routefx.ir.flops import FlopCount, count_flops, data_dependent_symbols, dynamic_routed, realised_flops
 from routefx.ir.model_ir import ModelIR
@@ -248,10 +249,11 @@ class CompiledModel:
         return route_stats(entry.gm, entry.ir, batches)
 
     # -- introspection -------------------------------------------------------------------------------------
-    def _require(self) -> _Entry:
+    def _require(self, what: str = "the compiled graph, plan and report do not exist yet") -> _Entry:
         if self._last is None:
-            raise RuntimeError("this model compiles on its first call (no example_inputs were given); call it "
-                               "once first")
+            raise NotCompiledError(f"{what}: this model compiles on its first call (no example_inputs were given to "
+                                   "routefx.compile); call it once first, e.g. cm(input_ids, attention_mask=mask), or "
+                                   "compile with example_inputs")
         return self._last
 
     @property

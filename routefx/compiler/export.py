@@ -56,7 +56,7 @@ def export(cm, path: str, *, overwrite: bool = False, generate: bool = False) ->
         raise BackendError(f"routefx.export writes ONNX artifacts (backend=\"onnx\") and AOTInductor packages "
                            f"(backend=\"inductor\" or \"triton\"); this model was compiled with backend="
                            f"{cm.backend!r}")
-    entry = cm._require()
+    entry = cm._require("routefx.export writes the compiled graph, which does not exist yet")
     runner = entry.run
     if os.path.isdir(path) and os.listdir(path):
         if not overwrite:

@@ -83,7 +83,7 @@ def test_lazy_capture_and_recapture_on_new_keyword_form():
     entry = ZOO["llama"]
     model = entry.build()
     cm = routefx.compile(model, routefx.policies.Dense())
-    with pytest.raises(RuntimeError, match="compiles on its first call"):
+    with pytest.raises(routefx.NotCompiledError, match="compiles on its first call"):
         cm.report
     args, kwargs = example_inputs(entry, batch=1, seq=5)
     out = cm(*args, **kwargs)
