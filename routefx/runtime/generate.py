@@ -68,7 +68,7 @@ class Generator:
             return ids
         B = ids.shape[0]
         pos = np.where(mask == 0, 0, np.cumsum(mask, axis=1) - 1)
-        out = self.sessions["prefill"].run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos})
+        out = self._run("prefill", {"input_ids": ids, "attention_mask": mask, "position_ids": pos})
         logits, past, pos = out[0][:, -1], out[1:], pos[:, -1:]
         unfinished = np.ones(B, dtype=bool)
         seq = [ids]
@@ -83,9 +83,14 @@ class Generator:
             mask = np.concatenate([mask, np.ones((B, 1), dtype=mask.dtype)], axis=1)
             pos = pos + 1
             feeds = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": pos, **dict(zip(names, past))}
-            out = self.sessions["decode"].run(None, feeds)
+            out = self._run("decode", feeds)
             logits, past = out[0][:, -1], out[1:]
         return np.concatenate(seq, axis=1)
+
+    def _run(self, key: str, feeds: dict) -> list:
+        """One run of the prefill or decode graph on the feeds it takes (a graph whose model ignores an input,
+        e.g. positions, was exported without it)."""
+        return self.sessions[key].run(None, {n: feeds[n] for n in self.settings[key]["inputs"]})
 
 
 def _as_list(v) -> list[int]:

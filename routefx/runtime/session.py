@@ -8,7 +8,8 @@ instead; `session.source` says which.
 A call validates its inputs as the compiled model does (`routefx/compiler/validate.py`: dtype and rank, static
 dims, batch and sequence sizes agreeing between inputs, no empty batch or sequence, token ids in [0, vocab)) and
 raises `InputError` naming the input. A Hugging Face model's attention mask may be left out, as in the model: the
-artifact marks it (`"absent": "ones"`) and the session feeds ones of the inputs' batch and length. Inputs are numpy arrays, or torch tensors when torch is installed; with
+artifact marks it (`"absent": "ones"`) and the session feeds ones of the inputs' batch and length.
+`Session.generate` decodes from artifacts exported with `generate=True` (`routefx/runtime/generate.py`). Inputs are numpy arrays, or torch tensors when torch is installed; with
 torch inputs the outputs are torch tensors, otherwise numpy arrays. The output has the model's structure: a
 Hugging Face ModelOutput (when transformers is already imported), else an `Output` (a dict with attribute access
 and integer indexing, like ModelOutput), a tuple, a list, or a bare array.
