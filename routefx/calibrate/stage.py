@@ -22,6 +22,7 @@ from routefx.compiler.policies import Dense, Duo, MoEBudget, MoEfy, Policy, Prun
 from routefx.errors import PolicyError, UnsupportedModelError
 from routefx.ir import graph_utils as gu
 from routefx.ir.model_ir import ModelIR
+from routefx.passes.prune_blocks import ONLY_THE_STREAM, READ_LATER
 
 __all__ = ["calibrate"]
 
@@ -57,8 +58,8 @@ def _prune(policy: PruneLayers, gm: fx.GraphModule, ir: ModelIR, batches: list[d
         raise PolicyError(f"PruneLayers would remove all {L} blocks; keep at least one")
     for i in pruned:
         if (read := read_by_later_blocks(ir, i, set(pruned))) is not None:
-            raise UnsupportedModelError(f"PruneLayers: {read}; PruneLayers supports blocks that pass each other "
-                                        "nothing but the residual stream (prune other blocks, or none of them)")
+            raise UnsupportedModelError(f"PruneLayers: {read}; {ONLY_THE_STREAM} (prune other blocks, or this "
+                                        "one with the blocks that read it)")
     plan.pruned = pruned
 
 
@@ -88,8 +89,7 @@ def read_by_later_blocks(ir: ModelIR, i: int, pruned: set[int]) -> str | None:
             what = n.name + (f" ({gu.module_path(n)})" if gu.module_path(n) else "")
             where = f" in {gu.module_path(reader)}" if gu.module_path(reader) else ""
             return (f"block {i}" + (f" ({b.path})" if b.path else "") + f" computes {what}, read by {reader.name}"
-                    f"{where}: a later block reads values this block computes besides the residual stream (keys "
-                    "and values shared across layers, state passed between layers)")
+                    f"{where}: {READ_LATER}")
     return None
 
 

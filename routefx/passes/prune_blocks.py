@@ -50,7 +50,7 @@ class PruneBlocks(Pass):
         have = [b.path for b in after.blocks]
         return None if have == want else (
             f"blocks after pruning are {have}, expected {want}: removing the pruned blocks changed the blocks after "
-            f"them; {_ONLY_THE_STREAM}")
+            f"them; {ONLY_THE_STREAM}")
 
 
 def _still_computed(b) -> str | None:
@@ -67,8 +67,9 @@ def _still_computed(b) -> str | None:
     what = read.name + (f" ({gu.module_path(read)})" if gu.module_path(read) else "")
     what += f", read by {reader.name}" + (f" in {gu.module_path(reader)}" if gu.module_path(reader) else "")
     return (f"block {b.index}" + (f" ({b.path})" if b.path else "") + f" is still computed after pruning: "
-            f"{what}: a later block reads values this block computes besides the residual stream (keys and values "
-            f"shared across layers, state passed between layers); {_ONLY_THE_STREAM}")
+            f"{what}: {READ_LATER}; {ONLY_THE_STREAM}")
 
 
-_ONLY_THE_STREAM = "PruneLayers supports blocks that pass each other nothing but the residual stream"
+READ_LATER = ("a later block reads values this block computes besides the residual stream (keys and values shared "
+              "across layers, state passed between layers)")
+ONLY_THE_STREAM = "PruneLayers supports blocks that pass each other nothing but the residual stream"

@@ -100,20 +100,21 @@ def _as_list(v) -> list[int]:
 
 
 def _check(ids, mask, vocab) -> tuple[np.ndarray, np.ndarray]:
+    """The prompt as the forward call takes it (`session._as_integral`, `session._check_ids`), plus generate's own
+    rules: 0/1 mask with a real token per row, left padding only."""
+    from routefx.runtime.session import _as_integral, _check_ids
     if not isinstance(ids, np.ndarray) or ids.ndim != 2 or ids.dtype.kind not in "iu" or 0 in ids.shape:
         raise InputError(f"input_ids must be a non-empty [batch, seq] integer array, got "
                          f"{getattr(ids, 'dtype', type(ids).__name__)} of shape {list(getattr(ids, 'shape', []))}")
-    ids = ids.astype(np.int64)
-    if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
-        raise InputError(f"input_ids holds token ids in [{ids.min()}, {ids.max()}]; the model's embedding takes ids "
-                         f"in [0, {vocab})")
-    if mask is None:
-        mask = np.ones_like(ids)
+    ids = _as_integral("input_ids", ids, "int64", ids=True)
+    if vocab is not None:
+        _check_ids("input_ids", ids, vocab)
+    mask = np.ones_like(ids) if mask is None else np.asarray(mask)
     if mask.shape != ids.shape:
         raise InputError(f"attention_mask has shape {list(mask.shape)}; input_ids has {list(ids.shape)}")
-    if not np.isin(mask, (0, 1)).all() or (mask.sum(1) == 0).any():
+    mask = _as_integral("attention_mask", mask, "int64", ids=False)
+    if mask.dtype != np.int64 or not np.isin(mask, (0, 1)).all() or (mask.sum(1) == 0).any():
         raise InputError("attention_mask must hold 0/1 with at least one 1 per row")
-    mask = mask.astype(np.int64)
     if (np.maximum.accumulate(mask, axis=1) != mask).any():
         raise InputError("attention_mask has padding after a real token; generate takes left padding only")
     return np.ascontiguousarray(ids), np.ascontiguousarray(mask)
@@ -144,9 +145,8 @@ class _Sampler:
         self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, float(temperature), top_k, float(top_p)
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, logits: np.ndarray) -> np.ndarray:
-        if not self.do_sample:
-            return logits.argmax(axis=-1)
+    def warp(self, logits: np.ndarray) -> np.ndarray:
+        """The sampling scores: temperature, then top-k and top-p (filtered tokens at -inf)."""
         scores = logits / self.temperature if self.temperature != 1.0 else logits.copy()
         V = scores.shape[-1]
         if self.top_k and self.top_k < V:
@@ -155,13 +155,16 @@ class _Sampler:
         if self.top_p < 1.0:
             order = np.argsort(scores, axis=-1, kind="stable")              # ascending, as transformers' TopP
             ranked = np.take_along_axis(scores, order, axis=-1)
-            cum = np.cumsum(_softmax(ranked), axis=-1)
-            drop = cum <= 1 - self.top_p
+            drop = np.cumsum(_softmax(ranked), axis=-1) <= 1 - self.top_p
             drop[:, -1] = False                                             # keep at least one token
             np.put_along_axis(scores, order, np.where(drop, -np.inf, ranked), axis=-1)
-        probs = _softmax(scores)
-        cum = np.cumsum(probs, axis=-1)
-        u = self.rng.random((probs.shape[0], 1)) * cum[:, -1:]            # the first token whose mass covers u
+        return scores
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        if not self.do_sample:
+            return logits.argmax(axis=-1)
+        cum = np.cumsum(_softmax(self.warp(logits)), axis=-1)
+        u = self.rng.random((cum.shape[0], 1)) * cum[:, -1:]               # the first token whose mass covers u
         return (cum < u).sum(axis=-1)
 
 

@@ -118,18 +118,24 @@ def test_sampling_follows_its_settings(tmp_path_factory):
         sess.generate(ids, attention_mask=mask.flip(1), max_new_tokens=2)
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p():
-    """The warper against transformers' TopPLogitsWarper on random logits (the same tokens kept)."""
-    from transformers.generation.logits_process import TopPLogitsWarper
+def test_warpers_keep_the_tokens_transformers_keeps():
+    """Temperature, top-k and top-p against transformers' own warpers on random logits: the same tokens kept, the
+    same scores for them; draws land on kept tokens only."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
 
     from routefx.runtime.generate import _Sampler
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
-    for p in (0.3, 0.8, 0.95):
-        want = torch.isfinite(TopPLogitsWarper(p)(None, logits.clone()))
-        sampler = _Sampler(True, 1.0, None, p, seed=0)
-        draws = np.stack([sampler(logits.numpy()) for _ in range(400)], axis=1)       # [4, 400]
-        for row in range(4):
-            assert set(draws[row].tolist()) <= set(torch.nonzero(want[row]).flatten().tolist())
+    for t, k, p in ((1.0, None, 0.3), (0.7, None, 0.8), (1.0, 5, 1.0), (1.3, 12, 0.95), (0.5, 3, 0.5)):
+        warpers = [TemperatureLogitsWarper(t)] if t != 1.0 else []
+        warpers += ([TopKLogitsWarper(k)] if k else []) + ([TopPLogitsWarper(p)] if p < 1.0 else [])
+        want = LogitsProcessorList(warpers)(None, logits.clone())
+        sampler = _Sampler(True, t, k, p, seed=0)
+        got = torch.from_numpy(sampler.warp(logits.numpy()))
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want)), (t, k, p)
+        assert torch.allclose(got[torch.isfinite(got)], want[torch.isfinite(want)])
+        draws = np.stack([sampler(logits.numpy()) for _ in range(50)], axis=1)      # [4, 50]
+        assert torch.isfinite(want.gather(1, torch.from_numpy(draws))).all()
 
 
 def test_refusals(tmp_path):
