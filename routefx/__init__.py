@@ -14,7 +14,7 @@ from routefx.errors import (ArtifactError, BackendError, CalibrationError, Captu
 __all__ = ["inspect", "compile", "export", "load", "CompiledModel", "Plan", "PlanFormatError", "PlanMismatchError",
            "policies", "ModelIR", "RoutefxError", "UnsupportedModelError", "NoBlocksError", "CaptureError", "PolicyError",
            "CalibrationError", "InputError", "BackendError", "ArtifactError", "ExportError", "NotCompiledError",
-           "runtime"]
+           "runtime", "clear_capture_cache"]
 
 # name -> (module, attribute or None for the module itself)
 _LAZY = {
@@ -28,6 +28,7 @@ _LAZY = {
     "ModelIR": ("routefx.ir.model_ir", "ModelIR"),
     "capture": ("routefx.ir.capture", "capture"),
     "recognize": ("routefx.ir.recognize", "recognize"),
+    "clear_capture_cache": ("routefx.ir.capture_cache", "clear"),
 }
 
 

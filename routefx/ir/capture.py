@@ -19,6 +19,7 @@ from torch import nn
 from torch.export import Dim
 
 from routefx.errors import CaptureError
+from routefx.ir import capture_cache
 from routefx.ir import graph_utils as gu
 
 __all__ = ["capture", "CaptureInfo", "normalize_inputs"]
@@ -205,26 +206,14 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     n_args = len(args)
     call_args = tuple(named[n] for n in pos[:n_args])
     call_kwargs = {n: named[n] for n in named if n not in pos[:n_args]}
-    with _eval_mode(model), _bind_forward(model, bound_kwargs), grouped_experts(model), torch.no_grad():
-        try:
-            with _quiet_fake_tensor_log((to_batch, to_seq) != (batch, seq)):   # retried as given on failure
-                ep = torch.export.export(model, call_args, kwargs=call_kwargs, dynamic_shapes=shapes, strict=False)
-        except Exception as e:  # torch.export raises many exception types; re-raise as one typed error
-            ep = None
-            if (to_batch, to_seq) != (batch, seq):
-                # a program that only runs at the given size 1 (a torch.compile piece Dynamo specialised to a
-                # batch of 1): capture it on the inputs as given, that dim static
-                as_given = {n: spec(given[n], widen=False) for n in shapes}
-                try:
-                    ep = torch.export.export(model, tuple(as_given[n][0] for n in pos[:n_args]),
-                                             kwargs={n: as_given[n][0] for n in call_kwargs},
-                                             dynamic_shapes={n: v[1] for n, v in as_given.items()}, strict=False)
-                    shapes = {n: v[1] for n, v in as_given.items()}
-                except Exception:  # noqa: BLE001 - the first failure is the one reported
-                    ep = None
-            if ep is None:
-                raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
-                                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    state, form = capture_cache.model_key(model), capture_cache.inputs_key(given, n_args, {})
+    kept = capture_cache.lookup(model, state, form)
+    if kept is not None:
+        ep, shapes = kept
+    else:
+        ep, shapes = _export(model, pos[:n_args], call_args, call_kwargs, bound_kwargs, shapes, given, spec,
+                             (to_batch, to_seq) != (batch, seq))
+        capture_cache.store(model, state, form, (ep, shapes))
     gm = ep.module()
     _drop_export_artifacts(gm)
     written = _functional_buffer_writes(gm)
@@ -242,6 +231,33 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
         state_writes=list(written),
     )
     return gm
+
+
+
+def _export(model, arg_names, call_args, call_kwargs, bound_kwargs, shapes, given, spec, widened: bool):
+    """torch.export of `model` on the (widened) example inputs; where that fails and the inputs were widened, on
+    the inputs as given (that dim static). Returns (ExportedProgram, the dynamic-shape specs it was exported with)."""
+    with _eval_mode(model), _bind_forward(model, bound_kwargs), grouped_experts(model), torch.no_grad():
+        try:
+            with _quiet_fake_tensor_log(widened):   # retried as given on failure
+                ep = torch.export.export(model, call_args, kwargs=call_kwargs, dynamic_shapes=shapes, strict=False)
+        except Exception as e:  # torch.export raises many exception types; re-raise as one typed error
+            ep = None
+            if widened:
+                # a program that only runs at the given size 1 (a torch.compile piece Dynamo specialised to a
+                # batch of 1): capture it on the inputs as given, that dim static
+                as_given = {n: spec(given[n], widen=False) for n in shapes}
+                try:
+                    ep = torch.export.export(model, tuple(as_given[n][0] for n in arg_names),
+                                             kwargs={n: as_given[n][0] for n in call_kwargs},
+                                             dynamic_shapes={n: v[1] for n, v in as_given.items()}, strict=False)
+                    shapes = {n: v[1] for n, v in as_given.items()}
+                except Exception:  # noqa: BLE001 - the first failure is the one reported
+                    ep = None
+            if ep is None:
+                raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
+                                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return ep, shapes
 
 
 def _fixed_dims(gm: torch.fx.GraphModule, shapes: dict) -> dict[str, dict[int, int]]:

@@ -1,0 +1,175 @@
+"""A model captured again unchanged reuses torch.export's result (routefx/ir/capture_cache.py); any change the
+capture can see exports again, and the graph then computes the changed model."""
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import routefx
+from routefx.ir import capture
+from routefx.policies import Dense, PruneLayers
+from tests.zoo import ZOO, example_inputs
+
+
+@pytest.fixture
+def exports(monkeypatch):
+    """The number of torch.export.export calls so far."""
+    count = [0]
+    real = torch.export.export
+
+    def counting(*a, **k):
+        count[0] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(torch.export, "export", counting)
+    routefx.clear_capture_cache()
+    yield count
+    routefx.clear_capture_cache()
+
+
+class _Slots:
+    __slots__ = ("v",)
+
+    def __init__(self, v):
+        self.v = v
+
+
+class _Cfg:
+    def __init__(self):
+        self.inner = type("Inner", (), {})()
+        self.inner.shift = 0.0
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.scale = 2.0
+        self.cfg = _Cfg()
+        self.act = torch.tanh
+
+    def forward(self, x, mode: str = "plain"):
+        h = self.act(self.a(x)) * self.scale + self.cfg.inner.shift
+        if mode == "twice":
+            h = h * 2
+        return self.b(h)
+
+
+def _check(model, x, **kw):
+    gm = capture(model, (x,), kw)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, **kw), model(x, **kw), rtol=0, atol=0)
+    return gm
+
+
+def test_a_second_capture_reuses_the_export_and_gets_its_own_graph(exports):
+    entry = ZOO["llama"]
+    model = entry.build()
+    args, kwargs = example_inputs(entry)
+    g1 = capture(model, args, kwargs)
+    g2 = capture(model, args, kwargs)
+    assert exports[0] == 1 and g1 is not g2 and g1.graph is not g2.graph
+    n = next(n for n in g1.graph.nodes if n.op == "call_function")   # a rewrite of one graph leaves the other
+    n.meta["changed"] = True
+    assert "changed" not in next(n for n in g2.graph.nodes if n.op == "call_function").meta
+    with torch.no_grad():
+        ref = model(*args, **kwargs).logits
+        torch.testing.assert_close(g2(*args, **kwargs, use_cache=False).logits, ref, rtol=0, atol=0)
+    args3, kwargs3 = example_inputs(entry, batch=3, seq=5)          # another input form: exported again
+    capture(model, args3, kwargs3)
+    assert exports[0] == 2
+    capture(model, args, kwargs)                                    # both forms kept
+    assert exports[0] == 2
+
+
+def _replace_b(m):
+    m.b = nn.Linear(8, 8)
+
+
+def _add_hook(m):
+    m.a.register_forward_hook(lambda mod, i, o: o + 1)
+
+
+def _new_weight(m):
+    m.a.weight = nn.Parameter(torch.randn(8, 8))
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.a.weight.mul_(-1),                      # in place: the version counter
+    _new_weight,
+    lambda m: setattr(m, "scale", 3.0),
+    lambda m: setattr(m.cfg.inner, "shift", 1.0),        # an attribute of an object the module holds
+    lambda m: setattr(m, "act", torch.sigmoid),
+    _replace_b,
+    _add_hook,
+    lambda m: m.to(torch.float64),
+], ids=["in_place", "new_parameter", "attribute", "nested_attribute", "function", "submodule", "hook", "dtype"])
+def test_a_change_the_capture_can_see_exports_again(exports, change):
+    model = _Net()
+    x = torch.randn(2, 3, 8)
+    _check(model, x)
+    _check(model, x)
+    assert exports[0] == 1
+    with torch.no_grad():
+        change(model)
+    x = x.to(model.a.weight.dtype)
+    _check(model, x)                 # the changed model's graph
+    assert exports[0] == 2
+    _check(model, x)                 # and kept again
+    assert exports[0] == 2
+
+
+def test_values_written_past_the_version_counter_are_read_at_run_time(exports):
+    model = _Net()
+    x = torch.randn(2, 3, 8)
+    _check(model, x)
+    model.a.weight.data.mul_(-1)      # `.data` writes are not counted: the export holds the parameter, not its values
+    _check(model, x)
+
+
+def test_inputs_are_keyed_by_form_and_constant_values(exports):
+    model = _Net()
+    x = torch.randn(2, 3, 8)
+    _check(model, x)
+    _check(model, torch.randn(2, 3, 8))             # other values, same form
+    assert exports[0] == 1
+    _check(model, x, mode="twice")                   # a constant input
+    _check(model, x.double().float()[:, :2])         # another shape
+    assert exports[0] == 3
+
+
+def test_a_value_it_cannot_compare_exports_every_time(exports):
+    model = _Net()
+    model.opaque = _Slots(1)
+    x = torch.randn(2, 3, 8)
+    _check(model, x)
+    _check(model, x)
+    assert exports[0] == 2
+
+
+def test_the_cache_keeps_no_model_alive(exports):
+    model = _Net()
+    capture(model, (torch.randn(2, 3, 8),))
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_compiling_a_model_again_exports_it_once_and_clear_forgets(exports):
+    entry = ZOO["llama"]
+    model = entry.build()
+    args, kwargs = example_inputs(entry)
+    dense = routefx.compile(model, Dense(), example_inputs=args, example_kwargs=kwargs)
+    pruned = routefx.compile(model, PruneLayers(layers=[1]), example_inputs=args, example_kwargs=kwargs)
+    assert exports[0] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(dense(*args, **kwargs).logits, model(*args, **kwargs).logits, rtol=0, atol=0)
+    assert pruned.report.pass_report("prune_blocks").rewrites == 1
+    assert len(dense.ir.blocks) == len(pruned.ir.blocks) + 1      # the pruning did not reach the kept export
+    routefx.clear_capture_cache()
+    routefx.compile(model, Dense(), example_inputs=args, example_kwargs=kwargs)
+    assert exports[0] == 2
