@@ -32,6 +32,7 @@ from torch import nn
 from torch.export import Dim
 
 from routefx.errors import CaptureError, UnsupportedModelError
+from routefx.ir import capture_cache
 from routefx.ir.capture import (CaptureInfo, _cast_rsub_operands, _drop_export_artifacts, _eval_mode, _expand_as_by_sizes,
                                 _split_baddbmm, grouped_experts)
 
@@ -185,17 +186,35 @@ def _forward_fn(model, layout: CacheLayout, kept: list[int], decode: bool):
     return ns["forward"], params
 
 
-def _export(model, fn, params, example: dict) -> torch.fx.GraphModule:
+def _export(model, fn, params, example: dict, what: tuple) -> torch.fx.GraphModule:
+    """torch.export of the step `fn` (`what`: prefill or decode, the cached layers, the layout), or its kept
+    result for the unchanged model (`capture_cache`: the same model compiled with several policies generates)."""
     shapes = {}
     for name in params:
         t = example[name]
         shapes[name] = {0: Dim.AUTO, 2: Dim.AUTO} if name.startswith("past_") else {0: Dim.AUTO, 1: Dim.AUTO}
         example[name] = t.contiguous()
+    state = capture_cache.model_key(model)
+    form = ("generation step", what, capture_cache.inputs_key(example, 0, {}))
+    ep = capture_cache.lookup(model, state, form)
+    if ep is None:
+        ep = _export_step(model, fn, example, shapes)
+        capture_cache.store(model, state, form, ep)
+    gm = ep.module()
+    _drop_export_artifacts(gm)
+    _cast_rsub_operands(gm)
+    _split_baddbmm(gm)
+    _expand_as_by_sizes(gm)
+    gm.meta["routefx"] = CaptureInfo(arg_names=(), constant_kwargs={})
+    return gm
+
+
+def _export_step(model, fn, example: dict, shapes: dict):
     own = model.__dict__.get("forward")
     model.forward = fn
     try:
         with _eval_mode(model), grouped_experts(model), torch.no_grad():
-            ep = torch.export.export(model, (), kwargs=example, dynamic_shapes=shapes, strict=False)
+            return torch.export.export(model, (), kwargs=example, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many exception types; re-raise as one typed error
         raise CaptureError(f"torch.export could not capture {type(model).__name__}'s generation step: "
                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
@@ -204,13 +223,6 @@ def _export(model, fn, params, example: dict) -> torch.fx.GraphModule:
             del model.forward
         else:
             model.forward = own
-    gm = ep.module()
-    _drop_export_artifacts(gm)
-    _cast_rsub_operands(gm)
-    _split_baddbmm(gm)
-    _expand_as_by_sizes(gm)
-    gm.meta["routefx"] = CaptureInfo(arg_names=(), constant_kwargs={})
-    return gm
 
 
 # example sizes all different and > 1, so that export keeps each dynamic dim symbolic and unrelated
@@ -228,7 +240,7 @@ def capture_prefill(model: nn.Module, layout: CacheLayout, kept: list[int]) -> t
     ids = _example_ids(model, _B, _S)
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                "position_ids": torch.arange(_S, device=ids.device).expand(_B, _S)}
-    return _export(model, fn, params, dict(example)), example
+    return _export(model, fn, params, dict(example), ("prefill", tuple(kept), dataclasses.astuple(layout))), example
 
 
 def capture_decode(model: nn.Module, layout: CacheLayout, kept: list[int]) -> tuple[torch.fx.GraphModule, dict]:
@@ -244,4 +256,4 @@ def capture_decode(model: nn.Module, layout: CacheLayout, kept: list[int]) -> tu
         for name, d in zip(("key", "value"), layout.head_dims[i]):
             example[f"past_{name}_{i}"] = torch.randn(_B, layout.heads[i], _P, d, generator=g).to(
                 device=ids.device, dtype=layout.dtype)
-    return _export(model, fn, params, dict(example)), example
+    return _export(model, fn, params, dict(example), ("decode", tuple(kept), dataclasses.astuple(layout))), example

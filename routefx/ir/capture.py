@@ -39,6 +39,8 @@ class CaptureInfo:
     #   serves calls of those sizes only (CompiledModel compiles again for others)
     state_writes: list[str] = dataclasses.field(default_factory=list)  # buffers the forward writes in place (a KV
     #   cache in module state), read back within the graph (`_functional_buffer_writes`); not written to the model
+    reused_export: bool = False    # torch.export's result of an earlier capture of the unchanged model and input
+    #   form (`capture_cache`), not exported again
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -229,6 +231,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
         bound_kwargs=dict(bound_kwargs),
         fixed_dims=_fixed_dims(gm, shapes),
         state_writes=list(written),
+        reused_export=kept is not None,
     )
     return gm
 

@@ -32,7 +32,7 @@ from torch import nn
 
 __all__ = ["lookup", "store", "clear", "model_key"]
 
-_PER_MODEL = 8      # input forms kept per model (a bounded LRU)
+_PER_MODEL = 16     # input forms (and generation steps) kept per model: a bounded LRU
 _DEPTH = 4
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.layout,
           torch.memory_format, type, types.FunctionType, types.BuiltinFunctionType)

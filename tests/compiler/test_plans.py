@@ -26,8 +26,9 @@ _FRESH = textwrap.dedent("""
     import routefx
     from tests.zoo import ZOO
     batch = torch.load({batch!r})
-    for plan, out in {jobs!r}:        # one process for every plan: each compiled from a freshly built model
-        cm = routefx.compile(ZOO[{name!r}].build(), routefx.Plan.load(plan))
+    model = ZOO[{name!r}].build()     # built here, as in a new session: one model for every plan
+    for plan, out in {jobs!r}:
+        cm = routefx.compile(model, routefx.Plan.load(plan))
         torch.save(cm(**batch).logits, out)
 """)
 
@@ -57,8 +58,9 @@ def test_plan_round_trip_is_bit_identical_in_a_fresh_process(tmp_path):
     batch = _cal(entry, 1, seed=77)[0]
     torch.save(batch, tmp_path / "batch.pt")
     jobs, expected = [], []
+    model = entry.build()
     for i, policy in enumerate(_POLICIES):
-        cm = routefx.compile(entry.build(), policy, calibration=_cal(entry))
+        cm = routefx.compile(model, policy, calibration=_cal(entry))
         cm.plan.save(str(tmp_path / f"plan{i}"))
         expected.append(cm(**batch).logits)
         jobs.append((str(tmp_path / f"plan{i}"), str(tmp_path / f"out{i}.pt")))

@@ -166,6 +166,8 @@ def test_compiling_a_model_again_exports_it_once_and_clear_forgets(exports):
     dense = routefx.compile(model, Dense(), example_inputs=args, example_kwargs=kwargs)
     pruned = routefx.compile(model, PruneLayers(layers=[1]), example_inputs=args, example_kwargs=kwargs)
     assert exports[0] == 1
+    assert not any("reused" in n for n in dense.report.notes)
+    assert any("capture reused torch.export's result" in n for n in pruned.report.notes)
     with torch.no_grad():
         torch.testing.assert_close(dense(*args, **kwargs).logits, model(*args, **kwargs).logits, rtol=0, atol=0)
     assert pruned.report.pass_report("prune_blocks").rewrites == 1
@@ -173,3 +175,24 @@ def test_compiling_a_model_again_exports_it_once_and_clear_forgets(exports):
     routefx.clear_capture_cache()
     routefx.compile(model, Dense(), example_inputs=args, example_kwargs=kwargs)
     assert exports[0] == 2
+
+
+def test_generation_steps_are_exported_once_per_model(exports):
+    """Two compiled models of one model generate: the prefill and decode steps are exported once (the second
+    generates from the kept exports, token for token as Hugging Face `generate`), and the model still dies."""
+    entry = ZOO["llama"]
+    model = entry.build()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, entry.vocab, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    first = routefx.compile(model, Dense()).generate(ids, mask, max_new_tokens=6)
+    done = exports[0]
+    second = routefx.compile(model, Dense(), backend="onnx").generate(ids, mask, max_new_tokens=6)
+    assert exports[0] == done and torch.equal(first, ref) and torch.equal(second, ref)
+    ref_model = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref_model() is None
