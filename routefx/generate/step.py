@@ -194,13 +194,16 @@ def _export(model, fn, params, example: dict, what: tuple) -> torch.fx.GraphModu
         t = example[name]
         shapes[name] = {0: Dim.AUTO, 2: Dim.AUTO} if name.startswith("past_") else {0: Dim.AUTO, 1: Dim.AUTO}
         example[name] = t.contiguous()
-    state = capture_cache.model_key(model)
-    form = ("generation step", what, capture_cache.inputs_key(example, 0, {}))
-    ep = capture_cache.lookup(model, state, form)
-    if ep is None:
+    key = (capture_cache.model_key(model), "generation step", what, capture_cache.inputs_key(example, 0, {}))
+    kept = capture_cache.lookup(key)
+    if kept is not None:
+        ep, _, names = kept
+        gm = ep.module()
+        capture_cache.bind(gm, names, model)
+    else:
         ep = _export_step(model, fn, example, shapes)
-        capture_cache.store(model, state, form, ep)
-    gm = ep.module()
+        gm = ep.module()
+        capture_cache.store(key, ep, None, model)
     _drop_export_artifacts(gm)
     _cast_rsub_operands(gm)
     _split_baddbmm(gm)

@@ -208,15 +208,17 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     n_args = len(args)
     call_args = tuple(named[n] for n in pos[:n_args])
     call_kwargs = {n: named[n] for n in named if n not in pos[:n_args]}
-    state, form = capture_cache.model_key(model), capture_cache.inputs_key(given, n_args, {})
-    kept = capture_cache.lookup(model, state, form)
+    key = (capture_cache.model_key(model), capture_cache.inputs_key(given, n_args, {}))
+    kept = capture_cache.lookup(key)
     if kept is not None:
-        ep, shapes = kept
+        ep, shapes, names = kept
+        gm = ep.module()
+        capture_cache.bind(gm, names, model)
     else:
         ep, shapes = _export(model, pos[:n_args], call_args, call_kwargs, bound_kwargs, shapes, given, spec,
                              (to_batch, to_seq) != (batch, seq))
-        capture_cache.store(model, state, form, (ep, shapes))
-    gm = ep.module()
+        gm = ep.module()
+        capture_cache.store(key, ep, shapes, model)
     _drop_export_artifacts(gm)
     written = _functional_buffer_writes(gm)
     if written and not _state_independent(gm, written, call_args, call_kwargs):

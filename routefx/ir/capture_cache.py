@@ -1,38 +1,40 @@
-"""torch.export's result kept for a model captured again unchanged.
+"""torch.export's result kept for a model captured again, or a model built the same way.
 
-Compiling one model several times (another policy, a plan, another backend; a benchmark's candidates; an
-`inspect` before the compile) captured it each time, and torch.export is nearly all of a capture: 1.5-2 s for a
-tiny model, 15-20 s for one with MLA attention on 2 cores, 4-7 s at the CPU benchmark's size. `capture` now keeps
-the ExportedProgram per model (weakly: the cache never keeps a model alive) and exports again only when something
-it can see differs:
+Compiling a model several times (another policy, a plan, another backend; a benchmark's candidates; a model
+rebuilt or reloaded with other weights) captured it each time, and torch.export is nearly all of a capture: 1.5-2 s
+for a tiny model, 15-20 s for one with MLA attention on 2 cores, 4-7 s at the CPU benchmark's size. An export
+depends on the model's code, structure and non-tensor state, and on its tensors' shapes, dtypes and devices, not on
+their values (torch.export traces with fake tensors; parameters, buffers and tensor attributes are the graph's
+inputs). So the ExportedProgram is kept, with the model's own tensors replaced by meta stand-ins (the cache holds
+no weights and no model), and a later capture whose key is equal gets a fresh graph from it with its own model's
+tensors bound by name. The key is:
 
-- the inputs: names, positional/keyword split, each tensor's shape, dtype, device and layout (never its values:
-  torch.export traces with fake tensors), every other input's value;
-- the model: its submodules (name, object, class), every parameter and buffer (object, storage, version counter
-  (in-place writes), shape, dtype, device), every attribute of every submodule (numbers, strings, tensors as above,
-  functions by identity, hooks, and objects such as a config by their attributes, four levels deep), the global
-  module hooks, torch's default dtype.
+- the inputs: names, positional/keyword split, each tensor's shape, dtype, device and layout (not its values),
+  every other input's value;
+- the model: every submodule's name and class; every parameter and buffer by name (Parameter or buffer, shape,
+  dtype, device, layout, requires_grad, and which names share one tensor); every attribute of every submodule:
+  numbers, strings, tensors held directly (as parameters), functions by identity, hooks, objects such as a config
+  by their attributes (four levels deep), tensors inside containers or objects by identity and version counter;
+  the global module hooks; torch's default dtype.
 
-A value it cannot compare (an object with neither attributes nor a known type at the depth limit, an inference
-tensor, which has no version counter) makes the model's key differ from every other, so the model is exported
-each time. What it does not see: a module-level function or a class's method patched between two captures of the
-same model object, which changes the model's code, not its state; `clear()` (`routefx.clear_capture_cache()`)
-drops every kept export.
+A value it cannot compare (an object with neither attributes nor a known type, or one past the depth limit; an
+inference tensor inside a container) makes the key differ from every other: that model is exported each time. What
+it does not see: a module-level function or a class's method patched between two captures, which changes the
+model's code, not its state; `clear()` (`routefx.clear_capture_cache()`) drops every kept export.
 """
 from __future__ import annotations
 
 import collections
 import functools
 import types
-import weakref
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["lookup", "store", "clear", "model_key"]
+__all__ = ["model_key", "inputs_key", "lookup", "store", "bind", "clear"]
 
-_PER_MODEL = 16     # input forms (and generation steps) kept per model: a bounded LRU
+_KEPT = 32          # exports kept (a bounded LRU over every model)
 _DEPTH = 4
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.layout,
           torch.memory_format, type, types.FunctionType, types.BuiltinFunctionType)
@@ -49,57 +51,78 @@ class _Never:
         return 0
 
 
-def _tensor_key(t: torch.Tensor) -> tuple:
+def _form(t: torch.Tensor) -> tuple:
+    return (type(t), tuple(t.shape), t.dtype, t.device, t.layout, t.requires_grad)
+
+
+def _by_identity(t: torch.Tensor) -> tuple:
     try:
         version = t._version
     except RuntimeError:        # an inference tensor: in-place writes are not counted
         return (_Never(),)
-    try:
-        ptr = t.data_ptr()
-    except RuntimeError:        # a fake, sparse or meta tensor: its object and version counter stand for it
-        ptr = 0
-    return ("tensor", id(t), ptr, version, tuple(t.shape), t.dtype, t.device, t.layout, t.requires_grad)
+    return ("tensor", id(t), version, _form(t))
 
 
-def _value_key(v: Any, memo: dict, depth: int):
-    if isinstance(v, _ATOMS) or v is Ellipsis:
-        return v          # functions compare by identity
-    if isinstance(v, types.MethodType):     # by identity too; not holding its object (a module: kept alive)
-        return ("method", id(v.__func__), id(v.__self__))
-    if isinstance(v, torch.Tensor):
-        return _tensor_key(v)
-    if isinstance(v, nn.Module):
-        return ("module", id(v))     # submodules are keyed themselves
-    if isinstance(v, torch.SymInt | torch.SymFloat | torch.SymBool):
-        return (_Never(),)
-    if isinstance(v, (tuple, list)):
-        return (type(v), tuple(_value_key(x, memo, depth) for x in v))
-    if isinstance(v, dict):
-        return (type(v), tuple((_value_key(k, memo, depth), _value_key(x, memo, depth)) for k, x in v.items()))
-    if isinstance(v, (set, frozenset)):
-        return (type(v), frozenset(_value_key(x, memo, depth) for x in v))
-    if isinstance(v, functools.partial):
-        return (functools.partial, _value_key(v.func, memo, depth), _value_key(v.args, memo, depth),
-                _value_key(v.keywords, memo, depth))
-    attrs = getattr(v, "__dict__", None)
-    if attrs is None or depth <= 0:
-        return (_Never(),)
-    seen = memo.get((id(v), depth))
-    if seen is None:
-        memo[(id(v), depth)] = (_Never(),)     # a cycle back to an object being keyed compares unequal
-        seen = memo[(id(v), depth)] = (type(v), id(v), _value_key(dict(attrs), memo, depth - 1))
-    return seen
+class _Keyer:
+    def __init__(self, model: nn.Module):
+        self.memo: dict = {}
+        self.names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+
+    def value(self, v: Any, depth: int):
+        if isinstance(v, _ATOMS) or v is Ellipsis:
+            return v                                  # functions compare by identity
+        if isinstance(v, torch.Tensor):               # inside a container or an object: this very tensor
+            return _by_identity(v)
+        if isinstance(v, nn.Module):                  # keyed itself, by name; one from outside the model: never
+            return ("module", self.names[id(v)]) if id(v) in self.names else (_Never(),)
+        if isinstance(v, types.MethodType):
+            return ("method", v.__func__, self.value(v.__self__, depth))
+        if isinstance(v, (tuple, list)):
+            return (type(v), tuple(self.value(x, depth) for x in v))
+        if isinstance(v, dict):
+            return (type(v), tuple((self.value(k, depth), self.value(x, depth)) for k, x in v.items()))
+        if isinstance(v, (set, frozenset)):
+            return (type(v), frozenset(self.value(x, depth) for x in v))
+        if isinstance(v, functools.partial):
+            return (functools.partial, self.value(v.func, depth), self.value(v.args, depth),
+                    self.value(v.keywords, depth))
+        if isinstance(v, torch.SymInt | torch.SymFloat | torch.SymBool):
+            return (_Never(),)
+        attrs = getattr(v, "__dict__", None)
+        if attrs is None or depth <= 0:
+            return (_Never(),)
+        seen = self.memo.get((id(v), depth))
+        if seen is None:
+            self.memo[(id(v), depth)] = (_Never(),)   # a cycle back to an object being keyed: never equal
+            seen = self.memo[(id(v), depth)] = (type(v), self.value(dict(attrs), depth - 1))
+        return seen
+
+    def module(self, m: nn.Module) -> tuple:
+        own = {k: v for k, v in vars(m).items() if k not in ("_parameters", "_buffers", "_modules")}
+        attrs = tuple((k, ("tensor attribute", _form(v)) if isinstance(v, torch.Tensor) else self.value(v, _DEPTH))
+                      for k, v in own.items())
+        return type(m), attrs, tuple(m._non_persistent_buffers_set)
+
+
+def owned_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the model holds by name: parameters, buffers, and tensors held directly as attributes."""
+    out = {}
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for k, v in (*m._parameters.items(), *m._buffers.items(), *vars(m).items()):
+            if isinstance(v, torch.Tensor):
+                out.setdefault(dot + k, v)
+    return out
 
 
 def model_key(model: nn.Module) -> tuple:
     """What a capture of `model` depends on besides its code and inputs (see the module docstring)."""
     from torch.nn.modules import module as _m
-    memo: dict = {}
-    mods = tuple((name, id(m), type(m), _value_key(dict(vars(m)), memo, _DEPTH))
-                 for name, m in model.named_modules(remove_duplicate=False))
-    tensors = tuple((name, _tensor_key(t)) for name, t in (*model.named_parameters(remove_duplicate=False),
-                                                            *model.named_buffers(remove_duplicate=False)))
-    hooks = tuple(_value_key(getattr(_m, h, None), memo, 1) for h in (
+    keyer = _Keyer(model)
+    mods = tuple((name, keyer.module(m)) for name, m in model.named_modules(remove_duplicate=False))
+    first: dict[int, str] = {}
+    tensors = tuple((name, _form(t), first.setdefault(id(t), name)) for name, t in owned_tensors(model).items())
+    hooks = tuple(keyer.value(getattr(_m, h, None), 1) for h in (
         "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
         "_global_module_registration_hooks", "_global_parameter_registration_hooks",
         "_global_buffer_registration_hooks"))
@@ -108,7 +131,7 @@ def model_key(model: nn.Module) -> tuple:
 
 def inputs_key(values: dict, n_args: int, bound: dict) -> tuple:
     """The inputs' form: names and order, tensors by shape/dtype/device/layout, other values as they are."""
-    memo: dict = {}
+    keyer = _Keyer(nn.Module())
 
     def one(v):
         if isinstance(v, torch.Tensor):
@@ -117,43 +140,66 @@ def inputs_key(values: dict, n_args: int, bound: dict) -> tuple:
             return (type(v), tuple(one(x) for x in v))
         if isinstance(v, dict):
             return (type(v), tuple((k, one(x)) for k, x in v.items()))
-        return _value_key(v, memo, 2)
+        return keyer.value(v, 2)
     return tuple((n, one(v)) for n, v in values.items()), n_args, one(bound)
 
 
-_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> (model key, OrderedDict)
+@functools.cache
+def _kept() -> collections.OrderedDict:
+    return collections.OrderedDict()
 
 
-def lookup(model: nn.Module, state: tuple, form: tuple):
-    """The kept value for (`model` in `state`, inputs `form`), or None."""
+def lookup(key: tuple):
+    """The kept (ExportedProgram with stand-ins, extra) for `key`, or None."""
     try:
-        kept_state, entries = _cache.get(model, (None, None))
-    except TypeError:          # a model that cannot be weakly referenced
+        hit = _kept().get(key)
+    except TypeError:       # an unhashable part: nothing is kept for it
         return None
-    if entries is None or kept_state != state:
-        return None
-    hit = entries.get(form)
     if hit is not None:
-        entries.move_to_end(form)
+        _kept().move_to_end(key)
     return hit
 
 
-def store(model: nn.Module, state: tuple, form: tuple, value) -> None:
+def store(key: tuple, ep, extra, model: nn.Module) -> None:
+    """Keep `ep` (exported from `model`; graphs have been made from it already) for `key`, the model's tensors
+    replaced by meta stand-ins. Not kept where the export holds a tensor of the model that is not one of its named
+    tensors (`bind` could not give a later model's own)."""
+    owned = owned_tensors(model)
+    named = {}
+    for where in (ep.state_dict, ep.constants):
+        for name, t in where.items():
+            if owned.get(name) is t:
+                named[name] = where
+            elif where is ep.state_dict or isinstance(t, torch.Tensor) and any(t is o for o in owned.values()):
+                return
+    for name, where in named.items():
+        t = where[name]
+        stand_in = torch.empty_like(t, device="meta")
+        where[name] = nn.Parameter(stand_in, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+            else stand_in
     try:
-        kept_state, entries = _cache.get(model, (None, None))
+        _kept()[key] = (ep, extra, tuple(named))
     except TypeError:
         return
-    if entries is None or kept_state != state:
-        entries = collections.OrderedDict()
-        try:
-            _cache[model] = (state, entries)
-        except TypeError:
-            return
-    entries[form] = value
-    while len(entries) > _PER_MODEL:
-        entries.popitem(last=False)
+    while len(_kept()) > _KEPT:
+        _kept().popitem(last=False)
+
+
+def bind(gm: torch.fx.GraphModule, names: tuple, model: nn.Module) -> None:
+    """Give `gm` (from a kept export) `model`'s own tensors for `names`."""
+    owned = owned_tensors(model)
+    for name in names:
+        prefix, _, leaf = name.rpartition(".")
+        parent = gm.get_submodule(prefix) if prefix else gm
+        t = owned[name]
+        if leaf in parent._parameters:
+            parent._parameters[leaf] = t
+        elif leaf in parent._buffers:
+            parent._buffers[leaf] = t
+        else:
+            setattr(parent, leaf, t)
 
 
 def clear() -> None:
     """Forget every kept export."""
-    _cache.clear()
+    _kept().clear()

@@ -1,5 +1,6 @@
-"""A model captured again unchanged reuses torch.export's result (routefx/ir/capture_cache.py); any change the
-capture can see exports again, and the graph then computes the changed model."""
+"""A model captured again, or one built the same way, reuses torch.export's result (routefx/ir/capture_cache.py)
+with its own weights bound; a change of anything the graph depends on exports again, and the graph then computes
+the changed model. The cache keeps neither models nor weights alive."""
 import gc
 import weakref
 
@@ -85,29 +86,36 @@ def test_a_second_capture_reuses_the_export_and_gets_its_own_graph(exports):
     assert exports[0] == 2
 
 
-def _replace_b(m):
-    m.b = nn.Linear(8, 8)
-
-
-def _add_hook(m):
+def _hook(m):
     m.a.register_forward_hook(lambda mod, i, o: o + 1)
+
+
+def _wrap_b(m):
+    m.b = nn.Sequential(m.b)
+
+
+def _tie(m):
+    m.b.weight = m.a.weight
 
 
 def _new_weight(m):
     m.a.weight = nn.Parameter(torch.randn(8, 8))
 
 
+def _same_kind_of_submodule(m):
+    m.b = nn.Linear(8, 8)
+
+
 @pytest.mark.parametrize("change", [
-    lambda m: m.a.weight.mul_(-1),                      # in place: the version counter
-    _new_weight,
     lambda m: setattr(m, "scale", 3.0),
     lambda m: setattr(m.cfg.inner, "shift", 1.0),        # an attribute of an object the module holds
     lambda m: setattr(m, "act", torch.sigmoid),
-    _replace_b,
-    _add_hook,
+    _wrap_b,
+    _hook,
+    _tie,
     lambda m: m.to(torch.float64),
-], ids=["in_place", "new_parameter", "attribute", "nested_attribute", "function", "submodule", "hook", "dtype"])
-def test_a_change_the_capture_can_see_exports_again(exports, change):
+], ids=["attribute", "nested_attribute", "function", "submodule", "hook", "tied", "dtype"])
+def test_a_change_of_the_graph_exports_again(exports, change):
     model = _Net()
     x = torch.randn(2, 3, 8)
     _check(model, x)
@@ -122,12 +130,60 @@ def test_a_change_the_capture_can_see_exports_again(exports, change):
     assert exports[0] == 2
 
 
-def test_values_written_past_the_version_counter_are_read_at_run_time(exports):
+@pytest.mark.parametrize("change", [
+    lambda m: m.a.weight.mul_(-1),
+    lambda m: m.a.weight.data.mul_(-1),                  # past the version counter
+    _new_weight,
+    _same_kind_of_submodule,
+    lambda m: m.load_state_dict(_Net().state_dict() | {"b.bias": torch.ones(8)}),
+], ids=["in_place", "through_data", "new_parameter", "new_submodule", "load_state_dict"])
+def test_new_weights_reuse_the_export_and_are_the_ones_computed_with(exports, change):
     model = _Net()
     x = torch.randn(2, 3, 8)
-    _check(model, x)
-    model.a.weight.data.mul_(-1)      # `.data` writes are not counted: the export holds the parameter, not its values
-    _check(model, x)
+    before = _check(model, x)(x)
+    with torch.no_grad():
+        change(model)
+    assert not torch.equal(_check(model, x)(x), before)
+    assert exports[0] == 1
+
+
+def test_a_model_built_the_same_way_reuses_the_export_with_its_own_weights(exports):
+    entry = ZOO["llama"]
+    first, second = entry.build(), entry.build()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.normal_(0, 0.05)
+    args, kwargs = example_inputs(entry)
+    capture(first, args, kwargs)
+    gm = capture(second, args, kwargs)
+    assert exports[0] == 1
+    with torch.no_grad():
+        want = second(*args, **kwargs).logits
+        torch.testing.assert_close(gm(*args, **kwargs, use_cache=False).logits, want, rtol=0, atol=0)
+        assert not torch.allclose(first(*args, **kwargs).logits, want)
+
+
+class _Table(nn.Module):
+    """A tensor inside a container: not a named tensor of the model, so keyed by identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = [torch.randn(8)]
+
+    def forward(self, x):
+        return x * self.table[0]
+
+
+def test_a_tensor_inside_a_container_is_the_same_tensor_or_exported_again(exports):
+    x = torch.randn(2, 3, 8)
+    first, second = _Table(), _Table()
+    _check(first, x)
+    _check(second, x)
+    assert exports[0] == 2
+    first.table[0].mul_(2)
+    _check(first, x)
+    assert exports[0] == 3
 
 
 def test_inputs_are_keyed_by_form_and_constant_values(exports):
@@ -150,13 +206,13 @@ def test_a_value_it_cannot_compare_exports_every_time(exports):
     assert exports[0] == 2
 
 
-def test_the_cache_keeps_no_model_alive(exports):
+def test_the_cache_keeps_no_model_and_no_weights_alive(exports):
     model = _Net()
     capture(model, (torch.randn(2, 3, 8),))
-    ref = weakref.ref(model)
+    refs = [weakref.ref(model), weakref.ref(model.a.weight), weakref.ref(model.b.bias)]
     del model
     gc.collect()
-    assert ref() is None
+    assert all(r() is None for r in refs)
 
 
 def test_compiling_a_model_again_exports_it_once_and_clear_forgets(exports):
@@ -175,13 +231,22 @@ def test_compiling_a_model_again_exports_it_once_and_clear_forgets(exports):
     routefx.clear_capture_cache()
     routefx.compile(model, Dense(), example_inputs=args, example_kwargs=kwargs)
     assert exports[0] == 2
+    routefx.compile(entry.build(), Dense(), example_inputs=args, example_kwargs=kwargs)   # built again: kept
+    assert exports[0] == 2
 
 
-def test_generation_steps_are_exported_once_per_model(exports):
-    """Two compiled models of one model generate: the prefill and decode steps are exported once (the second
-    generates from the kept exports, token for token as Hugging Face `generate`), and the model still dies."""
+def test_generation_steps_are_exported_once(exports):
+    """Two compiled models of models built the same way (other weights) generate: the prefill and decode steps are
+    exported once (the second generates from the kept exports, token for token as Hugging Face `generate` with
+    its own weights), and the model still dies."""
     entry = ZOO["llama"]
+    other = entry.build()
+    routefx.compile(other, Dense()).generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
     model = entry.build()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, entry.vocab, (2, 7), generator=g)
     mask = torch.ones_like(ids)
