@@ -223,6 +223,7 @@ def compile_routefx(model, policy, cal, backend: str = "onnx") -> tuple[object, 
     """routefx.compile with `backend` (ONNX unless asked), every policy the same way (captured on the calibration
     data, which has the measured input's form); returns the compiled model and its compile-time record."""
     gc.collect()
+    routefx.clear_capture_cache()     # each candidate's compile time from scratch: no export kept by an earlier one
     t, c = time.perf_counter(), time.process_time()
     cm = routefx.compile(model, policy, calibration=cal, backend=backend)
     wall, cpu = time.perf_counter() - t, time.process_time() - c

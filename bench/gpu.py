@@ -162,6 +162,7 @@ def logits_diff(a, b) -> float:
 def compile_routefx(model, policy, x, cal, device) -> tuple[object, dict]:
     """routefx.compile with backend "triton", then the first call (Inductor compile, autotuning) timed apart."""
     done = sync(device)
+    routefx.clear_capture_cache()     # each candidate's compile time from scratch: no export kept by an earlier one
     t = time.perf_counter()
     if policy.needs_calibration:
         cm = routefx.compile(model, policy, calibration=cal, backend="triton")

@@ -194,7 +194,7 @@ def _export(model, fn, params, example: dict, what: tuple) -> torch.fx.GraphModu
         t = example[name]
         shapes[name] = {0: Dim.AUTO, 2: Dim.AUTO} if name.startswith("past_") else {0: Dim.AUTO, 1: Dim.AUTO}
         example[name] = t.contiguous()
-    key = (capture_cache.model_key(model), "generation step", what, capture_cache.inputs_key(example, 0, {}))
+    key = capture_cache.key(model, "generation step", what, capture_cache.inputs_key(example, 0, {}))
     kept = capture_cache.lookup(key)
     if kept is not None:
         ep, _, names = kept

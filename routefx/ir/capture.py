@@ -208,7 +208,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     n_args = len(args)
     call_args = tuple(named[n] for n in pos[:n_args])
     call_kwargs = {n: named[n] for n in named if n not in pos[:n_args]}
-    key = (capture_cache.model_key(model), capture_cache.inputs_key(given, n_args, {}))
+    key = capture_cache.key(model, capture_cache.inputs_key(given, n_args, {}))
     kept = capture_cache.lookup(key)
     if kept is not None:
         ep, shapes, names = kept

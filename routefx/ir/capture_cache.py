@@ -15,12 +15,15 @@ tensors bound by name. The key is:
   dtype, device, layout, requires_grad, and which names share one tensor); every attribute of every submodule:
   numbers, strings, tensors held directly (as parameters), functions by identity, hooks, objects such as a config
   by their attributes (four levels deep), tensors inside containers or objects by identity and version counter;
-  the global module hooks; torch's default dtype.
+  each submodule class's own methods (through decorators) and the global names their code reads, by identity
+  (`LlamaMLP.forward = patched`, or `modeling_llama.apply_rotary_pos_emb = patched`, exports again); the global
+  module hooks; torch's default dtype.
 
 A value it cannot compare (an object with neither attributes nor a known type, or one past the depth limit; an
 inference tensor inside a container) makes the key differ from every other: that model is exported each time. What
-it does not see: a module-level function or a class's method patched between two captures, which changes the
-model's code, not its state; `clear()` (`routefx.clear_capture_cache()`) drops every kept export.
+it does not see: code reached further away (a helper patched in place that a helper calls; an entry of a registry
+dict such as transformers' attention functions replaced); `clear()` (`routefx.clear_capture_cache()`) drops every
+kept export.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["model_key", "inputs_key", "lookup", "store", "bind", "clear"]
+__all__ = ["key", "model_key", "inputs_key", "lookup", "store", "bind", "clear"]
 
 _KEPT = 32          # exports kept (a bounded LRU over every model)
 _DEPTH = 4
@@ -55,26 +58,34 @@ def _form(t: torch.Tensor) -> tuple:
     return (type(t), tuple(t.shape), t.dtype, t.device, t.layout, t.requires_grad)
 
 
-def _by_identity(t: torch.Tensor) -> tuple:
+def _by_identity(t: torch.Tensor) -> tuple | None:
     try:
         version = t._version
     except RuntimeError:        # an inference tensor: in-place writes are not counted
-        return (_Never(),)
+        return None
     return ("tensor", id(t), version, _form(t))
+
+
+_KEYING = object()
 
 
 class _Keyer:
     def __init__(self, model: nn.Module):
         self.memo: dict = {}
         self.names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        self.comparable = True
+
+    def never(self) -> tuple:
+        self.comparable = False
+        return (_Never(),)
 
     def value(self, v: Any, depth: int):
         if isinstance(v, _ATOMS) or v is Ellipsis:
             return v                                  # functions compare by identity
         if isinstance(v, torch.Tensor):               # inside a container or an object: this very tensor
-            return _by_identity(v)
+            return _by_identity(v) or self.never()
         if isinstance(v, nn.Module):                  # keyed itself, by name; one from outside the model: never
-            return ("module", self.names[id(v)]) if id(v) in self.names else (_Never(),)
+            return ("module", self.names[id(v)]) if id(v) in self.names else self.never()
         if isinstance(v, types.MethodType):
             return ("method", v.__func__, self.value(v.__self__, depth))
         if isinstance(v, (tuple, list)):
@@ -87,13 +98,15 @@ class _Keyer:
             return (functools.partial, self.value(v.func, depth), self.value(v.args, depth),
                     self.value(v.keywords, depth))
         if isinstance(v, torch.SymInt | torch.SymFloat | torch.SymBool):
-            return (_Never(),)
+            return self.never()
         attrs = getattr(v, "__dict__", None)
         if attrs is None or depth <= 0:
-            return (_Never(),)
+            return self.never()
         seen = self.memo.get((id(v), depth))
+        if seen is _KEYING:             # reached again while being keyed: a cycle
+            return self.never()
         if seen is None:
-            self.memo[(id(v), depth)] = (_Never(),)   # a cycle back to an object being keyed: never equal
+            self.memo[(id(v), depth)] = _KEYING
             seen = self.memo[(id(v), depth)] = (type(v), self.value(dict(attrs), depth - 1))
         return seen
 
@@ -101,7 +114,47 @@ class _Keyer:
         own = {k: v for k, v in vars(m).items() if k not in ("_parameters", "_buffers", "_modules")}
         attrs = tuple((k, ("tensor attribute", _form(v)) if isinstance(v, torch.Tensor) else self.value(v, _DEPTH))
                       for k, v in own.items())
-        return type(m), attrs, tuple(m._non_persistent_buffers_set)
+        return type(m), _class_key(type(m)), attrs, tuple(m._non_persistent_buffers_set)
+
+
+def _held(v):
+    """Code objects (functions, classes, modules) held in the key, so that a replaced one's id is never reused
+    by its replacement; anything else (it may be a model: not kept alive) by id."""
+    return v if isinstance(v, (types.FunctionType, types.BuiltinFunctionType, types.ModuleType, type,
+                                functools.partial)) else ("id", id(v))
+
+
+def _code_key(f) -> tuple:
+    """A function by identity, with the current values of the global names its code reads (a helper such as
+    `apply_rotary_pos_emb` replaced in its module): by identity, one level deep."""
+    parts = []
+    while f is not None and len(parts) < 8:          # through decorators to the function they wrap
+        code, names = getattr(f, "__code__", None), getattr(f, "__globals__", None)
+        parts.append((f, () if code is None or names is None else
+                      tuple((n, _held(names[n])) for n in code.co_names if n in names)))
+        f = getattr(f, "__wrapped__", None)
+    return tuple(parts)
+
+
+def _class_key(cls: type) -> tuple:
+    """The class's own attributes up to nn.Module: methods by identity and the globals their code reads, other
+    values as atoms or by identity (`LlamaMLP.forward = patched` between two captures exports again)."""
+    parts = []
+    for klass in cls.__mro__:
+        if klass is nn.Module or klass is object:
+            break
+        for k, v in vars(klass).items():
+            if isinstance(v, (staticmethod, classmethod)):
+                v = v.__func__
+            if isinstance(v, property):
+                v = v.fget
+            if isinstance(v, types.FunctionType):
+                parts.append((klass.__qualname__, k, _code_key(v)))
+            elif isinstance(v, _ATOMS):
+                parts.append((klass.__qualname__, k, v))
+            elif not k.startswith("__"):
+                parts.append((klass.__qualname__, k, _held(v)))
+    return tuple(parts)
 
 
 def owned_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -115,8 +168,9 @@ def owned_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def model_key(model: nn.Module) -> tuple:
-    """What a capture of `model` depends on besides its code and inputs (see the module docstring)."""
+def model_key(model: nn.Module) -> tuple | None:
+    """What a capture of `model` depends on besides its code and inputs (see the module docstring); None where
+    some of it cannot be compared."""
     from torch.nn.modules import module as _m
     keyer = _Keyer(model)
     mods = tuple((name, keyer.module(m)) for name, m in model.named_modules(remove_duplicate=False))
@@ -126,11 +180,12 @@ def model_key(model: nn.Module) -> tuple:
         "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
         "_global_module_registration_hooks", "_global_parameter_registration_hooks",
         "_global_buffer_registration_hooks"))
-    return mods, tensors, hooks, torch.get_default_dtype()
+    return (mods, tensors, hooks, torch.get_default_dtype()) if keyer.comparable else None
 
 
-def inputs_key(values: dict, n_args: int, bound: dict) -> tuple:
-    """The inputs' form: names and order, tensors by shape/dtype/device/layout, other values as they are."""
+def inputs_key(values: dict, n_args: int, bound: dict) -> tuple | None:
+    """The inputs' form: names and order, tensors by shape/dtype/device/layout, other values as they are; None
+    where some of it cannot be compared."""
     keyer = _Keyer(nn.Module())
 
     def one(v):
@@ -141,7 +196,15 @@ def inputs_key(values: dict, n_args: int, bound: dict) -> tuple:
         if isinstance(v, dict):
             return (type(v), tuple((k, one(x)) for k, x in v.items()))
         return keyer.value(v, 2)
-    return tuple((n, one(v)) for n, v in values.items()), n_args, one(bound)
+    key = tuple((n, one(v)) for n, v in values.items()), n_args, one(bound)
+    return key if keyer.comparable else None
+
+
+def key(model: nn.Module, *form) -> tuple | None:
+    """The cache key of capturing `model` with inputs of `form` (parts from `inputs_key` and the caller's own), or
+    None where some part cannot be compared (nothing is kept or looked up then)."""
+    state = model_key(model)
+    return None if state is None or any(f is None for f in form) else (state, *form)
 
 
 @functools.cache
@@ -150,7 +213,9 @@ def _kept() -> collections.OrderedDict:
 
 
 def lookup(key: tuple):
-    """The kept (ExportedProgram with stand-ins, extra) for `key`, or None."""
+    """The kept (ExportedProgram with stand-ins, extra, bound names) for `key`, or None."""
+    if key is None:
+        return None
     try:
         hit = _kept().get(key)
     except TypeError:       # an unhashable part: nothing is kept for it
@@ -164,6 +229,8 @@ def store(key: tuple, ep, extra, model: nn.Module) -> None:
     """Keep `ep` (exported from `model`; graphs have been made from it already) for `key`, the model's tensors
     replaced by meta stand-ins. Not kept where the export holds a tensor of the model that is not one of its named
     tensors (`bind` could not give a later model's own)."""
+    if key is None:
+        return
     owned = owned_tensors(model)
     named = {}
     for where in (ep.state_dict, ep.constants):

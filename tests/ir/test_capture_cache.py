@@ -42,6 +42,10 @@ class _Cfg:
         self.inner.shift = 0.0
 
 
+def _offset(h):
+    return h + 0.5
+
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -53,7 +57,7 @@ class _Net(nn.Module):
         self.act = torch.tanh
 
     def forward(self, x, mode: str = "plain"):
-        h = self.act(self.a(x)) * self.scale + self.cfg.inner.shift
+        h = _offset(self.act(self.a(x)) * self.scale + self.cfg.inner.shift)
         if mode == "twice":
             h = h * 2
         return self.b(h)
@@ -130,6 +134,21 @@ def test_a_change_of_the_graph_exports_again(exports, change):
     assert exports[0] == 2
 
 
+@pytest.mark.parametrize("where", ["method", "global"])
+def test_patched_code_exports_again(exports, monkeypatch, where):
+    """A class's method, or a global its code reads, replaced between two captures."""
+    import sys
+    model = _Net()
+    x = torch.randn(2, 3, 8)
+    _check(model, x)
+    if where == "method":
+        monkeypatch.setattr(_Net, "forward", lambda self, x, mode="plain": self.b(self.a(x)))
+    else:
+        monkeypatch.setattr(sys.modules[__name__], "_offset", lambda h: h - 1.0)
+    _check(model, x)
+    assert exports[0] == 2
+
+
 @pytest.mark.parametrize("change", [
     lambda m: m.a.weight.mul_(-1),
     lambda m: m.a.weight.data.mul_(-1),                  # past the version counter
@@ -162,6 +181,26 @@ def test_a_model_built_the_same_way_reuses_the_export_with_its_own_weights(expor
         want = second(*args, **kwargs).logits
         torch.testing.assert_close(gm(*args, **kwargs, use_cache=False).logits, want, rtol=0, atol=0)
         assert not torch.allclose(first(*args, **kwargs).logits, want)
+
+
+class _Held(nn.Module):
+    """Tensors held directly: a plain attribute (a constant of the export) and a non-persistent buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.randn(8)
+        self.register_buffer("b", torch.randn(8), persistent=False)
+
+    def forward(self, x):
+        return x * self.w + self.b
+
+
+def test_tensors_held_directly_are_bound_by_name(exports):
+    x = torch.randn(2, 3, 8)
+    first, second = _Held(), _Held()
+    _check(first, x)
+    _check(second, x)
+    assert exports[0] == 1
 
 
 class _Table(nn.Module):
