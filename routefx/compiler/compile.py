@@ -150,8 +150,9 @@ class CompiledModel:
         t3 = time.perf_counter()
         notes = [] if blockless is None else [blockless]
         if getattr(gm.meta.get("routefx"), "reused_export", False):
-            notes.append("capture reused torch.export's result for this model and input form (nothing it reads "
-                         "changed since; routefx.clear_capture_cache() forgets it)")
+            notes.append("capture reused torch.export's result of an earlier capture of this model, or of one built "
+                         "the same way, with inputs of this form, bound to this model's tensors "
+                         "(routefx.clear_capture_cache() forgets it)")
         written = getattr(gm.meta.get("routefx"), "state_writes", None)
         if written:
             notes.append(f"the forward writes {len(written)} buffer(s) in place ({', '.join(written[:3])}"

@@ -196,10 +196,9 @@ def _export(model, fn, params, example: dict, what: tuple) -> torch.fx.GraphModu
         example[name] = t.contiguous()
     key = capture_cache.key(model, "generation step", what, capture_cache.inputs_key(example, 0, {}))
     kept = capture_cache.lookup(key)
-    if kept is not None:
-        ep, _, names = kept
-        gm = ep.module()
-        capture_cache.bind(gm, names, model)
+    kept = kept and capture_cache.graph(kept, model)
+    if kept:
+        gm = kept[0]
     else:
         ep = _export_step(model, fn, example, shapes)
         gm = ep.module()

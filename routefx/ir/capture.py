@@ -39,8 +39,8 @@ class CaptureInfo:
     #   serves calls of those sizes only (CompiledModel compiles again for others)
     state_writes: list[str] = dataclasses.field(default_factory=list)  # buffers the forward writes in place (a KV
     #   cache in module state), read back within the graph (`_functional_buffer_writes`); not written to the model
-    reused_export: bool = False    # torch.export's result of an earlier capture of the unchanged model and input
-    #   form (`capture_cache`), not exported again
+    reused_export: bool = False    # made from torch.export's result for an earlier capture of this model (or one
+    #   built the same way) with inputs of this form (`capture_cache`), with this model's tensors: not exported again
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -210,10 +210,9 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     call_kwargs = {n: named[n] for n in named if n not in pos[:n_args]}
     key = capture_cache.key(model, capture_cache.inputs_key(given, n_args, {}))
     kept = capture_cache.lookup(key)
-    if kept is not None:
-        ep, shapes, names = kept
-        gm = ep.module()
-        capture_cache.bind(gm, names, model)
+    kept = kept and capture_cache.graph(kept, model)
+    if kept:
+        gm, shapes = kept
     else:
         ep, shapes = _export(model, pos[:n_args], call_args, call_kwargs, bound_kwargs, shapes, given, spec,
                              (to_batch, to_seq) != (batch, seq))
@@ -233,10 +232,9 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
         bound_kwargs=dict(bound_kwargs),
         fixed_dims=_fixed_dims(gm, shapes),
         state_writes=list(written),
-        reused_export=kept is not None,
+        reused_export=bool(kept),
     )
     return gm
-
 
 
 def _export(model, arg_names, call_args, call_kwargs, bound_kwargs, shapes, given, spec, widened: bool):

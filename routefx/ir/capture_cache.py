@@ -7,7 +7,7 @@ depends on the model's code, structure and non-tensor state, and on its tensors'
 their values (torch.export traces with fake tensors; parameters, buffers and tensor attributes are the graph's
 inputs). So the ExportedProgram is kept, with the model's own tensors replaced by meta stand-ins (the cache holds
 no weights and no model), and a later capture whose key is equal gets a fresh graph from it with its own model's
-tensors bound by name. The key is:
+tensors bound by name (`graph`). The key is:
 
 - the inputs: names, positional/keyword split, each tensor's shape, dtype, device and layout (not its values),
   every other input's value;
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["key", "model_key", "inputs_key", "lookup", "store", "bind", "clear"]
+__all__ = ["key", "model_key", "inputs_key", "lookup", "store", "graph", "clear"]
 
 _KEPT = 32          # exports kept (a bounded LRU over every model)
 _DEPTH = 4
@@ -228,7 +228,7 @@ def lookup(key: tuple):
 def store(key: tuple, ep, extra, model: nn.Module) -> None:
     """Keep `ep` (exported from `model`; graphs have been made from it already) for `key`, the model's tensors
     replaced by meta stand-ins. Not kept where the export holds a tensor of the model that is not one of its named
-    tensors (`bind` could not give a later model's own)."""
+    tensors (`graph` could not give a later model its own), or where a stand-in cannot be made."""
     if key is None:
         return
     owned = owned_tensors(model)
@@ -239,22 +239,27 @@ def store(key: tuple, ep, extra, model: nn.Module) -> None:
                 named[name] = where
             elif where is ep.state_dict or isinstance(t, torch.Tensor) and any(t is o for o in owned.values()):
                 return
-    for name, where in named.items():
-        t = where[name]
-        stand_in = torch.empty_like(t, device="meta")
-        where[name] = nn.Parameter(stand_in, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
-            else stand_in
     try:
+        for name, where in named.items():
+            t = where[name]
+            stand_in = torch.empty_like(t, device="meta")
+            where[name] = nn.Parameter(stand_in, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+                else stand_in
         _kept()[key] = (ep, extra, tuple(named))
-    except TypeError:
+    except (TypeError, RuntimeError, NotImplementedError):   # an unhashable key, a tensor with no meta form
         return
     while len(_kept()) > _KEPT:
         _kept().popitem(last=False)
 
 
-def bind(gm: torch.fx.GraphModule, names: tuple, model: nn.Module) -> None:
-    """Give `gm` (from a kept export) `model`'s own tensors for `names`."""
+def graph(kept: tuple, model: nn.Module) -> tuple[torch.fx.GraphModule, Any] | None:
+    """A fresh graph from a kept export (`lookup`'s value) holding `model`'s own tensors, and what was kept with
+    it; None where a tensor cannot be bound (then export again)."""
+    ep, extra, names = kept
     owned = owned_tensors(model)
+    if any(name not in owned for name in names):
+        return None
+    gm = ep.module()
     for name in names:
         prefix, _, leaf = name.rpartition(".")
         parent = gm.get_submodule(prefix) if prefix else gm
@@ -265,6 +270,7 @@ def bind(gm: torch.fx.GraphModule, names: tuple, model: nn.Module) -> None:
             parent._buffers[leaf] = t
         else:
             setattr(parent, leaf, t)
+    return gm, extra
 
 
 def clear() -> None:
