@@ -195,11 +195,16 @@ class _Held(nn.Module):
         return x * self.w + self.b
 
 
-def test_tensors_held_directly_are_bound_by_name(exports):
-    x = torch.randn(2, 3, 8)
-    first, second = _Held(), _Held()
+def _two_built(cls, x):
+    """Two models of `cls` captured one after the other; returns the first."""
+    first, second = cls(), cls()
     _check(first, x)
     _check(second, x)
+    return first
+
+
+def test_tensors_held_directly_are_bound_by_name(exports):
+    _two_built(_Held, torch.randn(2, 3, 8))
     assert exports[0] == 1
 
 
@@ -216,9 +221,7 @@ class _Table(nn.Module):
 
 def test_a_tensor_inside_a_container_is_the_same_tensor_or_exported_again(exports):
     x = torch.randn(2, 3, 8)
-    first, second = _Table(), _Table()
-    _check(first, x)
-    _check(second, x)
+    first = _two_built(_Table, x)
     assert exports[0] == 2
     first.table[0].mul_(2)
     _check(first, x)
