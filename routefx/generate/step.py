@@ -194,15 +194,8 @@ def _export(model, fn, params, example: dict, what: tuple) -> torch.fx.GraphModu
         t = example[name]
         shapes[name] = {0: Dim.AUTO, 2: Dim.AUTO} if name.startswith("past_") else {0: Dim.AUTO, 1: Dim.AUTO}
         example[name] = t.contiguous()
-    key = capture_cache.key(model, "generation step", what, capture_cache.inputs_key(example, 0, {}))
-    kept = capture_cache.lookup(key)
-    kept = kept and capture_cache.graph(kept, model)
-    if kept:
-        gm = kept[0]
-    else:
-        ep = _export_step(model, fn, example, shapes)
-        gm = ep.module()
-        capture_cache.store(key, ep, None, model)
+    gm = capture_cache.exported(model, ("generation step", what, capture_cache.inputs_key(example)),
+                                lambda: (_export_step(model, fn, example, shapes), None))[0]
     _drop_export_artifacts(gm)
     _cast_rsub_operands(gm)
     _split_baddbmm(gm)

@@ -208,16 +208,9 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     n_args = len(args)
     call_args = tuple(named[n] for n in pos[:n_args])
     call_kwargs = {n: named[n] for n in named if n not in pos[:n_args]}
-    key = capture_cache.key(model, capture_cache.inputs_key(given, n_args, {}))
-    kept = capture_cache.lookup(key)
-    kept = kept and capture_cache.graph(kept, model)
-    if kept:
-        gm, shapes = kept
-    else:
-        ep, shapes = _export(model, pos[:n_args], call_args, call_kwargs, bound_kwargs, shapes, given, spec,
-                             (to_batch, to_seq) != (batch, seq))
-        gm = ep.module()
-        capture_cache.store(key, ep, shapes, model)
+    export = functools.partial(_export, model, pos[:n_args], call_args, call_kwargs, bound_kwargs, shapes, given,
+                               spec, (to_batch, to_seq) != (batch, seq))
+    gm, shapes, reused = capture_cache.exported(model, (capture_cache.inputs_key(given, n_args),), export)
     _drop_export_artifacts(gm)
     written = _functional_buffer_writes(gm)
     if written and not _state_independent(gm, written, call_args, call_kwargs):
@@ -232,7 +225,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
         bound_kwargs=dict(bound_kwargs),
         fixed_dims=_fixed_dims(gm, shapes),
         state_writes=list(written),
-        reused_export=bool(kept),
+        reused_export=reused,
     )
     return gm
 

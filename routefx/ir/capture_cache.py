@@ -7,7 +7,7 @@ depends on the model's code, structure and non-tensor state, and on its tensors'
 their values (torch.export traces with fake tensors; parameters, buffers and tensor attributes are the graph's
 inputs). So the ExportedProgram is kept, with the model's own tensors replaced by meta stand-ins (the cache holds
 no weights and no model), and a later capture whose key is equal gets a fresh graph from it with its own model's
-tensors bound by name (`graph`). The key is:
+tensors bound by name (`exported`). The key is:
 
 - the inputs: names, positional/keyword split, each tensor's shape, dtype, device and layout (not its values),
   every other input's value;
@@ -20,7 +20,7 @@ tensors bound by name (`graph`). The key is:
   module hooks; torch's default dtype.
 
 A value it cannot compare (an object with neither attributes nor a known type, or one past the depth limit; an
-inference tensor inside a container) makes the key differ from every other: that model is exported each time. What
+inference tensor inside a container) leaves that capture without a key: nothing is kept or reused for it. What
 it does not see: code reached further away (a helper patched in place that a helper calls; an entry of a registry
 dict such as transformers' attention functions replaced); `clear()` (`routefx.clear_capture_cache()`) drops every
 kept export.
@@ -30,28 +30,17 @@ from __future__ import annotations
 import collections
 import functools
 import types
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-__all__ = ["key", "model_key", "inputs_key", "lookup", "store", "graph", "clear"]
+__all__ = ["exported", "inputs_key", "model_key", "owned_tensors", "clear"]
 
 _KEPT = 32          # exports kept (a bounded LRU over every model)
 _DEPTH = 4
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.layout,
           torch.memory_format, type, types.FunctionType, types.BuiltinFunctionType)
-
-
-class _Never:
-    """A key part equal to nothing else: its value cannot be compared between two captures."""
-    __slots__ = ()
-
-    def __eq__(self, other):
-        return False
-
-    def __hash__(self):
-        return 0
 
 
 def _form(t: torch.Tensor) -> tuple:
@@ -74,10 +63,10 @@ class _Keyer:
         self.memo: dict = {}
         self.names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         self.comparable = True
+        self.classes: dict[type, tuple] = {}
 
-    def never(self) -> tuple:
-        self.comparable = False
-        return (_Never(),)
+    def never(self) -> None:
+        self.comparable = False          # the key is None: nothing kept or looked up
 
     def value(self, v: Any, depth: int):
         if isinstance(v, _ATOMS) or v is Ellipsis:
@@ -114,7 +103,10 @@ class _Keyer:
         own = {k: v for k, v in vars(m).items() if k not in ("_parameters", "_buffers", "_modules")}
         attrs = tuple((k, ("tensor attribute", _form(v)) if isinstance(v, torch.Tensor) else self.value(v, _DEPTH))
                       for k, v in own.items())
-        return type(m), _class_key(type(m)), attrs, tuple(m._non_persistent_buffers_set)
+        cls = type(m)
+        if cls not in self.classes:                   # once per class (every layer has the same ones)
+            self.classes[cls] = _class_key(cls)
+        return cls, self.classes[cls], attrs, tuple(m._non_persistent_buffers_set)
 
 
 def _held(v):
@@ -168,14 +160,14 @@ def owned_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def model_key(model: nn.Module) -> tuple | None:
-    """What a capture of `model` depends on besides its code and inputs (see the module docstring); None where
-    some of it cannot be compared."""
+def model_key(model: nn.Module, owned: dict[str, torch.Tensor]) -> tuple | None:
+    """What a capture of `model` (whose named tensors are `owned`) depends on besides its code and inputs (see the
+    module docstring); None where some of it cannot be compared."""
     from torch.nn.modules import module as _m
     keyer = _Keyer(model)
     mods = tuple((name, keyer.module(m)) for name, m in model.named_modules(remove_duplicate=False))
     first: dict[int, str] = {}
-    tensors = tuple((name, _form(t), first.setdefault(id(t), name)) for name, t in owned_tensors(model).items())
+    tensors = tuple((name, _form(t), first.setdefault(id(t), name)) for name, t in owned.items())
     hooks = tuple(keyer.value(getattr(_m, h, None), 1) for h in (
         "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
         "_global_module_registration_hooks", "_global_parameter_registration_hooks",
@@ -183,7 +175,7 @@ def model_key(model: nn.Module) -> tuple | None:
     return (mods, tensors, hooks, torch.get_default_dtype()) if keyer.comparable else None
 
 
-def inputs_key(values: dict, n_args: int, bound: dict) -> tuple | None:
+def inputs_key(values: dict, n_args: int = 0) -> tuple | None:
     """The inputs' form: names and order, tensors by shape/dtype/device/layout, other values as they are; None
     where some of it cannot be compared."""
     keyer = _Keyer(nn.Module())
@@ -196,42 +188,41 @@ def inputs_key(values: dict, n_args: int, bound: dict) -> tuple | None:
         if isinstance(v, dict):
             return (type(v), tuple((k, one(x)) for k, x in v.items()))
         return keyer.value(v, 2)
-    key = tuple((n, one(v)) for n, v in values.items()), n_args, one(bound)
+    key = tuple((n, one(v)) for n, v in values.items()), n_args
     return key if keyer.comparable else None
 
 
-def key(model: nn.Module, *form) -> tuple | None:
-    """The cache key of capturing `model` with inputs of `form` (parts from `inputs_key` and the caller's own), or
-    None where some part cannot be compared (nothing is kept or looked up then)."""
-    state = model_key(model)
-    return None if state is None or any(f is None for f in form) else (state, *form)
+_kept: collections.OrderedDict = collections.OrderedDict()   # key -> (ExportedProgram with stand-ins, extra, names)
 
 
-@functools.cache
-def _kept() -> collections.OrderedDict:
-    return collections.OrderedDict()
-
-
-def lookup(key: tuple):
-    """The kept (ExportedProgram with stand-ins, extra, bound names) for `key`, or None."""
-    if key is None:
-        return None
-    try:
-        hit = _kept().get(key)
-    except TypeError:       # an unhashable part: nothing is kept for it
-        return None
-    if hit is not None:
-        _kept().move_to_end(key)
-    return hit
-
-
-def store(key: tuple, ep, extra, model: nn.Module) -> None:
-    """Keep `ep` (exported from `model`; graphs have been made from it already) for `key`, the model's tensors
-    replaced by meta stand-ins. Not kept where the export holds a tensor of the model that is not one of its named
-    tensors (`graph` could not give a later model its own), or where a stand-in cannot be made."""
-    if key is None:
-        return
+def exported(model: nn.Module, form: tuple, export: Callable[[], tuple[Any, Any]]
+             ) -> tuple[torch.fx.GraphModule, Any, bool]:
+    """A fresh graph of `model` for inputs of `form` (`inputs_key` and the caller's own parts): from a kept export
+    where the key is equal and every named tensor binds, else from `export()` -> (ExportedProgram, extra), whose
+    result is kept for later. Returns (graph, extra, whether a kept export was reused)."""
     owned = owned_tensors(model)
+    state = model_key(model, owned)
+    key = None if state is None or any(f is None for f in form) else (state, *form)
+    try:
+        hash(key)
+    except TypeError:        # a part that cannot be hashed: nothing kept or looked up
+        key = None
+    hit = _kept.get(key) if key is not None else None
+    if hit is not None and all(name in owned for name in hit[2]):
+        _kept.move_to_end(key)
+        ep, extra, names = hit
+        return _bind(ep.module(), names, owned), extra, True
+    ep, extra = export()
+    gm = ep.module()
+    if key is not None:
+        _keep(key, ep, extra, owned)
+    return gm, extra, False
+
+
+def _keep(key: tuple, ep, extra, owned: dict[str, torch.Tensor]) -> None:
+    """Keep `ep` (its graph already made) for `key`, the model's tensors replaced by meta stand-ins. Not kept where
+    the export holds a tensor of the model that is not one of its named tensors (a later model's own could not be
+    bound), or where a stand-in cannot be made."""
     named = {}
     for where in (ep.state_dict, ep.constants):
         for name, t in where.items():
@@ -245,34 +236,27 @@ def store(key: tuple, ep, extra, model: nn.Module) -> None:
             stand_in = torch.empty_like(t, device="meta")
             where[name] = nn.Parameter(stand_in, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
                 else stand_in
-        _kept()[key] = (ep, extra, tuple(named))
-    except (TypeError, RuntimeError, NotImplementedError):   # an unhashable key, a tensor with no meta form
+    except (RuntimeError, NotImplementedError):       # a tensor with no meta form
         return
-    while len(_kept()) > _KEPT:
-        _kept().popitem(last=False)
+    _kept[key] = (ep, extra, tuple(named))
+    while len(_kept) > _KEPT:
+        _kept.popitem(last=False)
 
 
-def graph(kept: tuple, model: nn.Module) -> tuple[torch.fx.GraphModule, Any] | None:
-    """A fresh graph from a kept export (`lookup`'s value) holding `model`'s own tensors, and what was kept with
-    it; None where a tensor cannot be bound (then export again)."""
-    ep, extra, names = kept
-    owned = owned_tensors(model)
-    if any(name not in owned for name in names):
-        return None
-    gm = ep.module()
+def _bind(gm: torch.fx.GraphModule, names: tuple, owned: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
+    """`gm` (from a kept export) with the capturing model's own tensors for `names`."""
     for name in names:
         prefix, _, leaf = name.rpartition(".")
         parent = gm.get_submodule(prefix) if prefix else gm
-        t = owned[name]
-        if leaf in parent._parameters:
-            parent._parameters[leaf] = t
-        elif leaf in parent._buffers:
-            parent._buffers[leaf] = t
+        slot = parent._parameters if leaf in parent._parameters else \
+            parent._buffers if leaf in parent._buffers else None
+        if slot is None:
+            setattr(parent, leaf, owned[name])
         else:
-            setattr(parent, leaf, t)
-    return gm, extra
+            slot[leaf] = owned[name]
+    return gm
 
 
 def clear() -> None:
     """Forget every kept export."""
-    _kept().clear()
+    _kept.clear()
