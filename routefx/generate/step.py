@@ -33,8 +33,7 @@ from torch.export import Dim
 
 from routefx.errors import CaptureError, UnsupportedModelError
 from routefx.ir import capture_cache
-from routefx.ir.capture import (CaptureInfo, _cast_rsub_operands, _drop_export_artifacts, _eval_mode, _expand_as_by_sizes,
-                                _split_baddbmm, grouped_experts)
+from routefx.ir.capture import CaptureInfo, _drop_export_artifacts, _eval_mode, grouped_experts, normalise_ops
 
 __all__ = ["CacheLayout", "probe_cache", "capture_prefill", "capture_decode", "supports_cache", "prompt_positions"]
 
@@ -197,9 +196,7 @@ def _export(model, fn, params, example: dict, what: tuple) -> torch.fx.GraphModu
     gm = capture_cache.exported(model, ("generation step", what, capture_cache.inputs_key(example)),
                                 lambda: (_export_step(model, fn, example, shapes), None))[0]
     _drop_export_artifacts(gm)
-    _cast_rsub_operands(gm)
-    _split_baddbmm(gm)
-    _expand_as_by_sizes(gm)
+    normalise_ops(gm)
     gm.meta["routefx"] = CaptureInfo(arg_names=(), constant_kwargs={})
     return gm
 

@@ -216,9 +216,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     if written and not _state_independent(gm, written, call_args, call_kwargs):
         _persist(gm, written)      # the output reads state earlier calls wrote: keep writing it, as the model does
         written = {}
-    _cast_rsub_operands(gm)
-    _split_baddbmm(gm)
-    _expand_as_by_sizes(gm)
+    normalise_ops(gm)
     gm.meta["routefx"] = CaptureInfo(
         arg_names=tuple(pos[:n_args]),
         constant_kwargs={k: v for k, v in call_kwargs.items() if not isinstance(v, torch.Tensor)},
@@ -268,6 +266,14 @@ def _fixed_dims(gm: torch.fx.GraphModule, shapes: dict) -> dict[str, dict[int, i
             if v is not None and d < v.dim() and is_concrete_int(v.shape[d]):
                 fixed.setdefault(name, {})[d] = int(v.shape[d])
     return fixed
+
+
+def normalise_ops(gm: torch.fx.GraphModule) -> None:
+    """The op rewrites every captured graph gets after its export's artifacts are dropped (the model's forward
+    and the generation steps alike): integer `rsub` operands cast, `baddbmm` split, `expand_as` by sizes."""
+    _cast_rsub_operands(gm)
+    _split_baddbmm(gm)
+    _expand_as_by_sizes(gm)
 
 
 def _expand_as_by_sizes(gm: torch.fx.GraphModule) -> None:

@@ -10,6 +10,7 @@ With T = tokens, K = routes per token, N = T*K (token, slot) assignments, R = ro
         ys[b_r:b_r + n_r] = FFN_r(xs[b_r:b_r + n_r])   # [n_r, d] torch GEMMs on exactly r's rows, written in place
     ys     *= gates.flat[order]                     # [N, d] one gate multiply over every assignment
     out     = index_add(zeros[T, d], order // K, ys)   # one scatter back; a token's K contributions add
+                                                    # (K = 1: index_copy, every token once)
 
 Skip routes (empty ranges) and routes no token takes run nothing: their rows of `ys` stay 0 (only the rows of
 live routes are computed, the others are zero-filled once). Contributions are added in route order per token, as
@@ -22,14 +23,14 @@ is not used; it would also need one stacked [E, d, F] weight of equal widths, wh
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
 
 from routefx.errors import RoutedFFNError
 
-__all__ = ["ffn_hidden", "route_counts", "grouped_routed_ffn"]
+__all__ = ["ffn_hidden", "route_counts", "grouped_routed_ffn", "dispatch"]
 
 # Accumulate low-precision outputs in fp32; fp32 / fp64 accumulate in their own dtype.
 ACC_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -73,6 +74,23 @@ def grouped_routed_ffn(
 ) -> Tensor:
     """`routed_ffn`'s semantics (see `routefx.ir.ops.routed_ffn`) by one sort and per-route GEMMs on contiguous
     slices (module docstring). Inputs are already checked statically; route ids are checked here."""
+
+    def run_route(r: int, rows: Tensor, out: Tensor) -> None:
+        s, f = ranges[2 * r], ranges[2 * r + 1]
+        h = ffn_hidden(rows, w_up, w_gate, b_up, b_gate, act, s, f)  # [n_r, F_r]
+        if b_down is None:
+            torch.mm(h, w_down[:, s:f].t(), out=out)  # [n_r, d] written in place
+        else:
+            torch.addmm(b_down, h, w_down[:, s:f].t(), out=out)
+
+    return dispatch(x, routes, gates, ranges, run_route)
+
+
+def dispatch(x: Tensor, routes: Tensor, gates: Optional[Tensor], ranges: List[int],
+             run_route: Callable[[int, Tensor, Tensor], None]) -> Tensor:
+    """The grouped dispatch around per-route FFNs: `run_route(r, rows, out)` writes route r's FFN (b_down
+    included) of `rows` [n_r, d] (contiguous, x's dtype) into `out` [n_r, d]; it is called once per route with a
+    non-empty range that some assignment takes. Returns [..., d] like x."""
     num_ranges = len(ranges) // 2
     k_routes = routes.shape[-1]
     d = x.shape[-1]
@@ -82,9 +100,8 @@ def grouped_routed_ffn(
     flat_routes = routes.reshape(-1)  # [N]
     counts = route_counts(flat_routes, num_ranges, ranges)
     live = [(r, c) for r, c in enumerate(counts) if c > 0 and ranges[2 * r] < ranges[2 * r + 1]]
-    out = torch.zeros(n_tokens, d, dtype=acc_dtype, device=x.device)  # [T, d]
     if not live:
-        return out.to(x.dtype).reshape(x.shape)  # every assignment is a skip: exactly 0
+        return torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # every assignment is a skip: exactly 0
 
     order = torch.argsort(flat_routes, stable=True)  # [N] positions grouped by route id
     token_of = order if k_routes == 1 else torch.div(order, k_routes, rounding_mode="floor")  # [N]
@@ -96,15 +113,12 @@ def grouped_routed_ffn(
         begins.append(begins[-1] + c)
     for r, _ in live:
         b, e = begins[r], begins[r + 1]
-        s, f = ranges[2 * r], ranges[2 * r + 1]
-        rows = xs[b:e]  # [n_r, d], contiguous
-        h = ffn_hidden(rows, w_up, w_gate, b_up, b_gate, act, s, f)  # [n_r, F_r]
-        if b_down is None:
-            torch.mm(h, w_down[:, s:f].t(), out=ys[b:e])  # [n_r, d] written in place
-        else:
-            torch.addmm(b_down, h, w_down[:, s:f].t(), out=ys[b:e])
+        run_route(r, xs[b:e], ys[b:e])  # [n_r, d] rows contiguous, written in place
     ys = ys.to(acc_dtype)
     if gates is not None:
         ys.mul_(gates.reshape(-1).index_select(0, order).to(acc_dtype).unsqueeze(1))  # [N, d] * [N, 1]
-    out.index_add_(0, token_of, ys)
+    if k_routes == 1:  # every token once: un-permute by a copy (no zero fill, no add)
+        out = torch.empty(n_tokens, d, dtype=acc_dtype, device=x.device).index_copy_(0, token_of, ys)
+    else:
+        out = torch.zeros(n_tokens, d, dtype=acc_dtype, device=x.device).index_add_(0, token_of, ys)  # [T, d]
     return out.to(x.dtype).reshape(x.shape)

@@ -32,6 +32,10 @@ def _max_err(a, b) -> float:
 def test_routed_stack_equals_eager(batch, seq):
     gm, run = _stack()
     assert run.static_ffns == 0  # every layer's routes come from its router
+    # the compiled copy runs every other layer on pre-packed weights; graph_module keeps the plain op
+    assert len(run.packed_ffns) == (len(run.graph_module.graph.find_nodes(
+        op="call_function", target=torch.ops.routefx.routed_ffn.default))
+        if torch.backends.mkldnn.is_available() else 0)
     x = stack_input(batch, seq, seed=batch * 100 + seq)
     with torch.no_grad():
         ref = gm(x)
