@@ -97,7 +97,7 @@ def _routed_ffn_packed_fake(x, routes, gates, handle):
 
 
 def _value(gm: fx.GraphModule, a):
-    """The tensor a get_attr argument names (None for None); None also when `a` is not a weight of `gm`."""
+    """The tensor a get_attr argument names (None for None); `LookupError` when `a` is computed in the graph."""
     if a is None:
         return None
     if not isinstance(a, fx.Node) or a.op != "get_attr":
@@ -123,7 +123,9 @@ def pack_routed_ffns(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[PackedFFN
             ws = [_value(gm, a) for a in (w_up, w_gate, w_down, b_up, b_gate, b_down)]
         except (LookupError, AttributeError):
             continue  # weights computed in the graph: left to the plain op
-        if ws[0].device.type != "cpu" or any(w is not None and w.dtype != torch.float32 for w in ws):
+        x_val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if ws[0].device.type != "cpu" or getattr(x_val, "dtype", None) != torch.float32 \
+                or any(w is not None and w.dtype != torch.float32 for w in ws):
             continue
         p = PackedFFN(*ws, ranges, activation)
         packed.append(p)
