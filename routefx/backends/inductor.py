@@ -31,7 +31,7 @@ from torch import fx
 
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn)
 from routefx.backends.packed_ffn import pack_routed_ffns
-from routefx.backends.static_routes import copy_graph, lower_routed
+from routefx.backends.static_routes import copy_module, lower_routed
 from routefx.errors import BackendError
 
 __all__ = ["prepare", "lower_static", "InductorRunner"]
@@ -88,9 +88,7 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, dynamic: bool = True,
     if causal_check:
         from routefx.backends.causal_sdpa import causal_sdpa_
         n_causal = causal_sdpa_(lowered)
-    copy = fx.GraphModule(lowered, copy_graph(lowered.graph), class_name=type(lowered).__name__)
-    copy.meta.update(lowered.meta)
-    run_gm, packed = pack_routed_ffns(copy)
+    run_gm, packed = pack_routed_ffns(copy_module(lowered))   # lowered keeps the plain op (export packages it)
     compiled = torch.compile(run_gm, backend="inductor", dynamic=dynamic, fullgraph=True)
     runner = InductorRunner(lowered, n_static, compiled, {}, n_causal, packed)
     t0 = time.perf_counter()

@@ -27,7 +27,8 @@ from torch import Tensor, fx
 import routefx.ir.ops  # noqa: F401  (registers torch.ops.routefx.routed_ffn)
 from routefx.errors import RoutedFFNError
 from routefx.ir.activations import get_activation
-from routefx.ir.dispatch import dispatch, route_counts
+from routefx.ir import graph_utils as gu
+from routefx.ir.dispatch import dispatch
 
 __all__ = ["PackedFFN", "pack_routed_ffns", "routed_ffn_packed"]
 
@@ -50,7 +51,6 @@ class PackedFFN:
 
     def __init__(self, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation: str):
         self.ranges = [int(v) for v in ranges]
-        self.n_neurons = int(w_up.shape[0])
         self.act = get_activation(activation)
         self.b_down = None if b_down is None else b_down.detach().contiguous()
         self.routes: dict[int, tuple] = {}
@@ -82,12 +82,6 @@ def routed_ffn_packed(x: Tensor, routes: Tensor, gates: Optional[Tensor], handle
         raise RoutedFFNError(f"routed_ffn_packed: no packed FFN {handle} (its compiled model was released)")
     if x.numel() == 0 or routes.numel() == 0:
         return x.new_zeros(x.shape)
-    if packed.ranges == [0, packed.n_neurons] and gates is None and routes.shape[-1] == 1:
-        route_counts(routes.reshape(-1), 1, packed.ranges)  # the route-id check; then the plain FFN on all rows
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.empty_like(x2)
-        packed.run_route(0, x2, out)
-        return out.reshape(x.shape)
     return dispatch(x, routes, gates, packed.ranges, packed.run_route)
 
 
@@ -98,14 +92,9 @@ def _routed_ffn_packed_fake(x, routes, gates, handle):
 
 def _value(gm: fx.GraphModule, a):
     """The tensor a get_attr argument names (None for None); `LookupError` when `a` is computed in the graph."""
-    if a is None:
-        return None
-    if not isinstance(a, fx.Node) or a.op != "get_attr":
+    if a is not None and not (isinstance(a, fx.Node) and a.op == "get_attr"):
         raise LookupError
-    obj = gm
-    for part in a.target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return None if a is None else gu.fetch_attr(gm, a.target)
 
 
 def pack_routed_ffns(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[PackedFFN]]:

@@ -54,12 +54,18 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
     return new
 
 
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule sharing `gm`'s weights and meta over a copy of its graph (`copy_graph`), to rewrite apart."""
+    new = fx.GraphModule(gm, copy_graph(gm.graph), class_name=type(gm).__name__)
+    new.meta.update(gm.meta)
+    return new
+
+
 def lower_routed(gm: fx.GraphModule, dynamic_op=None) -> tuple[fx.GraphModule, int, int]:
     """A new GraphModule (sharing `gm`'s weights; `gm` is left unchanged) whose constant-route routed FFNs are
     `static_ffn` calls on their range and, when `dynamic_op` is given, whose other routed FFNs call it with the
     same arguments. Returns (module, constant-route FFNs lowered, dynamic FFNs replaced)."""
-    new = fx.GraphModule(gm, copy_graph(gm.graph), class_name=type(gm).__name__)
-    new.meta.update(gm.meta)
+    new = copy_module(gm)
     n_static = n_dynamic = 0
     for n in list(new.graph.nodes):
         if n.op != "call_function" or n.target is not _ROUTED_FFN:
@@ -95,8 +101,7 @@ def with_route_outputs(gm: fx.GraphModule) -> fx.GraphModule:
     checking the routes a compiled backend really computes (Inductor may fuse a router otherwise than eager):
     lower and compile the copy like the graph itself."""
     import torch.utils._pytree as pytree
-    new = fx.GraphModule(gm, copy_graph(gm.graph), class_name=type(gm).__name__)
-    new.meta.update(gm.meta)
+    new = copy_module(gm)
     g = new.graph
     routes = [n.args[1] for n in g.nodes if n.op == "call_function" and n.target is _ROUTED_FFN
               and constant_route(n.args[1]) is None]

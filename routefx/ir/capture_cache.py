@@ -101,7 +101,8 @@ class _Keyer:
 
     def module(self, m: nn.Module) -> tuple:
         own = {k: v for k, v in vars(m).items() if k not in ("_parameters", "_buffers", "_modules")}
-        attrs = tuple((k, ("tensor attribute", _form(v)) if isinstance(v, torch.Tensor) else self.value(v, _DEPTH))
+        # a tensor held directly is one of the model's named tensors: keyed with them (`model_key`)
+        attrs = tuple((k, ("tensor attribute",) if isinstance(v, torch.Tensor) else self.value(v, _DEPTH))
                       for k, v in own.items())
         cls = type(m)
         if cls not in self.classes:                   # once per class (every layer has the same ones)
@@ -224,11 +225,12 @@ def _keep(key: tuple, ep, extra, owned: dict[str, torch.Tensor]) -> None:
     the export holds a tensor of the model that is not one of its named tensors (a later model's own could not be
     bound), or where a stand-in cannot be made."""
     named = {}
+    owned_ids = {id(t) for t in owned.values()}
     for where in (ep.state_dict, ep.constants):
         for name, t in where.items():
             if owned.get(name) is t:
                 named[name] = where
-            elif where is ep.state_dict or isinstance(t, torch.Tensor) and any(t is o for o in owned.values()):
+            elif where is ep.state_dict or id(t) in owned_ids:
                 return
     try:
         for name, where in named.items():

@@ -12,6 +12,7 @@ With T = tokens, K = routes per token, N = T*K (token, slot) assignments, R = ro
     out     = index_add(zeros[T, d], order // K, ys)   # one scatter back; a token's K contributions add
                                                     # (K = 1: index_copy, every token once)
 
+One range, K = 1 and no gates (the dense FFN, a static route) is the FFN on all rows, with no sort or gather.
 Skip routes (empty ranges) and routes no token takes run nothing: their rows of `ys` stay 0 (only the rows of
 live routes are computed, the others are zero-filled once). Contributions are added in route order per token, as
 in the reference, so for K <= 2 the result is bit-identical to it.
@@ -102,6 +103,10 @@ def dispatch(x: Tensor, routes: Tensor, gates: Optional[Tensor], ranges: List[in
     live = [(r, c) for r, c in enumerate(counts) if c > 0 and ranges[2 * r] < ranges[2 * r + 1]]
     if not live:
         return torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # every assignment is a skip: exactly 0
+    if num_ranges == 1 and k_routes == 1 and gates is None:  # every token takes the one range: no sort, no gather
+        out = torch.empty(n_tokens, d, dtype=x.dtype, device=x.device)
+        run_route(0, x2.contiguous(), out)
+        return out.reshape(x.shape)
 
     order = torch.argsort(flat_routes, stable=True)  # [N] positions grouped by route id
     token_of = order if k_routes == 1 else torch.div(order, k_routes, rounding_mode="floor")  # [N]

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from routefx.errors import RoutedFFNError
 from routefx.ir.activations import get_activation
-from routefx.ir.dispatch import ACC_DTYPE as _ACC_DTYPE, ffn_hidden, grouped_routed_ffn, route_counts
+from routefx.ir.dispatch import ACC_DTYPE as _ACC_DTYPE, ffn_hidden, grouped_routed_ffn
 
 __all__ = ["routed_ffn", "routed_ffn_reference"]
 
@@ -152,17 +152,8 @@ def routed_ffn(
     """
     _check_static(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, activation)
     act = get_activation(activation)
-    num_ranges = len(ranges) // 2
-    n_neurons = w_up.shape[0]
-    k_routes = routes.shape[-1]
     if x.numel() == 0 or routes.numel() == 0:
         return x.new_zeros(x.shape)
-
-    # Dense fast path: one full, non-empty range, one route per token, no gates -> the plain FFN on all rows
-    # (bit-identical to `down(act(gate(x)) * up(x))` written with F.linear).
-    if num_ranges == 1 and list(ranges) == [0, n_neurons] and n_neurons > 0 and gates is None and k_routes == 1:
-        route_counts(routes.reshape(-1), num_ranges, ranges)  # the route-id check
-        return _ffn_slice(x, w_up, w_gate, w_down, b_up, b_gate, b_down, act, 0, n_neurons).contiguous()
     return grouped_routed_ffn(x, routes, gates, w_up, w_gate, w_down, b_up, b_gate, b_down, ranges, act)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from routefx.backends import inductor, packed_ffn
+from routefx.backends.static_routes import copy_module
 from routefx.errors import RoutedFFNError
 from routefx.ir import capture
 from tests.backends.routed_models import ROUTED_FFN, RoutedStack, stack_input
@@ -29,7 +30,7 @@ def _targets(gm) -> list:
 def _graphs(dtype: torch.dtype):
     gm = capture(RoutedStack().eval().to(dtype), (stack_input(2, 5).to(dtype),))
     plain = inductor.lower_static(gm)[0]   # the constant-route layer becomes a plain FFN
-    packed, objs = packed_ffn.pack_routed_ffns(inductor.lower_static(gm)[0])
+    packed, objs = packed_ffn.pack_routed_ffns(copy_module(plain))
     return plain, packed, objs
 
 
