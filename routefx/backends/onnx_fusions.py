@@ -93,7 +93,7 @@ def optimize_(model: ir.Model) -> str:
             shape_inference=True, input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
             output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT)] if fold else []
         loop = ir.passes.PassManager(
-            folding + [rewriter.RewritePass(rules),
+            folding + [_RewriteRulesThatCanMatch(rules),
                        common_passes.RemoveUnusedNodesPass(),
                        common_passes.RemoveUnusedFunctionsPass(),
                        common_passes.RemoveUnusedOpsetsPass()],
@@ -120,6 +120,38 @@ def optimize_(model: ir.Model) -> str:
         passes(fold=False)(model)
         return f"routefx, without onnxscript's constant folding ({type(cause).__name__}: {cause})"
     return "routefx"
+
+
+def _pattern_ops(rule) -> frozenset | None:
+    """The (domain, op type) pairs a rewrite rule's pattern needs, or None where that is not readable (a pattern
+    node matching any op, a rule of another kind, another onnxscript): such a rule always runs."""
+    try:
+        ids = [n.op_identifier() for n in rule._target_pattern._nodes]
+    except (AttributeError, TypeError):
+        return None
+    if any(i is None or not isinstance(i[1], str) for i in ids):
+        return None
+    return frozenset((i[0] or "", i[1]) for i in ids)
+
+
+class _RewriteRulesThatCanMatch(ir.passes.InPlacePass):
+    """onnxscript's RewritePass with only the rules whose pattern ops all occur in the model when it runs: the
+    matcher tries every rule at every node, and on a MoE model with many experts (a dozen ONNX nodes per expert)
+    half of the default rules (convolution, batch norm, clip, dropout, scatter patterns) cannot match any of them.
+    The op set is read again at each call, so ops an earlier rewrite made are seen by the next step."""
+
+    def __init__(self, rules):
+        super().__init__()
+        self.rules = [(r, _pattern_ops(r)) for r in rules]
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnxscript import rewriter
+
+        graphs = [model.graph, *model.functions.values()]
+        present = {(n.domain if n.domain != "ai.onnx" else "", n.op_type)
+                   for g in graphs for n in ir.traversal.RecursiveGraphIterator(g)}
+        rules = [r for r, ops in self.rules if ops is None or ops <= present]
+        return rewriter.RewritePass(rules)(model)
 
 
 def _is(node: ir.Node | None, op_type: str) -> bool:

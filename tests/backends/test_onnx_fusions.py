@@ -252,3 +252,53 @@ def test_rotary_with_per_row_angle_tables():
     result = onnx_fusions.fuse_(other, fusions=("rotary",))
     assert result.counts == {"rotary": 0}
     assert any("angle table batch" in n for n in result.notes), result.notes
+
+
+def _min_max_relu_model() -> ir.Model:
+    """Relu(Max(Min(x, 6), 0)) then two Casts: onnxscript's rules turn Min + Max into a Clip, and fold the Relu
+    into that Clip, an op the model did not have before the first rewrite."""
+    from onnx import TensorProto, helper, numpy_helper
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0.0), ("hi", 6.0))]
+    nodes = [helper.make_node("Min", ["x", "hi"], ["a"]), helper.make_node("Max", ["a", "lo"], ["b"]),
+             helper.make_node("Relu", ["b"], ["c"]),
+             helper.make_node("Cast", ["c"], ["d"], to=TensorProto.DOUBLE),
+             helper.make_node("Cast", ["d"], ["e"], to=TensorProto.FLOAT), helper.make_node("Identity", ["e"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 4])], initializer=inits)
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_rewrite_rules_that_cannot_match_are_left_out_with_the_same_result(monkeypatch):
+    """optimize_ runs only the default rules whose pattern ops all occur in the model (read again at each step):
+    the model comes out as with every rule, including a rewrite that needs an op an earlier rewrite made."""
+    from onnxscript import rewriter
+    model = _min_max_relu_model()
+    present = {("", n.op_type) for n in model.graph}
+    rules = onnx_fusions._default_rules()
+    kept = [r for r in rules if (ops := onnx_fusions._pattern_ops(r)) is None or ops <= present]
+    assert 0 < len(kept) < len(rules)      # the convolution, dropout, scatter... rules are left out
+    onnx_fusions.optimize_(model)
+    filtered = [n.op_type for n in model.graph]
+    monkeypatch.setattr(onnx_fusions, "_RewriteRulesThatCanMatch", lambda rules: rewriter.RewritePass(rules))
+    every = _min_max_relu_model()
+    onnx_fusions.optimize_(every)
+    assert filtered == [n.op_type for n in every.graph]
+    assert "Clip" in filtered and not {"Min", "Max", "Relu"} & set(filtered)
+    x = np.array([[-1.0, 2.0, 7.0, 0.5]], np.float32)
+    sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString())
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], np.clip(x, 0, 6))
+
+
+def test_nodes_with_own_lowerings_format_once_during_the_export():
+    """The exporter labels every ONNX node a routed FFN emits with the fx node's text: inside `_format_once` that
+    text is computed once per node (and equal to it), and afterwards the nodes format as before."""
+    gm = capture(_IntScale(), (torch.zeros(2, 3, 5, dtype=torch.long), torch.randn(2, 3, 5)))
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    texts = [n.format_node() for n in nodes]
+    target = nodes[0].target
+    with onnx_program._format_once(gm.graph, {target}):
+        for n, text in zip(nodes, texts):
+            assert n.format_node() == text
+            assert ("format_node" in vars(n)) == (n.target == target)
+    assert not any("format_node" in vars(n) for n in nodes)
+    assert [n.format_node() for n in nodes] == texts
