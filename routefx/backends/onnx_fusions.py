@@ -5,6 +5,8 @@ constants lifted, CSE) without the one rule whose matcher is quadratic in the gr
 nodes, and onnxscript matches such a pattern by enumerating every pair of same-type nodes of the whole graph for
 every candidate (each rotary embedding has two Slices; on the 8-layer d=1024 bench model the optimizer took 1.8
 CPU s with it, 0.9 without). ONNX Runtime does that Slice -> Split rewrite itself at session creation.
+Each rewrite step tries only the rules whose pattern ops all occur in the model at that step (the matcher tries
+every rule at every node: on a 12-layer, 128-expert MoE graph of 11k nodes, 7.8 -> 5.7 s; bench/moe_compile.py).
 
 `fuse_(model, fusions)` then applies, in place and in this order (each counted; a fusion whose rules are missing in
 the installed onnxscript is skipped and said so in the notes):
@@ -76,11 +78,10 @@ def _default_rules():
 
 
 def optimize_(model: ir.Model) -> str:
-    """onnxscript's optimizer (what `torch.onnx.export(optimize=True)` runs) without its quadratic rule, in
-    place. Returns which optimizer ran ("routefx" or "onnxscript", the latter where the rule list is missing);
+    """onnxscript's optimizer (what `torch.onnx.export(optimize=True)` runs) without its quadratic rule, and
+    with only the rules that can match the model at each step (`_RewriteRulesThatCanMatch`), in place. Returns which optimizer ran ("routefx" or "onnxscript", the latter where the rule list is missing);
     where its constant folder fails on a node, the same passes without folding, and the returned text says why."""
     import onnxscript.optimizer
-    from onnxscript import rewriter
     from onnxscript.optimizer import _constant_folding
 
     rules = _default_rules()
@@ -131,7 +132,11 @@ def _pattern_ops(rule) -> frozenset | None:
         return None
     if any(i is None or not isinstance(i[1], str) for i in ids):
         return None
-    return frozenset((i[0] or "", i[1]) for i in ids)
+    return frozenset((_domain(i[0]), i[1]) for i in ids)
+
+
+def _domain(d: str | None) -> str:
+    return "" if d in (None, "ai.onnx") else d
 
 
 class _RewriteRulesThatCanMatch(ir.passes.InPlacePass):
@@ -148,7 +153,7 @@ class _RewriteRulesThatCanMatch(ir.passes.InPlacePass):
         from onnxscript import rewriter
 
         graphs = [model.graph, *model.functions.values()]
-        present = {(n.domain if n.domain != "ai.onnx" else "", n.op_type)
+        present = {(_domain(n.domain), n.op_type)
                    for g in graphs for n in ir.traversal.RecursiveGraphIterator(g)}
         rules = [r for r, ops in self.rules if ops is None or ops <= present]
         return rewriter.RewritePass(rules)(model)
