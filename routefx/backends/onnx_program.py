@@ -209,9 +209,14 @@ def _format_once(graph: fx.Graph, targets: set):
     `format_node()` text from one evaluation. The exporter labels every ONNX node it emits with that text, and a
     routed FFN emits ~7 nodes per route while its text lists every range: O(R^2) per layer (Qwen3-MoE-shaped, 12
     layers x 128 experts: 23.7k evaluations, 8.2 of the export's 22.8 s under the profiler)."""
-    nodes = [n for n in graph.nodes if n.op == "call_function" and n.target in targets]
-    for n in nodes:
-        n.format_node = functools.partial(lambda text, *a, **k: text, n.format_node())
+    nodes = []
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in targets:
+            try:
+                n.format_node = functools.partial(lambda text, *a, **k: text, n.format_node())
+            except AttributeError:  # a torch whose fx nodes take no instance attributes: formatted per use
+                break
+            nodes.append(n)
     try:
         yield
     finally:
