@@ -301,7 +301,7 @@ def fuse_causal_gqa(model: ir.Model, result) -> int:
         return 0
     b, conditions, count = _Builder(model.graph), {}, 0
     for node in list(model.graph):
-        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
+        if not _is(node, "Attention"):
             continue
         reason = _blocker(node)
         if reason is not None:

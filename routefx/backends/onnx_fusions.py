@@ -79,8 +79,9 @@ def _default_rules():
 
 def optimize_(model: ir.Model) -> str:
     """onnxscript's optimizer (what `torch.onnx.export(optimize=True)` runs) without its quadratic rule, and
-    with only the rules that can match the model at each step (`_RewriteRulesThatCanMatch`), in place. Returns which optimizer ran ("routefx" or "onnxscript", the latter where the rule list is missing);
-    where its constant folder fails on a node, the same passes without folding, and the returned text says why."""
+    with only the rules that can match the model at each step (`_RewriteRulesThatCanMatch`), in place. Returns
+    which optimizer ran ("routefx" or "onnxscript", the latter where the rule list is missing); where its constant
+    folder fails on a node, the same passes without folding, and the returned text says why."""
     import onnxscript.optimizer
     from onnxscript.optimizer import _constant_folding
 
@@ -149,18 +150,21 @@ class _RewriteRulesThatCanMatch(ir.passes.InPlacePass):
         super().__init__()
         self.rules = [(r, _pattern_ops(r)) for r in rules]
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from onnxscript import rewriter
-
+    def rules_for(self, model: ir.Model) -> list:
+        """The rules that can match `model` as it is now."""
         graphs = [model.graph, *model.functions.values()]
         present = {(_domain(n.domain), n.op_type)
                    for g in graphs for n in ir.traversal.RecursiveGraphIterator(g)}
-        rules = [r for r, ops in self.rules if ops is None or ops <= present]
-        return rewriter.RewritePass(rules)(model)
+        return [r for r, ops in self.rules if ops is None or ops <= present]
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnxscript import rewriter
+
+        return rewriter.RewritePass(self.rules_for(model))(model)
 
 
 def _is(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+    return node is not None and node.op_type == op_type and _domain(node.domain) == ""
 
 
 def _ints(v: ir.Value | None) -> list[int] | None:
@@ -202,7 +206,7 @@ def _head_repeat_source(v: ir.Value) -> tuple[ir.Value | None, str]:
 def _fuse_shared_kv_heads(model: ir.Model, result: FusionResult) -> int:
     count = 0
     for node in list(model.graph):
-        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+        if not _is(node, "Attention") or len(node.inputs) < 3:
             continue
         if model.opset_imports.get("", 0) < 23:
             continue
