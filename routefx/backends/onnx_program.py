@@ -160,15 +160,32 @@ def to_onnx(gm: fx.GraphModule, tensor_inputs: list[str], *, opset: int | None, 
     """(onnx_ir.Model, path) for `gm` with user inputs `tensor_inputs`, path DIRECT or DECOMPOSED (see the module
     docstring); not optimized. `lowerings(ep)` gives the exporter's custom_translation_table for the program
     (torch op -> ONNX translation function; routefx's lowerings name nodes after the program's fx nodes)."""
-    if allow_direct:
-        ep = exported_program(gm, tensor_inputs)
-        model = _direct(ep, opset, lowerings(ep))
-        if model is not None:
-            return model, DIRECT
-    ep = exported_program(gm, tensor_inputs)  # a fresh program: the direct attempt may have edited its graph
-    program = torch.onnx.export(ep, (), dynamo=True, optimize=False, verbose=False, opset_version=opset,
-                                custom_translation_table=lowerings(ep))
-    return program.model, DECOMPOSED
+    with _no_pending_symbols_left(gm):
+        if allow_direct:
+            ep = exported_program(gm, tensor_inputs)
+            model = _direct(ep, opset, lowerings(ep))
+            if model is not None:
+                return model, DIRECT
+        ep = exported_program(gm, tensor_inputs)  # a fresh program: the direct attempt may have edited its graph
+        program = torch.onnx.export(ep, (), dynamo=True, optimize=False, verbose=False, opset_version=opset,
+                                    custom_translation_table=lowerings(ep))
+        return program.model, DECOMPOSED
+
+
+@contextlib.contextmanager
+def _no_pending_symbols_left(gm: fx.GraphModule):
+    """Leave the graph's ShapeEnv with the pending unbacked symbols it had: the exporter's re-trace of a graph with
+    data-dependent sizes (`.item()`, split by counts) allocates unbacked symbols it never binds, and a graph made
+    from the same capture later (capture reuse shares the ShapeEnv) fails its next fake propagation on them
+    (PendingUnbackedSymbolNotFound)."""
+    env = getattr(fake_mode(gm), "shape_env", None)
+    pending = getattr(env, "pending_fresh_unbacked_symbols", None)
+    before = list(pending) if isinstance(pending, list) else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            pending[:] = before
 
 
 def _direct(ep: ExportedProgram, opset: int | None, lowerings: dict):

@@ -465,6 +465,17 @@ def expert_ffns(gm, mms: list, region: set, dyn: set, router: fx.Node, experts: 
     experts, the shared one or None, their activation, their width); raises `_Miss` when they do not group so, or
     differ in kind, activation, width or down bias."""
     rest = [m for m in mms if m is not router]
+    split = _split_experts(gm, rest, region, dyn)
+    if split is not None:
+        found, act, F, others = split
+        if len(found) != experts:
+            raise _Miss(f"a router over {experts} experts, but the tokens are split into {len(found)} expert pieces")
+        others = [m for m in others if gu.val(m).shape[-1] != 1]      # a shared expert's own 1-wide gate
+        try:
+            shared = _dense(gm, others, region, dyn, same_shape=False)[3] if others else None
+        except _Miss:
+            shared = None   # not one dense FFN: the experts are still read, the rest stays as captured, unnamed
+        return found, shared, act, F
     pool = set(rest)
     downs = [m for m in rest if _anc_in(m, region) & pool]
     groups = [[m for m in rest if m not in downs and m in _anc_in(dn, region)] + [dn] for dn in downs]
@@ -491,6 +502,98 @@ def expert_ffns(gm, mms: list, region: set, dyn: set, router: fx.Node, experts: 
         raise _Miss(f"the {len(routed)} expert FFNs differ in kind, activation or width: {sorted(map(str, kinds))}")
     (_, act, F, _), = kinds
     return [m for *_, m in routed], (None if shared is None else found[shared][3]), act, F
+
+
+_ROW_SPLITS = gu._targets(aten.split, aten.split_with_sizes)
+
+
+def _piece(m: fx.Node, dyn: set) -> tuple[fx.Node, int] | None:
+    """(the split, the piece's index) when product `m` reads one piece of a split along dim 0, else None."""
+    try:
+        data = gu.root_views(_operands(m, dyn)[0])
+    except _Miss:
+        return None
+    if not gu.is_getitem(data) or data.args[0].op != "call_function" or data.args[0].target not in _ROW_SPLITS:
+        return None
+    s = data.args[0]
+    dim = s.args[2] if len(s.args) > 2 else s.kwargs.get("dim", 0)
+    return (s, data.args[1]) if dim == 0 else None
+
+
+def _row_cat(outs: list) -> fx.Node:
+    """The concatenation along dim 0 of exactly `outs` (each through its views), in that order."""
+    ends = [gu.forward_views(o) for o in outs]
+    for c in ends[0].users:
+        if c.op == "call_function" and c.target in gu._targets(aten.cat) \
+                and (c.args[1] if len(c.args) > 1 else c.kwargs.get("dim", 0)) == 0 and list(c.args[0]) == ends:
+            return c
+    raise _Miss("the expert products' outputs are not concatenated along the rows in expert order")
+
+
+def _split_experts(gm, mms: list, region: set, dyn: set):
+    """Experts over tokens sorted by expert and split by count (JetMoE, ScatterMoE-style code):
+
+        pieces = split(x[sorted tokens], counts)           # expert e's rows: pieces[e]
+        h = act(cat([up_e(pieces[e]) for e]))              # (or a gated unit of a fused gate-up, or of gate_e, up_e)
+        y = cat([down_e(piece) for e, piece in enumerate(split(h, counts))])
+
+    Row r of h comes from the expert whose piece holds row r, and the activation is row-wise, so y's rows are
+    FFN_e(x[t]) of the expert e and token t they were sorted as: an expert FFN per piece. Returns (the experts'
+    DenseFFNMatch, read from piece to down product, in expert order; the activation; the width; the products
+    outside the pieces), None when fewer than two products read pieces of a row split; raises `_Miss` when they
+    read pieces but not in this layout."""
+    pieces = {m: _piece(m, dyn) for m in mms}
+    on_pieces = [m for m in mms if pieces[m] is not None]
+    if len(on_pieces) < 2:
+        return None
+    splits = list(dict.fromkeys(pieces[m][0] for m in on_pieces))      # graph order (mms are)
+    if len(splits) != 2:
+        raise _Miss(f"expert products read pieces of {len(splits)} row splits (expected two: the tokens, then the "
+                    "experts' hidden rows)")
+    s_in, s_hid = splits
+    E = len(s_in.args[1]) if s_in.target in gu._targets(aten.split_with_sizes) else None
+    if E is None or s_hid.target != s_in.target or len(s_hid.args[1]) != E \
+            or [str(a) for a in s_hid.args[1]] != [str(a) for a in s_in.args[1]]:
+        raise _Miss("the tokens and the experts' hidden rows are not split by the same per-expert counts")
+    by = {s: [[m for m in on_pieces if pieces[m] == (s, e)] for e in range(E)] for s in splits}
+    if any(len(ms) != 1 for ms in by[s_hid]) or len({len(ms) for ms in by[s_in]}) != 1 \
+            or len(by[s_in][0]) not in (1, 2):
+        raise _Miss("not one down product per expert piece and the same one or two input products per piece")
+    downs = [ms[0] for ms in by[s_hid]]
+    streams = [[ms[j] for ms in by[s_in]] for j in range(len(by[s_in][0]))]    # [stream][expert]
+    cats = [_row_cat(st) for st in streams]
+    _row_cat(downs)
+    h = gu.root_views(s_hid.args[0])
+    ins = [[_operands(m, dyn) for m in st] for st in streams]
+    if len(cats) == 2:
+        act, first_is_gate = identify_glu(cats[0], cats[1], h)
+        up, gate = (ins[1], ins[0]) if first_is_gate else (ins[0], ins[1])
+        refs = [dict(up=u[1], gate=g[1], b_up=u[2], b_gate=g[2]) for u, g in zip(up, gate)]
+    elif _is_split(cats[0]) and h.op == "call_function" and h.target in gu._targets(aten.mul):
+        rows = int(gu.val(cats[0]).shape[-1])
+        parts = _halves(cats[0], rows)
+        a, b = parts
+        act, a_gate = identify_glu(a, b, h)
+        g_rows, u_rows = (parts[a], parts[b]) if a_gate else (parts[b], parts[a])
+        if any(i[2] is not None for i in ins[0]):
+            raise _Miss("bias on a fused gate-up product is not supported")
+        refs = [dict(up=dataclasses.replace(r, rows=u_rows), gate=dataclasses.replace(r, rows=g_rows), b_up=None,
+                     b_gate=None) for _, r, _ in ins[0]]
+    else:
+        act = identify_activation(cats[0], h)
+        refs = [dict(up=r, gate=None, b_up=b, b_gate=None) for _, r, b in ins[0]]
+    found = []
+    for e, dn in enumerate(downs):
+        _, d_ref, d_bias = _operands(dn, dyn)
+        inp = gu.root_views(_operands(streams[0][e], dyn)[0])
+        found.append(DenseFFNMatch(inp=inp, out=gu.forward_views(dn), nodes=frozenset({dn, *(s[e] for s in streams)}),
+                                   down=d_ref, b_down=d_bias, **refs[e]))
+    widths = {int(resolve_weight(gm, m.up).shape[0]) for m in found}
+    if len(widths) != 1:
+        raise _Miss(f"the experts' widths differ: {sorted(widths)}")
+    if len({m.b_down is None for m in found}) != 1:
+        raise _Miss("some experts' down products have a bias and others not")
+    return found, act, widths.pop(), [m for m in mms if pieces[m] is None]
 
 
 def _per_expert_moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: fx.Node) -> None:

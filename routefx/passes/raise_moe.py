@@ -200,7 +200,7 @@ def _dispatch_nodes(region: set, combine: fx.Node, keep: list, x: fx.Node, reads
     (routes, gates, per-expert weights) needs and minus the block input x and its views. Raises `_Miss` where one of
     them reads anything else (when `reads`) or where a node outside it reads one of its intermediate values (other
     than a dead in-place write into it: transformers 5.17 clamps the sorted expert ids in place after its grouped
-    GEMMs and never reads them again). Returns (the nodes, torch.export's size checks on them, erased with them)."""
+    GEMMs and never reads them again) or an unread tuple item. Returns (the nodes, torch.export's size checks on them, erased with them)."""
     kept = gu.ancestors(keep) | set(keep)
     x_root = gu.root_views(x)
     # views of the block's input are not the dispatch's: the experts may read their own reshape of it, which a
@@ -215,7 +215,8 @@ def _dispatch_nodes(region: set, combine: fx.Node, keep: list, x: fx.Node, reads
             raise _Miss(f"the expert dispatch reads {a.name} ({a.target}), which is not the routes, the gates or "
                         "the block's input")
         for u in n.users if n is not combine else ():
-            if u not in nodes and not _dead_write_into(u, nodes) and not _checks_only(u, checks):
+            if u not in nodes and not _dead_write_into(u, nodes) and not _checks_only(u, checks) \
+                    and not (gu.is_getitem(u) and not u.users):    # an unread item (a sort's unused values)
                 raise _Miss(f"{u.name} reads {n.name}, an intermediate value of the expert dispatch")
     return nodes, checks
 

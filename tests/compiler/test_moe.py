@@ -137,3 +137,36 @@ def test_moe_budget_on_a_model_without_readable_moe_blocks_says_why():
     with pytest.raises(routefx.PolicyError, match=r"MoEBudget: the model has no MoE block to adapt \(found FFN "
                                                   r"kinds: \['gated'\]\).*dense FFNs take the Duo policy"):
         routefx.compile(entry.build(), routefx.policies.MoEBudget(0.5), calibration=[torch.randint(1, 97, (2, 8))])
+
+
+def test_jetmoe_experts_split_by_count_are_raised():
+    """JetMoE's experts run on tokens sorted by expert and split by per-expert counts (`.tolist()`: data-dependent
+    sizes): Dense raises them to one routed_ffn per block, equal to Hugging Face on a left-padded batch on eager and
+    onnx, and MoEBudget adapts them. The onnx export re-traces the graph's data-dependent sizes (its attention's
+    experts stay as captured); a policy compiled after it on the same model (the capture is reused, with its shape
+    environment) still propagates shapes through its passes."""
+    from transformers import JetMoeConfig, JetMoeForCausalLM
+    from tests.zoo import hf_model
+    cfg = JetMoeConfig(vocab_size=101, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                       num_key_value_heads=2, kv_channels=16, num_local_experts=4, num_experts_per_tok=2,
+                       max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    model = hf_model(JetMoeForCausalLM, cfg)
+    ids = torch.randint(3, 101, (2, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    for backend, tol in (("onnx", ONNX_VS_EAGER), ("eager", EXACT_REWRITE)):
+        cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
+                             backend=backend)
+        assert cm.report.pass_report("raise_moe").rewrites == 2
+        assert [(b.ffn.kind, b.ffn.num_experts, b.ffn.top_k, b.ffn.intermediate_size) for b in cm.ir.blocks] == \
+            [("moe", 4, 2, 48)] * 2
+        assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, tol)
+    cal = [{"input_ids": torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(s))}
+           for s in range(2)]
+    half = routefx.compile(model, routefx.policies.MoEBudget(0.6), calibration=cal, example_inputs=(ids,),
+                           example_kwargs={"attention_mask": mask})
+    assert half.report.pass_report("adapt_experts").rewrites == 2
+    with torch.no_grad():
+        assert torch.isfinite(half(ids, attention_mask=mask).logits).all()

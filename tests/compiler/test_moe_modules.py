@@ -223,3 +223,53 @@ def test_experts_as_stacked_parameters_in_a_loop():
     blocks = _raised_with(StackedLoopMoE)
     assert all(b.ffn.kind == "moe" and b.ffn.routed == [[e * FF, (e + 1) * FF] for e in range(E)] for b in blocks)
 
+
+
+class SortedSplitMoE(nn.Module):
+    """ScatterMoE / JetMoE style: the (token, choice) pairs sorted by expert, the gathered rows split by per-expert
+    counts (`.tolist()`: data-dependent sizes), one product per expert piece, the activation over the concatenated
+    rows, split again for the down products, weighted and added back per token. `layout`: "fused" (one stacked
+    [E, 2F, d] gate-up weight, chunked), "separate" (gate and up Linear modules per expert), "mlp" (biased GELU
+    experts as modules)."""
+
+    def __init__(self, layout: str):
+        super().__init__()
+        self.gate, self.layout = nn.Linear(D, E, bias=False), layout
+        if layout == "fused":
+            self.w_in = nn.Parameter(torch.randn(E, 2 * FF, D) * 0.2)
+            self.w_out = nn.Parameter(torch.randn(E, D, FF) * 0.2)
+        else:
+            bias = layout == "mlp"
+            self.ups = nn.ModuleList(nn.Linear(D, FF, bias=bias) for _ in range(E))
+            self.gates = nn.ModuleList(nn.Linear(D, FF, bias=False) for _ in range(E)) if not bias else None
+            self.downs = nn.ModuleList(nn.Linear(FF, D, bias=bias) for _ in range(E))
+
+    def forward(self, x):
+        h = x.reshape(-1, D)
+        logits, idx = self.gate(h).topk(K, dim=-1)
+        w = logits.softmax(-1)
+        counts = torch.zeros(h.shape[0], E, dtype=torch.long).scatter(1, idx, 1).sum(0).tolist()
+        _, order = idx.flatten().sort(0)
+        token = order.div(K, rounding_mode="trunc")
+        pieces = h[token].split(counts, dim=0)
+        if self.layout == "fused":
+            a, b = torch.cat([F.linear(p, self.w_in[e]) for e, p in enumerate(pieces)]).chunk(2, dim=-1)
+            hid = F.silu(a) * b
+        elif self.layout == "separate":
+            hid = F.silu(torch.cat([g(p) for g, p in zip(self.gates, pieces)])) \
+                * torch.cat([u(p) for u, p in zip(self.ups, pieces)])
+        else:
+            hid = F.gelu(torch.cat([u(p) for u, p in zip(self.ups, pieces)]))
+        hid = hid.split(counts, dim=0)
+        downs = [F.linear(p, self.w_out[e]) for e, p in enumerate(hid)] if self.layout == "fused" \
+            else [dn(p) for dn, p in zip(self.downs, hid)]
+        y = torch.cat(downs) * w.flatten()[order][:, None]
+        return torch.zeros_like(h).index_add(0, token, y).reshape(x.shape)
+
+
+@pytest.mark.parametrize("layout", ["fused", "separate", "mlp"])
+def test_experts_on_tokens_sorted_and_split_by_count(layout):
+    blocks = _raised_with(lambda: SortedSplitMoE(layout))
+    assert all(b.ffn.kind == "moe" and b.ffn.num_experts == E and b.ffn.top_k == K
+               and b.ffn.activation == ("gelu" if layout == "mlp" else "silu")
+               and b.ffn.routed == [[e * FF, (e + 1) * FF] for e in range(E)] for b in blocks)
