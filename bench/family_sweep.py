@@ -152,7 +152,21 @@ def _untie(model: nn.Module) -> nn.Module:
         for p in model.parameters():
             if p.dim() >= 2 and p.numel() > 1 and bool((p == p.flatten()[0]).all()):
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
+        _draw_expert_tables(model, g)
     return model
+
+
+def _draw_expert_tables(model: nn.Module, g: torch.Generator) -> None:
+    """Hash routing reads a token-id -> experts table that a checkpoint fills (DeepSeek-V4's `tid2eid`, zeros at
+    init: every token would take expert 0 K times). An all-zero integer [vocab, K] buffer gets K distinct random
+    experts per token, drawn from the expert count in the config."""
+    cfg = model.config
+    experts = next((getattr(cfg, k) for k in ("n_routed_experts", "num_local_experts", "num_experts")
+                    if isinstance(getattr(cfg, k, None), int)), None)
+    for b in model.buffers():
+        if experts and b.dim() == 2 and b.shape[0] == cfg.vocab_size and 1 < b.shape[1] <= experts \
+                and not b.is_floating_point() and not bool(b.any()):
+            b.copy_(torch.stack([torch.randperm(experts, generator=g)[:b.shape[1]] for _ in range(b.shape[0])]))
 
 
 def inputs(seed=1, batch=B, seq=S, pad=PAD):

@@ -30,7 +30,7 @@ from routefx.ir.model_ir import DenseFFNMatch, FFNInfo, WeightRef
 aten = torch.ops.aten
 __all__ = ["analyse_ffn", "fetch", "resolve_weight", "param_ref", "stacked_weight", "batched_experts",
            "elementwise_fn", "identify_activation", "identify_glu", "expert_ffns", "expert_epilogue",
-           "first_after"]
+           "first_after", "table_routes"]
 
 
 # meta key of a routed_ffn that RaiseMoE made from batched experts: its rows are (token, chosen expert) pairs with one
@@ -300,7 +300,7 @@ def _dense(gm, mms: list, region: set, dyn: set, same_shape: bool = True) -> tup
     mmset = set(mms)
     first = [m for m in mms if not (_anc_in(m, region) & mmset)]
     later = [m for m in mms if m not in first]
-    if len(later) != 1:
+    if len(later) != 1 or len(first) not in (1, 2):
         raise _Miss(f"{len(mms)} matrix products in a {len(first)}-input layout (expected two or three: "
                     "up[, gate], down)")
     down = later[0]
@@ -615,6 +615,26 @@ def _per_expert_moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: f
         or _operands(router, dyn)[2] is not None
 
 
+def table_routes(mms: list, experts: list, E: int) -> tuple[list, fx.Node | None]:
+    """Experts chosen by something other than the router (hash routing: a fixed token-id -> experts table, as in
+    DeepSeek-V4's first layers and Hash Layers), the router's [..., E] scores only weighting the chosen experts:
+    ([the router product], the [..., K] expert ids) where exactly one product of width E reads no value the experts
+    read and an integer [..., K] value (K < E) with the router's leading dims feeds the experts; ([], None)
+    otherwise. The ids are the last such value (in graph order) before the experts, inside the branch's region or
+    not (a table lookup of the input ids depends on no value of the residual stream)."""
+    feeds = gu.ancestors(experts)
+    routers = [m for m in mms if m not in experts and m not in feeds and gu.val(m) is not None
+               and isinstance(gu.val(m).shape[-1], int) and gu.val(m).shape[-1] == E]
+    if len(routers) != 1:
+        return [], None
+    lead = [str(s) for s in gu.val(routers[0]).shape[:-1]]
+    ids = [n for n in routers[0].graph.nodes if n in feeds and isinstance(gu.val(n), torch.Tensor)
+           and not gu.val(n).is_floating_point() and gu.val(n).dtype != torch.bool
+           and [str(s) for s in gu.val(n).shape[:-1]] == lead and isinstance(gu.val(n).shape[-1], int)
+           and 0 < gu.val(n).shape[-1] < E]
+    return (routers, ids[-1]) if ids else ([], None)
+
+
 def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: fx.Node) -> None:
     grouped = [m for m in mms if gu.is_grouped_mm(m)] or batched_experts(gm, mms)
     if not grouped:
@@ -622,14 +642,17 @@ def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: fx.Node) -> 
     feeds = gu.ancestors(grouped)
     router = [m for m in mms if m not in grouped and m in feeds and isinstance(gu.val(m).shape[-1], int)
               and _expert_index(m, region, set(grouped)) is not None]
+    stacked, _ = stacked_weight(gm, grouped[0].args[1])
+    routes = _expert_index(router[0], region, set(grouped)) if len(router) == 1 else None
+    if not router and stacked is not None:
+        router, routes = table_routes(mms, grouped, int(stacked.shape[0]))
     if len(router) != 1:
         raise _Miss(f"expected one router product choosing the experts, found {len(router)}")
     _, r_ref, _ = _operands(router[0], dyn)
     info.num_experts = resolve_weight(gm, r_ref).shape[0]
-    stacked, _ = stacked_weight(gm, grouped[0].args[1])
     if stacked is not None and stacked.shape[0] < info.num_experts:  # the router also scores a shared expert
         info.num_experts = int(stacked.shape[0])                      # (Inkling): the experts are the stacked ones
-    info.top_k = int(gu.val(_expert_index(router[0], region, set(grouped))).shape[-1])
+    info.top_k = int(gu.val(routes).shape[-1])
     if len(grouped) != 2:
         raise _Miss(f"router with top-{info.top_k} found, but its experts are not a pair of grouped or batched "
                     f"products (found {len(grouped)})")
@@ -725,8 +748,9 @@ def _routed(gm, op: fx.Node, mms: list, region: set, dyn: set, info: FFNInfo) ->
         return
     info.kind, info.top_k = "moe", op.meta.get(MOE_TOP_K) or int(gu.val(routes).shape[-1])
     info.num_experts, info.intermediate_size = experts
-    # a shared expert: the branch's other weight products, minus the router's and 1-wide gates
-    feeds_routes = gu.ancestors([routes])
+    # a shared expert: the branch's other weight products, minus the router's and 1-wide gates (the router feeds the
+    # routes, or only the gates where something else chooses the experts: hash routing)
+    feeds_routes = gu.ancestors([routes]) | (gu.ancestors([gates]) if isinstance(gates, fx.Node) else set())
     # the experts' input is what the router reads (the op's x may be weighted by the gates: batched experts)
     routers = [m for m in mms if m in feeds_routes]
     reader, data = (routers[0], None) if len(routers) == 1 else (op, x)

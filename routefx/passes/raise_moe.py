@@ -38,7 +38,8 @@ from torch import fx
 from routefx.ir import graph_utils as gu
 from routefx.ir.activations import get_activation
 from routefx.ir.ffn import (MOE_TOP_K, batched_experts, elementwise_fn, expert_epilogue, expert_ffns, fetch,
-                            first_after, identify_activation, identify_glu, resolve_weight, stacked_weight)
+                            first_after, identify_activation, identify_glu, resolve_weight, stacked_weight,
+                            table_routes)
 from routefx.ir.ops import routed_ffn_reference
 from routefx.ir.model_ir import BlockInfo, ModelIR, WeightRef
 from routefx.passes.attrs import add_tensor_attr
@@ -221,19 +222,24 @@ def _dispatch_nodes(region: set, combine: fx.Node, keep: list, x: fx.Node, reads
     return nodes, checks
 
 
-def _router(region: set, f, up: fx.Node, down: fx.Node) -> tuple[fx.Node, fx.Node, set]:
-    """(the router product, its input x, the ancestors of the experts' first product)."""
+def _router(region: set, f, up: fx.Node, down: fx.Node) -> tuple[fx.Node, fx.Node, set, fx.Node | None]:
+    """(the router product, its input x, the ancestors of the experts' first product, the expert ids where the
+    router does not choose them (`ffn.table_routes`: hash routing), else None)."""
     feeds = gu.ancestors([up])
     cands = [n for n in region if gu.is_matmul(n) and n not in (up, down) and not gu.is_grouped_mm(n)
              and n in feeds and gu.val(n) is not None and isinstance(gu.val(n).shape[-1], int)]
-    mms = [n for n in cands if gu.val(n).shape[-1] == f.num_experts] \
-        or [n for n in cands if gu.val(n).shape[-1] > f.num_experts]  # also scoring a shared expert (Inkling)
+    mms, table = [n for n in cands if gu.val(n).shape[-1] == f.num_experts], None
+    if not mms:
+        order = {n: i for i, n in enumerate(up.graph.nodes)}
+        mms, table = table_routes(sorted((n for n in region if gu.is_matmul(n)), key=order.get), [up, down],
+                                  f.num_experts)
+    mms = mms or [n for n in cands if gu.val(n).shape[-1] > f.num_experts]  # also scoring a shared expert (Inkling)
     if len(mms) != 1:
         raise _Miss(f"expected one router product with {f.num_experts} outputs feeding the experts, "
                     f"found {len(mms)}")
     router = mms[0]
     x = router.args[0] if router.target in gu.targets(aten.linear, aten.mm, aten.matmul) else router.args[1]
-    return router, x, feeds
+    return router, x, feeds, table
 
 
 def _fill_value(n) -> float | None:
@@ -270,7 +276,7 @@ def _match_batched(gm: fx.GraphModule, block: BlockInfo, region: set, up: fx.Nod
     token's K chosen experts e of FFN_e(x[t] * s[t, e]). RaiseMoE runs exactly that: each (token, chosen expert)
     pair a row of one routed_ffn, E/K times fewer expert FLOPs than the captured model."""
     f, E = block.ffn, block.ffn.num_experts
-    router, x, _ = _router(region, f, up, down)
+    router, x, *_ = _router(region, f, up, down)
     lead = _shape(router)[:-1]
     if len(lead) != 1:
         raise _Miss(f"batched experts behind a router of shape {_shape(router)}; read for [tokens, E] only")
@@ -508,7 +514,7 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
         raise _Miss(f"expected the experts as a pair of grouped GEMMs (up, down), found {len(grouped)} "
                     "(per-expert loops are not read)")
     up, down = grouped
-    router, x, feeds = _router(region, f, up, down)
+    router, x, feeds, table = _router(region, f, up, down)
     lead = _shape(router)[:-1]
     from_router = gu.descendants(router)
     # token-mixing dispatch steps (a sort of the flattened expert ids): values after them are in sorted order,
@@ -518,6 +524,7 @@ def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
     after = sorted((n for n in region & from_router - mixed if _shape(n) is not None and _shape(n)[:-1] == lead
                     and _shape(n)[-1] == str(f.top_k)), key=order.get)
     ints = [n for n in after if not gu.val(n).is_floating_point() and gu.val(n).dtype != torch.bool and n in feeds]
+    ints = ints or ([table] if table is not None else [])     # hash routing: the ids from elsewhere
     if not ints:
         raise _Miss("no [tokens, k] integer expert choice found between the router and the experts")
     routes = ints[-1]

@@ -170,3 +170,46 @@ def test_jetmoe_experts_split_by_count_are_raised():
     assert half.report.pass_report("adapt_experts").rewrites == 2
     with torch.no_grad():
         assert torch.isfinite(half(ids, attention_mask=mask).logits).all()
+
+
+def test_hash_routed_experts_are_raised():
+    """DeepSeek-V4's hash-routed layers: a fixed token-id -> experts table chooses each token's experts and the
+    router's scores only weight them (the router feeds no value the experts read). RaiseMoE takes the table's ids as
+    the routes (`ffn.table_routes`): a hash layer and a top-k layer both become one routed_ffn, equal to Hugging Face
+    on a left-padded batch on eager and onnx, and MoEBudget drops the lighter of each token's two experts."""
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+    from tests.zoo import hf_model
+    cfg = DeepseekV4Config(vocab_size=112, hidden_size=64, moe_intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, q_lora_rank=16,
+                           num_experts_per_tok=2, n_routed_experts=4, n_shared_experts=1,
+                           mlp_layer_types=["hash_moe", "moe"], layer_types=["heavily_compressed_attention"] * 2,
+                           max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = hf_model(DeepseekV4ForCausalLM, cfg)
+    table = model.model.layers[0].mlp.gate.tid2eid          # zeros until a checkpoint fills it: draw one
+    g = torch.Generator().manual_seed(0)
+    table.copy_(torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(table.shape[0])]))
+    ids = torch.randint(3, 112, (2, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    for backend, tol in (("eager", EXACT_REWRITE), ("onnx", ONNX_VS_EAGER)):
+        cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
+                             backend=backend)
+        rep = cm.report.pass_report("raise_moe")
+        assert rep.rewrites == 2 and rep.misses == []
+        assert [(b.ffn.kind, b.ffn.num_experts, b.ffn.top_k, b.ffn.shared_expert_size) for b in cm.ir.blocks] == \
+            [("moe", 4, 2, 48)] * 2
+        assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, tol)
+    hash_op = _routed_ops(cm.graph_module)[0]
+    # its routes: the table looked up by the input ids, no product (the router) before them
+    before = gu.ancestors([hash_op.args[1]])
+    assert {n.target for n in before if n.op in ("get_attr", "placeholder")} == {"model.layers.0.mlp.gate.tid2eid",
+                                                                                 "input_ids"}
+    assert not any(gu.is_matmul(n) for n in before)
+    cal = [{"input_ids": torch.randint(3, 112, (2, 12), generator=torch.Generator().manual_seed(s))}
+           for s in range(2)]
+    half = routefx.compile(model, routefx.policies.MoEBudget(0.75), calibration=cal, example_inputs=(ids,),
+                           example_kwargs={"attention_mask": mask})
+    assert half.report.pass_report("adapt_experts").rewrites == 2
+    assert abs(half.plan.budget.realised - 0.75) <= 0.02
