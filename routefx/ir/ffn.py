@@ -465,7 +465,7 @@ def expert_ffns(gm, mms: list, region: set, dyn: set, router: fx.Node, experts: 
     experts, the shared one or None, their activation, their width); raises `_Miss` when they do not group so, or
     differ in kind, activation, width or down bias."""
     rest = [m for m in mms if m is not router]
-    split = _split_experts(gm, rest, region, dyn)
+    split = _split_experts(gm, rest, dyn)
     if split is not None:
         found, act, F, others = split
         if len(found) != experts:
@@ -530,7 +530,7 @@ def _row_cat(outs: list) -> fx.Node:
     raise _Miss("the expert products' outputs are not concatenated along the rows in expert order")
 
 
-def _split_experts(gm, mms: list, region: set, dyn: set):
+def _split_experts(gm, mms: list, dyn: set):
     """Experts over tokens sorted by expert and split by count (JetMoE, ScatterMoE-style code):
 
         pieces = split(x[sorted tokens], counts)           # expert e's rows: pieces[e]

@@ -201,7 +201,8 @@ def _dispatch_nodes(region: set, combine: fx.Node, keep: list, x: fx.Node, reads
     (routes, gates, per-expert weights) needs and minus the block input x and its views. Raises `_Miss` where one of
     them reads anything else (when `reads`) or where a node outside it reads one of its intermediate values (other
     than a dead in-place write into it: transformers 5.17 clamps the sorted expert ids in place after its grouped
-    GEMMs and never reads them again) or an unread tuple item. Returns (the nodes, torch.export's size checks on them, erased with them)."""
+    GEMMs and never reads them again; or an unread tuple item). Returns (the nodes, torch.export's size checks on
+    them, erased with them)."""
     kept = gu.ancestors(keep) | set(keep)
     x_root = gu.root_views(x)
     # views of the block's input are not the dispatch's: the experts may read their own reshape of it, which a
