@@ -85,6 +85,7 @@ from routefx.backends import onnx_program, onnx_session
 from routefx.backends.complex_to_real import complex_to_real
 from routefx.backends.onnx_fusions import DEFAULT_FUSIONS, fuse_, optimize_
 from routefx.backends.onnx_aten_extra import aten_extra_lowerings
+from routefx.backends.onnx_scatter import scatter_lowerings
 from routefx.backends.onnx_grouped_mm import grouped_mm_lowerings
 from routefx.backends.onnx_ops import drop_split_counts, fold_weight_slices, routed_ffn_lowering
 from routefx.backends.onnx_opset import export_opset
@@ -442,7 +443,7 @@ def _export(gm: fx.GraphModule, placeholders: list[fx.Node], arg_names: tuple[st
     errors = []
 
     def lowerings(ep):  # routed_ffn nodes keep their fx names in the program
-        return {**grouped_mm_lowerings(), **aten_extra_lowerings(),
+        return {**grouped_mm_lowerings(), **aten_extra_lowerings(), **scatter_lowerings(),
                 _ROUTED_FFN: routed_ffn_lowering([n.name for n in ep.graph.nodes if n.target is _ROUTED_FFN], static)}
 
     for opset in opsets:  # opset 23 (fused Attention) where ORT runs it; the default opset if that export fails
@@ -473,7 +474,7 @@ def _export_traced(gm, placeholders, arg_names, example_kwargs, opset, names, st
     program = torch.onnx.export(gm, call_args, kwargs=call_kwargs or None, dynamo=True,
                                 dynamic_shapes=dynamic_shapes, optimize=False, verbose=False,
                                 opset_version=opset, custom_translation_table={
-                                    **grouped_mm_lowerings(), **aten_extra_lowerings(),
+                                    **grouped_mm_lowerings(), **aten_extra_lowerings(), **scatter_lowerings(),
                                     _ROUTED_FFN: routed_ffn_lowering(names, static)})
     return program.model
 
