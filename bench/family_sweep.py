@@ -146,7 +146,8 @@ def build(model_type: str, class_name: str) -> nn.Module:
 
 def _untie(model: nn.Module) -> nn.Module:
     """Some families initialise their routers' weights to zero: every expert then scores the same, and top-k
-    breaks the ties differently in torch and ONNX Runtime. Constant matrices get random values instead."""
+    breaks the ties differently in torch and ONNX Runtime. Constant matrices get random values instead, and
+    all-zero hash-routing tables random experts (`_draw_expert_tables`)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():

@@ -41,7 +41,7 @@ def _along(index, rank: int, dim: int, like):
 
 
 def _index_add(x, dim: int, index, source, alpha=1):
-    rank = len(x.shape)
+    rank = len(x.shape if x.shape is not None else source.shape)
     dim = dim % rank if rank else 0
     if alpha != 1:
         source = op.Mul(source, op.CastLike(op.Constant(value_float=float(alpha)), source))
@@ -58,9 +58,10 @@ def _integer(index) -> bool:
 def _index_put(x, indices, values, accumulate: bool = False):
     indices = list(indices)
     given = [i for i, t in enumerate(indices) if t is not None]
-    rank = len(x.shape)
-    if not accumulate or not given or not all(_integer(indices[i]) for i in given) or rank == 0:
+    if not accumulate or not given or not all(_integer(indices[i]) for i in given) or x.shape is None \
+            or any(indices[i].shape is None for i in given) or len(x.shape) == 0:
         return aten_index_put(x, indices, values, accumulate)
+    rank = len(x.shape)
     shape = op.Shape(x)
     if len(given) == 1:     # one integer index at dim p: values broadcast to x.shape[:p] + idx.shape + x.shape[p+1:]
         p, idx = given[0], indices[given[0]]
