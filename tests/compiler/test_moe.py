@@ -139,6 +139,24 @@ def test_moe_budget_on_a_model_without_readable_moe_blocks_says_why():
         routefx.compile(entry.build(), routefx.policies.MoEBudget(0.5), calibration=[torch.randint(1, 97, (2, 8))])
 
 
+def _dense_raises_every_block(model, vocab: int, backends=("eager", "onnx")):
+    """Dense on each backend in turn, on a batch of two with row 0 left-padded: every block's MoE dispatch raised
+    (no miss) and the output equal to Hugging Face's. Returns (the last compiled model, the ids, the mask)."""
+    ids = torch.randint(3, vocab, (2, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    for backend in backends:
+        cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
+                             backend=backend)
+        rep = cm.report.pass_report("raise_moe")
+        assert rep.rewrites == len(cm.ir.blocks) and rep.misses == []
+        assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask,
+                            ONNX_VS_EAGER if backend == "onnx" else EXACT_REWRITE)
+    return cm, ids, mask
+
+
 def test_jetmoe_experts_split_by_count_are_raised():
     """JetMoE's experts run on tokens sorted by expert and split by per-expert counts (`.tolist()`: data-dependent
     sizes): Dense raises them to one routed_ffn per block, equal to Hugging Face on a left-padded batch on eager and
@@ -151,18 +169,9 @@ def test_jetmoe_experts_split_by_count_are_raised():
                        num_key_value_heads=2, kv_channels=16, num_local_experts=4, num_experts_per_tok=2,
                        max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
     model = hf_model(JetMoeForCausalLM, cfg)
-    ids = torch.randint(3, 101, (2, 11), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
-    for backend, tol in (("onnx", ONNX_VS_EAGER), ("eager", EXACT_REWRITE)):
-        cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
-                             backend=backend)
-        assert cm.report.pass_report("raise_moe").rewrites == 2
-        assert [(b.ffn.kind, b.ffn.num_experts, b.ffn.top_k, b.ffn.intermediate_size) for b in cm.ir.blocks] == \
-            [("moe", 4, 2, 48)] * 2
-        assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, tol)
+    cm, ids, mask = _dense_raises_every_block(model, 101, backends=("onnx", "eager"))
+    assert [(b.ffn.kind, b.ffn.num_experts, b.ffn.top_k, b.ffn.intermediate_size) for b in cm.ir.blocks] == \
+        [("moe", 4, 2, 48)] * 2
     cal = [{"input_ids": torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(s))}
            for s in range(2)]
     half = routefx.compile(model, routefx.policies.MoEBudget(0.6), calibration=cal, example_inputs=(ids,),
@@ -188,19 +197,9 @@ def test_hash_routed_experts_are_raised():
     table = model.model.layers[0].mlp.gate.tid2eid          # zeros until a checkpoint fills it: draw one
     g = torch.Generator().manual_seed(0)
     table.copy_(torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(table.shape[0])]))
-    ids = torch.randint(3, 112, (2, 11), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
-    for backend, tol in (("eager", EXACT_REWRITE), ("onnx", ONNX_VS_EAGER)):
-        cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
-                             backend=backend)
-        rep = cm.report.pass_report("raise_moe")
-        assert rep.rewrites == 2 and rep.misses == []
-        assert [(b.ffn.kind, b.ffn.num_experts, b.ffn.top_k, b.ffn.shared_expert_size) for b in cm.ir.blocks] == \
-            [("moe", 4, 2, 48)] * 2
-        assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, tol)
+    cm, ids, mask = _dense_raises_every_block(model, 112)
+    assert [(b.ffn.kind, b.ffn.num_experts, b.ffn.top_k, b.ffn.shared_expert_size) for b in cm.ir.blocks] == \
+        [("moe", 4, 2, 48)] * 2
     hash_op = _routed_ops(cm.graph_module)[0]
     # its routes: the table looked up by the input ids, no product (the router) before them
     before = gu.ancestors([hash_op.args[1]])
