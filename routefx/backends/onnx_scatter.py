@@ -65,12 +65,9 @@ def _index_put(x, indices, values, accumulate: bool = False):
     shape = op.Shape(x)
     if len(given) == 1:     # one integer index at dim p: values broadcast to x.shape[:p] + idx.shape + x.shape[p+1:]
         p, idx = given[0], indices[given[0]]
-        k = len(idx.shape)
-        target = op.Concat(op.Slice(shape, _ints([0]), _ints([p])), op.Shape(idx),
-                           op.Slice(shape, _ints([p + 1]), _ints([rank])), axis=0)
-        flat = op.Concat(op.Slice(shape, _ints([0]), _ints([p])), _ints([-1]),
-                         op.Slice(shape, _ints([p + 1]), _ints([rank])), axis=0)
-        upd = op.Reshape(op.Expand(values, target), flat) if k != 1 else op.Expand(values, target)
+        before, after = op.Slice(shape, _ints([0]), _ints([p])), op.Slice(shape, _ints([p + 1]), _ints([rank]))
+        upd = op.Reshape(op.Expand(values, op.Concat(before, op.Shape(idx), after, axis=0)),
+                         op.Concat(before, _ints([-1]), after, axis=0))     # idx's dims as one
         return op.ScatterElements(x, _along(op.Reshape(idx, _ints([-1])), rank, p, upd), upd, axis=p,
                                   reduction="add")
     if given != list(range(len(given))):

@@ -184,8 +184,11 @@ def _expert_activation(reader, *nodes):
         raise _Miss(f"expert activation: {e}") from None
 
 
-def _dead_write_into(u: fx.Node, nodes: set) -> bool:
-    """`u` is an in-place op nothing reads, writing into (a view or tuple item of) a value in `nodes`."""
+def _dead_reader(u: fx.Node, nodes: set) -> bool:
+    """`u` is read by nothing and reads a value in `nodes` without changing anything else: an unread tuple item (a
+    sort's unused values), or an in-place op writing into (a view or tuple item of) a value in `nodes`."""
+    if not u.users and gu.is_getitem(u):
+        return True
     if u.users or u.op != "call_function" or not isinstance(u.target, torch._ops.OpOverload) \
             or not u.target._schema.is_mutable or not u.args or not isinstance(u.args[0], fx.Node):
         return False
@@ -217,8 +220,7 @@ def _dispatch_nodes(region: set, combine: fx.Node, keep: list, x: fx.Node, reads
             raise _Miss(f"the expert dispatch reads {a.name} ({a.target}), which is not the routes, the gates or "
                         "the block's input")
         for u in n.users if n is not combine else ():
-            if u not in nodes and not _dead_write_into(u, nodes) and not _checks_only(u, checks) \
-                    and not (gu.is_getitem(u) and not u.users):    # an unread item (a sort's unused values)
+            if u not in nodes and not _dead_reader(u, nodes) and not _checks_only(u, checks):
                 raise _Miss(f"{u.name} reads {n.name}, an intermediate value of the expert dispatch")
     return nodes, checks
 
