@@ -328,6 +328,36 @@ def _static_dim(value, axis: int, prefix: str, what: str) -> int:
     return dim
 
 
+def _fold_by_reference(model: ir.Model, ids: set) -> None:
+    """Evaluate the nodes of `model.graph` whose id is in `ids` and whose inputs are all constants, in graph
+    order, with ONNX's reference evaluator, into initializers (the fallback of `fold_weight_slices`)."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    for node in [n for n in model.graph if id(n) in ids]:
+        if any(v is not None and v.const_value is None for v in node.inputs) \
+                or any(v.is_graph_output() for v in node.outputs):
+            continue
+        feeds = {f"in{i}": v.const_value.numpy() for i, v in enumerate(node.inputs) if v is not None}
+        proto = ir.serde.serialize_node(node)
+        del proto.input[:]
+        proto.input.extend(f"in{i}" if v is not None else "" for i, v in enumerate(node.inputs))
+        del proto.output[:]
+        proto.output.extend(f"out{i}" for i in range(len(node.outputs)))
+        graph = onnx.helper.make_graph(
+            [proto], "fold", [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(a.dtype),
+                                                                 a.shape) for k, a in feeds.items()],
+            [onnx.helper.make_empty_tensor_value_info(f"out{i}") for i in range(len(node.outputs))])
+        outs = ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=opsets)).run(None, feeds)
+        for old, array in zip(node.outputs, outs):
+            new = ir.Value(name=old.name, const_value=ir.tensor(array, name=old.name))
+            new.shape, new.dtype = ir.Shape(array.shape), new.const_value.dtype
+            model.graph.register_initializer(new)
+            ir.convenience.replace_all_uses_with(old, new)
+        model.graph.remove(node, safe=True)
+
+
 def fold_weight_slices(model: ir.Model) -> int:
     """Evaluate the weight `Slice`/`Transpose` nodes the lowering emitted, and the constant nodes feeding them
     (a fused gate-up weight split in the graph), into initializers, in place and with no size limit. Returns
@@ -344,8 +374,11 @@ def fold_weight_slices(model: ir.Model) -> int:
             if producer is not None and id(producer) not in feeding:
                 feeding.add(id(producer))
                 todo.append(producer)
-    onnxscript.optimizer.fold_constants(model, input_size_limit=sys.maxsize, output_size_limit=sys.maxsize,
-                                        should_fold=lambda node: id(node) in ours or id(node) in feeding)
+    try:
+        onnxscript.optimizer.fold_constants(model, input_size_limit=sys.maxsize, output_size_limit=sys.maxsize,
+                                            should_fold=lambda node: id(node) in ours or id(node) in feeding)
+    except RuntimeError:  # its partial evaluators run on every node, and fail on some (ProphetNet's
+        _fold_by_reference(model, ours | feeding)   # SplitToSequence): our few nodes evaluated one by one
     left = [n.name for n in model.graph if n.name and n.name.startswith(_FOLD_PREFIX)]
     if left:
         raise BackendError(f"routed_ffn weights must be constants of the exported graph; could not fold {left[:3]}")

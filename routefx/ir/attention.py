@@ -234,7 +234,7 @@ def _scores(softmax: fx.Node, dyn: set) -> fx.Node | None:
                 continue
             seen.add(n)
             if gu.is_matmul(n):
-                ops = [a for a in n.args[:3] if isinstance(a, fx.Node) and a in dyn]
+                ops = [a for a in gu.product_operands(n) if isinstance(a, fx.Node) and a in dyn]
                 return n if len(ops) >= 2 and n.target not in gu.targets(aten.linear, aten.addmm) else None
             nxt.extend(n.all_input_nodes)
         frontier = nxt
@@ -345,5 +345,6 @@ def attention_site(region: set, masks: dict[fx.Node, MaskInfo]) -> tuple[str, Ma
     if len(infos) == 1:
         return "eager", infos.pop(), None
     if not infos:
-        return "eager", _custom("no softmax over the scores in this attention branch"), None
+        return "eager", _custom("no softmax over the scores in this attention branch: products of activations "
+                                "without one (linear attention, a state-space scan such as Mamba-2's)"), None
     return "eager", _custom(f"{len(infos)} softmaxes in this branch read differently"), None

@@ -84,6 +84,27 @@ def param_ref(n, dyn: set) -> WeightRef:
     return WeightRef(n.target, transposed=bool(flips % 2), rows=rows, index=index)
 
 
+def _einsum_operands(m: fx.Node) -> tuple:
+    """(data, weight, whether the weight is stored [in, out]) of an einsum that is a per-token linear map: two
+    operands, the weight with two indices, one of them the data's last index (summed), the other the output's
+    last, the output the data's other indices in order ('bsd,fd->bsf', '...d,df->...f')."""
+    eq = m.args[0].replace(" ", "")
+    ops = gu.product_operands(m)
+    terms = eq.split("->")[0].split(",")
+    if "->" not in eq or len(ops) != 2 or len(terms) != 2:
+        raise _Miss(f"einsum '{m.args[0]}' is not a two-operand product with an explicit output")
+    out = eq.split("->")[1]
+    for i in (0, 1):
+        data, w = terms[i], terms[1 - i]
+        named = data.removeprefix("...")
+        if len(w) != 2 or "." in w + named or not named or named[-1] not in w or len(set(named)) != len(named):
+            continue
+        c, f = data[-1], w.replace(data[-1], "", 1)
+        if f and f not in data and out == data[:-1] + f:
+            return ops[i], ops[1 - i], w == c + f
+    raise _Miss(f"einsum '{m.args[0]}' is not a per-token linear map of its data's last dim")
+
+
 def _operands(m: fx.Node, dyn: set):
     """(data, weight ref as [out, in], bias ref) of a weight product."""
     t, a = m.target, m.args
@@ -98,6 +119,12 @@ def _operands(m: fx.Node, dyn: set):
         data, w, b = a[0], a[1], None
         ref = param_ref(w, dyn)
         ref = WeightRef(ref.target, not ref.transposed, index=ref.index)
+    elif t in gu.EINSUM:
+        data, w, transposed = _einsum_operands(m)
+        b, ref = None, param_ref(w, dyn)
+        if transposed and ref.rows is not None:
+            raise _Miss(f"einsum '{a[0]}' reads a slice of a weight stored [in, out]")
+        ref = WeightRef(ref.target, ref.transposed != transposed, rows=ref.rows, index=ref.index)
     else:
         raise _Miss(f"matrix product {t} is not a weight product")
     if isinstance(b, fx.Node):

@@ -1,6 +1,6 @@
 """FLOP accounting from the graph: 2 FLOPs per multiply-add of every matrix product.
 
-Counted: linear / mm / addmm / matmul / bmm (projections, LM head, routers, eager attention), grouped expert
+Counted: linear / mm / addmm / matmul / bmm / einsum (projections, LM head, routers, eager attention), grouped expert
 GEMMs (each row times its one expert), scaled-dot-product attention (scores and weighted sum: 2·L·S_k·(Dq+Dv)
 per head, where a causal op counts (S+1)/2 keys per query on average and a sliding window w counts min(i, w)
 keys for query i), and `routed_ffn` per route (2·d·|range| per product: 3 products gated, 2 plain).
@@ -124,7 +124,45 @@ def _node_flops(n: fx.Node, subs, masks) -> tuple[sympy.Expr, bool]:
         return 2 * _numel(out.shape, subs) * _sym(gu.val(n.args[1]).shape[-1], subs), False
     if t in gu._targets(aten.mm, aten.bmm, aten.matmul) or gu.is_grouped_mm(n):
         return 2 * _numel(out.shape, subs) * _sym(gu.val(n.args[0]).shape[-1], subs), False
+    if t in gu.EINSUM:
+        return _einsum_flops(n, subs), False
     return sympy.Integer(0), False
+
+
+def _einsum_flops(n: fx.Node, subs) -> sympy.Expr:
+    """2 FLOPs per multiply-add of an einsum, contracted pairwise left to right as torch does: each pair costs the
+    product of the sizes of every index either operand holds (an index summed in one operand alone is a sum, not
+    counted). An ellipsis stands for the operands' leading dims, right-aligned and broadcast."""
+    eq = n.args[0].replace(" ", "")
+    vals = [gu.val(a) for a in gu.product_operands(n)]
+    terms = eq.split("->")[0].split(",")
+    if len(terms) != len(vals) or any(v is None for v in vals):
+        raise UnsupportedModelError(f"node {n.name}: einsum '{n.args[0]}' on {len(vals)} operand(s) of "
+                                    f"{'unknown shapes' if len(terms) == len(vals) else 'another count'}")
+    if "->" not in eq:   # the implicit output: the indices named once, in alphabetical order, after an ellipsis
+        once = sorted(c for c in set(eq) if c.isalpha() and eq.count(c) == 1)
+        eq = f"{eq}->{'...' if '...' in eq else ''}{''.join(once)}"
+    size: dict = {}
+    letters = []
+    for term, v in zip(terms, vals):
+        if "..." in term:  # the k dims an ellipsis covers, named from the right so that operands broadcast
+            k = v.dim() - (len(term) - 3)
+            term = term.replace("...", "".join(chr(0x100 + k - 1 - i) for i in range(k)))
+        letters.append(term)
+        for c, d in zip(term, v.shape):
+            if size.get(c, sympy.Integer(1)) == 1:   # a broadcast dim of size 1 takes the other operand's size
+                size[c] = _sym(d, subs)
+    keep = set(eq.split("->")[1]) | {c for c in size if ord(c) >= 0x100}
+    # an index that one operand holds alone and the output drops is summed out first, no product
+    letters = [{c for c in t if c in keep or any(c in u for j, u in enumerate(letters) if j != i)}
+               for i, t in enumerate(letters)]
+    total, acc = sympy.Integer(0), letters[0] if letters else set()
+    for i in range(1, len(letters)):
+        pair = acc | set(letters[i])
+        total += 2 * sympy.Mul(*(size[c] for c in pair))
+        later = set().union(*letters[i + 1:])
+        acc = {c for c in pair if c in keep or c in later}
+    return total
 
 
 def _batch_seq(gm: fx.GraphModule) -> dict:

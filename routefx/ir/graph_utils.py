@@ -61,6 +61,20 @@ def is_grouped_mm(n: fx.Node) -> bool:
     return n.op == "call_function" and "grouped_mm" in str(n.target)
 
 
+def product_operands(n: fx.Node) -> list:
+    """The tensor operands of a matrix product, in order: `einsum(equation, [a, b, ...])` takes them as a list,
+    `addmm` / `baddbmm` after the added term, the others as their first two arguments."""
+    if n.target in EINSUM:
+        ops = n.args[1] if len(n.args) > 1 else n.kwargs.get("tensors", ())
+        return list(ops) if isinstance(ops, (list, tuple)) else []
+    if n.target in targets(aten.addmm, aten.baddbmm):
+        return list(n.args[1:3])
+    return list(n.args[:2])
+
+
+EINSUM = targets(aten.einsum)
+
+
 def is_routed(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target is ROUTED_FFN
 

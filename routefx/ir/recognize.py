@@ -107,8 +107,8 @@ def _branch_kind(region: set) -> str | None:
         return "attention"
     # eager attention: a product of two values that both come from the stream (Q·Kᵀ, P·V)
     for n in mm:
-        if n.target in gu.MATMUL and sum(1 for a in n.args[:3] if isinstance(a, fx.Node) and a in region) >= 2 \
-                and not gu.is_grouped_mm(n):
+        if n.target in gu.MATMUL and not gu.is_grouped_mm(n) \
+                and sum(1 for a in gu.product_operands(n) if isinstance(a, fx.Node) and a in region) >= 2:
             if n.target not in (torch.ops.aten.addmm.default, torch.ops.aten.linear.default):
                 return "attention"
     if not mm:
@@ -171,7 +171,7 @@ def _mixed_stream(terms: list, v) -> list[tuple[fx.Node, list]]:
         p = gu.root_views(m)
         if p.op != "call_function" or p.target not in gu.MATMUL:
             continue
-        for a in p.args[:2]:
+        for a in gu.product_operands(p):
             while isinstance(a, fx.Node) and a.op == "call_function" and (gu.is_identity(a) or a.target in _MIX_VIEWS):
                 a = a.args[0]
             if isinstance(a, fx.Node) and gu.val(a) is not None and str(gu.val(a).shape) == str(v.shape):
@@ -429,25 +429,32 @@ def _split_across_layers(groups: list[list[tuple[_Sum, bool]]]) -> list[list[tup
     the sums on either side of a group boundary differ by an index (`model.layers`); a group is split where its
     sums' indices under it change. Sums without a path there (a shared module, no metadata) never split a group;
     branches in an indexed list inside one layer (T5's `block.0.layer.0` / `layer.1`) differ below the container
-    and stay together."""
+    and stay together. With one group only (no boundary to read the list from: a pruned hybrid whose layers left
+    are a recurrent mixer, an attention and an FFN), the sums inside it name the list, if it is not itself inside
+    an indexed entry (T5's `block.0.layer` is the sublayers of one layer)."""
     paths = [[_sum_path(s) for s, _ in g] for g in groups]
-    containers = set()
-    for a, b in zip(paths, paths[1:]):
-        if a[-1] and b[0]:
-            pa, pb = a[-1].split("."), b[0].split(".")
-            i = 0
-            while i < min(len(pa), len(pb)) and pa[i] == pb[i]:
-                i += 1
-            if i < min(len(pa), len(pb)) and pa[i].isdigit() and pb[i].isdigit():
-                containers.add(tuple(pa[:i]))
+
+    def container(a: str | None, b: str | None) -> tuple | None:
+        if not (a and b):
+            return None
+        pa, pb = a.split("."), b.split(".")
+        i = 0
+        while i < min(len(pa), len(pb)) and pa[i] == pb[i]:
+            i += 1
+        return tuple(pa[:i]) if i < min(len(pa), len(pb)) and pa[i].isdigit() and pb[i].isdigit() else None
+
+    containers = {c for a, b in zip(paths, paths[1:]) if (c := container(a[-1], b[0])) is not None}
+    if len(groups) == 1:
+        containers = {c for a, b in zip(paths[0], paths[0][1:]) if (c := container(a, b)) is not None
+                      and not any(p.isdigit() for p in c)}
     if not containers:
         return groups
-    container = min(containers, key=len)
-    depth = len(container)
+    layers = min(containers, key=len)
+    depth = len(layers)
 
     def index(p: str | None) -> str | None:
         parts = p.split(".") if p else []
-        return parts[depth] if len(parts) > depth and tuple(parts[:depth]) == container \
+        return parts[depth] if len(parts) > depth and tuple(parts[:depth]) == layers \
             and parts[depth].isdigit() else None
 
     out = []

@@ -137,6 +137,32 @@ def test_exported_model_inputs_and_initializers():
     assert "routed_ffn/route0/up.weight_t" not in inits               # skip route: no weight at all
 
 
+def test_weight_slices_fold_without_onnxscripts_folder(monkeypatch):
+    """Where onnxscript's constant folder fails on some other node of the graph (its partial evaluators run on
+    every node: ProphetNet's SplitToSequence), the weight slices are still folded into pre-sliced initializers,
+    one node at a time, and the model still equals eager."""
+    import onnxscript.optimizer
+
+    from routefx.backends import onnx_ops
+
+    def fails(*a, **k):
+        raise RuntimeError("Error during constant folding for node 'node_split' (::SplitToSequence)")
+
+    monkeypatch.setattr(onnxscript.optimizer, "fold_constants", fails)
+    x = stack_input(2, 5)
+    gm = capture(RoutedStack().eval(), (x,))
+    run = onnx_backend.prepare(gm, {"x": x})
+    model = onnx.load_from_string(run.onnx_model)
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    assert inits["routed_ffn/route1/up.weight_t"] == [D, 9]
+    assert not [n.name for n in model.graph.node if n.name.startswith(onnx_ops._FOLD_PREFIX)]
+    x = stack_input(3, 7, seed=5)
+    y, _, routes = run(x=x)
+    y_ref, _, routes_ref = _eager(gm, x)
+    assert all(torch.equal(r, r_ref) for r, r_ref in zip(routes, routes_ref))
+    assert (y - y_ref).abs().max().item() <= ONNX_VS_EAGER
+
+
 class _DenseFFN(nn.Module):
     """One full range, K = 1, no gates: the dense case of routed_ffn."""
 

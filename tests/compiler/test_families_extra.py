@@ -221,6 +221,32 @@ def test_xlnet_computes_one_minus_an_integer_mask_and_exports():
     assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, ONNX_VS_EAGER)
 
 
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_xlnet_einsum_attention_reads_as_blocks(backend):
+    """XLNet writes its attention with einsum (relative positions, post-norm): its layers read as blocks with an
+    attention and an MLP, so PruneLayers equals deleting a layer and Duo routes every FFN."""
+    from transformers import XLNetConfig, XLNetLMHeadModel
+    cfg = XLNetConfig(vocab_size=112, d_model=64, n_layer=3, n_head=4, d_inner=128, mem_len=None)
+    torch.manual_seed(0)
+    model = XLNetLMHeadModel(cfg).eval()
+    ids = torch.randint(3, 112, (2, 9), generator=torch.Generator().manual_seed(0))
+    ir = routefx.inspect(model, (ids,))
+    assert [(b.form, b.ffn.kind, b.ffn.activation) for b in ir.blocks] == [("post_norm", "mlp", "gelu")] * 3
+    tol = ONNX_VS_EAGER if backend == "onnx" else EXACT_REWRITE
+    pruned = copy.deepcopy(model)
+    del pruned.transformer.layer[1]
+    cm = routefx.compile(model, PruneLayers(layers=[1]), backend=backend, example_inputs=(ids,))
+    with torch.no_grad():
+        torch.testing.assert_close(cm(ids).logits, pruned(ids, use_cache=False).logits, atol=tol, rtol=tol)
+    cal = [torch.randint(3, 112, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    duo = routefx.compile(model, Duo(budget=0.5, small="nested"), backend=backend, calibration=cal,
+                          example_inputs=(ids,))
+    assert duo.report.pass_report("insert_routers").rewrites == 3
+    if backend == "onnx":
+        eager = routefx.compile(model, duo.plan, example_inputs=(ids,))
+        torch.testing.assert_close(duo(ids).logits, eager(ids).logits, atol=tol, rtol=tol)
+
+
 def test_onnx_compiles_where_onnxscripts_constant_folder_fails(monkeypatch):
     """onnxscript's constant folder raises on some exported nodes (SplitToSequence in ProphetNet): the optimizer
     runs its other passes, the model equals Hugging Face's, and the report says what happened."""
@@ -450,6 +476,27 @@ def test_an_attention_only_layer_and_the_ffn_only_layer_after_it_are_two_blocks(
     cm = routefx.compile(model, Duo(budget=0.5, router="local"), calibration=cal, backend="onnx")
     cm(ids)
     assert sorted(cm.plan.layers) == ["z.0.b", "z.2.mixer", "z.3.b"]
+
+
+def test_layers_of_one_branch_each_stay_layers_when_no_block_boundary_separates_them():
+    """Two token-mixer-only layers and an FFN-only layer (what NemotronH's [Mamba, MoE, attention, MLP] leaves
+    once its MoE layer is pruned) are all one group of sums, with no FFN between them to mark a boundary: the
+    layer list read inside the group still makes each layer a block, and pruning the middle one equals deleting
+    it."""
+    torch.manual_seed(0)
+    model = PlainLM(widths=(76, 76, 76)).eval()
+    model.z[0], model.z[1] = _SingleBranch(36, 76, "attention"), _SingleBranch(36, 76, "attention")
+    model.z[2] = _SingleBranch(36, 76, "ffn")
+    ids = torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(0))
+    ir = routefx.inspect(model, (ids,))
+    assert [(b.path, bool(b.attention), b.ffn is not None) for b in ir.blocks] == \
+        [("z.0", True, False), ("z.1", True, False), ("z.2", False, True)]
+    cm = routefx.compile(model, PruneLayers(layers=["z.1"]), example_inputs=(ids,))
+    ref = copy.deepcopy(model)
+    del ref.z[1]
+    x = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close_nonpad(cm(x), ref(x), None, EXACT_REWRITE)
 
 
 def test_pruning_keeps_a_block_that_holds_attention():
