@@ -369,9 +369,15 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
             "no transformer blocks found: the graph has no residual connection whose branch holds a matrix "
             f"product (found ops: {top}); routefx supports transformer models whose blocks add attention and "
             "feed-forward branches to a residual stream")
-    d = Counter(gu.val(s.out).shape[-1] for s in sums).most_common(1)[0][0]
-    sums = [s for s in sums if gu.val(s.out).shape[-1] == d]
-    chain = _chain(sums, dyn)
+    # the hidden size: the most common last dim of the sums whose chain holds attention (a recurrent scan's
+    # per-position adds, as in Mamba-1's sequential path, can outnumber the residual sums), else the most common
+    chains = {}
+    for width, _ in Counter(gu.val(s.out).shape[-1] for s in sums).most_common():
+        chains[width] = _chain([s for s in sums if gu.val(s.out).shape[-1] == width], dyn)
+        if any(b.kind == "attention" for s, _ in chains[width] for b in s.branches):
+            break
+    d = width if any(b.kind == "attention" for s, _ in chains[width] for b in s.branches) else next(iter(chains))
+    chain = chains[d]
     if not any(b.kind == "attention" for s, _ in chain for b in s.branches):
         kinds = Counter(b.kind for s, _ in chain for b in s.branches)
         raise NoBlocksError(

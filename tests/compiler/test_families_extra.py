@@ -183,6 +183,28 @@ def test_dense_compiles_a_model_without_transformer_blocks_as_captured(backend):
             routefx.compile(model, PruneLayers(layers=[0]), example_inputs=(ids,))
 
 
+def test_a_mamba_stack_reads_as_token_mixer_blocks_and_prunes():
+    """Mamba's state-space scan (transformers' torch path) multiplies two activations (the state and C), so each
+    layer reads as a block whose mixer is attention-like with no softmax ("custom") and no FFN: PruneLayers
+    removes a layer exactly as deleting it does, and Duo says there is no FFN to route."""
+    from transformers import MambaConfig, MambaForCausalLM
+    cfg = MambaConfig(vocab_size=112, hidden_size=32, num_hidden_layers=3, state_size=8, expand=2, conv_kernel=4)
+    torch.manual_seed(0)
+    model = MambaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 112, (2, 9), generator=torch.Generator().manual_seed(0))
+    ir = routefx.inspect(model, (ids,))
+    assert [(b.path, b.ffn) for b in ir.blocks] == [(f"backbone.layers.{i}", None) for i in range(3)]
+    assert all(a.pattern == "custom" and "no softmax" in a.reason for b in ir.blocks for a in b.attention)
+    cm = routefx.compile(model, PruneLayers(layers=[1]), example_inputs=(ids,))
+    ref = copy.deepcopy(model)
+    del ref.backbone.layers[1]
+    with torch.no_grad():
+        torch.testing.assert_close(cm(ids).logits, ref(ids, use_cache=False).logits, atol=EXACT_REWRITE,
+                                   rtol=EXACT_REWRITE)
+    with pytest.raises(routefx.PolicyError, match=r"no dense FFN to route \(found FFN kinds: \[\]\)"):
+        routefx.compile(model, Duo(budget=0.5), example_inputs=(ids,), calibration=[ids])
+
+
 def test_dense_generates_with_a_cache_on_a_model_whose_blocks_are_not_recognised():
     """Doge's residual adds are scaled by learned vectors, so no transformer block is recognised; Dense still
     captures its prefill and decode steps with the KV cache (no pass to run) and generates what HF generates."""
@@ -304,28 +326,65 @@ def test_an_in_place_write_into_a_fresh_buffer_is_captured_functional(backend):
 
 
 class _LoopedLM(PlainLM):
-    """Runs its layer list twice (a looped / recurrent-depth model, as Dory's and HRM's): blocks share weights."""
+    """Runs its layer list twice (a looped / recurrent-depth model, as Dory's and HRM's): blocks share weights.
+    `skip` names runs to leave out (0-based over all runs): the reference for pruning them."""
+
+    skip: frozenset = frozenset()
 
     def forward(self, input_ids):
         x = self.e(input_ids)
-        for _ in range(2):
-            for blk in self.z:
+        runs = [blk for _ in range(2) for blk in self.z]
+        for i, blk in enumerate(runs):
+            if i not in self.skip:
                 x = blk(x)
         return self.o(self.n(x))
 
 
-def test_policies_that_rewrite_blocks_refuse_weights_shared_across_depth():
+def test_duo_refuses_weights_shared_across_depth():
     torch.manual_seed(0)
     model = _LoopedLM().eval()
     ids = torch.randint(0, 89, (2, 8), generator=torch.Generator().manual_seed(0))
     assert len(routefx.inspect(model, (ids,)).blocks) == 6
-    for policy in (PruneLayers(layers=[1]), Duo(budget=0.5)):
-        with pytest.raises(routefx.UnsupportedModelError,
-                           match=rf"{type(policy).__name__}: blocks 0 and 3 run the same FFN weights \(z\.0\..*"
-                                 r"weights shared across depth, 6 blocks"):
-            routefx.compile(model, policy, example_inputs=(ids,), calibration=[{"input_ids": ids}])
+    with pytest.raises(routefx.UnsupportedModelError,
+                       match=r"Duo: blocks 0 and 3 run the same FFN weights \(z\.0\..*weights shared across depth, "
+                             r"6 blocks.*rewrites each block's own weights"):
+        routefx.compile(model, Duo(budget=0.5), example_inputs=(ids,), calibration=[{"input_ids": ids}])
     with torch.no_grad():    # Dense compiles it
         assert (routefx.compile(model, routefx.policies.Dense())(ids) - model(ids)).abs().max() <= EXACT_REWRITE
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_pruning_runs_of_a_looped_model(backend):
+    """PruneLayers on a model that runs its layers twice: an index prunes one run of a layer (skipping that
+    iteration), a module path every run of it, `keep` ranks the runs by influence; each equals the model with
+    those runs left out."""
+    torch.manual_seed(0)
+    model = _LoopedLM().eval()
+    ids = torch.randint(0, 89, (2, 8), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
+    tol = ONNX_VS_EAGER if backend == "onnx" else EXACT_REWRITE
+    cal = [torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    for policy, runs in ((PruneLayers(layers=[4]), {4}), (PruneLayers(layers=["z.1"]), {1, 4}),
+                         (PruneLayers(keep=0.5), None)):
+        cm = routefx.compile(model, policy, example_inputs=(ids,), backend=backend, calibration=cal)
+        runs = set(cm.plan.pruned) if runs is None else runs
+        assert sorted(cm.plan.pruned) == sorted(runs) and len(runs) == (3 if policy.keep else len(runs))
+        ref = copy.deepcopy(model)
+        ref.skip = frozenset(runs)
+        with torch.no_grad():
+            torch.testing.assert_close(cm(x), ref(x), atol=tol, rtol=tol)
+
+
+def test_pruning_a_looped_model_whose_runs_are_not_one_module_each_is_refused():
+    """One module under two names (z.0 and z.2) run in a loop: its blocks' modules cannot say which run a block is,
+    so PruneLayers refuses with a typed error naming the blocks (HRM's layers in the family sweep likewise)."""
+    torch.manual_seed(0)
+    model = _LoopedLM().eval()
+    model.z[2] = model.z[0]
+    ids = torch.randint(0, 89, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(routefx.UnsupportedModelError, match=r"PruneLayers: blocks 0 and \d .*\(Dense compiles this "
+                                                            r"model\)"):
+        routefx.compile(model, PruneLayers(layers=[1]), example_inputs=(ids,))
 
 
 def test_two_blocks_whose_ffns_share_one_module_are_refused():
