@@ -102,22 +102,24 @@ def check_blocks_rewritable(policy: Policy, gm: fx.GraphModule, ir: ModelIR) -> 
     """Policies that rewrite blocks one by one need each recognised block to own its FFN weights and its FFN to sit
     in a module of its own (plans name FFNs by module path); found otherwise: a clear refusal, not a broken pass
     contract further on. Two blocks in one layer module with distinct FFN modules (a recurrence branch and an MLP
-    branch) are fine. PruneLayers, which rewrites no weight, also takes a model that runs a layer module more than
-    once (a looped or recurrent-depth model: each run one block, pruned on its own or all at once by the module's
-    path), where each such block is one whole run of one module and the block reading raised no doubt."""
+    branch) are fine. PruneLayers and Duo also take a model that runs a layer module more than once (a looped or
+    recurrent-depth model: each run one block, pruned on its own or all at once by the module's path; Duo routes
+    each run with a router and a weight copy of its own, keyed `path@run`), where each such block is one whole run
+    of one module and the block reading raised no doubt."""
     name = type(policy).__name__
     params = {name for name, _ in gm.named_parameters()}
     weights = [_weights(b.ffn_nodes, params) for b in ir.blocks]   # the FFN weights: what the policies rewrite
     for i, a in enumerate(ir.blocks):
         for b in ir.blocks[i + 1:]:
             shared = weights[a.index] & weights[b.index]
-            if shared and isinstance(policy, PruneLayers) and a.path and a.path == b.path and not ir.notes:
+            runs = isinstance(policy, (PruneLayers, Duo))   # policies that take runs of one module as blocks
+            if shared and runs and a.path and a.path == b.path and not ir.notes:
                 continue        # two runs of one layer module
             if shared:
                 what = (f"{name}: blocks {a.index} and {b.index} run the same FFN weights ({sorted(shared)[0]}, "
                         f"{len(shared)} in all): the model runs its layer modules more than once (weights shared "
                         f"across depth, {len(ir.blocks)} blocks from fewer modules); ")
-                if isinstance(policy, PruneLayers):
+                if runs:
                     why = f"the block reading is in doubt ({ir.notes[0]})" if ir.notes else \
                         f"they lie in modules {a.path} and {b.path}"
                     raise UnsupportedModelError(what + f"{name} takes such a model where each block is one whole "

@@ -104,11 +104,14 @@ class BlockInfo:
     nodes: frozenset = dataclasses.field(default=frozenset(), repr=False)       # every node of its branches
     ffn_nodes: frozenset = dataclasses.field(default=frozenset(), repr=False)   # the FFN branch's nodes
     ffn_stream: fx.Node | None = dataclasses.field(default=None, repr=False)    # stream the FFN adds to
+    run: int = 0                    # how many earlier blocks run the same FFN module (a looped model's iteration)
 
     @property
     def key(self) -> str:
-        """Stable name of the block's FFN for plans: its module path, or its position without metadata."""
-        return (self.ffn.path if self.ffn and self.ffn.path else None) or f"block.{self.index}.ffn"
+        """Stable name of the block's FFN for plans: its module path (with `@run` from a looped model's second run
+        of that module on), or its position without metadata."""
+        path = self.ffn.path if self.ffn and self.ffn.path else None
+        return (path + (f"@{self.run}" if self.run else "")) if path else f"block.{self.index}.ffn"
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "path": self.path, "form": self.form,

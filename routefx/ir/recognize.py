@@ -416,6 +416,11 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
                                 nodes=frozenset(region | set(a for s, _ in g for a in s.adds)),
                                 ffn_nodes=frozenset(ffn_branches[0][1].region) if ffn_branches else frozenset(),
                                 ffn_stream=ffn_branches[0][0].stream if ffn_branches else None))
+    runs: Counter = Counter()   # a looped model runs one FFN module in several blocks: each run its own key
+    for b in blocks:
+        if b.ffn is not None and b.ffn.path:
+            b.run = runs[b.ffn.path]
+            runs[b.ffn.path] += 1
     # the stream after a block is what the next block reads (after a post-norm, the norm's output)
     for b, nxt in zip(blocks, blocks[1:]):
         b.stream_out = nxt.stream_in

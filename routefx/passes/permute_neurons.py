@@ -35,9 +35,13 @@ class PermuteNeurons(Pass):
         res = PassResult()
         g = gm.graph
         dyn = dynamic_nodes(g)
+        again = 0   # bytes of the copies for later runs of an FFN module a looped model runs several times
         for key, lp, op in planned_ffns(ctx, res):
             if lp.perm is None:
                 continue
+            if "@" in key:
+                again += sum(resolve_weight(gm, param_ref(op.args[p], dyn)).nbytes for p in (3, 4, 5, 6, 7)
+                             if op.args[p] is not None)
             perm = lp.perm.to(resolve_weight(gm, param_ref(op.args[3], dyn)).device)
             with g.inserting_before(op):
                 for pos, field in _ROWS.items():
@@ -47,6 +51,9 @@ class PermuteNeurons(Pass):
                 down = resolve_weight(gm, param_ref(op.args[5], dyn))[:, perm].contiguous()
                 op.update_arg(5, g.get_attr(add_tensor_attr(gm, f"routefx_{key}_down", down)))
             res.rewrites += 1
+        if again:
+            res.notes.append(f"each run of an FFN module the model runs more than once gets its own permuted copy: "
+                             f"{again:,} weight bytes beyond one copy per module")
         return res
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext, after: ModelIR) -> str | None:

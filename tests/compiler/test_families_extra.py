@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import routefx
-from routefx.policies import Dense, Duo, PruneLayers
+from routefx.policies import Dense, Duo, MoEfy, PruneLayers
 from tests.compare import assert_close_nonpad
 from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
 from tests.zoo import ZOO, PlainLM, example_inputs
@@ -340,16 +340,31 @@ class _LoopedLM(PlainLM):
         return self.o(self.n(x))
 
 
-def test_duo_refuses_weights_shared_across_depth():
+@pytest.mark.parametrize("small", ["nested", "separate"])
+def test_duo_routes_each_run_of_a_looped_model(small):
+    """Duo on a model that runs its layers twice: each run is a routed layer of its own (`z.1.b@1` is the second
+    run of z.1's FFN) with its own router and weight copy (the report says how many bytes that adds); budget 1
+    equals the model, the budget is met, ONNX equals eager. MoEfy, which splits each block's weights into experts,
+    still refuses shared weights, and Dense compiles the model."""
     torch.manual_seed(0)
     model = _LoopedLM().eval()
     ids = torch.randint(0, 89, (2, 8), generator=torch.Generator().manual_seed(0))
-    assert len(routefx.inspect(model, (ids,)).blocks) == 6
+    x = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
+    cal = [torch.randint(0, 89, (2, 12), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    full = routefx.compile(model, Duo(budget=1.0, small=small), example_inputs=(ids,), calibration=cal)
+    with torch.no_grad():
+        torch.testing.assert_close(full(x), model(x), atol=EXACT_REWRITE, rtol=EXACT_REWRITE)
+    half = routefx.compile(model, Duo(budget=0.5, small=small), example_inputs=(ids,), calibration=cal)
+    assert sorted(half.plan.layers) == sorted(f"z.{i}.b{r}" for i in range(3) for r in ("", "@1"))
+    assert abs(half.plan.budget.realised - 0.5) <= 0.02
+    assert any("own permuted copy" in n for n in half.report.pass_report("permute_neurons").notes)
+    on_onnx = routefx.compile(model, half.plan, example_inputs=(ids,), backend="onnx")
+    torch.testing.assert_close(on_onnx(x), half(x), atol=ONNX_VS_EAGER, rtol=ONNX_VS_EAGER)
     with pytest.raises(routefx.UnsupportedModelError,
-                       match=r"Duo: blocks 0 and 3 run the same FFN weights \(z\.0\..*weights shared across depth, "
-                             r"6 blocks.*rewrites each block's own weights"):
-        routefx.compile(model, Duo(budget=0.5), example_inputs=(ids,), calibration=[{"input_ids": ids}])
-    with torch.no_grad():    # Dense compiles it
+                       match=r"MoEfy: blocks 0 and 3 run the same FFN weights \(z\.0\..*weights shared across "
+                             r"depth, 6 blocks.*rewrites each block's own weights"):
+        routefx.compile(model, MoEfy(experts=4, top_k=1), example_inputs=(ids,), calibration=cal)
+    with torch.no_grad():
         assert (routefx.compile(model, routefx.policies.Dense())(ids) - model(ids)).abs().max() <= EXACT_REWRITE
 
 
@@ -375,16 +390,23 @@ def test_pruning_runs_of_a_looped_model(backend):
             torch.testing.assert_close(cm(x), ref(x), atol=tol, rtol=tol)
 
 
-def test_pruning_a_looped_model_whose_runs_are_not_one_module_each_is_refused():
-    """One module under two names (z.0 and z.2) run in a loop: its blocks' modules cannot say which run a block is,
-    so PruneLayers refuses with a typed error naming the blocks (HRM's layers in the family sweep likewise)."""
+def test_pruning_a_looped_model_that_also_aliases_a_module():
+    """One module under two names (z.0 and z.2) in a looped model: each run is a block named by the name it was
+    called through, and pruning a run by index, or every run called through one name, equals leaving those runs
+    out."""
     torch.manual_seed(0)
     model = _LoopedLM().eval()
     model.z[2] = model.z[0]
     ids = torch.randint(0, 89, (2, 8), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(routefx.UnsupportedModelError, match=r"PruneLayers: blocks 0 and \d .*\(Dense compiles this "
-                                                            r"model\)"):
-        routefx.compile(model, PruneLayers(layers=[1]), example_inputs=(ids,))
+    x = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
+    assert [b.path for b in routefx.inspect(model, (ids,)).blocks] == ["z.0", "z.1", "z.2"] * 2
+    for layers, runs in (([2], {2}), (["z.0"], {0, 3}), (["z.2"], {2, 5})):
+        cm = routefx.compile(model, PruneLayers(layers=layers), example_inputs=(ids,))
+        assert sorted(cm.plan.pruned) == sorted(runs)
+        ref = copy.deepcopy(model)
+        ref.skip = frozenset(runs)
+        with torch.no_grad():
+            torch.testing.assert_close(cm(x), ref(x), atol=EXACT_REWRITE, rtol=EXACT_REWRITE)
 
 
 def test_two_blocks_whose_ffns_share_one_module_are_refused():

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import routefx
-from tests.zoo import ZOO, _RMS, _Attn
+from tests.zoo import _RMS, _Attn
 
 
 class _AttentionOnly(nn.Module):
