@@ -186,11 +186,30 @@ def _val_error(W: torch.Tensor, H: torch.Tensor, T: torch.Tensor) -> float:
     return float(((H @ W - T) ** 2).sum())
 
 
+def _pooled_scores(gm: fx.GraphModule, blocks: list, xs: dict) -> dict:
+    """Neuron importance summed over the runs of an FFN module that a looped model runs in several routed blocks
+    ({module path: [F]}): with nested small branches the runs then share one permutation, and so one permuted
+    copy of the weights (PermuteNeurons reuses a copy that is equal), instead of one copy per run."""
+    by_path: dict = {}
+    for b in blocks:
+        if b.ffn.path:
+            by_path.setdefault(b.ffn.path, []).append(b)
+    out = {}
+    for path, runs in by_path.items():
+        if len(runs) > 1:
+            with torch.no_grad():
+                w = _weights(gm, runs[0])
+                act = get_activation(runs[0].ffn.activation)
+                out[path] = sum(_hidden(xs[b.index], w, act).abs().mean(0) for b in runs) * w["down"].norm(dim=0)
+    return out
+
+
 def calibrate_duo(policy: Duo, gm: fx.GraphModule, ir: ModelIR, batches: list[dict], plan: Plan) -> None:
     blocks = routed_blocks(policy, ir)
     xs, norms = _collect(gm, blocks, batches)
     gen = torch.Generator().manual_seed(policy.seed)
     data: dict[str, LayerData] = {}
+    pooled = _pooled_scores(gm, blocks, xs) if policy.small == "nested" else {}
     for b in blocks:
         w = _weights(gm, b)
         act = get_activation(b.ffn.activation)
@@ -199,7 +218,8 @@ def calibrate_duo(policy: Duo, gm: fx.GraphModule, ir: ModelIR, batches: list[di
         x = xs[b.index]
         with torch.no_grad():
             h = _hidden(x, w, act)                                          # [N, n_neurons]
-            score = h.abs().mean(0) * w["down"].norm(dim=0)                 # [n_neurons]
+            score = pooled.get(b.ffn.path)
+            score = h.abs().mean(0) * w["down"].norm(dim=0) if score is None else score   # [n_neurons]
             perm = torch.argsort(score, descending=True, stable=True)
             y_big = F.linear(h, w["down"], w["b_down"])
             top = perm[:k]

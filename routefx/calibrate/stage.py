@@ -104,7 +104,7 @@ def check_blocks_rewritable(policy: Policy, gm: fx.GraphModule, ir: ModelIR) -> 
     contract further on. Two blocks in one layer module with distinct FFN modules (a recurrence branch and an MLP
     branch) are fine. PruneLayers and Duo also take a model that runs a layer module more than once (a looped or
     recurrent-depth model: each run one block, pruned on its own or all at once by the module's path; Duo routes
-    each run with a router and a weight copy of its own, keyed `path@run`), where each such block is one whole run
+    each run with a router of its own, keyed `path@run`), where each such block is one whole run
     of one module and the block reading raised no doubt."""
     name = type(policy).__name__
     params = {name for name, _ in gm.named_parameters()}

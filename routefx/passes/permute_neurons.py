@@ -35,25 +35,33 @@ class PermuteNeurons(Pass):
         res = PassResult()
         g = gm.graph
         dyn = dynamic_nodes(g)
-        again = 0   # bytes of the copies for later runs of an FFN module a looped model runs several times
+        copies: dict = {}   # (weight, rows or columns, permutation) -> the copy made: equal copies are one
+        again = 0           # bytes of copies beyond one per weight (a looped model's runs permuted differently)
+
+        def permuted(key, field, pos, cols=False):
+            nonlocal again
+            ref = param_ref(op.args[pos], dyn)
+            token = (repr(ref), cols, lp.perm.numpy().tobytes())
+            if token not in copies:
+                w = resolve_weight(gm, ref)
+                w = (w[:, perm] if cols else w[perm]).contiguous()
+                again += w.nbytes if any(t[0] == token[0] for t in copies) else 0
+                copies[token] = add_tensor_attr(gm, f"routefx_{key}_{field}", w)
+            return g.get_attr(copies[token])
+
         for key, lp, op in planned_ffns(ctx, res):
             if lp.perm is None:
                 continue
-            if "@" in key:
-                again += sum(resolve_weight(gm, param_ref(op.args[p], dyn)).nbytes for p in (3, 4, 5, 6, 7)
-                             if op.args[p] is not None)
             perm = lp.perm.to(resolve_weight(gm, param_ref(op.args[3], dyn)).device)
             with g.inserting_before(op):
                 for pos, field in _ROWS.items():
                     if op.args[pos] is not None:
-                        w = resolve_weight(gm, param_ref(op.args[pos], dyn))[perm].contiguous()
-                        op.update_arg(pos, g.get_attr(add_tensor_attr(gm, f"routefx_{key}_{field}", w)))
-                down = resolve_weight(gm, param_ref(op.args[5], dyn))[:, perm].contiguous()
-                op.update_arg(5, g.get_attr(add_tensor_attr(gm, f"routefx_{key}_down", down)))
+                        op.update_arg(pos, permuted(key, field, pos))
+                op.update_arg(5, permuted(key, "down", 5, cols=True))
             res.rewrites += 1
         if again:
-            res.notes.append(f"each run of an FFN module the model runs more than once gets its own permuted copy: "
-                             f"{again:,} weight bytes beyond one copy per module")
+            res.notes.append(f"runs of one FFN module (a looped model) permuted differently each get a copy: "
+                             f"{again:,} weight bytes beyond one copy per weight")
         return res
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext, after: ModelIR) -> str | None:
