@@ -99,7 +99,6 @@ def oracle_routes(forced: ForcedRoutes, batch: dict, labels: torch.Tensor | None
     spent = torch.zeros(1, B, S, dtype=torch.float64)                    # cost of layers decided so far
     alive = torch.ones(1, B, S, dtype=torch.bool)
     for layer in range(L):
-        W = routes.shape[0]
         cand_routes, cand_loss, cand_spent, cand_alive = [], [], [], []
         for r in range(R):
             rr = routes.clone()
