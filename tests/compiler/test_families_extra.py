@@ -472,16 +472,23 @@ def _two_block_layers():
     return model, torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
+def _pruning_z_equals_deleting(model, ids, k: int):
+    """PruneLayers by the path `z.k` equals the model with z[k] deleted (on inputs of another shape); the
+    compiled model."""
+    cm = routefx.compile(model, PruneLayers(layers=[f"z.{k}"]), example_inputs=(ids,))
+    ref = copy.deepcopy(model)
+    del ref.z[k]
+    x = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close_nonpad(cm(x), ref(x), None, EXACT_REWRITE)
+    return cm
+
+
 def test_a_module_path_names_every_block_of_that_layer():
     """PruneLayers(layers=["z.1"]) removes both blocks layer z.1 reads as (the same as deleting the layer and as
     listing blocks 2 and 3); mixed with an index, and round-tripped through JSON."""
     model, ids = _two_block_layers()
-    cm = routefx.compile(model, PruneLayers(layers=["z.1"]), example_inputs=(ids,))
-    ref = copy.deepcopy(model)
-    del ref.z[1]
-    x = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert_close_nonpad(cm(x), ref(x), None, EXACT_REWRITE)
+    cm = _pruning_z_equals_deleting(model, ids, 1)
     assert cm.plan.pruned == [2, 3]
     policy = PruneLayers(layers=[0, "z.1"])
     assert routefx.policies.policy_from_json(policy.to_json()) == policy
@@ -552,14 +559,8 @@ def test_an_attention_only_layer_and_the_ffn_only_layer_after_it_are_two_blocks(
     assert [b.path for b in ir.blocks] == ["z.0", "z.1", "z.2", "z.3"]
     assert [bool(b.attention) for b in ir.blocks] == [True, True, False, True]
     assert [b.ffn is not None for b in ir.blocks] == [True, False, True, True]
-    x = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
     for k in (1, 2):
-        cm = routefx.compile(model, PruneLayers(layers=[f"z.{k}"]), example_inputs=(ids,))
-        ref = copy.deepcopy(model)
-        del ref.z[k]
-        with torch.no_grad():
-            assert_close_nonpad(cm(x), ref(x), None, EXACT_REWRITE)
-        assert cm.plan.pruned == [k]
+        assert _pruning_z_equals_deleting(model, ids, k).plan.pruned == [k]
     cal = [torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(s)) for s in range(2)]
     cm = routefx.compile(model, Duo(budget=0.5, router="local"), calibration=cal, backend="onnx")
     cm(ids)
@@ -579,12 +580,7 @@ def test_layers_of_one_branch_each_stay_layers_when_no_block_boundary_separates_
     ir = routefx.inspect(model, (ids,))
     assert [(b.path, bool(b.attention), b.ffn is not None) for b in ir.blocks] == \
         [("z.0", True, False), ("z.1", True, False), ("z.2", False, True)]
-    cm = routefx.compile(model, PruneLayers(layers=["z.1"]), example_inputs=(ids,))
-    ref = copy.deepcopy(model)
-    del ref.z[1]
-    x = torch.randint(0, 89, (3, 11), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert_close_nonpad(cm(x), ref(x), None, EXACT_REWRITE)
+    _pruning_z_equals_deleting(model, ids, 1)
 
 
 def test_pruning_keeps_a_block_that_holds_attention():
