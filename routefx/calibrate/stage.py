@@ -109,10 +109,10 @@ def check_blocks_rewritable(policy: Policy, gm: fx.GraphModule, ir: ModelIR) -> 
     name = type(policy).__name__
     params = {name for name, _ in gm.named_parameters()}
     weights = [_weights(b.ffn_nodes, params) for b in ir.blocks]   # the FFN weights: what the policies rewrite
+    runs = isinstance(policy, (PruneLayers, Duo))   # policies that take runs of one module as blocks
     for i, a in enumerate(ir.blocks):
         for b in ir.blocks[i + 1:]:
             shared = weights[a.index] & weights[b.index]
-            runs = isinstance(policy, (PruneLayers, Duo))   # policies that take runs of one module as blocks
             if shared and runs and a.path and a.path == b.path and not ir.notes:
                 continue        # two runs of one layer module
             if shared:

@@ -234,8 +234,7 @@ def _scores(softmax: fx.Node, dyn: set) -> fx.Node | None:
                 continue
             seen.add(n)
             if gu.is_matmul(n):
-                ops = [a for a in gu.product_operands(n) if isinstance(a, fx.Node) and a in dyn]
-                return n if len(ops) >= 2 and n.target not in gu.targets(aten.linear, aten.addmm) else None
+                return n if gu.multiplies_activations(n, dyn) else None
             nxt.extend(n.all_input_nodes)
         frontier = nxt
     return None

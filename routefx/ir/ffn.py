@@ -88,12 +88,10 @@ def _einsum_operands(m: fx.Node) -> tuple:
     """(data, weight, whether the weight is stored [in, out]) of an einsum that is a per-token linear map: two
     operands, the weight with two indices, one of them the data's last index (summed), the other the output's
     last, the output the data's other indices in order ('bsd,fd->bsf', '...d,df->...f')."""
-    eq = m.args[0].replace(" ", "")
+    terms, out = gu.einsum_equation(m)
     ops = gu.product_operands(m)
-    terms = eq.split("->")[0].split(",")
-    if "->" not in eq or len(ops) != 2 or len(terms) != 2:
-        raise _Miss(f"einsum '{m.args[0]}' is not a two-operand product with an explicit output")
-    out = eq.split("->")[1]
+    if len(ops) != 2 or len(terms) != 2:
+        raise _Miss(f"einsum '{m.args[0]}' is not a two-operand product")
     for i in (0, 1):
         data, w = terms[i], terms[1 - i]
         named = data.removeprefix("...")

@@ -133,15 +133,11 @@ def _einsum_flops(n: fx.Node, subs) -> sympy.Expr:
     """2 FLOPs per multiply-add of an einsum, contracted pairwise left to right as torch does: each pair costs the
     product of the sizes of every index either operand holds (an index summed in one operand alone is a sum, not
     counted). An ellipsis stands for the operands' leading dims, right-aligned and broadcast."""
-    eq = n.args[0].replace(" ", "")
+    terms, out = gu.einsum_equation(n)
     vals = [gu.val(a) for a in gu.product_operands(n)]
-    terms = eq.split("->")[0].split(",")
     if len(terms) != len(vals) or any(v is None for v in vals):
         raise UnsupportedModelError(f"node {n.name}: einsum '{n.args[0]}' on {len(vals)} operand(s) of "
                                     f"{'unknown shapes' if len(terms) == len(vals) else 'another count'}")
-    if "->" not in eq:   # the implicit output: the indices named once, in alphabetical order, after an ellipsis
-        once = sorted(c for c in set(eq) if c.isalpha() and eq.count(c) == 1)
-        eq = f"{eq}->{'...' if '...' in eq else ''}{''.join(once)}"
     size: dict = {}
     letters = []
     for term, v in zip(terms, vals):
@@ -152,7 +148,7 @@ def _einsum_flops(n: fx.Node, subs) -> sympy.Expr:
         for c, d in zip(term, v.shape):
             if size.get(c, sympy.Integer(1)) == 1:   # a broadcast dim of size 1 takes the other operand's size
                 size[c] = _sym(d, subs)
-    keep = set(eq.split("->")[1]) | {c for c in size if ord(c) >= 0x100}
+    keep = set(out) | {c for c in size if ord(c) >= 0x100}
     # an index that one operand holds alone and the output drops is summed out first, no product
     letters = [{c for c in t if c in keep or any(c in u for j, u in enumerate(letters) if j != i)}
                for i, t in enumerate(letters)]

@@ -72,7 +72,26 @@ def product_operands(n: fx.Node) -> list:
     return list(n.args[:2])
 
 
+def multiplies_activations(n: fx.Node, values: set) -> bool:
+    """Is `n` a product of two (or more) of `values` (eager attention's Q·Kᵀ and P·V, a state-space scan's
+    products), not a weight product (linear, addmm, grouped expert GEMMs)?"""
+    return n.op == "call_function" and n.target in MATMUL and n.target not in _WEIGHT_PRODUCTS \
+        and sum(1 for a in product_operands(n) if isinstance(a, fx.Node) and a in values) >= 2
+
+
+def einsum_equation(n: fx.Node) -> tuple[list[str], str]:
+    """(the operands' index strings, the output's) of an einsum node, spaces removed; an implicit output is the
+    indices named once, in alphabetical order, after the ellipsis if there is one (torch's rule)."""
+    eq = n.args[0].replace(" ", "")
+    if "->" not in eq:
+        once = sorted(c for c in set(eq) if c.isalpha() and eq.count(c) == 1)
+        eq = f"{eq}->{'...' if '...' in eq else ''}{''.join(once)}"
+    lhs, out = eq.split("->")
+    return lhs.split(","), out
+
+
 EINSUM = targets(aten.einsum)
+_WEIGHT_PRODUCTS = targets(aten.linear, aten.addmm)
 
 
 def is_routed(n: fx.Node) -> bool:

@@ -106,11 +106,8 @@ def _branch_kind(region: set) -> str | None:
     if any(n.op == "call_function" and n.target in gu.ATTENTION for n in region):
         return "attention"
     # eager attention: a product of two values that both come from the stream (Q·Kᵀ, P·V)
-    for n in mm:
-        if n.target in gu.MATMUL and not gu.is_grouped_mm(n) \
-                and sum(1 for a in gu.product_operands(n) if isinstance(a, fx.Node) and a in region) >= 2:
-            if n.target not in (torch.ops.aten.addmm.default, torch.ops.aten.linear.default):
-                return "attention"
+    if any(gu.multiplies_activations(n, region) for n in mm):
+        return "attention"
     if not mm:
         return None
     if any(gu.is_grouped_mm(n) or (n.op == "call_function" and n.target in gu.TOPK) for n in region):
@@ -371,14 +368,15 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
             "feed-forward branches to a residual stream")
     # the hidden size: the most common last dim of the sums whose chain holds attention (a recurrent scan's
     # per-position adds, as in Mamba-1's sequential path, can outnumber the residual sums), else the most common
-    chains = {}
-    for width, _ in Counter(gu.val(s.out).shape[-1] for s in sums).most_common():
-        chains[width] = _chain([s for s in sums if gu.val(s.out).shape[-1] == width], dyn)
-        if any(b.kind == "attention" for s, _ in chains[width] for b in s.branches):
+    widths = [w for w, _ in Counter(gu.val(s.out).shape[-1] for s in sums).most_common()]
+    for d in widths:
+        chain = _chain([s for s in sums if gu.val(s.out).shape[-1] == d], dyn)
+        if _holds_attention(chain):
             break
-    d = width if any(b.kind == "attention" for s, _ in chains[width] for b in s.branches) else next(iter(chains))
-    chain = chains[d]
-    if not any(b.kind == "attention" for s, _ in chain for b in s.branches):
+    else:
+        d = widths[0]
+        chain = _chain([s for s in sums if gu.val(s.out).shape[-1] == d], dyn)
+    if not _holds_attention(chain):
         kinds = Counter(b.kind for s, _ in chain for b in s.branches)
         raise NoBlocksError(
             f"no transformer blocks found: {len(chain)} residual branch(es) of width {d} "
@@ -427,6 +425,10 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
     if chain[-1][1] and blocks[-1].form == "post_norm":
         blocks[-1].stream_out = _norm_output(blocks[-1].stream_out)
     return ModelIR(hidden_size=d, blocks=blocks, notes=_cross_check(graph, dyn, blocks))
+
+
+def _holds_attention(chain: list[tuple[_Sum, bool]]) -> bool:
+    return any(b.kind == "attention" for s, _ in chain for b in s.branches)
 
 
 def _sum_path(s: _Sum) -> str | None:

@@ -35,29 +35,27 @@ class PermuteNeurons(Pass):
         res = PassResult()
         g = gm.graph
         dyn = dynamic_nodes(g)
-        copies: dict = {}   # (weight, rows or columns, permutation) -> the copy made: equal copies are one
-        again = 0           # bytes of copies beyond one per weight (a looped model's runs permuted differently)
-
-        def permuted(key, field, pos, cols=False):
-            nonlocal again
-            ref = param_ref(op.args[pos], dyn)
-            token = (repr(ref), cols, lp.perm.numpy().tobytes())
-            if token not in copies:
-                w = resolve_weight(gm, ref)
-                w = (w[:, perm] if cols else w[perm]).contiguous()
-                again += w.nbytes if any(t[0] == token[0] for t in copies) else 0
-                copies[token] = add_tensor_attr(gm, f"routefx_{key}_{field}", w)
-            return g.get_attr(copies[token])
-
+        copies: dict = {}   # (weight, columns?, permutation) -> the copy made: runs of one module permuted alike
+        seen: set = set()   # share one; a weight copied again (permuted differently) adds `again` bytes
+        again = 0
         for key, lp, op in planned_ffns(ctx, res):
             if lp.perm is None:
                 continue
             perm = lp.perm.to(resolve_weight(gm, param_ref(op.args[3], dyn)).device)
+            order = lp.perm.numpy().tobytes()
             with g.inserting_before(op):
-                for pos, field in _ROWS.items():
-                    if op.args[pos] is not None:
-                        op.update_arg(pos, permuted(key, field, pos))
-                op.update_arg(5, permuted(key, "down", 5, cols=True))
+                for pos, field in (*_ROWS.items(), (5, "down")):
+                    if op.args[pos] is None:
+                        continue
+                    ref = param_ref(op.args[pos], dyn)
+                    token = (repr(ref), pos == 5, order)
+                    if token not in copies:
+                        w = resolve_weight(gm, ref)
+                        w = (w[:, perm] if pos == 5 else w[perm]).contiguous()   # down's columns, the others' rows
+                        again += w.nbytes if token[0] in seen else 0
+                        seen.add(token[0])
+                        copies[token] = add_tensor_attr(gm, f"routefx_{key}_{field}", w)
+                    op.update_arg(pos, g.get_attr(copies[token]))
             res.rewrites += 1
         if again:
             res.notes.append(f"runs of one FFN module (a looped model) permuted differently each get a copy: "

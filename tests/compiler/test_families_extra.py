@@ -389,10 +389,12 @@ def test_pruning_runs_of_a_looped_model(backend):
     for policy, runs in ((PruneLayers(layers=[4]), {4}), (PruneLayers(layers=["z.1"]), {1, 4}),
                          (PruneLayers(keep=0.5), None)):
         cm = routefx.compile(model, policy, example_inputs=(ids,), backend=backend, calibration=cal)
-        runs = set(cm.plan.pruned) if runs is None else runs
-        assert sorted(cm.plan.pruned) == sorted(runs) and len(runs) == (3 if policy.keep else len(runs))
+        if runs is None:        # by influence: 3 of the 6 runs, whichever they are
+            assert len(cm.plan.pruned) == 3
+        else:
+            assert sorted(cm.plan.pruned) == sorted(runs)
         ref = copy.deepcopy(model)
-        ref.skip = frozenset(runs)
+        ref.skip = frozenset(cm.plan.pruned)
         with torch.no_grad():
             torch.testing.assert_close(cm(x), ref(x), atol=tol, rtol=tol)
 
