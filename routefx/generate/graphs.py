@@ -17,6 +17,7 @@ from routefx.compiler.pipeline import build_pipeline, recognize_for
 from routefx.compiler.plan import Plan
 from routefx.compiler.plan_io import fingerprint
 from routefx.errors import CaptureError, PlanMismatchError, UnsupportedModelError
+from routefx.generate.arrays import as_torch
 from routefx.generate.split import drop_empty_cats_
 from routefx.generate.step import CacheLayout, cache_names, capture_decode, capture_prefill, probe_cache
 from routefx.ir.model_ir import ModelIR
@@ -35,6 +36,21 @@ class Graph:
     seconds: float               # capture, passes and (once done) lowering
     _lower: object = dataclasses.field(default=None, repr=False)
     _run: object = dataclasses.field(default=None, repr=False)
+    guards: object = dataclasses.field(default=None, repr=False)   # torch.export's input guards of the capture
+    names: tuple = ()            # the graph's inputs, in the order `guards` takes them
+
+    def fits(self, feeds: dict) -> bool:
+        """Whether the inputs `feeds` (name -> tensor or array) are within the sizes the capture is valid for
+        (torch.export's guards: a model whose code branches on a length, such as a convolution state padded
+        to its kernel while the prompt is shorter, gives a graph valid for some lengths only; a lowered graph
+        does not check them itself)."""
+        if self.guards is None:
+            return True
+        try:
+            self.guards(*[as_torch(feeds[n]) for n in self.names])
+        except AssertionError:
+            return False
+        return True
 
     @property
     def run(self):
@@ -46,17 +62,56 @@ class Graph:
         return self._run
 
 
+MAX_CAPTURES = 8   # prefill (or decode) graphs kept per compiled model for inputs outside the first one's guards
+
+
 @dataclasses.dataclass
 class GenerationGraphs:
     layout: CacheLayout
     kept: list[int]              # cached layers that keep a cache entry (not pruned), in order
-    prefill: Graph
+    prefill: Graph               # the first capture of each (valid for every size where it has no guards)
     decode: Graph
     plan: Plan
+    _cm: object = dataclasses.field(default=None, repr=False)
+    _more: dict = dataclasses.field(default_factory=dict, repr=False)   # "prefill" / "decode" -> later captures
 
     @property
     def past_names(self) -> list[str]:
-        return cache_names(self.kept, "past_")
+        return cache_names(self.layout, self.kept, "past_")
+
+    def prefill_for(self, feeds: dict) -> Graph:
+        """A prefill graph valid for the sizes of `feeds` (captured again at those sizes where the first is not)."""
+        return self._for("prefill", feeds)
+
+    def decode_for(self, feeds: dict) -> Graph:
+        return self._for("decode", feeds)
+
+    def _for(self, kind: str, feeds: dict) -> Graph:
+        first = getattr(self, kind)
+        if first.fits(feeds):
+            return first
+        more = self._more.setdefault(kind, [])
+        for g in more:
+            if g.fits(feeds):
+                return g
+        model = self._cm._model
+        capture = capture_prefill if kind == "prefill" else capture_decode
+        example = {k: as_torch(v).clone() for k, v in feeds.items()}
+        try:
+            gm, example = capture(model, self.layout, self.kept, example)
+        except (UnsupportedModelError, CaptureError) as e:
+            raise CaptureError(f"the {kind} graph is valid for other input sizes than {_sizes(feeds)} and could "
+                               f"not be captured again for these: {e}") from e
+        g = _lower(self._cm, gm, example, self.plan, self.layout)
+        if not g.fits(feeds):
+            raise CaptureError(f"the {kind} graph captured for input sizes {_sizes(feeds)} does not accept them")
+        more.append(g)
+        del more[:-MAX_CAPTURES]
+        return g
+
+
+def _sizes(feeds: dict) -> dict:
+    return {k: list(as_torch(v).shape) for k, v in list(feeds.items())[:3]}
 
 
 def _plan(cm, gm: fx.GraphModule, ir: ModelIR) -> Plan:
@@ -72,6 +127,9 @@ def _plan(cm, gm: fx.GraphModule, ir: ModelIR) -> Plan:
 
 
 def _check_fits(plan: Plan, ir: ModelIR, layout: CacheLayout) -> None:
+    if not plan.pruned and not plan.layers:
+        return   # the plan rewrites no block (Dense): a step read as other blocks (a recurrent layer's one-token
+        # update, a scan without a product of two activations, reads as an FFN) runs as it was captured
     paths = [b.path for b in ir.blocks]
     if paths != list(plan.block_paths):
         raise PlanMismatchError(f"the generation graph has blocks {paths}; the plan was made for "
@@ -83,12 +141,15 @@ def _check_fits(plan: Plan, ir: ModelIR, layout: CacheLayout) -> None:
 
 def _lower(cm, gm: fx.GraphModule, example: dict, plan: Plan, layout: CacheLayout) -> Graph:
     t0 = time.perf_counter()
+    guards = getattr(gm, "_guards_fn", None)
+    names = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
     ir_before, blockless = recognize_for(cm.policy, gm)
     _check_fits(plan, ir_before, layout)
     ir = ir_before if blockless else PassManager(build_pipeline(cm.policy).passes, debug_dir=None).run(
         gm, ir_before, plan)[0]
     drop_empty_cats_(gm)          # the cache seeded with the past: cat([empty, past]) copied the past every step
-    return Graph(gm, ir, time.perf_counter() - t0, lambda: cm._backend.prepare(gm, example))
+    return Graph(gm, ir, time.perf_counter() - t0, lambda: cm._backend.prepare(gm, example),
+                 guards=guards, names=names)
 
 
 def generation_graphs(cm) -> GenerationGraphs:
@@ -101,18 +162,30 @@ def generation_graphs(cm) -> GenerationGraphs:
     model = cm._model
     try:
         layout = probe_cache(model)
-        # the plan first (pruned layers decide the cache's inputs and outputs); an unpruned capture to make it
-        gm, example = capture_prefill(model, layout, list(range(layout.layers)))
+        # the plan first (pruned layers decide the cache's inputs and outputs); an unpruned capture to make it.
+        # Recurrent state is left out of that one: a state is a side output of its layer (a convolution's last
+        # inputs), which would read as a value a later block reads when the layer is pruned
+        every = list(range(layout.layers))
+        gm, example = capture_prefill(model, layout, [] if layout.recurrent else every)
         plan = _plan(cm, gm, recognize_for(cm.policy, gm)[0])
-        kept = [i for i in range(layout.layers) if i not in set(plan.pruned)]
-        if plan.pruned:
+        kept = [i for i in every if i not in set(plan.pruned)]
+        if plan.pruned or layout.recurrent:
             gm, example = capture_prefill(model, layout, kept)
         decode_capture = capture_decode(model, layout, kept)
     except (UnsupportedModelError, CaptureError) as e:
         cm.__dict__["_generation_graphs_error"] = e
         raise
-    prefill = _lower(cm, gm, example, plan, layout)
-    decode = _lower(cm, *decode_capture, plan, layout)
-    graphs = GenerationGraphs(layout, kept, prefill, decode, plan)
+    try:
+        prefill = _lower(cm, gm, example, plan, layout)
+        decode = _lower(cm, *decode_capture, plan, layout)
+    except PlanMismatchError as e:
+        if not layout.recurrent:
+            raise
+        # a recurrent layer's one-token update can read as other blocks than its whole-sequence scan (OLMo-Hybrid's
+        # delta rule step multiplies no two activations by a matmul: it reads as an FFN): generate runs uncached
+        err = UnsupportedModelError(f"the plan cannot be applied to the generation graphs: {e}")
+        cm.__dict__["_generation_graphs_error"] = err
+        raise err from e
+    graphs = GenerationGraphs(layout, kept, prefill, decode, plan, cm)
     cm.__dict__["_generation_graphs"] = graphs
     return graphs

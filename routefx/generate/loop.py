@@ -190,6 +190,7 @@ class Stepper:
         self._past: list = []                # torch tensors, numpy arrays or OrtValues, in the graphs' order
         self.pos = None
         self.path = path
+        self._decode = None                  # the decode graph for this generation's sizes (`GenerationGraphs._for`)
 
     @property
     def past(self) -> list[torch.Tensor]:
@@ -201,7 +202,8 @@ class Stepper:
 
     def prefill(self, ids):
         pos = prompt_positions(self.mask)
-        out = self.g.prefill.run(input_ids=ids, attention_mask=self.mask, position_ids=pos)
+        feeds = {"input_ids": ids, "attention_mask": self.mask, "position_ids": pos}
+        out = self.g.prefill_for(feeds).run(**feeds)
         self.pos, self._past = pos[:, -1:], list(out[1:])
         return out[0][:, -1]
 
@@ -215,7 +217,11 @@ class Stepper:
         B, S = new.shape
         self.mask = torch.cat([self.mask, self.mask.new_ones(B, S)], dim=1)
         pos = self.pos + torch.arange(1, S + 1, device=self.pos.device)
-        run = self.g.decode.run
+        if self._decode is None or self.g.layout.recurrent:
+            # the guards checked once per generation (every step with recurrent state, a new kind of layer state)
+            self._decode = self.g.decode_for({"input_ids": new, "attention_mask": self.mask, "position_ids": pos,
+                                              **dict(zip(self.g.past_names, self._past))})
+        run = self._decode.run
         if self.path == "arrays" and getattr(run, "takes_arrays", False):
             feeds = {"input_ids": as_array(new), "attention_mask": as_array(self.mask), "position_ids": as_array(pos)}
             feeds.update(zip(self.g.past_names, map(as_array, self._past)))

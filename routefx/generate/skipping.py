@@ -131,6 +131,7 @@ class SkipStepper:
         if fit and cm._calibration is None:
             raise CalibrationError(_NO_CALIBRATION)
         self.g = generation_graphs(cm)
+        self.g.layout.refuse_recurrent(cm._model, f"decode_policy={type(policy).__name__}")
         self.p = decode_pieces(cm)
         L, B = len(self.p.layers), mask.shape[0]
         policy.check(L, B)

@@ -23,6 +23,7 @@ import time
 import torch
 
 from routefx.errors import InputError
+from routefx.generate.graphs import generation_graphs
 from routefx.generate.loop import Stepper, _check
 from routefx.generate.settings import resolve
 
@@ -95,6 +96,7 @@ def speculative_generate(full, draft, input_ids, attention_mask=None, *, max_new
     eos, pad = cfg.eos, cfg.pad
     eos_t = torch.tensor(eos, dtype=torch.long, device=ids.device)
     B = ids.shape[0]
+    generation_graphs(full).layout.refuse_recurrent(full._model, "speculative decoding (rewinding rejected drafts)")
     f, d = _Rewindable(full, mask), _Rewindable(draft, mask)
     stats = SpeculativeStats()
     unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)

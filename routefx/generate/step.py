@@ -35,22 +35,66 @@ from routefx.errors import CaptureError, UnsupportedModelError
 from routefx.ir import capture_cache
 from routefx.ir.capture import CaptureInfo, _drop_export_artifacts, _eval_mode, grouped_experts, normalise_ops
 
-__all__ = ["CacheLayout", "probe_cache", "capture_prefill", "capture_decode", "supports_cache", "prompt_positions"]
+__all__ = ["CacheLayout", "StateSlot", "probe_cache", "capture_prefill", "capture_decode", "supports_cache",
+           "prompt_positions", "cache_names", "cache_entries"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSlot:
+    """One recurrent-state tensor a layer keeps between calls (transformers' linear-attention cache layers: a
+    causal convolution's last inputs, a state-space or linear-attention scan's state). Fixed shape per row."""
+
+    layer: int
+    kind: str                                    # "conv" | "recurrent"
+    index: int                                   # the layer's state index (a layer may keep several)
+    shape: tuple[int, ...]                       # without the batch dim
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_{self.layer}" + (f"_{self.index}" if self.index else "")
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheLayout:
-    """The model's KV-cache convention, found by `probe_cache`."""
+    """The model's cache convention, found by `probe_cache`: which layers keep attention keys and values (growing
+    along the position dim) and which keep recurrent state (fixed shape)."""
 
     cache_kw: str                                # the forward's keyword for the cache object
-    heads: tuple[int, ...]                       # K/V heads per cached layer
-    head_dims: tuple[tuple[int, int], ...]       # (key, value) head dims per cached layer
+    heads: tuple[int, ...]                       # K/V heads per model layer (0: the layer keeps no K/V)
+    head_dims: tuple[tuple[int, int], ...]       # (key, value) head dims per model layer
     dtype: torch.dtype
     logits_to_keep: bool                         # forward takes logits_to_keep
+    states: tuple[StateSlot, ...] = ()           # recurrent state, in layer order
+    layer_types: tuple[tuple[str, int], ...] | None = None   # (cache layer type, states) per layer; None: K/V only
+    decode_mask: bool = True                     # the decode step passes the attention mask to the model
+    positions: bool = True                       # the forward takes position_ids
 
     @property
     def layers(self) -> int:
         return len(self.heads)
+
+    @property
+    def kv(self) -> tuple[int, ...]:
+        """The layers that keep keys and values."""
+        return tuple(i for i, h in enumerate(self.heads) if h)
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether some layer keeps recurrent state (such a cache cannot be cut back or shifted: no speculative
+        decoding, no fixed-shape window, no per-row layer skipping)."""
+        return bool(self.states)
+
+    def refuse_recurrent(self, model: nn.Module, what: str) -> None:
+        """Raise UnsupportedModelError for `what` (a mode that cuts back, shifts or splits the cache) where some
+        layer keeps recurrent state."""
+        if self.recurrent:
+            layers = sorted({u.layer for u in self.states})
+            raise UnsupportedModelError(
+                f"{what} needs a cache of keys and values only; {type(model).__name__}'s layers {layers} keep "
+                "recurrent state (a convolution's last inputs, a scan's state), which cannot be cut back to an "
+                "earlier position or split per layer and row. Plain generate (prefill, then one token per step) "
+                "runs such models with their state as explicit tensors")
 
 
 def _cache_kw(model: nn.Module) -> str | None:
@@ -62,79 +106,165 @@ def _cache_kw(model: nn.Module) -> str | None:
 
 
 def supports_cache(model: nn.Module) -> str | None:
-    """None if the model can be captured with a KV cache; else why not."""
+    """None if the model can be captured with a cache; else why not."""
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
         return "transformers is not installed"
     params = _inspect.signature(model.forward).parameters
-    missing = [p for p in ("input_ids", "attention_mask", "position_ids") if p not in params]
+    # position_ids may be missing where the model has no positions to give (a Mamba stack: recurrent state only)
+    need = ("input_ids", "attention_mask") + (() if _state_layer_types(model) else ("position_ids",))
+    missing = [p for p in need if p not in params]
     if not isinstance(model, PreTrainedModel) or _cache_kw(model) is None or missing:
         return (f"{type(model).__name__}.forward takes no KV cache (routefx captures a cache through a Hugging Face "
-                f"cache argument with input_ids, attention_mask and position_ids; missing: "
+                f"cache argument with {', '.join(need)}; missing: "
                 f"{missing + ([] if _cache_kw(model) else ['past_key_values'])})")
     return None
 
 
-def _recording_cache():
-    """A fresh cache object whose `update` records the full K/V it returns, per layer index."""
+def _state_layer_types(model: nn.Module) -> tuple[tuple[str, int], ...] | None:
+    """(cache layer type, number of states) per layer from the model's config, when some layer keeps recurrent
+    state in transformers' own cache (`DynamicCache(config=...)`: linear-attention, conv and hybrid layers); None
+    when every layer keeps keys and values only (or this transformers has no such layers)."""
+    try:
+        from transformers.cache_utils import (DYNAMIC_LAYER_TYPE_MAPPING, LinearAttentionCacheLayerMixin,
+                                              get_layer_types_and_kwargs)
+        cfg = model.config.get_text_config(decoder=True)
+        types, kwargs = get_layer_types_and_kwargs(cfg)
+    except Exception:  # noqa: BLE001 - an older transformers, a config without per-layer fields: K/V only
+        return None
+    cls = [DYNAMIC_LAYER_TYPE_MAPPING.get(t) for t in types]
+    if not any(isinstance(c, type) and issubclass(c, LinearAttentionCacheLayerMixin) for c in cls):
+        return None
+    return tuple((t, int(kw.get("number_of_states", 1))) for t, kw in zip(types, kwargs))
+
+
+def _cache_layer(kind: str, states: int):
+    """A cache layer for one model layer: transformers' own for recurrent state; keys and values always grow in
+    full (a sliding window is the mask's business, as on the K/V-only path)."""
+    from transformers.cache_utils import (DYNAMIC_LAYER_TYPE_MAPPING, CacheLayerMixin, DummyLayer, DynamicLayer,
+                                          LinearAttentionAndFullAttentionLayer, LinearAttentionCacheLayerMixin,
+                                          LinearAttentionLayer)
+    cls = DYNAMIC_LAYER_TYPE_MAPPING.get(kind, DynamicLayer)
+    if isinstance(cls, type) and issubclass(cls, LinearAttentionCacheLayerMixin):
+        both = issubclass(cls, CacheLayerMixin)
+        return (LinearAttentionAndFullAttentionLayer if both else LinearAttentionLayer)(number_of_states=states)
+    return DummyLayer() if cls is DummyLayer else DynamicLayer()
+
+
+def _recording_cache(layer_types=None):
+    """A fresh cache object that records, per layer index, the full K/V its `update` returns and which recurrent
+    states were updated. `layer_types` (from `_state_layer_types`): one cache layer per model layer, as the model's
+    own generate builds them; None: transformers' DynamicCache, its layers made as they are updated."""
     from transformers import DynamicCache
+    from transformers.cache_utils import Cache
 
     class _Recording(DynamicCache):
         def __init__(self):
-            super().__init__()
+            if layer_types is None:
+                super().__init__()
+            else:
+                Cache.__init__(self, layers=[_cache_layer(t, n) for t, n in layer_types])
             self.returned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            self.updated: set[tuple[int, str, int]] = set()
 
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
             k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
             self.returned[layer_idx] = (k, v)
             return k, v
 
+        def update_conv_state(self, conv_states, layer_idx, state_idx=0, **kwargs):
+            self.updated.add((layer_idx, "conv", state_idx))
+            return super().update_conv_state(conv_states, layer_idx, state_idx, **kwargs)
+
+        def update_recurrent_state(self, recurrent_states, layer_idx, state_idx=0, **kwargs):
+            self.updated.add((layer_idx, "recurrent", state_idx))
+            return super().update_recurrent_state(recurrent_states, layer_idx, state_idx, **kwargs)
+
+        def state(self, slot) -> torch.Tensor | None:
+            get = self.get_conv_state if slot[1] == "conv" else self.get_recurrent_state
+            return get(slot[0], state_idx=slot[2])
+
     return _Recording()
 
 
-def _call(model, layout_kw: str, keep_last: bool, input_ids, attention_mask, position_ids, past):
-    """Run `model` on explicit tensors; `past` is one (key, value) pair per cached layer (or None). Returns
-    (logits, {layer: (key, value)})."""
-    cache = _recording_cache()
-    for i, kv in enumerate(past):
-        if kv is not None:
-            cache.update(kv[0], kv[1], i)
-    cache.returned = {}
-    kwargs = {layout_kw: cache, "use_cache": True}
+def _call(model, layout: CacheLayout, keep_last: bool, decode: bool, input_ids, attention_mask, position_ids,
+          kv: dict, states: dict):
+    """Run `model` on explicit tensors: `kv` {layer: (key, value)} and `states` {StateSlot: tensor} seed the cache
+    (empty for a prefill). Returns (logits, {layer: (key, value)}, {(layer, kind, index): state}) after the call."""
+    cache = _recording_cache(layout.layer_types)
+    for i, (k, v) in kv.items():
+        cache.update(k, v, i)
+    for slot, t in states.items():   # through the cache's own update: it marks the layer as having a past
+        if slot.kind == "conv":
+            cache.update_conv_state(t, slot.layer, slot.index)
+        else:
+            cache.update_recurrent_state(t, slot.layer, slot.index)
+    cache.returned, cache.updated = {}, set()
+    kwargs = {layout.cache_kw: cache, "use_cache": True}
     if keep_last:
         kwargs["logits_to_keep"] = 1
-    out = type(model).forward(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              **kwargs)
+    if layout.positions:
+        kwargs["position_ids"] = position_ids
+    if layout.decode_mask or not decode:
+        kwargs["attention_mask"] = attention_mask
+    out = type(model).forward(model, input_ids=input_ids, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits, cache.returned
+    # every state the layout knows, read back after the call: a decode step may update a state in place (Mamba's
+    # causal_conv1d_update / selective_state_update) instead of through the cache's update methods
+    slots = sorted(cache.updated | {(u.layer, u.kind, u.index) for u in layout.states})
+    return logits, cache.returned, {u: cache.state(u) for u in slots}, cache
+
+
+def _decode_feeds_mask(model, kw: str, cache, ids, mask) -> bool:
+    """Whether the model's own generate feeds the attention mask to a decode step (Mamba's drops it once the
+    cache holds the prompt): asked of its `prepare_inputs_for_generation`."""
+    prepare = getattr(model, "prepare_inputs_for_generation", None)
+    try:
+        fed = prepare(ids, **{kw: cache}, attention_mask=mask, use_cache=True, is_first_iteration=False)
+    except Exception:  # noqa: BLE001 - transformers' many signatures: feed it, as generate does by default
+        return True
+    return not (isinstance(fed, dict) and "attention_mask" in fed and fed["attention_mask"] is None)
 
 
 def probe_cache(model: nn.Module) -> CacheLayout:
-    """Call the model once (batch 1, 2 tokens) to find which layers keep a cache and the shapes of their K/V."""
+    """Call the model once (batch 1, 2 tokens) to find which layers keep a cache and the shapes of what they keep."""
     reason = supports_cache(model)
     if reason is not None:
         raise UnsupportedModelError(reason)
     kw = _cache_kw(model)
+    types = _state_layer_types(model)
+    params = _inspect.signature(model.forward).parameters
     ids = torch.ones(1, 2, dtype=torch.long, device=_device(model))
+    probe = CacheLayout(kw, (), (), torch.float32, False, layer_types=types, positions="position_ids" in params)
     with _eval_mode(model), torch.no_grad():
         try:
-            _, returned = _call(model, kw, False, ids, torch.ones_like(ids),
-                                torch.arange(2, device=ids.device)[None], [])
-        except Exception as e:  # the model wants its own cache class (recurrent or compressed state, ...)
+            _, returned, states, cache = _call(model, probe, False, False, ids, torch.ones_like(ids),
+                                               torch.arange(2, device=ids.device)[None], {}, {})
+        except Exception as e:  # the model wants its own cache class (compressed state, ...)
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise UnsupportedModelError(
-                f"{type(model).__name__} does not run with a plain key/value cache (transformers' DynamicCache, "
-                f"through which routefx captures the cache as tensors): {type(e).__name__}: {first}. routefx "
-                "generates with a KV cache for models whose layers keep attention keys and values only "
-                "(Cache.update); recurrent or compressed layer state is not supported") from e
-    if sorted(returned) != list(range(len(returned))) or not returned:
+                f"{type(model).__name__} does not run with transformers' DynamicCache (through which routefx captures "
+                f"the cache as tensors): {type(e).__name__}: {first}. routefx generates with a cache for models whose "
+                "layers keep attention keys and values (Cache.update) or transformers' linear-attention states "
+                "(update_conv_state / update_recurrent_state); other layer state is not supported") from e
+        decode_mask = types is None or _decode_feeds_mask(model, kw, cache, ids, ids.new_ones(1, 3))
+    n = len(types) if types is not None else len(returned)
+    if types is None and (sorted(returned) != list(range(n)) or not returned):
         raise UnsupportedModelError(f"{type(model).__name__}'s cache updates layers {sorted(returned)}; routefx "
                                     "supports models whose every cached layer 0..L-1 updates once per call")
-    kv = [returned[i] for i in range(len(returned))]
-    keep = "logits_to_keep" in _inspect.signature(model.forward).parameters
-    return CacheLayout(kw, tuple(k.shape[1] for k, _ in kv), tuple((k.shape[-1], v.shape[-1]) for k, v in kv),
-                       kv[0][0].dtype, keep)
+    missing = [u for u in states.values() if u is None]
+    if types is not None and (not set(returned) <= set(range(n)) or missing or not (returned or states)):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s cache was updated for K/V layers {sorted(returned)} and states "
+            f"{sorted(states)} of {n} layers; routefx supports a layer's state that the cache gives back "
+            "(a conv state updated before its recurrent state)")
+    heads = tuple(returned[i][0].shape[1] if i in returned else 0 for i in range(n))
+    dims = tuple((returned[i][0].shape[-1], returned[i][1].shape[-1]) if i in returned else (0, 0) for i in range(n))
+    slots = tuple(StateSlot(i, kind, s, tuple(t.shape[1:]), t.dtype) for (i, kind, s), t in states.items())
+    dtype = next(iter(returned.values()))[0].dtype if returned else next(iter(states.values())).dtype
+    keep = "logits_to_keep" in params
+    return CacheLayout(kw, heads, dims, dtype, keep, slots, types, decode_mask, "position_ids" in params)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -148,55 +278,92 @@ def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
-def cache_names(kept: list[int], prefix: str = "") -> list[str]:
-    return [n for i in kept for n in (f"{prefix}key_{i}", f"{prefix}value_{i}")]
+def cache_entries(layout: CacheLayout, kept: list[int]) -> list[tuple[int, str, object]]:
+    """The cache tensors of the layers in `kept`, in the graphs' order: per layer its key and value, then its
+    recurrent states. Each is (layer, name, StateSlot or None)."""
+    slots: dict[int, list[StateSlot]] = {}
+    for slot in layout.states:
+        slots.setdefault(slot.layer, []).append(slot)
+    out = []
+    for i in kept:
+        if layout.heads[i]:
+            out += [(i, f"key_{i}", None), (i, f"value_{i}", None)]
+        out += [(i, slot.name, slot) for slot in slots.get(i, ())]
+    return out
+
+
+def cache_names(layout: CacheLayout, kept: list[int], prefix: str = "") -> list[str]:
+    return [prefix + name for _, name, _ in cache_entries(layout, kept)]
 
 
 def _forward_fn(model, layout: CacheLayout, kept: list[int], decode: bool):
     """A function of named tensors (export binds inputs by name; *args are not allowed)."""
-    past_names = cache_names(kept, "past_") if decode else []
+    entries = cache_entries(layout, kept) if decode else []
+    past_names = ["past_" + name for _, name, _ in entries]
     params = ["input_ids", "attention_mask", "position_ids"] + past_names
     src = (f"def forward({', '.join(params)}):\n"
            f"    return _body({', '.join(params[:3])}, [{', '.join(past_names)}])\n")
+    kept_kv = [i for i in kept if layout.heads[i]]
 
     def body(input_ids, attention_mask, position_ids, flat):
-        past = []
+        kv, states = {}, {}
         if decode:
-            given = {i: (flat[2 * j], flat[2 * j + 1]) for j, i in enumerate(kept)}
-            like = flat[0]  # [B, Hkv, P, Dh] of a kept layer: B and P for a pruned layer's placeholder zeros
-            for i in range(layout.layers):
-                if i in given:
-                    past.append(given[i])
+            given = dict(zip(past_names, flat))
+            # B and P for a pruned layer's placeholder zeros: from a kept layer's K/V, else from the inputs
+            like = given[f"past_key_{kept_kv[0]}"] if kept_kv else None
+            B = like.shape[0] if like is not None else input_ids.shape[0]
+            P = like.shape[2] if like is not None else attention_mask.shape[1] - input_ids.shape[1]
+            for i in layout.kv:
+                if i in kept:
+                    kv[i] = (given[f"past_key_{i}"], given[f"past_value_{i}"])
                 else:
-                    shape = lambda d: (like.shape[0], layout.heads[i], like.shape[2], d)  # noqa: E731
-                    past.append((like.new_zeros(shape(layout.head_dims[i][0])),
-                                 like.new_zeros(shape(layout.head_dims[i][1]))))
-        logits, returned = _call(model, layout.cache_kw, layout.logits_to_keep and not decode, input_ids,
-                                 attention_mask, position_ids, past)
-        if sorted(returned) != list(range(layout.layers)):
-            raise CaptureError(f"the cache was updated for layers {sorted(returned)}, expected "
-                               f"0..{layout.layers - 1}")
+                    shape = lambda d: (B, layout.heads[i], P, d)  # noqa: E731
+                    kv[i] = (input_ids.new_zeros(shape(layout.head_dims[i][0]), dtype=layout.dtype),
+                             input_ids.new_zeros(shape(layout.head_dims[i][1]), dtype=layout.dtype))
+            for slot in layout.states:
+                states[slot] = given["past_" + slot.name] if slot.layer in kept else \
+                    input_ids.new_zeros((B, *slot.shape), dtype=slot.dtype)
+        logits, returned, updated, _ = _call(model, layout, layout.logits_to_keep and not decode, decode, input_ids,
+                                             attention_mask, position_ids, kv, states)
+        if sorted(returned) != list(layout.kv) or any(t is None for t in updated.values()) or sorted(updated) != sorted(
+                (u.layer, u.kind, u.index) for u in layout.states):
+            raise CaptureError(f"the cache was updated for K/V layers {sorted(returned)} and states "
+                               f"{sorted(updated)}; the probe found K/V layers {list(layout.kv)} and states "
+                               f"{[(u.layer, u.kind, u.index) for u in layout.states]}")
         if not decode and not layout.logits_to_keep:
             logits = logits[:, -1:]
-        return (logits, *[t for i in kept for t in returned[i]])
+        out = []
+        for i, name, slot in cache_entries(layout, kept):
+            if slot is not None:
+                out.append(updated[(slot.layer, slot.kind, slot.index)])
+            else:
+                out.append(returned[i][0 if name.startswith("key_") else 1])
+        return (logits, *out)
 
     ns = {"_body": body}
     exec(src, ns)  # noqa: S102 - a fixed template over generated parameter names
     return ns["forward"], params
 
 
-def _export(model, fn, params, example: dict, what: tuple) -> torch.fx.GraphModule:
+def _export(model, fn, params, example: dict, what: tuple, recurrent: bool) -> torch.fx.GraphModule:
     """torch.export of the step `fn` (`what`: prefill or decode, the cached layers, the layout), or its kept
     result for the unchanged model (`capture_cache`: the same model compiled with several policies generates)."""
     shapes = {}
     for name in params:
         t = example[name]
-        shapes[name] = {0: Dim.AUTO, 2: Dim.AUTO} if name.startswith("past_") else {0: Dim.AUTO, 1: Dim.AUTO}
+        grows = name.startswith(("past_key_", "past_value_"))
+        shapes[name] = {0: Dim.AUTO, 2: Dim.AUTO} if grows else {0: Dim.AUTO} if name.startswith("past_") else \
+            {0: Dim.AUTO, 1: Dim.AUTO}
         example[name] = t.contiguous()
     gm = capture_cache.exported(model, ("generation step", what, capture_cache.inputs_key(example)),
                                 lambda: (_export_step(model, fn, example, shapes), None))[0]
     _drop_export_artifacts(gm)
     normalise_ops(gm)
+    if recurrent:
+        # a pruned layer's state: updated in place by the model's code, then never read (not an output); left in,
+        # its copy reads the layer's values from outside the layer, which PruneLayers refuses as a later read
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
     gm.meta["routefx"] = CaptureInfo(arg_names=(), constant_kwargs={})
     return gm
 
@@ -226,26 +393,49 @@ def _example_ids(model, batch, seq):
     return torch.arange(batch * seq, device=_device(model)).reshape(batch, seq) % max(vocab - 1, 1) + 1
 
 
-def capture_prefill(model: nn.Module, layout: CacheLayout, kept: list[int]) -> tuple[torch.fx.GraphModule, dict]:
-    """The prefill graph (logits of the last position, K/V of the layers in `kept`) and its example inputs."""
+def _prefill_length(layout: CacheLayout) -> int:
+    """The first prefill capture's length: longer than every convolution state (a prompt shorter than the kernel
+    takes another branch of the model's code: a graph valid for short prompts only, read as other blocks)."""
+    kernel = max((u.shape[-1] for u in layout.states if u.kind == "conv"), default=0)
+    return max(_S, 2 * kernel + 1)
+
+
+def capture_prefill(model: nn.Module, layout: CacheLayout, kept: list[int], example: dict | None = None
+                    ) -> tuple[torch.fx.GraphModule, dict]:
+    """The prefill graph (logits of the last position, the cache of the layers in `kept`) and its example inputs
+    (`example`: inputs of the sizes to capture at, where a first capture's guards exclude them)."""
     fn, params = _forward_fn(model, layout, kept, decode=False)
-    ids = _example_ids(model, _B, _S)
-    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-               "position_ids": torch.arange(_S, device=ids.device).expand(_B, _S)}
-    return _export(model, fn, params, dict(example), ("prefill", tuple(kept), dataclasses.astuple(layout))), example
+    if example is None:
+        S = _prefill_length(layout)
+        ids = _example_ids(model, _B, S)
+        example = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                   "position_ids": torch.arange(S, device=ids.device).expand(_B, S)}
+    return _export(model, fn, params, dict(example), ("prefill", tuple(kept), dataclasses.astuple(layout)),
+                   layout.recurrent), example
 
 
-def capture_decode(model: nn.Module, layout: CacheLayout, kept: list[int]) -> tuple[torch.fx.GraphModule, dict]:
-    """The decode graph (logits of every new position, K/V grown by the new positions) and its example inputs."""
-    if not kept:
+def capture_decode(model: nn.Module, layout: CacheLayout, kept: list[int], example: dict | None = None
+                   ) -> tuple[torch.fx.GraphModule, dict]:
+    """The decode graph (logits of every new position, the cache grown by the new positions) and its example
+    inputs. With recurrent state the step takes one token per row (a draft cannot be verified: the state cannot be
+    cut back), so it is captured on one."""
+    if not any(layout.heads[i] for i in kept) and not any(u.layer in kept for u in layout.states):
         raise UnsupportedModelError("every cached layer is pruned; routefx needs at least one layer with a cache")
     fn, params = _forward_fn(model, layout, kept, decode=True)
-    ids = _example_ids(model, _B, _S)
-    example = {"input_ids": ids, "attention_mask": torch.ones(_B, _P + _S, dtype=torch.long, device=ids.device),
-               "position_ids": torch.arange(_P, _P + _S, device=ids.device).expand(_B, _S)}
+    if example is not None:
+        return _export(model, fn, params, dict(example), ("decode", tuple(kept), dataclasses.astuple(layout)),
+                       layout.recurrent), example
+    S = 1 if layout.recurrent else _S
+    ids = _example_ids(model, _B, S)
+    example = {"input_ids": ids, "attention_mask": torch.ones(_B, _P + S, dtype=torch.long, device=ids.device),
+               "position_ids": torch.arange(_P, _P + S, device=ids.device).expand(_B, S)}
     g = torch.Generator().manual_seed(0)
-    for i in kept:
-        for name, d in zip(("key", "value"), layout.head_dims[i]):
-            example[f"past_{name}_{i}"] = torch.randn(_B, layout.heads[i], _P, d, generator=g).to(
-                device=ids.device, dtype=layout.dtype)
-    return _export(model, fn, params, dict(example), ("decode", tuple(kept), dataclasses.astuple(layout))), example
+    for i, name, slot in cache_entries(layout, kept):
+        if slot is None:
+            d = layout.head_dims[i][0 if name.startswith("key_") else 1]
+            shape, dtype = (_B, layout.heads[i], _P, d), layout.dtype
+        else:
+            shape, dtype = (_B, *slot.shape), slot.dtype
+        example["past_" + name] = torch.randn(shape, generator=g).to(device=ids.device, dtype=dtype)
+    return _export(model, fn, params, dict(example), ("decode", tuple(kept), dataclasses.astuple(layout)),
+                       layout.recurrent), example

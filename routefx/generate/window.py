@@ -69,6 +69,7 @@ class WindowStepper:
     def __init__(self, cm, mask: torch.Tensor, max_new_tokens: int, *, cuda_graph: bool):
         self.cm = cm
         self.g = generation_graphs(cm)
+        self.g.layout.refuse_recurrent(cm._model, "static_cache=True (a fixed-shape window that shifts)")
         self.mask = mask
         self.device = mask.device
         if cuda_graph and self.device.type != "cuda":

@@ -92,7 +92,7 @@ def test_refusals(llama, kw, match):
 
 def test_a_model_that_needs_its_own_cache_class_generates_uncached_and_says_why():
     """Hybrid models (Mamba layers, compressed KV) call methods of their own cache class: generation warns that the
-    model does not run with a plain key/value cache and generates without one, equal to greedy decoding of the
+    model does not run with a cache routefx can capture and generates without one, equal to greedy decoding of the
     model on the whole sequence; a decode policy, which needs the cache, is refused with the reason."""
     from transformers import Cache
     from routefx.generate import DepthDecay
@@ -112,7 +112,7 @@ def test_a_model_that_needs_its_own_cache_class_generates_uncached_and_says_why(
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     cm = routefx.compile(model, Dense())
-    why = r"LlamaForCausalLM does not run with a plain key/value cache .*AttributeError.*conv_states"
+    why = r"LlamaForCausalLM does not run with transformers' DynamicCache .*AttributeError.*conv_states"
     with pytest.warns(RuntimeWarning, match=why + r".*generating uncached instead"):
         out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=3)
     assert stats.mode == "uncached (no cache capture)"
@@ -124,7 +124,7 @@ def test_a_model_that_needs_its_own_cache_class_generates_uncached_and_says_why(
         seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         m = torch.cat([m, m.new_ones(2, 1)], dim=1)
     assert torch.equal(out, seq)
-    with pytest.raises(routefx.UnsupportedModelError, match=why + r".*keep attention keys and values only"):
+    with pytest.raises(routefx.UnsupportedModelError, match=why + r".*other layer state is not supported"):
         cm.generate(ids, mask, max_new_tokens=2, decode_policy=DepthDecay(alpha=0.9))
 
 
