@@ -88,7 +88,9 @@ class GenerationGraphs:
 
     def _for(self, kind: str, feeds: dict) -> Graph:
         first = getattr(self, kind)
-        if first.fits(feeds):
+        if not self.layout.recurrent or first.fits(feeds):
+            # K/V-only steps are not checked: export's ranges for the dims asked to be dynamic start at 2, and
+            # batch 1 and one-token prompts run on the first capture as they always have (tested against generate)
             return first
         more = self._more.setdefault(kind, [])
         for g in more:
@@ -162,14 +164,20 @@ def generation_graphs(cm) -> GenerationGraphs:
     model = cm._model
     try:
         layout = probe_cache(model)
-        # the plan first (pruned layers decide the cache's inputs and outputs); an unpruned capture to make it.
-        # Recurrent state is left out of that one: a state is a side output of its layer (a convolution's last
-        # inputs), which would read as a value a later block reads when the layer is pruned
+        # the plan first (pruned layers decide the cache's inputs and outputs); an unpruned capture to make it
         every = list(range(layout.layers))
-        gm, example = capture_prefill(model, layout, [] if layout.recurrent else every)
-        plan = _plan(cm, gm, recognize_for(cm.policy, gm)[0])
+        gm, example = capture_prefill(model, layout, every)
+        try:
+            plan = _plan(cm, gm, recognize_for(cm.policy, gm)[0])
+        except UnsupportedModelError:
+            if not layout.recurrent:
+                raise
+            # a recurrent state is a side output of its layer (a convolution's last inputs), which reads as a value
+            # a later block reads when that layer is pruned: the plan from a capture without the cache outputs
+            bare, _ = capture_prefill(model, layout, [])
+            plan = _plan(cm, bare, recognize_for(cm.policy, bare)[0])
         kept = [i for i in every if i not in set(plan.pruned)]
-        if plan.pruned or layout.recurrent:
+        if plan.pruned:
             gm, example = capture_prefill(model, layout, kept)
         decode_capture = capture_decode(model, layout, kept)
     except (UnsupportedModelError, CaptureError) as e:

@@ -190,7 +190,6 @@ class Stepper:
         self._past: list = []                # torch tensors, numpy arrays or OrtValues, in the graphs' order
         self.pos = None
         self.path = path
-        self._decode = None                  # the decode graph for this generation's sizes (`GenerationGraphs._for`)
 
     @property
     def past(self) -> list[torch.Tensor]:
@@ -217,11 +216,11 @@ class Stepper:
         B, S = new.shape
         self.mask = torch.cat([self.mask, self.mask.new_ones(B, S)], dim=1)
         pos = self.pos + torch.arange(1, S + 1, device=self.pos.device)
-        if self._decode is None or self.g.layout.recurrent:
-            # the guards checked once per generation (every step with recurrent state, a new kind of layer state)
-            self._decode = self.g.decode_for({"input_ids": new, "attention_mask": self.mask, "position_ids": pos,
-                                              **dict(zip(self.g.past_names, self._past))})
-        run = self._decode.run
+        if self.g.layout.recurrent:    # a graph valid for these sizes (export's guards, checked every step)
+            run = self.g.decode_for({"input_ids": new, "attention_mask": self.mask, "position_ids": pos,
+                                     **dict(zip(self.g.past_names, self._past))}).run
+        else:
+            run = self.g.decode.run
         if self.path == "arrays" and getattr(run, "takes_arrays", False):
             feeds = {"input_ids": as_array(new), "attention_mask": as_array(self.mask), "position_ids": as_array(pos)}
             feeds.update(zip(self.g.past_names, map(as_array, self._past)))

@@ -1,0 +1,131 @@
+"""Generation with a cache for models whose layers keep recurrent state (transformers' linear-attention cache
+layers: a causal convolution's last inputs, a state-space scan's state): Mamba (every layer), Bamba (Mamba-2
+layers and an attention layer), LFM3 (short-convolution layers and an attention layer). The state is an explicit
+input and output of the decode graph like the K/V; greedy output equals Hugging Face `generate` (batch 2, left
+padding), and prompts whose lengths take other branches of the model's code (shorter than the convolution's
+kernel) get a graph captured for them."""
+import pytest
+import torch
+
+import routefx
+from routefx.generate.graphs import generation_graphs
+from routefx.generate.loop import _Uncached, generate_with_stats
+from routefx.policies import Dense, Duo, PruneLayers
+
+VOCAB = 101
+IDS = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def _mamba():
+    from transformers import MambaConfig, MambaForCausalLM
+    return MambaForCausalLM(MambaConfig(hidden_size=32, state_size=8, num_hidden_layers=3, expand=2, conv_kernel=4,
+                                        time_step_rank=4, use_mambapy=False, **IDS))
+
+
+def _bamba():
+    from transformers import BambaConfig, BambaForCausalLM
+    return BambaForCausalLM(BambaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1],
+                                        mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=16,
+                                        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, **IDS))
+
+
+def _lfm3():
+    from transformers import Lfm3Config, Lfm3ForCausalLM
+    return Lfm3ForCausalLM(Lfm3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, conv_L_cache=3,
+                                      layer_types=["conv", "full_attention", "conv"], **IDS))
+
+
+BUILD = {"mamba": _mamba, "bamba": _bamba, "lfm3": _lfm3}
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return BUILD[name]().eval()
+
+
+def _prompt(batch=2, seq=9, pad=3, seed=3):
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask
+
+
+def _hf(model, ids, mask, n):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
+
+
+def _compiled_greedy(cm, ids, mask, n):
+    """The reference for a rewritten model: greedy over whole-sequence calls of the compiled model (no cache)."""
+    step, seq = _Uncached(cm, mask.clone()), ids
+    logits = step.prefill(ids)
+    for _ in range(n):
+        nxt = logits.argmax(-1)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        logits = step.decode(nxt[:, None])
+    return seq
+
+
+@pytest.mark.parametrize("name,backend", [("mamba", "eager"), ("bamba", "onnx"), ("lfm3", "eager")])
+def test_greedy_with_recurrent_state_equals_hf_generate(name, backend):
+    model = _model(name)
+    cm = routefx.compile(model, Dense(), backend=backend)
+    ids, mask = _prompt()
+    out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=8)
+    assert stats.mode == "cached"
+    assert torch.equal(out, _hf(model, ids, mask, 8)), out
+    g = generation_graphs(cm)
+    assert g.layout.recurrent and any(n.startswith("past_conv_") for n in g.past_names)
+    assert [n for n in g.past_names if n.startswith("past_key_")] == [f"past_key_{i}" for i in g.layout.kv]
+    if backend != "eager":
+        return
+    # batch 1, a prompt shorter than the convolution's kernel, then a longer one: each as generate (graphs captured
+    # again where export's guards exclude the sizes: Mamba-1's sequential scan fixes the length)
+    for seq in (2, 13):
+        one, _ = _prompt(batch=1, seq=seq, pad=0, seed=seq)
+        assert torch.equal(cm.generate(one, max_new_tokens=5), _hf(model, one, torch.ones_like(one), 5))
+
+
+def test_pruned_recurrent_layer_has_no_state_and_generates_as_the_pruned_model():
+    """PruneLayers on Bamba's last Mamba layer: its state is neither input nor output of the decode graph, and
+    the cached output equals greedy decoding of the compiled (pruned) model over whole sequences."""
+    model = _model("bamba")
+    cm = routefx.compile(model, PruneLayers(layers=[2]))
+    ids, mask = _prompt()
+    out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=6)
+    assert stats.mode == "cached"
+    g = generation_graphs(cm)
+    assert g.kept == [0, 1] and not any(n.endswith("_2") for n in g.past_names) and "past_conv_0" in g.past_names
+    assert torch.equal(out, _compiled_greedy(cm, ids, mask, 6))
+
+
+def test_duo_routes_the_ffns_of_a_hybrid_and_keeps_its_state():
+    model = _model("bamba")
+    cal = [dict(zip(("input_ids", "attention_mask"), _prompt(batch=3, seq=12, seed=40 + i))) for i in range(2)]
+    cm = routefx.compile(model, Duo(budget=0.5, small="nested"), calibration=cal)
+    assert len(cm.plan.layers) == 3
+    ids, mask = _prompt()
+    out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=6)
+    assert stats.mode == "cached"
+    assert torch.equal(out, _compiled_greedy(cm, ids, mask, 6))
+
+
+def test_modes_that_cut_back_or_shift_the_cache_are_refused_with_the_reason(tmp_path):
+    from routefx.generate import DepthDecay
+    from routefx.generate.speculative import speculative_generate
+    model = _model("mamba")
+    cm = routefx.compile(model, Dense())
+    ids, mask = _prompt()
+    why = r"keep recurrent state"
+    with pytest.raises(routefx.UnsupportedModelError, match=r"decode_policy=DepthDecay .*" + why):
+        cm.generate(ids, mask, max_new_tokens=3, decode_policy=DepthDecay(alpha=0.5))
+    with pytest.raises(routefx.UnsupportedModelError, match=r"static_cache=True .*" + why):
+        cm.generate(ids, mask, max_new_tokens=3, static_cache=True)
+    with pytest.raises(routefx.UnsupportedModelError, match=r"speculative decoding .*" + why):
+        speculative_generate(cm, cm, ids, mask, max_new_tokens=3)
+    on_onnx = routefx.compile(model, Dense(), backend="onnx")
+    on_onnx(ids, attention_mask=mask)
+    with pytest.raises(routefx.UnsupportedModelError, match=r"export\(generate=True\) .*" + why):
+        routefx.export(on_onnx, str(tmp_path / "artifact"), generate=True)
