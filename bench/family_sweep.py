@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 
 import torch
 from torch import nn
@@ -46,6 +47,7 @@ from routefx.policies import Dense, Duo, MoEBudget, PruneLayers  # noqa: E402
 import routefx.backends.onnx  # noqa: E402,F401  -- loaded once here, before the children fork
 import routefx.compiler.compile  # noqa: E402,F401
 import routefx.generate  # noqa: E402,F401
+from routefx.generate.loop import generate_with_stats  # noqa: E402
 from tests.compare import max_abs_nonpad  # noqa: E402
 from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER  # noqa: E402
 
@@ -359,19 +361,22 @@ def _without_layer(model, n: int, j: int) -> nn.Module:
 def check_generate(model, state):
     ids, mask = inputs(seed=3)
     cm = routefx.compile(model, Dense(), backend="onnx")
-    out = cm.generate(ids, mask, max_new_tokens=NEW, do_sample=False)   # the generation_config's processors on
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=NEW, do_sample=False)   # processors on
+    mode = stats.mode.split(" (")[0]
     try:
         with torch.no_grad():
             ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
     except Exception as e:  # noqa: BLE001 - transformers' own generate fails on this tiny config
-        return "runs", f"no reference: Hugging Face generate fails ({type(e).__name__}: {str(e)[:200]})"
+        return "runs", f"{mode}; no reference: Hugging Face generate fails ({type(e).__name__}: {str(e)[:200]})"
     if out.shape == ref.shape and torch.equal(out, ref):
-        return "pass", f"{NEW} tokens equal"
+        return "pass", f"{mode}, {NEW} tokens equal"
     same = (out[:, S:] == ref[:, S:]).float().mean().item() if out.shape == ref.shape else 0.0
     plain = _uncached_greedy(model, ids, mask)
     if not torch.equal(plain, ref) and out.shape == plain.shape and torch.equal(out, plain):
-        return "runs", (f"equal to HF's own greedy loop over full forwards ({NEW} tokens); HF generate differs from "
-                        f"that loop ({same:.0%} of its tokens equal: its cached path computes other numbers)")
+        return "runs", (f"{mode}, equal to HF's own greedy loop over full forwards ({NEW} tokens); HF generate "
+                        f"differs from that loop ({same:.0%} of its tokens equal: its cached path computes other numbers)")
     return "mismatch", f"tokens differ (shapes {tuple(out.shape)} / {tuple(ref.shape)}, {same:.0%} equal)"
 
 

@@ -24,10 +24,11 @@ from routefx.compiler.plan_io import check_fingerprint, fingerprint
 from routefx.compiler.policies import Policy, policy_from_dict
 from routefx.compiler.report import CompileReport
 from routefx.compiler.validate import check_inputs
-from routefx.errors import (BackendError, CalibrationError, InputError, NotCompiledError, PlanMismatchError,
-                            PolicyError)
+from routefx.errors import (BackendError, CalibrationError, CaptureError, InputError, NotCompiledError,
+                            PlanMismatchError, PolicyError)
 from routefx.ir.capture import capture, normalize_inputs
 from routefx.ir.flops import FlopCount, count_flops, data_dependent_symbols, dynamic_routed, realised_flops
+from routefx.ir.guards import InputGuards, input_guards
 from routefx.ir.model_ir import ModelIR
 from routefx.passes.manager import PassManager
 
@@ -42,6 +43,7 @@ class _Entry:
     flops: FlopCount
     report: CompileReport
     run: object
+    guards: InputGuards = dataclasses.field(default_factory=lambda: InputGuards(None))
 
 
 def _canonical(model: nn.Module, args, kwargs) -> dict:
@@ -122,6 +124,7 @@ class CompiledModel:
         self._debug_dir = debug_dir
         self._entries: dict[tuple, _Entry] = {}
         self._fixed: dict[tuple, dict[str, set[int]]] = {}   # form -> {input: dims its capture fixed}
+        self._guarded: dict[tuple, list[_Entry]] = {}   # key -> entries for sizes outside its entry's guards
         self._last: _Entry | None = None
 
     # -- compilation ---------------------------------------------------------------------------------------
@@ -129,6 +132,7 @@ class CompiledModel:
         """Capture for this input form; plan (calibrate the first time only); rewrite; tune; lower."""
         t0 = time.perf_counter()
         gm = capture(self._model, (), kwargs)
+        guards = input_guards(gm)     # before any pass: the sizes this capture holds for
         ir_before, blockless = recognize_for(self.policy, gm)
         sizes = data_dependent_sizes(gm, kwargs)   # None, and no run, where every size is the batch's or length's
         flops_before = count_flops(gm, ir_before, sizes)
@@ -191,7 +195,7 @@ class CompiledModel:
                                compile_seconds=round(t3 - t2 + t5 - t4 + time.perf_counter() - t6, 3))
         run = self._backend.prepare(gm, kwargs)
         report.notes += list(getattr(run, "notes", ()))  # backend "auto" says which candidate it kept
-        return _Entry(gm, ir, plan, flops, report, run)
+        return _Entry(gm, ir, plan, flops, report, run, guards)
 
     def _key(self, kwargs: dict) -> tuple:
         """The entry key of a call: its form, and the sizes of the dims an earlier capture of that form found
@@ -222,8 +226,30 @@ class CompiledModel:
                 self._fixed.setdefault(form, {}).update({n: set(d) for n, d in fixed.items()})
                 key = self._key(kwargs)
             self._entries[key] = entry
-        self._last = self._entries[key]
+        entry = self._entries[key]
+        check_inputs(entry.gm, kwargs)   # a malformed input is refused as such, not taken for another size
+        why = entry.guards.check(kwargs)
+        if why is not None:
+            entry = self._within_guards(key, kwargs, why)
+        self._last = entry
         return self._last
+
+    def _within_guards(self, key: tuple, kwargs: dict, why: str) -> _Entry:
+        """An entry whose capture holds for these inputs' sizes, where the key's first one does not (export's
+        guards: `routefx.ir.guards`): an earlier one, else one compiled for these sizes (the plan reused)."""
+        others = self._guarded.setdefault(key, [])
+        for e in others:
+            if e.guards.check(kwargs) is None:
+                return e
+        warnings.warn(f"{type(self._model).__name__}: the graph captured for earlier inputs holds for other sizes "
+                      f"than these (torch.export's guard: {why.removeprefix('Guard failed: ')}), so routefx "
+                      "compiled it again for these sizes", RuntimeWarning, stacklevel=4)
+        entry = self._compile(kwargs)
+        if (still := entry.guards.check(kwargs)) is not None:
+            raise CaptureError(f"{type(self._model).__name__}: the graph captured for these inputs does not hold "
+                               f"for them (torch.export's guard: {still})")
+        others.append(entry)
+        return entry
 
     # -- calling -------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):

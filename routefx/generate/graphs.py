@@ -20,6 +20,7 @@ from routefx.errors import CaptureError, PlanMismatchError, UnsupportedModelErro
 from routefx.generate.arrays import as_torch
 from routefx.generate.split import drop_empty_cats_
 from routefx.generate.step import CacheLayout, cache_names, capture_decode, capture_prefill, probe_cache
+from routefx.ir.guards import InputGuards, input_guards
 from routefx.ir.model_ir import ModelIR
 from routefx.passes.manager import PassManager
 
@@ -36,21 +37,12 @@ class Graph:
     seconds: float               # capture, passes and (once done) lowering
     _lower: object = dataclasses.field(default=None, repr=False)
     _run: object = dataclasses.field(default=None, repr=False)
-    guards: object = dataclasses.field(default=None, repr=False)   # torch.export's input guards of the capture
-    names: tuple = ()            # the graph's inputs, in the order `guards` takes them
+    guards: InputGuards = dataclasses.field(default_factory=lambda: InputGuards(None), repr=False)
 
     def fits(self, feeds: dict) -> bool:
-        """Whether the inputs `feeds` (name -> tensor or array) are within the sizes the capture is valid for
-        (torch.export's guards: a model whose code branches on a length, such as a convolution state padded
-        to its kernel while the prompt is shorter, gives a graph valid for some lengths only; a lowered graph
-        does not check them itself)."""
-        if self.guards is None:
-            return True
-        try:
-            self.guards(*[as_torch(feeds[n]) for n in self.names])
-        except AssertionError:
-            return False
-        return True
+        """Whether the inputs `feeds` (name -> tensor or array) are within the sizes the capture holds for
+        (torch.export's guards, size 1 as it is: `routefx.ir.guards`)."""
+        return self.guards.check({k: as_torch(v) for k, v in feeds.items()}, ones=True) is None
 
     @property
     def run(self):
@@ -143,15 +135,13 @@ def _check_fits(plan: Plan, ir: ModelIR, layout: CacheLayout) -> None:
 
 def _lower(cm, gm: fx.GraphModule, example: dict, plan: Plan, layout: CacheLayout) -> Graph:
     t0 = time.perf_counter()
-    guards = getattr(gm, "_guards_fn", None)
-    names = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
+    guards = input_guards(gm)
     ir_before, blockless = recognize_for(cm.policy, gm)
     _check_fits(plan, ir_before, layout)
     ir = ir_before if blockless else PassManager(build_pipeline(cm.policy).passes, debug_dir=None).run(
         gm, ir_before, plan)[0]
     drop_empty_cats_(gm)          # the cache seeded with the past: cat([empty, past]) copied the past every step
-    return Graph(gm, ir, time.perf_counter() - t0, lambda: cm._backend.prepare(gm, example),
-                 guards=guards, names=names)
+    return Graph(gm, ir, time.perf_counter() - t0, lambda: cm._backend.prepare(gm, example), guards=guards)
 
 
 def generation_graphs(cm) -> GenerationGraphs:

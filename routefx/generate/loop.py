@@ -18,8 +18,11 @@ decode step and row (`routefx.generate.skipping`); `GenerationStats.layer_fracti
 Models without a cache convention routefx can capture (plain `nn.Module` LMs taking only input_ids) generate
 *uncached*: each step runs the compiled prefill graph on the whole sequence so far (quadratic in the length; said
 so in `GenerationStats.mode`). So do models whose forward takes a cache argument but whose step cannot be captured
-with a plain key/value cache (hybrid recurrent layers with their own cache class, XLM's whole-sequence calls),
-with a warning that says why; asked for a cache explicitly (`static_cache=True`, a `decode_policy`), they refuse.
+with transformers' DynamicCache (layer state of a cache class of its own, XLM's whole-sequence calls, a Duo or
+pruning plan whose blocks the one-token step of a recurrent layer does not read as), with a warning that says
+why; asked for a cache explicitly (`static_cache=True`, a `decode_policy`), they refuse. Layers that keep
+recurrent state in transformers' cache layers (Mamba and the hybrids) decode with that state as explicit tensors
+(`routefx.generate.step`).
 """
 from __future__ import annotations
 

@@ -21,6 +21,22 @@ of their K/V, is found by one probe call (`probe_cache`).
 Layers in `pruned` get no cache entry: no input, no output. For the export they are seeded with zeros of the
 right shape (so the captured graph is the model's); once the PruneBlocks pass has removed their block, nothing
 reads those zeros and dead-code elimination removes them with the layer.
+
+Recurrent state. Where the model's config names layers that keep state in transformers' own cache layers
+(`DynamicCache(config=...)`: linear-attention, short-convolution and hybrid layers: Mamba, Mamba-2 hybrids such
+as Bamba, Jamba, Falcon-H1, NemotronH and Zamba, Qwen3-Next's and OLMo-Hybrid's delta rule, LFM3's convolutions),
+the cache object has those layers (their keys and values still grow in full, as on the K/V path), and each state
+a layer keeps is one more input and output of the decode graph, fixed-shape [B, ...] (`StateSlot`:
+`conv_{layer}`, `recurrent_{layer}`, `_{index}` for a layer's further states), after the layer's K/V. A decode
+seeds them through the cache's own `update_conv_state` / `update_recurrent_state` (which mark the layer as having
+a past) and reads them back with `get_conv_state` / `get_recurrent_state` after the call: the model's code may
+update them in place (Mamba's one-token convolution and scan steps do). Such a state cannot be cut back to an
+earlier position, so the decode step takes one token (no speculative verification, no fixed-shape window, no
+per-row layer skipping: refused by name), and where the model's own `generate` feeds no attention mask to a
+decode step (Mamba's `prepare_inputs_for_generation`) neither does the graph. The model's code branches on
+lengths here (a convolution state padded to its kernel when the prompt is shorter, Mamba-1's scan as a loop over
+positions), so export's guards are kept with each graph and checked before it runs; inputs outside them get a
+graph captured at their sizes (`routefx.generate.graphs`).
 """
 from __future__ import annotations
 

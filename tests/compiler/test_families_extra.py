@@ -633,3 +633,37 @@ def test_a_length_the_code_fixes_compiles_once_per_length(backend):
             assert_close_nonpad(out, model(ids), None, ONNX_VS_EAGER if backend == "onnx" else EXACT_REWRITE)
     assert cm._last.gm.meta["routefx"].fixed_dims == {"input_ids": {1: 9}}
     assert len(cm._entries) == 2
+
+
+class _LengthBranch(nn.Module):
+    """A block whose code branches on the sequence length (a chunked scan padding to its chunk does): export keeps
+    the length dynamic within a guard (S <= 10 from a capture at 9), which a lowered graph does not check."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        y = self.inner(x)
+        return y * 1.5 if x.shape[1] > 10 else y
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_a_length_outside_the_captures_guards_compiles_again(backend):
+    """A call outside the guards of the graph captured first compiles a graph for its sizes (with a RuntimeWarning
+    naming the guard) instead of running the first graph's branch (ONNX: silently other numbers) or failing the
+    guard (eager: an AssertionError); lengths within a capture's guards reuse it, and each equals the model."""
+    torch.manual_seed(0)
+    model = PlainLM().eval()
+    model.z[1] = _LengthBranch(model.z[1])
+    cm = routefx.compile(model, routefx.policies.Dense(), backend=backend)
+    for seq in (9, 12, 9, 10, 14, 1):
+        ids = torch.randint(0, 89, (2, seq), generator=torch.Generator().manual_seed(seq))
+        if seq == 12:
+            with pytest.warns(RuntimeWarning, match=r"holds for other sizes .*input_ids.*compiled it again"):
+                out = cm(ids)
+        else:
+            out = cm(ids)
+        with torch.no_grad():
+            assert_close_nonpad(out, model(ids), None, ONNX_VS_EAGER if backend == "onnx" else EXACT_REWRITE)
+    assert len(cm._entries) == 1 and [len(v) for v in cm._guarded.values()] == [1]
