@@ -1,4 +1,5 @@
-"""Generation on compiled models: prefill and decode graphs with an explicit, growing KV cache; the loop;
+"""Generation on compiled models: prefill and decode graphs with an explicit, growing KV cache (and the fixed-shape
+states of recurrent layers: Mamba, the hybrids); the loop;
 self-speculative decoding; decode-time layer-skip policies (`decode_policies`, run by `skipping` on the decode
 graph cut into per-layer pieces by `split`).
 

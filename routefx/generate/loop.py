@@ -143,11 +143,17 @@ def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: i
         step, mode = Stepper(cm, mask), "cached (CUDA-graph capture failed)"
         logits = step.prefill(ids)
     t1 = time.perf_counter()
+    rows = _embedding_rows(model)
+    check_ids = logits is not None and rows is not None and logits.shape[-1] > rows
     n = 0
     for n in range(1, max_new_tokens + 1):
         scores = cfg.process(seq, logits.to(dtype=torch.float32, copy=True))   # [B, V]; seq: [B, S + n - 1]
         nxt = cfg.choose(scores)
         nxt = torch.where(unfinished, nxt, pad[0])
+        if check_ids and int(nxt.max()) >= rows:
+            raise InputError(f"the model chose token id {int(nxt.max())} at step {n}, past its input embedding's "
+                             f"{rows} rows (its LM head has {logits.shape[-1]} outputs): the next step cannot "
+                             "take it")
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         if streamer is not None:
             streamer.put(nxt.cpu())
@@ -162,6 +168,15 @@ def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: i
                             batch=B, layer_fraction=step.counts.fraction if decode_policy is not None else None,
                             skip_counts=step.counts if decode_policy is not None else None)
     return seq, stats
+
+
+def _embedding_rows(model) -> int | None:
+    """Rows of the model's input embedding (None where it does not say)."""
+    try:
+        emb = model.get_input_embeddings()
+    except Exception:  # noqa: BLE001 - a model without the Hugging Face accessor
+        return None
+    return getattr(emb, "num_embeddings", None)
 
 
 def generate(cm, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:

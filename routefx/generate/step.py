@@ -155,6 +155,15 @@ def _state_layer_types(model: nn.Module) -> tuple[tuple[str, int], ...] | None:
     return tuple((t, int(kw.get("number_of_states", 1))) for t, kw in zip(types, kwargs))
 
 
+def _keeps(kind: str) -> str | None:
+    """What a cache layer of this config type keeps: "state" (recurrent, and maybe K/V too), "kv", or None."""
+    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DummyLayer, LinearAttentionCacheLayerMixin
+    cls = DYNAMIC_LAYER_TYPE_MAPPING.get(kind)
+    if isinstance(cls, type) and issubclass(cls, LinearAttentionCacheLayerMixin):
+        return "state"
+    return None if cls is DummyLayer else "kv"
+
+
 def _cache_layer(kind: str, states: int):
     """A cache layer for one model layer: transformers' own for recurrent state; keys and values always grow in
     full (a sliding window is the mask's business, as on the K/V-only path)."""
@@ -275,6 +284,16 @@ def probe_cache(model: nn.Module) -> CacheLayout:
             f"{type(model).__name__}'s cache was updated for K/V layers {sorted(returned)} and states "
             f"{sorted(states)} of {n} layers; routefx supports a layer's state that the cache gives back "
             "(a conv state updated before its recurrent state)")
+    if types is not None:
+        # a layer the config says keeps state or keys and values but that put none in the cache keeps it
+        # elsewhere (RecurrentGemma's recurrent blocks hold theirs in module attributes): not captured
+        quiet = [i for i, (t, _) in enumerate(types) if _keeps(t) == "state" and not any(u[0] == i for u in states)
+                 or _keeps(t) == "kv" and i not in returned]
+        if quiet:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}'s layers {quiet} are {sorted({types[i][0] for i in quiet})} layers by "
+                "its config but put no state in the cache (state kept elsewhere, such as in module "
+                "attributes, is not captured)")
     heads = tuple(returned[i][0].shape[1] if i in returned else 0 for i in range(n))
     dims = tuple((returned[i][0].shape[-1], returned[i][1].shape[-1]) if i in returned else (0, 0) for i in range(n))
     slots = tuple(StateSlot(i, kind, s, tuple(t.shape[1:]), t.dtype) for (i, kind, s), t in states.items())

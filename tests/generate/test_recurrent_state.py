@@ -129,3 +129,37 @@ def test_modes_that_cut_back_or_shift_the_cache_are_refused_with_the_reason(tmp_
     on_onnx(ids, attention_mask=mask)
     with pytest.raises(routefx.UnsupportedModelError, match=r"export\(generate=True\) .*" + why):
         routefx.export(on_onnx, str(tmp_path / "artifact"), generate=True)
+
+
+def test_a_layer_whose_state_the_cache_never_sees_is_refused_and_generates_uncached():
+    """RecurrentGemma's config names its recurrent blocks linear-attention layers, but they keep their state in
+    module attributes: the probe refuses (a decode graph would drop that state), and generate runs uncached,
+    equal to Hugging Face `generate`."""
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+    from routefx.generate.step import probe_cache
+    torch.manual_seed(0)
+    model = RecurrentGemmaForCausalLM(RecurrentGemmaConfig(
+        num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, lru_width=32, block_types=["recurrent", "recurrent", "attention"], **IDS)).eval()
+    with pytest.raises(routefx.UnsupportedModelError, match=r"layers \[0, 1\] .*put no state in the cache"):
+        probe_cache(model)
+    ids, mask = _prompt()
+    with pytest.warns(RuntimeWarning, match="put no state in the cache.*generating uncached"):
+        out, stats = generate_with_stats(routefx.compile(model, Dense()), ids, mask, max_new_tokens=2)
+    assert stats.mode == "uncached (no cache capture)"
+    assert torch.equal(out, _hf(model, ids, mask, 2))
+
+
+def test_a_token_past_the_input_embedding_is_refused_by_name():
+    """A model whose LM head has more outputs than its embedding has rows can choose a token the next step cannot
+    take: generate says so instead of failing in a gather."""
+    from torch import nn
+    model = _model("lfm3")
+    head = nn.Linear(32, VOCAB + 20, bias=True)
+    with torch.no_grad():
+        head.bias[VOCAB + 7] = 1e4          # every row's argmax
+    model.lm_head = head
+    ids, mask = _prompt()
+    with pytest.raises(routefx.InputError, match=rf"token id {VOCAB + 7} at step 1, past its input embedding's "
+                                                 rf"{VOCAB} rows"):
+        routefx.compile(model, Dense()).generate(ids, mask, max_new_tokens=3)
