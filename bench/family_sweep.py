@@ -376,7 +376,8 @@ def check_generate(model, state):
     plain = _uncached_greedy(model, ids, mask)
     if not torch.equal(plain, ref) and out.shape == plain.shape and torch.equal(out, plain):
         return "runs", (f"{mode}, equal to HF's own greedy loop over full forwards ({NEW} tokens); HF generate "
-                        f"differs from that loop ({same:.0%} of its tokens equal: its cached path computes other numbers)")
+                        f"differs from that loop ({same:.0%} of its tokens equal: its cached path computes other "
+                        "numbers)")
     return "mismatch", f"tokens differ (shapes {tuple(out.shape)} / {tuple(ref.shape)}, {same:.0%} equal)"
 
 

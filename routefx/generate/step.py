@@ -360,11 +360,11 @@ def _forward_fn(model, layout: CacheLayout, kept: list[int], decode: bool):
                     input_ids.new_zeros((B, *slot.shape), dtype=slot.dtype)
         logits, returned, updated, _ = _call(model, layout, layout.logits_to_keep and not decode, decode, input_ids,
                                              attention_mask, position_ids, kv, states)
-        if sorted(returned) != list(layout.kv) or any(t is None for t in updated.values()) or sorted(updated) != sorted(
-                (u.layer, u.kind, u.index) for u in layout.states):
+        found = sorted((u.layer, u.kind, u.index) for u in layout.states)
+        if sorted(returned) != list(layout.kv) or sorted(updated) != found or any(t is None for t in updated.values()):
             raise CaptureError(f"the cache was updated for K/V layers {sorted(returned)} and states "
-                               f"{sorted(updated)}; the probe found K/V layers {list(layout.kv)} and states "
-                               f"{[(u.layer, u.kind, u.index) for u in layout.states]}")
+                               f"{sorted(k for k, t in updated.items() if t is not None)}; the probe found K/V "
+                               f"layers {list(layout.kv)} and states {found}")
         if not decode and not layout.logits_to_keep:
             logits = logits[:, -1:]
         out = []
