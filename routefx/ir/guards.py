@@ -50,6 +50,8 @@ class InputGuards:
             self.fn(*args)
         except AssertionError as e:
             return str(e).strip() or "a guard failed"
+        except Exception:  # noqa: BLE001 - a guard this check cannot evaluate: run as before guards were read
+            return None
         return None
 
 
