@@ -227,9 +227,9 @@ class CompiledModel:
                 key = self._key(kwargs)
             self._entries[key] = entry
         entry = self._entries[key]
-        check_inputs(entry.gm, kwargs)   # a malformed input is refused as such, not taken for another size
         why = entry.guards.check(kwargs)
         if why is not None:
+            check_inputs(entry.gm, kwargs)   # a malformed input is refused as such, not taken for another size
             entry = self._within_guards(key, kwargs, why)
         self._last = entry
         return self._last
