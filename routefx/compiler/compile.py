@@ -133,6 +133,8 @@ class CompiledModel:
         t0 = time.perf_counter()
         gm = capture(self._model, (), kwargs)
         guards = input_guards(gm)     # before any pass: the sizes this capture holds for
+        if guards.check(kwargs) is not None:
+            gm, guards = self._capture_as_given(kwargs, gm, guards)
         ir_before, blockless = recognize_for(self.policy, gm)
         sizes = data_dependent_sizes(gm, kwargs)   # None, and no run, where every size is the batch's or length's
         flops_before = count_flops(gm, ir_before, sizes)
@@ -197,6 +199,24 @@ class CompiledModel:
         report.notes += list(getattr(run, "notes", ()))  # backend "auto" says which candidate it kept
         return _Entry(gm, ir, plan, flops, report, run, guards)
 
+    def _capture_as_given(self, kwargs: dict, gm, guards: InputGuards):
+        """A capture that holds for `kwargs`, where the one exported with a batch or length of 1 widened to 2 does
+        not: the model's code fixed that size at 2 (Jamba fixes its length). The length of 1 kept as given first,
+        then the batch of 1, then both; the widened capture where none holds (the caller says why)."""
+        sizes = [(int(v.shape[0]), int(v.shape[1]) if v.dim() > 1 else None)
+                 for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() >= 1][:1]
+        if not sizes or 1 not in sizes[0]:
+            return gm, guards
+        b, s = sizes[0]
+        for widen in [(True, False), (False, True), (False, False)]:
+            if (not widen[0] and b != 1) or (not widen[1] and s != 1):
+                continue
+            again = capture(self._model, (), kwargs, widen=widen)
+            held = input_guards(again)
+            if held.check(kwargs) is None:
+                return again, held
+        return gm, guards
+
     def _key(self, kwargs: dict) -> tuple:
         """The entry key of a call: its form, and the sizes of the dims an earlier capture of that form found
         fixed by the model's code (`CaptureInfo.fixed_dims`; one graph per size then)."""
@@ -216,20 +236,23 @@ class CompiledModel:
         if key not in self._entries:
             entry = self._compile(kwargs)
             fixed = getattr(entry.gm.meta.get("routefx"), "fixed_dims", None)
+            form = _form(kwargs)
+            if form in self._fixed:
+                sizes = fixed or {n: {d: int(kwargs[n].shape[d]) for d in dims}
+                                  for n, dims in self._fixed[form].items() if isinstance(kwargs.get(n), torch.Tensor)}
+                warnings.warn(f"{type(self._model).__name__}: the captured graph fixes input sizes "
+                              f"{sizes} (the model's code turns them into constants), so routefx compiled it "
+                              "again for these sizes; each new size compiles once more", RuntimeWarning,
+                              stacklevel=3)
             if fixed:
-                form = _form(kwargs)
-                if form in self._fixed:
-                    warnings.warn(f"{type(self._model).__name__}: the captured graph fixes input sizes "
-                                  f"{fixed} (the model's code turns them into constants), so routefx compiled it "
-                                  "again for these sizes; each new size compiles once more", RuntimeWarning,
-                                  stacklevel=3)
                 self._fixed.setdefault(form, {}).update({n: set(d) for n, d in fixed.items()})
                 key = self._key(kwargs)
             self._entries[key] = entry
         entry = self._entries[key]
         why = entry.guards.check(kwargs)
         if why is not None:
-            check_inputs(entry.gm, kwargs)   # a malformed input is refused as such, not taken for another size
+            check_inputs(entry.gm, kwargs, fixed_sizes=False)   # a malformed input is refused as such, not taken
+            # for another size
             entry = self._within_guards(key, kwargs, why)
         self._last = entry
         return self._last

@@ -98,9 +98,10 @@ def _whole(x: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool((x == x.round()).all() & x.isfinite().all())
 
 
-def check_inputs(gm: fx.GraphModule, kwargs: dict) -> dict:
+def check_inputs(gm: fx.GraphModule, kwargs: dict, *, fixed_sizes: bool = True) -> dict:
     """Raise `InputError` for a call `gm` cannot take; return the keywords to run it with (constants baked in at
-    capture through **kwargs are checked and dropped)."""
+    capture through **kwargs are checked and dropped). `fixed_sizes=False`: sizes the graph has as constants are
+    not held against the call (it is checked before compiling another graph for other sizes)."""
     spec = input_spec(gm)
     for k, v in spec.bound.items():
         if k in kwargs and kwargs[k] != v:
@@ -127,7 +128,7 @@ def check_inputs(gm: fx.GraphModule, kwargs: dict) -> dict:
                              "from)")
         for i, (want, got) in enumerate(zip(t.shape, x.shape)):
             if isinstance(want, int):
-                if got != want:
+                if got != want and fixed_sizes:
                     raise InputError(f"input {t.name!r} has size {got} in dim {i}; the compiled model takes "
                                      f"{want} there (shape {list(x.shape)})")
                 continue

@@ -146,11 +146,15 @@ def _quiet_fake_tensor_log(quiet: bool):
         logger.setLevel(before)
 
 
-def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None) -> torch.fx.GraphModule:
+def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None, *,
+            widen: tuple[bool, bool] = (True, True)) -> torch.fx.GraphModule:
     """Export `model` to an ATen-level GraphModule with dynamic batch and sequence dimensions.
 
     The first tensor input fixes the batch size B (dim 0) and, if it has a second dimension, the sequence
     length S (dim 1); every tensor input whose leading dims are (B, S) or (B,) gets them as dynamic dims.
+    A B or S of 1 is exported at 2 (the inputs repeated: export would make a size-1 dim a constant), unless
+    `widen` (for B, for S) says not to: then it is exported as given, a constant 1 (for a model whose code fixes
+    that size anyway, where the graph exported at 2 holds for 2 only).
     The returned module is called like `model(*args, **kwargs)` with the same keyword set; `gm.meta["routefx"]`
     holds a `CaptureInfo`.
     """
@@ -168,8 +172,8 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     first = next(iter(tensors.values()))
     batch = first.shape[0] if first.dim() >= 1 else None
     seq = first.shape[1] if first.dim() >= 2 else None
-    to_batch = 2 if batch == 1 else batch
-    to_seq = 2 if seq == 1 else seq
+    to_batch = 2 if batch == 1 and widen[0] else batch
+    to_seq = 2 if seq == 1 and widen[1] else seq
 
     def spec(value, widen=True):
         if not isinstance(value, torch.Tensor):
@@ -179,8 +183,9 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
         value = value.contiguous()  # no stride guards in the graph
         dims = {}
         if value.dim() >= 1 and value.shape[0] == to_batch:
-            dims[0] = Dim.AUTO
-            if value.dim() >= 2 and seq is not None and value.shape[1] == to_seq:
+            if to_batch != 1:        # a 1 kept as given is a constant (export would make it one anyway)
+                dims[0] = Dim.AUTO
+            if value.dim() >= 2 and seq is not None and value.shape[1] == to_seq and to_seq != 1:
                 dims[1] = Dim.AUTO
         return value, dims or None
 
@@ -210,7 +215,8 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     call_kwargs = {n: named[n] for n in named if n not in pos[:n_args]}
     export = functools.partial(_export, model, pos[:n_args], call_args, call_kwargs, bound_kwargs, shapes, given,
                                spec, (to_batch, to_seq) != (batch, seq))
-    gm, shapes, reused = capture_cache.exported(model, (capture_cache.inputs_key(given, n_args),), export)
+    form = (capture_cache.inputs_key(given, n_args),) + (() if all(widen) else (("as given", widen),))
+    gm, shapes, reused = capture_cache.exported(model, form, export)
     _drop_export_artifacts(gm)
     written = _functional_buffer_writes(gm)
     if written and not _state_independent(gm, written, call_args, call_kwargs):

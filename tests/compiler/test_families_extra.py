@@ -2,6 +2,8 @@
 refusals that say what was found, and the rewrites the sweep's fixes made possible."""
 import copy
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -633,6 +635,25 @@ def test_a_length_the_code_fixes_compiles_once_per_length(backend):
             assert_close_nonpad(out, model(ids), None, ONNX_VS_EAGER if backend == "onnx" else EXACT_REWRITE)
     assert cm._last.gm.meta["routefx"].fixed_dims == {"input_ids": {1: 9}}
     assert len(cm._entries) == 2
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_a_length_of_one_the_code_fixes_is_captured_as_given(backend):
+    """A batch or length of 1 is exported at 2 (export would make a size-1 dim a constant); where the model's code
+    fixes the length anyway (Jamba's scan), that graph holds for 2 only, and the call at 1 is captured again with
+    its length as given (it failed with a CaptureError: the guard `size()[1] == 2`). Each equals the model."""
+    torch.manual_seed(0)
+    model = PlainLM().eval()
+    model.z[1] = _LengthAsInt(model.z[1])
+    cm = routefx.compile(model, routefx.policies.Dense(), backend=backend)
+    for batch, seq in ((2, 9), (2, 1), (1, 1), (3, 1), (1, 9)):
+        ids = torch.randint(0, 89, (batch, seq), generator=torch.Generator().manual_seed(seq + batch))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)     # "compiled it again for these sizes"
+            out = cm(ids)
+        with torch.no_grad():
+            assert_close_nonpad(out, model(ids), None, ONNX_VS_EAGER if backend == "onnx" else EXACT_REWRITE)
+    assert len(cm._entries) == 2 and not any(cm._guarded.values())    # one graph per length, any batch
 
 
 class _LengthBranch(nn.Module):
