@@ -41,8 +41,8 @@ class Graph:
 
     def fits(self, feeds: dict) -> bool:
         """Whether the inputs `feeds` (name -> tensor or array) are within the sizes the capture holds for
-        (torch.export's guards, size 1 as it is: `routefx.ir.guards`)."""
-        return self.guards.check({k: as_torch(v) for k, v in feeds.items()}, ones=True) is None
+        (torch.export's guards: `routefx.ir.guards`)."""
+        return self.guards.check({k: as_torch(v) for k, v in feeds.items()}) is None
 
     @property
     def run(self):

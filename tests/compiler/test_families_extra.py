@@ -245,6 +245,27 @@ def test_xlnet_computes_one_minus_an_integer_mask_and_exports():
     assert_close_nonpad(cm(ids, attention_mask=mask).logits, ref, mask, ONNX_VS_EAGER)
 
 
+def test_a_guard_that_fails_at_one_token_compiles_again():
+    """XLNet's relative positions leave the guard `(2S - 1) % S != 0`, which fails at S = 1 only: the graph
+    captured at 9 positions asserted it on the eager backend (the guard was checked with a size of 1 read as 2);
+    one token now compiles a graph for that length, and every length equals the model."""
+    from transformers import XLNetConfig, XLNetLMHeadModel
+    cfg = XLNetConfig(vocab_size=112, d_model=64, n_layer=2, n_head=4, d_inner=128, mem_len=None)
+    torch.manual_seed(0)
+    model = XLNetLMHeadModel(cfg).eval()
+    cm = routefx.compile(model, Dense())
+    for batch, seq in ((2, 9), (2, 1), (1, 1), (1, 5)):
+        ids = torch.randint(3, 112, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        if seq == 1 and batch == 2:
+            with pytest.warns(RuntimeWarning, match=r"holds for other sizes .*% .*compiled it again"):
+                out = cm(ids).logits
+        else:
+            out = cm(ids).logits
+        with torch.no_grad():
+            assert_close_nonpad(out, model(ids, use_cache=False).logits, None, EXACT_REWRITE)
+    assert len(cm._entries) == 1 and [len(v) for v in cm._guarded.values()] == [1]
+
+
 @pytest.mark.parametrize("backend", ["eager", "onnx"])
 def test_xlnet_einsum_attention_reads_as_blocks(backend):
     """XLNet writes its attention with einsum (relative positions, post-norm): its layers read as blocks with an
