@@ -17,6 +17,9 @@ Checks per family (batch 2 x 12 tokens, row 0 left-padded by 3; errors are max |
                             MoEBudget(0.75): MoE blocks adapted, budget met ("n/a" where no FFN reads as MoE or
                             unknown)
   moe_onnx                  the eager MoEBudget(0.75) plan on backend onnx: equals the eager model (export path)
+  shapes                    compile(Dense) at batch 2 x 12 on eager and onnx, called at other sizes (1 x 1, 2 x 1,
+                            1 x 5, 3 x 20 with padding): each equal to the HF model (a size of 1 is exported at 2,
+                            and the model's code may fix or guard sizes: graphs compiled again are counted)
 
 Each family runs in a forked child with a time limit; a check's result is written as soon as it is known, so a
 family that runs out of time keeps the checks it finished. Results: a table on stdout and JSON (--out).
@@ -52,7 +55,7 @@ from tests.compare import max_abs_nonpad  # noqa: E402
 from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER  # noqa: E402
 
 CHECKS = ("dense_eager", "dense_onnx", "duo_eager", "duo_onnx", "prune_eager", "generate_onnx", "moe_eager",
-          "moe_onnx")
+          "moe_onnx", "shapes")
 VOCAB, HIDDEN, HEADS, KV_HEADS, INTER, LAYERS, HEAD_DIM = 112, 64, 4, 2, 128, 3, 16
 B, S, PAD, NEW = 2, 12, 3, 6
 
@@ -214,6 +217,30 @@ def check_dense(model, backend):
     err = max_abs_nonpad(cm(ids, attention_mask=mask), hf_forward(model, ids, mask), mask)
     tol = EXACT_REWRITE if backend == "eager" else ONNX_VS_EAGER
     return ("pass" if err <= tol else "mismatch"), f"max abs {err:.2e} (tol {tol:g})"
+
+
+SHAPES = ((1, 1, 0), (2, 1, 0), (1, 5, 0), (3, 20, 4))   # batch, length, left padding of row 0
+
+
+def check_shapes(model, state):
+    """Dense compiled at the sweep's shape, then called at `SHAPES`: every call equal to the HF model."""
+    ids, mask = inputs(seed=1)
+    worst, graphs = {}, {}
+    for backend in ("eager", "onnx"):
+        cm = routefx.compile(model, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask},
+                             backend=backend)
+        cm(ids, attention_mask=mask)
+        errs = []
+        for b, s, pad in SHAPES:
+            i, m = inputs(seed=20 + b + s, batch=b, seq=s, pad=pad)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)     # "compiled it again for these sizes"
+                errs.append(max_abs_nonpad(cm(i, attention_mask=m), hf_forward(model, i, m), m))
+        worst[backend] = max(errs)
+        graphs[backend] = len(cm._entries) + sum(len(v) for v in cm._guarded.values())
+    ok = worst["eager"] <= EXACT_REWRITE and worst["onnx"] <= ONNX_VS_EAGER
+    return ("pass" if ok else "mismatch"), (f"max abs eager {worst['eager']:.2e}, onnx {worst['onnx']:.2e} over "
+                                            f"{len(SHAPES)} sizes; graphs compiled {graphs}")
 
 
 def _cal():
@@ -437,7 +464,8 @@ def run_family(model_type: str, class_name: str, checks, path: str) -> None:
     table = {"dense_eager": lambda: check_dense(model, "eager"), "dense_onnx": lambda: check_dense(model, "onnx"),
              "duo_eager": lambda: check_duo_eager(model, state), "duo_onnx": lambda: check_duo_onnx(model, state),
              "prune_eager": lambda: check_prune(model, state), "generate_onnx": lambda: check_generate(model, state),
-             "moe_eager": lambda: check_moe_eager(model, state), "moe_onnx": lambda: check_moe_onnx(model, state)}
+             "moe_eager": lambda: check_moe_eager(model, state), "moe_onnx": lambda: check_moe_onnx(model, state),
+             "shapes": lambda: check_shapes(model, state)}
     for c in checks:
         t = time.perf_counter()
         try:
@@ -553,8 +581,15 @@ def main(argv=None):
         print(f"{t:28s} {r['seconds']:6.1f}s {brief}" + (" TIMEOUT" if r.get("timed_out") else ""), flush=True)
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:   # after each family: a killed sweep keeps what it found
-            json.dump(_document(results, checks), f, indent=1)
+            json.dump(_document(results, _listed(results, checks)), f, indent=1)
     print(table(results, checks))
+
+
+def _listed(results: dict, checks) -> list:
+    """The checks named in the results file: every known check some family has a result for (a --merge of some
+    checks keeps the others listed)."""
+    have = {c for r in results.values() for c in r["checks"]}
+    return [c for c in CHECKS if c in have or c in checks]
 
 
 def _document(results, checks) -> dict:
