@@ -200,21 +200,16 @@ class CompiledModel:
         return _Entry(gm, ir, plan, flops, report, run, guards)
 
     def _capture_as_given(self, kwargs: dict, gm, guards: InputGuards):
-        """A capture that holds for `kwargs`, where the one exported with a batch or length of 1 widened to 2 does
-        not: the model's code fixed that size at 2 (Jamba fixes its length). The length of 1 kept as given first,
-        then the batch of 1, then both; the widened capture where none holds (the caller says why)."""
-        sizes = [(int(v.shape[0]), int(v.shape[1]) if v.dim() > 1 else None)
-                 for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() >= 1][:1]
-        if not sizes or 1 not in sizes[0]:
-            return gm, guards
-        b, s = sizes[0]
+        """A capture that holds for `kwargs`, where the one that exported a batch or length of 1 at 2 does not:
+        the model's code fixed that size at 2 (Jamba fixes its length). The length kept as given first, then the
+        batch, then both; the first capture where none holds (the caller says why)."""
+        b, s = gm.meta["routefx"].widened
         for widen in [(True, False), (False, True), (False, False)]:
-            if (not widen[0] and b != 1) or (not widen[1] and s != 1):
-                continue
-            again = capture(self._model, (), kwargs, widen=widen)
-            held = input_guards(again)
-            if held.check(kwargs) is None:
-                return again, held
+            if (widen[0] or b) and (widen[1] or s) and widen != (True, True):
+                again = capture(self._model, (), kwargs, widen=widen)
+                held = input_guards(again)
+                if held.check(kwargs) is None:
+                    return again, held
         return gm, guards
 
     def _key(self, kwargs: dict) -> tuple:
@@ -251,8 +246,7 @@ class CompiledModel:
         entry = self._entries[key]
         why = entry.guards.check(kwargs)
         if why is not None:
-            check_inputs(entry.gm, kwargs, fixed_sizes=False)   # a malformed input is refused as such, not taken
-            # for another size
+            check_inputs(entry.gm, kwargs, fixed_sizes=False)   # a malformed input is refused, not recompiled
             entry = self._within_guards(key, kwargs, why)
         self._last = entry
         return self._last

@@ -39,6 +39,7 @@ class CaptureInfo:
     #   serves calls of those sizes only (CompiledModel compiles again for others)
     state_writes: list[str] = dataclasses.field(default_factory=list)  # buffers the forward writes in place (a KV
     #   cache in module state), read back within the graph (`_functional_buffer_writes`); not written to the model
+    widened: tuple[bool, bool] = (False, False)   # (batch, length) of 1 exported at 2 (`capture`'s `widen`)
     reused_export: bool = False    # made from torch.export's result for an earlier capture of this model (or one
     #   built the same way) with inputs of this form (`capture_cache`), with this model's tensors: not exported again
 
@@ -230,6 +231,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
         fixed_dims=_fixed_dims(gm, shapes),
         state_writes=list(written),
         reused_export=reused,
+        widened=(to_batch != batch, to_seq != seq),
     )
     return gm
 
