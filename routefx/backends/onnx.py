@@ -92,6 +92,7 @@ from routefx.backends.onnx_opset import export_opset
 from routefx.backends.static_routes import constant_route
 from routefx.errors import BackendError, InputError
 from routefx.ir import graph_utils as gu
+from routefx.ir.tracing import tracing
 
 __all__ = ["prepare", "OnnxRunner", "session_options"]
 
@@ -360,7 +361,8 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     _check_float_dtypes(gm)
     arg_names = _positional_names(gm, [n.target for n in placeholders])
     clock = _Clock()
-    model, path = _export(gm, placeholders, arg_names, example_kwargs, direct=direct)
+    with tracing():
+        model, path = _export(gm, placeholders, arg_names, example_kwargs, direct=direct)
     clock.lap("export")
     drop_split_counts(model)
     fold_weight_slices(model)

@@ -24,6 +24,7 @@ from routefx.generate.decode_policies import ActivationSkip, DecodePolicy
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.split import Pieces, split_decode
 from routefx.generate.step import prompt_positions
+from routefx.ir.tracing import tracing
 
 __all__ = ["SkipStepper", "SkipCounts", "decode_pieces", "fit_threshold", "prompt_changes"]
 
@@ -90,7 +91,8 @@ def _reexport(gm, example: dict, varying: dict):
     from routefx.ir.capture import CaptureInfo, _drop_export_artifacts
     shapes = {n: ({d: Dim.AUTO for d in dims} or None) for n, dims in varying.items()}
     try:
-        ep = torch.export.export(gm, (), kwargs=example, dynamic_shapes=shapes, strict=False)
+        with tracing():
+            ep = torch.export.export(gm, (), kwargs=example, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many types; one typed error
         raise CaptureError(f"could not re-trace a decode piece with dynamic shapes: {type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}") from e

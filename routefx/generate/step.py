@@ -50,6 +50,7 @@ from torch.export import Dim
 from routefx.errors import CaptureError, UnsupportedModelError
 from routefx.ir import capture_cache
 from routefx.ir.capture import CaptureInfo, _drop_export_artifacts, _eval_mode, grouped_experts, normalise_ops
+from routefx.ir.tracing import tracing
 
 __all__ = ["CacheLayout", "StateSlot", "probe_cache", "capture_prefill", "capture_decode", "supports_cache",
            "prompt_positions", "cache_names", "cache_entries"]
@@ -407,7 +408,7 @@ def _export_step(model, fn, example: dict, shapes: dict):
     own = model.__dict__.get("forward")
     model.forward = fn
     try:
-        with _eval_mode(model), grouped_experts(model), torch.no_grad():
+        with _eval_mode(model), grouped_experts(model), torch.no_grad(), tracing():
             return torch.export.export(model, (), kwargs=example, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many exception types; re-raise as one typed error
         raise CaptureError(f"torch.export could not capture {type(model).__name__}'s generation step: "

@@ -21,6 +21,7 @@ from torch.export import Dim
 from routefx.errors import CaptureError
 from routefx.ir import capture_cache
 from routefx.ir import graph_utils as gu
+from routefx.ir.tracing import tracing
 
 __all__ = ["capture", "CaptureInfo", "normalize_inputs"]
 
@@ -239,7 +240,8 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
 def _export(model, arg_names, call_args, call_kwargs, bound_kwargs, shapes, given, spec, widened: bool):
     """torch.export of `model` on the (widened) example inputs; where that fails and the inputs were widened, on
     the inputs as given (that dim static). Returns (ExportedProgram, the dynamic-shape specs it was exported with)."""
-    with _eval_mode(model), _bind_forward(model, bound_kwargs), grouped_experts(model), torch.no_grad():
+    with _eval_mode(model), _bind_forward(model, bound_kwargs), grouped_experts(model), torch.no_grad(), \
+            tracing():
         try:
             with _quiet_fake_tensor_log(widened):   # retried as given on failure
                 ep = torch.export.export(model, call_args, kwargs=call_kwargs, dynamic_shapes=shapes, strict=False)
