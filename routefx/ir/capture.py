@@ -21,6 +21,7 @@ from torch.export import Dim
 from routefx.errors import CaptureError
 from routefx.ir import capture_cache
 from routefx.ir import graph_utils as gu
+from routefx.ir.guards import serves
 from routefx.ir.tracing import tracing
 
 __all__ = ["capture", "CaptureInfo", "normalize_inputs"]
@@ -217,8 +218,10 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     call_kwargs = {n: named[n] for n in named if n not in pos[:n_args]}
     export = functools.partial(_export, model, pos[:n_args], call_args, call_kwargs, bound_kwargs, shapes, given,
                                spec, (to_batch, to_seq) != (batch, seq))
-    form = (capture_cache.inputs_key(given, n_args),) + (() if all(widen) else (("as given", widen),))
-    gm, shapes, reused = capture_cache.exported(model, form, export)
+    dynamic = {n: set(d) for n, d in shapes.items() if d}
+    form = (capture_cache.inputs_key(given, n_args, dynamic),) + (() if all(widen) else (("as given", widen),))
+    gm, shapes, reused = capture_cache.exported(model, form, export,
+                                                holds=functools.partial(serves, feeds=named))
     _drop_export_artifacts(gm)
     written = _functional_buffer_writes(gm)
     if written and not _state_independent(gm, written, call_args, call_kwargs):

@@ -10,7 +10,10 @@ no weights and no model), and a later capture whose key is equal gets a fresh gr
 tensors bound by name (`exported`). The key is:
 
 - the inputs: names, positional/keyword split, each tensor's shape, dtype, device and layout (not its values),
-  every other input's value;
+  every other input's value; the sizes of the batch and length dims that capture exports as dynamic are left out
+  (a graph exported at 2 x 12 serves 3 x 20 where its guards hold): a kept export is reused for inputs of other
+  such sizes only where the caller's check of its graph against them holds (`holds`: the sizes export made
+  constants and its guards, e.g. a chunked scan's `S <= 64`), else exported again for them;
 - the model: every submodule's name and class; every parameter and buffer by name (Parameter or buffer, shape,
   dtype, device, layout, requires_grad, and which names share one tensor); every attribute of every submodule:
   numbers, strings, tensors held directly (as parameters), functions by identity, hooks, objects such as a config
@@ -37,7 +40,8 @@ from torch import nn
 
 __all__ = ["exported", "inputs_key", "model_key", "owned_tensors", "clear"]
 
-_KEPT = 32          # exports kept (a bounded LRU over every model)
+_KEPT = 32          # keys kept (a bounded LRU over every model)
+_PER_KEY = 4        # exports kept per key (a model whose code fixes its length: one per length)
 _DEPTH = 4
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.layout,
           torch.memory_format, type, types.FunctionType, types.BuiltinFunctionType)
@@ -176,31 +180,39 @@ def model_key(model: nn.Module, owned: dict[str, torch.Tensor]) -> tuple | None:
     return (mods, tensors, hooks, torch.get_default_dtype()) if keyer.comparable else None
 
 
-def inputs_key(values: dict, n_args: int = 0) -> tuple | None:
+def inputs_key(values: dict, n_args: int = 0, dynamic: dict | None = None) -> tuple | None:
     """The inputs' form: names and order, tensors by shape/dtype/device/layout, other values as they are; None
-    where some of it cannot be compared."""
+    where some of it cannot be compared. `dynamic` (input name -> dims) names the dims exported as dynamic: their
+    sizes are not part of the key (a kept export is checked against the inputs' sizes instead: `exported`'s
+    `holds`)."""
     keyer = _Keyer(nn.Module())
+    dynamic = dynamic or {}
 
-    def one(v):
+    def one(v, dims=()):
         if isinstance(v, torch.Tensor):
-            return ("tensor", tuple(v.shape), v.dtype, v.device, v.layout, v.requires_grad)
+            shape = tuple("dynamic" if i in dims else d for i, d in enumerate(v.shape))
+            return ("tensor", shape, v.dtype, v.device, v.layout, v.requires_grad)
         if isinstance(v, (tuple, list)):
             return (type(v), tuple(one(x) for x in v))
         if isinstance(v, dict):
             return (type(v), tuple((k, one(x)) for k, x in v.items()))
         return keyer.value(v, 2)
-    key = tuple((n, one(v)) for n, v in values.items()), n_args
+    key = tuple((n, one(v, dynamic.get(n) or ())) for n, v in values.items()), n_args
     return key if keyer.comparable else None
 
 
-_kept: collections.OrderedDict = collections.OrderedDict()   # key -> (ExportedProgram with stand-ins, extra, names)
+_kept: collections.OrderedDict = collections.OrderedDict()   # key -> [(ExportedProgram with stand-ins, extra,
+#                                                                     names), ...]
 
 
-def exported(model: nn.Module, form: tuple, export: Callable[[], tuple[Any, Any]]
+def exported(model: nn.Module, form: tuple, export: Callable[[], tuple[Any, Any]],
+             holds: Callable[[torch.fx.GraphModule], bool] | None = None
              ) -> tuple[torch.fx.GraphModule, Any, bool]:
     """A fresh graph of `model` for inputs of `form` (`inputs_key` and the caller's own parts): from a kept export
-    where the key is equal and every named tensor binds, else from `export()` -> (ExportedProgram, extra), whose
-    result is kept for later. Returns (graph, extra, whether a kept export was reused)."""
+    where the key is equal, every named tensor binds and `holds(graph)` (the kept graph serves these inputs: the
+    key leaves out the sizes of dynamic dims), else from `export()` -> (ExportedProgram, extra), whose result is
+    kept for later (in place of one that did not hold). Returns (graph, extra, whether a kept export was
+    reused)."""
     owned = owned_tensors(model)
     state = model_key(model, owned)
     key = None if state is None or any(f is None for f in form) else (state, *form)
@@ -208,11 +220,14 @@ def exported(model: nn.Module, form: tuple, export: Callable[[], tuple[Any, Any]
         hash(key)
     except TypeError:        # a part that cannot be hashed: nothing kept or looked up
         key = None
-    hit = _kept.get(key) if key is not None else None
-    if hit is not None and all(name in owned for name in hit[2]):
-        _kept.move_to_end(key)
-        ep, extra, names = hit
-        return _bind(ep.module(), names, owned), extra, True
+    for i, (ep, extra, names) in enumerate(_kept.get(key, ()) if key is not None else ()):
+        if not all(name in owned for name in names):
+            continue
+        gm = _bind(ep.module(), names, owned)
+        if holds is None or holds(gm):
+            _kept.move_to_end(key)
+            _kept[key].insert(0, _kept[key].pop(i))
+            return gm, extra, True
     ep, extra = export()
     gm = ep.module()
     if key is not None:
@@ -240,7 +255,10 @@ def _keep(key: tuple, ep, extra, owned: dict[str, torch.Tensor]) -> None:
                 else stand_in
     except (RuntimeError, NotImplementedError):       # a tensor with no meta form
         return
-    _kept[key] = (ep, extra, tuple(named))
+    kept = _kept.setdefault(key, [])     # exports of one key: for sizes another did not serve (most recent first)
+    kept.insert(0, (ep, extra, tuple(named)))
+    del kept[_PER_KEY:]
+    _kept.move_to_end(key)
     while len(_kept) > _KEPT:
         _kept.popitem(last=False)
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import sympy
+import torch
 from torch import fx
 
-__all__ = ["InputGuards", "input_guards"]
+__all__ = ["InputGuards", "input_guards", "serves"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,3 +49,38 @@ def input_guards(gm: fx.GraphModule) -> InputGuards:
     """The guards of a graph fresh from `ep.module()` (before a pass rewrites it)."""
     names = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
     return InputGuards(getattr(gm, "_guards_fn", None), names)
+
+
+def serves(gm: fx.GraphModule, feeds: dict) -> bool:
+    """Whether a graph fresh from `ep.module()` serves `feeds` (input name -> value) by their sizes: every tensor
+    input is a placeholder of that name and rank whose constant sizes equal the input's, whose symbolic sizes take
+    one value per symbol (and a compound size, e.g. `2*s0`, the value it evaluates to), and export's guards hold.
+    Conservative: a tensor input it cannot place, or a size it cannot evaluate, is a no."""
+    vals = {n.target: n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"}
+    bound: dict = {}
+    compound = []
+    for name, x in feeds.items():
+        if not isinstance(x, torch.Tensor):
+            continue
+        v = vals.get(name)
+        if not isinstance(v, torch.Tensor) or v.dim() != x.dim():
+            return False
+        for want, got in zip(v.shape, x.shape):
+            if isinstance(want, int):
+                if want != got:
+                    return False
+                continue
+            expr = want.node.expr
+            if isinstance(expr, sympy.Symbol):
+                if bound.setdefault(expr, got) != got:
+                    return False
+            elif isinstance(expr, sympy.Integer):
+                if int(expr) != got:
+                    return False
+            else:
+                compound.append((expr, got))
+    for expr, got in compound:
+        value = expr.xreplace({k: sympy.Integer(b) for k, b in bound.items()})
+        if not isinstance(value, sympy.Integer) or int(value) != got:
+            return False
+    return input_guards(gm).check(feeds) is None

@@ -83,8 +83,8 @@ def test_a_second_capture_reuses_the_export_and_gets_its_own_graph(exports):
     with torch.no_grad():
         ref = model(*args, **kwargs).logits
         torch.testing.assert_close(g2(*args, **kwargs, use_cache=False).logits, ref, rtol=0, atol=0)
-    args3, kwargs3 = example_inputs(entry, batch=3, seq=5)          # another input form: exported again
-    capture(model, args3, kwargs3)
+    kwargs_f64 = {**kwargs, "attention_mask": kwargs["attention_mask"].double()}   # another input form
+    capture(model, args, kwargs_f64)
     assert exports[0] == 2
     capture(model, args, kwargs)                                    # both forms kept
     assert exports[0] == 2
@@ -235,8 +235,53 @@ def test_inputs_are_keyed_by_form_and_constant_values(exports):
     _check(model, torch.randn(2, 3, 8))             # other values, same form
     assert exports[0] == 1
     _check(model, x, mode="twice")                   # a constant input
-    _check(model, x[:, :2])                          # another shape
+    _check(model, torch.randn(4, 5, 8))              # another batch size and length: the export serves them
+    assert exports[0] == 2
+    model.a, model.b = nn.Linear(6, 8), nn.Linear(8, 8)
+    _check(model, torch.randn(2, 3, 6))              # a size that is not the batch or the length
     assert exports[0] == 3
+
+
+def test_other_batch_sizes_and_lengths_reuse_the_export_where_it_holds_for_them(exports):
+    """The batch and length dims are exported as dynamic: a capture at other sizes reuses the graph where the
+    sizes export made constants and its guards hold for them, and exports again (keeping both) where not."""
+    model = _Net()
+    for b, s in [(2, 3), (3, 7), (1, 1), (5, 2)]:
+        gm = _check(model, torch.randn(b, s, 8))
+    assert exports[0] == 1 and gm.meta["routefx"].reused_export
+
+    class Chunked(nn.Module):        # a scan in chunks of 4: export guards the length it was traced at
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if x.shape[1] <= 4:
+                return self.w(x)
+            return torch.cat([self.w(c) * 2 for c in x.split(4, dim=1)], dim=1)
+
+    chunked = Chunked()
+    _check(chunked, torch.randn(2, 3, 8))            # S <= 4
+    _check(chunked, torch.randn(3, 4, 8))            # reused
+    assert exports[0] == 2
+    _check(chunked, torch.randn(2, 7, 8))            # S > 4: the kept graph's guard fails, exported again
+    assert exports[0] == 3
+    _check(chunked, torch.randn(1, 2, 8))            # both kept: each size finds its own
+    _check(chunked, torch.randn(2, 6, 8))
+    assert exports[0] == 3
+
+    class FixedLength(nn.Module):    # the code turns the length into a Python int: export makes it a constant
+        def forward(self, x):
+            s = int(x.shape[1])
+            return x * torch.arange(s, dtype=x.dtype)[:, None]
+
+    fixed = FixedLength()
+    _check(fixed, torch.randn(2, 3, 8))
+    _check(fixed, torch.randn(4, 3, 8))              # the batch is still dynamic
+    assert exports[0] == 4
+    _check(fixed, torch.randn(2, 5, 8))              # another length: exported again
+    _check(fixed, torch.randn(2, 3, 8))
+    assert exports[0] == 5
 
 
 def test_a_value_it_cannot_compare_exports_every_time(exports):
