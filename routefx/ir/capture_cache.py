@@ -40,7 +40,7 @@ from torch import nn
 
 __all__ = ["exported", "inputs_key", "model_key", "owned_tensors", "clear"]
 
-_KEPT = 32          # keys kept (a bounded LRU over every model)
+_KEPT = 64          # keys kept (a bounded LRU over every model)
 _PER_KEY = 4        # exports kept per key (a model whose code fixes its length: one per length)
 _DEPTH = 4
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.layout,

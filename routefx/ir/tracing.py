@@ -7,7 +7,7 @@ captured in 2.6 s with them, 1.9 s without, on 2 cores; the compile-heavy test f
 no node's stack trace: recognition names what it finds by `nn_module_stack`, and a failed trace raises with
 Python's own traceback. At the CPU benchmark's size (8 layers, d=1024) the difference is within noise (capture
 2.6 s either way). Set `ROUTEFX_STACK_TRACES=1` to keep them (`gm.print_readable()` then shows the model line
-behind each node).
+behind each node; an export the capture cache kept is reused as it was traced: `routefx.clear_capture_cache()`).
 """
 from __future__ import annotations
 

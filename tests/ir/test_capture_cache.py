@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import routefx
-from routefx.ir import capture
+from routefx.ir import capture, capture_cache
 from routefx.policies import Dense, PruneLayers
 from tests.zoo import ZOO, example_inputs
 
@@ -24,9 +24,11 @@ def exports(monkeypatch):
         count[0] += 1
         return real(*a, **k)
     monkeypatch.setattr(torch.export, "export", counting)
+    kept = dict(capture_cache._kept)        # this process's other tests keep theirs (restored after)
     routefx.clear_capture_cache()
     yield count
     routefx.clear_capture_cache()
+    capture_cache._kept.update(kept)
 
 
 class _Slots:

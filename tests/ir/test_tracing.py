@@ -5,7 +5,7 @@ from torch import nn
 from torch.fx import config as fx_config
 
 from routefx.errors import CaptureError
-from routefx.ir import capture, capture_cache
+from routefx.ir import capture
 
 
 class Block(nn.Module):
@@ -27,10 +27,10 @@ def _traced_lines(gm) -> list[str]:
 @pytest.mark.parametrize("keep", ["", "1"])
 def test_capture_records_stack_traces_only_when_asked(monkeypatch, keep):
     monkeypatch.setenv("ROUTEFX_STACK_TRACES", keep)
-    capture_cache.clear()
     before = fx_config.do_not_emit_stack_traces
     x = torch.randn(2, 5, 8)
     model = Block()
+    model.tag = f"stack traces {keep!r}"      # keyed apart: exported here, not taken from the capture cache
     gm = capture(model, (x,))
     assert fx_config.do_not_emit_stack_traces == before        # the global switch is restored
     lines = _traced_lines(gm)
