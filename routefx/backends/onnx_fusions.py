@@ -27,7 +27,9 @@ the installed onnxscript is skipped and said so in the notes):
   rms_norm         Pow / ReduceMean / Add eps / Sqrt / Reciprocal / Mul / Mul(scale) ->
                    SimplifiedLayerNormalization (ONNX Runtime's RMSNorm kernel; onnxscript's rule).
   skip_rms_norm    Add(residual, x) feeding a SimplifiedLayerNormalization -> SkipSimplifiedLayerNormalization
-                   (com.microsoft: the residual sum and its norm in one pass; onnxscript's rule).
+                   (com.microsoft: the residual sum and its norm in one pass; onnxscript's rule). Not applied
+                   where a norm's input and scale types differ (an fp16 Gemma scales in float32): the fused
+                   kernel binds one type, and ONNX Runtime would refuse the graph.
 
 Each rewrite computes the same function in fp32 (the equality tests run with ONNX Runtime's own graph
 optimizations on and off); none adds a NaN guard. Which fusions pay was measured with `bench/onnx_fusions.py`
@@ -375,6 +377,18 @@ def _rule_set(name: str):
     return skip_rms_normalization_ruleset
 
 
+def _mixed_norm(model: ir.Model) -> str | None:
+    """The input and scale types of the first SimplifiedLayerNormalization whose two differ (onnxscript's skip
+    rule would fuse it into a SkipSimplifiedLayerNormalization, whose one type parameter ONNX Runtime then
+    refuses to bind), or None."""
+    for node in model.graph:
+        if node.op_type == "SimplifiedLayerNormalization" and len(node.inputs) > 1 and node.inputs[1] is not None:
+            x, scale = node.inputs[0].dtype, node.inputs[1].dtype
+            if x is not None and scale is not None and x != scale:
+                return f"{x} input with a {scale} scale"
+    return None
+
+
 def _fuse_causal_gqa(model: ir.Model, result: FusionResult) -> int:
     from routefx.backends.onnx_attention import fuse_causal_gqa  # it imports this module's helpers
     return fuse_causal_gqa(model, result)
@@ -396,6 +410,11 @@ def fuse_(model: ir.Model, fusions=DEFAULT_FUSIONS) -> FusionResult:
             continue
         if name in _OWN:
             result.counts[name] = _OWN[name](model, result)
+            continue
+        if name == "skip_rms_norm" and (mixed := _mixed_norm(model)) is not None:
+            result.counts[name] = 0     # ONNX Runtime's fused kernel takes one type for input, skip and scale
+            result.notes.append(f"skip_rms_norm: not applied, a norm takes {mixed} (an fp16 model whose norm "
+                                "scales in float32, as Gemma's does)")
             continue
         try:
             rules = _rule_set(name)

@@ -68,20 +68,26 @@ _FOLD_PREFIX = "routefx_fold/"
 _SQRT_HALF = math.sqrt(0.5)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
+def _k(value: float, like):
+    """A scalar constant in `like`'s dtype (a bare Python float is a float32 constant: an fp16 model's Mul then
+    binds two types and ONNX Runtime refuses the graph)."""
+    return op.CastLike(value, like)
+
+
 # Exact formulas, matching `routefx.ir.activations` (ONNX Runtime fuses them into its own kernels).
 ONNX_ACTIVATIONS: dict[str, Callable] = {
     "silu": lambda x: op.Mul(x, op.Sigmoid(x)),
-    "gelu": lambda x: op.Mul(op.Mul(x, 0.5), op.Add(op.Erf(op.Mul(x, _SQRT_HALF)), 1.0)),
+    "gelu": lambda x: op.Mul(op.Mul(x, _k(0.5, x)), op.Add(op.Erf(op.Mul(x, _k(_SQRT_HALF, x))), _k(1.0, x))),
     "gelu_tanh": lambda x: op.Mul(
-        op.Mul(x, 0.5),
-        op.Add(op.Tanh(op.Mul(op.Add(x, op.Mul(op.Mul(op.Mul(x, x), x), 0.044715)), _SQRT_2_OVER_PI)), 1.0)),
+        op.Mul(x, _k(0.5, x)),
+        op.Add(op.Tanh(op.Mul(op.Add(x, op.Mul(op.Mul(op.Mul(x, x), x), _k(0.044715, x))),
+                              _k(_SQRT_2_OVER_PI, x))), _k(1.0, x))),
     "relu": lambda x: op.Relu(x),
     "relu2": lambda x: _square(op.Relu(x)),
     "sigmoid": lambda x: op.Sigmoid(x),
-    "quick_gelu": lambda x: op.Mul(x, op.Sigmoid(op.Mul(x, 1.702))),
+    "quick_gelu": lambda x: op.Mul(x, op.Sigmoid(op.Mul(x, _k(1.702, x)))),
     "identity": lambda x: x,
 }
-
 
 
 class _OnnxActivation:
@@ -92,7 +98,7 @@ class _OnnxActivation:
         self.spec = spec
         alpha = spec.alpha
         if spec.base == "swish":
-            self._base = lambda x: op.Mul(x, op.Sigmoid(op.Mul(x, alpha)))
+            self._base = lambda x: op.Mul(x, op.Sigmoid(op.Mul(x, _k(alpha, x))))
         elif spec.base == "xielu":
             self._base = functools.partial(_xielu, s=spec)
         else:
@@ -100,25 +106,25 @@ class _OnnxActivation:
 
     def __call__(self, x):
         s = self.spec
-        x = self._base(x if s.gate_max is None else op.Min(x, s.gate_max))
-        return x if s.act_max is None else op.Min(x, s.act_max)
+        x = self._base(x if s.gate_max is None else op.Min(x, _k(s.gate_max, x)))
+        return x if s.act_max is None else op.Min(x, _k(s.act_max, x))
 
     def glu(self, g, u):
         s = self.spec
         if s.up_limit is not None:
-            u = op.Max(op.Min(u, s.up_limit), -s.up_limit)
+            u = op.Max(op.Min(u, _k(s.up_limit, u)), _k(-s.up_limit, u))
         if s.up_add != 0.0:
-            u = op.Add(u, s.up_add)
+            u = op.Add(u, _k(s.up_add, u))
         return op.Mul(self(g), u)
 
 
 def _xielu(x, s):
     """`routefx.ir.activations`' xielu as ONNX ops:
     Where(x > 0, alpha_p x² + beta x, alpha_n (exp(min(x, eps)) - 1 - x) + beta x)."""
-    bx = op.Mul(x, s.beta)
-    pos = op.Add(op.Mul(op.Mul(x, x), s.alpha_p), bx)
-    neg = op.Add(op.Mul(op.Sub(op.Sub(op.Exp(op.Min(x, s.eps)), 1.0), x), s.alpha_n), bx)
-    return op.Where(op.Greater(x, 0.0), pos, neg)
+    bx = op.Mul(x, _k(s.beta, x))
+    pos = op.Add(op.Mul(op.Mul(x, x), _k(s.alpha_p, x)), bx)
+    neg = op.Add(op.Mul(op.Sub(op.Sub(op.Exp(op.Min(x, _k(s.eps, x))), _k(1.0, x)), x), _k(s.alpha_n, x)), bx)
+    return op.Where(op.Greater(x, _k(0.0, x)), pos, neg)
 
 
 # fp16 / bf16 contributions accumulate in fp32, as in the reference.

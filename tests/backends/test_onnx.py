@@ -12,7 +12,7 @@ from routefx.backends import onnx as onnx_backend
 from routefx.backends.onnx_opset import export_opset
 from routefx.ir.capture import capture
 from tests.compare import assert_close_nonpad, graph_kwargs
-from tests.tolerances import ONNX_VS_EAGER
+from tests.tolerances import MUST_DIFFER, ONNX_FP16_VS_EAGER, ONNX_VS_EAGER
 from tests.zoo import DENSE, ZOO, example_inputs
 
 
@@ -266,3 +266,29 @@ def test_float64_and_bfloat16_models_are_refused_before_export(dtype, why):
     with pytest.raises(routefx.errors.BackendError, match=f"{str(dtype).removeprefix('torch.')} weights; .*{why}"):
         routefx.compile(entry.build().to(dtype), routefx.policies.Dense(), example_inputs=args,
                         example_kwargs=kwargs, backend="onnx")
+
+
+@pytest.mark.parametrize("name,policy", [("gpt2", "dense"), ("gpt2", "duo"), ("gemma", "dense")])
+def test_float16_models_run_on_onnx(name, policy):
+    """fp16 models lower with every constant in the model's type: routed_ffn's activations (GPT-2's and Gemma's
+    tanh GELU: a float32 constant made ONNX Runtime refuse the graph, `Mul bound to different types`) and
+    Gemma's norm, whose scale stays float32 (the fused skip-norm kernel takes one type: not fused there)."""
+    entry = ZOO[name]
+    model = entry.build().half()
+    args, kwargs = example_inputs(entry, batch=2, seq=9, left_pad=3, seed=2)
+    if policy == "dense":
+        cm = routefx.compile(model, routefx.policies.Dense(), example_inputs=args, example_kwargs=kwargs,
+                             backend="onnx")
+        with torch.no_grad():
+            ref = model(*args, **kwargs)
+    else:
+        cal = [dict(input_ids=args[0]) | kwargs]
+        eager = routefx.compile(model, routefx.policies.Duo(budget=0.5, small="nested"), calibration=cal)
+        cm = routefx.compile(model, eager.plan, backend="onnx")
+        ref = eager(*args, **kwargs)
+        with torch.no_grad():       # routes taken: not the dense model
+            dense = model(*args, **kwargs).logits.float()
+        assert (ref.logits.float() - dense)[kwargs["attention_mask"].bool()].abs().max() > MUST_DIFFER
+    out = cm(*args, **kwargs)
+    assert out.logits.dtype == torch.float16
+    assert_close_nonpad(out.logits.float(), ref.logits.float(), kwargs["attention_mask"], ONNX_FP16_VS_EAGER)
