@@ -332,6 +332,25 @@ class CompiledModel:
 
 
 
+def _warn_if_training(model: nn.Module) -> None:
+    """A model in training mode whose output depends on it (dropout with p > 0, as a module or a config's
+    probability; a batch norm) is compiled as in eval mode: say so, once, rather than differ from it silently."""
+    if not model.training:
+        return
+    why = [f"{type(m).__name__}(p={m.p})" for m in model.modules()
+           if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    why += [type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_dict"):
+        why += [f"config.{k}={v}" for k, v in cfg.to_dict().items()
+                if ("dropout" in k or "pdrop" in k) and isinstance(v, float) and v > 0]
+    if why:
+        shown = ", ".join(sorted(set(why))[:4]) + (", ..." if len(set(why)) > 4 else "")
+        warnings.warn(f"{type(model).__name__} is in training mode ({shown}): routefx compiles for inference and "
+                      "runs it as model.eval() would (no dropout); call model.eval() first to compare outputs with "
+                      "it", UserWarning, stacklevel=3)
+
+
 def compile(model: nn.Module, policy: Policy, *, example_inputs=None, example_kwargs=None, calibration=None,
             backend: str = "eager", debug_dir: str | None = None,
             backend_options: dict | None = None) -> CompiledModel:
@@ -349,6 +368,7 @@ def compile(model: nn.Module, policy: Policy, *, example_inputs=None, example_kw
                           f"{type(policy).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _warn_if_training(model)
     cm = CompiledModel(model, policy, calibration=calibration, backend=backend, debug_dir=debug_dir,
                        backend_options=backend_options)
     if example_inputs is not None:

@@ -9,7 +9,7 @@ import torch
 import routefx
 from routefx.compiler.validate import _as_integral, input_spec
 from tests.compare import assert_close_nonpad
-from tests.tolerances import ONNX_VS_EAGER
+from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
 from tests.zoo import ZOO, example_inputs
 
 VOCAB = ZOO["llama"].vocab
@@ -112,3 +112,31 @@ def test_wrong_dtype(backend):
     with pytest.raises(routefx.InputError, match=r"'input_ids' has dtype torch.float32 and rank 2; the compiled "
                                                  r"model takes dtype torch.int64"):
         cm(_ids().float(), attention_mask=torch.ones(2, 9, dtype=torch.long))
+
+
+def test_a_model_in_training_mode_with_dropout_is_compiled_as_in_eval_mode_and_says_so():
+    """routefx compiles for inference: a model left in training mode whose output depends on it (dropout) gets
+    a warning naming what differs, and the compiled model computes the eval-mode model; a training-mode model
+    without dropout compiles without one."""
+    import warnings
+    entry = ZOO["gpt2"]
+    model = entry.build()
+    model.config.attn_pdrop = model.config.resid_pdrop = 0.25
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.25
+    model.train()
+    args, kwargs = example_inputs(entry, batch=2, seq=9, left_pad=2)
+    with pytest.warns(UserWarning, match=r"GPT2LMHeadModel is in training mode \(Dropout\(p=0\.25\).*runs it as "
+                                         r"model\.eval\(\) would"):
+        cm = routefx.compile(model, routefx.policies.Dense(), example_inputs=args, example_kwargs=kwargs)
+    assert model.training                      # left as it was
+    out = cm(*args, **kwargs)
+    with torch.no_grad():
+        ref = model.eval()(*args, **kwargs)
+    assert_close_nonpad(out, ref, kwargs["attention_mask"], EXACT_REWRITE)
+    plain = ZOO["llama"].build().train()       # no dropout: nothing to say
+    largs, lkwargs = example_inputs(ZOO["llama"], batch=2, seq=9, left_pad=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*in training mode")
+        routefx.compile(plain, routefx.policies.Dense(), example_inputs=largs, example_kwargs=lkwargs)
