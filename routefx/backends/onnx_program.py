@@ -289,6 +289,7 @@ def _cast_promoted_tensors(gm: fx.GraphModule) -> bool:
     except Exception:  # noqa: BLE001 - cannot tell: the exporter's pass decides
         return True
     tensors = [p for p in found if isinstance(p[2], fx.Node) and isinstance(p[2].meta.get("val"), torch.Tensor)]
+    computed: dict[fx.Node, torch.dtype] = {}
     for n, where, a, dtype in tensors:
         with gm.graph.inserting_before(n):
             cast = gm.graph.call_function(torch.ops.aten._to_copy.default, (a,), {"dtype": dtype})
@@ -297,6 +298,17 @@ def _cast_promoted_tensors(gm: fx.GraphModule) -> bool:
             n.update_arg(where, cast)
         else:
             n.update_kwarg(where, cast)
+        computed[n] = dtype
+    for n, dtype in computed.items():
+        # an op computed in another dtype than its result (an fp16 `square` or `sum`, which the rules compute in
+        # float32): its result cast back, as the exporter's pass does, so that every user gets the graph's dtype
+        out = n.meta.get("val")
+        if isinstance(out, torch.Tensor) and out.dtype != dtype and out.is_floating_point() and dtype.is_floating_point:
+            with gm.graph.inserting_after(n):
+                back = gm.graph.call_function(torch.ops.aten._to_copy.default, (n,), {"dtype": out.dtype})
+            back.meta["val"] = out
+            n.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
+            n.meta["val"] = out.to(dtype)
     if tensors:
         gm.recompile()
     return len(tensors) < len(found)

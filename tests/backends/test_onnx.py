@@ -292,3 +292,31 @@ def test_float16_models_run_on_onnx(name, policy):
     out = cm(*args, **kwargs)
     assert out.logits.dtype == torch.float16
     assert_close_nonpad(out.logits.float(), ref.logits.float(), kwargs["attention_mask"], ONNX_FP16_VS_EAGER)
+
+
+class _HalfOps(torch.nn.Module):
+    """fp16 ops that torch's promotion rules compute in float32 and return in fp16 (BitNet's squared ReLU,
+    Llama 4's expert sum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.w(x)
+        return torch.relu(h).square() * h + h.sum(-1, keepdim=True)
+
+
+def test_float16_ops_computed_in_float32_come_back_in_float16():
+    """The casts routefx inserts for torch's type promotion (in place of the exporter's slower pass) cast the
+    result of an op computed in another dtype back to the graph's: an fp16 `square` or `sum` left float32 made
+    ONNX Runtime refuse the next Mul/Add (`bound to different types`)."""
+    model = _HalfOps().half()
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0)).half()
+    gm = capture(model, (x,))
+    run = onnx_backend.prepare(gm, {"x": x})
+    got = run(x=x)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert got.dtype == torch.float16
+    with torch.no_grad():
+        torch.testing.assert_close(got.float(), model(x).float(), atol=ONNX_FP16_VS_EAGER, rtol=ONNX_FP16_VS_EAGER)
