@@ -267,9 +267,14 @@ def _promotions(gm: fx.GraphModule):
             raise TypeError(f"argument of type {type(v).__name__}")
         return same != dtype
 
+    aliases = {torch.ops.aten.max.other: torch.ops.aten.maximum, torch.ops.aten.min.other: torch.ops.aten.minimum}
     out = []
     for n in gm.graph.nodes:
-        if n.op != "call_function" or (rule := tp.get_type_promotion_rule(n, table)) is None:
+        if n.op != "call_function":
+            continue
+        # max.other / min.other are maximum / minimum (routefx lowers them itself): the table has no entry for them
+        rule = table.get_rule(aliases[n.target]) if n.target in aliases else tp.get_type_promotion_rule(n, table)
+        if rule is None:
             continue
         info = rule.preview_type_promotion(fx.node.map_aggregate(n.args, val), fx.node.map_aggregate(n.kwargs, val))
         out += [(n, i, a, info.args_dtypes[i]) for i, a in enumerate(n.args) if differs(a, info.args_dtypes.get(i))]

@@ -296,7 +296,7 @@ def test_float16_models_run_on_onnx(name, policy):
 
 class _HalfOps(torch.nn.Module):
     """fp16 ops that torch's promotion rules compute in float32 and return in fp16 (BitNet's squared ReLU,
-    Llama 4's expert sum)."""
+    Llama 4's expert sum), and a max with a float32 0-dim tensor (XGLM's attention floor)."""
 
     def __init__(self):
         super().__init__()
@@ -304,13 +304,15 @@ class _HalfOps(torch.nn.Module):
 
     def forward(self, x):
         h = self.w(x)
-        return torch.relu(h).square() * h + h.sum(-1, keepdim=True)
+        floor = torch.max(h, torch.tensor(-0.5))          # a float32 0-dim floor (XGLM's): the result is fp16
+        return torch.relu(h).square() * h + h.sum(-1, keepdim=True) + floor
 
 
 def test_float16_ops_computed_in_float32_come_back_in_float16():
     """The casts routefx inserts for torch's type promotion (in place of the exporter's slower pass) cast the
-    result of an op computed in another dtype back to the graph's: an fp16 `square` or `sum` left float32 made
-    ONNX Runtime refuse the next Mul/Add (`bound to different types`)."""
+    result of an op computed in another dtype back to the graph's (an fp16 `square` or `sum` left float32 made
+    ONNX Runtime refuse the next Mul/Add: `bound to different types`), and cast `max.other`'s operands as for
+    `maximum` (the promotion table has no entry for it: ONNX Runtime refused the Max)."""
     model = _HalfOps().half()
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0)).half()
     gm = capture(model, (x,))
