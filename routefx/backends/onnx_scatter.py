@@ -14,6 +14,9 @@ equals numpy's `add.at` on every call; these lowerings write the op that way:
     index_put(x, [i, j, ..], v, True)       -> leading integer indices flattened to one row index (x viewed as
                                                [rows, ...]), then the same along dim 0
 
+An fp16 / bf16 scatter runs in float32 and is cast back (ONNX Runtime's CPU provider has no half kernel for a
+reducing ScatterElements).
+
 Other index_put forms (no accumulation, boolean masks, which select each position once, integer indices apart
 or after a skipped dim) keep the exporter's translation.
 """
@@ -40,15 +43,29 @@ def _along(index, rank: int, dim: int, like):
     return op.Expand(op.Reshape(index, _ints(shape)), op.Shape(like))
 
 
+_HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+def _scatter_add(x, indices, updates, axis: int, dtype):
+    """ScatterElements(reduction="add") of x (whose dtype is `dtype`); an fp16 / bf16 one in float32, cast back
+    (ONNX Runtime's CPU provider has no half kernel for a reducing ScatterElements: JetMoE in fp16 failed at run
+    time)."""
+    if dtype in _HALF:
+        out = op.ScatterElements(op.Cast(x, to=ir.DataType.FLOAT), indices, op.Cast(updates, to=ir.DataType.FLOAT),
+                                 axis=axis, reduction="add")
+        return op.Cast(out, to=dtype)
+    return op.ScatterElements(x, indices, updates, axis=axis, reduction="add")
+
+
 def _index_add(x, dim: int, index, source, alpha=1):
     rank = len(x.shape if x.shape is not None else source.shape)
     dim = dim % rank if rank else 0
     if alpha != 1:
         source = op.Mul(source, op.CastLike(op.Constant(value_float=float(alpha)), source))
     if rank == 0:                         # a 0-d x and source (one index)
-        return op.ScatterElements(op.Reshape(x, _ints([1])), op.Reshape(index, _ints([1])),
-                                  op.Reshape(source, _ints([1])), axis=0, reduction="add")
-    return op.ScatterElements(x, _along(index, rank, dim, source), source, axis=dim, reduction="add")
+        return _scatter_add(op.Reshape(x, _ints([1])), op.Reshape(index, _ints([1])),
+                            op.Reshape(source, _ints([1])), axis=0, dtype=x.dtype)
+    return _scatter_add(x, _along(index, rank, dim, source), source, axis=dim, dtype=x.dtype)
 
 
 def _integer(index) -> bool:
@@ -68,8 +85,7 @@ def _index_put(x, indices, values, accumulate: bool = False):
         before, after = op.Slice(shape, _ints([0]), _ints([p])), op.Slice(shape, _ints([p + 1]), _ints([rank]))
         upd = op.Reshape(op.Expand(values, op.Concat(before, op.Shape(idx), after, axis=0)),
                          op.Concat(before, _ints([-1]), after, axis=0))     # idx's dims as one
-        return op.ScatterElements(x, _along(op.Reshape(idx, _ints([-1])), rank, p, upd), upd, axis=p,
-                                  reduction="add")
+        return _scatter_add(x, _along(op.Reshape(idx, _ints([-1])), rank, p, upd), upd, axis=p, dtype=x.dtype)
     if given != list(range(len(given))):
         return aten_index_put(x, indices, values, accumulate)   # integer indices apart or after a skipped dim
     # leading integer indices i_0..i_{k-1} (broadcast together): one row index into x viewed as [rows, rest...]
@@ -84,7 +100,7 @@ def _index_put(x, indices, values, accumulate: bool = False):
     rows = op.Reshape(row, _ints([-1]))
     upd = op.Reshape(op.Expand(values, op.Concat(op.Shape(row), rest, axis=0)), op.Concat(_ints([-1]), rest, axis=0))
     flat_x = op.Reshape(x, op.Concat(_ints([-1]), rest, axis=0))
-    out = op.ScatterElements(flat_x, _along(rows, rank - k + 1, 0, upd), upd, axis=0, reduction="add")
+    out = _scatter_add(flat_x, _along(rows, rank - k + 1, 0, upd), upd, axis=0, dtype=x.dtype)
     return op.Reshape(out, shape)
 
 
