@@ -68,6 +68,7 @@ _FOLD_PREFIX = "routefx_fold/"
 _SQRT_HALF = math.sqrt(0.5)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
+
 def _k(value: float, like):
     """A scalar constant in `like`'s dtype (a bare Python float is a float32 constant: an fp16 model's Mul then
     binds two types and ONNX Runtime refuses the graph)."""

@@ -337,9 +337,9 @@ def _warn_if_training(model: nn.Module) -> None:
     probability; a batch norm) is compiled as in eval mode: say so, once, rather than differ from it silently."""
     if not model.training:
         return
-    why = [f"{type(m).__name__}(p={m.p})" for m in model.modules()
-           if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
-    why += [type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    why = [f"{type(m).__name__}(p={m.p})" if isinstance(m, nn.modules.dropout._DropoutNd) else type(m).__name__
+           for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           or isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "to_dict"):
         why += [f"config.{k}={v}" for k, v in cfg.to_dict().items()

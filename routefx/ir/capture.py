@@ -218,8 +218,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs: dict | None = None
     call_kwargs = {n: named[n] for n in named if n not in pos[:n_args]}
     export = functools.partial(_export, model, pos[:n_args], call_args, call_kwargs, bound_kwargs, shapes, given,
                                spec, (to_batch, to_seq) != (batch, seq))
-    dynamic = {n: set(d) for n, d in shapes.items() if d}
-    form = (capture_cache.inputs_key(given, n_args, dynamic),) + (() if all(widen) else (("as given", widen),))
+    form = (capture_cache.inputs_key(given, n_args, dynamic=shapes),) + (() if all(widen) else (("as given", widen),))
     gm, shapes, reused = capture_cache.exported(model, form, export,
                                                 holds=functools.partial(serves, feeds=named))
     _drop_export_artifacts(gm)

@@ -182,9 +182,9 @@ def model_key(model: nn.Module, owned: dict[str, torch.Tensor]) -> tuple | None:
 
 def inputs_key(values: dict, n_args: int = 0, dynamic: dict | None = None) -> tuple | None:
     """The inputs' form: names and order, tensors by shape/dtype/device/layout, other values as they are; None
-    where some of it cannot be compared. `dynamic` (input name -> dims) names the dims exported as dynamic: their
-    sizes are not part of the key (a kept export is checked against the inputs' sizes instead: `exported`'s
-    `holds`)."""
+    where some of it cannot be compared. `dynamic` (input name -> dims, or None) names the dims exported as
+    dynamic: their sizes are not part of the key (a kept export is checked against the inputs' sizes instead:
+    `exported`'s `holds`)."""
     keyer = _Keyer(nn.Module())
     dynamic = dynamic or {}
 

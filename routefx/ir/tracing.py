@@ -25,14 +25,13 @@ __all__ = ["tracing"]
 @contextlib.contextmanager
 def tracing():
     """A trace without node stack traces (unless ROUTEFX_STACK_TRACES=1; a no-op on a torch without the switch)."""
-    config = _fx_config
-    if (config is None or not hasattr(config, "do_not_emit_stack_traces")
+    if (not hasattr(_fx_config, "do_not_emit_stack_traces")
             or os.environ.get("ROUTEFX_STACK_TRACES", "") not in ("", "0")):
         yield
         return
-    before = config.do_not_emit_stack_traces
-    config.do_not_emit_stack_traces = True
+    before = _fx_config.do_not_emit_stack_traces
+    _fx_config.do_not_emit_stack_traces = True
     try:
         yield
     finally:
-        config.do_not_emit_stack_traces = before
+        _fx_config.do_not_emit_stack_traces = before

@@ -239,9 +239,9 @@ def test_inputs_are_keyed_by_form_and_constant_values(exports):
     _check(model, x, mode="twice")                   # a constant input
     _check(model, torch.randn(4, 5, 8))              # another batch size and length: the export serves them
     assert exports[0] == 2
-    model.a, model.b = nn.Linear(6, 8), nn.Linear(8, 8)
-    _check(model, torch.randn(2, 3, 6))              # a size that is not the batch or the length
-    assert exports[0] == 3
+    _check(model, torch.randn(2, 3, 4, 8))           # another rank: a dim that is not the batch or the length
+    _check(model, torch.randn(2, 3, 5, 8))           # its size is keyed: exported again
+    assert exports[0] == 4
 
 
 def test_other_batch_sizes_and_lengths_reuse_the_export_where_it_holds_for_them(exports):
