@@ -15,4 +15,8 @@ TRITON_BF16_VS_EAGER = 2e-2
 # The ONNX backend on an fp16 model against the same model run in fp16 by torch: both round every op to fp16
 # (11 mantissa bits: one ulp is 2^-11 = 0.00049 at |x| in [0.5, 1)), in a different order: a few ulps.
 ONNX_FP16_VS_EAGER = 4e-3   # atol on the zoo logits (below 1); also rtol where values grow (4 ulps)
+# A compiled bf16 / fp16 model (eager backend) against the same model run by torch in that dtype, where the rewrite
+# reorders a sum (a raised MoE dispatch adds the experts' outputs in another order, accumulating in fp32): up to four
+# bf16 ulps (2^-8 = 0.0039 at |x| in [0.5, 1); the zoo logits stay below 1). Measured 0.002-0.006 on 43 MoE families.
+HALF_VS_HF = 1.6e-2
 INDUCTOR_VS_EAGER = 1e-4  # the inductor backend (torch.compile of the rewritten graph, CPU) against eager

@@ -54,8 +54,10 @@ def resolve_weight(gm: torch.nn.Module, ref: WeightRef) -> torch.Tensor:
     return w
 
 
-def param_ref(n, dyn: set) -> WeightRef:
-    """Follow a weight operand back to its get_attr, counting transposes."""
+def param_ref(n, dyn: set, casts: bool = False) -> WeightRef:
+    """Follow a weight operand back to its get_attr, counting transposes; with `casts`, through dtype-only casts
+    too (a router that scores in float32 reads `weight.float()`: its weight's values, in another dtype; only for
+    products the rewrites keep as captured, since the ref does not carry the dtype)."""
     flips, rows, index = 0, None, None
     while isinstance(n, fx.Node) and n.op == "call_function":
         if n in dyn:
@@ -66,7 +68,7 @@ def param_ref(n, dyn: set) -> WeightRef:
                 and (len(n.args) < 5 or n.args[4] == 1):
             rows = (int(n.args[2]), int(n.args[3]))
             n = n.args[0]
-        elif gu.is_identity(n) or n.target in gu.VIEWS:
+        elif gu.is_identity(n) or n.target in gu.VIEWS or (casts and gu.is_cast(n)):
             n = n.args[0]
         elif n.target is aten.select.int and n.args[1] == 0 and isinstance(n.args[2], int):
             index, n = n.args[2], n.args[0]     # w[e] of a stacked [E, ...] parameter
@@ -103,30 +105,31 @@ def _einsum_operands(m: fx.Node) -> tuple:
     raise _Miss(f"einsum '{m.args[0]}' is not a per-token linear map of its data's last dim")
 
 
-def _operands(m: fx.Node, dyn: set):
-    """(data, weight ref as [out, in], bias ref) of a weight product."""
+def _operands(m: fx.Node, dyn: set, router: bool = False):
+    """(data, weight ref as [out, in], bias ref) of a weight product (`router`: one kept as captured, whose weight
+    may be read through a dtype cast: `param_ref`)."""
     t, a = m.target, m.args
     if t in gu._targets(aten.linear):
         data, w, b = a[0], a[1], a[2] if len(a) > 2 else None
-        ref = param_ref(w, dyn)
+        ref = param_ref(w, dyn, router)
     elif t in gu._targets(aten.addmm):
         b, data, w = a[0], a[1], a[2]
-        ref = param_ref(w, dyn)
+        ref = param_ref(w, dyn, router)
         ref = WeightRef(ref.target, not ref.transposed, index=ref.index)
     elif t in gu._targets(aten.mm, aten.matmul):
         data, w, b = a[0], a[1], None
-        ref = param_ref(w, dyn)
+        ref = param_ref(w, dyn, router)
         ref = WeightRef(ref.target, not ref.transposed, index=ref.index)
     elif t in gu.EINSUM:
         data, w, transposed = _einsum_operands(m)
-        b, ref = None, param_ref(w, dyn)
+        b, ref = None, param_ref(w, dyn, router)
         if transposed and ref.rows is not None:
             raise _Miss(f"einsum '{a[0]}' reads a slice of a weight stored [in, out]")
         ref = WeightRef(ref.target, ref.transposed != transposed, rows=ref.rows, index=ref.index)
     else:
         raise _Miss(f"matrix product {t} is not a weight product")
     if isinstance(b, fx.Node):
-        b = param_ref(b, dyn)
+        b = param_ref(b, dyn, router)
     return data, ref, b
 
 
@@ -509,7 +512,7 @@ def expert_ffns(gm, mms: list, region: set, dyn: set, router: fx.Node, experts: 
     found = [_dense(gm, g, region, dyn, same_shape=False) for g in groups]
     shared = None
     if len(found) == experts + 1:
-        shape = [str(s) for s in gu.val(_operands(router, dyn)[0]).shape]   # [T, d] as the router reads it
+        shape = [str(s) for s in gu.val(_operands(router, dyn, router=True)[0]).shape]   # [T, d] as the router reads it
         outs = [m.out for *_, m in found]
         for i, o in enumerate(outs):
             c = first_after(outs[:i] + outs[i + 1:], region, shape)
@@ -629,7 +632,7 @@ def _per_expert_moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: f
                     "grouped-GEMM pair transformers exports, batched products over stacked expert weights or "
                     f"one dense FFN per router output ({len(routers)} router candidates)")
     router = routers[0]
-    _, r_ref, _ = _operands(router, dyn)
+    _, r_ref, _ = _operands(router, dyn, router=True)
     E = resolve_weight(gm, r_ref).shape[0]
     experts, shared, act, F = expert_ffns(gm, mms, region, dyn, router, E)
     info.num_experts, info.top_k = E, int(gu.val(_expert_index(router, region, {term})).shape[-1])
@@ -637,7 +640,7 @@ def _per_expert_moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: f
     if shared is not None:
         info.shared_expert_size = int(resolve_weight(gm, shared.up).shape[0])
     info.has_bias = any(r is not None for m in experts for r in (m.b_up, m.b_gate, m.b_down)) \
-        or _operands(router, dyn)[2] is not None
+        or _operands(router, dyn, router=True)[2] is not None
 
 
 def table_routes(mms: list, experts: list, E: int) -> tuple[list, fx.Node | None]:
@@ -673,7 +676,7 @@ def _moe(gm, mms: list, region: set, dyn: set, info: FFNInfo, term: fx.Node) -> 
         router, routes = table_routes(mms, grouped, int(stacked.shape[0]))
     if len(router) != 1:
         raise _Miss(f"expected one router product choosing the experts, found {len(router)}")
-    _, r_ref, _ = _operands(router[0], dyn)
+    _, r_ref, _ = _operands(router[0], dyn, router=True)
     info.num_experts = resolve_weight(gm, r_ref).shape[0]
     if stacked is not None and stacked.shape[0] < info.num_experts:  # the router also scores a shared expert
         info.num_experts = int(stacked.shape[0])                      # (Inkling): the experts are the stacked ones

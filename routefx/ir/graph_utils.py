@@ -132,9 +132,40 @@ def root(n):
     return n
 
 
+def root_casts_only(n):
+    """Look back through identity nodes and floating dtype casts (the same values in another precision: a residual
+    stream kept in float32 in a bf16 model)."""
+    while isinstance(n, fx.Node) and (is_identity(n) or is_cast(n)):
+        n = n.args[0]
+    return n
+
+
 def root_views(n):
     """Look back through identity and reshape-only nodes."""
     while isinstance(n, fx.Node) and (is_identity(n) or (n.op == "call_function" and n.target in VIEWS)):
+        n = n.args[0]
+    return n
+
+
+def is_cast(n) -> bool:
+    """A cast from one floating dtype to another and nothing else (`x.float()`, `w.to(torch.float32)`): no device,
+    layout or memory-format change."""
+    if not isinstance(n, fx.Node) or n.op != "call_function" or n.target not in CASTS or n.target in targets(
+            aten.type_as) or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    a, b = val(n.args[0]), val(n)
+    extra = {k for k, v in n.kwargs.items() if v is not None and k not in ("dtype", "copy", "non_blocking")}
+    if n.target in targets(aten.to) and n.target != aten.to.dtype:
+        return False
+    return (a is not None and b is not None and a.device == b.device and not extra and len(n.args) <= 2
+            and a.is_floating_point() and b.is_floating_point())
+
+
+def root_casts(n):
+    """Look back through identity, reshape-only and dtype-only cast nodes (a router that scores in float32 reads
+    `x.float()`)."""
+    while isinstance(n, fx.Node) and (is_cast(n) or is_identity(n)
+                                      or (n.op == "call_function" and n.target in VIEWS)):
         n = n.args[0]
     return n
 

@@ -241,8 +241,17 @@ def _router(region: set, f, up: fx.Node, down: fx.Node) -> tuple[fx.Node, fx.Nod
         raise _Miss(f"expected one router product with {f.num_experts} outputs feeding the experts, "
                     f"found {len(mms)}")
     router = mms[0]
-    x = router.args[0] if router.target in gu.targets(aten.linear, aten.mm, aten.matmul) else router.args[1]
+    x = _router_input(router)
     return router, x, feeds, table
+
+
+def _router_input(router: fx.Node) -> fx.Node:
+    """What the router product reads, before a dtype-only cast: a router that scores in float32 reads `x.float()`
+    of the [T, d] value the experts read in the model's dtype (bf16 / fp16 models: DeepSeek, GLM-4-MoE, ERNIE)."""
+    x = router.args[0] if router.target in gu.targets(aten.linear, aten.mm, aten.matmul) else router.args[1]
+    while gu.is_cast(x):
+        x = x.args[0]
+    return x
 
 
 def _fill_value(n) -> float | None:
@@ -418,7 +427,7 @@ def _match_per_expert(gm: fx.GraphModule, block: BlockInfo, region: set) -> MoEM
     if len(routers) != 1:
         raise _Miss(f"expected one router product with {f.num_experts} outputs, found {len(routers)}")
     router = routers[0]
-    x = router.args[0] if router.target in gu.targets(aten.linear, aten.mm, aten.matmul) else router.args[1]
+    x = _router_input(router)
     dyn = gu.dynamic_nodes(gm.graph)
     try:
         experts, *_ = expert_ffns(gm, mms, region, dyn, router, f.num_experts)
@@ -487,9 +496,9 @@ def _readings_fit(runs: list, i: int, j: int, n_ints: int, args: tuple, b_expert
         r, gt, y = r.reshape(-1, K).long(), gt.reshape(-1, K), y.reshape(-1, d)
         if r.min() < 0 or r.max() >= len(args[6]) // 2:
             return {"output": False, "input": False}
-        tol = 200 * torch.finfo(y.dtype).eps * max(1.0, float(y.abs().max()))
+        tol = _tolerance(xs.dtype, y)
         on_out = routed_ffn_reference(xs, r, gt.to(xs.dtype), *args)
-        rows = (xs[:, None, :] * gt[..., None]).reshape(-1, d)
+        rows = (xs[:, None, :] * gt[..., None].to(xs.dtype)).reshape(-1, d)
         on_in = routed_ffn_reference(rows, r.reshape(-1, 1), None, *args).reshape(-1, K, d).sum(1)
         if b_experts is not None:
             on_out = on_out + (b_experts[r] * gt[..., None].to(xs.dtype)).sum(1)
@@ -499,6 +508,17 @@ def _readings_fit(runs: list, i: int, j: int, n_ints: int, args: tuple, b_expert
         if not any(fits.values()):
             break
     return fits
+
+
+def _tolerance(dtype: torch.dtype, y: torch.Tensor) -> float:
+    """How far a reading may be from the captured dispatch's output y on a probe: fp32 experts, 200 ulps of y's
+    dtype (at least of magnitude 1: sums in another order); bf16 / fp16 experts, 4 ulps of their dtype relative to
+    y's magnitude (each expert's output rounds to that dtype where the two sum them in another order; a wrong
+    reading is off by the order of y itself)."""
+    eps = torch.finfo(dtype).eps
+    if eps < torch.finfo(torch.float16).eps:
+        return 200 * torch.finfo(y.dtype).eps * max(1.0, float(y.abs().max()))
+    return 4 * eps * float(y.abs().max())
 
 
 def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
