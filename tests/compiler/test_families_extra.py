@@ -11,7 +11,7 @@ from torch import nn
 import routefx
 from routefx.policies import Dense, Duo, MoEfy, PruneLayers
 from tests.compare import assert_close_nonpad
-from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER
+from tests.tolerances import EXACT_REWRITE, HALF_VS_HF, ONNX_VS_EAGER
 from tests.zoo import ZOO, PlainLM, example_inputs
 
 
@@ -185,24 +185,29 @@ def test_dense_compiles_a_model_without_transformer_blocks_as_captured(backend):
             routefx.compile(model, PruneLayers(layers=[0]), example_inputs=(ids,))
 
 
-def test_a_mamba_stack_reads_as_token_mixer_blocks_and_prunes():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_mamba_stack_reads_as_token_mixer_blocks_and_prunes(dtype):
     """Mamba's state-space scan (transformers' torch path) multiplies two activations (the state and C), so each
     layer reads as a block whose mixer is attention-like with no softmax ("custom") and no FFN: PruneLayers
-    removes a layer exactly as deleting it does, and Duo says there is no FFN to route."""
+    removes a layer exactly as deleting it does, and Duo says there is no FFN to route. In bf16 the residual stream
+    is kept in float32 (`residual_in_fp32`): the first layer adds its mixer to `embeddings.float()`, a real cast,
+    which is still the stream (it once hid the first layer: two blocks for three layers)."""
     from transformers import MambaConfig, MambaForCausalLM
     cfg = MambaConfig(vocab_size=112, hidden_size=32, num_hidden_layers=3, state_size=8, expand=2, conv_kernel=4)
     torch.manual_seed(0)
-    model = MambaForCausalLM(cfg).eval()
+    model = MambaForCausalLM(cfg).eval().to(dtype)
     ids = torch.randint(3, 112, (2, 9), generator=torch.Generator().manual_seed(0))
     ir = routefx.inspect(model, (ids,))
     assert [(b.path, b.ffn) for b in ir.blocks] == [(f"backbone.layers.{i}", None) for i in range(3)]
     assert all(a.pattern == "custom" and "no softmax" in a.reason for b in ir.blocks for a in b.attention)
-    cm = routefx.compile(model, PruneLayers(layers=[1]), example_inputs=(ids,))
-    ref = copy.deepcopy(model)
-    del ref.backbone.layers[1]
-    with torch.no_grad():
-        torch.testing.assert_close(cm(ids).logits, ref(ids, use_cache=False).logits, atol=EXACT_REWRITE,
-                                   rtol=EXACT_REWRITE)
+    tol = EXACT_REWRITE if dtype == torch.float32 else HALF_VS_HF
+    for layer in ([1] if dtype == torch.float32 else [0, 1]):
+        cm = routefx.compile(model, PruneLayers(layers=[layer]), example_inputs=(ids,))
+        ref = copy.deepcopy(model)
+        del ref.backbone.layers[layer]
+        with torch.no_grad():
+            torch.testing.assert_close(cm(ids).logits.float(), ref(ids, use_cache=False).logits.float(), atol=tol,
+                                       rtol=tol)
     with pytest.raises(routefx.PolicyError, match=r"no dense FFN to route \(found FFN kinds: \[\]\)"):
         routefx.compile(model, Duo(budget=0.5), example_inputs=(ids,), calibration=[ids])
 

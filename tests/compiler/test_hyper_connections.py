@@ -12,9 +12,9 @@ import torch
 import transformers as hf
 
 import routefx
-from routefx.policies import MoEBudget, PruneLayers
+from routefx.policies import Dense, MoEBudget, PruneLayers
 from tests.compare import assert_close_nonpad, assert_compiles_to_model, assert_duo_routes_the_mlps, padded_ids
-from tests.tolerances import EXACT_REWRITE
+from tests.tolerances import EXACT_REWRITE, HALF_VS_HF
 from tests.zoo import redraw_
 
 V = 112
@@ -79,6 +79,31 @@ def test_moe_budget_on_parallel_streams(model):
     half = routefx.compile(model, MoEBudget(0.6), calibration=cal)
     assert half.report.pass_report("adapt_experts").rewrites == 2
     assert half.route_stats([{"input_ids": ids, "attention_mask": mask}]).budget < 0.9
+
+
+def test_parallel_streams_in_bfloat16(model):
+    """In bf16, Hunyuan-V4 adds each branch to the streams in float32 (`streams.float() + post * out.float()`, cast
+    back after) and scores its routers in float32: the cast stream is still the stream (no block was found before)
+    and the routers are read through their casts. Every block and FFN as in fp32; Dense equals the bf16 model;
+    PruneLayers removes the first layer as deleting it does."""
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    ids, mask = _inputs()
+    cm = routefx.compile(m16, Dense(), example_inputs=(ids,), example_kwargs={"attention_mask": mask})
+    with torch.no_grad():
+        ref = m16(ids, attention_mask=mask).logits
+    assert_close_nonpad(cm(ids, attention_mask=mask).logits.float(), ref.float(), mask, HALF_VS_HF)
+    assert [b.path for b in cm.ir.blocks] == [f"model.layers.{i}" for i in range(3)]
+    assert [b.ffn.kind for b in cm.ir.blocks] == ["gated", "moe", "moe"]
+    assert cm.report.pass_report("raise_moe").rewrites == 2
+    pruned = routefx.compile(m16, PruneLayers(layers=[0]), example_inputs=(ids,),
+                             example_kwargs={"attention_mask": mask})
+    twin = copy.deepcopy(m16)
+    twin.model.layers = torch.nn.ModuleList(list(twin.model.layers)[1:])
+    twin.config.num_hidden_layers = 2
+    twin.config.mlp_layer_types = twin.config.mlp_layer_types[1:]
+    with torch.no_grad():
+        want = twin(ids, attention_mask=mask, use_cache=False).logits
+    assert_close_nonpad(pruned(ids, attention_mask=mask).logits.float(), want.float(), mask, HALF_VS_HF)
 
 
 def _deepseek_v4() -> torch.nn.Module:
