@@ -17,6 +17,10 @@ Checks per family (batch 2 x 12 tokens, row 0 left-padded by 3; errors are max |
                             MoEBudget(0.75): MoE blocks adapted, budget met ("n/a" where no FFN reads as MoE or
                             unknown)
   moe_onnx                  the eager MoEBudget(0.75) plan on backend onnx: equals the eager model (export path)
+  half                      the model in bf16 on eager and in fp16 on onnx, Dense, vs the HF model in that dtype
+                            (within HALF_VS_HF / ONNX_FP16_VS_EAGER, or within HF's own half-vs-fp32 difference where
+                            that is larger), with the same blocks, FFN kinds and raised MoE blocks as in fp32 (casts
+                            to float32 in half-precision code: routers, residual streams kept in fp32)
   shapes                    compile(Dense) at batch 2 x 12 on eager and onnx, called at other sizes (1 x 1, 2 x 1,
                             1 x 5, 3 x 20 with padding): each equal to the HF model (a size of 1 is exported at 2,
                             and the model's code may fix or guard sizes: graphs compiled again are counted)
@@ -52,10 +56,10 @@ import routefx.compiler.compile  # noqa: E402,F401
 import routefx.generate  # noqa: E402,F401
 from routefx.generate.loop import generate_with_stats  # noqa: E402
 from tests.compare import max_abs_nonpad  # noqa: E402
-from tests.tolerances import EXACT_REWRITE, ONNX_VS_EAGER  # noqa: E402
+from tests.tolerances import EXACT_REWRITE, HALF_VS_HF, ONNX_FP16_VS_EAGER, ONNX_VS_EAGER  # noqa: E402
 
 CHECKS = ("dense_eager", "dense_onnx", "duo_eager", "duo_onnx", "prune_eager", "generate_onnx", "moe_eager",
-          "moe_onnx", "shapes")
+          "moe_onnx", "shapes", "half")
 VOCAB, HIDDEN, HEADS, KV_HEADS, INTER, LAYERS, HEAD_DIM = 112, 64, 4, 2, 128, 3, 16
 B, S, PAD, NEW = 2, 12, 3, 6
 
@@ -241,6 +245,40 @@ def check_shapes(model, state):
     ok = worst["eager"] <= EXACT_REWRITE and worst["onnx"] <= ONNX_VS_EAGER
     return ("pass" if ok else "mismatch"), (f"max abs eager {worst['eager']:.2e}, onnx {worst['onnx']:.2e} over "
                                             f"{len(SHAPES)} sizes; graphs compiled {graphs}")
+
+
+def _structure(cm) -> list:
+    return [(b.path, len(b.attention), b.ffn.kind if b.ffn else None) for b in cm.ir.blocks]
+
+
+def check_half(model, state):
+    """Dense on the model in bf16 (eager) and fp16 (onnx) vs the HF model in that dtype; the blocks, FFN kinds and
+    raised MoE blocks as in fp32."""
+    ids, mask = inputs(seed=1)
+    kw = dict(example_inputs=(ids,), example_kwargs={"attention_mask": mask})
+    full = routefx.compile(model, Dense(), **kw)
+    ids, mask = inputs(seed=5)
+    ref32 = hf_forward(model, ids, mask)
+    full(ids, attention_mask=mask)                            # compiled on first use: its blocks and passes
+    want = _structure(full), full.report.pass_report("raise_moe").rewrites if full.ir.blocks else 0
+    details, ok = [], True
+    for dtype, backend, tol in ((torch.bfloat16, "eager", HALF_VS_HF), (torch.float16, "onnx", ONNX_FP16_VS_EAGER)):
+        half = copy.deepcopy(model).to(dtype)
+        name = str(dtype).removeprefix("torch.")
+        try:
+            ref = hf_forward(half, ids, mask)
+        except Exception as e:  # noqa: BLE001 - HF's own half-precision forward fails at the tiny config
+            details.append(f"{name}: no reference (HF fails: {type(e).__name__})")
+            continue
+        own = max_abs_nonpad(ref, ref32, mask)               # HF in this dtype vs HF in fp32
+        cm = routefx.compile(half, Dense(), backend=backend, **kw)
+        err = max_abs_nonpad(cm(ids, attention_mask=mask), ref, mask)
+        got = _structure(cm), cm.report.pass_report("raise_moe").rewrites if cm.ir.blocks else 0
+        same = got == want
+        ok &= same and err <= max(tol, own)
+        details.append(f"{name} {backend}: max abs {err:.2e} (tol {tol:g}, HF {name} vs fp32 {own:.2e})"
+                       + ("" if same else f"; blocks/FFNs/raised MoE {got} != fp32 {want}"))
+    return ("pass" if ok else "mismatch"), "; ".join(details)
 
 
 def _cal():
@@ -465,7 +503,7 @@ def run_family(model_type: str, class_name: str, checks, path: str) -> None:
              "duo_eager": lambda: check_duo_eager(model, state), "duo_onnx": lambda: check_duo_onnx(model, state),
              "prune_eager": lambda: check_prune(model, state), "generate_onnx": lambda: check_generate(model, state),
              "moe_eager": lambda: check_moe_eager(model, state), "moe_onnx": lambda: check_moe_onnx(model, state),
-             "shapes": lambda: check_shapes(model, state)}
+             "shapes": lambda: check_shapes(model, state), "half": lambda: check_half(model, state)}
     for c in checks:
         t = time.perf_counter()
         try:

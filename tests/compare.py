@@ -30,6 +30,8 @@ def max_abs_nonpad(out, ref, attention_mask: torch.Tensor | None) -> float:
     """max |out - ref| over positions whose attention mask is 1 (all positions without a mask)."""
     a, b = main_output(out), main_output(ref)
     assert a.shape == b.shape, (a.shape, b.shape)
+    if a.dtype != b.dtype or a.dtype in (torch.float16, torch.bfloat16):   # the difference itself in fp32
+        a, b = a.float(), b.float()
     if attention_mask is None:
         return (a - b).abs().max().item()
     keep = attention_mask.bool()
