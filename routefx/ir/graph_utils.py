@@ -132,7 +132,7 @@ def root(n):
     return n
 
 
-def root_casts_only(n):
+def root_casts(n):
     """Look back through identity nodes and floating dtype casts (the same values in another precision: a residual
     stream kept in float32 in a bf16 model)."""
     while isinstance(n, fx.Node) and (is_identity(n) or is_cast(n)):
@@ -159,15 +159,6 @@ def is_cast(n) -> bool:
         return False
     return (a is not None and b is not None and a.device == b.device and not extra and len(n.args) <= 2
             and a.is_floating_point() and b.is_floating_point())
-
-
-def root_casts(n):
-    """Look back through identity, reshape-only and dtype-only cast nodes (a router that scores in float32 reads
-    `x.float()`)."""
-    while isinstance(n, fx.Node) and (is_cast(n) or is_identity(n)
-                                      or (n.op == "call_function" and n.target in VIEWS)):
-        n = n.args[0]
-    return n
 
 
 def forward_views(n: fx.Node) -> fx.Node:

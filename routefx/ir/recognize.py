@@ -76,7 +76,7 @@ def _terms(n: fx.Node, adds: list) -> list:
     for a in n.args[:2]:
         if not isinstance(a, fx.Node):
             return []  # an add of a constant is not a residual sum
-        r = gu.root_casts_only(a)    # a stream term cast to the sum's dtype (Mamba's residual_in_fp32) is the stream
+        r = gu.root_casts(a)    # a stream term cast to the sum's dtype (Mamba's residual_in_fp32) is the stream
         if _is_add(r) and _sole_users(a, r) and gu.val(r) is not None \
                 and gu.val(n) is not None and gu.val(r).shape == gu.val(n).shape:
             sub = _terms(r, adds)
