@@ -38,6 +38,7 @@ import inspect
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -55,7 +56,7 @@ import routefx.backends.onnx  # noqa: E402,F401  -- loaded once here, before the
 import routefx.compiler.compile  # noqa: E402,F401
 import routefx.generate  # noqa: E402,F401
 from routefx.generate.loop import generate_with_stats  # noqa: E402
-from tests.compare import max_abs_nonpad  # noqa: E402
+from tests.compare import main_output, max_abs_nonpad  # noqa: E402
 from tests.tolerances import EXACT_REWRITE, HALF_VS_HF, ONNX_FP16_VS_EAGER, ONNX_VS_EAGER  # noqa: E402
 
 CHECKS = ("dense_eager", "dense_onnx", "duo_eager", "duo_onnx", "prune_eager", "generate_onnx", "moe_eager",
@@ -251,32 +252,53 @@ def _structure(cm) -> list:
     return [(b.path, len(b.attention), b.ffn.kind if b.ffn else None) for b in cm.ir.blocks]
 
 
+HALF_SEEDS = (5, 9, 13, 17)    # four batches of HALF_BATCH rows (row 0 left-padded)
+HALF_BATCH = 6
+
+
+def _row_errors(out, ref, mask) -> list[float]:
+    """max |out - ref| per row over its non-padding positions (fp32)."""
+    a, b = main_output(out).float(), main_output(ref).float()
+    d = (a - b).abs().amax(dim=-1).masked_fill(~mask.bool(), 0)
+    return d.amax(dim=-1).tolist()
+
+
 def check_half(model, state):
-    """Dense on the model in bf16 (eager) and fp16 (onnx) vs the HF model in that dtype; the blocks, FFN kinds and
-    raised MoE blocks as in fp32."""
+    """Dense on the model in bf16 (eager) and fp16 (onnx) vs the HF model in that dtype, over the rows of
+    `HALF_SEEDS` batches; the blocks, FFN kinds and raised MoE blocks as in fp32. Every row equal within the dtype's
+    tolerance (or within HF's own half-vs-fp32 difference on that row) passes; so does being as close to the fp32
+    model as HF's half forward is (median over rows, up to 1.5x): a rewrite that sums in another order (a raised
+    MoE dispatch accumulates in fp32) flips near-tie expert choices on other rows than HF's half forward does, and
+    as often."""
     ids, mask = inputs(seed=1)
     kw = dict(example_inputs=(ids,), example_kwargs={"attention_mask": mask})
     full = routefx.compile(model, Dense(), **kw)
-    ids, mask = inputs(seed=5)
-    ref32 = hf_forward(model, ids, mask)
-    full(ids, attention_mask=mask)                            # compiled on first use: its blocks and passes
+    batches = [inputs(seed=s, batch=HALF_BATCH) for s in HALF_SEEDS]
+    ref32 = [hf_forward(model, i, m) for i, m in batches]
+    full(*batches[0][:1], attention_mask=batches[0][1])      # compiled on first use: its blocks and passes
     want = _structure(full), full.report.pass_report("raise_moe").rewrites if full.ir.blocks else 0
+    rows = lambda xs, ys: [e for x, y, (_, m) in zip(xs, ys, batches) for e in _row_errors(x, y, m)]  # noqa: E731
     details, ok = [], True
     for dtype, backend, tol in ((torch.bfloat16, "eager", HALF_VS_HF), (torch.float16, "onnx", ONNX_FP16_VS_EAGER)):
         half = copy.deepcopy(model).to(dtype)
         name = str(dtype).removeprefix("torch.")
         try:
-            ref = hf_forward(half, ids, mask)
+            refs = [hf_forward(half, i, m) for i, m in batches]
         except Exception as e:  # noqa: BLE001 - HF's own half-precision forward fails at the tiny config
             details.append(f"{name}: no reference (HF fails: {type(e).__name__})")
             continue
-        own = max_abs_nonpad(ref, ref32, mask)               # HF in this dtype vs HF in fp32
         cm = routefx.compile(half, Dense(), backend=backend, **kw)
-        err = max_abs_nonpad(cm(ids, attention_mask=mask), ref, mask)
+        outs = [cm(i, attention_mask=m) for i, m in batches]
+        err, own, ours = rows(outs, refs), rows(refs, ref32), rows(outs, ref32)   # vs HF half; HF half, ours vs fp32
+        unequal = sum(e > max(tol, o) for e, o in zip(err, own))
+        as_close = statistics.median(ours) <= max(tol, 1.5 * statistics.median(own))
         got = _structure(cm), cm.report.pass_report("raise_moe").rewrites if cm.ir.blocks else 0
         same = got == want
-        ok &= same and err <= max(tol, own)
-        details.append(f"{name} {backend}: max abs {err:.2e} (tol {tol:g}, HF {name} vs fp32 {own:.2e})"
+        ok &= same and (unequal == 0 or as_close)
+        details.append(f"{name} {backend}: max abs vs HF {name} {max(err):.2e} (tol {tol:g}, HF {name} vs fp32 "
+                       f"{max(own):.2e})" + ("" if not unequal else f"; {unequal} of {len(err)} rows differ, vs fp32 "
+                                             f"median {statistics.median(ours):.2e} (HF {name}'s "
+                                             f"{statistics.median(own):.2e})")
                        + ("" if same else f"; blocks/FFNs/raised MoE {got} != fp32 {want}"))
     return ("pass" if ok else "mismatch"), "; ".join(details)
 
