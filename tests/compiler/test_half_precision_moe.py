@@ -13,6 +13,7 @@ from torch import nn
 import routefx
 from routefx.policies import Dense, MoEBudget
 from tests.compare import assert_close_nonpad, padded_ids
+from tests.compiler.test_moe_modules import LM, D, V
 from tests.tolerances import HALF_VS_HF
 from tests.zoo import ZOO, example_inputs, redraw_
 
@@ -94,32 +95,12 @@ class _CastExperts(nn.Module):
         return out.to(x.dtype).reshape(x.shape)
 
 
-class _Tiny(nn.Module):
-    def __init__(self, cast, vocab=50, d=32):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
-            n1=nn.LayerNorm(d), attn=nn.MultiheadAttention(d, 2, batch_first=True), n2=nn.LayerNorm(d),
-            moe=_CastExperts(d, cast=cast))) for _ in range(2))
-        self.head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, input_ids):
-        x = self.emb(input_ids)
-        causal = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
-        for b in self.blocks:
-            a = b["n1"](x)
-            x = x + b["attn"](a, a, a, attn_mask=causal, need_weights=False)[0]
-            x = x + b["moe"](b["n2"](x))
-        return self.head(x)
-
-
 @pytest.mark.parametrize("cast", [False, True])
 def test_experts_computed_through_casts_are_left_as_captured(cast):
     """The router's casts are looked through, the experts' are not: experts whose products run in float32 stay as
     captured with the reason (a routed_ffn over the stored bf16 weights would compute something else)."""
-    torch.manual_seed(0)
-    model = _Tiny(cast).eval().to(torch.bfloat16)
-    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(4))
+    model = LM(moe=lambda: _CastExperts(D, cast=cast)).eval().to(torch.bfloat16)
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = model(ids).float()
     cm = routefx.compile(model, Dense(), example_inputs=(ids,))

@@ -60,13 +60,15 @@ class HandMoE(nn.Module):
 
 
 class LM(nn.Module):
-    def __init__(self, form: str, bias: bool = False, layers: int = 2, shared: bool = False):
+    """Pre-norm blocks of attention and a `HandMoE` (or what `moe()` builds)."""
+
+    def __init__(self, form: str = "loop", bias: bool = False, layers: int = 2, shared: bool = False, moe=None):
         super().__init__()
         torch.manual_seed(0)
         self.emb = nn.Embedding(V, D)
         self.blocks = nn.ModuleList(nn.ModuleDict(dict(
             n1=nn.LayerNorm(D), attn=nn.MultiheadAttention(D, 2, batch_first=True), n2=nn.LayerNorm(D),
-            moe=HandMoE(form, bias, shared))) for _ in range(layers))
+            moe=moe() if moe else HandMoE(form, bias, shared))) for _ in range(layers))
         self.head = nn.Linear(D, V)
 
     def forward(self, input_ids):
