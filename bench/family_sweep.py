@@ -56,7 +56,7 @@ import routefx.backends.onnx  # noqa: E402,F401  -- loaded once here, before the
 import routefx.compiler.compile  # noqa: E402,F401
 import routefx.generate  # noqa: E402,F401
 from routefx.generate.loop import generate_with_stats  # noqa: E402
-from tests.compare import main_output, max_abs_nonpad  # noqa: E402
+from tests.compare import max_abs_nonpad, row_errors  # noqa: E402
 from tests.tolerances import EXACT_REWRITE, HALF_VS_HF, ONNX_FP16_VS_EAGER, ONNX_VS_EAGER  # noqa: E402
 
 CHECKS = ("dense_eager", "dense_onnx", "duo_eager", "duo_onnx", "prune_eager", "generate_onnx", "moe_eager",
@@ -256,13 +256,6 @@ HALF_SEEDS = (5, 9, 13, 17)    # four batches of HALF_BATCH rows (row 0 left-pad
 HALF_BATCH = 6
 
 
-def _row_errors(out, ref, mask) -> list[float]:
-    """max |out - ref| per row over its non-padding positions (fp32)."""
-    a, b = main_output(out).float(), main_output(ref).float()
-    d = (a - b).abs().amax(dim=-1).masked_fill(~mask.bool(), 0)
-    return d.amax(dim=-1).tolist()
-
-
 def check_half(model, state):
     """Dense on the model in bf16 (eager) and fp16 (onnx) vs the HF model in that dtype, over the rows of
     `HALF_SEEDS` batches; the blocks, FFN kinds and raised MoE blocks as in fp32. Every row equal within the dtype's
@@ -277,7 +270,7 @@ def check_half(model, state):
     ref32 = [hf_forward(model, i, m) for i, m in batches]
     full(*batches[0][:1], attention_mask=batches[0][1])      # compiled on first use: its blocks and passes
     want = _structure(full), full.report.pass_report("raise_moe").rewrites if full.ir.blocks else 0
-    rows = lambda xs, ys: [e for x, y, (_, m) in zip(xs, ys, batches) for e in _row_errors(x, y, m)]  # noqa: E731
+    rows = lambda xs, ys: [e for x, y, (_, m) in zip(xs, ys, batches) for e in row_errors(x, y, m)]  # noqa: E731
     details, ok = [], True
     for dtype, backend, tol in ((torch.bfloat16, "eager", HALF_VS_HF), (torch.float16, "onnx", ONNX_FP16_VS_EAGER)):
         half = copy.deepcopy(model).to(dtype)

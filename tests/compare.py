@@ -28,14 +28,27 @@ def main_output(out) -> torch.Tensor:
 
 def max_abs_nonpad(out, ref, attention_mask: torch.Tensor | None) -> float:
     """max |out - ref| over positions whose attention mask is 1 (all positions without a mask)."""
-    a, b = main_output(out), main_output(ref)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    if a.dtype != b.dtype or a.dtype in (torch.float16, torch.bfloat16):   # the difference itself in fp32
-        a, b = a.float(), b.float()
+    a, b = _outputs(out, ref)
     if attention_mask is None:
         return (a - b).abs().max().item()
     keep = attention_mask.bool()
     return (a[keep] - b[keep]).abs().max().item()
+
+
+def row_errors(out, ref, attention_mask: torch.Tensor) -> list[float]:
+    """max |out - ref| per row (batch entry) over its non-padding positions."""
+    a, b = _outputs(out, ref)
+    d = (a - b).abs().amax(dim=-1).masked_fill(~attention_mask.bool(), 0)
+    return d.amax(dim=-1).tolist()
+
+
+def _outputs(out, ref) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two main outputs, of one shape; a difference of half-precision (or mixed) values taken in fp32."""
+    a, b = main_output(out), main_output(ref)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if a.dtype != b.dtype or a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    return a, b
 
 
 def assert_close_nonpad(out, ref, attention_mask, atol: float) -> float:

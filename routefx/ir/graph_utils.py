@@ -41,6 +41,7 @@ IDENTITY = targets(aten.alias, aten.clone, aten.contiguous, aten.detach, aten.li
                     aten.dropout, aten.feature_dropout, aten.alpha_dropout)
 # aten.to / _to_copy are identities only when they keep the dtype (checked in `is_identity`).
 CASTS = targets(aten.to, aten._to_copy, aten.type_as)
+_DTYPE_CASTS = {aten.to.dtype, aten._to_copy.default}   # `is_cast`: a change of dtype alone
 # Ops that only reshape: looked through when matching FFN boundaries (the FFN is applied per token).
 VIEWS = targets(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.unsqueeze,
                  aten.squeeze)
@@ -150,15 +151,15 @@ def root_views(n):
 def is_cast(n) -> bool:
     """A cast from one floating dtype to another and nothing else (`x.float()`, `w.to(torch.float32)`): no device,
     layout or memory-format change."""
-    if not isinstance(n, fx.Node) or n.op != "call_function" or n.target not in CASTS or n.target in targets(
-            aten.type_as) or not n.args or not isinstance(n.args[0], fx.Node):
+    if not isinstance(n, fx.Node) or n.op != "call_function" or n.target not in _DTYPE_CASTS \
+            or len(n.args) > 2 or not isinstance(n.args[0], fx.Node):
+        return False
+    if any(v is not None for k, v in n.kwargs.items() if k not in ("dtype", "copy", "non_blocking")):
         return False
     a, b = val(n.args[0]), val(n)
-    extra = {k for k, v in n.kwargs.items() if v is not None and k not in ("dtype", "copy", "non_blocking")}
-    if n.target in targets(aten.to) and n.target != aten.to.dtype:
-        return False
-    return (a is not None and b is not None and a.device == b.device and not extra and len(n.args) <= 2
-            and a.is_floating_point() and b.is_floating_point())
+    return a is not None and b is not None and a.device == b.device and a.is_floating_point() \
+        and b.is_floating_point()
+
 
 
 def forward_views(n: fx.Node) -> fx.Node:

@@ -515,10 +515,9 @@ def _tolerance(dtype: torch.dtype, y: torch.Tensor) -> float:
     dtype (at least of magnitude 1: sums in another order); bf16 / fp16 experts, 4 ulps of their dtype relative to
     y's magnitude (each expert's output rounds to that dtype where the two sum them in another order; a wrong
     reading is off by the order of y itself)."""
-    eps = torch.finfo(dtype).eps
-    if eps < torch.finfo(torch.float16).eps:
-        return 200 * torch.finfo(y.dtype).eps * max(1.0, float(y.abs().max()))
-    return 4 * eps * float(y.abs().max())
+    if dtype in (torch.float16, torch.bfloat16):
+        return 4 * torch.finfo(dtype).eps * float(y.abs().max())
+    return 200 * torch.finfo(y.dtype).eps * max(1.0, float(y.abs().max()))
 
 
 def match_moe(gm: fx.GraphModule, block: BlockInfo) -> MoEMatch:
