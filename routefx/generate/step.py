@@ -400,7 +400,8 @@ def _export(model, fn, params, example: dict, what: tuple, recurrent: bool) -> t
         # its copy reads the layer's values from outside the layer, which PruneLayers refuses as a later read
         gm.graph.eliminate_dead_code()
         gm.recompile()
-    gm.meta["routefx"] = CaptureInfo(arg_names=(), constant_kwargs={})
+    gm.meta["routefx"] = CaptureInfo(arg_names=(), constant_kwargs={},
+                                     state_inputs=tuple(n for n in params if n.startswith("past_")))
     return gm
 
 

@@ -13,7 +13,8 @@ Rules (names never matter; module paths only name what was found):
    [B*S, d] around the FFN), a norm (post-norm models), a rescaling by input-independent factors (Gemma 4's
    `layer_scalar`) or a slice over positions (Gemma 4's prefill runs its KV-sharing layers on the last
    positions only).
-3. A branch holding an attention op (or a product of two activations) is attention; one with a top-k router or
+3. A branch holding an attention op (or a product of two activations, or reading a generation step's cache or
+   recurrent state: a linear-attention step) is attention; one with a top-k router or
    grouped expert GEMMs is MoE (plain FFN branches added in the same sum are its shared experts); any other is
    an FFN. A block ends at the first sum holding an FFN branch; in a block with attention, sums right after it
    whose branches are per-token FFNs reading an input of their own besides the stream (Gemma 4's per-layer
@@ -115,7 +116,32 @@ def _branch_kind(region: set) -> str | None:
     return "ffn"
 
 
-def _find_sums(graph: fx.Graph, dyn: set) -> list[_Sum]:
+def _state_values(gm: fx.GraphModule, dyn: set) -> set:
+    """The values computed from the inputs that carry what earlier tokens left (a generation step's K/V cache and
+    recurrent states, `CaptureInfo.state_inputs`) and from nothing else the call gives: a branch reading one mixes
+    the current token with earlier ones, as attention does (a linear-attention or state-space step multiplies
+    the state elementwise, with no product of two activations)."""
+    info = gm.meta.get("routefx")
+    names = set(getattr(info, "state_inputs", ()) or ())
+    if not names:
+        return set()
+    out: set = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if n.target in names:
+                out.add(n)
+        elif n in dyn:
+            ins = [a for a in n.all_input_nodes if a in dyn]
+            if ins and all(a in out for a in ins):
+                out.add(n)
+    return out
+
+
+def _reads_state(region: set, state: set) -> bool:
+    return bool(state) and any(a in state and a not in region for n in region for a in n.all_input_nodes)
+
+
+def _find_sums(graph: fx.Graph, dyn: set, state: set = frozenset()) -> list[_Sum]:
     sums = []
     for n in graph.nodes:
         if not _is_add(n) or n not in dyn:
@@ -148,6 +174,8 @@ def _find_sums(graph: fx.Graph, dyn: set) -> list[_Sum]:
             for t in others:
                 region = (desc_x & anc[t]) | {t}
                 kind = _branch_kind(region)
+                if kind == "ffn" and _reads_state(region, state):
+                    kind = "attention"
                 if kind is None:
                     branches = []
                     break
@@ -357,7 +385,7 @@ def recognize(gm: fx.GraphModule) -> ModelIR:
     """Recognise transformer blocks in `gm` (from `capture`). Raises `NoBlocksError` (an `UnsupportedModelError`) if there are none."""
     graph = gm.graph
     dyn = gu.dynamic_nodes(graph)
-    sums = _find_sums(graph, dyn)
+    sums = _find_sums(graph, dyn, _state_values(gm, dyn))
     if not sums:
         ops = Counter(str(n.target).split(".")[1] if str(n.target).startswith("aten.") else str(n.target)
                       for n in graph.nodes if n.op == "call_function" and n in dyn)

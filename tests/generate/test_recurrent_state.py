@@ -37,7 +37,15 @@ def _lfm3():
                                       layer_types=["conv", "full_attention", "conv"], **IDS))
 
 
-BUILD = {"mamba": _mamba, "bamba": _bamba, "lfm3": _lfm3}
+def _olmo_hybrid():
+    from transformers import OlmoHybridConfig, OlmoHybridForCausalLM
+    return OlmoHybridForCausalLM(OlmoHybridConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=2,
+        linear_key_head_dim=8, linear_value_head_dim=16, linear_conv_kernel_dim=4, **IDS))
+
+
+BUILD = {"mamba": _mamba, "bamba": _bamba, "lfm3": _lfm3, "olmo_hybrid": _olmo_hybrid}
 
 
 def _model(name):
@@ -101,15 +109,20 @@ def test_pruned_recurrent_layer_has_no_state_and_generates_as_the_pruned_model()
     assert torch.equal(out, _compiled_greedy(cm, ids, mask, 6))
 
 
-def test_duo_routes_the_ffns_of_a_hybrid_and_keeps_its_state():
-    model = _model("bamba")
+@pytest.mark.parametrize("name", ["bamba", "olmo_hybrid"])
+def test_duo_routes_the_ffns_of_a_hybrid_and_keeps_its_state(name):
+    """The decode graph reads the same blocks as the forward, so the Duo plan applies to it: a linear-attention
+    step (OLMo-Hybrid's delta rule: the state multiplied elementwise, no product of two activations) is its
+    layer's token mixer, not a block of its own, because it reads the state earlier tokens left."""
+    model = _model(name)
     cal = [dict(zip(("input_ids", "attention_mask"), _prompt(batch=3, seq=12, seed=40 + i))) for i in range(2)]
     cm = routefx.compile(model, Duo(budget=0.5, small="nested"), calibration=cal)
     assert len(cm.plan.layers) == 2
     ids, mask = _prompt()
-    out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=6)
+    out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=4)
     assert stats.mode == "cached"
-    assert torch.equal(out, _compiled_greedy(cm, ids, mask, 6))
+    assert [b.path for b in generation_graphs(cm).decode.ir.blocks] == [b.path for b in cm.ir.blocks]
+    assert torch.equal(out, _compiled_greedy(cm, ids, mask, 4))
 
 
 def test_modes_that_cut_back_or_shift_the_cache_are_refused_with_the_reason(tmp_path):
