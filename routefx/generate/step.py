@@ -400,8 +400,11 @@ def _export(model, fn, params, example: dict, what: tuple, recurrent: bool) -> t
         # its copy reads the layer's values from outside the layer, which PruneLayers refuses as a later read
         gm.graph.eliminate_dead_code()
         gm.recompile()
-    gm.meta["routefx"] = CaptureInfo(arg_names=(), constant_kwargs={},
-                                     state_inputs=tuple(n for n in params if n.startswith("past_")))
+    # what a branch reads to mix tokens (`recognize`): the K/V and scan states; not a short convolution's last
+    # inputs, which the forward's convolution reads as a per-token branch of its own (LFM), so that the decode
+    # graph has the forward's blocks
+    gm.meta["routefx"] = CaptureInfo(arg_names=(), constant_kwargs={}, state_inputs=tuple(
+        n for n in params if n.startswith("past_") and not n.startswith("past_conv_")))
     return gm
 
 

@@ -45,7 +45,7 @@ class CaptureInfo:
     reused_export: bool = False    # made from torch.export's result for an earlier capture of this model (or one
     #   built the same way) with inputs of this form (`capture_cache`), with this model's tensors: not exported again
     state_inputs: tuple[str, ...] = ()   # inputs carrying what earlier tokens left (a generation step's K/V cache
-    #   and recurrent states): a branch that reads them mixes tokens (`recognize`)
+    #   and scan states): a branch that reads them mixes tokens (`recognize`)
 
 
 def _is_hf(model: nn.Module) -> bool:

@@ -14,7 +14,7 @@ Rules (names never matter; module paths only name what was found):
    `layer_scalar`) or a slice over positions (Gemma 4's prefill runs its KV-sharing layers on the last
    positions only).
 3. A branch holding an attention op (or a product of two activations, or reading a generation step's cache or
-   recurrent state: a linear-attention step) is attention; one with a top-k router or
+   scan state: a linear-attention step) is attention; one with a top-k router or
    grouped expert GEMMs is MoE (plain FFN branches added in the same sum are its shared experts); any other is
    an FFN. A block ends at the first sum holding an FFN branch; in a block with attention, sums right after it
    whose branches are per-token FFNs reading an input of their own besides the stream (Gemma 4's per-layer
@@ -118,7 +118,7 @@ def _branch_kind(region: set) -> str | None:
 
 def _state_values(gm: fx.GraphModule, dyn: set) -> set:
     """The values computed from the inputs that carry what earlier tokens left (a generation step's K/V cache and
-    recurrent states, `CaptureInfo.state_inputs`) and from nothing else the call gives: a branch reading one mixes
+    scan states, `CaptureInfo.state_inputs`) and from nothing else the call gives: a branch reading one mixes
     the current token with earlier ones, as attention does (a linear-attention or state-space step multiplies
     the state elementwise, with no product of two activations)."""
     info = gm.meta.get("routefx")

@@ -87,6 +87,8 @@ def test_greedy_with_recurrent_state_equals_hf_generate(name, backend):
     g = generation_graphs(cm)
     assert g.layout.recurrent and any(n.startswith("past_conv_") for n in g.past_names)
     assert [n for n in g.past_names if n.startswith("past_key_")] == [f"past_key_{i}" for i in g.layout.kv]
+    # the decode graph reads the prefill's blocks (LFM3's short convolution: a per-token branch in both)
+    assert [b.path for b in g.decode.ir.blocks] == [b.path for b in g.prefill.ir.blocks]
     if backend != "eager":
         return
     # batch 1, a prompt shorter than the convolution's kernel, then a longer one: each as generate (graphs captured
