@@ -13,6 +13,10 @@ Checks per family (batch 2 x 12 tokens, row 0 left-padded by 3; errors are max |
   generate_onnx             cm.generate, Dense, onnx, greedy, 6 new tokens: token-identical to HF generate ("runs"
                             where HF generate itself fails on the tiny config, or where it differs from HF's own
                             greedy loop over uncached forwards and routefx equals that loop: RWKV's recurrent path)
+  generate_eager            the same on backend eager
+  generate_routed           cm.generate with the Duo(0.5) plan (MoEBudget(0.75) where no Duo model compiles) on onnx,
+                            greedy, 6 new tokens: token-identical to greedy over whole-sequence calls of that compiled
+                            model (routes are per token, so the cache changes nothing they choose)
   moe_eager                 MoEBudget(1.0) vs the HF model (the MoE dispatch raised to routed_ffn), and
                             MoEBudget(0.75): MoE blocks adapted, budget met ("n/a" where no FFN reads as MoE or
                             unknown)
@@ -24,6 +28,10 @@ Checks per family (batch 2 x 12 tokens, row 0 left-padded by 3; errors are max |
   shapes                    compile(Dense) at batch 2 x 12 on eager and onnx, called at other sizes (1 x 1, 2 x 1,
                             1 x 5, 3 x 20 with padding): each equal to the HF model (a size of 1 is exported at 2,
                             and the model's code may fix or guard sizes: graphs compiled again are counted)
+
+Tiny configs: every family at the sizes of `_TINY` (3 layers); a hybrid whose 3 layers would all be recurrent
+(linear attention, Mamba) gets an attention layer as its last (`_with_an_attention_layer`), as its real configs
+interleave them and Hugging Face's own `generate` needs one.
 
 Each family runs in a forked child with a time limit; a check's result is written as soon as it is known, so a
 family that runs out of time keeps the checks it finished. Results: a table on stdout and JSON (--out).
@@ -60,7 +68,7 @@ from tests.compare import max_abs_nonpad, row_errors  # noqa: E402
 from tests.tolerances import EXACT_REWRITE, HALF_VS_HF, ONNX_FP16_VS_EAGER, ONNX_VS_EAGER  # noqa: E402
 
 CHECKS = ("dense_eager", "dense_onnx", "duo_eager", "duo_onnx", "prune_eager", "generate_onnx", "moe_eager",
-          "moe_onnx", "shapes", "half")
+          "moe_onnx", "shapes", "half", "generate_eager", "generate_routed")
 VOCAB, HIDDEN, HEADS, KV_HEADS, INTER, LAYERS, HEAD_DIM = 112, 64, 4, 2, 128, 3, 16
 B, S, PAD, NEW = 2, 12, 3, 6
 
@@ -135,7 +143,37 @@ def tiny_config(model_type: str):
         raise Skip(f"config rejects tiny sizes: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
     if getattr(cfg, "is_encoder_decoder", False):
         cfg.is_encoder_decoder = False
-    return cfg
+    return _with_an_attention_layer(cls, params, kw, cfg)
+
+
+_RECURRENT_KINDS = ("linear", "mamba")
+
+
+def _with_an_attention_layer(cls, params: set, kw: dict, cfg):
+    """A hybrid whose tiny config (LAYERS layers) holds no attention layer gets one, as its last layer: its real
+    configs interleave attention, and without one Hugging Face's own `generate` fails on its cache (no layer
+    to read a length from), so the sweep would have no reference for cached generation. The attention label is
+    the one the config class's defaults use (else "full_attention")."""
+    types = getattr(cfg, "layer_types", None)
+    if "attn_layer_indices" in params and not getattr(cfg, "attn_layer_indices", None):        # Bamba
+        kw = {**kw, "attn_layer_indices": [LAYERS - 1]}
+    elif {"attn_layer_period", "attn_layer_offset"} <= params and isinstance(types, list) \
+            and all(any(r in t for r in _RECURRENT_KINDS) for t in types):                       # Jamba
+        kw = {**kw, "attn_layer_period": LAYERS, "attn_layer_offset": LAYERS - 1}
+    elif "layer_types" in params and isinstance(types, list) and len(types) == LAYERS \
+            and all(any(r in t for r in _RECURRENT_KINDS) for t in types):
+        try:
+            defaults = list(getattr(cls(), "layer_types", None) or [])
+        except Exception:  # noqa: BLE001 -- a class whose defaults do not build: the common label
+            defaults = []
+        label = next((t for t in defaults if not any(r in t for r in _RECURRENT_KINDS)), "full_attention")
+        kw = {**kw, "layer_types": types[:-1] + [label]}
+    else:
+        return cfg
+    out = cls(**kw)
+    if getattr(out, "is_encoder_decoder", False):
+        out.is_encoder_decoder = False
+    return out
 
 
 def build(model_type: str, class_name: str) -> nn.Module:
@@ -438,9 +476,9 @@ def _without_layer(model, n: int, j: int) -> nn.Module:
     return ref
 
 
-def check_generate(model, state):
+def check_generate(model, backend):
     ids, mask = inputs(seed=3)
-    cm = routefx.compile(model, Dense(), backend="onnx")
+    cm = routefx.compile(model, Dense(), backend=backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=NEW, do_sample=False)   # processors on
@@ -459,6 +497,53 @@ def check_generate(model, state):
                         f"differs from that loop ({same:.0%} of its tokens equal: its cached path computes other "
                         "numbers)")
     return "mismatch", f"tokens differ (shapes {tuple(out.shape)} / {tuple(ref.shape)}, {same:.0%} equal)"
+
+
+def check_generate_routed(model, state):
+    """Routed generation with the cache equals the same compiled model's greedy over whole sequences."""
+    ids, mask = inputs(seed=3)
+    plan, what = None, ""
+    for check, key, name in ((check_duo_eager, "duo", "Duo"), (check_moe_eager, "moe", "MoEBudget")):
+        if key not in state:
+            try:
+                check(model, state)
+            except routefx.RoutefxError:
+                pass
+        if state.get(key) is not None:
+            plan, what = state[key].plan, name
+            break
+    if plan is None:
+        return "n/a", "no Duo or MoEBudget model compiles (see duo_eager, moe_eager)"
+    cm = routefx.compile(model, plan, backend="onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=NEW, do_sample=False)
+    seq = _routed_reference(cm, model, ids, mask)
+    mode = stats.mode.split(" (")[0]
+    if out.shape == seq.shape and torch.equal(out, seq):
+        return "pass", f"{what}, {mode}, {NEW} tokens equal to its uncached greedy"
+    same = (out[:, S:] == seq[:, S:]).float().mean().item() if out.shape == seq.shape else 0.0
+    return "mismatch", f"{what}, {mode}: tokens differ from its uncached greedy ({same:.0%} equal)"
+
+
+def _routed_reference(cm, model, ids, mask):
+    """Greedy over whole-sequence calls of `cm`, with the logits processors and EOS handling `generate` resolves
+    from the model's generation_config (a forced EOS at the last step, a repetition penalty)."""
+    from routefx.generate.loop import _Uncached
+    from routefx.generate.settings import resolve
+    settings = resolve(model, ids, mask, max_new_tokens=NEW, do_sample=False)
+    step, seq = _Uncached(cm, mask.clone()), ids
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    logits = step.prefill(ids)
+    for _ in range(NEW):
+        nxt = settings.process(seq, logits.float()).argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, settings.pad), nxt)
+        done |= torch.isin(nxt, torch.tensor(settings.eos, dtype=nxt.dtype)) if settings.eos else done
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        if bool(done.all()):
+            break
+        logits = step.decode(nxt[:, None])
+    return seq
 
 
 def _uncached_greedy(model, ids, mask):
@@ -516,7 +601,9 @@ def run_family(model_type: str, class_name: str, checks, path: str) -> None:
     state = {}
     table = {"dense_eager": lambda: check_dense(model, "eager"), "dense_onnx": lambda: check_dense(model, "onnx"),
              "duo_eager": lambda: check_duo_eager(model, state), "duo_onnx": lambda: check_duo_onnx(model, state),
-             "prune_eager": lambda: check_prune(model, state), "generate_onnx": lambda: check_generate(model, state),
+             "prune_eager": lambda: check_prune(model, state), "generate_onnx": lambda: check_generate(model, "onnx"),
+             "generate_eager": lambda: check_generate(model, "eager"),
+             "generate_routed": lambda: check_generate_routed(model, state),
              "moe_eager": lambda: check_moe_eager(model, state), "moe_onnx": lambda: check_moe_onnx(model, state),
              "shapes": lambda: check_shapes(model, state), "half": lambda: check_half(model, state)}
     for c in checks:
