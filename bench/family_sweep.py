@@ -112,7 +112,7 @@ def zoo_types() -> set[str]:
     return out
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, attention_layer: bool = True):
     from transformers import CONFIG_MAPPING
     cls = CONFIG_MAPPING[model_type]
     subs = getattr(cls, "sub_configs", None) or {}
@@ -143,7 +143,7 @@ def tiny_config(model_type: str):
         raise Skip(f"config rejects tiny sizes: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
     if getattr(cfg, "is_encoder_decoder", False):
         cfg.is_encoder_decoder = False
-    return _with_an_attention_layer(cls, params, kw, cfg)
+    return _with_an_attention_layer(cls, params, kw, cfg) if attention_layer else cfg
 
 
 _RECURRENT_KINDS = ("linear", "mamba")
@@ -178,10 +178,20 @@ def _with_an_attention_layer(cls, params: set, kw: dict, cfg):
 
 def build(model_type: str, class_name: str) -> nn.Module:
     import transformers
-    cfg = tiny_config(model_type)
     cls = getattr(transformers, class_name, None)
     if cls is None:
         raise Skip(f"transformers has no attribute {class_name}")
+    cfg = tiny_config(model_type)
+    try:
+        return _build(cls, cfg)
+    except Exception:  # noqa: BLE001 -- a hybrid whose attention layer needs more config (Qwen4-Exp's indexed
+        plain = tiny_config(model_type, attention_layer=False)   # attention): built as it was, all recurrent
+        if plain.to_dict() == cfg.to_dict():
+            raise
+        return _build(cls, plain)
+
+
+def _build(cls, cfg) -> nn.Module:
     torch.manual_seed(0)
     for impl in ("sdpa", "eager", None):
         cfg._attn_implementation = impl or "eager"
