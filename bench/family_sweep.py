@@ -707,6 +707,8 @@ def main(argv=None):
         print(table(results, checks))
         return
     k, n = (int(x) for x in args.shard.split("/"))
+    if not 0 <= k < n:
+        ap.error(f"--shard {args.shard}: k/n takes k from 0 to n - 1 (every n-th family from the k-th)")
     fams = families()[k::n]
     only = {x for x in args.only.split(",") if x}
     if only:
