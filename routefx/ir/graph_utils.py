@@ -161,7 +161,6 @@ def is_cast(n) -> bool:
         and b.is_floating_point()
 
 
-
 def forward_views(n: fx.Node) -> fx.Node:
     """Follow single-user identity and reshape-only nodes forward."""
     while len(n.users) == 1:
