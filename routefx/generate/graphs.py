@@ -42,7 +42,11 @@ class Graph:
     def fits(self, feeds: dict) -> bool:
         """Whether the inputs `feeds` (name -> tensor or array) are within the sizes the capture holds for
         (torch.export's guards: `routefx.ir.guards`)."""
-        return self.guards.check({k: as_torch(v) for k, v in feeds.items()}) is None
+        return self.outside(feeds) is None
+
+    def outside(self, feeds: dict) -> str | None:
+        """None where `feeds` are within the capture's guards; else the guard they fail."""
+        return self.guards.check({k: as_torch(v) for k, v in feeds.items()})
 
     @property
     def run(self):
@@ -61,8 +65,8 @@ MAX_CAPTURES = 8   # prefill (or decode) graphs kept per compiled model for inpu
 class GenerationGraphs:
     layout: CacheLayout
     kept: list[int]              # cached layers that keep a cache entry (not pruned), in order
-    prefill: Graph               # the first capture of each (valid for every size where it has no guards)
-    decode: Graph
+    prefill: Graph               # the first capture of each (valid for every size within its guards: a model's
+    decode: Graph                # code may branch on a length, e.g. attention over the top 2048 keys past 2048)
     plan: Plan
     _cm: object = dataclasses.field(default=None, repr=False)
     _more: dict = dataclasses.field(default_factory=dict, repr=False)   # "prefill" / "decode" -> later captures
@@ -80,9 +84,7 @@ class GenerationGraphs:
 
     def _for(self, kind: str, feeds: dict) -> Graph:
         first = getattr(self, kind)
-        if not self.layout.recurrent or first.fits(feeds):
-            # K/V-only steps are not checked: export's ranges for the dims asked to be dynamic start at 2, and
-            # batch 1 and one-token prompts run on the first capture as they always have (tested against generate)
+        if first.fits(feeds):
             return first
         more = self._more.setdefault(kind, [])
         for g in more:

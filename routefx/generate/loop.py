@@ -234,11 +234,9 @@ class Stepper:
         B, S = new.shape
         self.mask = torch.cat([self.mask, self.mask.new_ones(B, S)], dim=1)
         pos = self.pos + torch.arange(1, S + 1, device=self.pos.device)
-        if self.g.layout.recurrent:    # a graph valid for these sizes (export's guards, checked every step)
-            run = self.g.decode_for({"input_ids": new, "attention_mask": self.mask, "position_ids": pos,
-                                     **dict(zip(self.g.past_names, self._past))}).run
-        else:
-            run = self.g.decode.run
+        # a graph valid for these sizes (export's guards, checked every step)
+        run = self.g.decode_for({"input_ids": new, "attention_mask": self.mask, "position_ids": pos,
+                                 **dict(zip(self.g.past_names, self._past))}).run
         if self.path == "arrays" and getattr(run, "takes_arrays", False):
             feeds = {"input_ids": as_array(new), "attention_mask": as_array(self.mask), "position_ids": as_array(pos)}
             feeds.update(zip(self.g.past_names, map(as_array, self._past)))

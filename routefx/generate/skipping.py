@@ -18,7 +18,7 @@ import torch
 
 from routefx.calibrate.data import token_mask
 from routefx.calibrate.search import bisect_decreasing
-from routefx.errors import CalibrationError, CaptureError, PolicyError
+from routefx.errors import CalibrationError, CaptureError, PolicyError, UnsupportedModelError
 from routefx.generate.arrays import as_array, as_torch
 from routefx.generate.decode_policies import ActivationSkip, DecodePolicy
 from routefx.generate.graphs import generation_graphs
@@ -186,7 +186,8 @@ class SkipStepper:
         if self.policy.needs_prefill_stats:
             logits, self.changes = self._measured_prefill(ids, pos)
         else:
-            out = self.g.prefill.run(input_ids=ids, attention_mask=self.mask, position_ids=pos)
+            feeds = {"input_ids": ids, "attention_mask": self.mask, "position_ids": pos}
+            out = self.g.prefill_for(feeds).run(**feeds)
             self.past, logits = list(out[1:]), out[0][:, -1]
         self.pos = pos[:, -1:]
         self.chosen = self.policy.at_prefill(self.L, ids.shape[0], self.changes)
@@ -202,6 +203,7 @@ class SkipStepper:
             for kind, d in zip(("key", "value"), g.layout.head_dims[i]):
                 inputs[f"past_{kind}_{i}"] = torch.zeros(B, g.layout.heads[i], 0, d, dtype=g.layout.dtype,
                                                          device=ids.device)
+        self._within_guards(inputs)
         per_token: list[torch.Tensor] = []
         stream, self.past = self._run(inputs, None, per_token)
         post = self.p.post
@@ -209,6 +211,17 @@ class SkipStepper:
         real = self.mask.bool().double()                                         # [B, S]
         ch = torch.stack([c.double() for c in per_token], dim=-1)                # [B, S, L]
         return logits, (ch * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+
+    def _within_guards(self, inputs: dict) -> None:
+        """The pieces are the first decode capture's, split per layer: run only on sizes that capture holds for (a
+        model's code may branch on a length, e.g. attention over the top k keys once the past is longer)."""
+        if (why := self.g.decode.outside(inputs)) is not None:
+            sizes = {k: list(v.shape) for k, v in list(inputs.items())[:3]}
+            raise UnsupportedModelError(
+                f"decode_policy={type(self.policy).__name__} runs the pieces of the decode graph captured first, which "
+                f"holds for other input sizes than {sizes} (torch.export's guard: {why.removeprefix('Guard failed: ')}"
+                f"): the model's code branches on a length there. Generate without a decode policy (it captures "
+                "again for such sizes), or with shorter sequences")
 
     def decode(self, new):
         return self.extend(new)[:, -1]
@@ -222,6 +235,7 @@ class SkipStepper:
         pos = self.pos + torch.arange(1, S + 1, device=self.pos.device)
         inputs = {"input_ids": new, "attention_mask": self.mask, "position_ids": pos,
                   **dict(zip(self.g.past_names, self.past))}
+        self._within_guards(inputs)
         stream, self.past = self._run(inputs, run)
         self.pos = pos[:, -1:]
         return _call(self.p.post, {self.p.post.inputs[0]: stream})[0]

@@ -85,8 +85,9 @@ class WindowStepper:
     def _step(self, buf: _Buffers) -> torch.Tensor:
         """One decode step on `buf`, moving the window in place; returns the step's logits [B, V]."""
         names = self.g.past_names
-        out = self.g.decode.run(input_ids=buf.ids, attention_mask=buf.mask, position_ids=buf.pos,
-                                **dict(zip(names, buf.past)))
+        feeds = {"input_ids": buf.ids, "attention_mask": buf.mask, "position_ids": buf.pos,
+                 **dict(zip(names, buf.past))}
+        out = self.g.decode_for(feeds).run(**feeds)      # the window's sizes within the graph's guards
         logits = out[0][:, -1]
         for p, new in zip(buf.past, out[1:]):
             p.copy_(new[:, :, 1:])
@@ -128,7 +129,8 @@ class WindowStepper:
     # -- Stepper's interface ---------------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         pos = prompt_positions(self.mask)
-        out = self.g.prefill.run(input_ids=ids, attention_mask=self.mask, position_ids=pos)
+        feeds = {"input_ids": ids, "attention_mask": self.mask, "position_ids": pos}
+        out = self.g.prefill_for(feeds).run(**feeds)
         logits = out[0][:, -1]
         if self.cuda_graph:
             self.buf, self.graph = self._captured(logits)

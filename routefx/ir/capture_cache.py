@@ -38,6 +38,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from routefx.ir import guards
+
 __all__ = ["exported", "inputs_key", "model_key", "owned_tensors", "clear"]
 
 _KEPT = 64          # keys kept (a bounded LRU over every model)
@@ -223,13 +225,13 @@ def exported(model: nn.Module, form: tuple, export: Callable[[], tuple[Any, Any]
     for i, (ep, extra, names) in enumerate(_kept.get(key, ()) if key is not None else ()):
         if not all(name in owned for name in names):
             continue
-        gm = _bind(ep.module(), names, owned)
+        gm = _bind(guards.module(ep), names, owned)
         if holds is None or holds(gm):
             _kept.move_to_end(key)
             _kept[key].insert(0, _kept[key].pop(i))
             return gm, extra, True
     ep, extra = export()
-    gm = ep.module()
+    gm = guards.module(ep)
     if key is not None:
         _keep(key, ep, extra, owned)
     return gm, extra, False

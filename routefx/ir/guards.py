@@ -9,10 +9,14 @@ any pass rewrites the graph, and `check` says whether inputs are within them, so
 for inputs that are not (`CompiledModel`, `routefx.generate.graphs`).
 
 Sizes are checked as they are, 1 included: export makes the dims it was asked to treat as dynamic range from 2
-(its 0/1 specialisation), but a graph's guard function holds no such range, and a guard that does fail at 1 is
-one the model's code depends on (XLNet's relative positions `(2S - 1) % S != 0`: the eager graph asserts; Mamba-2
-hybrids mask padding only when B > 1); the caller captures again for that size (`routefx.ir.capture` exports a
-size of 1 as given where the graph exported at 2 does not hold for it).
+(its 0/1 specialisation), and a guard that does fail at 1 is one the model's code depends on (XLNet's relative
+positions `(2S - 1) % S != 0`: the eager graph asserts; Mamba-2 hybrids mask padding only when B > 1); the caller
+captures again for that size (`routefx.ir.capture` exports a size of 1 as given where the graph exported at 2 does
+not hold for it). A graph's guard function is export's guards on the model's code (`S <= 2048`, `P + S >= 30`)
+and the value ranges of the input sizes, which hold those guards again and the ranges from 2: a size bound to
+others by a guard gets a lower bound from them (a decode step's mask of P + S columns: `>= 4`) that fails for a
+one-token prompt, which the graph serves as it serves S = 1. `module` makes the graph without those lower bounds
+(every bound the model's code sets is among export's own guards); upper bounds are kept.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import sympy
 import torch
 from torch import fx
 
-__all__ = ["InputGuards", "input_guards", "serves"]
+__all__ = ["InputGuards", "input_guards", "module", "serves"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,32 @@ class InputGuards:
         except Exception:  # noqa: BLE001 - a guard this check cannot evaluate: run as before guards were read
             return None
         return None
+
+
+def module(ep) -> fx.GraphModule:
+    """`ep.module()` whose guard function keeps export's guards and the upper bounds of the input sizes, without
+    their lower bounds past 2 (see above). Where this torch makes the guard function otherwise: `ep.module()`."""
+    try:
+        from torch.export import _unlift
+        from torch.utils._sympy.value_ranges import ValueRanges
+        make = _unlift._get_input_guards_for_graph
+    except (ImportError, AttributeError):  # pragma: no cover - another torch release
+        return ep.module()
+
+    def ranges_from_2(placeholders, ranges, paths):
+        loose = {}
+        for expr, vr in ranges.items():
+            try:
+                loose[expr] = ValueRanges(min(vr.lower, 2), vr.upper)
+            except Exception:  # noqa: BLE001 - a range this cannot loosen: kept as it is
+                loose[expr] = vr
+        return make(placeholders, loose, paths)
+
+    _unlift._get_input_guards_for_graph = ranges_from_2
+    try:
+        return ep.module()
+    finally:
+        _unlift._get_input_guards_for_graph = make
 
 
 def input_guards(gm: fx.GraphModule) -> InputGuards:
