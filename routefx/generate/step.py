@@ -18,6 +18,13 @@ attention layer calls) and records what each layer's `update` returns. Nothing r
 the graphs do not depend on one transformers release's cache internals. Which layers keep a cache, and the shape
 of their K/V, is found by one probe call (`probe_cache`).
 
+Indexer keys. Sparse attention (DeepSeek-V3.2's DSA, GLM-5, HY-V4, Dots3, AXK2) selects each query's keys with an
+indexer whose keys transformers keeps in the layer's cache beside its K/V (`DynamicIndexedLayer.update_indexer`,
+[B, P, d], growing along dim 1). Where the config names such layers, the cache object has them, and each one's
+indexer keys are one more input and output of the decode graph (`index_{layer}`, after the layer's K/V), seeded
+through `update_indexer`. Modes that cut back, shift or split the cache refuse them (`refuse_recurrent`). The
+top-k is `min(index_topk, P + S)`: a graph holds on one side of `index_topk` (export's guards, checked per step).
+
 Layers in `pruned` get no cache entry: no input, no output. For the export they are seeded with zeros of the
 right shape (so the captured graph is the model's); once the PruneBlocks pass has removed their block, nothing
 reads those zeros and dead-code elimination removes them with the layer.
@@ -86,6 +93,7 @@ class CacheLayout:
     layer_types: tuple[tuple[str, int], ...] | None = None   # (cache layer type, states) per layer; None: K/V only
     decode_mask: bool = True                     # the decode step passes the attention mask to the model
     positions: bool = True                       # the forward takes position_ids
+    index_dims: tuple[int, ...] = ()             # per model layer: its indexer keys' width (0: none; see below)
 
     @property
     def layers(self) -> int:
@@ -102,9 +110,19 @@ class CacheLayout:
         decoding, no fixed-shape window, no per-row layer skipping)."""
         return bool(self.states)
 
+    @property
+    def indexed(self) -> tuple[int, ...]:
+        """The layers that keep indexer keys (growing along the position dim, [B, P, d])."""
+        return tuple(i for i, d in enumerate(self.index_dims) if d)
+
     def refuse_recurrent(self, model: nn.Module, what: str) -> None:
         """Raise UnsupportedModelError for `what` (a mode that cuts back, shifts or splits the cache) where some
-        layer keeps recurrent state."""
+        layer keeps recurrent state or indexer keys."""
+        if self.indexed:
+            raise UnsupportedModelError(
+                f"{what} needs a cache of keys and values only; {type(model).__name__}'s layers "
+                f"{list(self.indexed)} keep indexer keys too (sparse attention's key selection). Plain generate "
+                "(prefill, then decode steps) runs such models with them as explicit tensors")
         if self.recurrent:
             layers = sorted({u.layer for u in self.states})
             raise UnsupportedModelError(
@@ -141,8 +159,9 @@ def supports_cache(model: nn.Module) -> str | None:
 
 def _state_layer_types(model: nn.Module) -> tuple[tuple[str, int], ...] | None:
     """(cache layer type, number of states) per layer from the model's config, when some layer keeps recurrent
-    state in transformers' own cache (`DynamicCache(config=...)`: linear-attention, conv and hybrid layers); None
-    when every layer keeps keys and values only (or this transformers has no such layers)."""
+    state or indexer keys in transformers' own cache (`DynamicCache(config=...)`: linear-attention, conv and hybrid
+    layers; sparse attention's indexed layers); None when every layer keeps keys and values only (or this
+    transformers has no such layers)."""
     try:
         from transformers.cache_utils import (DYNAMIC_LAYER_TYPE_MAPPING, LinearAttentionCacheLayerMixin,
                                               get_layer_types_and_kwargs)
@@ -151,7 +170,7 @@ def _state_layer_types(model: nn.Module) -> tuple[tuple[str, int], ...] | None:
     except Exception:  # noqa: BLE001 - an older transformers, a config without per-layer fields: K/V only
         return None
     cls = [DYNAMIC_LAYER_TYPE_MAPPING.get(t) for t in types]
-    if not any(isinstance(c, type) and issubclass(c, LinearAttentionCacheLayerMixin) for c in cls):
+    if not any(isinstance(c, type) and (issubclass(c, LinearAttentionCacheLayerMixin) or _indexes(c)) for c in cls):
         return None
     return tuple((t, int(kw.get("number_of_states", 1))) for t, kw in zip(types, kwargs))
 
@@ -165,6 +184,11 @@ def _keeps(kind: str) -> str | None:
     return None if cls is DummyLayer else "kv"
 
 
+def _indexes(cls) -> bool:
+    """Whether a cache layer class keeps indexer keys (transformers' `DynamicIndexedLayer`: `update_indexer`)."""
+    return callable(getattr(cls, "update_indexer", None))
+
+
 def _cache_layer(kind: str, states: int):
     """A cache layer for one model layer: transformers' own for recurrent state; keys and values always grow in
     full (a sliding window is the mask's business, as on the K/V-only path)."""
@@ -175,6 +199,8 @@ def _cache_layer(kind: str, states: int):
     if isinstance(cls, type) and issubclass(cls, LinearAttentionCacheLayerMixin):
         both = issubclass(cls, CacheLayerMixin)
         return (LinearAttentionAndFullAttentionLayer if both else LinearAttentionLayer)(number_of_states=states)
+    if isinstance(cls, type) and issubclass(cls, DynamicLayer) and _indexes(cls):
+        return cls()
     return DummyLayer() if cls is DummyLayer else DynamicLayer()
 
 
@@ -193,11 +219,17 @@ def _recording_cache(layer_types=None):
                 Cache.__init__(self, layers=[_cache_layer(t, n) for t, n in layer_types])
             self.returned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             self.updated: set[tuple[int, str, int]] = set()
+            self.indexed: dict[int, torch.Tensor] = {}
 
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
             k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
             self.returned[layer_idx] = (k, v)
             return k, v
+
+        def update_indexer(self, indexer_key_states, layer_idx, *args, **kwargs):
+            keys = super().update_indexer(indexer_key_states, layer_idx, *args, **kwargs)
+            self.indexed[layer_idx] = keys
+            return keys
 
         def update_conv_state(self, conv_states, layer_idx, state_idx=0, **kwargs):
             self.updated.add((layer_idx, "conv", state_idx))
@@ -215,18 +247,21 @@ def _recording_cache(layer_types=None):
 
 
 def _call(model, layout: CacheLayout, keep_last: bool, decode: bool, input_ids, attention_mask, position_ids,
-          kv: dict, states: dict):
-    """Run `model` on explicit tensors: `kv` {layer: (key, value)} and `states` {StateSlot: tensor} seed the cache
-    (empty for a prefill). Returns (logits, {layer: (key, value)}, {(layer, kind, index): state}) after the call."""
+          kv: dict, states: dict, index: dict | None = None):
+    """Run `model` on explicit tensors: `kv` {layer: (key, value)}, `states` {StateSlot: tensor} and `index`
+    {layer: indexer keys} seed the cache (empty for a prefill). Returns (logits, {layer: (key, value)},
+    {(layer, kind, index): state}, the cache: its `indexed` {layer: indexer keys}) after the call."""
     cache = _recording_cache(layout.layer_types)
     for i, (k, v) in kv.items():
         cache.update(k, v, i)
+    for i, keys in (index or {}).items():
+        cache.update_indexer(keys, i)
     for slot, t in states.items():   # through the cache's own update: it marks the layer as having a past
         if slot.kind == "conv":
             cache.update_conv_state(t, slot.layer, slot.index)
         else:
             cache.update_recurrent_state(t, slot.layer, slot.index)
-    cache.returned, cache.updated = {}, set()
+    cache.returned, cache.updated, cache.indexed = {}, set(), {}
     kwargs = {layout.cache_kw: cache, "use_cache": True}
     if keep_last:
         kwargs["logits_to_keep"] = 1
@@ -275,6 +310,13 @@ def probe_cache(model: nn.Module) -> CacheLayout:
                 "layers keep attention keys and values (Cache.update) or transformers' linear-attention states "
                 "(update_conv_state / update_recurrent_state); other layer state is not supported") from e
         decode_mask = types is None or _decode_feeds_mask(model, kw, cache, ids, ids.new_ones(1, 3))
+    kept_elsewhere = [i for i, layer in enumerate(getattr(cache, "layers", ()))
+                      if getattr(layer, "indexer_position_ids", None) is not None]
+    if kept_elsewhere:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s layers {kept_elsewhere} keep their indexer's position ids in the cache layer "
+            "(`indexer_position_ids`, set by the model's code), which routefx does not capture; routefx captures "
+            "keys and values, indexer keys (update_indexer) and linear-attention states")
     n = len(types) if types is not None else len(returned)
     if types is None and (sorted(returned) != list(range(n)) or not returned):
         raise UnsupportedModelError(f"{type(model).__name__}'s cache updates layers {sorted(returned)}; routefx "
@@ -299,8 +341,14 @@ def probe_cache(model: nn.Module) -> CacheLayout:
     dims = tuple((returned[i][0].shape[-1], returned[i][1].shape[-1]) if i in returned else (0, 0) for i in range(n))
     slots = tuple(StateSlot(i, kind, s, tuple(t.shape[1:]), t.dtype) for (i, kind, s), t in states.items())
     dtype = next(iter(returned.values()))[0].dtype if returned else next(iter(states.values())).dtype
+    if any(t.dim() != 3 or t.dtype != dtype for t in cache.indexed.values()):
+        raise UnsupportedModelError(f"{type(model).__name__}'s indexer keys are "
+                                    f"{[(list(t.shape), t.dtype) for t in cache.indexed.values()]}; routefx "
+                                    f"captures indexer keys of shape [batch, positions, width] in {dtype}")
+    index = tuple(cache.indexed[i].shape[-1] if i in cache.indexed else 0 for i in range(n))
     keep = "logits_to_keep" in params
-    return CacheLayout(kw, heads, dims, dtype, keep, slots, types, decode_mask, "position_ids" in params)
+    return CacheLayout(kw, heads, dims, dtype, keep, slots, types, decode_mask, "position_ids" in params,
+                       index if any(index) else ())
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -315,8 +363,8 @@ def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def cache_entries(layout: CacheLayout, kept: list[int]) -> list[tuple[int, str, object]]:
-    """The cache tensors of the layers in `kept`, in the graphs' order: per layer its key and value, then its
-    recurrent states. Each is (layer, name, StateSlot or None)."""
+    """The cache tensors of the layers in `kept`, in the graphs' order: per layer its key and value, its indexer
+    keys, then its recurrent states. Each is (layer, name, StateSlot or None)."""
     slots: dict[int, list[StateSlot]] = {}
     for slot in layout.states:
         slots.setdefault(slot.layer, []).append(slot)
@@ -324,6 +372,8 @@ def cache_entries(layout: CacheLayout, kept: list[int]) -> list[tuple[int, str, 
     for i in kept:
         if layout.heads[i]:
             out += [(i, f"key_{i}", None), (i, f"value_{i}", None)]
+        if i in layout.indexed:
+            out.append((i, f"index_{i}", None))
         out += [(i, slot.name, slot) for slot in slots.get(i, ())]
     return out
 
@@ -342,7 +392,7 @@ def _forward_fn(model, layout: CacheLayout, kept: list[int], decode: bool):
     kept_kv = [i for i in kept if layout.heads[i]]
 
     def body(input_ids, attention_mask, position_ids, flat):
-        kv, states = {}, {}
+        kv, states, index = {}, {}, {}
         if decode:
             given = dict(zip(past_names, flat))
             # B and P for a pruned layer's placeholder zeros: from a kept layer's K/V, else from the inputs
@@ -359,19 +409,26 @@ def _forward_fn(model, layout: CacheLayout, kept: list[int], decode: bool):
             for slot in layout.states:
                 states[slot] = given["past_" + slot.name] if slot.layer in kept else \
                     input_ids.new_zeros((B, *slot.shape), dtype=slot.dtype)
-        logits, returned, updated, _ = _call(model, layout, layout.logits_to_keep and not decode, decode, input_ids,
-                                             attention_mask, position_ids, kv, states)
+            for i in layout.indexed:
+                index[i] = given[f"past_index_{i}"] if i in kept else \
+                    input_ids.new_zeros((B, P, layout.index_dims[i]), dtype=layout.dtype)
+        logits, returned, updated, cache = _call(model, layout, layout.logits_to_keep and not decode, decode,
+                                                 input_ids, attention_mask, position_ids, kv, states, index)
         found = sorted((u.layer, u.kind, u.index) for u in layout.states)
-        if sorted(returned) != list(layout.kv) or sorted(updated) != found or any(t is None for t in updated.values()):
-            raise CaptureError(f"the cache was updated for K/V layers {sorted(returned)} and states "
-                               f"{sorted(k for k, t in updated.items() if t is not None)}; the probe found K/V "
-                               f"layers {list(layout.kv)} and states {found}")
+        if sorted(returned) != list(layout.kv) or sorted(updated) != found or any(t is None for t in updated.values()) \
+                or sorted(cache.indexed) != list(layout.indexed):
+            raise CaptureError(f"the cache was updated for K/V layers {sorted(returned)}, states "
+                               f"{sorted(k for k, t in updated.items() if t is not None)} and indexer keys "
+                               f"{sorted(cache.indexed)}; the probe found K/V layers {list(layout.kv)}, states "
+                               f"{found} and indexer keys {list(layout.indexed)}")
         if not decode and not layout.logits_to_keep:
             logits = logits[:, -1:]
         out = []
         for i, name, slot in cache_entries(layout, kept):
             if slot is not None:
                 out.append(updated[(slot.layer, slot.kind, slot.index)])
+            elif name.startswith("index_"):
+                out.append(cache.indexed[i])
             else:
                 out.append(returned[i][0 if name.startswith("key_") else 1])
         return (logits, *out)
@@ -388,8 +445,9 @@ def _export(model, fn, params, example: dict, what: tuple, recurrent: bool) -> t
     for name in params:
         t = example[name]
         grows = name.startswith(("past_key_", "past_value_"))
-        shapes[name] = {0: Dim.AUTO, 2: Dim.AUTO} if grows else {0: Dim.AUTO} if name.startswith("past_") else \
-            {0: Dim.AUTO, 1: Dim.AUTO}
+        shapes[name] = {0: Dim.AUTO, 2: Dim.AUTO} if grows else \
+            {0: Dim.AUTO} if name.startswith("past_") and not name.startswith("past_index_") else \
+            {0: Dim.AUTO, 1: Dim.AUTO}   # the step's inputs; indexer keys grow along dim 1
         example[name] = t.contiguous()
     gm = capture_cache.exported(model, ("generation step", what, capture_cache.inputs_key(example)),
                                 lambda: (_export_step(model, fn, example, shapes), None))[0]
@@ -471,7 +529,9 @@ def capture_decode(model: nn.Module, layout: CacheLayout, kept: list[int], examp
                "position_ids": torch.arange(_P, _P + S, device=ids.device).expand(_B, S)}
     g = torch.Generator().manual_seed(0)
     for i, name, slot in cache_entries(layout, kept):
-        if slot is None:
+        if name.startswith("index_"):
+            shape, dtype = (_B, _P, layout.index_dims[i]), layout.dtype
+        elif slot is None:
             d = layout.head_dims[i][0 if name.startswith("key_") else 1]
             shape, dtype = (_B, layout.heads[i], _P, d), layout.dtype
         else:

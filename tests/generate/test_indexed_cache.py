@@ -1,0 +1,86 @@
+"""Sparse attention's indexer keys are cache tensors of the generation graphs.
+
+DeepSeek-V3.2's DSA (and GLM-5, HY-V4, Dots3, AXK2) selects the top `index_topk` keys per query with a small
+indexer whose keys transformers keeps beside the layer's K/V (`DynamicIndexedLayer.update_indexer`: [B, P, d],
+growing along the position dim). They are one more input and output per layer of the decode graph
+(`past_index_{layer}`), seeded through the cache's own `update_indexer`. Before, the probe's plain DynamicCache had
+no indexer and these models generated uncached (whole-sequence calls per token).
+"""
+import pytest
+import torch
+
+import routefx
+from routefx.errors import UnsupportedModelError
+from routefx.generate import DepthDecay
+from routefx.generate.graphs import generation_graphs
+from routefx.generate.loop import generate_with_stats
+from routefx.policies import Dense, PruneLayers
+
+NEW = 6
+
+
+def _dsa(index_topk: int):
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+    cfg = DeepseekV32Config(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                            n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+                            first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                            qk_nope_head_dim=8, v_head_dim=8, index_topk=index_topk, index_n_heads=2,
+                            index_head_dim=16, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                            eos_token_id=2)
+    torch.manual_seed(0)
+    return DeepseekV32ForCausalLM(cfg).eval()
+
+
+def _prompt(seq=9, pad=2):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 96, (2, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask
+
+
+def _hf(model, ids, mask, n=NEW):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None)
+
+
+# eager: 4 of up to 15 keys per query (the sparse selection; ONNX Runtime's TopK breaks the ties a tiny random
+# indexer makes, ReLU's zeros, otherwise than torch's); onnx: every key selected (2048 > the sequence)
+@pytest.mark.parametrize("backend,index_topk", [("eager", 4), ("onnx", 2048)])
+def test_cached_generation_equals_hugging_face(backend, index_topk):
+    model = _dsa(index_topk)
+    cm = routefx.compile(model, Dense(), backend=backend)
+    ids, mask = _prompt()
+    out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=NEW, eos_token_id=[])
+    assert stats.mode.startswith("cached"), stats.mode
+    assert torch.equal(out, _hf(model, ids, mask)), f"routefx\n{out}\nHugging Face\n{_hf(model, ids, mask)}"
+    g = generation_graphs(cm)
+    assert g.layout.indexed == (0, 1, 2) and g.layout.index_dims == (16, 16, 16)
+    past = [n.target for n in g.decode.gm.graph.nodes if n.op == "placeholder" and n.target.startswith("past_")]
+    assert past == [f"past_{kind}_{i}" for i in range(3) for kind in ("key", "value", "index")]
+
+
+def test_a_pruned_layer_keeps_no_indexer_keys():
+    model = _dsa(4)
+    cm = routefx.compile(model, PruneLayers(layers=[1]), backend="eager")
+    ids, mask = _prompt()
+    out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=NEW, eos_token_id=[])
+    assert stats.mode.startswith("cached"), stats.mode
+    g = generation_graphs(cm)
+    assert g.past_names == ["past_key_0", "past_value_0", "past_index_0", "past_key_2", "past_value_2",
+                            "past_index_2"]
+    # the same tokens as greedy over whole-sequence calls of the pruned model
+    seq = ids
+    m = mask
+    for _ in range(NEW):
+        nxt = cm(input_ids=seq, attention_mask=m).logits[:, -1].argmax(-1, keepdim=True)
+        seq, m = torch.cat([seq, nxt], 1), torch.cat([m, m.new_ones(2, 1)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_modes_that_cut_the_cache_back_refuse_indexer_keys():
+    cm = routefx.compile(_dsa(4), Dense(), backend="eager")
+    ids, mask = _prompt()
+    with pytest.raises(UnsupportedModelError, match="indexer keys"):
+        cm.generate(ids, mask, max_new_tokens=2, decode_policy=DepthDecay(alpha=0.9))
