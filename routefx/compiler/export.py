@@ -35,6 +35,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 import torch
 
 from routefx.compiler.validate import input_spec
+from routefx.runtime.size_guards import check_supported
 from routefx.errors import ArtifactError, BackendError, UnsupportedModelError
 from routefx.generate.settings import artifact_settings
 from routefx.runtime.artifact import (FORMAT, GEN_DECODE, GEN_PREFILL, MANIFEST, MODEL, MODEL_DATA, OPT_LEVEL,
@@ -121,8 +122,10 @@ def _write_generation(cm, directory: str) -> dict:
         runner = graph.run
         _write_model(runner, directory, name, name + ".data")
         _share_weights(directory, name, name + ".data")
+        names = [i.name for i in runner.inputs]
         out[key] = {"file": name, "routed": not runner.session.get_session_options().enable_mem_pattern,
-                    "inputs": [i.name for i in runner.inputs], "outputs": list(runner.output_names)}
+                    "inputs": names, "outputs": list(runner.output_names),
+                    "guards": _guards(graph.guards, list(graph.guards.names), {}, f"the {key} graph")}
     out.update(artifact_settings(cm._model))
     return out
 
@@ -346,9 +349,25 @@ def _version() -> str:
 
 def _manifest(cm, entry, runner, routed: bool) -> dict:
     m = _manifest_common(cm, entry)
-    m.update({"kind": "onnx", "inputs": _input_spec(cm, entry, runner), "outputs": _output_spec(runner),
-              "session": {"routed": routed, "optimized_level": "extended"}})
+    inputs = _input_spec(cm, entry, runner)
+    m.update({"kind": "onnx", "inputs": inputs, "outputs": _output_spec(runner),
+              "session": {"routed": routed, "optimized_level": "extended"},
+              "guards": _guards(entry.guards, [t["name"] for t in inputs["tensors"]], inputs["constants"],
+                                "the model's graph")})
     return m
+
+
+def _guards(guards, inputs: list[str], constants: dict, what: str) -> list[str]:
+    """The input sizes a graph holds for (`routefx.runtime.size_guards`), as the runtime checks them; refuses a
+    graph whose guards the runtime cannot evaluate (it would run the graph outside them)."""
+    if guards.code is None:
+        raise UnsupportedModelError(f"{what} holds for some input sizes only (torch.export's guards) and this torch "
+                                    "does not give them as source, so the runtime could not check them")
+    code = list(dict.fromkeys(guards.code))
+    if (bad := check_supported(code, inputs, constants)) is not None:
+        raise UnsupportedModelError(f"{what} holds for some input sizes only, and the runtime cannot check one of "
+                                    f"torch.export's guards: {bad}")
+    return code
 
 
 def _manifest_common(cm, entry) -> dict:

@@ -34,6 +34,8 @@ __all__ = ["InputGuards", "input_guards", "module", "serves"]
 class InputGuards:
     fn: Callable | None                          # export's guard function over the placeholders, or None
     names: tuple[str, ...] = ()                  # the placeholders, in the order `fn` takes them
+    code: tuple[str, ...] | None = ()            # its guards as Python source over `L['name'].size()[dim]`
+    #                                              (None: a guard function whose source this torch did not give)
 
     def check(self, feeds: dict) -> str | None:
         """None when `feeds` (placeholder name -> tensor) are within the capture's guards (or it has none, or a
@@ -55,7 +57,7 @@ def module(ep) -> fx.GraphModule:
     try:
         from torch.export import _unlift
         from torch.utils._sympy.value_ranges import ValueRanges
-        make = _unlift._get_input_guards_for_graph
+        make, convert = _unlift._get_input_guards_for_graph, _unlift._convert_guards_code_to_fn
     except (ImportError, AttributeError):  # pragma: no cover - another torch release
         return ep.module()
 
@@ -68,17 +70,24 @@ def module(ep) -> fx.GraphModule:
                 loose[expr] = vr
         return make(placeholders, loose, paths)
 
-    _unlift._get_input_guards_for_graph = ranges_from_2
+    def keeping_code(code, paths):
+        fn = convert(code, paths)
+        fn.routefx_code = tuple(code)     # `L['input_ids'].size()[1] <= 2048`, ...: for an artifact's runtime
+        return fn
+
+    _unlift._get_input_guards_for_graph, _unlift._convert_guards_code_to_fn = ranges_from_2, keeping_code
     try:
         return ep.module()
     finally:
-        _unlift._get_input_guards_for_graph = make
+        _unlift._get_input_guards_for_graph, _unlift._convert_guards_code_to_fn = make, convert
 
 
 def input_guards(gm: fx.GraphModule) -> InputGuards:
     """The guards of a graph fresh from `ep.module()` (before a pass rewrites it)."""
     names = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
-    return InputGuards(getattr(gm, "_guards_fn", None), names)
+    fn = getattr(gm, "_guards_fn", None)
+    code = getattr(fn, "routefx_code", None) if fn is not None else ()
+    return InputGuards(fn, names, code)
 
 
 def serves(gm: fx.GraphModule, feeds: dict) -> bool:

@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from routefx.errors import ArtifactError, InputError
+from routefx.runtime.size_guards import SizeGuards
 
 __all__ = ["Generator"]
 
@@ -34,6 +35,7 @@ class Generator:
             raise ArtifactError(f"{path} was exported without generation graphs: export it with "
                                 "routefx.export(compiled, path, generate=True) to generate from the artifact")
         self.settings = gen
+        self.guards = {key: SizeGuards(gen[key].get("guards")) for key in ("prefill", "decode")}
         self.vocab = next((t["vocab"] for t in manifest["inputs"]["tensors"] if t["name"] == "input_ids"), None)
         self.sessions = {}
         for key in ("prefill", "decode"):
@@ -89,7 +91,12 @@ class Generator:
 
     def _run(self, key: str, feeds: dict) -> list:
         """One run of the prefill or decode graph on the feeds it takes (a graph whose model ignores an input,
-        e.g. positions, was exported without it)."""
+        e.g. positions, was exported without it), within the sizes it holds for."""
+        if (failed := self.guards[key].failed(feeds)) is not None:
+            raise InputError(f"the artifact's {key} graph holds for input sizes where {failed} (torch.export's guard: "
+                             f"the model's code branches on a size there); this step's inputs have shapes "
+                             f"{ {k: list(v.shape) for k, v in list(feeds.items())[:3]} }. Generate in process "
+                             "(routefx captures again for such sizes)")
         return self.sessions[key].run(None, {n: feeds[n] for n in self.settings[key]["inputs"]})
 
 

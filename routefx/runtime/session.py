@@ -7,8 +7,10 @@ instead; `session.source` says which.
 
 A call validates its inputs as the compiled model does (`routefx/compiler/validate.py`: dtype and rank, static
 dims, batch and sequence sizes agreeing between inputs, no empty batch or sequence, token ids in [0, vocab)) and
-raises `InputError` naming the input. A Hugging Face model's attention mask may be left out, as in the model: the
-artifact marks it (`"absent": "ones"`) and the session feeds ones of the inputs' batch and length.
+raises `InputError` naming the input; it refuses sizes outside the graph's guards too (the manifest's "guards":
+a model whose code branches on a length was exported with one branch; `size_guards`). A Hugging Face model's
+attention mask may be left out, as in the model: the artifact marks it (`"absent": "ones"`) and the session feeds
+ones of the inputs' batch and length.
 `Session.generate` decodes from artifacts exported with `generate=True` (`routefx/runtime/generate.py`). Inputs are numpy arrays, or torch tensors when torch is installed; with
 torch inputs the outputs are torch tensors, otherwise numpy arrays. The output has the model's structure: a
 Hugging Face ModelOutput (when transformers is already imported), else an `Output` (a dict with attribute access
@@ -27,6 +29,7 @@ import onnxruntime as ort
 
 from routefx.errors import ArtifactError, InputError
 from routefx.runtime.artifact import MODEL, OPT_MODEL, PACKAGE, verify
+from routefx.runtime.size_guards import SizeGuards
 
 __all__ = ["Session", "load", "Output"]
 
@@ -70,6 +73,7 @@ class Session:
         self._constants = spec["constants"]
         self._positional = spec["positional"]
         self._outputs = self.manifest["outputs"]
+        self._guards = SizeGuards(self.manifest.get("guards"))
         routed = bool(self.manifest["session"]["routed"])
         try:
             self.session = ort.InferenceSession(os.path.join(path, OPT_MODEL), sess_options=_options(
@@ -166,6 +170,11 @@ class Session:
                 raise InputError(f"missing input {t['name']!r}: its shape {t['shape']} is not set by the inputs "
                                  f"given; the model takes {self.input_names}")
             feeds[t["name"]] = np.ones([sizes[d][1] for d in t["shape"]], dtype=t["dtype"])
+        if (failed := self._guards.failed({**feeds, **self._constants})) is not None:
+            raise InputError(f"the artifact's graph holds for input sizes where {failed} (torch.export's guard: the "
+                             f"model's code branches on a size there); these inputs have shapes "
+                             f"{ {k: list(v.shape) for k, v in feeds.items()} }. Compile the model in process "
+                             "(routefx captures again for such sizes), or export from inputs of these sizes")
         return {t["name"]: feeds[t["name"]] for t in self._tensors}
 
     def _rebuild(self, outs: dict, as_torch: bool):
