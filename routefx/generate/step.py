@@ -22,8 +22,8 @@ Indexer keys. Sparse attention (DeepSeek-V3.2's DSA, GLM-5, HY-V4, Dots3, AXK2) 
 indexer whose keys transformers keeps in the layer's cache beside its K/V (`DynamicIndexedLayer.update_indexer`,
 [B, P, d], growing along dim 1). Where the config names such layers, the cache object has them, and each one's
 indexer keys are one more input and output of the decode graph (`index_{layer}`, after the layer's K/V), seeded
-through `update_indexer`. Modes that cut back, shift or split the cache refuse them (`refuse_recurrent`). The
-top-k is `min(index_topk, P + S)`: a graph holds on one side of `index_topk` (export's guards, checked per step).
+through `update_indexer`. Modes that cut back, shift or split the cache refuse them (`refuse_recurrent`). (The
+top-k's width, `min(index_topk, P + S)`, stays symbolic in the graphs: one graph serves both sides of it.)
 
 Layers in `pruned` get no cache entry: no input, no output. For the export they are seeded with zeros of the
 right shape (so the captured graph is the model's); once the PruneBlocks pass has removed their block, nothing
@@ -307,8 +307,9 @@ def probe_cache(model: nn.Module) -> CacheLayout:
             raise UnsupportedModelError(
                 f"{type(model).__name__} does not run with transformers' DynamicCache (through which routefx captures "
                 f"the cache as tensors): {type(e).__name__}: {first}. routefx generates with a cache for models whose "
-                "layers keep attention keys and values (Cache.update) or transformers' linear-attention states "
-                "(update_conv_state / update_recurrent_state); other layer state is not supported") from e
+                "layers keep attention keys and values (Cache.update), indexer keys (update_indexer) or "
+                "transformers' linear-attention states (update_conv_state / update_recurrent_state); other layer "
+                "state is not supported") from e
         decode_mask = types is None or _decode_feeds_mask(model, kw, cache, ids, ids.new_ones(1, 3))
     kept_elsewhere = [i for i, layer in enumerate(getattr(cache, "layers", ()))
                       if getattr(layer, "indexer_position_ids", None) is not None]
