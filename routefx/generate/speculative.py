@@ -71,8 +71,9 @@ class _Rewindable(Stepper):
         they are (ONNX Runtime's arrays stay arrays: a round trip through torch tensors cost ~6% of a speculative
         run on the trained d=256 LM)."""
         cut = self.mask.shape[1] - length
-        if cut:
-            self._past = [t[:, :, :length] for t in self._past]
+        if cut:      # K/V [B, H, P, d]; indexer keys [B, P, d] (`routefx.generate.step`)
+            self._past = [t[:, :length] if name.startswith("past_index_") else t[:, :, :length]
+                          for name, t in zip(self.g.past_names, self._past)]
             self.mask = self.mask[:, :length]
             self.pos = self.pos - cut
 
@@ -96,7 +97,8 @@ def speculative_generate(full, draft, input_ids, attention_mask=None, *, max_new
     eos, pad = cfg.eos, cfg.pad
     eos_t = torch.tensor(eos, dtype=torch.long, device=ids.device)
     B = ids.shape[0]
-    generation_graphs(full).layout.refuse_recurrent(full._model, "speculative decoding (rewinding rejected drafts)")
+    generation_graphs(full).layout.refuse_recurrent(full._model, "speculative decoding (rewinding rejected drafts)",
+                                                    indexer_ok=True)
     f, d = _Rewindable(full, mask), _Rewindable(draft, mask)
     stats = SpeculativeStats()
     unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)

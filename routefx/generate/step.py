@@ -22,7 +22,8 @@ Indexer keys. Sparse attention (DeepSeek-V3.2's DSA, GLM-5, HY-V4, Dots3, AXK2) 
 indexer whose keys transformers keeps in the layer's cache beside its K/V (`DynamicIndexedLayer.update_indexer`,
 [B, P, d], growing along dim 1). Where the config names such layers, the cache object has them, and each one's
 indexer keys are one more input and output of the decode graph (`index_{layer}`, after the layer's K/V), seeded
-through `update_indexer`. Modes that cut back, shift or split the cache refuse them (`refuse_recurrent`). (The
+through `update_indexer`. Speculative decoding cuts them back with the K/V; the fixed-shape window, decode
+policies and exported generation graphs refuse them (`refuse_recurrent`). (The
 top-k's width, `min(index_topk, P + S)`, stays symbolic in the graphs: one graph serves both sides of it.)
 
 Layers in `pruned` get no cache entry: no input, no output. For the export they are seeded with zeros of the
@@ -115,10 +116,10 @@ class CacheLayout:
         """The layers that keep indexer keys (growing along the position dim, [B, P, d])."""
         return tuple(i for i, d in enumerate(self.index_dims) if d)
 
-    def refuse_recurrent(self, model: nn.Module, what: str) -> None:
+    def refuse_recurrent(self, model: nn.Module, what: str, indexer_ok: bool = False) -> None:
         """Raise UnsupportedModelError for `what` (a mode that cuts back, shifts or splits the cache) where some
-        layer keeps recurrent state or indexer keys."""
-        if self.indexed:
+        layer keeps recurrent state, or indexer keys unless `indexer_ok` (the mode handles them)."""
+        if self.indexed and not indexer_ok:
             raise UnsupportedModelError(
                 f"{what} needs a cache of keys and values only; {type(model).__name__}'s layers "
                 f"{list(self.indexed)} keep indexer keys too (sparse attention's key selection). Plain generate "

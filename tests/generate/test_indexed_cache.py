@@ -14,6 +14,7 @@ from routefx.errors import UnsupportedModelError
 from routefx.generate import DepthDecay
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.loop import generate_with_stats
+from routefx.generate.speculative import speculative_generate
 from routefx.policies import Dense, PruneLayers
 
 NEW = 6
@@ -79,8 +80,14 @@ def test_a_pruned_layer_keeps_no_indexer_keys():
     assert torch.equal(out, seq)
 
 
-def test_modes_that_cut_the_cache_back_refuse_indexer_keys():
-    cm = routefx.compile(_dsa(4), Dense(), backend="eager")
+def test_speculative_decoding_cuts_indexer_keys_back_with_the_kv():
+    model = _dsa(4)
+    full = routefx.compile(model, Dense(), backend="eager")
+    draft = routefx.compile(model, PruneLayers(layers=[1]), backend="eager")
     ids, mask = _prompt()
+    out, stats = speculative_generate(full, draft, ids, mask, max_new_tokens=8, n=3, eos_token_id=[])
+    assert torch.equal(out, full.generate(ids, mask, max_new_tokens=8, eos_token_id=[]))
+    assert stats.rounds >= 2 and stats.accepted < stats.drafted   # drafts were rejected: the cache was cut back
+    # a decode policy splits the decode graph into per-layer pieces of K/V only: refused by name
     with pytest.raises(UnsupportedModelError, match="indexer keys"):
-        cm.generate(ids, mask, max_new_tokens=2, decode_policy=DepthDecay(alpha=0.9))
+        full.generate(ids, mask, max_new_tokens=2, decode_policy=DepthDecay(alpha=0.9))
