@@ -27,7 +27,7 @@ import torch
 
 from routefx.errors import BackendError
 from routefx.generate.graphs import generation_graphs
-from routefx.generate.step import prompt_positions
+from routefx.generate.step import cache_entries, prompt_positions
 
 __all__ = ["WindowStepper", "window_length"]
 
@@ -52,10 +52,14 @@ class _Buffers:
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, window + 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.past = []
-        for i in kept:
-            for d in layout.head_dims[i]:
-                self.past.append(torch.zeros(batch, layout.heads[i], window, d, dtype=layout.dtype, device=device))
+        self.past, self.dims = [], []      # dims: the position dim of each (K/V [B, H, W, d]; indexer keys [B, W, d])
+        for i, name, _ in cache_entries(layout, kept):
+            if name.startswith("index_"):
+                shape, dim = (batch, window, layout.index_dims[i]), 1
+            else:
+                shape, dim = (batch, layout.heads[i], window, layout.head_dims[i][name.startswith("value_")]), 2
+            self.past.append(torch.zeros(shape, dtype=layout.dtype, device=device))
+            self.dims.append(dim)
         self.logits = None if vocab_like is None else torch.empty_like(vocab_like)
 
 
@@ -69,7 +73,8 @@ class WindowStepper:
     def __init__(self, cm, mask: torch.Tensor, max_new_tokens: int, *, cuda_graph: bool):
         self.cm = cm
         self.g = generation_graphs(cm)
-        self.g.layout.refuse_recurrent(cm._model, "static_cache=True (a fixed-shape window that shifts)")
+        self.g.layout.refuse_recurrent(cm._model, "static_cache=True (a fixed-shape window that shifts)",
+                                       indexer_ok=True)
         self.mask = mask
         self.device = mask.device
         if cuda_graph and self.device.type != "cuda":
@@ -89,8 +94,8 @@ class WindowStepper:
                  **dict(zip(names, buf.past))}
         out = self.g.decode_for(feeds).run(**feeds)      # the window's sizes within the graph's guards
         logits = out[0][:, -1]
-        for p, new in zip(buf.past, out[1:]):
-            p.copy_(new[:, :, 1:])
+        for p, new, dim in zip(buf.past, out[1:], buf.dims):
+            p.copy_(new.narrow(dim, 1, buf.window))
         buf.mask[:, :-1].copy_(buf.mask[:, 1:].clone())   # the last slot stays 1: the next token
         buf.pos.add_(1)
         if buf.logits is not None:
@@ -137,9 +142,9 @@ class WindowStepper:
         else:
             self.buf = _Buffers(self.g.layout, self.g.kept, self.batch, self.window, self.device, None)
         buf, w, s = self.buf, self.window, self.prompt_len
-        for p, kv in zip(buf.past, out[1:]):
+        for p, kv, dim in zip(buf.past, out[1:], buf.dims):
             p.zero_()
-            p[:, :, w - s:].copy_(kv)
+            p.narrow(dim, w - s, s).copy_(kv)
         buf.mask.zero_()
         buf.mask[:, w - s:w].copy_(self.mask)
         buf.mask[:, w] = 1

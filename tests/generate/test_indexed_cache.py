@@ -20,13 +20,13 @@ from routefx.policies import Dense, PruneLayers
 NEW = 6
 
 
-def _dsa(index_topk: int):
+def _dsa(index_topk: int = 4):
     from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
     cfg = DeepseekV32Config(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
                             n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
                             first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-                            qk_nope_head_dim=8, v_head_dim=8, index_topk=index_topk, index_n_heads=2,
+                            qk_nope_head_dim=8, v_head_dim=8, index_topk=index_topk, index_n_heads=16,
                             index_head_dim=16, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
                             eos_token_id=2)
     torch.manual_seed(0)
@@ -46,16 +46,19 @@ def _hf(model, ids, mask, n=NEW):
         return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None)
 
 
-# eager: 4 of up to 15 keys per query (the sparse selection; ONNX Runtime's TopK breaks the ties a tiny random
-# indexer makes, ReLU's zeros, otherwise than torch's); onnx: every key selected (2048 > the sequence)
-@pytest.mark.parametrize("backend,index_topk", [("eager", 4), ("onnx", 2048)])
-def test_cached_generation_equals_hugging_face(backend, index_topk):
-    model = _dsa(index_topk)
+# 4 of up to 15 keys per query: the sparse selection. A key scores exactly 0 where ReLU zeroes it on every indexer
+# head (a tie, which torch's top-k and ONNX Runtime's, or one over shifted positions, break differently): with 16
+# heads that is rare enough for these inputs (with 2 heads the fixed-shape window's tokens differed)
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_cached_generation_equals_hugging_face(backend):
+    model = _dsa()
     cm = routefx.compile(model, Dense(), backend=backend)
     ids, mask = _prompt()
     out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=NEW, eos_token_id=[])
     assert stats.mode.startswith("cached"), stats.mode
     assert torch.equal(out, _hf(model, ids, mask)), f"routefx\n{out}\nHugging Face\n{_hf(model, ids, mask)}"
+    # the fixed-shape window (what a CUDA graph replays) shifts the indexer keys with the K/V
+    assert torch.equal(cm.generate(ids, mask, max_new_tokens=NEW, eos_token_id=[], static_cache=True), out)
     g = generation_graphs(cm)
     assert g.layout.indexed == (0, 1, 2) and g.layout.index_dims == (16, 16, 16)
     past = [n.target for n in g.decode.gm.graph.nodes if n.op == "placeholder" and n.target.startswith("past_")]
@@ -63,7 +66,7 @@ def test_cached_generation_equals_hugging_face(backend, index_topk):
 
 
 def test_a_pruned_layer_keeps_no_indexer_keys():
-    model = _dsa(4)
+    model = _dsa()
     cm = routefx.compile(model, PruneLayers(layers=[1]), backend="eager")
     ids, mask = _prompt()
     out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=NEW, eos_token_id=[])
@@ -81,7 +84,7 @@ def test_a_pruned_layer_keeps_no_indexer_keys():
 
 
 def test_speculative_decoding_cuts_indexer_keys_back_with_the_kv():
-    model = _dsa(4)
+    model = _dsa()
     full = routefx.compile(model, Dense(), backend="eager")
     draft = routefx.compile(model, PruneLayers(layers=[1]), backend="eager")
     ids, mask = _prompt()
