@@ -116,7 +116,8 @@ def _write_generation(cm, directory: str) -> dict:
         raise UnsupportedModelError(f"routefx.export(generate=True) captures a KV cache: {why}")
     graphs = generation_graphs(cm)
     # a recurrent layer's prefill is valid for some prompt lengths only (captured again per length in process)
-    graphs.layout.refuse_recurrent(cm._model, "routefx.export(generate=True) (one prefill graph for every length)")
+    graphs.layout.refuse_recurrent(cm._model, "routefx.export(generate=True) (one prefill graph for every length)",
+                                   indexer_ok=True)
     out: dict = {"past": graphs.past_names}
     for key, graph, name in (("prefill", graphs.prefill, GEN_PREFILL), ("decode", graphs.decode, GEN_DECODE)):
         runner = graph.run

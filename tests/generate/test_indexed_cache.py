@@ -50,7 +50,7 @@ def _hf(model, ids, mask, n=NEW):
 # head (a tie, which torch's top-k and ONNX Runtime's, or one over shifted positions, break differently): with 16
 # heads that is rare enough for these inputs (with 2 heads the fixed-shape window's tokens differed)
 @pytest.mark.parametrize("backend", ["eager", "onnx"])
-def test_cached_generation_equals_hugging_face(backend):
+def test_cached_generation_equals_hugging_face(backend, tmp_path):
     model = _dsa()
     cm = routefx.compile(model, Dense(), backend=backend)
     ids, mask = _prompt()
@@ -59,6 +59,10 @@ def test_cached_generation_equals_hugging_face(backend):
     assert torch.equal(out, _hf(model, ids, mask)), f"routefx\n{out}\nHugging Face\n{_hf(model, ids, mask)}"
     # the fixed-shape window (what a CUDA graph replays) shifts the indexer keys with the K/V
     assert torch.equal(cm.generate(ids, mask, max_new_tokens=NEW, eos_token_id=[], static_cache=True), out)
+    if backend == "onnx":   # the artifact's generation graphs pass them on as they pass the K/V
+        cm(ids, attention_mask=mask)
+        sess = routefx.load(routefx.export(cm, str(tmp_path / "dsa"), generate=True))
+        assert torch.equal(sess.generate(ids, mask, max_new_tokens=NEW, eos_token_id=[]), out)
     g = generation_graphs(cm)
     assert g.layout.indexed == (0, 1, 2) and g.layout.index_dims == (16, 16, 16)
     past = [n.target for n in g.decode.gm.graph.nodes if n.op == "placeholder" and n.target.startswith("past_")]
