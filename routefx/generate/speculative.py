@@ -26,6 +26,7 @@ from routefx.errors import InputError
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.loop import Stepper, _check
 from routefx.generate.settings import resolve
+from routefx.generate.step import position_dim
 
 __all__ = ["speculative_generate", "SpeculativeStats", "choose_n", "tokens_per_time"]
 
@@ -71,8 +72,8 @@ class _Rewindable(Stepper):
         they are (ONNX Runtime's arrays stay arrays: a round trip through torch tensors cost ~6% of a speculative
         run on the trained d=256 LM)."""
         cut = self.mask.shape[1] - length
-        if cut:      # K/V [B, H, P, d]; indexer keys [B, P, d] (`routefx.generate.step`)
-            self._past = [t[:, :length] if name.startswith("past_index_") else t[:, :, :length]
+        if cut:      # K/V [B, H, P, d]; indexer keys [B, P, d] (`routefx.generate.step.position_dim`)
+            self._past = [t[:, :length] if position_dim(name) == 1 else t[:, :, :length]
                           for name, t in zip(self.g.past_names, self._past)]
             self.mask = self.mask[:, :length]
             self.pos = self.pos - cut

@@ -62,7 +62,7 @@ from routefx.ir.capture import CaptureInfo, _drop_export_artifacts, _eval_mode, 
 from routefx.ir.tracing import tracing
 
 __all__ = ["CacheLayout", "StateSlot", "probe_cache", "capture_prefill", "capture_decode", "supports_cache",
-           "prompt_positions", "cache_names", "cache_entries"]
+           "prompt_positions", "cache_names", "cache_entries", "entry_shape", "position_dim"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +381,22 @@ def cache_entries(layout: CacheLayout, kept: list[int]) -> list[tuple[int, str, 
     return out
 
 
+def position_dim(name: str) -> int | None:
+    """The dim a cache entry grows along (its name with or without "past_"): 2 for K/V [B, H, P, d], 1 for
+    indexer keys [B, P, d]; None for recurrent state (fixed shape)."""
+    name = name.removeprefix("past_")
+    return 2 if name.startswith(("key_", "value_")) else 1 if name.startswith("index_") else None
+
+
+def entry_shape(layout: CacheLayout, layer: int, name: str, slot, batch: int, past: int) -> tuple[tuple, torch.dtype]:
+    """(shape, dtype) of the cache entry `name` of `layer` (`cache_entries`) for `batch` rows and `past` positions."""
+    if slot is not None:
+        return (batch, *slot.shape), slot.dtype
+    if name.startswith("index_"):
+        return (batch, past, layout.index_dims[layer]), layout.dtype
+    return (batch, layout.heads[layer], past, layout.head_dims[layer][name.startswith("value_")]), layout.dtype
+
+
 def cache_names(layout: CacheLayout, kept: list[int], prefix: str = "") -> list[str]:
     return [prefix + name for _, name, _ in cache_entries(layout, kept)]
 
@@ -447,10 +463,10 @@ def _export(model, fn, params, example: dict, what: tuple, recurrent: bool) -> t
     shapes = {}
     for name in params:
         t = example[name]
-        grows = name.startswith(("past_key_", "past_value_"))
-        shapes[name] = {0: Dim.AUTO, 2: Dim.AUTO} if grows else \
-            {0: Dim.AUTO} if name.startswith("past_") and not name.startswith("past_index_") else \
-            {0: Dim.AUTO, 1: Dim.AUTO}   # the step's inputs; indexer keys grow along dim 1
+        if not name.startswith("past_"):      # the step's inputs: batch and length
+            shapes[name] = {0: Dim.AUTO, 1: Dim.AUTO}
+        else:                                 # batch, and the positions of an entry that grows
+            shapes[name] = {0: Dim.AUTO, **({d: Dim.AUTO} if (d := position_dim(name)) else {})}
         example[name] = t.contiguous()
     gm = capture_cache.exported(model, ("generation step", what, capture_cache.inputs_key(example)),
                                 lambda: (_export_step(model, fn, example, shapes), None))[0]
@@ -532,13 +548,7 @@ def capture_decode(model: nn.Module, layout: CacheLayout, kept: list[int], examp
                "position_ids": torch.arange(_P, _P + S, device=ids.device).expand(_B, S)}
     g = torch.Generator().manual_seed(0)
     for i, name, slot in cache_entries(layout, kept):
-        if name.startswith("index_"):
-            shape, dtype = (_B, _P, layout.index_dims[i]), layout.dtype
-        elif slot is None:
-            d = layout.head_dims[i][0 if name.startswith("key_") else 1]
-            shape, dtype = (_B, layout.heads[i], _P, d), layout.dtype
-        else:
-            shape, dtype = (_B, *slot.shape), slot.dtype
+        shape, dtype = entry_shape(layout, i, name, slot, _B, _P)
         example["past_" + name] = torch.randn(shape, generator=g).to(device=ids.device, dtype=dtype)
     return _export(model, fn, params, dict(example), ("decode", tuple(kept), dataclasses.astuple(layout)),
                        layout.recurrent), example

@@ -27,7 +27,7 @@ import torch
 
 from routefx.errors import BackendError
 from routefx.generate.graphs import generation_graphs
-from routefx.generate.step import cache_entries, prompt_positions
+from routefx.generate.step import cache_entries, entry_shape, position_dim, prompt_positions
 
 __all__ = ["WindowStepper", "window_length"]
 
@@ -52,14 +52,10 @@ class _Buffers:
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, window + 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.past, self.dims = [], []      # dims: the position dim of each (K/V [B, H, W, d]; indexer keys [B, W, d])
-        for i, name, _ in cache_entries(layout, kept):
-            if name.startswith("index_"):
-                shape, dim = (batch, window, layout.index_dims[i]), 1
-            else:
-                shape, dim = (batch, layout.heads[i], window, layout.head_dims[i][name.startswith("value_")]), 2
-            self.past.append(torch.zeros(shape, dtype=layout.dtype, device=device))
-            self.dims.append(dim)
+        entries = cache_entries(layout, kept)
+        self.past = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in
+                     (entry_shape(layout, i, name, slot, batch, window) for i, name, slot in entries)]
+        self.dims = [position_dim(name) for _, name, _ in entries]   # K/V along 2, indexer keys along 1
         self.logits = None if vocab_like is None else torch.empty_like(vocab_like)
 
 

@@ -92,11 +92,7 @@ class Generator:
     def _run(self, key: str, feeds: dict) -> list:
         """One run of the prefill or decode graph on the feeds it takes (a graph whose model ignores an input,
         e.g. positions, was exported without it), within the sizes it holds for."""
-        if (failed := self.guards[key].failed(feeds)) is not None:
-            raise InputError(f"the artifact's {key} graph holds for input sizes where {failed} (torch.export's guard: "
-                             f"the model's code branches on a size there); this step's inputs have shapes "
-                             f"{ {k: list(v.shape) for k, v in list(feeds.items())[:3]} }. Generate in process "
-                             "(routefx captures again for such sizes)")
+        self.guards[key].require(feeds, f"{key} graph", "Generate in process (routefx captures again for such sizes)")
         return self.sessions[key].run(None, {n: feeds[n] for n in self.settings[key]["inputs"]})
 
 

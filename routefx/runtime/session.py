@@ -170,11 +170,8 @@ class Session:
                 raise InputError(f"missing input {t['name']!r}: its shape {t['shape']} is not set by the inputs "
                                  f"given; the model takes {self.input_names}")
             feeds[t["name"]] = np.ones([sizes[d][1] for d in t["shape"]], dtype=t["dtype"])
-        if (failed := self._guards.failed({**feeds, **self._constants})) is not None:
-            raise InputError(f"the artifact's graph holds for input sizes where {failed} (torch.export's guard: the "
-                             f"model's code branches on a size there); these inputs have shapes "
-                             f"{ {k: list(v.shape) for k, v in feeds.items()} }. Compile the model in process "
-                             "(routefx captures again for such sizes), or export from inputs of these sizes")
+        self._guards.require({**feeds, **self._constants}, "graph", "Compile the model in process (routefx captures "
+                             "again for such sizes), or export from inputs of these sizes")
         return {t["name"]: feeds[t["name"]] for t in self._tensors}
 
     def _rebuild(self, outs: dict, as_torch: bool):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import ast
 import operator
 
+from routefx.errors import InputError
+
 __all__ = ["SizeGuards", "check_supported"]
 
 _BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
@@ -103,3 +105,10 @@ class SizeGuards:
             if not _eval(tree, env):
                 return src
         return None
+
+    def require(self, env: dict, graph: str, instead: str) -> None:
+        """Raise InputError naming the guard `env` fails, the inputs' shapes and what to do `instead`."""
+        if (failed := self.failed(env)) is not None:
+            shapes = {k: list(v.shape) for k, v in env.items() if hasattr(v, "shape")}
+            raise InputError(f"the artifact's {graph} holds for input sizes where {failed} (torch.export's guard: the "
+                             f"model's code branches on a size there); these inputs have shapes {shapes}. {instead}")
