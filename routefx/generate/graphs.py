@@ -110,12 +110,17 @@ def _sizes(feeds: dict) -> dict:
     return {k: list(as_torch(v).shape) for k, v in list(feeds.items())[:3]}
 
 
+def _known_plan(cm) -> Plan | None:
+    """The model's plan where it has one or calibration data makes it (calibrated once, on that data's form)."""
+    if cm._plan is None and cm._calibration is not None:
+        cm._entry(cm._calibration[0])
+    return cm._plan
+
+
 def _plan(cm, gm: fx.GraphModule, ir: ModelIR) -> Plan:
     """The model's plan: the one it has; else calibrated once on the calibration data's form; else (policies
     without calibration data) made from this capture."""
-    if cm._plan is None and cm._calibration is not None:
-        cm._entry(cm._calibration[0])
-    if cm._plan is None:
+    if _known_plan(cm) is None:
         plan = calibrate(cm.policy, gm, ir, None)
         plan.fingerprint = fingerprint(cm._model)
         cm._plan = plan
@@ -156,20 +161,24 @@ def generation_graphs(cm) -> GenerationGraphs:
     model = cm._model
     try:
         layout = probe_cache(model)
-        # the plan first (pruned layers decide the cache's inputs and outputs); an unpruned capture to make it
+        # the plan first (pruned layers decide the cache's inputs and outputs): the model's own, else made from an
+        # unpruned capture
         every = list(range(layout.layers))
-        gm, example = capture_prefill(model, layout, every)
-        try:
-            plan = _plan(cm, gm, recognize_for(cm.policy, gm)[0])
-        except UnsupportedModelError:
-            if not layout.recurrent:
-                raise
-            # a recurrent state is a side output of its layer (a convolution's last inputs), which reads as a value
-            # a later block reads when that layer is pruned: the plan from a capture without the cache outputs
-            bare, _ = capture_prefill(model, layout, [])
-            plan = _plan(cm, bare, recognize_for(cm.policy, bare)[0])
+        gm = None
+        if (plan := _known_plan(cm)) is None:
+            gm, example = capture_prefill(model, layout, every)
+            try:
+                plan = _plan(cm, gm, recognize_for(cm.policy, gm)[0])
+            except UnsupportedModelError:
+                if not layout.recurrent:
+                    raise
+                # a recurrent state is a side output of its layer (a convolution's last inputs), which reads as a
+                # value a later block reads when that layer is pruned: the plan from a capture without the cache
+                # outputs
+                bare, _ = capture_prefill(model, layout, [])
+                plan = _plan(cm, bare, recognize_for(cm.policy, bare)[0])
         kept = [i for i in every if i not in set(plan.pruned)]
-        if plan.pruned:
+        if gm is None or plan.pruned:
             gm, example = capture_prefill(model, layout, kept)
         decode_capture = capture_decode(model, layout, kept)
     except (UnsupportedModelError, CaptureError) as e:
