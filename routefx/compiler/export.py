@@ -313,17 +313,18 @@ def _aoti_manifest(cm, entry, runner, directory: str) -> dict:
     if bad:
         raise ArtifactError(f"the model was captured with non-scalar constant inputs {bad}; an artifact stores "
                             "bool/int/float/str/None constants only")
-    aoti = write_package(runner.graph_module, tensors, constants, directory)
+    guards = _guards(entry.guards, [t["name"] for t in tensors], {**constants, **spec.bound}, "the model's graph")
+    aoti = write_package(runner.graph_module, tensors, constants, directory, guards, spec.bound)
     with torch.no_grad():                     # the output structure, from one call of the lowered graph
         device = torch.device(aoti["device"])
-        example = dict(zip([t["name"] for t in tensors], _examples(tensors, device)))
+        example = dict(zip([t["name"] for t in tensors], _examples(tensors, device, guards, {**constants, **spec.bound})))
         out = runner.graph_module(**example, **constants)
     leaves, tree = torch.utils._pytree.tree_flatten(out)
     n = iter(range(len(leaves)))
     outputs = {"leaves": [{"aoti": next(n)} if isinstance(v, torch.Tensor) else {"const": v} for v in leaves],
                "tree": _numbered(_tree(tree))}
     m = _manifest_common(cm, entry)
-    m.update({"kind": "aoti", "aoti": aoti, "outputs": outputs,
+    m.update({"kind": "aoti", "aoti": aoti, "outputs": outputs, "guards": guards,
               "inputs": {"tensors": tensors, "constants": {**constants, **spec.bound},
                          "positional": _positional(cm._model, [t["name"] for t in tensors])}})
     return m

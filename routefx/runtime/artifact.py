@@ -13,9 +13,10 @@ A directory holding `manifest.json` and the files it lists (see `routefx/compile
     outputs               {"leaves": [{"onnx": output name} | {"const": value}], "tree": {"leaf": i} |
                            {"type": "tuple"|"list"|"dict", "keys": [...], "class": "module:Name", "children"}}
     session               {"routed": data-dependent shapes (memory pattern off), "optimized_level"}
-    guards                the input sizes model.onnx holds for: torch.export's guards as Python source over
-                           `L['name'].size()[dim]` and baked-in values (`routefx/runtime/size_guards.py`; a call
-                           outside them raises InputError); absent in artifacts of earlier releases
+    guards                the input sizes model.onnx / model.pt2 holds for: torch.export's guards as Python source
+                           over `L['name'].size()[dim]` and baked-in values (`routefx/runtime/size_guards.py`; a call
+                           outside them raises InputError; model.pt2 checks them itself and raises RuntimeError);
+                           absent in artifacts of earlier releases
     generation            (export with generate=True) {"prefill" / "decode": {"file" (prefill.onnx / decode.onnx,
                            weights shared with model.onnx.data where equal), "routed", "inputs", "outputs",
                            "guards" (as above, per graph)},

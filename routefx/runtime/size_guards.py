@@ -18,7 +18,7 @@ import operator
 
 from routefx.errors import InputError
 
-__all__ = ["SizeGuards", "check_supported"]
+__all__ = ["SizeGuards", "check_supported", "Arithmetic"]
 
 _BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
         ast.Mod: operator.mod}
@@ -39,38 +39,67 @@ def _input(node) -> str:
     raise _Unsupported(ast.unparse(node))
 
 
-def _eval(node, env: dict):
+class Arithmetic:
+    """How `_eval` computes: on Python integers and booleans here; the AOTInductor exporter passes one that
+    builds the same guard from tensor ops, so a package checks it at run time (`routefx.compiler.export_aoti`)."""
+
+    def size(self, value, dim: int):
+        return value.shape[dim]
+
+    def binop(self, op: type, a, b):
+        return _BIN[op](a, b)
+
+    def not_(self, a):
+        return not a
+
+    def all_(self, values):        # values: an iterator, consumed lazily
+        return all(values)
+
+    def any_(self, values):
+        return any(values)
+
+    def call(self, name: str, args: list):
+        return _CALLS[name](*args)
+
+
+_PYTHON = Arithmetic()
+
+
+def _eval(node, env: dict, ar: Arithmetic = _PYTHON):
+    def ev(n):
+        return _eval(n, env, ar)
+
     if isinstance(node, ast.Expression):
-        return _eval(node.body, env)
+        return ev(node.body)
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool, str)):
         return node.value
     if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Call):   # L['x'].size()[d]
         call = node.value
         if (isinstance(call.func, ast.Attribute) and call.func.attr == "size" and not call.args
                 and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, int)):
-            return env[_input(call.func.value)].shape[node.slice.value]
+            return ar.size(env[_input(call.func.value)], node.slice.value)
         raise _Unsupported(ast.unparse(node))
     if isinstance(node, ast.Subscript):                                           # L['flag']: a baked-in value
         return env[_input(node)]
     if isinstance(node, ast.BinOp) and type(node.op) in _BIN:
-        return _BIN[type(node.op)](_eval(node.left, env), _eval(node.right, env))
+        return ar.binop(type(node.op), ev(node.left), ev(node.right))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
-        v = _eval(node.operand, env)
-        return -v if isinstance(node.op, ast.USub) else not v
+        v = ev(node.operand)
+        return -v if isinstance(node.op, ast.USub) else ar.not_(v)
     if isinstance(node, ast.Compare) and all(type(o) in _CMP for o in node.ops):
-        left = _eval(node.left, env)
-        for op, right_node in zip(node.ops, node.comparators):
-            right = _eval(right_node, env)
-            if not _CMP[type(op)](left, right):
-                return False
-            left = right
-        return True
+        def links():                                                              # a < b <= c: a < b and b <= c
+            left = ev(node.left)
+            for op, right_node in zip(node.ops, node.comparators):
+                right = ev(right_node)
+                yield _CMP[type(op)](left, right)
+                left = right
+        return ar.all_(links())
     if isinstance(node, ast.BoolOp):
-        values = (_eval(v, env) for v in node.values)
-        return all(values) if isinstance(node.op, ast.And) else any(values)
+        values = (ev(v) for v in node.values)
+        return ar.all_(values) if isinstance(node.op, ast.And) else ar.any_(values)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _CALLS \
             and not node.keywords:
-        return _CALLS[node.func.id](*(_eval(a, env) for a in node.args))
+        return ar.call(node.func.id, [ev(a) for a in node.args])
     raise _Unsupported(ast.unparse(node))
 
 

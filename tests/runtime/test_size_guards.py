@@ -65,3 +65,53 @@ def test_the_guard_language():
     assert "cannot evaluate" in check_supported(["__import__('os').getpid() > 0"], ["x"], {})
     assert "cannot evaluate" in check_supported(["L['x'].shape[0] > 0"], ["x"], {})
     assert "KeyError" in check_supported(["L['z'].size()[0] > 0"], ["x"], {})
+
+
+def test_aoti_package_refuses_lengths_across_the_models_branch(tmp_path):
+    """backend="inductor": model.pt2 computes the manifest's guards from its inputs' sizes (AOTInductor keeps no
+    guard of the graph it compiles: without them it ran the short side's graph on long inputs)."""
+    import json
+    model = _doge()
+    example = _ids(4)
+    cm = routefx.compile(model, Dense(), example_inputs=(example,),
+                         example_kwargs={"attention_mask": torch.ones_like(example)}, backend="inductor")
+    path = routefx.export(cm, str(tmp_path / "a"))
+    with open(f"{path}/manifest.json") as f:
+        manifest = json.load(f)
+    assert manifest["kind"] == "aoti" and any(f"<= {WINDOW}" in g for g in manifest["guards"])
+    names = [t["name"] for t in manifest["inputs"]["tensors"]]
+    pkg = torch._inductor.aoti_load_package(f"{path}/model.pt2")
+
+    def run(ids):
+        feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            return pkg(*[feed[n] for n in names])[0]
+    for seq in (2, WINDOW):
+        ids = _ids(seq, seed=seq)
+        with torch.no_grad():
+            ref = model(ids, attention_mask=torch.ones_like(ids)).logits
+        assert (run(ids) - ref).abs().max() < 1e-4
+    with pytest.raises(RuntimeError, match=r"holds for input sizes where .*<= 6"):
+        run(_ids(WINDOW + 5))
+
+
+def test_package_guards_compute_as_the_runtimes():
+    """The package's guards (int64 tensor ops on the sizes) decide as the runtime's Python ones on a grid of sizes,
+    floor division and remainder included; a zero divisor fails the guard (Python raises there)."""
+    import ast
+    from routefx.compiler.export_aoti import _SizeTensors
+    from routefx.runtime.size_guards import _eval
+    guards = ["L['x'].size()[1] <= 6", "min(2*L['x'].size()[1], 3*L['y'].size()[0]) == 2*L['x'].size()[1]",
+              "L['flag'] == False and L['x'].size()[0] >= 1", "not L['x'].size()[1] % 4 != 1 or L['y'].size()[0] > 9",
+              "(L['x'].size()[1] + (64 - L['x'].size()[1] % 64) % 64) // 64 == 1",
+              "-7 // L['y'].size()[0] == -(7 // L['y'].size()[0]) - 1", "abs(3 - L['x'].size()[1]) < 2",
+              "max(1, L['y'].size()[0] // 3) > 1 < 2 <= L['x'].size()[1]", "5 % (L['x'].size()[1] - 3) == 1"]
+    for g in guards:
+        tree = ast.parse(g, mode="eval")
+        for rows, seq, n in [(1, 1, 1), (2, 3, 2), (1, 4, 3), (3, 6, 9), (1, 7, 10), (2, 65, 4), (1, 5, 7)]:
+            env = {"x": torch.zeros(rows, seq), "y": torch.zeros(n), "flag": False}
+            try:
+                want = bool(_eval(tree, env))
+            except ZeroDivisionError:
+                want = False
+            assert bool(_SizeTensors.holds(tree, env)) == want, (g, rows, seq, n)
