@@ -110,14 +110,21 @@ def generate_with_stats(cm, input_ids, attention_mask=None, *, max_new_tokens: i
         raise UnsupportedModelError(f"decode_policy needs a KV cache; {supports_cache(model)}")
     mode = "cached" if cached else "uncached"
     try:
+        step = None
         if _static(cm, ids, static_cache, decode_policy, cached):
             from routefx.generate.window import WindowStepper
             graphs = ids.device.type == "cuda" and not cm.backend_options.get("cudagraphs")
-            step = WindowStepper(cm, mask, max_new_tokens, cuda_graph=graphs)
-            mode = "static-cuda-graph" if graphs else "static"
-        elif cached:
+            try:
+                step = WindowStepper(cm, mask, max_new_tokens, cuda_graph=graphs)
+                mode = "static-cuda-graph" if graphs else "static"
+            except UnsupportedModelError:
+                if static_cache:
+                    raise
+                # the default window does not suit this model (recurrent state, positions from the cache's length):
+                # growing-cache steps
+        if step is None and cached:
             step = SkipStepper(cm, mask, decode_policy) if decode_policy is not None else Stepper(cm, mask)
-        else:
+        elif step is None:
             step = _Uncached(cm, mask)
     except (UnsupportedModelError, CaptureError) as e:
         if not cached or decode_policy is not None or static_cache:

@@ -150,7 +150,8 @@ def supports_cache(model: nn.Module) -> str | None:
         return "transformers is not installed"
     params = _inspect.signature(model.forward).parameters
     # position_ids may be missing where the model has no positions to give (a Mamba stack: recurrent state only)
-    need = ("input_ids", "attention_mask") + (() if _state_layer_types(model) else ("position_ids",))
+    # or computes them itself from the cache's length, as its own generate lets it
+    need = ("input_ids", "attention_mask")
     missing = [p for p in need if p not in params]
     if not isinstance(model, PreTrainedModel) or _cache_kw(model) is None or missing:
         return (f"{type(model).__name__}.forward takes no KV cache (routefx captures a cache through a Hugging Face "
@@ -279,15 +280,32 @@ def _call(model, layout: CacheLayout, keep_last: bool, decode: bool, input_ids, 
     return logits, cache.returned, {u: cache.state(u) for u in slots}, cache
 
 
-def _decode_feeds_mask(model, kw: str, cache, ids, mask) -> bool:
-    """Whether the model's own generate feeds the attention mask to a decode step (Mamba's drops it once the
-    cache holds the prompt): asked of its `prepare_inputs_for_generation`."""
+def _decode_feeds(model, kw: str, cache, ids, mask) -> dict | None:
+    """What the model's own generate feeds a decode step whose cache holds all of `ids` but the last token, asked
+    of its `prepare_inputs_for_generation`; None where that cannot be asked (transformers' many signatures)."""
     prepare = getattr(model, "prepare_inputs_for_generation", None)
     try:
-        fed = prepare(ids, **{kw: cache}, attention_mask=mask, use_cache=True, is_first_iteration=False)
-    except Exception:  # noqa: BLE001 - transformers' many signatures: feed it, as generate does by default
-        return True
-    return not (isinstance(fed, dict) and "attention_mask" in fed and fed["attention_mask"] is None)
+        fed = prepare(ids, **{kw: cache}, attention_mask=mask, use_cache=True, is_first_iteration=False,
+                      next_sequence_length=1)
+    except TypeError:  # a transformers whose prepare takes no next_sequence_length: it slices by the cache
+        try:
+            fed = prepare(ids, **{kw: cache}, attention_mask=mask, use_cache=True, is_first_iteration=False)
+        except Exception:  # noqa: BLE001 - transformers' many signatures: generate's default
+            return None
+    except Exception:  # noqa: BLE001 - generate's default: the new tokens and the mask
+        return None
+    return fed if isinstance(fed, dict) else None
+
+
+def _refuse_whole_sequence_steps(model, fed: dict | None, ids) -> None:
+    """A model whose generate feeds each cached step the whole sequence (CPM-Ant's forward slices the cached
+    prefix off itself) does not take the new tokens alone, which routefx's decode graph gives it."""
+    new = None if fed is None else fed.get("input_ids")
+    if isinstance(new, torch.Tensor) and new.dim() == 2 and new.shape[1] == ids.shape[1]:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s generate feeds each cached step the whole sequence so far "
+            f"({new.shape[1]} tokens with {ids.shape[1] - 1} cached), not the new tokens alone: its forward "
+            "slices the cache's part off itself; routefx's decode graph takes the new tokens only")
 
 
 def probe_cache(model: nn.Module) -> CacheLayout:
@@ -312,7 +330,11 @@ def probe_cache(model: nn.Module) -> CacheLayout:
                 "layers keep attention keys and values (Cache.update), indexer keys (update_indexer) or "
                 "transformers' linear-attention states (update_conv_state / update_recurrent_state); other layer "
                 "state is not supported") from e
-        decode_mask = types is None or _decode_feeds_mask(model, kw, cache, ids, ids.new_ones(1, 3))
+        seq = ids.new_ones(1, 3)
+        fed = _decode_feeds(model, kw, cache, seq, seq)
+        _refuse_whole_sequence_steps(model, fed, seq)
+        # Mamba's generate drops the mask once the cache holds the prompt
+        decode_mask = types is None or fed is None or "attention_mask" not in fed or fed["attention_mask"] is not None
     kept_elsewhere = [i for i, layer in enumerate(getattr(cache, "layers", ()))
                       if getattr(layer, "indexer_position_ids", None) is not None]
     if kept_elsewhere:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from routefx.errors import BackendError
+from routefx.errors import BackendError, UnsupportedModelError
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.step import cache_entries, entry_shape, position_dim, prompt_positions
 
@@ -71,6 +71,11 @@ class WindowStepper:
         self.g = generation_graphs(cm)
         self.g.layout.refuse_recurrent(cm._model, "static_cache=True (a fixed-shape window that shifts)",
                                        indexer_ok=True)
+        if not self.g.layout.positions:
+            raise UnsupportedModelError(
+                f"static_cache=True (a fixed-shape window that shifts) needs a model that takes position_ids; "
+                f"{type(cm._model).__name__}'s forward computes its positions itself (from the cache's length, "
+                "which the window keeps fixed, where it has positions). Plain generate (a growing cache) runs it")
         self.mask = mask
         self.device = mask.device
         if cuda_graph and self.device.type != "cuda":

@@ -81,10 +81,11 @@ def test_static_window_refusals():
         cm.generate(ids, mask, max_new_tokens=3, static_cache=True, decode_policy=DepthDecay(alpha=0.9))
     with pytest.raises(BackendError, match=r"CUDA-graph decode step needs the inputs on a CUDA device, found cpu"):
         WindowStepper(cm, mask, 3, cuda_graph=True)
-    bloom = routefx.compile(ZOO["bloom"].build(), Dense())   # no position_ids: generates uncached
-    with pytest.raises(UnsupportedModelError, match=r"static_cache=True needs a KV cache; BloomForCausalLM.forward "
-                                                    r"takes no KV cache.*missing: \['position_ids'\]"):
+    bloom = routefx.compile(ZOO["bloom"].build(), Dense())   # no position_ids: a growing cache only
+    with pytest.raises(UnsupportedModelError, match=r"static_cache=True .* needs a model that takes position_ids; "
+                                                    r"BloomForCausalLM's forward computes its positions"):
         bloom.generate(ids, mask, max_new_tokens=3, static_cache=True)
+    assert generate_with_stats(bloom, ids, mask, max_new_tokens=3)[1].mode == "cached"
 
 
 def test_default_window_falls_back_to_the_growing_cache_with_a_warning(monkeypatch):
