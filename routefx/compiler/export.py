@@ -313,11 +313,12 @@ def _aoti_manifest(cm, entry, runner, directory: str) -> dict:
     if bad:
         raise ArtifactError(f"the model was captured with non-scalar constant inputs {bad}; an artifact stores "
                             "bool/int/float/str/None constants only")
-    guards = _guards(entry.guards, [t["name"] for t in tensors], {**constants, **spec.bound}, "the model's graph")
+    baked = {**constants, **spec.bound}
+    guards = _guards(entry.guards, [t["name"] for t in tensors], baked, "the model's graph")
     aoti = write_package(runner.graph_module, tensors, constants, directory, guards, spec.bound)
     with torch.no_grad():                     # the output structure, from one call of the lowered graph
         device = torch.device(aoti["device"])
-        example = dict(zip([t["name"] for t in tensors], _examples(tensors, device, guards, {**constants, **spec.bound})))
+        example = dict(zip([t["name"] for t in tensors], _examples(tensors, device, guards, baked)))
         out = runner.graph_module(**example, **constants)
     leaves, tree = torch.utils._pytree.tree_flatten(out)
     n = iter(range(len(leaves)))

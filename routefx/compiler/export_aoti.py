@@ -25,6 +25,7 @@ import ast
 import functools
 import operator
 import os
+import types
 
 import torch
 import torch.utils._pytree as pytree
@@ -154,17 +155,13 @@ def _examples(tensors: list[dict], device: torch.device, guards: list[str] = (),
     for b, s in [(2, 8), (2, 4), (2, 3), (2, 2), (2, 5), (2, 6), (2, 7), (2, 16), (2, 32), (2, 64), (3, 8)]:
         sizes = {"B": b, "S": s}
         shapes = [[sizes.get(d, 3) if isinstance(d, str) else d for d in t["shape"]] for t in tensors]
-        if check.failed({**(baked or {}), **{t["name"]: _Sized(s) for t, s in zip(tensors, shapes)}}) is None:
+        sized = {t["name"]: types.SimpleNamespace(shape=shape) for t, shape in zip(tensors, shapes)}
+        if check.failed({**(baked or {}), **sized}) is None:
             break
     else:
         raise ExportError(f"no example batch and length for AOTInductor is inside the graph's guards {guards}")
     return tuple(torch.ones(shape, dtype=getattr(torch, t["dtype"]), device=device)
                  for t, shape in zip(tensors, shapes))
-
-
-class _Sized:
-    def __init__(self, shape):
-        self.shape = shape
 
 
 def write_package(gm: fx.GraphModule, tensors: list[dict], constants: dict, directory: str,

@@ -1,8 +1,8 @@
 """Models whose forward takes no position_ids and computes its positions from the cache's length (BART-style
 decoders, Whisper, TrOCR, RoFormer, ...): generate with a cache, as their own `generate` does. A model whose
 generate feeds each cached step the whole sequence (CPM-Ant's forward slices the cached prefix off itself) runs
-uncached, equal to Hugging Face's generate without a cache, and says so; a fixed-shape window (static_cache), which keeps the cache's
-length fixed, is refused for models that compute positions from it."""
+uncached, equal to Hugging Face's generate without a cache, and says so; a fixed-shape window (static_cache),
+which keeps the cache's length fixed, is refused for models that compute positions themselves."""
 import warnings
 
 import pytest
