@@ -88,6 +88,21 @@ def test_static_window_refusals():
     assert generate_with_stats(bloom, ids, mask, max_new_tokens=3)[1].mode == "cached"
 
 
+def test_default_window_refused_by_a_model_decodes_with_the_growing_cache(monkeypatch):
+    """Where the window is only the default (CUDA + triton) and refuses the model (recurrent state, positions
+    counted from the cache's length), generate decodes with the growing cache, not uncached."""
+    from routefx.generate import loop
+    from tests.generate.test_recurrent_state import _model
+    from tests.generate.test_recurrent_state import _prompt as _state_prompt
+    monkeypatch.setattr(loop, "_static", lambda cm, ids, static_cache, *a: static_cache is not False)
+    for model in (_model("mamba"), ZOO["bloom"].build()):
+        cm = routefx.compile(model, Dense())
+        ids, mask = _state_prompt()
+        out, stats = generate_with_stats(cm, ids, mask, max_new_tokens=4)
+        assert stats.mode == "cached", (type(model).__name__, stats.mode)
+        assert torch.equal(out, _hf_greedy(model, ids, mask, 4))
+
+
 def test_default_window_falls_back_to_the_growing_cache_with_a_warning(monkeypatch):
     """Where the default picks the window (CUDA + triton) and the step cannot be captured, generate warns and
     decodes with the growing cache; asked for explicitly, the error stands."""
