@@ -117,11 +117,27 @@ def test_pruned_recurrent_layer_has_no_state_and_generates_as_the_pruned_model()
     assert torch.equal(out, want)
 
 
-@pytest.mark.parametrize("name", ["bamba", "olmo_hybrid"])
+def test_a_delta_rule_step_reads_as_its_layers_token_mixer():
+    """OLMo-Hybrid's decode step: the delta rule's one-token update (the state multiplied elementwise, no product
+    of two activations) is its layer's token mixer, not a block of its own, because it reads the state earlier
+    tokens left; so the decode graph has the forward's blocks, one per layer with its FFN, and a Duo plan made on
+    the forward applies to it. (End to end, Duo generation on OLMo-Hybrid and Qwen3-Next is in the family sweep's
+    generate_routed: each whole-sequence capture of the chunked delta rule takes ~23 s of torch.export here.)"""
+    from routefx.compiler.pipeline import recognize_for
+    from routefx.generate.step import capture_decode, probe_cache
+    model = _model("olmo_hybrid")
+    layout = probe_cache(model)
+    assert [u.layer for u in layout.states] and layout.kv == (1,)
+    gm, _ = capture_decode(model, layout, list(range(layout.layers)))
+    ir, _ = recognize_for(Duo(budget=0.5, small="nested"), gm)
+    assert [b.path for b in ir.blocks] == ["model.layers.0", "model.layers.1"]
+    assert all(b.ffn is not None and b.ffn.kind == "gated" for b in ir.blocks)     # SwiGLU, as in the forward
+
+
+@pytest.mark.parametrize("name", ["bamba"])
 def test_duo_routes_the_ffns_of_a_hybrid_and_keeps_its_state(name):
-    """The decode graph reads the same blocks as the forward, so the Duo plan applies to it: a linear-attention
-    step (OLMo-Hybrid's delta rule: the state multiplied elementwise, no product of two activations) is its
-    layer's token mixer, not a block of its own, because it reads the state earlier tokens left."""
+    """The decode graph reads the same blocks as the forward, so the Duo plan applies to it (Bamba: a Mamba-2
+    layer and an attention layer)."""
     model = _model(name)
     # calibrated on the inputs the reference's whole-sequence calls take (positions from the mask, as `generate`),
     # so the reference runs the compiled graph instead of capturing the model once more
