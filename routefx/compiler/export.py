@@ -315,7 +315,7 @@ def _aoti_manifest(cm, entry, runner, directory: str) -> dict:
                             "bool/int/float/str/None constants only")
     baked = {**constants, **spec.bound}
     guards = _guards(entry.guards, [t["name"] for t in tensors], baked, "the model's graph")
-    aoti = write_package(runner.graph_module, tensors, constants, directory, guards, spec.bound)
+    aoti = write_package(runner.graph_module, tensors, constants, directory, guards, baked)
     with torch.no_grad():                     # the output structure, from one call of the lowered graph
         device = torch.device(aoti["device"])
         example = dict(zip([t["name"] for t in tensors], _examples(tensors, device, guards, baked)))
@@ -326,7 +326,7 @@ def _aoti_manifest(cm, entry, runner, directory: str) -> dict:
                "tree": _numbered(_tree(tree))}
     m = _manifest_common(cm, entry)
     m.update({"kind": "aoti", "aoti": aoti, "outputs": outputs, "guards": guards,
-              "inputs": {"tensors": tensors, "constants": {**constants, **spec.bound},
+              "inputs": {"tensors": tensors, "constants": baked,
                          "positional": _positional(cm._model, [t["name"] for t in tensors])}})
     return m
 

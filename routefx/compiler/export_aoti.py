@@ -167,14 +167,14 @@ def _examples(tensors: list[dict], device: torch.device, guards: list[str] = (),
 def write_package(gm: fx.GraphModule, tensors: list[dict], constants: dict, directory: str,
                   guards: list[str] = (), baked: dict | None = None) -> dict:
     """Compile `gm` (a backend's lowered graph, called as gm(**inputs, **constants)) into directory/model.pt2,
-    checking `guards` (the input sizes it holds for, `routefx.runtime.size_guards`, over the inputs and the
-    `baked` values of the model's other arguments) on every call; returns the manifest's "aoti" entry. Raises
-    `ExportError` when torch.export or AOTInductor cannot compile it."""
+    checking `guards` (the input sizes it holds for, `routefx.runtime.size_guards`, over the inputs and `baked`:
+    the values of the model's other arguments, `constants` among them) on every call; returns the manifest's
+    "aoti" entry. Raises `ExportError` when torch.export or AOTInductor cannot compile it."""
     lowered, decomposed = _decompose_python_ops(gm)
     params = list(lowered.parameters()) + list(lowered.buffers())
     device = params[0].device if params else torch.device("cpu")
     names = [t["name"] for t in tensors]
-    baked = {**constants, **(baked or {})}
+    baked = baked if baked is not None else constants
     examples = _examples(tensors, device, guards, baked)
     auto = torch.export.Dim.AUTO
     dims = tuple({i: auto for i, d in enumerate(t["shape"]) if isinstance(d, str)} or None for t in tensors)

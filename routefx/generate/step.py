@@ -284,17 +284,16 @@ def _decode_feeds(model, kw: str, cache, ids, mask) -> dict | None:
     """What the model's own generate feeds a decode step whose cache holds all of `ids` but the last token, asked
     of its `prepare_inputs_for_generation`; None where that cannot be asked (transformers' many signatures)."""
     prepare = getattr(model, "prepare_inputs_for_generation", None)
-    try:
-        fed = prepare(ids, **{kw: cache}, attention_mask=mask, use_cache=True, is_first_iteration=False,
-                      next_sequence_length=1)
-    except TypeError:  # a transformers whose prepare takes no next_sequence_length: it slices by the cache
+    # transformers 5's generate says how many tokens are new; an earlier prepare slices by the cache itself
+    for new in ({"next_sequence_length": 1}, {}):
         try:
-            fed = prepare(ids, **{kw: cache}, attention_mask=mask, use_cache=True, is_first_iteration=False)
+            fed = prepare(ids, **{kw: cache}, attention_mask=mask, use_cache=True, is_first_iteration=False, **new)
+        except TypeError:
+            continue
         except Exception:  # noqa: BLE001 - transformers' many signatures: generate's default
             return None
-    except Exception:  # noqa: BLE001 - generate's default: the new tokens and the mask
-        return None
-    return fed if isinstance(fed, dict) else None
+        return fed if isinstance(fed, dict) else None
+    return None
 
 
 def _refuse_whole_sequence_steps(model, fed: dict | None, ids) -> None:
