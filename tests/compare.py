@@ -115,6 +115,9 @@ def assert_moe_budget_adapts(model, calibration, ids, mask, blocks: int, budget:
     from tests.tolerances import EXACT_REWRITE
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
+    # the calibration batches in the form of (ids, mask): one capture serves calibration and the calls
+    calibration = [c if "attention_mask" in c else {**c, "attention_mask": torch.ones_like(c["input_ids"])}
+                   for c in calibration]
     full = routefx.compile(model, MoEBudget(1.0), calibration=calibration)
     assert_close_nonpad(full(input_ids=ids, attention_mask=mask).logits, ref, mask, EXACT_REWRITE)
     part = routefx.compile(model, MoEBudget(budget), calibration=calibration)

@@ -14,6 +14,7 @@ dims by position, never by name (torch releases name them differently).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import sympy
 import torch
@@ -54,13 +55,20 @@ class FlopCount:
 
     @property
     def total(self) -> sympy.Expr:
-        return sympy.simplify(self.other + sum((b.total for b in self.blocks), sympy.Integer(0)))
+        return _simplify(self.other + sum((b.total for b in self.blocks), sympy.Integer(0)))
 
     def at(self, seq: int) -> dict:
         ev = lambda e: float(sympy.sympify(e).subs(S, seq))  # noqa: E731
         return {"S": seq, "total": ev(self.total), "other": ev(self.other),
                 "blocks": [{"index": b.index, "path": b.path, "attention": ev(b.attention), "ffn": ev(b.ffn)}
                            for b in self.blocks]}
+
+
+@functools.lru_cache(maxsize=4096)
+def _simplify(e: sympy.Expr) -> sympy.Expr:
+    """sympy.simplify, kept: a model's layers repeat the same counts (and a sliding window's Piecewise is slow to
+    simplify), and a compile counts its graph twice, before and after its passes."""
+    return sympy.simplify(e)
 
 
 def _sym(dim, subs) -> sympy.Expr:
@@ -207,6 +215,11 @@ def _per_token(total: sympy.Expr, where: str, batch=_B, seq=S, sizes: dict | Non
                                     "neither the batch nor the sequence length of an input; routefx counts "
                                     "models whose dynamic dims are the inputs' batch and sequence, and counts "
                                     "data-dependent sizes on an example run (count_flops(..., sizes=))")
+    return _growing_per_token(total, batch, seq)
+
+
+@functools.lru_cache(maxsize=4096)
+def _growing_per_token(total: sympy.Expr, batch, seq) -> sympy.Expr:
     growing = total.coeff(_B, 1) if batch is _B else total / batch
     return sympy.simplify(growing / seq)
 
@@ -241,8 +254,8 @@ def count_flops(gm: fx.GraphModule, ir: ModelIR, sizes: dict | None = None) -> F
         else:
             other += f
     for b in blocks:
-        b.attention, b.ffn = sympy.simplify(b.attention), sympy.simplify(b.ffn)
-    return FlopCount(blocks, sympy.simplify(other), dynamic)
+        b.attention, b.ffn = _simplify(b.attention), _simplify(b.ffn)
+    return FlopCount(blocks, _simplify(other), dynamic)
 
 
 def data_dependent_symbols(gm: fx.GraphModule) -> set:

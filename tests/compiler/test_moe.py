@@ -206,8 +206,8 @@ def test_hash_routed_experts_are_raised():
     assert {n.target for n in before if n.op in ("get_attr", "placeholder")} == {"model.layers.0.mlp.gate.tid2eid",
                                                                                  "input_ids"}
     assert not any(gu.is_matmul(n) for n in before)
-    cal = [{"input_ids": torch.randint(3, 112, (2, 12), generator=torch.Generator().manual_seed(s))}
-           for s in range(2)]
+    cal = [{"input_ids": torch.randint(3, 112, (2, 12), generator=torch.Generator().manual_seed(s)),
+            "attention_mask": torch.ones(2, 12, dtype=torch.long)} for s in range(2)]   # the example's form
     half = routefx.compile(model, routefx.policies.MoEBudget(0.75), calibration=cal, example_inputs=(ids,),
                            example_kwargs={"attention_mask": mask})
     assert half.report.pass_report("adapt_experts").rewrites == 2
