@@ -88,6 +88,7 @@ from routefx.backends.onnx_aten_extra import aten_extra_lowerings
 from routefx.backends.onnx_scatter import scatter_lowerings
 from routefx.backends.onnx_grouped_mm import grouped_mm_lowerings
 from routefx.backends.onnx_ops import drop_split_counts, fold_weight_slices, routed_ffn_lowering
+from routefx.backends.onnx_masks import expand_attention_masks
 from routefx.backends.onnx_opset import export_opset
 from routefx.backends.static_routes import constant_route
 from routefx.errors import BackendError, InputError
@@ -357,6 +358,7 @@ def prepare(gm: fx.GraphModule, example_kwargs: dict, *, optimization_level: str
     if missing:
         raise BackendError(f"example_kwargs lack {missing}; the graph takes {[n.target for n in placeholders]}")
     gm, complex_rewrites = complex_to_real(gm)   # complex values (rotary embeddings) as (re, im) pairs: a copy
+    gm, _ = expand_attention_masks(gm)           # masks broadcast over the keys, as ONNX Attention needs: a copy
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     _check_float_dtypes(gm)
     arg_names = _positional_names(gm, [n.target for n in placeholders])

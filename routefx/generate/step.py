@@ -71,7 +71,7 @@ class StateSlot:
     causal convolution's last inputs, a state-space or linear-attention scan's state). Fixed shape per row."""
 
     layer: int
-    kind: str                                    # "conv" | "recurrent"
+    kind: str                                    # "conv" | "recurrent" | a per-layer list attribute of the cache
     index: int                                   # the layer's state index (a layer may keep several)
     shape: tuple[int, ...]                       # without the batch dim
     dtype: torch.dtype
@@ -96,6 +96,7 @@ class CacheLayout:
     decode_mask: bool = True                     # the decode step passes the attention mask to the model
     positions: bool = True                       # the forward takes position_ids
     index_dims: tuple[int, ...] = ()             # per model layer: its indexer keys' width (0: none; see below)
+    cache_class: type | None = None              # the model's own cache class (None: transformers' DynamicCache)
 
     @property
     def layers(self) -> int:
@@ -207,16 +208,18 @@ def _cache_layer(kind: str, states: int):
     return DummyLayer() if cls is DummyLayer else DynamicLayer()
 
 
-def _recording_cache(layer_types=None):
+def _recording_cache(layer_types=None, own: type | None = None):
     """A fresh cache object that records, per layer index, the full K/V its `update` returns and which recurrent
     states were updated. `layer_types` (from `_state_layer_types`): one cache layer per model layer, as the model's
-    own generate builds them; None: transformers' DynamicCache, its layers made as they are updated."""
+    own generate builds them; None: transformers' DynamicCache, its layers made as they are updated. `own`: the
+    model's own cache class (a DynamicCache that keeps other per-layer tensors in list attributes: MiniMax's
+    linear-attention states), made as the model makes it."""
     from transformers import DynamicCache
     from transformers.cache_utils import Cache
 
-    class _Recording(DynamicCache):
+    class _Recording(own or DynamicCache):
         def __init__(self):
-            if layer_types is None:
+            if own is not None or layer_types is None:
                 super().__init__()
             else:
                 Cache.__init__(self, layers=[_cache_layer(t, n) for t, n in layer_types])
@@ -243,8 +246,31 @@ def _recording_cache(layer_types=None):
             return super().update_recurrent_state(recurrent_states, layer_idx, state_idx, **kwargs)
 
         def state(self, slot) -> torch.Tensor | None:
-            get = self.get_conv_state if slot[1] == "conv" else self.get_recurrent_state
-            return get(slot[0], state_idx=slot[2])
+            layer, kind, index = slot
+            if kind in ("conv", "recurrent"):
+                get = self.get_conv_state if kind == "conv" else self.get_recurrent_state
+                return get(layer, state_idx=index)
+            items = getattr(self, kind, None)           # a list attribute of the model's own cache class
+            t = items[layer] if isinstance(items, list) and layer < len(items) else None
+            return t if isinstance(t, torch.Tensor) else None
+
+        def listed(self) -> set[tuple[int, str, int]]:
+            """(layer, attribute, 0) of every tensor the model's own cache class keeps in a per-layer list."""
+            if own is None:
+                return set()
+            return {(i, name, 0) for name, items in vars(self).items() if isinstance(items, list) and name != "layers"
+                    for i, t in enumerate(items) if isinstance(t, torch.Tensor)}
+
+        def seed_listed(self, slot, t: torch.Tensor) -> None:
+            """Put `t` where the model's own cache class keeps `slot` (its setter `set_<attribute>` where it has
+            one, which fills the layers before with what the class uses for none)."""
+            setter = getattr(self, f"set_{slot.kind}", None)
+            if callable(setter):
+                setter(slot.layer, t)
+                return
+            items = getattr(self, slot.kind)
+            items.extend([None] * (slot.layer + 1 - len(items)))
+            items[slot.layer] = t
 
     return _Recording()
 
@@ -254,7 +280,7 @@ def _call(model, layout: CacheLayout, keep_last: bool, decode: bool, input_ids, 
     """Run `model` on explicit tensors: `kv` {layer: (key, value)}, `states` {StateSlot: tensor} and `index`
     {layer: indexer keys} seed the cache (empty for a prefill). Returns (logits, {layer: (key, value)},
     {(layer, kind, index): state}, the cache: its `indexed` {layer: indexer keys}) after the call."""
-    cache = _recording_cache(layout.layer_types)
+    cache = _recording_cache(layout.layer_types, layout.cache_class)
     for i, (k, v) in kv.items():
         cache.update(k, v, i)
     for i, keys in (index or {}).items():
@@ -262,8 +288,10 @@ def _call(model, layout: CacheLayout, keep_last: bool, decode: bool, input_ids, 
     for slot, t in states.items():   # through the cache's own update: it marks the layer as having a past
         if slot.kind == "conv":
             cache.update_conv_state(t, slot.layer, slot.index)
-        else:
+        elif slot.kind == "recurrent":
             cache.update_recurrent_state(t, slot.layer, slot.index)
+        else:
+            cache.seed_listed(slot, t)
     cache.returned, cache.updated, cache.indexed = {}, set(), {}
     kwargs = {layout.cache_kw: cache, "use_cache": True}
     if keep_last:
@@ -276,7 +304,7 @@ def _call(model, layout: CacheLayout, keep_last: bool, decode: bool, input_ids, 
     logits = out.logits if hasattr(out, "logits") else out[0]
     # every state the layout knows, read back after the call: a decode step may update a state in place (Mamba's
     # causal_conv1d_update / selective_state_update) instead of through the cache's update methods
-    slots = sorted(cache.updated | {(u.layer, u.kind, u.index) for u in layout.states})
+    slots = sorted(cache.updated | cache.listed() | {(u.layer, u.kind, u.index) for u in layout.states})
     return logits, cache.returned, {u: cache.state(u) for u in slots}, cache
 
 
@@ -307,6 +335,19 @@ def _refuse_whole_sequence_steps(model, fed: dict | None, ids) -> None:
             "slices the cache's part off itself; routefx's decode graph takes the new tokens only")
 
 
+def _own_cache_class(model: nn.Module, ids: torch.Tensor) -> type | None:
+    """The cache class the model makes for itself when called with use_cache and no cache, where it is a
+    DynamicCache of its own (MiniMax's `MiniMaxCache`); else None."""
+    from transformers import DynamicCache
+    try:
+        out = type(model).forward(model, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    except Exception:  # noqa: BLE001 - a model that cannot run this way has no class to offer
+        return None
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    cls = type(cache)
+    return cls if isinstance(cache, DynamicCache) and cls is not DynamicCache else None
+
+
 def probe_cache(model: nn.Module) -> CacheLayout:
     """Call the model once (batch 1, 2 tokens) to find which layers keep a cache and the shapes of what they keep."""
     reason = supports_cache(model)
@@ -318,17 +359,28 @@ def probe_cache(model: nn.Module) -> CacheLayout:
     ids = torch.ones(1, 2, dtype=torch.long, device=_device(model))
     probe = CacheLayout(kw, (), (), torch.float32, False, layer_types=types, positions="position_ids" in params)
     with _eval_mode(model), torch.no_grad():
+        def run(layout):
+            return _call(model, layout, False, False, ids, torch.ones_like(ids),
+                         torch.arange(2, device=ids.device)[None], {}, {})
         try:
-            _, returned, states, cache = _call(model, probe, False, False, ids, torch.ones_like(ids),
-                                               torch.arange(2, device=ids.device)[None], {}, {})
-        except Exception as e:  # the model wants its own cache class (compressed state, ...)
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise UnsupportedModelError(
-                f"{type(model).__name__} does not run with transformers' DynamicCache (through which routefx captures "
-                f"the cache as tensors): {type(e).__name__}: {first}. routefx generates with a cache for models whose "
-                "layers keep attention keys and values (Cache.update), indexer keys (update_indexer) or "
-                "transformers' linear-attention states (update_conv_state / update_recurrent_state); other layer "
-                "state is not supported") from e
+            _, returned, states, cache = run(probe)
+        except Exception as e:  # the model wants its own cache class (per-layer state of its own, ...)
+            own = _own_cache_class(model, ids)
+            try:
+                if own is None:
+                    raise e
+                probe = dataclasses.replace(probe, cache_class=own)
+                _, returned, states, cache = run(probe)
+            except Exception as e2:  # noqa: BLE001 - refused below, with what the model raised
+                first = (str(e2).strip().splitlines() or [""])[0][:200]
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} does not run with transformers' DynamicCache"
+                    + (f" or its own {own.__name__}" if own is not None else "")
+                    + f" (through which routefx captures the cache as tensors): {type(e2).__name__}: {first}. routefx "
+                    "generates with a cache for models whose layers keep attention keys and values (Cache.update), "
+                    "indexer keys (update_indexer), transformers' linear-attention states (update_conv_state / "
+                    "update_recurrent_state) or tensors in per-layer lists of a DynamicCache of their own; other "
+                    "layer state is not supported") from e2
         seq = ids.new_ones(1, 3)
         fed = _decode_feeds(model, kw, cache, seq, seq)
         _refuse_whole_sequence_steps(model, fed, seq)
@@ -372,7 +424,7 @@ def probe_cache(model: nn.Module) -> CacheLayout:
     index = tuple(cache.indexed[i].shape[-1] if i in cache.indexed else 0 for i in range(n))
     keep = "logits_to_keep" in params
     return CacheLayout(kw, heads, dims, dtype, keep, slots, types, decode_mask, "position_ids" in params,
-                       index if any(index) else ())
+                       index if any(index) else (), probe.cache_class)
 
 
 def _device(model: nn.Module) -> torch.device:
