@@ -23,7 +23,7 @@ from routefx.generate.arrays import as_array, as_torch
 from routefx.generate.decode_policies import ActivationSkip, DecodePolicy
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.split import Pieces, split_decode
-from routefx.generate.step import prompt_positions
+from routefx.generate.step import cache_entries, entry_shape, prompt_positions
 from routefx.ir.tracing import tracing
 
 __all__ = ["SkipStepper", "SkipCounts", "decode_pieces", "fit_threshold", "prompt_changes"]
@@ -34,10 +34,23 @@ def _example(g, B: int, S: int, P: int, device) -> dict:
     gen = torch.Generator().manual_seed(0)
     ex = {"input_ids": torch.arange(B * S).reshape(B, S) + 1, "attention_mask": torch.ones(B, P + S, dtype=torch.long),
           "position_ids": torch.arange(P, P + S).expand(B, S).contiguous()}
-    for name, i in zip(g.past_names[::2], g.kept):
-        for kind, d in zip(("key", "value"), g.layout.head_dims[i]):
-            ex[f"past_{kind}_{i}"] = torch.randn(B, g.layout.heads[i], P, d, generator=gen).to(g.layout.dtype)
+    ex.update(_past(g, B, P, lambda shape, dtype: torch.randn(shape, generator=gen).to(dtype)))
     return {k: v.to(device) for k, v in ex.items()}
+
+
+def _past(g, B: int, P: int, make) -> dict:
+    """Every cache entry of the decode graph (K/V, indexer keys) for B rows and P past positions, made by
+    `make(shape, dtype)`."""
+    return {f"past_{name}": make(*entry_shape(g.layout, i, name, slot, B, P))
+            for i, name, slot in cache_entries(g.layout, g.kept)}
+
+
+def _entries(g) -> list[tuple[str, ...]]:
+    """Per kept layer, the names of its cache entries in the decode graph's order."""
+    per: dict[int, list[str]] = {}
+    for i, name, _ in cache_entries(g.layout, g.kept):
+        per.setdefault(i, []).append(name)
+    return [tuple(per[i]) for i in g.kept]
 
 
 def decode_pieces(cm) -> Pieces:
@@ -46,7 +59,7 @@ def decode_pieces(cm) -> Pieces:
     if cached is not None:
         return cached
     g = generation_graphs(cm)
-    pieces = split_decode(g.decode.gm, g.decode.ir, g.kept)
+    pieces = split_decode(g.decode.gm, g.decode.ir, g.kept, _entries(g))
     order = [pieces.pre, *[q for pair in zip(pieces.layers, pieces.kv) for q in pair], pieces.post]
     dev = next(iter(cm._model.parameters()), torch.empty(0)).device
     a, b = _example(g, 2, 3, 5, dev), _example(g, 4, 6, 7, dev)  # every size different between the two
@@ -133,7 +146,7 @@ class SkipStepper:
         if fit and cm._calibration is None:
             raise CalibrationError(_NO_CALIBRATION)
         self.g = generation_graphs(cm)
-        self.g.layout.refuse_recurrent(cm._model, f"decode_policy={type(policy).__name__}")
+        self.g.layout.refuse_recurrent(cm._model, f"decode_policy={type(policy).__name__}", indexer_ok=True)
         self.p = decode_pieces(cm)
         L, B = len(self.p.layers), mask.shape[0]
         policy.check(L, B)
@@ -177,7 +190,7 @@ class SkipStepper:
                 c.layer_calls[j] += n_run > 0
                 c.kv_calls[j] += n_run < B
             env[s_out] = outs[0]
-            past += [outs[1], outs[2]]
+            past += outs[1:]
         return env[p.streams[-1]], past
 
     @torch.no_grad()
@@ -198,11 +211,8 @@ class SkipStepper:
         returns (last logits [B, V], the per-row, per-layer relative stream change averaged over the row's real
         tokens [B, L] float64)."""
         B, g = ids.shape[0], self.g
-        inputs = {"input_ids": ids, "attention_mask": self.mask, "position_ids": pos}
-        for i in g.kept:
-            for kind, d in zip(("key", "value"), g.layout.head_dims[i]):
-                inputs[f"past_{kind}_{i}"] = torch.zeros(B, g.layout.heads[i], 0, d, dtype=g.layout.dtype,
-                                                         device=ids.device)
+        inputs = {"input_ids": ids, "attention_mask": self.mask, "position_ids": pos,
+                  **_past(g, B, 0, lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=ids.device))}
         self._within_guards(inputs)
         per_token: list[torch.Tensor] = []
         stream, self.past = self._run(inputs, None, per_token)

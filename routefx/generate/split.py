@@ -13,6 +13,9 @@ policy:
     kv_l(S_l, shared..., past_key_l, past_value_l)      -> key_l, value_l                 (only what K/V need)
     post(S_L)                                           -> logits (per position: norm, LM head)
 
+A layer's cache is its K/V and, for sparse attention (DSA), its indexer keys (`past_index_l` in, `index_l` out,
+computed by `kv_l` too: a later token's indexer scores every earlier position's keys).
+
 A node's piece is found by structure, not by name: it belongs to layer l when S_l is the last stream node among
 its ancestors (S_l = `BlockInfo.stream_in` of block l, S_L the last block's `stream_out`); nodes with no stream
 ancestor form `pre`, and so do nodes computed from S_0 outside the first block (Gemma 4's per-layer inputs, which
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 
 import torch
 from torch import fx
@@ -55,9 +59,9 @@ class Pieces:
     kv: list[Piece]
     post: Piece
     streams: list[str]           # S_0 .. S_L by name
-    cache: list[tuple[str, str]]  # per layer: the names of its new key and value (the graph's outputs)
+    cache: list[tuple[str, ...]]  # per layer: the names of its new key, value (, indexer keys): graph outputs
     batched: frozenset           # names of values whose dim 0 is the batch (probed by skipping.decode_pieces)
-    past: list[tuple[str, str]]  # per layer: its past key/value placeholder names
+    past: list[tuple[str, ...]]  # per layer: its past key/value (/indexer keys) placeholder names
 
     @property
     def count(self) -> int:
@@ -201,9 +205,12 @@ def drop_empty_cats_(gm: fx.GraphModule) -> int:
     return count
 
 
-def split_decode(gm: fx.GraphModule, ir: ModelIR, kept: list[int]) -> Pieces:
-    """Cut the (rewritten) decode graph `gm` of layers `kept` into pieces (see the module docstring). Removes
-    empty concatenations from `gm` first (`drop_empty_cats_`: the same function)."""
+def split_decode(gm: fx.GraphModule, ir: ModelIR, kept: list[int],
+                 entries: list[tuple[str, ...]] | None = None) -> Pieces:
+    """Cut the (rewritten) decode graph `gm` of layers `kept` into pieces (see the module docstring). `entries`:
+    per kept layer, the names of its cache entries in the graph's order (default: key_i, value_i; the graph returns
+    logits, then every layer's entries). Removes empty concatenations from `gm` first (`drop_empty_cats_`: the
+    same function)."""
     drop_empty_cats_(gm)
     blocks = ir.blocks
     if not blocks or any(b.stream_in is None or b.stream_out is None for b in blocks):
@@ -224,12 +231,18 @@ def split_decode(gm: fx.GraphModule, ir: ModelIR, kept: list[int]) -> Pieces:
     _constants_to_users(gm, stage)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     outs = list(out_node.args[0])                          # (logits, key_i, value_i, ...) in `kept` order
-    cache = [(outs[1 + 2 * j], outs[2 + 2 * j]) for j in range(L)]
-    past = [(f"past_key_{i}", f"past_value_{i}") for i in kept]
-    for j, (k, v) in enumerate(cache):
-        if stage[k] != j or stage[v] != j:
-            raise UnsupportedModelError(f"layer {kept[j]}'s K/V are computed outside its block (stages "
-                                        f"{stage[k]}, {stage[v]}); routefx cannot skip such a layer")
+    entries = entries or [(f"key_{i}", f"value_{i}") for i in kept]
+    if len(entries) != L or 1 + sum(map(len, entries)) != len(outs):
+        raise UnsupportedModelError(f"the decode graph returns {len(outs)} values, not the logits and the cache "
+                                    f"entries {entries} of its {L} blocks; routefx cannot tell which block owns which")
+    at = list(itertools.accumulate(map(len, entries), initial=1))
+    cache = [tuple(outs[at[j]:at[j + 1]]) for j in range(L)]
+    past = [tuple(f"past_{name}" for name in names) for names in entries]
+    for j, values in enumerate(cache):
+        if any(stage[c] != j for c in values):
+            raise UnsupportedModelError(f"layer {kept[j]}'s cache entries {list(entries[j])} are computed outside "
+                                        f"its block (stages {[stage[c] for c in values]}); routefx cannot skip "
+                                        "such a layer")
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     scalars = _Scalars(gm)
@@ -277,5 +290,5 @@ def split_decode(gm: fx.GraphModule, ir: ModelIR, kept: list[int]) -> Pieces:
         kv_nodes = sorted(set(kv_nodes + scalars.closure(kv_nodes, prefer[1 + j])), key=order.get)
         kvs.append(piece(kv_nodes, list(cache[j]), 1 + j))
     post = piece(groups[L + 1], [outs[0]], L + 1)
-    return Pieces(pre, layers, kvs, post, [s.name for s in streams], [(k.name, v.name) for k, v in cache],
+    return Pieces(pre, layers, kvs, post, [s.name for s in streams], [tuple(c.name for c in cs) for cs in cache],
                   frozenset(), past)

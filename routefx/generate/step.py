@@ -23,8 +23,8 @@ indexer whose keys transformers keeps in the layer's cache beside its K/V (`Dyna
 [B, P, d], growing along dim 1). Where the config names such layers, the cache object has them, and each one's
 indexer keys are one more input and output of the decode graph (`index_{layer}`, after the layer's K/V), seeded
 through `update_indexer`. Speculative decoding cuts them back and the fixed-shape window shifts them with the
-K/V, and exported generation graphs pass them as they pass K/V; decode policies refuse them (`refuse_recurrent`:
-their per-layer pieces take K/V only). (The
+K/V, exported generation graphs pass them as they pass K/V, and a decode policy's per-layer pieces take them
+with the K/V (a skipped layer's K/V piece computes them too). (The
 top-k's width, `min(index_topk, P + S)`, stays symbolic in the graphs: one graph serves both sides of it.)
 
 Layers in `pruned` get no cache entry: no input, no output. For the export they are seeded with zeros of the
