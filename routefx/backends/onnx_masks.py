@@ -47,8 +47,9 @@ def expand_attention_masks(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     if not any(n.op == "call_function" and n.target == _aten.scaled_dot_product_attention.default
                and _needs_expanding(n) for n in gm.graph.nodes):
         return gm, 0
-    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    gm.meta.update(getattr(gm, "meta", {}))
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    new.meta.update(gm.meta)                       # routefx's capture info, the fake mode
+    gm = new
     count = 0
     with gu.fake_mode(gm) or contextlib.nullcontext():
         for n in list(gm.graph.nodes):
