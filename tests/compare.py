@@ -2,6 +2,8 @@
 models themselves and differ between backends, so every equality is checked on non-padding positions only."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -125,3 +127,26 @@ def assert_moe_budget_adapts(model, calibration, ids, mask, blocks: int, budget:
     out = part(input_ids=ids, attention_mask=mask).logits
     assert (out - ref)[mask.bool()].abs().max().item() > 1e-3   # fewer experts: not the model
     return part, out
+
+
+@contextlib.contextmanager
+def skipped_in_decode(model, skip: dict):
+    """skip[j] = bool [B]: in decode steps (one position), layer j of those rows returns its input; it still runs,
+    so its cache entries (keys, values, indexer keys) come from the stream that reaches it (routefx's documented
+    skip rule). A layer that returns a tuple keeps the rest of it."""
+    layers = model.model.layers
+    for j, rows in skip.items():
+        orig = layers[j].forward
+
+        def forward(hidden_states, *args, orig=orig, rows=rows, **kwargs):
+            out = orig(hidden_states, *args, **kwargs)
+            first = out[0] if isinstance(out, tuple) else out
+            if hidden_states.shape[1] == 1:
+                first = torch.where(rows[:, None, None], hidden_states, first)
+            return (first, *out[1:]) if isinstance(out, tuple) else first
+        layers[j].forward = forward
+    try:
+        yield model
+    finally:
+        for j in skip:
+            del layers[j].forward

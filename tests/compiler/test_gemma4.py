@@ -17,7 +17,7 @@ from routefx.generate import LayerSubset
 from routefx.errors import UnsupportedModelError
 from routefx.policies import Dense, PruneLayers
 from tests.compare import (assert_close_nonpad, assert_compiles_to_model, assert_duo_routes_the_mlps,
-                           assert_moe_budget_adapts, padded_ids)
+                           assert_moe_budget_adapts, padded_ids, skipped_in_decode)
 from tests.tolerances import EXACT_REWRITE
 from tests.zoo import hf_model, redraw_
 
@@ -96,25 +96,6 @@ def test_duo_routes_each_layers_mlp(model):
     assert_duo_routes_the_mlps(model, cal, *_inputs(seed=9), [f"model.layers.{i}.mlp" for i in range(LAYERS)])
 
 
-@contextlib.contextmanager
-def _skipped_in_decode(model, skip: dict):
-    """skip[j] = bool [B]: in decode steps (one position), layer j of those rows returns its input; it still runs,
-    so its keys and values enter the cache from the stream that reaches it (routefx's documented skip rule)."""
-    layers = model.model.layers
-    for j, rows in skip.items():
-        orig = layers[j].forward
-
-        def forward(hidden_states, *args, orig=orig, rows=rows, **kwargs):
-            out = orig(hidden_states, *args, **kwargs)
-            return torch.where(rows[:, None, None], hidden_states, out) if hidden_states.shape[1] == 1 else out
-        layers[j].forward = forward
-    try:
-        yield model
-    finally:
-        for j in skip:
-            del layers[j].forward
-
-
 @pytest.mark.parametrize("backend", ["eager", "onnx"])
 def test_decode_skips_layers_per_row(model, backend):
     """LayerSubset on Gemma 4 (per-layer inputs computed before the first layer, read by every layer; the final
@@ -124,7 +105,7 @@ def test_decode_skips_layers_per_row(model, backend):
     cm = routefx.compile(model, Dense(), backend=backend)
     out = cm.generate(ids, mask, max_new_tokens=6, eos_token_id=[], decode_policy=LayerSubset(skip=((1,), (0, 3))))
     rows = {0: torch.tensor([False, True]), 1: torch.tensor([True, False]), 3: torch.tensor([False, True])}
-    with torch.no_grad(), _skipped_in_decode(model, rows):
+    with torch.no_grad(), skipped_in_decode(model, rows):
         want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(out, want)
     with torch.no_grad():

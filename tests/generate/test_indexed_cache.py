@@ -6,8 +6,6 @@ growing along the position dim). They are one more input and output per layer of
 (`past_index_{layer}`), seeded through the cache's own `update_indexer`. Before, the probe's plain DynamicCache had
 no indexer and these models generated uncached (whole-sequence calls per token).
 """
-import contextlib
-
 import pytest
 import torch
 
@@ -17,6 +15,7 @@ from routefx.generate.graphs import generation_graphs
 from routefx.generate.loop import generate_with_stats
 from routefx.generate.speculative import speculative_generate
 from routefx.policies import Dense, PruneLayers
+from tests.compare import skipped_in_decode
 
 NEW = 6
 
@@ -98,25 +97,6 @@ def test_speculative_decoding_cuts_indexer_keys_back_with_the_kv():
     assert stats.rounds >= 2 and stats.accepted < stats.drafted   # drafts were rejected: the cache was cut back
 
 
-@contextlib.contextmanager
-def _skipped_in_decode(model, skip: dict):
-    """skip[j] = bool [B]: in decode steps, layer j of those rows returns its input; it still runs, so its keys,
-    values and indexer keys enter the cache from the stream that reaches it (routefx's documented skip rule)."""
-    layers = model.model.layers
-    for j, rows in skip.items():
-        orig = layers[j].forward
-
-        def forward(hidden_states, *args, orig=orig, rows=rows, **kwargs):
-            out = orig(hidden_states, *args, **kwargs)
-            return torch.where(rows[:, None, None], hidden_states, out) if hidden_states.shape[1] == 1 else out
-        layers[j].forward = forward
-    try:
-        yield model
-    finally:
-        for j in skip:
-            del layers[j].forward
-
-
 @pytest.mark.parametrize("backend", ["eager", "onnx"])
 def test_decode_policies_skip_layers_and_keep_their_indexer_keys(backend):
     """A decode policy cuts the decode graph into per-layer pieces; a skipped layer's K/V piece computes its
@@ -129,7 +109,7 @@ def test_decode_policies_skip_layers_and_keep_their_indexer_keys(backend):
     ids, mask = _prompt()
     out = cm.generate(ids, mask, max_new_tokens=NEW, eos_token_id=[], decode_policy=LayerSubset(skip=((1,), (0, 2))))
     rows = {0: torch.tensor([False, True]), 1: torch.tensor([True, False]), 2: torch.tensor([False, True])}
-    with _skipped_in_decode(model, rows):
+    with skipped_in_decode(model, rows):
         want = _hf(model, ids, mask)
     assert torch.equal(out, want), f"routefx\n{out}\nHugging Face\n{want}"
     assert not torch.equal(want, _hf(model, ids, mask))             # the skips changed the tokens
