@@ -5,6 +5,8 @@ re-trace plus a fake-tensor run of every node, most of an export's time; `onnx_p
 computes `torch.diff` of the position ids (packed-sequence detection) in every padded or position-id batch, so
 `aten.diff` alone did that for most Hugging Face models; `aten.square` (BitNet's, DeepSeek-V4's norms), the
 binary `aten.min` / `aten.max` (CPM-Ant) and `aten.eye` (Bailing-hybrid's linear attention) did it for others.
+`aten._is_all_true` is a model's own check (`torch._check((x == y).all())`; ProphetNet's decode step) whose result
+feeds a runtime assertion; it had no translation at all.
 """
 from __future__ import annotations
 
@@ -42,6 +44,11 @@ def _maximum(x, other):
     return op.Max(x, other)
 
 
+def _is_all_true(x):
+    """torch's all() of a bool tensor as a 0-d bool: the minimum of its values as int32 (1 for an empty one)."""
+    return op.Cast(op.ReduceMin(op.Cast(x, to=ir.DataType.INT32), keepdims=0), to=ir.DataType.BOOL)
+
+
 def _eye(n, dtype=-1, layout="", device="", pin_memory=False):
     return _eye_m(n, n, dtype)
 
@@ -58,4 +65,5 @@ def _eye_m(n, m, dtype=-1, layout="", device="", pin_memory=False):
 def aten_extra_lowerings() -> dict:
     return {torch.ops.aten.diff.default: _diff, torch.ops.aten.square.default: _square,
             torch.ops.aten.min.other: _minimum, torch.ops.aten.max.other: _maximum,
-            torch.ops.aten.eye.default: _eye, torch.ops.aten.eye.m: _eye_m}
+            torch.ops.aten.eye.default: _eye, torch.ops.aten.eye.m: _eye_m,
+            torch.ops.aten._is_all_true.default: _is_all_true}

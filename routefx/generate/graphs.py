@@ -69,6 +69,7 @@ class GenerationGraphs:
     decode: Graph                # code may branch on a length, e.g. attention over the top 2048 keys past 2048)
     plan: Plan
     _cm: object = dataclasses.field(default=None, repr=False)
+    one_token: bool = False      # the decode graph takes one new token per row (the model's code takes no more)
     _more: dict = dataclasses.field(default_factory=dict, repr=False)   # "prefill" / "decode" -> later captures
 
     @property
@@ -151,6 +152,21 @@ def _lower(cm, gm: fx.GraphModule, example: dict, plan: Plan, layout: CacheLayou
     return Graph(gm, ir, time.perf_counter() - t0, lambda: cm._backend.prepare(gm, example), guards=guards)
 
 
+def _decode_capture(model, layout: CacheLayout, kept: list[int]) -> tuple[tuple, bool]:
+    """(the decode capture, whether it takes one new token only). A step of several new tokens (what speculative
+    decoding verifies) that the model's code refuses (ProphetNet asserts one token per cached step) is captured
+    on one token, as for recurrent layers."""
+    try:
+        return capture_decode(model, layout, kept), layout.recurrent
+    except CaptureError as e:
+        if layout.recurrent:
+            raise
+        try:
+            return capture_decode(model, layout, kept, one_token=True), True
+        except (UnsupportedModelError, CaptureError):
+            raise e from None
+
+
 def generation_graphs(cm) -> GenerationGraphs:
     """The prefill and decode graphs of `cm` (compiled on first use, then kept on `cm`)."""
     cached = cm.__dict__.get("_generation_graphs")
@@ -180,7 +196,7 @@ def generation_graphs(cm) -> GenerationGraphs:
         kept = [i for i in every if i not in set(plan.pruned)]
         if gm is None or plan.pruned:
             gm, example = capture_prefill(model, layout, kept)
-        decode_capture = capture_decode(model, layout, kept)
+        decode_capture, one_token = _decode_capture(model, layout, kept)
     except (UnsupportedModelError, CaptureError) as e:
         cm.__dict__["_generation_graphs_error"] = e
         raise
@@ -195,6 +211,6 @@ def generation_graphs(cm) -> GenerationGraphs:
         err = UnsupportedModelError(f"the plan cannot be applied to the generation graphs: {e}")
         cm.__dict__["_generation_graphs_error"] = err
         raise err from e
-    graphs = GenerationGraphs(layout, kept, prefill, decode, plan, cm)
+    graphs = GenerationGraphs(layout, kept, prefill, decode, plan, cm, one_token=one_token)
     cm.__dict__["_generation_graphs"] = graphs
     return graphs

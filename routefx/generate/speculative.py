@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from routefx.errors import InputError
+from routefx.errors import InputError, UnsupportedModelError
 from routefx.generate.graphs import generation_graphs
 from routefx.generate.loop import Stepper, _check
 from routefx.generate.settings import resolve
@@ -98,8 +98,12 @@ def speculative_generate(full, draft, input_ids, attention_mask=None, *, max_new
     eos, pad = cfg.eos, cfg.pad
     eos_t = torch.tensor(eos, dtype=torch.long, device=ids.device)
     B = ids.shape[0]
-    generation_graphs(full).layout.refuse_recurrent(full._model, "speculative decoding (rewinding rejected drafts)",
-                                                    indexer_ok=True)
+    graphs = generation_graphs(full)
+    graphs.layout.refuse_recurrent(full._model, "speculative decoding (rewinding rejected drafts)", indexer_ok=True)
+    if graphs.one_token:
+        raise UnsupportedModelError(f"speculative decoding verifies n drafted tokens in one step; "
+                                    f"{type(full._model).__name__}'s code takes one new token per cached step, so "
+                                    "its decode graph takes one. Use generate")
     f, d = _Rewindable(full, mask), _Rewindable(draft, mask)
     stats = SpeculativeStats()
     unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)

@@ -604,18 +604,19 @@ def capture_prefill(model: nn.Module, layout: CacheLayout, kept: list[int], exam
                    layout.recurrent), example
 
 
-def capture_decode(model: nn.Module, layout: CacheLayout, kept: list[int], example: dict | None = None
-                   ) -> tuple[torch.fx.GraphModule, dict]:
+def capture_decode(model: nn.Module, layout: CacheLayout, kept: list[int], example: dict | None = None,
+                   one_token: bool = False) -> tuple[torch.fx.GraphModule, dict]:
     """The decode graph (logits of every new position, the cache grown by the new positions) and its example
     inputs. With recurrent state the step takes one token per row (a draft cannot be verified: the state cannot be
-    cut back), so it is captured on one."""
+    cut back), so it is captured on one; so it is with `one_token` (a model whose code takes one new token per
+    cached step only: ProphetNet asserts it)."""
     if not any(layout.heads[i] for i in kept) and not any(u.layer in kept for u in layout.states):
         raise UnsupportedModelError("every cached layer is pruned; routefx needs at least one layer with a cache")
     fn, params = _forward_fn(model, layout, kept, decode=True)
     if example is not None:
         return _export(model, fn, params, dict(example), ("decode", tuple(kept), dataclasses.astuple(layout)),
                        layout.recurrent), example
-    S = 1 if layout.recurrent else _S
+    S = 1 if layout.recurrent or one_token else _S
     ids = _example_ids(model, _B, S)
     example = {"input_ids": ids, "attention_mask": torch.ones(_B, _P + S, dtype=torch.long, device=ids.device),
                "position_ids": torch.arange(_P, _P + S, device=ids.device).expand(_B, S)}
