@@ -44,18 +44,16 @@ def _needs_expanding(n: fx.Node) -> bool:
 def expand_attention_masks(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """(graph, number of masks expanded): a copy of `gm` where some mask broadcasts over the queries or keys,
     else `gm` itself."""
-    if not any(n.op == "call_function" and n.target == _aten.scaled_dot_product_attention.default
-               and _needs_expanding(n) for n in gm.graph.nodes):
+    names = {n.name for n in gm.graph.nodes
+             if n.op == "call_function" and n.target == _aten.scaled_dot_product_attention.default
+             and _needs_expanding(n)}
+    if not names:
         return gm, 0
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     new.meta.update(gm.meta)                       # routefx's capture info, the fake mode
     gm = new
-    count = 0
     with gu.fake_mode(gm) or contextlib.nullcontext():
-        for n in list(gm.graph.nodes):
-            if not (n.op == "call_function" and n.target == _aten.scaled_dot_product_attention.default
-                    and _needs_expanding(n)):
-                continue
+        for n in [n for n in gm.graph.nodes if n.name in names]:
             mask, where = _mask_of(n)
             q, k, m = n.args[0].meta["val"], n.args[1].meta["val"], mask.meta["val"]
             with gm.graph.inserting_before(n):
@@ -74,6 +72,5 @@ def expand_attention_masks(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
                 n.args = (*n.args[:3], expanded, *n.args[4:])
             else:
                 n.kwargs = {**n.kwargs, "attn_mask": expanded}
-            count += 1
     gm.recompile()
-    return gm, count
+    return gm, len(names)

@@ -348,6 +348,17 @@ def _own_cache_class(model: nn.Module, ids: torch.Tensor) -> type | None:
     return cls if isinstance(cache, DynamicCache) and cls is not DynamicCache else None
 
 
+def _no_capturable_cache(model: nn.Module, own: type | None, e: Exception) -> UnsupportedModelError:
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return UnsupportedModelError(
+        f"{type(model).__name__} does not run with transformers' DynamicCache"
+        + (f" or its own {own.__name__}" if own is not None else "")
+        + f" (through which routefx captures the cache as tensors): {type(e).__name__}: {first}. routefx generates "
+        "with a cache for models whose layers keep attention keys and values (Cache.update), indexer keys "
+        "(update_indexer), transformers' linear-attention states (update_conv_state / update_recurrent_state) or "
+        "tensors in per-layer lists of a DynamicCache of their own; other layer state is not supported")
+
+
 def probe_cache(model: nn.Module) -> CacheLayout:
     """Call the model once (batch 1, 2 tokens) to find which layers keep a cache and the shapes of what they keep."""
     reason = supports_cache(model)
@@ -366,21 +377,13 @@ def probe_cache(model: nn.Module) -> CacheLayout:
             _, returned, states, cache = run(probe)
         except Exception as e:  # the model wants its own cache class (per-layer state of its own, ...)
             own = _own_cache_class(model, ids)
+            if own is None:
+                raise _no_capturable_cache(model, None, e) from e
+            probe = dataclasses.replace(probe, cache_class=own)
             try:
-                if own is None:
-                    raise e
-                probe = dataclasses.replace(probe, cache_class=own)
                 _, returned, states, cache = run(probe)
-            except Exception as e2:  # noqa: BLE001 - refused below, with what the model raised
-                first = (str(e2).strip().splitlines() or [""])[0][:200]
-                raise UnsupportedModelError(
-                    f"{type(model).__name__} does not run with transformers' DynamicCache"
-                    + (f" or its own {own.__name__}" if own is not None else "")
-                    + f" (through which routefx captures the cache as tensors): {type(e2).__name__}: {first}. routefx "
-                    "generates with a cache for models whose layers keep attention keys and values (Cache.update), "
-                    "indexer keys (update_indexer), transformers' linear-attention states (update_conv_state / "
-                    "update_recurrent_state) or tensors in per-layer lists of a DynamicCache of their own; other "
-                    "layer state is not supported") from e2
+            except Exception as e2:  # noqa: BLE001 - refused with what the model raised
+                raise _no_capturable_cache(model, own, e2) from e2
         seq = ids.new_ones(1, 3)
         fed = _decode_feeds(model, kw, cache, seq, seq)
         _refuse_whole_sequence_steps(model, fed, seq)

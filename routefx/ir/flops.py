@@ -215,13 +215,8 @@ def _per_token(total: sympy.Expr, where: str, batch=_B, seq=S, sizes: dict | Non
                                     "neither the batch nor the sequence length of an input; routefx counts "
                                     "models whose dynamic dims are the inputs' batch and sequence, and counts "
                                     "data-dependent sizes on an example run (count_flops(..., sizes=))")
-    return _growing_per_token(total, batch, seq)
-
-
-@functools.lru_cache(maxsize=4096)
-def _growing_per_token(total: sympy.Expr, batch, seq) -> sympy.Expr:
     growing = total.coeff(_B, 1) if batch is _B else total / batch
-    return sympy.simplify(growing / seq)
+    return _simplify(growing / seq)
 
 
 def count_flops(gm: fx.GraphModule, ir: ModelIR, sizes: dict | None = None) -> FlopCount:
